@@ -1,0 +1,22 @@
+"""LightningCLI entry point: every callback and strategy of lightning_nt can be set from YAML.
+
+python examples/cli.py fit --config examples/configs/digits.yaml
+python examples/cli.py fit --config examples/configs/digits.yaml --trainer.max_epochs 3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pytorch_lightning.cli import LightningCLI
+
+import lightning_nt  # noqa: F401  (registers the strategies by name)
+from lightning_nt.demos import DigitsCNN, DigitsDataModule
+
+
+def main(args: Sequence[str] | None = None) -> LightningCLI:
+    return LightningCLI(DigitsCNN, DigitsDataModule, args=args, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The training loss of any LightningModule, computed outside Lightning's loop.
+
+Capabilities that need the loss at points of their own choosing (a Hessian-vector product, a
+GradInit look-ahead step) call :func:`training_loss`. It uses the user's ``loss_fn`` when given,
+otherwise the module's own ``training_step`` with ``self.log``/``self.log_dict`` muted and every
+torchmetrics state restored afterwards, so nothing is logged or counted twice.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+from torchmetrics import Metric
+
+__all__ = ["LossFn", "frozen_metrics", "loss_from_output", "muted_logging", "training_loss"]
+
+LossFn = Callable[[pl.LightningModule, Any], Tensor]
+"""``loss_fn(pl_module, batch) -> scalar Tensor``: the loss a capability differentiates."""
+
+_METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache")
+
+
+def training_loss(
+    pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0, loss_fn: LossFn | None = None
+) -> Tensor:
+    """Return the scalar training loss of ``pl_module`` on ``batch``, with no side effect on logs or metrics.
+
+    Example:
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> model = BoringModel()
+        >>> training_loss(model, torch.randn(4, 32)).ndim
+        0
+    """
+    if loss_fn is not None:
+        return loss_from_output(loss_fn(pl_module, batch), source="loss_fn")
+    if not pl_module.automatic_optimization:
+        raise RuntimeError(
+            f"{type(pl_module).__name__} uses manual optimization, so its training_step steps the optimizer "
+            "itself and its loss can't be read from it. Pass `loss_fn=lambda pl_module, batch: <scalar loss>` "
+            "to the callback."
+        )
+    with muted_logging(pl_module), frozen_metrics(pl_module):
+        if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
+            output = pl_module.training_step(batch, batch_idx)
+        else:
+            output = pl_module.training_step(batch)
+    return loss_from_output(output, source=f"{type(pl_module).__name__}.training_step")
+
+
+def loss_from_output(output: Any, source: str) -> Tensor:
+    """Extract the scalar loss from what ``training_step`` (or a ``loss_fn``) returned.
+
+    A Tensor or a mapping with a ``"loss"`` entry is accepted; a per-example loss of shape ``[B]`` is averaged.
+    """
+    loss = output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"{source} returned {type(output).__name__}; a loss Tensor or a dict with a 'loss' Tensor is needed. "
+            "If training_step skips some batches by returning None, pass `loss_fn=` to the callback."
+        )
+    if loss.ndim > 1:
+        raise ValueError(f"{source} returned a loss of shape {tuple(loss.shape)}; a scalar or a [B] vector is needed.")
+    return loss.mean() if loss.ndim == 1 else loss
+
+
+@contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Turn ``pl_module.log`` and ``pl_module.log_dict`` into no-ops for the duration of the block."""
+    shadowed = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+
+    def mute(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log = mute  # type: ignore[method-assign]
+    pl_module.log_dict = mute  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in shadowed:
+                setattr(pl_module, name, shadowed[name])
+            else:
+                delattr(pl_module, name)
+
+
+@contextmanager
+def frozen_metrics(module: torch.nn.Module) -> Iterator[None]:
+    """Restore the state of every torchmetrics ``Metric`` inside ``module`` when the block ends."""
+    saved = [(metric, _metric_state(metric)) for metric in module.modules() if isinstance(metric, Metric)]
+    try:
+        yield
+    finally:
+        for metric, state in saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+
+
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    state = {name: _clone(getattr(metric, name)) for name in metric._defaults}
+    state.update({name: copy.copy(getattr(metric, name)) for name in _METRIC_BOOKKEEPING if hasattr(metric, name)})
+    return state
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_clone(item) for item in value]
+    return copy.deepcopy(value)

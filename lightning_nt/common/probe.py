@@ -1,0 +1,133 @@
+"""A fixed set of training examples, cached once, for measurements that must compare like with like.
+
+Sharpness measured every 100 steps means little if each measurement sees different data. A
+:class:`ProbeSet` takes the first ``num_samples`` examples the train dataloader yields (without
+disturbing the training run's random state), keeps them on the CPU in one tensor per batch field,
+and hands them back in chunks on any device together with each chunk's share of the set, so a
+mean over the whole set is ``sum(share * chunk_mean)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
+from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader
+
+from lightning_nt.common.state import preserved_rng
+
+__all__ = ["ProbeSet", "batch_size"]
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in a batch: the common first dimension of all its tensors."""
+    sizes = {leaf.shape[0] for leaf in pytree.tree_leaves(batch) if isinstance(leaf, Tensor) and leaf.ndim > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "Can't tell the number of examples in the batch: its tensors should share their first dimension, "
+            f"found sizes {sorted(sizes)}."
+        )
+    return sizes.pop()
+
+
+class ProbeSet:
+    """``num_samples`` training examples, stored on the CPU, served in chunks on a device.
+
+    Example:
+        >>> batches = [(torch.randn(4, 3), torch.arange(4)) for _ in range(3)]
+        >>> probe = ProbeSet.from_batches(batches, num_samples=10)
+        >>> len(probe), [(batch_size(b), share) for b, share in probe.chunks(chunk_size=6)]
+        (10, [(6, 0.6), (4, 0.4)])
+    """
+
+    def __init__(self, batch: Any) -> None:
+        self._leaves, self._spec = pytree.tree_flatten(batch)
+        self._num_samples = batch_size(batch)
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[Any], num_samples: int) -> ProbeSet:
+        """Concatenate batches until ``num_samples`` examples are collected (fewer if ``batches`` runs out)."""
+        if num_samples < 1:
+            raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
+        collected: list[Any] = []
+        count = 0
+        for batch in batches:
+            size = batch_size(batch)
+            if size == 0:
+                continue
+            take = min(size, num_samples - count)
+            collected.append(_slice(batch, 0, take))
+            count += take
+            if count == num_samples:
+                break
+        if not collected:
+            raise ValueError("The dataloader yielded no examples to build the probe set from.")
+        spec = pytree.tree_structure(collected[0])
+        columns = zip(*(pytree.tree_leaves(batch) for batch in collected))
+        leaves = [_concatenate(column) for column in columns]
+        return cls(pytree.tree_unflatten(leaves, spec))
+
+    @classmethod
+    def from_dataloader(cls, dataloader: DataLoader, num_samples: int) -> ProbeSet:
+        """Cache the first ``num_samples`` examples of ``dataloader`` without advancing any random generator.
+
+        Starting a shuffled loader draws from torch's global generator (and the sampler's own, if it has
+        one); both are restored, so the training run sees the same batches as without the probe set.
+        """
+        generators = [
+            generator
+            for generator in (getattr(dataloader, "generator", None), getattr(dataloader.sampler, "generator", None))
+            if isinstance(generator, torch.Generator)
+        ]
+        with preserved_rng(*generators):
+            return cls.from_batches(dataloader, num_samples)
+
+    @classmethod
+    def from_trainer(cls, trainer: pl.Trainer, num_samples: int) -> ProbeSet:
+        """Cache ``num_samples`` examples of the Trainer's train dataloader (available from ``on_train_start``)."""
+        dataloader = trainer.train_dataloader
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(
+                "A probe set is built from a single train DataLoader, but the Trainer has "
+                f"{type(dataloader).__name__}. Call this from `on_train_start` or later, with one train dataloader."
+            )
+        return cls.from_dataloader(dataloader, num_samples)
+
+    def __len__(self) -> int:
+        return self._num_samples
+
+    def chunks(
+        self, chunk_size: int | None = None, device: torch.device | str | None = None
+    ) -> Iterator[tuple[Any, float]]:
+        """Yield ``(batch, share)`` with at most ``chunk_size`` examples each (all at once by default)."""
+        size = chunk_size or self._num_samples
+        if size < 1:
+            raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
+        whole = pytree.tree_unflatten(self._leaves, self._spec)
+        for start in range(0, self._num_samples, size):
+            stop = min(start + size, self._num_samples)
+            chunk = _slice(whole, start, stop)
+            yield (
+                (move_data_to_device(chunk, device) if device is not None else chunk),
+                (stop - start) / self._num_samples,
+            )
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    return pytree.tree_map(lambda leaf: leaf[start:stop] if isinstance(leaf, Tensor) and leaf.ndim > 0 else leaf, batch)
+
+
+def _concatenate(column: tuple[Any, ...]) -> Any:
+    if isinstance(column[0], Tensor) and column[0].ndim > 0:
+        return torch.cat([leaf.detach().cpu() for leaf in column])
+    if all(leaf == column[0] for leaf in column):
+        return column[0]
+    raise TypeError(
+        f"Batch fields of type {type(column[0]).__name__} that differ between batches can't be cached in a probe set; "
+        "give the callback a `loss_fn` over tensor batches."
+    )

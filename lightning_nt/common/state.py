@@ -1,0 +1,114 @@
+"""Snapshot and exact restore of everything a measurement could disturb.
+
+A callback that runs extra forward/backward passes (Hessian-vector products, look-ahead steps)
+must leave the run as it found it: parameter values, ``.grad``, buffers such as BatchNorm running
+statistics, the random number generators and every module's ``training`` flag. Wrap the work in
+:func:`preserved_state` and all of them are restored bitwise when the block ends, also on error.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RNGState", "preserved_rng", "preserved_state"]
+
+
+@dataclass
+class RNGState:
+    """The state of Python's, NumPy's and torch's (CPU and every initialised CUDA device) generators."""
+
+    python: Any = field(default_factory=random.getstate)
+    numpy: Any = field(default_factory=np.random.get_state)
+    torch_cpu: Tensor = field(default_factory=torch.get_rng_state)
+    torch_cuda: list[Tensor] = field(
+        default_factory=lambda: torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    )
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+
+
+@contextmanager
+def preserved_rng(*generators: torch.Generator) -> Iterator[None]:
+    """Restore the global generators, and any extra ``torch.Generator`` given, when the block ends."""
+    state = RNGState()
+    extra = [(generator, generator.get_state()) for generator in generators]
+    try:
+        yield
+    finally:
+        state.restore()
+        for generator, generator_state in extra:
+            generator.set_state(generator_state)
+
+
+@contextmanager
+def preserved_state(
+    module: nn.Module,
+    *,
+    parameters: bool = True,
+    buffers: bool = True,
+    grads: bool = True,
+    rng: bool = True,
+    modes: bool = True,
+) -> Iterator[None]:
+    """Restore ``module``'s parameters, buffers, ``.grad``, the RNGs and ``training`` flags when the block ends.
+
+    Values are copied back in place, so parameter objects keep their identity and the optimizer keeps
+    pointing at them. Each flag can be turned off to save the copy when the block can't change that part.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> before = net[1].running_mean.clone()
+        >>> with preserved_state(net):
+        ...     _ = net.train()(torch.randn(8, 2))
+        >>> torch.equal(net[1].running_mean, before)
+        True
+    """
+    saved_parameters = _clone_all(module.parameters()) if parameters else None
+    saved_buffers = _clone_all(module.buffers()) if buffers else None
+    saved_grads = [(p.grad, _clone_or_none(p.grad)) for p in module.parameters()] if grads else None
+    saved_modes = [(m, m.training) for m in module.modules()] if modes else None
+    saved_rng = RNGState() if rng else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            if saved_parameters is not None:
+                _copy_back(module.parameters(), saved_parameters)
+            if saved_buffers is not None:
+                _copy_back(module.buffers(), saved_buffers)
+        if saved_grads is not None:
+            for p, (grad, value) in zip(module.parameters(), saved_grads):
+                if grad is not None:
+                    grad.copy_(value)
+                p.grad = grad
+        if saved_modes is not None:
+            for submodule, training in saved_modes:
+                submodule.training = training
+        if saved_rng is not None:
+            saved_rng.restore()
+
+
+def _clone_all(tensors: Iterator[Tensor]) -> list[Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+def _clone_or_none(tensor: Tensor | None) -> Tensor | None:
+    return None if tensor is None else tensor.detach().clone()
+
+
+def _copy_back(tensors: Iterator[Tensor], saved: list[Tensor]) -> None:
+    for tensor, value in zip(tensors, saved):
+        tensor.copy_(value)

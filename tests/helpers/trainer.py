@@ -1,0 +1,43 @@
+"""A quiet, deterministic CPU Trainer and a reader for the TensorBoard event files it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def tiny_trainer(root: Path | str | None = None, **overrides: Any) -> pl.Trainer:
+    """A CPU Trainer without progress bar, summary or checkpoints; logs to TensorBoard under ``root`` when given."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "deterministic": True,
+        "logger": pl.loggers.TensorBoardLogger(str(root), name="", version="") if root is not None else False,
+        "default_root_dir": str(root) if root is not None else None,
+        "log_every_n_steps": 1,
+    }
+    settings.update(overrides)
+    return pl.Trainer(**settings)
+
+
+def read_tensorboard_scalars(log_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag in the event files under ``log_dir``, as ``(step, value)`` pairs."""
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return {
+        tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+    }
+
+
+def read_tensorboard_tags(log_dir: Path | str) -> dict[str, list[str]]:
+    """All tags by kind (``scalars``, ``images``, ``tensors`` for text, ...)."""
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator.Tags()
