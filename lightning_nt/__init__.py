@@ -1,5 +1,7 @@
 """lightning_nt: results from the theory of neural-network training, as PyTorch Lightning plugins."""
 
+from lightning_nt.averaging import IterateAveraging
+
 __version__ = "0.1.0.dev0"
 
-__all__ = ["__version__"]
+__all__ = ["IterateAveraging", "__version__"]

@@ -1,7 +1,14 @@
 """Plumbing every capability shares: the loss of any module, logging to every logger, probe sets, exact restore."""
 
-from lightning_nt.common.loss import LossFn, frozen_metrics, loss_from_output, muted_logging, training_loss
-from lightning_nt.common.probe import ProbeSet, batch_size
+from lightning_nt.common.loss import (
+    LossFn,
+    captured_logging,
+    frozen_metrics,
+    loss_from_output,
+    muted_logging,
+    training_loss,
+)
+from lightning_nt.common.probe import ProbeSet, batch_size, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_rng, preserved_state
 
@@ -10,12 +17,14 @@ __all__ = [
     "ProbeSet",
     "RNGState",
     "batch_size",
+    "captured_logging",
     "frozen_metrics",
     "log_figure",
     "log_scalars",
     "log_text",
     "loss_from_output",
     "muted_logging",
+    "preserved_loader_rng",
     "preserved_rng",
     "preserved_state",
     "training_loss",

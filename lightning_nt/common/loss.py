@@ -8,6 +8,7 @@ torchmetrics state restored afterwards, so nothing is logged or counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +20,15 @@ from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["LossFn", "frozen_metrics", "loss_from_output", "muted_logging", "training_loss"]
+__all__ = [
+    "LogSink",
+    "LossFn",
+    "captured_logging",
+    "frozen_metrics",
+    "loss_from_output",
+    "muted_logging",
+    "training_loss",
+]
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
 """``loss_fn(pl_module, batch) -> scalar Tensor``: the loss a capability differentiates."""
@@ -70,16 +79,25 @@ def loss_from_output(output: Any, source: str) -> Tensor:
     return loss.mean() if loss.ndim == 1 else loss
 
 
+LogSink = Callable[[str, Any, dict[str, Any]], None]
+"""Receives ``(name, value, keyword arguments)`` for every ``self.log`` call (and each entry of ``log_dict``)."""
+
+
 @contextmanager
-def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Turn ``pl_module.log`` and ``pl_module.log_dict`` into no-ops for the duration of the block."""
+def captured_logging(pl_module: pl.LightningModule, sink: LogSink | None = None) -> Iterator[None]:
+    """Route ``pl_module.log``/``log_dict`` to ``sink`` (or nowhere) for the block instead of Lightning."""
     shadowed = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
 
-    def mute(*args: Any, **kwargs: Any) -> None:
-        return None
+    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if sink is not None:
+            sink(name, value, kwargs)
 
-    pl_module.log = mute  # type: ignore[method-assign]
-    pl_module.log_dict = mute  # type: ignore[method-assign]
+    def log_dict(dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        for name, value in dictionary.items():
+            log(name, value, **kwargs)
+
+    pl_module.log = log  # type: ignore[method-assign]
+    pl_module.log_dict = log_dict  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -88,6 +106,11 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
                 setattr(pl_module, name, shadowed[name])
             else:
                 delattr(pl_module, name)
+
+
+def muted_logging(pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:
+    """Turn ``pl_module.log`` and ``pl_module.log_dict`` into no-ops for the duration of the block."""
+    return captured_logging(pl_module, sink=None)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ mean over the whole set is ``sum(share * chunk_mean)``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.state import preserved_rng
 
-__all__ = ["ProbeSet", "batch_size"]
+__all__ = ["ProbeSet", "batch_size", "preserved_loader_rng"]
 
 
 def batch_size(batch: Any) -> int:
@@ -79,12 +80,7 @@ class ProbeSet:
         Starting a shuffled loader draws from torch's global generator (and the sampler's own, if it has
         one); both are restored, so the training run sees the same batches as without the probe set.
         """
-        generators = [
-            generator
-            for generator in (getattr(dataloader, "generator", None), getattr(dataloader.sampler, "generator", None))
-            if isinstance(generator, torch.Generator)
-        ]
-        with preserved_rng(*generators):
+        with preserved_loader_rng(dataloader):
             return cls.from_batches(dataloader, num_samples)
 
     @classmethod
@@ -116,6 +112,16 @@ class ProbeSet:
                 (move_data_to_device(chunk, device) if device is not None else chunk),
                 (stop - start) / self._num_samples,
             )
+
+
+def preserved_loader_rng(dataloader: DataLoader) -> contextlib.AbstractContextManager[None]:
+    """Restore every generator that iterating ``dataloader`` advances: the global ones and the loader's own."""
+    generators = [
+        generator
+        for generator in (getattr(dataloader, "generator", None), getattr(dataloader.sampler, "generator", None))
+        if isinstance(generator, torch.Generator)
+    ]
+    return preserved_rng(*generators)
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:

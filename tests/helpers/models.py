@@ -44,6 +44,7 @@ class TinyClassifier(pl.LightningModule):
         lr: float = 0.1,
         batch_size: int = 16,
         num_samples: int = 64,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         normalisation = {
@@ -54,6 +55,7 @@ class TinyClassifier(pl.LightningModule):
         self.net = nn.Sequential(nn.Linear(dim, hidden), normalisation[norm](), nn.Tanh(), nn.Linear(hidden, classes))
         self.accuracy = MulticlassAccuracy(num_classes=classes, average="micro")
         self.lr, self.batch_size, self.num_samples, self.dim, self.classes = lr, batch_size, num_samples, dim, classes
+        self.shuffle = shuffle
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.net(inputs)
@@ -76,7 +78,7 @@ class TinyClassifier(pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         data = classification_data(self.num_samples, self.dim, self.classes)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=True)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(classification_data(32, self.dim, self.classes, seed=1), batch_size=32)

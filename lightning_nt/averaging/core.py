@@ -1,0 +1,241 @@
+"""Iterate averaging without Lightning: fp32 running means and EMAs of a module's weights.
+
+:class:`IterateAverage` keeps, by name, an fp32 average of every floating parameter (and, if asked,
+every floating buffer), updated with one fused multi-tensor kernel per dtype group and no host-device
+synchronisation: the update weight is computed on the host from a Python counter. Integer buffers
+(``num_batches_tracked``) are copied, never averaged. :meth:`IterateAverage.swapped_in` evaluates a
+module with the average and gives the raw weights back bitwise, without a deep copy of the module.
+
+The two modes are one recursion ``avg <- avg + w_t (x - avg)``:
+
+* ``uniform`` (Gadam / SWA tail average): ``w_t = 1 / (t + 1)``, so ``avg`` is the plain mean of the
+  ``t + 1`` iterates seen;
+* ``ema``: ``w_t = 1 - decay_t`` with ``decay_t = decay`` or, with warm-up power ``p``,
+  ``min(decay, 1 - (1 + t) ** -p)`` (timm's schedule), so early iterates don't dominate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "AveragingMode",
+    "IterateAverage",
+    "decay_per_update",
+    "load_averaged_weights",
+    "recompute_batchnorm",
+    "save_averaged_weights",
+]
+
+AveragingMode = Literal["uniform", "ema"]
+
+
+def decay_per_update(decay: float | None = None, half_life: float | None = None, every_n_steps: int = 1) -> float:
+    """EMA decay of one update made every ``every_n_steps`` steps, from a per-step ``decay`` or a ``half_life``.
+
+    Keeps the time constant in optimizer steps: ``decay ** every_n_steps``, or ``0.5 ** (every_n_steps / half_life)``
+    so an iterate's weight halves every ``half_life`` steps (Composer's convention).
+
+    Example:
+        >>> decay_per_update(half_life=10, every_n_steps=10)
+        0.5
+    """
+    if (decay is None) == (half_life is None):
+        raise ValueError("Give exactly one of `decay` and `half_life`.")
+    if half_life is not None:
+        return 0.5 ** (every_n_steps / half_life)
+    return decay**every_n_steps
+
+
+class IterateAverage:
+    """fp32, name-keyed running average of a module's floating weights.
+
+    Args:
+        module: the module whose parameters (and buffers, with ``buffers=True``) are averaged.
+        mode: ``"uniform"`` (plain mean of all updates) or ``"ema"``.
+        decay: EMA decay per update (required for ``"ema"``).
+        warmup: EMA warm-up power ``p``: the decay of update ``t`` is ``min(decay, 1 - (1 + t) ** -p)``.
+        buffers: also average floating buffers (e.g. BatchNorm running statistics); integer buffers are copied.
+        device: where the averages live (default: beside each parameter).
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> average = IterateAverage(net, mode="uniform")
+        >>> for value in (1.0, 2.0, 6.0):
+        ...     _ = nn.init.constant_(net.weight, value)
+        ...     average.update(net)
+        >>> average.state["weight"]
+        tensor([[3., 3.]])
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        mode: AveragingMode = "uniform",
+        decay: float | None = None,
+        warmup: float | None = None,
+        buffers: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if mode not in ("uniform", "ema"):
+            raise ValueError(f"`mode` must be 'uniform' or 'ema', got {mode!r}.")
+        if mode == "ema" and (decay is None or not 0.0 < decay < 1.0):
+            raise ValueError(f"`decay` must be in (0, 1) for mode='ema', got {decay}.")
+        if warmup is not None and warmup <= 0:
+            raise ValueError(f"`warmup` (the warm-up power) must be > 0, got {warmup}.")
+        self.mode, self.decay, self.warmup, self.buffers, self.device = mode, decay, warmup, buffers, device
+        self.n_averaged = 0
+        self.state: dict[str, Tensor] = {}
+        self._averaged_names = [name for name, tensor in self._named_tensors(module) if tensor.is_floating_point()]
+        self._copied_names = [name for name, tensor in self._named_tensors(module) if not tensor.is_floating_point()]
+
+    def weight(self, t: int) -> float:
+        """Weight ``w_t`` of the iterate in update number ``t`` (0-based)."""
+        if self.mode == "uniform":
+            return 1.0 / (t + 1)
+        assert self.decay is not None
+        decay = self.decay if self.warmup is None else min(self.decay, 1.0 - (1.0 + t) ** -self.warmup)
+        return 1.0 - decay
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        """Fold the module's current weights into the average."""
+        tensors = dict(self._named_tensors(module))
+        if not self.state:
+            self.state = {
+                name: tensors[name].detach().to(self.device, torch.float32, copy=True) for name in self._averaged_names
+            }
+            self.state.update({name: tensors[name].detach().to(self.device, copy=True) for name in self._copied_names})
+        else:
+            weight = self.weight(self.n_averaged)
+            for averages, iterates in _grouped([(self.state[n], tensors[n]) for n in self._averaged_names]):
+                _lerp_(averages, iterates, weight)
+            for name in self._copied_names:
+                self.state[name].copy_(tensors[name])
+        self.n_averaged += 1
+
+    @contextmanager
+    def swapped_in(self, module: nn.Module) -> Iterator[None]:
+        """Load the average into ``module`` for the block; the raw weights come back bitwise afterwards.
+
+        Buffers that are not averaged are left as they are, and restored too, so the block may recompute them.
+        """
+        if not self.state:
+            raise RuntimeError("The average is empty: call `update` at least once before swapping it in.")
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        raw = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+        self.copy_to(module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    tensor.copy_(raw[name])
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        """Write the average into the module's own tensors (cast to their dtype and device)."""
+        tensors = dict(self._named_tensors(module))
+        for name, average in self.state.items():
+            tensors[name].copy_(average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_averaged": self.n_averaged, "average": dict(self.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n_averaged = int(state["n_averaged"])
+        self.state = {
+            name: tensor.to(self.device) if self.device else tensor for name, tensor in state["average"].items()
+        }
+
+    def to(self, device: torch.device | str) -> None:
+        """Move the averages (e.g. after loading a checkpoint on the CPU)."""
+        self.state = {name: tensor.to(device) for name, tensor in self.state.items()}
+
+    def _named_tensors(self, module: nn.Module) -> Iterable[tuple[str, Tensor]]:
+        yield from module.named_parameters()
+        if self.buffers:
+            yield from module.named_buffers()
+
+
+def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+    """Split (average, iterate) pairs by iterate device and dtype, as the fused kernels need."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for average, iterate in pairs:
+        group = groups.setdefault((iterate.device, iterate.dtype), ([], []))
+        group[0].append(average)
+        group[1].append(iterate if iterate.device == average.device else iterate.to(average.device))
+    yield from groups.values()
+
+
+def _lerp_(averages: list[Tensor], iterates: list[Tensor], weight: float) -> None:
+    if iterates[0].dtype == averages[0].dtype:
+        torch._foreach_lerp_(averages, iterates, weight)
+    else:  # lerp needs equal dtypes; fp32 averages of bf16/fp16 weights take a scaled add
+        torch._foreach_mul_(averages, 1.0 - weight)
+        torch._foreach_add_(averages, iterates, alpha=weight)
+
+
+@torch.no_grad()
+def recompute_batchnorm(module: nn.Module, forward_passes: Iterable[Any]) -> None:
+    """Reset every BatchNorm's running statistics and recompute them as a plain mean over ``forward_passes``.
+
+    ``forward_passes`` is consumed for its side effect: each item must run one forward pass of ``module``
+    (e.g. a generator calling the module's training step). Same statistics as
+    ``torch.optim.swa_utils.update_bn`` on the same batches, for any way of calling the module.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    modes = [(m, m.training) for m in module.modules()]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    module.train()
+    try:
+        for _ in forward_passes:
+            pass
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for submodule, training in modes:
+            submodule.training = training
+
+
+def save_averaged_weights(averaged_state_dict: dict[str, Tensor], path: str | Path) -> None:
+    """Save averaged weights (``IterateAveraging.averaged_state_dict()``) for use without a Trainer."""
+    torch.save({name: tensor.detach().cpu() for name, tensor in averaged_state_dict.items()}, path)
+
+
+@torch.no_grad()
+def load_averaged_weights(module: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
+    """Copy averaged weights saved by :func:`save_averaged_weights` into ``module``; return names not found.
+
+    Example:
+        >>> import tempfile, os
+        >>> net = nn.Linear(2, 1)
+        >>> file = os.path.join(tempfile.mkdtemp(), "averaged.pt")
+        >>> save_averaged_weights({"weight": torch.ones(1, 2), "bias": torch.zeros(1)}, file)
+        >>> load_averaged_weights(net, file), net.weight.tolist()
+        ([], [[1.0, 1.0]])
+    """
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    unknown = sorted(set(saved) - set(tensors))
+    missing = sorted(name for name, _ in module.named_parameters() if name not in saved)
+    if strict and (unknown or missing):
+        raise KeyError(
+            f"Averaged weights don't match the module: unknown {unknown}, missing parameters {missing}. "
+            "Pass strict=False to load the names that match."
+        )
+    for name, tensor in saved.items():
+        if name in tensors:
+            tensors[name].copy_(tensor)
+    return missing

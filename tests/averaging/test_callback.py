@@ -1,0 +1,217 @@
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_nt import IterateAveraging
+from lightning_nt.averaging import load_averaged_weights
+from tests.helpers import BoringModel, TinyClassifier, read_tensorboard_scalars, tiny_trainer
+
+
+class StepRecorder(pl.Callback):
+    """Records fp64 parameters after every optimizer step, keyed by global step."""
+
+    def __init__(self):
+        self.params: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.params[trainer.global_step] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
+
+
+def _fit(callbacks, root=None, module=None, seed=0, **trainer_kwargs):
+    """Seed, build the module (a class or factory, default TinyClassifier on 96 examples), fit."""
+    pl.seed_everything(seed)
+    module = (module or (lambda: TinyClassifier(num_samples=96)))()
+    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module)
+    return module, trainer
+
+
+def _expected_mean(recorder, steps):
+    return {n: torch.stack([recorder.params[s][n] for s in steps]).mean(0) for n in recorder.params[steps[0]]}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "expected_steps"),
+    [
+        ({"every_n_steps": 3, "start_step": 4}, {"max_epochs": 2}, [6, 9, 12]),
+        ({"every_n_steps": 2}, {"max_epochs": 3, "accumulate_grad_batches": 2}, [2, 4, 6, 8]),
+        ({"start_epoch": 1}, {"max_epochs": 2}, [7, 8, 9, 10, 11, 12]),
+        ({"update_on": "epoch"}, {"max_epochs": 3}, [6, 12, 18]),
+        ({"update_on": "epoch", "every_n_epochs": 2, "start_epoch": 1}, {"max_epochs": 4}, [12, 24]),
+    ],
+)
+def test_uniform_average_follows_the_schedule(kwargs, trainer_kwargs, expected_steps):
+    recorder = StepRecorder()
+    averaging = IterateAveraging(apply_on_end=False, **kwargs)
+    _fit([recorder, averaging], **trainer_kwargs)
+    assert averaging.n_averaged == len(expected_steps)
+    expected = _expected_mean(recorder, expected_steps)
+    for name, value in averaging.averaged_state_dict().items():
+        torch.testing.assert_close(value.double(), expected[name], rtol=0, atol=1e-6)
+
+
+def test_ema_every_k_steps_uses_the_rescaled_decay():
+    recorder = StepRecorder()
+    averaging = IterateAveraging(mode="ema", decay=0.9, every_n_steps=2, apply_on_end=False)
+    _fit([recorder, averaging], max_epochs=2)
+    expected = None
+    for step in range(2, 13, 2):
+        iterate = recorder.params[step]
+        expected = iterate if expected is None else {n: 0.81 * expected[n] + 0.19 * iterate[n] for n in iterate}
+    for name, value in averaging.averaged_state_dict().items():
+        torch.testing.assert_close(value.double(), expected[name], rtol=0, atol=1e-6)
+
+
+def test_training_is_bitwise_the_run_without_it(tmp_path):
+    """Validation with the average, BN recompute and raw comparison leave weights, optimizer and RNG alone."""
+    plain, plain_trainer = _fit([], max_epochs=3, module=lambda: TinyClassifier(num_samples=96, norm="batch"))
+    averaged, trainer = _fit(
+        [IterateAveraging(compare_raw=True, apply_on_end=False)],
+        root=tmp_path,
+        max_epochs=3,
+        module=lambda: TinyClassifier(num_samples=96, norm="batch"),
+    )
+    for (name, a), b in zip(plain.state_dict().items(), averaged.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    for key, state in trainer.optimizers[0].state_dict()["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+
+
+def test_raw_metrics_equal_the_run_without_averaging(tmp_path):
+    _fit([], root=tmp_path / "plain", max_epochs=3)
+    _fit([IterateAveraging(compare_raw=True)], root=tmp_path / "avg", max_epochs=3)
+    plain = read_tensorboard_scalars(tmp_path / "plain")
+    averaged = read_tensorboard_scalars(tmp_path / "avg")
+    assert [round(v, 5) for _, v in averaged["raw/val_loss"]] == [round(v, 5) for _, v in plain["val_loss"]]
+    assert [v for _, v in averaged["averaging/n_averaged"]] == [0.0, 6.0, 12.0, 18.0, 18.0]
+    assert averaged["val_loss"] != plain["val_loss"]
+
+
+def test_validation_uses_the_average(tmp_path):
+    averaging = IterateAveraging(apply_on_end=False)
+    module, trainer = _fit([averaging], max_epochs=2)
+    inputs, labels = next(iter(module.val_dataloader()))
+    average = averaging.averaged_state_dict()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(average[name])
+        expected = F.cross_entropy(module(inputs), labels)
+    assert trainer.callback_metrics["val_loss"] == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_no_swap_before_the_first_update(tmp_path):
+    _fit([], root=tmp_path / "plain", max_epochs=2)
+    _fit([IterateAveraging(start_epoch=5)], root=tmp_path / "late", max_epochs=2)
+    plain = read_tensorboard_scalars(tmp_path / "plain")["val_loss"]
+    assert read_tensorboard_scalars(tmp_path / "late")["val_loss"] == plain
+
+
+def test_apply_on_end_and_test_with_the_average(tmp_path):
+    applied = IterateAveraging()
+    module, trainer = _fit([applied], max_epochs=2)
+    for name, p in module.named_parameters():
+        assert torch.equal(p.detach(), applied.averaged_state_dict()[name])
+    kept = IterateAveraging(apply_on_end=False)
+    module, trainer = _fit([kept], max_epochs=2, num_sanity_val_steps=0)
+    raw = [p.detach().clone() for p in module.parameters()]
+    tested = trainer.validate(module, verbose=False)[0]["val_loss"]
+    assert tested == pytest.approx(trainer.callback_metrics["val_loss"].item())
+    assert all(torch.equal(a, b) for a, b in zip(raw, module.parameters()))
+    kept.save_averaged_weights(tmp_path / "avg.pt")
+    fresh = TinyClassifier()
+    load_averaged_weights(fresh, tmp_path / "avg.pt")
+    assert torch.equal(fresh.net[0].weight, kept.averaged_state_dict()["net.0.weight"])
+
+
+@pytest.mark.parametrize("bn", ["average", "copy", "recompute"])
+def test_batchnorm_policies(bn):
+    averaging = IterateAveraging(bn=bn, apply_on_end=False, bn_batches=2)
+    _, trainer = _fit([averaging], max_epochs=2, module=lambda: TinyClassifier(num_samples=96, norm="batch"))
+    has_buffers = "net.1.running_mean" in averaging.averaged_state_dict()
+    assert has_buffers == (bn == "average")
+    if bn == "average":
+        assert averaging.averaged_state_dict()["net.1.num_batches_tracked"].item() == 12
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    def callbacks():
+        return [IterateAveraging(mode="ema", decay=0.8, apply_on_end=False), IterateAveraging(start_step=3)]
+
+    def module():  # Lightning does not restore the global RNG, so the data order must not depend on it
+        return TinyClassifier(num_samples=96, shuffle=False)
+
+    straight = callbacks()
+    _fit(straight, module=module, max_epochs=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit([*callbacks(), checkpoint], module=module, max_epochs=2, enable_checkpointing=True)
+    resumed = callbacks()
+    pl.seed_everything(1)
+    tiny_trainer(None, callbacks=resumed, max_epochs=4).fit(module(), ckpt_path=str(tmp_path / "epoch=1-step=12.ckpt"))
+    for left, right in zip(straight, resumed):
+        assert left.n_averaged == right.n_averaged
+        for name, value in left.averaged_state_dict().items():
+            assert torch.equal(value, right.averaged_state_dict()[name]), name
+    assert straight[0].averaged_state_dict()["net.0.weight"].ne(straight[1].averaged_state_dict()["net.0.weight"]).any()
+
+
+def test_attaches_to_boring_model():
+    averaging = IterateAveraging(mode="ema", half_life=5)
+    _fit([averaging], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=2)
+    assert averaging.n_averaged == 8
+
+
+def test_gadam_in_two_lines():
+    class Gadam(TinyClassifier):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=5e-4)
+
+    averaging = IterateAveraging(mode="uniform", update_on="epoch", start_epoch=2)
+    _fit([averaging], module=lambda: Gadam(num_samples=96), max_epochs=4)
+    assert averaging.n_averaged == 2
+
+
+def test_warns_when_the_optimizer_is_schedule_free():
+    class AdamWScheduleFree(torch.optim.AdamW):
+        pass
+
+    class Module(TinyClassifier):
+        def configure_optimizers(self):
+            return AdamWScheduleFree(self.parameters())
+
+    with pytest.warns(UserWarning, match="averages twice"):
+        _fit([IterateAveraging()], module=Module, max_epochs=1)
+
+
+def test_warns_when_nothing_was_averaged():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([IterateAveraging(start_step=1000)], max_epochs=1)
+    assert any("before the first update" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"mode": "swa"}, "mode"),
+        ({"mode": "ema", "decay": 1.5}, "decay"),
+        ({"mode": "ema", "decay": 0.0}, "decay"),
+        ({"start_step": -1}, "start_step"),
+        ({"start_epoch": -2}, "start_epoch"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"mode": "ema", "decay": 0.9, "half_life": 10}, "half_life"),
+        ({"update_on": "batch"}, "update_on"),
+        ({"bn": "freeze"}, "bn"),
+        ({"decay": 0.9}, "mode='ema'"),
+        ({"start_step": 1, "start_epoch": 1}, "start_epoch"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        IterateAveraging(**kwargs)
