@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 
+from lightning_nt import IterateAveraging
 from lightning_nt.demos import DigitsCNN, DigitsDataModule
 
 
@@ -27,10 +28,26 @@ class Capability:
     flag: str
     help: str
     build: Callable[[argparse.Namespace], pl.Callback]
-    summarise: Callable[[pl.Callback], str]
+    summarise: Callable[[pl.Callback, pl.Trainer], str]
 
 
-CAPABILITIES: list[Capability] = []
+def _averaging_summary(callback: IterateAveraging, trainer: pl.Trainer) -> str:
+    metrics = trainer.callback_metrics
+    return (
+        f"{callback.n_averaged} iterates averaged; last validation loss with the average "
+        f"{metrics['val/loss']:.4f}, with the raw weights {metrics['raw/val/loss']:.4f}"
+    )
+
+
+CAPABILITIES: list[Capability] = [
+    Capability(
+        flag="average",
+        help="uniform tail average of the weights over the second half of training (Gadam/SWA), "
+        "validated against the raw weights",
+        build=lambda args: IterateAveraging(mode="uniform", start_epoch=args.epochs // 2, compare_raw=True),
+        summarise=_averaging_summary,
+    ),
+]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -73,13 +90,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     started = time.perf_counter()
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
+    summaries = [f"--{c.flag}: {c.summarise(callback, trainer)}" for c, callback in zip(chosen, callbacks)]
     results = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
 
     num_parameters = sum(p.numel() for p in model.parameters())
     print(f"\nDigits CNN ({num_parameters} parameters), {args.epochs} epochs in {seconds:.0f} s")
     print(f"  validation accuracy {results['val/acc']:.4f}, loss {results['val/loss']:.4f}")
-    for capability, callback in zip(chosen, callbacks):
-        print(f"  {capability.flag}: {capability.summarise(callback)}")
+    for summary in summaries:
+        print(f"  {summary}")
     print(f"  TensorBoard: tensorboard --logdir {logger.log_dir}")
     return results
 

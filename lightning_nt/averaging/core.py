@@ -16,6 +16,7 @@ The two modes are one recursion ``avg <- avg + w_t (x - avg)``:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,6 +93,9 @@ class IterateAverage:
         self.mode, self.decay, self.warmup, self.buffers, self.device = mode, decay, warmup, buffers, device
         self.n_averaged = 0
         self.state: dict[str, Tensor] = {}
+        self._plan: (
+            tuple[weakref.ref[nn.Module], list[tuple[list[Tensor], list[Tensor]]], list[tuple[Tensor, Tensor]]] | None
+        ) = None
         self._averaged_names = [name for name, tensor in self._named_tensors(module) if tensor.is_floating_point()]
         self._copied_names = [name for name, tensor in self._named_tensors(module) if not tensor.is_floating_point()]
 
@@ -106,19 +110,37 @@ class IterateAverage:
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         """Fold the module's current weights into the average."""
-        tensors = dict(self._named_tensors(module))
         if not self.state:
+            tensors = dict(self._named_tensors(module))
             self.state = {
                 name: tensors[name].detach().to(self.device, torch.float32, copy=True) for name in self._averaged_names
             }
             self.state.update({name: tensors[name].detach().to(self.device, copy=True) for name in self._copied_names})
         else:
             weight = self.weight(self.n_averaged)
-            for averages, iterates in _grouped([(self.state[n], tensors[n]) for n in self._averaged_names]):
+            groups, copies = self._plan_for(module)
+            for averages, iterates in groups:
+                if iterates[0].device != averages[0].device:
+                    iterates = [iterate.to(averages[0].device, non_blocking=True) for iterate in iterates]
                 _lerp_(averages, iterates, weight)
-            for name in self._copied_names:
-                self.state[name].copy_(tensors[name])
+            for average, tensor in copies:
+                average.copy_(tensor)
         self.n_averaged += 1
+
+    def _plan_for(
+        self, module: nn.Module
+    ) -> tuple[list[tuple[list[Tensor], list[Tensor]]], list[tuple[Tensor, Tensor]]]:
+        """(average, iterate) tensor lists grouped by the iterate's device and dtype, built once per module."""
+        if self._plan is None or self._plan[0]() is not module:
+            tensors = dict(self._named_tensors(module))
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+            for name in self._averaged_names:
+                group = groups.setdefault((tensors[name].device, tensors[name].dtype), ([], []))
+                group[0].append(self.state[name])
+                group[1].append(tensors[name])
+            copies = [(self.state[name], tensors[name]) for name in self._copied_names]
+            self._plan = (weakref.ref(module), list(groups.values()), copies)
+        return self._plan[1], self._plan[2]
 
     @contextmanager
     def swapped_in(self, module: nn.Module) -> Iterator[None]:
@@ -150,6 +172,7 @@ class IterateAverage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n_averaged = int(state["n_averaged"])
+        self._plan = None
         self.state = {
             name: tensor.to(self.device) if self.device else tensor for name, tensor in state["average"].items()
         }
@@ -157,21 +180,12 @@ class IterateAverage:
     def to(self, device: torch.device | str) -> None:
         """Move the averages (e.g. after loading a checkpoint on the CPU)."""
         self.state = {name: tensor.to(device) for name, tensor in self.state.items()}
+        self._plan = None
 
     def _named_tensors(self, module: nn.Module) -> Iterable[tuple[str, Tensor]]:
         yield from module.named_parameters()
         if self.buffers:
             yield from module.named_buffers()
-
-
-def _grouped(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
-    """Split (average, iterate) pairs by iterate device and dtype, as the fused kernels need."""
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    for average, iterate in pairs:
-        group = groups.setdefault((iterate.device, iterate.dtype), ([], []))
-        group[0].append(average)
-        group[1].append(iterate if iterate.device == average.device else iterate.to(average.device))
-    yield from groups.values()
 
 
 def _lerp_(averages: list[Tensor], iterates: list[Tensor], weight: float) -> None:

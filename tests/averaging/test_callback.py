@@ -118,13 +118,17 @@ def test_apply_on_end_and_test_with_the_average(tmp_path):
     for name, p in module.named_parameters():
         assert torch.equal(p.detach(), applied.averaged_state_dict()[name])
     kept = IterateAveraging(apply_on_end=False)
-    module, trainer = _fit([kept], max_epochs=2, num_sanity_val_steps=0)
+    module, trainer = _fit(
+        [kept], max_epochs=2, num_sanity_val_steps=0, module=lambda: TinyClassifier(num_samples=96, norm="batch")
+    )
     raw = [p.detach().clone() for p in module.parameters()]
-    tested = trainer.validate(module, verbose=False)[0]["val_loss"]
-    assert tested == pytest.approx(trainer.callback_metrics["val_loss"].item())
+    validated = trainer.validate(module, verbose=False)[0]["val_loss"]
+    assert validated == pytest.approx(trainer.callback_metrics["val_loss"].item())
+    tested = trainer.test(module, verbose=False)[0]["test_loss"]  # under inference_mode
+    assert tested == pytest.approx(validated)
     assert all(torch.equal(a, b) for a, b in zip(raw, module.parameters()))
     kept.save_averaged_weights(tmp_path / "avg.pt")
-    fresh = TinyClassifier()
+    fresh = TinyClassifier(norm="batch")
     load_averaged_weights(fresh, tmp_path / "avg.pt")
     assert torch.equal(fresh.net[0].weight, kept.averaged_state_dict()["net.0.weight"])
 

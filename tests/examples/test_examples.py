@@ -23,6 +23,13 @@ def test_digits_demo_learns_and_logs(tmp_path, capsys):
     assert {"train/loss", "val/acc", "val/loss"} <= scalars.keys()
 
 
+def test_digits_demo_with_averaging(tmp_path, capsys):
+    digits.main(["--epochs", "4", "--train-size", "256", "--average", "--log-dir", str(tmp_path)])
+    assert "--average: 8 iterates averaged" in capsys.readouterr().out
+    scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
+    assert {"averaging/n_averaged", "raw/val/loss", "raw/val/acc"} <= scalars.keys()
+
+
 @pytest.mark.parametrize("config", sorted((EXAMPLES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_yaml_config_runs(config, tmp_path):
     cli.main(

@@ -73,8 +73,15 @@ class TinyClassifier(pl.LightningModule):
         inputs, labels = batch
         self.log("val_loss", F.cross_entropy(self(inputs), labels))
 
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        inputs, labels = batch
+        self.log("test_loss", F.cross_entropy(self(inputs), labels))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
 
     def train_dataloader(self) -> DataLoader:
         data = classification_data(self.num_samples, self.dim, self.classes)

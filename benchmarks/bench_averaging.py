@@ -1,0 +1,204 @@
+"""Per-step cost of weight averaging: plain Lightning vs Lightning's EMAWeightAveraging vs IterateAveraging.
+
+One process, same model and data for all three; each configuration is trained ``--repeats`` times,
+interleaved, and its per-step time is the median over the timed steps (the best repeat is kept).
+Also times one IterateAverage update against the memory-bandwidth floor: a single ``lerp_`` over a
+flat tensor with as many floats.
+
+    python benchmarks/bench_averaging.py                      # CPU: a 5.3M-parameter MLP
+    python benchmarks/bench_averaging.py --model wrn16-4      # WRN-16-4 on CIFAR-shaped data (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import EMAWeightAveraging
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nt import IterateAveraging
+from lightning_nt.averaging import IterateAverage
+
+
+def wide_resnet(depth: int = 16, widen: int = 4, classes: int = 10) -> nn.Module:
+    """WRN-depth-widen with BatchNorm (Zagoruyko & Komodakis), enough for timing."""
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = F.relu(self.bn1(x))
+            skip = x if self.shortcut is None else self.shortcut(out)
+            return skip + self.conv2(F.relu(self.bn2(self.conv1(out))))
+
+    n = (depth - 4) // 6
+    widths = [16, 16 * widen, 32 * widen, 64 * widen]
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)]
+    for stage in range(3):
+        for i in range(n):
+            cin = widths[stage] if i == 0 else widths[stage + 1]
+            layers.append(Block(cin, widths[stage + 1], (1 if stage == 0 else 2) if i == 0 else 1))
+    layers += [
+        nn.BatchNorm2d(widths[3]),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(widths[3], classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(3 * 32 * 32, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 10),
+    )
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.net = wide_resnet() if model == "wrn16-4" else mlp()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class StepTimer(pl.Callback):
+    """Wall time between consecutive batch starts (synchronising the device first)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, i: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+
+class FlatLerpFloor(pl.Callback):
+    """The memory-bandwidth floor in situ: one flat ``lerp_`` over as many floats as the model has, every step."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        numel = sum(p.numel() for p in pl_module.parameters())
+        self.average = torch.zeros(numel, device=pl_module.device)
+        self.iterate = torch.randn(numel, device=pl_module.device)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self.average.lerp_(self.iterate, 0.001)
+
+
+def step_time(
+    model: str, callback: pl.Callback | None, steps: int, warmup: int, loader: DataLoader, accelerator: str
+) -> float:
+    torch.manual_seed(0)
+    timer = StepTimer()
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps + warmup + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer] + ([callback] if callback else []),
+    )
+    trainer.fit(Classifier(model), loader)
+    deltas = [b - a for a, b in zip(timer.times[warmup:], timer.times[warmup + 1 :])]
+    return statistics.median(deltas)
+
+
+def update_vs_floor(model: str, device: torch.device, repeats: int = 50) -> tuple[float, float, int]:
+    net = Classifier(model).net.to(device)
+    average = IterateAverage(net, mode="ema", decay=0.999)
+    average.update(net)
+    numel = sum(p.numel() for p in net.parameters())
+    flat_average, flat_iterate = torch.zeros(numel, device=device), torch.randn(numel, device=device)
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    ours = min(timed(lambda: average.update(net)) for _ in range(3))
+    floor = min(timed(lambda: flat_average.lerp_(flat_iterate, 0.001)) for _ in range(3))
+    return ours, floor, numel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--model", choices=["mlp", "wrn16-4"], default="wrn16-4" if on_gpu else "mlp")
+    parser.add_argument("--batch-size", type=int, default=256 if on_gpu else 64)
+    parser.add_argument("--steps", type=int, default=100 if on_gpu else 60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    accelerator = "gpu" if on_gpu else "cpu"
+    device = torch.device("cuda" if on_gpu else "cpu")
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+
+    size = args.batch_size * (args.steps + args.warmup + 2)
+    data = TensorDataset(torch.randn(size, 3, 32, 32), torch.randint(10, (size,)))
+    loader = DataLoader(data, batch_size=args.batch_size, pin_memory=on_gpu)
+    configurations = {
+        "plain": lambda: None,
+        "lightning EMAWeightAveraging": lambda: EMAWeightAveraging(decay=0.999),
+        "lightning_nt IterateAveraging": lambda: IterateAveraging(mode="ema", decay=0.999, apply_on_end=False),
+        "flat lerp_ floor, in situ": FlatLerpFloor,
+    }
+    best = {label: float("inf") for label in configurations}
+    for _ in range(args.repeats):
+        for label, make in configurations.items():
+            best[label] = min(best[label], step_time(args.model, make(), args.steps, args.warmup, loader, accelerator))
+
+    plain = best["plain"]
+    print(
+        f"device: {name}; model {args.model}; batch {args.batch_size}; torch {torch.__version__}; "
+        f"pytorch-lightning {pl.__version__}"
+    )
+    for label, seconds in best.items():
+        print(
+            f"  {label:32s} {seconds * 1e3:8.2f} ms/step  overhead {(seconds - plain) * 1e3:+7.3f} ms "
+            f"({(seconds / plain - 1) * 100:+.1f}%)"
+        )
+    ours = best["lightning_nt IterateAveraging"] - plain
+    theirs = best["lightning EMAWeightAveraging"] - plain
+    floor_in_situ = best["flat lerp_ floor, in situ"] - plain
+    print(f"  overhead ratio ours / Lightning: {ours / theirs:.3f}  (target <= 0.2)")
+    print(f"  overhead ratio ours / in-situ floor: {ours / floor_in_situ:.2f}")
+    update, floor, numel = update_vs_floor(args.model, device)
+    print(
+        f"  update of {numel / 1e6:.2f}M floats: {update * 1e3:.3f} ms; flat lerp_ floor {floor * 1e3:.3f} ms; "
+        f"ratio {update / floor:.2f}  (target <= 1.3)"
+    )
+
+
+if __name__ == "__main__":
+    main()
