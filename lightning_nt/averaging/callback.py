@@ -19,7 +19,7 @@ from lightning_nt.averaging.core import (
     recompute_batchnorm,
     save_averaged_weights,
 )
-from lightning_nt.common import LossFn, log_scalars, preserved_loader_rng, training_loss
+from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
 from lightning_nt.common.evaluation import validation_metrics
 
 __all__ = ["IterateAveraging"]
@@ -267,7 +267,8 @@ class IterateAveraging(pl.Callback):
             for batch_idx, batch in enumerate(dataloader):
                 if self.bn_batches is not None and batch_idx >= self.bn_batches:
                     return
-                yield training_loss(pl_module, trainer.strategy.batch_to_device(batch), batch_idx, self.loss_fn)
+                with trainer.precision_plugin.train_step_context():
+                    yield training_loss(pl_module, prepare_batch(trainer, batch), batch_idx, self.loss_fn)
 
         with torch.no_grad(), preserved_loader_rng(dataloader):
             recompute_batchnorm(pl_module, forward_passes())

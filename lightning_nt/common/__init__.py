@@ -8,7 +8,7 @@ from lightning_nt.common.loss import (
     muted_logging,
     training_loss,
 )
-from lightning_nt.common.probe import ProbeSet, batch_size, preserved_loader_rng
+from lightning_nt.common.probe import ProbeSet, batch_size, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_rng, preserved_state
 
@@ -24,6 +24,7 @@ __all__ = [
     "log_text",
     "loss_from_output",
     "muted_logging",
+    "prepare_batch",
     "preserved_loader_rng",
     "preserved_rng",
     "preserved_state",

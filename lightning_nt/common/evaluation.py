@@ -18,7 +18,7 @@ from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signatu
 from torchmetrics import Metric
 
 from lightning_nt.common.loss import captured_logging, frozen_metrics
-from lightning_nt.common.probe import batch_size, preserved_loader_rng
+from lightning_nt.common.probe import batch_size, prepare_batch, preserved_loader_rng
 
 __all__ = ["validation_metrics"]
 
@@ -54,10 +54,11 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
                 for batch_idx, batch in enumerate(dataloader):
                     if batch_idx >= limits[dataloader_idx]:
                         break
-                    batch = trainer.strategy.batch_to_device(batch)
+                    batch = prepare_batch(trainer, batch)
                     current_size = batch_size(batch)
                     extra = (dataloader_idx,) if pass_index and len(dataloaders) > 1 else ()
-                    pl_module.validation_step(batch, batch_idx, *extra)
+                    with trainer.precision_plugin.val_step_context():
+                        pl_module.validation_step(batch, batch_idx, *extra)
         values = {name: _mean_over_ranks(trainer, total) for name, total in sums.items()}
         values.update({name: float(metric.compute()) for name, metric in metrics.items()})
     return values

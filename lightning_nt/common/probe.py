@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.state import preserved_rng
 
-__all__ = ["ProbeSet", "batch_size", "preserved_loader_rng"]
+__all__ = ["ProbeSet", "batch_size", "prepare_batch", "preserved_loader_rng"]
 
 
 def batch_size(batch: Any) -> int:
@@ -112,6 +112,11 @@ class ProbeSet:
                 (move_data_to_device(chunk, device) if device is not None else chunk),
                 (stop - start) / self._num_samples,
             )
+
+
+def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
+    """Move a batch to the module's device and convert it for the Trainer's precision, as Lightning's loops do."""
+    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
 
 def preserved_loader_rng(dataloader: DataLoader) -> contextlib.AbstractContextManager[None]:
