@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 
-from lightning_nt import IterateAveraging
+from lightning_nt import IterateAveraging, SharpnessMonitor
 from lightning_nt.demos import DigitsCNN, DigitsDataModule
 
 
@@ -39,6 +39,18 @@ def _averaging_summary(callback: IterateAveraging, trainer: pl.Trainer) -> str:
     )
 
 
+def _sharpness_summary(callback: SharpnessMonitor, trainer: pl.Trainer) -> str:
+    if not callback.history:
+        return "no measurement"
+    last = callback.history[-1]
+    peak = max(entry["sharpness/ratio"] for entry in callback.history)
+    return (
+        f"{len(callback.history)} measurements; last lambda_max {last['sharpness/lambda_max']:.1f} vs threshold "
+        f"{last['sharpness/threshold']:.1f} (ratio {last['sharpness/ratio']:.2f}, peak {peak:.2f}); "
+        f"batch sharpness {last['sharpness/batch_sharpness']:.1f}"
+    )
+
+
 CAPABILITIES: list[Capability] = [
     Capability(
         flag="average",
@@ -46,6 +58,13 @@ CAPABILITIES: list[Capability] = [
         "validated against the raw weights",
         build=lambda args: IterateAveraging(mode="uniform", start_epoch=args.epochs // 2, compare_raw=True),
         summarise=_averaging_summary,
+    ),
+    Capability(
+        flag="sharpness",
+        help="top Hessian eigenvalue and batch sharpness every 50 steps against the optimizer's "
+        "edge-of-stability threshold (2(1+momentum)/lr for SGD), on 512 training images",
+        build=lambda args: SharpnessMonitor(every_n_steps=50, num_samples=512, batch_sharpness=True, max_overhead=None),
+        summarise=_sharpness_summary,
     ),
 ]
 

@@ -36,6 +36,12 @@ from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_thr
 __all__ = ["SharpnessMonitor"]
 
 
+def _groups_differ(optimizer: torch.optim.Optimizer) -> bool:
+    keys = ("lr", "momentum", "betas", "nesterov", "dampening", "weight_decay")
+    settings = [tuple(group.get(key) for key in keys) for group in optimizer.param_groups]
+    return len(set(settings)) > 1
+
+
 class SharpnessMonitor(pl.Callback):
     """Top Hessian eigenvalues of the training loss, against the optimizer's edge-of-stability threshold.
 
@@ -68,7 +74,12 @@ class SharpnessMonitor(pl.Callback):
         smoothness: also log Santurkar et al.'s ``smoothness/loss_range``, ``grad_predictiveness``, ``beta``.
         smoothness_steps: step sizes along the gradient, as multiples of the current learning rate.
         spherical: also log ``sharpness/spherical`` = ||w||^2 lambda_max (for scale-invariant networks).
-        max_overhead: if set, lengthen the interval so measuring costs at most this share of training time.
+        lambda_min: also converge and log the smallest eigenvalue (``sharpness/lambda_min``); the bottom of a
+            Hessian's spectrum is often a cluster near zero, so this can double the products per measurement.
+        max_overhead: skip a due measurement while the time spent measuring, plus the dearest measurement's cost,
+            would exceed this share of the wall time spent training (default 5%); the measurement when training
+            starts is always taken. ``None`` measures every ``every_n_steps`` whatever it costs. The share so
+            far is logged as ``sharpness/overhead``.
         loss_fn: ``loss_fn(pl_module, batch)``; default: the module's ``training_step`` with logging muted.
         seed: seed of the random start vectors and trace probes (the global RNG is not touched).
 
@@ -98,7 +109,8 @@ class SharpnessMonitor(pl.Callback):
         smoothness: bool = False,
         smoothness_steps: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
         spherical: bool = False,
-        max_overhead: float | None = None,
+        lambda_min: bool = True,
+        max_overhead: float | None = 0.05,
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
@@ -134,13 +146,14 @@ class SharpnessMonitor(pl.Callback):
         self.trace, self.trace_samples, self.trace_method = trace, trace_samples, trace_method
         self.batch_sharpness, self.batch_sharpness_batches = batch_sharpness, batch_sharpness_batches
         self.smoothness, self.smoothness_steps, self.spherical = smoothness, tuple(smoothness_steps), spherical
-        self.max_overhead, self.loss_fn, self.seed = max_overhead, loss_fn, seed
+        self.max_overhead, self.loss_fn, self.seed, self.lambda_min = max_overhead, loss_fn, seed, lambda_min
         self.history: list[dict[str, float]] = []
         self._probe: ProbeSet | None = None
         self._warm: dict[str, list[Tensor]] = {}
-        self._next_step = 0
+        self._measuring_seconds = 0.0
+        self._max_cost = 0.0
+        self._train_start = 0.0
         self._last_step = -1
-        self._last_end = 0.0
         self._warned: set[str] = set()
 
     @property
@@ -152,8 +165,9 @@ class SharpnessMonitor(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data == "probe":
             self._probe = ProbeSet.from_trainer(trainer, self.num_samples)
-        self._last_end = time.perf_counter()
-        if trainer.global_step >= self._next_step and self.data == "probe":
+        self._train_start = time.perf_counter()
+        self._measuring_seconds = self._max_cost = 0.0
+        if self.data == "probe":
             self._measure(trainer, pl_module, None)
 
     @override
@@ -161,10 +175,14 @@ class SharpnessMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == self._last_step or step < self._next_step or step % self.every_n_steps:
+        if step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
-        self._measure(trainer, pl_module, batch)
+        if (
+            self.max_overhead is None
+            or self._measuring_seconds + self._max_cost <= self.max_overhead * self._training_seconds()
+        ):
+            self._measure(trainer, pl_module, batch)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -173,12 +191,11 @@ class SharpnessMonitor(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "next_step": self._next_step}
+        return {"history": self.history}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
-        self._next_step = int(state_dict["next_step"])
 
     def figure(self) -> Any:
         """Sharpness and the stability threshold over training steps (the edge-of-stability picture)."""
@@ -217,11 +234,11 @@ class SharpnessMonitor(pl.Callback):
             return
         values["sharpness/seconds"] = seconds
         values["sharpness/hvps"] = float(solves)
-        self._schedule_next(trainer.global_step, started, seconds)
-        values["sharpness/interval"] = float(self._next_step - trainer.global_step)
+        self._measuring_seconds += seconds
+        self._max_cost = max(self._max_cost, seconds)
+        values["sharpness/overhead"] = self._measuring_seconds / max(self._training_seconds(), 1e-9)
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
-        self._last_end = time.perf_counter()
 
     def _solve(
         self,
@@ -233,12 +250,20 @@ class SharpnessMonitor(pl.Callback):
     ) -> tuple[dict[str, float], int]:
         operator = self._operator(trainer, pl_module, params, batch)
         result = self._lanczos("hessian", operator.matvec, operator, generator)
-        values = {"sharpness/lambda_max": float(result.eigenvalues[0]), "sharpness/lambda_min": result.lambda_min}
+        values = {"sharpness/lambda_max": float(result.eigenvalues[0])}
+        if self.lambda_min:
+            values["sharpness/lambda_min"] = result.lambda_min
         values.update({f"sharpness/lambda_{i + 1}": float(v) for i, v in enumerate(result.eigenvalues) if i > 0})
         values["sharpness/converged"] = float(result.converged)
         sharpness = values["sharpness/lambda_max"]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         threshold = stability_threshold(optimizer) if optimizer is not None else None
+        if optimizer is not None and _groups_differ(optimizer):
+            self._warn(
+                "groups",
+                "SharpnessMonitor: the optimizer's param groups have different hyper-parameters; "
+                "the threshold uses group 0's.",
+            )
         if threshold is None:
             self._warn(
                 "threshold",
@@ -275,8 +300,8 @@ class SharpnessMonitor(pl.Callback):
             warm_start(previous, generator=generator) if previous else torch.randn(operator.numel, generator=generator)
         )
         start = start.to(operator.params[0].device, operator.dtype)
-        result = lanczos(matvec, start, self.num_eigenvalues, self.tol, self.max_iter)
-        self._warm[name] = [*result.eigenvectors, result.vector_min]
+        result = lanczos(matvec, start, self.num_eigenvalues, self.tol, self.max_iter, smallest=self.lambda_min)
+        self._warm[name] = [*result.eigenvectors, *([result.vector_min] if self.lambda_min else [])]
         if not result.converged:
             self._warn(
                 f"converge-{name}",
@@ -336,15 +361,8 @@ class SharpnessMonitor(pl.Callback):
             "smoothness/beta": result.beta,
         }
 
-    def _schedule_next(self, step: int, started: float, seconds: float) -> None:
-        interval = self.every_n_steps
-        trained = started - self._last_end
-        if self.max_overhead is not None and self.history and trained > 0:
-            previous_step = int(self.history[-1]["step"])
-            per_step = trained / max(step - previous_step, 1)
-            needed = math.ceil(seconds / (self.max_overhead * per_step))
-            interval = max(interval, math.ceil(needed / self.every_n_steps) * self.every_n_steps)
-        self._next_step = step + interval
+    def _training_seconds(self) -> float:
+        return time.perf_counter() - self._train_start - self._measuring_seconds
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -10,6 +10,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import cli  # noqa: E402
 import digits  # noqa: E402
+import edge_of_stability  # noqa: E402
 
 from tests.helpers import read_tensorboard_scalars  # noqa: E402
 
@@ -21,6 +22,24 @@ def test_digits_demo_learns_and_logs(tmp_path, capsys):
     assert "validation accuracy" in out and "tensorboard --logdir" in out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {"train/loss", "val/acc", "val/loss"} <= scalars.keys()
+
+
+def test_digits_demo_with_sharpness(tmp_path, capsys):
+    digits.main(["--epochs", "13", "--train-size", "256", "--sharpness", "--log-dir", str(tmp_path)])
+    assert "--sharpness: 2 measurements; last lambda_max" in capsys.readouterr().out
+    scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
+    assert {
+        "sharpness/lambda_max",
+        "sharpness/threshold",
+        "sharpness/ratio",
+        "sharpness/batch_sharpness",
+    } <= scalars.keys()
+
+
+def test_edge_of_stability_example_saves_its_picture(tmp_path):
+    png = tmp_path / "eos.png"
+    monitor = edge_of_stability.main(["--steps", "60", "--png", str(png), "--log-dir", str(tmp_path)])
+    assert png.stat().st_size > 10_000 and [e["step"] for e in monitor.history] == [0, 20, 40, 60]
 
 
 def test_digits_demo_with_averaging(tmp_path, capsys):

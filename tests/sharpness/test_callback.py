@@ -41,7 +41,7 @@ class ExactSharpness(pl.Callback):
 
 
 def test_eigenvalues_match_the_exact_hessian_of_the_probe_set(tmp_path):
-    monitor = SharpnessMonitor(every_n_steps=3, num_eigenvalues=2, num_samples=40, tol=1e-5)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_eigenvalues=2, num_samples=40, tol=1e-5)
     reference = ExactSharpness(40)
     _fit([monitor, reference], module=lambda: TinyClassifier(num_samples=96, shuffle=False), root=tmp_path)
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
@@ -64,7 +64,9 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
 
     options = {"every_n_steps": 2, "num_samples": 32, "chunk_size": 10, "trace": True, "trace_samples": 6}
     plain, plain_trainer = _fit([], module=module, max_epochs=2)
-    monitor = SharpnessMonitor(**options, batch_sharpness=True, batch_sharpness_batches=2, smoothness=True)
+    monitor = SharpnessMonitor(
+        **options, max_overhead=None, batch_sharpness=True, batch_sharpness_batches=2, smoothness=True
+    )
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 7
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
@@ -87,7 +89,7 @@ def test_threshold_follows_the_live_learning_rate():
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
 
-    monitor = SharpnessMonitor(every_n_steps=6, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=6, num_samples=32)
     _fit([monitor], module=lambda: Scheduled(num_samples=96), max_epochs=3)
     thresholds = [entry["sharpness/threshold"] for entry in monitor.history]
     assert thresholds == pytest.approx([38.0, 76.0, 152.0, 304.0])
@@ -98,7 +100,7 @@ def test_adam_gets_the_preconditioned_sharpness():
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
     _fit([monitor], module=lambda: WithAdam(num_samples=96))
     first, later = monitor.history[0], monitor.history[-1]
     assert "sharpness/preconditioned" not in first and "sharpness/ratio" not in first  # no Adam state at step 0
@@ -106,38 +108,63 @@ def test_adam_gets_the_preconditioned_sharpness():
     assert later["sharpness/ratio"] == pytest.approx(later["sharpness/preconditioned"] / 3800.0)
 
 
+def test_param_groups_with_different_settings_are_flagged():
+    class TwoGroups(TinyClassifier):
+        def configure_optimizers(self):
+            groups = [{"params": self.net[0].parameters(), "lr": 0.1}, {"params": self.net[3].parameters(), "lr": 0.01}]
+            return torch.optim.SGD(groups)
+
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
+    with pytest.warns(UserWarning, match="group 0"):
+        _fit([monitor], module=lambda: TwoGroups(num_samples=96))
+    assert monitor.history[-1]["sharpness/threshold"] == pytest.approx(20.0)
+
+
 def test_other_optimizers_log_eigenvalues_only_and_say_so():
     class WithRMSprop(TinyClassifier):
         def configure_optimizers(self):
             return torch.optim.RMSprop(self.parameters(), lr=1e-3)
 
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
     with pytest.warns(UserWarning, match="no stability threshold is known for RMSprop"):
         _fit([monitor], module=lambda: WithRMSprop(num_samples=96))
     assert "sharpness/threshold" not in monitor.history[-1] and "sharpness/lambda_max" in monitor.history[-1]
 
 
-def test_current_batch_mode_and_boring_model():
-    monitor = SharpnessMonitor(every_n_steps=4, data="batch", mode="eval")
-    _fit([monitor], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=1)
+class WeightNorm(pl.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.squared = sum(float(p.detach().pow(2).sum()) for p in pl_module.parameters())
+
+
+def test_current_batch_mode_spherical_and_boring_model():
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=4, data="batch", mode="eval", spherical=True)
+    norm = WeightNorm()
+    _fit([monitor, norm], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=1)
     assert [entry["step"] for entry in monitor.history] == [4, 8]
+    last = monitor.history[-1]
+    assert last["sharpness/spherical"] == pytest.approx(norm.squared * last["sharpness/lambda_max"], rel=1e-5)
     # BoringModel's StepLR has divided lr by 10 when the epoch's last step is measured: the next step uses it
     assert [entry["sharpness/threshold"] for entry in monitor.history] == pytest.approx([20.0, 200.0])
 
 
-def test_max_overhead_lengthens_the_interval():
-    monitor = SharpnessMonitor(every_n_steps=1, num_samples=64, max_overhead=0.01)
-    _fit([monitor], max_epochs=2)
+def test_max_overhead_skips_measurements_beyond_the_budget():
+    monitor = SharpnessMonitor(every_n_steps=1, num_samples=64, max_overhead=0.05)
+    _fit([monitor], max_epochs=4)
     steps = [entry["step"] for entry in monitor.history]
-    assert len(steps) < 6 and monitor.history[-1]["sharpness/interval"] > 1
+    assert steps[0] == 0 and len(steps) < 24  # 24 steps were due
     assert all(entry["sharpness/seconds"] > 0 for entry in monitor.history)
+    for entry in monitor.history[1:]:  # each was allowed: its predecessors' share plus one more cost <= 5%
+        assert entry["sharpness/overhead"] < 0.05 * 1.5
+    unbounded = SharpnessMonitor(every_n_steps=1, num_samples=64, max_overhead=None)
+    _fit([unbounded], max_epochs=4)
+    assert [entry["step"] for entry in unbounded.history] == list(range(25))
 
 
 def test_non_finite_measurements_are_skipped_with_one_warning():
     def loss_fn(module, batch):
         return F.cross_entropy(module(batch[0]), batch[1]) * float("nan")
 
-    monitor = SharpnessMonitor(every_n_steps=2, num_samples=32, loss_fn=loss_fn, max_iter=5)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=2, num_samples=32, loss_fn=loss_fn, max_iter=5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, trainer = _fit([monitor], max_epochs=1)
@@ -147,9 +174,9 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
 
 
 def test_checkpoint_keeps_the_history(tmp_path):
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
     _fit([monitor], max_epochs=1)
-    restored = SharpnessMonitor(every_n_steps=3, num_samples=32)
+    restored = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
     restored.load_state_dict(monitor.state_dict())
     assert restored.history == monitor.history
     assert SharpnessMonitor(every_n_steps=3).state_key != SharpnessMonitor(every_n_steps=5).state_key
