@@ -1,8 +1,9 @@
 """lightning_nt: results from the theory of neural-network training, as PyTorch Lightning plugins."""
 
 from lightning_nt.averaging import IterateAveraging
+from lightning_nt.gradinit import GradInit
 from lightning_nt.sharpness import SharpnessMonitor
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["IterateAveraging", "SharpnessMonitor", "__version__"]
+__all__ = ["GradInit", "IterateAveraging", "SharpnessMonitor", "__version__"]

@@ -8,7 +8,7 @@ from lightning_nt.common.loss import (
     muted_logging,
     training_loss,
 )
-from lightning_nt.common.probe import ProbeSet, batch_size, prepare_batch, preserved_loader_rng
+from lightning_nt.common.probe import ProbeSet, batch_size, concatenate_batches, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_rng, preserved_state
 
@@ -18,6 +18,7 @@ __all__ = [
     "RNGState",
     "batch_size",
     "captured_logging",
+    "concatenate_batches",
     "frozen_metrics",
     "log_figure",
     "log_scalars",

@@ -10,7 +10,7 @@ mean over the whole set is ``sum(share * chunk_mean)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.state import preserved_rng
 
-__all__ = ["ProbeSet", "batch_size", "prepare_batch", "preserved_loader_rng"]
+__all__ = ["ProbeSet", "batch_size", "concatenate_batches", "prepare_batch", "preserved_loader_rng"]
 
 
 def batch_size(batch: Any) -> int:
@@ -68,10 +68,7 @@ class ProbeSet:
                 break
         if not collected:
             raise ValueError("The dataloader yielded no examples to build the probe set from.")
-        spec = pytree.tree_structure(collected[0])
-        columns = zip(*(pytree.tree_leaves(batch) for batch in collected))
-        leaves = [_concatenate(column) for column in columns]
-        return cls(pytree.tree_unflatten(leaves, spec))
+        return cls(concatenate_batches(collected))
 
     @classmethod
     def from_dataloader(cls, dataloader: DataLoader, num_samples: int) -> ProbeSet:
@@ -114,6 +111,13 @@ class ProbeSet:
             )
 
 
+def concatenate_batches(batches: Sequence[Any]) -> Any:
+    """One batch from several of the same structure: tensors concatenated along dim 0 (on the CPU if they differ)."""
+    spec = pytree.tree_structure(batches[0])
+    columns = zip(*(pytree.tree_leaves(batch) for batch in batches))
+    return pytree.tree_unflatten([_concatenate(column) for column in columns], spec)
+
+
 def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
     """Move a batch to the module's device and convert it for the Trainer's precision, as Lightning's loops do."""
     return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
@@ -135,7 +139,8 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
 
 def _concatenate(column: tuple[Any, ...]) -> Any:
     if isinstance(column[0], Tensor) and column[0].ndim > 0:
-        return torch.cat([leaf.detach().cpu() for leaf in column])
+        devices = {leaf.device for leaf in column}
+        return torch.cat([leaf.detach() if len(devices) == 1 else leaf.detach().cpu() for leaf in column])
     if all(leaf == column[0] for leaf in column):
         return column[0]
     raise TypeError(

@@ -90,6 +90,8 @@ class DigitsCNN(pl.LightningModule):
         lr: learning rate.
         momentum: SGD momentum (ignored by Adam).
         weight_decay: decoupled for AdamW, L2 for the others.
+        depth: convolutions (>= 3); deep networks without normalisation are hard to train from the default
+            initialisation, which is what GradInit repairs.
 
     Example:
         >>> DigitsCNN(width=8)(torch.zeros(2, 1, 8, 8)).shape
@@ -104,8 +106,11 @@ class DigitsCNN(pl.LightningModule):
         lr: float = 0.05,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
+        depth: int = 3,
     ) -> None:
         super().__init__()
+        if depth < 3:
+            raise ValueError(f"`depth` must be >= 3, got {depth}.")
         if optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"`optimizer` must be 'sgd', 'adam' or 'adamw', got {optimizer!r}.")
         self.save_hyperparameters()
@@ -113,7 +118,7 @@ class DigitsCNN(pl.LightningModule):
             *_conv_block(1, width, norm),
             *_conv_block(width, 2 * width, norm),
             nn.MaxPool2d(2),
-            *_conv_block(2 * width, 2 * width, norm),
+            *[layer for _ in range(depth - 2) for layer in _conv_block(2 * width, 2 * width, norm)],
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
