@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 
-from lightning_nt import IterateAveraging, SharpnessMonitor
+from lightning_nt import GradInit, IterateAveraging, SharpnessMonitor
 from lightning_nt.demos import DigitsCNN, DigitsDataModule
 
 
@@ -51,7 +51,25 @@ def _sharpness_summary(callback: SharpnessMonitor, trainer: pl.Trainer) -> str:
     )
 
 
+def _gradinit_summary(callback: GradInit, trainer: pl.Trainer) -> str:
+    if not callback.scales:
+        return "no scales applied"
+    weights = [scale for name, scale in callback.scales.items() if not name.endswith("bias")]
+    return (
+        f"weight scales {min(weights):.2f}-{max(weights):.2f}; look-ahead loss "
+        f"{trainer.callback_metrics['gradinit/lookahead_loss_start']:.3f} -> "
+        f"{trainer.callback_metrics['gradinit/lookahead_loss_end']:.3f}"
+    )
+
+
 CAPABILITIES: list[Capability] = [
+    Capability(
+        flag="gradinit",
+        help="learn the initial scale of every parameter tensor before training (GradInit, 100 iterations); "
+        "try it with --depth 12 --norm none, a network the default initialisation trains poorly",
+        build=lambda args: GradInit(iterations=100),
+        summarise=_gradinit_summary,
+    ),
     Capability(
         flag="average",
         help="uniform tail average of the weights over the second half of training (Gadam/SWA), "
@@ -75,6 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
     parser.add_argument("--width", type=int, default=16, help="channels of the first convolution")
+    parser.add_argument("--depth", type=int, default=3, help="convolutions (>= 3)")
     parser.add_argument("--norm", choices=["none", "batch", "group"], default="none")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -93,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     chosen = [c for c in CAPABILITIES if getattr(args, c.flag.replace("-", "_"))]
     callbacks = [capability.build(args) for capability in chosen]
     model = DigitsCNN(
-        width=args.width, norm=args.norm, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay
+        width=args.width,
+        norm=args.norm,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        depth=args.depth,
     )
     datamodule = DigitsDataModule(batch_size=args.batch_size, train_size=args.train_size, seed=args.seed)
     logger = pl.loggers.TensorBoardLogger(args.log_dir, name="digits")

@@ -258,4 +258,5 @@ def apply_scales(module: nn.Module, scales: dict[str, float]) -> None:
 
 
 def _mean(value: Tensor, reduce_mean: Callable[[Tensor], Tensor] | None) -> Tensor:
-    return value if reduce_mean is None else reduce_mean(value)
+    """``value`` averaged over processes; collectives work in place, so they get a copy."""
+    return value if reduce_mean is None else reduce_mean(value.detach().clone())

@@ -36,6 +36,13 @@ def test_digits_demo_with_sharpness(tmp_path, capsys):
     } <= scalars.keys()
 
 
+def test_digits_demo_with_gradinit(tmp_path, capsys):
+    digits.main(["--epochs", "1", "--train-size", "256", "--depth", "6", "--gradinit", "--log-dir", str(tmp_path)])
+    assert "--gradinit: weight scales" in capsys.readouterr().out
+    scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
+    assert {"gradinit/lookahead_loss_start", "gradinit/grad_norm"} <= scalars.keys()
+
+
 def test_edge_of_stability_example_saves_its_picture(tmp_path):
     png = tmp_path / "eos.png"
     monitor = edge_of_stability.main(["--steps", "60", "--png", str(png), "--log-dir", str(tmp_path)])

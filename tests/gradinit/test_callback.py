@@ -1,0 +1,114 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_nt import GradInit
+from tests.helpers import TinyClassifier, TinyTransformer, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+
+
+class Snapshot(pl.Callback):
+    """Records parameters, their identities and the optimizer's references when training starts (after GradInit)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.ids = [id(p) for p in pl_module.parameters()]
+        self.optimizer_ids = [id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        self.buffers = {n: b.clone() for n, b in pl_module.named_buffers()}
+        self.training = [m.training for m in pl_module.modules()]
+
+
+def _fit(callbacks, module=None, root=None, **kwargs):
+    pl.seed_everything(0)
+    module = (module or (lambda: TinyClassifier(num_samples=96, norm="batch")))()
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = tiny_trainer(root, callbacks=callbacks, **kwargs)
+    trainer.fit(module)
+    return module, trainer, initial
+
+
+def test_rescales_in_place_and_touches_nothing_else(tmp_path):
+    gradinit, snapshot = GradInit(iterations=20, lr=0.05), Snapshot()
+    _, _, initial = _fit([gradinit, snapshot], root=tmp_path, max_steps=1)
+    assert snapshot.ids == snapshot.optimizer_ids  # the optimizer still holds the module's own parameters
+    assert any(abs(s - 1) > 1e-3 for s in gradinit.scales.values())
+    for name, value in snapshot.params.items():
+        torch.testing.assert_close(value, initial[name] * gradinit.scales[name])
+    assert all(torch.equal(b, torch.zeros_like(b)) for n, b in snapshot.buffers.items() if "running_mean" in n)
+    assert snapshot.training == [True] * len(snapshot.training)
+    scalars = read_tensorboard_scalars(tmp_path)
+    assert {"gradinit/lookahead_loss_start", "gradinit/lookahead_loss_end", "gradinit/grad_norm"} <= scalars.keys()
+    tags = read_tensorboard_tags(tmp_path)
+    assert "gradinit/scales" in tags["images"] and any("gradinit/scales" in t for t in tags["tensors"])
+
+
+class MetricState(pl.Callback):
+    def on_train_start(self, trainer, pl_module):  # right after GradInit's search
+        self.updates, self.true_positives = pl_module.accuracy._update_count, pl_module.accuracy.tp.clone()
+
+
+def test_torchmetrics_and_logs_of_the_module_are_untouched(tmp_path):
+    state = MetricState()
+    _fit([GradInit(iterations=5), state], root=tmp_path, max_epochs=1)
+    assert state.updates == 0 and not state.true_positives.any()  # the module's training_step ran 5x2 times
+    logged = read_tensorboard_scalars(tmp_path)
+    assert len(logged["train_loss"]) == 6  # one per training step, none from the search
+
+
+def test_eta_and_algorithm_come_from_the_configured_optimizer():
+    gradinit = GradInit(iterations=3)
+    _fit([gradinit], module=TinyTransformer, max_steps=1)  # Adam at lr 1e-3, attention on the CPU
+    assert gradinit._simulated_optimizer(torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=1e-3)) == (
+        "adam",
+        1e-3,
+    )
+    assert gradinit._simulated_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)) == ("sgd", 0.2)
+    assert (
+        GradInit(eta=0.5)._simulated_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2))[1] == 0.5
+    )
+
+
+def test_constraint_branch_through_attention_on_the_cpu():
+    gradinit = GradInit(iterations=4, gamma=1e-6, algorithm="sgd", eta=0.1)
+    _fit([gradinit], module=TinyTransformer, max_steps=1)
+    assert gradinit.result.constraint_iterations == 4
+    assert any(abs(s - 1) > 1e-4 for s in gradinit.scales.values())
+
+
+def test_not_rerun_when_resuming(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit([GradInit(iterations=5), checkpoint], max_epochs=1, enable_checkpointing=True)
+    resumed = GradInit(iterations=5)
+    pl.seed_everything(0)
+    trainer = tiny_trainer(None, callbacks=[resumed], max_epochs=2)
+    trainer.fit(TinyClassifier(num_samples=96, norm="batch"), ckpt_path=str(tmp_path / "epoch=0-step=6.ckpt"))
+    assert resumed.result is None and resumed.scales  # skipped; the scales come from the checkpoint
+
+
+def test_divergence_keeps_the_original_weights():
+    def exploding(module, batch):
+        return torch.nn.functional.cross_entropy(module(batch[0]), batch[1]) * float("inf")
+
+    gradinit = GradInit(iterations=5, loss_fn=exploding)
+    with pytest.warns(UserWarning, match="diverged"):
+        _, _, initial = _fit([gradinit, snapshot := Snapshot()], max_steps=1)
+    assert gradinit.scales == {}
+    for name, value in snapshot.params.items():
+        assert torch.equal(value, initial[name])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"iterations": 0}, "iterations"),
+        ({"lr": 0}, "lr"),
+        ({"eta": -1.0}, "eta"),
+        ({"gamma": 0}, "gamma"),
+        ({"min_scale": 0}, "min_scale"),
+        ({"max_scale": 0.001}, "max_scale"),
+        ({"algorithm": "lamb"}, "algorithm"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        GradInit(**kwargs)

@@ -1,0 +1,34 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_nt import GradInit
+from tests.helpers import TinyClassifier, tiny_trainer
+
+
+class SaveWeights(pl.Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module):  # runs after GradInit (earlier in the callback list)
+        weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save(weights, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_every_rank_gets_the_same_scales(tmp_path):
+    pl.seed_everything(0)
+    initial = {n: p.detach().clone() for n, p in TinyClassifier(num_samples=96).named_parameters()}
+    pl.seed_everything(0)
+    trainer = tiny_trainer(
+        None,
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=1,
+        callbacks=[GradInit(iterations=10, lr=0.05), SaveWeights(str(tmp_path))],
+    )
+    trainer.fit(TinyClassifier(num_samples=96))
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert any(not torch.allclose(rank0[name], initial[name]) for name in rank0)
