@@ -2,8 +2,11 @@
 
 from lightning_nt.averaging import IterateAveraging
 from lightning_nt.gradinit import GradInit
+from lightning_nt.privacy import DPDDPStrategy, DPStrategy, register_strategies
 from lightning_nt.sharpness import SharpnessMonitor
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["GradInit", "IterateAveraging", "SharpnessMonitor", "__version__"]
+register_strategies()
+
+__all__ = ["DPDDPStrategy", "DPStrategy", "GradInit", "IterateAveraging", "SharpnessMonitor", "__version__"]

@@ -1,0 +1,98 @@
+"""Poisson sampling for DP-SGD, on one process or sharded over many, with empty batches kept.
+
+The privacy accounting of DP-SGD assumes that each step's batch contains every example independently
+with probability ``q`` (Poisson sampling). :class:`PoissonBatchSampler` draws that one global batch per
+step from a generator seeded identically on every process and hands each process the examples of its
+own shard (``index % world_size == rank``): the union over processes is exactly one Poisson batch, and
+every process yields the same number of batches, empty ones included, so data-parallel processes stay in
+lockstep (Opacus's distributed sampler skips empty local batches, and the processes then fall out of step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import default_collate
+
+__all__ = ["PoissonBatchSampler", "empty_batch_collate", "poisson_dataloader"]
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Yields ``steps`` batches of dataset indices, each example included with probability ``sample_rate``.
+
+    Args:
+        num_samples: size of the dataset.
+        sample_rate: inclusion probability ``q`` of every example in every batch.
+        steps: batches per epoch (default ``round(1 / q)``: one pass over the data in expectation).
+        rank, world_size: this process's shard of every batch.
+        seed: seed of the batch draws, the same on every process.
+
+    Example:
+        >>> sampler = PoissonBatchSampler(num_samples=10, sample_rate=0.5, seed=0)
+        >>> len(sampler), all(0 <= i < 10 for batch in sampler for i in batch)
+        (2, True)
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        sample_rate: float,
+        steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
+        self.num_samples, self.sample_rate = num_samples, sample_rate
+        self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = torch.arange(self.num_samples) % self.world_size == self.rank
+        for _ in range(self.steps):
+            chosen = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield torch.nonzero(chosen & shard).flatten().tolist()
+
+
+def empty_batch_collate(dataset: Dataset, collate: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:
+    """Wrap ``collate`` so that an empty list of examples gives a batch of the right structure with 0 rows.
+
+    The empty batch is the collated first example sliced to length 0, so it works for tuples, dicts and
+    datasets that return bare tensors alike.
+    """
+
+    def collate_or_empty(examples: list[Any]) -> Any:
+        if examples:
+            return collate(examples)
+        template = collate([dataset[0]])
+        return pytree.tree_map(
+            lambda leaf: leaf[:0] if isinstance(leaf, torch.Tensor) and leaf.ndim else leaf, template
+        )
+
+    return collate_or_empty
+
+
+def poisson_dataloader(
+    dataloader: DataLoader, sample_rate: float, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> DataLoader:
+    """A loader over the same dataset and collate as ``dataloader``, with Poisson-sampled batches."""
+    dataset = dataloader.dataset
+    sampler = PoissonBatchSampler(len(dataset), sample_rate, rank=rank, world_size=world_size, seed=seed)  # type: ignore[arg-type]
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=empty_batch_collate(dataset, dataloader.collate_fn or default_collate),
+        num_workers=dataloader.num_workers,
+        pin_memory=dataloader.pin_memory,
+        worker_init_fn=dataloader.worker_init_fn,
+        persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
+    )

@@ -1,0 +1,474 @@
+"""DP-SGD for any LightningModule, switched on by the Trainer's ``strategy`` flag (Opacus underneath).
+
+What the strategy does, on one device (:class:`DPStrategy`) or many (:class:`DPDDPStrategy`):
+
+* fails closed before the first step on settings that would break the guarantee (BatchNorm and other
+  modules Opacus can't handle, gradient accumulation, Trainer gradient clipping, fp16 with a GradScaler,
+  manual optimization, several optimizers, iterable datasets without a sample rate);
+* attaches Opacus's per-sample-gradient hooks to the module itself (no wrapper) and wraps the optimizer in
+  Opacus's ``DPOptimizer`` (clip each example's gradient to ``max_grad_norm``, add one Gaussian noise draw of
+  std ``noise_multiplier * max_grad_norm``, divide by the expected batch size);
+* replaces the train loader's sampler by Poisson sampling at rate ``q`` (same dataset and collate), keeping
+  empty batches as steps, sharded so that data-parallel processes stay in lockstep;
+* keeps the accountant's ledger, reports ``dp/epsilon`` and friends, stops before ``target_epsilon`` would
+  be exceeded, and puts the ledger into checkpoints (a checkpoint without it refuses to resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.utilities.types import _PATH
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.validators import ModuleValidator
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from lightning_nt.common import batch_size, captured_logging, frozen_metrics, log_scalars
+from lightning_nt.privacy.accounting import AccountantName, calibrate_noise, epsilon_of, make_accountant
+from lightning_nt.privacy.sampling import poisson_dataloader
+
+__all__ = ["DPDDPStrategy", "DPStrategy"]
+
+GradSampleMode = Literal["hooks", "ew", "functorch", "ghost"]
+_ALLOWED_PRECISION = ("32-true", "32", "bf16-mixed")
+_CHECKPOINT_KEY = "dp_accountant"
+
+
+class _DifferentialPrivacy:
+    """The DP-SGD behaviour shared by the single-device and the DDP strategy."""
+
+    def _configure(
+        self,
+        noise_multiplier: float,
+        target_epsilon: float | None,
+        delta: float,
+        max_grad_norm: float,
+        accountant: AccountantName,
+        grad_sample_mode: GradSampleMode,
+        sample_rate: float | None,
+        poisson_sampling: bool,
+        max_physical_batch_size: int | None,
+        augmentation_multiplicity: int,
+        stop_at_budget: bool,
+        secure_mode: bool,
+        fix_modules: bool,
+        seed: int,
+    ) -> None:
+        if noise_multiplier < 0:
+            raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
+        if target_epsilon is not None and not target_epsilon > 0:
+            raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
+        if not 0 < delta < 1:
+            raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
+        if not max_grad_norm > 0:
+            raise ValueError(f"`max_grad_norm` must be > 0, got {max_grad_norm}.")
+        if accountant not in ("prv", "rdp", "gdp"):
+            raise ValueError(f"`accountant` must be 'prv', 'rdp' or 'gdp', got {accountant!r}.")
+        if grad_sample_mode not in ("hooks", "ew", "functorch"):
+            raise ValueError(
+                f"`grad_sample_mode` must be 'hooks', 'ew' or 'functorch', got {grad_sample_mode!r} "
+                "('ghost' clipping is not supported yet)."
+            )
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
+        if max_physical_batch_size is not None:
+            raise ValueError("`max_physical_batch_size` (virtual steps) is not supported yet; leave it None.")
+        if augmentation_multiplicity != 1:
+            raise ValueError("`augmentation_multiplicity` other than 1 is not supported yet.")
+        if accountant == "gdp":
+            rank_zero_warn("accountant='gdp' is a central-limit approximation and can under-report epsilon.")
+        self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
+        self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
+        self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
+        self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
+        self.accountant = make_accountant(accountant)
+        self._hooks: Any = None
+        self._planned_steps: int | None = None
+        self._loaded_ledger: dict[str, Any] | None = None
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``delta`` (an upper bound with the 'prv' and 'rdp' accountants)."""
+        return epsilon_of(self.accountant, self.delta)
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            _check_trainer(trainer)
+            self._check_module(self.lightning_module)
+        super().setup(trainer)  # type: ignore[misc]
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._hooks = prepare_module(
+                self.lightning_module, grad_sample_mode=self.grad_sample_mode, wrap_model=False, loss_reduction="mean"
+            )
+            if self._loaded_ledger is not None:
+                self.accountant.load_state_dict(self._loaded_ledger)
+
+    def _check_module(self, module: nn.Module) -> None:
+        errors = ModuleValidator.validate(module, strict=False)
+        coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not errors and not coupled:
+            return
+        if self.fix_modules:
+            _fix_in_place(module)
+            remaining = ModuleValidator.validate(module, strict=False)
+            if remaining:
+                raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(map(str, remaining))}.")
+            return
+        problems = "; ".join(
+            [str(e) for e in errors] + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled]
+        )
+        raise RuntimeError(
+            f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
+            "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training)."
+        )
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        if len(self.optimizers) != 1:
+            raise RuntimeError(
+                f"DP-SGD supports exactly one optimizer; configure_optimizers returned {len(self.optimizers)}."
+            )
+        optimizer_class = DistributedDPOptimizer if trainer.world_size > 1 else DPOptimizer
+        self.optimizers = [
+            optimizer_class(
+                self.optimizers[0],
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.max_grad_norm,
+                expected_batch_size=1,  # set from the sample rate once the train loader is known
+                loss_reduction="mean",
+                secure_mode=self.secure_mode,
+            )
+        ]
+        self.optimizers[0].attach_step_hook(self._after_noise)
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer
+        if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            return super().process_dataloader(dataloader)  # type: ignore[misc]
+        world_size = trainer.world_size
+        if isinstance(dataloader.dataset, IterableDataset):
+            if self.sample_rate is None:
+                raise RuntimeError(
+                    "DP-SGD can't Poisson-sample an IterableDataset: use a map-style dataset, or sample with rate q "
+                    "yourself and pass `sample_rate=q`."
+                )
+            sampled, num_examples = dataloader, None
+        else:
+            num_examples = len(dataloader.dataset)  # type: ignore[arg-type]
+        q = self.sample_rate or (dataloader.batch_size or 1) * world_size / num_examples  # type: ignore[operator]
+        self.sample_rate = min(q, 1.0)
+        if num_examples is not None and self.poisson_sampling:
+            seed = _shared_seed(self.seed, self.secure_mode, trainer)
+            sampled = poisson_dataloader(dataloader, self.sample_rate, trainer.global_rank, world_size, seed)
+        elif num_examples is not None:
+            rank_zero_warn(
+                "poisson_sampling=False: batches are not Poisson-sampled, so the reported epsilon is approximate."
+            )
+            sampled = dataloader
+        expected = self.sample_rate * num_examples / world_size if num_examples else float(dataloader.batch_size or 1)
+        optimizer = self.optimizers[0]
+        optimizer.expected_batch_size = expected
+        steps_per_epoch = len(sampled) if hasattr(sampled, "__len__") else None
+        self._calibrate(trainer, steps_per_epoch)
+        return super().process_dataloader(sampled)  # type: ignore[misc]
+
+    def _calibrate(self, trainer: pl.Trainer, steps_per_epoch: int | None) -> None:
+        optimizer = self.optimizers[0]
+        if self.target_epsilon is None:
+            if self.noise_multiplier == 0:
+                rank_zero_warn("noise_multiplier=0: no privacy at all, epsilon is reported as inf.")
+            return
+        if trainer.max_steps and trainer.max_steps > 0:
+            planned = trainer.max_steps
+        elif trainer.max_epochs and steps_per_epoch:
+            planned = trainer.max_epochs * steps_per_epoch
+        else:
+            raise RuntimeError("target_epsilon needs a finite plan: set the Trainer's max_steps or max_epochs.")
+        if not self.accountant.history:  # a resumed run keeps the noise (and plan) its ledger was spent with
+            self._planned_steps = planned
+            assert self.sample_rate is not None
+            self.noise_multiplier = calibrate_noise(
+                self.target_epsilon, self.delta, self.sample_rate, planned, self.accountant_name
+            )
+        optimizer.noise_multiplier = self.noise_multiplier
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        if batch is not None and batch_size(batch) == 0:
+            return self._empty_step()
+        with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
+            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+
+    def _empty_step(self) -> torch.Tensor:
+        """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
+
+        The module's ``training_step`` is not called (its loss and metrics would be NaN or fail on 0 examples).
+        """
+        parameters = [p for p in self.lightning_module.parameters() if p.requires_grad]
+
+        def zero_per_example_gradients(gradient: torch.Tensor) -> torch.Tensor:
+            for p in parameters:  # Lightning zeroes the gradients between the step and the backward: set them here
+                p.grad_sample = p.new_zeros((0, *p.shape))
+            return gradient
+
+        loss = torch.zeros((), device=self.root_device, requires_grad=True)
+        loss.register_hook(zero_per_example_gradients)
+        return loss
+
+    def _without_ddp_gradient_sync(self) -> Any:
+        model = self.model
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if not self._budget_exhausted():
+            return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        # Lightning insists that the closure runs; its results are discarded and nothing of it is logged.
+        module = self.lightning_module
+        with captured_logging(module), frozen_metrics(module):
+            closure()
+        optimizer.zero_grad()
+        module.trainer.should_stop = True
+        rank_zero_warn(f"DP budget reached: one more step would exceed epsilon={self.target_epsilon}; stopping.")
+        return None
+
+    def _budget_exhausted(self) -> bool:
+        if self.target_epsilon is None or not self.stop_at_budget:
+            return False
+        steps = _steps_taken(self.accountant)
+        if self._planned_steps is not None and steps + 1 <= self._planned_steps:
+            return False  # the noise was calibrated to stay within the budget for this many steps
+        trial = make_accountant(self.accountant_name)
+        trial.load_state_dict(self.accountant.state_dict())
+        trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return epsilon_of(trial, self.delta) > self.target_epsilon
+
+    def _after_noise(self, optimizer: DPOptimizer) -> None:
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+        trainer = self.lightning_module.trainer
+        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            samples = optimizer.grad_samples
+            if samples and len(samples[0]):
+                norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+                log_scalars(trainer, {"dp/clip_fraction": float((norms > self.max_grad_norm).float().mean())})
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        if batch_idx == 0:
+            self._log_privacy()
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()  # type: ignore[misc]
+        self._log_privacy()
+
+    def _log_privacy(self) -> None:
+        trainer = self.lightning_module.trainer
+        log_scalars(
+            trainer,
+            {
+                "dp/epsilon": self.epsilon,
+                "dp/delta": self.delta,
+                "dp/noise_multiplier": self.noise_multiplier,
+                "dp/sample_rate": self.sample_rate or 0.0,
+            },
+        )
+
+    # -- checkpoints and teardown ------------------------------------------------------------------------
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
+        checkpoint[_CHECKPOINT_KEY] = {
+            "ledger": self.accountant.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "planned_steps": self._planned_steps,
+        }
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)  # type: ignore[misc]
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        if saved is None:
+            raise RuntimeError(
+                f"{checkpoint_path} has no privacy ledger (it was not saved by a DP strategy), so the privacy spent "
+                "before it is unknown: resuming privately from it would under-report epsilon."
+            )
+        self._loaded_ledger = saved["ledger"]
+        self.noise_multiplier = float(saved["noise_multiplier"])
+        self._planned_steps = saved["planned_steps"]
+        self.accountant.load_state_dict(saved["ledger"])
+        return checkpoint
+
+    @override
+    def teardown(self) -> None:
+        if self._hooks is not None:
+            self._hooks.cleanup()
+            self._hooks = None
+        super().teardown()  # type: ignore[misc]
+
+
+def _fix_in_place(module: nn.Module) -> None:
+    """Replace every submodule Opacus has a fixer for (BatchNorm -> GroupNorm, ...), affine or not, in place."""
+    for name, submodule in list(module.named_modules()):
+        fixer = ModuleValidator.FIXERS.get(type(submodule))
+        if fixer is None or not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        replacement = fixer(submodule)
+        device = next(iter(submodule.buffers()), torch.empty(0)).device
+        setattr(module.get_submodule(parent_name), child, replacement.to(device))
+
+
+def _steps_taken(accountant: Any) -> int:
+    return sum(steps for _, _, steps in accountant.history)
+
+
+def _check_trainer(trainer: pl.Trainer) -> None:
+    if trainer.precision not in _ALLOWED_PRECISION:
+        raise RuntimeError(
+            f"DP-SGD can't run with precision={trainer.precision!r}: Opacus rewrites the gradients after the fp16 "
+            "GradScaler, which then scales the noisy update wrongly. Use precision='32-true' or 'bf16-mixed'."
+        )
+    if trainer.accumulate_grad_batches != 1:
+        raise RuntimeError(
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches} breaks Poisson sampling's accounting; "
+            "use a larger batch (sample rate) instead."
+        )
+    if trainer.gradient_clip_val:
+        raise RuntimeError(
+            "The Trainer's gradient_clip_val clips the noisy averaged gradient, not each example's: remove it and "
+            "set the strategy's max_grad_norm instead."
+        )
+    if not trainer.lightning_module.automatic_optimization:
+        raise RuntimeError("DP-SGD needs automatic optimization: the strategy steps the DP optimizer itself.")
+
+
+def _shared_seed(seed: int, secure: bool, trainer: pl.Trainer) -> int:
+    """The sampling seed, identical on every process (drawn from the OS in secure mode)."""
+    if not secure:
+        return seed
+    import secrets
+
+    value = torch.tensor(secrets.randbits(62), device=trainer.strategy.root_device)
+    return int(trainer.strategy.broadcast(value, src=0))
+
+
+class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
+    """DP-SGD on one device. ``Trainer(strategy="dp_sgd")`` gives the defaults.
+
+    Args:
+        noise_multiplier: noise std over ``max_grad_norm`` (ignored when ``target_epsilon`` is given).
+        target_epsilon: calibrate the noise so that the planned steps (``max_steps`` or ``max_epochs``) spend at
+            most this epsilon, and stop before it would be exceeded (``stop_at_budget``).
+        delta: the delta of the guarantee.
+        max_grad_norm: per-example gradient clipping norm ``C``.
+        accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"gdp"`` (approximate).
+        grad_sample_mode: Opacus's per-sample gradient engine: ``"hooks"``, ``"ew"`` or ``"functorch"``.
+        sample_rate: Poisson rate ``q``; default: logical batch (loader batch size x processes) / dataset size.
+        poisson_sampling: ``False`` keeps the loader's own batches (accounting then approximate; warned).
+        max_physical_batch_size, augmentation_multiplicity: reserved (not supported yet; must stay default).
+        stop_at_budget: with ``target_epsilon``, skip the step that would exceed it and stop training.
+        secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
+        fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
+        seed: seed of the Poisson sampler.
+        device: the device to train on (default: CPU; e.g. ``"cuda:0"``).
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=10, strategy=DPStrategy(target_epsilon=8.0, delta=1e-5))
+        trainer.fit(model)
+        trainer.strategy.epsilon   # <= 8.0, also logged as dp/epsilon
+    """
+
+    strategy_name = "dp_sgd"
+
+    def __init__(
+        self,
+        noise_multiplier: float = 1.0,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        accountant: AccountantName = "prv",
+        grad_sample_mode: GradSampleMode = "hooks",
+        sample_rate: float | None = None,
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        augmentation_multiplicity: int = 1,
+        stop_at_budget: bool = True,
+        secure_mode: bool = False,
+        fix_modules: bool = False,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(device=device)
+        self._configure(
+            noise_multiplier, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode, sample_rate,
+            poisson_sampling, max_physical_batch_size, augmentation_multiplicity, stop_at_budget, secure_mode,
+            fix_modules, seed,
+        )  # fmt: skip
+
+
+class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
+    """DP-SGD over several processes (DDP); same arguments as :class:`DPStrategy`. ``strategy="dp_sgd_ddp"``.
+
+    Every process Poisson-samples its shard of one global batch (all stay in lockstep, empty batches included);
+    each clips its examples' gradients, process 0 adds the one noise draw, and the sum is all-reduced.
+    Every process keeps an identical accountant.
+    """
+
+    strategy_name = "dp_sgd_ddp"
+
+    def __init__(
+        self,
+        noise_multiplier: float = 1.0,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        accountant: AccountantName = "prv",
+        grad_sample_mode: GradSampleMode = "hooks",
+        sample_rate: float | None = None,
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        augmentation_multiplicity: int = 1,
+        stop_at_budget: bool = True,
+        secure_mode: bool = False,
+        fix_modules: bool = False,
+        seed: int = 0,
+        **ddp_kwargs: Any,
+    ) -> None:
+        super().__init__(**ddp_kwargs)
+        self._configure(
+            noise_multiplier, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode, sample_rate,
+            poisson_sampling, max_physical_batch_size, augmentation_multiplicity, stop_at_budget, secure_mode,
+            fix_modules, seed,
+        )  # fmt: skip
+
+
+def register_strategies() -> None:
+    """Register ``"dp_sgd"`` and ``"dp_sgd_ddp"`` with Lightning's strategy registry (idempotent)."""
+    for name, strategy, description in (
+        ("dp_sgd", DPStrategy, "DP-SGD (Opacus) on one device"),
+        ("dp_sgd_ddp", DPDDPStrategy, "DP-SGD (Opacus) with DDP"),
+    ):
+        if name not in StrategyRegistry:
+            StrategyRegistry.register(name, strategy, description=description)

@@ -1,0 +1,275 @@
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from opacus.accountants import PRVAccountant, RDPAccountant
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.demos.boring_classes import BoringModel
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_nt import DPStrategy, IterateAveraging
+from lightning_nt.privacy import PoissonBatchSampler
+from tests.helpers import TinyClassifier, classification_data, tiny_trainer
+
+
+class Plain(TinyClassifier):
+    """SGD with lr 1 and no momentum: an update is minus the (private) gradient."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class RecordUpdate(pl.Callback):
+    """Keeps the first training batch, the weights before the first step and the update it made."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            self.batch = [t.clone() for t in batch]
+            self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 1 and not hasattr(self, "update"):
+            self.update = {n: p.detach() - self.before[n] for n, p in pl_module.named_parameters()}
+
+
+def _fit(strategy, module=None, callbacks=(), **kwargs):
+    pl.seed_everything(0)
+    module = (module or (lambda: Plain(num_samples=64, batch_size=16)))()
+    trainer = tiny_trainer(None, strategy=strategy, callbacks=list(callbacks), num_sanity_val_steps=0, **kwargs)
+    trainer.fit(module)
+    return module, trainer
+
+
+def _clipped_sum(module, weights, batch, max_grad_norm):
+    """Independent reference: per-example gradients by torch.func.vmap(grad), clipped to C, summed."""
+    names = list(weights)
+
+    def loss_of_one(params, x, y):
+        logits = functional_call(module, dict(zip(names, params)), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))([weights[n] for n in names], *batch)
+    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in per_example], dim=1).norm(dim=1)
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("i,i...->...", factors, g) for n, g in zip(names, per_example)}
+
+
+def test_noiseless_update_equals_the_clipped_sum_over_the_expected_batch():
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5)
+    with pytest.warns(UserWarning, match="noise_multiplier=0"):
+        module, _ = _fit(strategy, callbacks=[record], max_steps=1)
+    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    assert len(record.batch[0]) > 0
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)  # q N = 16/64 * 64
+    assert strategy.epsilon == math.inf
+
+
+class Wide(pl.LightningModule):
+    """A loss whose per-example gradients are exactly zero, so an update is the noise alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(100, 100)
+
+    def training_step(self, batch, batch_idx):
+        return (self.layer(batch[0]) * 0.0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.randn(400, 100)), batch_size=40)
+
+
+def test_noise_std_times_expected_batch_is_sigma_c():
+    record = RecordUpdate()
+    _fit(DPStrategy(noise_multiplier=1.3, max_grad_norm=0.7), module=Wide, callbacks=[record], max_steps=1)
+    noise = torch.cat([u.flatten() for u in record.update.values()]) * 40.0  # expected batch q N = 40
+    assert noise.std().item() == pytest.approx(1.3 * 0.7, rel=0.05)
+    assert abs(noise.mean().item()) < 0.05
+
+
+@pytest.mark.parametrize(("name", "reference"), [("rdp", RDPAccountant), ("prv", PRVAccountant)])
+def test_epsilon_equals_an_independently_built_accountant(name, reference):
+    strategy = DPStrategy(noise_multiplier=0.9, accountant=name, delta=1e-5)
+    _, trainer = _fit(strategy, max_epochs=2)
+    independent = reference()
+    for _ in range(trainer.global_step):
+        independent.step(noise_multiplier=0.9, sample_rate=0.25)
+    assert trainer.global_step == 8  # 1/q = 4 Poisson steps per epoch
+    assert strategy.epsilon == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
+    assert trainer.callback_metrics["dp/epsilon"].item() == pytest.approx(strategy.epsilon, rel=1e-6)
+    for tag in ("dp/delta", "dp/noise_multiplier", "dp/sample_rate", "dp/clip_fraction"):
+        assert tag in trainer.callback_metrics
+
+
+def test_neighbouring_batches_differ_by_at_most_max_grad_norm():
+    """Sensitivity through the user's own training_step: drop one example, the summed update moves <= C."""
+    updates = []
+    for drop in (False, True):
+        record = RecordUpdate()
+
+        class Neighbour(Plain):
+            def training_step(self, batch, batch_idx, drop=drop):
+                inputs, labels = batch
+                if drop:
+                    inputs, labels = inputs[1:], labels[1:]
+                return super().training_step((inputs, labels), batch_idx)
+
+        _fit(
+            DPStrategy(noise_multiplier=0.0, max_grad_norm=0.3),
+            module=lambda: Neighbour(num_samples=64, batch_size=16),
+            callbacks=[record],
+            max_steps=1,
+        )
+        updates.append(torch.cat([u.flatten() for u in record.update.values()]) * 16.0)
+    difference = (updates[0] - updates[1]).norm().item()
+    assert 0 < difference <= 0.3 + 1e-5
+
+
+def test_target_epsilon_calibrates_and_is_never_exceeded(tmp_path):
+    strategy = DPStrategy(target_epsilon=2.0, delta=1e-5, accountant="rdp")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _, trainer = _fit(strategy, callbacks=[checkpoint], max_epochs=3, enable_checkpointing=True)
+    assert strategy.noise_multiplier > 0.5 and trainer.global_step == 12
+    assert 1.9 < strategy.epsilon <= 2.0
+    # resumed with a longer plan: the noise stays, so the strategy stops before the step that would exceed
+    resumed = DPStrategy(target_epsilon=2.0, delta=1e-5, accountant="rdp")
+    trainer = tiny_trainer(None, strategy=resumed, max_epochs=10, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match="budget reached"):
+        trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=2-step=12.ckpt"))
+    assert resumed.noise_multiplier == strategy.noise_multiplier
+    assert resumed.epsilon <= 2.0 and trainer.global_step < 40
+
+
+def test_resume_continues_the_ledger_exactly(tmp_path):
+    straight = DPStrategy(noise_multiplier=1.1, accountant="rdp")
+    _fit(straight, max_epochs=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit(
+        DPStrategy(noise_multiplier=1.1, accountant="rdp"),
+        callbacks=[checkpoint],
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
+    resumed = DPStrategy(noise_multiplier=1.1, accountant="rdp")
+    pl.seed_everything(0)
+    trainer = tiny_trainer(None, strategy=resumed, max_epochs=4, num_sanity_val_steps=0)
+    trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=1-step=8.ckpt"))
+    assert resumed.accountant.history == straight.accountant.history
+    assert resumed.epsilon == straight.epsilon
+
+
+def test_a_checkpoint_without_ledger_refuses_to_resume_privately(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit("auto", callbacks=[checkpoint], max_epochs=1, enable_checkpointing=True)
+    trainer = tiny_trainer(None, strategy=DPStrategy(), max_epochs=2, num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match="no privacy ledger"):
+        trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+
+
+def test_strategy_name_trains_boring_model_with_empty_batches_and_a_second_fit():
+    class Boring(BoringModel):
+        def train_dataloader(self):
+            return DataLoader(self.dataset_with(64), batch_size=1)
+
+        @staticmethod
+        def dataset_with(n):
+            from pytorch_lightning.demos.boring_classes import RandomDataset
+
+            return RandomDataset(32, n)
+
+    model = Boring()
+    trainer = tiny_trainer(None, strategy="dp_sgd", max_epochs=1, limit_val_batches=0)
+    trainer.fit(model)
+    assert isinstance(trainer.strategy, DPStrategy) and trainer.global_step == 64
+    assert math.isfinite(trainer.strategy.epsilon) and trainer.strategy.epsilon > 0
+    assert all(torch.isfinite(v) for v in trainer.callback_metrics.values())
+    trainer = tiny_trainer(None, strategy="dp_sgd", max_epochs=1, limit_val_batches=0)
+    trainer.fit(model)  # hooks were removed at teardown: no "Trying to add hooks twice"
+
+
+def test_poisson_sampler_shards_one_global_draw():
+    single = [sorted(b) for b in PoissonBatchSampler(50, 0.2, seed=3)]
+    shards = [list(PoissonBatchSampler(50, 0.2, rank=r, world_size=2, seed=3)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(single) == 5
+    for whole, first, second in zip(single, *shards):
+        assert sorted(first + second) == whole
+    sizes = [len(b) for b in PoissonBatchSampler(1000, 0.01, steps=2000, seed=0)]
+    assert sum(sizes) / len(sizes) == pytest.approx(10, rel=0.05)
+    assert 0 in [len(b) for b in PoissonBatchSampler(100, 0.01, steps=50, seed=0)]  # empty batches are yielded
+
+
+def test_composes_with_iterate_averaging():
+    averaging = IterateAveraging(mode="ema", decay=0.9, apply_on_end=False)
+    _, trainer = _fit(DPStrategy(noise_multiplier=1.0), callbacks=[averaging], max_epochs=2)
+    assert averaging.n_averaged == trainer.global_step == 8
+
+
+class _Iterable(IterableDataset):
+    def __iter__(self):
+        yield from classification_data(32)
+
+
+class BatchNormModule(Plain):
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16, norm="batch")
+
+
+class TwoOptimizers(Plain):
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.parameters(), lr=0.1)]
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+
+class IterableData(Plain):
+    def train_dataloader(self):
+        return DataLoader(_Iterable(), batch_size=8)
+
+
+@pytest.mark.parametrize(
+    ("module", "trainer_kwargs", "message"),
+    [
+        (BatchNormModule, {}, "GroupNorm"),
+        (None, {"accumulate_grad_batches": 2}, "accumulate_grad_batches"),
+        (None, {"gradient_clip_val": 1.0}, "gradient_clip_val"),
+        (None, {"precision": "64-true"}, "precision"),
+        (lambda: __import__("tests.helpers", fromlist=["x"]).ManualOptimizationModule(), {}, "automatic optimization"),
+        (TwoOptimizers, {}, "multiple optimizers"),
+        (IterableData, {}, "IterableDataset"),
+    ],
+)
+def test_guards_fail_before_the_first_step(module, trainer_kwargs, message):
+    with pytest.raises(RuntimeError, match=message):
+        _fit(DPStrategy(), module=module, max_epochs=1, **trainer_kwargs)
+
+
+def test_fix_modules_swaps_batchnorm():
+    module, trainer = _fit(DPStrategy(fix_modules=True), module=BatchNormModule, max_epochs=1)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in module.modules())
+    assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"noise_multiplier": -1}, "noise_multiplier"),
+        ({"target_epsilon": 0}, "target_epsilon"),
+        ({"delta": 1}, "delta"),
+        ({"max_grad_norm": 0}, "max_grad_norm"),
+        ({"accountant": "moments"}, "accountant"),
+        ({"grad_sample_mode": "magic"}, "grad_sample_mode"),
+        ({"sample_rate": 2}, "sample_rate"),
+    ],
+)
+def test_bad_input_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        DPStrategy(**kwargs)
