@@ -22,7 +22,7 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
-from lightning_nt.gradinit.core import GradInitResult, apply_scales, gradinit, search_mode
+from lightning_nt.gradinit.core import GradInitResult, apply_scales, gradinit
 
 __all__ = ["GradInit"]
 
@@ -109,8 +109,6 @@ class GradInit(pl.Callback):
         with (
             preserved_state(pl_module, parameters=False, grads=False),
             preserved_loader_rng(dataloader),
-            search_mode(pl_module),
-            torch.enable_grad(),
         ):
             self.result = gradinit(
                 pl_module,

@@ -142,6 +142,8 @@ def gradinit(
 ) -> GradInitResult:
     """Search one scale per parameter tensor of ``module``; the module is not modified (see :func:`apply_scales`).
 
+    Runs in :func:`search_mode` (dropout off, BatchNorm on batch statistics without updating them), in fp32.
+
     Args:
         module: the network; its parameters that require grad get a scale each (tied parameters once).
         loss_of: ``loss_of(module, batch) -> scalar``, called on ``module`` with substituted parameters.
@@ -189,44 +191,45 @@ def gradinit(
     def loss_at(weights: Sequence[Tensor], batch: Any) -> Tensor:
         return loss_of_substituted(module, loss_of, dict(zip(names, weights)), batch).float()
 
-    for iteration in range(iterations):
-        alpha = scales.clone().requires_grad_(True)
-        weights = [a * t for a, t in zip(alpha, theta0)]
-        half0, half1 = next(batches), next(batches)
-        loss = loss_at(weights, join([half0, half1]))
-        grads = torch.autograd.grad(loss, weights, create_graph=True)
-        if algorithm == "adam":
-            norm = sum(g.abs().sum() for g in grads)
-        else:
-            norm = torch.sqrt(sum(g.square().sum() for g in grads))
-        decided_norm = float(_mean(norm.detach(), reduce_mean))
-        result.grad_norms.append(decided_norm)
-        if not math.isfinite(decided_norm) or not math.isfinite(float(loss.detach())):
-            result.diverged = True
-            break
-        constraint = decided_norm > gamma
-        if constraint:
-            (scale_grad,) = torch.autograd.grad(norm, alpha)
-            result.constraint_iterations += 1
-        else:
+    with search_mode(module), torch.enable_grad():
+        for iteration in range(iterations):
+            alpha = scales.clone().requires_grad_(True)
+            weights = [a * t for a, t in zip(alpha, theta0)]
+            half0, half1 = next(batches), next(batches)
+            loss = loss_at(weights, join([half0, half1]))
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
             if algorithm == "adam":
-                steps = [eta * g.sign() for g in grads]
+                norm = sum(g.abs().sum() for g in grads)
             else:
-                steps = [eta * g / norm for g in grads] if normalize_grad else [eta * g for g in grads]
-            if not second_order:
-                steps = [s.detach() for s in steps]
-            half2 = next(batches)
-            first = half0 if batch_overlap else next(batches)
-            lookahead = loss_at([w - s for w, s in zip(weights, steps)], join([first, half2]))
-            (scale_grad,) = torch.autograd.grad(lookahead / eta, alpha)
-            result.lookahead_losses.append(float(_mean(lookahead.detach(), reduce_mean)))
-        scale_grad = _mean(scale_grad, reduce_mean)
-        if not bool(torch.isfinite(scale_grad).all()):
-            result.diverged = True
-            break
-        scales = optimizer.step(scales, scale_grad.detach(), constraint)
-        if progress is not None:
-            progress(iteration, result)
+                norm = torch.sqrt(sum(g.square().sum() for g in grads))
+            decided_norm = float(_mean(norm.detach(), reduce_mean))
+            result.grad_norms.append(decided_norm)
+            if not math.isfinite(decided_norm) or not math.isfinite(float(loss.detach())):
+                result.diverged = True
+                break
+            constraint = decided_norm > gamma
+            if constraint:
+                (scale_grad,) = torch.autograd.grad(norm, alpha)
+                result.constraint_iterations += 1
+            else:
+                if algorithm == "adam":
+                    steps = [eta * g.sign() for g in grads]
+                else:
+                    steps = [eta * g / norm for g in grads] if normalize_grad else [eta * g for g in grads]
+                if not second_order:
+                    steps = [s.detach() for s in steps]
+                half2 = next(batches)
+                first = half0 if batch_overlap else next(batches)
+                lookahead = loss_at([w - s for w, s in zip(weights, steps)], join([first, half2]))
+                (scale_grad,) = torch.autograd.grad(lookahead / eta, alpha)
+                result.lookahead_losses.append(float(_mean(lookahead.detach(), reduce_mean)))
+            scale_grad = _mean(scale_grad, reduce_mean)
+            if not bool(torch.isfinite(scale_grad).all()):
+                result.diverged = True
+                break
+            scales = optimizer.step(scales, scale_grad.detach(), constraint)
+            if progress is not None:
+                progress(iteration, result)
     if not result.diverged:
         result.scales = dict(zip(names, scales.tolist()))
     return result
