@@ -24,38 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import IterateAveraging
 from lightning_nt.averaging import IterateAverage
-
-
-def wide_resnet(depth: int = 16, widen: int = 4, classes: int = 10) -> nn.Module:
-    """WRN-depth-widen with BatchNorm (Zagoruyko & Komodakis), enough for timing."""
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = F.relu(self.bn1(x))
-            skip = x if self.shortcut is None else self.shortcut(out)
-            return skip + self.conv2(F.relu(self.bn2(self.conv1(out))))
-
-    n = (depth - 4) // 6
-    widths = [16, 16 * widen, 32 * widen, 64 * widen]
-    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)]
-    for stage in range(3):
-        for i in range(n):
-            cin = widths[stage] if i == 0 else widths[stage + 1]
-            layers.append(Block(cin, widths[stage + 1], (1 if stage == 0 else 2) if i == 0 else 1))
-    layers += [
-        nn.BatchNorm2d(widths[3]),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(widths[3], classes),
-    ]
-    return nn.Sequential(*layers)
+from lightning_nt.demos import wide_resnet
 
 
 def mlp() -> nn.Module:

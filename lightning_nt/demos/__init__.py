@@ -2,5 +2,14 @@
 
 from lightning_nt.demos.digits import DigitsCNN, DigitsDataModule, load_digits_tensors
 from lightning_nt.demos.edge_of_stability import FullBatch, FullBatchMLP
+from lightning_nt.demos.wide_resnet import StandardizedConv2d, wide_resnet
 
-__all__ = ["DigitsCNN", "DigitsDataModule", "FullBatch", "FullBatchMLP", "load_digits_tensors"]
+__all__ = [
+    "DigitsCNN",
+    "DigitsDataModule",
+    "FullBatch",
+    "FullBatchMLP",
+    "StandardizedConv2d",
+    "load_digits_tensors",
+    "wide_resnet",
+]

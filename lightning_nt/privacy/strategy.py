@@ -25,6 +25,7 @@ from lightning_fabric.utilities.types import _PATH
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.validators import ModuleValidator
+from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
@@ -391,7 +392,7 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
         seed: seed of the Poisson sampler.
-        device: the device to train on (default: CPU; e.g. ``"cuda:0"``).
+        device: the device to train on (default: the Trainer accelerator's first device).
 
     Example::
 
@@ -401,6 +402,12 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
     """
 
     strategy_name = "dp_sgd"
+
+    @override
+    def setup_environment(self) -> None:
+        if self._device_from_accelerator and isinstance(self.accelerator, CUDAAccelerator):
+            self._root_device = torch.device("cuda", torch.cuda.current_device())
+        super().setup_environment()
 
     def __init__(
         self,
@@ -418,9 +425,10 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         secure_mode: bool = False,
         fix_modules: bool = False,
         seed: int = 0,
-        device: str = "cpu",
+        device: str | None = None,
     ) -> None:
-        super().__init__(device=device)
+        super().__init__(device=device or "cpu")
+        self._device_from_accelerator = device is None
         self._configure(
             noise_multiplier, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode, sample_rate,
             poisson_sampling, max_physical_batch_size, augmentation_multiplicity, stop_at_budget, secure_mode,

@@ -43,6 +43,16 @@ def test_digits_demo_with_gradinit(tmp_path, capsys):
     assert {"gradinit/lookahead_loss_start", "gradinit/grad_norm"} <= scalars.keys()
 
 
+def test_digits_demo_with_differential_privacy(tmp_path, capsys):
+    results = digits.main(["--epochs", "2", "--train-size", "512", "--dp", "--log-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "-DP: noise multiplier" in out and "validation accuracy" in out
+    epsilon = float(out.split("(epsilon=")[1].split(",")[0])
+    assert 0 < epsilon <= 8.0 and 0 <= results["val/acc"] <= 1
+    scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
+    assert {"dp/epsilon", "dp/noise_multiplier", "dp/sample_rate", "dp/clip_fraction"} <= scalars.keys()
+
+
 def test_edge_of_stability_example_saves_its_picture(tmp_path):
     png = tmp_path / "eos.png"
     monitor = edge_of_stability.main(["--steps", "60", "--png", str(png), "--log-dir", str(tmp_path)])
