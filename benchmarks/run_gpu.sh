@@ -6,7 +6,7 @@ set -uo pipefail
 out=${1:-bench_out}
 which=${2:-averaging,dp}
 mkdir -p "$out"
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests 2>&1 | tail -15 | tee "$out/cuda_tests.txt"
 if [[ $which == *averaging* ]]; then
