@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_nt import DPStrategy
-from tests.privacy.test_strategy import Plain, RecordUpdate, _clipped_sum, _fit
+from tests.privacy.test_strategy import RecordUpdate, _clipped_sum, _fit
 
 
 @pytest.mark.cuda
