@@ -12,13 +12,13 @@ flat tensor with as many floats.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import EMAWeightAveraging
+from timing import StepTimer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,18 +52,6 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
-class StepTimer(pl.Callback):
-    """Wall time between consecutive batch starts (synchronising the device first)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, i: int) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-
 class FlatLerpFloor(pl.Callback):
     """The memory-bandwidth floor in situ: one flat ``lerp_`` over as many floats as the model has, every step."""
 
@@ -92,8 +80,7 @@ def step_time(
         callbacks=[timer] + ([callback] if callback else []),
     )
     trainer.fit(Classifier(model), loader)
-    deltas = [b - a for a, b in zip(timer.times[warmup:], timer.times[warmup + 1 :])]
-    return statistics.median(deltas)
+    return timer.median_step(warmup)
 
 
 def update_vs_floor(model: str, device: torch.device, repeats: int = 50) -> tuple[float, float, int]:

@@ -13,7 +13,6 @@ Opacus itself (target: at most 5%).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 
@@ -21,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from timing import StepTimer, median_step
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -40,20 +40,6 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-
-def median_step(times: list[float], warmup: int) -> float:
-    return statistics.median(b - a for a, b in zip(times[warmup:], times[warmup + 1 :]))
-
-
 def lightning_step(make_net, loader: DataLoader, strategy: object, steps: int, warmup: int, precision: str) -> float:
     torch.manual_seed(0)
     timer = StepTimer()
@@ -71,7 +57,7 @@ def lightning_step(make_net, loader: DataLoader, strategy: object, steps: int, w
         callbacks=[timer],
     )
     trainer.fit(Classifier(make_net()), loader)
-    return median_step(timer.times, warmup)
+    return timer.median_step(warmup)
 
 
 def raw_step(make_net, loader: DataLoader, mode: str | None, steps: int, warmup: int, precision: str) -> float:

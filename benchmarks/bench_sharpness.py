@@ -23,32 +23,27 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
 
 from lightning_nt import SharpnessMonitor
+from lightning_nt.demos import FullBatchMLP, half_mean_squared_error
 from lightning_nt.sharpness import HessianOperator, lanczos, warm_start
 
 
 def problem(seed: int = 0) -> tuple[nn.Module, Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(500, 32, generator=generator)
-    targets = F.one_hot(torch.randint(10, (500,), generator=generator), 10).float()
+    """The network and data of the edge-of-stability demo (the same as ``training_seconds`` trains)."""
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Linear(32, 100), nn.Tanh(), nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 10))
-    return net, inputs, targets
-
-
-def criterion(outputs: Tensor, targets: Tensor) -> Tensor:
-    return F.mse_loss(outputs, targets, reduction="sum") / (2 * len(targets))
+    module = FullBatchMLP(seed=seed)
+    return module.net, module.inputs, module.targets
 
 
 class Counted:
     """An HVP closure that counts its calls."""
 
     def __init__(self, net: nn.Module, inputs: Tensor, targets: Tensor) -> None:
-        self.operator = HessianOperator(list(net.parameters()), lambda: [(criterion(net(inputs), targets), 1.0)])
+        self.operator = HessianOperator(
+            list(net.parameters()), lambda: [(half_mean_squared_error(net(inputs), targets), 1.0)]
+        )
         self.calls = 0
 
     def __call__(self, vector: Tensor) -> Tensor:
@@ -113,7 +108,7 @@ def pyhessian_power(net: nn.Module, inputs: Tensor, targets: Tensor, truth: floa
 
     pyhessian_module.hessian_vector_product = counted
     try:
-        value = pyhessian_module.hessian(net, criterion, data=(inputs, targets), cuda=False).eigenvalues(
+        value = pyhessian_module.hessian(net, half_mean_squared_error, data=(inputs, targets), cuda=False).eigenvalues(
             maxIter=2000, tol=1e-3
         )[0][0]
     finally:
@@ -132,33 +127,6 @@ def eigenthings_defaults(matvec: Counted, truth: float) -> tuple[int, float] | N
     return matvec.calls - before, abs(float(result.eigenvalues[0]) - truth) / abs(truth)
 
 
-class FullBatch(Dataset):
-    def __init__(self, inputs: Tensor, targets: Tensor, steps: int) -> None:
-        self.inputs, self.targets, self.steps = inputs, targets, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        return self.inputs, self.targets
-
-
-class GD(pl.LightningModule):
-    def __init__(self, steps: int) -> None:
-        super().__init__()
-        self.net, self.inputs, self.targets = problem()
-        self.steps = steps
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return criterion(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.4)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(FullBatch(self.inputs, self.targets, self.steps), batch_size=None)
-
-
 def training_seconds(steps: int, monitor: SharpnessMonitor | None) -> float:
     pl.seed_everything(0)
     trainer = pl.Trainer(
@@ -171,7 +139,7 @@ def training_seconds(steps: int, monitor: SharpnessMonitor | None) -> float:
         callbacks=[monitor] if monitor else [],
     )
     started = time.perf_counter()
-    trainer.fit(GD(steps))
+    trainer.fit(FullBatchMLP("sgd", lr=0.4, steps=steps))
     return time.perf_counter() - started
 
 
@@ -212,7 +180,7 @@ def main() -> None:
     previous: dict[str, list[Tensor]] = {}
     for step in range(1, 401):
         optimizer.zero_grad()
-        criterion(net(inputs), targets).backward()
+        half_mean_squared_error(net(inputs), targets).backward()
         optimizer.step()
         if step % 20:
             continue

@@ -25,6 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_nt.common.state import preserved_modes
+
 __all__ = [
     "AveragingMode",
     "IterateAverage",
@@ -208,19 +210,17 @@ def recompute_batchnorm(module: nn.Module, forward_passes: Iterable[Any]) -> Non
     if not norms:
         return
     momenta = [norm.momentum for norm in norms]
-    modes = [(m, m.training) for m in module.modules()]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
-    module.train()
-    try:
-        for _ in forward_passes:
-            pass
-    finally:
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
-        for submodule, training in modes:
-            submodule.training = training
+    with preserved_modes(module):
+        module.train()
+        try:
+            for _ in forward_passes:
+                pass
+        finally:
+            for norm, momentum in zip(norms, momenta):
+                norm.momentum = momentum
 
 
 def save_averaged_weights(averaged_state_dict: dict[str, Tensor], path: str | Path) -> None:

@@ -10,7 +10,7 @@ from lightning_nt.common.loss import (
 )
 from lightning_nt.common.probe import ProbeSet, batch_size, concatenate_batches, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
-from lightning_nt.common.state import RNGState, preserved_rng, preserved_state
+from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state
 
 __all__ = [
     "LossFn",
@@ -27,6 +27,7 @@ __all__ = [
     "muted_logging",
     "prepare_batch",
     "preserved_loader_rng",
+    "preserved_modes",
     "preserved_rng",
     "preserved_state",
     "training_loss",

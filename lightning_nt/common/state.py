@@ -8,6 +8,7 @@ statistics, the random number generators and every module's ``training`` flag. W
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RNGState", "preserved_rng", "preserved_state"]
+__all__ = ["RNGState", "preserved_modes", "preserved_rng", "preserved_state"]
 
 
 @dataclass
@@ -99,6 +100,11 @@ def preserved_state(
                 submodule.training = training
         if saved_rng is not None:
             saved_rng.restore()
+
+
+def preserved_modes(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Restore every submodule's ``training`` flag (and nothing else) when the block ends."""
+    return preserved_state(module, parameters=False, buffers=False, grads=False, rng=False)
 
 
 def _clone_all(tensors: Iterator[Tensor]) -> list[Tensor]:

@@ -1,7 +1,7 @@
 """Small, download-free tasks for examples, tests and benchmarks."""
 
 from lightning_nt.demos.digits import DigitsCNN, DigitsDataModule, load_digits_tensors
-from lightning_nt.demos.edge_of_stability import FullBatch, FullBatchMLP
+from lightning_nt.demos.edge_of_stability import FullBatch, FullBatchMLP, half_mean_squared_error
 from lightning_nt.demos.wide_resnet import StandardizedConv2d, wide_resnet
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "FullBatch",
     "FullBatchMLP",
     "StandardizedConv2d",
+    "half_mean_squared_error",
     "load_digits_tensors",
     "wide_resnet",
 ]

@@ -13,7 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["FullBatch", "FullBatchMLP"]
+__all__ = ["FullBatch", "FullBatchMLP", "half_mean_squared_error"]
+
+
+def half_mean_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
+    """``sum((outputs - targets)^2) / (2 n)``: Cohen et al.'s MSE, summed over classes, averaged over examples."""
+    return F.mse_loss(outputs, targets, reduction="sum") / (2 * len(targets))
 
 
 class FullBatch(Dataset):
@@ -53,7 +58,7 @@ class FullBatchMLP(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
-        loss = F.mse_loss(self.net(inputs), targets, reduction="sum") / (2 * len(inputs))
+        loss = half_mean_squared_error(self.net(inputs), targets)
         self.log("train_loss", loss)
         return loss
 

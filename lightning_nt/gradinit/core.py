@@ -30,6 +30,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_nt.common.probe import concatenate_batches
+from lightning_nt.common.state import preserved_modes
 
 __all__ = ["GradInitResult", "ScaleAdam", "apply_scales", "gradinit", "search_mode"]
 
@@ -104,20 +105,17 @@ def search_mode(module: nn.Module) -> Iterator[None]:
     PyTorch's fused scaled-dot-product attention kernels have no double backward on the CPU; the math
     kernel has, so the constraint branch works for attention layers too.
     """
-    modes = [(m, m.training) for m in module.modules()]
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     tracking = [norm.track_running_stats for norm in norms]
-    module.eval()
-    for norm in norms:
-        norm.training, norm.track_running_stats = True, False
-    with sdpa_kernel(SDPBackend.MATH):
+    with preserved_modes(module), sdpa_kernel(SDPBackend.MATH):
+        module.eval()
+        for norm in norms:
+            norm.training, norm.track_running_stats = True, False
         try:
             yield
         finally:
             for norm, track in zip(norms, tracking):
                 norm.track_running_stats = track
-            for submodule, training in modes:
-                submodule.training = training
 
 
 def gradinit(

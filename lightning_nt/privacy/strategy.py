@@ -48,23 +48,26 @@ _CHECKPOINT_KEY = "dp_accountant"
 class _DifferentialPrivacy:
     """The DP-SGD behaviour shared by the single-device and the DDP strategy."""
 
-    def _configure(
+    def __init__(
         self,
-        noise_multiplier: float,
-        target_epsilon: float | None,
-        delta: float,
-        max_grad_norm: float,
-        accountant: AccountantName,
-        grad_sample_mode: GradSampleMode,
-        sample_rate: float | None,
-        poisson_sampling: bool,
-        max_physical_batch_size: int | None,
-        augmentation_multiplicity: int,
-        stop_at_budget: bool,
-        secure_mode: bool,
-        fix_modules: bool,
-        seed: int,
+        noise_multiplier: float = 1.0,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        max_grad_norm: float = 1.0,
+        accountant: AccountantName = "prv",
+        grad_sample_mode: GradSampleMode = "hooks",
+        sample_rate: float | None = None,
+        poisson_sampling: bool = True,
+        max_physical_batch_size: int | None = None,
+        augmentation_multiplicity: int = 1,
+        stop_at_budget: bool = True,
+        secure_mode: bool = False,
+        fix_modules: bool = False,
+        seed: int = 0,
+        **strategy_kwargs: Any,
     ) -> None:
+        """See :class:`DPStrategy` for the arguments; ``strategy_kwargs`` go to the Lightning strategy."""
+        super().__init__(**strategy_kwargs)
         if noise_multiplier < 0:
             raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
         if target_epsilon is not None and not target_epsilon > 0:
@@ -93,6 +96,7 @@ class _DifferentialPrivacy:
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
         self.accountant = make_accountant(accountant)
+        self._device_given = "device" in strategy_kwargs
         self._hooks: Any = None
         self._planned_steps: int | None = None
         self._loaded_ledger: dict[str, Any] | None = None
@@ -393,6 +397,7 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
         seed: seed of the Poisson sampler.
         device: the device to train on (default: the Trainer accelerator's first device).
+        strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``).
 
     Example::
 
@@ -405,35 +410,9 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
 
     @override
     def setup_environment(self) -> None:
-        if self._device_from_accelerator and isinstance(self.accelerator, CUDAAccelerator):
+        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
             self._root_device = torch.device("cuda", torch.cuda.current_device())
         super().setup_environment()
-
-    def __init__(
-        self,
-        noise_multiplier: float = 1.0,
-        target_epsilon: float | None = None,
-        delta: float = 1e-5,
-        max_grad_norm: float = 1.0,
-        accountant: AccountantName = "prv",
-        grad_sample_mode: GradSampleMode = "hooks",
-        sample_rate: float | None = None,
-        poisson_sampling: bool = True,
-        max_physical_batch_size: int | None = None,
-        augmentation_multiplicity: int = 1,
-        stop_at_budget: bool = True,
-        secure_mode: bool = False,
-        fix_modules: bool = False,
-        seed: int = 0,
-        device: str | None = None,
-    ) -> None:
-        super().__init__(device=device or "cpu")
-        self._device_from_accelerator = device is None
-        self._configure(
-            noise_multiplier, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode, sample_rate,
-            poisson_sampling, max_physical_batch_size, augmentation_multiplicity, stop_at_budget, secure_mode,
-            fix_modules, seed,
-        )  # fmt: skip
 
 
 class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
@@ -445,31 +424,6 @@ class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
     """
 
     strategy_name = "dp_sgd_ddp"
-
-    def __init__(
-        self,
-        noise_multiplier: float = 1.0,
-        target_epsilon: float | None = None,
-        delta: float = 1e-5,
-        max_grad_norm: float = 1.0,
-        accountant: AccountantName = "prv",
-        grad_sample_mode: GradSampleMode = "hooks",
-        sample_rate: float | None = None,
-        poisson_sampling: bool = True,
-        max_physical_batch_size: int | None = None,
-        augmentation_multiplicity: int = 1,
-        stop_at_budget: bool = True,
-        secure_mode: bool = False,
-        fix_modules: bool = False,
-        seed: int = 0,
-        **ddp_kwargs: Any,
-    ) -> None:
-        super().__init__(**ddp_kwargs)
-        self._configure(
-            noise_multiplier, target_epsilon, delta, max_grad_norm, accountant, grad_sample_mode, sample_rate,
-            poisson_sampling, max_physical_batch_size, augmentation_multiplicity, stop_at_budget, secure_mode,
-            fix_modules, seed,
-        )  # fmt: skip
 
 
 def register_strategies() -> None:

@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 
 from lightning_nt import IterateAveraging
 from lightning_nt.demos import DigitsCNN, DigitsDataModule
+from tests.helpers import tiny_trainer
 
 
 @pytest.mark.slow
@@ -12,15 +13,7 @@ from lightning_nt.demos import DigitsCNN, DigitsDataModule
 def test_tail_average_beats_the_final_iterate_at_a_large_learning_rate(seed):
     pl.seed_everything(seed)
     averaging = IterateAveraging(mode="uniform", start_epoch=10, compare_raw=True, apply_on_end=False)
-    trainer = pl.Trainer(
-        max_epochs=20,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[averaging],
-    )
+    trainer = tiny_trainer(None, max_epochs=20, callbacks=[averaging])
     trainer.fit(DigitsCNN(lr=0.2, momentum=0.9), DigitsDataModule(batch_size=32, seed=seed))
     averaged, raw = trainer.callback_metrics["val/loss"].item(), trainer.callback_metrics["raw/val/loss"].item()
     assert averaging.n_averaged == 10 * 45

@@ -7,20 +7,13 @@ import pytorch_lightning as pl
 
 from lightning_nt import SharpnessMonitor
 from lightning_nt.demos import FullBatchMLP
+from tests.helpers import tiny_trainer
 
 
 def _ratios(optimizer, lr, steps, seed):
     pl.seed_everything(seed)
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=20, num_samples=500, max_iter=20)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-    )
+    trainer = tiny_trainer(None, max_epochs=1, callbacks=[monitor])
     trainer.fit(FullBatchMLP(optimizer, lr, steps, seed))
     key = "sharpness/preconditioned" if optimizer == "adam" else "sharpness/lambda_max"
     return [(e["step"], e[key] / e["sharpness/threshold"]) for e in monitor.history if key in e]
