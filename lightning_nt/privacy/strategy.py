@@ -31,10 +31,11 @@ from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_nt.common import batch_size, captured_logging, frozen_metrics, log_scalars
+from lightning_nt.common import batch_size, captured_logging, frozen_metrics, log_scalars, loss_from_output
 from lightning_nt.privacy.accounting import AccountantName, calibrate_noise, epsilon_of, make_accountant
 from lightning_nt.privacy.sampling import poisson_dataloader
 
@@ -85,8 +86,8 @@ class _DifferentialPrivacy:
             )
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
-        if max_physical_batch_size is not None:
-            raise ValueError("`max_physical_batch_size` (virtual steps) is not supported yet; leave it None.")
+        if max_physical_batch_size is not None and max_physical_batch_size < 1:
+            raise ValueError(f"`max_physical_batch_size` must be >= 1 or None, got {max_physical_batch_size}.")
         if augmentation_multiplicity != 1:
             raise ValueError("`augmentation_multiplicity` other than 1 is not supported yet.")
         if accountant == "gdp":
@@ -95,6 +96,7 @@ class _DifferentialPrivacy:
         self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
+        self.max_physical_batch_size = max_physical_batch_size
         self.accountant = make_accountant(accountant)
         self._device_given = "device" in strategy_kwargs
         self._hooks: Any = None
@@ -147,7 +149,7 @@ class _DifferentialPrivacy:
             raise RuntimeError(
                 f"DP-SGD supports exactly one optimizer; configure_optimizers returned {len(self.optimizers)}."
             )
-        optimizer_class = DistributedDPOptimizer if trainer.world_size > 1 else DPOptimizer
+        optimizer_class = _CarryingDistributedDPOptimizer if trainer.world_size > 1 else _CarryingDPOptimizer
         self.optimizers = [
             optimizer_class(
                 self.optimizers[0],
@@ -219,8 +221,23 @@ class _DifferentialPrivacy:
         batch = args[0] if args else kwargs.get("batch")
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
+        if batch is not None and self.max_physical_batch_size is not None:
+            args = (self._virtual_steps(batch, args[1] if len(args) > 1 else 0), *args[1:])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
+
+    def _virtual_steps(self, batch: Any, batch_idx: int) -> Any:
+        """Clip-and-sum every physical part but the last here; the last goes through Lightning's step as usual."""
+        size, limit = batch_size(batch), self.max_physical_batch_size
+        assert limit is not None
+        starts = list(range(0, size, limit))
+        optimizer: _CarryingDPOptimizer = self.optimizers[0]
+        for start in starts[:-1]:
+            with self._without_ddp_gradient_sync(), self.precision_plugin.train_step_context():
+                output = self.lightning_module.training_step(_slice(batch, start, start + limit), batch_idx)
+            loss_from_output(output, "training_step").backward()
+            optimizer.carry_clipped_sums()
+        return _slice(batch, starts[-1], size)
 
     def _empty_step(self) -> torch.Tensor:
         """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
@@ -332,6 +349,45 @@ class _DifferentialPrivacy:
         super().teardown()  # type: ignore[misc]
 
 
+class _CarryClippedSums:
+    """DPOptimizer that keeps the clipped sums of earlier physical batches across Lightning's ``zero_grad``."""
+
+    def carry_clipped_sums(self) -> None:
+        """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
+        self.clip_and_accumulate()  # type: ignore[attr-defined]
+        carried = getattr(self, "_carried", None) or {}
+        for p in self.params:  # type: ignore[attr-defined]
+            carried[p] = carried[p] + p.summed_grad if p in carried else p.summed_grad
+            p.summed_grad, p.grad_sample = None, None
+        self._carried = carried
+
+    def clip_and_accumulate(self) -> None:
+        super().clip_and_accumulate()  # type: ignore[misc]
+        for p, total in (getattr(self, "_carried", None) or {}).items():
+            if p.summed_grad is not None and getattr(self, "_in_step", False):
+                p.summed_grad += total
+
+    def pre_step(self, closure: Any = None) -> Any:
+        self._in_step = True
+        try:
+            return super().pre_step(closure)  # type: ignore[misc]
+        finally:
+            self._in_step = False
+            self._carried = {}
+
+
+class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
+    pass
+
+
+class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer):
+    pass
+
+
+def _slice(batch: Any, start: int, stop: int) -> Any:
+    return pytree.tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.ndim else t, batch)
+
+
 def _fix_in_place(module: nn.Module) -> None:
     """Replace every submodule Opacus has a fixer for (BatchNorm -> GroupNorm, ...), affine or not, in place."""
     for name, submodule in list(module.named_modules()):
@@ -391,7 +447,10 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         grad_sample_mode: Opacus's per-sample gradient engine: ``"hooks"``, ``"ew"`` or ``"functorch"``.
         sample_rate: Poisson rate ``q``; default: logical batch (loader batch size x processes) / dataset size.
         poisson_sampling: ``False`` keeps the loader's own batches (accounting then approximate; warned).
-        max_physical_batch_size, augmentation_multiplicity: reserved (not supported yet; must stay default).
+        max_physical_batch_size: split each Poisson batch into physical batches of at most this many examples
+            (virtual steps): every part's per-example gradients are clipped and summed before the next part runs,
+            and the one noisy update follows the last part, inside one Lightning step.
+        augmentation_multiplicity: reserved (not supported yet; must stay 1).
         stop_at_budget: with ``target_epsilon``, skip the step that would exceed it and stop training.
         secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.

@@ -70,6 +70,23 @@ def test_noiseless_update_equals_the_clipped_sum_over_the_expected_batch():
     assert strategy.epsilon == math.inf
 
 
+def test_virtual_steps_give_the_update_of_the_whole_logical_batch():
+    class Watched(Plain):
+        largest = 0
+
+        def training_step(self, batch, batch_idx):
+            Watched.largest = max(Watched.largest, len(batch[0]))
+            return super().training_step(batch, batch_idx)
+
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, max_physical_batch_size=5)
+    module, _ = _fit(strategy, module=lambda: Watched(num_samples=64, batch_size=16), callbacks=[record], max_steps=1)
+    assert len(record.batch[0]) > 5 and Watched.largest == 5
+    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+
+
 class Wide(pl.LightningModule):
     """A loss whose per-example gradients are exactly zero, so an update is the noise alone."""
 
@@ -268,6 +285,7 @@ def test_fix_modules_swaps_batchnorm():
         ({"accountant": "moments"}, "accountant"),
         ({"grad_sample_mode": "magic"}, "grad_sample_mode"),
         ({"sample_rate": 2}, "sample_rate"),
+        ({"max_physical_batch_size": 0}, "max_physical_batch_size"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, argument):
