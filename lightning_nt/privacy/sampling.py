@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
-__all__ = ["PoissonBatchSampler", "empty_batch_collate", "poisson_dataloader"]
+__all__ = ["AugmentedViews", "PoissonBatchSampler", "empty_batch_collate", "poisson_dataloader"]
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -61,6 +61,42 @@ class PoissonBatchSampler(Sampler[list[int]]):
         for _ in range(self.steps):
             chosen = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             yield torch.nonzero(chosen & shard).flatten().tolist()
+
+
+class AugmentedViews(Dataset):
+    """``K`` augmented views of every example, stacked along a new dimension 1 of each of its tensors.
+
+    Use with ``DPStrategy(augmentation_multiplicity=K)`` (De et al. 2022): an item of the wrapped dataset
+    becomes ``(views [K, ...], labels [K])`` and a batch ``[B, K, ...]``; the strategy flattens it to ``B x K``
+    rows for ``training_step`` and averages each example's views' gradients before clipping.
+
+    Args:
+        dataset: map-style dataset of ``(input, label)`` (or any tuple) items, without augmentation.
+        augment: ``augment(input) -> input``, random (it draws from torch's RNG), applied to the first field.
+        multiplicity: ``K``.
+
+    Example:
+        >>> data = torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.arange(4))
+        >>> views = AugmentedViews(data, lambda x: x + torch.randn_like(x), multiplicity=3)
+        >>> [tuple(t.shape) for t in views[0]]
+        [(3, 2), (3,)]
+    """
+
+    def __init__(self, dataset: Dataset, augment: Callable[[Any], Any], multiplicity: int) -> None:
+        if multiplicity < 1:
+            raise ValueError(f"`multiplicity` must be >= 1, got {multiplicity}.")
+        self.dataset, self.augment, self.multiplicity = dataset, augment, multiplicity
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        first, *rest = self.dataset[index]
+        views = torch.stack([torch.as_tensor(self.augment(first)) for _ in range(self.multiplicity)])
+        return (
+            views,
+            *(torch.as_tensor(field).expand(self.multiplicity, *torch.as_tensor(field).shape) for field in rest),
+        )
 
 
 def empty_batch_collate(dataset: Dataset, collate: Callable[[list[Any]], Any]) -> Callable[[list[Any]], Any]:

@@ -88,15 +88,18 @@ class _DifferentialPrivacy:
             raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"`max_physical_batch_size` must be >= 1 or None, got {max_physical_batch_size}.")
-        if augmentation_multiplicity != 1:
-            raise ValueError("`augmentation_multiplicity` other than 1 is not supported yet.")
+        if augmentation_multiplicity < 1:
+            raise ValueError(f"`augmentation_multiplicity` must be >= 1, got {augmentation_multiplicity}.")
         if accountant == "gdp":
             rank_zero_warn("accountant='gdp' is a central-limit approximation and can under-report epsilon.")
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
         self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
-        self.max_physical_batch_size = max_physical_batch_size
+        self.max_physical_batch_size, self.augmentation_multiplicity = (
+            max_physical_batch_size,
+            augmentation_multiplicity,
+        )
         self.accountant = make_accountant(accountant)
         self._device_given = "device" in strategy_kwargs
         self._hooks: Any = None
@@ -160,6 +163,7 @@ class _DifferentialPrivacy:
                 secure_mode=self.secure_mode,
             )
         ]
+        self.optimizers[0].views = self.augmentation_multiplicity
         self.optimizers[0].attach_step_hook(self._after_noise)
 
     @override
@@ -222,7 +226,9 @@ class _DifferentialPrivacy:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         if batch is not None and self.max_physical_batch_size is not None:
-            args = (self._virtual_steps(batch, args[1] if len(args) > 1 else 0), *args[1:])
+            batch = self._virtual_steps(batch, args[1] if len(args) > 1 else 0)
+        if batch is not None:
+            args = (self._flat_views(batch), *args[1:])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
@@ -233,11 +239,18 @@ class _DifferentialPrivacy:
         starts = list(range(0, size, limit))
         optimizer: _CarryingDPOptimizer = self.optimizers[0]
         for start in starts[:-1]:
+            part = self._flat_views(_slice(batch, start, start + limit))
             with self._without_ddp_gradient_sync(), self.precision_plugin.train_step_context():
-                output = self.lightning_module.training_step(_slice(batch, start, start + limit), batch_idx)
+                output = self.lightning_module.training_step(part, batch_idx)
             loss_from_output(output, "training_step").backward()
             optimizer.carry_clipped_sums()
         return _slice(batch, starts[-1], size)
+
+    def _flat_views(self, batch: Any) -> Any:
+        """``[B, K, ...]`` -> ``[B * K, ...]`` for every tensor of a batch of augmented views."""
+        if self.augmentation_multiplicity == 1:
+            return batch
+        return pytree.tree_map(lambda t: t.flatten(0, 1) if isinstance(t, torch.Tensor) and t.ndim >= 2 else t, batch)
 
     def _empty_step(self) -> torch.Tensor:
         """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
@@ -361,7 +374,12 @@ class _CarryClippedSums:
             p.summed_grad, p.grad_sample = None, None
         self._carried = carried
 
+    views: int = 1
+
     def clip_and_accumulate(self) -> None:
+        if self.views > 1:  # one example's K views: average their gradients, then clip as one example
+            for p in self.params:  # type: ignore[attr-defined]
+                p.grad_sample = p.grad_sample.reshape(-1, self.views, *p.shape).mean(dim=1)
         super().clip_and_accumulate()  # type: ignore[misc]
         for p, total in (getattr(self, "_carried", None) or {}).items():
             if p.summed_grad is not None and getattr(self, "_in_step", False):
@@ -450,7 +468,10 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         max_physical_batch_size: split each Poisson batch into physical batches of at most this many examples
             (virtual steps): every part's per-example gradients are clipped and summed before the next part runs,
             and the one noisy update follows the last part, inside one Lightning step.
-        augmentation_multiplicity: reserved (not supported yet; must stay 1).
+        augmentation_multiplicity: ``K`` augmented views per example (De et al.): wrap the train dataset in
+            :class:`~lightning_nt.privacy.AugmentedViews`, whose items carry the ``K`` views along dimension 1;
+            ``training_step`` sees the ``B x K`` views as one flat batch, and each example's gradient is the mean
+            of its views' gradients before clipping, so the privacy unit stays the example.
         stop_at_budget: with ``target_epsilon``, skip the step that would exceed it and stop training.
         secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.

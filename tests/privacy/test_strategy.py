@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_nt import DPStrategy, IterateAveraging
-from lightning_nt.privacy import PoissonBatchSampler
+from lightning_nt.privacy import AugmentedViews, PoissonBatchSampler
 from tests.helpers import TinyClassifier, classification_data, tiny_trainer
 
 
@@ -44,15 +44,17 @@ def _fit(strategy, module=None, callbacks=(), **kwargs):
     return module, trainer
 
 
-def _clipped_sum(module, weights, batch, max_grad_norm):
-    """Independent reference: per-example gradients by torch.func.vmap(grad), clipped to C, summed."""
+def _clipped_sum(module, weights, batch, max_grad_norm, views=1):
+    """Independent reference: per-example gradients by torch.func.vmap(grad) (the mean over an example's
+    ``views`` rows, if any), clipped to C, summed."""
     names = list(weights)
 
     def loss_of_one(params, x, y):
         logits = functional_call(module, dict(zip(names, params)), (x.unsqueeze(0),))
         return F.cross_entropy(logits, y.unsqueeze(0))
 
-    per_example = vmap(grad(loss_of_one), in_dims=(None, 0, 0))([weights[n] for n in names], *batch)
+    per_row = vmap(grad(loss_of_one), in_dims=(None, 0, 0))([weights[n] for n in names], *batch)
+    per_example = [g.reshape(-1, views, *g.shape[1:]).mean(1) for g in per_row]
     norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in per_example], dim=1).norm(dim=1)
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     return {n: torch.einsum("i,i...->...", factors, g) for n, g in zip(names, per_example)}
@@ -83,6 +85,24 @@ def test_virtual_steps_give_the_update_of_the_whole_logical_batch():
     module, _ = _fit(strategy, module=lambda: Watched(num_samples=64, batch_size=16), callbacks=[record], max_steps=1)
     assert len(record.batch[0]) > 5 and Watched.largest == 5
     expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_multiplicity_averages_each_examples_views_before_clipping():
+    class Augmented(Plain):
+        def train_dataloader(self):
+            views = AugmentedViews(classification_data(64), lambda x: x + 0.5 * torch.randn_like(x), multiplicity=3)
+            return DataLoader(views, batch_size=16)
+
+    record = RecordUpdate()
+    strategy = DPStrategy(
+        noise_multiplier=0.0, max_grad_norm=0.5, augmentation_multiplicity=3, max_physical_batch_size=4
+    )
+    module, _ = _fit(strategy, module=lambda: Augmented(num_samples=64, batch_size=16), callbacks=[record], max_steps=1)
+    inputs, labels = record.batch
+    assert inputs.shape[1:] == (3, 8) and not torch.equal(inputs[:, 0], inputs[:, 1])
+    expected = _clipped_sum(module, record.before, (inputs.flatten(0, 1), labels.flatten(0, 1)), 0.5, views=3)
     for name, update in record.update.items():
         torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
 
@@ -286,6 +306,7 @@ def test_fix_modules_swaps_batchnorm():
         ({"grad_sample_mode": "magic"}, "grad_sample_mode"),
         ({"sample_rate": 2}, "sample_rate"),
         ({"max_physical_batch_size": 0}, "max_physical_batch_size"),
+        ({"augmentation_multiplicity": 0}, "augmentation_multiplicity"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, argument):
