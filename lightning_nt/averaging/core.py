@@ -123,7 +123,7 @@ class IterateAverage:
             groups, copies = self._plan_for(module)
             for averages, iterates in groups:
                 if iterates[0].device != averages[0].device:
-                    iterates = [iterate.to(averages[0].device, non_blocking=True) for iterate in iterates]
+                    iterates = [iterate.to(averages[0].device) for iterate in iterates]
                 _lerp_(averages, iterates, weight)
             for average, tensor in copies:
                 average.copy_(tensor)

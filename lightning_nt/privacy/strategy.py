@@ -17,6 +17,7 @@ What the strategy does, on one device (:class:`DPStrategy`) or many (:class:`DPD
 from __future__ import annotations
 
 import contextlib
+import secrets
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -64,7 +65,8 @@ class _DifferentialPrivacy:
         stop_at_budget: bool = True,
         secure_mode: bool = False,
         fix_modules: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
+        allow_nonprivate_callbacks: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
         """See :class:`DPStrategy` for the arguments; ``strategy_kwargs`` go to the Lightning strategy."""
@@ -96,6 +98,12 @@ class _DifferentialPrivacy:
         self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
+        self.allow_nonprivate_callbacks = allow_nonprivate_callbacks
+        if seed is not None:
+            rank_zero_warn(
+                "DPStrategy(seed=...) makes the Poisson batches reproducible by anyone who knows the seed; the privacy "
+                "accounting assumes they are secret. Leave seed=None for a real guarantee."
+            )
         self.max_physical_batch_size, self.augmentation_multiplicity = (
             max_physical_batch_size,
             augmentation_multiplicity,
@@ -103,7 +111,8 @@ class _DifferentialPrivacy:
         self.accountant = make_accountant(accountant)
         self._device_given = "device" in strategy_kwargs
         self._hooks: Any = None
-        self._planned_steps: int | None = None
+        self._plan: tuple[Any, ...] | None = None
+        self._loaders_made = 0
         self._loaded_ledger: dict[str, Any] | None = None
 
     @property
@@ -117,14 +126,31 @@ class _DifferentialPrivacy:
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             _check_trainer(trainer)
+            self._check_callbacks(trainer)
             self._check_module(self.lightning_module)
         super().setup(trainer)  # type: ignore[misc]
         if trainer.state.fn == TrainerFn.FITTING:
             self._hooks = prepare_module(
                 self.lightning_module, grad_sample_mode=self.grad_sample_mode, wrap_model=False, loss_reduction="mean"
             )
+            self._hooks.disable_hooks()  # on only from a training step to its optimizer step
             if self._loaded_ledger is not None:
                 self.accountant.load_state_dict(self._loaded_ledger)
+
+    def _check_callbacks(self, trainer: pl.Trainer) -> None:
+        from lightning_nt.gradinit import GradInit
+        from lightning_nt.sharpness import SharpnessMonitor
+
+        readers = [type(c).__name__ for c in trainer.callbacks if isinstance(c, GradInit | SharpnessMonitor)]
+        if not readers:
+            return
+        message = (
+            f"{', '.join(readers)} compute(s) on the training data outside DP-SGD, so what they log or change is "
+            "not covered by the privacy guarantee"
+        )
+        if not self.allow_nonprivate_callbacks:
+            raise RuntimeError(f"{message}. Remove them, or pass allow_nonprivate_callbacks=True to accept that.")
+        rank_zero_warn(f"{message} (allow_nonprivate_callbacks=True).")
 
     def _check_module(self, module: nn.Module) -> None:
         errors = ModuleValidator.validate(module, strict=False)
@@ -173,30 +199,40 @@ class _DifferentialPrivacy:
             return super().process_dataloader(dataloader)  # type: ignore[misc]
         world_size = trainer.world_size
         if isinstance(dataloader.dataset, IterableDataset):
-            if self.sample_rate is None:
-                raise RuntimeError(
-                    "DP-SGD can't Poisson-sample an IterableDataset: use a map-style dataset, or sample with rate q "
-                    "yourself and pass `sample_rate=q`."
-                )
-            sampled, num_examples = dataloader, None
+            sampled, expected = dataloader, self._expected_batch_of_iterable(dataloader)
         else:
             num_examples = len(dataloader.dataset)  # type: ignore[arg-type]
-        q = self.sample_rate or (dataloader.batch_size or 1) * world_size / num_examples  # type: ignore[operator]
-        self.sample_rate = min(q, 1.0)
-        if num_examples is not None and self.poisson_sampling:
-            seed = _shared_seed(self.seed, self.secure_mode, trainer)
-            sampled = poisson_dataloader(dataloader, self.sample_rate, trainer.global_rank, world_size, seed)
-        elif num_examples is not None:
-            rank_zero_warn(
-                "poisson_sampling=False: batches are not Poisson-sampled, so the reported epsilon is approximate."
-            )
-            sampled = dataloader
-        expected = self.sample_rate * num_examples / world_size if num_examples else float(dataloader.batch_size or 1)
-        optimizer = self.optimizers[0]
-        optimizer.expected_batch_size = expected
-        steps_per_epoch = len(sampled) if hasattr(sampled, "__len__") else None
-        self._calibrate(trainer, steps_per_epoch)
+            self.sample_rate = min(self.sample_rate or (dataloader.batch_size or 1) * world_size / num_examples, 1.0)
+            expected = self.sample_rate * num_examples / world_size
+            if self.poisson_sampling:
+                seed = self._sampling_seed(trainer)
+                sampled = poisson_dataloader(dataloader, self.sample_rate, trainer.global_rank, world_size, seed)
+            else:
+                rank_zero_warn("poisson_sampling=False: batches are not Poisson-sampled, so epsilon is approximate.")
+                sampled = dataloader
+        self.optimizers[0].expected_batch_size = expected
+        self._calibrate(trainer, _length(sampled))
         return super().process_dataloader(sampled)  # type: ignore[misc]
+
+    def _expected_batch_of_iterable(self, dataloader: DataLoader) -> float:
+        if self.sample_rate is None or not dataloader.batch_size:
+            raise RuntimeError(
+                "DP-SGD can't Poisson-sample an IterableDataset: use a map-style dataset, or sample each example with "
+                "rate q yourself, pass `sample_rate=q`, and give the DataLoader `batch_size` = the expected batch q*N."
+            )
+        return float(dataloader.batch_size)
+
+    def _sampling_seed(self, trainer: pl.Trainer) -> int:
+        """A fresh seed for every loader (reloads and resumes never replay batches), the same on every process.
+
+        Without an explicit ``seed`` it comes from the OS, so that batch membership stays secret, as the privacy
+        amplification by sampling assumes.
+        """
+        self._loaders_made += 1
+        if self.seed is None or self.secure_mode:
+            value = torch.tensor(secrets.randbits(62), device=trainer.strategy.root_device)
+            return int(trainer.strategy.broadcast(value, src=0))
+        return hash((self.seed, trainer.global_step, self._loaders_made)) % 2**62
 
     def _calibrate(self, trainer: pl.Trainer, steps_per_epoch: int | None) -> None:
         optimizer = self.optimizers[0]
@@ -206,16 +242,16 @@ class _DifferentialPrivacy:
             return
         if trainer.max_steps and trainer.max_steps > 0:
             planned = trainer.max_steps
-        elif trainer.max_epochs and steps_per_epoch:
+        elif trainer.max_epochs is not None and trainer.max_epochs > 0 and steps_per_epoch:
             planned = trainer.max_epochs * steps_per_epoch
         else:
             raise RuntimeError("target_epsilon needs a finite plan: set the Trainer's max_steps or max_epochs.")
-        if not self.accountant.history:  # a resumed run keeps the noise (and plan) its ledger was spent with
-            self._planned_steps = planned
+        if not self.accountant.history:  # a resumed run keeps the noise its ledger was spent with
             assert self.sample_rate is not None
             self.noise_multiplier = calibrate_noise(
                 self.target_epsilon, self.delta, self.sample_rate, planned, self.accountant_name
             )
+            self._plan = self._plan_key(planned)
         optimizer.noise_multiplier = self.noise_multiplier
 
     # -- training ------------------------------------------------------------------------------------------
@@ -225,6 +261,7 @@ class _DifferentialPrivacy:
         batch = args[0] if args else kwargs.get("batch")
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
+        self._hooks.enable_hooks()
         if batch is not None and self.max_physical_batch_size is not None:
             batch = self._virtual_steps(batch, args[1] if len(args) > 1 else 0)
         if batch is not None:
@@ -274,6 +311,12 @@ class _DifferentialPrivacy:
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        try:
+            return self._private_step(optimizer, closure, model, **kwargs)
+        finally:  # callbacks that differentiate the module outside training steps must not meet Opacus's hooks
+            self._hooks.disable_hooks()
+
+    def _private_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if not self._budget_exhausted():
             return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
         # Lightning insists that the closure runs; its results are discarded and nothing of it is logged.
@@ -281,6 +324,7 @@ class _DifferentialPrivacy:
         with captured_logging(module), frozen_metrics(module):
             closure()
         optimizer.zero_grad()
+        optimizer.discard()
         module.trainer.should_stop = True
         rank_zero_warn(f"DP budget reached: one more step would exceed epsilon={self.target_epsilon}; stopping.")
         return None
@@ -289,12 +333,15 @@ class _DifferentialPrivacy:
         if self.target_epsilon is None or not self.stop_at_budget:
             return False
         steps = _steps_taken(self.accountant)
-        if self._planned_steps is not None and steps + 1 <= self._planned_steps:
-            return False  # the noise was calibrated to stay within the budget for this many steps
+        if self._plan is not None and self._plan == self._plan_key(self._plan[0]) and steps + 1 <= self._plan[0]:
+            return False  # the noise was calibrated for these steps at this rate, target and delta
         trial = make_accountant(self.accountant_name)
         trial.load_state_dict(self.accountant.state_dict())
         trial.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return epsilon_of(trial, self.delta) > self.target_epsilon
+
+    def _plan_key(self, steps: int) -> tuple[Any, ...]:
+        return (steps, self.sample_rate, self.noise_multiplier, self.target_epsilon, self.delta, self.accountant_name)
 
     def _after_noise(self, optimizer: DPOptimizer) -> None:
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
@@ -335,7 +382,7 @@ class _DifferentialPrivacy:
         checkpoint[_CHECKPOINT_KEY] = {
             "ledger": self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
-            "planned_steps": self._planned_steps,
+            "plan": self._plan,
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
@@ -350,7 +397,7 @@ class _DifferentialPrivacy:
             )
         self._loaded_ledger = saved["ledger"]
         self.noise_multiplier = float(saved["noise_multiplier"])
-        self._planned_steps = saved["planned_steps"]
+        self._plan = tuple(saved["plan"]) if saved.get("plan") is not None else None
         self.accountant.load_state_dict(saved["ledger"])
         return checkpoint
 
@@ -377,15 +424,25 @@ class _CarryClippedSums:
     views: int = 1
 
     def clip_and_accumulate(self) -> None:
-        if self.views > 1:  # one example's K views: average their gradients, then clip as one example
-            for p in self.params:  # type: ignore[attr-defined]
-                p.grad_sample = p.grad_sample.reshape(-1, self.views, *p.shape).mean(dim=1)
+        for p in self.params:  # type: ignore[attr-defined]
+            # fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C
+            sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
+            if self.views > 1:  # one example's K views: average their gradients, then clip as one example
+                sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
+            p.grad_sample = sample
         super().clip_and_accumulate()  # type: ignore[misc]
         for p, total in (getattr(self, "_carried", None) or {}).items():
             if p.summed_grad is not None and getattr(self, "_in_step", False):
                 p.summed_grad += total
 
+    def discard(self) -> None:
+        """Forget the clipped sums carried from earlier physical batches (the step is not taken)."""
+        self._carried = {}
+
     def pre_step(self, closure: Any = None) -> Any:
+        if all(getattr(p, "grad_sample", None) is None for p in self.params):  # type: ignore[attr-defined]
+            self.discard()  # training_step returned None: no backward, no step, nothing released or spent
+            return False
         self._in_step = True
         try:
             return super().pre_step(closure)  # type: ignore[misc]
@@ -442,14 +499,11 @@ def _check_trainer(trainer: pl.Trainer) -> None:
         raise RuntimeError("DP-SGD needs automatic optimization: the strategy steps the DP optimizer itself.")
 
 
-def _shared_seed(seed: int, secure: bool, trainer: pl.Trainer) -> int:
-    """The sampling seed, identical on every process (drawn from the OS in secure mode)."""
-    if not secure:
-        return seed
-    import secrets
-
-    value = torch.tensor(secrets.randbits(62), device=trainer.strategy.root_device)
-    return int(trainer.strategy.broadcast(value, src=0))
+def _length(dataloader: Any) -> int | None:
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
 
 
 class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
@@ -475,7 +529,10 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         stop_at_budget: with ``target_epsilon``, skip the step that would exceed it and stop training.
         secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
-        seed: seed of the Poisson sampler.
+        seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
+            batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
+        allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (GradInit,
+            SharpnessMonitor) run; their logs are then not covered by the guarantee (warned).
         device: the device to train on (default: the Trainer accelerator's first device).
         strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``).
 

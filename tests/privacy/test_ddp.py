@@ -3,7 +3,6 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_nt import DPDDPStrategy
-from lightning_nt.privacy import PoissonBatchSampler
 from tests.helpers import tiny_trainer
 from tests.privacy.test_strategy import Plain, _clipped_sum
 
@@ -14,14 +13,17 @@ class SaveRankState(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self.empty_batches = 0
+        self.empty_batches, self.first_batch = 0, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.empty_batches += int(len(batch[0]) == 0)
+        if self.first_batch is None:
+            self.first_batch = [t.clone() for t in batch]
 
     def on_train_end(self, trainer, pl_module):
         after = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         state = {"before": self.before, "after": after, "steps": trainer.global_step, "empty": self.empty_batches}
+        state["first_batch"] = self.first_batch
         state["epsilon"] = trainer.strategy.epsilon
         torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
 
@@ -38,10 +40,13 @@ def test_update_is_the_clipped_sum_over_both_ranks(tmp_path):
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for name in rank0["after"]:
         assert torch.equal(rank0["after"][name], rank1["after"][name])
-    # the one global Poisson batch (q = 16 x 2 / 64), rebuilt independently of the ranks
-    indices = next(iter(PoissonBatchSampler(64, 0.5, seed=0)))
-    inputs, labels = module.train_dataloader().dataset.tensors
-    expected = _clipped_sum(module, rank0["before"], (inputs[indices], labels[indices]), 0.5)
+    # the global batch is the union of the ranks' shards (q = 16 x 2 / 64); they are disjoint
+    inputs = torch.cat([rank0["first_batch"][0], rank1["first_batch"][0]])
+    labels = torch.cat([rank0["first_batch"][1], rank1["first_batch"][1]])
+    dataset = module.train_dataloader().dataset.tensors[0]
+    rows = [int(torch.nonzero((dataset == row).all(dim=1))[0]) for row in inputs]
+    assert len(set(rows)) == len(rows) and all(r % 2 == 0 for r in rows[: len(rank0["first_batch"][0])])
+    expected = _clipped_sum(module, rank0["before"], (inputs, labels), 0.5)
     for name, after in rank0["after"].items():
         torch.testing.assert_close(after - rank0["before"][name], -expected[name] / 32.0, rtol=1e-4, atol=1e-6)
 

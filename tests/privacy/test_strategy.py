@@ -159,8 +159,10 @@ def test_neighbouring_batches_differ_by_at_most_max_grad_norm():
                     inputs, labels = inputs[1:], labels[1:]
                 return super().training_step((inputs, labels), batch_idx)
 
+        with pytest.warns(UserWarning, match="reproducible"):  # both runs must draw the same batch
+            strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.3, seed=7)
         _fit(
-            DPStrategy(noise_multiplier=0.0, max_grad_norm=0.3),
+            strategy,
             module=lambda: Neighbour(num_samples=64, batch_size=16),
             callbacks=[record],
             max_steps=1,
@@ -312,3 +314,83 @@ def test_fix_modules_swaps_batchnorm():
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         DPStrategy(**kwargs)
+
+
+def test_resuming_with_another_sample_rate_still_never_exceeds_the_budget(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=4)
+    strategy = DPStrategy(target_epsilon=2.0, accountant="rdp")
+    _fit(strategy, module=lambda: Plain(num_samples=64, batch_size=4), callbacks=[checkpoint], max_steps=40,
+         enable_checkpointing=True)  # fmt: skip
+    resumed = DPStrategy(target_epsilon=2.0, accountant="rdp")
+    trainer = tiny_trainer(None, strategy=resumed, max_steps=40, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match="budget reached"):  # q is 8x larger now: the plan no longer holds
+        trainer.fit(Plain(num_samples=64, batch_size=32), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+    assert resumed.epsilon <= 2.0 and trainer.global_step < 40
+
+
+def test_every_loader_draws_fresh_batches():
+    class Recorder(pl.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batches.append(batch[1].tolist())
+
+    recorder = Recorder()
+    _fit(DPStrategy(), callbacks=[recorder], max_epochs=2, reload_dataloaders_every_n_epochs=1)
+    assert recorder.batches[:4] != recorder.batches[4:]
+    with pytest.warns(UserWarning, match="reproducible"):
+        DPStrategy(seed=1)
+
+
+def test_bf16_clipping_never_exceeds_the_clipping_norm():
+    class OneLoudExample(Plain):
+        def train_dataloader(self):
+            return DataLoader(TensorDataset(torch.full((1, 8), 50.0), torch.tensor([2])), batch_size=1)
+
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.01)
+    _fit(strategy, module=lambda: OneLoudExample(), callbacks=[record], max_steps=1, precision="bf16-mixed")
+    update = torch.cat([u.flatten() for u in record.update.values()])
+    assert len(record.batch[0]) == 1  # q = 1: the example is always sampled, expected batch 1
+    assert 0.0099 < update.norm().item() <= 0.01 * (1 + 1e-5)
+
+
+def test_callbacks_that_read_training_data_outside_dp_are_refused():
+    from lightning_nt import GradInit, SharpnessMonitor
+
+    for callback in (GradInit(iterations=1), SharpnessMonitor()):
+        with pytest.raises(RuntimeError, match="not covered by the privacy guarantee"):
+            _fit(DPStrategy(), callbacks=[callback], max_steps=1)
+    with pytest.warns(UserWarning, match="allow_nonprivate_callbacks"):
+        _fit(DPStrategy(allow_nonprivate_callbacks=True), callbacks=[GradInit(iterations=1)], max_steps=1)
+
+
+def test_iterable_dataset_with_an_explicit_rate():
+    class Iterable(Plain):
+        def train_dataloader(self):
+            return DataLoader(_Iterable(), batch_size=8)
+
+    strategy = DPStrategy(sample_rate=0.25)
+    with pytest.warns(UserWarning):
+        _, trainer = _fit(strategy, module=Iterable, max_steps=3)
+    assert trainer.global_step == 3 and strategy.optimizers[0].expected_batch_size == 8.0
+
+
+def test_a_skipped_training_step_spends_nothing():
+    class SkipsOdd(Plain):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+    strategy = DPStrategy()
+    _fit(strategy, module=lambda: SkipsOdd(num_samples=64, batch_size=16), max_epochs=1)
+    assert _steps(strategy) == 2  # 4 Poisson batches, 2 skipped
+
+
+def test_target_epsilon_needs_a_finite_plan():
+    with pytest.raises(RuntimeError, match="finite plan"):
+        _fit(DPStrategy(target_epsilon=1.0), max_epochs=-1)
+
+
+def _steps(strategy):
+    return sum(steps for _, _, steps in strategy.accountant.history)
