@@ -54,6 +54,9 @@ class IterateAveraging(pl.Callback):
         bn_batches: training batches used to recompute BatchNorm statistics (``None``: the whole loader).
         compare_raw: also run validation with the raw weights and log the same metrics under ``raw/<name>``.
         apply_on_end: copy the average into the module when training ends.
+        evaluate: validate and test with the average. Only one instance per Trainer may evaluate and only one
+            may apply on end; a second average (e.g. an EMA beside a tail average) keeps ``evaluate=False`` and
+            is read with :meth:`averaged_state_dict`.
         device: where to keep the averages (default: beside the parameters; ``"cpu"`` saves accelerator memory
             at the cost of a copy per update).
         loss_fn: forward pass used to recompute BatchNorm statistics (default: ``training_step``, muted).
@@ -65,7 +68,8 @@ class IterateAveraging(pl.Callback):
 
     Example (an EMA beside a tail average)::
 
-        callbacks = [IterateAveraging(mode="ema", half_life=1000), IterateAveraging(start_epoch=10)]
+        callbacks = [IterateAveraging(start_epoch=10),
+                     IterateAveraging(mode="ema", half_life=1000, evaluate=False, apply_on_end=False)]
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class IterateAveraging(pl.Callback):
         bn_batches: int | None = None,
         compare_raw: bool = False,
         apply_on_end: bool = True,
+        evaluate: bool = True,
         device: str | None = None,
         loss_fn: LossFn | None = None,
     ) -> None:
@@ -109,11 +114,14 @@ class IterateAveraging(pl.Callback):
             raise ValueError("`decay`, `half_life` and `warmup` apply to mode='ema' only.")
         if warmup is not None and warmup <= 0:
             raise ValueError(f"`warmup` must be > 0, got {warmup}.")
+        if compare_raw and not evaluate:
+            raise ValueError("`compare_raw=True` needs `evaluate=True`.")
         self.mode, self.update_on, self.bn, self.bn_batches = mode, update_on, bn, bn_batches
         self.start_step, self.start_epoch = start_step, start_epoch
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.decay, self.half_life, self.warmup = decay, half_life, warmup
         self.compare_raw, self.apply_on_end, self.device, self.loss_fn = compare_raw, apply_on_end, device, loss_fn
+        self.evaluate = evaluate
         self._average: IterateAverage | None = None
         self._pending_state: dict[str, Any] | None = None
         self._device = torch.device("cpu")
@@ -126,6 +134,7 @@ class IterateAveraging(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(
             mode=self.mode,
+            evaluate=self.evaluate,
             start_step=self.start_step,
             start_epoch=self.start_epoch,
             every_n_steps=self.every_n_steps,
@@ -150,6 +159,13 @@ class IterateAveraging(pl.Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        averagings = [c for c in trainer.callbacks if isinstance(c, IterateAveraging)]
+        for flag in ("evaluate", "apply_on_end"):
+            if sum(getattr(c, flag) for c in averagings) > 1:
+                raise RuntimeError(
+                    f"{sum(getattr(c, flag) for c in averagings)} IterateAveraging callbacks have {flag}=True, but the "
+                    f"module can hold only one average at a time: pass {flag}=False to all but one."
+                )
         self._average = IterateAverage(
             pl_module,
             mode=self.mode,
@@ -248,7 +264,7 @@ class IterateAveraging(pl.Callback):
             self._pending_state = None
 
     def _in_use(self) -> bool:
-        return self.n_averaged > 0 and not self._applied
+        return self.evaluate and self.n_averaged > 0 and not self._applied
 
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._average is not None

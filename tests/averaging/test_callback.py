@@ -146,7 +146,10 @@ def test_batchnorm_policies(bn):
 
 def test_resume_equals_uninterrupted(tmp_path):
     def callbacks():
-        return [IterateAveraging(mode="ema", decay=0.8, apply_on_end=False), IterateAveraging(start_step=3)]
+        return [
+            IterateAveraging(mode="ema", decay=0.8, apply_on_end=False, evaluate=False),
+            IterateAveraging(start_step=3),
+        ]
 
     def module():  # Lightning does not restore the global RNG, so the data order must not depend on it
         return TinyClassifier(num_samples=96, shuffle=False)
@@ -163,6 +166,22 @@ def test_resume_equals_uninterrupted(tmp_path):
         for name, value in left.averaged_state_dict().items():
             assert torch.equal(value, right.averaged_state_dict()[name]), name
     assert straight[0].averaged_state_dict()["net.0.weight"].ne(straight[1].averaged_state_dict()["net.0.weight"]).any()
+
+
+def test_two_averages_coexist_but_only_one_is_evaluated(tmp_path):
+    plain, _ = _fit([], max_epochs=2)
+    tail, ema = (
+        IterateAveraging(apply_on_end=False),
+        IterateAveraging(mode="ema", decay=0.9, evaluate=False, apply_on_end=False),
+    )
+    both, _ = _fit([tail, ema], max_epochs=2)
+    for a, b in zip(plain.parameters(), both.parameters()):
+        assert torch.equal(a, b)  # training went on from the raw weights
+    assert tail.n_averaged == ema.n_averaged == 12
+    with pytest.raises(RuntimeError, match="evaluate=False to all but one"):
+        _fit([IterateAveraging(apply_on_end=False), IterateAveraging(mode="ema", decay=0.9, apply_on_end=False)])
+    with pytest.raises(RuntimeError, match="apply_on_end=False to all but one"):
+        _fit([IterateAveraging(), IterateAveraging(mode="ema", decay=0.9, evaluate=False)])
 
 
 def test_attaches_to_boring_model():
@@ -214,6 +233,7 @@ def test_warns_when_nothing_was_averaged():
         ({"bn": "freeze"}, "bn"),
         ({"decay": 0.9}, "mode='ema'"),
         ({"start_step": 1, "start_epoch": 1}, "start_epoch"),
+        ({"compare_raw": True, "evaluate": False}, "evaluate"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, argument):
