@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import EMAWeightAveraging
-from timing import StepTimer
+from timing import lightning_step_time
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -64,23 +64,9 @@ class FlatLerpFloor(pl.Callback):
         self.average.lerp_(self.iterate, 0.001)
 
 
-def step_time(
-    model: str, callback: pl.Callback | None, steps: int, warmup: int, loader: DataLoader, accelerator: str
-) -> float:
-    torch.manual_seed(0)
-    timer = StepTimer()
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=steps + warmup + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer] + ([callback] if callback else []),
-    )
-    trainer.fit(Classifier(model), loader)
-    return timer.median_step(warmup)
+def step_time(model: str, callback: pl.Callback | None, steps: int, warmup: int, loader: DataLoader) -> float:
+    module = Classifier(model)
+    return lightning_step_time(module, loader, steps, warmup, callbacks=[callback] if callback else [])
 
 
 def update_vs_floor(model: str, device: torch.device, repeats: int = 50) -> tuple[float, float, int]:
@@ -134,7 +120,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    accelerator = "gpu" if on_gpu else "cpu"
     device = torch.device("cuda" if on_gpu else "cpu")
     name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
 
@@ -150,7 +135,7 @@ def main() -> None:
     best = {label: float("inf") for label in configurations}
     for _ in range(args.repeats):
         for label, make in configurations.items():
-            best[label] = min(best[label], step_time(args.model, make(), args.steps, args.warmup, loader, accelerator))
+            best[label] = min(best[label], step_time(args.model, make(), args.steps, args.warmup, loader))
 
     plain = best["plain"]
     print(

@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
-from timing import StepTimer, median_step
+from timing import lightning_step_time, median_step
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,23 +41,7 @@ class Classifier(pl.LightningModule):
 
 
 def lightning_step(make_net, loader: DataLoader, strategy: object, steps: int, warmup: int, precision: str) -> float:
-    torch.manual_seed(0)
-    timer = StepTimer()
-    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        max_steps=steps + warmup + 1,
-        strategy=strategy,
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(Classifier(make_net()), loader)
-    return timer.median_step(warmup)
+    return lightning_step_time(Classifier(make_net()), loader, steps, warmup, strategy=strategy, precision=precision)
 
 
 def raw_step(make_net, loader: DataLoader, mode: str | None, steps: int, warmup: int, precision: str) -> float:
