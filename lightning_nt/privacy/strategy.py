@@ -24,7 +24,12 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.types import _PATH
 from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.validators import ModuleValidator
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
@@ -81,10 +86,14 @@ class _DifferentialPrivacy:
             raise ValueError(f"`max_grad_norm` must be > 0, got {max_grad_norm}.")
         if accountant not in ("prv", "rdp", "gdp"):
             raise ValueError(f"`accountant` must be 'prv', 'rdp' or 'gdp', got {accountant!r}.")
-        if grad_sample_mode not in ("hooks", "ew", "functorch"):
+        if grad_sample_mode not in ("hooks", "ew", "functorch", "ghost"):
             raise ValueError(
-                f"`grad_sample_mode` must be 'hooks', 'ew' or 'functorch', got {grad_sample_mode!r} "
-                "('ghost' clipping is not supported yet)."
+                f"`grad_sample_mode` must be 'hooks', 'ew', 'functorch' or 'ghost', got {grad_sample_mode!r}."
+            )
+        if grad_sample_mode == "ghost" and (max_physical_batch_size is not None or augmentation_multiplicity != 1):
+            raise ValueError(
+                "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
+                "`augmentation_multiplicity`: use 'hooks' for those."
             )
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
@@ -112,6 +121,7 @@ class _DifferentialPrivacy:
         self._device_given = "device" in strategy_kwargs
         self._hooks: Any = None
         self._plan: tuple[Any, ...] | None = None
+        self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
         self._loaded_ledger: dict[str, Any] | None = None
 
@@ -130,8 +140,13 @@ class _DifferentialPrivacy:
             self._check_module(self.lightning_module)
         super().setup(trainer)  # type: ignore[misc]
         if trainer.state.fn == TrainerFn.FITTING:
+            ghost = {"max_grad_norm": self.max_grad_norm} if self.grad_sample_mode == "ghost" else {}
             self._hooks = prepare_module(
-                self.lightning_module, grad_sample_mode=self.grad_sample_mode, wrap_model=False, loss_reduction="mean"
+                self.lightning_module,
+                grad_sample_mode=self.grad_sample_mode,
+                wrap_model=False,
+                loss_reduction="mean",
+                **ghost,
             )
             self._hooks.disable_hooks()  # on only from a training step to its optimizer step
             if self._loaded_ledger is not None:
@@ -178,7 +193,11 @@ class _DifferentialPrivacy:
             raise RuntimeError(
                 f"DP-SGD supports exactly one optimizer; configure_optimizers returned {len(self.optimizers)}."
             )
-        optimizer_class = _CarryingDistributedDPOptimizer if trainer.world_size > 1 else _CarryingDPOptimizer
+        distributed = trainer.world_size > 1
+        if self.grad_sample_mode == "ghost":
+            optimizer_class = _GhostDistributedDPOptimizer if distributed else _GhostDPOptimizer
+        else:
+            optimizer_class = _CarryingDistributedDPOptimizer if distributed else _CarryingDPOptimizer
         self.optimizers = [
             optimizer_class(
                 self.optimizers[0],
@@ -267,7 +286,37 @@ class _DifferentialPrivacy:
         if batch is not None:
             args = (self._flat_views(batch), *args[1:])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
-            return super().training_step(*args, **kwargs)  # type: ignore[misc]
+            output = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        return self._stash_per_example_losses(output) if self.grad_sample_mode == "ghost" else output
+
+    def _stash_per_example_losses(self, output: Any) -> Any:
+        """Ghost clipping: keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
+        if output is None:
+            return None
+        losses = output["loss"] if isinstance(output, dict) else output
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
+            raise RuntimeError(
+                "grad_sample_mode='ghost' needs training_step to return the per-example losses, a [B] tensor "
+                "(e.g. F.cross_entropy(logits, y, reduction='none')), or a dict with them under 'loss'."
+            )
+        self._per_example_losses = losses
+        return {**output, "loss": losses.mean()} if isinstance(output, dict) else losses.mean()
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        losses, self._per_example_losses = self._per_example_losses, None
+        if losses is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+        # Ghost clipping (Li et al.; Bu et al.): the first pass gives each example's gradient norm without
+        # materialising the gradient, the second back-propagates the losses weighted by their clip factors.
+        module = self.lightning_module
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
+        losses.mean().backward(retain_graph=True)
+        self.optimizers[0].zero_grad()
+        factors = self._hooks.get_clipping_coef()
+        self._hooks.disable_hooks()
+        (factors.to(losses.device) * losses).sum().backward()
+        return self.precision_plugin.post_backward(closure_loss, module)
 
     def _virtual_steps(self, batch: Any, batch_idx: int) -> Any:
         """Clip-and-sum every physical part but the last here; the last goes through Lightning's step as usual."""
@@ -299,6 +348,7 @@ class _DifferentialPrivacy:
         def zero_per_example_gradients(gradient: torch.Tensor) -> torch.Tensor:
             for p in parameters:  # Lightning zeroes the gradients between the step and the backward: set them here
                 p.grad_sample = p.new_zeros((0, *p.shape))
+                p.grad = torch.zeros_like(p)  # what ghost clipping's optimizer reads
             return gradient
 
         loss = torch.zeros((), device=self.root_device, requires_grad=True)
@@ -324,7 +374,8 @@ class _DifferentialPrivacy:
         with captured_logging(module), frozen_metrics(module):
             closure()
         optimizer.zero_grad()
-        optimizer.discard()
+        if hasattr(optimizer, "discard"):
+            optimizer.discard()
         module.trainer.should_stop = True
         rank_zero_warn(f"DP budget reached: one more step would exceed epsilon={self.target_epsilon}; stopping.")
         return None
@@ -347,10 +398,17 @@ class _DifferentialPrivacy:
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
         trainer = self.lightning_module.trainer
         if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
-            samples = optimizer.grad_samples
-            if samples and len(samples[0]):
-                norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+            norms = self._per_example_norms(optimizer)
+            if norms is not None and len(norms):
                 log_scalars(trainer, {"dp/clip_fraction": float((norms > self.max_grad_norm).float().mean())})
+
+    def _per_example_norms(self, optimizer: Any) -> torch.Tensor | None:
+        if self.grad_sample_mode == "ghost":
+            return getattr(self._hooks, "per_sample_gradient_norms", None)
+        samples = optimizer.grad_samples
+        if not samples or not len(samples[0]):  # no example in this batch
+            return None
+        return torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -459,6 +517,23 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
     pass
 
 
+class _SkipWithoutGradients:
+    """Ghost-clipping DPOptimizer that takes no step (and spends nothing) when no backward ran."""
+
+    def pre_step(self, closure: Any = None) -> Any:
+        if all(p.grad is None for p in self.params):  # type: ignore[attr-defined]
+            return False
+        return super().pre_step(closure)  # type: ignore[misc]
+
+
+class _GhostDPOptimizer(_SkipWithoutGradients, DPOptimizerFastGradientClipping):
+    pass
+
+
+class _GhostDistributedDPOptimizer(_SkipWithoutGradients, DistributedDPOptimizerFastGradientClipping):
+    pass
+
+
 def _slice(batch: Any, start: int, stop: int) -> Any:
     return pytree.tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.ndim else t, batch)
 
@@ -516,7 +591,9 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         delta: the delta of the guarantee.
         max_grad_norm: per-example gradient clipping norm ``C``.
         accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"gdp"`` (approximate).
-        grad_sample_mode: Opacus's per-sample gradient engine: ``"hooks"``, ``"ew"`` or ``"functorch"``.
+        grad_sample_mode: Opacus's per-sample gradient engine: ``"hooks"``, ``"ew"``, ``"functorch"``, or ``"ghost"``
+            (ghost clipping: ``training_step`` returns the ``[B]`` per-example losses, the strategy runs the two
+            backward passes; no per-example gradient is materialised).
         sample_rate: Poisson rate ``q``; default: logical batch (loader batch size x processes) / dataset size.
         poisson_sampling: ``False`` keeps the loader's own batches (accounting then approximate; warned).
         max_physical_batch_size: split each Poisson batch into physical batches of at most this many examples

@@ -72,6 +72,35 @@ def test_noiseless_update_equals_the_clipped_sum_over_the_expected_batch():
     assert strategy.epsilon == math.inf
 
 
+class PerExample(Plain):
+    """Returns the [B] per-example losses, as ghost clipping needs."""
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return F.cross_entropy(self(inputs), labels, reduction="none")
+
+
+def test_ghost_clipping_update_equals_the_clipped_sum():
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode="ghost")
+    module, _ = _fit(
+        strategy, module=lambda: PerExample(num_samples=64, batch_size=16), callbacks=[record], max_steps=1
+    )
+    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-4, atol=1e-6)
+
+
+def test_ghost_clipping_runs_through_empty_batches_and_needs_per_example_losses():
+    strategy = DPStrategy(grad_sample_mode="ghost")
+    _, trainer = _fit(strategy, module=lambda: PerExample(num_samples=64, batch_size=1), max_epochs=1)
+    assert trainer.global_step == 64 and math.isfinite(strategy.epsilon)
+    with pytest.raises(RuntimeError, match="per-example losses"):
+        _fit(DPStrategy(grad_sample_mode="ghost"), max_steps=1)
+    with pytest.raises(ValueError, match="ghost"):
+        DPStrategy(grad_sample_mode="ghost", max_physical_batch_size=4)
+
+
 def test_virtual_steps_give_the_update_of_the_whole_logical_batch():
     class Watched(Plain):
         largest = 0
