@@ -43,7 +43,7 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> StabilityThreshold 
 
     Example:
         >>> w = torch.zeros(1, requires_grad=True)
-        >>> stability_threshold(torch.optim.SGD([w], lr=0.1, momentum=0.9)).value
+        >>> round(stability_threshold(torch.optim.SGD([w], lr=0.1, momentum=0.9)).value, 9)
         38.0
     """
     group = optimizer.param_groups[0]
