@@ -136,6 +136,7 @@ class _DifferentialPrivacy:
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             _check_trainer(trainer)
+            self._check_precision(trainer)
             self._check_callbacks(trainer)
             self._check_module(self.lightning_module)
         super().setup(trainer)  # type: ignore[misc]
@@ -151,6 +152,13 @@ class _DifferentialPrivacy:
             self._hooks.disable_hooks()  # on only from a training step to its optimizer step
             if self._loaded_ledger is not None:
                 self.accountant.load_state_dict(self._loaded_ledger)
+
+    def _check_precision(self, trainer: pl.Trainer) -> None:
+        if self.grad_sample_mode == "ghost" and trainer.precision != "32-true":
+            raise RuntimeError(
+                f"grad_sample_mode='ghost' with precision={trainer.precision!r}: Opacus computes the ghost norms in "
+                "low precision, so a clipped gradient could exceed max_grad_norm. Use precision='32-true' or 'hooks'."
+            )
 
     def _check_callbacks(self, trainer: pl.Trainer) -> None:
         from lightning_nt.gradinit import GradInit
@@ -314,6 +322,9 @@ class _DifferentialPrivacy:
         losses.mean().backward(retain_graph=True)
         self.optimizers[0].zero_grad()
         factors = self._hooks.get_clipping_coef()
+        for p in self._hooks.trainable_parameters:  # a layer skipped next time must not reuse these norms
+            if hasattr(p, "_norm_sample"):
+                del p._norm_sample
         self._hooks.disable_hooks()
         (factors.to(losses.device) * losses).sum().backward()
         return self.precision_plugin.post_backward(closure_loss, module)
@@ -324,10 +335,17 @@ class _DifferentialPrivacy:
         assert limit is not None
         starts = list(range(0, size, limit))
         optimizer: _CarryingDPOptimizer = self.optimizers[0]
+        optimizer.clear_per_example_state()  # Lightning zeroes them only after training_step
+        module = self.lightning_module
         for start in starts[:-1]:
             part = self._flat_views(_slice(batch, start, start + limit))
-            with self._without_ddp_gradient_sync(), self.precision_plugin.train_step_context():
-                output = self.lightning_module.training_step(part, batch_idx)
+            # only the last part logs (and may sync logs across processes, which run different part counts)
+            with (
+                self._without_ddp_gradient_sync(),
+                self.precision_plugin.train_step_context(),
+                captured_logging(module),
+            ):
+                output = module.training_step(part, batch_idx)
             loss_from_output(output, "training_step").backward()
             optimizer.carry_clipped_sums()
         return _slice(batch, starts[-1], size)
@@ -497,8 +515,13 @@ class _CarryClippedSums:
         """Forget the clipped sums carried from earlier physical batches (the step is not taken)."""
         self._carried = {}
 
+    def clear_per_example_state(self) -> None:
+        for p in self.params:  # type: ignore[attr-defined]
+            p.grad_sample, p.summed_grad = None, None
+
     def pre_step(self, closure: Any = None) -> Any:
-        if all(getattr(p, "grad_sample", None) is None for p in self.params):  # type: ignore[attr-defined]
+        no_backward = all(getattr(p, "grad_sample", None) is None for p in self.params)  # type: ignore[attr-defined]
+        if _anywhere(no_backward, self.params[0].device):  # type: ignore[attr-defined]
             self.discard()  # training_step returned None: no backward, no step, nothing released or spent
             return False
         self._in_step = True
@@ -521,7 +544,7 @@ class _SkipWithoutGradients:
     """Ghost-clipping DPOptimizer that takes no step (and spends nothing) when no backward ran."""
 
     def pre_step(self, closure: Any = None) -> Any:
-        if all(p.grad is None for p in self.params):  # type: ignore[attr-defined]
+        if _anywhere(all(p.grad is None for p in self.params), self.params[0].device):  # type: ignore[attr-defined]
             return False
         return super().pre_step(closure)  # type: ignore[misc]
 
@@ -532,6 +555,15 @@ class _GhostDPOptimizer(_SkipWithoutGradients, DPOptimizerFastGradientClipping):
 
 class _GhostDistributedDPOptimizer(_SkipWithoutGradients, DistributedDPOptimizerFastGradientClipping):
     pass
+
+
+def _anywhere(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is true on any (so that all skip a step together instead of hanging)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _slice(batch: Any, start: int, stop: int) -> Any:

@@ -24,15 +24,18 @@ class Plain(TinyClassifier):
 
 
 class RecordUpdate(pl.Callback):
-    """Keeps the first training batch, the weights before the first step and the update it made."""
+    """Keeps the training batch of step ``at``, the weights before it and the update it made."""
+
+    def __init__(self, at=0):
+        self.at = at
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 0:
+        if trainer.global_step == self.at:
             self.batch = [t.clone() for t in batch]
             self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == 1 and not hasattr(self, "update"):
+        if trainer.global_step == self.at + 1 and not hasattr(self, "update"):
             self.update = {n: p.detach() - self.before[n] for n, p in pl_module.named_parameters()}
 
 
@@ -99,6 +102,8 @@ def test_ghost_clipping_runs_through_empty_batches_and_needs_per_example_losses(
         _fit(DPStrategy(grad_sample_mode="ghost"), max_steps=1)
     with pytest.raises(ValueError, match="ghost"):
         DPStrategy(grad_sample_mode="ghost", max_physical_batch_size=4)
+    with pytest.raises(RuntimeError, match="low precision"):
+        _fit(DPStrategy(grad_sample_mode="ghost"), module=PerExample, max_steps=1, precision="bf16-mixed")
 
 
 def test_virtual_steps_give_the_update_of_the_whole_logical_batch():
@@ -109,9 +114,9 @@ def test_virtual_steps_give_the_update_of_the_whole_logical_batch():
             Watched.largest = max(Watched.largest, len(batch[0]))
             return super().training_step(batch, batch_idx)
 
-    record = RecordUpdate()
+    record = RecordUpdate(at=2)  # later steps must not carry anything of the steps before
     strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, max_physical_batch_size=5)
-    module, _ = _fit(strategy, module=lambda: Watched(num_samples=64, batch_size=16), callbacks=[record], max_steps=1)
+    module, _ = _fit(strategy, module=lambda: Watched(num_samples=64, batch_size=16), callbacks=[record], max_steps=3)
     assert len(record.batch[0]) > 5 and Watched.largest == 5
     expected = _clipped_sum(module, record.before, record.batch, 0.5)
     for name, update in record.update.items():
