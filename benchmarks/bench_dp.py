@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -29,19 +30,22 @@ from lightning_nt.demos import wide_resnet
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, per_example: bool = False) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.per_example = net, per_example
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self.net(batch[0]), batch[1])
+        # ghost clipping wants the per-example losses
+        return F.cross_entropy(self.net(batch[0]), batch[1], reduction="none" if self.per_example else "mean")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def lightning_step(make_net, loader: DataLoader, strategy: object, steps: int, warmup: int, precision: str) -> float:
-    return lightning_step_time(Classifier(make_net()), loader, steps, warmup, strategy=strategy, precision=precision)
+    ghost = isinstance(strategy, DPStrategy) and strategy.grad_sample_mode == "ghost"
+    module = Classifier(make_net(), per_example=ghost)
+    return lightning_step_time(module, loader, steps, warmup, strategy=strategy, precision=precision)
 
 
 def raw_step(make_net, loader: DataLoader, mode: str | None, steps: int, warmup: int, precision: str) -> float:
@@ -49,16 +53,22 @@ def raw_step(make_net, loader: DataLoader, mode: str | None, steps: int, warmup:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = make_net().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    criterion: Any = nn.CrossEntropyLoss()
     if mode is not None:
-        net, optimizer, loader = PrivacyEngine().make_private(
+        private = PrivacyEngine().make_private(
             module=net,
             optimizer=optimizer,
+            criterion=criterion,
             data_loader=loader,
             noise_multiplier=1.0,
             max_grad_norm=1.0,
             poisson_sampling=False,
             grad_sample_mode=mode,
         )
+        if mode == "ghost":  # ghost clipping returns a criterion that runs the two backward passes
+            net, optimizer, criterion, loader = private
+        else:
+            net, optimizer, loader = private
     times = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     for i, (inputs, labels) in enumerate(loader):
@@ -70,7 +80,7 @@ def raw_step(make_net, loader: DataLoader, mode: str | None, steps: int, warmup:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad()
         with autocast:
-            loss = F.cross_entropy(net(inputs), labels)
+            loss = criterion(net(inputs), labels)
         loss.backward()
         optimizer.step()
     return median_step(times, warmup)
