@@ -17,6 +17,7 @@ from lightning_nt.common import (
     LossFn,
     ProbeSet,
     batch_size,
+    check_choice,
     log_figure,
     log_scalars,
     preserved_state,
@@ -127,12 +128,9 @@ class SharpnessMonitor(pl.Callback):
             raise ValueError(f"`trace_samples` must be >= 3, got {trace_samples}.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"`chunk_size` must be >= 1 or None, got {chunk_size}.")
-        if mode not in ("train", "eval"):
-            raise ValueError(f"`mode` must be 'train' or 'eval', got {mode!r}.")
-        if data not in ("probe", "batch"):
-            raise ValueError(f"`data` must be 'probe' or 'batch', got {data!r}.")
-        if trace_method not in ("hutch++", "hutchinson"):
-            raise ValueError(f"`trace_method` must be 'hutch++' or 'hutchinson', got {trace_method!r}.")
+        check_choice("mode", mode, ("train", "eval"))
+        check_choice("data", data, ("probe", "batch"))
+        check_choice("trace_method", trace_method, ("hutch++", "hutchinson"))
         if not 0 < tol < 1:
             raise ValueError(f"`tol` must be in (0, 1), got {tol}.")
         if max_overhead is not None and not 0 < max_overhead < 1:
@@ -228,14 +226,14 @@ class SharpnessMonitor(pl.Callback):
             except FloatingPointError:
                 values, solves = {"sharpness/lambda_max": math.nan}, 0
         seconds = time.perf_counter() - started
+        self._measuring_seconds += seconds  # a skipped measurement still cost its time
+        self._max_cost = max(self._max_cost, seconds)
         if not all(math.isfinite(v) for v in values.values()):
             self._warn("nan", "SharpnessMonitor: a measurement was not finite (NaN/inf); it is skipped.")
             self._warm.clear()
             return
         values["sharpness/seconds"] = seconds
         values["sharpness/hvps"] = float(solves)
-        self._measuring_seconds += seconds
-        self._max_cost = max(self._max_cost, seconds)
         values["sharpness/overhead"] = self._measuring_seconds / max(self._training_seconds(), 1e-9)
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
