@@ -19,7 +19,7 @@ from lightning_nt.averaging.core import (
     recompute_batchnorm,
     save_averaged_weights,
 )
-from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
+from lightning_nt.common import LossFn, check_choice, log_scalars, prepare_batch, preserved_loader_rng, training_loss
 from lightning_nt.common.evaluation import validation_metrics
 
 __all__ = ["IterateAveraging"]
@@ -91,9 +91,9 @@ class IterateAveraging(pl.Callback):
         device: str | None = None,
         loss_fn: LossFn | None = None,
     ) -> None:
-        _check_choice("mode", mode, ("uniform", "ema"))
-        _check_choice("update_on", update_on, ("step", "epoch"))
-        _check_choice("bn", bn, ("recompute", "average", "copy"))
+        check_choice("mode", mode, ("uniform", "ema"))
+        check_choice("update_on", update_on, ("step", "epoch"))
+        check_choice("bn", bn, ("recompute", "average", "copy"))
         for name, value in (("start_step", start_step), ("start_epoch", start_epoch)):
             if value is not None and value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value}.")
@@ -161,10 +161,11 @@ class IterateAveraging(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averagings = [c for c in trainer.callbacks if isinstance(c, IterateAveraging)]
         for flag in ("evaluate", "apply_on_end"):
-            if sum(getattr(c, flag) for c in averagings) > 1:
+            count = sum(getattr(c, flag) for c in averagings)
+            if count > 1:
                 raise RuntimeError(
-                    f"{sum(getattr(c, flag) for c in averagings)} IterateAveraging callbacks have {flag}=True, but the "
-                    f"module can hold only one average at a time: pass {flag}=False to all but one."
+                    f"{count} IterateAveraging callbacks have {flag}=True, but the module can hold only one "
+                    f"average at a time: pass {flag}=False to all but one."
                 )
         self._average = IterateAverage(
             pl_module,
@@ -292,8 +293,3 @@ class IterateAveraging(pl.Callback):
     def _decay_per_update(self) -> float:
         decay = 0.999 if self.decay is None and self.half_life is None else self.decay
         return decay_per_update(decay, self.half_life, self.every_n_steps if self.update_on == "step" else 1)
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nt.common.state import preserved_modes
+from lightning_nt.common.validation import check_choice
 
 __all__ = [
     "AveragingMode",
@@ -86,8 +87,7 @@ class IterateAverage:
         buffers: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        if mode not in ("uniform", "ema"):
-            raise ValueError(f"`mode` must be 'uniform' or 'ema', got {mode!r}.")
+        check_choice("mode", mode, ("uniform", "ema"))
         if mode == "ema" and (decay is None or not 0.0 < decay < 1.0):
             raise ValueError(f"`decay` must be in (0, 1) for mode='ema', got {decay}.")
         if warmup is not None and warmup <= 0:

@@ -11,6 +11,7 @@ from lightning_nt.common.loss import (
 from lightning_nt.common.probe import ProbeSet, batch_size, concatenate_batches, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state
+from lightning_nt.common.validation import check_choice
 
 __all__ = [
     "LossFn",
@@ -18,6 +19,7 @@ __all__ = [
     "RNGState",
     "batch_size",
     "captured_logging",
+    "check_choice",
     "concatenate_batches",
     "frozen_metrics",
     "log_figure",

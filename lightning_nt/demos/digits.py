@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_nt.common.validation import check_choice
+
 __all__ = ["DigitsCNN", "DigitsDataModule", "load_digits_tensors"]
 
 Norm = Literal["none", "batch", "group"]
@@ -111,8 +113,7 @@ class DigitsCNN(pl.LightningModule):
         super().__init__()
         if depth < 3:
             raise ValueError(f"`depth` must be >= 3, got {depth}.")
-        if optimizer not in ("sgd", "adam", "adamw"):
-            raise ValueError(f"`optimizer` must be 'sgd', 'adam' or 'adamw', got {optimizer!r}.")
+        check_choice("optimizer", optimizer, ("sgd", "adam", "adamw"))
         self.save_hyperparameters()
         self.features = nn.Sequential(
             *_conv_block(1, width, norm),
@@ -165,6 +166,5 @@ def _conv_block(in_channels: int, out_channels: int, norm: Norm) -> list[nn.Modu
         "batch": lambda: nn.BatchNorm2d(out_channels),
         "group": lambda: nn.GroupNorm(min(8, out_channels), out_channels),
     }
-    if norm not in normalisation:
-        raise ValueError(f"`norm` must be one of {sorted(normalisation)}, got {norm!r}.")
+    check_choice("norm", norm, normalisation)
     return [nn.Conv2d(in_channels, out_channels, 3, padding=1), normalisation[norm](), nn.ReLU()]

@@ -11,6 +11,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_nt.common.validation import check_choice
+
 __all__ = ["StandardizedConv2d", "wide_resnet"]
 
 
@@ -54,8 +56,7 @@ def wide_resnet(
     """
     if (depth - 4) % 6:
         raise ValueError(f"`depth` must be 6n + 4 (16, 22, 28, 40, ...), got {depth}.")
-    if norm not in ("batch", "group"):
-        raise ValueError(f"`norm` must be 'batch' or 'group', got {norm!r}.")
+    check_choice("norm", norm, ("batch", "group"))
     blocks_per_stage = (depth - 4) // 6
     widths = [16, 16 * widen, 32 * widen, 64 * widen]
     conv = nn.Conv2d if norm == "batch" else StandardizedConv2d

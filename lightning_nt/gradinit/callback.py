@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_nt.common import (
     LossFn,
     batch_size,
+    check_choice,
     log_figure,
     log_scalars,
     log_text,
@@ -81,8 +82,7 @@ class GradInit(pl.Callback):
             raise ValueError(f"`eta` must be > 0 (or None for the optimizer's learning rate), got {eta}.")
         if max_scale is not None and not max_scale > min_scale:
             raise ValueError(f"`max_scale` must be > min_scale={min_scale}, got {max_scale}.")
-        if algorithm not in ("auto", "sgd", "adam"):
-            raise ValueError(f"`algorithm` must be 'auto', 'sgd' or 'adam', got {algorithm!r}.")
+        check_choice("algorithm", algorithm, ("auto", "sgd", "adam"))
         self.iterations, self.lr, self.eta, self.gamma, self.algorithm = iterations, lr, eta, gamma, algorithm
         self.normalize_grad, self.min_scale, self.max_scale = normalize_grad, min_scale, max_scale
         self.batch_overlap, self.second_order, self.grad_clip, self.loss_fn = (

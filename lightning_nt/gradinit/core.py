@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_nt.common.probe import concatenate_batches
 from lightning_nt.common.state import preserved_modes
+from lightning_nt.common.validation import check_choice
 
 __all__ = ["GradInitResult", "ScaleAdam", "apply_scales", "gradinit", "search_mode"]
 
@@ -169,8 +170,7 @@ def gradinit(
         >>> sorted(result.scales) == sorted(n for n, _ in net.named_parameters())
         True
     """
-    if algorithm not in ("sgd", "adam"):
-        raise ValueError(f"`algorithm` must be 'sgd' or 'adam', got {algorithm!r}.")
+    check_choice("algorithm", algorithm, ("sgd", "adam"))
     join = concatenate or concatenate_batches
     names = [name for name, p in module.named_parameters() if p.requires_grad]
     originals = dict(module.named_parameters())

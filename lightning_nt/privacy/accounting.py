@@ -8,6 +8,8 @@ from typing import Literal
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from lightning_nt.common.validation import check_choice
+
 __all__ = ["AccountantName", "calibrate_noise", "epsilon_of", "make_accountant"]
 
 AccountantName = Literal["prv", "rdp", "gdp"]
@@ -19,8 +21,7 @@ def make_accountant(name: AccountantName) -> IAccountant:
 
     ``"gdp"`` is the central-limit approximation of Dong et al.: it can under-report epsilon for few steps.
     """
-    if name not in _ACCOUNTANTS:
-        raise ValueError(f"`accountant` must be one of {sorted(_ACCOUNTANTS)}, got {name!r}.")
+    check_choice("accountant", name, _ACCOUNTANTS)
     return _ACCOUNTANTS[name]()
 
 

@@ -41,7 +41,14 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_nt.common import batch_size, captured_logging, frozen_metrics, log_scalars, loss_from_output
+from lightning_nt.common import (
+    batch_size,
+    captured_logging,
+    check_choice,
+    frozen_metrics,
+    log_scalars,
+    loss_from_output,
+)
 from lightning_nt.privacy.accounting import AccountantName, calibrate_noise, epsilon_of, make_accountant
 from lightning_nt.privacy.sampling import poisson_dataloader
 
@@ -84,12 +91,7 @@ class _DifferentialPrivacy:
             raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
         if not max_grad_norm > 0:
             raise ValueError(f"`max_grad_norm` must be > 0, got {max_grad_norm}.")
-        if accountant not in ("prv", "rdp", "gdp"):
-            raise ValueError(f"`accountant` must be 'prv', 'rdp' or 'gdp', got {accountant!r}.")
-        if grad_sample_mode not in ("hooks", "ew", "functorch", "ghost"):
-            raise ValueError(
-                f"`grad_sample_mode` must be 'hooks', 'ew', 'functorch' or 'ghost', got {grad_sample_mode!r}."
-            )
+        check_choice("grad_sample_mode", grad_sample_mode, ("hooks", "ew", "functorch", "ghost"))
         if grad_sample_mode == "ghost" and (max_physical_batch_size is not None or augmentation_multiplicity != 1):
             raise ValueError(
                 "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
@@ -123,7 +125,6 @@ class _DifferentialPrivacy:
         self._plan: tuple[Any, ...] | None = None
         self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
-        self._loaded_ledger: dict[str, Any] | None = None
 
     @property
     def epsilon(self) -> float:
@@ -150,8 +151,6 @@ class _DifferentialPrivacy:
                 **ghost,
             )
             self._hooks.disable_hooks()  # on only from a training step to its optimizer step
-            if self._loaded_ledger is not None:
-                self.accountant.load_state_dict(self._loaded_ledger)
 
     def _check_precision(self, trainer: pl.Trainer) -> None:
         if self.grad_sample_mode == "ghost" and trainer.precision != "32-true":
@@ -196,11 +195,7 @@ class _DifferentialPrivacy:
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        super().setup_optimizers(trainer)  # type: ignore[misc]
-        if len(self.optimizers) != 1:
-            raise RuntimeError(
-                f"DP-SGD supports exactly one optimizer; configure_optimizers returned {len(self.optimizers)}."
-            )
+        super().setup_optimizers(trainer)  # type: ignore[misc]  # Lightning refuses several optimizers here
         distributed = trainer.world_size > 1
         if self.grad_sample_mode == "ghost":
             optimizer_class = _GhostDistributedDPOptimizer if distributed else _GhostDPOptimizer
@@ -471,7 +466,6 @@ class _DifferentialPrivacy:
                 f"{checkpoint_path} has no privacy ledger (it was not saved by a DP strategy), so the privacy spent "
                 "before it is unknown: resuming privately from it would under-report epsilon."
             )
-        self._loaded_ledger = saved["ledger"]
         self.noise_multiplier = float(saved["noise_multiplier"])
         self._plan = tuple(saved["plan"]) if saved.get("plan") is not None else None
         self.accountant.load_state_dict(saved["ledger"])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_nt.common.validation import check_choice
 from lightning_nt.sharpness.hvp import HessianOperator, flatten, unflatten
 
 __all__ = [
@@ -55,8 +56,7 @@ def hutchinson_trace(
         >>> round(hutchinson_trace(lambda v: A @ v, 10, samples=30, method="hutch++").value, 3)
         55.0
     """
-    if method not in ("hutchinson", "hutch++"):
-        raise ValueError(f"`method` must be 'hutchinson' or 'hutch++', got {method!r}.")
+    check_choice("method", method, ("hutchinson", "hutch++"))
 
     def rademacher(count: int) -> Tensor:
         signs = torch.randint(0, 2, (count, dim), generator=generator).to(device=device, dtype=torch.float32)
