@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -24,7 +26,27 @@ def tiny_trainer(root: Path | str | None = None, **overrides: Any) -> pl.Trainer
         "log_every_n_steps": 1,
     }
     settings.update(overrides)
+    if settings["devices"] != 1:
+        settings["callbacks"] = [*settings.get("callbacks", []), OrderlyProcessGroupExit()]
     return pl.Trainer(**settings)
+
+
+class OrderlyProcessGroupExit(pl.Callback):
+    """Tears the gloo process group down on every rank together before a spawned worker exits.
+
+    Lightning destroys only NCCL groups at exit; a gloo group left to interpreter shutdown can abort a worker
+    ("terminate called without an active exception") while its peer is still connected, failing a test whose
+    training had already finished.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def read_tensorboard_scalars(log_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
