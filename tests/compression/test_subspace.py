@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_nt.compression.subspace import find_subspace, to_subspace
+
+
+def _net():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_only_w_trains_and_theta0_is_the_seeded_initialisation():
+    net = _net()
+    subspace = to_subspace(net, dimension=12, seed=5)
+    assert [p for p in net.parameters() if p.requires_grad] == [subspace.weight]
+    reference = _net()
+    torch.manual_seed(5)
+    for module in reference.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    inputs = torch.randn(4, 6)
+    torch.testing.assert_close(net(inputs), reference(inputs), rtol=0, atol=0)
+
+
+def test_displacement_is_the_kronecker_projection_of_w():
+    net = _net()
+    subspace = to_subspace(net, dimension=10, seed=0)
+    with torch.no_grad():
+        subspace.weight.copy_(torch.randn(10))
+    rows, columns = subspace.factors
+    padded = torch.cat([subspace.weight.detach(), torch.zeros(rows * columns - 10)])
+    theta0 = net[0].parametrizations.weight.original
+    left, right = subspace.left_0, subspace.right_0
+    expected = (torch.kron(left, right) @ padded)[: theta0.numel()].view_as(theta0)
+    torch.testing.assert_close(net[0].weight - theta0, expected)
+
+
+def test_columns_of_p_have_unit_norm_on_average():
+    net = nn.Sequential(nn.Linear(100, 100), nn.Linear(100, 10))
+    subspace = to_subspace(net, dimension=64, seed=1)
+    squared_norms = []
+    for j in range(64):
+        with torch.no_grad():
+            subspace.weight.zero_()
+            subspace.weight[j] = 1.0
+        squared_norms.append(sum(float(subspace.offset(i).detach().pow(2).sum()) for i in range(4)))
+    assert sum(squared_norms) / 64 == pytest.approx(1.0, rel=0.2)
+
+
+def test_projection_is_checked_against_its_seed():
+    subspace = to_subspace(_net(), dimension=8, seed=3)
+    assert subspace.projections_match_seed()
+    with torch.no_grad():
+        subspace.left_1.mul_(1.0001)
+    assert not subspace.projections_match_seed()
+
+
+def test_training_moves_only_w_and_lowers_the_loss():
+    net = _net()
+    subspace = to_subspace(net, dimension=20, seed=0)
+    theta0 = [p.detach().clone() for p in net.parameters() if not p.requires_grad]
+    inputs, labels = torch.randn(64, 6), torch.randint(3, (64,))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    losses = []
+    for _ in range(50):
+        loss = nn.functional.cross_entropy(net(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0]
+    assert all(torch.equal(a, b) for a, b in zip(theta0, (p for p in net.parameters() if not p.requires_grad)))
+    assert find_subspace(net) is subspace and float(subspace.weight.norm()) > 0
+
+
+def test_parameters_the_seed_cannot_draw_are_named():
+    class WithLooseParameter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+            self.temperature = nn.Parameter(torch.ones(1))
+
+    with pytest.raises(ValueError, match="temperature"):
+        to_subspace(WithLooseParameter(), dimension=4)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="`dimension`"):
+        to_subspace(_net(), dimension=0)
+    with pytest.raises(ValueError, match="`seed`"):
+        to_subspace(_net(), dimension=3, seed=2**32)
+    net = _net()
+    to_subspace(net, dimension=3)
+    with pytest.raises(ValueError, match="already"):
+        to_subspace(net, dimension=3)
+    assert math.isfinite(float(net(torch.zeros(1, 6)).sum()))
