@@ -1,5 +1,7 @@
 """LightningCLI entry point: every callback and strategy of lightning_nt can be set from YAML.
 
+The model is any digits classifier (``model.class_path``: ``lightning_nt.demos.DigitsCNN`` or ``DigitsMLP``).
+
 python examples/cli.py fit --config examples/configs/digits.yaml
 python examples/cli.py fit --config examples/configs/digits.yaml --trainer.max_epochs 3
 """
@@ -11,11 +13,17 @@ from collections.abc import Sequence
 from pytorch_lightning.cli import LightningCLI
 
 import lightning_nt  # noqa: F401  (registers the strategies by name)
-from lightning_nt.demos import DigitsCNN, DigitsDataModule
+from lightning_nt.demos import DigitsClassifier, DigitsDataModule
 
 
 def main(args: Sequence[str] | None = None) -> LightningCLI:
-    return LightningCLI(DigitsCNN, DigitsDataModule, args=args, save_config_kwargs={"overwrite": True})
+    return LightningCLI(
+        DigitsClassifier,
+        DigitsDataModule,
+        subclass_mode_model=True,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python examples/digits.py                      # plain run, about 10 seconds on 2 CPU cores
     python examples/digits.py --help               # every option and capability flag
+    python examples/digits.py --bound --model mlp --subspace 120 --optimizer adam   # a certified error bound
     tensorboard --logdir lightning_logs            # look at what was logged
 
 Each capability adds one entry to ``CAPABILITIES`` below: a flag, the callback it builds, and a line
@@ -19,8 +20,15 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import Strategy
 
-from lightning_nt import DPStrategy, GradInit, IterateAveraging, SharpnessMonitor
-from lightning_nt.demos import DigitsCNN, DigitsDataModule
+from lightning_nt import (
+    CompressionBoundReporter,
+    DPStrategy,
+    GradInit,
+    IterateAveraging,
+    SharpnessMonitor,
+    SubspaceTraining,
+)
+from lightning_nt.demos import DigitsCNN, DigitsDataModule, DigitsMLP
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,17 @@ def _privacy_summary(strategy: DPStrategy, trainer: pl.Trainer) -> str:
     )
 
 
+def _bound_summary(callback: CompressionBoundReporter, trainer: pl.Trainer) -> str:
+    report, certificate = callback.report, callback.certificate
+    if certificate is None:
+        return "no bound computed"
+    return (
+        f"certified error <= {report['compression/error_bound']:.3f} (probability {1 - certificate.delta:g}): decoded "
+        f"model's train error {report['compression/train_error']:.3f} on m={certificate.num_examples}, "
+        f"{certificate.code_bits} bits ({certificate.config}); validation error {report['compression/test_error']:.3f}"
+    )
+
+
 CAPABILITIES: list[Capability] = [
     Capability(
         flag="gradinit",
@@ -100,6 +119,14 @@ CAPABILITIES: list[Capability] = [
         build=lambda args: DPStrategy(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0),
         summarise=_privacy_summary,
     ),
+    Capability(
+        flag="bound",
+        help="after training, a certified compression bound on the error (quantise, arithmetic-code, decode, "
+        "kl-Occam bound at delta 0.05) with Arora et al.'s noise stability and capacity measures; tight with "
+        "--subspace",
+        build=lambda args: CompressionBoundReporter(),
+        summarise=_bound_summary,
+    ),
 ]
 
 
@@ -108,7 +135,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
+    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn", help="DigitsCNN or DigitsMLP")
     parser.add_argument("--width", type=int, default=16, help="channels of the first convolution")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden units of the MLP")
+    parser.add_argument(
+        "--subspace", type=int, default=None, help="train only in a random subspace of this dimension (Lotfi et al.)"
+    )
     parser.add_argument("--depth", type=int, default=3, help="convolutions (>= 3)")
     parser.add_argument("--norm", choices=["none", "batch", "group"], default="none")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
@@ -128,15 +160,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     chosen = [c for c in CAPABILITIES if getattr(args, c.flag.replace("-", "_"))]
     plugins = [capability.build(args) for capability in chosen]
     callbacks = [plugin for plugin in plugins if isinstance(plugin, pl.Callback)]
+    if args.subspace is not None:
+        callbacks.insert(0, SubspaceTraining(dimension=args.subspace, seed=args.seed))
     strategies = [plugin for plugin in plugins if isinstance(plugin, Strategy)]
-    model = DigitsCNN(
-        width=args.width,
-        norm=args.norm,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        depth=args.depth,
-    )
+    optimization = {"optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay}
+    if args.model == "mlp":
+        model = DigitsMLP(hidden=args.hidden, **optimization)
+    else:
+        model = DigitsCNN(width=args.width, norm=args.norm, depth=args.depth, **optimization)
     datamodule = DigitsDataModule(batch_size=args.batch_size, train_size=args.train_size, seed=args.seed)
     logger = pl.loggers.TensorBoardLogger(args.log_dir, name="digits")
     trainer = pl.Trainer(
@@ -155,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     summaries = [f"--{c.flag}: {c.summarise(plugin, trainer)}" for c, plugin in zip(chosen, plugins)]
     results = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
 
-    num_parameters = sum(p.numel() for p in model.parameters())
-    print(f"\nDigits CNN ({num_parameters} parameters), {args.epochs} epochs in {seconds:.0f} s")
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"\nDigits {args.model.upper()} ({trained} trained parameters), {args.epochs} epochs in {seconds:.0f} s")
     print(f"  validation accuracy {results['val/acc']:.4f}, loss {results['val/loss']:.4f}")
     for summary in summaries:
         print(f"  {summary}")

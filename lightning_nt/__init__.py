@@ -1,6 +1,7 @@
 """lightning_nt: results from the theory of neural-network training, as PyTorch Lightning plugins."""
 
 from lightning_nt.averaging import IterateAveraging
+from lightning_nt.compression import CompressionBoundReporter, SubspaceTraining
 from lightning_nt.gradinit import GradInit
 from lightning_nt.privacy import DPDDPStrategy, DPStrategy, register_strategies
 from lightning_nt.sharpness import SharpnessMonitor
@@ -9,4 +10,13 @@ __version__ = "0.1.0.dev0"
 
 register_strategies()
 
-__all__ = ["DPDDPStrategy", "DPStrategy", "GradInit", "IterateAveraging", "SharpnessMonitor", "__version__"]
+__all__ = [
+    "CompressionBoundReporter",
+    "DPDDPStrategy",
+    "DPStrategy",
+    "GradInit",
+    "IterateAveraging",
+    "SharpnessMonitor",
+    "SubspaceTraining",
+    "__version__",
+]

@@ -1,12 +1,14 @@
 """Small, download-free tasks for examples, tests and benchmarks."""
 
-from lightning_nt.demos.digits import DigitsCNN, DigitsDataModule, load_digits_tensors
+from lightning_nt.demos.digits import DigitsClassifier, DigitsCNN, DigitsDataModule, DigitsMLP, load_digits_tensors
 from lightning_nt.demos.edge_of_stability import FullBatch, FullBatchMLP, half_mean_squared_error
 from lightning_nt.demos.wide_resnet import StandardizedConv2d, wide_resnet
 
 __all__ = [
     "DigitsCNN",
+    "DigitsClassifier",
     "DigitsDataModule",
+    "DigitsMLP",
     "FullBatch",
     "FullBatchMLP",
     "StandardizedConv2d",

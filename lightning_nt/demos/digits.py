@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_nt.common.validation import check_choice
 
-__all__ = ["DigitsCNN", "DigitsDataModule", "load_digits_tensors"]
+__all__ = ["DigitsCNN", "DigitsClassifier", "DigitsDataModule", "DigitsMLP", "load_digits_tensors"]
 
 Norm = Literal["none", "batch", "group"]
 OptimizerName = Literal["sgd", "adam", "adamw"]
@@ -80,7 +80,46 @@ class DigitsDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-class DigitsCNN(pl.LightningModule):
+class DigitsClassifier(pl.LightningModule):
+    """What the digits models share: cross-entropy training, ``train/*``, ``val/*`` and ``test/*`` logging, and
+    the optimizer named by the hyperparameters ``optimizer``, ``lr``, ``momentum`` and ``weight_decay``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_acc(logits, labels)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=True)
+        self.log(f"{stage}/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        optimizer_class = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
+        return optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+
+class DigitsCNN(DigitsClassifier):
     """A three-layer CNN for the 8x8 digits, with a choice of normalisation and optimizer.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` (and ``test/*``).
@@ -124,40 +163,41 @@ class DigitsCNN(pl.LightningModule):
             nn.Flatten(),
         )
         self.classifier = nn.Linear(2 * width, 10)
-        self.train_acc = MulticlassAccuracy(num_classes=10, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=10, average="micro")
 
     def forward(self, images: Tensor) -> Tensor:
         return self.classifier(self.features(images))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, labels)
-        self.train_acc(logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+class DigitsMLP(DigitsClassifier):
+    """A one-hidden-layer ReLU network on the flattened 8x8 digits (the two-layer net of norm-based capacity measures).
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    Args:
+        hidden: width of the hidden layer.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: learning rate.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: decoupled for AdamW, L2 for the others.
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.val_acc(logits, labels)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=True)
-        self.log(f"{stage}/acc", self.val_acc, prog_bar=True)
+    Example:
+        >>> DigitsMLP(hidden=32)(torch.zeros(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        optimizer_class = torch.optim.Adam if hp.optimizer == "adam" else torch.optim.AdamW
-        return optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    def __init__(
+        self,
+        hidden: int = 512,
+        optimizer: OptimizerName = "adam",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_choice("optimizer", optimizer, ("sgd", "adam", "adamw"))
+        self.save_hyperparameters()
+        self.network = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(images)
 
 
 def _conv_block(in_channels: int, out_channels: int, norm: Norm) -> list[nn.Module]:

@@ -160,10 +160,12 @@ class _DifferentialPrivacy:
             )
 
     def _check_callbacks(self, trainer: pl.Trainer) -> None:
+        from lightning_nt.compression import CompressionBoundReporter
         from lightning_nt.gradinit import GradInit
         from lightning_nt.sharpness import SharpnessMonitor
 
-        readers = [type(c).__name__ for c in trainer.callbacks if isinstance(c, GradInit | SharpnessMonitor)]
+        nonprivate = GradInit | SharpnessMonitor | CompressionBoundReporter
+        readers = [type(c).__name__ for c in trainer.callbacks if isinstance(c, nonprivate)]
         if not readers:
             return
         message = (
@@ -635,7 +637,7 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
             batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
         allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (GradInit,
-            SharpnessMonitor) run; their logs are then not covered by the guarantee (warned).
+            SharpnessMonitor, CompressionBoundReporter) run; their logs are then not covered by the guarantee (warned).
         device: the device to train on (default: the Trainer accelerator's first device).
         strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``).
 

@@ -391,9 +391,9 @@ def test_bf16_clipping_never_exceeds_the_clipping_norm():
 
 
 def test_callbacks_that_read_training_data_outside_dp_are_refused():
-    from lightning_nt import GradInit, SharpnessMonitor
+    from lightning_nt import CompressionBoundReporter, GradInit, SharpnessMonitor
 
-    for callback in (GradInit(iterations=1), SharpnessMonitor()):
+    for callback in (GradInit(iterations=1), SharpnessMonitor(), CompressionBoundReporter()):
         with pytest.raises(RuntimeError, match="not covered by the privacy guarantee"):
             _fit(DPStrategy(), callbacks=[callback], max_steps=1)
     with pytest.warns(UserWarning, match="allow_nonprivate_callbacks"):

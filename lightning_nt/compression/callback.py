@@ -1,0 +1,389 @@
+"""Lightning adapters: certify the trained model's error with a compression bound; train in a random subspace."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from typing_extensions import override
+
+from lightning_nt.common import (
+    ProbeSet,
+    check_choice,
+    log_scalars,
+    log_text,
+    prepare_batch,
+    preserved_rng,
+    preserved_state,
+)
+from lightning_nt.compression.capacity import capacity_measures
+from lightning_nt.compression.certificate import Certificate, certify
+from lightning_nt.compression.coding import QuantizationMethod, configuration_grid
+from lightning_nt.compression.stability import noise_stability
+from lightning_nt.compression.subspace import find_subspace, to_subspace
+
+__all__ = ["CompressionBoundReporter", "PredictFn", "SubspaceTraining", "TargetFn"]
+
+PredictFn = Callable[[pl.LightningModule, Any], Tensor]
+TargetFn = Callable[[Any], Tensor]
+
+
+def default_predict(pl_module: pl.LightningModule, batch: Any) -> Tensor:
+    """``pl_module(batch[0])``: the logits of a ``(inputs, labels, ...)`` batch."""
+    return pl_module(_field(batch, 0, "inputs"))
+
+
+def default_target(batch: Any) -> Tensor:
+    """``batch[1]``: the labels of a ``(inputs, labels, ...)`` batch."""
+    return _field(batch, 1, "labels")
+
+
+class CompressionBoundReporter(pl.Callback):
+    """A certified compression bound on the trained model's error, beside Arora et al.'s noise stability.
+
+    The model is quantised over a grid of configurations (uniform or k-means levels per tensor, optional
+    magnitude pruning), the tightest candidate is entropy-coded into a real bitstream and decoded again,
+    and the decoded model's 0-1 error ``e`` on the ``m`` training examples gives, with probability
+    ``1 - delta``, ``error <= kl^-1(e, (L ln 2 + ln(1/delta)) / m)`` where ``L`` is the stream's length
+    in bits: codebooks, headers and the ``ceil(log2 N)`` bits that pay for the search all included.
+    A network trained with :class:`SubspaceTraining` is described by its subspace coordinates and seed
+    only, which is what makes the bound non-vacuous for networks much larger than ``m``.
+
+    Beside it, uncertified: Arora et al.'s layer and interlayer cushions, activation contraction,
+    interlayer smoothness, noise attenuation and "effective parameters" (``arora/*``), and capacity
+    measures (``capacity/*``: parameter count, norm products, distance from initialisation, path norm,
+    margin, sharpness-based PAC-Bayes flatness, the R-norm of two-layer ReLU nets).
+
+    Predictions are ``predict_fn(pl_module, batch)``, by default ``pl_module(batch[0])``, compared by
+    argmax with ``target_fn(batch)``, by default ``batch[1]``. The training examples are the train
+    dataloader's dataset read in order (``num_samples`` of them drawn with a fixed seed, if given): ``m``
+    distinct examples, whatever sampler, shuffling or DP sampling the training used. With random
+    augmentation inside the dataset the bound is about the augmented distribution. Each report is its
+    own certificate: picking the best of several reports afterwards would need ``log2(#reports)`` bits more.
+
+    Everything is logged to every logger and ``trainer.callback_metrics``, the table as TensorBoard text
+    (``compression/report``), and the latest report with the searched candidates is written to
+    ``compression_report.json`` in the logger's directory.
+
+    Args:
+        delta: the bound holds with probability at least ``1 - delta``.
+        when: ``"fit_end"`` (once, when training ends) or ``"epoch"`` (every ``every_n_epochs`` epochs).
+        every_n_epochs: report period when ``when="epoch"``.
+        levels: numbers of quantisation levels searched.
+        prune: magnitude-pruning fractions searched (``0.0``: none).
+        methods: quantisers searched, ``"uniform"`` and/or ``"kmeans"``.
+        num_samples: ``m``; default: the whole training set.
+        arora: compute the noise-stability quantities.
+        capacity: compute the capacity measures.
+        stability_samples: training examples the ``arora/*`` and ``capacity/*`` measures use.
+        predict_fn: ``predict_fn(pl_module, batch) -> logits`` of shape ``(batch, classes)``.
+        target_fn: ``target_fn(batch) -> labels`` of shape ``(batch,)``.
+        loss_fn: ``loss_fn(pl_module, batch) -> loss``; when given, the sharpness-based flatness perturbs
+            this loss instead of the 0-1 error.
+
+    Example::
+
+        trainer = pl.Trainer(max_epochs=20, callbacks=[SubspaceTraining(dimension=150), CompressionBoundReporter()])
+        trainer.fit(model, datamodule)
+        reporter.report["compression/error_bound"]   # e.g. 0.45: certified, with probability 0.95
+    """
+
+    def __init__(
+        self,
+        delta: float = 0.05,
+        when: Literal["fit_end", "epoch"] = "fit_end",
+        every_n_epochs: int = 1,
+        levels: Sequence[int] = (2, 3, 4, 5, 7, 9, 13, 17, 33, 65),
+        prune: Sequence[float] = (0.0, 0.5, 0.8, 0.9),
+        methods: Sequence[QuantizationMethod] = ("uniform", "kmeans"),
+        num_samples: int | None = None,
+        arora: bool = True,
+        capacity: bool = True,
+        stability_samples: int = 256,
+        predict_fn: PredictFn | None = None,
+        target_fn: TargetFn | None = None,
+        loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
+    ) -> None:
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
+        check_choice("when", when, ("fit_end", "epoch"))
+        for name, value in (("every_n_epochs", every_n_epochs), ("stability_samples", stability_samples)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"`num_samples` must be >= 1 or None (the whole training set), got {num_samples}.")
+        self.configs = configuration_grid(levels, prune, methods)
+        self.delta, self.when, self.every_n_epochs = delta, when, every_n_epochs
+        self.num_samples, self.stability_samples = num_samples, stability_samples
+        self.arora, self.capacity = arora, capacity
+        self.predict_fn = predict_fn or default_predict
+        self.target_fn = target_fn or default_target
+        self.loss_fn = loss_fn
+        self.report: dict[str, float] = {}
+        self.certificate: Certificate | None = None
+        self._initial_parameters: dict[str, Tensor] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(when=self.when, num_samples=self.num_samples)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._initial_parameters:
+            self._initial_parameters = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "epoch" and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.compute(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "fit_end":
+            self.compute(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial_parameters": self._initial_parameters, "report": self.report}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._initial_parameters = dict(state_dict["initial_parameters"])
+        self.report = dict(state_dict["report"])
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Certify the module as it is now, log everything, and return the report (also kept in ``.report``).
+
+        Parameters, buffers, ``training`` flags and every random generator are left as they were.
+        """
+        with preserved_rng():
+            return self._compute(trainer, pl_module)
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        train_set = self._training_examples(trainer)
+        if train_set is None:
+            return self.report
+        encoded = _encoded_tensors(pl_module)
+        subspace = find_subspace(pl_module)
+        if subspace is not None and not subspace.projections_match_seed():
+            raise RuntimeError("The subspace projection no longer matches its seed; the bound can't be certified.")
+
+        def train_error(values: Sequence[Tensor]) -> float:
+            return self._error(trainer, pl_module, encoded, values, (chunk for chunk, _ in train_set.chunks(512)))
+
+        certificate = certify(
+            [tensor for _, tensor in encoded],
+            train_error,
+            len(train_set),
+            self.configs,
+            self.delta,
+            seed=subspace.seed if subspace is not None else None,
+        )
+        report = {
+            "compression/error_bound": certificate.error_bound,
+            "compression/hoeffding_bound": certificate.hoeffding_bound,
+            "compression/train_error": certificate.train_error,
+            "compression/code_bits": float(certificate.code_bits),
+            "compression/num_examples": float(certificate.num_examples),
+        }
+        test_error = self._test_error(trainer, pl_module, encoded, certificate.decoded)
+        if test_error is not None:
+            report["compression/test_error"] = test_error
+        report.update(self._uncertified(trainer, pl_module, train_set))
+        self.report, self.certificate = report, certificate
+        log_scalars(trainer, report)
+        if trainer.is_global_zero and trainer.loggers:
+            log_text(trainer, "compression/report", self.table())
+            self._write_json(Path(trainer.log_dir or trainer.default_root_dir), trainer)
+        return report
+
+    def table(self) -> str:
+        """The latest report as a Markdown table (what TensorBoard's text tab shows)."""
+        rows = ["| quantity | value |", "|---|---|"]
+        if self.certificate is not None:
+            c = self.certificate
+            rows.append(f"| code | {c.config}, {c.code_bits} bits, searched {c.num_configs} configurations |")
+            rows.append(f"| certificate | m = {c.num_examples}, delta = {c.delta:g} |")
+        rows += [f"| {tag} | {value:.6g} |" for tag, value in self.report.items()]
+        return "\n".join(rows)
+
+    def _training_examples(self, trainer: pl.Trainer) -> ProbeSet | None:
+        """``m`` distinct training examples, read in order from the train dataloader's dataset, cached once."""
+        loader = trainer.train_dataloader
+        dataset: Dataset | None = getattr(loader, "dataset", None)
+        if not isinstance(loader, DataLoader) or dataset is None or isinstance(dataset, IterableDataset):
+            rank_zero_warn(
+                "CompressionBoundReporter needs one train DataLoader over a map-style dataset (with `__len__`) to "
+                "count distinct training examples; no bound was computed."
+            )
+            return None
+        if self.num_samples is not None and self.num_samples < len(dataset):
+            generator = torch.Generator().manual_seed(0)
+            dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[: self.num_samples].tolist())
+        ordered = DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=loader.collate_fn)
+        return ProbeSet.from_batches(ordered, num_samples=len(dataset))
+
+    def _error(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        encoded: Sequence[tuple[str, Tensor]],
+        values: Sequence[Tensor],
+        batches: Iterable[Any],
+    ) -> float:
+        """0-1 error of the module holding ``values`` in the ``encoded`` tensors, over ``batches``."""
+        wrong = total = 0
+        with preserved_state(pl_module, grads=False), torch.no_grad():
+            for (_, tensor), value in zip(encoded, values):
+                tensor.copy_(value)
+            pl_module.eval()
+            for batch in batches:
+                batch = prepare_batch(trainer, batch)
+                logits, labels = self._predict(trainer, pl_module, batch)
+                wrong += int((logits.argmax(dim=-1) != labels).sum())
+                total += len(labels)
+        return wrong / total
+
+    def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
+        with trainer.precision_plugin.forward_context():
+            logits = self.predict_fn(pl_module, batch)
+        labels = self.target_fn(batch).to(logits.device)
+        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+            raise ValueError(
+                f"CompressionBoundReporter needs logits of shape (batch, classes) and labels of shape (batch,), got "
+                f"{tuple(logits.shape)} and {tuple(labels.shape)}. Pass `predict_fn(pl_module, batch)` and "
+                "`target_fn(batch)` that return them."
+            )
+        return logits, labels
+
+    def _test_error(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        encoded: Sequence[tuple[str, Tensor]],
+        decoded: Sequence[Tensor],
+    ) -> float | None:
+        loaders = trainer.val_dataloaders
+        if not loaders:
+            return None
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        return self._error(trainer, pl_module, encoded, decoded, (batch for loader in loaders for batch in loader))
+
+    def _uncertified(self, trainer: pl.Trainer, pl_module: pl.LightningModule, train_set: ProbeSet) -> dict[str, float]:
+        if not (self.arora or self.capacity):
+            return {}
+        batch, _ = next(train_set.chunks(chunk_size=self.stability_samples, device=pl_module.device))
+        batch = trainer.precision_plugin.convert_input(batch)
+        labels = self.target_fn(batch)
+        generator = torch.Generator(device=pl_module.device).manual_seed(0)
+
+        def predict() -> Tensor:
+            return self._predict(trainer, pl_module, batch)[0]
+
+        report: dict[str, float] = {}
+        skipped: list[str] = []
+        with preserved_state(pl_module):
+            if self.arora:
+                stability = noise_stability(pl_module, predict, labels, generator=generator)
+                report.update({f"arora/{tag}": value for tag, value in stability.scalars().items()})
+                skipped += [f"arora: {reason}" for reason in stability.skipped]
+            if self.capacity:
+                inputs = _field(batch, 0, "inputs") if self.predict_fn is default_predict else None
+                measures, reasons = capacity_measures(
+                    pl_module,
+                    predict,
+                    labels,
+                    initial_parameters=self._initial_parameters or None,
+                    inputs=inputs,
+                    generator=generator,
+                )
+                report.update({f"capacity/{tag}": value for tag, value in measures.items()})
+                skipped += [f"capacity: {reason}" for reason in reasons]
+        if skipped:
+            rank_zero_warn("CompressionBoundReporter skipped: " + "; ".join(skipped))
+        return {tag: value for tag, value in report.items() if math.isfinite(value)}
+
+    def _write_json(self, directory: Path, trainer: pl.Trainer) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        certificate = self.certificate
+        content = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "report": self.report,
+            "code": None
+            if certificate is None
+            else {
+                "config": str(certificate.config),
+                "bits": certificate.code_bits,
+                "num_configs": certificate.num_configs,
+                "delta": certificate.delta,
+                "candidates": [
+                    {"config": str(c.config), "train_error": c.train_error, "estimated_bits": c.estimated_bits}
+                    for c in certificate.candidates
+                ],
+            },
+        }
+        (directory / "compression_report.json").write_text(json.dumps(content, indent=2))
+
+
+class SubspaceTraining(pl.Callback):
+    """Train any LightningModule in a random ``dimension``-dimensional subspace ``theta0 + P w`` (Lotfi et al.).
+
+    At ``setup`` the module's parameters are re-drawn from ``seed`` (each submodule's ``reset_parameters``),
+    frozen as ``theta0``, and made functions of the shared coordinates ``w``, so that ``configure_optimizers``
+    (which runs after) optimises only ``w``. :class:`CompressionBoundReporter` then encodes ``w`` and the seed.
+
+    Args:
+        dimension: ``d``, the number of trainable coordinates.
+        seed: draws ``theta0`` and ``P``.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[SubspaceTraining(dimension=150), CompressionBoundReporter()])
+    """
+
+    def __init__(self, dimension: int, seed: int = 0) -> None:
+        if dimension < 1:
+            raise ValueError(f"`dimension` must be >= 1, got {dimension}.")
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"`seed` must be in [0, 2**32), got {seed}.")
+        self.dimension, self.seed = dimension, seed
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and find_subspace(pl_module) is None:
+            to_subspace(pl_module, self.dimension, self.seed)
+
+
+def _encoded_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    """What the code must describe: the trainable coordinates (all parameters, or ``w`` of a subspace) and
+    every persistent floating-point buffer (BatchNorm statistics); a subspace's ``theta0`` and projections
+    are drawn from its seed instead."""
+    subspace = find_subspace(module)
+    if subspace is not None:
+        tensors = [("subspace.weight", subspace.weight)]
+    else:
+        tensors = [(name, p) for name, p in module.named_parameters() if p.is_floating_point()]
+    for owner_name, owner in module.named_modules():
+        for name, buffer in owner.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in owner._non_persistent_buffers_set:
+                tensors.append((f"{owner_name}.{name}" if owner_name else name, buffer))
+    return tensors
+
+
+def _field(batch: Any, index: int, what: str) -> Tensor:
+    if isinstance(batch, list | tuple) and len(batch) > index and isinstance(batch[index], Tensor):
+        return batch[index]
+    raise ValueError(
+        f"By default CompressionBoundReporter reads the {what} from batch[{index}], but the batch is a "
+        f"{type(batch).__name__} without a tensor there. Pass `predict_fn(pl_module, batch)` and `target_fn(batch)`."
+    )

@@ -1,0 +1,237 @@
+"""Cheap capacity measures to log beside a compression bound (Jiang et al. 2019, "Fantastic generalization measures").
+
+None of these is a certified bound: they are the norm-, margin- and sharpness-based quantities that Jiang et al.
+found more or less predictive of the generalization gap, cheap enough to log during training. All run on one fixed
+batch, in eval mode, and leave the model's parameters, buffers, ``.grad``, training flags and the global random
+generators exactly as they found them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from lightning_nt.common.state import preserved_state
+
+__all__ = ["LAYER_TYPES", "capacity_measures", "classification_margins", "margin_quantile"]
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""The modules treated as layers: their ``weight`` is the layer's linear map."""
+
+SIGMA_RANGE = (1e-4, 10.0)
+"""The interval the PAC-Bayes sharpness bisection searches, on a log scale."""
+
+BISECTION_STEPS = 12
+"""Halvings of ``log(sigma)``: ~5 decades / 2^12, so sigma is known to a factor of ~1.003."""
+
+_SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Dropout)
+
+
+def classification_margins(logits: Tensor, labels: Tensor) -> Tensor:
+    """``f(x)[y] - max_{j != y} f(x)[j]`` per example.
+
+    Example:
+        >>> classification_margins(torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]]), torch.tensor([0, 2]))
+        tensor([ 1., -4.])
+    """
+    index = labels.to(logits.device).long().unsqueeze(1)
+    correct = logits.gather(1, index).squeeze(1)
+    others = logits.scatter(1, index, -math.inf).amax(dim=1)
+    return correct - others
+
+
+def margin_quantile(logits: Tensor, labels: Tensor, quantile: float = 0.1) -> float:
+    """The ``quantile`` of the margins over the batch (``torch.quantile``: linear interpolation between examples).
+
+    Example:
+        >>> margin_quantile(torch.tensor([[1.0, 0.0]] * 10), torch.zeros(10, dtype=torch.long))
+        1.0
+    """
+    return float(torch.quantile(classification_margins(logits, labels).double(), quantile))
+
+
+def capacity_measures(
+    model: nn.Module,
+    predict: Callable[[], Tensor],
+    labels: Tensor,
+    *,
+    initial_parameters: Mapping[str, Tensor] | None = None,
+    sharpness_target: float = 0.1,
+    num_sharpness_samples: int = 4,
+    generator: torch.Generator | None = None,
+    inputs: Tensor | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """Norm, margin and sharpness capacity measures of ``model`` on the batch ``predict()`` evaluates.
+
+    ``predict()`` runs the model's forward on a fixed batch and returns logits ``(batch, classes)``; ``labels``
+    are that batch's class indices. Layers are the ``nn.Linear`` / ``nn.Conv1d/2d/3d`` submodules, and ``W`` is a
+    layer's weight reshaped to ``(out, -1)``. Returns ``(scalars, skipped)``; a measure that can't be taken is left
+    out of ``scalars`` and a reason is appended to ``skipped``. The keys:
+
+    - ``num_params``: number of trainable parameters.
+    - ``log_spectral_product``, ``log_frobenius_product``: ``sum ln ||W||_2`` and ``sum ln ||W||_F`` over layers.
+    - ``sum_frobenius_sq``: ``sum ||W||_F^2`` over layers.
+    - ``distance_from_init``: ``||theta - theta0||_2`` over the parameters named in ``initial_parameters``
+      (names as in ``model.named_parameters()``, same shapes).
+    - ``path_norm``: l2 path norm, the sum of the outputs of a copy of the model with every parameter squared
+      (buffers kept) on one all-ones example shaped like ``inputs[0]``; needs ``inputs``.
+    - ``margin``: 10th percentile of ``f(x)[y] - max_{j != y} f(x)[j]`` over the batch.
+    - ``pacbayes_sigma``: the largest ``sigma`` in ``SIGMA_RANGE`` (log-scale bisection, ``BISECTION_STEPS``
+      steps) such that adding ``N(0, sigma^2 I)`` to every parameter raises the batch's 0-1 error, averaged over
+      ``num_sharpness_samples`` draws, by at most ``sharpness_target``. The same draws are reused at every sigma.
+    - ``pacbayes_flatness``: ``1 / sigma^2``.
+    - ``pacbayes_bound_term``: ``||theta - theta0||^2 / (4 sigma^2) + ln(m / sigma) + 10`` with ``m`` the batch
+      size (needs ``initial_parameters``).
+    - ``r_norm``: for a two-layer net ``Linear -> ReLU -> Linear`` (read from the module order),
+      ``sum_k ||a_k||_2 ||w_k||_2`` with ``w_k`` row ``k`` of the first weight (bias appended) and ``a_k`` column
+      ``k`` of the second weight.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> x = torch.randn(16, 2)
+        >>> scalars, skipped = capacity_measures(net, lambda: net(x), net(x).argmax(1), inputs=x)
+        >>> scalars["num_params"], scalars["margin"] >= 0, skipped
+        (17.0, True, ['distance_from_init: no initial_parameters'])
+    """
+    if sharpness_target <= 0 or num_sharpness_samples < 1:
+        raise ValueError(
+            "`sharpness_target` must be > 0 and `num_sharpness_samples` >= 1, got "
+            f"{sharpness_target}, {num_sharpness_samples}."
+        )
+    scalars: dict[str, float] = {"num_params": float(sum(p.numel() for p in model.parameters() if p.requires_grad))}
+    skipped: list[str] = []
+    with preserved_state(model):
+        model.eval()
+        with torch.no_grad():
+            logits = predict()
+        scalars["margin"] = margin_quantile(logits, labels)
+        scalars.update(_weight_norms(model, skipped))
+        distance = _distance_from_init(model, initial_parameters, skipped)
+        if distance is not None:
+            scalars["distance_from_init"] = distance
+        if inputs is not None:
+            scalars.update(_path_norm(model, inputs, skipped))
+        else:
+            skipped.append("path_norm: needs `inputs` (the batch's input tensor)")
+        sigma = _pacbayes_sigma(model, predict, logits, labels, sharpness_target, num_sharpness_samples, generator)
+    if sigma in SIGMA_RANGE:
+        skipped.append(f"pacbayes_sigma: the search stopped at its limit {sigma:g} of {SIGMA_RANGE}")
+    scalars["pacbayes_sigma"] = sigma
+    scalars["pacbayes_flatness"] = 1.0 / sigma**2
+    if distance is not None:
+        scalars["pacbayes_bound_term"] = distance**2 / (4 * sigma**2) + math.log(len(labels) / sigma) + 10
+    scalars.update(_r_norm(model, skipped))
+    return scalars, skipped
+
+
+def _layer_weights(model: nn.Module) -> list[Tensor]:
+    return [m.weight.detach().reshape(m.weight.shape[0], -1) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+
+
+def _weight_norms(model: nn.Module, skipped: list[str]) -> dict[str, float]:
+    weights = [w.double() for w in _layer_weights(model)]
+    if not weights:
+        skipped.append("weight norms: the model has no nn.Linear / nn.Conv layer")
+        return {}
+    frobenius = [float(torch.linalg.matrix_norm(w)) for w in weights]
+    return {
+        "log_spectral_product": sum(math.log(float(torch.linalg.matrix_norm(w, ord=2))) for w in weights),
+        "log_frobenius_product": sum(math.log(f) for f in frobenius),
+        "sum_frobenius_sq": sum(f**2 for f in frobenius),
+    }
+
+
+def _distance_from_init(
+    model: nn.Module, initial_parameters: Mapping[str, Tensor] | None, skipped: list[str]
+) -> float | None:
+    if initial_parameters is None:
+        skipped.append("distance_from_init: no initial_parameters")
+        return None
+    pairs = [
+        (p.detach(), initial_parameters[name])
+        for name, p in model.named_parameters()
+        if name in initial_parameters and initial_parameters[name].shape == p.shape
+    ]
+    if not pairs:
+        skipped.append("distance_from_init: no parameter of the model is in initial_parameters with its shape")
+        return None
+    return math.sqrt(sum(float((p.double() - p0.to(p.device).double()).square().sum()) for p, p0 in pairs))
+
+
+def _path_norm(model: nn.Module, inputs: Tensor, skipped: list[str]) -> dict[str, float]:
+    try:
+        squared = copy.deepcopy(model).eval()
+        with torch.no_grad():
+            for p in squared.parameters():
+                p.square_()
+            return {"path_norm": float(squared(torch.ones_like(inputs[:1])).sum())}
+    except Exception as error:  # any model the copy or the all-ones forward does not suit
+        skipped.append(f"path_norm: the squared copy's forward failed ({type(error).__name__}: {error})")
+        return {}
+
+
+def _batch_error(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(dim=1) != labels.to(logits.device)).double().mean())
+
+
+def _pacbayes_sigma(
+    model: nn.Module,
+    predict: Callable[[], Tensor],
+    logits: Tensor,
+    labels: Tensor,
+    target: float,
+    num_samples: int,
+    generator: torch.Generator | None,
+) -> float:
+    """Bisect ``log(sigma)``; must run inside ``preserved_state(model)``, which puts the parameters back."""
+    params = list(model.parameters())
+    origin = [p.detach().clone() for p in params]
+    device = "cpu" if generator is None else generator.device
+    seeds = torch.randint(0, 2**62, (num_samples,), generator=generator, device=device).tolist()
+    allowed = _batch_error(logits, labels) + target
+
+    @torch.no_grad()
+    def noisy_error(sigma: float) -> float:
+        errors = []
+        for seed in seeds:
+            noise = torch.Generator(device=logits.device).manual_seed(seed)
+            for p, start in zip(params, origin):
+                draw = torch.randn(start.shape, generator=noise, device=logits.device, dtype=p.dtype)
+                p.copy_(start + sigma * draw.to(start.device))
+            errors.append(_batch_error(predict(), labels))
+        return sum(errors) / len(errors)
+
+    low, high = (math.log(s) for s in SIGMA_RANGE)
+    if noisy_error(SIGMA_RANGE[1]) <= allowed:
+        return SIGMA_RANGE[1]
+    if noisy_error(SIGMA_RANGE[0]) > allowed:
+        return SIGMA_RANGE[0]
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (middle, high) if noisy_error(math.exp(middle)) <= allowed else (low, middle)
+    return math.exp(low)
+
+
+def _r_norm(model: nn.Module, skipped: list[str]) -> dict[str, float]:
+    leaves = [
+        m
+        for name, m in model.named_modules()
+        if all(child == "parametrizations" for child, _ in m.named_children())  # a parametrized Linear is a leaf
+        and not isinstance(m, (*_SHAPE_ONLY, Metric))
+        and "parametrizations" not in name.split(".")
+    ]
+    expected = (nn.Linear, nn.ReLU, nn.Linear)
+    if len(leaves) != 3 or not all(isinstance(m, kind) for m, kind in zip(leaves, expected)):
+        skipped.append("r_norm: the model is not Linear -> ReLU -> Linear (read from its module order)")
+        return {}
+    first, second = leaves[0], leaves[2]
+    rows = first.weight.detach().double()
+    if first.bias is not None:
+        rows = torch.cat([rows, first.bias.detach().double().unsqueeze(1)], dim=1)
+    columns = second.weight.detach().double()
+    return {"r_norm": float((columns.norm(dim=0) * rows.norm(dim=1)).sum())}

@@ -1,0 +1,185 @@
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from lightning_nt import CompressionBoundReporter, SubspaceTraining
+from lightning_nt.compression.bounds import occam_kl_bound
+from tests.helpers import TinyClassifier, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+
+FAST = {"levels": (3, 8), "prune": (0.0, 0.5), "stability_samples": 32}
+
+
+def _fit(root=None, callbacks=(), module=None, **trainer_args):
+    pl.seed_everything(0)
+    module = module or TinyClassifier(num_samples=96)
+    trainer = tiny_trainer(root, callbacks=list(callbacks), **{"max_epochs": 3, **trainer_args})
+    trainer.fit(module)
+    return trainer, module
+
+
+def _error(module, dataloader):
+    wrong = total = 0
+    with torch.no_grad():
+        for inputs, labels in dataloader:
+            wrong += int((module(inputs).argmax(dim=1) != labels).sum())
+            total += len(labels)
+    return wrong / total
+
+
+def test_report_reaches_every_logger_the_callback_metrics_and_a_json_file(tmp_path):
+    reporter = CompressionBoundReporter(**FAST)
+    trainer, _ = _fit(tmp_path, [reporter])
+    scalars = read_tensorboard_scalars(tmp_path)
+    for tag in ("error_bound", "train_error", "code_bits", "test_error", "hoeffding_bound", "num_examples"):
+        assert f"compression/{tag}" in scalars and f"compression/{tag}" in trainer.callback_metrics
+    assert any(tag.startswith("arora/layer_cushion/") for tag in scalars)
+    assert "capacity/num_params" in scalars and "capacity/margin" in scalars
+    assert reporter.report["compression/error_bound"] == pytest.approx(scalars["compression/error_bound"][-1][1])
+    saved = json.loads((tmp_path / "compression_report.json").read_text())
+    assert saved["report"] == reporter.report and saved["code"]["bits"] == reporter.certificate.code_bits
+    assert "compression/report/text_summary" in read_tensorboard_tags(tmp_path)["tensors"]
+    assert "searched 8 configurations" in reporter.table()
+
+
+def test_bound_is_about_the_decoded_model_on_the_whole_training_set():
+    reporter = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    _, module = _fit(callbacks=[reporter])
+    certificate = reporter.certificate
+    decoded = TinyClassifier(num_samples=96)
+    names = [name for name, _ in module.named_parameters()]
+    decoded.load_state_dict(dict(zip(names, certificate.decoded)), strict=False)
+    train_error = _error(decoded, DataLoader(module.train_dataloader().dataset, batch_size=1000))
+    assert certificate.num_examples == 96 and certificate.train_error == train_error
+    assert reporter.report["compression/test_error"] == _error(decoded, module.val_dataloader())
+    assert certificate.error_bound == occam_kl_bound(train_error, certificate.code_bits, 96, 0.05)
+
+
+def test_report_leaves_the_module_as_it_found_it():
+    reporter = CompressionBoundReporter(**FAST)
+    trainer, module = _fit(module=TinyClassifier(num_samples=96, norm="batch"), max_epochs=1)
+    module.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    rng = torch.get_rng_state()
+    reporter.compute(trainer, module)
+    assert module.training and all(m.training for m in module.modules())
+    assert torch.equal(rng, torch.get_rng_state())
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_declared_subset_sets_m():
+    reporter = CompressionBoundReporter(num_samples=50, arora=False, capacity=False, **FAST)
+    _fit(callbacks=[reporter], max_epochs=1)
+    assert reporter.report["compression/num_examples"] == 50
+
+
+def test_epoch_reports(tmp_path):
+    reporter = CompressionBoundReporter(when="epoch", every_n_epochs=2, arora=False, capacity=False, **FAST)
+    _fit(tmp_path, [reporter], max_epochs=4)
+    assert len(read_tensorboard_scalars(tmp_path)["compression/error_bound"]) == 2
+
+
+def test_subspace_training_encodes_only_w_and_the_seed():
+    posthoc = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    _fit(callbacks=[posthoc], module=TinyClassifier(num_samples=96, hidden=64))
+    reporter = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    _, module = _fit(
+        callbacks=[SubspaceTraining(dimension=16), reporter], module=TinyClassifier(num_samples=96, hidden=64)
+    )
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable == ["net.0.parametrizations.weight.0.subspace.weight"]
+    assert [t.shape for t in reporter.certificate.decoded] == [torch.Size([16])]
+    assert reporter.certificate.code_bits < 32 + 3 + 16 * 2 + 16 * 4  # seed, index, codebook, <= 4 bits a coordinate
+    assert reporter.certificate.code_bits < posthoc.certificate.code_bits / 10
+
+
+class _DictBatches(TinyClassifier):
+    def train_dataloader(self):
+        data = super().train_dataloader().dataset
+        return DataLoader(
+            data,
+            batch_size=16,
+            collate_fn=lambda rows: {"x": torch.stack([r[0] for r in rows]), "y": torch.stack([r[1] for r in rows])},
+        )
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["x"], batch["y"]), batch_idx)
+
+    def val_dataloader(self):
+        return []
+
+
+def test_batches_it_cannot_read_fail_clearly_and_custom_functions_work():
+    with pytest.raises(ValueError, match="predict_fn"):
+        _fit(callbacks=[CompressionBoundReporter(**FAST)], module=_DictBatches(num_samples=96), max_epochs=1)
+    reporter = CompressionBoundReporter(
+        predict_fn=lambda module, batch: module(batch["x"]), target_fn=lambda batch: batch["y"], **FAST
+    )
+    _fit(callbacks=[reporter], module=_DictBatches(num_samples=96), max_epochs=1)
+    assert 0 < reporter.report["compression/error_bound"] <= 1 and "compression/test_error" not in reporter.report
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        data = TinyClassifier(num_samples=32).train_dataloader().dataset
+        return iter(data)
+
+
+class _Iterable(TinyClassifier):
+    def train_dataloader(self):
+        return DataLoader(_Stream(), batch_size=16)
+
+
+def test_an_iterable_dataset_is_skipped_with_a_warning():
+    reporter = CompressionBoundReporter(**FAST)
+    with pytest.warns(UserWarning, match="map-style"):
+        _fit(callbacks=[reporter], module=_Iterable(), max_epochs=1)
+    assert reporter.report == {}
+
+
+def test_state_survives_a_checkpoint():
+    reporter = CompressionBoundReporter(arora=False, **FAST)
+    _fit(callbacks=[reporter], max_epochs=1)
+    restored = CompressionBoundReporter(arora=False, **FAST)
+    restored.load_state_dict(reporter.state_dict())
+    assert restored.report == reporter.report
+    assert restored.state_key == reporter.state_key
+
+
+@pytest.mark.parametrize(
+    ("arguments", "name"),
+    [
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"when": "step"}, "when"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"stability_samples": 0}, "stability_samples"),
+        ({"levels": (1,)}, "levels"),
+        ({"prune": (1.0,)}, "prune"),
+        ({"methods": ("lloyd",)}, "method"),
+        ({"levels": ()}, "levels"),
+    ],
+)
+def test_bad_arguments_name_themselves(arguments, name):
+    with pytest.raises(ValueError, match=name):
+        CompressionBoundReporter(**arguments)
+
+
+def test_subspace_arguments():
+    with pytest.raises(ValueError, match="dimension"):
+        SubspaceTraining(dimension=0)
+    with pytest.raises(ValueError, match="seed"):
+        SubspaceTraining(dimension=3, seed=-1)
+
+
+def test_val_set_is_the_test_set(tmp_path):
+    reporter = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    data = TensorDataset(torch.randn(10, 8), torch.randint(3, (10,)))
+    module = TinyClassifier(num_samples=96)
+    module.val_dataloader = lambda: DataLoader(data, batch_size=4)
+    _fit(callbacks=[reporter], module=module, max_epochs=1)
+    assert reporter.report["compression/test_error"] in {i / 10 for i in range(11)}
