@@ -81,6 +81,8 @@ class CompressionBoundReporter(pl.Callback):
         prune: magnitude-pruning fractions searched (``0.0``: none).
         methods: quantisers searched, ``"uniform"`` and/or ``"kmeans"``.
         num_samples: ``m``; default: the whole training set.
+        screening_samples: rank the whole grid by the error on this many of the ``m`` examples, then measure
+            the 4 most promising candidates on all ``m`` (``None``: measure every candidate on all ``m``).
         arora: compute the noise-stability quantities.
         capacity: compute the capacity measures.
         stability_samples: training examples the ``arora/*`` and ``capacity/*`` measures use.
@@ -105,6 +107,7 @@ class CompressionBoundReporter(pl.Callback):
         prune: Sequence[float] = (0.0, 0.5, 0.8, 0.9),
         methods: Sequence[QuantizationMethod] = ("uniform", "kmeans"),
         num_samples: int | None = None,
+        screening_samples: int | None = 256,
         arora: bool = True,
         capacity: bool = True,
         stability_samples: int = 256,
@@ -115,7 +118,10 @@ class CompressionBoundReporter(pl.Callback):
         if not 0.0 < delta < 1.0:
             raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
         check_choice("when", when, ("fit_end", "epoch"))
-        for name, value in (("every_n_epochs", every_n_epochs), ("stability_samples", stability_samples)):
+        positive = {"every_n_epochs": every_n_epochs, "stability_samples": stability_samples}
+        if screening_samples is not None:
+            positive["screening_samples"] = screening_samples
+        for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}.")
         if num_samples is not None and num_samples < 1:
@@ -123,6 +129,7 @@ class CompressionBoundReporter(pl.Callback):
         self.configs = configuration_grid(levels, prune, methods)
         self.delta, self.when, self.every_n_epochs = delta, when, every_n_epochs
         self.num_samples, self.stability_samples = num_samples, stability_samples
+        self.screening_samples = screening_samples
         self.arora, self.capacity = arora, capacity
         self.predict_fn = predict_fn or default_predict
         self.target_fn = target_fn or default_target
@@ -180,6 +187,13 @@ class CompressionBoundReporter(pl.Callback):
         def train_error(values: Sequence[Tensor]) -> float:
             return self._error(trainer, pl_module, encoded, values, (chunk for chunk, _ in train_set.chunks(512)))
 
+        screening_error = None
+        if self.screening_samples is not None and self.screening_samples < len(train_set):
+            screening_batch, _ = next(train_set.chunks(self.screening_samples))
+
+            def screening_error(values: Sequence[Tensor]) -> float:
+                return self._error(trainer, pl_module, encoded, values, [screening_batch])
+
         certificate = certify(
             [tensor for _, tensor in encoded],
             train_error,
@@ -187,6 +201,7 @@ class CompressionBoundReporter(pl.Callback):
             self.configs,
             self.delta,
             seed=subspace.seed if subspace is not None else None,
+            screening_error_of=screening_error,
         )
         report = {
             "compression/error_bound": certificate.error_bound,

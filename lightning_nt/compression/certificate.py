@@ -4,6 +4,8 @@ The bound is about the decoded model, so :func:`certify` measures the error of e
 the decoder returns (checked bit for bit against the encoder's), and charges the real length of the
 stream, in which the chosen configuration's index already pays ``ceil(log2 N)`` bits for the search.
 Candidates are ranked by the bound their closed-form code length gives; the real coder then runs once.
+How the candidate is chosen doesn't affect validity (the code is fixed before the data), so the grid
+can be screened on a cheap error estimate and only the most promising candidates measured on all ``m``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor
 from lightning_nt.compression.bounds import occam_hoeffding_bound, occam_kl_bound
 from lightning_nt.compression.coding import (
     QuantizationConfig,
+    QuantizedTensor,
     TensorSpec,
     decode,
     encode,
@@ -30,12 +33,14 @@ __all__ = ["Candidate", "Certificate", "certify"]
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration of the search: its training error, estimated code length and estimated bound."""
+    """One configuration of the search: its error (on the screening examples until it is a finalist), its
+    estimated code length and the bound those give."""
 
     config: QuantizationConfig
     train_error: float
     estimated_bits: float
     estimated_bound: float
+    screened: bool = False
 
 
 @dataclass
@@ -67,6 +72,8 @@ def certify(
     configs: Sequence[QuantizationConfig],
     delta: float = 0.05,
     seed: int | None = None,
+    screening_error_of: Callable[[Sequence[Tensor]], float] | None = None,
+    finalists: int = 4,
 ) -> Certificate:
     """Bound the error of the best decodable quantisation of ``tensors``, with probability ``1 - delta``.
 
@@ -77,6 +84,9 @@ def certify(
         configs: the grid searched, fixed before seeing the data.
         delta: the bound fails with probability at most ``delta``.
         seed: the random subspace's seed, written into the stream when given.
+        screening_error_of: a cheaper estimate of ``error_of`` (e.g. on a fixed subset) to rank the whole grid;
+            then only the ``finalists`` best candidates are measured with ``error_of``.
+        finalists: how many screened candidates are measured on all ``num_examples``.
 
     Example:
         >>> from lightning_nt.compression.coding import configuration_grid
@@ -87,22 +97,35 @@ def certify(
     """
     if not configs:
         raise ValueError("`configs` must name at least one quantisation configuration.")
+    if finalists < 1:
+        raise ValueError(f"`finalists` must be >= 1, got {finalists}.")
     header = header_bits(len(configs), seed is not None)
-    candidates, skipped = [], []
+
+    quantized_by_config: dict[QuantizationConfig, list[QuantizedTensor]] = {}
+
+    def candidate(config: QuantizationConfig, bits: float, screen: bool) -> Candidate:
+        measure = screening_error_of if screen and screening_error_of is not None else error_of
+        error = measure([q.values(config) for q in quantized_by_config[config]])
+        return Candidate(config, error, bits, occam_kl_bound(error, bits, num_examples, delta), screen)
+
+    searched, skipped = [], []
     for config in configs:
         try:
-            quantized = [quantize(tensor, config) for tensor in tensors]
+            quantized_by_config[config] = [quantize(tensor, config) for tensor in tensors]
         except ValueError as error:
             skipped.append(f"{config}: {error}")
             continue
-        error = error_of([q.values(config) for q in quantized])
-        bits = estimated_code_bits(quantized, config, header)
-        candidates.append(Candidate(config, error, bits, occam_kl_bound(error, bits, num_examples, delta)))
-    if not candidates:
+        bits = estimated_code_bits(quantized_by_config[config], config, header)
+        searched.append(candidate(config, bits, screen=screening_error_of is not None))
+    if not searched:
         raise ValueError(f"No configuration could quantise the model: {skipped}")
-    best = min(candidates, key=lambda candidate: candidate.estimated_bound)
+    candidates = sorted(searched, key=lambda c: c.estimated_bound)
+    if screening_error_of is not None:
+        measured = [candidate(c.config, c.estimated_bits, screen=False) for c in candidates[:finalists]]
+        candidates = sorted(measured, key=lambda c: c.estimated_bound) + candidates[finalists:]
+    best = candidates[0]
     index = list(configs).index(best.config)
-    quantized = [quantize(tensor, best.config) for tensor in tensors]
+    quantized = quantized_by_config[best.config]
     stream = encode(quantized, configs, index, seed)
     decoded_index, decoded_seed, decoded = decode(
         stream.bits, [TensorSpec.of(t) for t in tensors], configs, seed is not None

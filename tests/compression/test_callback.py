@@ -158,6 +158,7 @@ def test_state_survives_a_checkpoint():
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"num_samples": 0}, "num_samples"),
         ({"stability_samples": 0}, "stability_samples"),
+        ({"screening_samples": 0}, "screening_samples"),
         ({"levels": (1,)}, "levels"),
         ({"prune": (1.0,)}, "prune"),
         ({"methods": ("lloyd",)}, "method"),

@@ -56,3 +56,25 @@ def test_seed_is_written_and_nothing_can_be_certified_from_nothing():
         certify([weights], error_of, m, [])
     with pytest.raises(ValueError, match="No configuration"):
         certify([torch.tensor([1e6])], error_of, m, configs)
+
+
+def test_screening_ranks_the_grid_and_only_finalists_count():
+    weights, error_of, m = _setup()
+    configs = configuration_grid(levels=(2, 3, 4, 8, 16), prune=(0.0, 0.5))
+    calls, screened = [], []
+
+    def full(tensors):
+        calls.append("full")
+        return error_of(tensors)
+
+    def screen(tensors):  # a crude estimate that ranks differently: the error plus noise
+        screened.append(1)
+        return min(1.0, error_of(tensors) + 0.05 * (len(screened) % 3))
+
+    certificate = certify([weights], full, m, configs, screening_error_of=screen, finalists=3)
+    assert len(screened) == len(configs) and len(calls) == 3 + 1  # three finalists, then the decoded model
+    finalists = [c for c in certificate.candidates if not c.screened]
+    assert len(finalists) == 3 and certificate.config == finalists[0].config
+    assert finalists[0].estimated_bound == min(c.estimated_bound for c in finalists)
+    assert certificate.train_error == error_of(certificate.decoded)
+    assert len(certificate.candidates) == len(configs)

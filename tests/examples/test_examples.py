@@ -66,6 +66,21 @@ def test_digits_demo_with_averaging(tmp_path, capsys):
     assert {"averaging/n_averaged", "raw/val/loss", "raw/val/acc"} <= scalars.keys()
 
 
+def test_digits_demo_with_a_certified_bound(tmp_path, capsys):
+    arguments = ["--epochs", "10", "--model", "mlp", "--subspace", "120", "--optimizer", "adam", "--lr", "0.05"]
+    digits.main([*arguments, "--bound", "--log-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Digits MLP (120 trained parameters)" in out and "--bound: certified error <= 0." in out
+    scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
+    assert {
+        "compression/error_bound",
+        "compression/test_error",
+        "arora/min_layer_cushion",
+        "capacity/r_norm",
+    } <= scalars.keys()
+    assert (tmp_path / "digits" / "version_0" / "compression_report.json").exists()
+
+
 @pytest.mark.parametrize("config", sorted((EXAMPLES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_yaml_config_runs(config, tmp_path):
     cli.main(
