@@ -119,10 +119,10 @@ def certify(
         searched.append(candidate(config, bits, screen=screening_error_of is not None))
     if not searched:
         raise ValueError(f"No configuration could quantise the model: {skipped}")
-    candidates = sorted(searched, key=lambda c: c.estimated_bound)
+    candidates = sorted(searched, key=_rank)
     if screening_error_of is not None:
         measured = [candidate(c.config, c.estimated_bits, screen=False) for c in candidates[:finalists]]
-        candidates = sorted(measured, key=lambda c: c.estimated_bound) + candidates[finalists:]
+        candidates = sorted(measured, key=_rank) + candidates[finalists:]
     best = candidates[0]
     index = list(configs).index(best.config)
     quantized = quantized_by_config[best.config]
@@ -150,3 +150,8 @@ def certify(
         candidates=candidates,
         skipped=skipped,
     )
+
+
+def _rank(candidate: Candidate) -> tuple[float, float]:
+    """Tightest estimated bound first; among equal (e.g. vacuous) bounds, the shorter code."""
+    return candidate.estimated_bound, candidate.estimated_bits
