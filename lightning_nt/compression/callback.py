@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
+from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from typing_extensions import override
 
@@ -28,7 +29,13 @@ from lightning_nt.compression.capacity import capacity_measures
 from lightning_nt.compression.certificate import Certificate, certify
 from lightning_nt.compression.coding import QuantizationMethod, configuration_grid
 from lightning_nt.compression.stability import noise_stability
-from lightning_nt.compression.subspace import find_subspace, to_subspace
+from lightning_nt.compression.subspace import (
+    RandomSubspace,
+    find_subspace,
+    subspace_mismatches,
+    subspace_originals,
+    to_subspace,
+)
 
 __all__ = ["CompressionBoundReporter", "PredictFn", "SubspaceTraining", "TargetFn"]
 
@@ -69,20 +76,32 @@ class CompressionBoundReporter(pl.Callback):
     augmentation inside the dataset the bound is about the augmented distribution. Each report is its
     own certificate: picking the best of several reports afterwards would need ``log2(#reports)`` bits more.
 
+    What the decoder is assumed to know in advance, and so is not paid for: the architecture (the module's code
+    with its non-persistent buffers and plain tensor attributes, which must not depend on the training data),
+    the grid, ``delta``, and a subspace's dimension; choosing these by looking at the bound is a search the bits
+    don't cover. Integer buffers (other than BatchNorm's counter) and a subspace whose ``theta0`` or ``P`` the
+    seed doesn't rebuild (e.g. after loading a checkpoint of another seed) are refused with a warning. If the
+    train/validation split is a sampler over one dataset, ``m`` counts the whole dataset (still valid, but
+    ``compression/test_error`` then isn't held out); ``test_error`` needs the module's validation data.
+    The ``m`` examples are cached on the CPU: use ``num_samples`` for data sets that don't fit in memory.
+
     Everything is logged to every logger and ``trainer.callback_metrics``, the table as TensorBoard text
     (``compression/report``), and the latest report with the searched candidates is written to
     ``compression_report.json`` in the logger's directory.
 
     Args:
         delta: the bound holds with probability at least ``1 - delta``.
-        when: ``"fit_end"`` (once, when training ends) or ``"epoch"`` (every ``every_n_epochs`` epochs).
+        when: ``"fit_end"`` (once, when training ends) or ``"epoch"`` (every ``every_n_epochs`` epochs, and once
+            more at the end if the last epoch wasn't reported).
         every_n_epochs: report period when ``when="epoch"``.
         levels: numbers of quantisation levels searched.
         prune: magnitude-pruning fractions searched (``0.0``: none).
         methods: quantisers searched, ``"uniform"`` and/or ``"kmeans"``.
         num_samples: ``m``; default: the whole training set.
-        screening_samples: rank the whole grid by the error on this many of the ``m`` examples, then measure
-            the 4 most promising candidates on all ``m`` (``None``: measure every candidate on all ``m``).
+        screening_samples: rank the whole grid by the error on this many of the ``m`` examples (drawn with a
+            fixed seed), then measure the ``finalists`` most promising candidates on all ``m`` (``None``: measure
+            every candidate on all ``m``).
+        finalists: candidates measured on all ``m`` after screening.
         arora: compute the noise-stability quantities.
         capacity: compute the capacity measures.
         stability_samples: training examples the ``arora/*`` and ``capacity/*`` measures use.
@@ -108,6 +127,7 @@ class CompressionBoundReporter(pl.Callback):
         methods: Sequence[QuantizationMethod] = ("uniform", "kmeans"),
         num_samples: int | None = None,
         screening_samples: int | None = 128,
+        finalists: int = 4,
         arora: bool = True,
         capacity: bool = True,
         stability_samples: int = 128,
@@ -118,7 +138,7 @@ class CompressionBoundReporter(pl.Callback):
         if not 0.0 < delta < 1.0:
             raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
         check_choice("when", when, ("fit_end", "epoch"))
-        positive = {"every_n_epochs": every_n_epochs, "stability_samples": stability_samples}
+        positive = {"every_n_epochs": every_n_epochs, "stability_samples": stability_samples, "finalists": finalists}
         if screening_samples is not None:
             positive["screening_samples"] = screening_samples
         for name, value in positive.items():
@@ -129,7 +149,7 @@ class CompressionBoundReporter(pl.Callback):
         self.configs = configuration_grid(levels, prune, methods)
         self.delta, self.when, self.every_n_epochs = delta, when, every_n_epochs
         self.num_samples, self.stability_samples = num_samples, stability_samples
-        self.screening_samples = screening_samples
+        self.screening_samples, self.finalists = screening_samples, finalists
         self.arora, self.capacity = arora, capacity
         self.predict_fn = predict_fn or default_predict
         self.target_fn = target_fn or default_target
@@ -137,6 +157,7 @@ class CompressionBoundReporter(pl.Callback):
         self.report: dict[str, float] = {}
         self.certificate: Certificate | None = None
         self._initial_parameters: dict[str, Tensor] = {}
+        self._reported_step = -1
 
     @property
     @override
@@ -145,17 +166,19 @@ class CompressionBoundReporter(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._initial_parameters:
+        if self.capacity and not self._initial_parameters:
             self._initial_parameters = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "epoch" and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.compute(trainer, pl_module)
+            self._reported_step = trainer.global_step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "fit_end":
+        reported_last_epoch = self.when == "epoch" and self._reported_step == trainer.global_step
+        if not reported_last_epoch:
             self.compute(trainer, pl_module)
 
     @override
@@ -177,19 +200,22 @@ class CompressionBoundReporter(pl.Callback):
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         train_set = self._training_examples(trainer)
-        if train_set is None:
+        problems = _uncodable_state(pl_module)
+        if train_set is None or problems:
+            if problems:
+                rank_zero_warn(f"CompressionBoundReporter can't certify this model: {'; '.join(problems)}.")
             return self.report
         encoded = _encoded_tensors(pl_module)
         subspace = find_subspace(pl_module)
-        if subspace is not None and not subspace.projections_match_seed():
-            raise RuntimeError("The subspace projection no longer matches its seed; the bound can't be certified.")
+        num_examples = len(train_set)
 
         def train_error(values: Sequence[Tensor]) -> float:
-            return self._error(trainer, pl_module, encoded, values, (chunk for chunk, _ in train_set.chunks(512)))
+            batches = (chunk for chunk, _ in train_set.chunks(512))
+            return self._error(trainer, pl_module, encoded, values, batches, expected=num_examples)
 
         screening_error = None
-        if self.screening_samples is not None and self.screening_samples < len(train_set):
-            screening_batch, _ = next(train_set.chunks(self.screening_samples))
+        if self.screening_samples is not None and self.screening_samples < num_examples:
+            screening_batch = _random_examples(train_set, self.screening_samples)
 
             def screening_error(values: Sequence[Tensor]) -> float:
                 return self._error(trainer, pl_module, encoded, values, [screening_batch])
@@ -197,11 +223,12 @@ class CompressionBoundReporter(pl.Callback):
         certificate = certify(
             [tensor for _, tensor in encoded],
             train_error,
-            len(train_set),
+            num_examples,
             self.configs,
             self.delta,
             seed=subspace.seed if subspace is not None else None,
             screening_error_of=screening_error,
+            finalists=self.finalists,
         )
         report = {
             "compression/error_bound": certificate.error_bound,
@@ -254,6 +281,7 @@ class CompressionBoundReporter(pl.Callback):
         encoded: Sequence[tuple[str, Tensor]],
         values: Sequence[Tensor],
         batches: Iterable[Any],
+        expected: int | None = None,
     ) -> float:
         """0-1 error of the module holding ``values`` in the ``encoded`` tensors, over ``batches``."""
         wrong = total = 0
@@ -266,6 +294,11 @@ class CompressionBoundReporter(pl.Callback):
                 logits, labels = self._predict(trainer, pl_module, batch)
                 wrong += int((logits.argmax(dim=-1) != labels).sum())
                 total += len(labels)
+        if expected is not None and total != expected:
+            raise ValueError(
+                f"`predict_fn`/`target_fn` gave {total} predictions for {expected} training examples; the bound "
+                "needs exactly one prediction per example."
+            )
         return wrong / total
 
     def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
@@ -296,8 +329,7 @@ class CompressionBoundReporter(pl.Callback):
     def _uncertified(self, trainer: pl.Trainer, pl_module: pl.LightningModule, train_set: ProbeSet) -> dict[str, float]:
         if not (self.arora or self.capacity):
             return {}
-        batch, _ = next(train_set.chunks(chunk_size=self.stability_samples, device=pl_module.device))
-        batch = trainer.precision_plugin.convert_input(batch)
+        batch = prepare_batch(trainer, _random_examples(train_set, self.stability_samples))
         labels = self.target_fn(batch)
         generator = torch.Generator(device=pl_module.device).manual_seed(0)
 
@@ -342,7 +374,12 @@ class CompressionBoundReporter(pl.Callback):
                 "num_configs": certificate.num_configs,
                 "delta": certificate.delta,
                 "candidates": [
-                    {"config": str(c.config), "train_error": c.train_error, "estimated_bits": c.estimated_bits}
+                    {
+                        "config": str(c.config),
+                        "error": c.train_error,
+                        "error_on": "screening examples" if c.screened else "all m",
+                        "estimated_bits": c.estimated_bits,
+                    }
                     for c in certificate.candidates
                 ],
             },
@@ -375,24 +412,63 @@ class SubspaceTraining(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and find_subspace(pl_module) is None:
+        if stage != "fit":
+            return
+        subspace = find_subspace(pl_module)
+        if subspace is None:
             to_subspace(pl_module, self.dimension, self.seed)
+        elif (subspace.dimension, subspace.seed) != (self.dimension, self.seed):
+            raise ValueError(
+                f"The module is already trained in a subspace of dimension {subspace.dimension} with seed "
+                f"{subspace.seed}, not {self.dimension} and {self.seed}: give SubspaceTraining the same values."
+            )
 
 
 def _encoded_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
-    """What the code must describe: the trainable coordinates (all parameters, or ``w`` of a subspace) and
-    every persistent floating-point buffer (BatchNorm statistics); a subspace's ``theta0`` and projections
-    are drawn from its seed instead."""
+    """What the code must describe: every parameter (for a subspace model: ``w`` and any parameter outside the
+    subspace; ``theta0`` and ``P`` are drawn from the seed instead) and every persistent floating-point buffer
+    (BatchNorm statistics)."""
     subspace = find_subspace(module)
-    if subspace is not None:
-        tensors = [("subspace.weight", subspace.weight)]
-    else:
-        tensors = [(name, p) for name, p in module.named_parameters() if p.is_floating_point()]
-    for owner_name, owner in module.named_modules():
-        for name, buffer in owner.named_buffers(recurse=False):
-            if buffer.is_floating_point() and name not in owner._non_persistent_buffers_set:
-                tensors.append((f"{owner_name}.{name}" if owner_name else name, buffer))
+    drawn_from_seed = {id(original) for _, original in subspace_originals(module)}
+    tensors = [(name, p) for name, p in module.named_parameters() if id(p) not in drawn_from_seed]
+    for name, buffer in _buffers(module, persistent=True):
+        if buffer.is_floating_point():
+            tensors.append((name, buffer))
+    if subspace is not None:  # w first: the stream is read in this order
+        tensors.sort(key=lambda item: item[1] is not subspace.weight)
     return tensors
+
+
+def _uncodable_state(module: torch.nn.Module) -> list[str]:
+    """Why the decoder couldn't rebuild the model from the code and what it knows in advance, if it couldn't."""
+    problems = []
+    integer = [
+        name
+        for name, buffer in _buffers(module, persistent=True)
+        if not buffer.is_floating_point() and not name.endswith("num_batches_tracked")
+    ]
+    if integer:
+        problems.append(f"integer buffers {integer} are not encoded and may depend on the data")
+    mismatched = subspace_mismatches(module)
+    if mismatched:
+        problems.append(f"{mismatched} differ from what the subspace seed draws (e.g. a checkpoint of another seed)")
+    return problems
+
+
+def _buffers(module: torch.nn.Module, persistent: bool) -> Iterator[tuple[str, Tensor]]:
+    for owner_name, owner in module.named_modules():
+        if isinstance(owner, RandomSubspace):
+            continue  # its projections are checked against the seed
+        for name, buffer in owner.named_buffers(recurse=False):
+            if (name not in owner._non_persistent_buffers_set) == persistent:
+                yield (f"{owner_name}.{name}" if owner_name else name), buffer
+
+
+def _random_examples(train_set: ProbeSet, count: int) -> Any:
+    """``count`` of the cached examples, drawn with a fixed seed (the dataset may be sorted by class)."""
+    whole, _ = next(train_set.chunks())
+    chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:count]
+    return pytree.tree_map(lambda leaf: leaf[chosen] if isinstance(leaf, Tensor) and leaf.ndim > 0 else leaf, whole)
 
 
 def _field(batch: Any, index: int, what: str) -> Tensor:

@@ -16,8 +16,9 @@ every coordinate of ``theta`` moves like under a dense Gaussian ``P`` with unit-
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,14 @@ from torch.nn.utils import parametrize
 
 from lightning_nt.common.state import preserved_rng
 
-__all__ = ["RandomSubspace", "find_subspace", "to_subspace"]
+__all__ = [
+    "RandomSubspace",
+    "find_subspace",
+    "seeded_initialisation",
+    "subspace_mismatches",
+    "subspace_originals",
+    "to_subspace",
+]
 
 
 class RandomSubspace(nn.Module):
@@ -54,12 +62,11 @@ class RandomSubspace(nn.Module):
         return (left @ padded @ right.T).reshape(-1)[: self._numels[index]]
 
     def projections_match_seed(self) -> bool:
-        """Whether the projection buffers are exactly what the seed draws (what a decoder would use)."""
+        """Whether the projection buffers are exactly what the seed draws (in their current dtype)."""
         shapes = [torch.Size([n]) for n in self._numels]
         redrawn = self._draw_projections(shapes)
         return all(
-            torch.equal(getattr(self, f"left_{i}").cpu(), left)
-            and torch.equal(getattr(self, f"right_{i}").cpu(), right)
+            _equal(getattr(self, f"left_{i}"), left) and _equal(getattr(self, f"right_{i}"), right)
             for i, (left, right) in enumerate(redrawn)
         )
 
@@ -90,8 +97,10 @@ class _Displaced(nn.Module):
 def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubspace:
     """Re-draw ``module``'s parameters from ``seed`` and train it from now on only through ``w`` (``dimension``).
 
-    Every parameter must belong to a submodule with ``reset_parameters`` (Linear, Conv, norms, ...), so
-    that ``theta0`` is a function of the seed; otherwise this raises, naming the parameter.
+    ``theta0`` is what each submodule's ``reset_parameters`` draws under ``seed`` on the CPU (see
+    :func:`seeded_initialisation`), so a decoder that knows the architecture and the seed rebuilds it: any
+    pretrained or custom initialisation is replaced. Every parameter must belong to a submodule with
+    ``reset_parameters``; otherwise this raises, naming the parameter, and leaves the module untouched.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -103,8 +112,17 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     """
     if find_subspace(module) is not None:
         raise ValueError("The module is already trained in a random subspace.")
-    _reset_from_seed(module, seed)
+    parametrized = [name for name, m in module.named_modules() if parametrize.is_parametrized(m)]
+    if parametrized:
+        raise ValueError(
+            f"Modules {parametrized} already carry parametrizations (e.g. weight_norm); a random subspace needs "
+            "plain parameters. Remove the parametrizations first."
+        )
+    theta0 = seeded_initialisation(module, seed)
     named = list(module.named_parameters())
+    with torch.no_grad():
+        for name, parameter in named:
+            parameter.copy_(theta0[name])
     subspace = RandomSubspace([parameter.shape for _, parameter in named], dimension, seed).to(named[0][1].device)
     for index, (name, _) in enumerate(named):
         owner_name, _, attribute = name.rpartition(".")
@@ -119,19 +137,78 @@ def find_subspace(module: nn.Module) -> RandomSubspace | None:
     return next((m for m in module.modules() if isinstance(m, RandomSubspace)), None)
 
 
-def _reset_from_seed(module: nn.Module, seed: int) -> None:
-    """Re-initialise every parameter with its module's ``reset_parameters`` under ``seed``; check it covers all."""
+def seeded_initialisation(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
+    """The parameters ``module``'s own ``reset_parameters`` draw under ``seed``, computed on a CPU copy.
+
+    Subspace parametrizations on the copy are undone first, so the result is keyed by the plain names
+    (``0.weight``) whether or not ``module`` is already trained in a subspace. With ``names``, modules that
+    own parameters but none of those (added after the draw) are left out, as they were absent from it.
+    ``module`` is not changed.
+    """
+    plain = _plain_copy(module)
+    wanted = set(names) if names is not None else {name for name, _ in plain.named_parameters()}
     with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.fill_(math.nan)
+        for name, parameter in plain.named_parameters():
+            if name in wanted:
+                parameter.fill_(math.nan)
         with preserved_rng():
             torch.manual_seed(seed)
-            for submodule in module.modules():
-                if callable(getattr(submodule, "reset_parameters", None)):
-                    submodule.reset_parameters()
-    untouched = [name for name, parameter in module.named_parameters() if torch.isnan(parameter).any()]
+            for owner_name, owner in plain.named_modules():
+                own = {f"{owner_name}.{n}" if owner_name else n for n, _ in owner.named_parameters(recurse=False)}
+                if callable(getattr(owner, "reset_parameters", None)) and (not own or own & wanted):
+                    owner.reset_parameters()
+    drawn = {name: p.detach() for name, p in plain.named_parameters() if name in wanted}
+    untouched = [name for name, parameter in drawn.items() if torch.isnan(parameter).any()]
     if untouched:
         raise ValueError(
             f"Parameters {untouched} don't belong to a module with `reset_parameters`, so `theta0` can't be drawn "
             "from the seed. Move them into a module that defines `reset_parameters`, or train without a subspace."
         )
+    return drawn
+
+
+def _plain_copy(module: nn.Module) -> nn.Module:
+    """A CPU copy of ``module`` with every parametrization undone (its ``original`` as the plain parameter).
+
+    ``parametrize.remove_parametrizations`` would edit the parametrized class, which the copy shares with
+    ``module``; here only the copy's instances change.
+    """
+    plain = copy.deepcopy(module).cpu()
+    for owner in list(plain.modules()):
+        if parametrize.is_parametrized(owner):
+            originals = {name: group.original for name, group in owner.parametrizations.items()}
+            del owner._modules["parametrizations"]
+            owner.__class__ = owner.__class__.__bases__[0]
+            for name, original in originals.items():
+                owner.register_parameter(name, nn.Parameter(original.detach().clone()))
+    return plain
+
+
+def subspace_mismatches(module: nn.Module) -> list[str]:
+    """Names of the tensors a decoder would rebuild differently from the seed: ``theta0`` or the projections.
+
+    Empty when the module is exactly ``theta0(seed) + P(seed) w``, e.g. not after loading a checkpoint
+    trained with another seed into it.
+    """
+    subspace = find_subspace(module)
+    if subspace is None:
+        return []
+    originals = dict(subspace_originals(module))
+    drawn = seeded_initialisation(module, subspace.seed, names=originals)
+    mismatched = [] if subspace.projections_match_seed() else ["projection P"]
+    return mismatched + [name for name, original in originals.items() if not _equal(original, drawn[name])]
+
+
+def subspace_originals(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """``(plain name, theta0 tensor)`` of every parameter the subspace displaces."""
+    for owner_name, owner in module.named_modules():
+        if not parametrize.is_parametrized(owner):
+            continue
+        for attribute, parametrizations in owner.parametrizations.items():
+            if any(isinstance(p, _Displaced) for p in parametrizations):
+                yield (f"{owner_name}.{attribute}" if owner_name else attribute), parametrizations.original
+
+
+def _equal(tensor: Tensor, reference: Tensor) -> bool:
+    """Bitwise equality with a CPU float32 draw, after casting it as Lightning would (``bf16-true``, devices)."""
+    return torch.equal(tensor.detach().cpu(), reference.to(tensor.dtype))

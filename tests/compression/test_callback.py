@@ -184,3 +184,64 @@ def test_val_set_is_the_test_set(tmp_path):
     module.val_dataloader = lambda: DataLoader(data, batch_size=4)
     _fit(callbacks=[reporter], module=module, max_epochs=1)
     assert reporter.report["compression/test_error"] in {i / 10 for i in range(11)}
+
+
+class _ExtraParameter(TinyClassifier):
+    """A parameter created after `setup` (as in `configure_model`): outside any subspace, trained freely."""
+
+    def configure_model(self):
+        if not hasattr(self, "offset"):
+            self.offset = torch.nn.Parameter(torch.zeros(3))
+
+    def forward(self, inputs):
+        return super().forward(inputs) + self.offset
+
+
+def test_parameters_outside_the_subspace_are_encoded():
+    reporter = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    _fit(callbacks=[SubspaceTraining(dimension=8), reporter], module=_ExtraParameter(num_samples=96), max_epochs=1)
+    assert [t.shape for t in reporter.certificate.decoded] == [torch.Size([8]), torch.Size([3])]
+
+
+def test_a_model_the_seed_does_not_rebuild_is_not_certified():
+    class LoadsAnotherSeed(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.net[0].parametrizations.weight.original.add_(1e-3)
+
+    reporter = CompressionBoundReporter(**FAST)
+    with pytest.warns(UserWarning, match="differ from what the subspace seed draws"):
+        _fit(callbacks=[SubspaceTraining(dimension=8), LoadsAnotherSeed(), reporter], max_epochs=1)
+    assert reporter.report == {} and reporter.certificate is None
+
+
+def test_integer_state_the_code_does_not_describe_is_refused():
+    module = TinyClassifier(num_samples=96)
+    module.register_buffer("memory", torch.zeros(96, dtype=torch.long))
+    reporter = CompressionBoundReporter(**FAST)
+    with pytest.warns(UserWarning, match="integer buffers"):
+        _fit(callbacks=[reporter], module=module, max_epochs=1)
+    assert reporter.report == {}
+
+
+def test_one_prediction_per_example_is_required():
+    reporter = CompressionBoundReporter(
+        predict_fn=lambda module, batch: module(batch[0]).repeat(2, 1),
+        target_fn=lambda batch: batch[1].repeat(2),
+        **FAST,
+    )
+    with pytest.raises(ValueError, match="one prediction per example"):
+        _fit(callbacks=[reporter], max_epochs=1)
+
+
+def test_epoch_mode_also_reports_the_end_of_training(tmp_path):
+    reporter = CompressionBoundReporter(when="epoch", every_n_epochs=2, arora=False, capacity=False, **FAST)
+    _fit(tmp_path, [reporter], max_epochs=3)
+    assert [step for step, _ in read_tensorboard_scalars(tmp_path)["compression/error_bound"]] == [12, 18]
+
+
+def test_subspace_callback_must_match_the_subspace_it_finds():
+    module = TinyClassifier(num_samples=96)
+    _fit(callbacks=[SubspaceTraining(dimension=8)], module=module, max_epochs=1)
+    with pytest.raises(ValueError, match="dimension 8 with seed 0"):
+        _fit(callbacks=[SubspaceTraining(dimension=9)], module=module, max_epochs=1)

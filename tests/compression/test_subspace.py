@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nt.compression.subspace import find_subspace, to_subspace
+from lightning_nt.compression.subspace import find_subspace, subspace_mismatches, to_subspace
 
 
 def _net():
@@ -95,4 +95,36 @@ def test_bad_arguments():
     to_subspace(net, dimension=3)
     with pytest.raises(ValueError, match="already"):
         to_subspace(net, dimension=3)
+    assert math.isfinite(float(net(torch.zeros(1, 6)).sum()))
+
+
+def test_a_failed_conversion_leaves_the_module_untouched():
+    class WithLooseParameter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+            self.temperature = nn.Parameter(torch.ones(1))
+
+    module = WithLooseParameter()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match="temperature"):
+        to_subspace(module, dimension=4)
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    normed = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="parametrizations"):
+        to_subspace(normed, dimension=4)
+
+
+def test_mismatches_with_the_seed_are_found_and_casts_are_not_mismatches():
+    net = _net()
+    to_subspace(net, dimension=6, seed=2)
+    assert subspace_mismatches(net) == []
+    assert subspace_mismatches(net.to(torch.bfloat16)) == []  # what precision="bf16-true" does
+    assert subspace_mismatches(net.float()) == ["projection P", "0.weight", "0.bias", "2.weight", "2.bias"]  # rounded
+    net = _net()
+    to_subspace(net, dimension=6, seed=2)
+    other = _net()
+    to_subspace(other, dimension=6, seed=3)
+    net.load_state_dict(other.state_dict())  # theta0 of another seed, as from its checkpoint
+    assert subspace_mismatches(net) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert math.isfinite(float(net(torch.zeros(1, 6)).sum()))
