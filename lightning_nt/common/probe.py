@@ -145,5 +145,5 @@ def _concatenate(column: tuple[Any, ...]) -> Any:
         return column[0]
     raise TypeError(
         f"Batch fields of type {type(column[0]).__name__} that differ between batches can't be cached in a probe set; "
-        "give the callback a `loss_fn` over tensor batches."
+        "make those fields tensors (their first dimension the batch), or leave them equal in every batch."
     )

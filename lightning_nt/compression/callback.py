@@ -313,6 +313,10 @@ class CompressionBoundReporter(pl.Callback):
             )
         return logits, labels
 
+    def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        with trainer.precision_plugin.forward_context():
+            return self.loss_fn(pl_module, batch)  # type: ignore[misc]
+
     def _test_error(
         self,
         trainer: pl.Trainer,
@@ -352,6 +356,7 @@ class CompressionBoundReporter(pl.Callback):
                     initial_parameters=self._initial_parameters or None,
                     inputs=inputs,
                     generator=generator,
+                    loss=None if self.loss_fn is None else lambda: self._loss(trainer, pl_module, batch),
                 )
                 report.update({f"capacity/{tag}": value for tag, value in measures.items()})
                 skipped += [f"capacity: {reason}" for reason in reasons]

@@ -65,6 +65,7 @@ def capacity_measures(
     num_sharpness_samples: int = 4,
     generator: torch.Generator | None = None,
     inputs: Tensor | None = None,
+    loss: Callable[[], Tensor] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Norm, margin and sharpness capacity measures of ``model`` on the batch ``predict()`` evaluates.
 
@@ -82,8 +83,9 @@ def capacity_measures(
       (buffers kept) on one all-ones example shaped like ``inputs[0]``; needs ``inputs``.
     - ``margin``: 10th percentile of ``f(x)[y] - max_{j != y} f(x)[j]`` over the batch.
     - ``pacbayes_sigma``: the largest ``sigma`` in ``SIGMA_RANGE`` (log-scale bisection, ``BISECTION_STEPS``
-      steps) such that adding ``N(0, sigma^2 I)`` to every parameter raises the batch's 0-1 error, averaged over
-      ``num_sharpness_samples`` draws, by at most ``sharpness_target``. The same draws are reused at every sigma.
+      steps) such that adding ``N(0, sigma^2 I)`` to every parameter raises the batch's 0-1 error (or ``loss()``,
+      when given), averaged over ``num_sharpness_samples`` draws, by at most ``sharpness_target``. The same draws
+      are reused at every sigma.
     - ``pacbayes_flatness``: ``1 / sigma^2``.
     - ``pacbayes_bound_term``: ``||theta - theta0||^2 / (4 sigma^2) + ln(m / sigma) + 10`` with ``m`` the batch
       size (needs ``initial_parameters``).
@@ -118,7 +120,11 @@ def capacity_measures(
             scalars.update(_path_norm(model, inputs, skipped))
         else:
             skipped.append("path_norm: needs `inputs` (the batch's input tensor)")
-        sigma = _pacbayes_sigma(model, predict, logits, labels, sharpness_target, num_sharpness_samples, generator)
+
+        def objective() -> float:
+            return float(loss()) if loss is not None else _batch_error(predict(), labels)
+
+        sigma = _pacbayes_sigma(model, objective, sharpness_target, num_sharpness_samples, generator)
     if sigma in SIGMA_RANGE:
         skipped.append(f"pacbayes_sigma: the search stopped at its limit {sigma:g} of {SIGMA_RANGE}")
     scalars["pacbayes_sigma"] = sigma
@@ -181,9 +187,7 @@ def _batch_error(logits: Tensor, labels: Tensor) -> float:
 
 def _pacbayes_sigma(
     model: nn.Module,
-    predict: Callable[[], Tensor],
-    logits: Tensor,
-    labels: Tensor,
+    objective: Callable[[], float],
     target: float,
     num_samples: int,
     generator: torch.Generator | None,
@@ -193,17 +197,18 @@ def _pacbayes_sigma(
     origin = [p.detach().clone() for p in params]
     device = "cpu" if generator is None else generator.device
     seeds = torch.randint(0, 2**62, (num_samples,), generator=generator, device=device).tolist()
-    allowed = _batch_error(logits, labels) + target
+    with torch.no_grad():
+        allowed = objective() + target
 
     @torch.no_grad()
     def noisy_error(sigma: float) -> float:
         errors = []
         for seed in seeds:
-            noise = torch.Generator(device=logits.device).manual_seed(seed)
+            noise = torch.Generator(device=device).manual_seed(seed)
             for p, start in zip(params, origin):
-                draw = torch.randn(start.shape, generator=noise, device=logits.device, dtype=p.dtype)
+                draw = torch.randn(start.shape, generator=noise, device=device, dtype=p.dtype)
                 p.copy_(start + sigma * draw.to(start.device))
-            errors.append(_batch_error(predict(), labels))
+            errors.append(objective())
         return sum(errors) / len(errors)
 
     low, high = (math.log(s) for s in SIGMA_RANGE)

@@ -245,3 +245,9 @@ def test_subspace_callback_must_match_the_subspace_it_finds():
     _fit(callbacks=[SubspaceTraining(dimension=8)], module=module, max_epochs=1)
     with pytest.raises(ValueError, match="dimension 8 with seed 0"):
         _fit(callbacks=[SubspaceTraining(dimension=9)], module=module, max_epochs=1)
+
+
+def test_loss_fn_drives_the_sharpness_measure():
+    reporter = CompressionBoundReporter(arora=False, loss_fn=lambda module, batch: torch.zeros(()), **FAST)
+    _fit(callbacks=[reporter], max_epochs=1)
+    assert reporter.report["capacity/pacbayes_sigma"] == 10.0  # a flat loss: the search's upper limit

@@ -226,3 +226,12 @@ def test_r_norm_reads_a_lightning_module_and_a_subspace_model():
     rows = torch.cat([first.weight, first.bias[:, None]], dim=1).detach()
     expected = float((second.weight.detach().norm(dim=0) * rows.norm(dim=1)).sum())
     assert scalars["r_norm"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_sharpness_follows_the_loss_when_one_is_given():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 4), torch.randint(3, (32,))
+    by_error, _ = capacity_measures(net, lambda: net(x), y, generator=torch.Generator().manual_seed(0))
+    flat_loss, _ = capacity_measures(net, lambda: net(x), y, loss=lambda: torch.zeros(()))
+    assert by_error["pacbayes_sigma"] < SIGMA_RANGE[1] == flat_loss["pacbayes_sigma"]
