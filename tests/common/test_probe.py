@@ -40,7 +40,7 @@ def test_empty_batches_are_skipped_and_bad_sizes_rejected():
         batch_size((torch.randn(2, 2), torch.ones(3)))
     with pytest.raises(ValueError, match="no examples"):
         ProbeSet.from_batches([], num_samples=3)
-    with pytest.raises(TypeError, match="loss_fn"):
+    with pytest.raises(TypeError, match="make those fields tensors"):
         ProbeSet.from_batches([(torch.ones(1), "a"), (torch.ones(1), "b")], num_samples=2)
 
 
