@@ -82,7 +82,8 @@ class CompressionBoundReporter(pl.Callback):
     don't cover. Integer buffers (other than BatchNorm's counter) and a subspace whose ``theta0`` or ``P`` the
     seed doesn't rebuild (e.g. after loading a checkpoint of another seed) are refused with a warning. If the
     train/validation split is a sampler over one dataset, ``m`` counts the whole dataset (still valid, but
-    ``compression/test_error`` then isn't held out); ``test_error`` needs the module's validation data.
+    ``compression/test_error`` then isn't held out); ``test_error`` is the decoded model's error on the whole
+    validation dataset(s), whatever their sampler.
     The ``m`` examples are cached on the CPU: use ``num_samples`` for data sets that don't fit in memory.
 
     Everything is logged to every logger and ``trainer.callback_metrics``, the table as TensorBoard text
@@ -271,8 +272,7 @@ class CompressionBoundReporter(pl.Callback):
         if self.num_samples is not None and self.num_samples < len(dataset):
             generator = torch.Generator().manual_seed(0)
             dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[: self.num_samples].tolist())
-        ordered = DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=loader.collate_fn)
-        return ProbeSet.from_batches(ordered, num_samples=len(dataset))
+        return ProbeSet.from_batches(_in_order(loader, dataset), num_samples=len(dataset))
 
     def _error(
         self,
@@ -328,7 +328,8 @@ class CompressionBoundReporter(pl.Callback):
         if not loaders:
             return None
         loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        return self._error(trainer, pl_module, encoded, decoded, (batch for loader in loaders for batch in loader))
+        batches = (batch for loader in loaders for batch in _in_order(loader, loader.dataset))
+        return self._error(trainer, pl_module, encoded, decoded, batches)
 
     def _uncertified(self, trainer: pl.Trainer, pl_module: pl.LightningModule, train_set: ProbeSet) -> dict[str, float]:
         if not (self.arora or self.capacity):
@@ -467,6 +468,14 @@ def _buffers(module: torch.nn.Module, persistent: bool) -> Iterator[tuple[str, T
         for name, buffer in owner.named_buffers(recurse=False):
             if (name not in owner._non_persistent_buffers_set) == persistent:
                 yield (f"{owner_name}.{name}" if owner_name else name), buffer
+
+
+def _in_order(loader: DataLoader, dataset: Dataset) -> DataLoader | Iterable[Any]:
+    """All of a map-style ``dataset`` once, in order, collated as ``loader`` does; whatever the sampler (a
+    ``DistributedSampler`` would give each rank a shard). An iterable dataset is read through ``loader``."""
+    if isinstance(dataset, IterableDataset):
+        return loader
+    return DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=loader.collate_fn)
 
 
 def _random_examples(train_set: ProbeSet, count: int) -> Any:
