@@ -39,7 +39,8 @@ class OrderlyProcessGroupExit(pl.Callback):
     training had already finished.
     """
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # registered only once training ended normally: a rank that failed mid-training must not wait at a barrier
         atexit.register(_destroy_process_group)
 
 
