@@ -132,21 +132,13 @@ class ArithmeticEncoder:
         span = self._high - self._low + 1
         self._high = self._low + span * cumulative_high // total - 1
         self._low = self._low + span * cumulative_low // total
-        while True:
-            if self._high < _HALF:
-                self._emit(0)
-            elif self._low >= _HALF:
-                self._emit(1)
-                self._low -= _HALF
-                self._high -= _HALF
-            elif self._low >= _QUARTER and self._high < _THREE_QUARTERS:
+        while (offset := _rescaling_offset(self._low, self._high)) is not None:
+            if offset == _QUARTER:
                 self._pending += 1
-                self._low -= _QUARTER
-                self._high -= _QUARTER
             else:
-                return
-            self._low = 2 * self._low
-            self._high = 2 * self._high + 1
+                self._emit(0 if offset == 0 else 1)
+            self._low = 2 * (self._low - offset)
+            self._high = 2 * (self._high - offset) + 1
 
     def _emit(self, bit: int) -> None:
         self._writer.write_bit(bit)
@@ -177,22 +169,22 @@ class ArithmeticDecoder:
         return symbols
 
     def _normalise(self) -> None:
-        while True:
-            if self._high < _HALF:
-                pass
-            elif self._low >= _HALF:
-                self._value -= _HALF
-                self._low -= _HALF
-                self._high -= _HALF
-            elif self._low >= _QUARTER and self._high < _THREE_QUARTERS:
-                self._value -= _QUARTER
-                self._low -= _QUARTER
-                self._high -= _QUARTER
-            else:
-                return
-            self._low = 2 * self._low
-            self._high = 2 * self._high + 1
-            self._value = 2 * self._value + self._reader.read_bit()
+        while (offset := _rescaling_offset(self._low, self._high)) is not None:
+            self._low = 2 * (self._low - offset)
+            self._high = 2 * (self._high - offset) + 1
+            self._value = 2 * (self._value - offset) + self._reader.read_bit()
+
+
+def _rescaling_offset(low: int, high: int) -> int | None:
+    """What to subtract before doubling the interval ``[low, high]``: 0 (lower half, bit 0), ``1/2`` (upper
+    half, bit 1), ``1/4`` (straddles the middle narrowly: the bit is decided later), or None (wide enough)."""
+    if high < _HALF:
+        return 0
+    if low >= _HALF:
+        return _HALF
+    if low >= _QUARTER and high < _THREE_QUARTERS:
+        return _QUARTER
+    return None
 
 
 def adaptive_code_length(counts: Sequence[int]) -> float:

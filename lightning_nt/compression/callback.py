@@ -31,6 +31,7 @@ from lightning_nt.compression.coding import QuantizationMethod, configuration_gr
 from lightning_nt.compression.stability import noise_stability
 from lightning_nt.compression.subspace import (
     RandomSubspace,
+    check_subspace_arguments,
     find_subspace,
     subspace_mismatches,
     subspace_originals,
@@ -412,10 +413,7 @@ class SubspaceTraining(pl.Callback):
     """
 
     def __init__(self, dimension: int, seed: int = 0) -> None:
-        if dimension < 1:
-            raise ValueError(f"`dimension` must be >= 1, got {dimension}.")
-        if not 0 <= seed < 2**32:
-            raise ValueError(f"`seed` must be in [0, 2**32), got {seed}.")
+        check_subspace_arguments(dimension, seed)
         self.dimension, self.seed = dimension, seed
 
     @override

@@ -28,6 +28,7 @@ from lightning_nt.common.state import preserved_rng
 
 __all__ = [
     "RandomSubspace",
+    "check_subspace_arguments",
     "find_subspace",
     "seeded_initialisation",
     "subspace_mismatches",
@@ -41,10 +42,7 @@ class RandomSubspace(nn.Module):
 
     def __init__(self, shapes: list[torch.Size], dimension: int, seed: int) -> None:
         super().__init__()
-        if dimension < 1:
-            raise ValueError(f"`dimension` must be >= 1, got {dimension}.")
-        if not 0 <= seed < 2**32:
-            raise ValueError(f"`seed` must be in [0, 2**32), got {seed}.")
+        check_subspace_arguments(dimension, seed)
         self.dimension, self.seed = dimension, seed
         self.weight = nn.Parameter(torch.zeros(dimension))
         rows = math.ceil(math.sqrt(dimension))
@@ -130,6 +128,14 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
         parametrize.register_parametrization(owner, attribute, _Displaced(subspace, index), unsafe=True)
         getattr(owner.parametrizations, attribute).original.requires_grad_(False)
     return subspace
+
+
+def check_subspace_arguments(dimension: int, seed: int) -> None:
+    """``ValueError`` naming ``dimension`` or ``seed`` when a subspace can't have them (the seed is sent in 32 bits)."""
+    if dimension < 1:
+        raise ValueError(f"`dimension` must be >= 1, got {dimension}.")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"`seed` must be in [0, 2**32), got {seed}.")
 
 
 def find_subspace(module: nn.Module) -> RandomSubspace | None:
