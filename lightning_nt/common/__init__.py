@@ -1,5 +1,6 @@
 """Plumbing every capability shares: the loss of any module, logging to every logger, probe sets, exact restore."""
 
+from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
 from lightning_nt.common.loss import (
     LossFn,
     captured_logging,
@@ -8,7 +9,7 @@ from lightning_nt.common.loss import (
     muted_logging,
     training_loss,
 )
-from lightning_nt.common.probe import ProbeSet, batch_size, concatenate_batches, prepare_batch, preserved_loader_rng
+from lightning_nt.common.probe import ProbeSet, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state
 from lightning_nt.common.validation import check_choice
@@ -26,11 +27,14 @@ __all__ = [
     "log_scalars",
     "log_text",
     "loss_from_output",
+    "map_examples",
     "muted_logging",
     "prepare_batch",
     "preserved_loader_rng",
     "preserved_modes",
     "preserved_rng",
     "preserved_state",
+    "select_examples",
+    "tensors_of",
     "training_loss",
 ]

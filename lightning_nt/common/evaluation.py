@@ -17,8 +17,9 @@ import torch
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 from torchmetrics import Metric
 
+from lightning_nt.common.batches import batch_size
 from lightning_nt.common.loss import captured_logging, frozen_metrics
-from lightning_nt.common.probe import batch_size, prepare_batch, preserved_loader_rng
+from lightning_nt.common.probe import prepare_batch, preserved_loader_rng
 
 __all__ = ["validation_metrics"]
 

@@ -10,30 +10,18 @@ mean over the whole set is ``sum(share * chunk_mean)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
-from torch import Tensor
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader
 
+from lightning_nt.common.batches import batch_size, concatenate_batches, select_examples
 from lightning_nt.common.state import preserved_rng
 
-__all__ = ["ProbeSet", "batch_size", "concatenate_batches", "prepare_batch", "preserved_loader_rng"]
-
-
-def batch_size(batch: Any) -> int:
-    """Number of examples in a batch: the common first dimension of all its tensors."""
-    sizes = {leaf.shape[0] for leaf in pytree.tree_leaves(batch) if isinstance(leaf, Tensor) and leaf.ndim > 0}
-    if len(sizes) != 1:
-        raise ValueError(
-            "Can't tell the number of examples in the batch: its tensors should share their first dimension, "
-            f"found sizes {sorted(sizes)}."
-        )
-    return sizes.pop()
+__all__ = ["ProbeSet", "prepare_batch", "preserved_loader_rng"]
 
 
 class ProbeSet:
@@ -47,7 +35,7 @@ class ProbeSet:
     """
 
     def __init__(self, batch: Any) -> None:
-        self._leaves, self._spec = pytree.tree_flatten(batch)
+        self._batch = batch
         self._num_samples = batch_size(batch)
 
     @classmethod
@@ -62,7 +50,7 @@ class ProbeSet:
             if size == 0:
                 continue
             take = min(size, num_samples - count)
-            collected.append(_slice(batch, 0, take))
+            collected.append(select_examples(batch, slice(0, take)))
             count += take
             if count == num_samples:
                 break
@@ -101,21 +89,13 @@ class ProbeSet:
         size = chunk_size or self._num_samples
         if size < 1:
             raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-        whole = pytree.tree_unflatten(self._leaves, self._spec)
         for start in range(0, self._num_samples, size):
             stop = min(start + size, self._num_samples)
-            chunk = _slice(whole, start, stop)
+            chunk = select_examples(self._batch, slice(start, stop))
             yield (
                 (move_data_to_device(chunk, device) if device is not None else chunk),
                 (stop - start) / self._num_samples,
             )
-
-
-def concatenate_batches(batches: Sequence[Any]) -> Any:
-    """One batch from several of the same structure: tensors concatenated along dim 0 (on the CPU if they differ)."""
-    spec = pytree.tree_structure(batches[0])
-    columns = zip(*(pytree.tree_leaves(batch) for batch in batches))
-    return pytree.tree_unflatten([_concatenate(column) for column in columns], spec)
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
@@ -131,19 +111,3 @@ def preserved_loader_rng(dataloader: DataLoader) -> contextlib.AbstractContextMa
         if isinstance(generator, torch.Generator)
     ]
     return preserved_rng(*generators)
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    return pytree.tree_map(lambda leaf: leaf[start:stop] if isinstance(leaf, Tensor) and leaf.ndim > 0 else leaf, batch)
-
-
-def _concatenate(column: tuple[Any, ...]) -> Any:
-    if isinstance(column[0], Tensor) and column[0].ndim > 0:
-        devices = {leaf.device for leaf in column}
-        return torch.cat([leaf.detach() if len(devices) == 1 else leaf.detach().cpu() for leaf in column])
-    if all(leaf == column[0] for leaf in column):
-        return column[0]
-    raise TypeError(
-        f"Batch fields of type {type(column[0]).__name__} that differ between batches can't be cached in a probe set; "
-        "make those fields tensors (their first dimension the batch), or leave them equal in every batch."
-    )

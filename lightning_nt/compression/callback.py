@@ -12,7 +12,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from typing_extensions import override
 
@@ -24,6 +23,7 @@ from lightning_nt.common import (
     prepare_batch,
     preserved_rng,
     preserved_state,
+    select_examples,
 )
 from lightning_nt.compression.capacity import capacity_measures
 from lightning_nt.compression.certificate import Certificate, certify
@@ -482,7 +482,7 @@ def _random_examples(train_set: ProbeSet, count: int) -> Any:
     """``count`` of the cached examples, drawn with a fixed seed (the dataset may be sorted by class)."""
     whole, _ = next(train_set.chunks())
     chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:count]
-    return pytree.tree_map(lambda leaf: leaf[chosen] if isinstance(leaf, Tensor) and leaf.ndim > 0 else leaf, whole)
+    return select_examples(whole, chosen)
 
 
 def _field(batch: Any, index: int, what: str) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_nt.common.probe import concatenate_batches
+from lightning_nt.common.batches import concatenate_batches
 from lightning_nt.common.state import preserved_modes
 from lightning_nt.common.validation import check_choice
 

@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
+
+from lightning_nt.common.batches import select_examples
 
 __all__ = ["AugmentedViews", "PoissonBatchSampler", "empty_batch_collate", "poisson_dataloader"]
 
@@ -110,9 +111,7 @@ def empty_batch_collate(dataset: Dataset, collate: Callable[[list[Any]], Any]) -
         if examples:
             return collate(examples)
         template = collate([dataset[0]])
-        return pytree.tree_map(
-            lambda leaf: leaf[:0] if isinstance(leaf, torch.Tensor) and leaf.ndim else leaf, template
-        )
+        return select_examples(template, slice(0, 0))
 
     return collate_or_empty
 

@@ -37,7 +37,6 @@ from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
@@ -48,6 +47,8 @@ from lightning_nt.common import (
     frozen_metrics,
     log_scalars,
     loss_from_output,
+    map_examples,
+    select_examples,
 )
 from lightning_nt.privacy.accounting import AccountantName, calibrate_noise, epsilon_of, make_accountant
 from lightning_nt.privacy.sampling import poisson_dataloader
@@ -335,7 +336,7 @@ class _DifferentialPrivacy:
         optimizer.clear_per_example_state()  # Lightning zeroes them only after training_step
         module = self.lightning_module
         for start in starts[:-1]:
-            part = self._flat_views(_slice(batch, start, start + limit))
+            part = self._flat_views(select_examples(batch, slice(start, start + limit)))
             # only the last part logs (and may sync logs across processes, which run different part counts)
             with (
                 self._without_ddp_gradient_sync(),
@@ -345,13 +346,13 @@ class _DifferentialPrivacy:
                 output = module.training_step(part, batch_idx)
             loss_from_output(output, "training_step").backward()
             optimizer.carry_clipped_sums()
-        return _slice(batch, starts[-1], size)
+        return select_examples(batch, slice(starts[-1], size))
 
     def _flat_views(self, batch: Any) -> Any:
         """``[B, K, ...]`` -> ``[B * K, ...]`` for every tensor of a batch of augmented views."""
         if self.augmentation_multiplicity == 1:
             return batch
-        return pytree.tree_map(lambda t: t.flatten(0, 1) if isinstance(t, torch.Tensor) and t.ndim >= 2 else t, batch)
+        return map_examples(batch, lambda t: t.flatten(0, 1) if t.ndim >= 2 else t)
 
     def _empty_step(self) -> torch.Tensor:
         """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
@@ -560,10 +561,6 @@ def _anywhere(flag: bool, device: torch.device) -> bool:
     value = torch.tensor(float(flag), device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
-
-
-def _slice(batch: Any, start: int, stop: int) -> Any:
-    return pytree.tree_map(lambda t: t[start:stop] if isinstance(t, torch.Tensor) and t.ndim else t, batch)
 
 
 def _fix_in_place(module: nn.Module) -> None:

@@ -1,0 +1,91 @@
+"""Batch plumbing: count, slice, map and concatenate the examples of any batch Lightning accepts.
+
+A batch is whatever the user's dataloader yields: a tensor, tuples, lists, dicts, namedtuples or
+dataclasses of them, nested. Lightning moves such batches with ``apply_to_collection``; everything here
+walks them the same way, so a batch Lightning can train on is a batch every capability can measure on.
+The examples are the rows (dimension 0) of the batch's tensors of one or more dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+__all__ = ["batch_size", "concatenate_batches", "map_examples", "select_examples", "tensors_of"]
+
+
+def tensors_of(batch: Any) -> list[Tensor]:
+    """Every tensor of ``batch`` in a fixed traversal order (the order ``apply_to_collection`` visits them)."""
+    found: list[Tensor] = []
+    apply_to_collection(batch, Tensor, found.append)
+    return found
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in a batch: the common first dimension of all its tensors.
+
+    Example:
+        >>> batch_size({"x": torch.zeros(5, 3), "y": torch.zeros(5), "scale": torch.tensor(2.0)})
+        5
+    """
+    sizes = {tensor.shape[0] for tensor in tensors_of(batch) if tensor.ndim > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "Can't tell the number of examples in the batch: its tensors should share their first dimension, "
+            f"found sizes {sorted(sizes)} in a {type(batch).__name__}."
+        )
+    return sizes.pop()
+
+
+def map_examples(batch: Any, function: Callable[[Tensor], Tensor]) -> Any:
+    """``batch`` with ``function`` applied to every tensor that has an example dimension (scalars kept)."""
+    return apply_to_collection(batch, Tensor, lambda tensor: function(tensor) if tensor.ndim > 0 else tensor)
+
+
+def select_examples(batch: Any, index: slice | Tensor) -> Any:
+    """The examples ``index`` (a slice or an index tensor) of ``batch``, with the same structure.
+
+    Example:
+        >>> select_examples((torch.arange(6), [torch.arange(6) * 10]), slice(2, 4))
+        (tensor([2, 3]), [tensor([20, 30])])
+    """
+    return map_examples(batch, lambda tensor: tensor[index])
+
+
+def concatenate_batches(batches: Sequence[Any]) -> Any:
+    """One batch from several of the same structure: tensors concatenated along dim 0 (on the CPU if they differ).
+
+    Fields that are not tensors must be equal in every batch (they are kept once).
+
+    Example:
+        >>> concatenate_batches([{"x": torch.zeros(2, 3), "id": "a"}, {"x": torch.ones(1, 3), "id": "a"}])["x"].shape
+        torch.Size([3, 3])
+    """
+    skeletons = [apply_to_collection(batch, Tensor, _placeholder) for batch in batches]
+    if any(skeleton != skeletons[0] for skeleton in skeletons[1:]):
+        raise TypeError(
+            f"Batches of type {type(batches[0]).__name__} whose non-tensor fields differ can't be concatenated; "
+            "make those fields tensors (their first dimension the batch), or leave them equal in every batch."
+        )
+    columns = iter([_concatenate(column) for column in zip(*(tensors_of(batch) for batch in batches))])
+    return apply_to_collection(batches[0], Tensor, lambda _: next(columns))
+
+
+def _placeholder(tensor: Tensor) -> tuple[str, int]:
+    return ("tensor", tensor.ndim)
+
+
+def _concatenate(column: tuple[Tensor, ...]) -> Tensor:
+    if column[0].ndim == 0:
+        if any(not torch.equal(tensor.cpu(), column[0].cpu()) for tensor in column[1:]):
+            raise TypeError(
+                "A scalar tensor field differs between batches, so the batches can't be concatenated; "
+                "give it a batch dimension, or leave it equal in every batch."
+            )
+        return column[0].detach()
+    on_one_device = len({tensor.device for tensor in column}) == 1
+    return torch.cat([tensor.detach() if on_one_device else tensor.detach().cpu() for tensor in column])

@@ -1,0 +1,53 @@
+import dataclasses
+from collections import namedtuple
+
+import pytest
+import torch
+
+from lightning_nt.common import ProbeSet, batch_size, concatenate_batches, select_examples, tensors_of
+
+
+@dataclasses.dataclass
+class Batch:
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    source: str = "digits"
+
+
+Pair = namedtuple("Pair", ["inputs", "labels"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y: (x, y),
+        lambda x, y: [x, y],
+        lambda x, y: {"inputs": x, "labels": y},
+        lambda x, y: Pair(x, y),
+        lambda x, y: Batch(x, y),
+        lambda x, y: {"nested": [Batch(x, y)], "scale": torch.tensor(2.0)},
+    ],
+    ids=["tuple", "list", "dict", "namedtuple", "dataclass", "nested"],
+)
+def test_every_batch_shape_lightning_moves_is_counted_sliced_and_cached(make):
+    batches = [make(torch.randn(4, 3), torch.arange(4) + 4 * i) for i in range(3)]
+    assert batch_size(batches[0]) == 4
+    part = select_examples(batches[1], slice(1, 3))
+    assert type(part) is type(batches[1]) and batch_size(part) == 2
+    probe = ProbeSet.from_batches(batches, num_samples=10)
+    whole, share = next(probe.chunks())
+    assert type(whole) is type(batches[0]) and batch_size(whole) == 10 and share == 1.0
+    labels = next(t for t in tensors_of(whole) if t.dtype == torch.long)
+    assert torch.equal(labels, torch.arange(10))
+
+
+def test_dataclass_batch_has_no_tensor_leaf_counted_as_one_example():
+    # torch's pytree sees an unregistered dataclass as one leaf: a batch size of "no tensors"
+    batch = Batch(torch.randn(5, 2), torch.arange(5))
+    assert batch_size(batch) == 5
+    assert select_examples(batch, torch.tensor([0, 4])).labels.tolist() == [0, 4]
+
+
+def test_differing_non_tensor_fields_are_refused_not_dropped():
+    with pytest.raises(TypeError, match="non-tensor fields differ"):
+        concatenate_batches([Batch(torch.zeros(1, 2), torch.zeros(1), name) for name in "ab"])
