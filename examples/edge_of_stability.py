@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> SharpnessMonitor:
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--png", default="examples/figures/edge_of_stability.png")
+    parser.add_argument("--png", default=None, help="where to save the picture (default: in the run's log directory)")
     parser.add_argument("--log-dir", default="lightning_logs")
     args = parser.parse_args(argv)
 
@@ -42,10 +42,11 @@ def main(argv: Sequence[str] | None = None) -> SharpnessMonitor:
     figure = monitor.figure()
     figure.axes[0].set_title(f"full-batch {args.optimizer}, lr {args.lr}: tanh MLP, 500 examples")
     figure.tight_layout()
-    figure.savefig(args.png, dpi=100)
+    png = args.png or f"{trainer.logger.log_dir}/edge_of_stability.png"
+    figure.savefig(png, dpi=100)
     key = "sharpness/preconditioned" if args.optimizer == "adam" else "sharpness/lambda_max"
     ratios = [f"{entry[key] / entry['sharpness/threshold']:.2f}" for entry in monitor.history if key in entry]
-    print(f"sharpness / threshold every 20 steps: {' '.join(ratios)}\npicture: {args.png}")
+    print(f"sharpness / threshold every 20 steps: {' '.join(ratios)}\npicture: {png}")
     return monitor
 
 

@@ -46,7 +46,7 @@ def decay_per_update(decay: float | None = None, half_life: float | None = None,
     Keeps the time constant in optimizer steps: ``decay ** every_n_steps``, or ``0.5 ** (every_n_steps / half_life)``
     so an iterate's weight halves every ``half_life`` steps (Composer's convention).
 
-    Example:
+    Examples:
         >>> decay_per_update(half_life=10, every_n_steps=10)
         0.5
     """
@@ -68,7 +68,7 @@ class IterateAverage:
         buffers: also average floating buffers (e.g. BatchNorm running statistics); integer buffers are copied.
         device: where the averages live (default: beside each parameter).
 
-    Example:
+    Examples:
         >>> net = nn.Linear(2, 1)
         >>> average = IterateAverage(net, mode="uniform")
         >>> for value in (1.0, 2.0, 6.0):
@@ -232,7 +232,7 @@ def save_averaged_weights(averaged_state_dict: dict[str, Tensor], path: str | Pa
 def load_averaged_weights(module: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
     """Copy averaged weights saved by :func:`save_averaged_weights` into ``module``; return names not found.
 
-    Example:
+    Examples:
         >>> import tempfile, os
         >>> net = nn.Linear(2, 1)
         >>> file = os.path.join(tempfile.mkdtemp(), "averaged.pt")

@@ -28,7 +28,7 @@ def tensors_of(batch: Any) -> list[Tensor]:
 def batch_size(batch: Any) -> int:
     """Number of examples in a batch: the common first dimension of all its tensors.
 
-    Example:
+    Examples:
         >>> batch_size({"x": torch.zeros(5, 3), "y": torch.zeros(5), "scale": torch.tensor(2.0)})
         5
     """
@@ -49,7 +49,7 @@ def map_examples(batch: Any, function: Callable[[Tensor], Tensor]) -> Any:
 def select_examples(batch: Any, index: slice | Tensor) -> Any:
     """The examples ``index`` (a slice or an index tensor) of ``batch``, with the same structure.
 
-    Example:
+    Examples:
         >>> select_examples((torch.arange(6), [torch.arange(6) * 10]), slice(2, 4))
         (tensor([2, 3]), [tensor([20, 30])])
     """
@@ -61,7 +61,7 @@ def concatenate_batches(batches: Sequence[Any]) -> Any:
 
     Fields that are not tensors must be equal in every batch (they are kept once).
 
-    Example:
+    Examples:
         >>> concatenate_batches([{"x": torch.zeros(2, 3), "id": "a"}, {"x": torch.ones(1, 3), "id": "a"}])["x"].shape
         torch.Size([3, 3])
     """

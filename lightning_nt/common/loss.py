@@ -41,7 +41,7 @@ def training_loss(
 ) -> Tensor:
     """Return the scalar training loss of ``pl_module`` on ``batch``, with no side effect on logs or metrics.
 
-    Example:
+    Examples:
         >>> from pytorch_lightning.demos.boring_classes import BoringModel
         >>> model = BoringModel()
         >>> training_loss(model, torch.randn(4, 32)).ndim

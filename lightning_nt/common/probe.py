@@ -27,7 +27,7 @@ __all__ = ["ProbeSet", "prepare_batch", "preserved_loader_rng"]
 class ProbeSet:
     """``num_samples`` training examples, stored on the CPU, served in chunks on a device.
 
-    Example:
+    Examples:
         >>> batches = [(torch.randn(4, 3), torch.arange(4)) for _ in range(3)]
         >>> probe = ProbeSet.from_batches(batches, num_samples=10)
         >>> len(probe), [(batch_size(b), share) for b, share in probe.chunks(chunk_size=6)]

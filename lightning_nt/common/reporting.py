@@ -30,7 +30,7 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor], step
     Lightning clears ``callback_metrics`` after the sanity check, so values logged in ``on_fit_start`` reach
     the loggers but not the ``callback_metrics`` seen after it.
 
-    Example:
+    Examples:
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
         >>> log_scalars(trainer, {"sharpness/lambda_max": 12.5})
         >>> trainer.callback_metrics["sharpness/lambda_max"]

@@ -69,7 +69,7 @@ def preserved_state(
     Values are copied back in place, so parameter objects keep their identity and the optimizer keeps
     pointing at them. Each flag can be turned off to save the copy when the block can't change that part.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
         >>> before = net[1].running_mean.clone()
         >>> with preserved_state(net):

@@ -106,7 +106,7 @@ class _WholeRule(Rule):
 def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
     """Raise :class:`ArgumentError` naming ``name`` and the allowed values if ``value`` is not one of them.
 
-    Example:
+    Examples:
         >>> check_choice("mode", "ema", ("uniform", "ema"))
         >>> check_choice("mode", "swa", ("uniform", "ema"))
         Traceback (most recent call last):
@@ -120,7 +120,7 @@ def check_choice(name: str, value: Any, allowed: Collection[Any]) -> None:
 def check_argument(name: str, value: Any, annotation: Any, *rules: Rule) -> None:
     """Check ``value`` against a type ``annotation`` and ``rules``; raise :class:`ArgumentError` naming ``name``.
 
-    Example:
+    Examples:
         >>> check_argument("every_n_steps", 5, int, at_least(1))
         >>> check_argument("every_n_steps", float("nan"), int, at_least(1))
         Traceback (most recent call last):
@@ -145,7 +145,7 @@ def checked_arguments(**rules: Rule | tuple[Rule, ...]) -> Callable[[F], F]:
 
     The signature seen by ``inspect`` (and so by LightningCLI) is the function's own.
 
-    Example:
+    Examples:
         >>> class Monitor:
         ...     @checked_arguments(every_n_steps=at_least(1))
         ...     def __init__(self, every_n_steps: int = 10, verbose: bool = False) -> None:

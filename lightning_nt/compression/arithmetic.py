@@ -29,7 +29,7 @@ _THREE_QUARTERS = 3 * _QUARTER
 class BitWriter:
     """Bits appended one field at a time; ``len()`` is the exact length of the stream in bits.
 
-    Example:
+    Examples:
         >>> writer = BitWriter()
         >>> writer.write_uint(5, width=3); writer.write_float16(0.5)
         >>> reader = BitReader(writer.bits)
@@ -105,7 +105,7 @@ class _AdaptiveModel:
 class ArithmeticEncoder:
     """Encodes sequences of symbols into a :class:`BitWriter`; call :meth:`finish` once at the end.
 
-    Example:
+    Examples:
         >>> writer = BitWriter()
         >>> encoder = ArithmeticEncoder(writer)
         >>> encoder.encode([0, 0, 1, 0, 2, 0, 0, 0], alphabet_size=3); encoder.finish()
@@ -193,7 +193,7 @@ def adaptive_code_length(counts: Sequence[int]) -> float:
     The adaptive probability of a sequence depends only on its counts:
     ``prod_s Gamma(n_s + 1/2) / Gamma(1/2)`` over ``Gamma(n + k/2) / Gamma(k/2)``.
 
-    Example:
+    Examples:
         >>> round(adaptive_code_length([1, 0]), 6)   # the first of two symbols: probability 1/2
         1.0
     """

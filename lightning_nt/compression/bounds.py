@@ -33,7 +33,7 @@ def kl_bernoulli(q: float, p: float) -> float:
 def kl_inverse(empirical: float, budget: float, tolerance: float = 1e-12) -> float:
     """The largest ``p >= empirical`` with ``kl(empirical || p) <= budget``, by bisection in float64.
 
-    Example:
+    Examples:
         >>> round(kl_inverse(0.0, 0.1), 6)   # closed form 1 - exp(-0.1)
         0.095163
     """
@@ -66,7 +66,7 @@ def _budget(code_bits: float, m: int, delta: float) -> float:
 def occam_kl_bound(train_error: float, code_bits: float, m: int, delta: float = 0.05) -> float:
     """Certified error bound of a model described in ``code_bits`` bits with error ``train_error`` on ``m`` examples.
 
-    Example:
+    Examples:
         >>> round(occam_kl_bound(0.01, 20000, 60000, 0.05), 5)
         0.2409
     """

@@ -35,7 +35,7 @@ _SHAPE_ONLY = (nn.Flatten, nn.Identity, nn.Dropout)
 def classification_margins(logits: Tensor, labels: Tensor) -> Tensor:
     """``f(x)[y] - max_{j != y} f(x)[j]`` per example.
 
-    Example:
+    Examples:
         >>> classification_margins(torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]]), torch.tensor([0, 2]))
         tensor([ 1., -4.])
     """
@@ -48,7 +48,7 @@ def classification_margins(logits: Tensor, labels: Tensor) -> Tensor:
 def margin_quantile(logits: Tensor, labels: Tensor, quantile: float = 0.1) -> float:
     """The ``quantile`` of the margins over the batch (``torch.quantile``: linear interpolation between examples).
 
-    Example:
+    Examples:
         >>> margin_quantile(torch.tensor([[1.0, 0.0]] * 10), torch.zeros(10, dtype=torch.long))
         1.0
     """
@@ -93,7 +93,7 @@ def capacity_measures(
       ``sum_k ||a_k||_2 ||w_k||_2`` with ``w_k`` row ``k`` of the first weight (bias appended) and ``a_k`` column
       ``k`` of the second weight.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> x = torch.randn(16, 2)
         >>> scalars, skipped = capacity_measures(net, lambda: net(x), net(x).argmax(1), inputs=x)

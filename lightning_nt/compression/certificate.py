@@ -88,7 +88,7 @@ def certify(
             then only the ``finalists`` best candidates are measured with ``error_of``.
         finalists: how many screened candidates are measured on all ``num_examples``.
 
-    Example:
+    Examples:
         >>> from lightning_nt.compression.coding import configuration_grid
         >>> weights = [torch.tensor([1.0, -1.0, 1.0, 1.0])]
         >>> certificate = certify(weights, lambda t: 0.0, 1000, configuration_grid(levels=(2,), methods=("uniform",)))

@@ -112,7 +112,7 @@ def configuration_grid(
 ) -> list[QuantizationConfig]:
     """Every combination of method, number of levels and pruning fraction, in a fixed order.
 
-    Example:
+    Examples:
         >>> [str(c) for c in configuration_grid(levels=(4, 8), prune=(0.0, 0.5), methods=("uniform",))]
         ['uniform 4', 'uniform 4, prune 0.5', 'uniform 8', 'uniform 8, prune 0.5']
     """
@@ -124,7 +124,7 @@ def configuration_grid(
 def quantize(tensor: Tensor, config: QuantizationConfig) -> QuantizedTensor:
     """Quantise one tensor.
 
-    Example:
+    Examples:
         >>> quantized = quantize(torch.tensor([0.0, 0.1, 0.9, 1.0]), QuantizationConfig("uniform", 2))
         >>> quantized.values(QuantizationConfig("uniform", 2))
         tensor([0., 0., 1., 1.])

@@ -58,7 +58,7 @@ class NoiseStability:
     def scalars(self) -> dict[str, float]:
         """Flat tags (no prefix) for a logger; ``nan`` quantities are left out.
 
-        Example:
+        Examples:
             >>> NoiseStability(["fc"], {"fc": 0.5}, activation_contraction=1.2).scalars()
             {'layer_cushion/fc': 0.5, 'min_layer_cushion': 0.5, 'activation_contraction': 1.2}
         """
@@ -93,7 +93,7 @@ def layer_jvp(
     ``tangent`` is shaped like the source layer's output (batch first); a target that does not depend on the
     source gets zeros. In eval mode the examples don't mix, so row ``b`` is example ``b``'s own Jacobian product.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
         >>> x = torch.randn(5, 3)
         >>> jvp = layer_jvp(net, lambda: net(x), "0", net[0](x), ["2"])["2"]   # J x_0 = x_2: ReLU is homogeneous
@@ -142,7 +142,7 @@ def noise_stability(
     ``gamma`` defaults to the 10th percentile of the margins when ``labels`` are given. Parameters, buffers,
     ``.grad``, training flags and the global generators are left as found; ``generator`` drives all noise.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> report = noise_stability(net, lambda: net(x), y, gamma=1.0)

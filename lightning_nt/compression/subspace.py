@@ -100,7 +100,7 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     pretrained or custom initialisation is replaced. Every parameter must belong to a submodule with
     ``reset_parameters``; otherwise this raises, naming the parameter, and leaves the module untouched.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> subspace = to_subspace(net, dimension=10, seed=0)
         >>> [name for name, p in net.named_parameters() if p.requires_grad]

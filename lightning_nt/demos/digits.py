@@ -44,7 +44,7 @@ class DigitsDataModule(pl.LightningDataModule):
         train_size: keep only this many training images (``None``: all), e.g. for fast tests.
         seed: seed of the split (the split never depends on the global RNG).
 
-    Example:
+    Examples:
         >>> dm = DigitsDataModule(batch_size=32)
         >>> dm.setup("fit")
         >>> len(dm.train_set), len(dm.val_set)
@@ -134,7 +134,7 @@ class DigitsCNN(DigitsClassifier):
         depth: convolutions (>= 3); deep networks without normalisation are hard to train from the default
             initialisation, which is what GradInit repairs.
 
-    Example:
+    Examples:
         >>> DigitsCNN(width=8)(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
@@ -178,7 +178,7 @@ class DigitsMLP(DigitsClassifier):
         momentum: SGD momentum (ignored by Adam).
         weight_decay: decoupled for AdamW, L2 for the others.
 
-    Example:
+    Examples:
         >>> DigitsMLP(hidden=32)(torch.zeros(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """

@@ -43,7 +43,7 @@ class FullBatchMLP(pl.LightningModule):
         steps: optimizer steps in the one epoch.
         seed: seed of the data (the weights follow the global seed).
 
-    Example:
+    Examples:
         >>> FullBatchMLP(steps=3).train_dataloader().dataset[0][0].shape
         torch.Size([500, 32])
     """

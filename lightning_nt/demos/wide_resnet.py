@@ -49,7 +49,7 @@ def wide_resnet(
 ) -> nn.Module:
     """WRN-``depth``-``widen`` for 32x32 RGB images; ``norm="group"`` gives the DP-SGD variant of De et al.
 
-    Example:
+    Examples:
         >>> import torch
         >>> wide_resnet(16, 1, norm="group")(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])

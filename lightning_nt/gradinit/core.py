@@ -162,7 +162,7 @@ def gradinit(
         reduce_mean: averages a tensor over processes (data parallelism), so every process gets the same scales.
         progress: called after every iteration with its index and the result so far.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
         >>> data = iter(lambda: (torch.randn(8, 4), torch.randint(2, (8,))), None)
         >>> loss_of = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])

@@ -39,7 +39,7 @@ def calibrate_noise(
 ) -> float:
     """The noise multiplier that spends at most ``target_epsilon`` in ``steps`` steps at ``sample_rate``.
 
-    Example:
+    Examples:
         >>> sigma = calibrate_noise(8.0, 1e-5, sample_rate=0.01, steps=1000, accountant="rdp")
         >>> 0.5 < sigma < 1.5
         True

@@ -29,10 +29,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         num_samples: size of the dataset.
         sample_rate: inclusion probability ``q`` of every example in every batch.
         steps: batches per epoch (default ``round(1 / q)``: one pass over the data in expectation).
-        rank, world_size: this process's shard of every batch.
+        rank: this process's index; it takes its shard of every batch.
+        world_size: number of processes sharing every batch.
         seed: seed of the batch draws, the same on every process.
 
-    Example:
+    Examples:
         >>> sampler = PoissonBatchSampler(num_samples=10, sample_rate=0.5, seed=0)
         >>> len(sampler), all(0 <= i < 10 for batch in sampler for i in batch)
         (2, True)
@@ -76,7 +77,7 @@ class AugmentedViews(Dataset):
         augment: ``augment(input) -> input``, random (it draws from torch's RNG), applied to the first field.
         multiplicity: ``K``.
 
-    Example:
+    Examples:
         >>> data = torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.arange(4))
         >>> views = AugmentedViews(data, lambda x: x + torch.randn_like(x), multiplicity=3)
         >>> [tuple(t.shape) for t in views[0]]

@@ -635,8 +635,8 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
             batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
         allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (GradInit,
             SharpnessMonitor, CompressionBoundReporter) run; their logs are then not covered by the guarantee (warned).
-        device: the device to train on (default: the Trainer accelerator's first device).
-        strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``).
+        strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``),
+            e.g. ``device``, the device to train on (default: the Trainer accelerator's first device).
 
     Example::
 

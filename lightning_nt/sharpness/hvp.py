@@ -38,7 +38,7 @@ class HessianOperator:
         reduce_sum: sums a tensor over processes (data parallelism); ``None`` on one process.
         weight: this process's share of the total data when ``reduce_sum`` is given.
 
-    Example:
+    Examples:
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> H = HessianOperator([w], lambda: [((w**3).sum(), 1.0)])
         >>> H.matvec(torch.tensor([1.0, 0.0]))

@@ -48,7 +48,7 @@ def lanczos(
     A pair has converged when its residual is at most ``tol`` times the largest Ritz value in magnitude.
     Raises ``FloatingPointError`` if the operator returns NaN or inf.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.tensor([3.0, -2.0, 1.0, 0.5]))
         >>> result = lanczos(lambda v: A @ v, torch.ones(4), k=2)
         >>> [round(x, 6) for x in result.eigenvalues.tolist()], round(result.lambda_min, 6)

@@ -51,7 +51,7 @@ def hutchinson_trace(
     Hutch++ spends a third of the products on a sketch ``Q = orth(A S)`` whose trace ``tr(Q^T A Q)`` is exact,
     and the rest on Hutchinson for the deflated remainder; the standard error is that of the remainder.
 
-    Example:
+    Examples:
         >>> A = torch.diag(torch.arange(1.0, 11.0))
         >>> round(hutchinson_trace(lambda v: A @ v, 10, samples=30, method="hutch++").value, 3)
         55.0

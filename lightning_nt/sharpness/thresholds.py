@@ -41,7 +41,7 @@ class StabilityThreshold:
 def stability_threshold(optimizer: torch.optim.Optimizer) -> StabilityThreshold | None:
     """The threshold of ``optimizer`` from its first param group, or ``None`` for optimizers without a known rule.
 
-    Example:
+    Examples:
         >>> w = torch.zeros(1, requires_grad=True)
         >>> round(stability_threshold(torch.optim.SGD([w], lr=0.1, momentum=0.9)).value, 9)
         38.0
