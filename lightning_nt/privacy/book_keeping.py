@@ -1,0 +1,575 @@
+"""Single-backward DP-SGD clipping ("book-keeping", Bu, Wang, Zha & Karypis, ICML 2023).
+
+Opacus's hooks materialise every example's gradient (``B x P`` floats), then take norms, clip and sum. Here
+one ordinary backward pass is enough and no per-example gradient of a large layer is ever formed:
+
+1. During the forward pass each supported layer keeps its input ``A``; a tensor hook keeps the gradient ``G``
+   of the loss with respect to its output. The layer's parameters do not require grad while this runs, so
+   autograd never computes their ordinary weight gradients (only the input gradients the chain needs).
+2. Each example's squared gradient norm, per layer, comes either from the *ghost* Gram identity
+   ``||sum_t g_t a_tᵀ||² = sum_{t,s} (a_t·a_s)(g_t·g_s)`` over the layer's positions ``t`` (cost ``T²(d+p)``)
+   or from instantiating the example's ``p x d`` gradient (cost ``T d p``), whichever is cheaper for that
+   layer ("mixed ghost norm"). The norms of all layers add up to the example's full gradient norm.
+3. Clip factors ``c_b = min(1, C / ||g_b||)`` then enter one weight-gradient call per layer with ``c`` folded
+   into ``G``: ``sum_b c_b g_bᵀ a_b`` (for a convolution, ``torch.nn.grad.conv2d_weight(A, shape, c * G)``).
+
+Supported: ``Linear`` (any leading dimensions: sequences are positions), ``Conv1d``/``Conv2d`` (stride, padding,
+dilation, groups), ``Embedding``, ``LayerNorm``, ``GroupNorm``, and the weight-standardised
+:class:`~lightning_nt.demos.StandardizedConv2d` (its raw weight's per-example norm is exact from ghost
+quantities; the chain rule through the standardisation is applied once, to the clipped sum). Layers of other
+types fall back to Opacus's per-sample rule for that layer inside the same backward; a parameter that no rule
+covers, or one shared by two layers, is refused before anything is computed.
+
+Examples:
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> clipper = BookKeepingClipper(net, max_grad_norm=1.0)
+    >>> x, y = torch.randn(8, 3), torch.randint(2, (8,))
+    >>> with clipper.recording():
+    ...     nn.functional.cross_entropy(net(x), y).backward()
+    >>> norms = clipper.clip_and_sum(batch_size=8)  # .grad: the sum of the clipped per-example gradients
+    >>> bool(net[0].weight.grad.norm() <= 8 * 1.0), tuple(norms.shape)
+    (True, (8,))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor, nn
+
+from lightning_nt.demos.wide_resnet import StandardizedConv2d
+
+__all__ = ["BookKeepingClipper", "outer_product_norms", "supported_layer_types"]
+
+_CONV_WEIGHT_GRAD: dict[type, Callable[..., Tensor]] = {
+    nn.Conv1d: torch.nn.grad.conv1d_weight,
+    nn.Conv2d: torch.nn.grad.conv2d_weight,
+}
+_DIRECT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+
+
+def supported_layer_types() -> tuple[type, ...]:
+    """Layer types with a book-keeping rule of their own (others need an Opacus per-sample rule)."""
+    return (*_DIRECT_TYPES, StandardizedConv2d)
+
+
+@dataclass
+class _Record:
+    """What one layer saw during the forward/backward passes: inputs and output gradients, one per call."""
+
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)  # StandardizedConv2d only: Y = w_hat * A (bias removed)
+    grads: list[Tensor | None] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+class BookKeepingClipper:
+    """Per-example clipping and summation of a module's gradients in one backward pass.
+
+    Args:
+        module: the network; every trainable parameter must belong to a supported layer (or one with an Opacus
+            per-sample rule) and to only one layer. Layers must see the batch in dimension 0.
+        max_grad_norm: the clipping bound ``C``.
+        loss_reduction: ``"mean"`` if the loss that is back-propagated is the mean over the batch's rows (as a
+            ``training_step`` returns), ``"sum"`` if it is their sum.
+        group_size: consecutive rows of the batch that form one privacy unit (``K`` augmented views of one
+            example: their gradients are averaged before clipping).
+        norm_dtype: dtype of the norm computations and clip factors (fp32 also when training in bf16).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        max_grad_norm: float,
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        group_size: int = 1,
+        norm_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"`max_grad_norm` must be a finite number > 0, got {max_grad_norm}.")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
+        if group_size < 1:
+            raise ValueError(f"`group_size` must be >= 1, got {group_size}.")
+        self.module, self.max_grad_norm = module, max_grad_norm
+        self.loss_reduction, self.group_size, self.norm_dtype = loss_reduction, group_size, norm_dtype
+        self.layers = _layers_of(module)
+        self._trainable = {id(p) for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad}
+        self._records: dict[nn.Module, _Record] = {}
+        self._recording = False
+
+    def trainable(self, parameter: nn.Parameter | None) -> bool:
+        """Whether ``parameter`` was trainable when the clipper was built (its gradient is formed here)."""
+        return parameter is not None and id(parameter) in self._trainable
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Run the forward pass and the backward pass inside this block: inputs and output gradients are kept.
+
+        The layers' trainable parameters do not require grad inside the block (restored on exit, also on error),
+        so autograd computes no ordinary weight gradient.
+        """
+        self._records = {layer: _Record() for layer in self.layers}
+        parameters = [p for layer in self.layers for p in layer.parameters(recurse=False) if self.trainable(p)]
+        handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+            for handle in handles:
+                handle.remove()
+            for parameter in parameters:
+                parameter.requires_grad_(True)
+
+    def _keep(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        if not torch.is_grad_enabled():
+            return None
+        record = self._records[layer]
+        source = inputs[0]
+        record.inputs.append(source.detach())
+        record.versions.append(source._version)
+        if type(layer) is StandardizedConv2d:
+            without_bias = output if layer.bias is None else output - layer.bias.view(1, -1, 1, 1)
+            record.outputs.append(without_bias.detach())
+        index = len(record.grads)
+        record.grads.append(None)
+        replaced = None
+        if not output.requires_grad:  # nothing upstream requires grad: the graph starts here
+            output = output.detach().requires_grad_(True)
+            replaced = output.clone()  # a non-leaf, so in-place operations after this layer stay allowed
+
+        def keep_gradient(gradient: Tensor) -> None:
+            record.grads[index] = gradient.detach()
+
+        output.register_hook(keep_gradient)
+        return replaced
+
+    def clip_and_sum(self, batch_size: int, accumulate: bool = False) -> Tensor:
+        """Set every trainable parameter's ``.grad`` to the sum over privacy units of their clipped gradients.
+
+        Call after the backward pass of a :meth:`recording` block, with the number of rows the module saw.
+        ``accumulate=True`` adds to ``.grad`` (the parts of one logical batch). Returns each unit's gradient norm
+        before clipping (in ``norm_dtype``). The recorded activations are freed.
+        """
+        if self._recording:
+            raise RuntimeError("Call `clip_and_sum` after the `recording()` block has ended.")
+        if batch_size % self.group_size:
+            raise ValueError(f"A batch of {batch_size} rows is not made of groups of `group_size`={self.group_size}.")
+        try:
+            pieces = [piece for layer in self.layers for piece in self._pieces(layer, batch_size)]
+            if not pieces:
+                raise RuntimeError("No recorded forward/backward pass: run both inside `recording()` first.")
+            norms = torch.stack([piece.squared_norms() for piece in pieces]).sum(0).sqrt()
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            for piece in pieces:
+                piece.add_clipped_sum(factors, accumulate)
+            return norms
+        finally:
+            self._records = {}
+
+    def _pieces(self, layer: nn.Module, batch_size: int) -> list[_Piece]:
+        record = self._records.get(layer)
+        if record is None or not record.inputs:
+            return []
+        name = self._name(layer)
+        if any(grad is None for grad in record.grads):
+            raise RuntimeError(
+                f"Layer {name} ran in the forward pass but received no gradient: its output does not reach the "
+                "loss. Book-keeping clipping needs every recorded call to be part of the backward pass."
+            )
+        for tensor, version in zip(record.inputs, record.versions):
+            if tensor.shape[0] != batch_size:
+                raise RuntimeError(
+                    f"Layer {name} saw {tensor.shape[0]} rows in dimension 0 where the batch has {batch_size}: "
+                    "per-example gradients need the batch in dimension 0 (e.g. batch_first=True)."
+                )
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"The input of layer {name} was modified in place after the layer used it, so its "
+                    "per-example gradients can't be formed from it; avoid the in-place operation."
+                )
+        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        grads = [grad * scale for grad in record.grads if grad is not None]
+        return _pieces_for(layer, record.inputs, grads, record.outputs, self)
+
+    def _name(self, layer: nn.Module) -> str:
+        return next((name for name, module in self.module.named_modules() if module is layer), type(layer).__name__)
+
+    def units(self, tensor: Tensor) -> Tensor:
+        """``[N, T, ...] -> [N / K, K * T, ...]``: the K rows of one privacy unit become more positions."""
+        rows, positions = tensor.shape[0], tensor.shape[1]
+        return tensor.reshape(rows // self.group_size, self.group_size * positions, *tensor.shape[2:])
+
+    def unit_mean(self, per_row: Tensor) -> Tensor:
+        """``[N, ...] -> [N / K, ...]``: a unit's gradient is the mean of its rows' gradients."""
+        return per_row.reshape(per_row.shape[0] // self.group_size, self.group_size, *per_row.shape[1:]).mean(1)
+
+    def row_factors(self, factors: Tensor) -> Tensor:
+        """Each row's weight in the clipped sum: its unit's clip factor over K."""
+        return factors.repeat_interleave(self.group_size) / self.group_size
+
+
+class _Piece:
+    """One parameter's contribution: per-unit squared gradient norms, and the clipped sum into its ``.grad``."""
+
+    def squared_norms(self) -> Tensor:
+        raise NotImplementedError
+
+    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
+        raise NotImplementedError
+
+
+def _set_grad(parameter: nn.Parameter, value: Tensor, accumulate: bool) -> None:
+    value = value.to(parameter.dtype)
+    if accumulate and parameter.grad is not None:
+        parameter.grad.add_(value)
+    else:
+        parameter.grad = value
+
+
+class _OuterProduct:
+    """Squared norms of per-unit gradients ``sum_t g_t u_tᵀ`` over positions t (ghost or instantiated)."""
+
+    def __init__(self, clipper: BookKeepingClipper, patches: Tensor, grads: Tensor) -> None:
+        dtype, k = clipper.norm_dtype, clipper.group_size
+        self.patches = clipper.units(patches.to(dtype))  # [B, T, d]
+        self.grads = clipper.units(grads.to(dtype)) / k  # [B, T, p]: a unit's gradient is the mean of its rows'
+
+    def squared_norms(self) -> Tensor:
+        return outer_product_norms(self.patches, self.grads)
+
+
+def outer_product_norms(
+    patches: Tensor, grads: Tensor, method: Literal["auto", "ghost", "instantiate"] = "auto"
+) -> Tensor:
+    """``||sum_t g_bt u_btᵀ||²`` for every ``b``, from ``patches [B, T, d]`` and ``grads [B, T, p]``.
+
+    ``"ghost"`` sums ``(U Uᵀ) ∘ (G Gᵀ)`` over position pairs (``B T² (d + p)`` work), ``"instantiate"`` forms the
+    ``p x d`` matrices (``B T d p``); ``"auto"`` takes the cheaper (Bu et al.'s mixed ghost norm).
+
+    Examples:
+        >>> u, g = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+        >>> torch.allclose(outer_product_norms(u, g, "ghost"), outer_product_norms(u, g, "instantiate"))
+        True
+    """
+    positions, d, p = patches.shape[1], patches.shape[2], grads.shape[2]
+    if method == "auto":
+        if positions == 1:
+            return patches.square().sum((1, 2)) * grads.square().sum((1, 2))
+        method = "ghost" if positions * (d + p) < d * p else "instantiate"
+    if method == "ghost":
+        gram_a = torch.bmm(patches, patches.transpose(1, 2))
+        gram_g = torch.bmm(grads, grads.transpose(1, 2))
+        return (gram_a * gram_g).sum((1, 2))
+    return torch.bmm(grads.transpose(1, 2), patches).square().sum((1, 2))
+
+
+class _StandardizedOuterProduct(_OuterProduct):
+    """The raw weight of a weight-standardised convolution: its per-example norm, exact from ghost quantities.
+
+    With ``w_hat = (w - mean) / s`` per output channel (``s = sigma + eps`` over its ``d`` inputs) and ``g`` an
+    example's gradient with respect to ``w_hat``, the raw gradient is ``(g - mean(g)) / s - w_hat S2 / (d sigma)``
+    with ``S2 = g · w_hat``; as ``w_hat`` is centred and ``|w_hat|² = d sigma² / s²``, its squared norm is
+    ``(|g|² - S1²/d) / s² + S2² (1/s² - 2/(s sigma)) / d`` with ``S1 = sum(g)``. ``|g|²/s²`` is the outer-product
+    norm with ``G / s``; ``S1 = sum_t G_t (sum of patch u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's
+    output without bias.
+    """
+
+    def __init__(
+        self, clipper: BookKeepingClipper, layer: StandardizedConv2d, patches: Tensor, grads: Tensor, outputs: Tensor
+    ) -> None:
+        weight = layer.weight.detach().to(clipper.norm_dtype)
+        self.fan_in = weight[0].numel()
+        self.sigma = weight.flatten(1).std(1, unbiased=False)
+        self.s = self.sigma + 1e-5
+        super().__init__(clipper, patches, grads.to(clipper.norm_dtype) / self.s)
+        unit_grads = self.grads * self.s  # [B, T, p], back to the gradient with respect to w_hat
+        self.s1 = torch.einsum("btp,bt->bp", unit_grads, self.patches.sum(2))
+        self.s2 = (unit_grads * clipper.units(outputs.to(clipper.norm_dtype))).sum(1)
+
+    def squared_norms(self) -> Tensor:
+        d, s, sigma = self.fan_in, self.s, self.sigma
+        correction = -self.s1.square() / (d * s.square()) + self.s2.square() * (1 / s.square() - 2 / (s * sigma)) / d
+        return super().squared_norms() + correction.sum(1)
+
+
+class _WeightPiece(_Piece):
+    """A weight whose per-unit norms add up over ``parts`` (a convolution's groups) and whose clipped sum is one
+    weight-gradient call with the clip factors folded into the output gradients."""
+
+    def __init__(
+        self,
+        clipper: BookKeepingClipper,
+        parameter: nn.Parameter,
+        parts: list[_OuterProduct],
+        weight_sum: Callable[[Tensor], Tensor],
+        finish: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.clipper, self.parameter, self.parts = clipper, parameter, parts
+        self.weight_sum, self.finish = weight_sum, finish
+
+    def squared_norms(self) -> Tensor:
+        return torch.stack([part.squared_norms() for part in self.parts]).sum(0)
+
+    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
+        total = self.weight_sum(self.clipper.row_factors(factors))
+        _set_grad(self.parameter, total if self.finish is None else self.finish(total), accumulate)
+
+
+class _PerUnit(_Piece):
+    """Per-row gradients small enough to form (biases, norm layers, Opacus's fallback rules)."""
+
+    def __init__(self, clipper: BookKeepingClipper, parameter: nn.Parameter, per_row: Tensor) -> None:
+        self.parameter = parameter
+        self.per_unit = clipper.unit_mean(per_row.to(clipper.norm_dtype))
+
+    def squared_norms(self) -> Tensor:
+        return self.per_unit.flatten(1).square().sum(1)
+
+    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
+        _set_grad(self.parameter, torch.einsum("b,b...->...", factors, self.per_unit), accumulate)
+
+
+class _EmbeddingPiece(_Piece):
+    """An embedding table: per-unit norms by the ghost identity over token positions (equal tokens interact)."""
+
+    def __init__(self, clipper: BookKeepingClipper, layer: nn.Embedding, indices: Tensor, grads: Tensor) -> None:
+        self.layer = layer
+        grads = grads.to(clipper.norm_dtype)
+        if layer.padding_idx is not None:  # PyTorch gives the padding row no gradient
+            grads = grads * (indices != layer.padding_idx)[..., None]
+        self.indices = clipper.units(indices[..., None])[..., 0]  # [B, T]
+        self.grads = clipper.units(grads) / clipper.group_size  # [B, T, dim]
+
+    def squared_norms(self) -> Tensor:
+        same = (self.indices[:, :, None] == self.indices[:, None, :]).to(self.grads.dtype)
+        return (same * torch.bmm(self.grads, self.grads.transpose(1, 2))).sum((1, 2))
+
+    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
+        weighted = (self.grads * factors[:, None, None]).flatten(0, 1)
+        total = torch.zeros(self.layer.weight.shape, dtype=weighted.dtype, device=weighted.device)
+        total.index_add_(0, self.indices.flatten(), weighted)
+        _set_grad(self.layer.weight, total, accumulate)
+
+
+def _layers_of(module: nn.Module) -> list[nn.Module]:
+    """The layers that own trainable parameters, checked to be covered by a rule and not to share parameters."""
+    layers, owner = [], {}
+    for name, layer in module.named_modules():
+        own = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        for parameter_name, parameter in own:
+            full = f"{name}.{parameter_name}" if name else parameter_name
+            if id(parameter) in owner:
+                raise ValueError(
+                    f"Parameter {full} is the same tensor as {owner[id(parameter)]}: book-keeping clipping forms each "
+                    "layer's per-example norm separately, which is wrong for a tied parameter. Use "
+                    "grad_sample_mode='hooks' for this model."
+                )
+            owner[id(parameter)] = full
+        if type(layer) not in supported_layer_types() and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
+            raise ValueError(
+                f"Layer {name or type(layer).__name__} ({type(layer).__name__}) has trainable parameters but neither "
+                "a book-keeping nor an Opacus per-sample rule. Use grad_sample_mode='hooks' (Opacus falls back to "
+                "functorch for it), or freeze its parameters."
+            )
+        _check_options(name, layer)
+        layers.append(layer)
+    return layers
+
+
+def _check_options(name: str, layer: nn.Module) -> None:
+    if isinstance(layer, nn.Embedding) and (layer.sparse or layer.scale_grad_by_freq):
+        raise ValueError(f"Embedding {name}: `sparse` and `scale_grad_by_freq` are not supported under DP-SGD.")
+    if type(layer) in (nn.Conv1d, nn.Conv2d, StandardizedConv2d):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise ValueError(
+                f"Convolution {name}: padding={layer.padding!r}, padding_mode={layer.padding_mode!r} are not "
+                "supported; give numeric padding with padding_mode='zeros'."
+            )
+        if type(layer) is StandardizedConv2d and layer.groups != 1:
+            raise ValueError(f"Weight-standardised convolution {name}: groups != 1 is not supported.")
+
+
+def _pieces_for(
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[_Piece]:
+    kind = type(layer)
+    if kind is nn.Linear:
+        return _linear_pieces(layer, inputs, grads, clipper)
+    if kind in (nn.Conv1d, nn.Conv2d, StandardizedConv2d):
+        return _conv_pieces(layer, inputs, grads, outputs, clipper)
+    if kind is nn.Embedding:
+        if not clipper.trainable(layer.weight):
+            return []
+        indices = torch.cat([i.reshape(i.shape[0], -1) for i in inputs], 1)
+        gradient = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads], 1)
+        return [_EmbeddingPiece(clipper, layer, indices, gradient)]
+    if kind in (nn.LayerNorm, nn.GroupNorm):
+        return _normalization_pieces(layer, inputs, grads, clipper)
+    return _opacus_pieces(layer, inputs, grads, clipper)
+
+
+def _linear_pieces(
+    layer: nn.Linear, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
+) -> list[_Piece]:
+    dtype = clipper.norm_dtype
+    patches = torch.cat([a.reshape(a.shape[0], -1, a.shape[-1]) for a in inputs], 1).to(dtype)
+    gradient = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads], 1).to(dtype)
+    pieces: list[_Piece] = []
+    if clipper.trainable(layer.weight):
+
+        def weight_sum(row_factors: Tensor) -> Tensor:
+            return torch.einsum("ntp,ntd->pd", gradient * row_factors[:, None, None], patches)
+
+        pieces.append(_WeightPiece(clipper, layer.weight, [_OuterProduct(clipper, patches, gradient)], weight_sum))
+    if clipper.trainable(layer.bias):
+        pieces.append(_PerUnit(clipper, layer.bias, gradient.sum(1)))
+    return pieces
+
+
+def _conv_pieces(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    clipper: BookKeepingClipper,
+) -> list[_Piece]:
+    dtype = clipper.norm_dtype
+    inputs, grads = [a.to(dtype) for a in inputs], [g.to(dtype) for g in grads]
+    pieces: list[_Piece] = []
+    if clipper.trainable(layer.weight):
+        pieces.append(_conv_weight_piece(layer, inputs, grads, [y.to(dtype) for y in outputs], clipper))
+    if clipper.trainable(layer.bias):
+        pieces.append(_PerUnit(clipper, layer.bias, sum(g.flatten(2).sum(2) for g in grads)))
+    return pieces
+
+
+def _conv_weight_piece(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    clipper: BookKeepingClipper,
+) -> _Piece:
+    groups = layer.groups
+    unfolded = [_unfold(a, layer) for a in inputs]  # [N, groups, d_g, T] per call; calls are more positions
+    per_group = [g.reshape(g.shape[0], groups, layer.out_channels // groups, -1) for g in grads]
+    parts: list[_OuterProduct] = []
+    for group in range(groups):
+        patches = torch.cat([u[:, group].transpose(1, 2) for u in unfolded], 1)
+        gradient = torch.cat([g[:, group].transpose(1, 2) for g in per_group], 1)
+        if type(layer) is StandardizedConv2d:
+            produced = torch.cat([y.flatten(2).transpose(1, 2) for y in outputs], 1)
+            parts.append(_StandardizedOuterProduct(clipper, layer, patches, gradient, produced))
+        else:
+            parts.append(_OuterProduct(clipper, patches, gradient))
+    weight_grad = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+
+    def weight_sum(row_factors: Tensor) -> Tensor:
+        calls = (
+            weight_grad(
+                a,
+                layer.weight.shape,
+                g * row_factors.view(-1, *([1] * (g.ndim - 1))),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                groups,
+            )
+            for a, g in zip(inputs, grads)
+        )
+        return torch.stack(list(calls)).sum(0)
+
+    finish = _standardization_chain_rule(layer) if type(layer) is StandardizedConv2d else None
+    return _WeightPiece(clipper, layer.weight, parts, weight_sum, finish)
+
+
+def _standardization_chain_rule(layer: StandardizedConv2d) -> Callable[[Tensor], Tensor]:
+    """Map a gradient with respect to the standardised kernel to one with respect to the raw weight (linear)."""
+
+    def finish(summed: Tensor) -> Tensor:
+        with torch.enable_grad():
+            weight = layer.weight.detach().to(summed.dtype).requires_grad_(True)
+            mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+            std = weight.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5
+            (raw,) = torch.autograd.grad((weight - mean) / std, weight, grad_outputs=summed)
+        return raw
+
+    return finish
+
+
+def _normalization_pieces(
+    layer: nn.LayerNorm | nn.GroupNorm, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
+) -> list[_Piece]:
+    dtype = clipper.norm_dtype
+    weight_rows: Tensor | float = 0.0
+    bias_rows: Tensor | float = 0.0
+    for a, g in zip(inputs, grads):
+        a, g = a.to(dtype), g.to(dtype)
+        if isinstance(layer, nn.LayerNorm):
+            normalized = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
+            reduce = tuple(range(1, a.ndim - len(layer.normalized_shape)))
+        else:
+            normalized = F.group_norm(a, layer.num_groups, eps=layer.eps)
+            reduce = tuple(range(2, a.ndim))
+        weight_rows = weight_rows + _sum_over(normalized * g, reduce)
+        bias_rows = bias_rows + _sum_over(g, reduce)
+    pieces: list[_Piece] = []
+    if clipper.trainable(layer.weight):
+        pieces.append(_PerUnit(clipper, layer.weight, weight_rows))
+    if clipper.trainable(layer.bias):
+        pieces.append(_PerUnit(clipper, layer.bias, bias_rows))
+    return pieces
+
+
+def _sum_over(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return tensor.sum(dims) if dims else tensor  # an empty tuple would sum over every dimension
+
+
+def _opacus_pieces(
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
+) -> list[_Piece]:
+    rule = GradSampleModule.GRAD_SAMPLERS[type(layer)]
+    per_row: dict[int, tuple[nn.Parameter, Tensor]] = {}
+    for a, g in zip(inputs, grads):
+        for parameter, samples in rule(layer, [a], g).items():
+            previous = per_row.get(id(parameter))
+            per_row[id(parameter)] = (parameter, samples if previous is None else previous[1] + samples)
+    return [_PerUnit(clipper, p, samples) for p, samples in per_row.values() if clipper.trainable(p)]
+
+
+def _unfold(inputs: Tensor, layer: nn.Conv1d | nn.Conv2d) -> Tensor:
+    """im2col as one strided view and one copy: ``[N, groups, C_g * prod(kernel), T]``.
+
+    ``F.unfold`` launches one kernel per example on CUDA and has no 1-D form.
+    """
+    spatial = inputs.ndim - 2
+    padding = [p for p in reversed(layer.padding) for _ in range(2)]
+    padded = F.pad(inputs, padding) if any(padding) else inputs
+    rows, channels = padded.shape[:2]
+    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    out_sizes = [(padded.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(spatial)]
+    strides = padded.stride()
+    view = padded.as_strided(
+        (rows, channels, *kernel, *out_sizes),
+        (
+            strides[0],
+            strides[1],
+            *(strides[2 + i] * dilation[i] for i in range(spatial)),
+            *(strides[2 + i] * stride[i] for i in range(spatial)),
+        ),
+    )
+    return view.reshape(rows, layer.groups, (channels // layer.groups) * math.prod(kernel), math.prod(out_sizes))

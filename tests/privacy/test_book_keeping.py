@@ -1,0 +1,211 @@
+"""The single-backward clipping engine against a vmap(grad) clip-and-sum reference, layer kind by layer kind."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_nt.demos import StandardizedConv2d, wide_resnet
+from lightning_nt.privacy.book_keeping import BookKeepingClipper, outer_product_norms
+
+
+class Tokens(nn.Module):
+    """Embedding + LayerNorm + Linear over a sequence (positions are what the ghost norm sums over)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, classes: int = 3, padding_idx: int | None = 0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        hidden = self.mix(self.norm(self.embed(tokens))).tanh()
+        return self.out(hidden.mean(1))
+
+
+def _conv_net(conv, spatial, **options):
+    return nn.Sequential(
+        conv(3, 4, 3, **options), nn.GroupNorm(2, 4), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(2)
+    )
+
+
+CASES = {
+    "linear": (lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), (5,), 3),
+    "linear-sequence": (
+        lambda: nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 6, 3)),
+        (6, 5),
+        3,
+    ),
+    "conv1d": (lambda: _conv_net(nn.Conv1d, 1, stride=2, padding=1, dilation=2), (3, 11), 2),
+    "conv2d": (lambda: _conv_net(nn.Conv2d, 2, stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (3, 7, 6), 2),
+    "conv2d-groups": (
+        lambda: nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 25, 2)),
+        (4, 5, 5),
+        2,
+    ),
+    "conv2d-ghost": (  # 1x1 convolution with few positions and wide channels: ghost norms are cheaper
+        lambda: nn.Sequential(nn.Conv2d(40, 40, 1), nn.ReLU(), nn.Flatten(), nn.Linear(40 * 4, 2)),
+        (40, 2, 2),
+        2,
+    ),
+    "standardized-conv": (
+        lambda: nn.Sequential(StandardizedConv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 2)),
+        (3, 5, 5),
+        2,
+    ),
+    "standardized-conv-ghost": (
+        lambda: nn.Sequential(StandardizedConv2d(30, 30, 1, bias=True), nn.ReLU(), nn.Flatten(), nn.Linear(30 * 4, 2)),
+        (30, 2, 2),
+        2,
+    ),
+    "layernorm-groupnorm": (
+        lambda: nn.Sequential(
+            nn.Linear(5, 8), nn.LayerNorm(8), nn.Unflatten(1, (4, 2)), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(8, 2)
+        ),
+        (5,),
+        2,
+    ),
+}
+
+
+def _reference(net, inputs, labels, group_size=1):
+    """Per-unit gradients by vmap(grad) (mean over each unit's rows), clipped and summed, in float64.
+
+    The bound is the median norm, so that half the units are clipped. Returns (sums, norms, bound).
+    """
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in net.named_parameters()}
+
+    def loss_of_unit(trainable, x, y):
+        return F.cross_entropy(functional_call(net, {**params, **trainable}, (x,)), y)
+
+    units = inputs.reshape(-1, group_size, *inputs.shape[1:])
+    unit_labels = labels.reshape(-1, group_size)
+    per_unit = vmap(grad(loss_of_unit), in_dims=(None, 0, 0))({n: params[n] for n in names}, units, unit_labels)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per_unit.values()))
+    bound = float(norms.median())
+    factors = (bound / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", factors, g) for n, g in per_unit.items()}, norms, bound
+
+
+def _book_keeping(net, inputs, labels, bound, group_size=1):
+    clipper = BookKeepingClipper(net, max_grad_norm=bound, group_size=group_size, norm_dtype=torch.float64)
+    with clipper.recording():
+        F.cross_entropy(net(inputs), labels).backward()
+    norms = clipper.clip_and_sum(batch_size=inputs.shape[0])
+    return {n: p.grad for n, p in net.named_parameters() if p.requires_grad}, norms
+
+
+def _make(case, seed=0):
+    build, shape, classes = CASES[case]
+    torch.manual_seed(seed)
+    net = build().double()
+    inputs = torch.randn(8, *shape, dtype=torch.float64) * 3
+    net(inputs)  # materialise lazy layers
+    return net, inputs, torch.randint(classes, (8,))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_clipped_sum_equals_the_vmap_reference(case):
+    net, inputs, labels = _make(case)
+    expected, expected_norms, bound = _reference(net, inputs, labels)
+    got, norms = _book_keeping(net, inputs, labels, bound)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_tokens_with_padding_and_repeated_tokens():
+    torch.manual_seed(0)
+    net = Tokens().double()
+    tokens = torch.randint(0, 11, (8, 9))
+    tokens[:, 0] = 3  # every example repeats a token, some have padding
+    labels = torch.randint(3, (8,))
+    expected, expected_norms, bound = _reference(net, tokens, labels)
+    got, norms = _book_keeping(net, tokens, labels, bound)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_augmented_views_are_averaged_before_clipping():
+    net, inputs, labels = _make("conv2d")
+    labels = labels.reshape(4, 2)[:, :1].expand(4, 2).reshape(8)  # two views of each of four examples
+    expected, expected_norms, bound = _reference(net, inputs, labels, group_size=2)
+    got, norms = _book_keeping(net, inputs, labels, bound, group_size=2)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_wide_resnet_with_group_norm_and_weight_standardisation():
+    torch.manual_seed(0)
+    net = wide_resnet(depth=10, widen=1, norm="group").double()
+    inputs, labels = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(10, (4,))
+    expected, expected_norms, bound = _reference(net, inputs, labels)
+    got, norms = _book_keeping(net, inputs, labels, bound)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-9, atol=1e-12)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_no_ordinary_weight_gradient_is_computed_in_the_backward():
+    net, inputs, labels = _make("conv2d")
+    clipper = BookKeepingClipper(net, max_grad_norm=1.0)
+    with clipper.recording():
+        assert not any(p.requires_grad for p in net.parameters())
+        F.cross_entropy(net(inputs), labels).backward()
+        assert all(p.grad is None for p in net.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    clipper.clip_and_sum(batch_size=8)
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_frozen_parameters_stay_frozen_and_get_no_gradient():
+    net, inputs, labels = _make("linear")
+    net[0].weight.requires_grad_(False)
+    expected, _, bound = _reference(net, inputs, labels)
+    got, _ = _book_keeping(net, inputs, labels, bound)
+    assert net[0].weight.grad is None and not net[0].weight.requires_grad
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_unsupported_and_tied_layers_are_refused_by_name():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.factor
+
+    with pytest.raises(ValueError, match=r"Layer 1 \(Scale\).*grad_sample_mode='hooks'"):
+        BookKeepingClipper(nn.Sequential(nn.Linear(3, 3), Scale()), max_grad_norm=1.0)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"1\.weight is the same tensor as 0\.weight"):
+        BookKeepingClipper(tied, max_grad_norm=1.0)
+
+
+def test_batch_not_in_dimension_zero_is_refused():
+    net = nn.Linear(4, 2)
+    clipper = BookKeepingClipper(net, max_grad_norm=1.0)
+    with clipper.recording():
+        net(torch.randn(5, 3, 4)).sum().backward()  # sequence-first: [T, B, d]
+    with pytest.raises(RuntimeError, match="batch in dimension 0"):
+        clipper.clip_and_sum(batch_size=3)
+
+
+@pytest.mark.parametrize("positions", [1, 3, 40])
+def test_ghost_and_instantiated_norms_agree(positions):
+    torch.manual_seed(positions)
+    patches, grads = (
+        torch.randn(4, positions, 7, dtype=torch.float64),
+        torch.randn(4, positions, 5, dtype=torch.float64),
+    )
+    ghost = outer_product_norms(patches, grads, "ghost")
+    torch.testing.assert_close(ghost, outer_product_norms(patches, grads, "instantiate"), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ghost, outer_product_norms(patches, grads, "auto"), rtol=1e-12, atol=0)
