@@ -5,8 +5,8 @@
     python examples/digits.py --bound --model mlp --subspace 120 --optimizer adam   # a certified error bound
     tensorboard --logdir lightning_logs            # look at what was logged
 
-Each capability adds one entry to ``CAPABILITIES`` below: a flag, the callback it builds, and a line
-for the summary printed at the end.
+Each capability adds one entry to ``CAPABILITIES`` below: a flag and the callback (or strategy) it builds;
+``summary.py`` says in one line per capability what it did.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.strategies import Strategy
+from summary import summarize
 
 from lightning_nt import (
     CompressionBoundReporter,
@@ -38,56 +38,6 @@ class Capability:
     flag: str
     help: str
     build: Callable[[argparse.Namespace], pl.Callback | Strategy]
-    summarise: Callable[[Any, pl.Trainer], str]
-
-
-def _averaging_summary(callback: IterateAveraging, trainer: pl.Trainer) -> str:
-    metrics = trainer.callback_metrics
-    return (
-        f"{callback.n_averaged} iterates averaged; last validation loss with the average "
-        f"{metrics['val/loss']:.4f}, with the raw weights {metrics['raw/val/loss']:.4f}"
-    )
-
-
-def _sharpness_summary(callback: SharpnessMonitor, trainer: pl.Trainer) -> str:
-    if not callback.history:
-        return "no measurement"
-    last = callback.history[-1]
-    peak = max(entry["sharpness/ratio"] for entry in callback.history)
-    return (
-        f"{len(callback.history)} measurements; last lambda_max {last['sharpness/lambda_max']:.1f} vs threshold "
-        f"{last['sharpness/threshold']:.1f} (ratio {last['sharpness/ratio']:.2f}, peak {peak:.2f}); "
-        f"batch sharpness {last['sharpness/batch_sharpness']:.1f}"
-    )
-
-
-def _gradinit_summary(callback: GradInit, trainer: pl.Trainer) -> str:
-    if not callback.scales:
-        return "no scales applied"
-    weights = [scale for name, scale in callback.scales.items() if not name.endswith("bias")]
-    return (
-        f"weight scales {min(weights):.2f}-{max(weights):.2f}; look-ahead loss "
-        f"{trainer.callback_metrics['gradinit/lookahead_loss_start']:.3f} -> "
-        f"{trainer.callback_metrics['gradinit/lookahead_loss_end']:.3f}"
-    )
-
-
-def _privacy_summary(strategy: DPStrategy, trainer: pl.Trainer) -> str:
-    return (
-        f"(epsilon={strategy.epsilon:.2f}, delta={strategy.delta:g})-DP: noise multiplier "
-        f"{strategy.noise_multiplier:.3f}, sample rate {strategy.sample_rate:.4f}, clip {strategy.max_grad_norm}"
-    )
-
-
-def _bound_summary(callback: CompressionBoundReporter, trainer: pl.Trainer) -> str:
-    report, certificate = callback.report, callback.certificate
-    if certificate is None:
-        return "no bound computed"
-    return (
-        f"certified error <= {report['compression/error_bound']:.3f} (probability {1 - certificate.delta:g}): decoded "
-        f"model's train error {report['compression/train_error']:.3f} on m={certificate.num_examples}, "
-        f"{certificate.code_bits} bits ({certificate.config}); validation error {report['compression/test_error']:.3f}"
-    )
 
 
 CAPABILITIES: list[Capability] = [
@@ -96,28 +46,24 @@ CAPABILITIES: list[Capability] = [
         help="learn the initial scale of every parameter tensor before training (GradInit, 100 iterations); "
         "try it with --depth 12 --norm none, a network the default initialisation trains poorly",
         build=lambda args: GradInit(iterations=100),
-        summarise=_gradinit_summary,
     ),
     Capability(
         flag="average",
         help="uniform tail average of the weights over the second half of training (Gadam/SWA), "
         "validated against the raw weights",
         build=lambda args: IterateAveraging(mode="uniform", start_epoch=args.epochs // 2, compare_raw=True),
-        summarise=_averaging_summary,
     ),
     Capability(
         flag="sharpness",
         help="top Hessian eigenvalue and batch sharpness every 50 steps against the optimizer's "
         "edge-of-stability threshold (2(1+momentum)/lr for SGD), on 512 training images",
         build=lambda args: SharpnessMonitor(every_n_steps=50, num_samples=512, batch_sharpness=True, max_overhead=None),
-        summarise=_sharpness_summary,
     ),
     Capability(
         flag="dp",
         help="DP-SGD (Opacus): Poisson sampling, per-example clipping at 1.0, noise calibrated so that the whole "
         "run spends epsilon 8 at delta 1e-5; --norm batch is refused (use none or group)",
         build=lambda args: DPStrategy(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0),
-        summarise=_privacy_summary,
     ),
     Capability(
         flag="bound",
@@ -125,13 +71,16 @@ CAPABILITIES: list[Capability] = [
         "kl-Occam bound at delta 0.05) with Arora et al.'s noise stability and capacity measures; tight with "
         "--subspace",
         build=lambda args: CompressionBoundReporter(),
-        summarise=_bound_summary,
     ),
 ]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
@@ -183,14 +132,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     started = time.perf_counter()
     trainer.fit(model, datamodule)
     seconds = time.perf_counter() - started
-    summaries = [f"--{c.flag}: {c.summarise(plugin, trainer)}" for c, plugin in zip(chosen, plugins)]
     results = {k: float(v) for k, v in trainer.validate(model, datamodule, verbose=False)[0].items()}
 
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\nDigits {args.model.upper()} ({trained} trained parameters), {args.epochs} epochs in {seconds:.0f} s")
     print(f"  validation accuracy {results['val/acc']:.4f}, loss {results['val/loss']:.4f}")
-    for summary in summaries:
-        print(f"  {summary}")
+    for line in summarize(trainer):
+        print(f"  {line}")
     print(f"  TensorBoard: tensorboard --logdir {logger.log_dir}")
     return results
 

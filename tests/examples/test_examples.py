@@ -27,7 +27,7 @@ def test_digits_demo_learns_and_logs(tmp_path, capsys):
 
 def test_digits_demo_with_sharpness(tmp_path, capsys):
     digits.main(["--epochs", "13", "--train-size", "256", "--sharpness", "--log-dir", str(tmp_path)])
-    assert "--sharpness: 2 measurements; last lambda_max" in capsys.readouterr().out
+    assert "SharpnessMonitor: 2 measurements; last lambda_max" in capsys.readouterr().out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {
         "sharpness/lambda_max",
@@ -39,7 +39,7 @@ def test_digits_demo_with_sharpness(tmp_path, capsys):
 
 def test_digits_demo_with_gradinit(tmp_path, capsys):
     digits.main(["--epochs", "1", "--train-size", "256", "--depth", "6", "--gradinit", "--log-dir", str(tmp_path)])
-    assert "--gradinit: weight scales" in capsys.readouterr().out
+    assert "GradInit: weight scales" in capsys.readouterr().out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {"gradinit/lookahead_loss_start", "gradinit/grad_norm"} <= scalars.keys()
 
@@ -62,7 +62,7 @@ def test_edge_of_stability_example_saves_its_picture(tmp_path):
 
 def test_digits_demo_with_averaging(tmp_path, capsys):
     digits.main(["--epochs", "4", "--train-size", "256", "--average", "--log-dir", str(tmp_path)])
-    assert "--average: 8 iterates averaged" in capsys.readouterr().out
+    assert "IterateAveraging: 8 iterates averaged" in capsys.readouterr().out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {"averaging/n_averaged", "raw/val/loss", "raw/val/acc"} <= scalars.keys()
 
@@ -71,7 +71,7 @@ def test_digits_demo_with_a_certified_bound(tmp_path, capsys):
     arguments = ["--epochs", "10", "--model", "mlp", "--subspace", "120", "--optimizer", "adam", "--lr", "0.05"]
     digits.main([*arguments, "--bound", "--log-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "Digits MLP (120 trained parameters)" in out and "--bound: certified error <= 0." in out
+    assert "Digits MLP (120 trained parameters)" in out and "CompressionBoundReporter: certified error <= 0." in out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {
         "compression/error_bound",
@@ -90,7 +90,7 @@ def test_tight_bound_recipe(capsys):
 
 
 @pytest.mark.parametrize("config", sorted((EXAMPLES / "configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_yaml_config_runs(config, tmp_path):
+def test_every_yaml_config_runs(config, tmp_path, capsys):
     cli.main(
         [
             "fit",
@@ -103,3 +103,19 @@ def test_every_yaml_config_runs(config, tmp_path):
             f"--trainer.logger.init_args.save_dir={tmp_path}",
         ]
     )
+    assert "TensorBoard: tensorboard --logdir" in capsys.readouterr().out  # the CLI says what the run did
+
+
+def test_cli_summarises_each_capability(tmp_path, capsys):
+    config = EXAMPLES / "configs" / "bound.yaml"
+    cli.main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.max_epochs=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+        ]
+    )
+    assert "CompressionBoundReporter: certified error <= " in capsys.readouterr().out

@@ -1,0 +1,110 @@
+"""What each lightning_nt capability did in a run, in one line each: printed by the digits demo and the CLI.
+
+``summarize(trainer)`` finds the capabilities among the Trainer's callbacks and its strategy; a capability
+without an entry here is listed by name only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_nt import (
+    CompressionBoundReporter,
+    DPDDPStrategy,
+    DPStrategy,
+    GradInit,
+    IterateAveraging,
+    SharpnessMonitor,
+)
+
+__all__ = ["summarize"]
+
+
+def _averaging(callback: IterateAveraging, trainer: pl.Trainer) -> str:
+    metrics = trainer.callback_metrics
+    text = f"{callback.n_averaged} iterates averaged"
+    averaged, raw = metrics.get("val/loss"), metrics.get("raw/val/loss")
+    if averaged is not None and raw is not None and callback.n_averaged:
+        verdict = "the average is better" if averaged < raw else "the average is NOT better here"
+        text += f"; validation loss with the average {averaged:.4f}, with the raw weights {raw:.4f} ({verdict})"
+    return text
+
+
+def _sharpness(callback: SharpnessMonitor, trainer: pl.Trainer) -> str:
+    if not callback.history:
+        return "no measurement"
+    last = callback.history[-1]
+    ratios = [entry["sharpness/ratio"] for entry in callback.history if "sharpness/ratio" in entry]
+    key = "sharpness/preconditioned" if "sharpness/preconditioned" in last else "sharpness/lambda_max"
+    text = f"{len(callback.history)} measurements; last {key.split('/')[1]} {last[key]:.1f}"
+    if ratios:
+        peak = max(ratios)
+        state = "reached the edge of stability" if peak >= 0.9 else "stayed below the edge of stability"
+        text += f" vs threshold {last['sharpness/threshold']:.1f} (ratio {ratios[-1]:.2f}, peak {peak:.2f}: {state})"
+    if "sharpness/batch_sharpness" in last:
+        text += f"; batch sharpness {last['sharpness/batch_sharpness']:.1f}"
+    return text
+
+
+def _gradinit(callback: GradInit, trainer: pl.Trainer) -> str:
+    if not callback.scales:
+        return "no scales applied"
+    weights = [scale for name, scale in callback.scales.items() if not name.endswith("bias")]
+    metrics = trainer.callback_metrics
+    start, end = metrics.get("gradinit/lookahead_loss_start"), metrics.get("gradinit/lookahead_loss_end")
+    text = f"weight scales {min(weights):.2f}-{max(weights):.2f}"
+    if start is not None and end is not None:
+        change = "lowered" if end < start else "did NOT lower"
+        text += f"; the search {change} the look-ahead loss ({start:.3f} -> {end:.3f})"
+    return text
+
+
+def _privacy(strategy: DPStrategy | DPDDPStrategy, trainer: pl.Trainer) -> str:
+    return (
+        f"(epsilon={strategy.epsilon:.2f}, delta={strategy.delta:g})-DP: noise multiplier "
+        f"{strategy.noise_multiplier:.3f}, sample rate {strategy.sample_rate:.4f}, clip {strategy.max_grad_norm}"
+    )
+
+
+def _bound(callback: CompressionBoundReporter, trainer: pl.Trainer) -> str:
+    report, certificate = callback.report, callback.certificate
+    if certificate is None:
+        return "no bound computed"
+    bound = report["compression/error_bound"]
+    text = (
+        f"certified error <= {bound:.3f} (probability {1 - certificate.delta:g}): decoded model's train error "
+        f"{report['compression/train_error']:.3f} on m={certificate.num_examples}, {certificate.code_bits} bits "
+        f"({certificate.config})"
+    )
+    if "compression/test_error" in report and not math.isnan(report["compression/test_error"]):
+        text += f"; validation error {report['compression/test_error']:.3f}"
+    if bound >= 0.9:
+        text += (
+            " -- VACUOUS: the model needs too many bits for this many examples; train in a random subspace "
+            "(--subspace 120 in the digits demo, SubspaceTraining in your own run)"
+        )
+    return text
+
+
+SUMMARIES: dict[type, Callable[[Any, pl.Trainer], str]] = {
+    GradInit: _gradinit,
+    IterateAveraging: _averaging,
+    SharpnessMonitor: _sharpness,
+    DPStrategy: _privacy,
+    DPDDPStrategy: _privacy,
+    CompressionBoundReporter: _bound,
+}
+
+
+def summarize(trainer: pl.Trainer) -> list[str]:
+    """One line per lightning_nt capability of the run (its callbacks and its strategy), in Trainer order."""
+    lines = []
+    for plugin in [*trainer.callbacks, trainer.strategy]:
+        for kind, summary in SUMMARIES.items():
+            if isinstance(plugin, kind):
+                lines.append(f"{type(plugin).__name__}: {summary(plugin, trainer)}")
+    return lines
