@@ -81,8 +81,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=64, help="examples per training batch")
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
     parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn", help="DigitsCNN or DigitsMLP")
     parser.add_argument("--width", type=int, default=16, help="channels of the first convolution")
@@ -91,11 +91,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--subspace", type=int, default=None, help="train only in a random subspace of this dimension (Lotfi et al.)"
     )
     parser.add_argument("--depth", type=int, default=3, help="convolutions (>= 3)")
-    parser.add_argument("--norm", choices=["none", "batch", "group"], default="none")
-    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--norm", choices=["none", "batch", "group"], default="none", help="normalisation layers")
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd", help="optimizer")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches")
     parser.add_argument("--log-dir", default="lightning_logs", help="TensorBoard log directory")
     for capability in CAPABILITIES:
         parser.add_argument(f"--{capability.flag}", action="store_true", help=capability.help)
