@@ -293,6 +293,10 @@ class IterateAveraging(pl.Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning binds the module's `log`/`log_dict` to every callback at each run (and binds them again at the
+        # next): drop them, so a callback kept for its average does not keep the module and its weights alive
+        for name in ("log", "log_dict"):
+            self.__dict__.pop(name, None)
         if stage != "fit":  # a checkpoint loaded to validate or test does not carry over to the next stage
             self._holds_checkpoint = False
             self._pending_state = None
