@@ -36,9 +36,22 @@ class IterateAveraging(pl.Callback):
     Updates happen after optimizer steps (so gradient accumulation is respected), from ``start_step`` or
     ``start_epoch`` on, every ``every_n_steps`` steps, or once at the end of every ``every_n_epochs``-th epoch
     with ``update_on="epoch"`` (Gadam's default, "less frequent averaging"). Averages are fp32, keyed by
-    parameter name, updated by fused multi-tensor kernels without host-device synchronisation. Validation and
-    test use the average once there is one (never before the first update); training always continues from
-    the raw weights, bitwise unchanged, with the optimizer state untouched.
+    parameter name, updated by fused multi-tensor kernels; the only host-device synchronisation is one read of a
+    finiteness flag per update: an iterate with a NaN or infinite weight is left out (one warning, counted in
+    ``<name>/skipped``). Validation and test use the average once there is one (never before the first update);
+    training always continues from the raw weights, bitwise unchanged, with the optimizer state untouched. The
+    raw weights come back also when validation raises or is interrupted.
+
+    Checkpoints follow Lightning's ``WeightAveraging`` convention: while validation uses the average (and after
+    ``apply_on_end``), a checkpoint's ``state_dict`` holds the evaluated weights, i.e. the average with the
+    BatchNorm statistics it was validated with, so ``ModelCheckpoint(monitor=...)`` saves what it ranked and
+    ``trainer.test(ckpt_path="best")`` tests it; the raw weights travel in this callback's state and come back
+    when ``fit`` resumes from the checkpoint. ``validate``/``test`` with a ``ckpt_path`` evaluate the checkpoint's
+    weights as they are. Lightning calls no callback for weights-only checkpoints: those hold the raw weights.
+
+    Memory: one fp32 copy of the weights, one scratch copy while an evaluation runs, and after ``apply_on_end``
+    a CPU copy of the raw weights (for a checkpoint saved after fit). After fit the callback holds no reference
+    to the module's tensors.
 
     Args:
         mode: ``"uniform"`` (plain mean of the iterates from the start on) or ``"ema"``.
@@ -63,16 +76,18 @@ class IterateAveraging(pl.Callback):
         device: where to keep the averages (default: beside the parameters; ``"cpu"`` saves accelerator memory
             at the cost of a copy per update).
         loss_fn: forward pass used to recompute BatchNorm statistics (default: ``training_step``, muted).
+        name: prefix of this instance's tags (``<name>/n_averaged``, ``<name>/skipped``). By default the first
+            instance logs under ``averaging/``, further unnamed ones under ``averaging_1/``, ``averaging_2/``...
 
     Example (Gadam in two lines: AdamW in ``configure_optimizers``, then)::
 
         trainer = pl.Trainer(max_epochs=300,
                              callbacks=[IterateAveraging(mode="uniform", update_on="epoch", start_epoch=161)])
 
-    Example (an EMA beside a tail average)::
+    Example (an EMA beside a tail average, logged as ``ema/n_averaged``)::
 
         callbacks = [IterateAveraging(start_epoch=10),
-                     IterateAveraging(mode="ema", half_life=1000, evaluate=False, apply_on_end=False)]
+                     IterateAveraging(mode="ema", half_life=1000, evaluate=False, apply_on_end=False, name="ema")]
     """
 
     @checked_arguments(

@@ -31,6 +31,9 @@ def test_core_skips_and_counts_non_finite_iterates():
     assert (average.n_averaged, average.n_skipped) == (2, 2)
     assert torch.equal(average.state["weight"], torch.full((2, 3), 2.0))
     assert average.state_dict()["n_skipped"] == 2
+    with torch.no_grad():
+        net.weight.fill_(3e38)  # finite, though its norm overflows
+    assert average.update(net) and average.n_averaged == 3
 
 
 class PoisonOneStep(pl.Callback):
