@@ -96,7 +96,7 @@ class IterateAverage:
         >>> average = IterateAverage(net, mode="uniform")
         >>> for value in (1.0, 2.0, 6.0):
         ...     _ = nn.init.constant_(net.weight, value)
-        ...     average.update(net)
+        ...     _ = average.update(net)
         >>> average.state["weight"]
         tensor([[3., 3.]])
     """
