@@ -146,7 +146,7 @@ class IterateAveraging(pl.Callback):
         self._holds_checkpoint = False  # validate/test with a checkpoint: the module holds its evaluated weights
         self._warned_skip = False
         self._swap = ExitStack()
-        self._swapped = False
+        self._swapped: dict[str, Tensor] | None = None  # while the average is swapped in: the raw tensors by name
 
     @property
     @override
@@ -337,6 +337,8 @@ class IterateAveraging(pl.Callback):
         """
         if self._raw_state is not None:
             raw, evaluated = self._raw_state, checkpoint["state_dict"]
+        elif self._swapped is not None:  # saved from inside an evaluation: the module holds the average now
+            raw, evaluated = _by_state_key(pl_module, self._swapped), checkpoint["state_dict"]
         elif self._in_use():
             raw, evaluated = checkpoint["state_dict"], self._evaluated_state(trainer, pl_module)
         else:
@@ -351,9 +353,16 @@ class IterateAveraging(pl.Callback):
         if trainer.state.fn != TrainerFn.FITTING:
             self._holds_checkpoint = True  # the module holds the checkpoint's weights: evaluate those as they are
             return
-        raw = checkpoint.get("callbacks", {}).get(self.state_key, {}).get("raw_state_dict")
+        states = checkpoint.get("callbacks", {})
+        raw = states.get(self.state_key, {}).get("raw_state_dict")
         if raw is not None:
             pl_module.load_state_dict(raw, strict=pl_module.strict_loading)
+        elif any("raw_state_dict" in state for key, state in states.items() if key.startswith("IterateAveraging")):
+            rank_zero_warn(
+                "IterateAveraging: this checkpoint was saved by an IterateAveraging configured differently (its "
+                "state key differs), so its average and raw weights are not restored and training resumes from the "
+                "weights in its `state_dict`, which are the average. Resume with the same IterateAveraging arguments."
+            )
 
     def _load_pending_state(self) -> None:
         if self._pending_state is not None and self._average is not None:
@@ -369,17 +378,16 @@ class IterateAveraging(pl.Callback):
 
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._average is not None
-        self._swap.enter_context(self._average.swapped_in(pl_module))
-        self._swapped = True
+        self._swapped = self._swap.enter_context(self._average.swapped_in(pl_module))
         self._recompute_batchnorm(trainer, pl_module)
 
     def _swap_out(self, pl_module: pl.LightningModule) -> None:
         """Give the raw weights back, keeping the evaluated BatchNorm statistics for a checkpoint saved next."""
-        if not self._swapped:
+        if self._swapped is None:
             return
         if self.bn == "recompute":
             self._evaluated_buffers = (self.n_averaged, _batchnorm_buffers(pl_module))
-        self._swapped = False
+        self._swapped = None
         self._swap.close()
 
     def _evaluated_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
@@ -390,16 +398,9 @@ class IterateAveraging(pl.Callback):
         ):
             self._swap_in(trainer, pl_module)
             self._swap_out(pl_module)
-        substitutes = {id(tensor): name for name, tensor in _named_tensors(pl_module)}
-        evaluated = {}
         buffers = self._evaluated_buffers[1] if self.bn == "recompute" and self._evaluated_buffers else {}
-        for key, tensor in pl_module.state_dict(keep_vars=True).items():
-            name = substitutes.get(id(tensor), key)
-            if name in self._average.state:
-                evaluated[key] = self._average.state[name].to(tensor.dtype)
-            else:
-                evaluated[key] = buffers.get(name, tensor.detach())
-        return evaluated
+        evaluated = _by_state_key(pl_module, self._average.state | buffers)
+        return {key: evaluated[key].to(tensor.dtype) for key, tensor in pl_module.state_dict().items()}
 
     def _recompute_batchnorm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.bn != "recompute" or trainer.train_dataloader is None:
@@ -452,8 +453,16 @@ def _check_instances(averagings: list[IterateAveraging]) -> None:
         )
 
 
-def _named_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
-    return [*module.named_parameters(), *module.named_buffers()]
+def _by_state_key(module: nn.Module, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``module.state_dict()`` with ``tensors`` (named as in ``named_parameters``/``named_buffers``) substituted.
+
+    A tied tensor appears in ``state_dict`` under each of its names, and in ``named_parameters`` under the first.
+    """
+    names = {id(tensor): name for name, tensor in [*module.named_parameters(), *module.named_buffers()]}
+    return {
+        key: tensors.get(names.get(id(tensor), key), tensor).detach()
+        for key, tensor in module.state_dict(keep_vars=True).items()
+    }
 
 
 def _batchnorm_buffers(module: nn.Module) -> dict[str, Tensor]:

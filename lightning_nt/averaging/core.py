@@ -178,10 +178,11 @@ class IterateAverage:
         return self._plan[1], self._plan[2]
 
     @contextmanager
-    def swapped_in(self, module: nn.Module) -> Iterator[None]:
+    def swapped_in(self, module: nn.Module) -> Iterator[dict[str, Tensor]]:
         """Load the average into ``module`` for the block; the raw weights come back bitwise afterwards.
 
         Buffers that are not averaged are left as they are, and restored too, so the block may recompute them.
+        The block receives the saved raw tensors by name (parameters and buffers), to read, not to change.
         """
         if not self.state:
             raise RuntimeError("The average is empty: call `update` at least once before swapping it in.")
@@ -189,7 +190,7 @@ class IterateAverage:
         raw = {name: tensor.detach().clone() for name, tensor in tensors.items()}
         try:
             self.copy_to(module)
-            yield
+            yield raw
         finally:
             with torch.no_grad():
                 for name, tensor in tensors.items():

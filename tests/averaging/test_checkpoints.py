@@ -121,3 +121,28 @@ def test_weights_only_checkpoints_are_flagged(tmp_path):
             enable_checkpointing=True,
             limit_train_batches=1,
         )
+
+
+def test_a_checkpoint_saved_during_validation_follows_the_convention(tmp_path):
+    class SaveDuringValidation(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.raw = {name: tensor.clone() for name, tensor in pl_module.state_dict().items()}
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.save_checkpoint(tmp_path / "during.ckpt")
+
+    averaging, saver = IterateAveraging(apply_on_end=False, bn="average"), SaveDuringValidation()
+    module, _ = _fit([averaging, saver], max_epochs=2, num_sanity_val_steps=0)
+    saved = torch.load(tmp_path / "during.ckpt", weights_only=False)
+    raw = saved["callbacks"][averaging.state_key]["raw_state_dict"]
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, saver.raw[name]) and torch.equal(raw[name], saver.raw[name]), name
+        assert torch.equal(saved["state_dict"][name], averaging.averaged_state_dict()[name].to(tensor.dtype)), name
+
+
+def test_resuming_with_another_configuration_is_flagged(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1)
+    _fit([IterateAveraging(apply_on_end=False), checkpoint], max_epochs=1, enable_checkpointing=True)
+    with pytest.warns(UserWarning, match="configured differently"):
+        _fit([IterateAveraging(apply_on_end=False, bn="copy")], max_epochs=2, ckpt_path=checkpoint.best_model_path)
