@@ -118,7 +118,7 @@ class IterateAveraging(pl.Callback):
         compare_raw: bool = False,
         apply_on_end: bool = True,
         evaluate: bool = True,
-        device: str | None = None,
+        device: torch.device | str | None = None,
         loss_fn: LossFn | None = None,
         name: str | None = None,
     ) -> None:
@@ -166,7 +166,7 @@ class IterateAveraging(pl.Callback):
             bn_batches=self.bn_batches,
             compare_raw=self.compare_raw,
             apply_on_end=self.apply_on_end,
-            device=self.device,
+            device=None if self.device is None else str(torch.device(self.device)),
             loss_fn=_describe(self.loss_fn),
             name=self.name,
         )

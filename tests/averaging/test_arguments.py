@@ -5,6 +5,7 @@ import math
 
 import pytest
 import pytorch_lightning as pl
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +35,7 @@ CALLBACK = {
     "compare_raw": NOT_BOOLEANS,
     "apply_on_end": NOT_BOOLEANS,
     "evaluate": NOT_BOOLEANS,
-    "device": ["banana", "gpu0", 3, True],
+    "device": ["banana", "gpu0", 3, True, "cuda:x"],
     "loss_fn": ["loss", 3, True],
     "name": ["", 3, True],
 }
@@ -78,6 +79,8 @@ def test_decay_per_update_refuses_bad_values(argument, value):
 
 def test_good_values_are_accepted():
     IterateAveraging(mode="ema", half_life=100, warmup=1, every_n_steps=5, device="cpu", name="ema")
+    spelled = IterateAveraging(device=torch.device("cpu"))
+    assert spelled.state_key == IterateAveraging(device="cpu").state_key  # resumable whichever way it is spelled
     IterateAveraging(bn_batches=3, start_epoch=0, loss_fn=lambda module, batch: F.mse_loss(*batch), compare_raw=True)
     IterateAverage(nn.Linear(2, 2), mode="ema", decay=0.5, device="cpu")
 
