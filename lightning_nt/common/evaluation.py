@@ -8,6 +8,9 @@ result collection of Lightning's own kind, with the logging levels Lightning giv
 so every value is reduced as Lightning reduces it (``reduce_fx`` "mean" weighted by batch size, "max",
 "min", "sum"; torchmetrics objects by ``compute()``; ``sync_dist`` over ranks) and named as Lightning
 names it (``name/dataloader_idx_k`` with several loaders, ``name_epoch`` when also logged on step).
+The result collection and the logging-level defaults are Lightning internals; re-implementing them would drift
+from Lightning silently, using them fails loudly if they change, and ``tests/averaging/test_raw_metrics.py``
+compares the outcome with Lightning's own ``callback_metrics``.
 """
 
 from __future__ import annotations
