@@ -2,9 +2,11 @@
 
 :class:`IterateAverage` keeps, by name, an fp32 average of every floating parameter (and, if asked,
 every floating buffer), updated with one fused multi-tensor kernel per dtype group and no host-device
-synchronisation: the update weight is computed on the host from a Python counter. Integer buffers
-(``num_batches_tracked``) are copied, never averaged. :meth:`IterateAverage.swapped_in` evaluates a
-module with the average and gives the raw weights back bitwise, without a deep copy of the module.
+synchronisation but one: a non-finite iterate (NaN or inf anywhere) is skipped and counted rather than folded
+in, which needs one device-to-host read of a flag per update. The update weight is computed on the host from
+a Python counter. Integer buffers (``num_batches_tracked``) are copied, never averaged.
+:meth:`IterateAverage.swapped_in` evaluates a module with the average and gives the raw weights back bitwise,
+also when the block raises, without a deep copy of the module.
 
 The two modes are one recursion ``avg <- avg + w_t (x - avg)``:
 
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nt.common.state import preserved_modes
-from lightning_nt.common.validation import check_choice
+from lightning_nt.common.validation import Rule, above, at_least, between, checked_arguments
 
 __all__ = [
     "AveragingMode",
@@ -35,11 +37,28 @@ __all__ = [
     "load_averaged_weights",
     "recompute_batchnorm",
     "save_averaged_weights",
+    "torch_device",
 ]
 
 AveragingMode = Literal["uniform", "ema"]
 
 
+def torch_device() -> Rule:
+    """Rule: a string or ``torch.device`` that ``torch.device`` accepts (``"cpu"``, ``"cuda:0"``)."""
+
+    def valid(value: torch.device | str) -> bool:
+        try:
+            torch.device(value)
+        except (RuntimeError, TypeError):
+            return False
+        return True
+
+    return Rule(valid, "a torch device such as 'cpu' or 'cuda:0'")
+
+
+@checked_arguments(
+    decay=between(0.0, 1.0, low_open=True, high_open=True), half_life=above(0.0), every_n_steps=at_least(1)
+)
 def decay_per_update(decay: float | None = None, half_life: float | None = None, every_n_steps: int = 1) -> float:
     """EMA decay of one update made every ``every_n_steps`` steps, from a per-step ``decay`` or a ``half_life``.
 
@@ -68,16 +87,21 @@ class IterateAverage:
         buffers: also average floating buffers (e.g. BatchNorm running statistics); integer buffers are copied.
         device: where the averages live (default: beside each parameter).
 
+    :meth:`update` skips an iterate with a NaN or infinite weight (counted in :attr:`n_skipped`), so one bad step
+    never poisons a uniform average. The update plan caches references to the module's tensors: call
+    :meth:`release` when training ends so the average holds no reference to the module.
+
     Examples:
         >>> net = nn.Linear(2, 1)
         >>> average = IterateAverage(net, mode="uniform")
         >>> for value in (1.0, 2.0, 6.0):
         ...     _ = nn.init.constant_(net.weight, value)
-        ...     average.update(net)
+        ...     _ = average.update(net)
         >>> average.state["weight"]
         tensor([[3., 3.]])
     """
 
+    @checked_arguments(decay=between(0.0, 1.0, low_open=True, high_open=True), warmup=above(0.0), device=torch_device())
     def __init__(
         self,
         module: nn.Module,
@@ -87,13 +111,11 @@ class IterateAverage:
         buffers: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
-        check_choice("mode", mode, ("uniform", "ema"))
-        if mode == "ema" and (decay is None or not 0.0 < decay < 1.0):
-            raise ValueError(f"`decay` must be in (0, 1) for mode='ema', got {decay}.")
-        if warmup is not None and warmup <= 0:
-            raise ValueError(f"`warmup` (the warm-up power) must be > 0, got {warmup}.")
+        if mode == "ema" and decay is None:
+            raise ValueError("`decay` is needed for mode='ema': a number in (0, 1), e.g. decay=0.999.")
         self.mode, self.decay, self.warmup, self.buffers, self.device = mode, decay, warmup, buffers, device
         self.n_averaged = 0
+        self.n_skipped = 0
         self.state: dict[str, Tensor] = {}
         self._plan: (
             tuple[weakref.ref[nn.Module], list[tuple[list[Tensor], list[Tensor]]], list[tuple[Tensor, Tensor]]] | None
@@ -110,17 +132,23 @@ class IterateAverage:
         return 1.0 - decay
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """Fold the module's current weights into the average."""
+    def update(self, module: nn.Module) -> bool:
+        """Fold the module's current weights into the average; return ``False`` (and count it) if one is not finite."""
         if not self.state:
             tensors = dict(self._named_tensors(module))
+            if not _all_finite([tensors[name] for name in self._averaged_names]):
+                self.n_skipped += 1
+                return False
             self.state = {
                 name: tensors[name].detach().to(self.device, torch.float32, copy=True) for name in self._averaged_names
             }
             self.state.update({name: tensors[name].detach().to(self.device, copy=True) for name in self._copied_names})
         else:
-            weight = self.weight(self.n_averaged)
             groups, copies = self._plan_for(module)
+            if not _all_finite([iterate for _, iterates in groups for iterate in iterates]):
+                self.n_skipped += 1
+                return False
+            weight = self.weight(self.n_averaged)
             for averages, iterates in groups:
                 if iterates[0].device != averages[0].device:
                     iterates = [iterate.to(averages[0].device) for iterate in iterates]
@@ -128,6 +156,11 @@ class IterateAverage:
             for average, tensor in copies:
                 average.copy_(tensor)
         self.n_averaged += 1
+        return True
+
+    def release(self) -> None:
+        """Drop the cached update plan, the only reference the average keeps to the module's tensors."""
+        self._plan = None
 
     def _plan_for(
         self, module: nn.Module
@@ -145,18 +178,19 @@ class IterateAverage:
         return self._plan[1], self._plan[2]
 
     @contextmanager
-    def swapped_in(self, module: nn.Module) -> Iterator[None]:
+    def swapped_in(self, module: nn.Module) -> Iterator[dict[str, Tensor]]:
         """Load the average into ``module`` for the block; the raw weights come back bitwise afterwards.
 
         Buffers that are not averaged are left as they are, and restored too, so the block may recompute them.
+        The block receives the saved raw tensors by name (parameters and buffers), to read, not to change.
         """
         if not self.state:
             raise RuntimeError("The average is empty: call `update` at least once before swapping it in.")
         tensors = dict(module.named_parameters()) | dict(module.named_buffers())
         raw = {name: tensor.detach().clone() for name, tensor in tensors.items()}
-        self.copy_to(module)
         try:
-            yield
+            self.copy_to(module)
+            yield raw
         finally:
             with torch.no_grad():
                 for name, tensor in tensors.items():
@@ -170,10 +204,11 @@ class IterateAverage:
             tensors[name].copy_(average)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n_averaged": self.n_averaged, "average": dict(self.state)}
+        return {"n_averaged": self.n_averaged, "n_skipped": self.n_skipped, "average": dict(self.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n_averaged = int(state["n_averaged"])
+        self.n_skipped = int(state.get("n_skipped", 0))
         self._plan = None
         self.state = {
             name: tensor.to(self.device) if self.device else tensor for name, tensor in state["average"].items()
@@ -188,6 +223,25 @@ class IterateAverage:
         yield from module.named_parameters()
         if self.buffers:
             yield from module.named_buffers()
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one fused norm and one host read per device.
+
+    A finite norm proves every element finite (NaN and inf propagate); a non-finite one may also be an overflow
+    of finite weights, so it is confirmed element by element.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for tensor in tensors:
+        by_device.setdefault(tensor.device, []).append(tensor)
+    return all(_finite_on_one_device(group) for group in by_device.values())
+
+
+def _finite_on_one_device(tensors: list[Tensor]) -> bool:
+    norms = torch._foreach_norm(tensors)
+    if bool(torch.stack([norm.float() for norm in norms]).isfinite().all()):
+        return True
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def _lerp_(averages: list[Tensor], iterates: list[Tensor], weight: float) -> None:
