@@ -1,10 +1,10 @@
 """Lanczos with full reorthogonalisation for the extreme eigenvalues of a symmetric linear operator.
 
 Only ``matvec`` is needed, so the same solver serves the Hessian, the preconditioned Hessian of Adam
-and any test matrix. The Krylov basis is kept (fp32 vectors, fp64 tridiagonal) and every new vector
-is orthogonalised against it twice, so Ritz values do not repeat ("ghosts") and a pair can be trusted
-once its residual ``|beta_m s_m|`` is small. Warm starts take the previous Ritz vectors plus a small
-random perturbation: an exact eigenvector alone would make the Krylov space collapse.
+and any test matrix. The Krylov basis is kept (vectors on the start vector's device and in its dtype, an fp64
+tridiagonal on the CPU) and every new vector is orthogonalised against it twice, so Ritz values do not repeat
+("ghosts") and a pair can be trusted once its residual ``|beta_m s_m|`` is small. Warm starts take the previous
+Ritz vectors plus a small random perturbation: an exact eigenvector alone would make the Krylov space collapse.
 """
 
 from __future__ import annotations

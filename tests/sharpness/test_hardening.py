@@ -141,6 +141,13 @@ def test_gradient_accumulation_measures_each_due_step_once():
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]
 
 
+def test_a_second_fresh_fit_measures_its_first_step_again():
+    monitor = SharpnessMonitor(every_n_steps=3, num_samples=32)
+    for _ in range(2):
+        _fit([monitor], TinyClassifier(num_samples=96), max_steps=2)
+    assert [entry["step"] for entry in monitor.history] == [0, 0]
+
+
 def _comparable(history):
     return [{tag: value for tag, value in entry.items() if tag not in TIMING} for entry in history]
 
