@@ -71,3 +71,19 @@ def test_the_monitor_in_a_gpu_fit(precision, module):
     names = [name for name, _ in model.named_parameters()]
     exact = torch.linalg.eigvalsh(exact_hessian(model, names, *probe_examples(model, 40)))
     assert monitor.history[-1]["sharpness/lambda_max"] == pytest.approx(exact[-1].item(), rel=1e-3)
+
+
+@pytest.mark.cuda
+def test_a_25m_parameter_solve_at_the_default_max_iter_holds_about_max_iter_vectors():
+    dim, max_iter = 25_000_000, SharpnessMonitor().max_iter
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    diagonal = torch.rand(dim, device="cuda", generator=generator)  # a cluster at the bottom: lambda_min is slow
+    start = torch.randn(dim, device="cuda", generator=generator)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = lanczos(lambda v: diagonal * v, start, k=1, tol=1e-9, max_iter=max_iter)
+    torch.cuda.synchronize()
+    vectors = (torch.cuda.max_memory_allocated() - before) / (4 * dim)
+    assert result.num_matvecs == max_iter  # ran to the end: the largest basis the default allows
+    assert vectors <= max_iter + 10, f"peak {vectors:.1f} vectors of the operator's size"
