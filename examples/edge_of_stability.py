@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> SharpnessMonitor:
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed)
-    monitor = SharpnessMonitor(every_n_steps=20, num_samples=500, max_iter=20)
+    monitor = SharpnessMonitor(every_n_steps=20, num_samples=500, max_iter=20, max_overhead=None)
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",
