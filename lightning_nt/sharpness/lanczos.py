@@ -52,7 +52,7 @@ def lanczos(
     Raises ``FloatingPointError`` if the operator returns NaN or inf. Every vector lives on ``start``'s device
     in ``start``'s dtype; only the small tridiagonal problem is solved on the CPU in float64.
 
-    Memory: the Krylov basis grows in blocks of :data:`BLOCK` vectors as the iteration needs them (not
+    Memory: the Krylov basis grows in blocks of ``BLOCK`` (16) vectors as the iteration needs them (not
     ``max_iter`` up front), so a solve that stops after ``m`` steps holds at most ``m + BLOCK - 1`` basis vectors,
     plus the product, its residual and the ``k + 1`` Ritz vectors returned: about ``m + k + 20`` vectors of
     ``start``'s size at the peak.
@@ -107,7 +107,7 @@ BLOCK = 16
 
 
 class _Basis:
-    """Orthonormal Krylov vectors stored in blocks of :data:`BLOCK` rows, grown on demand."""
+    """Orthonormal Krylov vectors stored in blocks of ``BLOCK`` rows, grown on demand."""
 
     def __init__(self, first: Tensor, capacity: int) -> None:
         self.capacity = capacity
