@@ -17,11 +17,12 @@ from tests.sharpness.models import CrashAt, FrozenBackbone, RecordAdam, exact_he
 TIMING = ("sharpness/seconds", "sharpness/overhead")
 
 
-def _fit(callbacks, module, root=None, **trainer_kwargs):
+def _fit(callbacks, make_module, root=None, **trainer_kwargs):
+    """Seed, then build the module and fit it: the weights don't depend on which tests ran before."""
     pl.seed_everything(0)
-    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module)
-    return trainer
+    module = make_module()
+    tiny_trainer(root, callbacks=callbacks, **trainer_kwargs).fit(module)
+    return module
 
 
 def _messages(caught, text):
@@ -36,12 +37,11 @@ def test_a_double_precision_run_measures_in_double_precision_against_the_exact_h
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
-    module = Momentum(num_samples=96, shuffle=False)
     monitor = SharpnessMonitor(
-        every_n_steps=3, num_samples=40, tol=1e-9, max_iter=200, num_eigenvalues=2, trace=True, trace_samples=6,
+        every_n_steps=3, num_samples=40, tol=1e-9, max_iter=200, num_eigenvalues=2, trace=True, trace_samples=600,
         batch_sharpness=True, batch_sharpness_batches=2, smoothness=True, spherical=True,
     )  # fmt: skip
-    _fit([monitor], module, precision="64-true", max_epochs=1)
+    module = _fit([monitor], lambda: Momentum(num_samples=96, shuffle=False), precision="64-true", max_epochs=1)
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
     assert next(module.parameters()).dtype == torch.float64
     exact = torch.linalg.eigvalsh(
@@ -51,7 +51,8 @@ def test_a_double_precision_run_measures_in_double_precision_against_the_exact_h
     assert last["sharpness/lambda_max"] == pytest.approx(exact[-1].item(), rel=1e-9)
     assert last["sharpness/lambda_2"] == pytest.approx(exact[-2].item(), rel=1e-9)
     assert last["sharpness/lambda_min"] == pytest.approx(exact[0].item(), abs=1e-9 * exact[-1].item())
-    assert abs(last["sharpness/trace"] - exact.sum().item()) <= max(4 * last["sharpness/trace_stderr"], 1e-9)
+    assert len(exact) == 195  # Hutch++'s sketch of 600 // 3 products spans the space: its trace is exact
+    assert last["sharpness/trace"] == pytest.approx(exact.sum().item(), rel=1e-8)
     assert all(math.isfinite(value) for value in last.values())
 
 
@@ -63,7 +64,7 @@ def test_adam_over_a_frozen_backbone_keeps_logging_the_preconditioned_sharpness(
     reference = RecordAdam(40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([monitor, reference], FrozenBackbone(num_samples=96), max_epochs=1)
+        _fit([monitor, reference], lambda: FrozenBackbone(num_samples=96), max_epochs=1)
     later = [entry for entry in monitor.history if entry["step"] > 0]
     assert [entry["step"] for entry in later] == [3, 6]
     for entry in later:
@@ -90,7 +91,7 @@ def test_lr_zero_gives_an_infinite_threshold_and_ratio_zero(optimizer, tmp_path)
             ]
 
     monitor = SharpnessMonitor(every_n_steps=1, num_samples=32)
-    _fit([monitor], WarmUp(num_samples=96), root=tmp_path, max_epochs=1)
+    _fit([monitor], lambda: WarmUp(num_samples=96), root=tmp_path, max_epochs=1)
     assert [entry["step"] for entry in monitor.history] == list(range(7))
     at_zero = [entry for entry in monitor.history if entry["step"] in (1, 2)]
     for entry in at_zero:  # lr 0 after steps 1 and 2 (with Adam state there, not at step 0)
@@ -104,7 +105,7 @@ def test_lr_zero_gives_an_infinite_threshold_and_ratio_zero(optimizer, tmp_path)
 
 def test_every_n_steps_is_honoured_by_default():
     monitor = SharpnessMonitor(every_n_steps=5, num_samples=32)
-    _fit([monitor], TinyClassifier(num_samples=64), max_epochs=5)  # 20 steps
+    _fit([monitor], lambda: TinyClassifier(num_samples=64), max_epochs=5)  # 20 steps
     assert [entry["step"] for entry in monitor.history] == [0, 5, 10, 15, 20]
 
 
@@ -112,7 +113,7 @@ def test_a_budget_announces_and_counts_its_skips(tmp_path):
     monitor = SharpnessMonitor(every_n_steps=1, num_samples=32, max_overhead=1e-4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([monitor], TinyClassifier(num_samples=64), root=tmp_path, max_epochs=2)  # 8 steps
+        _fit([monitor], lambda: TinyClassifier(num_samples=64), root=tmp_path, max_epochs=2)  # 8 steps
     assert [entry["step"] for entry in monitor.history] == [0] and monitor.skipped == 8
     notes = _messages(caught, "skipped the measurement")
     assert len(notes) == 1 and "max_overhead" in notes[0] and "sharpness/skipped" in notes[0]
@@ -123,7 +124,7 @@ def test_an_expensive_monitor_without_budget_warns_once_and_overhead_waits_for_t
     monitor = SharpnessMonitor(every_n_steps=1, num_samples=64, tol=1e-6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([monitor], TinyClassifier(num_samples=64), root=tmp_path, max_epochs=2)
+        _fit([monitor], lambda: TinyClassifier(num_samples=64), root=tmp_path, max_epochs=2)
     assert len(monitor.history) == 9
     notes = _messages(caught, "of the training time")
     assert len(notes) == 1 and "every_n_steps" in notes[0] and "max_overhead" in notes[0]
@@ -137,14 +138,14 @@ def test_an_expensive_monitor_without_budget_warns_once_and_overhead_waits_for_t
 
 def test_gradient_accumulation_measures_each_due_step_once():
     monitor = SharpnessMonitor(every_n_steps=2, num_samples=32, max_overhead=None)
-    _fit([monitor], TinyClassifier(num_samples=96), max_epochs=2, accumulate_grad_batches=2)  # 3 steps an epoch
+    _fit([monitor], lambda: TinyClassifier(num_samples=96), max_epochs=2, accumulate_grad_batches=2)  # 3 steps an epoch
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]
 
 
 def test_a_second_fresh_fit_measures_its_first_step_again():
     monitor = SharpnessMonitor(every_n_steps=3, num_samples=32)
     for _ in range(2):
-        _fit([monitor], TinyClassifier(num_samples=96), max_steps=2)
+        _fit([monitor], lambda: TinyClassifier(num_samples=96), max_steps=2)
     assert [entry["step"] for entry in monitor.history] == [0, 0]
 
 
@@ -205,11 +206,10 @@ def _held_bytes(root) -> int:
 
 @pytest.mark.parametrize("lambda_min", [True, False])
 def test_after_fit_the_monitor_holds_only_the_warm_start_vectors(lambda_min):
-    module = TinyClassifier(num_samples=96, hidden=128)
     monitor = SharpnessMonitor(
         every_n_steps=3, num_samples=32, num_eigenvalues=2, lambda_min=lambda_min, max_overhead=None
     )
-    _fit([monitor], module, max_epochs=1)
+    module = _fit([monitor], lambda: TinyClassifier(num_samples=96, hidden=128), max_epochs=1)
     model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     assert len(monitor.history) == 3
     assert _held_bytes(monitor) <= (2 + lambda_min) * model_bytes
