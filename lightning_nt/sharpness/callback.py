@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -17,12 +17,13 @@ from lightning_nt.common import (
     LossFn,
     ProbeSet,
     batch_size,
-    check_choice,
     log_figure,
     log_scalars,
+    prepare_batch,
     preserved_state,
     training_loss,
 )
+from lightning_nt.common.validation import ArgumentError, above, at_least, between, checked_arguments, non_empty
 from lightning_nt.sharpness.hvp import HessianOperator
 from lightning_nt.sharpness.lanczos import LanczosResult, lanczos, warm_start
 from lightning_nt.sharpness.measure import (
@@ -32,9 +33,13 @@ from lightning_nt.sharpness.measure import (
     preconditioned,
     smoothness_along_gradient,
 )
-from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_threshold
+from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_threshold, without_adam_state
 
 __all__ = ["SharpnessMonitor"]
+
+
+OVERHEAD_WARNING = 0.25
+"""Without a budget, the share of training time spent measuring beyond which the user is warned (once)."""
 
 
 def _groups_differ(optimizer: torch.optim.Optimizer) -> bool:
@@ -47,18 +52,19 @@ class SharpnessMonitor(pl.Callback):
     """Top Hessian eigenvalues of the training loss, against the optimizer's edge-of-stability threshold.
 
     Every ``every_n_steps`` optimizer steps (and before the first), warm-started Lanczos with full
-    reorthogonalisation over fp32 Hessian-vector products finds the top ``num_eigenvalues`` eigenvalues and
-    ``lambda_min`` of the loss on a fixed probe set of ``num_samples`` training examples (or on the current
-    batch). The threshold is read from the live optimizer: ``2/lr`` for SGD, ``2(1+beta)/lr`` with momentum,
-    ``2(1+beta)/((1+2beta)lr)`` with Nesterov, and for Adam/AdamW ``(2+2beta1)/((1-beta1)lr)`` against the
-    preconditioned sharpness (Cohen et al. 2021, 2022). ``sharpness/ratio`` is the (preconditioned, for Adam)
-    sharpness over the threshold: near 1 means training is at the edge of stability.
+    reorthogonalisation over Hessian-vector products in fp32 (fp64 for a double-precision module) finds the top
+    ``num_eigenvalues`` eigenvalues and ``lambda_min`` of the loss on a fixed probe set of ``num_samples`` training
+    examples (or on the current batch). The threshold is read from the live optimizer: ``2/lr`` for SGD,
+    ``2(1+beta)/lr`` with momentum, ``2(1+beta)/((1+2beta)lr)`` with Nesterov, and for Adam/AdamW
+    ``(2+2beta1)/((1-beta1)lr)`` against the preconditioned sharpness (Cohen et al. 2021, 2022).
+    ``sharpness/ratio`` is the (preconditioned, for Adam) sharpness over the threshold: near 1 means training is
+    at the edge of stability.
 
     The run is left exactly as without the monitor: parameters, ``.grad``, BatchNorm buffers, RNG, modes and
     optimizer state are restored after each measurement.
 
     Args:
-        every_n_steps: optimizer steps between measurements (``max_overhead`` may lengthen it).
+        every_n_steps: optimizer steps between measurements (a ``max_overhead`` budget, if set, may skip some).
         num_eigenvalues: how many top eigenvalues (``sharpness/lambda_2``... beyond the first).
         num_samples: training examples in the probe set, cached when training starts.
         chunk_size: examples per forward/backward when the probe set does not fit at once (``None``: all).
@@ -77,12 +83,26 @@ class SharpnessMonitor(pl.Callback):
         spherical: also log ``sharpness/spherical`` = ||w||^2 lambda_max (for scale-invariant networks).
         lambda_min: also converge and log the smallest eigenvalue (``sharpness/lambda_min``); the bottom of a
             Hessian's spectrum is often a cluster near zero, so this can double the products per measurement.
-        max_overhead: skip a due measurement while the time spent measuring, plus the dearest measurement's cost,
-            would exceed this share of the wall time spent training (default 5%); the measurement when training
-            starts is always taken. ``None`` measures every ``every_n_steps`` whatever it costs. The share so
-            far is logged as ``sharpness/overhead``.
+        max_overhead: an optional time budget. ``None`` (default) measures every ``every_n_steps`` whatever it costs,
+            and warns once if measuring passes 25% of the training time. A share in (0, 1) skips a due measurement
+            while the time spent measuring, plus the dearest measurement's cost, would exceed that share of the wall
+            time spent training (the measurement when training starts is always taken); the first skip is announced
+            and skips are counted in ``sharpness/skipped``. The share so far is logged as ``sharpness/overhead``
+            once some training time has passed.
         loss_fn: ``loss_fn(pl_module, batch)``; default: the module's ``training_step`` with logging muted.
         seed: seed of the random start vectors and trace probes (the global RNG is not touched).
+
+    Only parameters with ``requires_grad`` are measured. For Adam, a trainable parameter that holds no optimizer
+    state (unused by the loss, or not in the optimizer) does not move: it is left out of the preconditioned
+    operator, with one warning. At ``lr = 0`` (warm-up) the threshold is ``inf`` and the ratio 0.
+
+    Memory: a measurement holds the Lanczos basis (one vector per step taken, at most ``max_iter``), about
+    ``4 * num_eigenvalues + 10`` more vectors, ``2 * trace_samples / 3`` with ``trace="hutch++"``, and the
+    double-backward graph of one probe chunk (``chunk_size`` bounds it). A vector is an fp32 (fp64 for a
+    double-precision module) copy of the trainable parameters: at the defaults, at most about 64 such copies,
+    6.4 GB for a 25M-parameter model. Between measurements the monitor keeps ``num_eigenvalues + 1`` vectors per
+    operator (twice that with Adam) to warm-start the next solve; they are saved in checkpoints, so a resumed run
+    measures what the uninterrupted run would have.
 
     Example::
 
@@ -92,6 +112,19 @@ class SharpnessMonitor(pl.Callback):
         monitor.history[-1]["sharpness/ratio"]   # also in TensorBoard, with the picture at the end
     """
 
+    @checked_arguments(
+        every_n_steps=at_least(1),
+        num_eigenvalues=at_least(1),
+        num_samples=at_least(1),
+        chunk_size=at_least(1),
+        tol=between(0, 1, low_open=True, high_open=True),
+        max_iter=at_least(1),
+        trace_samples=at_least(3),
+        batch_sharpness_batches=at_least(1),
+        smoothness_steps=(non_empty(), above(0)),
+        max_overhead=between(0, 1, low_open=True, high_open=True),
+        seed=between(0, 2**32 - 1),
+    )
     def __init__(
         self,
         every_n_steps: int = 100,
@@ -101,7 +134,7 @@ class SharpnessMonitor(pl.Callback):
         mode: Literal["train", "eval"] = "train",
         data: Literal["probe", "batch"] = "probe",
         tol: float = 1e-3,
-        max_iter: int = 100,
+        max_iter: int = 50,
         trace: bool = False,
         trace_samples: int = 30,
         trace_method: Literal["hutch++", "hutchinson"] = "hutch++",
@@ -111,33 +144,14 @@ class SharpnessMonitor(pl.Callback):
         smoothness_steps: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
         spherical: bool = False,
         lambda_min: bool = True,
-        max_overhead: float | None = 0.05,
+        max_overhead: float | None = None,
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
-        for name, value in (
-            ("every_n_steps", every_n_steps),
-            ("num_eigenvalues", num_eigenvalues),
-            ("num_samples", num_samples),
-            ("max_iter", max_iter),
-            ("batch_sharpness_batches", batch_sharpness_batches),
-        ):
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}.")
-        if trace_samples < 3:
-            raise ValueError(f"`trace_samples` must be >= 3, got {trace_samples}.")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be >= 1 or None, got {chunk_size}.")
-        check_choice("mode", mode, ("train", "eval"))
-        check_choice("data", data, ("probe", "batch"))
-        check_choice("trace_method", trace_method, ("hutch++", "hutchinson"))
-        if not 0 < tol < 1:
-            raise ValueError(f"`tol` must be in (0, 1), got {tol}.")
-        if max_overhead is not None and not 0 < max_overhead < 1:
-            raise ValueError(f"`max_overhead` must be in (0, 1) or None, got {max_overhead}.")
-        if not smoothness_steps or any(step <= 0 for step in smoothness_steps):
-            raise ValueError(
-                f"`smoothness_steps` must be positive multiples of the learning rate, got {smoothness_steps}."
+        if max_iter < num_eigenvalues:
+            raise ArgumentError(
+                f"`max_iter` must be at least `num_eigenvalues` ({num_eigenvalues}): Lanczos finds at most one "
+                f"eigenvalue per step, got max_iter={max_iter}."
             )
         self.every_n_steps, self.num_eigenvalues, self.num_samples = every_n_steps, num_eigenvalues, num_samples
         self.chunk_size, self.mode, self.data, self.tol, self.max_iter = chunk_size, mode, data, tol, max_iter
@@ -146,12 +160,17 @@ class SharpnessMonitor(pl.Callback):
         self.smoothness, self.smoothness_steps, self.spherical = smoothness, tuple(smoothness_steps), spherical
         self.max_overhead, self.loss_fn, self.seed, self.lambda_min = max_overhead, loss_fn, seed, lambda_min
         self.history: list[dict[str, float]] = []
+        self.skipped = 0
+        """Due measurements skipped by the ``max_overhead`` budget in this fit."""
         self._probe: ProbeSet | None = None
-        self._warm: dict[str, list[Tensor]] = {}
+        self._warm: dict[str, Tensor] = {}
         self._measuring_seconds = 0.0
         self._max_cost = 0.0
         self._train_start = 0.0
+        self._start_step = 0
+        self._seen_step = -1
         self._last_step = -1
+        self._restored = False
         self._warned: set[str] = set()
 
     @property
@@ -165,7 +184,12 @@ class SharpnessMonitor(pl.Callback):
             self._probe = ProbeSet.from_trainer(trainer, self.num_samples)
         self._train_start = time.perf_counter()
         self._measuring_seconds = self._max_cost = 0.0
-        if self.data == "probe":
+        self.skipped = 0
+        self._start_step = self._seen_step = trainer.global_step
+        if not self._restored:  # a new run (not a resume) measures its first step even if an earlier fit did
+            self._last_step = -1
+        self._restored = False
+        if self.data == "probe" and self._due(trainer.global_step):
             self._measure(trainer, pl_module, None)
 
     @override
@@ -173,27 +197,42 @@ class SharpnessMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == self._last_step or step % self.every_n_steps:
+        if step == self._seen_step:  # no optimizer step on this batch (gradient accumulation)
+            return
+        self._seen_step = step
+        if not self._due(step):
+            return
+        if self.max_overhead is None or self._within_budget():
+            self._measure(trainer, pl_module, batch)
             return
         self._last_step = step
-        if (
-            self.max_overhead is None
-            or self._measuring_seconds + self._max_cost <= self.max_overhead * self._training_seconds()
-        ):
-            self._measure(trainer, pl_module, batch)
+        self.skipped += 1
+        log_scalars(trainer, {"sharpness/skipped": float(self.skipped)})
+        self._warn(
+            "skipped",
+            f"SharpnessMonitor: skipped the measurement due at step {step} to keep measuring within "
+            f"max_overhead={self.max_overhead:.0%} of the training time ({self._measuring_seconds:.2f} s measuring, "
+            f"{self._training_seconds():.2f} s training). Skips are counted in 'sharpness/skipped'; raise "
+            "`max_overhead`, or set it to None to measure every `every_n_steps`.",
+        )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe = None  # the examples are cached again when training starts
         if self.history and trainer.is_global_zero and trainer.loggers:
             log_figure(trainer, "sharpness/edge_of_stability", self.figure())
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, "last_step": self._last_step, "warm": dict(self._warm)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        last = self.history[-1]["step"] if self.history else -1
+        self._last_step = int(state_dict.get("last_step", last))
+        self._warm = dict(state_dict.get("warm", {}))
+        self._restored = True
 
     def figure(self) -> Any:
         """Sharpness and the stability threshold over training steps (the edge-of-stability picture)."""
@@ -205,7 +244,7 @@ class SharpnessMonitor(pl.Callback):
         key = "sharpness/preconditioned" if preconditioned_run else "sharpness/lambda_max"
         axes.plot(steps, [entry.get(key, math.nan) for entry in self.history], marker=".", label=key.split("/")[1])
         if any("sharpness/threshold" in entry for entry in self.history):
-            thresholds = [entry.get("sharpness/threshold", math.nan) for entry in self.history]
+            thresholds = [_finite_or_nan(entry.get("sharpness/threshold", math.nan)) for entry in self.history]
             axes.plot(steps, thresholds, linestyle="--", color="black", label="stability threshold")
         if preconditioned_run:
             axes.plot(steps, [e["sharpness/lambda_max"] for e in self.history], alpha=0.5, label="lambda_max")
@@ -215,37 +254,64 @@ class SharpnessMonitor(pl.Callback):
         figure.tight_layout()
         return figure
 
+    def _due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0 and step != self._last_step
+
+    def _within_budget(self) -> bool:
+        assert self.max_overhead is not None
+        return self._measuring_seconds + self._max_cost <= self.max_overhead * self._training_seconds()
+
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         started = time.perf_counter()
-        params = [p for p in pl_module.parameters() if p.requires_grad]
+        self._last_step = trainer.global_step
+        named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        if not named:
+            self._warn(
+                "frozen", "SharpnessMonitor: the module has no parameter with requires_grad; nothing to measure."
+            )
+            return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
         with preserved_state(pl_module, parameters=False), torch.enable_grad(), torch.inference_mode(False):
             pl_module.train(self.mode == "train")
             try:
-                values, solves = self._solve(trainer, pl_module, params, batch, generator)
+                values, solves = self._solve(trainer, pl_module, named, batch, generator)
             except FloatingPointError:
                 values, solves = {"sharpness/lambda_max": math.nan}, 0
         seconds = time.perf_counter() - started
         self._measuring_seconds += seconds  # a skipped measurement still cost its time
         self._max_cost = max(self._max_cost, seconds)
-        if not all(math.isfinite(v) for v in values.values()):
+        if not all(math.isfinite(v) for tag, v in values.items() if tag != "sharpness/threshold"):
             self._warn("nan", "SharpnessMonitor: a measurement was not finite (NaN/inf); it is skipped.")
             self._warm.clear()
             return
         values["sharpness/seconds"] = seconds
         values["sharpness/hvps"] = float(solves)
-        values["sharpness/overhead"] = self._measuring_seconds / max(self._training_seconds(), 1e-9)
+        if trainer.global_step > self._start_step:  # before any training step the share is time over ~0 s
+            values["sharpness/overhead"] = overhead = self._measuring_seconds / max(self._training_seconds(), 1e-9)
+            if self.max_overhead is None and overhead > OVERHEAD_WARNING:
+                self._warn_overhead(overhead, seconds)
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
+
+    def _warn_overhead(self, overhead: float, seconds: float) -> None:
+        self._warn(
+            "overhead",
+            f"SharpnessMonitor: measuring has taken {overhead:.0%} of the training time so far "
+            f"({self._measuring_seconds:.2f} s measuring against {self._training_seconds():.2f} s training; "
+            f"{seconds:.2f} s for the last measurement). Measure less often with a larger `every_n_steps` "
+            f"(now {self.every_n_steps}), or cap the share with `max_overhead` (e.g. 0.1) to skip measurements "
+            "beyond it.",
+        )
 
     def _solve(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        params: list[Tensor],
+        named: list[tuple[str, Tensor]],
         batch: Any,
         generator: torch.Generator,
     ) -> tuple[dict[str, float], int]:
+        params = [p for _, p in named]
         operator = self._operator(trainer, pl_module, params, batch)
         result = self._lanczos("hessian", operator.matvec, operator, generator)
         values = {"sharpness/lambda_max": float(result.eigenvalues[0])}
@@ -253,35 +319,22 @@ class SharpnessMonitor(pl.Callback):
             values["sharpness/lambda_min"] = result.lambda_min
         values.update({f"sharpness/lambda_{i + 1}": float(v) for i, v in enumerate(result.eigenvalues) if i > 0})
         values["sharpness/converged"] = float(result.converged)
-        sharpness = values["sharpness/lambda_max"]
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        threshold = stability_threshold(optimizer) if optimizer is not None else None
-        if optimizer is not None and _groups_differ(optimizer):
-            self._warn(
-                "groups",
-                "SharpnessMonitor: the optimizer's param groups have different hyper-parameters; "
-                "the threshold uses group 0's.",
+        if optimizer is not None:
+            values.update(
+                self._against_threshold(optimizer, operator, named, values["sharpness/lambda_max"], generator)
             )
-        if threshold is None:
-            self._warn(
-                "threshold",
-                f"SharpnessMonitor: no stability threshold is known for {type(optimizer).__name__}; "
-                "logging the eigenvalues only.",
-            )
-        elif threshold.preconditioned:
-            assert optimizer is not None
-            diagonal = adam_preconditioner(optimizer, params)
-            if diagonal is not None:
-                adam = self._lanczos("adam", preconditioned(operator.matvec, diagonal), operator, generator)
-                values["sharpness/preconditioned"] = sharpness = float(adam.eigenvalues[0])
-        if threshold is not None and (not threshold.preconditioned or "sharpness/preconditioned" in values):
-            values["sharpness/threshold"] = threshold.value
-            values["sharpness/ratio"] = sharpness / threshold.value
         if self.spherical:
             values["sharpness/spherical"] = flat_norm(params) ** 2 * values["sharpness/lambda_max"]
         if self.trace:
             estimate = hutchinson_trace(
-                operator.matvec, operator.numel, self.trace_samples, params[0].device, generator, self.trace_method
+                operator.matvec,
+                operator.numel,
+                self.trace_samples,
+                params[0].device,
+                generator,
+                self.trace_method,
+                dtype=operator.dtype,
             )
             values["sharpness/trace"], values["sharpness/trace_stderr"] = estimate.value, estimate.standard_error
         solves = operator.num_matvecs
@@ -292,14 +345,63 @@ class SharpnessMonitor(pl.Callback):
             values.update(self._smoothness(trainer, pl_module, params, batch, float(optimizer.param_groups[0]["lr"])))
         return values, solves
 
+    def _against_threshold(
+        self,
+        optimizer: torch.optim.Optimizer,
+        operator: HessianOperator,
+        named: list[tuple[str, Tensor]],
+        sharpness: float,
+        generator: torch.Generator,
+    ) -> dict[str, float]:
+        """``threshold`` and ``ratio`` (with ``preconditioned`` first for Adam); empty when no rule is known."""
+        if _groups_differ(optimizer):
+            self._warn(
+                "groups",
+                "SharpnessMonitor: the optimizer's param groups have different hyper-parameters; "
+                "the threshold uses group 0's.",
+            )
+        threshold = stability_threshold(optimizer)
+        if threshold is None:
+            self._warn(
+                "threshold",
+                f"SharpnessMonitor: no stability threshold is known for {type(optimizer).__name__}; "
+                "logging the eigenvalues only.",
+            )
+            return {}
+        values = {}
+        if threshold.preconditioned:
+            diagonal = self._adam_preconditioner(optimizer, named)
+            if diagonal is None:  # no Adam state before the first step
+                return {}
+            adam = self._lanczos("adam", preconditioned(operator.matvec, diagonal), operator, generator)
+            values["sharpness/preconditioned"] = sharpness = float(adam.eigenvalues[0])
+        values["sharpness/threshold"] = threshold.value
+        values["sharpness/ratio"] = sharpness / threshold.value  # 0 at lr 0, where the threshold is inf
+        return values
+
+    def _adam_preconditioner(self, optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]]) -> Tensor | None:
+        params = [p for _, p in named]
+        missing = without_adam_state(optimizer, params)
+        if missing and len(missing) < len(params):
+            names = ", ".join(named[index][0] for index in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            self._warn(
+                "adam-state",
+                f"SharpnessMonitor: {len(missing)} trainable parameter(s) have no Adam state ({names}): unused by the "
+                "loss or not in the optimizer, they do not move, so the preconditioned sharpness leaves them out. "
+                "Set `requires_grad=False` on parameters that are not trained to silence this.",
+            )
+        return adam_preconditioner(optimizer, params)
+
     def _lanczos(self, name: str, matvec: Any, operator: HessianOperator, generator: torch.Generator) -> LanczosResult:
         previous = self._warm.get(name)
-        start = (
-            warm_start(previous, generator=generator) if previous else torch.randn(operator.numel, generator=generator)
-        )
+        if previous is not None and previous.shape[-1] == operator.numel:
+            start = warm_start(previous, generator=generator)
+        else:
+            start = torch.randn(operator.numel, generator=generator)
         start = start.to(operator.params[0].device, operator.dtype)
         result = lanczos(matvec, start, self.num_eigenvalues, self.tol, self.max_iter, smallest=self.lambda_min)
-        self._warm[name] = [*result.eigenvectors, *([result.vector_min] if self.lambda_min else [])]
+        kept = [result.eigenvectors, result.vector_min[None]] if self.lambda_min else [result.eigenvectors]
+        self._warm[name] = torch.cat(kept)  # a copy: the solve's basis and Ritz matrix are freed
         if not result.converged:
             self._warn(
                 f"converge-{name}",
@@ -314,9 +416,9 @@ class SharpnessMonitor(pl.Callback):
         chunks = [(batch, 1.0)] if self._probe is None or self.data == "batch" else None
 
         def loss_chunks() -> Iterable[tuple[Tensor, float]]:
-            source = chunks if chunks is not None else self._probe.chunks(self.chunk_size, pl_module.device)  # type: ignore[union-attr]
+            source = chunks if chunks is not None else self._probe_chunks(trainer, self.chunk_size)
             for chunk, share in source:
-                yield training_loss(pl_module, chunk, 0, self.loss_fn).float(), share
+                yield self._loss(pl_module, chunk), share
 
         single_chunk = chunks is not None or self.chunk_size is None or self.chunk_size >= self.num_samples
         reduce_sum, weight = self._data_parallel(trainer, batch)
@@ -332,14 +434,20 @@ class SharpnessMonitor(pl.Callback):
         )
         return (lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")), local / total
 
+    def _probe_chunks(self, trainer: pl.Trainer, size: int | None) -> Iterator[tuple[Any, float]]:
+        """The probe set in chunks, on the module's device and in the Trainer's input precision (e.g. fp64)."""
+        assert self._probe is not None
+        for chunk, share in self._probe.chunks(size):
+            yield prepare_batch(trainer, chunk), share
+
     def _batch_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> float:
         if self._probe is None:
             raise RuntimeError("batch_sharpness needs the probe set (data='probe').")
         size = getattr(trainer.train_dataloader, "batch_size", None) or self.num_samples
-        batches = list(self._probe.chunks(size, pl_module.device))[: self.batch_sharpness_batches]
+        batches = list(self._probe_chunks(trainer, size))[: self.batch_sharpness_batches]
 
         def operator(chunk: Any) -> HessianOperator:
-            return HessianOperator(params, lambda: [(training_loss(pl_module, chunk, 0, self.loss_fn).float(), 1.0)])
+            return HessianOperator(params, lambda: [(self._loss(pl_module, chunk), 1.0)])
 
         value = batch_sharpness(operator(chunk) for chunk, _ in batches)
         if trainer.world_size > 1:
@@ -359,6 +467,11 @@ class SharpnessMonitor(pl.Callback):
             "smoothness/beta": result.beta,
         }
 
+    def _loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        """The training loss on ``batch`` in at least fp32 (fp64 stays fp64): the precision products are taken in."""
+        loss = training_loss(pl_module, batch, 0, self.loss_fn)
+        return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
     def _training_seconds(self) -> float:
         return time.perf_counter() - self._train_start - self._measuring_seconds
 
@@ -366,3 +479,8 @@ class SharpnessMonitor(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _finite_or_nan(value: float) -> float:
+    """``value``, or NaN where it is infinite (a threshold at lr 0), which matplotlib leaves out of a line."""
+    return value if math.isfinite(value) else math.nan

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_nt.common.validation import ArgumentError, between, checked_arguments, non_empty
+
 __all__ = ["HessianOperator", "flatten", "unflatten"]
 
 LossChunks = Callable[[], Iterable[tuple[Tensor, float]]]
@@ -45,6 +47,7 @@ class HessianOperator:
         tensor([6., 0.])
     """
 
+    @checked_arguments(params=non_empty(), weight=between(0, 1, low_open=True))
     def __init__(
         self,
         params: Sequence[Tensor],
@@ -53,6 +56,12 @@ class HessianOperator:
         reduce_sum: Callable[[Tensor], Tensor] | None = None,
         weight: float = 1.0,
     ) -> None:
+        frozen = [index for index, p in enumerate(params) if not p.requires_grad]
+        if frozen:
+            raise ArgumentError(
+                f"`params` must all require grad (the Hessian is taken over them), but those at {frozen} do not; "
+                "leave frozen parameters out."
+            )
         self.params = list(params)
         self.loss_chunks = loss_chunks
         self.reuse_graph = reuse_graph

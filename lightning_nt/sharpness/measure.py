@@ -45,11 +45,15 @@ def hutchinson_trace(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
     method: str = "hutchinson",
+    dtype: torch.dtype = torch.float32,
 ) -> TraceEstimate:
     """Trace of a symmetric operator from Rademacher probes: Hutchinson, or Hutch++ (Meyer et al. 2021).
 
     Hutch++ spends a third of the products on a sketch ``Q = orth(A S)`` whose trace ``tr(Q^T A Q)`` is exact,
     and the rest on Hutchinson for the deflated remainder; the standard error is that of the remainder.
+
+    The probes are drawn on the CPU from ``generator`` (the same ones on any device) and handed to ``matvec``
+    on ``device`` in ``dtype``.
 
     Examples:
         >>> A = torch.diag(torch.arange(1.0, 11.0))
@@ -59,7 +63,7 @@ def hutchinson_trace(
     check_choice("method", method, ("hutchinson", "hutch++"))
 
     def rademacher(count: int) -> Tensor:
-        signs = torch.randint(0, 2, (count, dim), generator=generator).to(device=device, dtype=torch.float32)
+        signs = torch.randint(0, 2, (count, dim), generator=generator).to(device=device, dtype=dtype)
         return 2 * signs - 1
 
     exact, basis, used = 0.0, None, 0

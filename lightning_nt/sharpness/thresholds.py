@@ -13,10 +13,14 @@ On a quadratic with curvature ``lam`` the iteration of each optimizer is stable 
 * Adam/AdamW (Cohen et al. 2022): the preconditioned sharpness ``lambda_1(P^-1/2 H P^-1/2)`` with
   ``P = (1 - beta1^t) (sqrt(v / (1 - beta2^t)) + eps)`` against ``(2 + 2 beta1) / ((1 - beta1) lr)``
   (38 / lr for beta1 = 0.9).
+
+At ``lr = 0`` every threshold is ``inf``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from lightning_nt.sharpness.hvp import flatten
 
-__all__ = ["StabilityThreshold", "adam_preconditioner", "stability_threshold"]
+__all__ = ["StabilityThreshold", "adam_preconditioner", "stability_threshold", "without_adam_state"]
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -41,10 +45,14 @@ class StabilityThreshold:
 def stability_threshold(optimizer: torch.optim.Optimizer) -> StabilityThreshold | None:
     """The threshold of ``optimizer`` from its first param group, or ``None`` for optimizers without a known rule.
 
+    At ``lr = 0`` (the first step of a warm-up schedule) nothing is unstable: the threshold is ``inf``.
+
     Examples:
         >>> w = torch.zeros(1, requires_grad=True)
         >>> round(stability_threshold(torch.optim.SGD([w], lr=0.1, momentum=0.9)).value, 9)
         38.0
+        >>> stability_threshold(torch.optim.SGD([w], lr=0.0)).value
+        inf
     """
     group = optimizer.param_groups[0]
     lr = float(group["lr"])
@@ -52,32 +60,49 @@ def stability_threshold(optimizer: torch.optim.Optimizer) -> StabilityThreshold 
         beta, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
         decay = float(group.get("weight_decay", 0.0))
         if beta == 0.0:
-            return StabilityThreshold(2.0 / lr - decay, False, "SGD: 2/lr")
+            return StabilityThreshold(_over(2.0, lr) - decay, False, "SGD: 2/lr")
         if group.get("nesterov", False):
             return StabilityThreshold(
-                2 * (1 + beta) / ((1 + 2 * beta) * lr) - decay, False, "Nesterov: 2(1+b)/((1+2b)lr)"
+                _over(2 * (1 + beta) / (1 + 2 * beta), lr) - decay, False, "Nesterov: 2(1+b)/((1+2b)lr)"
             )
-        return StabilityThreshold(2 * (1 + beta) / ((1 - dampening) * lr) - decay, False, "heavy ball: 2(1+b)/lr")
+        return StabilityThreshold(_over(2 * (1 + beta) / (1 - dampening), lr) - decay, False, "heavy ball: 2(1+b)/lr")
     if isinstance(optimizer, ADAM_FAMILY):
         beta1 = float(group["betas"][0])
-        return StabilityThreshold((2 + 2 * beta1) / ((1 - beta1) * lr), True, "Adam: (2+2b1)/((1-b1)lr)")
+        return StabilityThreshold(_over((2 + 2 * beta1) / (1 - beta1), lr), True, "Adam: (2+2b1)/((1-b1)lr)")
     return None
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:
-    """Adam's diagonal ``P`` for ``params`` as one flat vector, or ``None`` before the first step."""
-    pieces = []
-    for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if "exp_avg_sq" not in state:
-                return None
-            step = float(state["step"])
-            second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
-            diagonal = (1 - beta1**step) * ((second / (1 - beta2**step)).sqrt() + group["eps"])
-            pieces.append((p, diagonal))
-    by_param = {id(p): diagonal for p, diagonal in pieces}
-    if any(id(p) not in by_param for p in params):
+def _over(numerator: float, lr: float) -> float:
+    """``numerator / lr``, and ``inf`` at ``lr = 0``: a step of size zero is stable at any curvature."""
+    return numerator / lr if lr != 0 else math.inf
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor | None:
+    """Adam's diagonal ``P`` for ``params`` as one flat vector, or ``None`` before the first step.
+
+    A parameter the optimizer holds no state for (unused by the loss, added to the optimizer late, or not in it)
+    does not move, so it has no place in the preconditioned operator: its entries are ``inf`` (``P^-1/2 = 0``),
+    which leaves it out of ``P^-1/2 H P^-1/2``. :func:`without_adam_state` lists them. The vector is on the
+    parameters' device, in their dtype promoted to at least fp32.
+    """
+    missing = set(without_adam_state(optimizer, params))
+    if len(missing) == len(params):
         return None
-    return flatten([by_param[id(p)].float() for p in params])
+    settings = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    pieces = []
+    for index, p in enumerate(params):
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        if index in missing:
+            pieces.append(torch.full(p.shape, math.inf, dtype=dtype, device=p.device))
+            continue
+        group, state = settings[id(p)], optimizer.state[p]
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        second = state["max_exp_avg_sq"] if group.get("amsgrad", False) else state["exp_avg_sq"]
+        pieces.append(((1 - beta1**step) * ((second / (1 - beta2**step)).sqrt() + group["eps"])).to(dtype))
+    return flatten(pieces)
+
+
+def without_adam_state(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[int]:
+    """Indices of the ``params`` for which ``optimizer`` holds no second-moment estimate (yet)."""
+    return [index for index, p in enumerate(params) if "exp_avg_sq" not in optimizer.state.get(p, {})]
