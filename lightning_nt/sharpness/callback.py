@@ -92,6 +92,8 @@ class SharpnessMonitor(pl.Callback):
         monitor.history[-1]["sharpness/ratio"]   # also in TensorBoard, with the picture at the end
     """
 
+    reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
+
     def __init__(
         self,
         every_n_steps: int = 100,
