@@ -310,6 +310,9 @@ class _DifferentialPrivacy:
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         losses.mean().backward(retain_graph=True)
         self.optimizers[0].zero_grad()
+        for p in self._hooks.trainable_parameters:  # unused in this forward: its per-example norms are zero
+            if not hasattr(p, "_norm_sample"):
+                p._norm_sample = torch.zeros(len(losses), device=p.device)
         factors = self._hooks.get_clipping_coef()
         if not bool(torch.isfinite(factors).all()):  # ghost clipping can't zero one example: stop before a release
             raise RuntimeError(
@@ -460,6 +463,8 @@ class _DifferentialPrivacy:
         self._log_privacy()
         optimizer = self.optimizers[0] if self.optimizers else None
         zeroed = int(getattr(optimizer, "nonfinite_examples", 0))
+        if optimizer is not None:
+            optimizer.nonfinite_examples = 0  # released once, in this warning, and kept nowhere
         if zeroed:
             rank_zero_warn(
                 f"{zeroed} per-example gradient(s) in this run were not finite (NaN or inf) and were left out of the "
@@ -551,6 +556,7 @@ class _CarryClippedSums:
 
     def carry_clipped_sums(self) -> None:
         """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
+        self.zero_for_unused_parameters()
         self.clip_and_accumulate()  # type: ignore[attr-defined]
         carried = getattr(self, "_carried", None) or {}
         for p in self.params:  # type: ignore[attr-defined]
@@ -573,14 +579,9 @@ class _CarryClippedSums:
         fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C.
         """
         params = self.params  # type: ignore[attr-defined]
-        present = [p for p in params if getattr(p, "grad_sample", None) is not None]
-        rows = len(self._get_flat_grad_sample(present[0])) if present else 0  # type: ignore[attr-defined]
         samples = []
         for p in params:
-            if getattr(p, "grad_sample", None) is None:  # unused in this forward: its gradient is zero
-                sample = torch.zeros((rows, *p.shape), device=p.device, dtype=torch.float32)
-            else:
-                sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
+            sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
             if self.views > 1:  # one example's K views: average their gradients, then clip as one example
                 sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
             samples.append(sample)
@@ -592,6 +593,15 @@ class _CarryClippedSums:
             torch.where(finite.view(-1, *([1] * (s.ndim - 1))), s, torch.zeros((), device=s.device)) for s in samples
         ]
 
+    def zero_for_unused_parameters(self) -> None:
+        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing)."""
+        params = self.params  # type: ignore[attr-defined]
+        present = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        rows = len(self._get_flat_grad_sample(present[0])) if present else 0  # type: ignore[attr-defined]
+        for p in params:
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = p.new_zeros((rows, *p.shape))
+
     def discard(self) -> None:
         """Forget the clipped sums carried from earlier physical batches (the step is not taken)."""
         self._carried = {}
@@ -601,6 +611,7 @@ class _CarryClippedSums:
             p.grad_sample, p.summed_grad = None, None
 
     def pre_step(self, closure: Any = None) -> Any:
+        self.zero_for_unused_parameters()
         self._in_step = True
         try:
             return super().pre_step(closure)  # type: ignore[misc]

@@ -31,11 +31,14 @@ SAMPLING_SEED = 7
 
 
 class CanaryData(Dataset):
-    """``classification_data(num_samples)`` with example ``canary_index`` replaced by a canary, if given."""
+    """``classification_data(num_samples)`` with example ``canary_index`` replaced by a canary, if given.
 
-    def __init__(self, num_samples: int, canary_index: int | None) -> None:
+    The canary is an example with its input multiplied by ``scale`` (``nan`` makes a poisoned record).
+    """
+
+    def __init__(self, num_samples: int, canary_index: int | None, scale: float = CANARY_SCALE) -> None:
         self.data = classification_data(num_samples)
-        self.canary_index = canary_index
+        self.canary_index, self.scale = canary_index, scale
 
     def __len__(self) -> int:
         return len(self.data)
@@ -43,12 +46,14 @@ class CanaryData(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, label = self.data[index]
         if index == self.canary_index:
-            return inputs * CANARY_SCALE, (label + 1) % 3
+            return inputs * self.scale, (label + 1) % 3
         return inputs, label
 
 
 class Audited(TinyClassifier):
     """SGD with lr 1 (an update is minus the released gradient); logs nothing from the private batch itself."""
+
+    canary_scale = CANARY_SCALE
 
     def __init__(self, canary_index: int | None = None, num_samples: int = 64, batch_size: int = 16) -> None:
         super().__init__(num_samples=num_samples, batch_size=batch_size)
@@ -62,7 +67,8 @@ class Audited(TinyClassifier):
         return torch.optim.SGD(self.parameters(), lr=1.0)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(CanaryData(self.num_samples, self.canary_index), batch_size=self.batch_size)
+        data = CanaryData(self.num_samples, self.canary_index, self.canary_scale)
+        return DataLoader(data, batch_size=self.batch_size)
 
 
 class MemoryLogger(Logger):
@@ -113,11 +119,11 @@ def first_batch_indices(make_strategy: Callable[[], Any], module: Callable[..., 
                 data = classification_data(pl_module.num_samples)
                 seen.extend(i for i in range(len(data)) for row in batch[0] if torch.equal(row, data[i][0]))
 
-    _fit(make_strategy(), module(), callbacks=[Scout()], max_steps=1)
+    fit(make_strategy(), module(), callbacks=[Scout()], max_steps=1)
     return seen
 
 
-def _fit(strategy: Any, module: pl.LightningModule, callbacks: list[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
+def fit(strategy: Any, module: pl.LightningModule, callbacks: list[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
     pl.seed_everything(0)
     trainer = tiny_trainer(None, strategy=strategy, callbacks=list(callbacks), limit_val_batches=0, **kwargs)
     trainer.fit(module)
@@ -136,7 +142,7 @@ def releases_of(
     model = module(canary_index)
     logger = MemoryLogger()
     strategy = make_strategy()
-    trainer = _fit(strategy, model, logger=logger, **trainer_kwargs)
+    trainer = fit(strategy, model, logger=logger, **trainer_kwargs)
     path = directory / "after_fit.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)

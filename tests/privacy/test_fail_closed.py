@@ -1,0 +1,267 @@
+"""DPStrategy fails closed: issue 11 (items 2, 5-10) and the DP items of issue 10 (11, 13, 17, 24)."""
+
+from __future__ import annotations
+
+import ast
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
+from pytorch_lightning.tuner import Tuner
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, WeightedRandomSampler
+
+import lightning_nt.privacy
+from lightning_nt import DPDDPStrategy, DPStrategy
+from lightning_nt.common.validation import ArgumentError
+from tests.helpers import classification_data, tiny_trainer
+from tests.privacy.test_strategy import Plain, RecordUpdate, _fit
+
+
+def _quiet(**kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DPStrategy(**kwargs)
+
+
+# -- item 7 / issue 10.24: every constructor argument checked --------------------------------------------------
+
+_BAD_VALUES = {
+    "noise_multiplier": ["1", math.nan, math.inf, -1.0, True, None],
+    "target_epsilon": ["8", math.nan, math.inf, 0.0, -1.0, True],
+    "delta": ["1e-5", math.nan, math.inf, 0.0, 1.0, None],
+    "max_grad_norm": ["1", math.nan, math.inf, 0.0, -1.0, None],
+    "accountant": ["moments", 1, None],
+    "grad_sample_mode": ["magic", 1, None],
+    "sample_rate": ["0.1", math.nan, math.inf, 0.0, 1.5, True],
+    "poisson_sampling": ["no", 1, None],
+    "max_physical_batch_size": ["4", 4.5, math.nan, 0, True],
+    "augmentation_multiplicity": ["2", 2.5, math.nan, math.inf, 0, True, None],
+    "stop_at_budget": ["no", 0, None],
+    "secure_mode": ["no", 1, None],
+    "fix_modules": ["no", 1, None],
+    "seed": ["1", 1.5, math.nan, True],
+    "allow_nonprivate_callbacks": ["no", 1, None],
+    "log_clip_fraction": ["yes", 1, None],
+}
+
+
+@pytest.mark.parametrize("strategy", [DPStrategy, DPDDPStrategy])
+@pytest.mark.parametrize(
+    ("argument", "value"), [(argument, value) for argument, values in _BAD_VALUES.items() for value in values]
+)
+def test_every_bad_constructor_value_is_refused_naming_the_argument(strategy, argument, value):
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        strategy(**{argument: value})
+
+
+def test_the_sweep_covers_every_constructor_argument():
+    import inspect
+
+    arguments = set(inspect.signature(DPStrategy.__init__).parameters) - {"self", "strategy_kwargs"}
+    assert arguments == set(_BAD_VALUES)
+
+
+def test_relations_between_arguments_are_still_checked():
+    with pytest.raises(ValueError, match="ghost"):
+        DPStrategy(grad_sample_mode="ghost", augmentation_multiplicity=2)
+
+
+# -- item 2: dp/clip_fraction ---------------------------------------------------------------------------------
+
+
+def test_clip_fraction_is_only_logged_when_opted_in_as_non_private():
+    _, trainer = _fit(DPStrategy(), max_steps=2)
+    assert "dp/clip_fraction" not in trainer.callback_metrics
+    with pytest.warns(UserWarning, match="NOT covered by the privacy guarantee"):
+        strategy = DPStrategy(log_clip_fraction=True)
+    _, trainer = _fit(strategy, max_steps=2)
+    assert 0.0 <= trainer.callback_metrics["dp/clip_fraction"].item() <= 1.0
+
+
+# -- item 5: tuners --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tuner", [LearningRateFinder(num_training_steps=4), BatchSizeFinder(max_trials=1)])
+def test_tuners_are_refused_before_any_step(tuner):
+    record = RecordUpdate()
+    with pytest.raises(RuntimeError, match=f"{type(tuner).__name__} can't run under DP-SGD"):
+        _fit(DPStrategy(), callbacks=[tuner, record], max_epochs=1)
+    assert not hasattr(record, "batch")
+
+
+def test_the_tuner_api_is_refused():
+    trainer = tiny_trainer(None, strategy=DPStrategy(), max_epochs=1, num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match="LearningRateFinder can't run under DP-SGD"):
+        Tuner(trainer).lr_find(Plain(num_samples=64, batch_size=16), num_training=4)
+
+
+def test_restoring_an_earlier_checkpoint_mid_run_is_refused(tmp_path):
+    """What any tuner does: save, train privately, restore, which would drop the later steps from the ledger."""
+
+    class RollBack(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                trainer.save_checkpoint(tmp_path / "early.ckpt")
+            if trainer.global_step == 3:
+                trainer._checkpoint_connector.restore(str(tmp_path / "early.ckpt"))
+
+    with pytest.raises(RuntimeError, match="roll the privacy ledger back from 3 to 1"):
+        _fit(DPStrategy(), callbacks=[RollBack()], max_epochs=1)
+
+
+# -- item 6: ledger consistency on resume ---------------------------------------------------------------------
+
+
+def test_a_hand_edited_ledger_is_refused(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit(DPStrategy(accountant="rdp"), callbacks=[checkpoint], max_epochs=2, enable_checkpointing=True)
+    path = tmp_path / "epoch=1-step=8.ckpt"
+    saved = torch.load(path, weights_only=False)
+    (sigma, rate, steps), = saved["dp_accountant"]["ledger"]["history"]  # fmt: skip
+    assert steps == 8
+    saved["dp_accountant"]["ledger"]["history"] = [(sigma, rate, 1)]
+    torch.save(saved, tmp_path / "edited.ckpt")
+    trainer = tiny_trainer(None, strategy=DPStrategy(accountant="rdp"), max_epochs=3, num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match=r"records 1 noisy steps .* but its loop took 8"):
+        trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "edited.ckpt"))
+
+
+# -- item 8 / issue 10.13: the user's sampling ------------------------------------------------------------------
+
+
+class _Buckets(BatchSampler):
+    """A length-bucketing batch sampler, as sequence models use."""
+
+
+class UserBatchSampler(Plain):
+    def train_dataloader(self):
+        sampler = _Buckets(SequentialSampler(range(64)), batch_size=16, drop_last=False)
+        return DataLoader(classification_data(64), batch_sampler=sampler)
+
+
+def test_a_batch_sampler_without_a_sample_rate_is_refused():
+    record = RecordUpdate()
+    with pytest.raises(RuntimeError, match=r"_Buckets.*sample_rate="):
+        _fit(DPStrategy(), module=UserBatchSampler, callbacks=[record], max_epochs=1)
+    assert not hasattr(record, "batch")
+
+
+def test_a_batch_sampler_with_a_sample_rate_is_replaced_with_a_warning():
+    strategy = DPStrategy(sample_rate=0.25)
+    with pytest.warns(UserWarning, match="replaces the train loader's _Buckets by Poisson sampling"):
+        _, trainer = _fit(strategy, module=UserBatchSampler, max_epochs=1)
+    assert trainer.global_step == 4 and strategy.optimizers[0].expected_batch_size == 16.0
+
+
+def test_a_weighted_sampler_is_replaced_with_a_warning():
+    class Weighted(Plain):
+        def train_dataloader(self):
+            sampler = WeightedRandomSampler(torch.rand(64), num_samples=64)
+            return DataLoader(classification_data(64), batch_size=16, sampler=sampler)
+
+    with pytest.warns(UserWarning, match="replaces the train loader's WeightedRandomSampler"):
+        _fit(DPStrategy(), module=Weighted, max_steps=1)
+
+
+def test_the_default_samplers_are_replaced_silently():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(DPStrategy(), max_steps=1)
+    assert not [w for w in caught if "replaces the train loader" in str(w.message)]
+
+
+# -- item 9: a module trained privately before -------------------------------------------------------------------
+
+
+def test_training_a_privately_trained_module_again_warns_about_the_fresh_ledger():
+    module, _ = _fit(DPStrategy(), max_steps=2)
+    trainer = tiny_trainer(None, strategy=DPStrategy(), max_steps=2, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match=r"already trained privately .* fresh privacy ledger"):
+        trainer.fit(module)
+
+
+# -- item 10: target_epsilon with limit_train_batches -------------------------------------------------------------
+
+
+def test_target_epsilon_plans_from_the_steps_that_really_run():
+    strategy = DPStrategy(target_epsilon=3.0, accountant="rdp")
+    _, trainer = _fit(strategy, max_epochs=3, limit_train_batches=2)
+    assert trainer.global_step == 6
+    assert 2.9 < strategy.epsilon <= 3.0
+
+
+def test_target_epsilon_plans_from_max_steps_when_it_ends_the_run_first():
+    strategy = DPStrategy(target_epsilon=3.0, accountant="rdp")
+    _, trainer = _fit(strategy, max_epochs=1, max_steps=40)
+    assert trainer.global_step == 4
+    assert 2.9 < strategy.epsilon <= 3.0
+
+
+# -- issue 10.11: unused parameters ------------------------------------------------------------------------------
+
+
+class WithUnused(Plain):
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+        self.unused = nn.Linear(8, 3)  # registered, never called
+
+
+@pytest.mark.parametrize(("mode", "module"), [("hooks", WithUnused), ("ghost", None)])
+def test_an_unused_parameter_has_a_zero_gradient(mode, module):
+    from tests.privacy.test_strategy import PerExample
+
+    class GhostWithUnused(PerExample):
+        def __init__(self):
+            super().__init__(num_samples=64, batch_size=16)
+            self.unused = nn.Linear(8, 3)
+
+    record = RecordUpdate()
+    strategy = _quiet(noise_multiplier=0.0, grad_sample_mode=mode)
+    _, trainer = _fit(strategy, module=module or GhostWithUnused, callbacks=[record], max_steps=2)
+    assert trainer.global_step == 2
+    assert record.update["unused.weight"].abs().max() == 0  # noise 0: the update of a zero gradient is zero
+    assert record.update["net.0.weight"].abs().max() > 0
+
+
+# -- issue 10.17: unsupported optimizers and SubspaceTraining ---------------------------------------------------
+
+
+def test_lbfgs_is_refused_naming_the_optimizer():
+    class WithLBFGS(Plain):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters())
+
+    with pytest.raises(RuntimeError, match="LBFGS can't run under DP-SGD"):
+        _fit(DPStrategy(), module=WithLBFGS, max_steps=1)
+
+
+def test_subspace_training_is_refused_as_not_supported():
+    from lightning_nt.compression import SubspaceTraining
+
+    with pytest.raises(RuntimeError, match="SubspaceTraining is not supported under DP"):
+        _fit(DPStrategy(), callbacks=[SubspaceTraining(dimension=10)], max_steps=1)
+
+
+# -- the capability declaration: privacy imports no other capability -----------------------------------------------
+
+
+def test_a_callback_that_declares_it_reads_training_data_is_refused():
+    class Probe(pl.Callback):
+        reads_training_data_outside_step = True
+
+    with pytest.raises(RuntimeError, match="Probe compute"):
+        _fit(DPStrategy(), callbacks=[Probe()], max_steps=1)
+
+
+def test_privacy_imports_no_other_capability():
+    others = ("gradinit", "sharpness", "compression", "averaging")
+    for path in Path(lightning_nt.privacy.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.startswith(f"lightning_nt.{o}") for n in names for o in others), (path.name, names)
