@@ -17,6 +17,7 @@ in ``forward`` or ``training_step`` (e.g. ``x - x.mean(0)``). :func:`sensitivity
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -186,3 +187,56 @@ def check_ledger(saved: dict[str, Any], checkpoint: dict[str, Any], steps: int) 
             f"its loop took {global_step} optimizer steps: the ledger was edited or is from another run, and "
             "epsilon would be under-reported. Resume from an unmodified checkpoint of this run."
         )
+
+
+CANARY_SCALE = 100.0
+
+
+def check_sensitivity(
+    module: pl.LightningModule,
+    optimizer: Any,
+    batch: Any,
+    batch_idx: int,
+    max_grad_norm: float,
+    prepare: Callable[[Any], Any] = lambda batch: batch,
+) -> float:
+    """Measure, on one batch, how far one example moves the clipped sum; refuse if it is more than ``max_grad_norm``.
+
+    The batch's first example is made a canary (its floating-point inputs scaled by 100) and the clipped sums with
+    and without it are compared. Per-example clipping bounds that distance by ``C`` only if every example's
+    gradient depends on that example alone; coupling written by hand (``x - x.mean(0)`` in ``forward``, a loss
+    over pairs) moves the other examples' gradients too. Nothing is released: the gradients are dropped, the
+    module's logging and metrics are muted. One batch can't prove the absence of coupling, only find it.
+    ``prepare`` turns a batch into what ``training_step`` takes (augmented views are flattened after the canary
+    is made, so that the canary is a whole example).
+
+    Returns the measured distance (at most ``max_grad_norm`` when it returns).
+    """
+    from lightning_nt.common import captured_logging, frozen_metrics, loss_from_output, map_examples, select_examples
+
+    canary = map_examples(batch, lambda t: torch.cat([t[:1] * CANARY_SCALE, t[1:]]) if t.is_floating_point() else t)
+    sums = []
+    for probe in (canary, select_examples(canary, slice(1, None))):
+        with captured_logging(module), frozen_metrics(module), torch.enable_grad():
+            loss_from_output(module.training_step(prepare(probe), batch_idx), "training_step").backward()
+        sums.append(_clipped_sum(optimizer, max_grad_norm))
+        optimizer.clear_per_example_state()
+        for p in module.parameters():
+            p.grad = None
+    distance = float((sums[0] - sums[1]).norm())
+    if not distance <= max_grad_norm * (1 + 1e-3):
+        raise RuntimeError(
+            f"sensitivity_probe: one example moved the clipped gradient sum by {distance:.4g}, more than "
+            f"max_grad_norm={max_grad_norm:g}: the examples of a batch are coupled (e.g. `x - x.mean(0)` in forward, "
+            "a loss over pairs, BatchNorm-like code), so DP-SGD's guarantee does not hold for this module. Make "
+            "every example's loss depend on that example alone."
+        )
+    return distance
+
+
+def _clipped_sum(optimizer: Any, max_grad_norm: float) -> torch.Tensor:
+    optimizer.zero_for_unused_parameters()
+    samples = optimizer.per_example_gradients()
+    flat = torch.cat([s.flatten(1) for s in samples], dim=1)
+    factors = (max_grad_norm / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    return factors @ flat

@@ -63,6 +63,7 @@ from lightning_nt.privacy.guards import (
     check_ledger,
     check_module,
     check_optimizer,
+    check_sensitivity,
     check_train_loader,
     check_trainer,
     planned_steps,
@@ -107,6 +108,7 @@ class _DifferentialPrivacy:
         seed: int | None = None,
         allow_nonprivate_callbacks: bool = False,
         log_clip_fraction: bool = False,
+        sensitivity_probe: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
         """See :class:`DPStrategy` for the arguments; ``strategy_kwargs`` go to the Lightning strategy."""
@@ -116,6 +118,8 @@ class _DifferentialPrivacy:
                 "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
                 "`augmentation_multiplicity`: use 'hooks' for those."
             )
+        if sensitivity_probe and grad_sample_mode == "ghost":
+            raise ValueError("`sensitivity_probe=True` needs per-example gradients: use grad_sample_mode='hooks'.")
         if accountant == "gdp":
             rank_zero_warn("accountant='gdp' is a central-limit approximation and can under-report epsilon.")
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
@@ -144,6 +148,7 @@ class _DifferentialPrivacy:
         self._plan: tuple[Any, ...] | None = None
         self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
+        self.sensitivity_probe = sensitivity_probe
         self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
 
     @property
@@ -280,6 +285,8 @@ class _DifferentialPrivacy:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         self._hooks.enable_hooks()
+        if batch is not None and self.sensitivity_probe and self.lightning_module.trainer.global_step == 0:
+            self._probe_sensitivity(batch, args[1] if len(args) > 1 else 0)
         if batch is not None and self.max_physical_batch_size is not None:
             batch = self._virtual_steps(batch, args[1] if len(args) > 1 else 0)
         if batch is not None:
@@ -287,6 +294,17 @@ class _DifferentialPrivacy:
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = _refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
         return self._stash_per_example_losses(output) if self.grad_sample_mode == "ghost" else output
+
+    def _probe_sensitivity(self, batch: Any, batch_idx: int) -> None:
+        """``sensitivity_probe=True``: one canary check of the per-example bound on the first batch (no release)."""
+        if self.max_physical_batch_size is not None:
+            batch = select_examples(batch, slice(0, self.max_physical_batch_size))
+        optimizer = self.optimizers[0]
+        optimizer.clear_per_example_state()
+        with self._without_ddp_gradient_sync():
+            check_sensitivity(
+                self.lightning_module, optimizer, batch, batch_idx, self.max_grad_norm, prepare=self._flat_views
+            )
 
     def _stash_per_example_losses(self, output: Any) -> Any:
         """Ghost clipping: keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
@@ -565,7 +583,7 @@ class _CarryClippedSums:
         self._carried = carried
 
     def clip_and_accumulate(self) -> None:
-        samples = self._per_example_gradients()
+        samples = self.per_example_gradients()
         for p, sample in zip(self.params, samples):  # type: ignore[attr-defined]
             p.grad_sample = sample
         super().clip_and_accumulate()  # type: ignore[misc]
@@ -573,7 +591,7 @@ class _CarryClippedSums:
             if p.summed_grad is not None and getattr(self, "_in_step", False):
                 p.summed_grad += total
 
-    def _per_example_gradients(self) -> list[torch.Tensor]:
+    def per_example_gradients(self) -> list[torch.Tensor]:
         """One fp32 ``[B, *p.shape]`` gradient per parameter, each example's views averaged, non-finite ones zero.
 
         fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C.

@@ -47,6 +47,7 @@ _BAD_VALUES = {
     "seed": ["1", 1.5, math.nan, True],
     "allow_nonprivate_callbacks": ["no", 1, None],
     "log_clip_fraction": ["yes", 1, None],
+    "sensitivity_probe": ["yes", 1, None],
 }
 
 
@@ -265,3 +266,38 @@ def test_privacy_imports_no_other_capability():
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             assert not any(n.startswith(f"lightning_nt.{o}") for n in names for o in others), (path.name, names)
+
+
+# -- item 9: hand-written coupling and the opt-in sensitivity probe ----------------------------------------------
+
+
+class Centred(Plain):
+    """Couples the examples by hand: each input is centred on the batch mean (undetectable by module checks)."""
+
+    def forward(self, inputs):
+        return super().forward(inputs - inputs.mean(0))
+
+
+def test_the_sensitivity_probe_finds_hand_written_coupling_before_the_first_step():
+    record = RecordUpdate()
+    with pytest.raises(RuntimeError, match="sensitivity_probe: one example moved the clipped gradient sum"):
+        _fit(DPStrategy(sensitivity_probe=True, max_grad_norm=0.1), module=Centred, callbacks=[record], max_steps=1)
+    assert not hasattr(record, "update")
+    _fit(DPStrategy(max_grad_norm=0.1), module=Centred, max_steps=1)  # without the probe: a documented limit
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"max_physical_batch_size": 5}])
+def test_the_sensitivity_probe_passes_a_per_example_module_and_changes_nothing(kwargs):
+    updates = []
+    for probe in (False, True):
+        record = RecordUpdate()
+        strategy = _quiet(noise_multiplier=0.0, sensitivity_probe=probe, seed=7, **kwargs)  # the same batches
+        _fit(strategy, callbacks=[record], max_steps=1)
+        updates.append(record.update)
+    for name in updates[0]:
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=0, atol=0)
+
+
+def test_the_sensitivity_probe_needs_per_example_gradients():
+    with pytest.raises(ValueError, match="sensitivity_probe"):
+        DPStrategy(sensitivity_probe=True, grad_sample_mode="ghost")
