@@ -17,6 +17,7 @@ in ``forward`` or ``training_step`` (e.g. ``x - x.mean(0)``). :func:`sensitivity
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -128,8 +129,10 @@ def _fix_in_place(module: nn.Module) -> None:
             continue
         parent_name, _, child = name.rpartition(".")
         replacement = fixer(submodule)
-        device = next(iter(submodule.buffers()), torch.empty(0)).device
-        setattr(module.get_submodule(parent_name), child, replacement.to(device))
+        tensor = next(itertools.chain(submodule.parameters(), submodule.buffers()), None)
+        if tensor is not None:  # the replacement where the replaced module was (a CUDA module stays on CUDA)
+            replacement = replacement.to(tensor.device)
+        setattr(module.get_submodule(parent_name), child, replacement)
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:

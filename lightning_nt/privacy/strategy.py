@@ -714,10 +714,27 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
         seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
             batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
-        allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (GradInit,
-            SharpnessMonitor, CompressionBoundReporter) run; their logs are then not covered by the guarantee (warned).
+        allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (those that declare
+            ``reads_training_data_outside_step``: GradInit, SharpnessMonitor, CompressionBoundReporter) run; their
+            logs are then not covered by the guarantee (warned). Lightning's tuners are refused regardless.
+        log_clip_fraction: log ``dp/clip_fraction``, the fraction of each batch's examples that were clipped. It is
+            a noiseless statistic of the private batch (its size and which examples were clipped), so it is off by
+            default and, when on, NOT covered by the guarantee (warned): for debugging runs whose logs stay private.
+        sensitivity_probe: before the first step, check on the first batch that one example (made a canary by
+            scaling its inputs) moves the clipped gradient sum by at most ``max_grad_norm``, and refuse the run if
+            not. This finds coupling between examples written by hand, which no module check can see. Costs two
+            extra forward/backward passes once; releases nothing.
         device: the device to train on (default: the Trainer accelerator's first device).
         strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``).
+
+    Design limits (see ``docs/privacy-guarantee.md``): the privacy unit is one example of the train dataset. The
+    guarantee covers what goes through the noisy update (weights, optimizer state, checkpoints) and the ``dp/*``
+    figures; not what ``training_step`` itself logs from the private batch, nor callbacks allowed with
+    ``allow_nonprivate_callbacks``, nor the choice of hyper-parameters by repeated runs. Coupling between the
+    examples of a batch written by hand (``x - x.mean(0)`` in ``forward``, a loss over pairs) breaks the
+    per-example sensitivity bound without any module check noticing (use ``sensitivity_probe``). A new Trainer
+    starts a fresh ledger: resume with ``fit(ckpt_path=...)`` to continue one (a warning says when a module that
+    was already trained privately is trained again without it).
 
     Example::
 
