@@ -603,13 +603,13 @@ class _CarryClippedSums:
             if self.views > 1:  # one example's K views: average their gradients, then clip as one example
                 sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
             samples.append(sample)
-        finite = torch.stack(
-            [s.reshape(len(s), math.prod(p.shape)).isfinite().all(dim=1) for p, s in zip(params, samples)]
-        ).all(dim=0)
-        self.nonfinite_examples = self.nonfinite_examples + (~finite).sum()
-        return [
-            torch.where(finite.view(-1, *([1] * (s.ndim - 1))), s, torch.zeros((), device=s.device)) for s in samples
-        ]
+        # an example is dropped if any of its norms is not finite (NaN, inf, or an fp32 overflow of a huge gradient)
+        norms = torch.stack([s.reshape(len(s), math.prod(p.shape)).norm(dim=1) for p, s in zip(params, samples)])
+        dropped = ~norms.isfinite().all(dim=0)
+        self.nonfinite_examples = self.nonfinite_examples + dropped.sum()
+        for sample in samples:  # in place: no second copy of the per-example gradients
+            sample.masked_fill_(dropped.view(-1, *([1] * (sample.ndim - 1))), 0.0)
+        return samples
 
     def zero_for_unused_parameters(self) -> None:
         """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing)."""
