@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from lightning_nt.common import captured_logging, frozen_metrics, loss_from_output, map_examples, select_examples
 from lightning_nt.common.capabilities import reads_training_data_outside_step
 
 __all__ = [
@@ -215,8 +216,6 @@ def check_sensitivity(
 
     Returns the measured distance (at most ``max_grad_norm`` when it returns).
     """
-    from lightning_nt.common import captured_logging, frozen_metrics, loss_from_output, map_examples, select_examples
-
     canary = map_examples(batch, lambda t: torch.cat([t[:1] * CANARY_SCALE, t[1:]]) if t.is_floating_point() else t)
     sums = []
     for probe in (canary, select_examples(canary, slice(1, None))):

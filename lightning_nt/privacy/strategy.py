@@ -375,19 +375,10 @@ class _DifferentialPrivacy:
     def _empty_step(self) -> torch.Tensor:
         """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
 
-        The module's ``training_step`` is not called (its loss and metrics would be NaN or fail on 0 examples).
+        The module's ``training_step`` is not called (its loss and metrics would be NaN or fail on 0 examples); the
+        optimizer gives every parameter without a gradient a zero one (0 examples here).
         """
-        parameters = [p for p in self.lightning_module.parameters() if p.requires_grad]
-
-        def zero_per_example_gradients(gradient: torch.Tensor) -> torch.Tensor:
-            for p in parameters:  # Lightning zeroes the gradients between the step and the backward: set them here
-                p.grad_sample = p.new_zeros((0, *p.shape))
-                p.grad = torch.zeros_like(p)  # what ghost clipping's optimizer reads
-            return gradient
-
-        loss = torch.zeros((), device=self.root_device, requires_grad=True)
-        loss.register_hook(zero_per_example_gradients)
-        return loss
+        return torch.zeros((), device=self.root_device, requires_grad=True)
 
     def _without_ddp_gradient_sync(self) -> Any:
         model = self.model
