@@ -19,7 +19,7 @@ What the strategy does, on one device (:class:`DPStrategy`) or many (:class:`DPD
   gradient is not finite contributes zero (the sensitivity stays ``max_grad_norm``).
 
 What the guarantee covers and what it can't see (hand-written coupling between examples, the user's own logging
-in ``training_step``) is written down in ``docs/privacy-guarantee.md``.
+in ``training_step``, about which it warns once) is written down in ``docs/privacy-guarantee.md``.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ class _DifferentialPrivacy:
         self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
         self.sensitivity_probe = sensitivity_probe
-        self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
+        self._skipped_steps = 0
+        self._warned_about_logging = False  # steps the budget stop skipped: counted by the loop, not by the ledger
 
     @property
     def epsilon(self) -> float:
@@ -293,7 +294,22 @@ class _DifferentialPrivacy:
             args = (self._flat_views(batch), *args[1:])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = _refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
+        self._warn_about_logging_from_the_batch()
         return self._stash_per_example_losses(output) if self.grad_sample_mode == "ghost" else output
+
+    def _warn_about_logging_from_the_batch(self) -> None:
+        """Once: what ``training_step`` logs is computed on the private batch without noise (outside the guarantee)."""
+        if self._warned_about_logging:
+            return
+        results = getattr(self.lightning_module.trainer, "_results", None) or {}
+        names = sorted({key.split(".", 1)[1] for key in results if key.startswith("training_step.")})
+        if names:
+            self._warned_about_logging = True
+            rank_zero_warn(
+                f"training_step logs {names}, computed on the private batch without noise: these figures are NOT "
+                "covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update are). "
+                "Keep them private, or log figures computed on public data (e.g. in validation_step)."
+            )
 
     def _probe_sensitivity(self, batch: Any, batch_idx: int) -> None:
         """``sensitivity_probe=True``: one canary check of the per-example bound on the first batch (no release)."""

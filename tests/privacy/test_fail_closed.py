@@ -301,3 +301,18 @@ def test_the_sensitivity_probe_passes_a_per_example_module_and_changes_nothing(k
 def test_the_sensitivity_probe_needs_per_example_gradients():
     with pytest.raises(ValueError, match="sensitivity_probe"):
         DPStrategy(sensitivity_probe=True, grad_sample_mode="ghost")
+
+
+# -- the user's own logging from the private batch ------------------------------------------------------------------
+
+
+def test_logging_from_the_private_batch_is_flagged_once_as_not_covered():
+    with pytest.warns(UserWarning, match=r"training_step logs \['train_acc', 'train_loss'\].*NOT covered") as caught:
+        _fit(DPStrategy(), max_steps=3)  # TinyClassifier logs train_loss in training_step
+    assert sum("training_step logs" in str(w.message) for w in caught) == 1
+    from tests.privacy.canary import Audited
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(DPStrategy(), module=Audited, max_steps=1)
+    assert not [w for w in caught if "training_step logs" in str(w.message)]
