@@ -538,6 +538,8 @@ class _DifferentialPrivacy:
         ledger = make_accountant(self.accountant_name)
         ledger.load_state_dict(saved["ledger"])
         steps, spent = _steps_taken(ledger), _steps_taken(self.accountant)
+        if steps < spent and self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint  # evaluating an earlier checkpoint after fit: the run's ledger stays, it never shrinks
         if steps < spent:
             raise RuntimeError(
                 f"Restoring {checkpoint_path} would roll the privacy ledger back from {spent} to {steps} noisy steps, "

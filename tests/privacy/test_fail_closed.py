@@ -316,3 +316,12 @@ def test_logging_from_the_private_batch_is_flagged_once_as_not_covered():
         warnings.simplefilter("always")
         _fit(DPStrategy(), module=Audited, max_steps=1)
     assert not [w for w in caught if "training_step logs" in str(w.message)]
+
+
+def test_testing_a_checkpoint_after_fit_keeps_the_whole_runs_ledger(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    strategy = DPStrategy(accountant="rdp")
+    module, trainer = _fit(strategy, callbacks=[checkpoint], max_epochs=2, enable_checkpointing=True)
+    spent = strategy.epsilon
+    trainer.test(module, ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"), verbose=False)
+    assert strategy.epsilon == spent  # the earlier checkpoint's ledger does not replace the run's
