@@ -150,7 +150,8 @@ class _DifferentialPrivacy:
         self._loaders_made = 0
         self.sensitivity_probe = sensitivity_probe
         self._skipped_steps = 0
-        self._warned_about_logging = False  # steps the budget stop skipped: counted by the loop, not by the ledger
+        self._warned_about_logging = False
+        self._probe_pending = False  # steps the budget stop skipped: counted by the loop, not by the ledger
 
     @property
     def epsilon(self) -> float:
@@ -167,6 +168,7 @@ class _DifferentialPrivacy:
             check_callbacks(trainer, self.allow_nonprivate_callbacks)
             check_module(self.lightning_module, self.fix_modules)
             self._warn_if_trained_privately_before(self.lightning_module)
+            self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
         super().setup(trainer)  # type: ignore[misc]
         if trainer.state.fn == TrainerFn.FITTING:
             ghost = {"max_grad_norm": self.max_grad_norm} if self.grad_sample_mode == "ghost" else {}
@@ -286,8 +288,9 @@ class _DifferentialPrivacy:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         self._hooks.enable_hooks()
-        if batch is not None and self.sensitivity_probe and self.lightning_module.trainer.global_step == 0:
+        if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, args[1] if len(args) > 1 else 0)
+            self._probe_pending = False
         if batch is not None and self.max_physical_batch_size is not None:
             batch = self._virtual_steps(batch, args[1] if len(args) > 1 else 0)
         if batch is not None:
@@ -312,7 +315,7 @@ class _DifferentialPrivacy:
             )
 
     def _probe_sensitivity(self, batch: Any, batch_idx: int) -> None:
-        """``sensitivity_probe=True``: one canary check of the per-example bound on the first batch (no release)."""
+        """``sensitivity_probe=True``: one canary check of the per-example bound on a first batch (no release)."""
         if self.max_physical_batch_size is not None:
             batch = select_examples(batch, slice(0, self.max_physical_batch_size))
         optimizer = self.optimizers[0]

@@ -298,6 +298,15 @@ def test_the_sensitivity_probe_passes_a_per_example_module_and_changes_nothing(k
         torch.testing.assert_close(updates[1][name], updates[0][name], rtol=0, atol=0)
 
 
+def test_the_sensitivity_probe_waits_for_a_batch_of_two_examples():
+    class Centred1(Centred):
+        def __init__(self):
+            super().__init__(num_samples=64, batch_size=1)  # q = 1/64: most batches hold 0 or 1 example
+
+    with pytest.raises(RuntimeError, match="sensitivity_probe"):
+        _fit(DPStrategy(sensitivity_probe=True, max_grad_norm=0.1), module=Centred1, max_epochs=3)
+
+
 def test_the_sensitivity_probe_needs_per_example_gradients():
     with pytest.raises(ValueError, match="sensitivity_probe"):
         DPStrategy(sensitivity_probe=True, grad_sample_mode="ghost")
