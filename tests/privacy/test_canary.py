@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_nt import DPStrategy
@@ -124,26 +124,32 @@ class ReleaseCounter(pl.Callback):
             ReleaseCounter.releases += 1
 
 
-def _rebuilt_epsilon(sigma, sample_rate, releases, delta=1e-5):
-    accountant = RDPAccountant()
+def _rebuilt_epsilon(sigma, sample_rate, releases, delta=1e-5, accountant="rdp"):
+    """Opacus's own accountant, fed one step per release counted by watching the weights."""
+    rebuilt = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
     for _ in range(releases):
-        accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
-    return accountant.get_epsilon(delta=delta)
+        rebuilt.step(noise_multiplier=sigma, sample_rate=sample_rate)
+    return rebuilt.get_epsilon(delta=delta)
 
 
-@pytest.mark.parametrize("batch_size", [16, 1], ids=["batches", "mostly-empty-batches"])
-def test_epsilon_matches_releases_counted_by_watching_the_weights_across_a_resume(tmp_path, batch_size):
+@pytest.mark.parametrize(
+    ("batch_size", "accountant"),
+    [(16, "rdp"), (1, "rdp"), (16, "prv")],
+    ids=["batches", "mostly-empty-batches", "batches-prv"],
+)
+def test_epsilon_matches_releases_counted_by_watching_the_weights_across_a_resume(tmp_path, batch_size, accountant):
     ReleaseCounter.releases = 0
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    first = DPStrategy(noise_multiplier=1.1, accountant="rdp")
+    first = DPStrategy(noise_multiplier=1.1, accountant=accountant)
     fit(first, Audited(batch_size=batch_size), callbacks=[ReleaseCounter(), checkpoint], max_epochs=1,
          enable_checkpointing=True)  # fmt: skip
     steps = 64 // batch_size
-    resumed = DPStrategy(noise_multiplier=1.1, accountant="rdp")
+    resumed = DPStrategy(noise_multiplier=1.1, accountant=accountant)
     trainer = tiny_trainer(None, strategy=resumed, callbacks=[ReleaseCounter()], max_epochs=2, limit_val_batches=0)
     trainer.fit(Audited(batch_size=batch_size), ckpt_path=str(tmp_path / f"epoch=0-step={steps}.ckpt"))
     assert ReleaseCounter.releases == trainer.global_step == 2 * steps
-    assert resumed.epsilon == pytest.approx(_rebuilt_epsilon(1.1, batch_size / 64, ReleaseCounter.releases), rel=1e-9)
+    rebuilt = _rebuilt_epsilon(1.1, batch_size / 64, ReleaseCounter.releases, accountant=accountant)
+    assert resumed.epsilon == pytest.approx(rebuilt, rel=1e-9)
 
 
 def test_epsilon_matches_releases_counted_by_watching_the_weights_at_the_budget(tmp_path):
