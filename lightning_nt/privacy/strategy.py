@@ -149,9 +149,9 @@ class _DifferentialPrivacy:
         self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
         self.sensitivity_probe = sensitivity_probe
-        self._skipped_steps = 0
+        self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
         self._warned_about_logging = False
-        self._probe_pending = False  # steps the budget stop skipped: counted by the loop, not by the ledger
+        self._probe_pending = False
 
     @property
     def epsilon(self) -> float:
