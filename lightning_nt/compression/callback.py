@@ -120,6 +120,8 @@ class CompressionBoundReporter(pl.Callback):
         reporter.report["compression/error_bound"]   # 0.422: certified, with probability 0.95
     """
 
+    reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
+
     def __init__(
         self,
         delta: float = 0.05,

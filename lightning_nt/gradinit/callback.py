@@ -58,6 +58,8 @@ class GradInit(pl.Callback):
         callback.scales                  # {"features.0.weight": 0.37, ...}
     """
 
+    reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
+
     def __init__(
         self,
         iterations: int = 390,

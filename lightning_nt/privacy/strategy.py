@@ -3,20 +3,29 @@
 What the strategy does, on one device (:class:`DPStrategy`) or many (:class:`DPDDPStrategy`):
 
 * fails closed before the first step on settings that would break the guarantee (BatchNorm and other
-  modules Opacus can't handle, gradient accumulation, Trainer gradient clipping, fp16 with a GradScaler,
-  manual optimization, several optimizers, iterable datasets without a sample rate);
+  modules Opacus can't handle, parametrized modules, gradient accumulation, Trainer gradient clipping, fp16 with a
+  GradScaler, manual optimization, several optimizers, LBFGS, tuners, callbacks that read the training data,
+  iterable datasets or batch samplers without a sample rate; see :mod:`lightning_nt.privacy.guards`);
 * attaches Opacus's per-sample-gradient hooks to the module itself (no wrapper) and wraps the optimizer in
   Opacus's ``DPOptimizer`` (clip each example's gradient to ``max_grad_norm``, add one Gaussian noise draw of
   std ``noise_multiplier * max_grad_norm``, divide by the expected batch size);
 * replaces the train loader's sampler by Poisson sampling at rate ``q`` (same dataset and collate), keeping
   empty batches as steps, sharded so that data-parallel processes stay in lockstep;
 * keeps the accountant's ledger, reports ``dp/epsilon`` and friends, stops before ``target_epsilon`` would
-  be exceeded, and puts the ledger into checkpoints (a checkpoint without it refuses to resume).
+  be exceeded, and puts the ledger into checkpoints (a checkpoint without it, or with one that doesn't match its
+  step count, refuses to resume; restoring an earlier checkpoint in the middle of a run is refused);
+* releases nothing un-noised: the clipped sums, per-example gradients, norms and activations are dropped after
+  every step; a ``training_step`` that returns ``None`` (a data-dependent skip) is refused; an example whose
+  gradient is not finite contributes zero (the sensitivity stays ``max_grad_norm``).
+
+What the guarantee covers and what it can't see (hand-written coupling between examples, the user's own logging
+in ``training_step``, about which it warns once) is written down in ``docs/privacy-guarantee.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 from typing import Any, Literal
 
@@ -30,12 +39,10 @@ from opacus.optimizers import (
     DPOptimizer,
     DPOptimizerFastGradientClipping,
 )
-from opacus.validators import ModuleValidator
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
@@ -43,26 +50,46 @@ from typing_extensions import override
 from lightning_nt.common import (
     batch_size,
     captured_logging,
-    check_choice,
     frozen_metrics,
     log_scalars,
     loss_from_output,
     map_examples,
     select_examples,
 )
+from lightning_nt.common.validation import above, at_least, between, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, calibrate_noise, epsilon_of, make_accountant
+from lightning_nt.privacy.guards import (
+    check_callbacks,
+    check_ledger,
+    check_module,
+    check_optimizer,
+    check_sensitivity,
+    check_train_loader,
+    check_trainer,
+    planned_steps,
+)
 from lightning_nt.privacy.sampling import poisson_dataloader
 
 __all__ = ["DPDDPStrategy", "DPStrategy"]
 
 GradSampleMode = Literal["hooks", "ew", "functorch", "ghost"]
-_ALLOWED_PRECISION = ("32-true", "32", "bf16-mixed")
 _CHECKPOINT_KEY = "dp_accountant"
+_MODULE_LEDGER = "_lightning_nt_dp_ledger"  # left on a module trained privately, to warn when it is trained again
+_PER_EXAMPLE_ATTRIBUTES = ("grad_sample", "summed_grad", "_current_grad_sample", "_norm_sample")
 
 
 class _DifferentialPrivacy:
     """The DP-SGD behaviour shared by the single-device and the DDP strategy."""
 
+    @checked_arguments(
+        noise_multiplier=at_least(0),
+        target_epsilon=above(0),
+        delta=between(0, 1, low_open=True, high_open=True),
+        max_grad_norm=above(0),
+        sample_rate=between(0, 1, low_open=True),
+        max_physical_batch_size=at_least(1),
+        augmentation_multiplicity=at_least(1),
+    )
     def __init__(
         self,
         noise_multiplier: float = 1.0,
@@ -80,37 +107,32 @@ class _DifferentialPrivacy:
         fix_modules: bool = False,
         seed: int | None = None,
         allow_nonprivate_callbacks: bool = False,
+        log_clip_fraction: bool = False,
+        sensitivity_probe: bool = False,
         **strategy_kwargs: Any,
     ) -> None:
         """See :class:`DPStrategy` for the arguments; ``strategy_kwargs`` go to the Lightning strategy."""
         super().__init__(**strategy_kwargs)
-        if noise_multiplier < 0:
-            raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
-        if not 0 < delta < 1:
-            raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
-        if not max_grad_norm > 0:
-            raise ValueError(f"`max_grad_norm` must be > 0, got {max_grad_norm}.")
-        check_choice("grad_sample_mode", grad_sample_mode, ("hooks", "ew", "functorch", "ghost"))
         if grad_sample_mode == "ghost" and (max_physical_batch_size is not None or augmentation_multiplicity != 1):
             raise ValueError(
                 "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
                 "`augmentation_multiplicity`: use 'hooks' for those."
             )
-        if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
-        if max_physical_batch_size is not None and max_physical_batch_size < 1:
-            raise ValueError(f"`max_physical_batch_size` must be >= 1 or None, got {max_physical_batch_size}.")
-        if augmentation_multiplicity < 1:
-            raise ValueError(f"`augmentation_multiplicity` must be >= 1, got {augmentation_multiplicity}.")
+        if sensitivity_probe and grad_sample_mode == "ghost":
+            raise ValueError("`sensitivity_probe=True` needs per-example gradients: use grad_sample_mode='hooks'.")
         if accountant == "gdp":
             rank_zero_warn("accountant='gdp' is a central-limit approximation and can under-report epsilon.")
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
         self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
-        self.allow_nonprivate_callbacks = allow_nonprivate_callbacks
+        self.allow_nonprivate_callbacks, self.log_clip_fraction = allow_nonprivate_callbacks, log_clip_fraction
+        if log_clip_fraction:
+            rank_zero_warn(
+                "DPStrategy(log_clip_fraction=True) logs dp/clip_fraction, a noiseless statistic of every private "
+                "batch (its size and which examples were clipped): it is NOT covered by the privacy guarantee. "
+                "Use it for debugging only, never on a run whose logs are released."
+            )
         if seed is not None:
             rank_zero_warn(
                 "DPStrategy(seed=...) makes the Poisson batches reproducible by anyone who knows the seed; the privacy "
@@ -126,6 +148,10 @@ class _DifferentialPrivacy:
         self._plan: tuple[Any, ...] | None = None
         self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
+        self.sensitivity_probe = sensitivity_probe
+        self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
+        self._warned_about_logging = False
+        self._probe_pending = False
 
     @property
     def epsilon(self) -> float:
@@ -137,10 +163,12 @@ class _DifferentialPrivacy:
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            _check_trainer(trainer)
+            check_trainer(trainer)
             self._check_precision(trainer)
-            self._check_callbacks(trainer)
-            self._check_module(self.lightning_module)
+            check_callbacks(trainer, self.allow_nonprivate_callbacks)
+            check_module(self.lightning_module, self.fix_modules)
+            self._warn_if_trained_privately_before(self.lightning_module)
+            self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
         super().setup(trainer)  # type: ignore[misc]
         if trainer.state.fn == TrainerFn.FITTING:
             ghost = {"max_grad_norm": self.max_grad_norm} if self.grad_sample_mode == "ghost" else {}
@@ -160,45 +188,21 @@ class _DifferentialPrivacy:
                 "low precision, so a clipped gradient could exceed max_grad_norm. Use precision='32-true' or 'hooks'."
             )
 
-    def _check_callbacks(self, trainer: pl.Trainer) -> None:
-        from lightning_nt.compression import CompressionBoundReporter
-        from lightning_nt.gradinit import GradInit
-        from lightning_nt.sharpness import SharpnessMonitor
-
-        nonprivate = GradInit | SharpnessMonitor | CompressionBoundReporter
-        readers = [type(c).__name__ for c in trainer.callbacks if isinstance(c, nonprivate)]
-        if not readers:
+    def _warn_if_trained_privately_before(self, module: pl.LightningModule) -> None:
+        earlier = getattr(module, _MODULE_LEDGER, None)
+        if earlier is None or self.accountant.history:  # a resumed run continues its checkpoint's ledger
             return
-        message = (
-            f"{', '.join(readers)} compute(s) on the training data outside DP-SGD, so what they log or change is "
-            "not covered by the privacy guarantee"
-        )
-        if not self.allow_nonprivate_callbacks:
-            raise RuntimeError(f"{message}. Remove them, or pass allow_nonprivate_callbacks=True to accept that.")
-        rank_zero_warn(f"{message} (allow_nonprivate_callbacks=True).")
-
-    def _check_module(self, module: nn.Module) -> None:
-        errors = ModuleValidator.validate(module, strict=False)
-        coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not errors and not coupled:
-            return
-        if self.fix_modules:
-            _fix_in_place(module)
-            remaining = ModuleValidator.validate(module, strict=False)
-            if remaining:
-                raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(map(str, remaining))}.")
-            return
-        problems = "; ".join(
-            [str(e) for e in errors] + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled]
-        )
-        raise RuntimeError(
-            f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
-            "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training)."
+        rank_zero_warn(
+            f"This module was already trained privately (epsilon {earlier['epsilon']:.4g} at delta "
+            f"{earlier['delta']:g}), and this fit starts a fresh privacy ledger: dp/epsilon counts only this fit. "
+            "The privacy spent on the data in total is at least the sum of both (compose them), or resume the "
+            "earlier run with fit(ckpt_path=...) to continue its ledger."
         )
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)  # type: ignore[misc]  # Lightning refuses several optimizers here
+        check_optimizer(self.optimizers[0])
         distributed = trainer.world_size > 1
         if self.grad_sample_mode == "ghost":
             optimizer_class = _GhostDistributedDPOptimizer if distributed else _GhostDPOptimizer
@@ -227,6 +231,8 @@ class _DifferentialPrivacy:
             sampled, expected = dataloader, self._expected_batch_of_iterable(dataloader)
         else:
             num_examples = len(dataloader.dataset)  # type: ignore[arg-type]
+            if self.poisson_sampling:
+                check_train_loader(dataloader, self.sample_rate)
             self.sample_rate = min(self.sample_rate or (dataloader.batch_size or 1) * world_size / num_examples, 1.0)
             expected = self.sample_rate * num_examples / world_size
             if self.poisson_sampling:
@@ -265,12 +271,7 @@ class _DifferentialPrivacy:
             if self.noise_multiplier == 0:
                 rank_zero_warn("noise_multiplier=0: no privacy at all, epsilon is reported as inf.")
             return
-        if trainer.max_steps and trainer.max_steps > 0:
-            planned = trainer.max_steps
-        elif trainer.max_epochs is not None and trainer.max_epochs > 0 and steps_per_epoch:
-            planned = trainer.max_epochs * steps_per_epoch
-        else:
-            raise RuntimeError("target_epsilon needs a finite plan: set the Trainer's max_steps or max_epochs.")
+        planned = planned_steps(trainer, steps_per_epoch)
         if not self.accountant.history:  # a resumed run keeps the noise its ledger was spent with
             assert self.sample_rate is not None
             self.noise_multiplier = calibrate_noise(
@@ -287,18 +288,45 @@ class _DifferentialPrivacy:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         self._hooks.enable_hooks()
+        if batch is not None and self._probe_pending and batch_size(batch) >= 2:
+            self._probe_sensitivity(batch, args[1] if len(args) > 1 else 0)
+            self._probe_pending = False
         if batch is not None and self.max_physical_batch_size is not None:
             batch = self._virtual_steps(batch, args[1] if len(args) > 1 else 0)
         if batch is not None:
             args = (self._flat_views(batch), *args[1:])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
-            output = super().training_step(*args, **kwargs)  # type: ignore[misc]
+            output = _refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
+        self._warn_about_logging_from_the_batch()
         return self._stash_per_example_losses(output) if self.grad_sample_mode == "ghost" else output
+
+    def _warn_about_logging_from_the_batch(self) -> None:
+        """Once: what ``training_step`` logs is computed on the private batch without noise (outside the guarantee)."""
+        if self._warned_about_logging:
+            return
+        results = getattr(self.lightning_module.trainer, "_results", None) or {}
+        names = sorted({key.split(".", 1)[1] for key in results if key.startswith("training_step.")})
+        if names:
+            self._warned_about_logging = True
+            rank_zero_warn(
+                f"training_step logs {names}, computed on the private batch without noise: these figures are NOT "
+                "covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update are). "
+                "Keep them private, or log figures computed on public data (e.g. in validation_step)."
+            )
+
+    def _probe_sensitivity(self, batch: Any, batch_idx: int) -> None:
+        """``sensitivity_probe=True``: one canary check of the per-example bound on a first batch (no release)."""
+        if self.max_physical_batch_size is not None:
+            batch = select_examples(batch, slice(0, self.max_physical_batch_size))
+        optimizer = self.optimizers[0]
+        optimizer.clear_per_example_state()
+        with self._without_ddp_gradient_sync():
+            check_sensitivity(
+                self.lightning_module, optimizer, batch, batch_idx, self.max_grad_norm, prepare=self._flat_views
+            )
 
     def _stash_per_example_losses(self, output: Any) -> Any:
         """Ghost clipping: keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
-        if output is None:
-            return None
         losses = output["loss"] if isinstance(output, dict) else output
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
             raise RuntimeError(
@@ -319,7 +347,16 @@ class _DifferentialPrivacy:
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         losses.mean().backward(retain_graph=True)
         self.optimizers[0].zero_grad()
+        for p in self._hooks.trainable_parameters:  # unused in this forward: its per-example norms are zero
+            if not hasattr(p, "_norm_sample"):
+                p._norm_sample = torch.zeros(len(losses), device=p.device)
         factors = self._hooks.get_clipping_coef()
+        if not bool(torch.isfinite(factors).all()):  # ghost clipping can't zero one example: stop before a release
+            raise RuntimeError(
+                "An example's gradient is not finite, and grad_sample_mode='ghost' can't leave it out of the clipped "
+                "sum (a NaN loss poisons the second backward pass): training stops before this step is released. "
+                "Use grad_sample_mode='hooks', which zeroes non-finite per-example gradients, or clean the data."
+            )
         for p in self._hooks.trainable_parameters:  # a layer skipped next time must not reuse these norms
             if hasattr(p, "_norm_sample"):
                 del p._norm_sample
@@ -343,7 +380,7 @@ class _DifferentialPrivacy:
                 self.precision_plugin.train_step_context(),
                 captured_logging(module),
             ):
-                output = module.training_step(part, batch_idx)
+                output = _refuse_skipped_step(module.training_step(part, batch_idx))
             loss_from_output(output, "training_step").backward()
             optimizer.carry_clipped_sums()
         return select_examples(batch, slice(starts[-1], size))
@@ -357,19 +394,10 @@ class _DifferentialPrivacy:
     def _empty_step(self) -> torch.Tensor:
         """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
 
-        The module's ``training_step`` is not called (its loss and metrics would be NaN or fail on 0 examples).
+        The module's ``training_step`` is not called (its loss and metrics would be NaN or fail on 0 examples); the
+        optimizer gives every parameter without a gradient a zero one (0 examples here).
         """
-        parameters = [p for p in self.lightning_module.parameters() if p.requires_grad]
-
-        def zero_per_example_gradients(gradient: torch.Tensor) -> torch.Tensor:
-            for p in parameters:  # Lightning zeroes the gradients between the step and the backward: set them here
-                p.grad_sample = p.new_zeros((0, *p.shape))
-                p.grad = torch.zeros_like(p)  # what ghost clipping's optimizer reads
-            return gradient
-
-        loss = torch.zeros((), device=self.root_device, requires_grad=True)
-        loss.register_hook(zero_per_example_gradients)
-        return loss
+        return torch.zeros((), device=self.root_device, requires_grad=True)
 
     def _without_ddp_gradient_sync(self) -> Any:
         model = self.model
@@ -381,6 +409,30 @@ class _DifferentialPrivacy:
             return self._private_step(optimizer, closure, model, **kwargs)
         finally:  # callbacks that differentiate the module outside training steps must not meet Opacus's hooks
             self._hooks.disable_hooks()
+            self._forget_private_state()
+
+    def _forget_private_state(self, gradients: bool = False) -> None:
+        """Drop everything derived from the private batch without noise (with ``gradients``, also ``.grad``).
+
+        Opacus leaves the clipped sum (``summed_grad``), per-example gradients and norms on the parameters and the
+        layers' inputs (``activations``) on the modules; they would travel with ``torch.save(module)``.
+        """
+        for p in self.lightning_module.parameters():
+            for name in _PER_EXAMPLE_ATTRIBUTES:
+                if name in vars(p):
+                    delattr(p, name)
+            if gradients:
+                p.grad = None
+        for submodule in self.lightning_module.modules():
+            for name in ("activations", "max_batch_len"):
+                if name in vars(submodule):
+                    delattr(submodule, name)
+        if self._hooks is not None and hasattr(self._hooks, "_per_sample_gradient_norms"):
+            self._hooks._per_sample_gradient_norms = None
+        self._per_example_losses = None
+        for optimizer in self.optimizers:
+            if hasattr(optimizer, "discard"):
+                optimizer.discard()
 
     def _private_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if not self._budget_exhausted():
@@ -393,6 +445,7 @@ class _DifferentialPrivacy:
         if hasattr(optimizer, "discard"):
             optimizer.discard()
         module.trainer.should_stop = True
+        self._skipped_steps += 1
         rank_zero_warn(f"DP budget reached: one more step would exceed epsilon={self.target_epsilon}; stopping.")
         return None
 
@@ -413,7 +466,7 @@ class _DifferentialPrivacy:
     def _after_noise(self, optimizer: DPOptimizer) -> None:
         self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
         trainer = self.lightning_module.trainer
-        if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+        if self.log_clip_fraction and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             norms = self._per_example_norms(optimizer)
             if norms is not None and len(norms):
                 log_scalars(trainer, {"dp/clip_fraction": float((norms > self.max_grad_norm).float().mean())})
@@ -436,6 +489,21 @@ class _DifferentialPrivacy:
     def on_train_end(self) -> None:
         super().on_train_end()  # type: ignore[misc]
         self._log_privacy()
+        optimizer = self.optimizers[0] if self.optimizers else None
+        zeroed = int(getattr(optimizer, "nonfinite_examples", 0))
+        if optimizer is not None:
+            optimizer.nonfinite_examples = 0  # released once, in this warning, and kept nowhere
+        if zeroed:
+            rank_zero_warn(
+                f"{zeroed} per-example gradient(s) in this run were not finite (NaN or inf) and were left out of the "
+                "clipped sums (each such example contributed zero; the sensitivity stays max_grad_norm). The count "
+                "is over the whole run and is not covered by the guarantee. Check the data and the loss."
+            )
+        setattr(
+            self.lightning_module,
+            _MODULE_LEDGER,
+            {"epsilon": self.epsilon, "delta": self.delta, "history": list(self.accountant.history)},
+        )
 
     def _log_privacy(self) -> None:
         trainer = self.lightning_module.trainer
@@ -457,6 +525,7 @@ class _DifferentialPrivacy:
             "ledger": self.accountant.state_dict(),
             "noise_multiplier": self.noise_multiplier,
             "plan": self._plan,
+            "skipped_steps": self._skipped_steps,
         }
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
@@ -469,24 +538,55 @@ class _DifferentialPrivacy:
                 f"{checkpoint_path} has no privacy ledger (it was not saved by a DP strategy), so the privacy spent "
                 "before it is unknown: resuming privately from it would under-report epsilon."
             )
+        ledger = make_accountant(self.accountant_name)
+        ledger.load_state_dict(saved["ledger"])
+        steps, spent = _steps_taken(ledger), _steps_taken(self.accountant)
+        if steps < spent and self.lightning_module.trainer.state.fn != TrainerFn.FITTING:
+            return checkpoint  # evaluating an earlier checkpoint after fit: the run's ledger stays, it never shrinks
+        if steps < spent:
+            raise RuntimeError(
+                f"Restoring {checkpoint_path} would roll the privacy ledger back from {spent} to {steps} noisy steps, "
+                "but the steps after the checkpoint were released. Restoring an earlier checkpoint in the middle of "
+                "a private run (as tuners do) is refused; start a new run from it instead."
+            )
+        check_ledger(saved, checkpoint, steps)
         self.noise_multiplier = float(saved["noise_multiplier"])
         self._plan = tuple(saved["plan"]) if saved.get("plan") is not None else None
+        self._skipped_steps = int(saved.get("skipped_steps", 0))
         self.accountant.load_state_dict(saved["ledger"])
         return checkpoint
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # a step interrupted between its backward pass and its noise leaves raw gradients on the parameters
+        if self._hooks is not None:
+            self._hooks.disable_hooks()
+            self._forget_private_state(gradients=True)
+        super().on_exception(exception)  # type: ignore[misc]
 
     @override
     def teardown(self) -> None:
         if self._hooks is not None:
             self._hooks.cleanup()
+            self._forget_private_state()
             self._hooks = None
         super().teardown()  # type: ignore[misc]
 
 
 class _CarryClippedSums:
-    """DPOptimizer that keeps the clipped sums of earlier physical batches across Lightning's ``zero_grad``."""
+    """DPOptimizer that keeps the clipped sums of earlier physical batches across Lightning's ``zero_grad``.
+
+    It also makes every example's contribution bounded by ``max_grad_norm`` whatever the batch holds: a parameter
+    without per-example gradients (unused in this forward) counts as a zero gradient, and an example whose
+    gradient is not finite contributes zero (counted over the run in ``nonfinite_examples``, without a sync).
+    """
+
+    views: int = 1
+    nonfinite_examples: torch.Tensor | int = 0
 
     def carry_clipped_sums(self) -> None:
         """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
+        self.zero_for_unused_parameters()
         self.clip_and_accumulate()  # type: ignore[attr-defined]
         carried = getattr(self, "_carried", None) or {}
         for p in self.params:  # type: ignore[attr-defined]
@@ -494,19 +594,43 @@ class _CarryClippedSums:
             p.summed_grad, p.grad_sample = None, None
         self._carried = carried
 
-    views: int = 1
-
     def clip_and_accumulate(self) -> None:
-        for p in self.params:  # type: ignore[attr-defined]
-            # fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C
-            sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
-            if self.views > 1:  # one example's K views: average their gradients, then clip as one example
-                sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
+        samples = self.per_example_gradients()
+        for p, sample in zip(self.params, samples):  # type: ignore[attr-defined]
             p.grad_sample = sample
         super().clip_and_accumulate()  # type: ignore[misc]
         for p, total in (getattr(self, "_carried", None) or {}).items():
             if p.summed_grad is not None and getattr(self, "_in_step", False):
                 p.summed_grad += total
+
+    def per_example_gradients(self) -> list[torch.Tensor]:
+        """One fp32 ``[B, *p.shape]`` gradient per parameter, each example's views averaged, non-finite ones zero.
+
+        fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C.
+        """
+        params = self.params  # type: ignore[attr-defined]
+        samples = []
+        for p in params:
+            sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
+            if self.views > 1:  # one example's K views: average their gradients, then clip as one example
+                sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
+            samples.append(sample)
+        # an example is dropped if any of its norms is not finite (NaN, inf, or an fp32 overflow of a huge gradient)
+        norms = torch.stack([s.reshape(len(s), math.prod(p.shape)).norm(dim=1) for p, s in zip(params, samples)])
+        dropped = ~norms.isfinite().all(dim=0)
+        self.nonfinite_examples = self.nonfinite_examples + dropped.sum()
+        for sample in samples:  # in place: no second copy of the per-example gradients
+            sample.masked_fill_(dropped.view(-1, *([1] * (sample.ndim - 1))), 0.0)
+        return samples
+
+    def zero_for_unused_parameters(self) -> None:
+        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing)."""
+        params = self.params  # type: ignore[attr-defined]
+        present = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        rows = len(self._get_flat_grad_sample(present[0])) if present else 0  # type: ignore[attr-defined]
+        for p in params:
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = p.new_zeros((rows, *p.shape))
 
     def discard(self) -> None:
         """Forget the clipped sums carried from earlier physical batches (the step is not taken)."""
@@ -517,10 +641,7 @@ class _CarryClippedSums:
             p.grad_sample, p.summed_grad = None, None
 
     def pre_step(self, closure: Any = None) -> Any:
-        no_backward = all(getattr(p, "grad_sample", None) is None for p in self.params)  # type: ignore[attr-defined]
-        if _anywhere(no_backward, self.params[0].device):  # type: ignore[attr-defined]
-            self.discard()  # training_step returned None: no backward, no step, nothing released or spent
-            return False
+        self.zero_for_unused_parameters()
         self._in_step = True
         try:
             return super().pre_step(closure)  # type: ignore[misc]
@@ -537,66 +658,38 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
     pass
 
 
-class _SkipWithoutGradients:
-    """Ghost-clipping DPOptimizer that takes no step (and spends nothing) when no backward ran."""
+class _ZeroForUnusedParameters:
+    """Ghost-clipping DPOptimizer for which a parameter without a gradient (unused in this forward) has gradient 0."""
 
     def pre_step(self, closure: Any = None) -> Any:
-        if _anywhere(all(p.grad is None for p in self.params), self.params[0].device):  # type: ignore[attr-defined]
-            return False
+        for p in self.params:  # type: ignore[attr-defined]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         return super().pre_step(closure)  # type: ignore[misc]
 
 
-class _GhostDPOptimizer(_SkipWithoutGradients, DPOptimizerFastGradientClipping):
+class _GhostDPOptimizer(_ZeroForUnusedParameters, DPOptimizerFastGradientClipping):
     pass
 
 
-class _GhostDistributedDPOptimizer(_SkipWithoutGradients, DistributedDPOptimizerFastGradientClipping):
+class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimizerFastGradientClipping):
     pass
-
-
-def _anywhere(flag: bool, device: torch.device) -> bool:
-    """True on every process if it is true on any (so that all skip a step together instead of hanging)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def _fix_in_place(module: nn.Module) -> None:
-    """Replace every submodule Opacus has a fixer for (BatchNorm -> GroupNorm, ...), affine or not, in place."""
-    for name, submodule in list(module.named_modules()):
-        fixer = ModuleValidator.FIXERS.get(type(submodule))
-        if fixer is None or not name:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        replacement = fixer(submodule)
-        device = next(iter(submodule.buffers()), torch.empty(0)).device
-        setattr(module.get_submodule(parent_name), child, replacement.to(device))
 
 
 def _steps_taken(accountant: Any) -> int:
     return sum(steps for _, _, steps in accountant.history)
 
 
-def _check_trainer(trainer: pl.Trainer) -> None:
-    if trainer.precision not in _ALLOWED_PRECISION:
+def _refuse_skipped_step(output: Any) -> Any:
+    """Refuse a ``None`` from ``training_step``: under DP, whether a step happens must not depend on the batch."""
+    if output is None or (isinstance(output, dict) and output.get("loss") is None):
         raise RuntimeError(
-            f"DP-SGD can't run with precision={trainer.precision!r}: Opacus rewrites the gradients after the fp16 "
-            "GradScaler, which then scales the noisy update wrongly. Use precision='32-true' or 'bf16-mixed'."
+            "training_step returned None under DP-SGD. Skipping a step because of what is in the batch releases, "
+            "without noise, whether the batch held such examples (and the step would go unaccounted). Return a "
+            "loss for every batch: empty batches are handled by the strategy, and examples with a non-finite "
+            "gradient contribute zero."
         )
-    if trainer.accumulate_grad_batches != 1:
-        raise RuntimeError(
-            f"accumulate_grad_batches={trainer.accumulate_grad_batches} breaks Poisson sampling's accounting; "
-            "use a larger batch (sample rate) instead."
-        )
-    if trainer.gradient_clip_val:
-        raise RuntimeError(
-            "The Trainer's gradient_clip_val clips the noisy averaged gradient, not each example's: remove it and "
-            "set the strategy's max_grad_norm instead."
-        )
-    if not trainer.lightning_module.automatic_optimization:
-        raise RuntimeError("DP-SGD needs automatic optimization: the strategy steps the DP optimizer itself.")
+    return output
 
 
 def _length(dataloader: Any) -> int | None:
@@ -633,10 +726,27 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
         seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
             batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
-        allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (GradInit,
-            SharpnessMonitor, CompressionBoundReporter) run; their logs are then not covered by the guarantee (warned).
+        allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (those that declare
+            ``reads_training_data_outside_step``: GradInit, SharpnessMonitor, CompressionBoundReporter) run; their
+            logs are then not covered by the guarantee (warned). Lightning's tuners are refused regardless.
+        log_clip_fraction: log ``dp/clip_fraction``, the fraction of each batch's examples that were clipped. It is
+            a noiseless statistic of the private batch (its size and which examples were clipped), so it is off by
+            default and, when on, NOT covered by the guarantee (warned): for debugging runs whose logs stay private.
+        sensitivity_probe: before the first step, check on the first batch that one example (made a canary by
+            scaling its inputs) moves the clipped gradient sum by at most ``max_grad_norm``, and refuse the run if
+            not. This finds coupling between examples written by hand, which no module check can see. Costs two
+            extra forward/backward passes once; releases nothing.
         strategy_kwargs: passed on to Lightning's ``SingleDeviceStrategy`` (``DDPStrategy`` for ``DPDDPStrategy``),
             e.g. ``device``, the device to train on (default: the Trainer accelerator's first device).
+
+    Design limits (see ``docs/privacy-guarantee.md``): the privacy unit is one example of the train dataset. The
+    guarantee covers what goes through the noisy update (weights, optimizer state, checkpoints) and the ``dp/*``
+    figures; not what ``training_step`` itself logs from the private batch, nor callbacks allowed with
+    ``allow_nonprivate_callbacks``, nor the choice of hyper-parameters by repeated runs. Coupling between the
+    examples of a batch written by hand (``x - x.mean(0)`` in ``forward``, a loss over pairs) breaks the
+    per-example sensitivity bound without any module check noticing (use ``sensitivity_probe``). A new Trainer
+    starts a fresh ledger: resume with ``fit(ckpt_path=...)`` to continue one (a warning says when a module that
+    was already trained privately is trained again without it).
 
     Example::
 

@@ -112,6 +112,8 @@ class SharpnessMonitor(pl.Callback):
         monitor.history[-1]["sharpness/ratio"]   # also in TensorBoard, with the picture at the end
     """
 
+    reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
+
     @checked_arguments(
         every_n_steps=at_least(1),
         num_eigenvalues=at_least(1),

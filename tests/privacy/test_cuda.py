@@ -1,7 +1,11 @@
+import warnings
+
 import pytest
 import torch
 
 from lightning_nt import DPStrategy
+from tests.privacy.canary import Audited, assert_only_the_noisy_update_differs, first_batch_indices, releases_of
+from tests.privacy.test_canary import C, Poisoned, _strategy
 from tests.privacy.test_strategy import RecordUpdate, _clipped_sum, _fit
 
 
@@ -17,3 +21,49 @@ def test_noiseless_update_on_the_gpu(precision):
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if precision == "32-true" else {"rtol": 0.1, "atol": 2e-3}
     for name, update in record.update.items():
         torch.testing.assert_close(update.cpu(), -expected[name] / 16.0, **tolerance)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("poisoned", [False, True], ids=["canary", "nan-record"])
+def test_only_the_noisy_update_depends_on_a_canary_on_the_gpu(tmp_path, precision, poisoned):
+    """The canary harness on CUDA: nothing un-noised left on the module or strategy, NaN records zeroed on device."""
+    make = _strategy()
+    module = Poisoned if poisoned else Audited
+    batch = first_batch_indices(make)
+    gpu = {"accelerator": "gpu", "precision": precision, "max_steps": 1}
+    without = releases_of(make, None, tmp_path, module=module, **gpu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the end-of-run count of non-finite gradients, for the NaN record
+        canary = releases_of(make, batch[0], tmp_path, module=module, **gpu)
+    assert all(torch.isfinite(w).all() for w in canary.weights.values())
+    assert_only_the_noisy_update_differs(without, canary, C, expected_batch=16.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_unused_parameters_and_the_sensitivity_probe_on_the_gpu(precision, mode):
+    from tests.privacy.test_fail_closed import WithUnused
+    from tests.privacy.test_strategy import PerExample
+
+    class GhostWithUnused(PerExample):
+        def __init__(self):
+            super().__init__(num_samples=64, batch_size=16)
+            self.unused = torch.nn.Linear(8, 3)
+
+    if mode == "ghost" and precision != "32-true":
+        pytest.skip("ghost clipping is refused under bf16 (tested on the CPU)")
+    record = RecordUpdate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = DPStrategy(noise_multiplier=0.0, grad_sample_mode=mode, sensitivity_probe=mode == "hooks")
+    _fit(
+        strategy,
+        module=WithUnused if mode == "hooks" else GhostWithUnused,
+        callbacks=[record],
+        max_steps=2,
+        accelerator="gpu",
+        precision=precision,
+    )
+    assert record.update["unused.weight"].abs().max() == 0 and record.update["net.0.weight"].abs().max() > 0

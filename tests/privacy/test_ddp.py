@@ -25,6 +25,8 @@ class SaveRankState(pl.Callback):
         state = {"before": self.before, "after": after, "steps": trainer.global_step, "empty": self.empty_batches}
         state["first_batch"] = self.first_batch
         state["epsilon"] = trainer.strategy.epsilon
+        private = ("summed_grad", "grad_sample", "_norm_sample", "_current_grad_sample")
+        state["left"] = [n for n, p in pl_module.named_parameters() if any(a in vars(p) for a in private)]
         torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
 
 
@@ -63,5 +65,6 @@ def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
     assert rank0["steps"] == rank1["steps"] == 32
     assert rank0["empty"] > 0 and rank1["empty"] > 0 and rank0["empty"] != 32
     assert rank0["epsilon"] == rank1["epsilon"] > 0
+    assert rank0["left"] == rank1["left"] == []  # no un-noised clipped sum left on any rank
     for name in rank0["after"]:  # one noise draw, all-reduced: identical weights everywhere
         assert torch.equal(rank0["after"][name], rank1["after"][name])

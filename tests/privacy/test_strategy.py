@@ -176,8 +176,9 @@ def test_epsilon_equals_an_independently_built_accountant(name, reference):
     assert trainer.global_step == 8  # 1/q = 4 Poisson steps per epoch
     assert strategy.epsilon == pytest.approx(independent.get_epsilon(delta=1e-5), rel=1e-9)
     assert trainer.callback_metrics["dp/epsilon"].item() == pytest.approx(strategy.epsilon, rel=1e-6)
-    for tag in ("dp/delta", "dp/noise_multiplier", "dp/sample_rate", "dp/clip_fraction"):
+    for tag in ("dp/delta", "dp/noise_multiplier", "dp/sample_rate"):
         assert tag in trainer.callback_metrics
+    assert "dp/clip_fraction" not in trainer.callback_metrics  # a noiseless statistic of the batch: opt-in only
 
 
 def test_neighbouring_batches_differ_by_at_most_max_grad_norm():
@@ -411,14 +412,18 @@ def test_iterable_dataset_with_an_explicit_rate():
     assert trainer.global_step == 3 and strategy.optimizers[0].expected_batch_size == 8.0
 
 
-def test_a_skipped_training_step_spends_nothing():
+def test_a_none_from_training_step_is_refused_and_leaves_no_raw_gradient():
+    """Issue 11.3: a data-dependent skip released 'weights unchanged' without noise and spent nothing."""
+
     class SkipsOdd(Plain):
         def training_step(self, batch, batch_idx):
             return None if batch_idx % 2 else super().training_step(batch, batch_idx)
 
     strategy = DPStrategy()
-    _fit(strategy, module=lambda: SkipsOdd(num_samples=64, batch_size=16), max_epochs=1)
-    assert _steps(strategy) == 2  # 4 Poisson batches, 2 skipped
+    with pytest.raises(RuntimeError, match="returned None"):
+        _fit(strategy, module=lambda: SkipsOdd(num_samples=64, batch_size=16), max_epochs=1)
+    module = strategy.lightning_module
+    assert all(p.grad is None and not hasattr(p, "summed_grad") for p in module.parameters())
 
 
 def test_target_epsilon_needs_a_finite_plan():
