@@ -5,6 +5,7 @@ from the same distribution?), ``compare_models`` (do two models' outputs differ?
 ``GradientSignalTest`` callback (does the population gradient still carry detectable signal?).
 """
 
+from lightning_nt.stats.callback import GradientSignalTest
 from lightning_nt.stats.cross import (
     Alternative,
     TestResult,
@@ -16,15 +17,20 @@ from lightning_nt.stats.cross import (
     split_indices,
     studentized_mean,
 )
+from lightning_nt.stats.gradient import PerExampleLoss, directional_derivatives, per_example_losses
 
 __all__ = [
     "Alternative",
+    "GradientSignalTest",
+    "PerExampleLoss",
     "TestResult",
     "cross_mean_statistics",
     "cross_mean_test",
     "cross_mmd_statistics",
     "cross_mmd_test",
+    "directional_derivatives",
     "normal_p_value",
+    "per_example_losses",
     "split_indices",
     "studentized_mean",
 ]
