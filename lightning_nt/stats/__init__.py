@@ -6,6 +6,7 @@ from the same distribution?), ``compare_models`` (do two models' outputs differ?
 """
 
 from lightning_nt.stats.callback import GradientSignalTest
+from lightning_nt.stats.compare import compare_models
 from lightning_nt.stats.cross import (
     Alternative,
     TestResult,
@@ -24,6 +25,7 @@ __all__ = [
     "GradientSignalTest",
     "PerExampleLoss",
     "TestResult",
+    "compare_models",
     "cross_mean_statistics",
     "cross_mean_test",
     "cross_mmd_statistics",
