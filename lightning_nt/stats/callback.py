@@ -32,6 +32,17 @@ __all__ = ["GradientSignalTest"]
 TAGS = ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal")
 
 
+def _validation_dataloader(trainer: pl.Trainer) -> Any:
+    """The (first) validation loader, also before the first validation and when ``limit_val_batches=0``."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    if trainer.val_dataloaders is None:
+        loop.setup_data()
+    loader = trainer.val_dataloaders
+    if loader is None and loop._data_source.is_defined():  # validation switched off: ask the source directly
+        loader = loop._data_source.dataloader()
+    return loader[0] if isinstance(loader, list | tuple) and loader else loader
+
+
 class GradientSignalTest(pl.Callback):
     r"""Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
 
@@ -143,13 +154,7 @@ class GradientSignalTest(pl.Callback):
         return figure
 
     def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
-        if self.data == "train":
-            loader = trainer.train_dataloader
-        else:
-            if trainer.val_dataloaders is None:
-                trainer.fit_loop.epoch_loop.val_loop.setup_data()
-            loader = trainer.val_dataloaders
-            loader = loader[0] if isinstance(loader, list | tuple) and loader else loader
+        loader = trainer.train_dataloader if self.data == "train" else _validation_dataloader(trainer)
         if not isinstance(loader, DataLoader):
             raise RuntimeError(
                 f"GradientSignalTest(data={self.data!r}) needs a {self.data} DataLoader, but the Trainer has "
