@@ -44,7 +44,7 @@ def _validation_dataloader(trainer: pl.Trainer) -> Any:
 
 
 class GradientSignalTest(pl.Callback):
-    r"""Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
+    """Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
 
     Every ``every_n_steps`` optimizer steps (and when training starts), ``num_samples`` held-out examples (the
     first of the validation loader, ``data="val"``) or training examples (``data="train"``) cached once are

@@ -1,4 +1,4 @@
-r"""Dimension-agnostic tests from cross U-statistics: a one-sample mean test and the cross-MMD two-sample test.
+"""Dimension-agnostic tests from cross U-statistics: a one-sample mean test and the cross-MMD two-sample test.
 
 A degenerate U-statistic (``sum_{i != j} <X_i, X_j>`` for the mean, the unbiased MMD² for two samples) has
 a null distribution that depends on the dimension and the unknown covariance, so its tests need permutations
@@ -115,14 +115,12 @@ def studentized_mean(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
 
 
 def cross_mean_statistics(samples: Tensor, seed: int | None = 0) -> tuple[Tensor, Tensor]:
-    r"""The one-sample cross statistic of ``samples[..., n, d]`` for every leading index: ``(T, mean f)``.
+    """The one-sample cross statistic of ``samples[..., n, d]`` for every leading index: ``(T, mean f)``.
 
     With the halves ``D1`` (``n1 = n // 2`` rows) and ``D2`` (the other ``n2``) of :func:`split_indices`,
 
-    .. math::
-        f_i = \Big\langle X_i, \frac{1}{n_2} \sum_{j \in D_2} X_j \Big\rangle \ (i \in D_1), \qquad
-        T = \sqrt{n_1}\, \bar f / \hat\sigma_f, \qquad
-        \hat\sigma_f^2 = \frac{1}{n_1 - 1} \sum_{i \in D_1} (f_i - \bar f)^2 .
+        f_i = < X_i, (1/n2) sum_{j in D2} X_j >        for i in D1,
+        T   = sqrt(n1) * mean(f) / sd(f),      sd(f)² = (1/(n1 - 1)) sum_{i in D1} (f_i - mean(f))².
 
     ``mean f`` is the cross U-statistic ``(1/(n1 n2)) sum_{i in D1, j in D2} <X_i, X_j>``, unbiased for
     ``||E X||²``. Given ``D2`` the ``f_i`` are i.i.d., so ``T`` is a t-statistic whose null limit is ``N(0, 1)``
@@ -177,27 +175,23 @@ def cross_mmd_statistics(
     bandwidth: float | Literal["median"] = "median",
     seed: int | None = 0,
 ) -> tuple[Tensor, Tensor]:
-    r"""Shekhar, Kim & Ramdas' studentised cross-MMD of ``x[..., n, d]`` and ``y[..., m, d]``: ``(T, xMMD²)``.
+    """Shekhar, Kim & Ramdas' studentised cross-MMD of ``x[..., n, d]`` and ``y[..., m, d]``: ``(T, xMMD²)``.
 
     Split ``x`` into ``X1`` (``n1 = n // 2``) and ``X2``, ``y`` into ``Y1`` (``m1 = m // 2``) and ``Y2``. The
     second halves give the empirical witness function (the difference of mean embeddings)
 
-    .. math:: g(z) = \frac{1}{n_2} \sum_{j \in X_2} k(z, X_j) - \frac{1}{m_2} \sum_{l \in Y_2} k(z, Y_l),
+        g(z) = (1/n2) sum_{j in X2} k(z, X_j) - (1/m2) sum_{l in Y2} k(z, Y_l),
 
     and the cross-MMD is ``xMMD² = <mu(X1) - mu(Y1), mu(X2) - mu(Y2)>`` in the RKHS, i.e.
 
-    .. math::
-        U = U_X - U_Y, \quad U_X = \frac{1}{n_1} \sum_{i \in X_1} g(X_i), \quad
-        U_Y = \frac{1}{m_1} \sum_{i \in Y_1} g(Y_i),
+        U = U_X - U_Y,    U_X = (1/n1) sum_{i in X1} g(X_i),    U_Y = (1/m1) sum_{i in Y1} g(Y_i),
 
     an unbiased estimate of ``MMD²`` (eq. 2 of the paper). Given the second halves, the ``g(X_i)`` and ``g(Y_i)``
     are two independent i.i.d. samples, so ``U`` is a difference of two means, studentised as in the paper's
     eq. 4:
 
-    .. math::
-        T = U / \sqrt{\hat\sigma_X^2 / n_1 + \hat\sigma_Y^2 / m_1}, \quad
-        \hat\sigma_X^2 = \frac{1}{n_1} \sum_{i \in X_1} (g(X_i) - U_X)^2, \quad
-        \hat\sigma_Y^2 = \frac{1}{m_1} \sum_{i \in Y_1} (g(Y_i) - U_Y)^2 ,
+        T = U / sqrt(s_X² / n1 + s_Y² / m1),
+        s_X² = (1/n1) sum_{i in X1} (g(X_i) - U_X)²,    s_Y² = (1/m1) sum_{i in Y1} (g(Y_i) - U_Y)²,
 
     which is ``N(0, 1)`` in the limit under ``H0: P_X = P_Y``; large ``T`` rejects. The kernel is
     ``exp(-||a - b||² / (2 s²))`` (gaussian) or ``exp(-||a - b|| / s)`` (laplace); ``bandwidth="median"``
