@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_nt.common.batches import batch_size, tensors_of
 from lightning_nt.common.probe import preserved_loader_rng
 from lightning_nt.common.state import preserved_modes
+from lightning_nt.common.validation import at_least, checked_arguments
 from lightning_nt.stats.cross import Alternative, TestResult, cross_mean_test
 
 __all__ = ["compare_models"]
@@ -22,6 +23,7 @@ Forward = Callable[[nn.Module, Any], Tensor]
 """``forward(model, batch) -> Tensor[B, ...]``: a model's outputs on a batch."""
 
 
+@checked_arguments(num_samples=at_least(4))
 def compare_models(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -68,10 +70,6 @@ def compare_models(
         >>> compare_models(model, shifted, loader).p_value < 1e-6
         True
     """
-    if num_samples is not None and num_samples < 4:
-        raise ValueError(f"`num_samples` must be >= 4 or None, got {num_samples}.")
-    if outputs not in ("softmax", "logits"):
-        raise ValueError(f"`outputs` must be one of ('softmax', 'logits'), got {outputs!r}.")
     differences = _differences(model_a, model_b, dataloader, num_samples, outputs, forward or _first_tensor_forward)
     if not differences.any():
         return TestResult(statistic=0.0, p_value=1.0, n=differences.shape[0], d=differences.shape[1], estimate=0.0)

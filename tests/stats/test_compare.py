@@ -4,6 +4,7 @@ from scipy.stats import kstest
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.stats import compare_models, cross_mean_test
 
 
@@ -54,8 +55,21 @@ def test_a_systematic_change_is_detected_with_dict_batches_and_modes_restored():
     assert (same.statistic, same.p_value) == (0.0, 1.0)
 
 
-def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="num_samples"):
-        compare_models(_linear(0), _linear(1), _loader(), num_samples=2)
-    with pytest.raises(ValueError, match="outputs"):
-        compare_models(_linear(0), _linear(1), _loader(), outputs="probabilities")
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"model_a": "resnet"}, "model_a"),
+        ({"model_b": None}, "model_b"),
+        ({"dataloader": [torch.zeros(4, 5)]}, "dataloader"),
+        ({"num_samples": 2}, "num_samples"),
+        ({"num_samples": 8.0}, "num_samples"),
+        ({"outputs": "probabilities"}, "outputs"),
+        ({"forward": "logits"}, "forward"),
+        ({"alternative": "sideways"}, "alternative"),
+        ({"seed": "0"}, "seed"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, argument):
+    arguments = {"model_a": _linear(0), "model_b": _linear(1), "dataloader": _loader(), **kwargs}
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        compare_models(**arguments)
