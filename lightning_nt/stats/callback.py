@@ -46,7 +46,7 @@ def _validation_dataloader(trainer: pl.Trainer) -> Any:
 class GradientSignalTest(pl.Callback):
     """Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
 
-    Every ``every_n_steps`` optimizer steps (and when training starts), ``num_samples`` held-out examples (the
+    Every ``every_n_steps`` optimizer steps (step 0 included), ``num_samples`` held-out examples (the
     first of the validation loader, ``data="val"``) or training examples (``data="train"``) cached once are
     split in two halves with a fixed seeded split. The mean gradient ``v`` of the second half comes from one
     backward; for every example ``i`` of the first half ``f_i = <grad l_i, v>`` is the directional derivative
@@ -112,7 +112,10 @@ class GradientSignalTest(pl.Callback):
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."
             )
         self._last_step = -1
-        self._measure(trainer, pl_module)
+        step = trainer.global_step
+        measured = bool(self.history) and self.history[-1]["step"] == step  # a resumed run did before it stopped
+        if step % self.every_n_steps == 0 and not measured:
+            self._measure(trainer, pl_module)
 
     @override
     def on_train_batch_end(

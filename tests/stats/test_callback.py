@@ -207,6 +207,22 @@ def test_validation_data_is_required_for_data_val():
     assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
 
 
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    def module():
+        return TinyClassifier(num_samples=96, shuffle=False)
+
+    uninterrupted = GradientSignalTest(every_n_steps=4, num_samples=32)
+    _fit([uninterrupted], module=module, max_epochs=2)
+    first = GradientSignalTest(every_n_steps=4, num_samples=32)
+    _, trainer = _fit([first], module=module, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = GradientSignalTest(every_n_steps=4, num_samples=32)
+    pl.seed_everything(0)
+    tiny_trainer(None, callbacks=[resumed], max_epochs=2).fit(module(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert [entry["step"] for entry in resumed.history] == [0, 4, 8, 12]
+    assert resumed.history == uninterrupted.history
+
+
 def test_checkpoint_keeps_the_history_and_the_key_names_every_setting():
     monitor = GradientSignalTest(every_n_steps=3, num_samples=32)
     _fit([monitor])
