@@ -22,11 +22,12 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import Metric
 
 from lightning_nt.common.batches import batch_size, tensors_of
 
-__all__ = ["PerExampleLoss", "directional_derivatives", "per_example_losses"]
+__all__ = ["PerExampleLoss", "directional_derivatives", "double_backward_jvp", "per_example_losses"]
 
 PerExampleLoss = Callable[[nn.Module, Any], Tensor]
 """``loss(module, batch) -> Tensor[B]``: the loss of every example of ``batch`` under ``module``."""
@@ -83,7 +84,33 @@ def directional_derivatives(
         weights = {f"module.{name}": value for name, value in zip(names, values)}
         return functional_call(wrapper, weights, (batch,), strict=False)
 
-    return jvp(losses, primals, tangents)
+    with _differentiable_kernels():
+        try:
+            return jvp(losses, primals, tangents)
+        except NotImplementedError:  # an operation without forward-mode AD: two reverse passes instead
+            return double_backward_jvp(losses, primals, tangents)
+
+
+def double_backward_jvp(
+    function: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
+    """``(function(*primals), J @ tangents)`` by two reverse passes, for operations that lack forward-mode AD.
+
+    ``J^T u`` is linear in a dummy cotangent ``u``; differentiating ``<J^T u, tangents>`` with respect to ``u``
+    gives ``J tangents``.
+
+    Examples:
+        >>> weights = torch.tensor([1.0, 2.0])
+        >>> double_backward_jvp(lambda w: torch.stack([w[0] * w[1], w[1] ** 2]), (weights,), (torch.ones(2),))
+        (tensor([2., 4.]), tensor([3., 4.]))
+    """
+    inputs = tuple(primal.detach().requires_grad_() for primal in primals)
+    values = function(*inputs)
+    dummy = torch.zeros_like(values, requires_grad=True)
+    pullback = torch.autograd.grad(values, inputs, dummy, create_graph=True, allow_unused=True)
+    used = [(vector, tangent) for vector, tangent in zip(pullback, tangents) if vector is not None]
+    (derivatives,) = torch.autograd.grad([v for v, _ in used], dummy, [t for _, t in used])
+    return values.detach(), derivatives
 
 
 class _LossOf(nn.Module):
@@ -102,6 +129,22 @@ class _LossOf(nn.Module):
                 f"({batch_size(batch)}) is needed."
             )
         return values
+
+
+@contextmanager
+def _differentiable_kernels() -> Iterator[None]:
+    """Attention on its decomposed ("math") kernels, which forward-mode AD can differentiate, for the block.
+
+    ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` take a fused fast path in eval mode, and
+    ``scaled_dot_product_attention`` picks fused kernels; neither has forward-mode derivatives.
+    """
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 @contextmanager

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 import math
 import warnings
@@ -12,8 +13,11 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.validation import ArgumentError
 from lightning_nt.stats import GradientSignalTest, cross_mean_test, directional_derivatives, per_example_losses
+from lightning_nt.stats.gradient import double_backward_jvp
 from tests.helpers import (
+    ManualOptimizationModule,
     TinyClassifier,
+    TinyTransformer,
     classification_data,
     read_tensorboard_scalars,
     read_tensorboard_tags,
@@ -254,3 +258,45 @@ def test_checkpoint_keeps_the_history_and_the_key_names_every_setting():
 def test_bad_arguments_are_named(kwargs, argument):
     with pytest.raises(ArgumentError, match=f"`{argument}`"):
         GradientSignalTest(**kwargs)
+
+
+def test_the_two_reverse_pass_fallback_equals_forward_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    inputs, labels = torch.randn(10, 4, dtype=torch.float64), torch.randint(3, (10,))
+    names = [name for name, _ in net.named_parameters()]
+    primals = tuple(p.detach() for p in net.parameters())
+    tangents = tuple(torch.randn_like(p) for p in primals)
+
+    def losses(*values):
+        output = functional_call(net, dict(zip(names, values)), (inputs,))
+        return F.cross_entropy(output, labels, reduction="none")
+
+    values, derivatives = double_backward_jvp(losses, primals, tangents)
+    expected_values, expected = torch.func.jvp(losses, primals, tangents)
+    torch.testing.assert_close(derivatives, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(values, expected_values)
+
+
+def test_attention_models_use_kernels_that_forward_mode_can_differentiate():
+    module = TinyTransformer()
+    initial = copy.deepcopy(module).eval()
+    monitor = GradientSignalTest(every_n_steps=2, num_samples=16, data="train")
+    _fit([monitor], module=lambda: module, max_steps=2)
+    tokens, targets = module.train_dataloader().dataset.tensors
+    rows = []
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        for x, y in zip(tokens[:16], targets[:16]):
+            loss = initial.training_step((x[None], y[None]), 0)
+            rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(initial.parameters()))]))
+    exact = cross_mean_test(torch.stack(rows).double(), seed=0)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    assert monitor.history[0]["gradtest/statistic"] == pytest.approx(exact.statistic, rel=1e-4)
+
+
+def test_manual_optimization_needs_a_loss_fn_and_works_with_one():
+    with pytest.raises(RuntimeError, match="loss_fn"):
+        _fit([GradientSignalTest(num_samples=16)], module=lambda: ManualOptimizationModule(num_samples=48))
+    monitor = GradientSignalTest(num_samples=16, every_n_steps=1, loss_fn=_cross_entropy_per_example)
+    _fit([monitor], module=lambda: ManualOptimizationModule(num_samples=48))
+    assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
