@@ -141,12 +141,12 @@ class GradientSignalTest(pl.Callback):
     def figure(self) -> Any:
         """The statistic and the gradient signal over training steps, with the rejection threshold."""
         import matplotlib.pyplot as plt
-        from scipy.stats import norm
 
         figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
         steps = [entry["step"] for entry in self.history]
         top.plot(steps, [entry["gradtest/statistic"] for entry in self.history], marker=".")
-        top.axhline(norm.isf(self.alpha), color="black", linestyle="--", label=f"reject at alpha={self.alpha}")
+        threshold = float(torch.special.ndtri(torch.tensor(1 - self.alpha, dtype=torch.float64)))
+        top.axhline(threshold, color="black", linestyle="--", label=f"reject at alpha={self.alpha}")
         top.set_ylabel("statistic T")
         top.legend()
         bottom.plot(steps, [max(entry["gradtest/signal"], 1e-30) for entry in self.history], marker=".")
