@@ -300,3 +300,12 @@ def test_manual_optimization_needs_a_loss_fn_and_works_with_one():
     monitor = GradientSignalTest(num_samples=16, every_n_steps=1, loss_fn=_cross_entropy_per_example)
     _fit([monitor], module=lambda: ManualOptimizationModule(num_samples=48))
     assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
+
+
+def test_too_few_examples_are_refused_before_training():
+    class ThreeValidationExamples(TinyClassifier):
+        def val_dataloader(self):
+            return DataLoader(classification_data(3, self.dim, self.classes, seed=1), batch_size=3)
+
+    with pytest.raises(ValueError, match="at least 4 examples"):
+        _fit([GradientSignalTest(num_samples=16)], module=lambda: ThreeValidationExamples(num_samples=48))
