@@ -1,0 +1,226 @@
+"""Lightning adapter: is there still gradient signal? Kim & Ramdas' cross test of ``E[grad loss] = 0`` in training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_nt.common import (
+    LossFn,
+    ProbeSet,
+    batch_size,
+    log_figure,
+    log_scalars,
+    prepare_batch,
+    preserved_state,
+    select_examples,
+    training_loss,
+)
+from lightning_nt.common.validation import above, at_least, below, checked_arguments
+from lightning_nt.stats.cross import normal_p_value, split_indices
+from lightning_nt.stats.gradient import directional_derivatives, per_example_losses
+
+__all__ = ["GradientSignalTest"]
+
+TAGS = ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal")
+
+
+def _validation_dataloader(trainer: pl.Trainer) -> Any:
+    """The (first) validation loader, also before the first validation and when ``limit_val_batches=0``."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    if trainer.val_dataloaders is None:
+        loop.setup_data()
+    loader = trainer.val_dataloaders
+    if loader is None and loop._data_source.is_defined():  # validation switched off: ask the source directly
+        loader = loop._data_source.dataloader()
+    return loader[0] if isinstance(loader, list | tuple) and loader else loader
+
+
+class GradientSignalTest(pl.Callback):
+    """Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
+
+    Every ``every_n_steps`` optimizer steps (step 0 included), ``num_samples`` held-out examples (the
+    first of the validation loader, ``data="val"``) or training examples (``data="train"``) cached once are
+    split in two halves with a fixed seeded split. The mean gradient ``v`` of the second half comes from one
+    backward; for every example ``i`` of the first half ``f_i = <grad l_i, v>`` is the directional derivative
+    of its loss along ``v``, all of them from one batched forward-mode JVP (per-example gradients are never
+    formed). ``f`` is Kim & Ramdas' cross U-statistic for the mean of the per-example gradients:
+    ``gradtest/signal`` = mean ``f`` is an unbiased estimate of ``||E grad l||²``, and
+    ``gradtest/statistic`` = ``sqrt(n1) mean f / sd f`` is ``N(0, 1)`` under ``H0`` whatever the number of
+    parameters (one-sided: large values reject; ``gradtest/p_value``, ``gradtest/reject`` at ``alpha``).
+
+    The losses are taken in eval mode (dropout off, BatchNorm on its running statistics), so that the
+    examples' losses are independent of each other, as the test needs. A measurement leaves the run exactly as
+    it was (parameters, ``.grad``, buffers, RNG, modes); the optimizer is not touched.
+
+    Args:
+        every_n_steps: optimizer steps between measurements.
+        num_samples: examples per measurement (``n``; ``n // 2`` of them give the ``f_i``), at least 4.
+        data: ``"val"`` (held-out examples: the test of the population gradient) or ``"train"`` (the first
+            training examples: the gradient of the training objective on them).
+        alpha: level of ``gradtest/reject``.
+        loss_fn: ``loss_fn(pl_module, batch)`` returning one loss per example (``[B]``, e.g.
+            ``F.cross_entropy(..., reduction="none")``: the cheapest) or their mean; default: the module's
+            ``training_step`` with logging muted, on one-example batches under ``torch.func.vmap``.
+        seed: seed of the split.
+
+    Examples:
+        >>> GradientSignalTest(every_n_steps=50, num_samples=256).state_key
+        "GradientSignalTest{'every_n_steps': 50, 'num_samples': 256, 'data': 'val', 'alpha': 0.05, 'seed': 0}"
+    """
+
+    @checked_arguments(every_n_steps=at_least(1), num_samples=at_least(4), alpha=(above(0), below(1)))
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        num_samples: int = 512,
+        data: Literal["val", "train"] = "val",
+        alpha: float = 0.05,
+        loss_fn: LossFn | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.every_n_steps, self.num_samples, self.data = every_n_steps, num_samples, data
+        self.alpha, self.loss_fn, self.seed = alpha, loss_fn, seed
+        self.history: list[dict[str, float]] = []
+        self._probe: ProbeSet | None = None
+        self._last_step = -1
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            num_samples=self.num_samples,
+            data=self.data,
+            alpha=self.alpha,
+            seed=self.seed,
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._probe = ProbeSet.from_dataloader(self._dataloader(trainer), self.num_samples)
+        if len(self._probe) < 4:
+            raise ValueError(
+                f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."
+            )
+        self._last_step = -1
+        step = trainer.global_step
+        measured = bool(self.history) and self.history[-1]["step"] == step  # a resumed run did before it stopped
+        if step % self.every_n_steps == 0 and not measured:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history and trainer.is_global_zero and trainer.loggers:
+            log_figure(trainer, "gradtest/signal_test", self.figure())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+    def figure(self) -> Any:
+        """The statistic and the gradient signal over training steps, with the rejection threshold."""
+        import matplotlib.pyplot as plt
+
+        figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+        steps = [entry["step"] for entry in self.history]
+        top.plot(steps, [entry["gradtest/statistic"] for entry in self.history], marker=".")
+        threshold = float(torch.special.ndtri(torch.tensor(1 - self.alpha, dtype=torch.float64)))
+        top.axhline(threshold, color="black", linestyle="--", label=f"reject at alpha={self.alpha}")
+        top.set_ylabel("statistic T")
+        top.legend()
+        bottom.plot(steps, [max(entry["gradtest/signal"], 1e-30) for entry in self.history], marker=".")
+        bottom.set_yscale("log")
+        bottom.set_ylabel("signal (||E grad||² estimate)")
+        bottom.set_xlabel("optimizer step")
+        figure.tight_layout()
+        return figure
+
+    def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
+        loader = trainer.train_dataloader if self.data == "train" else _validation_dataloader(trainer)
+        if not isinstance(loader, DataLoader):
+            raise RuntimeError(
+                f"GradientSignalTest(data={self.data!r}) needs a {self.data} DataLoader, but the Trainer has "
+                f"{type(loader).__name__}. Give the module or datamodule a {self.data}_dataloader, or pass "
+                f"data={'train' if self.data == 'val' else 'val'!r}."
+            )
+        return loader
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        assert self._probe is not None
+        batch = prepare_batch(trainer, next(iter(self._probe.chunks()))[0])
+        with preserved_state(pl_module, parameters=False), torch.enable_grad(), torch.inference_mode(False):
+            pl_module.eval()
+            moments = self._moments(trainer, pl_module, batch)
+        count, mean, variance = moments[0], moments[1] / moments[0], moments[2]
+        statistic = math.sqrt(count) * mean / math.sqrt(variance) if variance > 0 else math.nan
+        if not math.isfinite(statistic) or not math.isfinite(mean):
+            self._warn("nan", "GradientSignalTest: a measurement was not finite (NaN/inf, or no spread); skipped.")
+            return
+        p_value = float(normal_p_value(torch.tensor(statistic, dtype=torch.float64)))
+        values = {
+            "gradtest/statistic": statistic,
+            "gradtest/p_value": p_value,
+            "gradtest/reject": float(p_value <= self.alpha),
+            "gradtest/signal": mean,
+        }
+        log_scalars(trainer, values)
+        self.history.append({"step": trainer.global_step, **values})
+
+    def _moments(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> list[float]:
+        """``[n1, sum f, sample variance of f]`` over every rank's first half, the direction from all second halves."""
+        parameters = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
+        first, second = split_indices(batch_size(batch), self.seed, pl_module.device)
+        second_losses = self._losses(pl_module, select_examples(batch, second))
+        gradient = torch.autograd.grad(second_losses.float().sum(), [p for _, p in parameters], allow_unused=True)
+        direction = [torch.zeros_like(p) if g is None else g for g, (_, p) in zip(gradient, parameters)]
+        count = torch.tensor(float(len(second)), device=pl_module.device)
+        if trainer.world_size > 1:
+            direction = [trainer.strategy.reduce(g, reduce_op="sum") for g in direction]
+            count = trainer.strategy.reduce(count, reduce_op="sum")
+        direction = [g / count for g in direction]
+        _, scores = directional_derivatives(
+            pl_module, self._losses, select_examples(batch, first), parameters, direction
+        )
+        scores = scores.detach().to(torch.float64)
+        sums = torch.stack([torch.tensor(float(len(scores)), dtype=torch.float64, device=scores.device), scores.sum()])
+        if trainer.world_size > 1:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+        centred = (scores - sums[1] / sums[0]).square().sum()
+        if trainer.world_size > 1:
+            centred = trainer.strategy.reduce(centred, reduce_op="sum")
+        return [float(sums[0]), float(sums[1]), float(centred) / (float(sums[0]) - 1)]
+
+    def _losses(self, module: pl.LightningModule, batch: Any) -> Tensor:
+        """One loss per example: ``loss_fn``'s own vector, or the scalar loss of one-example batches under vmap."""
+        if self.loss_fn is not None:
+            values = self.loss_fn(module, batch)
+            if isinstance(values, Tensor) and values.shape == (batch_size(batch),):
+                return values
+        return per_example_losses(lambda example: training_loss(module, example, 0, self.loss_fn), batch, module)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)

@@ -1,0 +1,115 @@
+"""Calibration and power of both cross tests over many repetitions, the repetitions batched as one tensor op.
+
+How many repetitions: a test of level 0.05 rejects in R repetitions Binomial(R, 0.05) times, and the check is
+that the count lies in the central 99% binomial interval. With R = 2000 that interval is 0.038-0.063: a test
+whose size is off by 0.015 or more fails, while the normal approximation's own finite-sample error at
+n1 = 100 (a few thousandths: for Gaussian data T is exactly Student's t with 99 degrees of freedom, whose
+upper 5% tail is 0.0515) sits well inside. The cost is drawing the data, R * n * d numbers (the statistic
+itself is one pass): at d = 100,000 one repetition alone is 2e7 numbers, so there R = 100 (a count in
+[1, 11]) is what the CI budget affords on a 2-core CPU, and the Kolmogorov-Smirnov test of T against N(0, 1)
+carries most of the weight. The cross-MMD's cost is its kernel matrices, R * n² * d: R = 500 at d = 1000, and
+d = 100,000 is left out.
+
+Heavy tails: t with 3 degrees of freedom (finite variance, infinite fourth moment), "t3" with i.i.d.
+coordinates, and "t3-elliptic" for the mean test at d >= 1000: multivariate t3 (Z / sqrt(chi2_3 / 3), one
+chi-square per row), the same t3 marginals, but the heavy tail survives the sum over coordinates in f_i
+(i.i.d. coordinates are averaged into near-Gaussian f_i), so it is the harder null at large d, and as cheap
+to draw as Gaussian data (which is what makes d = 100,000 affordable). The cross-MMD is not checked on the
+elliptic null: with a Gaussian kernel at d = 1000 its T is visibly skewed there at n = 200 (the rejection
+rate stays in its interval over 500 repetitions, but the KS distance to N(0, 1) is 0.076, p = 0.006).
+"""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import binom, kstest
+
+from lightning_nt.stats import cross_mean_statistics, cross_mmd_statistics, normal_p_value
+
+N = 200
+CHUNK = 20_000_000
+MEAN_CASES = [
+    (10, "gaussian", 2000),
+    (10, "t3", 2000),
+    (1000, "gaussian", 2000),
+    (1000, "t3", 2000),
+    (1000, "t3-elliptic", 2000),
+    (100_000, "gaussian", 100),
+    (100_000, "t3-elliptic", 100),
+]
+MMD_CASES = [(10, "gaussian", 2000), (10, "t3", 2000), (1000, "gaussian", 500), (1000, "t3", 500)]
+
+
+def _draw(family, reps, n, d, generator):
+    samples = torch.randn(reps, n, d, generator=generator)
+    if family == "gaussian":
+        return samples
+    # t3 = Z / sqrt(chi2_3 / 3), the chi-square from three squared normals: one per coordinate, or one per row
+    shape = (3, reps, n, d if family == "t3" else 1)
+    chi2 = torch.randn(*shape, generator=generator).square().sum(0)
+    return samples / (chi2 / 3).sqrt()
+
+
+def _null_statistics(test, family, d, reps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    per_chunk = max(1, CHUNK // (N * d * (2 if test == "mmd" else 1)))
+    statistics = []
+    for start in range(0, reps, per_chunk):
+        count = min(per_chunk, reps - start)
+        x = _draw(family, count, N, d, generator)
+        if test == "mean":
+            statistics.append(cross_mean_statistics(x, seed=start)[0])
+        else:
+            statistics.append(cross_mmd_statistics(x, _draw(family, count, N, d, generator), seed=start)[0])
+    return torch.cat(statistics)
+
+
+def _assert_calibrated(statistics, alpha=0.05):
+    reps = len(statistics)
+    assert torch.isfinite(statistics).all()
+    rejections = int((normal_p_value(statistics) <= alpha).sum())
+    low, high = binom.interval(0.99, reps, alpha)
+    assert low <= rejections <= high, f"{rejections} rejections in {reps} (99% interval {low:.0f}-{high:.0f})"
+    assert kstest(statistics.numpy(), "norm").pvalue > 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("d", "family", "reps"), MEAN_CASES)
+def test_cross_mean_test_is_calibrated_whatever_the_dimension(d, family, reps):
+    _assert_calibrated(_null_statistics("mean", family, d, reps))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("d", "family", "reps"), MMD_CASES)
+def test_cross_mmd_test_is_calibrated_whatever_the_dimension(d, family, reps):
+    _assert_calibrated(_null_statistics("mmd", family, d, reps))
+
+
+def _power(statistics, alpha=0.05):
+    return float((normal_p_value(statistics) <= alpha).double().mean())
+
+
+@pytest.mark.slow
+def test_power_of_the_mean_test_rises_to_one_with_the_signal():
+    generator = torch.Generator().manual_seed(1)
+    d, reps = 1000, 400
+    noise = torch.randn(reps, N, d, generator=generator)
+    powers = []
+    for squared_norm in (0.0, 0.2, 0.5, 1.0, 2.5):  # T ~ sqrt(n1) ||mu||² / sqrt(d / n2) = 3.2 ||mu||²
+        mean = torch.full((d,), (squared_norm / d) ** 0.5)
+        powers.append(_power(cross_mean_statistics(noise + mean)[0]))
+    assert powers[0] <= 0.09
+    assert all(later > earlier for earlier, later in itertools.pairwise(powers))
+    assert 0.35 < powers[2] < 0.6 and powers[-1] == 1.0  # 1 - Phi(1.645 - 1.58) = 0.47 at ||mu||² = 0.5
+
+
+@pytest.mark.slow
+def test_power_of_the_mmd_test_rises_to_one_with_the_signal():
+    generator = torch.Generator().manual_seed(2)
+    d, reps = 10, 400
+    x, y = torch.randn(reps, N, d, generator=generator), torch.randn(reps, N, d, generator=generator)
+    powers = [_power(cross_mmd_statistics(x, y * scale)[0]) for scale in (1.0, 1.1, 1.2, 1.3, 1.6)]
+    assert powers[0] <= 0.09
+    assert all(later > earlier for earlier, later in itertools.pairwise(powers))
+    assert powers[-1] == 1.0
