@@ -23,6 +23,7 @@ from summary import summarize
 from lightning_nt import (
     CompressionBoundReporter,
     DPStrategy,
+    GradientSignalTest,
     GradInit,
     IterateAveraging,
     SharpnessMonitor,
@@ -58,6 +59,12 @@ CAPABILITIES: list[Capability] = [
         help="top Hessian eigenvalue and batch sharpness every 50 steps against the optimizer's "
         "edge-of-stability threshold (2(1+momentum)/lr for SGD), on 512 training images",
         build=lambda args: SharpnessMonitor(every_n_steps=50, num_samples=512, batch_sharpness=True, max_overhead=None),
+    ),
+    Capability(
+        flag="gradtest",
+        help="every 50 steps, Kim & Ramdas' cross test of 'the expected gradient is zero' on 512 held-out digits: "
+        "is there still signal in the gradient?",
+        build=lambda args: GradientSignalTest(every_n_steps=50, num_samples=512),
     ),
     Capability(
         flag="dp",

@@ -20,6 +20,7 @@ from lightning_nt import (
     IterateAveraging,
     SharpnessMonitor,
 )
+from lightning_nt.stats import GradientSignalTest
 
 __all__ = ["summarize"]
 
@@ -90,10 +91,23 @@ def _bound(callback: CompressionBoundReporter, trainer: pl.Trainer) -> str:
     return text
 
 
+def _gradient_signal(callback: GradientSignalTest, trainer: pl.Trainer) -> str:
+    if not callback.history:
+        return "no measurement"
+    first, last = callback.history[0], callback.history[-1]
+    rejected = sum(entry["gradtest/reject"] for entry in callback.history)
+    return (
+        f"{len(callback.history)} measurements, 'no gradient signal' rejected in {rejected:.0f}; statistic "
+        f"{first['gradtest/statistic']:.1f} -> {last['gradtest/statistic']:.1f} (last p {last['gradtest/p_value']:.2g}), "
+        f"estimated ||E grad||² {first['gradtest/signal']:.3g} -> {last['gradtest/signal']:.3g}"
+    )
+
+
 SUMMARIES: dict[type, Callable[[Any, pl.Trainer], str]] = {
     GradInit: _gradinit,
     IterateAveraging: _averaging,
     SharpnessMonitor: _sharpness,
+    GradientSignalTest: _gradient_signal,
     DPStrategy: _privacy,
     DPDDPStrategy: _privacy,
     CompressionBoundReporter: _bound,
