@@ -98,7 +98,8 @@ def _gradient_signal(callback: GradientSignalTest, trainer: pl.Trainer) -> str:
     rejected = sum(entry["gradtest/reject"] for entry in callback.history)
     return (
         f"{len(callback.history)} measurements, 'no gradient signal' rejected in {rejected:.0f}; statistic "
-        f"{first['gradtest/statistic']:.1f} -> {last['gradtest/statistic']:.1f} (last p {last['gradtest/p_value']:.2g}), "
+        f"{first['gradtest/statistic']:.1f} -> {last['gradtest/statistic']:.1f} "
+        f"(last p {last['gradtest/p_value']:.2g}), "
         f"estimated ||E grad||² {first['gradtest/signal']:.3g} -> {last['gradtest/signal']:.3g}"
     )
 
