@@ -38,7 +38,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,10 @@ class BookKeepingClipper:
         self._trainable = {id(p) for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad}
         self._records: dict[nn.Module, _Record] = {}
         self._recording = False
+        self._handles: list[Any] = []
+        self._frozen: list[nn.Parameter] = []
+        self._carried: dict[nn.Parameter, Tensor] = {}
+        self.last_norms: Tensor | None = None
 
     def trainable(self, parameter: nn.Parameter | None) -> bool:
         """Whether ``parameter`` was trainable when the clipper was built (its gradient is formed here)."""
@@ -115,22 +119,36 @@ class BookKeepingClipper:
         """Run the forward pass and the backward pass inside this block: inputs and output gradients are kept.
 
         The layers' trainable parameters do not require grad inside the block (restored on exit, also on error),
-        so autograd computes no ordinary weight gradient.
+        so autograd computes no ordinary weight gradient. :meth:`start` and :meth:`stop` do the same in two calls.
         """
-        self._records = {layer: _Record() for layer in self.layers}
-        parameters = [p for layer in self.layers for p in layer.parameters(recurse=False) if self.trainable(p)]
-        handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
-        for parameter in parameters:
-            parameter.requires_grad_(False)
-        self._recording = True
+        self.start()
         try:
             yield
         finally:
-            self._recording = False
-            for handle in handles:
-                handle.remove()
-            for parameter in parameters:
-                parameter.requires_grad_(True)
+            self.stop()
+
+    def start(self) -> None:
+        """Begin recording a forward and backward pass (see :meth:`recording`)."""
+        if self._recording:
+            return
+        self._records = {layer: _Record() for layer in self.layers}
+        self._frozen = [p for layer in self.layers for p in layer.parameters(recurse=False) if self.trainable(p)]
+        self._handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
+        for parameter in self._frozen:
+            parameter.requires_grad_(False)
+        self._recording = True
+
+    def stop(self) -> None:
+        """End recording: hooks removed, the parameters require grad again. Safe to call when not recording."""
+        for handle in self._handles:
+            handle.remove()
+        for parameter in self._frozen:
+            parameter.requires_grad_(True)
+        self._handles, self._frozen, self._recording = [], [], False
+
+    def discard(self) -> None:
+        """Forget everything derived from the batch: recorded activations, carried sums, the last norms."""
+        self._records, self._carried, self.last_norms = {}, {}, None
 
     def _keep(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled():
@@ -155,15 +173,17 @@ class BookKeepingClipper:
         output.register_hook(keep_gradient)
         return replaced
 
-    def clip_and_sum(self, batch_size: int, accumulate: bool = False) -> Tensor:
+    def clip_and_sum(self, batch_size: int, carry: bool = False) -> Tensor:
         """Set every trainable parameter's ``.grad`` to the sum over privacy units of their clipped gradients.
 
-        Call after the backward pass of a :meth:`recording` block, with the number of rows the module saw.
-        ``accumulate=True`` adds to ``.grad`` (the parts of one logical batch). Returns each unit's gradient norm
-        before clipping (in ``norm_dtype``). The recorded activations are freed.
+        Call after the backward pass of a :meth:`recording` block, with the number of rows the module saw. With
+        ``carry=True`` the sums are kept here instead (a physical part of a larger logical batch) and added to the
+        ``.grad`` of the next call without ``carry``. A unit whose gradient is not finite contributes zero (its norm
+        is returned as NaN/inf; the sensitivity stays ``max_grad_norm``). Returns each unit's gradient norm before
+        clipping (in ``norm_dtype``). The recorded activations are freed.
         """
         if self._recording:
-            raise RuntimeError("Call `clip_and_sum` after the `recording()` block has ended.")
+            raise RuntimeError("Call `clip_and_sum` after the recording has ended.")
         if batch_size % self.group_size:
             raise ValueError(f"A batch of {batch_size} rows is not made of groups of `group_size`={self.group_size}.")
         try:
@@ -171,12 +191,25 @@ class BookKeepingClipper:
             if not pieces:
                 raise RuntimeError("No recorded forward/backward pass: run both inside `recording()` first.")
             norms = torch.stack([piece.squared_norms() for piece in pieces]).sum(0).sqrt()
-            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            for piece in pieces:
-                piece.add_clipped_sum(factors, accumulate)
+            finite = torch.isfinite(norms)
+            factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+            keep = finite.repeat_interleave(self.group_size)
+            sums = {piece.parameter: piece.clipped_sum(factors, keep) for piece in pieces}
+            self._deliver(sums, carry)
+            self.last_norms = norms
             return norms
         finally:
             self._records = {}
+
+    def _deliver(self, sums: dict[nn.Parameter, Tensor], carry: bool) -> None:
+        for parameter, total in self._carried.items():
+            sums[parameter] = sums[parameter] + total if parameter in sums else total
+        if carry:
+            self._carried = sums
+            return
+        self._carried = {}
+        for parameter, total in sums.items():
+            parameter.grad = total.to(parameter.dtype)
 
     def _pieces(self, layer: nn.Module, batch_size: int) -> list[_Piece]:
         record = self._records.get(layer)
@@ -221,21 +254,24 @@ class BookKeepingClipper:
 
 
 class _Piece:
-    """One parameter's contribution: per-unit squared gradient norms, and the clipped sum into its ``.grad``."""
+    """One parameter's contribution: per-unit squared gradient norms, and the sum of the clipped gradients.
+
+    ``clipped_sum(factors, keep)`` takes each unit's clip factor and, per row, whether to keep it at all (a row of a
+    unit with a non-finite gradient is masked out, not multiplied by zero: ``nan * 0`` is ``nan``).
+    """
+
+    parameter: nn.Parameter
 
     def squared_norms(self) -> Tensor:
         raise NotImplementedError
 
-    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
+    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
         raise NotImplementedError
 
 
-def _set_grad(parameter: nn.Parameter, value: Tensor, accumulate: bool) -> None:
-    value = value.to(parameter.dtype)
-    if accumulate and parameter.grad is not None:
-        parameter.grad.add_(value)
-    else:
-        parameter.grad = value
+def _masked(tensor: Tensor, keep: Tensor) -> Tensor:
+    """``tensor`` with the rows (dimension 0) not in ``keep`` set to zero."""
+    return torch.where(keep.view(-1, *([1] * (tensor.ndim - 1))), tensor, 0.0)
 
 
 class _OuterProduct:
@@ -313,7 +349,7 @@ class _WeightPiece(_Piece):
         clipper: BookKeepingClipper,
         parameter: nn.Parameter,
         parts: list[_OuterProduct],
-        weight_sum: Callable[[Tensor], Tensor],
+        weight_sum: Callable[[Tensor, Tensor], Tensor],
         finish: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.clipper, self.parameter, self.parts = clipper, parameter, parts
@@ -322,30 +358,31 @@ class _WeightPiece(_Piece):
     def squared_norms(self) -> Tensor:
         return torch.stack([part.squared_norms() for part in self.parts]).sum(0)
 
-    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
-        total = self.weight_sum(self.clipper.row_factors(factors))
-        _set_grad(self.parameter, total if self.finish is None else self.finish(total), accumulate)
+    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
+        total = self.weight_sum(self.clipper.row_factors(factors), keep)
+        return total if self.finish is None else self.finish(total)
 
 
 class _PerUnit(_Piece):
     """Per-row gradients small enough to form (biases, norm layers, Opacus's fallback rules)."""
 
     def __init__(self, clipper: BookKeepingClipper, parameter: nn.Parameter, per_row: Tensor) -> None:
-        self.parameter = parameter
+        self.parameter, self.group_size = parameter, clipper.group_size
         self.per_unit = clipper.unit_mean(per_row.to(clipper.norm_dtype))
 
     def squared_norms(self) -> Tensor:
         return self.per_unit.flatten(1).square().sum(1)
 
-    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
-        _set_grad(self.parameter, torch.einsum("b,b...->...", factors, self.per_unit), accumulate)
+    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
+        units = _masked(self.per_unit, keep[:: self.group_size])
+        return torch.einsum("b,b...->...", factors, units)
 
 
 class _EmbeddingPiece(_Piece):
     """An embedding table: per-unit norms by the ghost identity over token positions (equal tokens interact)."""
 
     def __init__(self, clipper: BookKeepingClipper, layer: nn.Embedding, indices: Tensor, grads: Tensor) -> None:
-        self.layer = layer
+        self.layer, self.parameter, self.group_size = layer, layer.weight, clipper.group_size
         grads = grads.to(clipper.norm_dtype)
         if layer.padding_idx is not None:  # PyTorch gives the padding row no gradient
             grads = grads * (indices != layer.padding_idx)[..., None]
@@ -356,11 +393,10 @@ class _EmbeddingPiece(_Piece):
         same = (self.indices[:, :, None] == self.indices[:, None, :]).to(self.grads.dtype)
         return (same * torch.bmm(self.grads, self.grads.transpose(1, 2))).sum((1, 2))
 
-    def add_clipped_sum(self, factors: Tensor, accumulate: bool) -> None:
-        weighted = (self.grads * factors[:, None, None]).flatten(0, 1)
+    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
+        weighted = (_masked(self.grads, keep[:: self.group_size]) * factors[:, None, None]).flatten(0, 1)
         total = torch.zeros(self.layer.weight.shape, dtype=weighted.dtype, device=weighted.device)
-        total.index_add_(0, self.indices.flatten(), weighted)
-        _set_grad(self.layer.weight, total, accumulate)
+        return total.index_add_(0, self.indices.flatten(), weighted)
 
 
 def _layers_of(module: nn.Module) -> list[nn.Module]:
@@ -431,8 +467,9 @@ def _linear_pieces(
     pieces: list[_Piece] = []
     if clipper.trainable(layer.weight):
 
-        def weight_sum(row_factors: Tensor) -> Tensor:
-            return torch.einsum("ntp,ntd->pd", gradient * row_factors[:, None, None], patches)
+        def weight_sum(row_factors: Tensor, keep: Tensor) -> Tensor:
+            weighted = _masked(gradient, keep) * row_factors[:, None, None]
+            return torch.einsum("ntp,ntd->pd", weighted, _masked(patches, keep))
 
         pieces.append(_WeightPiece(clipper, layer.weight, [_OuterProduct(clipper, patches, gradient)], weight_sum))
     if clipper.trainable(layer.bias):
@@ -478,12 +515,12 @@ def _conv_weight_piece(
             parts.append(_OuterProduct(clipper, patches, gradient))
     weight_grad = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
 
-    def weight_sum(row_factors: Tensor) -> Tensor:
+    def weight_sum(row_factors: Tensor, keep: Tensor) -> Tensor:
         calls = (
             weight_grad(
-                a,
+                _masked(a, keep),
                 layer.weight.shape,
-                g * row_factors.view(-1, *([1] * (g.ndim - 1))),
+                _masked(g, keep) * row_factors.view(-1, *([1] * (g.ndim - 1))),
                 layer.stride,
                 layer.padding,
                 layer.dilation,

@@ -209,3 +209,27 @@ def test_ghost_and_instantiated_norms_agree(positions):
     ghost = outer_product_norms(patches, grads, "ghost")
     torch.testing.assert_close(ghost, outer_product_norms(patches, grads, "instantiate"), rtol=1e-12, atol=0)
     torch.testing.assert_close(ghost, outer_product_norms(patches, grads, "auto"), rtol=1e-12, atol=0)
+
+
+def test_a_non_finite_example_contributes_zero_and_the_others_are_unchanged():
+    net, inputs, labels = _make("standardized-conv")
+    expected, _, bound = _reference(net, inputs[1:], labels[1:])
+    poisoned = inputs.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    got, norms = _book_keeping(net, poisoned, labels, bound)
+    assert not torch.isfinite(norms[0]) and torch.isfinite(norms[1:]).all()
+    for name in expected:  # the mean loss over 8 rows: per-example gradients are the same as over the 7 finite ones
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_carried_parts_add_up_to_the_whole_batch():
+    net, inputs, labels = _make("conv2d")
+    expected, _, bound = _reference(net, inputs, labels)
+    clipper = BookKeepingClipper(net, max_grad_norm=bound, norm_dtype=torch.float64)
+    for part, carry in ((slice(0, 3), True), (slice(3, 6), True), (slice(6, 8), False)):
+        with clipper.recording():
+            F.cross_entropy(net(inputs[part]), labels[part]).backward()
+        clipper.clip_and_sum(batch_size=part.stop - part.start, carry=carry)
+        assert all(p.grad is None for p in net.parameters()) == carry
+    for name, parameter in net.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
