@@ -148,7 +148,8 @@ class BookKeepingClipper:
 
     def discard(self) -> None:
         """Forget everything derived from the batch: recorded activations, carried sums, the last norms."""
-        self._records, self._carried, self.last_norms = {}, {}, None
+        self._records = {layer: _Record() for layer in self.layers} if self._recording else {}
+        self._carried, self.last_norms = {}, None
 
     def _keep(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled():

@@ -43,6 +43,7 @@ from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
@@ -58,6 +59,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, calibrate_noise, epsilon_of, make_accountant
+from lightning_nt.privacy.book_keeping import BookKeepingClipper
 from lightning_nt.privacy.guards import (
     check_callbacks,
     check_ledger,
@@ -72,7 +74,7 @@ from lightning_nt.privacy.sampling import poisson_dataloader
 
 __all__ = ["DPDDPStrategy", "DPStrategy"]
 
-GradSampleMode = Literal["hooks", "ew", "functorch", "ghost"]
+GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "bk"]
 _CHECKPOINT_KEY = "dp_accountant"
 _MODULE_LEDGER = "_lightning_nt_dp_ledger"  # left on a module trained privately, to warn when it is trained again
 _PER_EXAMPLE_ATTRIBUTES = ("grad_sample", "summed_grad", "_current_grad_sample", "_norm_sample")
@@ -118,7 +120,7 @@ class _DifferentialPrivacy:
                 "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
                 "`augmentation_multiplicity`: use 'hooks' for those."
             )
-        if sensitivity_probe and grad_sample_mode == "ghost":
+        if sensitivity_probe and grad_sample_mode in ("ghost", "bk"):
             raise ValueError("`sensitivity_probe=True` needs per-example gradients: use grad_sample_mode='hooks'.")
         if accountant == "gdp":
             rank_zero_warn("accountant='gdp' is a central-limit approximation and can under-report epsilon.")
@@ -145,6 +147,8 @@ class _DifferentialPrivacy:
         self.accountant = make_accountant(accountant)
         self._device_given = "device" in strategy_kwargs
         self._hooks: Any = None
+        self._clipper: BookKeepingClipper | None = None
+        self._rows = 0  # rows of the (flattened) batch the module saw in this step
         self._plan: tuple[Any, ...] | None = None
         self._per_example_losses: torch.Tensor | None = None
         self._loaders_made = 0
@@ -170,7 +174,11 @@ class _DifferentialPrivacy:
             self._warn_if_trained_privately_before(self.lightning_module)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
         super().setup(trainer)  # type: ignore[misc]
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and self.grad_sample_mode == "bk":
+            self._clipper = _book_keeping_clipper(
+                self.lightning_module, self.max_grad_norm, self.augmentation_multiplicity
+            )
+        elif trainer.state.fn == TrainerFn.FITTING:
             ghost = {"max_grad_norm": self.max_grad_norm} if self.grad_sample_mode == "ghost" else {}
             self._hooks = prepare_module(
                 self.lightning_module,
@@ -204,7 +212,7 @@ class _DifferentialPrivacy:
         super().setup_optimizers(trainer)  # type: ignore[misc]  # Lightning refuses several optimizers here
         check_optimizer(self.optimizers[0])
         distributed = trainer.world_size > 1
-        if self.grad_sample_mode == "ghost":
+        if self.grad_sample_mode in ("ghost", "bk"):  # the engine leaves the clipped sum in .grad
             optimizer_class = _GhostDistributedDPOptimizer if distributed else _GhostDPOptimizer
         else:
             optimizer_class = _CarryingDistributedDPOptimizer if distributed else _CarryingDPOptimizer
@@ -285,9 +293,10 @@ class _DifferentialPrivacy:
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
+        self._rows = 0
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
-        self._hooks.enable_hooks()
+        self._engine_on()
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, args[1] if len(args) > 1 else 0)
             self._probe_pending = False
@@ -295,6 +304,7 @@ class _DifferentialPrivacy:
             batch = self._virtual_steps(batch, args[1] if len(args) > 1 else 0)
         if batch is not None:
             args = (self._flat_views(batch), *args[1:])
+            self._rows = batch_size(args[0])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = _refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
         self._warn_about_logging_from_the_batch()
@@ -338,6 +348,12 @@ class _DifferentialPrivacy:
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._clipper is not None:  # book-keeping: one ordinary backward, then the clipped sums into .grad
+            result = super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
+            self._clipper.stop()
+            if self._rows:  # not an empty batch
+                self._count_nonfinite(self._clipper.clip_and_sum(self._rows))
+            return result
         losses, self._per_example_losses = self._per_example_losses, None
         if losses is None:
             return super().backward(closure_loss, optimizer, *args, **kwargs)  # type: ignore[misc]
@@ -369,8 +385,8 @@ class _DifferentialPrivacy:
         size, limit = batch_size(batch), self.max_physical_batch_size
         assert limit is not None
         starts = list(range(0, size, limit))
-        optimizer: _CarryingDPOptimizer = self.optimizers[0]
-        optimizer.clear_per_example_state()  # Lightning zeroes them only after training_step
+        optimizer = self.optimizers[0]
+        self._clear_per_example_state()  # Lightning zeroes them only after training_step
         module = self.lightning_module
         for start in starts[:-1]:
             part = self._flat_views(select_examples(batch, slice(start, start + limit)))
@@ -382,8 +398,41 @@ class _DifferentialPrivacy:
             ):
                 output = _refuse_skipped_step(module.training_step(part, batch_idx))
             loss_from_output(output, "training_step").backward()
-            optimizer.carry_clipped_sums()
+            self._carry(optimizer, batch_size(part))
         return select_examples(batch, slice(starts[-1], size))
+
+    def _carry(self, optimizer: Any, rows: int) -> None:
+        """Clip and sum the physical part just back-propagated; keep the sums for the step, free the rest."""
+        if self._clipper is None:
+            optimizer.carry_clipped_sums()
+            return
+        self._clipper.stop()
+        self._count_nonfinite(self._clipper.clip_and_sum(rows, carry=True))
+        self._clipper.start()
+
+    def _clear_per_example_state(self) -> None:
+        if self._clipper is not None:
+            self._clipper.discard()
+        else:
+            self.optimizers[0].clear_per_example_state()
+
+    def _count_nonfinite(self, norms: torch.Tensor) -> None:
+        """Examples whose gradient was not finite (they contributed zero): counted over the run, reported once."""
+        optimizer = self.optimizers[0]
+        optimizer.nonfinite_examples = getattr(optimizer, "nonfinite_examples", 0) + (~norms.isfinite()).sum()
+
+    def _engine_on(self) -> None:
+        if self._clipper is not None:
+            self._clipper.start()
+        else:
+            self._hooks.enable_hooks()
+
+    def _engine_off(self) -> None:
+        """Callbacks that differentiate the module outside training steps must not meet the engine's hooks."""
+        if self._clipper is not None:
+            self._clipper.stop()
+        elif self._hooks is not None:
+            self._hooks.disable_hooks()
 
     def _flat_views(self, batch: Any) -> Any:
         """``[B, K, ...]`` -> ``[B * K, ...]`` for every tensor of a batch of augmented views."""
@@ -407,8 +456,8 @@ class _DifferentialPrivacy:
     def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         try:
             return self._private_step(optimizer, closure, model, **kwargs)
-        finally:  # callbacks that differentiate the module outside training steps must not meet Opacus's hooks
-            self._hooks.disable_hooks()
+        finally:
+            self._engine_off()
             self._forget_private_state()
 
     def _forget_private_state(self, gradients: bool = False) -> None:
@@ -429,6 +478,8 @@ class _DifferentialPrivacy:
                     delattr(submodule, name)
         if self._hooks is not None and hasattr(self._hooks, "_per_sample_gradient_norms"):
             self._hooks._per_sample_gradient_norms = None
+        if self._clipper is not None:
+            self._clipper.discard()
         self._per_example_losses = None
         for optimizer in self.optimizers:
             if hasattr(optimizer, "discard"):
@@ -472,6 +523,8 @@ class _DifferentialPrivacy:
                 log_scalars(trainer, {"dp/clip_fraction": float((norms > self.max_grad_norm).float().mean())})
 
     def _per_example_norms(self, optimizer: Any) -> torch.Tensor | None:
+        if self._clipper is not None:
+            return self._clipper.last_norms
         if self.grad_sample_mode == "ghost":
             return getattr(self._hooks, "per_sample_gradient_norms", None)
         samples = optimizer.grad_samples
@@ -559,8 +612,8 @@ class _DifferentialPrivacy:
     @override
     def on_exception(self, exception: BaseException) -> None:
         # a step interrupted between its backward pass and its noise leaves raw gradients on the parameters
-        if self._hooks is not None:
-            self._hooks.disable_hooks()
+        if self._hooks is not None or self._clipper is not None:
+            self._engine_off()
             self._forget_private_state(gradients=True)
         super().on_exception(exception)  # type: ignore[misc]
 
@@ -570,6 +623,10 @@ class _DifferentialPrivacy:
             self._hooks.cleanup()
             self._forget_private_state()
             self._hooks = None
+        if self._clipper is not None:
+            self._clipper.stop()
+            self._forget_private_state()
+            self._clipper = None
         super().teardown()  # type: ignore[misc]
 
 
@@ -659,12 +716,15 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
 
 
 class _ZeroForUnusedParameters:
-    """Ghost-clipping DPOptimizer for which a parameter without a gradient (unused in this forward) has gradient 0."""
+    """DPOptimizer over clipped sums already in ``.grad`` (ghost clipping, book-keeping) for which a parameter without
+    a gradient (unused in this forward) has gradient 0."""
 
     def pre_step(self, closure: Any = None) -> Any:
         for p in self.params:  # type: ignore[attr-defined]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            if "summed_grad" not in vars(p):  # removed after every step (nothing un-noised stays behind)
+                p.summed_grad = None
         return super().pre_step(closure)  # type: ignore[misc]
 
 
@@ -674,6 +734,14 @@ class _GhostDPOptimizer(_ZeroForUnusedParameters, DPOptimizerFastGradientClippin
 
 class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimizerFastGradientClipping):
     pass
+
+
+def _book_keeping_clipper(module: nn.Module, max_grad_norm: float, views: int) -> BookKeepingClipper:
+    """The single-backward engine for ``module``, or a refusal before the first step naming the layer and the fix."""
+    try:
+        return BookKeepingClipper(module, max_grad_norm, loss_reduction="mean", group_size=views)
+    except ValueError as error:
+        raise RuntimeError(f"grad_sample_mode='bk' can't clip this module: {error}") from error
 
 
 def _steps_taken(accountant: Any) -> int:
@@ -709,9 +777,11 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         delta: the delta of the guarantee.
         max_grad_norm: per-example gradient clipping norm ``C``.
         accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"gdp"`` (approximate).
-        grad_sample_mode: Opacus's per-sample gradient engine: ``"hooks"``, ``"ew"``, ``"functorch"``, or ``"ghost"``
-            (ghost clipping: ``training_step`` returns the ``[B]`` per-example losses, the strategy runs the two
-            backward passes; no per-example gradient is materialised).
+        grad_sample_mode: the per-example clipping engine: Opacus's ``"hooks"``, ``"ew"``, ``"functorch"``, or
+            ``"ghost"`` (ghost clipping: ``training_step`` returns the ``[B]`` per-example losses, the strategy runs
+            the two backward passes), or ``"bk"``: the single-backward book-keeping engine
+            (:class:`~lightning_nt.privacy.book_keeping.BookKeepingClipper`; ``training_step`` unchanged, one ordinary
+            backward, per-layer ghost or instantiated norms, no weight gradient formed twice).
         sample_rate: Poisson rate ``q``; default: logical batch (loader batch size x processes) / dataset size.
         poisson_sampling: ``False`` keeps the loader's own batches (accounting then approximate; warned).
         max_physical_batch_size: split each Poisson batch into physical batches of at most this many examples

@@ -47,10 +47,11 @@ def _strategy(max_grad_norm=C, **kwargs):
         ({}, Audited),
         ({"grad_sample_mode": "functorch"}, Audited),
         ({"grad_sample_mode": "ghost"}, PerExampleLosses),
+        ({"grad_sample_mode": "bk"}, Audited),
         ({"max_physical_batch_size": 5}, Audited),
         ({"max_grad_norm": 50.0}, Audited),  # only the canary is clipped: a clip fraction would tell
     ],
-    ids=["hooks", "functorch", "ghost", "virtual-steps", "only-the-canary-clipped"],
+    ids=["hooks", "functorch", "ghost", "bk", "virtual-steps", "only-the-canary-clipped"],
 )
 def test_only_the_noisy_update_depends_on_a_canary(tmp_path, kwargs, module):
     """Issue 11.1 (summed_grad left on the parameters) and 11.2 (dp/clip_fraction) fail this on the old code."""
@@ -68,7 +69,16 @@ class Poisoned(Audited):
     canary_scale = float("nan")
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"max_physical_batch_size": 5}], ids=["hooks", "virtual-steps"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"max_physical_batch_size": 5},
+        {"grad_sample_mode": "bk"},
+        {"grad_sample_mode": "bk", "max_physical_batch_size": 5},
+    ],
+    ids=["hooks", "virtual-steps", "bk", "bk-virtual-steps"],
+)
 def test_a_poisoned_record_contributes_zero_and_nothing_else_tells(tmp_path, kwargs):
     """Issue 11.4: one NaN record made every weight NaN, which told with certainty that it was sampled."""
     make = _strategy(**kwargs)

@@ -1,0 +1,49 @@
+"""DPStrategy(grad_sample_mode="bk"): the single-backward engine inside a real fit, against the vmap(grad) reference."""
+
+import pytest
+import torch
+
+from lightning_nt import DPStrategy
+from tests.privacy.test_strategy import Plain, RecordUpdate, _clipped_sum, _fit
+
+
+def test_noiseless_update_equals_the_clipped_sum():
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode="bk")
+    with pytest.warns(UserWarning, match="noise_multiplier=0"):
+        module, _ = _fit(strategy, callbacks=[record], max_steps=1)
+    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad for p in module.parameters())  # handed back after the backward
+
+
+def test_virtual_steps_give_the_update_of_the_whole_logical_batch():
+    record = RecordUpdate(at=2)
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, max_physical_batch_size=5, grad_sample_mode="bk")
+    module, _ = _fit(strategy, module=lambda: Plain(num_samples=64, batch_size=16), callbacks=[record], max_steps=3)
+    assert len(record.batch[0]) > 5
+    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+
+
+def test_runs_through_empty_batches_and_bf16_mixed():
+    strategy = DPStrategy(grad_sample_mode="bk")
+    _, trainer = _fit(strategy, module=lambda: Plain(num_samples=64, batch_size=1), max_epochs=1)
+    assert trainer.global_step == 64
+    _, trainer = _fit(DPStrategy(grad_sample_mode="bk"), max_steps=2, precision="bf16-mixed")
+    assert trainer.global_step == 2
+
+
+def test_an_unsupported_layer_is_refused_before_the_first_step():
+    class Scaled(Plain):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, inputs):
+            return super().forward(inputs) * self.scale
+
+    with pytest.raises(RuntimeError, match=r"grad_sample_mode='bk' can't clip this module.*hooks"):
+        _fit(DPStrategy(grad_sample_mode="bk"), module=lambda: Scaled(num_samples=64, batch_size=16), max_steps=1)
