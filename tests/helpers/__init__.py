@@ -10,6 +10,7 @@ from tests.helpers.models import (
     classification_data,
 )
 from tests.helpers.trainer import read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers.zoo import ZOO, ZooEntry, ZooModule
 
 __all__ = [
     "BoringModel",
@@ -19,6 +20,9 @@ __all__ = [
     "ManualOptimizationModule",
     "TinyClassifier",
     "TinyTransformer",
+    "ZOO",
+    "ZooEntry",
+    "ZooModule",
     "classification_data",
     "read_tensorboard_scalars",
     "read_tensorboard_tags",
