@@ -13,6 +13,7 @@ from tests.helpers.trainer import read_tensorboard_scalars, read_tensorboard_tag
 from tests.helpers.zoo import ZOO, ZooEntry, ZooModule
 
 __all__ = [
+    "ZOO",
     "BoringModel",
     "DictLossClassifier",
     "DigitsCNN",
@@ -20,7 +21,6 @@ __all__ = [
     "ManualOptimizationModule",
     "TinyClassifier",
     "TinyTransformer",
-    "ZOO",
     "ZooEntry",
     "ZooModule",
     "classification_data",
