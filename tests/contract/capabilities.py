@@ -136,12 +136,23 @@ def _compression_report(reporter: CompressionBoundReporter) -> dict[str, float]:
     return {key: value for key, value in reporter.report.items() if not key.endswith("seconds")}
 
 
+def _needs_the_loss(entry: ZooEntry) -> Refusal | None:
+    # the loss of a manually optimised module can't be read from its training_step: ask for loss_fn
+    return Refusal(r"loss_fn") if entry.manual_optimization else None
+
+
 def _gradinit_refusals(entry: ZooEntry) -> Refusal | None:
+    if entry.manual_optimization:
+        return _needs_the_loss(entry)
     # issue 10 item 10: GradInit uses the scheduler's base lr, or asks for `eta=` naming the schedule
     return Refusal(r"eta", optional=True) if entry.lr_starts_at_zero else None
 
 
 def _dp_refusals(entry: ZooEntry) -> Refusal | None:
+    if entry.manual_optimization:  # the strategy steps the DP optimizer itself
+        return Refusal(r"automatic optimization")
+    if "accumulate_grad_batches" in entry.trainer_arguments:  # breaks Poisson sampling's accounting
+        return Refusal(r"accumulate_grad_batches")
     if entry.batch_norm:
         return Refusal(r"BatchNorm")
     if entry.recurrent or entry.attention:  # Opacus's DPLSTM/DPGRU/DPMultiheadAttention, by fix_modules=True
@@ -215,6 +226,7 @@ CAPABILITIES: list[Capability] = [
         state=_sharpness_history,
         state_tolerance=1e-3,  # Lanczos to tol=1e-3: the warm start may differ after a resume (item 21)
         side_effect_free=True,
+        refuses=_needs_the_loss,
         constructor=Constructor(
             SharpnessMonitor,
             out_of_range={

@@ -22,6 +22,7 @@ ITEM_9 = "issue 10 item 9: Adam over a frozen backbone: threshold, ratio and pre
 ITEM_10 = "issue 10 item 10: SharpnessMonitor at lr 0: ZeroDivisionError in thresholds.py"
 ITEM_11_GRADINIT = "issue 10 item 11: GradInit's autograd.grad without allow_unused on an unused parameter"
 ITEM_11_DP = "issue 10 item 11: an unused parameter crashes DPStrategy mid-step inside Opacus"
+ITEM_15 = "issue 10 item 15: with accumulate_grad_batches > 1 SharpnessMonitor measures step 0 twice"
 ITEM_16 = "issue 10 item 16: gradinit/lookahead_loss_start/_end are not logged when every iteration is constrained"
 ITEM_21 = "issue 10 item 21: a resumed SharpnessMonitor measures again at the resume step"
 NEW_SDPA = (
@@ -106,6 +107,7 @@ KNOWN_FAILURES: list[Row] = [
     ("GradInit", "unused_parameter", "resume", ITEM_11_GRADINIT),
     ("SharpnessMonitor", "transformer", "resume", NEW_SDPA),
     ("SharpnessMonitor", "warmup_from_zero", "resume", ITEM_10),
+    ("SharpnessMonitor", "grad_accumulation", "resume", ITEM_15),
     ("SharpnessMonitor", _SHARPNESS_RESUMED, "resume", ITEM_21),
     ("CompressionBoundReporter", "binary_single_logit", "resume", ITEM_5),
     (_SUBSPACE_COMPRESSION, "binary_single_logit", "resume", ITEM_5),

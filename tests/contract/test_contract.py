@@ -33,7 +33,6 @@ from tests.helpers.trainer import read_tensorboard_tags, tiny_trainer
 from tests.helpers.zoo import ZOO, ZooEntry
 
 EPOCHS = 2
-STEPS_PER_EPOCH = 4
 
 
 @dataclasses.dataclass
@@ -77,6 +76,7 @@ def fit(
         enable_checkpointing=True,
         callbacks=[*arguments.pop("callbacks", []), saver],
         **arguments,
+        **entry.trainer_arguments,
         **trainer_arguments,
     )
     error = None
@@ -124,7 +124,7 @@ def completed(run: Run, capability: Capability, entry: ZooEntry) -> None:
         pytest.skip(f"{capability} refuses {entry} (allowed: {refusal.match!r})")
     if run.error is not None:
         raise run.error
-    assert run.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert run.trainer.global_step == EPOCHS * entry.steps_per_epoch
 
 
 def assert_same_weights(actual: pl.LightningModule, expected: pl.LightningModule) -> None:
@@ -199,7 +199,7 @@ def test_resume(capability: Capability, entry: ZooEntry, first_run: Callable[...
     resumed = fit(capability, entry, tmp_path, ckpt_path=uninterrupted.checkpoint(0))
     if resumed.error is not None:
         raise resumed.error
-    assert resumed.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert resumed.trainer.global_step == EPOCHS * entry.steps_per_epoch
     assert_same_weights(resumed.module, uninterrupted.module)
     assert_same_state(
         capability.state(resumed.capability), capability.state(uninterrupted.capability), capability.state_tolerance
@@ -214,7 +214,7 @@ def test_fit_twice(capability: Capability, entry: ZooEntry, first_run: Callable[
     _RUNS.pop((str(capability), entry.name))  # the run is changed from here on
     run.trainer.fit_loop.max_epochs = EPOCHS + 1
     run.trainer.fit(run.module)
-    assert run.trainer.global_step == (EPOCHS + 1) * STEPS_PER_EPOCH
+    assert run.trainer.global_step == (EPOCHS + 1) * entry.steps_per_epoch
 
 
 def _constructor_cases() -> Iterator[Any]:
@@ -245,5 +245,5 @@ def test_cuda(capability: Capability, entry: ZooEntry, precision: str, tmp_path:
     run = fit(capability, entry, tmp_path, accelerator="gpu", precision=precision)
     if run.error is not None:
         raise run.error
-    assert run.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert run.trainer.global_step == EPOCHS * entry.steps_per_epoch
     assert all(tag in run.trainer.callback_metrics for tag in capability.tags(entry))

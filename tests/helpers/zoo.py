@@ -57,6 +57,14 @@ class ZooEntry:
     several_lrs: bool = False
     validation_loaders: int = 1
     optimizer: Literal["sgd", "adam"] = "sgd"
+    manual_optimization: bool = False
+    trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the entry asks of the Trainer (e.g. ``accumulate_grad_batches``)."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the 4 training batches."""
+        return TRAIN_SAMPLES // BATCH // self.trainer_arguments.get("accumulate_grad_batches", 1)
 
     def __str__(self) -> str:
         return self.name
@@ -191,6 +199,23 @@ class DictOutput(ZooModule):
         loss = self.loss(logits, targets)
         self.log_dict({"train_loss": loss})
         return {"loss": loss, "logits": logits.detach()}
+
+
+class ManualOptimization(ZooModule):
+    """``automatic_optimization = False``: ``training_step`` steps the optimizer itself and returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        inputs, targets = self.unpack(batch)
+        loss = self.loss(self(inputs), targets)
+        self.log("train_loss", loss)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
 
 
 # ---- parameter sharing and freezing -----------------------------------------------------------------------------
@@ -402,6 +427,13 @@ _ENTRIES = [
     ZooEntry("warmup_from_zero", WarmupFromZero, "LambdaLR warm-up starting at lr 0", lr_starts_at_zero=True),
     ZooEntry("param_groups", ParamGroups, "two param groups, lrs 0.1 and 0.01", several_lrs=True),
     ZooEntry("several_val_loaders", SeveralValidationLoaders, "two validation loaders", validation_loaders=2),
+    ZooEntry(
+        "grad_accumulation",
+        ZooModule,
+        "Trainer(accumulate_grad_batches=2): one optimizer step every 2 batches",
+        trainer_arguments={"accumulate_grad_batches": 2},
+    ),
+    ZooEntry("manual_optimization", ManualOptimization, "automatic_optimization=False", manual_optimization=True),
     ZooEntry("regression", Regression, "MSE regression, one output", classifier=False, loss_kind="mse"),
     ZooEntry("binary_single_logit", BinarySingleLogit, "one logit, BCE with logits", classifier=False, loss_kind="bce"),
 ]
