@@ -118,6 +118,13 @@ def _subspace_compression_refusals(entry: ZooEntry) -> Refusal | None:
     return _subspace_refusals(entry) or _refuses_non_classifiers(entry)
 
 
+def _compression_tags(entry: ZooEntry) -> tuple[str, ...]:
+    # a model that ends with non-finite weights has nothing to certify: a warning, no report (issue 10 item 23)
+    return (
+        () if entry.goes_non_finite else ("compression/error_bound", "compression/train_error", "compression/code_bits")
+    )
+
+
 def _sharpness_tags(entry: ZooEntry) -> tuple[str, ...]:
     tags = ("sharpness/lambda_max", "sharpness/threshold", "sharpness/ratio")
     return (*tags, "sharpness/preconditioned") if entry.optimizer == "adam" else tags
@@ -246,7 +253,7 @@ CAPABILITIES: list[Capability] = [
     Capability(
         "CompressionBoundReporter",
         _compression,
-        tags=lambda entry: ("compression/error_bound", "compression/train_error", "compression/code_bits"),
+        tags=_compression_tags,
         state=_compression_report,
         side_effect_free=True,
         refuses=_refuses_non_classifiers,
@@ -276,7 +283,7 @@ CAPABILITIES: list[Capability] = [
     Capability(
         "SubspaceTraining+CompressionBoundReporter",
         lambda entry: [SubspaceTraining(dimension=12), _compression(entry)],
-        tags=lambda entry: ("compression/error_bound", "compression/code_bits"),
+        tags=_compression_tags,
         state=lambda callbacks: _compression_report(callbacks[1]),
         refuses=_subspace_compression_refusals,
     ),

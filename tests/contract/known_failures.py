@@ -38,6 +38,10 @@ NEW_DP_RESUME = (
     "NEW (not in issue 10): DPStrategy(seed=0) resumed from a checkpoint does not end where the uninterrupted run "
     "ends (the Poisson seed depends on the loaders made; the noise generator is not in the checkpoint)"
 )
+ITEM_23 = (
+    "issue 10 item 23: CompressionBoundReporter on non-finite weights raises 'No configuration could quantise the "
+    "model' from on_train_end, ending the fit"
+)
 ITEM_24 = "issue 10 item 24: the constructor doesn't check its arguments declaratively (checked_arguments)"
 
 _SHARPNESS_RESUMED = (
@@ -58,6 +62,7 @@ _SHARPNESS_RESUMED = (
     "several_val_loaders",
     "regression",
     "binary_single_logit",
+    "goes_non_finite",
 )
 _DP_RESUMED = (
     "mlp",
@@ -88,6 +93,8 @@ KNOWN_FAILURES: list[Row] = [
     (_SUBSPACE_COMPRESSION, "param_groups", "attaches", NEW_SUBSPACE_GROUPS),
     (_SUBSPACE_COMPRESSION, ("regression", "binary_single_logit"), "attaches", ITEM_5),
     ("DPStrategy", "unused_parameter", "attaches", ITEM_11_DP),
+    ("CompressionBoundReporter", "goes_non_finite", "attaches", ITEM_23),
+    (_SUBSPACE_COMPRESSION, "goes_non_finite", "attaches", ITEM_23),
     # (g) tags
     ("GradInit", ("tied_weights", "frozen_backbone", "transformer", "regression"), "tags", ITEM_16),
     ("GradInit", "shared_submodule", "tags", ITEM_3),
@@ -102,6 +109,7 @@ KNOWN_FAILURES: list[Row] = [
     ("SharpnessMonitor", "transformer", "no_side_effects", NEW_SDPA),
     ("SharpnessMonitor", "warmup_from_zero", "no_side_effects", ITEM_10),
     ("CompressionBoundReporter", "binary_single_logit", "no_side_effects", ITEM_5),
+    ("CompressionBoundReporter", "goes_non_finite", "no_side_effects", ITEM_23),
     # (c) resume
     ("GradInit", "shared_submodule", "resume", ITEM_3),
     ("GradInit", "unused_parameter", "resume", ITEM_11_GRADINIT),
@@ -110,6 +118,8 @@ KNOWN_FAILURES: list[Row] = [
     ("SharpnessMonitor", "grad_accumulation", "resume", ITEM_15),
     ("SharpnessMonitor", _SHARPNESS_RESUMED, "resume", ITEM_21),
     ("CompressionBoundReporter", "binary_single_logit", "resume", ITEM_5),
+    ("CompressionBoundReporter", "goes_non_finite", "resume", ITEM_23),
+    (_SUBSPACE_COMPRESSION, "goes_non_finite", "resume", ITEM_23),
     (_SUBSPACE_COMPRESSION, "binary_single_logit", "resume", ITEM_5),
     ("DPStrategy", "unused_parameter", "resume", ITEM_11_DP),
     ("DPStrategy", _DP_RESUMED, "resume", NEW_DP_RESUME),
@@ -119,6 +129,8 @@ KNOWN_FAILURES: list[Row] = [
     ("SharpnessMonitor", "transformer", "fit_twice", NEW_SDPA),
     ("SharpnessMonitor", "warmup_from_zero", "fit_twice", ITEM_10),
     ("CompressionBoundReporter", "binary_single_logit", "fit_twice", ITEM_5),
+    ("CompressionBoundReporter", "goes_non_finite", "fit_twice", ITEM_23),
+    (_SUBSPACE_COMPRESSION, "goes_non_finite", "fit_twice", ITEM_23),
     (_SUBSPACE_COMPRESSION, "binary_single_logit", "fit_twice", ITEM_5),
     ("DPStrategy", "unused_parameter", "fit_twice", ITEM_11_DP),
     # (e) bad input: the arguments of each constructor that the sweep finds accepted silently or refused obscurely

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -58,6 +59,7 @@ class ZooEntry:
     validation_loaders: int = 1
     optimizer: Literal["sgd", "adam"] = "sgd"
     manual_optimization: bool = False
+    goes_non_finite: bool = False
     trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the entry asks of the Trainer (e.g. ``accumulate_grad_batches``)."""
 
@@ -372,6 +374,17 @@ class SeveralValidationLoaders(ZooModule):
         ]
 
 
+class GoesNonFinite(ZooModule):
+    """From step 5 on (the second epoch), the loss is scaled by inf: gradients and then weights turn NaN.
+
+    Lightning trains on; every capability must too (skipping a measurement with a warning, never crashing).
+    """
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        loss = super().loss(outputs, targets)
+        return loss * math.inf if self.training and self.global_step >= 5 else loss
+
+
 # ---- other losses -----------------------------------------------------------------------------------------------
 
 
@@ -434,6 +447,7 @@ _ENTRIES = [
         trainer_arguments={"accumulate_grad_batches": 2},
     ),
     ZooEntry("manual_optimization", ManualOptimization, "automatic_optimization=False", manual_optimization=True),
+    ZooEntry("goes_non_finite", GoesNonFinite, "loss x inf from step 5: NaN weights in epoch 2", goes_non_finite=True),
     ZooEntry("regression", Regression, "MSE regression, one output", classifier=False, loss_kind="mse"),
     ZooEntry("binary_single_logit", BinarySingleLogit, "one logit, BCE with logits", classifier=False, loss_kind="bce"),
 ]
