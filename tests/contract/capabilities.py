@@ -152,7 +152,7 @@ def _gradinit_refusals(entry: ZooEntry) -> Refusal | None:
     if entry.manual_optimization:
         return _needs_the_loss(entry)
     # issue 10 item 10: GradInit uses the scheduler's base lr, or asks for `eta=` naming the schedule
-    return Refusal(r"eta", optional=True) if entry.lr_starts_at_zero else None
+    return Refusal(r"`eta=`", optional=True) if entry.lr_starts_at_zero else None
 
 
 def _dp_refusals(entry: ZooEntry) -> Refusal | None:
