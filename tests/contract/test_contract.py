@@ -244,14 +244,19 @@ def test_bad_input_is_named(capability: Capability, argument: str) -> None:
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize(
-    ("capability", "entry"),
-    [pytest.param(c, ZOO[name], id=f"{c}-{name}") for c in CAPABILITIES for name in ("mlp", "conv_groupnorm")],
+    ("capability", "entry", "precision"),
+    [
+        pytest.param(c, ZOO[name], precision, id=f"{c}-{name}-{precision}", marks=known_failure(c.name, name, "cuda"))
+        for c in CAPABILITIES
+        for name in ("mlp", "conv_groupnorm")
+        for precision in ("32-true", "bf16-mixed")
+    ],
 )
 def test_cuda(capability: Capability, entry: ZooEntry, precision: str, tmp_path: Path) -> None:
     """(f) The fit completes on a GPU in fp32 and bf16-mixed, and the tags are logged."""
-    run = fit(capability, entry, tmp_path, accelerator="gpu", precision=precision)
+    # deterministic=False: CUDA has no deterministic adaptive-pooling backward, and bit-for-bit is not the point here
+    run = fit(capability, entry, tmp_path, accelerator="gpu", precision=precision, deterministic=False)
     if run.error is not None:
         raise run.error
     assert run.trainer.global_step == EPOCHS * entry.steps_per_epoch
