@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-__all__ = ["KNOWN_FAILURES", "known_failure"]
+__all__ = ["KNOWN_FAILURES", "known_failure", "unmatched_rows"]
 
 Row = tuple[str, str | tuple[str, ...], str, str]
 
@@ -247,10 +247,24 @@ KNOWN_FAILURES: list[Row] = [
 ]
 
 
+_LOOKED_UP: set[tuple[str, str, str]] = set()
+
+
 def known_failure(capability: str, entry: str, promise: str) -> list[pytest.MarkDecorator]:
     """The strict xfail mark of ``(capability, entry, promise)`` if the table lists it, else no mark."""
+    _LOOKED_UP.add((capability, entry, promise))
     for row_capability, entries, row_promise, reason in KNOWN_FAILURES:
         names = (entries,) if isinstance(entries, str) else entries
         if row_capability == capability and row_promise == promise and entry in names:
             return [pytest.mark.xfail(strict=True, reason=reason)]
     return []
+
+
+def unmatched_rows() -> list[tuple[str, str, str]]:
+    """Table entries that name no test case (a typo, or a case that no longer exists): they would mark nothing."""
+    return [
+        (capability, entry, promise)
+        for capability, entries, promise, _ in KNOWN_FAILURES
+        for entry in ((entries,) if isinstance(entries, str) else entries)
+        if (capability, entry, promise) not in _LOOKED_UP
+    ]

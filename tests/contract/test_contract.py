@@ -28,7 +28,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tests.contract.bad_values import sweep, swept_arguments
 from tests.contract.capabilities import CAPABILITIES, Capability, Refusal
-from tests.contract.known_failures import known_failure
+from tests.contract.known_failures import known_failure, unmatched_rows
 from tests.helpers.trainer import read_tensorboard_tags, tiny_trainer
 from tests.helpers.zoo import ZOO, ZooEntry
 
@@ -261,3 +261,8 @@ def test_cuda(capability: Capability, entry: ZooEntry, precision: str, tmp_path:
         raise run.error
     assert run.trainer.global_step == EPOCHS * entry.steps_per_epoch
     assert all(tag in run.trainer.callback_metrics for tag in capability.tags(entry))
+
+
+def test_known_failures_name_existing_cases() -> None:
+    """Every row of the known-failure table marks a case of this suite (all are parametrised at import)."""
+    assert not unmatched_rows()
