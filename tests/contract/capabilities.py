@@ -189,7 +189,7 @@ CAPABILITIES: list[Capability] = [
                 "gamma": _POSITIVE,
                 "min_scale": _POSITIVE,
                 "max_scale": _POSITIVE,
-                "grad_clip": _POSITIVE,
+                "grad_clip": (-1.0,),  # 0 turns clipping off
             },
         ),
     ),
