@@ -10,8 +10,10 @@ from tests.helpers.models import (
     classification_data,
 )
 from tests.helpers.trainer import read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers.zoo import ZOO, ZooEntry, ZooModule
 
 __all__ = [
+    "ZOO",
     "BoringModel",
     "DictLossClassifier",
     "DigitsCNN",
@@ -19,6 +21,8 @@ __all__ = [
     "ManualOptimizationModule",
     "TinyClassifier",
     "TinyTransformer",
+    "ZooEntry",
+    "ZooModule",
     "classification_data",
     "read_tensorboard_scalars",
     "read_tensorboard_tags",

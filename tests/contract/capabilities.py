@@ -1,0 +1,309 @@
+"""The capabilities the contract suite runs, one :class:`Capability` entry each.
+
+A capability added later enters every promise of the suite by adding one entry to :data:`CAPABILITIES`: how to
+build it with tiny settings for a zoo entry, which tags it logs, what state of its own must survive a resume,
+whether it promises to leave the trained weights alone, which zoo entries it refuses by design (and with what
+message), and how its constructor is swept with bad values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+
+from lightning_nt import (
+    CompressionBoundReporter,
+    DPStrategy,
+    GradInit,
+    IterateAveraging,
+    SharpnessMonitor,
+    SubspaceTraining,
+)
+from tests.helpers.zoo import ZooEntry
+
+__all__ = ["CAPABILITIES", "Capability", "Constructor", "Refusal"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A zoo entry a capability refuses by design: an error raised before the first optimizer step, or (for a
+    reporter that must not end the user's fit) a warning, whose message matches the regular expression ``match``.
+
+    ``optional``: the issue allows either refusing or supporting the entry (e.g. "fail closed naming the
+    parameter, or treat it as a zero gradient"); a completed fit without the message then passes too.
+    """
+
+    match: str
+    optional: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Constructor:
+    """How the bad-input sweep calls a public constructor: ``cls(**valid, name=bad)`` for every argument.
+
+    The bad values of each argument follow from its annotation (``tests/contract/bad_values.py``);
+    ``out_of_range`` adds values of the right type that the argument's documented range excludes.
+    """
+
+    cls: type
+    valid: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    out_of_range: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Capability:
+    """One capability (or one configuration of it) as the contract suite sees it."""
+
+    name: str
+    build: Callable[[ZooEntry], Any]
+    """A fresh callback, list of callbacks, or strategy with tiny settings, for the given zoo entry."""
+    tags: Callable[[ZooEntry], tuple[str, ...]] = lambda entry: ()
+    """Scalar tags a one-epoch fit logs (to ``trainer.callback_metrics`` and to every logger)."""
+    state: Callable[[Any], Any] = lambda capability: None
+    """Its own history or state, which a resumed run must end with too."""
+    state_tolerance: float = 0.0
+    """Relative tolerance on ``state`` after a resume (0: bit for bit)."""
+    side_effect_free: bool = False
+    """Promises that the trained weights are bit for bit those of the same run without it."""
+    refuses: Callable[[ZooEntry], Refusal | None] = lambda entry: None
+    constructor: Constructor | None = None
+    """Swept with bad values (one capability per public class)."""
+
+    def __str__(self) -> str:
+        return self.name
+
+    def attach(self, entry: ZooEntry) -> tuple[Any, dict[str, Any]]:
+        """A fresh instance for ``entry``, and the ``callbacks=`` or ``strategy=`` that give it to a Trainer."""
+        built = self.build(entry)
+        if isinstance(built, pl.strategies.Strategy):
+            return built, {"strategy": built}
+        return built, {"callbacks": list(built) if isinstance(built, list | tuple) else [built]}
+
+
+def _predictions(entry: ZooEntry) -> dict[str, Any]:
+    """``predict_fn``/``target_fn`` as a user passes them for batches that aren't ``(inputs, labels)`` tuples."""
+    if entry.batch_kind in ("tuple", "namedtuple"):
+        return {}
+    return {
+        "predict_fn": lambda module, batch: module(module.unpack(batch)[0]),
+        "target_fn": lambda batch: batch["labels"] if isinstance(batch, dict) else batch.labels,
+    }
+
+
+def _compression(entry: ZooEntry) -> CompressionBoundReporter:
+    return CompressionBoundReporter(
+        levels=(3, 9), prune=(0.0,), methods=("uniform",), finalists=1, stability_samples=4, **_predictions(entry)
+    )
+
+
+def _refuses_non_classifiers(entry: ZooEntry) -> Refusal | None:
+    # issue 10 item 5: a regressor is refused naming predict_fn/target_fn; a single logit may be refused, or
+    # measured by a documented binary rule
+    if entry.loss_kind == "mse":
+        return Refusal(r"predict_fn|target_fn")
+    if entry.loss_kind == "bce":
+        return Refusal(r"predict_fn|target_fn", optional=True)
+    return None
+
+
+def _subspace_refusals(entry: ZooEntry) -> Refusal | None:
+    # one coordinate vector w can't honour param groups with different learning rates: say so, naming the subspace
+    return Refusal(r"(?i)subspace") if entry.several_lrs else None
+
+
+def _subspace_compression_refusals(entry: ZooEntry) -> Refusal | None:
+    return _subspace_refusals(entry) or _refuses_non_classifiers(entry)
+
+
+def _compression_tags(entry: ZooEntry) -> tuple[str, ...]:
+    # a model that ends with non-finite weights has nothing to certify: a warning, no report (issue 10 item 23)
+    return (
+        () if entry.goes_non_finite else ("compression/error_bound", "compression/train_error", "compression/code_bits")
+    )
+
+
+def _sharpness_tags(entry: ZooEntry) -> tuple[str, ...]:
+    tags = ("sharpness/lambda_max", "sharpness/threshold", "sharpness/ratio")
+    return (*tags, "sharpness/preconditioned") if entry.optimizer == "adam" else tags
+
+
+def _sharpness_history(monitor: SharpnessMonitor) -> list[dict[str, float]]:
+    kept = ("step", "sharpness/lambda_max", "sharpness/threshold", "sharpness/ratio", "sharpness/lambda_min")
+    return [{key: value for key, value in entry.items() if key in kept} for entry in monitor.history]
+
+
+def _averaging_state(callback: IterateAveraging) -> dict[str, Any]:
+    return {"n_averaged": callback.n_averaged, "average": callback.averaged_state_dict()}
+
+
+def _compression_report(reporter: CompressionBoundReporter) -> dict[str, float]:
+    return {key: value for key, value in reporter.report.items() if not key.endswith("seconds")}
+
+
+def _needs_the_loss(entry: ZooEntry) -> Refusal | None:
+    # the loss of a manually optimised module can't be read from its training_step: ask for loss_fn
+    return Refusal(r"loss_fn") if entry.manual_optimization else None
+
+
+def _gradinit_refusals(entry: ZooEntry) -> Refusal | None:
+    if entry.manual_optimization:
+        return _needs_the_loss(entry)
+    # issue 10 item 10: GradInit uses the scheduler's base lr, or asks for `eta=` naming the schedule
+    return Refusal(r"`eta=`", optional=True) if entry.lr_starts_at_zero else None
+
+
+def _dp_refusals(entry: ZooEntry) -> Refusal | None:
+    if entry.manual_optimization:  # the strategy steps the DP optimizer itself
+        return Refusal(r"automatic optimization")
+    if "accumulate_grad_batches" in entry.trainer_arguments:  # breaks Poisson sampling's accounting
+        return Refusal(r"accumulate_grad_batches")
+    if entry.batch_norm:
+        return Refusal(r"BatchNorm")
+    if entry.recurrent or entry.attention:  # Opacus's DPLSTM/DPGRU/DPMultiheadAttention, by fix_modules=True
+        return Refusal(r"fix_modules")
+    if entry.unused_parameters:  # issue 10 item 11: fail closed naming the parameter, or a zero gradient
+        return Refusal(r"unused", optional=True)
+    return None
+
+
+_COUNTS = (0, -1)
+_PROBABILITIES = (0.0, 1.0, -0.5, 1.5)
+_POSITIVE = (0.0, -1.0)
+
+CAPABILITIES: list[Capability] = [
+    Capability(
+        "GradInit",
+        lambda entry: GradInit(iterations=3),
+        tags=lambda entry: ("gradinit/lookahead_loss_start", "gradinit/lookahead_loss_end", "gradinit/grad_norm"),
+        state=lambda callback: callback.scales,
+        refuses=_gradinit_refusals,
+        constructor=Constructor(
+            GradInit,
+            out_of_range={
+                "iterations": _COUNTS,
+                "lr": _POSITIVE,
+                "eta": _POSITIVE,
+                "gamma": _POSITIVE,
+                "min_scale": _POSITIVE,
+                "max_scale": _POSITIVE,
+                "grad_clip": (-1.0,),  # 0 turns clipping off
+            },
+        ),
+    ),
+    Capability(
+        "IterateAveraging-uniform",
+        lambda entry: IterateAveraging(mode="uniform"),
+        tags=lambda entry: ("averaging/n_averaged",),
+        state=_averaging_state,
+        constructor=Constructor(
+            IterateAveraging,
+            valid={"mode": "ema"},
+            out_of_range={
+                "start_step": (-1,),
+                "start_epoch": (-1,),
+                "every_n_steps": _COUNTS,
+                "every_n_epochs": _COUNTS,
+                "decay": _PROBABILITIES,
+                "half_life": _POSITIVE,
+                "warmup": _POSITIVE,
+                "bn_batches": _COUNTS,
+            },
+        ),
+    ),
+    Capability(
+        "IterateAveraging-ema",
+        lambda entry: IterateAveraging(mode="ema", decay=0.5),
+        tags=lambda entry: ("averaging/n_averaged",),
+        state=_averaging_state,
+    ),
+    Capability(
+        "IterateAveraging-observer",
+        lambda entry: IterateAveraging(mode="ema", decay=0.5, evaluate=False, apply_on_end=False),
+        tags=lambda entry: ("averaging/n_averaged",),
+        state=_averaging_state,
+        side_effect_free=True,
+    ),
+    Capability(
+        "SharpnessMonitor",
+        lambda entry: SharpnessMonitor(every_n_steps=2, num_samples=16, max_iter=8, max_overhead=None),
+        tags=_sharpness_tags,
+        state=_sharpness_history,
+        state_tolerance=1e-3,  # Lanczos to tol=1e-3: the warm start may differ after a resume (item 21)
+        side_effect_free=True,
+        refuses=_needs_the_loss,
+        constructor=Constructor(
+            SharpnessMonitor,
+            out_of_range={
+                "every_n_steps": _COUNTS,
+                "num_eigenvalues": _COUNTS,
+                "num_samples": _COUNTS,
+                "chunk_size": _COUNTS,
+                "tol": _PROBABILITIES,
+                "max_iter": _COUNTS,
+                "trace_samples": (2, 0, -1),
+                "batch_sharpness_batches": _COUNTS,
+                "smoothness_steps": ((), (0.0,), (-1.0,)),
+                "max_overhead": _PROBABILITIES,
+            },
+        ),
+    ),
+    Capability(
+        "CompressionBoundReporter",
+        _compression,
+        tags=_compression_tags,
+        state=_compression_report,
+        side_effect_free=True,
+        refuses=_refuses_non_classifiers,
+        constructor=Constructor(
+            CompressionBoundReporter,
+            out_of_range={
+                "delta": _PROBABILITIES,
+                "every_n_epochs": _COUNTS,
+                "levels": ((), (1,), (0,)),
+                "prune": ((), (-0.1,), (1.0,)),
+                "methods": ((),),
+                "num_samples": _COUNTS,
+                "screening_samples": _COUNTS,
+                "finalists": _COUNTS,
+                "stability_samples": _COUNTS,
+            },
+        ),
+    ),
+    Capability(
+        "SubspaceTraining",
+        lambda entry: SubspaceTraining(dimension=12),
+        refuses=_subspace_refusals,
+        constructor=Constructor(
+            SubspaceTraining, valid={"dimension": 12}, out_of_range={"dimension": _COUNTS, "seed": (-1, 2**32)}
+        ),
+    ),
+    Capability(
+        "SubspaceTraining+CompressionBoundReporter",
+        lambda entry: [SubspaceTraining(dimension=12), _compression(entry)],
+        tags=_compression_tags,
+        state=lambda callbacks: _compression_report(callbacks[1]),
+        refuses=_subspace_compression_refusals,
+    ),
+    Capability(
+        "DPStrategy",
+        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0),
+        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
+        state=lambda strategy: strategy.epsilon,
+        refuses=_dp_refusals,
+        constructor=Constructor(
+            DPStrategy,
+            out_of_range={
+                "noise_multiplier": (-1.0,),
+                "target_epsilon": _POSITIVE,
+                "delta": _PROBABILITIES,
+                "max_grad_norm": _POSITIVE,
+                "sample_rate": (0.0, -0.5, 1.5),
+                "max_physical_batch_size": _COUNTS,
+                "augmentation_multiplicity": _COUNTS,
+            },
+        ),
+    ),
+]

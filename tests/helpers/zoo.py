@@ -1,0 +1,456 @@
+"""A zoo of small LightningModules in the shapes users write them, each with the facts a capability may depend on.
+
+Every entry is a self-contained ``LightningModule`` (its own train and validation loaders: 32 training examples in
+4 unshuffled batches of 8, 16 validation examples), a few hundred parameters, training in well under a second on a
+CPU. The :class:`ZooEntry` beside each one declares what a capability might need to know about it (is it a
+classifier read by ``batch[0]``/``batch[1]``, does it have BatchNorm, unused or frozen parameters, tied weights, a
+learning rate of 0 at the first step, ...), so that a capability can list the entries it refuses *by design* rather
+than skip them silently. The contract suite (``tests/contract/``) runs every capability over every entry.
+
+Example:
+    >>> entry = ZOO["mlp"]
+    >>> module = entry.build()
+    >>> sum(p.numel() for p in module.parameters()) < 1000
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["ZOO", "ZooEntry", "ZooModule", "zoo_data"]
+
+BatchKind = Literal["tuple", "dict", "namedtuple", "dataclass"]
+LossKind = Literal["cross_entropy", "mse", "bce"]
+
+DIM, HIDDEN, CLASSES, LENGTH, VOCAB = 8, 8, 3, 5, 11
+TRAIN_SAMPLES, VAL_SAMPLES, BATCH = 32, 16, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    """One module shape and the facts about it that a capability may depend on."""
+
+    name: str
+    build: Callable[[], pl.LightningModule]
+    description: str
+    classifier: bool = True
+    """Multi-class logits from ``module(batch[0])`` compared by argmax with integer labels ``batch[1]``."""
+    batch_kind: BatchKind = "tuple"
+    loss_kind: LossKind = "cross_entropy"
+    batch_norm: bool = False
+    unused_parameters: bool = False
+    frozen_parameters: bool = False
+    tied_weights: bool = False
+    shared_submodule: bool = False
+    recurrent: bool = False
+    attention: bool = False
+    lr_starts_at_zero: bool = False
+    several_lrs: bool = False
+    validation_loaders: int = 1
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    manual_optimization: bool = False
+    goes_non_finite: bool = False
+    trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """What the entry asks of the Trainer (e.g. ``accumulate_grad_batches``)."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch of the 4 training batches."""
+        return TRAIN_SAMPLES // BATCH // self.trainer_arguments.get("accumulate_grad_batches", 1)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def zoo_data(num_samples: int, seed: int, kind: Literal["vectors", "sequences", "tokens", "images"] = "vectors"):
+    """Inputs and integer labels in 3 classes (Gaussian blobs in the shape the network reads), from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(CLASSES, (num_samples,), generator=generator)
+    if kind == "tokens":
+        tokens = torch.randint(VOCAB, (num_samples, LENGTH), generator=generator)
+        return tokens, tokens[:, 0] % CLASSES
+    centres = torch.randn(CLASSES, DIM, generator=generator) * 2
+    inputs = centres[labels] + torch.randn(num_samples, DIM, generator=generator)
+    if kind == "sequences":
+        inputs = inputs[:, None, :] + 0.5 * torch.randn(num_samples, LENGTH, DIM, generator=generator)
+    elif kind == "images":
+        inputs = inputs.view(num_samples, 2, 2, 2).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    return inputs, labels
+
+
+class ZooModule(pl.LightningModule):
+    """Tuple batches ``(inputs, labels)``, cross-entropy, SGD(lr=0.1); subclasses change one thing each."""
+
+    data_kind: Literal["vectors", "sequences", "tokens", "images"] = "vectors"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = self.network()
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net(inputs)
+
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)`` of a batch (the users' ``predict_fn``/``target_fn`` read it this way too)."""
+        return batch[0], batch[1]
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        inputs, targets = self.unpack(batch)
+        loss = self.loss(self(inputs), targets)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        inputs, targets = self.unpack(batch)
+        self.log("val_loss", self.loss(self(inputs), targets))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        return TensorDataset(*zoo_data(num_samples, seed, self.data_kind))
+
+    def collate(self) -> Callable[[list[Any]], Any] | None:
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset(TRAIN_SAMPLES, 0), batch_size=BATCH, collate_fn=self.collate())
+
+    def val_dataloader(self) -> Any:
+        return DataLoader(self.dataset(VAL_SAMPLES, 1), batch_size=VAL_SAMPLES, collate_fn=self.collate())
+
+
+# ---- batch structures -------------------------------------------------------------------------------------------
+
+
+class _Examples(Dataset):
+    """A ``TensorDataset``'s examples wrapped into another structure by ``wrap(inputs, labels)``."""
+
+    def __init__(self, data: TensorDataset, wrap: Callable[[Tensor, Tensor], Any]) -> None:
+        self.data, self.wrap = data, wrap
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.wrap(*self.data[index])
+
+
+class DictBatches(ZooModule):
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        return _Examples(super().dataset(num_samples, seed), lambda x, y: {"inputs": x, "labels": y})
+
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return batch["inputs"], batch["labels"]
+
+
+class Example(NamedTuple):
+    inputs: Tensor
+    labels: Tensor
+
+
+class NamedTupleBatches(ZooModule):
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        return _Examples(super().dataset(num_samples, seed), Example)
+
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return batch.inputs, batch.labels
+
+
+@dataclasses.dataclass
+class ExampleBatch:
+    inputs: Tensor
+    labels: Tensor
+
+
+def _collate_dataclass(examples: list[ExampleBatch]) -> ExampleBatch:
+    return ExampleBatch(torch.stack([e.inputs for e in examples]), torch.stack([e.labels for e in examples]))
+
+
+class DataclassBatches(ZooModule):
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        return _Examples(super().dataset(num_samples, seed), ExampleBatch)
+
+    def collate(self) -> Callable[[list[Any]], Any] | None:
+        return _collate_dataclass
+
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return batch.inputs, batch.labels
+
+
+class DictOutput(ZooModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        inputs, targets = self.unpack(batch)
+        logits = self(inputs)
+        loss = self.loss(logits, targets)
+        self.log_dict({"train_loss": loss})
+        return {"loss": loss, "logits": logits.detach()}
+
+
+class ManualOptimization(ZooModule):
+    """``automatic_optimization = False``: ``training_step`` steps the optimizer itself and returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        inputs, targets = self.unpack(batch)
+        loss = self.loss(self(inputs), targets)
+        self.log("train_loss", loss)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+
+
+# ---- parameter sharing and freezing -----------------------------------------------------------------------------
+
+
+class _TiedLM(nn.Module):
+    """Embedding and output layer share one Parameter; the logits are the first CLASSES tokens' scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, HIDDEN)
+        self.hidden = nn.Linear(HIDDEN, HIDDEN)
+        self.output = nn.Linear(HIDDEN, VOCAB, bias=False)
+        self.output.weight = self.embedding.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.output(torch.tanh(self.hidden(self.embedding(tokens).mean(dim=1))))[:, :CLASSES]
+
+
+class TiedWeights(ZooModule):
+    data_kind = "tokens"
+
+    def network(self) -> nn.Module:
+        return _TiedLM()
+
+
+class _SharedBlock(nn.Module):
+    """ALBERT-style: one block registered under two names and applied twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(DIM, HIDDEN)
+        block = nn.Linear(HIDDEN, HIDDEN)
+        self.first, self.second = block, block
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        hidden = torch.tanh(self.embed(inputs))
+        hidden = hidden + torch.tanh(self.first(hidden))
+        return self.head(hidden + torch.tanh(self.second(hidden)))
+
+
+class SharedSubmodule(ZooModule):
+    def network(self) -> nn.Module:
+        return _SharedBlock()
+
+
+class FrozenBackbone(ZooModule):
+    """A frozen first layer, and ``Adam(self.parameters())`` over everything (as fine-tuning code often has)."""
+
+    def network(self) -> nn.Module:
+        net = super().network()
+        net[0].requires_grad_(False)
+        return net
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class UnusedParameter(ZooModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(DIM, 2)  # registered (and optimised) but never part of the forward pass
+
+
+# ---- architectures ----------------------------------------------------------------------------------------------
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.rnn = cell(DIM, HIDDEN, batch_first=True)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, sequences: Tensor) -> Tensor:
+        outputs, _ = self.rnn(sequences)
+        return self.head(outputs[:, -1])
+
+
+class LSTMClassifier(ZooModule):
+    data_kind = "sequences"
+
+    def network(self) -> nn.Module:
+        return _Recurrent(nn.LSTM)
+
+
+class GRUClassifier(ZooModule):
+    data_kind = "sequences"
+
+    def network(self) -> nn.Module:
+        return _Recurrent(nn.GRU)
+
+
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(DIM, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, sequences: Tensor) -> Tensor:
+        return self.head(self.encoder(sequences).mean(dim=1))
+
+
+class TransformerClassifier(ZooModule):
+    data_kind = "sequences"
+
+    def network(self) -> nn.Module:
+        return _Encoder()
+
+
+class ConvGroupNorm(ZooModule):
+    data_kind = "images"
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, CLASSES),
+        )
+
+
+class BatchNormNet(ZooModule):
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+
+
+# ---- optimisation set-ups ---------------------------------------------------------------------------------------
+
+
+class WarmupFromZero(ZooModule):
+    """A linear warm-up over 4 steps from lr 0 (``LambdaLR``, stepped every optimizer step)."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class ParamGroups(ZooModule):
+    def configure_optimizers(self) -> Any:
+        first, last = self.net[0], self.net[2]
+        return torch.optim.SGD([{"params": first.parameters(), "lr": 0.1}, {"params": last.parameters(), "lr": 0.01}])
+
+
+class SeveralValidationLoaders(ZooModule):
+    def val_dataloader(self) -> Any:
+        return [
+            DataLoader(self.dataset(VAL_SAMPLES, 1), batch_size=VAL_SAMPLES),
+            DataLoader(self.dataset(VAL_SAMPLES, 2), batch_size=BATCH),
+        ]
+
+
+class GoesNonFinite(ZooModule):
+    """From step 5 on (the second epoch), the loss is scaled by inf: gradients and then weights turn NaN.
+
+    Lightning trains on; every capability must too (skipping a measurement with a warning, never crashing).
+    """
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        loss = super().loss(outputs, targets)
+        return loss * math.inf if self.training and self.global_step >= 5 else loss
+
+
+# ---- other losses -----------------------------------------------------------------------------------------------
+
+
+class Regression(ZooModule):
+    """MSE on a scalar target (the distance of the blob's centre label, as a float)."""
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 1))
+
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        inputs, labels = zoo_data(num_samples, seed)
+        return TensorDataset(inputs, labels.float()[:, None])
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(outputs, targets)
+
+
+class BinarySingleLogit(ZooModule):
+    """One logit and ``binary_cross_entropy_with_logits`` (class 0 against the rest)."""
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, 1))
+
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        inputs, labels = zoo_data(num_samples, seed)
+        return TensorDataset(inputs, (labels == 0).float()[:, None])
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(outputs, targets)
+
+
+_ENTRIES = [
+    ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
+    ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
+    ZooEntry("namedtuple_batch", NamedTupleBatches, "batches are namedtuples", batch_kind="namedtuple"),
+    ZooEntry("dataclass_batch", DataclassBatches, "batches are dataclasses", batch_kind="dataclass"),
+    ZooEntry("dict_output", DictOutput, "training_step returns {'loss': ..., 'logits': ...}"),
+    ZooEntry("tied_weights", TiedWeights, "embedding and output layer share one Parameter", tied_weights=True),
+    ZooEntry("shared_submodule", SharedSubmodule, "one block under two names (ALBERT)", shared_submodule=True),
+    ZooEntry(
+        "frozen_backbone",
+        FrozenBackbone,
+        "frozen first layer, Adam(self.parameters())",
+        frozen_parameters=True,
+        optimizer="adam",
+    ),
+    ZooEntry("unused_parameter", UnusedParameter, "a registered, optimised, never used Linear", unused_parameters=True),
+    ZooEntry("lstm", LSTMClassifier, "nn.LSTM over sequences", recurrent=True),
+    ZooEntry("gru", GRUClassifier, "nn.GRU over sequences", recurrent=True),
+    ZooEntry("transformer", TransformerClassifier, "nn.TransformerEncoder (nn.MultiheadAttention)", attention=True),
+    ZooEntry("conv_groupnorm", ConvGroupNorm, "Conv2d + GroupNorm on 2x4x4 images"),
+    ZooEntry("batchnorm", BatchNormNet, "MLP with BatchNorm1d", batch_norm=True),
+    ZooEntry("warmup_from_zero", WarmupFromZero, "LambdaLR warm-up starting at lr 0", lr_starts_at_zero=True),
+    ZooEntry("param_groups", ParamGroups, "two param groups, lrs 0.1 and 0.01", several_lrs=True),
+    ZooEntry("several_val_loaders", SeveralValidationLoaders, "two validation loaders", validation_loaders=2),
+    ZooEntry(
+        "grad_accumulation",
+        ZooModule,
+        "Trainer(accumulate_grad_batches=2): one optimizer step every 2 batches",
+        trainer_arguments={"accumulate_grad_batches": 2},
+    ),
+    ZooEntry("manual_optimization", ManualOptimization, "automatic_optimization=False", manual_optimization=True),
+    ZooEntry("goes_non_finite", GoesNonFinite, "loss x inf from step 5: NaN weights in epoch 2", goes_non_finite=True),
+    ZooEntry("regression", Regression, "MSE regression, one output", classifier=False, loss_kind="mse"),
+    ZooEntry("binary_single_logit", BinarySingleLogit, "one logit, BCE with logits", classifier=False, loss_kind="bce"),
+]
+
+ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
+"""Every zoo entry by name."""
