@@ -1,5 +1,6 @@
 """Plumbing every capability shares: the loss of any module, logging to every logger, probe sets, exact restore."""
 
+from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
 from lightning_nt.common.loss import (
     LossFn,
@@ -22,6 +23,7 @@ __all__ = [
     "captured_logging",
     "check_choice",
     "concatenate_batches",
+    "differentiable_kernels",
     "frozen_metrics",
     "log_figure",
     "log_scalars",

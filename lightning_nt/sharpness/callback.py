@@ -23,6 +23,7 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
+from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.validation import ArgumentError, above, at_least, between, checked_arguments, non_empty
 from lightning_nt.sharpness.hvp import HessianOperator
 from lightning_nt.sharpness.lanczos import LanczosResult, lanczos, warm_start
@@ -273,7 +274,12 @@ class SharpnessMonitor(pl.Callback):
             )
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
-        with preserved_state(pl_module, parameters=False), torch.enable_grad(), torch.inference_mode(False):
+        with (
+            preserved_state(pl_module, parameters=False),
+            torch.enable_grad(),
+            torch.inference_mode(False),
+            differentiable_kernels(),
+        ):
             pl_module.train(self.mode == "train")
             try:
                 values, solves = self._solve(trainer, pl_module, named, batch, generator)

@@ -22,9 +22,9 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torchmetrics import Metric
 
+from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import batch_size, tensors_of
 
 __all__ = ["PerExampleLoss", "directional_derivatives", "double_backward_jvp", "per_example_losses"]
@@ -84,7 +84,7 @@ def directional_derivatives(
         weights = {f"module.{name}": value for name, value in zip(names, values)}
         return functional_call(wrapper, weights, (batch,), strict=False)
 
-    with _differentiable_kernels():
+    with differentiable_kernels():
         try:
             return jvp(losses, primals, tangents)
         except NotImplementedError:  # an operation without forward-mode AD: two reverse passes instead
@@ -129,22 +129,6 @@ class _LossOf(nn.Module):
                 f"({batch_size(batch)}) is needed."
             )
         return values
-
-
-@contextmanager
-def _differentiable_kernels() -> Iterator[None]:
-    """Attention on its decomposed ("math") kernels, which forward-mode AD can differentiate, for the block.
-
-    ``nn.MultiheadAttention``/``nn.TransformerEncoderLayer`` take a fused fast path in eval mode, and
-    ``scaled_dot_product_attention`` picks fused kernels; neither has forward-mode derivatives.
-    """
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 @contextmanager

@@ -201,3 +201,13 @@ def test_checkpoint_keeps_the_history(tmp_path):
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         SharpnessMonitor(**kwargs)
+
+
+def test_attention_models_are_measured_through_the_math_kernel():
+    """The fused CPU attention kernel has no double backward: the monitor must not crash the fit on a Transformer."""
+    from tests.helpers import TinyTransformer
+
+    monitor = SharpnessMonitor(every_n_steps=2, num_samples=16, max_iter=10)
+    tiny_trainer(None, callbacks=[monitor], max_steps=3).fit(TinyTransformer())
+    assert [entry["step"] for entry in monitor.history] == [0, 2]
+    assert all(math.isfinite(entry["sharpness/lambda_max"]) for entry in monitor.history)
