@@ -1,0 +1,210 @@
+"""Similarity of two representations of the same examples, up to a group of maps between them.
+
+Each measure takes feature matrices ``x: [n, p]`` and ``y: [n, q]`` whose rows are the same ``n`` examples
+in the same order, centres every feature (column), works in float64 on the inputs' device, and returns a
+Python float in ``[0, 1]`` (debiased CKA can dip slightly below 0) that is 1 exactly when ``y`` is ``x``
+transformed by an element of the measure's group:
+
+- :func:`linear_cka` and :func:`orthogonal_procrustes_similarity`: all rotations and reflections times a
+  global scale (Kornblith et al. 2019; Williams et al. 2021; Ding et al. 2021).
+- :func:`intertwiner_similarity`: the intertwiner group of a nonlinearity, the maps of a layer's units that
+  the network itself can undo in the next layer (Godfrey et al. 2022): ReLU (and LeakyReLU) permutations times
+  positive per-unit scalings; tanh signed permutations; GELU and sigmoid permutations; the identity every
+  invertible map.
+
+A feature that is constant over the examples (a dead ReLU unit) carries no information and is set to zero
+after centring; a representation with no variance at all has similarity 0 with anything. An input that holds
+NaN or inf gives NaN. For a convolutional layer, pass its output flattened per example (``[n, C*H*W]``) for
+the rotation-invariant measures; for :func:`intertwiner_similarity` pass ``[n*H*W, C]`` (channels last, every
+position an example), since the intertwiner group of a convolution permutes and scales channels, the same map
+at every position.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_nt.common.validation import check_choice
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "intertwiner_similarity",
+    "linear_cka",
+    "orthogonal_procrustes_similarity",
+]
+
+Activation = Literal["relu", "tanh", "gelu", "sigmoid", "identity"]
+"""A nonlinearity whose intertwiner group :func:`intertwiner_similarity` aligns over."""
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "sigmoid", "identity")
+
+_DEAD = 1e-10  # a feature whose centred norm is below this share of its raw norm is constant up to rounding
+
+
+def linear_cka(x: Tensor, y: Tensor, debiased: bool = False) -> float:
+    """Linear centred kernel alignment (Kornblith et al. 2019) between ``x: [n, p]`` and ``y: [n, q]``.
+
+    ``CKA = HSIC(x, y) / sqrt(HSIC(x, x) HSIC(y, y))`` with the linear kernel on centred features, i.e.
+    ``||xᵀy||²_F / (||xᵀx||_F ||yᵀy||_F)``. ``debiased=True`` uses the unbiased HSIC estimator (Song et al.
+    2012) in every term, which removes CKA's upward bias when features outnumber examples (needs ``n >= 4``).
+    Invariant to rotations, reflections and a global scale of either input; symmetric.
+
+    Examples:
+        >>> x = torch.randn(100, 10, generator=torch.Generator().manual_seed(0))
+        >>> q, _ = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(1)))
+        >>> round(linear_cka(x, 3 * x @ q), 6)
+        1.0
+    """
+    x, y = _centred_pair(x, y, minimum_examples=4 if debiased else 2)
+    if x is None or y is None:
+        return math.nan
+    x, y = _compact(x), _compact(y)
+    xx, yy = _hsic(x, x, debiased), _hsic(y, y, debiased)
+    if xx <= 0 or yy <= 0:
+        return 0.0
+    return _hsic(x, y, debiased) / math.sqrt(xx * yy)
+
+
+def orthogonal_procrustes_similarity(x: Tensor, y: Tensor) -> float:
+    """``max_Q <x, y Q>`` over orthogonal ``Q``, with ``x`` and ``y`` centred and of unit Frobenius norm.
+
+    That is the nuclear norm of ``xᵀy``, ``1 - d²/2`` for the orthogonal Procrustes distance ``d`` (Ding et
+    al. 2021; Williams et al. 2021): 1 exactly when ``y = c x Q`` for an orthogonal ``Q`` and ``c > 0``.
+    Symmetric; a zero-padded feature changes nothing, so ``p`` and ``q`` may differ.
+
+    Examples:
+        >>> x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+        >>> round(orthogonal_procrustes_similarity(x, -2 * x.flip(1)), 6)
+        1.0
+    """
+    x, y = _centred_pair(x, y)
+    if x is None or y is None:
+        return math.nan
+    x, y = _unit_norm(_compact(x)), _unit_norm(_compact(y))
+    if x is None or y is None:
+        return 0.0
+    return float(torch.linalg.svdvals(x.T @ y).sum())
+
+
+def intertwiner_similarity(x: Tensor, y: Tensor, activation: Activation = "relu") -> float:
+    """The best alignment of ``y`` to ``x`` over the intertwiner group of ``activation`` (Godfrey et al. 2022).
+
+    Both centred; then, by group:
+
+    - ``"relu"`` (permutations x positive per-unit scalings): every unit scaled to unit norm, which removes the
+      scalings; the value is ``max_P sum_i corr(x_i, y_P(i)) / sqrt(p_x p_y)`` over permutations ``P`` (Hungarian
+      assignment, exact), with ``p_x``, ``p_y`` the live (non-constant) units.
+    - ``"tanh"`` (signed permutations), ``"gelu"`` and ``"sigmoid"`` (permutations): ``x`` and ``y`` scaled to unit
+      Frobenius norm, and ``max_P <x, y P>`` over (signed) permutations, the orthogonal Procrustes similarity
+      with ``Q`` restricted to the group.
+    - ``"identity"`` (every invertible map): the mean canonical correlation, the sum of the canonical
+      correlations over the larger of the two ranks, so that 1 means equal column spaces.
+
+    1 means "equal up to the group"; it is at most :func:`orthogonal_procrustes_similarity` for the
+    permutation groups, and the gap is the part of the similarity that needs maps the network can't make.
+    The permutation groups need ``p == q``. Symmetric in ``x`` and ``y``.
+
+    Examples:
+        >>> x = torch.rand(200, 6, generator=torch.Generator().manual_seed(0))
+        >>> y = x[:, [3, 1, 0, 5, 4, 2]] * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 7.0])
+        >>> round(intertwiner_similarity(x, y, "relu"), 6), round(intertwiner_similarity(x, y, "gelu"), 2)
+        (1.0, 0.74)
+    """
+    check_choice("activation", activation, ACTIVATIONS)
+    if activation != "identity" and x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"The {activation!r} intertwiner group permutes units, so `x` and `y` need the same number of "
+            f"features; got {x.shape[-1]} and {y.shape[-1]}. Compare layers of equal width, or use "
+            "activation='identity' (mean canonical correlation)."
+        )
+    x, y = _centred_pair(x, y)
+    if x is None or y is None:
+        return math.nan
+    if activation == "identity":
+        return _mean_canonical_correlation(x, y)
+    x, y = _unit_norm(x, per_feature=activation == "relu"), _unit_norm(y, per_feature=activation == "relu")
+    if x is None or y is None:
+        return 0.0
+    scores = x.T @ y
+    return _best_assignment(scores.abs() if activation == "tanh" else scores)
+
+
+def _centred_pair(x: Tensor, y: Tensor, minimum_examples: int = 2) -> tuple[Tensor | None, Tensor | None]:
+    """Both as centred float64 matrices on ``x``'s device, constant features zeroed; ``None`` if not finite."""
+    for name, value in (("x", x), ("y", y)):
+        if not isinstance(value, Tensor) or value.ndim != 2:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"`{name}` must be a 2-D tensor [examples, features], got {shape}.")
+    if x.shape[0] != y.shape[0] or x.shape[0] < minimum_examples:
+        raise ValueError(
+            f"`x` and `y` must hold the same examples (rows), at least {minimum_examples}; "
+            f"got {x.shape[0]} and {y.shape[0]}."
+        )
+    x = x.detach().to(torch.float64)
+    y = y.detach().to(device=x.device, dtype=torch.float64)
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return None, None
+    return _centred(x), _centred(y)
+
+
+def _centred(features: Tensor) -> Tensor:
+    centred = features - features.mean(dim=0, keepdim=True)
+    dead = centred.norm(dim=0) <= _DEAD * features.norm(dim=0)
+    return centred.masked_fill(dead, 0.0)
+
+
+def _compact(features: Tensor) -> Tensor:
+    """Coordinates ``[n, n]`` with the same Gram matrix when features outnumber examples (R of a QR of xᵀ)."""
+    if features.shape[1] <= features.shape[0]:
+        return features
+    return torch.linalg.qr(features.T, mode="r").R.T
+
+
+def _hsic(x: Tensor, y: Tensor, debiased: bool) -> float:
+    """``||xᵀy||²_F``, or the unbiased estimator's numerator (Song et al. 2012) in Kornblith et al.'s form."""
+    cross = float((x.T @ y).square().sum())
+    if not debiased:
+        return cross
+    n = x.shape[0]
+    rows_x, rows_y = x.square().sum(dim=1), y.square().sum(dim=1)
+    return (
+        cross - n / (n - 2) * float(rows_x @ rows_y) + float(rows_x.sum()) * float(rows_y.sum()) / ((n - 1) * (n - 2))
+    )
+
+
+def _unit_norm(features: Tensor, per_feature: bool = False) -> Tensor | None:
+    """Scaled to unit Frobenius norm (after each live feature to unit norm when ``per_feature``); ``None`` if 0."""
+    if per_feature:
+        norms = features.norm(dim=0)
+        features = features / torch.where(norms > 0, norms, torch.ones_like(norms))
+    total = features.norm()
+    return features / total if total > 0 else None
+
+
+def _best_assignment(scores: Tensor) -> float:
+    from scipy.optimize import linear_sum_assignment
+
+    rows, columns = linear_sum_assignment(scores.cpu().numpy(), maximize=True)
+    return float(scores.cpu()[rows, columns].sum())
+
+
+def _mean_canonical_correlation(x: Tensor, y: Tensor) -> float:
+    basis_x, basis_y = _orthonormal_basis(x), _orthonormal_basis(y)
+    rank = max(basis_x.shape[1], basis_y.shape[1])
+    if basis_x.shape[1] == 0 or basis_y.shape[1] == 0:
+        return 0.0
+    return float(torch.linalg.svdvals(basis_x.T @ basis_y).clamp(max=1.0).sum()) / rank
+
+
+def _orthonormal_basis(features: Tensor) -> Tensor:
+    """An orthonormal basis of the column space, its rank decided as ``numpy.linalg.matrix_rank`` does."""
+    left, singular, _ = torch.linalg.svd(features, full_matrices=False)
+    if singular.numel() == 0 or singular[0] == 0:
+        return left[:, :0]
+    tolerance = singular[0] * max(features.shape) * torch.finfo(features.dtype).eps
+    return left[:, singular > tolerance]
