@@ -23,6 +23,7 @@ at every position.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -32,16 +33,25 @@ from lightning_nt.common.validation import check_choice
 
 __all__ = [
     "ACTIVATIONS",
+    "METRICS",
     "Activation",
+    "SimilarityMetric",
+    "cka_matrix",
     "intertwiner_similarity",
     "linear_cka",
     "orthogonal_procrustes_similarity",
+    "similarities",
 ]
 
 Activation = Literal["relu", "tanh", "gelu", "sigmoid", "identity"]
 """A nonlinearity whose intertwiner group :func:`intertwiner_similarity` aligns over."""
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "sigmoid", "identity")
+
+SimilarityMetric = Literal["cka", "cka_debiased", "intertwiner", "orthogonal_procrustes"]
+"""A measure :func:`similarities` computes."""
+
+METRICS: tuple[str, ...] = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
 
 _DEAD = 1e-10  # a feature whose centred norm is below this share of its raw norm is constant up to rounding
 
@@ -60,14 +70,8 @@ def linear_cka(x: Tensor, y: Tensor, debiased: bool = False) -> float:
         >>> round(linear_cka(x, 3 * x @ q), 6)
         1.0
     """
-    x, y = _centred_pair(x, y, minimum_examples=4 if debiased else 2)
-    if x is None or y is None:
-        return math.nan
-    x, y = _compact(x), _compact(y)
-    xx, yy = _hsic(x, x, debiased), _hsic(y, y, debiased)
-    if xx <= 0 or yy <= 0:
-        return 0.0
-    return _hsic(x, y, debiased) / math.sqrt(xx * yy)
+    metric = "cka_debiased" if debiased else "cka"
+    return similarities(x, y, (metric,))[metric]
 
 
 def orthogonal_procrustes_similarity(x: Tensor, y: Tensor) -> float:
@@ -82,13 +86,7 @@ def orthogonal_procrustes_similarity(x: Tensor, y: Tensor) -> float:
         >>> round(orthogonal_procrustes_similarity(x, -2 * x.flip(1)), 6)
         1.0
     """
-    x, y = _centred_pair(x, y)
-    if x is None or y is None:
-        return math.nan
-    x, y = _unit_norm(_compact(x)), _unit_norm(_compact(y))
-    if x is None or y is None:
-        return 0.0
-    return float(torch.linalg.svdvals(x.T @ y).sum())
+    return similarities(x, y, ("orthogonal_procrustes",))["orthogonal_procrustes"]
 
 
 def intertwiner_similarity(x: Tensor, y: Tensor, activation: Activation = "relu") -> float:
@@ -115,16 +113,89 @@ def intertwiner_similarity(x: Tensor, y: Tensor, activation: Activation = "relu"
         >>> round(intertwiner_similarity(x, y, "relu"), 6), round(intertwiner_similarity(x, y, "gelu"), 2)
         (1.0, 0.74)
     """
+    return similarities(x, y, ("intertwiner",), activation)["intertwiner"]
+
+
+def similarities(
+    x: Tensor,
+    y: Tensor,
+    metrics: Sequence[SimilarityMetric] = ("cka", "intertwiner", "orthogonal_procrustes"),
+    activation: Activation = "relu",
+) -> dict[str, float]:
+    """Several measures of one pair at the cost of preparing (converting, checking, centring) it once.
+
+    ``metrics`` among ``"cka"`` (:func:`linear_cka`), ``"cka_debiased"``, ``"orthogonal_procrustes"`` and
+    ``"intertwiner"`` (:func:`intertwiner_similarity` for ``activation``).
+
+    Examples:
+        >>> x = torch.randn(100, 5, generator=torch.Generator().manual_seed(0))
+        >>> {name: round(value, 6) for name, value in similarities(x, 2 * x).items()}
+        {'cka': 1.0, 'intertwiner': 1.0, 'orthogonal_procrustes': 1.0}
+    """
+    for metric in metrics:
+        check_choice("metrics", metric, METRICS)
     check_choice("activation", activation, ACTIVATIONS)
-    if activation != "identity" and x.shape[-1] != y.shape[-1]:
+    if "intertwiner" in metrics and activation != "identity" and x.shape[-1] != y.shape[-1]:
         raise ValueError(
             f"The {activation!r} intertwiner group permutes units, so `x` and `y` need the same number of "
             f"features; got {x.shape[-1]} and {y.shape[-1]}. Compare layers of equal width, or use "
             "activation='identity' (mean canonical correlation)."
         )
-    x, y = _centred_pair(x, y)
+    x, y = _centred_pair(x, y, minimum_examples=4 if "cka_debiased" in metrics else 2)
     if x is None or y is None:
-        return math.nan
+        return dict.fromkeys(metrics, math.nan)
+    measures = {
+        "cka": lambda: _cka(x, y, debiased=False),
+        "cka_debiased": lambda: _cka(x, y, debiased=True),
+        "orthogonal_procrustes": lambda: _procrustes(x, y),
+        "intertwiner": lambda: _intertwiner(x, y, activation),
+    }
+    return {metric: measures[metric]() for metric in metrics}
+
+
+def cka_matrix(features: Sequence[Tensor]) -> Tensor:
+    """Linear CKA between every two representations ``[n, ...]`` (flattened per example) of the same examples.
+
+    Each centred Gram matrix is formed once, so ``k`` representations cost ``k`` Gram matrices rather than
+    ``k²`` CKA computations; the result is a float64 ``[k, k]`` matrix on the first one's device. A
+    representation with no variance has CKA 0 with everything (its diagonal too), one with NaN or inf NaN.
+
+    Examples:
+        >>> x = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+        >>> cka_matrix([x, 2 * x, x.square()]).diagonal()
+        tensor([1., 1., 1.], dtype=torch.float64)
+    """
+    size, device = features[0].shape[0], features[0].device
+    grams = []
+    for index, value in enumerate(features):
+        if value.ndim < 2 or value.shape[0] != size:
+            raise ValueError(f"`features[{index}]` must hold the {size} examples of `features[0]` (rows).")
+        centred = _prepared(value.flatten(1), device)
+        nan = torch.full((size, size), math.nan, dtype=torch.float64, device=device)
+        grams.append(centred @ centred.T if centred is not None else nan)
+    stacked = torch.stack([gram.flatten() for gram in grams])
+    inner = stacked @ stacked.T
+    norms = inner.diagonal().sqrt()
+    scale = torch.outer(norms, norms)
+    return torch.where(scale == 0, 0.0, inner / scale)
+
+
+def _cka(x: Tensor, y: Tensor, debiased: bool) -> float:
+    x, y = _compact(x), _compact(y)
+    xx, yy = _hsic(x, x, debiased), _hsic(y, y, debiased)
+    if xx <= 0 or yy <= 0:
+        return 0.0
+    return _hsic(x, y, debiased) / math.sqrt(xx * yy)
+
+
+def _procrustes(x: Tensor, y: Tensor) -> float:
+    x, y = _unit_norm(_compact(x)), _unit_norm(_compact(y))
+    if x is None or y is None:
+        return 0.0
+    return float(torch.linalg.svdvals(x.T @ y).sum())
+
+
+def _intertwiner(x: Tensor, y: Tensor, activation: str) -> float:
     if activation == "identity":
         return _mean_canonical_correlation(x, y)
     x, y = _unit_norm(x, per_feature=activation == "relu"), _unit_norm(y, per_feature=activation == "relu")
@@ -137,19 +208,25 @@ def intertwiner_similarity(x: Tensor, y: Tensor, activation: Activation = "relu"
 def _centred_pair(x: Tensor, y: Tensor, minimum_examples: int = 2) -> tuple[Tensor | None, Tensor | None]:
     """Both as centred float64 matrices on ``x``'s device, constant features zeroed; ``None`` if not finite."""
     for name, value in (("x", x), ("y", y)):
-        if not isinstance(value, Tensor) or value.ndim != 2:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"`{name}` must be a 2-D tensor [examples, features], got {shape}.")
+        _check_matrix(name, value)
     if x.shape[0] != y.shape[0] or x.shape[0] < minimum_examples:
         raise ValueError(
             f"`x` and `y` must hold the same examples (rows), at least {minimum_examples}; "
             f"got {x.shape[0]} and {y.shape[0]}."
         )
-    x = x.detach().to(torch.float64)
-    y = y.detach().to(device=x.device, dtype=torch.float64)
-    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-        return None, None
-    return _centred(x), _centred(y)
+    x, y = _prepared(x, x.device), _prepared(y, x.device)
+    return (x, y) if x is not None and y is not None else (None, None)
+
+
+def _check_matrix(name: str, value: Tensor) -> None:
+    if not isinstance(value, Tensor) or value.ndim != 2:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` must be a 2-D tensor [examples, features], got {shape}.")
+
+
+def _prepared(features: Tensor, device: torch.device) -> Tensor | None:
+    features = features.detach().to(device=device, dtype=torch.float64)
+    return _centred(features) if torch.isfinite(features).all() else None
 
 
 def _centred(features: Tensor) -> Tensor:

@@ -9,7 +9,14 @@ import pytest
 import scipy.linalg
 import torch
 
-from lightning_nt.similarity import ACTIVATIONS, intertwiner_similarity, linear_cka, orthogonal_procrustes_similarity
+from lightning_nt.similarity import (
+    ACTIVATIONS,
+    cka_matrix,
+    intertwiner_similarity,
+    linear_cka,
+    orthogonal_procrustes_similarity,
+    similarities,
+)
 
 
 def _intertwiner(x, y, activation):
@@ -201,3 +208,30 @@ def test_bad_inputs_are_refused_with_a_message_naming_them():
         orthogonal_procrustes_similarity(torch.randn(10, 3), torch.randn(11, 3))
     with pytest.raises(ValueError, match="at least 4"):
         linear_cka(torch.randn(3, 3), torch.randn(3, 3), debiased=True)
+
+
+def test_cka_matrix_equals_pairwise_cka_and_marks_bad_representations():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((40, 6))
+    layers = [torch.tensor(x), torch.tensor(np.tanh(x @ rng.standard_normal((6, 60)))), torch.tensor(x[:, :2] ** 2)]
+    matrix = cka_matrix([*layers, torch.zeros(40, 3), torch.full((40, 2, 2), math.nan)])
+    for i, j in itertools.product(range(3), repeat=2):
+        assert matrix[i, j] == pytest.approx(linear_cka(layers[i], layers[j]), rel=1e-10)
+    assert torch.equal(matrix[3, :4], torch.zeros(4, dtype=torch.float64))
+    assert matrix[4].isnan().all()
+    with pytest.raises(ValueError, match=r"`features\[1\]`"):
+        cka_matrix([torch.randn(5, 2), torch.randn(6, 2)])
+
+
+def test_similarities_equal_the_single_measures():
+    rng = np.random.default_rng(10)
+    x, y = torch.tensor(rng.standard_normal((50, 5))), torch.tensor(rng.standard_normal((50, 5)))
+    together = similarities(x, y, ("cka", "cka_debiased", "orthogonal_procrustes", "intertwiner"), "tanh")
+    assert together == {
+        "cka": linear_cka(x, y),
+        "cka_debiased": linear_cka(x, y, debiased=True),
+        "orthogonal_procrustes": orthogonal_procrustes_similarity(x, y),
+        "intertwiner": intertwiner_similarity(x, y, "tanh"),
+    }
+    with pytest.raises(ValueError, match="`metrics`"):
+        similarities(x, y, ("cca",))
