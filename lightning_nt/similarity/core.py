@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +54,7 @@ SimilarityMetric = Literal["cka", "cka_debiased", "intertwiner", "orthogonal_pro
 METRICS: tuple[str, ...] = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
 
 _DEAD = 1e-10  # a feature whose centred norm is below this share of its raw norm is constant up to rounding
+_RANK = 1e-12  # directions with less variance than this share of the largest are outside the numerical rank
 
 
 def linear_cka(x: Tensor, y: Tensor, debiased: bool = False) -> float:
@@ -144,11 +145,12 @@ def similarities(
     x, y = _centred_pair(x, y, minimum_examples=4 if "cka_debiased" in metrics else 2)
     if x is None or y is None:
         return dict.fromkeys(metrics, math.nan)
+    moments = _Moments.of(x, y, units="intertwiner" in metrics, rows="cka_debiased" in metrics)
     measures = {
-        "cka": lambda: _cka(x, y, debiased=False),
-        "cka_debiased": lambda: _cka(x, y, debiased=True),
-        "orthogonal_procrustes": lambda: _procrustes(x, y),
-        "intertwiner": lambda: _intertwiner(x, y, activation),
+        "cka": lambda: _cka(moments, debiased=False),
+        "cka_debiased": lambda: _cka(moments, debiased=True),
+        "orthogonal_procrustes": lambda: _procrustes(moments),
+        "intertwiner": lambda: _intertwiner(moments, activation),
     }
     return {metric: measures[metric]() for metric in metrics}
 
@@ -180,29 +182,96 @@ def cka_matrix(features: Sequence[Tensor]) -> Tensor:
     return torch.where(scale == 0, 0.0, inner / scale)
 
 
-def _cka(x: Tensor, y: Tensor, debiased: bool) -> float:
-    x, y = _compact(x), _compact(y)
-    xx, yy = _hsic(x, x, debiased), _hsic(y, y, debiased)
+class _Moments(NamedTuple):
+    """Everything the measures read from a centred pair: its Gram blocks, row norms and number of examples."""
+
+    xx: Tensor
+    yy: Tensor
+    xy: Tensor
+    rows_x: Tensor | None
+    rows_y: Tensor | None
+    n: int
+
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor, units: bool, rows: bool) -> _Moments:
+        """``units=False`` allows replacing a wide matrix by ``[n, n]`` coordinates with the same ``x xᵀ``."""
+        rows_x, rows_y = (x.square().sum(dim=1), y.square().sum(dim=1)) if rows else (None, None)
+        if not units:
+            x, y = _compact(x), _compact(y)
+        return cls(x.T @ x, y.T @ y, x.T @ y, rows_x, rows_y, x.shape[0])
+
+
+def _cka(moments: _Moments, debiased: bool) -> float:
+    xx, yy = _hsic(moments, "xx", debiased), _hsic(moments, "yy", debiased)
     if xx <= 0 or yy <= 0:
         return 0.0
-    return _hsic(x, y, debiased) / math.sqrt(xx * yy)
+    return _hsic(moments, "xy", debiased) / math.sqrt(xx * yy)
 
 
-def _procrustes(x: Tensor, y: Tensor) -> float:
-    x, y = _unit_norm(_compact(x)), _unit_norm(_compact(y))
-    if x is None or y is None:
+def _hsic(moments: _Moments, block: str, debiased: bool) -> float:
+    """``||aᵀb||²_F``, or the unbiased estimator's numerator (Song et al. 2012) in Kornblith et al.'s form."""
+    value = float(getattr(moments, block).square().sum())
+    if not debiased:
+        return value
+    rows_a = moments.rows_y if block == "yy" else moments.rows_x
+    rows_b = moments.rows_x if block == "xx" else moments.rows_y
+    assert rows_a is not None and rows_b is not None
+    n = moments.n
+    return value - n / (n - 2) * float(rows_a @ rows_b) + float(rows_a.sum() * rows_b.sum()) / ((n - 1) * (n - 2))
+
+
+def _procrustes(moments: _Moments) -> float:
+    scale = float(moments.xx.trace() * moments.yy.trace())
+    if scale <= 0:
         return 0.0
-    return float(torch.linalg.svdvals(x.T @ y).sum())
+    return float(torch.linalg.svdvals(moments.xy).sum()) / math.sqrt(scale)
 
 
-def _intertwiner(x: Tensor, y: Tensor, activation: str) -> float:
+def _intertwiner(moments: _Moments, activation: str) -> float:
     if activation == "identity":
-        return _mean_canonical_correlation(x, y)
-    x, y = _unit_norm(x, per_feature=activation == "relu"), _unit_norm(y, per_feature=activation == "relu")
-    if x is None or y is None:
+        return _mean_canonical_correlation(moments)
+    if activation == "relu":  # unit norms removed: correlations, over the live units
+        norms_x, norms_y = moments.xx.diagonal().sqrt(), moments.yy.diagonal().sqrt()
+        live = float((norms_x > 0).sum() * (norms_y > 0).sum())
+        scale = torch.outer(_nonzero(norms_x), _nonzero(norms_y)) * math.sqrt(live)
+    else:
+        live = float(moments.xx.trace() * moments.yy.trace())
+        scale = torch.tensor(math.sqrt(live), dtype=moments.xy.dtype, device=moments.xy.device)
+    if live <= 0:
         return 0.0
-    scores = x.T @ y
+    scores = moments.xy / scale
     return _best_assignment(scores.abs() if activation == "tanh" else scores)
+
+
+def _nonzero(norms: Tensor) -> Tensor:
+    """Dead units' zero norms replaced by 1: their inner products are exactly 0 and stay 0."""
+    return torch.where(norms > 0, norms, 1.0)
+
+
+def _best_assignment(scores: Tensor) -> float:
+    from scipy.optimize import linear_sum_assignment
+
+    scores = scores.cpu()
+    rows, columns = linear_sum_assignment(scores.numpy(), maximize=True)
+    return float(scores[rows, columns].sum())
+
+
+def _mean_canonical_correlation(moments: _Moments) -> float:
+    whiten_x, whiten_y = _whitener(moments.xx), _whitener(moments.yy)
+    rank = max(whiten_x.shape[1], whiten_y.shape[1])
+    if whiten_x.shape[1] == 0 or whiten_y.shape[1] == 0:
+        return 0.0
+    correlations = torch.linalg.svdvals(whiten_x.T @ moments.xy @ whiten_y).clamp(max=1.0)
+    return float(correlations.sum()) / rank
+
+
+def _whitener(gram: Tensor) -> Tensor:
+    """``W`` with ``Wᵀ gram W = I`` on the directions whose variance exceeds 1e-12 of the largest (the rank)."""
+    values, vectors = torch.linalg.eigh(gram)
+    if values.numel() == 0 or values[-1] <= 0:
+        return vectors[:, :0]
+    keep = values > values[-1] * _RANK
+    return vectors[:, keep] / values[keep].sqrt()
 
 
 def _centred_pair(x: Tensor, y: Tensor, minimum_examples: int = 2) -> tuple[Tensor | None, Tensor | None]:
@@ -225,14 +294,15 @@ def _check_matrix(name: str, value: Tensor) -> None:
 
 
 def _prepared(features: Tensor, device: torch.device) -> Tensor | None:
+    """Centred float64 copy with constant features zeroed; ``None`` if it holds NaN or inf (or overflows)."""
     features = features.detach().to(device=device, dtype=torch.float64)
-    return _centred(features) if torch.isfinite(features).all() else None
-
-
-def _centred(features: Tensor) -> Tensor:
-    centred = features - features.mean(dim=0, keepdim=True)
-    dead = centred.norm(dim=0) <= _DEAD * features.norm(dim=0)
-    return centred.masked_fill(dead, 0.0)
+    mean = features.mean(dim=0)
+    centred = features - mean
+    squares = centred.square().sum(dim=0)
+    if not bool(torch.isfinite(squares).all()):
+        return None
+    dead = squares <= _DEAD**2 * (squares + features.shape[0] * mean.square())  # relative to the raw norm
+    return centred.masked_fill(dead, 0.0) if bool(dead.any()) else centred
 
 
 def _compact(features: Tensor) -> Tensor:
@@ -240,48 +310,3 @@ def _compact(features: Tensor) -> Tensor:
     if features.shape[1] <= features.shape[0]:
         return features
     return torch.linalg.qr(features.T, mode="r").R.T
-
-
-def _hsic(x: Tensor, y: Tensor, debiased: bool) -> float:
-    """``||xᵀy||²_F``, or the unbiased estimator's numerator (Song et al. 2012) in Kornblith et al.'s form."""
-    cross = float((x.T @ y).square().sum())
-    if not debiased:
-        return cross
-    n = x.shape[0]
-    rows_x, rows_y = x.square().sum(dim=1), y.square().sum(dim=1)
-    return (
-        cross - n / (n - 2) * float(rows_x @ rows_y) + float(rows_x.sum()) * float(rows_y.sum()) / ((n - 1) * (n - 2))
-    )
-
-
-def _unit_norm(features: Tensor, per_feature: bool = False) -> Tensor | None:
-    """Scaled to unit Frobenius norm (after each live feature to unit norm when ``per_feature``); ``None`` if 0."""
-    if per_feature:
-        norms = features.norm(dim=0)
-        features = features / torch.where(norms > 0, norms, torch.ones_like(norms))
-    total = features.norm()
-    return features / total if total > 0 else None
-
-
-def _best_assignment(scores: Tensor) -> float:
-    from scipy.optimize import linear_sum_assignment
-
-    rows, columns = linear_sum_assignment(scores.cpu().numpy(), maximize=True)
-    return float(scores.cpu()[rows, columns].sum())
-
-
-def _mean_canonical_correlation(x: Tensor, y: Tensor) -> float:
-    basis_x, basis_y = _orthonormal_basis(x), _orthonormal_basis(y)
-    rank = max(basis_x.shape[1], basis_y.shape[1])
-    if basis_x.shape[1] == 0 or basis_y.shape[1] == 0:
-        return 0.0
-    return float(torch.linalg.svdvals(basis_x.T @ basis_y).clamp(max=1.0).sum()) / rank
-
-
-def _orthonormal_basis(features: Tensor) -> Tensor:
-    """An orthonormal basis of the column space, its rank decided as ``numpy.linalg.matrix_rank`` does."""
-    left, singular, _ = torch.linalg.svd(features, full_matrices=False)
-    if singular.numel() == 0 or singular[0] == 0:
-        return left[:, :0]
-    tolerance = singular[0] * max(features.shape) * torch.finfo(features.dtype).eps
-    return left[:, singular > tolerance]
