@@ -186,7 +186,7 @@ class RepresentationSimilarity(pl.Callback):
         self.history = list(state_dict["history"])
         self._probe = None if state_dict["probe"] is None else ProbeSet(state_dict["probe"])
         self._reference_features = state_dict["reference_features"]
-        self._restored = True
+        self._restored = self._probe is not None and self._reference_features is not None
 
     def figure(self) -> Any:
         """The layer x layer CKA matrix of the final model beside per-layer CKA and intertwiner similarity."""
