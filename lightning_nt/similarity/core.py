@@ -295,14 +295,14 @@ def _check_matrix(name: str, value: Tensor) -> None:
 
 def _prepared(features: Tensor, device: torch.device) -> Tensor | None:
     """Centred float64 copy with constant features zeroed; ``None`` if it holds NaN or inf (or overflows)."""
-    features = features.detach().to(device=device, dtype=torch.float64)
+    features = features.detach().to(device=device, dtype=torch.float64, copy=True)
     mean = features.mean(dim=0)
-    centred = features - mean
-    squares = centred.square().sum(dim=0)
-    if not bool(torch.isfinite(squares).all()):
+    centred = features.sub_(mean)
+    norms = torch.linalg.vector_norm(centred, dim=0)
+    if not bool(torch.isfinite(norms).all()):
         return None
-    dead = squares <= _DEAD**2 * (squares + features.shape[0] * mean.square())  # relative to the raw norm
-    return centred.masked_fill(dead, 0.0) if bool(dead.any()) else centred
+    dead = norms.square() <= _DEAD**2 * (norms.square() + features.shape[0] * mean.square())  # vs the raw norm
+    return centred.masked_fill_(dead, 0.0) if bool(dead.any()) else centred
 
 
 def _compact(features: Tensor) -> Tensor:
