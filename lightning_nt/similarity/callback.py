@@ -59,10 +59,10 @@ class RepresentationSimilarity(pl.Callback):
     Features are read by forward hooks during one forward pass (``loss_fn`` or the module's ``training_step``
     with logging muted) in eval mode, under the run's precision; parameters, buffers, RNG and modes are
     restored, so a run with the callback is bitwise the run without it. A layer's output ``[n, ...]`` is
-    compared as a matrix ``[n * positions, units]``, the units along ``unit_dim`` (channels of a convolution,
-    features of a linear layer) and every other position an example, because the intertwiner group maps units
-    the same way at every position. Under DDP the probe sets of all ranks are gathered, so every rank
-    compares the same features and logs the same numbers.
+    compared as a matrix ``[n * positions, units]`` (at most ``max_rows`` rows), the units along ``unit_dim``
+    (channels of a convolution, features of a linear layer) and every other position an example, because the
+    intertwiner group maps units the same way at every position. Under DDP the probe sets of all ranks are
+    gathered, so every rank compares the same features and logs the same numbers.
 
     Logs ``similarity/<metric>/<layer>``; ``.history`` holds one dict per measurement (with ``"step"`` and
     ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
@@ -84,6 +84,9 @@ class RepresentationSimilarity(pl.Callback):
         metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
         unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
             convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
+        max_rows: most rows (example-position pairs) of a layer's matrix: a layer with more is compared on a
+            fixed random subset of them (``torch.randperm(rows, generator=Generator().manual_seed(0))``), the
+            same rows for the network and the reference; ``None``: all. Bounds the cost for convolutions.
         loss_fn: ``loss_fn(pl_module, batch)`` for the forward pass; default: ``training_step`` with logging
             muted (needed for modules that optimize manually).
 
@@ -102,6 +105,7 @@ class RepresentationSimilarity(pl.Callback):
         every_n_epochs=at_least(1),
         num_samples=at_least(4),
         metrics=non_empty(),
+        max_rows=at_least(4),
     )
     def __init__(
         self,
@@ -111,6 +115,7 @@ class RepresentationSimilarity(pl.Callback):
         num_samples: int = 512,
         metrics: Sequence[SimilarityMetric] = ("cka", "intertwiner", "orthogonal_procrustes"),
         unit_dim: int = 1,
+        max_rows: int | None = 4096,
         loss_fn: LossFn | None = None,
     ) -> None:
         if isinstance(layers, dict):
@@ -122,6 +127,7 @@ class RepresentationSimilarity(pl.Callback):
             raise ArgumentError(f"`metrics` must not repeat a metric, got {metrics!r}.")
         self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
         self.num_samples, self.metrics, self.unit_dim, self.loss_fn = num_samples, tuple(metrics), unit_dim, loss_fn
+        self.max_rows = max_rows
         self.history: list[dict[str, float]] = []
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
@@ -144,6 +150,7 @@ class RepresentationSimilarity(pl.Callback):
             num_samples=self.num_samples,
             metrics=self.metrics,
             unit_dim=self.unit_dim,
+            max_rows=self.max_rows,
             loss_fn=loss_fn,
         )
 
@@ -246,10 +253,14 @@ class RepresentationSimilarity(pl.Callback):
             self._reference_features = self._cpu(features)
 
     def _unit_matrix(self, output: Tensor) -> Tensor:
-        """``[n, ...]`` as ``[n * positions, units]``: units along ``unit_dim``, every other position a row."""
-        if output.ndim == 2:
+        """``[n, ...]`` as ``[rows, units]``: units along ``unit_dim``, every other position a row, at most
+        ``max_rows`` of them (the same fixed random subset for every tensor with as many rows)."""
+        if output.ndim > 2:
+            output = output.movedim(self.unit_dim, -1).reshape(-1, output.shape[self.unit_dim])
+        if self.max_rows is None or output.shape[0] <= self.max_rows:
             return output
-        return output.movedim(self.unit_dim, -1).reshape(-1, output.shape[self.unit_dim])
+        subset = torch.randperm(output.shape[0], generator=torch.Generator().manual_seed(0))[: self.max_rows]
+        return output[subset.to(output.device)]
 
     @torch.no_grad()
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:

@@ -176,12 +176,29 @@ class SharedActivation(TinyClassifier):
 
 
 def test_a_module_run_twice_gives_a_layer_per_call_and_explicit_layers_name_their_group():
-    monitor = RepresentationSimilarity(num_samples=40, layers={"act": "relu", "conv": "identity"})
-    module, _ = _fit([monitor], module=SharedActivation(), max_epochs=1)
+    monitor = RepresentationSimilarity(num_samples=40, layers={"act": "relu", "conv": "identity"}, max_rows=100)
+    initial = {}
+
+    class Initial(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            initial["conv"] = _conv_rows(pl_module)
+
+    module, _ = _fit([Initial(), monitor], module=SharedActivation, max_epochs=1)
     assert {tag.split("/")[-1] for tag in monitor.history[0] if "/" in tag} == {"act#0", "act#1", "conv"}
     assert monitor.layer_cka.shape == (3, 3)
     torch.testing.assert_close(monitor.layer_cka.diagonal(), torch.ones(3))
     assert monitor.layer_cka[0, 1] == pytest.approx(float(cka_matrix([_act(module, 1), _act(module, 2)])[0, 1]))
+    expected = similarities(_conv_rows(module), initial["conv"], ("cka", "intertwiner"), "identity")
+    assert monitor.history[0]["similarity/cka/conv"] == pytest.approx(expected["cka"], abs=1e-6)
+    assert monitor.history[0]["similarity/intertwiner/conv"] == pytest.approx(expected["intertwiner"], abs=1e-6)
+
+
+def _conv_rows(module):
+    """The Conv1d output [40, 4, 8] as 320 (example, position) rows of 4 channels, the callback's 100 of them."""
+    inputs = module.train_dataloader().dataset.tensors[0][:40]
+    with torch.no_grad():
+        rows = module.conv(inputs.unsqueeze(1)).permute(0, 2, 1).reshape(-1, 4)
+    return rows[torch.randperm(320, generator=torch.Generator().manual_seed(0))[:100]]
 
 
 def _act(module, depth):
@@ -209,6 +226,7 @@ def _act(module, depth):
         ({"metrics": ("mse",)}, "metrics"),
         ({"metrics": "cka"}, "metrics"),
         ({"unit_dim": "1"}, "unit_dim"),
+        ({"max_rows": 3}, "max_rows"),
         ({"loss_fn": 3}, "loss_fn"),
     ],
 )
