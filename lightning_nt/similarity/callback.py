@@ -1,0 +1,378 @@
+"""Lightning adapter: how similar each layer's representation is to a reference's, up to its symmetries."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_nt.common import (
+    LossFn,
+    ProbeSet,
+    log_figure,
+    log_scalars,
+    log_text,
+    prepare_batch,
+    preserved_state,
+    select_examples,
+    training_loss,
+)
+from lightning_nt.common.validation import ArgumentError, Rule, at_least, check_choice, checked_arguments, non_empty
+from lightning_nt.similarity.core import ACTIVATIONS, Activation, SimilarityMetric, cka_matrix, similarities
+
+__all__ = ["ACTIVATION_MODULES", "RepresentationSimilarity"]
+
+ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {
+    nn.ReLU: "relu",
+    nn.LeakyReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.GELU: "gelu",
+    nn.SiLU: "gelu",
+    nn.Sigmoid: "sigmoid",
+}
+"""Module classes whose outputs ``layers=None`` compares, with the intertwiner group of each (SiLU, like GELU,
+has the permutations; LeakyReLU, like ReLU, the permutations times positive scalings)."""
+
+
+def _is_reference(value: Any) -> bool:
+    return not isinstance(value, str) or value in ("init", "previous") or os.path.isfile(value)
+
+
+class RepresentationSimilarity(pl.Callback):
+    """Per-layer similarity of the network's representations to a reference's: CKA, Procrustes, intertwiner.
+
+    Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_samples`` training
+    examples (cached when training starts) are compared with the reference's outputs on the same examples by
+    linear CKA, orthogonal Procrustes similarity (both blind to rotations of a layer's units) and the
+    intertwiner similarity of the layer's nonlinearity (blind only to the maps the network itself can undo:
+    permutations and positive scalings for ReLU, Godfrey et al. 2022). A layer whose CKA is high but whose
+    intertwiner similarity is low matches the reference only up to a rotation the network can't make.
+
+    Features are read by forward hooks during one forward pass (``loss_fn`` or the module's ``training_step``
+    with logging muted) in eval mode, under the run's precision; parameters, buffers, RNG and modes are
+    restored, so a run with the callback is bitwise the run without it. A layer's output ``[n, ...]`` is
+    compared as a matrix ``[n * positions, units]`` (at most ``max_rows`` rows), the units along ``unit_dim``
+    (channels of a convolution, features of a linear layer) and every other position an example, because the
+    intertwiner group maps units the same way at every position. Under DDP the probe sets of all ranks are
+    gathered, so every rank compares the same features and logs the same numbers.
+
+    Logs ``similarity/<metric>/<layer>``; ``.history`` holds one dict per measurement (with ``"step"`` and
+    ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
+    the final model (outputs flattened per example) beside per-layer bars of CKA and intertwiner similarity
+    against the reference, and ``similarity/table`` the last measurement as a table.
+
+    Args:
+        layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
+            inferred from its class (see ``ACTIVATION_MODULES``), or a mapping ``{name: activation}`` with
+            activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``, ``"identity"``. ``None``: every
+            ReLU, LeakyReLU, Tanh, GELU, SiLU and Sigmoid module. A module that runs several times in one forward
+            pass gives one layer per call, named ``<name>#<call>``.
+        reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path
+            of a checkpoint (Lightning's or a plain ``state_dict``) or a module of the same architecture (another
+            seed); its weights are loaded into the network for one forward pass and the network's restored.
+        every_n_epochs: epochs between measurements, taken after the epoch's last training batch (before
+            validation and before a checkpoint is saved, so a resumed run has every measurement).
+        num_samples: training examples in the probe set (per rank).
+        metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
+        unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
+            convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
+        max_rows: most rows (example-position pairs) of a layer's matrix: a layer with more is compared on a
+            fixed random subset of them (``torch.randperm(rows, generator=Generator().manual_seed(0))``), the
+            same rows for the network and the reference; ``None``: all. Bounds the cost for convolutions.
+        loss_fn: ``loss_fn(pl_module, batch)`` for the forward pass; default: ``training_step`` with logging
+            muted (needed for modules that optimize manually).
+
+    Examples:
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> monitor = RepresentationSimilarity(layers={"layer": "identity"}, num_samples=64)
+        >>> trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+        >>> trainer.fit(BoringModel())
+        >>> [entry["epoch"] for entry in monitor.history], sorted(monitor.history[-1])[:2]
+        ([0, 1], ['epoch', 'similarity/cka/layer'])
+    """
+
+    @checked_arguments(
+        reference=Rule(_is_reference, "'init', 'previous', an existing checkpoint file or a module"),
+        every_n_epochs=at_least(1),
+        num_samples=at_least(4),
+        metrics=non_empty(),
+        max_rows=at_least(4),
+    )
+    def __init__(
+        self,
+        layers: Sequence[str] | dict[str, Activation] | None = None,
+        reference: str | nn.Module = "init",
+        every_n_epochs: int = 1,
+        num_samples: int = 512,
+        metrics: Sequence[SimilarityMetric] = ("cka", "intertwiner", "orthogonal_procrustes"),
+        unit_dim: int = 1,
+        max_rows: int | None = 4096,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        if isinstance(layers, dict):
+            for activation in layers.values():
+                check_choice("layers", activation, ACTIVATIONS)
+        if layers is not None and not layers:
+            raise ArgumentError("`layers` must name at least one module, or be None for every activation module.")
+        if len(set(metrics)) != len(metrics):
+            raise ArgumentError(f"`metrics` must not repeat a metric, got {metrics!r}.")
+        self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
+        self.num_samples, self.metrics, self.unit_dim, self.loss_fn = num_samples, tuple(metrics), unit_dim, loss_fn
+        self.max_rows = max_rows
+        self.history: list[dict[str, float]] = []
+        self.layer_cka: Tensor | None = None
+        self._activations: dict[str, str] = {}
+        self._probe: ProbeSet | None = None
+        self._reference_features: dict[str, Tensor] | None = None
+        self._layer_names: list[str] = []
+        self._restored = False
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        reference = self.reference if isinstance(self.reference, str) else type(self.reference).__qualname__
+        layers = self.layers if not isinstance(self.layers, dict) else sorted(self.layers.items())
+        loss_fn = None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", type(self.loss_fn).__name__)
+        return self._generate_state_key(
+            layers=layers,
+            reference=reference,
+            every_n_epochs=self.every_n_epochs,
+            num_samples=self.num_samples,
+            metrics=self.metrics,
+            unit_dim=self.unit_dim,
+            max_rows=self.max_rows,
+            loss_fn=loss_fn,
+        )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._activations = self._resolve_layers(pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored:  # resumed: the checkpoint's probe set and reference features
+            self._restored = False
+            return
+        self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_samples))
+        with self._reference_weights(pl_module):
+            self._reference_features = self._cpu(self._features(trainer, pl_module))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # the epoch's weights after its last step, before validation and before a checkpoint is saved
+        last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        if last and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.layer_cka = cka_matrix(list(self._features(trainer, pl_module).values())).float().cpu()
+        if self.history and trainer.loggers and trainer.is_global_zero:
+            log_figure(trainer, "similarity/layers", self.figure())
+            log_text(trainer, "similarity/table", self.table())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        probe = None if self._probe is None else next(self._probe.chunks())[0]
+        return {"history": self.history, "probe": probe, "reference_features": self._reference_features}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self._probe = None if state_dict["probe"] is None else ProbeSet(state_dict["probe"])
+        self._reference_features = state_dict["reference_features"]
+        self._restored = self._probe is not None and self._reference_features is not None
+
+    def figure(self) -> Any:
+        """The layer x layer CKA matrix of the final model beside per-layer CKA and intertwiner similarity."""
+        import matplotlib.pyplot as plt
+
+        names = self._names()
+        figure, (matrix_axes, bar_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
+        if self.layer_cka is not None:
+            image = matrix_axes.imshow(self.layer_cka.numpy(), vmin=0, vmax=1, cmap="magma")
+            matrix_axes.set_xticks(range(len(names)), names, rotation=90)
+            matrix_axes.set_yticks(range(len(names)), names)
+            figure.colorbar(image, ax=matrix_axes, label="linear CKA")
+        matrix_axes.set_title("final model: CKA between layers")
+        shown = [metric for metric in ("cka", "intertwiner") if metric in self.metrics] or list(self.metrics)
+        width = 0.8 / len(shown)
+        last = self.history[-1]
+        for index, metric in enumerate(shown):
+            values = [last.get(f"similarity/{metric}/{name}", math.nan) for name in names]
+            bar_axes.bar([i + index * width for i in range(len(names))], values, width, label=metric)
+        bar_axes.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=90)
+        bar_axes.set_ylim(0, 1.05)
+        bar_axes.set_title(f"against the reference ({self._reference_name()}), epoch {int(last['epoch'])}")
+        bar_axes.legend()
+        figure.tight_layout()
+        return figure
+
+    def table(self) -> str:
+        """The last measurement as a Markdown table: one row per layer, one column per metric."""
+        last = self.history[-1]
+        names = self._names()
+        lines = ["| layer | group | " + " | ".join(self.metrics) + " |", "|---" * (len(self.metrics) + 2) + "|"]
+        for name in names:
+            values = " | ".join(f"{last.get(f'similarity/{metric}/{name}', math.nan):.4f}" for metric in self.metrics)
+            lines.append(f"| {name} | {self._activations.get(name.partition('#')[0], '?')} | {values} |")
+        return "\n".join(lines)
+
+    def _names(self) -> list[str]:
+        """The compared layers in forward order (from the last measurement's tags after a resume)."""
+        tagged = list(dict.fromkeys(tag.split("/", 2)[2] for tag in self.history[-1] if tag.startswith("similarity/")))
+        return [name for name in self._layer_names if name in tagged] or tagged
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._reference_features is not None
+        features = self._features(trainer, pl_module)
+        values = {}
+        for name, current in features.items():
+            activation = self._activations[name.partition("#")[0]]
+            x, y = self._unit_matrix(current), self._unit_matrix(self._reference_features[name])
+            layer = similarities(x, y, self.metrics, activation)  # type: ignore[arg-type]
+            values.update({f"similarity/{metric}/{name}": value for metric, value in layer.items()})
+        if not all(math.isfinite(value) for value in values.values()):
+            self._warn("nan", "RepresentationSimilarity: a measurement was not finite (NaN/inf); it is skipped.")
+            return
+        log_scalars(trainer, values)
+        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
+        if self.reference == "previous":
+            self._reference_features = self._cpu(features)
+
+    def _unit_matrix(self, output: Tensor) -> Tensor:
+        """``[n, ...]`` as ``[rows, units]``: units along ``unit_dim``, every other position a row, at most
+        ``max_rows`` of them (the same fixed random subset for every tensor with as many rows)."""
+        if output.ndim > 2:
+            output = output.movedim(self.unit_dim, -1).reshape(-1, output.shape[self.unit_dim])
+        if self.max_rows is None or output.shape[0] <= self.max_rows:
+            return output
+        subset = torch.randperm(output.shape[0], generator=torch.Generator().manual_seed(0))[: self.max_rows]
+        return output[subset.to(output.device)]
+
+    @torch.no_grad()
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Each layer's output on the probe set (of every rank, gathered), as float32 on the module's device."""
+        assert self._probe is not None
+        outputs: dict[str, list[Tensor]] = {}
+        batch = prepare_batch(trainer, next(self._probe.chunks())[0])
+        with ExitStack() as stack:
+            stack.enter_context(preserved_state(pl_module, parameters=False, grads=False))
+            modules = dict(pl_module.named_modules())
+            for name in self._activations:
+                handle = modules[name].register_forward_hook(self._recorder(name, outputs))
+                stack.callback(handle.remove)
+            pl_module.eval()
+            with trainer.precision_plugin.forward_context():
+                training_loss(pl_module, batch, 0, self.loss_fn)
+        silent = [name for name in self._activations if name not in outputs]
+        if silent:
+            raise ValueError(f"`layers`: {silent} did not run in {type(pl_module).__name__}'s forward pass.")
+        features = {
+            (name if len(calls) == 1 else f"{name}#{index}"): output
+            for name, calls in outputs.items()
+            for index, output in enumerate(calls)
+        }
+        self._layer_names = list(features)
+        return {name: self._gathered(trainer, output) for name, output in features.items()}
+
+    @staticmethod
+    def _recorder(name: str, outputs: dict[str, list[Tensor]]) -> Any:
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"`layers`: module {name!r} returned a {type(output).__name__}, not a Tensor; "
+                    "name a module whose output is a Tensor."
+                )
+            outputs.setdefault(name, []).append(output.detach().float())
+
+        return record
+
+    @staticmethod
+    def _gathered(trainer: pl.Trainer, output: Tensor) -> Tensor:
+        if trainer.world_size == 1:
+            return output
+        return trainer.strategy.all_gather(output.contiguous()).flatten(0, 1)
+
+    @staticmethod
+    def _common_probe(trainer: pl.Trainer, probe: ProbeSet) -> ProbeSet:
+        """Under DDP, every rank's probe set cut to the smallest one's size, so that the features gather."""
+        if trainer.world_size == 1:
+            return probe
+        size = torch.tensor(len(probe), device=trainer.strategy.root_device)
+        smallest = int(trainer.strategy.all_gather(size).min())
+        return ProbeSet(select_examples(next(probe.chunks())[0], slice(0, smallest)))
+
+    @staticmethod
+    def _cpu(features: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: value.cpu() for name, value in features.items()}
+
+    @contextmanager
+    def _reference_weights(self, pl_module: pl.LightningModule) -> Iterator[None]:
+        """The reference's weights in ``pl_module`` for the block (nothing to do for "init" and "previous")."""
+        if isinstance(self.reference, str) and self.reference in ("init", "previous"):
+            yield
+            return
+        if isinstance(self.reference, nn.Module):
+            state = self.reference.state_dict()
+        else:
+            checkpoint = torch.load(self.reference, map_location="cpu", weights_only=False)
+            state = checkpoint.get("state_dict", checkpoint)
+        with preserved_state(pl_module, grads=False, rng=False, modes=False):
+            try:
+                pl_module.load_state_dict(state)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"`reference` must have the architecture of {type(pl_module).__name__}: {error}"
+                ) from error
+            yield
+
+    def _resolve_layers(self, pl_module: pl.LightningModule) -> dict[str, str]:
+        modules = dict(pl_module.named_modules())
+        if self.layers is None:
+            found = {name: self._activation_of(module) for name, module in modules.items()}
+            layers = {name: activation for name, activation in found.items() if activation is not None}
+            if not layers:
+                raise ValueError(
+                    f"`layers`: {type(pl_module).__name__} has no activation modules (nn.ReLU, nn.Tanh, nn.GELU, "
+                    "...), perhaps because it calls torch.nn.functional; name the layers to compare, e.g. "
+                    "layers={'encoder.2': 'relu'}."
+                )
+            return layers
+        unknown = [name for name in self.layers if name not in modules]
+        if unknown:
+            raise ValueError(f"`layers`: {type(pl_module).__name__} has no modules named {unknown}.")
+        if isinstance(self.layers, dict):
+            return dict(self.layers)
+        layers = {name: self._activation_of(modules[name]) for name in self.layers}
+        unclear = [name for name, activation in layers.items() if activation is None]
+        if unclear:
+            raise ValueError(
+                f"`layers`: the intertwiner group of {unclear} can't be inferred from their classes; give it, "
+                f"e.g. layers={{{unclear[0]!r}: 'relu'}} (or 'identity' for every invertible map)."
+            )
+        return layers  # type: ignore[return-value]
+
+    @staticmethod
+    def _activation_of(module: nn.Module) -> str | None:
+        return next((group for cls, group in ACTIVATION_MODULES.items() if type(module) is cls), None)
+
+    def _reference_name(self) -> str:
+        return self.reference if isinstance(self.reference, str) else type(self.reference).__name__
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)

@@ -1,0 +1,263 @@
+"""RepresentationSimilarity through the Trainer, against the core on features read independently."""
+
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_nt.common.validation import ArgumentError
+from lightning_nt.similarity import RepresentationSimilarity, cka_matrix, similarities
+from tests.helpers import TinyClassifier, classification_data, read_tensorboard_tags, tiny_trainer
+
+METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
+
+
+def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
+    pl.seed_everything(seed)
+    module = module or (lambda: TinyClassifier(num_samples=64, shuffle=False))
+    module = module if isinstance(module, nn.Module) else module()  # a factory builds it after seeding
+    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module)
+    return module, trainer
+
+
+def _hidden(module, num_samples=40):
+    """The Tanh layer's output on the first examples, read by calling the layers directly."""
+    inputs = module.train_dataloader().dataset.tensors[0][:num_samples]
+    with torch.no_grad():
+        return module.net[:3](inputs)
+
+
+def test_values_equal_the_core_on_independently_read_features(tmp_path):
+    pl.seed_everything(0)
+    module = TinyClassifier(num_samples=64, shuffle=False)
+    initial = copy.deepcopy(module)
+    monitor = RepresentationSimilarity(num_samples=40, metrics=METRICS)
+    _fit([monitor], module=module, root=tmp_path, max_epochs=2)
+    assert [(entry["epoch"], entry["step"]) for entry in monitor.history] == [(0, 4), (1, 8)]
+    expected = similarities(_hidden(module), _hidden(initial), METRICS, "tanh")
+    for metric, value in expected.items():
+        assert monitor.history[-1][f"similarity/{metric}/net.2"] == pytest.approx(value, abs=1e-6)
+        assert f"similarity/{metric}/net.2" in read_tensorboard_tags(tmp_path)["scalars"]
+    assert 0.5 < expected["cka"] < 1 - 1e-4
+    tags = read_tensorboard_tags(tmp_path)
+    assert "similarity/layers" in tags["images"]
+    assert "similarity/table/text_summary" in tags["tensors"]
+    assert "| net.2 | tanh |" in monitor.table()
+    assert monitor.layer_cka.shape == (1, 1)
+
+
+def test_a_run_with_the_callback_is_bitwise_the_run_without():
+    def module():
+        return TinyClassifier(num_samples=64, norm="batch")
+
+    plain, plain_trainer = _fit([], module=module, max_epochs=2)
+    monitor = RepresentationSimilarity(num_samples=32)
+    watched, trainer = _fit([monitor], module=module, max_epochs=2)
+    assert len(monitor.history) == 2
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    for key, state in trainer.optimizers[0].state_dict()["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+
+
+def test_previous_module_and_checkpoint_references(tmp_path):
+    pl.seed_everything(1)
+    other = TinyClassifier(num_samples=64, shuffle=False)
+    torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
+    previous = RepresentationSimilarity(num_samples=40, reference="previous")
+    seed = RepresentationSimilarity(num_samples=40, reference=other)
+    path = RepresentationSimilarity(num_samples=40, reference=str(tmp_path / "other.ckpt"))
+    snapshots = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snapshots[trainer.current_epoch] = _hidden(pl_module)
+
+    module, _ = _fit([Snapshot(), previous, seed, path], max_epochs=2)
+    assert similarities(snapshots[1], snapshots[0], ("cka",), "tanh")["cka"] == pytest.approx(
+        previous.history[1]["similarity/cka/net.2"], abs=1e-6
+    )
+    against_other = similarities(_hidden(module), _hidden(other), ("cka", "intertwiner"), "tanh")
+    for callback in (seed, path):
+        assert callback.history[-1]["similarity/cka/net.2"] == pytest.approx(against_other["cka"], abs=1e-6)
+        assert callback.history[-1]["similarity/intertwiner/net.2"] == pytest.approx(
+            against_other["intertwiner"], abs=1e-6
+        )
+    assert len({previous.state_key, seed.state_key, path.state_key}) == 3
+
+
+@dataclasses.dataclass
+class Example:
+    inputs: Tensor
+    labels: Tensor
+
+
+class StructuredBatches(TinyClassifier):
+    """The same network fed dict or dataclass batches."""
+
+    def __init__(self, style):
+        super().__init__(num_samples=64, shuffle=False)
+        self.style = style
+
+    def train_dataloader(self):
+        def collate(items):
+            inputs, labels = torch.stack([i for i, _ in items]), torch.stack([t for _, t in items])
+            return {"x": inputs, "y": labels} if self.style == "dict" else Example(inputs, labels)
+
+        return DataLoader(classification_data(64, 8, 3), batch_size=16, collate_fn=collate)
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = (batch["x"], batch["y"]) if self.style == "dict" else (batch.inputs, batch.labels)
+        return F.cross_entropy(self(inputs), labels)
+
+
+@pytest.mark.parametrize("style", ["dict", "dataclass"])
+def test_dict_and_dataclass_batches(style):
+    tuples = RepresentationSimilarity(num_samples=40)
+    _fit([tuples], max_epochs=1)
+    structured = RepresentationSimilarity(num_samples=40)
+    _fit([structured], module=lambda: StructuredBatches(style), max_epochs=1)
+    assert structured.history[0]["similarity/cka/net.2"] == pytest.approx(tuples.history[0]["similarity/cka/net.2"])
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    uninterrupted = RepresentationSimilarity(num_samples=40)
+    _fit([uninterrupted], max_epochs=3)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # saved at validation end, as by default
+    _fit([RepresentationSimilarity(num_samples=40), saver], max_epochs=2, enable_checkpointing=True)
+    resumed = RepresentationSimilarity(num_samples=40)
+    pl.seed_everything(123)  # the reference must be the checkpoint's, not the resumed weights' features
+    trainer = tiny_trainer(callbacks=[resumed], max_epochs=3)
+    trainer.fit(TinyClassifier(num_samples=64, shuffle=False), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert len(resumed.history) == 3
+    for entry, expected in zip(resumed.history, uninterrupted.history):
+        assert entry == pytest.approx(expected)
+
+
+class NaNInEval(nn.Module):
+    def forward(self, inputs):
+        return inputs if self.training else inputs * float("nan")
+
+
+def test_non_finite_measurements_are_skipped_with_one_warning():
+    module = TinyClassifier(num_samples=64)
+    module.net.insert(3, NaNInEval())
+    monitor = RepresentationSimilarity(num_samples=32, layers={"net.3": "tanh"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, trainer = _fit([monitor], module=module, max_epochs=2)
+    assert monitor.history == []
+    assert sum("not finite" in str(w.message) for w in caught) == 1
+    assert trainer.global_step == 8
+
+
+class SharedActivation(TinyClassifier):
+    """One ReLU module applied twice, and a convolution whose units are channels."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, shuffle=False)
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3))
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, inputs):
+        hidden = self.act(self.net[1](self.act(self.net[0](inputs))))
+        return self.net[2](hidden) + self.conv(inputs.unsqueeze(1)).mean(dim=(1, 2)).unsqueeze(1)
+
+
+def test_a_module_run_twice_gives_a_layer_per_call_and_explicit_layers_name_their_group():
+    monitor = RepresentationSimilarity(num_samples=40, layers={"act": "relu", "conv": "identity"}, max_rows=100)
+    initial = {}
+
+    class Initial(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            initial["conv"] = _conv_rows(pl_module)
+
+    module, _ = _fit([Initial(), monitor], module=SharedActivation, max_epochs=1)
+    assert {tag.split("/")[-1] for tag in monitor.history[0] if "/" in tag} == {"act#0", "act#1", "conv"}
+    assert monitor.layer_cka.shape == (3, 3)
+    torch.testing.assert_close(monitor.layer_cka.diagonal(), torch.ones(3))
+    assert monitor.layer_cka[0, 1] == pytest.approx(float(cka_matrix([_act(module, 1), _act(module, 2)])[0, 1]))
+    expected = similarities(_conv_rows(module), initial["conv"], ("cka", "intertwiner"), "identity")
+    assert monitor.history[0]["similarity/cka/conv"] == pytest.approx(expected["cka"], abs=1e-6)
+    assert monitor.history[0]["similarity/intertwiner/conv"] == pytest.approx(expected["intertwiner"], abs=1e-6)
+
+
+def _conv_rows(module):
+    """The Conv1d output [40, 4, 8] as 320 (example, position) rows of 4 channels, the callback's 100 of them."""
+    inputs = module.train_dataloader().dataset.tensors[0][:40]
+    with torch.no_grad():
+        rows = module.conv(inputs.unsqueeze(1)).permute(0, 2, 1).reshape(-1, 4)
+    return rows[torch.randperm(320, generator=torch.Generator().manual_seed(0))[:100]]
+
+
+def _act(module, depth):
+    inputs = module.train_dataloader().dataset.tensors[0][:40]
+    with torch.no_grad():
+        hidden = module.act(module.net[0](inputs))
+        return hidden if depth == 1 else module.act(module.net[1](hidden))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"layers": "net.2"}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"layers": {"net.2": "softplus"}}, "layers"),
+        ({"layers": [2]}, "layers"),
+        ({"reference": "last"}, "reference"),
+        ({"reference": 3}, "reference"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"every_n_epochs": 1.0}, "every_n_epochs"),
+        ({"num_samples": 3}, "num_samples"),
+        ({"num_samples": True}, "num_samples"),
+        ({"metrics": ()}, "metrics"),
+        ({"metrics": ("cka", "cka")}, "metrics"),
+        ({"metrics": ("mse",)}, "metrics"),
+        ({"metrics": "cka"}, "metrics"),
+        ({"unit_dim": "1"}, "unit_dim"),
+        ({"max_rows": 3}, "max_rows"),
+        ({"loss_fn": 3}, "loss_fn"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, argument):
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        RepresentationSimilarity(**kwargs)
+
+
+class Functional(TinyClassifier):
+    """Calls torch.relu instead of its Tanh module (kept, or replaced by an Identity)."""
+
+    def __init__(self, keep_tanh):
+        super().__init__()
+        if not keep_tanh:
+            self.net[2] = nn.Identity()
+
+    def forward(self, inputs):
+        return self.net[3](torch.relu(self.net[0](inputs)))
+
+
+@pytest.mark.parametrize(
+    ("callback", "module", "argument"),
+    [
+        (RepresentationSimilarity(layers=["net.9"]), TinyClassifier(), "layers"),
+        (RepresentationSimilarity(layers=["net.0"]), TinyClassifier(), "layers"),
+        (RepresentationSimilarity(), Functional(keep_tanh=False), "layers"),
+        (RepresentationSimilarity(), Functional(keep_tanh=True), "layers"),
+        (RepresentationSimilarity(reference=TinyClassifier(hidden=8)), TinyClassifier(), "reference"),
+    ],
+)
+def test_bad_layers_and_references_fail_before_training(callback, module, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        _fit([callback], module=module)
+    assert module.net[0].weight.grad is None

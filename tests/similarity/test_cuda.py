@@ -1,0 +1,41 @@
+import math
+
+import pytest
+import torch
+
+from lightning_nt.similarity import RepresentationSimilarity, cka_matrix, similarities
+from tests.helpers import TinyClassifier, tiny_trainer
+
+METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("activation", ["relu", "tanh", "identity"])
+def test_core_on_the_gpu_equals_the_cpu(activation):
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(0))
+    y = torch.tanh(x @ torch.randn(12, 12, generator=torch.Generator().manual_seed(1)))
+    on_gpu = similarities(x.cuda().half(), y.cuda().bfloat16(), METRICS, activation)
+    on_cpu = similarities(x.half(), y.bfloat16(), METRICS, activation)
+    assert on_gpu == pytest.approx(on_cpu, rel=1e-9)
+    matrix = cka_matrix([x.cuda(), y.cuda()])
+    assert matrix.device.type == "cuda"
+    assert float(matrix[0, 1]) == pytest.approx(on_cpu["cka"], rel=1e-9)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_callback_on_the_gpu(precision):
+    devices = set()
+
+    def loss_fn(module, batch):
+        devices.add(batch[0].device.type)
+        return torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+    monitor = RepresentationSimilarity(num_samples=40, metrics=METRICS, loss_fn=loss_fn)
+    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
+    trainer.fit(TinyClassifier(num_samples=96))
+    assert devices == {"cuda"}
+    assert len(monitor.history) == 2
+    assert all(math.isfinite(value) for value in monitor.history[-1].values())
+    assert 0 < monitor.history[-1]["similarity/cka/net.2"] <= 1 + 1e-9
+    assert monitor.layer_cka is not None and monitor.layer_cka.device.type == "cpu"
