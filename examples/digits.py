@@ -26,6 +26,7 @@ from lightning_nt import (
     GradientSignalTest,
     GradInit,
     IterateAveraging,
+    RepresentationSimilarity,
     SharpnessMonitor,
     SubspaceTraining,
 )
@@ -59,6 +60,12 @@ CAPABILITIES: list[Capability] = [
         help="top Hessian eigenvalue and batch sharpness every 50 steps against the optimizer's "
         "edge-of-stability threshold (2(1+momentum)/lr for SGD), on 512 training images",
         build=lambda args: SharpnessMonitor(every_n_steps=50, num_samples=512, batch_sharpness=True, max_overhead=None),
+    ),
+    Capability(
+        flag="similarity",
+        help="every epoch, each ReLU layer's representation of 512 training images compared with its state at "
+        "initialisation: linear CKA, orthogonal Procrustes and the ReLU intertwiner similarity (Godfrey et al.)",
+        build=lambda args: RepresentationSimilarity(reference="init", every_n_epochs=1, num_samples=512),
     ),
     Capability(
         flag="gradtest",

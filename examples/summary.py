@@ -20,6 +20,7 @@ from lightning_nt import (
     IterateAveraging,
     SharpnessMonitor,
 )
+from lightning_nt.similarity import RepresentationSimilarity
 from lightning_nt.stats import GradientSignalTest
 
 __all__ = ["summarize"]
@@ -104,11 +105,24 @@ def _gradient_signal(callback: GradientSignalTest, trainer: pl.Trainer) -> str:
     )
 
 
+def _similarity(callback: RepresentationSimilarity, trainer: pl.Trainer) -> str:
+    if not callback.history:
+        return "no measurement"
+    last = callback.history[-1]
+    layers = [tag.split("/", 2)[2] for tag in last if tag.startswith("similarity/cka/")]
+    pairs = ", ".join(
+        f"{layer} {last[f'similarity/cka/{layer}']:.2f}/{last.get(f'similarity/intertwiner/{layer}', math.nan):.2f}"
+        for layer in layers
+    )
+    return f"CKA/intertwiner similarity per layer to the reference: {pairs}"
+
+
 SUMMARIES: dict[type, Callable[[Any, pl.Trainer], str]] = {
     GradInit: _gradinit,
     IterateAveraging: _averaging,
     SharpnessMonitor: _sharpness,
     GradientSignalTest: _gradient_signal,
+    RepresentationSimilarity: _similarity,
     DPStrategy: _privacy,
     DPDDPStrategy: _privacy,
     CompressionBoundReporter: _bound,

@@ -5,6 +5,7 @@ from lightning_nt.compression import CompressionBoundReporter, SubspaceTraining
 from lightning_nt.gradinit import GradInit
 from lightning_nt.privacy import DPDDPStrategy, DPStrategy, register_strategies
 from lightning_nt.sharpness import SharpnessMonitor
+from lightning_nt.similarity import RepresentationSimilarity
 from lightning_nt.stats import GradientSignalTest
 
 __version__ = "0.1.0.dev0"
@@ -18,6 +19,7 @@ __all__ = [
     "GradInit",
     "GradientSignalTest",
     "IterateAveraging",
+    "RepresentationSimilarity",
     "SharpnessMonitor",
     "SubspaceTraining",
     "__version__",

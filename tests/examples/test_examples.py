@@ -123,3 +123,11 @@ def test_cli_summarises_each_capability(tmp_path, capsys):
         ]
     )
     assert "CompressionBoundReporter: certified error <= " in capsys.readouterr().out
+
+
+def test_digits_demo_with_similarity_and_the_gradient_test(tmp_path, capsys):
+    arguments = ["--epochs", "2", "--train-size", "256", "--similarity", "--gradtest", "--log-dir", str(tmp_path)]
+    digits.main(arguments)
+    out = capsys.readouterr().out
+    assert "RepresentationSimilarity: CKA/intertwiner similarity per layer to the reference: features.2" in out
+    assert "GradientSignalTest: " in out and "'no gradient signal' rejected in" in out
