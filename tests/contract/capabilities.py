@@ -17,11 +17,14 @@ import pytorch_lightning as pl
 from lightning_nt import (
     CompressionBoundReporter,
     DPStrategy,
+    GradientSignalTest,
     GradInit,
     IterateAveraging,
+    RepresentationSimilarity,
     SharpnessMonitor,
     SubspaceTraining,
 )
+from lightning_nt.similarity.callback import ACTIVATION_MODULES
 from tests.helpers.zoo import ZooEntry
 
 __all__ = ["CAPABILITIES", "Capability", "Constructor", "Refusal"]
@@ -169,6 +172,26 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
     return None
 
 
+def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
+    refusal = _dp_refusals(entry)
+    if refusal is None and entry.tied_weights:  # one tensor in two layers: per-layer norms would be wrong
+        return Refusal(r"grad_sample_mode='hooks'")
+    return refusal
+
+
+def _activation_layers(entry: ZooEntry) -> list[str]:
+    module = entry.build()
+    return [name for name, layer in module.named_modules() if type(layer) in ACTIVATION_MODULES]
+
+
+def _similarity_tags(entry: ZooEntry) -> tuple[str, ...]:
+    return tuple(f"similarity/cka/{name}" for name in _activation_layers(entry))
+
+
+def _similarity_refusals(entry: ZooEntry) -> Refusal | None:
+    return None if _activation_layers(entry) else Refusal(r"`layers`")
+
+
 _COUNTS = (0, -1)
 _PROBABILITIES = (0.0, 1.0, -0.5, 1.5)
 _POSITIVE = (0.0, -1.0)
@@ -286,6 +309,36 @@ CAPABILITIES: list[Capability] = [
         tags=_compression_tags,
         state=lambda callbacks: _compression_report(callbacks[1]),
         refuses=_subspace_compression_refusals,
+    ),
+    Capability(
+        "GradientSignalTest",
+        lambda entry: GradientSignalTest(every_n_steps=2, num_samples=16, data="train"),
+        tags=lambda entry: ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal"),
+        state=lambda callback: callback.history,
+        side_effect_free=True,
+        refuses=_needs_the_loss,
+        constructor=Constructor(
+            GradientSignalTest,
+            out_of_range={"every_n_steps": _COUNTS, "num_samples": (3, 0, -1), "alpha": (0.0, 1.0, -0.5)},
+        ),
+    ),
+    Capability(
+        "RepresentationSimilarity",
+        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_samples=16),
+        tags=_similarity_tags,
+        state=lambda callback: callback.history,
+        side_effect_free=True,
+        refuses=_similarity_refusals,
+        constructor=Constructor(
+            RepresentationSimilarity, out_of_range={"every_n_epochs": _COUNTS, "num_samples": (3, 0, -1)}
+        ),
+    ),
+    Capability(
+        "DPStrategy-bk",
+        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="bk"),
+        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
+        state=lambda strategy: strategy.epsilon,
+        refuses=_dp_book_keeping_refusals,
     ),
     Capability(
         "DPStrategy",
