@@ -31,7 +31,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps: batches per epoch (default ``round(1 / q)``: one pass over the data in expectation).
         rank: this process's index; it takes its shard of every batch.
         world_size: number of processes sharing every batch.
-        seed: seed of the batch draws, the same on every process.
+        seed: seed of the batch draws, the same on every process. Each epoch's draws come from ``(seed, epoch)``
+            (Lightning calls :meth:`set_epoch`), so a run resumed at an epoch boundary draws what the
+            uninterrupted run drew.
 
     Examples:
         >>> sampler = PoissonBatchSampler(num_samples=10, sample_rate=0.5, seed=0)
@@ -52,8 +54,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
         self.num_samples, self.sample_rate = num_samples, sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
-        self.rank, self.world_size = rank, world_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.generator = torch.Generator().manual_seed(_epoch_seed(seed, 0))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's batches from ``(seed, epoch)``."""
+        self.generator.manual_seed(_epoch_seed(self.seed, epoch))
 
     def __len__(self) -> int:
         return self.steps
@@ -63,6 +69,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         for _ in range(self.steps):
             chosen = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             yield torch.nonzero(chosen & shard).flatten().tolist()
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return hash((seed, epoch)) % 2**62
 
 
 class AugmentedViews(Dataset):

@@ -151,7 +151,6 @@ class _DifferentialPrivacy:
         self._rows = 0  # rows of the (flattened) batch the module saw in this step
         self._plan: tuple[Any, ...] | None = None
         self._per_example_losses: torch.Tensor | None = None
-        self._loaders_made = 0
         self.sensitivity_probe = sensitivity_probe
         self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
         self._warned_about_logging = False
@@ -262,16 +261,17 @@ class _DifferentialPrivacy:
         return float(dataloader.batch_size)
 
     def _sampling_seed(self, trainer: pl.Trainer) -> int:
-        """A fresh seed for every loader (reloads and resumes never replay batches), the same on every process.
+        """The sampler's seed, the same on every process; each epoch draws from ``(seed, epoch)``.
 
-        Without an explicit ``seed`` it comes from the OS, so that batch membership stays secret, as the privacy
-        amplification by sampling assumes.
+        Without an explicit ``seed`` it comes from the OS for every loader (reloads and resumes never replay
+        batches), so that batch membership stays secret, as the privacy amplification by sampling assumes. With
+        ``seed=`` (reproducible experiments, warned) a run resumed at an epoch boundary draws the batches the
+        uninterrupted run drew.
         """
-        self._loaders_made += 1
         if self.seed is None or self.secure_mode:
             value = torch.tensor(secrets.randbits(62), device=trainer.strategy.root_device)
             return int(trainer.strategy.broadcast(value, src=0))
-        return hash((self.seed, trainer.global_step, self._loaders_made)) % 2**62
+        return self.seed
 
     def _calibrate(self, trainer: pl.Trainer, steps_per_epoch: int | None) -> None:
         optimizer = self.optimizers[0]

@@ -433,3 +433,15 @@ def test_target_epsilon_needs_a_finite_plan():
 
 def _steps(strategy):
     return sum(steps for _, _, steps in strategy.accountant.history)
+
+
+def test_each_epochs_poisson_batches_come_from_the_seed_and_the_epoch():
+    """With seed= a run resumed at an epoch boundary must draw what the uninterrupted run drew."""
+    uninterrupted = PoissonBatchSampler(num_samples=50, sample_rate=0.2, seed=3)
+    epochs = []
+    for epoch in range(3):
+        uninterrupted.set_epoch(epoch)
+        epochs.append(list(uninterrupted))
+    resumed = PoissonBatchSampler(num_samples=50, sample_rate=0.2, seed=3)
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2] and epochs[1] != epochs[2]
