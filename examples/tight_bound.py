@@ -33,11 +33,16 @@ GRID = configuration_grid(levels=(2, 3, 4, 5, 7, 9, 13, 17, 33), prune=(0.0,))
 
 
 class SubspaceMLP:
-    """The network, its subspace coordinates ``w`` and a forward pass for any value of ``w``."""
+    """The network, its subspace coordinates ``w`` and a forward pass for any value of ``w``.
+
+    ``theta0`` and ``P`` are drawn in float32 as the library draws them, then cast to float64 (exactly): the
+    recipe computes in float64 (see :func:`main`).
+    """
 
     def __init__(self, dimension: int, seed: int) -> None:
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
         self.subspace = to_subspace(self.net, dimension, seed)
+        self.net.double()
         self.name = next(name for name, p in self.net.named_parameters() if p is self.subspace.weight)
 
     def __call__(self, w: Tensor, inputs: Tensor) -> Tensor:
@@ -57,7 +62,7 @@ def uniform_grid(w: Tensor, levels: int, clip: float) -> Tensor:
     low = max(float(w.min()), float(w.mean() - clip * w.std()))
     high = min(float(w.max()), float(w.mean() + clip * w.std()))
     low, high = (torch.tensor(float(torch.tensor(v).half())) for v in (low, high))
-    return low + (high - low) * (torch.arange(levels, dtype=torch.float32) / (levels - 1))
+    return (low + (high - low) * (torch.arange(levels, dtype=torch.float32) / (levels - 1))).double()
 
 
 def train(
@@ -140,7 +145,7 @@ def certified(model: SubspaceMLP, w: Tensor, train_set: tuple[Tensor, Tensor]) -
 def run(seed: int, train_set: tuple[Tensor, Tensor], val_set: tuple[Tensor, Tensor]) -> tuple[Certificate, float]:
     torch.manual_seed(0)
     model = SubspaceMLP(dimension=150, seed=seed)
-    w = train(model, torch.zeros(150), train_set, epochs=200, lr=0.1, batch_size=256)
+    w = train(model, torch.zeros(150, dtype=torch.float64), train_set, epochs=200, lr=0.1, batch_size=256)
     grid = uniform_grid(w, levels=9, clip=3.0)
     w = train(model, w.clamp(grid[0], grid[-1]), train_set, 60, 0.2 * float(w.std()) / 7, 64, grid=grid)
     w = coordinate_search(model, w, grid, train_set, sweeps=12)
@@ -154,7 +159,9 @@ def main(argv: Sequence[str] | None = None) -> Certificate:
     args = parser.parse_args(argv)
     data = DigitsDataModule()
     data.setup()
-    train_set, val_set = data.train_set.tensors, data.val_set.tensors
+    train_set, val_set = (
+        (inputs.double(), labels) for inputs, labels in (data.train_set.tensors, data.val_set.tensors)
+    )
     best: Certificate | None = None
     for seed in args.seeds:
         certificate, val_error = run(seed, train_set, val_set)
