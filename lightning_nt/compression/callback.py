@@ -418,9 +418,14 @@ class CompressionBoundReporter(pl.Callback):
 class SubspaceTraining(pl.Callback):
     """Train any LightningModule in a random ``dimension``-dimensional subspace ``theta0 + P w`` (Lotfi et al.).
 
-    At ``setup`` the module's parameters are re-drawn from ``seed`` (each submodule's ``reset_parameters``),
-    frozen as ``theta0``, and made functions of the shared coordinates ``w``, so that ``configure_optimizers``
-    (which runs after) optimises only ``w``. :class:`CompressionBoundReporter` then encodes ``w`` and the seed.
+    At ``setup`` the module's trainable parameters are re-drawn from ``seed`` (each submodule's
+    ``reset_parameters``, or ``_reset_parameters`` as in ``nn.MultiheadAttention``), frozen as ``theta0``, and made
+    functions of the shared coordinates ``w``, so that ``configure_optimizers`` (which runs after) optimises only
+    ``w``. :class:`CompressionBoundReporter` then encodes ``w`` and the seed. Parameters frozen by the user
+    (``requires_grad=False``, e.g. a pretrained backbone) stay outside the subspace with their values (the reporter
+    encodes them as they are); a parameter shared by several modules (tied embedding and output weights) stays
+    shared. Modules of any kind work, ``nn.TransformerEncoder`` and ``nn.LSTM`` included, as long as every trainable
+    parameter belongs to a submodule with such an initialiser.
 
     Args:
         dimension: ``d``, the number of trainable coordinates.

@@ -285,7 +285,7 @@ def r_norm(weights: Tensor, biases: Tensor, outgoing: Tensor, tolerance: float =
     normals = planes[:, :-1]
     leading = (normals.abs() >= 0.5 / math.sqrt(normals.shape[1])).double().argmax(dim=1, keepdim=True)
     planes = planes * torch.sign(normals.gather(1, leading))  # the unit's outgoing vector is unchanged
-    distances = torch.cdist(planes, planes)
+    distances = torch.cdist(planes, planes, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros for equal
     sizes = planes.norm(dim=1)
     same = distances <= tolerance * (1 + torch.maximum(sizes.unsqueeze(0), sizes.unsqueeze(1)))
     group = same.double().argmax(dim=1)  # each unit joins the first unit on its hyperplane
