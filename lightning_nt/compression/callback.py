@@ -17,7 +17,6 @@ from typing_extensions import override
 
 from lightning_nt.common import (
     ProbeSet,
-    check_choice,
     log_scalars,
     log_text,
     prepare_batch,
@@ -25,20 +24,25 @@ from lightning_nt.common import (
     preserved_state,
     select_examples,
 )
+from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty
 from lightning_nt.compression.capacity import capacity_measures
 from lightning_nt.compression.certificate import Certificate, certify
-from lightning_nt.compression.coding import QuantizationMethod, configuration_grid
+from lightning_nt.compression.coding import QuantizationMethod, configuration_grid, uncodable
 from lightning_nt.compression.stability import noise_stability
 from lightning_nt.compression.subspace import (
+    DIMENSION_RULE,
+    SEED_RULE,
     RandomSubspace,
-    check_subspace_arguments,
     find_subspace,
     subspace_mismatches,
     subspace_originals,
     to_subspace,
 )
 
-__all__ = ["CompressionBoundReporter", "PredictFn", "SubspaceTraining", "TargetFn"]
+__all__ = ["CompressionBoundReporter", "PredictFn", "SubspaceTraining", "TargetFn", "class_scores"]
+
+_CHECKED_EXAMPLES = 8
+"""Training examples ``predict_fn``/``target_fn`` are tried on when training starts."""
 
 PredictFn = Callable[[pl.LightningModule, Any], Tensor]
 TargetFn = Callable[[Any], Tensor]
@@ -68,13 +72,17 @@ class CompressionBoundReporter(pl.Callback):
     Beside it, uncertified: Arora et al.'s layer and interlayer cushions, activation contraction,
     interlayer smoothness, noise attenuation and "effective parameters" (``arora/*``), and capacity
     measures (``capacity/*``: parameter count, norm products, distance from initialisation, path norm,
-    margin, sharpness-based PAC-Bayes flatness, the R-norm of two-layer ReLU nets).
+    margin, sharpness-based PAC-Bayes flatness, the R-norm and the F1 path norm of two-layer ReLU nets).
 
     Predictions are ``predict_fn(pl_module, batch)``, by default ``pl_module(batch[0])``, compared by
-    argmax with ``target_fn(batch)``, by default ``batch[1]``. The training examples are the train
-    dataloader's dataset read in order (``num_samples`` of them drawn with a fixed seed, if given): ``m``
-    distinct examples, whatever sampler, shuffling or DP sampling the training used. With random
-    augmentation inside the dataset the bound is about the augmented distribution. Each report is its
+    argmax with the class indices ``target_fn(batch)``, by default ``batch[1]``. A model with one output column
+    (or a 1-D output) is a binary classifier, as trained with ``BCEWithLogitsLoss``: it predicts class 1 where its
+    logit is > 0, and its labels must be 0 or 1 (of any dtype). A model whose targets aren't class indices (a
+    regressor) has no 0-1 error: it is refused when training starts, naming ``predict_fn``/``target_fn``.
+
+    The training examples are the train dataloader's dataset read in order (``num_samples`` of them drawn with a
+    fixed seed, if given): ``m`` distinct examples, whatever sampler, shuffling or DP sampling the training used.
+    With random augmentation inside the dataset the bound is about the augmented distribution. Each report is its
     own certificate: picking the best of several reports afterwards would need ``log2(#reports)`` bits more.
 
     What the decoder is assumed to know in advance, and so is not paid for: the architecture (the module's code
@@ -84,7 +92,8 @@ class CompressionBoundReporter(pl.Callback):
     seed doesn't rebuild (e.g. after loading a checkpoint of another seed) are refused with a warning. If the
     train/validation split is a sampler over one dataset, ``m`` counts the whole dataset (still valid, but
     ``compression/test_error`` then isn't held out); ``test_error`` is the decoded model's error on the whole
-    validation dataset(s), whatever their sampler.
+    validation dataset(s), whatever their sampler. Non-finite weights or statistics can't be encoded: that report
+    is skipped with a warning (the previous one is kept) and training goes on.
     The ``m`` examples are cached on the CPU: use ``num_samples`` for data sets that don't fit in memory.
 
     Everything is logged to every logger and ``trainer.callback_metrics``, the table as TensorBoard text
@@ -122,6 +131,17 @@ class CompressionBoundReporter(pl.Callback):
 
     reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
 
+    @checked_arguments(
+        delta=between(0.0, 1.0, low_open=True, high_open=True),
+        every_n_epochs=at_least(1),
+        levels=(non_empty(), at_least(2)),
+        prune=(non_empty(), between(0.0, 1.0, high_open=True)),
+        methods=non_empty(),
+        num_samples=at_least(1),
+        screening_samples=at_least(1),
+        finalists=at_least(1),
+        stability_samples=at_least(1),
+    )
     def __init__(
         self,
         delta: float = 0.05,
@@ -140,17 +160,6 @@ class CompressionBoundReporter(pl.Callback):
         target_fn: TargetFn | None = None,
         loss_fn: Callable[[pl.LightningModule, Any], Tensor] | None = None,
     ) -> None:
-        if not 0.0 < delta < 1.0:
-            raise ValueError(f"`delta` must be in (0, 1), got {delta}.")
-        check_choice("when", when, ("fit_end", "epoch"))
-        positive = {"every_n_epochs": every_n_epochs, "stability_samples": stability_samples, "finalists": finalists}
-        if screening_samples is not None:
-            positive["screening_samples"] = screening_samples
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {value}.")
-        if num_samples is not None and num_samples < 1:
-            raise ValueError(f"`num_samples` must be >= 1 or None (the whole training set), got {num_samples}.")
         self.configs = configuration_grid(levels, prune, methods)
         self.delta, self.when, self.every_n_epochs = delta, when, every_n_epochs
         self.num_samples, self.stability_samples = num_samples, stability_samples
@@ -173,6 +182,7 @@ class CompressionBoundReporter(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.capacity and not self._initial_parameters:
             self._initial_parameters = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()}
+        self._check_predictions(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -206,12 +216,15 @@ class CompressionBoundReporter(pl.Callback):
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         train_set = self._training_examples(trainer)
-        problems = _uncodable_state(pl_module)
+        encoded = _encoded_tensors(pl_module)
+        problems = _uncodable_state(pl_module, encoded)
         if train_set is None or problems:
             if problems:
-                rank_zero_warn(f"CompressionBoundReporter can't certify this model: {'; '.join(problems)}.")
+                rank_zero_warn(
+                    f"CompressionBoundReporter can't certify this model: {'; '.join(problems)}. This report is "
+                    "skipped (the previous one is kept) and training goes on."
+                )
             return self.report
-        encoded = _encoded_tensors(pl_module)
         subspace = find_subspace(pl_module)
         num_examples = len(train_set)
 
@@ -265,10 +278,9 @@ class CompressionBoundReporter(pl.Callback):
         return "\n".join(rows)
 
     def _training_examples(self, trainer: pl.Trainer) -> ProbeSet | None:
-        """``m`` distinct training examples, read in order from the train dataloader's dataset, cached once."""
-        loader = trainer.train_dataloader
-        dataset: Dataset | None = getattr(loader, "dataset", None)
-        if not isinstance(loader, DataLoader) or dataset is None or isinstance(dataset, IterableDataset):
+        """``m`` distinct training examples, read in order from the train dataloader's dataset."""
+        dataset = _map_style_dataset(trainer)
+        if dataset is None:
             rank_zero_warn(
                 "CompressionBoundReporter needs one train DataLoader over a map-style dataset (with `__len__`) to "
                 "count distinct training examples; no bound was computed."
@@ -277,7 +289,19 @@ class CompressionBoundReporter(pl.Callback):
         if self.num_samples is not None and self.num_samples < len(dataset):
             generator = torch.Generator().manual_seed(0)
             dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[: self.num_samples].tolist())
-        return ProbeSet.from_batches(_in_order(loader, dataset), num_samples=len(dataset))
+        return ProbeSet.from_batches(_in_order(trainer.train_dataloader, dataset), num_samples=len(dataset))
+
+    def _check_predictions(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run ``predict_fn``/``target_fn`` on a few training examples now, so that a model the bound can't measure
+        (a regressor, a batch the defaults can't read) is refused before training rather than after it."""
+        dataset = _map_style_dataset(trainer)
+        if dataset is None:
+            return  # warned about when the bound is computed
+        few = Subset(dataset, range(min(_CHECKED_EXAMPLES, len(dataset))))
+        with preserved_rng(), preserved_state(pl_module, grads=False), torch.no_grad():
+            batch = next(iter(_in_order(trainer.train_dataloader, few)))
+            pl_module.eval()
+            self._predict(trainer, pl_module, prepare_batch(trainer, batch))
 
     def _error(
         self,
@@ -309,14 +333,7 @@ class CompressionBoundReporter(pl.Callback):
     def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
         with trainer.precision_plugin.forward_context():
             logits = self.predict_fn(pl_module, batch)
-        labels = self.target_fn(batch).to(logits.device)
-        if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-            raise ValueError(
-                f"CompressionBoundReporter needs logits of shape (batch, classes) and labels of shape (batch,), got "
-                f"{tuple(logits.shape)} and {tuple(labels.shape)}. Pass `predict_fn(pl_module, batch)` and "
-                "`target_fn(batch)` that return them."
-            )
-        return logits, labels
+        return class_scores(logits, self.target_fn(batch).to(logits.device))
 
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         with trainer.precision_plugin.forward_context():
@@ -340,7 +357,6 @@ class CompressionBoundReporter(pl.Callback):
         if not (self.arora or self.capacity):
             return {}
         batch = prepare_batch(trainer, _random_examples(train_set, self.stability_samples))
-        labels = self.target_fn(batch)
         generator = torch.Generator(device=pl_module.device).manual_seed(0)
 
         def predict() -> Tensor:
@@ -349,6 +365,9 @@ class CompressionBoundReporter(pl.Callback):
         report: dict[str, float] = {}
         skipped: list[str] = []
         with preserved_state(pl_module):
+            pl_module.eval()
+            with torch.no_grad():
+                labels = self._predict(trainer, pl_module, batch)[1]
             if self.arora:
                 stability = noise_stability(pl_module, predict, labels, generator=generator)
                 report.update({f"arora/{tag}": value for tag, value in stability.scalars().items()})
@@ -401,9 +420,14 @@ class CompressionBoundReporter(pl.Callback):
 class SubspaceTraining(pl.Callback):
     """Train any LightningModule in a random ``dimension``-dimensional subspace ``theta0 + P w`` (Lotfi et al.).
 
-    At ``setup`` the module's parameters are re-drawn from ``seed`` (each submodule's ``reset_parameters``),
-    frozen as ``theta0``, and made functions of the shared coordinates ``w``, so that ``configure_optimizers``
-    (which runs after) optimises only ``w``. :class:`CompressionBoundReporter` then encodes ``w`` and the seed.
+    At ``setup`` the module's trainable parameters are re-drawn from ``seed`` (each submodule's
+    ``reset_parameters``, or ``_reset_parameters`` as in ``nn.MultiheadAttention``), frozen as ``theta0``, and made
+    functions of the shared coordinates ``w``, so that ``configure_optimizers`` (which runs after) optimises only
+    ``w``. :class:`CompressionBoundReporter` then encodes ``w`` and the seed. Parameters frozen by the user
+    (``requires_grad=False``, e.g. a pretrained backbone) stay outside the subspace with their values (the reporter
+    encodes them as they are); a parameter shared by several modules (tied embedding and output weights) stays
+    shared. Modules of any kind work, ``nn.TransformerEncoder`` and ``nn.LSTM`` included, as long as every trainable
+    parameter belongs to a submodule with such an initialiser.
 
     Args:
         dimension: ``d``, the number of trainable coordinates.
@@ -414,8 +438,8 @@ class SubspaceTraining(pl.Callback):
         trainer = pl.Trainer(callbacks=[SubspaceTraining(dimension=150), CompressionBoundReporter()])
     """
 
+    @checked_arguments(dimension=DIMENSION_RULE, seed=SEED_RULE)
     def __init__(self, dimension: int, seed: int = 0) -> None:
-        check_subspace_arguments(dimension, seed)
         self.dimension, self.seed = dimension, seed
 
     @override
@@ -430,6 +454,48 @@ class SubspaceTraining(pl.Callback):
                 f"The module is already trained in a subspace of dimension {subspace.dimension} with seed "
                 f"{subspace.seed}, not {self.dimension} and {self.seed}: give SubspaceTraining the same values."
             )
+
+
+def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Scores ``(batch, classes)`` whose argmax is the prediction, and labels as class indices ``(batch,)``.
+
+    One output column (or a 1-D output) is a binary classifier's logit ``z``: its scores are ``(0, z)``, so the
+    prediction is class 1 exactly where ``z > 0`` and the margin of an example is ``z`` (label 1) or ``-z`` (label
+    0). Labels must be whole numbers in ``[0, classes)``: anything else (a regression target) has no 0-1 error.
+
+    Examples:
+        >>> class_scores(torch.tensor([[2.0], [-1.0]]), torch.tensor([1.0, 1.0]))
+        (tensor([[ 0.,  2.],
+                [ 0., -1.]]), tensor([1, 1]))
+    """
+    binary = logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1)
+    if binary:
+        logits = torch.stack([torch.zeros_like(logits.reshape(-1)), logits.reshape(-1)], dim=1)
+        labels = labels.reshape(-1) if labels.numel() == len(logits) else labels
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            "CompressionBoundReporter needs logits of shape (batch, classes), or (batch, 1) for a binary classifier, "
+            f"and labels of shape (batch,), got {tuple(logits.shape)} and {tuple(labels.shape)}. Pass "
+            "`predict_fn(pl_module, batch)` and `target_fn(batch)` that return them."
+        )
+    classes, values = logits.shape[1], labels.double()
+    if len(values) and not (bool((values == values.round()).all()) and 0 <= values.min() <= values.max() < classes):
+        kind = "0 or 1 (a binary classifier's logit > 0 predicts 1)" if binary else f"class indices in [0, {classes})"
+        raise ValueError(
+            f"CompressionBoundReporter bounds a classifier's 0-1 error, so the labels must be {kind}; got values in "
+            f"[{float(values.min()):g}, {float(values.max()):g}] (a regression target has no 0-1 error). Pass "
+            "`predict_fn(pl_module, batch)` returning class scores and `target_fn(batch)` returning class indices."
+        )
+    return logits, labels.long()
+
+
+def _map_style_dataset(trainer: pl.Trainer) -> Dataset | None:
+    """The train DataLoader's dataset, if it is one map-style dataset whose examples can be counted and read."""
+    loader = trainer.train_dataloader
+    dataset: Dataset | None = getattr(loader, "dataset", None)
+    if not isinstance(loader, DataLoader) or dataset is None or isinstance(dataset, IterableDataset):
+        return None
+    return dataset
 
 
 def _encoded_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
@@ -447,9 +513,9 @@ def _encoded_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return tensors
 
 
-def _uncodable_state(module: torch.nn.Module) -> list[str]:
+def _uncodable_state(module: torch.nn.Module, encoded: Sequence[tuple[str, Tensor]]) -> list[str]:
     """Why the decoder couldn't rebuild the model from the code and what it knows in advance, if it couldn't."""
-    problems = []
+    problems = [f"`{name}` has {problem}" for name, tensor in encoded if (problem := uncodable(tensor))]
     integer = [
         name
         for name, buffer in _buffers(module, persistent=True)

@@ -8,7 +8,6 @@ generators exactly as they found them.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping
 
@@ -17,8 +16,9 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_nt.common.state import preserved_state
+from lightning_nt.compression.subspace import detached_deepcopy
 
-__all__ = ["LAYER_TYPES", "capacity_measures", "classification_margins", "margin_quantile"]
+__all__ = ["LAYER_TYPES", "capacity_measures", "classification_margins", "margin_quantile", "r_norm"]
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """The modules treated as layers: their ``weight`` is the layer's linear map."""
@@ -89,9 +89,12 @@ def capacity_measures(
     - ``pacbayes_flatness``: ``1 / sigma^2``.
     - ``pacbayes_bound_term``: ``||theta - theta0||^2 / (4 sigma^2) + ln(m / sigma) + 10`` with ``m`` the batch
       size (needs ``initial_parameters``).
-    - ``r_norm``: for a two-layer net ``Linear -> ReLU -> Linear`` (read from the module order),
-      ``sum_k ||a_k||_2 ||w_k||_2`` with ``w_k`` row ``k`` of the first weight (bias appended) and ``a_k`` column
-      ``k`` of the second weight.
+    - ``r_norm``: for a two-layer net ``Linear -> ReLU -> Linear`` (read from the module order), the exact R-norm
+      of the function it computes (:func:`r_norm`: biases unpenalised, units on one hyperplane merged), which
+      splitting a unit or rescaling ``(w, b, a) -> (c w, c b, a / c)`` leaves unchanged.
+    - ``f1_path_norm``: for the same nets, ``sum_k ||a_k||_2 ||(w_k, b_k)||_2`` with ``(w_k, b_k)`` row ``k`` of the
+      first weight with its bias appended and ``a_k`` column ``k`` of the second weight: an upper bound on the
+      R-norm that depends on how the function is written (formerly reported as ``r_norm``).
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -131,7 +134,7 @@ def capacity_measures(
     scalars["pacbayes_flatness"] = 1.0 / sigma**2
     if distance is not None:
         scalars["pacbayes_bound_term"] = distance**2 / (4 * sigma**2) + math.log(len(labels) / sigma) + 10
-    scalars.update(_r_norm(model, skipped))
+    scalars.update(_two_layer_norms(model, skipped))
     return scalars, skipped
 
 
@@ -171,7 +174,7 @@ def _distance_from_init(
 
 def _path_norm(model: nn.Module, inputs: Tensor, skipped: list[str]) -> dict[str, float]:
     try:
-        squared = copy.deepcopy(model).eval()
+        squared = detached_deepcopy(model).eval()
         with torch.no_grad():
             for p in squared.parameters():
                 p.square_()
@@ -222,7 +225,8 @@ def _pacbayes_sigma(
     return math.exp(low)
 
 
-def _r_norm(model: nn.Module, skipped: list[str]) -> dict[str, float]:
+def _two_layer_relu(model: nn.Module, skipped: list[str]) -> tuple[nn.Linear, nn.Linear] | None:
+    """The two ``nn.Linear`` layers of a ``Linear -> ReLU -> Linear`` net (read from the module order), if it is one."""
     leaves = [
         m
         for name, m in model.named_modules()
@@ -232,11 +236,58 @@ def _r_norm(model: nn.Module, skipped: list[str]) -> dict[str, float]:
     ]
     expected = (nn.Linear, nn.ReLU, nn.Linear)
     if len(leaves) != 3 or not all(isinstance(m, kind) for m, kind in zip(leaves, expected)):
-        skipped.append("r_norm: the model is not Linear -> ReLU -> Linear (read from its module order)")
+        skipped.append("r_norm, f1_path_norm: the model is not Linear -> ReLU -> Linear (read from its module order)")
+        return None
+    return leaves[0], leaves[2]
+
+
+def _two_layer_norms(model: nn.Module, skipped: list[str]) -> dict[str, float]:
+    layers = _two_layer_relu(model, skipped)
+    if layers is None:
         return {}
-    first, second = leaves[0], leaves[2]
-    rows = first.weight.detach().double()
+    first, second = layers
+    weights = first.weight.detach().double()
+    biases = torch.zeros(len(weights), dtype=weights.dtype, device=weights.device)
     if first.bias is not None:
-        rows = torch.cat([rows, first.bias.detach().double().unsqueeze(1)], dim=1)
-    columns = second.weight.detach().double()
-    return {"r_norm": float((columns.norm(dim=0) * rows.norm(dim=1)).sum())}
+        biases = first.bias.detach().double()
+    outgoing = second.weight.detach().double().T  # row k: what unit k adds to the outputs
+    rows = torch.cat([weights, biases.unsqueeze(1)], dim=1)
+    return {
+        "f1_path_norm": float((outgoing.norm(dim=1) * rows.norm(dim=1)).sum()),
+        "r_norm": r_norm(weights, biases, outgoing),
+    }
+
+
+def r_norm(weights: Tensor, biases: Tensor, outgoing: Tensor, tolerance: float = 1e-6) -> float:
+    """The exact R-norm of ``x -> sum_k outgoing[k] relu(weights[k] . x + biases[k])`` (plus any affine map).
+
+    The R-norm (Savarese et al. 2019; Ongie et al. 2020) is the least ``sum_k ||a_k|| ||w_k||`` over all two-layer
+    ReLU nets computing the function, biases unpenalised and an affine part free; for a finite net it is found by
+    writing every unit on its hyperplane: ``(w, b, a) -> (w / ||w||, b / ||w||, a ||w||)``, turning units on the
+    same hyperplane with the opposite orientation around (``relu(-z) = relu(z) - z``, the affine part being free),
+    merging the units on each hyperplane (summing their outgoing vectors) and summing the norms of the merged
+    outgoing vectors. Units with ``w = 0`` are constants and cost nothing. In one dimension it is the integral of
+    ``|f''|``: the sum of the jumps of the slope. Hyperplanes closer than ``tolerance`` (relative) are one.
+
+    Examples:
+        >>> w, b = torch.tensor([[2.0], [-1.0]]), torch.tensor([2.0, -1.0])   # two units, both with a knot at x = -1
+        >>> r_norm(w, b, torch.tensor([[1.0], [2.0]]))   # 1 * 2 (first) + 2 * 1 (second, turned around): slope jump 4
+        4.0
+    """
+    weights, biases, outgoing = weights.double(), biases.double(), outgoing.double()
+    scale = weights.norm(dim=1)
+    active = scale > 0
+    if not bool(active.any()):
+        return 0.0
+    planes = torch.cat([weights[active], biases[active].unsqueeze(1)], dim=1) / scale[active].unsqueeze(1)
+    vectors = outgoing[active] * scale[active].unsqueeze(1)
+    # orientation: the sign of the first clearly nonzero coordinate of the unit normal (one has |u_i| >= 1/sqrt(d))
+    normals = planes[:, :-1]
+    leading = (normals.abs() >= 0.5 / math.sqrt(normals.shape[1])).double().argmax(dim=1, keepdim=True)
+    planes = planes * torch.sign(normals.gather(1, leading))  # the unit's outgoing vector is unchanged
+    distances = torch.cdist(planes, planes, compute_mode="donot_use_mm_for_euclid_dist")  # exact zeros for equal
+    sizes = planes.norm(dim=1)
+    same = distances <= tolerance * (1 + torch.maximum(sizes.unsqueeze(0), sizes.unsqueeze(1)))
+    group = same.double().argmax(dim=1)  # each unit joins the first unit on its hyperplane
+    merged = torch.zeros_like(vectors).index_add_(0, group, vectors)
+    return float(merged.norm(dim=1).sum())

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_nt.common.validation import check_choice
+from lightning_nt.common.validation import at_least, between, check_argument, checked_arguments, non_empty
 from lightning_nt.compression.arithmetic import (
     ArithmeticDecoder,
     ArithmeticEncoder,
@@ -43,6 +43,7 @@ __all__ = [
     "estimated_code_bits",
     "header_bits",
     "quantize",
+    "uncodable",
 ]
 
 QuantizationMethod = Literal["uniform", "kmeans"]
@@ -60,11 +61,9 @@ class QuantizationConfig:
     prune: float = 0.0
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, ("uniform", "kmeans"))
-        if self.levels < 2:
-            raise ValueError(f"`levels` must be >= 2, got {self.levels}.")
-        if not 0.0 <= self.prune < 1.0:
-            raise ValueError(f"`prune` must be in [0, 1), got {self.prune}.")
+        check_argument("method", self.method, QuantizationMethod)
+        check_argument("levels", self.levels, int, at_least(2))
+        check_argument("prune", self.prune, float, between(0.0, 1.0, high_open=True))
 
     @property
     def alphabet_size(self) -> int:
@@ -105,6 +104,7 @@ class QuantizedTensor:
         return alphabet[self.symbols].reshape(self.spec.shape).to(self.spec.dtype)
 
 
+@checked_arguments(levels=non_empty(), prune=non_empty(), methods=non_empty())
 def configuration_grid(
     levels: Sequence[int],
     prune: Sequence[float] = (0.0,),
@@ -116,8 +116,6 @@ def configuration_grid(
         >>> [str(c) for c in configuration_grid(levels=(4, 8), prune=(0.0, 0.5), methods=("uniform",))]
         ['uniform 4', 'uniform 4, prune 0.5', 'uniform 8', 'uniform 8, prune 0.5']
     """
-    if not levels or not prune or not methods:
-        raise ValueError("`levels`, `prune` and `methods` each need at least one value.")
     return [QuantizationConfig(method, k, p) for method in methods for k in levels for p in prune]
 
 
@@ -129,11 +127,10 @@ def quantize(tensor: Tensor, config: QuantizationConfig) -> QuantizedTensor:
         >>> quantized.values(QuantizationConfig("uniform", 2))
         tensor([0., 0., 1., 1.])
     """
+    problem = uncodable(tensor)
+    if problem is not None:
+        raise ValueError(f"Can't quantise a tensor with {problem}.")
     flat = tensor.detach().reshape(-1).float().cpu()
-    if not torch.isfinite(flat).all():
-        raise ValueError("Can't quantise a tensor with NaN or infinite entries.")
-    if flat.numel() and flat.abs().max() > _FLOAT16_MAX:
-        raise ValueError(f"Entries beyond {_FLOAT16_MAX:g} don't fit a float16 codebook.")
     kept = _kept_mask(flat, config.prune)
     values = flat[kept]
     codebook = _uniform_codebook(values) if config.method == "uniform" else _kmeans_codebook(values, config.levels)
@@ -141,6 +138,22 @@ def quantize(tensor: Tensor, config: QuantizationConfig) -> QuantizedTensor:
     symbols = torch.zeros(flat.numel(), dtype=torch.long)
     symbols[kept] = _nearest(values, levels) + (config.alphabet_size - config.levels)
     return QuantizedTensor(TensorSpec.of(tensor), codebook, symbols)
+
+
+def uncodable(tensor: Tensor) -> str | None:
+    """What in ``tensor`` no quantisation configuration can describe (NaN or infinite entries, entries beyond
+    float16's range), or ``None``.
+
+    Examples:
+        >>> uncodable(torch.tensor([1.0, float("nan")]))
+        'NaN or infinite entries'
+    """
+    tensor = tensor.detach()
+    if not bool(torch.isfinite(tensor).all()):
+        return "NaN or infinite entries"
+    if tensor.numel() and float(tensor.abs().max()) > _FLOAT16_MAX:
+        return f"entries beyond {_FLOAT16_MAX:g}, which don't fit a float16 codebook"
+    return None
 
 
 def estimated_code_bits(quantized: Sequence[QuantizedTensor], config: QuantizationConfig, header: int) -> float:

@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_nt.common.state import preserved_rng
+from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty
 
 __all__ = [
+    "DIMENSION_RULE",
+    "SEED_RULE",
     "RandomSubspace",
-    "check_subspace_arguments",
+    "detached_deepcopy",
     "find_subspace",
     "seeded_initialisation",
     "subspace_mismatches",
@@ -37,12 +40,30 @@ __all__ = [
 ]
 
 
-class RandomSubspace(nn.Module):
-    """The trainable coordinates ``w`` and the seeded projection of a module trained in a subspace."""
+DIMENSION_RULE = at_least(1)
+"""A subspace has at least one coordinate."""
 
-    def __init__(self, shapes: list[torch.Size], dimension: int, seed: int) -> None:
+SEED_RULE = between(0, 2**32 - 1)
+"""The seed is sent in 32 bits."""
+
+
+class RandomSubspace(nn.Module):
+    """The trainable coordinates ``w`` and the seeded projection of a module trained in a subspace.
+
+    Args:
+        shapes: the shapes of the displaced parameters, in order (``P`` has one block of rows per shape).
+        dimension: ``d``, the number of coordinates of ``w``.
+        seed: draws ``P`` (32 bits).
+
+    Examples:
+        >>> subspace = RandomSubspace([torch.Size([3, 2]), torch.Size([3])], dimension=4, seed=0)
+        >>> subspace.offset(0).shape
+        torch.Size([6])
+    """
+
+    @checked_arguments(shapes=non_empty(), dimension=DIMENSION_RULE, seed=SEED_RULE)
+    def __init__(self, shapes: Sequence[Sequence[int]], dimension: int, seed: int) -> None:
         super().__init__()
-        check_subspace_arguments(dimension, seed)
         self.dimension, self.seed = dimension, seed
         self.weight = nn.Parameter(torch.zeros(dimension))
         rows = math.ceil(math.sqrt(dimension))
@@ -68,7 +89,7 @@ class RandomSubspace(nn.Module):
             for i, (left, right) in enumerate(redrawn)
         )
 
-    def _draw_projections(self, shapes: list[torch.Size]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _draw_projections(self, shapes: Sequence[Sequence[int]]) -> Iterator[tuple[Tensor, Tensor]]:
         generator = torch.Generator().manual_seed(self.seed)
         rows_of_w, columns_of_w = self.factors
         scale = 1.0 / math.sqrt(sum(math.prod(shape) for shape in shapes))
@@ -92,13 +113,20 @@ class _Displaced(nn.Module):
         return original + self.subspace.offset(self.index).view_as(original).to(original.dtype)
 
 
+@checked_arguments(dimension=DIMENSION_RULE, seed=SEED_RULE)
 def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubspace:
-    """Re-draw ``module``'s parameters from ``seed`` and train it from now on only through ``w`` (``dimension``).
+    """Re-draw ``module``'s trainable parameters from ``seed`` and train them from now on only through ``w``.
 
-    ``theta0`` is what each submodule's ``reset_parameters`` draws under ``seed`` on the CPU (see
-    :func:`seeded_initialisation`), so a decoder that knows the architecture and the seed rebuilds it: any
-    pretrained or custom initialisation is replaced. Every parameter must belong to a submodule with
-    ``reset_parameters``; otherwise this raises, naming the parameter, and leaves the module untouched.
+    ``theta0`` is what each submodule's ``reset_parameters`` (or ``_reset_parameters``, as
+    ``nn.MultiheadAttention`` has) draws under ``seed`` on the CPU (see :func:`seeded_initialisation`), so a
+    decoder that knows the architecture and the seed rebuilds it: any pretrained or custom initialisation of a
+    trainable parameter is replaced. Every trainable parameter must belong to a submodule with such a method;
+    otherwise this raises, naming the parameter, and leaves the module untouched.
+
+    Parameters the user froze (``requires_grad=False``, e.g. a pretrained backbone) are left out of the subspace:
+    they keep their values and are not trained (a compression bound must then encode them). A parameter shared by
+    several modules (tied embedding and output weights) stays shared: every module that holds it sees the same
+    ``theta0 + P w``.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
@@ -116,26 +144,32 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
             f"Modules {parametrized} already carry parametrizations (e.g. weight_norm); a random subspace needs "
             "plain parameters. Remove the parametrizations first."
         )
-    theta0 = seeded_initialisation(module, seed)
-    named = list(module.named_parameters())
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            "The module has no trainable parameter (all have `requires_grad=False`) to train in a subspace."
+        )
+    paths = _paths_of(module)
+    theta0 = seeded_initialisation(module, seed, names=[path for _, p in trainable for path in paths[id(p)]])
     with torch.no_grad():
-        for name, parameter in named:
+        for name, parameter in trainable:
             parameter.copy_(theta0[name])
-    subspace = RandomSubspace([parameter.shape for _, parameter in named], dimension, seed).to(named[0][1].device)
-    for index, (name, _) in enumerate(named):
-        owner_name, _, attribute = name.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        parametrize.register_parametrization(owner, attribute, _Displaced(subspace, index), unsafe=True)
-        getattr(owner.parametrizations, attribute).original.requires_grad_(False)
+    subspace = RandomSubspace([p.shape for _, p in trainable], dimension, seed).to(trainable[0][1].device)
+    for index, (_, parameter) in enumerate(trainable):
+        for path in paths[id(parameter)]:  # every module holding a shared parameter: ties survive
+            owner_name, _, attribute = path.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            parametrize.register_parametrization(owner, attribute, _Displaced(subspace, index), unsafe=True)
+        parameter.requires_grad_(False)
     return subspace
 
 
-def check_subspace_arguments(dimension: int, seed: int) -> None:
-    """``ValueError`` naming ``dimension`` or ``seed`` when a subspace can't have them (the seed is sent in 32 bits)."""
-    if dimension < 1:
-        raise ValueError(f"`dimension` must be >= 1, got {dimension}.")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"`seed` must be in [0, 2**32), got {seed}.")
+def _paths_of(module: nn.Module) -> dict[int, list[str]]:
+    """Every name under which each parameter (by ``id``) is reachable: several for a shared parameter."""
+    paths: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(parameter), []).append(name)
+    return paths
 
 
 def find_subspace(module: nn.Module) -> RandomSubspace | None:
@@ -144,50 +178,95 @@ def find_subspace(module: nn.Module) -> RandomSubspace | None:
 
 
 def seeded_initialisation(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
-    """The parameters ``module``'s own ``reset_parameters`` draw under ``seed``, computed on a CPU copy.
+    """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU copy.
 
+    The initialiser of a submodule is its ``reset_parameters``, or ``_reset_parameters`` where it has only that
+    (``nn.MultiheadAttention``, ``nn.Transformer``). They run children first, then their parent, as the modules'
+    constructors do (``nn.MultiheadAttention`` zeroes its ``out_proj.bias`` after the ``nn.Linear`` drew it).
     Subspace parametrizations on the copy are undone first, so the result is keyed by the plain names
-    (``0.weight``) whether or not ``module`` is already trained in a subspace. With ``names``, modules that
-    own parameters but none of those (added after the draw) are left out, as they were absent from it.
-    ``module`` is not changed.
+    (``0.weight``; every name of a shared parameter) whether or not ``module`` is already trained in a subspace.
+    With ``names``, only modules that own one of those parameters (or none at all) are re-drawn: the others
+    (frozen, or added after the draw) were absent from it. ``module`` is not changed.
     """
     plain = _plain_copy(module)
     wanted = set(names) if names is not None else {name for name, _ in plain.named_parameters()}
     with torch.no_grad():
-        for name, parameter in plain.named_parameters():
+        for name, parameter in plain.named_parameters(remove_duplicate=False):
             if name in wanted:
                 parameter.fill_(math.nan)
         with preserved_rng():
             torch.manual_seed(seed)
-            for owner_name, owner in plain.named_modules():
+            for owner_name, owner in _children_first(plain):
                 own = {f"{owner_name}.{n}" if owner_name else n for n, _ in owner.named_parameters(recurse=False)}
-                if callable(getattr(owner, "reset_parameters", None)) and (not own or own & wanted):
-                    owner.reset_parameters()
-    drawn = {name: p.detach() for name, p in plain.named_parameters() if name in wanted}
+                initialiser = _initialiser(owner)
+                if initialiser is not None and (not own or own & wanted):
+                    initialiser()
+    drawn = {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False) if name in wanted}
     untouched = [name for name, parameter in drawn.items() if torch.isnan(parameter).any()]
     if untouched:
         raise ValueError(
             f"Parameters {untouched} don't belong to a module with `reset_parameters`, so `theta0` can't be drawn "
-            "from the seed. Move them into a module that defines `reset_parameters`, or train without a subspace."
+            "from the seed. Move them into a module that defines `reset_parameters`, freeze them "
+            "(`requires_grad_(False)`: they then stay outside the subspace), or train without a subspace."
         )
     return drawn
+
+
+def _initialiser(module: nn.Module) -> Callable[[], None] | None:
+    for attribute in ("reset_parameters", "_reset_parameters"):
+        method = getattr(module, attribute, None)
+        if callable(method):
+            return method
+    return None
+
+
+def _children_first(
+    module: nn.Module, prefix: str = "", seen: set[int] | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` in post-order: every submodule (once) before the module that contains it."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for name, child in module.named_children():
+        yield from _children_first(child, f"{prefix}.{name}" if prefix else name, seen)
+    yield prefix, module
 
 
 def _plain_copy(module: nn.Module) -> nn.Module:
     """A CPU copy of ``module`` with every parametrization undone (its ``original`` as the plain parameter).
 
     ``parametrize.remove_parametrizations`` would edit the parametrized class, which the copy shares with
-    ``module``; here only the copy's instances change.
+    ``module``; here only the copy's instances change. A parameter shared by several modules stays shared.
     """
-    plain = copy.deepcopy(module).cpu()
+    plain = detached_deepcopy(module).cpu()
+    plain_parameters: dict[int, nn.Parameter] = {}
     for owner in list(plain.modules()):
         if parametrize.is_parametrized(owner):
             originals = {name: group.original for name, group in owner.parametrizations.items()}
             del owner._modules["parametrizations"]
             owner.__class__ = owner.__class__.__bases__[0]
             for name, original in originals.items():
-                owner.register_parameter(name, nn.Parameter(original.detach().clone()))
+                if id(original) not in plain_parameters:
+                    plain_parameters[id(original)] = nn.Parameter(original.detach().clone())
+                owner.register_parameter(name, plain_parameters[id(original)])
     return plain
+
+
+def detached_deepcopy(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, also when a submodule caches tensors computed with autograd.
+
+    ``nn.LSTM`` keeps its weights in ``_flat_weights``; once they are parametrized (a subspace), those are non-leaf
+    tensors, which ``copy.deepcopy`` refuses. Such cached tensors are copied detached (the copy's next forward
+    recomputes them anyway).
+    """
+    memo: dict[int, object] = {}
+    for submodule in module.modules():
+        for value in vars(submodule).values():
+            for item in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(item, Tensor) and item.grad_fn is not None:
+                    memo[id(item)] = item.detach().clone()
+    return copy.deepcopy(module, memo)
 
 
 def subspace_mismatches(module: nn.Module) -> list[str]:

@@ -7,6 +7,15 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_nt import CompressionBoundReporter, SubspaceTraining
 from lightning_nt.compression.bounds import occam_kl_bound
+from tests.compression.models import (
+    AttentionClassifier,
+    FrozenFirstLayer,
+    LSTMClassifier,
+    OneLogitClassifier,
+    Regressor,
+    TiedClassifier,
+    separable_data,
+)
 from tests.helpers import TinyClassifier, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
 
 FAST = {"levels": (3, 8), "prune": (0.0, 0.5), "stability_samples": 32}
@@ -251,3 +260,70 @@ def test_loss_fn_drives_the_sharpness_measure():
     reporter = CompressionBoundReporter(arora=False, loss_fn=lambda module, batch: torch.zeros(()), **FAST)
     _fit(callbacks=[reporter], max_epochs=1)
     assert reporter.report["capacity/pacbayes_sigma"] == 10.0  # a flat loss: the search's upper limit
+
+
+def test_tied_weights_train_together_in_a_subspace_and_are_certified():
+    reporter = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    _, module = _fit(callbacks=[SubspaceTraining(dimension=8), reporter], module=TiedClassifier(num_samples=96))
+    theta0 = module.head.parametrizations.weight.original
+    assert module.embedding.parametrizations.weight.original is theta0
+    assert torch.equal(module.head.weight, module.embedding.weight) and not torch.equal(module.head.weight, theta0)
+    assert 0 < reporter.report["compression/error_bound"] <= 1
+
+
+def test_frozen_parameters_keep_their_values_and_are_encoded():
+    reporter = CompressionBoundReporter(arora=False, capacity=False, **FAST)
+    module = FrozenFirstLayer(num_samples=96)
+    pretrained = module.net[0].weight.detach().clone()
+    _fit(callbacks=[SubspaceTraining(dimension=8), reporter], module=module, max_epochs=1)
+    assert torch.equal(module.net[0].weight, pretrained)
+    assert [t.shape for t in reporter.certificate.decoded] == [torch.Size([8]), torch.Size([16, 8]), torch.Size([16])]
+
+
+@pytest.mark.parametrize("model", [AttentionClassifier, LSTMClassifier])
+def test_attention_and_lstm_models_in_a_subspace_are_certified(model, monkeypatch):
+    monkeypatch.delattr(torch.nn.MultiheadAttention, "reset_parameters", raising=False)  # Lightning's demo adds it
+    reporter = CompressionBoundReporter(**FAST)
+    module = model(num_samples=96)  # no validation: the last forward (an LSTM caches its weights) is with autograd
+    _fit(callbacks=[SubspaceTraining(dimension=8), reporter], module=module, max_epochs=1, limit_val_batches=0)
+    assert 0 < reporter.report["compression/error_bound"] <= 1
+    assert [t.shape for t in reporter.certificate.decoded] == [torch.Size([8])]
+
+
+def test_a_one_logit_classifier_is_measured_by_the_sign_of_its_logit():
+    reporter = CompressionBoundReporter(**FAST)
+    _, module = _fit(callbacks=[reporter], module=OneLogitClassifier(num_samples=96, lr=0.5), max_epochs=10)
+    decoded = OneLogitClassifier(num_samples=96)
+    names = [name for name, _ in module.named_parameters()]
+    decoded.load_state_dict(dict(zip(names, reporter.certificate.decoded)), strict=False)
+    inputs, labels = separable_data(96, seed=0).tensors
+    with torch.no_grad():
+        error = int(((decoded(inputs).squeeze(1) > 0).float() != labels).sum()) / len(labels)
+    assert reporter.certificate.train_error == error < 0.15  # argmax over one column would count every label 1
+    assert float(labels.mean()) > 0.3
+    assert "capacity/margin" in reporter.report and "arora/min_layer_cushion" in reporter.report
+
+
+def test_a_regressor_is_refused_before_training_naming_the_fix():
+    module = Regressor(num_samples=96)
+    with pytest.raises(ValueError, match=r"predict_fn.*target_fn"):
+        _fit(callbacks=[CompressionBoundReporter(**FAST)], module=module, max_epochs=1)
+    assert getattr(module, "steps_taken", 0) == 0
+
+
+def test_non_finite_weights_keep_the_previous_report_and_the_fit_goes_on():
+    class Diverges(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    pl_module.net[0].weight[0, 0] = float("nan")
+
+    class Remember(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.first = self.first if hasattr(self, "first") else dict(reporter.report)
+
+    reporter = CompressionBoundReporter(when="epoch", arora=False, **FAST)
+    remember = Remember()
+    with pytest.warns(UserWarning, match=r"`net.0.weight` has NaN or infinite entries"):
+        trainer, _ = _fit(callbacks=[Diverges(), reporter, remember], max_epochs=2)
+    assert trainer.state.finished and remember.first and reporter.report == remember.first

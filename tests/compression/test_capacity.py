@@ -5,7 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nt.compression.capacity import BISECTION_STEPS, SIGMA_RANGE, capacity_measures, classification_margins
+from lightning_nt.compression.capacity import (
+    BISECTION_STEPS,
+    SIGMA_RANGE,
+    capacity_measures,
+    classification_margins,
+    r_norm,
+)
 
 
 def two_layer(bias=True):
@@ -98,7 +104,7 @@ def test_margin_is_the_tenth_percentile():
     assert sorted(classification_margins(logits, labels).tolist()) == pytest.approx(margins)
 
 
-def test_r_norm_of_a_two_layer_relu_net():
+def test_f1_path_norm_of_a_two_layer_relu_net():
     torch.manual_seed(4)
     for bias in (True, False):
         net = two_layer(bias)
@@ -108,13 +114,14 @@ def test_r_norm_of_a_two_layer_relu_net():
             row = [float(v) for v in w1[k]] + ([float(net[0].bias.detach()[k])] if bias else [])
             expected += math.sqrt(sum(v * v for v in row)) * math.sqrt(sum(float(a) ** 2 for a in w2[:, k]))
         scalars, _ = measure(net, torch.randn(4, 3))
-        assert scalars["r_norm"] == pytest.approx(expected, rel=1e-6)
+        assert scalars["f1_path_norm"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_r_norm_is_skipped_for_other_architectures():
     net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
     scalars, skipped = measure(net, torch.randn(4, 3))
-    assert "r_norm" not in scalars and any(reason.startswith("r_norm") for reason in skipped)
+    assert "r_norm" not in scalars and "f1_path_norm" not in scalars
+    assert any(reason.startswith("r_norm, f1_path_norm") for reason in skipped)
 
 
 class ConstantLogits(nn.Module):
@@ -212,7 +219,7 @@ def test_bad_arguments():
         capacity_measures(net, lambda: net(x), torch.zeros(2, dtype=torch.long), sharpness_target=0.0)
 
 
-def test_r_norm_reads_a_lightning_module_and_a_subspace_model():
+def test_two_layer_norms_read_a_lightning_module_and_a_subspace_model():
     from lightning_nt.compression import to_subspace
     from lightning_nt.demos import DigitsMLP
 
@@ -225,7 +232,9 @@ def test_r_norm_reads_a_lightning_module_and_a_subspace_model():
     first, second = model.network[1], model.network[3]
     rows = torch.cat([first.weight, first.bias[:, None]], dim=1).detach()
     expected = float((second.weight.detach().norm(dim=0) * rows.norm(dim=1)).sum())
-    assert scalars["r_norm"] == pytest.approx(expected, rel=1e-5)
+    assert scalars["f1_path_norm"] == pytest.approx(expected, rel=1e-5)
+    weights, outgoing = first.weight.detach(), second.weight.detach().T
+    assert scalars["r_norm"] == pytest.approx(r_norm(weights, first.bias.detach(), outgoing), rel=1e-9)
 
 
 def test_sharpness_follows_the_loss_when_one_is_given():
@@ -235,3 +244,61 @@ def test_sharpness_follows_the_loss_when_one_is_given():
     by_error, _ = capacity_measures(net, lambda: net(x), y, generator=torch.Generator().manual_seed(0))
     flat_loss, _ = capacity_measures(net, lambda: net(x), y, loss=lambda: torch.zeros(()))
     assert by_error["pacbayes_sigma"] < SIGMA_RANGE[1] == flat_loss["pacbayes_sigma"]
+
+
+def one_dimensional_net(weights, biases, outgoing):
+    net = nn.Sequential(nn.Linear(1, len(weights)), nn.ReLU(), nn.Linear(len(weights), 1)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor(weights, dtype=torch.float64).unsqueeze(1))
+        net[0].bias.copy_(torch.tensor(biases, dtype=torch.float64))
+        net[2].weight.copy_(torch.tensor(outgoing, dtype=torch.float64).unsqueeze(0))
+        net[2].bias.fill_(0.7)
+    return net
+
+
+def total_slope_jumps(net, low=-8.0, high=8.0, cells=2**14):
+    """The integral of |f''| of a 1-D piecewise-linear net, from its values on a fine grid alone: the total
+    variation of the slopes of the cells (exact as long as no cell holds two knots with opposite jumps)."""
+    x = torch.linspace(low, high, cells + 1, dtype=torch.float64).unsqueeze(1)
+    with torch.no_grad():
+        slopes = net(x).squeeze(1).diff() / x.squeeze(1).diff()
+    return float(slopes.diff().abs().sum())
+
+
+def test_r_norm_in_one_dimension_is_the_integral_of_the_second_derivative():
+    generator = torch.Generator().manual_seed(3)
+    knots = torch.rand(6, generator=generator) * 10 - 5
+    weights = torch.randn(6, generator=generator) * 2
+    outgoing = torch.randn(6, generator=generator).tolist()
+    biases = (-weights * knots).tolist()
+    weights = weights.tolist()
+    # two more units on the first unit's knot: one with the same orientation, one turned around
+    weights += [3 * weights[0], -0.5 * weights[0]]
+    biases += [3 * biases[0], -0.5 * biases[0]]
+    outgoing += [0.4, -1.3]
+    net = one_dimensional_net(weights, biases, outgoing)
+    scalars, _ = measure(net, torch.randn(4, 1, dtype=torch.float64), torch.zeros(4, dtype=torch.long))
+    assert scalars["r_norm"] == pytest.approx(total_slope_jumps(net), rel=1e-6)
+    assert scalars["f1_path_norm"] > scalars["r_norm"] * 1.05  # the biases and the unmerged units count there
+
+
+def test_r_norm_ignores_how_the_function_is_written():
+    torch.manual_seed(11)
+    net = two_layer().double()
+    weights, biases, outgoing = net[0].weight.detach(), net[0].bias.detach(), net[2].weight.detach().T
+    reference = r_norm(weights, biases, outgoing)
+    halves = torch.cat([outgoing[:1] / 2, outgoing[1:], outgoing[:1] / 2])
+    split = r_norm(torch.cat([weights, weights[:1]]), torch.cat([biases, biases[:1]]), halves)
+    scale = torch.tensor([3.0, 0.25, 1.0, 7.0, 0.5], dtype=torch.float64)
+    rescaled = r_norm(weights * scale.unsqueeze(1), biases * scale, outgoing / scale.unsqueeze(1))
+    v = torch.ones(1, 4, dtype=torch.float64)  # v relu(z) - v relu(-z) = v z: an affine term costs nothing
+    affine = r_norm(
+        torch.cat([weights, weights[:1], -weights[:1]]),
+        torch.cat([biases, biases[:1], -biases[:1]]),
+        torch.cat([outgoing, v, -v]),
+    )
+    constant = r_norm(torch.cat([weights, 0 * v[:, :3]]), torch.cat([biases, v[0, :1]]), torch.cat([outgoing, v]))
+    for value in (split, rescaled, affine, constant):
+        assert value == pytest.approx(reference, rel=1e-12)
+    distinct_hyperplanes = float((outgoing.double().norm(dim=1) * weights.double().norm(dim=1)).sum())
+    assert reference == pytest.approx(distinct_hyperplanes, rel=1e-12)

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from lightning_nt import CompressionBoundReporter, SubspaceTraining
+from lightning_nt.compression.capacity import r_norm
+from lightning_nt.compression.subspace import subspace_mismatches, to_subspace
+from tests.compression.models import AttentionClassifier, OneLogitClassifier
 from tests.helpers import TinyClassifier, tiny_trainer
 
 
@@ -33,3 +36,37 @@ def test_report_on_the_gpu(precision):
         with torch.no_grad():
             error = float((module(inputs).argmax(dim=1) != labels).float().mean())
         assert error == pytest.approx(reporter.certificate.train_error, abs=1 / 96)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_attention_in_a_subspace_is_certified_on_the_gpu(precision, monkeypatch):
+    monkeypatch.delattr(torch.nn.MultiheadAttention, "reset_parameters", raising=False)  # Lightning's demo adds it
+    reporter = CompressionBoundReporter(levels=(3, 8), prune=(0.0,), stability_samples=32)
+    trainer = tiny_trainer(
+        None, accelerator="gpu", precision=precision, max_epochs=1, callbacks=[SubspaceTraining(8), reporter]
+    )
+    trainer.fit(AttentionClassifier(num_samples=96))
+    assert 0 < reporter.report["compression/error_bound"] <= 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_one_logit_classifier_is_measured_on_the_gpu(precision):
+    reporter = CompressionBoundReporter(levels=(3, 8), prune=(0.0,), stability_samples=32)
+    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=10, callbacks=[reporter])
+    trainer.fit(OneLogitClassifier(num_samples=96, lr=0.5))
+    assert reporter.certificate.train_error < 0.2 and "capacity/r_norm" not in reporter.report
+
+
+@pytest.mark.cuda
+def test_subspace_core_and_r_norm_on_the_gpu(monkeypatch):
+    monkeypatch.delattr(torch.nn.MultiheadAttention, "reset_parameters", raising=False)
+    model = AttentionClassifier().cuda()
+    subspace = to_subspace(model, dimension=8, seed=3)
+    assert subspace.weight.device.type == "cuda" and subspace_mismatches(model) == []
+    model(torch.randn(4, 8, device="cuda")).sum().backward()
+    assert subspace.weight.grad is not None
+    weights, biases, outgoing = torch.randn(6, 3), torch.randn(6), torch.randn(6, 2)
+    on_gpu = r_norm(weights.cuda(), biases.cuda(), outgoing.cuda())
+    assert on_gpu == pytest.approx(r_norm(weights, biases, outgoing), rel=1e-12)

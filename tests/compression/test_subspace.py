@@ -2,9 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_nt.compression.subspace import find_subspace, subspace_mismatches, to_subspace
+from tests.compression.models import AttentionClassifier, FrozenFirstLayer, LSTMClassifier, TiedClassifier
 
 
 def _net():
@@ -120,3 +123,71 @@ def test_mismatches_with_the_seed_are_found_and_casts_are_not_mismatches():
     net.load_state_dict(other.state_dict())  # theta0 of another seed, as from its checkpoint
     assert subspace_mismatches(net) == ["0.weight", "0.bias", "2.weight", "2.bias"]
     assert math.isfinite(float(net(torch.zeros(1, 6)).sum()))
+
+
+def test_a_shared_parameter_stays_shared_and_moves_in_every_module_holding_it():
+    model = TiedClassifier()
+    subspace = to_subspace(model, dimension=8, seed=1)
+    theta0 = model.embedding.parametrizations.weight.original
+    assert model.head.parametrizations.weight.original is theta0
+    with torch.no_grad():
+        subspace.weight.normal_()
+    assert torch.equal(model.head.weight, model.embedding.weight)
+    assert not torch.equal(model.head.weight, theta0)
+    assert subspace_mismatches(model) == []
+
+
+def test_frozen_parameters_stay_outside_the_subspace_with_their_values():
+    model = FrozenFirstLayer()
+    pretrained = {name: p.detach().clone() for name, p in model.net[0].named_parameters()}
+    subspace = to_subspace(model, dimension=6, seed=0)
+    assert not parametrize.is_parametrized(model.net[0])
+    assert all(torch.equal(p, pretrained[name]) and not p.requires_grad for name, p in model.net[0].named_parameters())
+    assert [p for p in model.parameters() if p.requires_grad] == [subspace.weight]
+    assert len(subspace._numels) == 2 and subspace_mismatches(model) == []  # net.3.weight, net.3.bias
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        to_subspace(nn.Linear(2, 2).requires_grad_(False), dimension=3)
+
+
+def _train(model, steps=30):
+    inputs, labels = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture
+def plain_multihead_attention(monkeypatch):
+    """``nn.MultiheadAttention`` as a user has it: Lightning's demo transformer (imported by tests.helpers) gives it
+    a ``reset_parameters`` alias of ``_reset_parameters``."""
+    monkeypatch.delattr(nn.MultiheadAttention, "reset_parameters", raising=False)
+
+
+def test_multihead_attention_is_drawn_by_its_own_initialiser_and_trains(plain_multihead_attention):
+    torch.manual_seed(0)
+    model = AttentionClassifier()
+    to_subspace(model, dimension=12, seed=4)
+    attention = model.encoder.layers[0].self_attn
+    for original in (
+        attention.parametrizations.in_proj_bias.original,
+        attention.out_proj.parametrizations.bias.original,
+    ):
+        assert torch.equal(original, torch.zeros_like(original))  # zeroed by _reset_parameters, as at construction
+    losses = _train(model)
+    assert losses[-1] < losses[0] - 0.02
+    assert subspace_mismatches(model) == []
+
+
+def test_an_lstm_in_a_subspace_can_be_checked_against_its_seed():
+    torch.manual_seed(0)
+    model = LSTMClassifier()
+    to_subspace(model, dimension=12, seed=4)
+    losses = _train(model, steps=5)  # the LSTM now caches weights computed with autograd
+    assert losses[-1] < losses[0]
+    assert subspace_mismatches(model) == []
