@@ -186,10 +186,18 @@ class GradInit(pl.Callback):
         rank_zero_info(self.summary())
 
     def summary(self) -> str:
-        """What the search changed and what it bought, in words (also logged at info level after the search)."""
-        if self.result is None or not self.scales:
-            return "GradInit: no search has run."
+        """What the search changed (the scales) and the look-ahead loss it lowered, in words (logged at info level).
+
+        Example::
+
+            GradInit: 300 iterations (52 on the gradient-norm constraint); look-ahead loss 2850 -> 2.295; weight
+            scales in [0.3, 0.78].
+        """
         result = self.result
+        if result is None:
+            return "GradInit: no search has run in this fit (skipped when resuming)."
+        if result.diverged:
+            return "GradInit: the search diverged (NaN/inf); the original weights were kept."
         weights = [s for n, s in self.scales.items() if not n.split(".")[-1].startswith("bias")] or [1.0]
         text = (
             f"GradInit: {len(result.grad_norms)} iterations ({result.constraint_iterations} on the gradient-norm "
