@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.gradinit import ScaleAdam, apply_scales, gradinit, search_mode
 from lightning_nt.gradinit.core import loss_of_substituted
 from tests.gradinit.reference import reference_gradinit
@@ -197,3 +198,38 @@ def test_probing_does_not_change_the_batches_the_search_sees():
     probe = [data[0] + data[1], data[0] + data[2]]
     search = [data[i] + data[j] for i, j in ((0, 1), (0, 2), (3, 4), (3, 5), (6, 7), (6, 8))]  # as without probing
     assert seen[:2] == probe and seen[2:-2] == search and seen[-2:] == probe
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("iterations", "3"),
+        ("iterations", 0),
+        ("lr", math.nan),
+        ("eta", 0.0),
+        ("gamma", math.inf),
+        ("algorithm", "lamb"),
+        ("normalize_grad", "no"),
+        ("min_scale", -1.0),
+        ("max_scale", 0.001),
+        ("grad_clip", -1.0),
+        ("batch_overlap", 1),
+        ("second_order", "yes"),
+        ("concatenate", "cat"),
+        ("reduce_mean", 3),
+        ("progress", [print]),
+    ],
+)
+def test_gradinit_refuses_bad_arguments_naming_them(argument, value):
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        gradinit(_conv_net(), _loss, _batches(), **{"iterations": 1, argument: value})
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("lr", 0.0), ("lr", "0.1"), ("betas", (0.9, 1.0)), ("betas", (0.9,)), ("eps", math.nan), ("grad_clip", -1.0)],
+)
+def test_scale_adam_refuses_bad_arguments_naming_them(argument, value):
+    bounds = {"lower": torch.zeros(2), "upper": torch.ones(2), "frozen": torch.zeros(2, dtype=torch.bool)}
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        ScaleAdam(**bounds, **({"lr": 0.1} | {argument: value}))
