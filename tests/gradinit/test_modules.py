@@ -115,3 +115,14 @@ def test_a_zero_learning_rate_without_a_base_asks_for_eta_naming_the_schedule():
 def test_param_groups_with_different_learning_rates_warn():
     with pytest.warns(UserWarning, match=r"different learning rates \[0.01, 0.1\].*`eta=`"):
         _fit(ParamGroupsClassifier(num_samples=64), GradInit(iterations=2), max_steps=1)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_on_the_cpu(precision):
+    """The search runs in fp32; under bf16-true the substituted weights are cast to the module's dtype."""
+    module = SharedBlockClassifier(num_samples=64)
+    gradinit = GradInit(iterations=4, lr=0.05)
+    trainer, identities, _ = _fit(module, gradinit, precision=precision, max_steps=2)
+    assert identities.every_slot_holds_a_parameter and identities.every_slot_is_held
+    assert all(math.isfinite(s) for s in gradinit.scales.values()) and trainer.global_step == 2
+    assert math.isfinite(gradinit.result.lookahead_loss_end)
