@@ -312,7 +312,7 @@ def gradinit(
     )
     optimizer = _scale_optimizer(search, lr, min_scale, max_scale, grad_clip)
     scales = torch.ones(len(search.names), device=search.theta0[0].device)
-    used = torch.zeros(len(search.names), dtype=torch.bool)
+    used = torch.zeros(len(search.names), dtype=torch.bool, device=scales.device)
     result = GradInitResult(scales={})
     probe = [next(batches) for _ in range(3 if batch_overlap else 4)]
     probe_grad, probe_loss = probe[:2], [probe[0], probe[2]] if batch_overlap else probe[2:]
@@ -324,7 +324,7 @@ def gradinit(
             weights = [a * t for a, t in zip(alpha, search.theta0)]
             half0, half1 = next(batches), next(batches)
             grads = search.gradient(weights, [half0, half1], create_graph=True)
-            used |= torch.tensor([g is not None for g in grads])
+            used |= torch.tensor([g is not None for g in grads], device=used.device)
             norm = search.norm(grads)
             decided_norm = float(search.mean(norm.detach()))
             result.grad_norms.append(decided_norm)
@@ -348,8 +348,9 @@ def gradinit(
             scales = optimizer.step(scales, scale_grad.detach(), constraint)
             if progress is not None:
                 progress(iteration, result)
+        used = search.mean(used.float()) > 0  # used on any process: every process keeps the same scales
         if not result.diverged:
-            scales = torch.where(used.to(scales.device), scales, torch.ones_like(scales))
+            scales = torch.where(used, scales, torch.ones_like(scales))
             result.lookahead_loss_end = search.probe(scales, probe_grad, probe_loss)
     result.unused = [name for name, use in zip(search.names, used.tolist()) if not use]
     if not result.diverged:
