@@ -14,7 +14,6 @@ from typing_extensions import override
 from lightning_nt.common import (
     LossFn,
     batch_size,
-    check_choice,
     log_figure,
     log_scalars,
     log_text,
@@ -23,6 +22,7 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
+from lightning_nt.common.validation import ArgumentError, above, at_least, checked_arguments
 from lightning_nt.gradinit.core import GradInitResult, apply_scales, gradinit
 
 __all__ = ["GradInit"]
@@ -36,11 +36,14 @@ class GradInit(pl.Callback):
     module's configured optimizer (SGD or Adam, ``algorithm="auto"``) with learning rate ``eta`` (default: the
     optimizer's) lowers the loss most while the gradient norm stays below ``gamma``. Then every parameter is
     multiplied in place by its scale: parameter objects, the optimizer and the state-dict keys are unchanged.
+    A parameter shared by several modules (tied weights, a shared block) gets one scale; a parameter the loss
+    does not use keeps scale 1.
 
     Args:
         iterations: search iterations (each uses 2 or 3 loader batches as half-batches).
         lr: learning rate of the scale optimizer (official: 1e-2 for VGG without BN, 1e-3 for ResNet with BN).
-        eta: learning rate of the simulated first step (default: the configured optimizer's).
+        eta: learning rate of the simulated first step (default: the configured optimizer's base learning rate,
+            ``initial_lr`` when a scheduler set one, e.g. the peak of a warm-up that starts at 0).
         gamma: gradient-norm constraint (1 for SGD on CIFAR; the official Transformer uses 1000 with Adam).
         algorithm: simulated optimizer: ``"auto"`` (from the configured one), ``"sgd"`` or ``"adam"``.
         normalize_grad: SGD step ``eta g/||g||`` (official default) instead of ``eta g``.
@@ -48,7 +51,7 @@ class GradInit(pl.Callback):
         max_scale: upper bound of weights' scales (the official Transformer uses 100), ``None``: none.
         batch_overlap: the look-ahead batch shares half its examples with the gradient batch (official).
         second_order: backpropagate through the simulated step as well (slower; first order is the default).
-        grad_clip: clip of each scale's gradient.
+        grad_clip: clip of each scale's gradient (0: none).
         loss_fn: ``loss_fn(pl_module, batch)``; default: ``training_step`` with logging muted.
 
     Example::
@@ -60,6 +63,15 @@ class GradInit(pl.Callback):
 
     reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
 
+    @checked_arguments(
+        iterations=at_least(1),
+        lr=above(0),
+        eta=above(0),
+        gamma=above(0),
+        min_scale=above(0),
+        max_scale=above(0),
+        grad_clip=at_least(0),
+    )
     def __init__(
         self,
         iterations: int = 390,
@@ -75,16 +87,8 @@ class GradInit(pl.Callback):
         grad_clip: float = 1.0,
         loss_fn: LossFn | None = None,
     ) -> None:
-        if iterations < 1:
-            raise ValueError(f"`iterations` must be >= 1, got {iterations}.")
-        for name, value in (("lr", lr), ("gamma", gamma), ("min_scale", min_scale), ("grad_clip", grad_clip)):
-            if not value > 0:
-                raise ValueError(f"`{name}` must be > 0, got {value}.")
-        if eta is not None and not eta > 0:
-            raise ValueError(f"`eta` must be > 0 (or None for the optimizer's learning rate), got {eta}.")
         if max_scale is not None and not max_scale > min_scale:
-            raise ValueError(f"`max_scale` must be > min_scale={min_scale}, got {max_scale}.")
-        check_choice("algorithm", algorithm, ("auto", "sgd", "adam"))
+            raise ArgumentError(f"`max_scale` must be > min_scale={min_scale}, got {max_scale}.")
         self.iterations, self.lr, self.eta, self.gamma, self.algorithm = iterations, lr, eta, gamma, algorithm
         self.normalize_grad, self.min_scale, self.max_scale = normalize_grad, min_scale, max_scale
         self.batch_overlap, self.second_order, self.grad_clip, self.loss_fn = (
@@ -104,7 +108,8 @@ class GradInit(pl.Callback):
             self._done = True
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        algorithm, eta = self._simulated_optimizer(optimizer)
+        schedules = [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs]
+        algorithm, eta = self._simulated_optimizer(optimizer, schedules[0] if schedules else None)
         dataloader = trainer.train_dataloader
         reduce_mean = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
         bar = _progress_bar(trainer, self.iterations)
@@ -149,7 +154,10 @@ class GradInit(pl.Callback):
         self._done = bool(state_dict["done"])
         self.scales = dict(state_dict["scales"])
 
-    def _simulated_optimizer(self, optimizer: torch.optim.Optimizer | None) -> tuple[str, float]:
+    def _simulated_optimizer(
+        self, optimizer: torch.optim.Optimizer | None, schedule: str | None = None
+    ) -> tuple[str, float]:
+        """The optimizer whose first step is simulated (``"sgd"`` or ``"adam"``) and its learning rate ``eta``."""
         is_adam = isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW)
         if self.algorithm == "auto" and not is_adam and not isinstance(optimizer, torch.optim.SGD):
             rank_zero_warn(f"GradInit: {type(optimizer).__name__} is neither SGD nor Adam; simulating an SGD step.")
@@ -158,22 +166,49 @@ class GradInit(pl.Callback):
             return algorithm, self.eta
         if optimizer is None:
             raise ValueError("GradInit needs `eta=` when the module configures no optimizer.")
-        return algorithm, float(optimizer.param_groups[0]["lr"])
+        return algorithm, _base_learning_rate(optimizer, schedule)
 
     def _report(self, trainer: pl.Trainer) -> None:
         assert self.result is not None
-        lookahead = self.result.lookahead_losses
-        metrics = {
-            "gradinit/grad_norm": self.result.grad_norms[-1],
-            "gradinit/constraint_iterations": self.result.constraint_iterations,
-        }
-        if lookahead:
-            metrics |= {"gradinit/lookahead_loss_start": lookahead[0], "gradinit/lookahead_loss_end": lookahead[-1]}
-        log_scalars(trainer, metrics)
-        table = "| parameter | scale |\n|---|---|\n" + "\n".join(f"| {n} | {s:.4g} |" for n, s in self.scales.items())
-        log_text(trainer, "gradinit/scales", table)
+        result = self.result
+        log_scalars(
+            trainer,
+            {
+                "gradinit/grad_norm": result.grad_norms[-1],
+                "gradinit/constraint_iterations": result.constraint_iterations,
+                "gradinit/lookahead_loss_start": result.lookahead_loss_start,
+                "gradinit/lookahead_loss_end": result.lookahead_loss_end,
+            },
+        )
+        unused = set(result.unused)
+        rows = "\n".join(f"| {n} | {s:.4g}{' (unused)' if n in unused else ''} |" for n, s in self.scales.items())
+        log_text(trainer, "gradinit/scales", "| parameter | scale |\n|---|---|\n" + rows)
         if trainer.is_global_zero and trainer.loggers:
             log_figure(trainer, "gradinit/scales", self.figure())
+        rank_zero_info(self.summary())
+
+    def summary(self) -> str:
+        """What the search changed (the scales) and the look-ahead loss it lowered, in words (logged at info level).
+
+        Example::
+
+            GradInit: 300 iterations (52 on the gradient-norm constraint); look-ahead loss 2850 -> 2.295; weight
+            scales in [0.3, 0.78].
+        """
+        result = self.result
+        if result is None:
+            return "GradInit: no search has run in this fit (skipped when resuming)."
+        if result.diverged:
+            return "GradInit: the search diverged (NaN/inf); the original weights were kept."
+        weights = [s for n, s in self.scales.items() if not n.split(".")[-1].startswith("bias")] or [1.0]
+        text = (
+            f"GradInit: {len(result.grad_norms)} iterations ({result.constraint_iterations} on the gradient-norm "
+            f"constraint); look-ahead loss {result.lookahead_loss_start:.4g} -> {result.lookahead_loss_end:.4g}; "
+            f"weight scales in [{min(weights):.3g}, {max(weights):.3g}]."
+        )
+        if result.unused:
+            text += f" Parameters the loss does not use keep scale 1: {result.unused}."
+        return text
 
     def figure(self) -> Any:
         """The learned scale of every parameter tensor, in module order (log scale)."""
@@ -187,6 +222,24 @@ class GradInit(pl.Callback):
         axes.set_ylabel("GradInit scale")
         figure.tight_layout()
         return figure
+
+
+def _base_learning_rate(optimizer: torch.optim.Optimizer, schedule: str | None) -> float:
+    """The learning rate the optimizer's first step is meant to have: a scheduler's base ``initial_lr`` (a warm-up
+    starts below it, often at 0), else ``lr``, of the first parameter group (with a warning if the groups differ)."""
+    rates = [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+    if len(set(rates)) > 1:
+        rank_zero_warn(
+            f"GradInit: the optimizer's parameter groups have different learning rates {rates}; the first step is "
+            f"simulated with group 0's ({rates[0]}) for every parameter. Pass `eta=` to choose another."
+        )
+    if not rates[0] > 0:
+        source = f"the schedule {schedule} starts" if schedule else "the optimizer has"
+        raise ValueError(
+            f"GradInit can't simulate a first step of learning rate {rates[0]} ({source} there and no base "
+            "learning rate `initial_lr` is set): pass `eta=` (e.g. the peak learning rate of the schedule)."
+        )
+    return rates[0]
 
 
 def _endless(trainer: pl.Trainer, dataloader: Any) -> Iterator[Any]:

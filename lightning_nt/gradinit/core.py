@@ -12,28 +12,30 @@ of the chosen optimizer lowers the loss most, under a gradient-norm constraint. 
 
 The scales are optimised by a scalar Adam as in the official ``RescaleAdam``: gradients clipped to
 ``+-grad_clip``, separate first moments for constraint and objective steps, one shared second moment.
-Parameters are never modified during the search (``torch.func.functional_call`` substitutes
-``alpha * theta0``); :func:`apply_scales` multiplies each tensor in place at the end.
+Parameters are never modified during the search: :func:`substituted` puts ``alpha * theta0`` in every place
+a parameter is registered (by identity, so shared submodules and tied weights get one scale and get their
+``nn.Parameter`` back); :func:`apply_scales` multiplies each tensor in place at the end. A parameter the loss
+never uses keeps scale 1.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import concatenate_batches
 from lightning_nt.common.state import preserved_modes
-from lightning_nt.common.validation import check_choice
+from lightning_nt.common.validation import ArgumentError, above, at_least, checked_arguments
 
-__all__ = ["GradInitResult", "ScaleAdam", "apply_scales", "gradinit", "search_mode"]
+__all__ = ["GradInitResult", "ScaleAdam", "apply_scales", "gradinit", "search_mode", "substituted"]
 
 Algorithm = Literal["sgd", "adam"]
 LossOf = Callable[[nn.Module, Any], Tensor]
@@ -47,8 +49,18 @@ class ScaleAdam:
         lower: per-scale lower bounds (``min_scale`` for weights, 0 for biases).
         upper: per-scale upper bounds (``inf`` for none).
         frozen: scales that never move (tensors of zero norm).
+        lr: learning rate.
+        betas: Adam's moment decay rates, each in [0, 1).
+        eps: Adam's denominator offset.
+        grad_clip: clip of each scalar gradient to ``+-grad_clip`` (0: none).
+
+    Examples:
+        >>> adam = ScaleAdam(torch.zeros(2), torch.full((2,), 2.0), torch.tensor([False, True]), lr=0.1)
+        >>> adam.step(torch.ones(2), torch.tensor([1.0, 1.0]), constraint=False)
+        tensor([0.9000, 1.0000])
     """
 
+    @checked_arguments(lr=above(0), betas=at_least(0), eps=above(0), grad_clip=at_least(0))
     def __init__(
         self,
         lower: Tensor,
@@ -59,6 +71,8 @@ class ScaleAdam:
         eps: float = 1e-8,
         grad_clip: float = 1.0,
     ) -> None:
+        if len(betas) != 2 or not all(beta < 1 for beta in betas):
+            raise ArgumentError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
         self.lower, self.upper, self.frozen = lower, upper, frozen
         self.lr, self.betas, self.eps, self.grad_clip = lr, betas, eps, grad_clip
         zeros = torch.zeros_like(lower)
@@ -91,11 +105,17 @@ class GradInitResult:
     """What a GradInit search found."""
 
     scales: dict[str, float]
+    lookahead_loss_start: float = math.nan
+    """Look-ahead loss ``L(B0 u B2; theta - s)`` on the first half-batches, at the initial weights."""
+    lookahead_loss_end: float = math.nan
+    """The same look-ahead loss, on the same half-batches, at the rescaled weights (NaN if the search diverged)."""
     lookahead_losses: list[float] = field(default_factory=list)
-    """Look-ahead loss ``L(S; theta - s)`` of every objective iteration."""
+    """Look-ahead loss ``L(S; theta - s)`` of every objective iteration (each on its own batches)."""
     grad_norms: list[float] = field(default_factory=list)
     """Gradient norm of every iteration."""
     constraint_iterations: int = 0
+    unused: list[str] = field(default_factory=list)
+    """Parameters the loss never used (their gradient was always absent): they keep scale 1."""
     diverged: bool = False
 
 
@@ -108,7 +128,7 @@ def search_mode(module: nn.Module) -> Iterator[None]:
     """
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     tracking = [norm.track_running_stats for norm in norms]
-    with preserved_modes(module), sdpa_kernel(SDPBackend.MATH):
+    with preserved_modes(module), differentiable_kernels():
         module.eval()
         for norm in norms:
             norm.training, norm.track_running_stats = True, False
@@ -119,6 +139,119 @@ def search_mode(module: nn.Module) -> Iterator[None]:
                 norm.track_running_stats = track
 
 
+@contextmanager
+def substituted(module: nn.Module, values: Mapping[str, Tensor]) -> Iterator[None]:
+    """Inside the block, every registration of the named parameters of ``module`` holds ``values[name]``.
+
+    Parameters are matched by identity, so a parameter registered in several places (a submodule shared
+    under two names, an embedding tied to the output layer, the coordinates of a random subspace) is
+    substituted everywhere, and every place gets its ``nn.Parameter`` back when the block ends; the module's
+    parameters, their identities and the optimizer's references are unchanged. (``torch.func.functional_call``
+    with ``tie_weights=True`` restores a slot reachable by two paths with the substituted value.) Values are
+    cast to the parameter's dtype. Any of a tied parameter's names may be used.
+
+    Examples:
+        >>> shared = nn.Linear(2, 2, bias=False)
+        >>> net = nn.Sequential(shared, shared)
+        >>> with substituted(net, {"0.weight": torch.eye(2)}):
+        ...     net(torch.ones(1, 2))
+        tensor([[1., 1.]])
+        >>> net[1].weight is shared.weight and isinstance(shared.weight, nn.Parameter)
+        True
+    """
+    parameters = dict(module.named_parameters(remove_duplicate=False))
+    by_identity = {id(parameters[name]): value for name, value in values.items()}
+    slots = [
+        (owner, attribute, parameter)
+        for owner in module.modules()
+        for attribute, parameter in owner._parameters.items()
+        if parameter is not None and id(parameter) in by_identity
+    ]
+    try:
+        for owner, attribute, parameter in slots:
+            owner._parameters[attribute] = by_identity[id(parameter)].to(parameter.dtype)
+        yield
+    finally:
+        for owner, attribute, parameter in slots:
+            owner._parameters[attribute] = parameter
+
+
+class _Search:
+    """The pieces of one GradInit iteration: the gradient at ``alpha theta0``, its norm, the first step, look-ahead."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_of: LossOf,
+        concatenate: Callable[[Sequence[Any]], Any],
+        algorithm: Algorithm,
+        eta: float,
+        normalize_grad: bool,
+        second_order: bool,
+        reduce_mean: Callable[[Tensor], Tensor] | None,
+    ) -> None:
+        self.module, self.loss_of, self.concatenate = module, loss_of, concatenate
+        self.algorithm, self.eta, self.normalize_grad, self.second_order = algorithm, eta, normalize_grad, second_order
+        self.reduce_mean = reduce_mean
+        self.names = [name for name, p in module.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("GradInit needs parameters that require grad; every parameter of the module is frozen.")
+        originals = dict(module.named_parameters())
+        self.theta0 = [originals[name].detach().float() for name in self.names]
+
+    def loss(self, weights: Sequence[Tensor], halves: Sequence[Any]) -> Tensor:
+        with substituted(self.module, dict(zip(self.names, weights))):
+            return self.loss_of(self.module, self.concatenate(list(halves))).float()
+
+    def gradient(self, weights: Sequence[Tensor], halves: Sequence[Any], create_graph: bool) -> list[Tensor | None]:
+        """``dL/dtheta`` on the joined ``halves``; ``None`` for a parameter the loss does not use."""
+        loss = self.loss(weights, halves)
+        if not loss.requires_grad:
+            raise ValueError("The loss does not depend on any parameter of the module that requires grad.")
+        return list(torch.autograd.grad(loss, weights, create_graph=create_graph, allow_unused=True))
+
+    def norm(self, grads: Sequence[Tensor | None]) -> Tensor:
+        """``||g||_1`` (Adam) or ``||g||_2`` (SGD), over the parameters the loss uses."""
+        used = [g for g in grads if g is not None]
+        if self.algorithm == "adam":
+            return torch.stack([g.abs().sum() for g in used]).sum()
+        return torch.stack([g.square().sum() for g in used]).sum().sqrt()
+
+    def lookahead(
+        self, weights: Sequence[Tensor], grads: Sequence[Tensor | None], norm: Tensor, halves: Sequence[Any]
+    ) -> Tensor:
+        """``L(halves; theta - s)`` after the simulated first step ``s`` of the optimizer."""
+        moved = [w if g is None else w - self._step(g, norm) for w, g in zip(weights, grads)]
+        return self.loss(moved, halves)
+
+    def probe(self, scales: Tensor, grad_halves: Sequence[Any], loss_halves: Sequence[Any]) -> float:
+        """The look-ahead loss at ``scales`` on fixed half-batches (to compare the start and the end)."""
+        weights = [(a * t).requires_grad_(True) for a, t in zip(scales.detach(), self.theta0)]
+        grads = self.gradient(weights, grad_halves, create_graph=False)
+        with torch.no_grad():
+            return float(self.mean(self.lookahead(weights, grads, self.norm(grads), loss_halves)))
+
+    def mean(self, value: Tensor) -> Tensor:
+        """``value`` averaged over processes; collectives work in place, so they get a copy."""
+        return value if self.reduce_mean is None else self.reduce_mean(value.detach().clone())
+
+    def _step(self, grad: Tensor, norm: Tensor) -> Tensor:
+        if self.algorithm == "adam":
+            step = self.eta * grad.sign()
+        else:
+            step = self.eta * grad / norm if self.normalize_grad else self.eta * grad
+        return step if self.second_order else step.detach()
+
+
+@checked_arguments(
+    iterations=at_least(1),
+    lr=above(0),
+    eta=above(0),
+    gamma=above(0),
+    min_scale=above(0),
+    max_scale=above(0),
+    grad_clip=at_least(0),
+)
 def gradinit(
     module: nn.Module,
     loss_of: LossOf,
@@ -142,6 +275,8 @@ def gradinit(
     """Search one scale per parameter tensor of ``module``; the module is not modified (see :func:`apply_scales`).
 
     Runs in :func:`search_mode` (dropout off, BatchNorm on batch statistics without updating them), in fp32.
+    The look-ahead loss is also measured on the first half-batches before the search and after it
+    (``lookahead_loss_start``/``_end``), whichever branch the iterations took.
 
     Args:
         module: the network; its parameters that require grad get a scale each (tied parameters once).
@@ -154,8 +289,8 @@ def gradinit(
         algorithm: ``"sgd"`` or ``"adam"``: the optimizer whose first step is simulated.
         normalize_grad: SGD variant: step ``eta g / ||g||_2`` instead of ``eta g``.
         min_scale: lower bound for the scales of weights (biases' are >= 0).
-        max_scale: upper bound for the scales of weights, if any.
-        grad_clip: clip of each scalar gradient.
+        max_scale: upper bound for the scales of weights, if any (> ``min_scale``).
+        grad_clip: clip of each scalar gradient (0: none).
         batch_overlap: the look-ahead batch shares half its examples with the gradient batch (official default).
         second_order: backpropagate through the step ``s`` too (the paper's full objective; slower).
         concatenate: joins half-batches into one batch (default: ``torch.cat`` on every tensor of the batch).
@@ -170,39 +305,30 @@ def gradinit(
         >>> sorted(result.scales) == sorted(n for n, _ in net.named_parameters())
         True
     """
-    check_choice("algorithm", algorithm, ("sgd", "adam"))
-    join = concatenate or concatenate_batches
-    names = [name for name, p in module.named_parameters() if p.requires_grad]
-    originals = dict(module.named_parameters())
-    theta0 = [originals[name].detach().float() for name in names]
-    norms = torch.stack([t.norm() for t in theta0])
-    is_bias = torch.tensor([name.split(".")[-1].startswith("bias") for name in names])
-    lower = torch.where(is_bias, torch.tensor(0.0), torch.tensor(float(min_scale)))
-    upper = torch.full((len(names),), math.inf)
-    if max_scale is not None:
-        upper = torch.where(is_bias, upper, torch.tensor(float(max_scale)))
-    device = theta0[0].device
-    optimizer = ScaleAdam(lower.to(device), upper.to(device), (norms == 0).to(device), lr=lr, grad_clip=grad_clip)
-    scales = torch.ones(len(names), device=device)
+    if max_scale is not None and not max_scale > min_scale:
+        raise ArgumentError(f"`max_scale` must be > min_scale={min_scale}, got {max_scale}.")
+    search = _Search(
+        module, loss_of, concatenate or concatenate_batches, algorithm, eta, normalize_grad, second_order, reduce_mean
+    )
+    optimizer = _scale_optimizer(search, lr, min_scale, max_scale, grad_clip)
+    scales = torch.ones(len(search.names), device=search.theta0[0].device)
+    used = torch.zeros(len(search.names), dtype=torch.bool, device=scales.device)
     result = GradInitResult(scales={})
-
-    def loss_at(weights: Sequence[Tensor], batch: Any) -> Tensor:
-        return loss_of_substituted(module, loss_of, dict(zip(names, weights)), batch).float()
-
+    probe = [next(batches) for _ in range(3 if batch_overlap else 4)]
+    probe_grad, probe_loss = probe[:2], [probe[0], probe[2]] if batch_overlap else probe[2:]
+    batches = itertools.chain(probe, batches)
     with search_mode(module), torch.enable_grad():
+        result.lookahead_loss_start = search.probe(scales, probe_grad, probe_loss)
         for iteration in range(iterations):
             alpha = scales.clone().requires_grad_(True)
-            weights = [a * t for a, t in zip(alpha, theta0)]
+            weights = [a * t for a, t in zip(alpha, search.theta0)]
             half0, half1 = next(batches), next(batches)
-            loss = loss_at(weights, join([half0, half1]))
-            grads = torch.autograd.grad(loss, weights, create_graph=True)
-            if algorithm == "adam":
-                norm = sum(g.abs().sum() for g in grads)
-            else:
-                norm = torch.sqrt(sum(g.square().sum() for g in grads))
-            decided_norm = float(_mean(norm.detach(), reduce_mean))
+            grads = search.gradient(weights, [half0, half1], create_graph=True)
+            used |= torch.tensor([g is not None for g in grads], device=used.device)
+            norm = search.norm(grads)
+            decided_norm = float(search.mean(norm.detach()))
             result.grad_norms.append(decided_norm)
-            if not math.isfinite(decided_norm) or not math.isfinite(float(loss.detach())):
+            if not math.isfinite(decided_norm):
                 result.diverged = True
                 break
             constraint = decided_norm > gamma
@@ -210,54 +336,51 @@ def gradinit(
                 (scale_grad,) = torch.autograd.grad(norm, alpha)
                 result.constraint_iterations += 1
             else:
-                if algorithm == "adam":
-                    steps = [eta * g.sign() for g in grads]
-                else:
-                    steps = [eta * g / norm for g in grads] if normalize_grad else [eta * g for g in grads]
-                if not second_order:
-                    steps = [s.detach() for s in steps]
                 half2 = next(batches)
                 first = half0 if batch_overlap else next(batches)
-                lookahead = loss_at([w - s for w, s in zip(weights, steps)], join([first, half2]))
+                lookahead = search.lookahead(weights, grads, norm, [first, half2])
                 (scale_grad,) = torch.autograd.grad(lookahead / eta, alpha)
-                result.lookahead_losses.append(float(_mean(lookahead.detach(), reduce_mean)))
-            scale_grad = _mean(scale_grad, reduce_mean)
+                result.lookahead_losses.append(float(search.mean(lookahead.detach())))
+            scale_grad = search.mean(scale_grad)
             if not bool(torch.isfinite(scale_grad).all()):
                 result.diverged = True
                 break
             scales = optimizer.step(scales, scale_grad.detach(), constraint)
             if progress is not None:
                 progress(iteration, result)
+        used = search.mean(used.float()) > 0  # used on any process: every process keeps the same scales
+        if not result.diverged:
+            scales = torch.where(used, scales, torch.ones_like(scales))
+            result.lookahead_loss_end = search.probe(scales, probe_grad, probe_loss)
+    result.unused = [name for name, use in zip(search.names, used.tolist()) if not use]
     if not result.diverged:
-        result.scales = dict(zip(names, scales.tolist()))
+        result.scales = dict(zip(search.names, scales.tolist()))
     return result
 
 
-def loss_of_substituted(module: nn.Module, loss_of: LossOf, weights: dict[str, Tensor], batch: Any) -> Tensor:
+def _scale_optimizer(
+    search: _Search, lr: float, min_scale: float, max_scale: float | None, grad_clip: float
+) -> ScaleAdam:
+    """The scalar Adam with the official bounds: weights in [min_scale, max_scale], biases >= 0, zero norms frozen."""
+    device = search.theta0[0].device
+    is_bias = torch.tensor([name.split(".")[-1].startswith("bias") for name in search.names], device=device)
+    lower = torch.full(is_bias.shape, float(min_scale), device=device).masked_fill(is_bias, 0.0)
+    upper = torch.full(is_bias.shape, math.inf, device=device)
+    if max_scale is not None:
+        upper = upper.masked_fill(~is_bias, float(max_scale))
+    frozen = torch.stack([t.norm() == 0 for t in search.theta0]).to(device)
+    return ScaleAdam(lower, upper, frozen, lr=lr, grad_clip=grad_clip)
+
+
+def loss_of_substituted(module: nn.Module, loss_of: LossOf, weights: Mapping[str, Tensor], batch: Any) -> Tensor:
     """``loss_of(module, batch)`` with the named parameters replaced by ``weights`` (the module is not changed)."""
-    return functional_call(_Loss(module, loss_of), {f"module.{n}": w for n, w in weights.items()}, (batch,))
-
-
-class _Loss(nn.Module):
-    """Wraps ``loss_of(module, batch)`` as a forward, so functional_call can substitute the module's parameters."""
-
-    def __init__(self, module: nn.Module, loss_of: LossOf) -> None:
-        super().__init__()
-        self.module = module
-        self.loss_of = loss_of
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_of(self.module, batch)
+    with substituted(module, weights):
+        return loss_of(module, batch)
 
 
 @torch.no_grad()
-def apply_scales(module: nn.Module, scales: dict[str, float]) -> None:
+def apply_scales(module: nn.Module, scales: Mapping[str, float]) -> None:
     """Multiply each named parameter of ``module`` in place by its scale (identities and optimizers unaffected)."""
-    parameters = dict(module.named_parameters())
+    parameters = dict(module.named_parameters(remove_duplicate=False))
     for name, scale in scales.items():
         parameters[name].mul_(scale)
-
-
-def _mean(value: Tensor, reduce_mean: Callable[[Tensor], Tensor] | None) -> Tensor:
-    """``value`` averaged over processes; collectives work in place, so they get a copy."""
-    return value if reduce_mean is None else reduce_mean(value.detach().clone())

@@ -1,9 +1,13 @@
+import inspect
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_nt import GradInit
+from lightning_nt.common.validation import ArgumentError
 from tests.helpers import TinyClassifier, TinyTransformer, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
 
 
@@ -92,7 +96,7 @@ def test_divergence_keeps_the_original_weights():
     gradinit = GradInit(iterations=5, loss_fn=exploding)
     with pytest.warns(UserWarning, match="diverged"):
         _, _, initial = _fit([gradinit, snapshot := Snapshot()], max_steps=1)
-    assert gradinit.scales == {}
+    assert gradinit.scales == {} and "diverged" in gradinit.summary()
     for name, value in snapshot.params.items():
         assert torch.equal(value, initial[name])
 
@@ -112,3 +116,43 @@ def test_divergence_keeps_the_original_weights():
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         GradInit(**kwargs)
+
+
+def test_lookahead_tags_are_logged_when_every_iteration_takes_the_constraint_branch(tmp_path):
+    gradinit = GradInit(iterations=4, gamma=1e-6, algorithm="sgd", eta=0.1)
+    _fit([gradinit], module=TinyTransformer, root=tmp_path, max_steps=1)
+    assert gradinit.result.constraint_iterations == 4 and not gradinit.result.lookahead_losses
+    scalars = read_tensorboard_scalars(tmp_path)
+    start, end = scalars["gradinit/lookahead_loss_start"][0][1], scalars["gradinit/lookahead_loss_end"][0][1]
+    assert math.isfinite(start) and math.isfinite(end) and start != end
+
+
+_GOOD = {"iterations": 3, "lr": 0.01, "eta": 0.1, "gamma": 1.0, "algorithm": "sgd", "normalize_grad": True}
+_GOOD |= {"min_scale": 0.01, "max_scale": 10.0, "batch_overlap": True, "second_order": False, "grad_clip": 1.0}
+_GOOD |= {"loss_fn": None}
+_NOT_A_NUMBER = ["1", None, [1.0], math.nan, math.inf, -math.inf, True]
+_BAD = {
+    "iterations": ["3", 2.5, 0, -1, True, None, math.nan],
+    "lr": [*_NOT_A_NUMBER, 0.0, -0.1],
+    "eta": [n for n in _NOT_A_NUMBER if n is not None] + [0.0, -0.1],
+    "gamma": [*_NOT_A_NUMBER, 0.0, -1.0],
+    "algorithm": ["lamb", "SGD", None, 1, True],
+    "normalize_grad": ["no", "False", 0, 1, None],
+    "min_scale": [*_NOT_A_NUMBER, 0.0, -0.5],
+    "max_scale": [n for n in _NOT_A_NUMBER if n is not None] + [0.0, -1.0, 0.005],
+    "batch_overlap": ["yes", 1, None],
+    "second_order": ["no", 0, None],
+    "grad_clip": [*_NOT_A_NUMBER, -1.0],
+    "loss_fn": ["loss", 3, [len]],
+}
+
+
+def test_the_sweep_covers_every_constructor_argument():
+    assert set(_BAD) == set(_GOOD) == set(inspect.signature(GradInit).parameters)
+    GradInit(**_GOOD)
+
+
+@pytest.mark.parametrize(("argument", "value"), [(a, v) for a, values in _BAD.items() for v in values])
+def test_every_bad_value_of_every_argument_is_refused_naming_it(argument, value):
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        GradInit(**(_GOOD | {argument: value}))

@@ -1,11 +1,13 @@
 import copy
 import itertools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.gradinit import ScaleAdam, apply_scales, gradinit, search_mode
 from lightning_nt.gradinit.core import loss_of_substituted
 from tests.gradinit.reference import reference_gradinit
@@ -119,3 +121,115 @@ def test_scale_adam_bounds():
 def test_bad_algorithm():
     with pytest.raises(ValueError, match="algorithm"):
         gradinit(_conv_net(), _loss, _batches(), iterations=1, algorithm="lamb")
+
+
+class _SharedAndTied(nn.Module):
+    """A block registered under two names (applied twice) and a head whose weight is also registered in ``tail``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.block = self.again = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8 * 8 * 8, 10)
+        self.tail = nn.Linear(8 * 8 * 8, 10)  # never called; holds the head's weight too
+        self.tail.weight = self.head.weight
+
+    def forward(self, images):
+        return self.head(self.again(self.block(self.stem(images))).flatten(1))
+
+
+def test_shared_and_tied_parameters_keep_their_identity_get_one_scale_and_train():
+    net = _SharedAndTied()
+    parameters = list(net.parameters())
+    optimizer = torch.optim.SGD(parameters, lr=0.01)
+    result = gradinit(net, _loss, _batches(), iterations=6, lr=0.05, eta=0.1, gamma=0.5)
+    names = ["stem.0.weight", "stem.0.bias", "block.0.weight", "block.0.bias", "head.weight", "head.bias", "tail.bias"]
+    assert list(result.scales) == names and result.unused == ["tail.bias"]
+    assert net.block is net.again and net.tail.weight is net.head.weight and list(net.parameters()) == parameters
+    assert all(type(p) is nn.Parameter for m in net.modules() for p in m._parameters.values())
+    before = copy.deepcopy(net.state_dict())
+    apply_scales(net, result.scales)
+    torch.testing.assert_close(net.again[0].weight, before["block.0.weight"] * result.scales["block.0.weight"])
+    torch.testing.assert_close(net.tail.weight, before["head.weight"] * result.scales["head.weight"])
+    for _ in range(2):  # the optimizer's parameters are the ones the forward uses
+        optimizer.zero_grad()
+        _loss(net, next(_batches())).backward()
+        optimizer.step()
+    assert all(p.grad is not None for p in parameters if p is not net.tail.bias)
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _conv_net()
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, images):
+        return self.net(images)
+
+
+def test_an_unused_parameter_keeps_scale_one():
+    result = gradinit(_WithUnused(), _loss, _batches(), iterations=10, lr=0.05, eta=0.1, gamma=1e-3, max_scale=0.5)
+    assert result.unused == ["unused.weight", "unused.bias"]
+    assert result.scales["unused.weight"] == 1.0 and result.scales["unused.bias"] == 1.0  # even above max_scale
+    assert result.scales["net.0.weight"] <= 0.5
+
+
+def test_lookahead_loss_start_and_end_whichever_branch():
+    objective = gradinit(_conv_net(), _loss, _batches(), iterations=20, lr=0.05, eta=0.1, gamma=100.0)
+    assert objective.lookahead_loss_start == pytest.approx(objective.lookahead_losses[0], rel=1e-6)  # same batches
+    assert objective.lookahead_loss_end < objective.lookahead_loss_start
+    constraint = gradinit(_conv_net(), _loss, _batches(), iterations=5, lr=0.05, eta=0.1, gamma=1e-6)
+    assert constraint.constraint_iterations == 5 and not constraint.lookahead_losses
+    assert math.isfinite(constraint.lookahead_loss_start) and math.isfinite(constraint.lookahead_loss_end)
+    assert constraint.lookahead_loss_end != constraint.lookahead_loss_start
+
+
+def test_probing_does_not_change_the_batches_the_search_sees():
+    seen = []
+
+    def recording(module, batch):
+        seen.append(batch[1].tolist())
+        return _loss(module, batch)
+
+    gradinit(_conv_net(), recording, _batches(), iterations=3, gamma=100.0)
+    data = [b[1].tolist() for b in itertools.islice(_batches(), 9)]
+    probe = [data[0] + data[1], data[0] + data[2]]
+    search = [data[i] + data[j] for i, j in ((0, 1), (0, 2), (3, 4), (3, 5), (6, 7), (6, 8))]  # as without probing
+    assert seen[:2] == probe and seen[2:-2] == search and seen[-2:] == probe
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("iterations", "3"),
+        ("iterations", 0),
+        ("lr", math.nan),
+        ("eta", 0.0),
+        ("gamma", math.inf),
+        ("algorithm", "lamb"),
+        ("normalize_grad", "no"),
+        ("min_scale", -1.0),
+        ("max_scale", 0.001),
+        ("grad_clip", -1.0),
+        ("batch_overlap", 1),
+        ("second_order", "yes"),
+        ("concatenate", "cat"),
+        ("reduce_mean", 3),
+        ("progress", [print]),
+    ],
+)
+def test_gradinit_refuses_bad_arguments_naming_them(argument, value):
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        gradinit(_conv_net(), _loss, _batches(), **{"iterations": 1, argument: value})
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("lr", 0.0), ("lr", "0.1"), ("betas", (0.9, 1.0)), ("betas", (0.9,)), ("eps", math.nan), ("grad_clip", -1.0)],
+)
+def test_scale_adam_refuses_bad_arguments_naming_them(argument, value):
+    bounds = {"lower": torch.zeros(2), "upper": torch.ones(2), "frozen": torch.zeros(2, dtype=torch.bool)}
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        ScaleAdam(**bounds, **({"lr": 0.1} | {argument: value}))

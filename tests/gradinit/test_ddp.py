@@ -32,3 +32,39 @@ def test_every_rank_gets_the_same_scales(tmp_path):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert any(not torch.allclose(rank0[name], initial[name]) for name in rank0)
+
+
+class RankZeroHead(TinyClassifier):
+    """A head only rank 0 uses: 'unused' is decided over all processes, so both keep the same scales."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.head = torch.nn.Linear(3, 3)
+
+    def forward(self, inputs):
+        logits = self.net(inputs)
+        return self.head(logits) if self.global_rank == 0 else logits
+
+
+class SaveScales(pl.Callback):
+    def __init__(self, gradinit, directory):
+        self.gradinit, self.directory = gradinit, directory
+
+    def on_train_start(self, trainer, pl_module):
+        torch.save(self.gradinit.scales, f"{self.directory}/scales{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_a_parameter_used_on_one_rank_only_gets_the_same_scale_everywhere(tmp_path):
+    pl.seed_everything(0)
+    gradinit = GradInit(iterations=6, lr=0.05)
+    trainer = tiny_trainer(
+        None,
+        strategy="ddp_spawn_find_unused_parameters_true",
+        devices=2,
+        max_steps=1,
+        callbacks=[gradinit, SaveScales(gradinit, str(tmp_path))],
+    )
+    trainer.fit(RankZeroHead(num_samples=96))
+    rank0, rank1 = torch.load(tmp_path / "scales0.pt"), torch.load(tmp_path / "scales1.pt")
+    assert rank0 == rank1 and rank0["head.weight"] != 1.0
