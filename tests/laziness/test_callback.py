@@ -193,3 +193,13 @@ def test_a_tanh_network_is_measured_with_named_layers():
     monitor = LazinessMonitor(every_n_steps=2, num_samples=16, layers=["net.0"])
     _fit([monitor], module=lambda: TinyClassifier(), max_steps=4)
     assert monitor.history[-1]["laziness/activation_flips/net.0"] >= 0
+
+
+def test_bf16_mixed_measures_in_fp32_outside_autocast():
+    plain, mixed = LazinessMonitor(every_n_steps=2, num_samples=16), LazinessMonitor(every_n_steps=2, num_samples=16)
+    _fit([plain], max_steps=2)
+    _fit([mixed], max_steps=2, precision="bf16-mixed")
+    assert plain.history[0].keys() == mixed.history[0].keys()
+    for tag in plain.history[0].keys() - {"laziness/seconds"}:
+        assert mixed.history[0][tag] == plain.history[0][tag], tag  # the same weights, measured the same way
+    assert all(math.isfinite(value) for value in mixed.history[-1].values())
