@@ -9,12 +9,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_nt.common import ProbeSet, log_figure, log_scalars, preserved_state, tensors_of
+from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
@@ -86,11 +85,13 @@ class LazinessMonitor(pl.Callback):
             one-dimensional integer tensor (no alignment when there is none).
 
     Examples:
-        >>> from lightning_nt.demos import DigitsDataModule, DigitsMLP
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_nt.demos import DigitsMLP
+        >>> images = TensorDataset(torch.rand(64, 1, 8, 8), torch.randint(10, (64,)))
         >>> monitor = LazinessMonitor(every_n_steps=5, num_samples=32)
         >>> trainer = pl.Trainer(max_steps=10, callbacks=[monitor], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False)
-        >>> trainer.fit(DigitsMLP(hidden=64), DigitsDataModule())
+        >>> trainer.fit(DigitsMLP(hidden=64), DataLoader(images, batch_size=16))
         >>> [entry["step"] for entry in monitor.history]
         [0, 5, 10]
         >>> 0 < monitor.history[-1]["laziness/weight_distance"] < 1
@@ -188,7 +189,7 @@ class LazinessMonitor(pl.Callback):
     def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         probe = ProbeSet.from_trainer(trainer, self.num_samples)
         batch, _ = next(probe.chunks())
-        patterns, kernel = self._observe(pl_module, move_data_to_device(batch, pl_module.device))
+        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, batch))
         if not patterns:
             self._warn(
                 "layers",
@@ -233,8 +234,8 @@ class LazinessMonitor(pl.Callback):
         assert self._initial is not None
         self._last_step = trainer.global_step
         started = time.perf_counter()
-        initial, device = self._initial, pl_module.device
-        patterns, kernel = self._observe(pl_module, move_data_to_device(initial["batch"], device))
+        initial = self._initial
+        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
         values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
