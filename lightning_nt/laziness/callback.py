@@ -70,7 +70,8 @@ class LazinessMonitor(pl.Callback):
     The run is left exactly as without the monitor (no parameter, gradient, buffer, RNG or mode changes).
     Kept in memory (and in checkpoints): one copy of the trainable weights, the probe set, ``m x units`` booleans
     and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples, ``4 m C P`` bytes for
-    ``C`` outputs and ``P`` parameters; ``ntk=False`` skips the kernel when that is too dear. Under DDP each rank
+    ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for more work);
+    ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank
     measures its own probe set and every rank logs the mean over ranks.
 
     Args:
@@ -80,6 +81,8 @@ class LazinessMonitor(pl.Callback):
         layers: names of the submodules whose sign patterns count: an activation module's input, or any other
             module's output; default every ReLU-family activation module (``ACTIVATIONS``).
         chunk_size: examples per vmapped Jacobian (``None``: the whole probe set at once).
+        hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
+            chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
         forward_fn: ``forward_fn(pl_module, batch) -> outputs``; default ``pl_module(first tensor of the batch)``.
         target_fn: ``target_fn(batch) -> labels or targets`` for the alignment; default the batch's last
             one-dimensional integer tensor (no alignment when there is none).
@@ -106,11 +109,12 @@ class LazinessMonitor(pl.Callback):
         ntk: bool = True,
         layers: Sequence[str] | None = None,
         chunk_size: int | None = 32,
+        hold_jacobians: bool = True,
         forward_fn: ForwardFn | None = None,
         target_fn: TargetFn | None = None,
     ) -> None:
         self.every_n_steps, self.num_samples, self.ntk, self.chunk_size = every_n_steps, num_samples, ntk, chunk_size
-        self.layers = None if layers is None else tuple(layers)
+        self.layers, self.hold_jacobians = None if layers is None else tuple(layers), hold_jacobians
         self.forward_fn, self.target_fn = forward_fn, target_fn
         self.history: list[dict[str, float]] = []
         self._initial: dict[str, Any] | None = None  # probe batch, weights, patterns, kernel, targets (CPU)
@@ -127,6 +131,7 @@ class LazinessMonitor(pl.Callback):
             ntk=self.ntk,
             layers=self.layers,
             chunk_size=self.chunk_size,
+            hold_jacobians=self.hold_jacobians,
             forward_fn=_describe(self.forward_fn),
             target_fn=_describe(self.target_fn),
         )
@@ -224,7 +229,9 @@ class LazinessMonitor(pl.Callback):
             patterns = (
                 activation_patterns(pl_module, batch, self.layers, forward) if self._has_layers(pl_module) else {}
             )
-            kernel = empirical_ntk(pl_module, batch, forward, self.chunk_size) if self.ntk else None
+            kernel = (
+                empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians) if self.ntk else None
+            )
         return patterns, kernel
 
     def _has_layers(self, pl_module: pl.LightningModule) -> bool:

@@ -48,6 +48,7 @@ def empirical_ntk(
     inputs: Any,
     forward_fn: ForwardFn | None = None,
     chunk_size: int | None = None,
+    hold_jacobians: bool = True,
 ) -> Tensor:
     """The empirical NTK ``K[i, j] = sum_c <df_c(x_i)/dtheta, df_c(x_j)/dtheta>`` of ``module`` on ``inputs``.
 
@@ -62,6 +63,9 @@ def empirical_ntk(
         inputs: the ``m`` examples.
         forward_fn: ``forward_fn(module, batch) -> outputs``; default ``module(batch)``.
         chunk_size: examples per vmapped Jacobian (``None``: all at once).
+        hold_jacobians: keep the Jacobians of all ``m`` examples (``4 m C P`` bytes in fp32) and form the kernel in
+            one product; ``False`` keeps two chunks' at a time (``8 chunk_size C P`` bytes) and recomputes each
+            chunk's Jacobian for every block of the kernel, ``(k + 1) / 2`` times the work for ``k`` chunks.
 
     Examples:
         >>> net = nn.Linear(3, 1)  # f(x) = w.x + b, so K = X X^T + 1
@@ -86,13 +90,28 @@ def empirical_ntk(
 
     per_example = vmap(jacrev(single), in_dims=(None, *in_dims))
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
-    jacobians = []
-    for start in range(0, count, size):
+
+    def jacobian(start: int) -> Tensor:
+        """``[b, C * P]`` for the examples from ``start``: the trace over outputs is a sum over this axis too."""
         chunk = [tensor[start : start + size] if tensor.ndim > 0 else tensor for tensor in tensors]
         rows = per_example(params, *chunk)
-        jacobians.append(torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2))
-    flat = torch.cat(jacobians).flatten(1)  # [m, C * P]: the trace over outputs is a sum over this axis too
-    return flat @ flat.T
+        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
+
+    starts = range(0, count, size)
+    if hold_jacobians:
+        flat = torch.cat([jacobian(start) for start in starts])
+        return flat @ flat.T
+    kernel: Tensor | None = None
+    for index, first in enumerate(starts):
+        rows = jacobian(first)
+        if kernel is None:
+            kernel = rows.new_empty(count, count)
+        for second in starts[index:]:
+            block = rows @ (rows if second == first else jacobian(second)).T
+            kernel[first : first + size, second : second + size] = block
+            kernel[second : second + size, first : first + size] = block.T
+    assert kernel is not None
+    return kernel
 
 
 def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = None) -> float:

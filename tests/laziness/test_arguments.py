@@ -17,6 +17,7 @@ BAD = {
     "ntk": ["no", 1, 0, None],
     "layers": ["net.0", [], [1], ("net.0", None), 3],
     "chunk_size": [*NOT_INTEGERS, 0, -4],
+    "hold_jacobians": ["no", 1, None],
     "forward_fn": ["forward", 3, True],
     "target_fn": ["labels", 3, False],
 }
@@ -44,6 +45,7 @@ def _forward(module, batch):
         {"ntk": False},
         {"layers": ["net.2"]},
         {"chunk_size": None},
+        {"hold_jacobians": False},
         {"forward_fn": _forward},
         {"target_fn": _forward},
     ],

@@ -42,11 +42,12 @@ def _reference_ntk(net, inputs):
     return torch.einsum("icp,jcp->ij", jacobian, jacobian)
 
 
+@pytest.mark.parametrize("hold_jacobians", [True, False])
 @pytest.mark.parametrize("chunk_size", [None, 1, 4])
-def test_empirical_ntk_equals_the_autograd_jacobian_reference(chunk_size):
+def test_empirical_ntk_equals_the_autograd_jacobian_reference(chunk_size, hold_jacobians):
     net = _mlp()
     inputs = torch.randn(9, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    kernel = empirical_ntk(net, inputs, chunk_size=chunk_size)
+    kernel = empirical_ntk(net, inputs, chunk_size=chunk_size, hold_jacobians=hold_jacobians)
     reference = _reference_ntk(net, inputs)
     assert kernel.shape == (9, 9) and kernel.dtype == torch.float64
     torch.testing.assert_close(kernel, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
@@ -93,10 +94,13 @@ def test_frozen_parameters_are_left_out():
         empirical_ntk(net, inputs)
 
 
-@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, "4", True])
-def test_empirical_ntk_refuses_a_bad_chunk_size(chunk_size):
-    with pytest.raises(ArgumentError, match="`chunk_size`"):
-        empirical_ntk(nn.Linear(2, 1), torch.zeros(3, 2), chunk_size=chunk_size)
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("chunk_size", v) for v in (0, -1, 2.5, "4", True)] + [("hold_jacobians", v) for v in ("no", 1, None)],
+)
+def test_empirical_ntk_refuses_bad_arguments_naming_them(argument, value):
+    with pytest.raises(ArgumentError, match=f"`{argument}`"):
+        empirical_ntk(nn.Linear(2, 1), torch.zeros(3, 2), **{argument: value})
 
 
 def _relative_error(width, seed, inputs, outputs=2):
