@@ -2,7 +2,8 @@
 
 Target (issue 15): one measurement with ``ntk=True`` on 128 examples costs at most 50 training steps of
 ``DigitsCNN`` (width 16, batch 64, SGD). Also timed: ``ntk=False`` (weights and activation patterns only), and the
-kernel alone by ``empirical_ntk`` at several chunk sizes. Medians over repeats; the device is synchronised.
+kernel alone by ``empirical_ntk`` at several chunk sizes, holding all Jacobians or two chunks' at a time. Medians
+over repeats; the device is synchronised.
 
     python benchmarks/bench_laziness.py                   # CPU (or the GPU when there is one)
     python benchmarks/bench_laziness.py --samples 256 --width 32
@@ -41,7 +42,7 @@ def measurement_seconds(width: int, samples: int, ntk: bool, repeats: int) -> fl
     return statistics.median(entry["laziness/seconds"] for entry in monitor.history)
 
 
-def kernel_seconds(width: int, samples: int, chunk_size: int | None, repeats: int) -> float:
+def kernel_seconds(width: int, samples: int, chunk_size: int | None, hold: bool, repeats: int) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net = DigitsCNN(width=width).to(device).eval()
     inputs = next(iter(DataLoader(_loader().dataset, batch_size=samples)))[0].to(device)
@@ -50,7 +51,7 @@ def kernel_seconds(width: int, samples: int, chunk_size: int | None, repeats: in
         if device == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        empirical_ntk(net, inputs, chunk_size=chunk_size)
+        empirical_ntk(net, inputs, chunk_size=chunk_size, hold_jacobians=hold)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
@@ -75,9 +76,10 @@ def main() -> None:
     for ntk in (True, False):
         seconds = measurement_seconds(args.width, args.samples, ntk, args.repeats)
         print(f"measurement ntk={ntk}, {args.samples} examples: {seconds:.3f} s = {seconds / step:.1f} steps")
-    for chunk_size in (8, 32, None):
-        seconds = kernel_seconds(args.width, args.samples, chunk_size, args.repeats)
-        print(f"empirical_ntk alone, chunk_size={chunk_size}: {seconds:.3f} s = {seconds / step:.1f} steps")
+    for chunk_size, hold in ((8, True), (32, True), (None, True), (32, False)):
+        seconds = kernel_seconds(args.width, args.samples, chunk_size, hold, args.repeats)
+        setting = f"chunk_size={chunk_size}, hold_jacobians={hold}"
+        print(f"empirical_ntk alone, {setting}: {seconds:.3f} s = {seconds / step:.1f} steps")
 
 
 if __name__ == "__main__":
