@@ -49,31 +49,32 @@ def activation_patterns(
 ) -> dict[str, Tensor]:
     """The sign pattern ``[m, units]`` (``True`` where positive) of each layer's pre-activation on ``inputs``.
 
-    For an activation module (:data:`ACTIVATIONS`) the pattern is the sign of its input, the gate of the unit;
-    for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
-    ``layers`` defaults to every activation module found by type. Units are the flattened non-batch dimensions
-    (for a convolution, every channel at every position). A module called several times records its last call.
+        For an activation module (:data:`ACTIVATIONS`) the pattern is the sign of its input, the gate of the unit;
+        for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
+        ``layers`` defaults to every activation module found by type. Units are the flattened non-batch dimensions
+        (for a convolution, every channel at every position). A module called several times in one forward pass (one
+    ``nn.ReLU`` shared by the blocks of a ResNet) contributes the units of every call, concatenated.
 
-    Examples:
-        >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU())
-        >>> with torch.no_grad():
-        ...     _ = net[0].weight.copy_(torch.tensor([[1.0], [-1.0]])), net[0].bias.zero_()
-        >>> activation_patterns(net, torch.tensor([[2.0], [-3.0]]))
-        {'1': tensor([[ True, False],
-                [False,  True]])}
+        Examples:
+            >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU())
+            >>> with torch.no_grad():
+            ...     _ = net[0].weight.copy_(torch.tensor([[1.0], [-1.0]])), net[0].bias.zero_()
+            >>> activation_patterns(net, torch.tensor([[2.0], [-3.0]]))
+            {'1': tensor([[ True, False],
+                    [False,  True]])}
     """
     names = list(layers) if layers is not None else activation_layers(module)
     found = dict(module.named_modules())
     missing = [name for name in names if name not in found]
     if missing:
         raise ValueError(f"No submodule named {missing} in {type(module).__name__}; choose among {sorted(found)}.")
-    patterns: dict[str, Tensor] = {}
-    with _recording(found, names, patterns):
+    calls: dict[str, list[Tensor]] = {name: [] for name in names}
+    with _recording(found, names, calls):
         (forward_fn or _call)(module, inputs)
-    absent = [name for name in names if name not in patterns]
+    absent = [name for name in names if not calls[name]]
     if absent:
         raise RuntimeError(f"The layers {absent} were not called in the forward pass, so they have no pattern.")
-    return {name: patterns[name] for name in names}
+    return {name: torch.cat(calls[name], dim=1) for name in names}
 
 
 def pattern_flips(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> dict[str, float]:
@@ -105,7 +106,7 @@ def _call(module: nn.Module, batch: Any) -> Tensor:
 
 
 @contextmanager
-def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dict[str, Tensor]) -> Iterator[None]:
+def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dict[str, list[Tensor]]) -> Iterator[None]:
     handles = [modules[name].register_forward_hook(_recorder(name, modules[name], into)) for name in names]
     try:
         yield
@@ -114,11 +115,11 @@ def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dic
             handle.remove()
 
 
-def _recorder(name: str, layer: nn.Module, into: dict[str, Tensor]) -> Callable[..., None]:
+def _recorder(name: str, layer: nn.Module, into: dict[str, list[Tensor]]) -> Callable[..., None]:
     gate_on_input = isinstance(layer, ACTIVATIONS)
 
     def record(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         value = args[0] if gate_on_input else output
-        into[name] = (value.detach() > 0).flatten(1)
+        into[name].append((value.detach() > 0).flatten(1))
 
     return record

@@ -170,6 +170,26 @@ def test_activation_patterns_of_a_convolution_flatten_channels_and_positions():
     assert torch.equal(patterns["1"], (net[0](inputs) > 0).flatten(1))
 
 
+class SharedReLU(nn.Module):
+    """One ReLU module applied twice, as in torchvision's ResNet blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.relu = nn.Linear(3, 4), nn.Linear(4, 2), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.second(self.relu(self.first(x))))
+
+
+def test_a_shared_activation_module_contributes_every_call():
+    net = SharedReLU()
+    inputs = torch.randn(5, 3)
+    patterns = activation_patterns(net, inputs)
+    hidden = net.first(inputs)
+    expected = torch.cat([hidden > 0, net.second(torch.relu(hidden)) > 0], dim=1)
+    assert torch.equal(patterns["relu"], expected)
+
+
 def test_activation_patterns_name_missing_or_unused_layers():
     net = _mlp(torch.float32)
     with pytest.raises(ValueError, match="nope"):
