@@ -86,7 +86,33 @@ def test_weights_patterns_and_kernel_move_less_as_width_grows():
         assert low < exponent < high, (tag, values, exponent)
 
 
-if __name__ == "__main__":  # the figures of docs/methods/laziness.md
+def width_figure(results: dict[int, dict[str, float]], path: str) -> None:
+    """Log-log picture of the three changes against width, with the width^-1/2 and width^-1 guides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5.5, 4))
+    for tag in EXPONENTS:
+        axes.loglog(WIDTHS, [results[width][tag] for width in WIDTHS], marker="o", label=tag.split("/")[1])
+    guides = ((0.5, ":", "laziness/weight_distance"), (1.0, "--", "laziness/ntk_change"))
+    for power, style, anchor in guides:
+        start = results[WIDTHS[0]][anchor]
+        axes.loglog(WIDTHS, [start * (WIDTHS[0] / w) ** power for w in WIDTHS], "k" + style, label=f"width^-{power:g}")
+    axes.set_xlabel("hidden width (NTK parameterisation)")
+    axes.set_ylabel(f"change from init at training loss {TARGET_LOSS}")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":  # the figures of docs/methods/laziness.md: python -m tests.laziness.test_science [PNG]
+    import sys
+
+    measured = {}
     for width in WIDTHS:
-        entry, steps = train_to_target(width)
-        print(width, steps, {tag: round(entry[tag], 4) for tag in EXPONENTS})
+        measured[width], steps = train_to_target(width)
+        print(width, steps, {tag: round(measured[width][tag], 4) for tag in EXPONENTS})
+    if len(sys.argv) > 1:
+        width_figure(measured, sys.argv[1])
