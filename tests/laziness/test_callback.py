@@ -72,12 +72,8 @@ class Reference(pl.Callback):
 def test_logged_values_match_independent_computations(tmp_path):
     monitor = LazinessMonitor(every_n_steps=2, num_samples=24, chunk_size=5, hold_jacobians=False)
     reference = Reference(24, 2)
-    module = lambda: ReLUClassifier(num_samples=48, lr=0.3)  # noqa: E731
     pl.seed_everything(0)
-    net = module()
-    net.train_dataloader = lambda: torch.utils.data.DataLoader(
-        ReLUClassifier(num_samples=48).train_dataloader().dataset, batch_size=16, shuffle=False
-    )
+    net = ReLUClassifier(num_samples=48, lr=0.3, shuffle=False)  # the probe set is the first 24 examples
     trainer = tiny_trainer(tmp_path, callbacks=[monitor, reference], max_epochs=2)
     trainer.fit(net)
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]
