@@ -1,0 +1,287 @@
+"""Lightning adapter: how far training moves from the lazy (kernel) regime, measured on a fixed probe set."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
+from lightning_nt.common.validation import at_least, checked_arguments, non_empty
+from lightning_nt.laziness.distance import relative_distance
+from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
+from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
+
+__all__ = ["LazinessMonitor", "TargetFn"]
+
+TargetFn = Callable[[Any], Tensor]
+"""``target_fn(batch) -> targets``: integer labels ``[m]`` or float targets ``[m, C]`` for the kernel alignment."""
+
+_TAG = "laziness"
+
+
+def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
+    """The default forward: the module applied to the batch's first tensor (the inputs of ``(x, y)`` batches)."""
+    return module(tensors_of(batch)[0])
+
+
+def _integer_labels(batch: Any) -> Tensor | None:
+    """The default targets: the batch's last one-dimensional integer tensor (the labels of ``(x, y)``), if any."""
+    labels = [t for t in tensors_of(batch) if t.ndim == 1 and not t.is_floating_point() and not t.is_complex()]
+    return labels[-1] if labels else None
+
+
+def _describe(function: Callable[..., Any] | None) -> str | None:
+    """A name for a function that is the same in every process (no memory address), for the state key."""
+    if function is None:
+        return None
+    named = function if hasattr(function, "__qualname__") else type(function)
+    return f"{named.__module__}.{named.__qualname__}"
+
+
+class LazinessMonitor(pl.Callback):
+    """How lazy training is: weight distance from init, ReLU pattern flips and the change of the empirical NTK.
+
+    When training starts, ``num_samples`` training examples are cached as a fixed probe set together with the
+    initial trainable weights ``theta_0``, their activation patterns and the empirical NTK ``K_0`` (trace over
+    outputs, :func:`~lightning_nt.laziness.empirical_ntk`). Every ``every_n_steps`` optimizer steps, at the first
+    step and at the end of training it logs
+
+    - ``laziness/weight_distance`` = ``||theta_t - theta_0|| / ||theta_0||``, and ``laziness/weight_distance/<layer>``;
+    - ``laziness/activation_flips``: the fraction of (example, unit) signs of the pre-activations that differ from
+      init, and ``laziness/activation_flips/<layer>`` (ReLU-family modules found by type, or ``layers``);
+    - with ``ntk``: ``laziness/ntk_change`` = ``||K_t - K_0||_F / ||K_0||_F``, ``laziness/ntk_lambda_min`` and
+      ``laziness/ntk_lambda_max`` (of ``K_t``), and ``laziness/kernel_alignment`` (centred kernel-target
+      alignment with the one-hot labels, Cortes et al. 2012) when the probe set has labels;
+    - ``laziness/seconds``: the cost of that measurement.
+
+    In the lazy regime (Jacot et al. 2018; Chizat et al. 2019; Allen-Zhu, Li & Song 2019) all three changes are
+    small and fall with width roughly as ``width^-1/2``. At the end of training a picture of the quantities over
+    steps is logged as ``laziness/over_steps``. Measurements use the network in eval mode (dropout off,
+    BatchNorm on its running statistics) in fp32 outside autocast, so every example's outputs are its own.
+
+    The run is left exactly as without the monitor (no parameter, gradient, buffer, RNG or mode changes).
+    Kept in memory (and in checkpoints): one copy of the trainable weights, the probe set, ``m x units`` booleans
+    and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples, ``4 m C P`` bytes for
+    ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for more work);
+    ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank
+    measures its own probe set and every rank logs the mean over ranks.
+
+    Args:
+        every_n_steps: optimizer steps between measurements.
+        num_samples: training examples in the probe set (the first batches of the train loader).
+        ntk: also measure the empirical NTK (change, extreme eigenvalues, alignment).
+        layers: names of the submodules whose sign patterns count: an activation module's input, or any other
+            module's output; default every ReLU-family activation module (``ACTIVATIONS``).
+        chunk_size: examples per vmapped Jacobian (``None``: the whole probe set at once).
+        hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
+            chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
+        forward_fn: ``forward_fn(pl_module, batch) -> outputs``; default ``pl_module(first tensor of the batch)``.
+        target_fn: ``target_fn(batch) -> labels or targets`` for the alignment; default the batch's last
+            one-dimensional integer tensor (no alignment when there is none).
+
+    Examples:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning_nt.demos import DigitsMLP
+        >>> images = TensorDataset(torch.rand(64, 1, 8, 8), torch.randint(10, (64,)))
+        >>> monitor = LazinessMonitor(every_n_steps=5, num_samples=32)
+        >>> trainer = pl.Trainer(max_steps=10, callbacks=[monitor], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(DigitsMLP(hidden=64), DataLoader(images, batch_size=16))
+        >>> [entry["step"] for entry in monitor.history]
+        [0, 5, 10]
+        >>> 0 < monitor.history[-1]["laziness/weight_distance"] < 1
+        True
+    """
+
+    @checked_arguments(every_n_steps=at_least(1), num_samples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        num_samples: int = 128,
+        ntk: bool = True,
+        layers: Sequence[str] | None = None,
+        chunk_size: int | None = 32,
+        hold_jacobians: bool = True,
+        forward_fn: ForwardFn | None = None,
+        target_fn: TargetFn | None = None,
+    ) -> None:
+        self.every_n_steps, self.num_samples, self.ntk, self.chunk_size = every_n_steps, num_samples, ntk, chunk_size
+        self.layers, self.hold_jacobians = None if layers is None else tuple(layers), hold_jacobians
+        self.forward_fn, self.target_fn = forward_fn, target_fn
+        self.history: list[dict[str, float]] = []
+        self._initial: dict[str, Any] | None = None  # probe batch, weights, patterns, kernel, targets (CPU)
+        self._restored = False
+        self._last_step = -1
+        self._warned: set[str] = set()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            num_samples=self.num_samples,
+            ntk=self.ntk,
+            layers=self.layers,
+            chunk_size=self.chunk_size,
+            hold_jacobians=self.hold_jacobians,
+            forward_fn=_describe(self.forward_fn),
+            target_fn=_describe(self.target_fn),
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fresh = not self._restored or self._initial is None
+        self._restored = False
+        if fresh:  # a resumed run goes on comparing with the initialisation of the run it resumes
+            self.history, self._last_step = [], -1
+            self._initial = self._capture(trainer, pl_module)
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0:
+            self._measure(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._initial is not None and self._last_step != trainer.global_step:
+            self._measure(trainer, pl_module)
+        if self.history and trainer.is_global_zero and trainer.loggers:
+            log_figure(trainer, f"{_TAG}/over_steps", self.figure())
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "initial": self._initial, "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self._initial, self._last_step = state_dict["initial"], state_dict["last_step"]
+        self._restored = True
+
+    def figure(self) -> Any:
+        """Weight distance, activation flips and NTK change over training steps (log scale), and the alignment."""
+        import matplotlib.pyplot as plt
+
+        figure, (changes, kernel) = plt.subplots(1, 2, figsize=(10, 4))
+        steps = [entry["step"] for entry in self.history]
+        for name in ("weight_distance", "activation_flips", "ntk_change"):
+            values = [entry.get(f"{_TAG}/{name}", math.nan) for entry in self.history]
+            if any(math.isfinite(v) and v > 0 for v in values):
+                changes.plot(steps, values, marker=".", label=name)
+        changes.set_yscale("log")
+        changes.set_xlabel("optimizer step")
+        changes.set_ylabel("relative change from initialisation")
+        changes.legend()
+        alignment = [entry.get(f"{_TAG}/kernel_alignment", math.nan) for entry in self.history]
+        kernel.plot(steps, alignment, marker=".", color="tab:green")
+        kernel.set_xlabel("optimizer step")
+        kernel.set_ylabel("centred kernel-target alignment")
+        figure.tight_layout()
+        return figure
+
+    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        probe = ProbeSet.from_trainer(trainer, self.num_samples)
+        batch, _ = next(probe.chunks())
+        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, batch))
+        if not patterns:
+            self._warn(
+                "layers",
+                f"LazinessMonitor: {type(pl_module).__name__} has no ReLU-family activation module, so no "
+                "activation flips are logged; name the layers before a functional activation with `layers=`.",
+            )
+        targets = (self.target_fn or _integer_labels)(batch)
+        if targets is None and self.ntk:
+            self._warn("targets", "LazinessMonitor: the probe set has no integer labels; pass `target_fn=`.")
+        return {
+            "batch": batch,
+            "weights": {name: p.detach().cpu().clone() for name, p in self._params(pl_module).items()},
+            "patterns": {name: pattern.cpu() for name, pattern in patterns.items()},
+            "kernel": None if kernel is None else kernel.cpu(),
+            "targets": None if targets is None else targets.detach().cpu(),
+        }
+
+    def _params(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+
+    def _observe(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The activation patterns and (with ``ntk``) the empirical NTK of the probe batch, leaving no trace."""
+        forward = self.forward_fn or _first_tensor_forward
+        device_type = pl_module.device.type
+        with (
+            preserved_state(pl_module, parameters=False),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autocast(device_type, enabled=False),
+        ):
+            pl_module.eval()
+            patterns = (
+                activation_patterns(pl_module, batch, self.layers, forward) if self._has_layers(pl_module) else {}
+            )
+            kernel = (
+                empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians) if self.ntk else None
+            )
+        return patterns, kernel
+
+    def _has_layers(self, pl_module: pl.LightningModule) -> bool:
+        return self.layers is not None or bool(activation_layers(pl_module))
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self._initial is not None
+        self._last_step = trainer.global_step
+        started = time.perf_counter()
+        initial = self._initial
+        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
+        distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
+        values = {f"{_TAG}/weight_distance": distance.overall}
+        values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
+        if patterns:
+            flips = pattern_flips(initial["patterns"], {name: p.cpu() for name, p in patterns.items()})
+            values[f"{_TAG}/activation_flips"] = flips.pop("")
+            values.update({f"{_TAG}/activation_flips/{layer}": value for layer, value in flips.items()})
+        if kernel is not None:
+            values.update(self._kernel_values(kernel.cpu().double(), initial["kernel"].double(), initial["targets"]))
+        values = self._mean_over_ranks(trainer, values)
+        if not all(math.isfinite(value) for value in values.values()):
+            self._warn("nan", "LazinessMonitor: a measurement was not finite (NaN/inf); it is skipped.")
+            return
+        values[f"{_TAG}/seconds"] = time.perf_counter() - started
+        log_scalars(trainer, values)
+        self.history.append({"step": trainer.global_step, **values})
+
+    def _kernel_values(self, kernel: Tensor, initial: Tensor, targets: Tensor | None) -> dict[str, float]:
+        if not bool(torch.isfinite(kernel).all()):
+            return {f"{_TAG}/ntk_change": math.nan}
+        eigenvalues = torch.linalg.eigvalsh(kernel)
+        values = {
+            f"{_TAG}/ntk_change": float((kernel - initial).norm() / initial.norm()),
+            f"{_TAG}/ntk_lambda_min": float(eigenvalues[0]),
+            f"{_TAG}/ntk_lambda_max": float(eigenvalues[-1]),
+        }
+        if targets is not None:
+            values[f"{_TAG}/kernel_alignment"] = kernel_alignment(kernel, targets)
+        return values
+
+    def _mean_over_ranks(self, trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
+        """Every rank logs the same numbers: the mean over ranks of each rank's measurement on its own probe set."""
+        if trainer.world_size == 1:
+            return values
+        local = torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device)
+        mean = trainer.strategy.reduce(local, reduce_op="mean")
+        return dict(zip(values, mean.tolist()))
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)

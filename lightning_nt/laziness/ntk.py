@@ -1,0 +1,192 @@
+"""The empirical neural tangent kernel, its closed form for a wide two-layer ReLU net, and kernel-target alignment.
+
+``empirical_ntk`` is the trace-over-outputs kernel ``K_ij = sum_c <df_c(x_i)/dtheta, df_c(x_j)/dtheta>`` over the
+trainable parameters. Per-example Jacobians come from ``torch.func.jacrev`` vmapped over the examples (one reverse
+pass per output, cheap when the outputs are few against the parameters, as in classification), ``chunk_size``
+examples at a time. The Jacobians of all ``m`` examples are held together: ``4 m C P`` bytes for ``C`` outputs and
+``P`` parameters (fp32), plus the ``m x m`` kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from lightning_nt.common.batches import batch_size, tensors_of
+from lightning_nt.common.validation import at_least, checked_arguments
+
+__all__ = ["ForwardFn", "TwoLayerReLU", "empirical_ntk", "kernel_alignment", "two_layer_relu_ntk"]
+
+ForwardFn = Callable[[nn.Module, Any], Tensor]
+"""``forward_fn(module, batch) -> outputs [B, ...]``: the network's outputs on a batch (default ``module(batch)``)."""
+
+
+def _call(module: nn.Module, batch: Any) -> Tensor:
+    return module(batch)
+
+
+class _Forward(nn.Module):
+    """``forward_fn`` as a module, so ``torch.func.functional_call`` can swap the wrapped module's parameters."""
+
+    def __init__(self, module: nn.Module, forward_fn: ForwardFn) -> None:
+        super().__init__()
+        self.module, self.forward_fn = module, forward_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.forward_fn(self.module, batch)
+
+
+@checked_arguments(chunk_size=at_least(1))
+def empirical_ntk(
+    module: nn.Module,
+    inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    hold_jacobians: bool = True,
+) -> Tensor:
+    """The empirical NTK ``K[i, j] = sum_c <df_c(x_i)/dtheta, df_c(x_j)/dtheta>`` of ``module`` on ``inputs``.
+
+    ``inputs`` is a tensor or any batch structure (tuple, dict, dataclass) whose tensors have the examples along
+    dimension 0; ``forward_fn(module, batch)`` maps it to outputs ``[m, ...]`` (flattened per example to ``C``
+    outputs). The derivative is over the parameters with ``requires_grad``. Each example's output must depend on
+    that example only: call it with the module in eval mode when it has BatchNorm or dropout. The kernel is fp32
+    (fp64 if the parameters are), on the parameters' device.
+
+    Args:
+        module: the network.
+        inputs: the ``m`` examples.
+        forward_fn: ``forward_fn(module, batch) -> outputs``; default ``module(batch)``.
+        chunk_size: examples per vmapped Jacobian (``None``: all at once).
+        hold_jacobians: keep the Jacobians of all ``m`` examples (``4 m C P`` bytes in fp32) and form the kernel in
+            one product; ``False`` keeps two chunks' at a time (``8 chunk_size C P`` bytes) and recomputes each
+            chunk's Jacobian for every block of the kernel, ``(k + 1) / 2`` times the work for ``k`` chunks.
+
+    Examples:
+        >>> net = nn.Linear(3, 1)  # f(x) = w.x + b, so K = X X^T + 1
+        >>> x = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0]])
+        >>> empirical_ntk(net, x)
+        tensor([[2., 2.],
+                [2., 6.]])
+    """
+    wrapper = _Forward(module, forward_fn or _call)
+    params = {name: p.detach() for name, p in wrapper.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("The module has no parameter with requires_grad=True, so its tangent kernel is empty.")
+    count = batch_size(inputs)
+    size = chunk_size or count
+    tensors = tensors_of(inputs)
+    in_dims = tuple(0 if tensor.ndim > 0 else None for tensor in tensors)
+
+    def single(weights: dict[str, Tensor], *example: Tensor) -> Tensor:
+        rows = iter([tensor.unsqueeze(0) if dim == 0 else tensor for tensor, dim in zip(example, in_dims)])
+        batch = apply_to_collection(inputs, Tensor, lambda _: next(rows))
+        return functional_call(wrapper, weights, (batch,)).reshape(-1)
+
+    per_example = vmap(jacrev(single), in_dims=(None, *in_dims))
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+
+    def jacobian(start: int) -> Tensor:
+        """``[b, C * P]`` for the examples from ``start``: the trace over outputs is a sum over this axis too."""
+        chunk = [tensor[start : start + size] if tensor.ndim > 0 else tensor for tensor in tensors]
+        rows = per_example(params, *chunk)
+        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
+
+    starts = range(0, count, size)
+    if hold_jacobians:
+        flat = torch.cat([jacobian(start) for start in starts])
+        return flat @ flat.T
+    kernel: Tensor | None = None
+    for index, first in enumerate(starts):
+        rows = jacobian(first)
+        if kernel is None:
+            kernel = rows.new_empty(count, count)
+        for second in starts[index:]:
+            block = rows @ (rows if second == first else jacobian(second)).T
+            kernel[first : first + size, second : second + size] = block
+            kernel[second : second + size, first : first + size] = block.T
+    assert kernel is not None
+    return kernel
+
+
+def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = None) -> float:
+    """Centred kernel-target alignment (Cortes, Mohri & Rostamizadeh 2012) of ``kernel`` with the targets.
+
+    ``A = <K_c, L_c>_F / (||K_c||_F ||L_c||_F)`` with ``L = Y Y^T``, ``Y`` the one-hot labels (integer ``targets``)
+    or the target rows themselves (float ``targets [m, C]``), and ``M_c = H M H``, ``H = I - 11^T/m``.
+    In [-1, 1]; 1 when the kernel is the target kernel up to scale. NaN when either centred kernel is zero.
+
+    Examples:
+        >>> labels = torch.tensor([0, 0, 1, 1])
+        >>> onehot = torch.nn.functional.one_hot(labels).double()
+        >>> kernel_alignment(5 * onehot @ onehot.T + 2, labels)
+        1.0
+    """
+    if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
+        raise ValueError(f"`kernel` must be a square [m, m] matrix, got shape {tuple(kernel.shape)}.")
+    if targets.shape[0] != kernel.shape[0]:
+        raise ValueError(f"`targets` has {targets.shape[0]} rows for a kernel over {kernel.shape[0]} examples.")
+    kernel = kernel.double()
+    if targets.is_floating_point():
+        rows = targets.reshape(targets.shape[0], -1).to(kernel)
+    else:
+        rows = nn.functional.one_hot(targets.long(), num_classes or -1).to(kernel)
+    centred_k, centred_l = _centred(kernel), _centred(rows @ rows.T)
+    denominator = float(centred_k.norm() * centred_l.norm())
+    return float((centred_k * centred_l).sum()) / denominator if denominator > 0 else math.nan
+
+
+def _centred(matrix: Tensor) -> Tensor:
+    return matrix - matrix.mean(0, keepdim=True) - matrix.mean(1, keepdim=True) + matrix.mean()
+
+
+class TwoLayerReLU(nn.Module):
+    """``f(x) = W2 relu(W1 x / sqrt(d)) / sqrt(n)``, weights ``N(0, 1)``: a two-layer ReLU net, NTK parameterisation.
+
+    ``d`` inputs, ``n`` hidden units (``width``), ``outputs`` outputs, no biases. As ``n`` grows its empirical NTK
+    tends to ``outputs * two_layer_relu_ntk(x, y)`` (the trace over independent output units).
+
+    Examples:
+        >>> TwoLayerReLU(4, width=16, outputs=3)(torch.randn(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, inputs: int, width: int, outputs: int = 1, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.hidden = nn.Parameter(torch.randn(width, inputs, generator=generator))
+        self.readout = nn.Parameter(torch.randn(outputs, width, generator=generator))
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = self.relu(x @ self.hidden.T / math.sqrt(self.hidden.shape[1]))
+        return hidden @ self.readout.T / math.sqrt(self.hidden.shape[0])
+
+
+def two_layer_relu_ntk(x: Tensor, y: Tensor) -> Tensor:
+    """The infinite-width NTK of :class:`TwoLayerReLU` (one output), in closed form (arc-cosine kernels).
+
+    For ``f(x) = (1/sqrt(n)) sum_k a_k relu(w_k . x / sqrt(d))`` with ``a_k ~ N(0, 1)``, ``w_k ~ N(0, I_d)``:
+
+    ``Theta(x, y) = (1/d) [ |x||y| (sin t + (pi - t) cos t) / (2 pi) + (x . y) (pi - t) / (2 pi) ]``,
+
+    with ``t`` the angle between ``x`` and ``y``. The first term is the gradient in the read-out weights
+    (``E relu(u) relu(v)``, Cho & Saul's degree-1 arc-cosine kernel), the second that in the hidden weights
+    (``E 1[u > 0] 1[v > 0] x . y / d``, the degree-0 kernel); Jacot et al. (2018). Returns ``[len(x), len(y)]``.
+
+    Examples:
+        >>> x = torch.tensor([[1.0, 0.0]])
+        >>> two_layer_relu_ntk(x, x).item()  # t = 0: (1/2)(pi/(2 pi) + pi/(2 pi))
+        0.5
+    """
+    x, y = x.double(), y.double()
+    norms = x.norm(dim=1, keepdim=True) * y.norm(dim=1)
+    dots = x @ y.T
+    angle = torch.arccos((dots / norms.clamp_min(1e-300)).clamp(-1.0, 1.0))
+    arc1 = norms * (torch.sin(angle) + (math.pi - angle) * torch.cos(angle)) / (2 * math.pi)
+    arc0 = dots * (math.pi - angle) / (2 * math.pi)
+    return (arc1 + arc0) / x.shape[1]

@@ -1,0 +1,201 @@
+"""LazinessMonitor through the Trainer: values against independent computations, no trace, batches, resume, faults."""
+
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from lightning_nt.laziness import LazinessMonitor
+from tests.helpers import BoringModel, TinyClassifier, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.laziness.models import ReLUClassifier, inputs_of, labels_of
+from tests.laziness.test_core import _numpy_alignment, _reference_ntk
+
+
+def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
+    pl.seed_everything(seed)
+    module = module() if module is not None else ReLUClassifier()
+    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module)
+    return module, trainer
+
+
+class Reference(pl.Callback):
+    """Independent: the first examples of the unshuffled data, brute-force signs, autograd Jacobians, NumPy."""
+
+    def __init__(self, num_samples, every_n_steps):
+        self.num_samples, self.every_n_steps, self.values = num_samples, every_n_steps, {}
+
+    def on_train_start(self, trainer, pl_module):
+        data = pl_module.train_dataloader().dataset.data.tensors
+        self.inputs, self.labels = data[0][: self.num_samples], data[1][: self.num_samples]
+        self.initial = [p.detach().clone().double() for p in pl_module.parameters()]
+        self.signs0, self.kernel0 = self._signs(pl_module), self._kernel(pl_module)
+        self._record(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % self.every_n_steps == 0:
+            self._record(trainer, pl_module)
+
+    def _signs(self, net):
+        with torch.no_grad():
+            first = net.net[0](self.inputs) > 0
+            second = net.net[4](torch.relu(net.net[0](self.inputs))) > 0
+        return first, second
+
+    def _kernel(self, net):
+        return _reference_ntk(copy.deepcopy(net.net).double().eval(), self.inputs.double()).numpy()
+
+    def _record(self, trainer, net):
+        current = [p.detach().double() for p in net.parameters()]
+        moved = math.sqrt(sum(float((a - b).square().sum()) for a, b in zip(current, self.initial)))
+        size = math.sqrt(sum(float(b.square().sum()) for b in self.initial))
+        signs = self._signs(net)
+        flips = sum(int((a != b).sum()) for a, b in zip(signs, self.signs0)) / sum(a.numel() for a in signs)
+        kernel = self._kernel(net)
+        eigenvalues = np.linalg.eigvalsh(kernel)
+        self.values[trainer.global_step] = {
+            "laziness/weight_distance": moved / size,
+            "laziness/activation_flips": flips,
+            "laziness/activation_flips/net.2": float((signs[0] != self.signs0[0]).double().mean()),
+            "laziness/ntk_change": np.linalg.norm(kernel - self.kernel0) / np.linalg.norm(self.kernel0),
+            "laziness/ntk_lambda_min": eigenvalues[0],
+            "laziness/ntk_lambda_max": eigenvalues[-1],
+            "laziness/kernel_alignment": _numpy_alignment(kernel, np.eye(3)[self.labels.numpy()]),
+        }
+
+
+def test_logged_values_match_independent_computations(tmp_path):
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=24, chunk_size=5, hold_jacobians=False)
+    reference = Reference(24, 2)
+    pl.seed_everything(0)
+    net = ReLUClassifier(num_samples=48, lr=0.3, shuffle=False)  # the probe set is the first 24 examples
+    trainer = tiny_trainer(tmp_path, callbacks=[monitor, reference], max_epochs=2)
+    trainer.fit(net)
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]
+    assert monitor.history[-1]["laziness/activation_flips"] > 0
+    for entry in monitor.history:
+        expected = reference.values[entry["step"]]
+        for tag, value in expected.items():
+            scale = expected["laziness/ntk_lambda_max"] if "lambda" in tag else 1.0  # fp32 kernel against fp64
+            assert entry[tag] == pytest.approx(value, rel=1e-5, abs=1e-6 * scale), (entry["step"], tag)
+    scalars = read_tensorboard_scalars(tmp_path)
+    for tag in [*expected, "laziness/seconds", "laziness/weight_distance/net.0", "laziness/activation_flips/net.5"]:
+        assert [step for step, _ in scalars[tag]] == [0, 2, 4, 6], tag
+        assert tag in trainer.callback_metrics
+    assert "laziness/over_steps" in read_tensorboard_tags(tmp_path)["images"]
+
+
+def test_a_run_with_the_monitor_is_bitwise_the_run_without():
+    def module():
+        return ReLUClassifier(norm=True, dropout=0.2)
+
+    plain, plain_trainer = _fit([], module=module, max_epochs=2)
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=20, chunk_size=7)
+    watched, trainer = _fit([monitor], module=module, max_epochs=2)
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6, 8]
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        assert torch.equal(a, b), name
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    for key, state in trainer.optimizers[0].state_dict()["state"].items():
+        for field, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+
+
+@pytest.mark.parametrize("style", ["tuple", "dict", "dataclass"])
+def test_every_batch_structure_gives_the_same_measurements(style):
+    def forward(module, batch):
+        return module(inputs_of(batch))
+
+    monitor = LazinessMonitor(every_n_steps=3, num_samples=16, forward_fn=forward, target_fn=labels_of)
+    _fit([monitor], module=lambda: ReLUClassifier(style=style))
+    default = LazinessMonitor(every_n_steps=3, num_samples=16)
+    _fit([default], module=lambda: ReLUClassifier(style="tuple"))
+    assert len(monitor.history) == len(default.history) == 3
+    for mine, theirs in zip(monitor.history, default.history):
+        assert mine.keys() - {"laziness/seconds"} == theirs.keys() - {"laziness/seconds"}
+        for tag in mine.keys() - {"laziness/seconds"}:
+            assert mine[tag] == theirs[tag], tag
+
+
+def test_without_the_kernel_only_weights_and_patterns_are_measured():
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=16, ntk=False, layers=["net.0"])
+    _fit([monitor])
+    tags = set(monitor.history[-1])
+    assert {"laziness/weight_distance", "laziness/activation_flips", "laziness/activation_flips/net.0"} <= tags
+    assert "laziness/seconds" in tags and not any("ntk" in tag or "alignment" in tag for tag in tags)
+
+
+def test_a_model_without_activations_or_labels_warns_once_and_measures_the_rest():
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=16)
+    with pytest.warns(UserWarning) as caught:
+        _fit([monitor], module=lambda: BoringModel(), max_steps=4)
+    messages = [str(w.message) for w in caught if "LazinessMonitor" in str(w.message)]
+    assert len([m for m in messages if "activation" in m]) == 1 and len([m for m in messages if "labels" in m]) == 1
+    entry = monitor.history[-1]
+    assert entry["laziness/weight_distance"] > 0
+    assert entry["laziness/ntk_change"] == pytest.approx(0.0, abs=1e-6)  # a linear model's tangent kernel is constant
+    assert "laziness/activation_flips" not in entry and "laziness/kernel_alignment" not in entry
+
+
+def test_a_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
+    whole = LazinessMonitor(every_n_steps=3, num_samples=16)
+    module = lambda: ReLUClassifier(shuffle=False)  # noqa: E731
+    _fit([whole], module=module, max_epochs=4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    first = LazinessMonitor(every_n_steps=3, num_samples=16)
+    _fit([first, checkpoint], module=module, max_epochs=2, enable_checkpointing=True)
+    resumed = LazinessMonitor(every_n_steps=3, num_samples=16)
+    pl.seed_everything(1)  # another initialisation: the checkpoint's weights and initial state must win
+    tiny_trainer(None, callbacks=[resumed], max_epochs=4).fit(module(), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert [e["step"] for e in resumed.history] == [e["step"] for e in whole.history] == [0, 3, 6, 9, 12, 15, 16]
+    for mine, theirs in zip(resumed.history, whole.history):
+        for tag in mine.keys() - {"laziness/seconds"}:
+            assert mine[tag] == pytest.approx(theirs[tag], rel=1e-6), (mine["step"], tag)
+
+
+class BlowsUp(ReLUClassifier):
+    """Its weights become NaN after a few steps (as a diverging run's would), and training carries on."""
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step == 3:
+            with torch.no_grad():
+                self.net[6].weight.fill_(math.nan)
+
+
+def test_a_non_finite_measurement_is_skipped_with_one_warning():
+    monitor = LazinessMonitor(every_n_steps=1, num_samples=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([monitor], module=lambda: BlowsUp(), max_steps=6)
+    assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]  # hooks: callbacks before the module
+    assert len([w for w in caught if "not finite" in str(w.message)]) == 1
+
+
+def test_fitting_twice_starts_from_the_new_initialisation():
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=16)
+    module, _ = _fit([monitor], max_steps=4)
+    tiny_trainer(None, callbacks=[monitor], max_steps=2).fit(module)
+    assert [entry["step"] for entry in monitor.history] == [0, 2]
+    assert monitor.history[0]["laziness/weight_distance"] == 0.0
+    assert monitor.history[0]["laziness/ntk_change"] == 0.0
+
+
+def test_a_tanh_network_is_measured_with_named_layers():
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=16, layers=["net.0"])
+    _fit([monitor], module=lambda: TinyClassifier(), max_steps=4)
+    assert monitor.history[-1]["laziness/activation_flips/net.0"] >= 0
+
+
+def test_bf16_mixed_measures_in_fp32_outside_autocast():
+    plain, mixed = LazinessMonitor(every_n_steps=2, num_samples=16), LazinessMonitor(every_n_steps=2, num_samples=16)
+    _fit([plain], max_steps=2)
+    _fit([mixed], max_steps=2, precision="bf16-mixed")
+    assert plain.history[0].keys() == mixed.history[0].keys()
+    for tag in plain.history[0].keys() - {"laziness/seconds"}:
+        assert mixed.history[0][tag] == plain.history[0][tag], tag  # the same weights, measured the same way
+    assert all(math.isfinite(value) for value in mixed.history[-1].values())

@@ -1,0 +1,40 @@
+"""The laziness core and LazinessMonitor on a GPU: fp32 and bf16-mixed, everything created on the inputs' device."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_nt.laziness import LazinessMonitor, activation_patterns, empirical_ntk, relative_distance
+from tests.helpers import tiny_trainer
+from tests.laziness.models import ReLUClassifier
+from tests.laziness.test_core import _mlp, _reference_ntk
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_core_on_the_gpu(dtype):
+    net = _mlp(dtype)
+    inputs = torch.randn(7, 5, dtype=dtype)
+    reference = _reference_ntk(net, inputs)
+    kernel = empirical_ntk(net.cuda(), {"x": inputs.cuda()}, forward_fn=lambda m, b: m(b["x"]), chunk_size=3)
+    assert kernel.device.type == "cuda" and kernel.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(kernel.cpu(), reference, rtol=tolerance, atol=tolerance * float(reference.abs().max()))
+    patterns = activation_patterns(net, inputs.cuda())
+    assert patterns["3"].device.type == "cuda"
+    start = {name: p.detach().cpu() for name, p in net.named_parameters()}
+    assert relative_distance(dict(net.named_parameters()), start).overall == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_callback_on_the_gpu(tmp_path, precision):
+    pl.seed_everything(0)
+    monitor = LazinessMonitor(every_n_steps=2, num_samples=24, chunk_size=8)
+    trainer = tiny_trainer(tmp_path, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
+    trainer.fit(ReLUClassifier(norm=True, dropout=0.1))
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6, 8]
+    last = monitor.history[-1]
+    assert 0 < last["laziness/weight_distance"] < 1 and last["laziness/ntk_change"] > 0
+    assert last["laziness/ntk_lambda_min"] <= last["laziness/ntk_lambda_max"]
+    assert torch.isfinite(trainer.callback_metrics["laziness/kernel_alignment"])
