@@ -26,6 +26,7 @@ from lightning_nt import (
     GradientSignalTest,
     GradInit,
     IterateAveraging,
+    LazinessMonitor,
     RepresentationSimilarity,
     SharpnessMonitor,
     SubspaceTraining,
@@ -60,6 +61,12 @@ CAPABILITIES: list[Capability] = [
         help="top Hessian eigenvalue and batch sharpness every 50 steps against the optimizer's "
         "edge-of-stability threshold (2(1+momentum)/lr for SGD), on 512 training images",
         build=lambda args: SharpnessMonitor(every_n_steps=50, num_samples=512, batch_sharpness=True, max_overhead=None),
+    ),
+    Capability(
+        flag="laziness",
+        help="how lazy training is: weight distance from init, ReLU sign flips and the change of the empirical "
+        "NTK on 128 training images every 50 steps (try --model mlp --hidden 4096 against --hidden 64)",
+        build=lambda args: LazinessMonitor(every_n_steps=50, num_samples=128),
     ),
     Capability(
         flag="similarity",

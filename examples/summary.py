@@ -20,6 +20,7 @@ from lightning_nt import (
     IterateAveraging,
     SharpnessMonitor,
 )
+from lightning_nt.laziness import LazinessMonitor
 from lightning_nt.similarity import RepresentationSimilarity
 from lightning_nt.stats import GradientSignalTest
 
@@ -117,12 +118,25 @@ def _similarity(callback: RepresentationSimilarity, trainer: pl.Trainer) -> str:
     return f"CKA/intertwiner similarity per layer to the reference: {pairs}"
 
 
+def _laziness(callback: LazinessMonitor, trainer: pl.Trainer) -> str:
+    if not callback.history:
+        return "no measurement"
+    last = callback.history[-1]
+    parts = [f"weights moved {last['laziness/weight_distance']:.3f} of their initial norm"]
+    if "laziness/activation_flips" in last:
+        parts.append(f"{100 * last['laziness/activation_flips']:.1f}% of ReLU signs flipped")
+    if "laziness/ntk_change" in last:
+        parts.append(f"NTK changed {last['laziness/ntk_change']:.3f}")
+    return f"{len(callback.history)} measurements; " + ", ".join(parts)
+
+
 SUMMARIES: dict[type, Callable[[Any, pl.Trainer], str]] = {
     GradInit: _gradinit,
     IterateAveraging: _averaging,
     SharpnessMonitor: _sharpness,
     GradientSignalTest: _gradient_signal,
     RepresentationSimilarity: _similarity,
+    LazinessMonitor: _laziness,
     DPStrategy: _privacy,
     DPDDPStrategy: _privacy,
     CompressionBoundReporter: _bound,

@@ -3,6 +3,7 @@
 from lightning_nt.averaging import IterateAveraging
 from lightning_nt.compression import CompressionBoundReporter, SubspaceTraining
 from lightning_nt.gradinit import GradInit
+from lightning_nt.laziness import LazinessMonitor
 from lightning_nt.privacy import DPDDPStrategy, DPStrategy, register_strategies
 from lightning_nt.sharpness import SharpnessMonitor
 from lightning_nt.similarity import RepresentationSimilarity
@@ -19,6 +20,7 @@ __all__ = [
     "GradInit",
     "GradientSignalTest",
     "IterateAveraging",
+    "LazinessMonitor",
     "RepresentationSimilarity",
     "SharpnessMonitor",
     "SubspaceTraining",

@@ -20,6 +20,7 @@ from lightning_nt import (
     GradientSignalTest,
     GradInit,
     IterateAveraging,
+    LazinessMonitor,
     RepresentationSimilarity,
     SharpnessMonitor,
     SubspaceTraining,
@@ -331,6 +332,16 @@ CAPABILITIES: list[Capability] = [
         refuses=_similarity_refusals,
         constructor=Constructor(
             RepresentationSimilarity, out_of_range={"every_n_epochs": _COUNTS, "num_samples": (3, 0, -1)}
+        ),
+    ),
+    Capability(
+        "LazinessMonitor",
+        lambda entry: LazinessMonitor(every_n_steps=2, num_samples=8),
+        tags=lambda entry: ("laziness/weight_distance",) + (("laziness/ntk_change",) if entry.classifier else ()),
+        state=lambda callback: callback.history,
+        side_effect_free=True,
+        constructor=Constructor(
+            LazinessMonitor, out_of_range={"every_n_steps": _COUNTS, "num_samples": (1, 0, -1), "chunk_size": _COUNTS}
         ),
     ),
     Capability(
