@@ -31,7 +31,7 @@ from lightning_nt import (
     SharpnessMonitor,
     SubspaceTraining,
 )
-from lightning_nt.demos import DigitsCNN, DigitsDataModule, DigitsMLP
+from lightning_nt.demos import DeepDigitsMLP, DigitsCNN, DigitsDataModule, DigitsMLP
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,10 @@ class Capability:
 CAPABILITIES: list[Capability] = [
     Capability(
         flag="gradinit",
-        help="learn the initial scale of every parameter tensor before training (GradInit, 100 iterations); "
-        "try it with --depth 12 --norm none, a network the default initialisation trains poorly",
-        build=lambda args: GradInit(iterations=100),
+        help="learn the initial scale of every parameter tensor before training (GradInit, 300 iterations at lr "
+        "0.02); see it repair a network the default initialisation can't train: --model deep --epochs 5 "
+        "--batch-size 32 --lr 0.02, with and without --gradinit",
+        build=lambda args: GradInit(iterations=300, lr=0.02),
     ),
     Capability(
         flag="average",
@@ -105,7 +106,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per training batch")
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training images")
-    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn", help="DigitsCNN or DigitsMLP")
+    parser.add_argument(
+        "--model",
+        choices=["cnn", "mlp", "deep"],
+        default="cnn",
+        help="DigitsCNN, DigitsMLP, or DeepDigitsMLP (12 ReLU layers without normalisation, initialised too large: "
+        "it does not train from its default initialisation, and does after --gradinit)",
+    )
     parser.add_argument("--width", type=int, default=16, help="channels of the first convolution")
     parser.add_argument("--hidden", type=int, default=512, help="hidden units of the MLP")
     parser.add_argument(
@@ -136,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     optimization = {"optimizer": args.optimizer, "lr": args.lr, "weight_decay": args.weight_decay}
     if args.model == "mlp":
         model = DigitsMLP(hidden=args.hidden, **optimization)
+    elif args.model == "deep":
+        model = DeepDigitsMLP(**optimization)
     else:
         model = DigitsCNN(width=args.width, norm=args.norm, depth=args.depth, **optimization)
     datamodule = DigitsDataModule(batch_size=args.batch_size, train_size=args.train_size, seed=args.seed)

@@ -54,15 +54,13 @@ def _sharpness(callback: SharpnessMonitor, trainer: pl.Trainer) -> str:
 
 
 def _gradinit(callback: GradInit, trainer: pl.Trainer) -> str:
-    if not callback.scales:
-        return "no scales applied"
-    weights = [scale for name, scale in callback.scales.items() if not name.endswith("bias")]
-    metrics = trainer.callback_metrics
-    start, end = metrics.get("gradinit/lookahead_loss_start"), metrics.get("gradinit/lookahead_loss_end")
-    text = f"weight scales {min(weights):.2f}-{max(weights):.2f}"
-    if start is not None and end is not None:
-        change = "lowered" if end < start else "did NOT lower"
-        text += f"; the search {change} the look-ahead loss ({start:.3f} -> {end:.3f})"
+    result = callback.result
+    text = callback.summary().removeprefix("GradInit: ")
+    if result is not None and not result.diverged:
+        lowered = result.lookahead_loss_end < result.lookahead_loss_start
+        text += (
+            " The search lowered the look-ahead loss." if lowered else " The search did NOT lower the look-ahead loss."
+        )
     return text
 
 

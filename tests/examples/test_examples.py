@@ -39,7 +39,7 @@ def test_digits_demo_with_sharpness(tmp_path, capsys):
 
 def test_digits_demo_with_gradinit(tmp_path, capsys):
     digits.main(["--epochs", "1", "--train-size", "256", "--depth", "6", "--gradinit", "--log-dir", str(tmp_path)])
-    assert "GradInit: weight scales" in capsys.readouterr().out
+    assert "GradInit: 300 iterations" in capsys.readouterr().out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {"gradinit/lookahead_loss_start", "gradinit/grad_norm"} <= scalars.keys()
 
@@ -141,3 +141,12 @@ def test_digits_demo_with_similarity_and_the_gradient_test(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "RepresentationSimilarity: CKA/intertwiner similarity per layer to the reference: features.2" in out
     assert "GradientSignalTest: " in out and "'no gradient signal' rejected in" in out
+
+
+@pytest.mark.slow
+def test_the_gradinit_demo_trains_a_network_the_default_initialisation_cannot(tmp_path, capsys):
+    arguments = ["--model", "deep", "--epochs", "5", "--batch-size", "32", "--lr", "0.02", "--log-dir", str(tmp_path)]
+    without = digits.main(arguments)
+    with_gradinit = digits.main([*arguments, "--gradinit"])
+    assert without["val/acc"] < 0.2 < 0.4 < with_gradinit["val/acc"]
+    assert "The search lowered the look-ahead loss" in capsys.readouterr().out
