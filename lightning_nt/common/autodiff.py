@@ -9,13 +9,16 @@ selects the decomposed "math" kernel: same function, differentiable every way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
 
-__all__ = ["differentiable_kernels"]
+__all__ = ["differentiable_kernels", "vmap_or_loop"]
 
 
 @contextmanager
@@ -36,3 +39,31 @@ def differentiable_kernels() -> Iterator[None]:
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+def vmap_or_loop(function: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Callable[..., Any]:
+    """``torch.func.vmap(function, in_dims)``, falling back to a loop over the examples where vmap can't batch.
+
+    Some operations have no batching rule (``nn.LSTM`` / ``nn.GRU``'s fused kernels): the fallback calls
+    ``function`` on each example (dimension ``in_dims[k]`` selected away, as vmap does) and stacks the outputs,
+    which may be tensors or containers of them. A genuine error in ``function`` is raised again by the loop.
+
+    Examples:
+        >>> square_sum = vmap_or_loop(lambda x: (x**2).sum(), in_dims=(0,))
+        >>> square_sum(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        tensor([ 5., 25.])
+    """
+    batched = vmap(function, in_dims=in_dims)
+
+    def call(*args: Any) -> Any:
+        try:
+            return batched(*args)
+        except RuntimeError:
+            size = next(arg.shape[dim] for arg, dim in zip(args, in_dims) if dim is not None)
+            outputs = [
+                function(*(arg.select(dim, i) if dim is not None else arg for arg, dim in zip(args, in_dims)))
+                for i in range(size)
+            ]
+            return pytree.tree_map(lambda *values: torch.stack(values), *outputs)
+
+    return call

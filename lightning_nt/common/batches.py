@@ -15,7 +15,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-__all__ = ["batch_size", "concatenate_batches", "map_examples", "select_examples", "tensors_of"]
+__all__ = ["batch_size", "concatenate_batches", "map_examples", "select_examples", "tensors_of", "with_tensors"]
 
 
 def tensors_of(batch: Any) -> list[Tensor]:
@@ -23,6 +23,20 @@ def tensors_of(batch: Any) -> list[Tensor]:
     found: list[Tensor] = []
     apply_to_collection(batch, Tensor, found.append)
     return found
+
+
+def with_tensors(template: Any, tensors: Sequence[Tensor]) -> Any:
+    """``template``'s structure holding ``tensors`` (in :func:`tensors_of` order).
+
+    A checkpoint stores a batch as its tensors (``torch.load(weights_only=True)`` refuses namedtuples and
+    dataclasses); this rebuilds it from any batch of the same loader.
+
+    Examples:
+        >>> with_tensors({"x": torch.zeros(1), "y": [torch.zeros(1)]}, [torch.ones(2), torch.full((2,), 2.0)])
+        {'x': tensor([1., 1.]), 'y': [tensor([2., 2.])]}
+    """
+    remaining = iter(tensors)
+    return apply_to_collection(template, Tensor, lambda _: next(remaining))
 
 
 def batch_size(batch: Any) -> int:

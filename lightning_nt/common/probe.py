@@ -16,9 +16,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_nt.common.batches import batch_size, concatenate_batches, select_examples
+from lightning_nt.common.batches import batch_size, concatenate_batches, select_examples, tensors_of, with_tensors
 from lightning_nt.common.state import preserved_rng
 
 __all__ = ["ProbeSet", "prepare_batch", "preserved_loader_rng"]
@@ -81,6 +82,16 @@ class ProbeSet:
 
     def __len__(self) -> int:
         return self._num_samples
+
+    def tensors(self) -> list[Tensor]:
+        """The probe set's tensors: what a checkpoint stores (see :meth:`from_tensors`)."""
+        return tensors_of(self._batch)
+
+    @classmethod
+    def from_tensors(cls, tensors: list[Tensor], trainer: pl.Trainer) -> ProbeSet:
+        """A probe set saved by :meth:`tensors`, in the structure of the Trainer's train batches (RNG untouched)."""
+        template, _ = next(cls.from_trainer(trainer, 1).chunks())
+        return cls(with_tensors(template, tensors))
 
     def chunks(
         self, chunk_size: int | None = None, device: torch.device | str | None = None

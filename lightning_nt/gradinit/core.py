@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import concatenate_batches
 from lightning_nt.common.state import preserved_modes
+from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import ArgumentError, above, at_least, checked_arguments
 
-__all__ = ["GradInitResult", "ScaleAdam", "apply_scales", "gradinit", "search_mode", "substituted"]
+__all__ = ["GradInitResult", "ScaleAdam", "apply_scales", "gradinit", "search_mode"]
 
 Algorithm = Literal["sgd", "adam"]
 LossOf = Callable[[nn.Module, Any], Tensor]
@@ -137,43 +138,6 @@ def search_mode(module: nn.Module) -> Iterator[None]:
         finally:
             for norm, track in zip(norms, tracking):
                 norm.track_running_stats = track
-
-
-@contextmanager
-def substituted(module: nn.Module, values: Mapping[str, Tensor]) -> Iterator[None]:
-    """Inside the block, every registration of the named parameters of ``module`` holds ``values[name]``.
-
-    Parameters are matched by identity, so a parameter registered in several places (a submodule shared
-    under two names, an embedding tied to the output layer, the coordinates of a random subspace) is
-    substituted everywhere, and every place gets its ``nn.Parameter`` back when the block ends; the module's
-    parameters, their identities and the optimizer's references are unchanged. (``torch.func.functional_call``
-    with ``tie_weights=True`` restores a slot reachable by two paths with the substituted value.) Values are
-    cast to the parameter's dtype. Any of a tied parameter's names may be used.
-
-    Examples:
-        >>> shared = nn.Linear(2, 2, bias=False)
-        >>> net = nn.Sequential(shared, shared)
-        >>> with substituted(net, {"0.weight": torch.eye(2)}):
-        ...     net(torch.ones(1, 2))
-        tensor([[1., 1.]])
-        >>> net[1].weight is shared.weight and isinstance(shared.weight, nn.Parameter)
-        True
-    """
-    parameters = dict(module.named_parameters(remove_duplicate=False))
-    by_identity = {id(parameters[name]): value for name, value in values.items()}
-    slots = [
-        (owner, attribute, parameter)
-        for owner in module.modules()
-        for attribute, parameter in owner._parameters.items()
-        if parameter is not None and id(parameter) in by_identity
-    ]
-    try:
-        for owner, attribute, parameter in slots:
-            owner._parameters[attribute] = by_identity[id(parameter)].to(parameter.dtype)
-        yield
-    finally:
-        for owner, attribute, parameter in slots:
-            owner._parameters[attribute] = parameter
 
 
 class _Search:

@@ -16,9 +16,11 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev
 
+from lightning_nt.common.autodiff import vmap_or_loop
 from lightning_nt.common.batches import batch_size, tensors_of
+from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import at_least, checked_arguments
 
 __all__ = ["ForwardFn", "TwoLayerReLU", "empirical_ntk", "kernel_alignment", "two_layer_relu_ntk"]
@@ -29,17 +31,6 @@ ForwardFn = Callable[[nn.Module, Any], Tensor]
 
 def _call(module: nn.Module, batch: Any) -> Tensor:
     return module(batch)
-
-
-class _Forward(nn.Module):
-    """``forward_fn`` as a module, so ``torch.func.functional_call`` can swap the wrapped module's parameters."""
-
-    def __init__(self, module: nn.Module, forward_fn: ForwardFn) -> None:
-        super().__init__()
-        self.module, self.forward_fn = module, forward_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.forward_fn(self.module, batch)
 
 
 @checked_arguments(chunk_size=at_least(1))
@@ -74,8 +65,8 @@ def empirical_ntk(
         tensor([[2., 2.],
                 [2., 6.]])
     """
-    wrapper = _Forward(module, forward_fn or _call)
-    params = {name: p.detach() for name, p in wrapper.named_parameters() if p.requires_grad}
+    forward = forward_fn or _call
+    params = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("The module has no parameter with requires_grad=True, so its tangent kernel is empty.")
     count = batch_size(inputs)
@@ -86,9 +77,10 @@ def empirical_ntk(
     def single(weights: dict[str, Tensor], *example: Tensor) -> Tensor:
         rows = iter([tensor.unsqueeze(0) if dim == 0 else tensor for tensor, dim in zip(example, in_dims)])
         batch = apply_to_collection(inputs, Tensor, lambda _: next(rows))
-        return functional_call(wrapper, weights, (batch,)).reshape(-1)
+        with substituted(module, weights):
+            return forward(module, batch).reshape(-1)
 
-    per_example = vmap(jacrev(single), in_dims=(None, *in_dims))
+    per_example = vmap_or_loop(jacrev(single), (None, *in_dims))
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
 
     def jacobian(start: int) -> Tensor:

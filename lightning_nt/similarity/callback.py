@@ -132,6 +132,7 @@ class RepresentationSimilarity(pl.Callback):
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
         self._probe: ProbeSet | None = None
+        self._saved_probe: list[Tensor] | None = None
         self._reference_features: dict[str, Tensor] | None = None
         self._layer_names: list[str] = []
         self._restored = False
@@ -162,6 +163,7 @@ class RepresentationSimilarity(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored:  # resumed: the checkpoint's probe set and reference features
             self._restored = False
+            self._probe = ProbeSet.from_tensors(self._saved_probe, trainer)
             return
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_samples))
         with self._reference_weights(pl_module):
@@ -185,15 +187,15 @@ class RepresentationSimilarity(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        probe = None if self._probe is None else next(self._probe.chunks())[0]
+        probe = None if self._probe is None else self._probe.tensors()
         return {"history": self.history, "probe": probe, "reference_features": self._reference_features}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
-        self._probe = None if state_dict["probe"] is None else ProbeSet(state_dict["probe"])
+        self._saved_probe = state_dict["probe"]
         self._reference_features = state_dict["reference_features"]
-        self._restored = self._probe is not None and self._reference_features is not None
+        self._restored = self._saved_probe is not None and self._reference_features is not None
 
     def figure(self) -> Any:
         """The layer x layer CKA matrix of the final model beside per-layer CKA and intertwiner similarity."""

@@ -111,9 +111,9 @@ class GradientSignalTest(pl.Callback):
             raise ValueError(
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."
             )
-        self._last_step = -1
+        self._last_step = self.history[-1]["step"] if self.history else -1  # a resumed run measured before it stopped
         step = trainer.global_step
-        measured = bool(self.history) and self.history[-1]["step"] == step  # a resumed run did before it stopped
+        measured = self._last_step == step
         if step % self.every_n_steps == 0 and not measured:
             self._measure(trainer, pl_module)
 

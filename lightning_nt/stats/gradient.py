@@ -4,7 +4,7 @@ The gradient test needs ``f_i = <grad l_i(theta), v>`` for every example ``i`` o
 mean gradient. Materialising per-example gradients costs ``B x |theta|`` memory; forward-mode
 differentiation gives all ``f_i`` at once: they are the tangent of the vector of per-example losses
 ``theta -> (l_1(theta), ..., l_B(theta))`` along ``v``, one batched JVP (``torch.func.jvp`` over
-``functional_call``), at about the cost of one forward pass.
+``substituted`` parameters), at about the cost of one forward pass.
 
 Per-example losses come from a ``loss_fn(module, batch)`` that returns a ``[B]`` vector, or, for one that
 returns a scalar mean (or for the module's own ``training_step``), from that scalar on one-example batches
@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp
 from torchmetrics import Metric
 
-from lightning_nt.common.autodiff import differentiable_kernels
+from lightning_nt.common.autodiff import differentiable_kernels, vmap_or_loop
 from lightning_nt.common.batches import batch_size, tensors_of
+from lightning_nt.common.substitution import substituted
 
 __all__ = ["PerExampleLoss", "directional_derivatives", "double_backward_jvp", "per_example_losses"]
 
@@ -52,7 +53,7 @@ def per_example_losses(scalar_loss: Callable[[Any], Tensor], batch: Any, quiet: 
         return scalar_loss(apply_to_collection(batch, Tensor, lambda _: next(rows)))
 
     with _silenced_metrics(quiet):
-        return vmap(one, in_dims=in_dims)(*leaves)
+        return vmap_or_loop(one, in_dims)(*leaves)
 
 
 def directional_derivatives(
@@ -78,11 +79,10 @@ def directional_derivatives(
     names = [name for name, _ in parameters]
     primals = tuple(tensor.detach() for _, tensor in parameters)
     tangents = tuple(tensor.detach().to(primal.dtype) for tensor, primal in zip(direction, primals))
-    wrapper = _LossOf(module, loss)
 
     def losses(*values: Tensor) -> Tensor:
-        weights = {f"module.{name}": value for name, value in zip(names, values)}
-        return functional_call(wrapper, weights, (batch,), strict=False)
+        with substituted(module, dict(zip(names, values))):
+            return _checked_losses(loss(module, batch), batch)
 
     with differentiable_kernels():
         try:
@@ -113,22 +113,13 @@ def double_backward_jvp(
     return values.detach(), derivatives
 
 
-class _LossOf(nn.Module):
-    """Holds ``module`` as a child, so ``functional_call`` can swap its parameters for any code path."""
-
-    def __init__(self, module: nn.Module, loss: PerExampleLoss) -> None:
-        super().__init__()
-        self.module = module
-        self.loss = loss
-
-    def forward(self, batch: Any) -> Tensor:
-        values = self.loss(self.module, batch)
-        if values.shape != (batch_size(batch),):
-            raise ValueError(
-                f"The per-example loss has shape {tuple(values.shape)}; one value per example "
-                f"({batch_size(batch)}) is needed."
-            )
-        return values
+def _checked_losses(values: Tensor, batch: Any) -> Tensor:
+    if values.shape != (batch_size(batch),):
+        raise ValueError(
+            f"The per-example loss has shape {tuple(values.shape)}; one value per example "
+            f"({batch_size(batch)}) is needed."
+        )
+    return values
 
 
 @contextmanager

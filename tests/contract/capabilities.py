@@ -190,6 +190,8 @@ def _similarity_tags(entry: ZooEntry) -> tuple[str, ...]:
 
 
 def _similarity_refusals(entry: ZooEntry) -> Refusal | None:
+    if entry.manual_optimization:  # features are read by running the module as training_step does
+        return _needs_the_loss(entry)
     return None if _activation_layers(entry) else Refusal(r"`layers`")
 
 
@@ -338,7 +340,7 @@ CAPABILITIES: list[Capability] = [
         "LazinessMonitor",
         lambda entry: LazinessMonitor(every_n_steps=2, num_samples=8),
         tags=lambda entry: ("laziness/weight_distance",) + (("laziness/ntk_change",) if entry.classifier else ()),
-        state=lambda callback: callback.history,
+        state=lambda callback: [{k: v for k, v in e.items() if k != "laziness/seconds"} for e in callback.history],
         side_effect_free=True,
         constructor=Constructor(
             LazinessMonitor, out_of_range={"every_n_steps": _COUNTS, "num_samples": (1, 0, -1), "chunk_size": _COUNTS}
