@@ -31,9 +31,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
         steps: batches per epoch (default ``round(1 / q)``: one pass over the data in expectation).
         rank: this process's index; it takes its shard of every batch.
         world_size: number of processes sharing every batch.
-        seed: seed of the batch draws, the same on every process. Each epoch's draws come from ``(seed, epoch)``
-            (Lightning calls :meth:`set_epoch`), so a run resumed at an epoch boundary draws what the
-            uninterrupted run drew.
+        seed: seed of the batch draws, the same on every process. Each pass over the sampler is an epoch, and its
+            draws come from ``(seed, epoch)``, so a run resumed at an epoch boundary draws what the uninterrupted
+            run drew.
+        epoch: the epoch of the first pass (:meth:`set_epoch` sets the next one).
 
     Examples:
         >>> sampler = PoissonBatchSampler(num_samples=10, sample_rate=0.5, seed=0)
@@ -49,23 +50,31 @@ class PoissonBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        epoch: int = 0,
     ) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
         self.num_samples, self.sample_rate = num_samples, sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.generator = torch.Generator().manual_seed(_epoch_seed(seed, 0))
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
+        self.generator = torch.Generator()
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw this epoch's batches from ``(seed, epoch)``."""
-        self.generator.manual_seed(_epoch_seed(self.seed, epoch))
+        """Draw the next pass's batches from ``(seed, epoch)``."""
+        self.epoch = epoch
+
+    @property
+    def sampler(self) -> PoissonBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on a batch sampler's ``sampler`` at the start of every epoch."""
+        return self
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         shard = torch.arange(self.num_samples) % self.world_size == self.rank
+        self.generator.manual_seed(_epoch_seed(self.seed, self.epoch))
+        self.epoch += 1
         for _ in range(self.steps):
             chosen = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             yield torch.nonzero(chosen & shard).flatten().tolist()
@@ -128,11 +137,18 @@ def empty_batch_collate(dataset: Dataset, collate: Callable[[list[Any]], Any]) -
 
 
 def poisson_dataloader(
-    dataloader: DataLoader, sample_rate: float, rank: int = 0, world_size: int = 1, seed: int = 0
+    dataloader: DataLoader, sample_rate: float, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0
 ) -> DataLoader:
     """A loader over the same dataset and collate as ``dataloader``, with Poisson-sampled batches."""
     dataset = dataloader.dataset
-    sampler = PoissonBatchSampler(len(dataset), sample_rate, rank=rank, world_size=world_size, seed=seed)  # type: ignore[arg-type]
+    sampler = PoissonBatchSampler(
+        len(dataset),  # type: ignore[arg-type]
+        sample_rate,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+    )
     return DataLoader(
         dataset,
         batch_sampler=sampler,

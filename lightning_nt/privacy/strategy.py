@@ -487,6 +487,7 @@ class _DifferentialPrivacy:
 
     def _private_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if not self._budget_exhausted():
+            self._seed_noise(optimizer)
             return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
         # Lightning insists that the closure runs; its results are discarded and nothing of it is logged.
         module = self.lightning_module
@@ -499,6 +500,15 @@ class _DifferentialPrivacy:
         self._skipped_steps += 1
         rank_zero_warn(f"DP budget reached: one more step would exceed epsilon={self.target_epsilon}; stopping.")
         return None
+
+    def _seed_noise(self, optimizer: Any) -> None:
+        """With ``seed=`` (reproducible runs, warned), each step's noise comes from ``(seed, step)``: a resumed run
+        adds the noise the uninterrupted run added. Otherwise Opacus draws it (securely with ``secure_mode``)."""
+        if self.seed is None or self.secure_mode:
+            return
+        step = self.lightning_module.trainer.global_step
+        generator = torch.Generator(device=self.root_device)
+        optimizer.generator = generator.manual_seed(hash((self.seed, "noise", step)) % 2**62)
 
     def _budget_exhausted(self) -> bool:
         if self.target_epsilon is None or not self.stop_at_budget:

@@ -438,10 +438,8 @@ def _steps(strategy):
 def test_each_epochs_poisson_batches_come_from_the_seed_and_the_epoch():
     """With seed= a run resumed at an epoch boundary must draw what the uninterrupted run drew."""
     uninterrupted = PoissonBatchSampler(num_samples=50, sample_rate=0.2, seed=3)
-    epochs = []
-    for epoch in range(3):
-        uninterrupted.set_epoch(epoch)
-        epochs.append(list(uninterrupted))
-    resumed = PoissonBatchSampler(num_samples=50, sample_rate=0.2, seed=3)
-    resumed.set_epoch(2)
+    epochs = [list(uninterrupted) for _ in range(3)]  # each pass is an epoch
+    resumed = PoissonBatchSampler(num_samples=50, sample_rate=0.2, seed=3, epoch=2)
     assert list(resumed) == epochs[2] and epochs[1] != epochs[2]
+    resumed.set_epoch(1)
+    assert list(resumed) == epochs[1]
