@@ -21,7 +21,10 @@ from lightning_nt import (
     SharpnessMonitor,
 )
 
-__all__ = ["summarize"]
+__all__ = ["SUBSPACE_RECIPE", "summarize"]
+
+SUBSPACE_RECIPE = "--bound --model mlp --subspace 120 --optimizer adam"
+"""The digits demo's flags for a non-vacuous bound, advised when a bound is vacuous."""
 
 
 def _averaging(callback: IterateAveraging, trainer: pl.Trainer) -> str:
@@ -102,7 +105,7 @@ def _bound(callback: CompressionBoundReporter, trainer: pl.Trainer) -> str:
     if bound >= 0.9:
         text += (
             " -- VACUOUS: the model needs too many bits for this many examples; train in a random subspace "
-            "(--subspace 120 in the digits demo, SubspaceTraining in your own run)"
+            f"(in the digits demo: {SUBSPACE_RECIPE}; in your own run: SubspaceTraining)"
         )
     return text
 

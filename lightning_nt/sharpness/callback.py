@@ -39,6 +39,9 @@ from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_thr
 __all__ = ["SharpnessMonitor"]
 
 
+OFF_SCALE = 2.5
+"""The picture's y axis ends at this multiple of the threshold when a point lies beyond it (the rest stays legible)."""
+
 OVERHEAD_WARNING = 0.25
 """Without a budget, the share of training time spent measuring beyond which the user is warned (once)."""
 
@@ -259,15 +262,18 @@ class SharpnessMonitor(pl.Callback):
         figure, axes = plt.subplots(figsize=(6.4, 4.2))
         steps = [entry["step"] for entry in self.history]
         adam = any("sharpness/preconditioned" in entry for entry in self.history)
+        curves = []
         for tag, label, style in _curves(adam):
             if any(tag in entry for entry in self.history):
-                values = [_finite_or_nan(entry.get(tag, math.nan)) for entry in self.history]
-                axes.plot(steps, values, label=label, **style)
+                curves.append([_finite_or_nan(entry.get(tag, math.nan)) for entry in self.history])
+                axes.plot(steps, curves[-1], label=label, **style)
         thresholds = [_finite_or_nan(entry.get("sharpness/threshold", math.nan)) for entry in self.history]
         if any(math.isfinite(value) for value in thresholds):
             last = [value for value in thresholds if math.isfinite(value)][-1]
             rule = (self._rule or "stability threshold").split(": ")[-1]
             axes.plot(steps, thresholds, linestyle="--", color="black", label=f"threshold {rule} = {last:.3g}")
+            if not adam:
+                _clip_far_above(axes, steps, curves, OFF_SCALE * last)
         if adam:
             axes.set_yscale("log")
         axes.set_title(f"Edge of stability{f' ({self._rule})' if self._rule else ''}")
@@ -518,6 +524,26 @@ def _curves(adam: bool) -> list[tuple[str, str, dict[str, Any]]]:
         *([("sharpness/lambda_max", "lambda_max (not preconditioned)", {"alpha": 0.6, "color": "C2"})] if adam else []),
         ("sharpness/batch_sharpness", "batch sharpness (mini-batch Hessians)", {"marker": "x", "color": "C1"}),
     ]
+
+
+def _clip_far_above(axes: Any, steps: list[int], curves: list[list[float]], top: float) -> None:
+    """Cut the y axis at ``top`` when a point lies far above it (e.g. at initialisation), so that the threshold
+    and what hovers near it stay readable; each point cut off is marked at the top with its value."""
+    values = [value for curve in curves for value in curve if math.isfinite(value)]
+    if not values or max(values) <= top:
+        return
+    axes.set_ylim(min(0.0, min(values)), top)
+    for curve in curves:
+        for step, value in zip(steps, curve):
+            if value > top:
+                axes.annotate(
+                    f"{value:.3g} at step {step}, off the scale",
+                    (step, top),
+                    xytext=(10, -14),
+                    textcoords="offset points",
+                    ha="left",
+                    color="grey",
+                )
 
 
 def _finite_or_nan(value: float) -> float:

@@ -18,6 +18,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import cli  # noqa: E402
 import digits  # noqa: E402
+from summary import SUBSPACE_RECIPE  # noqa: E402
 
 from lightning_nt import SharpnessMonitor  # noqa: E402
 from tests.helpers import read_tensorboard_scalars, read_tensorboard_tags  # noqa: E402
@@ -77,3 +78,76 @@ def test_sharpness_config_hovers_at_the_edge_of_stability(tmp_path, capsys):
     after = ratios_after_crossing([entry["sharpness/ratio"] for entry in monitor.history])
     assert len(after) >= 10 and min(after) >= 0.8 and max(after) <= 1.3
     assert "hovered at the edge of stability" in capsys.readouterr().out
+
+
+def sharpness_config(tmp_path: Path, *overrides: str) -> SharpnessMonitor:
+    run = cli.main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "configs" / "sharpness.yaml"),
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *overrides,
+        ]
+    )
+    return next(c for c in run.trainer.callbacks if isinstance(c, SharpnessMonitor))
+
+
+def test_edge_of_stability_picture_names_its_threshold(tmp_path):
+    monitor = sharpness_config(tmp_path, "--trainer.max_epochs=21")
+    axes = monitor.figure().axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert axes.get_title() == "Edge of stability (SGD: 2/lr)" and "threshold 2/lr = 4" in labels
+    assert axes.get_ylim()[1] == pytest.approx(10.0)  # cut at 2.5 x the threshold: the init (~20) is off the scale
+    assert "sharpness/edge_of_stability" in read_tensorboard_tags(tmp_path / "digits_sharpness" / "version_0")["images"]
+
+
+def test_adam_picture_labels_the_preconditioned_sharpness_on_a_log_axis(tmp_path):
+    adam = ["--model.init_args.optimizer=adam", "--model.init_args.lr=0.001", "--trainer.max_epochs=11"]
+    axes = sharpness_config(tmp_path, *adam).figure().axes[0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert axes.get_yscale() == "log" and any(label.startswith("preconditioned sharpness") for label in labels)
+    assert any(label.startswith("threshold (2+2b1)/((1-b1)lr) = 3.8e+04") for label in labels)
+
+
+def test_one_measurement_is_no_picture_but_a_note(tmp_path):
+    sharpness_config(tmp_path, "--trainer.max_epochs=1")
+    tags = read_tensorboard_tags(tmp_path / "digits_sharpness" / "version_0")
+    assert "sharpness/edge_of_stability" not in tags["images"]
+    assert "sharpness/edge_of_stability/text_summary" in tags["tensors"]
+
+
+@pytest.mark.slow
+@THREADS
+def test_averaging_demo_average_beats_the_final_iterate(tmp_path, capsys, threads):
+    with num_threads(threads):
+        digits.main(["--average", "--log-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    averaged = float(out.split("validation loss with the average ")[1].split(",")[0])
+    raw = float(out.split("with the raw weights ")[1].split(" ")[0])
+    assert "(the average is better)" in out and averaged < raw, out
+
+
+@pytest.mark.slow
+@THREADS
+def test_bound_demo_is_non_vacuous_with_the_printed_advice(tmp_path, capsys, threads):
+    with num_threads(threads):
+        digits.main(["--bound", "--epochs", "3", "--log-dir", str(tmp_path / "cnn")])
+        out = capsys.readouterr().out
+        assert "VACUOUS" in out and SUBSPACE_RECIPE in out  # a CNN's 14k parameters need too many bits
+        digits.main([*SUBSPACE_RECIPE.split(), "--log-dir", str(tmp_path / "subspace")])
+    out = capsys.readouterr().out
+    bound = float(out.split("certified error <= ")[1].split(" ")[0])
+    assert bound < 0.5 and "VACUOUS" not in out, out
+
+
+@pytest.mark.slow
+@THREADS
+def test_dp_demo_spends_the_configured_epsilon_and_prints_the_accuracy(tmp_path, capsys, threads):
+    with num_threads(threads):
+        results = digits.main(["--dp", "--log-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    epsilon = float(out.split("(epsilon=")[1].split(",")[0])
+    assert 7.9 <= epsilon <= 8.0 and "delta=1e-05)-DP" in out
+    assert f"validation accuracy {results['val/acc']:.4f}" in out and results["val/acc"] > 0.6
