@@ -21,6 +21,7 @@ import digits  # noqa: E402
 from summary import SUBSPACE_RECIPE  # noqa: E402
 
 from lightning_nt import SharpnessMonitor  # noqa: E402
+from lightning_nt.demos import DigitsCNN, DigitsMLP  # noqa: E402
 from tests.helpers import read_tensorboard_scalars, read_tensorboard_tags  # noqa: E402
 
 THREADS = pytest.mark.parametrize("threads", [1, 2])
@@ -151,3 +152,21 @@ def test_dp_demo_spends_the_configured_epsilon_and_prints_the_accuracy(tmp_path,
     epsilon = float(out.split("(epsilon=")[1].split(",")[0])
     assert 7.9 <= epsilon <= 8.0 and "delta=1e-05)-DP" in out
     assert f"validation accuracy {results['val/acc']:.4f}" in out and results["val/acc"] > 0.6
+
+
+def test_a_capability_sets_its_demo_settings_unless_the_command_line_does():
+    assert (digits.parse_args([]).lr, digits.parse_args([]).batch_size) == (0.05, 64)
+    chosen = digits.parse_args(["--sharpness"])
+    assert (chosen.model, chosen.loss, chosen.lr, chosen.momentum, chosen.batch_size) == ("mlp", "mse", 0.5, 0.0, 0)
+    assert digits.parse_args(["--lr", "0.1", "--sharpness", "--model", "cnn"]).lr == 0.1
+    assert digits.parse_args(["--sharpness", "--model", "cnn"]).model == "cnn"
+
+
+def test_squared_error_loss_of_the_digits_models():
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=8, loss="mse")
+    images, labels = torch.rand(5, 1, 8, 8), torch.tensor([0, 3, 9, 1, 1])
+    expected = ((model(images) - torch.nn.functional.one_hot(labels, 10)) ** 2).sum() / (2 * 5)
+    torch.testing.assert_close(model.training_step((images, labels), 0), expected)
+    with pytest.raises(ValueError, match="loss"):
+        DigitsCNN(loss="hinge")
