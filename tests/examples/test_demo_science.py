@@ -6,6 +6,7 @@ thread count nor the load of the machine decides it.
 """
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -19,6 +20,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 import cli  # noqa: E402
 import digits  # noqa: E402
+import edge_of_stability  # noqa: E402
 from summary import SUBSPACE_RECIPE  # noqa: E402
 
 from lightning_nt import SharpnessMonitor  # noqa: E402
@@ -190,3 +192,10 @@ def test_squared_error_loss_of_the_digits_models():
     torch.testing.assert_close(model.training_step((images, labels), 0), expected)
     with pytest.raises(ValueError, match="loss"):
         DigitsCNN(loss="hinge")
+
+
+def test_edge_of_stability_example_raises_no_warning_of_its_own(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        edge_of_stability.main(["--steps", "100", "--png", str(tmp_path / "eos.png"), "--log-dir", str(tmp_path)])
+    assert not [str(w.message) for w in caught if "SharpnessMonitor" in str(w.message)]
