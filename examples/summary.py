@@ -24,7 +24,10 @@ from lightning_nt.laziness import LazinessMonitor
 from lightning_nt.similarity import RepresentationSimilarity
 from lightning_nt.stats import GradientSignalTest
 
-__all__ = ["summarize"]
+__all__ = ["SUBSPACE_RECIPE", "summarize"]
+
+SUBSPACE_RECIPE = "--bound --model mlp --subspace 120 --optimizer adam"
+"""The digits demo's flags for a non-vacuous bound, advised when a bound is vacuous."""
 
 
 def _averaging(callback: IterateAveraging, trainer: pl.Trainer) -> str:
@@ -41,16 +44,33 @@ def _sharpness(callback: SharpnessMonitor, trainer: pl.Trainer) -> str:
     if not callback.history:
         return "no measurement"
     last = callback.history[-1]
-    ratios = [entry["sharpness/ratio"] for entry in callback.history if "sharpness/ratio" in entry]
     key = "sharpness/preconditioned" if "sharpness/preconditioned" in last else "sharpness/lambda_max"
-    text = f"{len(callback.history)} measurements; last {key.split('/')[1]} {last[key]:.1f}"
-    if ratios:
-        peak = max(ratios)
-        state = "reached the edge of stability" if peak >= 0.9 else "stayed below the edge of stability"
-        text += f" vs threshold {last['sharpness/threshold']:.1f} (ratio {ratios[-1]:.2f}, peak {peak:.2f}: {state})"
+    text = f"{len(callback.history)} measurements; last {key.split('/')[1]} {last[key]:.2f}"
+    if "sharpness/ratio" in last:
+        text += f" vs threshold {last['sharpness/threshold']:.2f} (ratio {last['sharpness/ratio']:.2f}): "
+        text += _edge_of_stability(callback.history)
     if "sharpness/batch_sharpness" in last:
-        text += f"; batch sharpness {last['sharpness/batch_sharpness']:.1f}"
+        text += f"; batch sharpness {last['sharpness/batch_sharpness']:.2f}"
     return text
+
+
+def _edge_of_stability(history: list[dict[str, float]]) -> str:
+    """Whether the sharpness rose through its threshold, and where the ratio stayed after it did."""
+    measured = [(entry["step"], entry["sharpness/ratio"]) for entry in history if "sharpness/ratio" in entry]
+    crossings = [i for i in range(1, len(measured)) if measured[i - 1][1] < 1 <= measured[i][1]]
+    if not crossings:
+        peak = max(ratio for step, ratio in measured if step > 0) if len(measured) > 1 else measured[0][1]
+        return (
+            f"never rose through the threshold (peak ratio {peak:.2f} after training began); a larger learning "
+            "rate or a longer run reaches the edge of stability"
+        )
+    step, _ = measured[crossings[0]]
+    after = [ratio for _, ratio in measured[crossings[0] + 1 :]]
+    if not after:
+        return f"crossed the threshold at step {step}, the last measurement"
+    low, high = min(after), max(after)
+    verdict = "hovered at the edge of stability" if low >= 0.8 and high <= 1.3 else "did not settle at the edge"
+    return f"crossed the threshold at step {step}, then the ratio stayed in {low:.2f}-{high:.2f} ({verdict})"
 
 
 def _gradinit(callback: GradInit, trainer: pl.Trainer) -> str:
@@ -86,7 +106,7 @@ def _bound(callback: CompressionBoundReporter, trainer: pl.Trainer) -> str:
     if bound >= 0.9:
         text += (
             " -- VACUOUS: the model needs too many bits for this many examples; train in a random subspace "
-            "(--subspace 120 in the digits demo, SubspaceTraining in your own run)"
+            f"(in the digits demo: {SUBSPACE_RECIPE}; in your own run: SubspaceTraining)"
         )
     return text
 

@@ -19,6 +19,7 @@ from lightning_nt.common import (
     batch_size,
     log_figure,
     log_scalars,
+    log_text,
     prepare_batch,
     preserved_state,
     training_loss,
@@ -38,6 +39,9 @@ from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_thr
 
 __all__ = ["SharpnessMonitor"]
 
+
+OFF_SCALE = 2.5
+"""The picture's y axis ends at this multiple of the threshold when a point lies beyond it (the rest stays legible)."""
 
 OVERHEAD_WARNING = 0.25
 """Without a budget, the share of training time spent measuring beyond which the user is warned (once)."""
@@ -175,6 +179,8 @@ class SharpnessMonitor(pl.Callback):
         self._last_step = -1
         self._restored = False
         self._warned: set[str] = set()
+        self._rule: str | None = None
+        """The threshold's rule (e.g. ``"SGD: 2/lr"``) at the last measurement, for the picture."""
 
     @property
     @override
@@ -222,8 +228,18 @@ class SharpnessMonitor(pl.Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._probe = None  # the examples are cached again when training starts
-        if self.history and trainer.is_global_zero and trainer.loggers:
+        if not (trainer.is_global_zero and trainer.loggers):
+            return
+        if len(self.history) >= 2:
             log_figure(trainer, "sharpness/edge_of_stability", self.figure())
+        else:  # one point is no curve: say why there is no picture
+            log_text(
+                trainer,
+                "sharpness/edge_of_stability",
+                f"{len(self.history)} measurement(s): no edge-of-stability picture is drawn from fewer than two. "
+                f"Measure more often (`every_n_steps`, now {self.every_n_steps}) or train longer"
+                + (f"; {self.skipped} measurement(s) were skipped by `max_overhead`." if self.skipped else "."),
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -238,21 +254,35 @@ class SharpnessMonitor(pl.Callback):
         self._restored = True
 
     def figure(self) -> Any:
-        """Sharpness and the stability threshold over training steps (the edge-of-stability picture)."""
+        """The edge-of-stability picture: sharpness (and batch sharpness) against the threshold over steps.
+
+        The legend gives the threshold's rule and last value (e.g. ``2/lr = 10``). For Adam the preconditioned
+        sharpness is drawn (the quantity its threshold bounds), with the raw ``lambda_max`` beside it, on a
+        log axis: the two differ by orders of magnitude.
+        """
         import matplotlib.pyplot as plt
 
-        figure, axes = plt.subplots(figsize=(6, 4))
+        figure, axes = plt.subplots(figsize=(6.4, 4.2))
         steps = [entry["step"] for entry in self.history]
-        preconditioned_run = any("sharpness/preconditioned" in entry for entry in self.history)
-        key = "sharpness/preconditioned" if preconditioned_run else "sharpness/lambda_max"
-        axes.plot(steps, [entry.get(key, math.nan) for entry in self.history], marker=".", label=key.split("/")[1])
-        if any("sharpness/threshold" in entry for entry in self.history):
-            thresholds = [_finite_or_nan(entry.get("sharpness/threshold", math.nan)) for entry in self.history]
-            axes.plot(steps, thresholds, linestyle="--", color="black", label="stability threshold")
-        if preconditioned_run:
-            axes.plot(steps, [e["sharpness/lambda_max"] for e in self.history], alpha=0.5, label="lambda_max")
+        adam = any("sharpness/preconditioned" in entry for entry in self.history)
+        curves = []
+        for tag, label, style in _curves(adam):
+            if any(tag in entry for entry in self.history):
+                curves.append([_finite_or_nan(entry.get(tag, math.nan)) for entry in self.history])
+                axes.plot(steps, curves[-1], label=label, **style)
+        thresholds = [_finite_or_nan(entry.get("sharpness/threshold", math.nan)) for entry in self.history]
+        if any(math.isfinite(value) for value in thresholds):
+            last = [value for value in thresholds if math.isfinite(value)][-1]
+            rule = (self._rule or "stability threshold").split(": ")[-1]
+            axes.plot(steps, thresholds, linestyle="--", color="black", label=f"threshold {rule} = {last:.3g}")
+            if not adam:
+                _clip_far_above(axes, steps, curves, OFF_SCALE * last)
+        if adam:
+            axes.set_yscale("log")
+        axes.set_title(f"Edge of stability{f' ({self._rule})' if self._rule else ''}")
         axes.set_xlabel("optimizer step")
-        axes.set_ylabel("top Hessian eigenvalue")
+        axes.set_ylabel("sharpness (log scale)" if adam else "sharpness (top Hessian eigenvalue)")
+        axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
         return figure
@@ -384,6 +414,7 @@ class SharpnessMonitor(pl.Callback):
             adam = self._lanczos("adam", preconditioned(operator.matvec, diagonal), operator, generator)
             values["sharpness/preconditioned"] = sharpness = float(adam.eigenvalues[0])
         values["sharpness/threshold"] = threshold.value
+        self._rule = threshold.rule
         values["sharpness/ratio"] = sharpness / threshold.value  # 0 at lr 0, where the threshold is inf
         return values
 
@@ -487,6 +518,40 @@ class SharpnessMonitor(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _curves(adam: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """The measured curves of the picture: tag, legend label, line style."""
+    sharpness = (
+        ("sharpness/preconditioned", "preconditioned sharpness, lambda_max(P^-1 H)", {"marker": ".", "color": "C0"})
+        if adam
+        else ("sharpness/lambda_max", "sharpness lambda_max (probe set)", {"marker": ".", "color": "C0"})
+    )
+    return [
+        sharpness,
+        *([("sharpness/lambda_max", "lambda_max (not preconditioned)", {"alpha": 0.6, "color": "C2"})] if adam else []),
+        ("sharpness/batch_sharpness", "batch sharpness (mini-batch Hessians)", {"marker": "x", "color": "C1"}),
+    ]
+
+
+def _clip_far_above(axes: Any, steps: list[int], curves: list[list[float]], top: float) -> None:
+    """Cut the y axis at ``top`` when a point lies far above it (e.g. at initialisation), so that the threshold
+    and what hovers near it stay readable; each point cut off is marked at the top with its value."""
+    values = [value for curve in curves for value in curve if math.isfinite(value)]
+    if not values or max(values) <= top:
+        return
+    axes.set_ylim(min(0.0, min(values)), top)
+    for curve in curves:
+        for step, value in zip(steps, curve):
+            if value > top:
+                axes.annotate(
+                    f"{value:.3g} at step {step}, off the scale",
+                    (step, top),
+                    xytext=(10, -14),
+                    textcoords="offset points",
+                    ha="left",
+                    color="grey",
+                )
 
 
 def _finite_or_nan(value: float) -> float:

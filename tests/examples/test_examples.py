@@ -26,7 +26,8 @@ def test_digits_demo_learns_and_logs(tmp_path, capsys):
 
 
 def test_digits_demo_with_sharpness(tmp_path, capsys):
-    digits.main(["--epochs", "13", "--train-size", "256", "--sharpness", "--log-dir", str(tmp_path)])
+    arguments = ["--epochs", "3", "--train-size", "256", "--batch-size", "64"]  # mini-batches: batch sharpness too
+    digits.main([*arguments, "--sharpness", "--log-dir", str(tmp_path)])
     assert "SharpnessMonitor: 2 measurements; last lambda_max" in capsys.readouterr().out
     scalars = read_tensorboard_scalars(tmp_path / "digits" / "version_0")
     assert {
