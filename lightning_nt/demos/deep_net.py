@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
-from lightning_nt.demos.digits import DigitsClassifier, OptimizerName
+from lightning_nt.demos.digits import DigitsClassifier, LossName, OptimizerName
 
 __all__ = ["DeepDigitsMLP"]
 
@@ -35,6 +35,7 @@ class DeepDigitsMLP(DigitsClassifier):
         lr: learning rate.
         momentum: SGD momentum (ignored by Adam).
         weight_decay: decoupled for AdamW, L2 for the others.
+        loss: ``"cross_entropy"`` or ``"mse"`` (half squared error to one-hot targets).
 
     Examples:
         >>> net = DeepDigitsMLP(depth=4, width=8)
@@ -52,6 +53,7 @@ class DeepDigitsMLP(DigitsClassifier):
         lr: float = 0.02,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
+        loss: LossName = "cross_entropy",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
