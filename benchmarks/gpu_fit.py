@@ -1,7 +1,9 @@
 """One real ``Trainer.fit`` of WRN-16-4 on CIFAR-shaped data with each capability switched on in turn.
 
 For every precision (fp32, bf16-mixed) the same fit runs with nothing attached, then with ``GradInit``,
-``IterateAveraging``, ``SharpnessMonitor``, ``CompressionBoundReporter`` and ``DPStrategy``, one at a time.
+``IterateAveraging``, ``SharpnessMonitor``, ``CompressionBoundReporter``, ``RepresentationSimilarity``,
+``LazinessMonitor``, ``GradientSignalTest`` and ``DPStrategy`` (Opacus hooks and the single-backward engine), one at
+a time.
 Each line gives the median and the mean time per training step (the mean carries the measurements that a
 monitor makes every ``n`` steps), the whole fit's wall time (which carries one-off work: GradInit's search
 before the first step, the compression report after the last), and the ratios to the run without it.
@@ -37,7 +39,16 @@ from timing import StepTimer
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nt import CompressionBoundReporter, DPStrategy, GradInit, IterateAveraging, SharpnessMonitor
+from lightning_nt import (
+    CompressionBoundReporter,
+    DPStrategy,
+    GradientSignalTest,
+    GradInit,
+    IterateAveraging,
+    LazinessMonitor,
+    RepresentationSimilarity,
+    SharpnessMonitor,
+)
 from lightning_nt.demos import wide_resnet
 
 
@@ -121,8 +132,29 @@ SETTINGS = [
             ]
         },
     ),
+    Setting(
+        "RepresentationSimilarity",
+        lambda sizes: {"callbacks": [RepresentationSimilarity(every_n_epochs=1, num_samples=2 * sizes.batch_size)]},
+    ),
+    Setting(
+        "LazinessMonitor",
+        lambda sizes: {"callbacks": [LazinessMonitor(every_n_steps=_every(sizes), num_samples=16, chunk_size=4)]},
+    ),
+    Setting(
+        "GradientSignalTest",
+        lambda sizes: {
+            "callbacks": [
+                GradientSignalTest(every_n_steps=_every(sizes), num_samples=2 * sizes.batch_size, data="train")
+            ]
+        },
+    ),
     Setting("none (GroupNorm)", lambda sizes: {}, norm="group"),
     Setting("DPStrategy", lambda sizes: {"strategy": DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0)}, "group"),
+    Setting(
+        "DPStrategy (bk)",
+        lambda sizes: {"strategy": DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="bk")},
+        "group",
+    ),
 ]
 
 

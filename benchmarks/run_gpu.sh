@@ -27,14 +27,14 @@ if ((smoke)); then
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests 2>&1 \
+timeout 220 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors tests 2>&1 \
   | tail -25 | tee "$out/cuda_tests.txt" || status=1
-OUT="$out" timeout 170 python3 benchmarks/gpu_fit.py 2>&1 | grep -v -E "^(GPU|TPU) available|Tip:|stopped:" \
+OUT="$out" timeout 210 python3 benchmarks/gpu_fit.py 2>&1 | grep -v -E "^(GPU|TPU) available|Tip:|stopped:" \
   | tee "$out/gpu_fit.txt" || status=1
-timeout 60 python3 benchmarks/bench_averaging.py 2>&1 | grep -E "device|ms|ratio" \
+timeout 45 python3 benchmarks/bench_averaging.py 2>&1 | grep -E "device|ms|ratio" \
   | tee "$out/bench_averaging.txt" || status=1
-timeout 45 python3 benchmarks/bench_dp.py 2>&1 | grep -E "device|ms" | tee "$out/bench_dp.txt" || status=1
-timeout 25 python3 benchmarks/bench_dp.py --precision bf16-mixed --modes hooks 2>&1 | grep -E "device|ms" \
+timeout 60 python3 benchmarks/bench_dp.py --modes hooks,bk 2>&1 | grep -E "device|ms" | tee "$out/bench_dp.txt" || status=1
+timeout 40 python3 benchmarks/bench_dp.py --precision bf16-mixed --modes hooks,bk 2>&1 | grep -E "device|ms" \
   | tee -a "$out/bench_dp.txt" || status=1
 echo "output in $out"
 exit $status

@@ -9,7 +9,7 @@ from tests.helpers.models import (
     TinyTransformer,
     classification_data,
 )
-from tests.helpers.trainer import read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers.trainer import SaveHistory, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
 from tests.helpers.zoo import ZOO, ZooEntry, ZooModule
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "DigitsCNN",
     "DigitsDataModule",
     "ManualOptimizationModule",
+    "SaveHistory",
     "TinyClassifier",
     "TinyTransformer",
     "ZooEntry",

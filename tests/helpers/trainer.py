@@ -44,6 +44,18 @@ class OrderlyProcessGroupExit(pl.Callback):
         atexit.register(_destroy_process_group)
 
 
+class SaveHistory(pl.Callback):
+    """ddp_spawn sends no callback state back to the parent: each rank saves ``monitor.history`` to a file."""
+
+    def __init__(self, monitor: Any, directory: Path | str) -> None:
+        self.monitor, self.directory = monitor, str(directory)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch
+
+        torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

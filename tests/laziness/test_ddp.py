@@ -3,18 +3,8 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_nt.laziness import LazinessMonitor
-from tests.helpers import tiny_trainer
+from tests.helpers import SaveHistory, tiny_trainer
 from tests.laziness.models import ReLUClassifier
-
-
-class SaveHistory(pl.Callback):
-    """ddp_spawn does not send callback state back to the parent: each rank writes its history to a file."""
-
-    def __init__(self, monitor, directory):
-        self.monitor, self.directory = monitor, directory
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.ddp

@@ -3,15 +3,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_nt import SharpnessMonitor
-from tests.helpers import TinyClassifier, tiny_trainer
-
-
-class SaveHistory(pl.Callback):
-    def __init__(self, monitor, directory):
-        self.monitor, self.directory = monitor, directory
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
+from tests.helpers import SaveHistory, TinyClassifier, tiny_trainer
 
 
 @pytest.mark.ddp

@@ -6,15 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_nt.stats import GradientSignalTest, split_indices
-from tests.helpers import TinyClassifier, classification_data, tiny_trainer
-
-
-class SaveHistory(pl.Callback):
-    def __init__(self, monitor, directory):
-        self.monitor, self.directory = monitor, directory
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
+from tests.helpers import SaveHistory, TinyClassifier, classification_data, tiny_trainer
 
 
 @pytest.mark.ddp
