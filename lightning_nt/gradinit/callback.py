@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -211,17 +212,48 @@ class GradInit(pl.Callback):
         return text
 
     def figure(self) -> Any:
-        """The learned scale of every parameter tensor, in module order (log scale)."""
-        import matplotlib.pyplot as plt
+        """The learned scale of every parameter tensor, one labelled bar each in module order (log axis).
 
-        figure, axes = plt.subplots(figsize=(max(6, 0.25 * len(self.scales)), 4))
-        axes.bar(range(len(self.scales)), list(self.scales.values()))
-        axes.set_yscale("log")
-        axes.axhline(1.0, color="black", linewidth=0.8)
-        axes.set_xticks(range(len(self.scales)), list(self.scales), rotation=90, fontsize=7)
-        axes.set_ylabel("GradInit scale")
+        The line at 1 marks "unchanged"; scales held at ``min_scale`` / ``max_scale`` and parameters the loss does
+        not use are drawn in their own colours; the title gives the look-ahead loss before and after the search.
+        """
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
+
+        names, values = list(self.scales), list(self.scales.values())
+        unused = set(self.result.unused) if self.result is not None else set()
+        colours = [self._bar_colour(name, value, unused) for name, value in zip(names, values)]
+        figure, axes = plt.subplots(figsize=(7, max(3.0, 0.28 * len(names) + 1.5)))
+        rows = range(len(names))
+        axes.barh(rows, values, color=colours)
+        for row, value in zip(rows, values):
+            axes.annotate(f"{value:.3g}", (value, row), xytext=(3, 0), textcoords="offset points", va="center", size=7)
+        axes.set_yticks(rows, names, fontsize=7)
+        axes.invert_yaxis()
+        axes.set_xscale("log")
+        plain = FuncFormatter(lambda x, _: f"{x:g}")
+        axes.xaxis.set_major_formatter(plain)
+        axes.xaxis.set_minor_formatter(plain)
+        axes.axvline(1.0, color="black", linewidth=0.8, label="1 = weights unchanged")
+        for colour, label in (("tab:red", "held at min_scale / max_scale"), ("tab:gray", "unused by the loss")):
+            if colour in colours:
+                axes.barh([], [], color=colour, label=label)
+        axes.set_xlabel("GradInit scale (log axis): weights are multiplied by it")
+        title = "GradInit scales"
+        if self.result is not None and not self.result.diverged:
+            start, end = self.result.lookahead_loss_start, self.result.lookahead_loss_end
+            title += f": look-ahead loss {start:.4g} -> {end:.4g}"
+        axes.set_title(title, fontsize=10)
+        axes.legend(fontsize=7, loc="lower right")
         figure.tight_layout()
         return figure
+
+    def _bar_colour(self, name: str, value: float, unused: set[str]) -> str:
+        if name in unused:
+            return "tab:gray"
+        limits = [self.min_scale] + ([self.max_scale] if self.max_scale is not None else [])
+        held = not name.endswith("bias") and any(math.isclose(value, limit, rel_tol=1e-6) for limit in limits)
+        return "tab:red" if held else "tab:blue"
 
 
 def _base_learning_rate(optimizer: torch.optim.Optimizer, schedule: str | None) -> float:
