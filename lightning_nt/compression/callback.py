@@ -441,6 +441,7 @@ class SubspaceTraining(pl.Callback):
     @checked_arguments(dimension=DIMENSION_RULE, seed=SEED_RULE)
     def __init__(self, dimension: int, seed: int = 0) -> None:
         self.dimension, self.seed = dimension, seed
+        self._restore: Callable[[], object] = lambda: None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -454,6 +455,35 @@ class SubspaceTraining(pl.Callback):
                 f"The module is already trained in a subspace of dimension {subspace.dimension} with seed "
                 f"{subspace.seed}, not {self.dimension} and {self.seed}: give SubspaceTraining the same values."
             )
+        self._explain_parameter_groups(pl_module)
+
+    def _explain_parameter_groups(self, pl_module: pl.LightningModule) -> None:
+        """Until the optimizers exist, turn torch's "parameters in more than one group" into the reason and the fix."""
+        original = pl_module.configure_optimizers
+
+        def configure_optimizers() -> Any:
+            try:
+                return original()
+            except ValueError as error:
+                if "more than one parameter group" not in str(error):
+                    raise
+                raise ValueError(
+                    f"SubspaceTraining trains every parameter of {type(pl_module).__name__} through the same "
+                    f"{self.dimension} coordinates `w`, so configure_optimizers can't put parameters in different "
+                    "groups (per-layer learning rates or weight decay): use one parameter group, or train without "
+                    "SubspaceTraining."
+                ) from error
+
+        pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
+        self._restore = lambda: vars(pl_module).pop("configure_optimizers", None)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
 
 def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
