@@ -156,3 +156,21 @@ def test_the_sweep_covers_every_constructor_argument():
 def test_every_bad_value_of_every_argument_is_refused_naming_it(argument, value):
     with pytest.raises(ArgumentError, match=f"`{argument}`"):
         GradInit(**(_GOOD | {argument: value}))
+
+
+def test_the_scales_picture_names_its_values_and_marks_held_scales():
+    gradinit = GradInit(iterations=20, lr=0.5, min_scale=0.9, max_scale=1.1)  # a large lr drives scales to the bounds
+    _fit([gradinit], max_steps=1)
+    figure = gradinit.figure()
+    axes = figure.axes[0]
+    assert "look-ahead loss" in axes.get_title() and "multiplied" in axes.get_xlabel()
+    assert [label.get_text() for label in axes.get_yticklabels()] == list(gradinit.scales)
+    assert len(axes.texts) == len(gradinit.scales)  # every bar carries its value
+    held = [
+        n
+        for n, s in gradinit.scales.items()
+        if not n.endswith("bias") and any(math.isclose(s, bound, rel_tol=1e-6) for bound in (0.9, 1.1))
+    ]
+    colours = [tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in axes.patches[: len(gradinit.scales)]]
+    red = (0.839, 0.153, 0.157)  # matplotlib's tab:red
+    assert held and colours.count(red) == len(held)
