@@ -441,7 +441,6 @@ class SubspaceTraining(pl.Callback):
     @checked_arguments(dimension=DIMENSION_RULE, seed=SEED_RULE)
     def __init__(self, dimension: int, seed: int = 0) -> None:
         self.dimension, self.seed = dimension, seed
-        self._restore: Callable[[], object] = lambda: None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -474,16 +473,22 @@ class SubspaceTraining(pl.Callback):
                     "SubspaceTraining."
                 ) from error
 
+        configure_optimizers.explains_subspace_groups = True  # type: ignore[attr-defined]
         pl_module.configure_optimizers = configure_optimizers  # type: ignore[method-assign]
-        self._restore = lambda: vars(pl_module).pop("configure_optimizers", None)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore()
+        _restore_configure_optimizers(pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore()
+        _restore_configure_optimizers(pl_module)
+
+
+def _restore_configure_optimizers(pl_module: pl.LightningModule) -> None:
+    """The module's own ``configure_optimizers`` back (the callback holds nothing, so it pickles for spawned DDP)."""
+    if getattr(vars(pl_module).get("configure_optimizers"), "explains_subspace_groups", False):
+        del pl_module.configure_optimizers
 
 
 def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

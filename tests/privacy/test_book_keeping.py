@@ -211,11 +211,12 @@ def test_ghost_and_instantiated_norms_agree(positions):
     torch.testing.assert_close(ghost, outer_product_norms(patches, grads, "auto"), rtol=1e-12, atol=0)
 
 
-def test_a_non_finite_example_contributes_zero_and_the_others_are_unchanged():
-    net, inputs, labels = _make("standardized-conv")
+@pytest.mark.parametrize("case", ["standardized-conv", "conv2d", "linear-sequence"])
+def test_a_non_finite_example_contributes_zero_and_the_others_are_unchanged(case):
+    net, inputs, labels = _make(case)
     expected, _, bound = _reference(net, inputs[1:], labels[1:])
     poisoned = inputs.clone()
-    poisoned[0, 0, 0, 0] = float("nan")
+    poisoned.view(len(poisoned), -1)[0, 0] = float("nan")
     got, norms = _book_keeping(net, poisoned, labels, bound)
     assert not torch.isfinite(norms[0]) and torch.isfinite(norms[1:]).all()
     for name in expected:  # the mean loss over 8 rows: per-example gradients are the same as over the 7 finite ones
