@@ -23,6 +23,7 @@ from lightning_nt.averaging.core import (
 )
 from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
 from lightning_nt.common.evaluation import validation_metrics
+from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
 
 __all__ = ["IterateAveraging"]
@@ -167,7 +168,7 @@ class IterateAveraging(pl.Callback):
             compare_raw=self.compare_raw,
             apply_on_end=self.apply_on_end,
             device=None if self.device is None else str(torch.device(self.device)),
-            loss_fn=_describe(self.loss_fn),
+            loss_fn=stable_name(self.loss_fn),
             name=self.name,
         )
 
@@ -472,11 +473,3 @@ def _batchnorm_buffers(module: nn.Module) -> dict[str, Tensor]:
         if isinstance(norm, nn.modules.batchnorm._BatchNorm)
         for name, buffer in norm.named_buffers(recurse=False)
     }
-
-
-def _describe(loss_fn: LossFn | None) -> str | None:
-    """A name for ``loss_fn`` that is the same in every process (no memory address), for the state key."""
-    if loss_fn is None:
-        return None
-    named = loss_fn if hasattr(loss_fn, "__qualname__") else type(loss_fn)
-    return f"{named.__module__}.{named.__qualname__}"

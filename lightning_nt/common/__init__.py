@@ -12,7 +12,7 @@ from lightning_nt.common.loss import (
 )
 from lightning_nt.common.probe import ProbeSet, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
-from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state
+from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state, stable_name
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import check_choice
 
@@ -38,6 +38,7 @@ __all__ = [
     "preserved_rng",
     "preserved_state",
     "select_examples",
+    "stable_name",
     "substituted",
     "tensors_of",
     "training_loss",

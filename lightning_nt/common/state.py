@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RNGState", "preserved_modes", "preserved_rng", "preserved_state"]
+__all__ = ["RNGState", "preserved_modes", "preserved_rng", "preserved_state", "stable_name"]
 
 
 @dataclass
@@ -105,6 +105,19 @@ def preserved_state(
 def preserved_modes(module: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Restore every submodule's ``training`` flag (and nothing else) when the block ends."""
     return preserved_state(module, parameters=False, buffers=False, grads=False, rng=False)
+
+
+def stable_name(function: Callable[..., Any] | None) -> str | None:
+    """A name for ``function`` that is the same in every process (no memory address): for a callback's state key.
+
+    Examples:
+        >>> stable_name(len), stable_name(None)
+        ('builtins.len', None)
+    """
+    if function is None:
+        return None
+    named = function if hasattr(function, "__qualname__") else type(function)
+    return f"{named.__module__}.{named.__qualname__}"
 
 
 def _clone_all(tensors: Iterator[Tensor]) -> list[Tensor]:

@@ -23,8 +23,8 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
-from lightning_nt.common.validation import ArgumentError, above, at_least, checked_arguments
-from lightning_nt.gradinit.core import GradInitResult, apply_scales, gradinit
+from lightning_nt.common.validation import ArgumentError, checked_arguments
+from lightning_nt.gradinit.core import SEARCH_RULES, GradInitResult, apply_scales, gradinit
 
 __all__ = ["GradInit"]
 
@@ -64,15 +64,7 @@ class GradInit(pl.Callback):
 
     reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
 
-    @checked_arguments(
-        iterations=at_least(1),
-        lr=above(0),
-        eta=above(0),
-        gamma=above(0),
-        min_scale=above(0),
-        max_scale=above(0),
-        grad_clip=at_least(0),
-    )
+    @checked_arguments(**SEARCH_RULES)
     def __init__(
         self,
         iterations: int = 390,

@@ -207,15 +207,19 @@ class _Search:
         return step if self.second_order else step.detach()
 
 
-@checked_arguments(
-    iterations=at_least(1),
-    lr=above(0),
-    eta=above(0),
-    gamma=above(0),
-    min_scale=above(0),
-    max_scale=above(0),
-    grad_clip=at_least(0),
-)
+SEARCH_RULES = {
+    "iterations": at_least(1),
+    "lr": above(0),
+    "eta": above(0),
+    "gamma": above(0),
+    "min_scale": above(0),
+    "max_scale": above(0),
+    "grad_clip": at_least(0),
+}
+"""The ranges of the search's arguments, shared by :func:`gradinit` and the ``GradInit`` callback."""
+
+
+@checked_arguments(**SEARCH_RULES)
 def gradinit(
     module: nn.Module,
     loss_of: LossOf,

@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
+from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
@@ -36,14 +37,6 @@ def _integer_labels(batch: Any) -> Tensor | None:
     """The default targets: the batch's last one-dimensional integer tensor (the labels of ``(x, y)``), if any."""
     labels = [t for t in tensors_of(batch) if t.ndim == 1 and not t.is_floating_point() and not t.is_complex()]
     return labels[-1] if labels else None
-
-
-def _describe(function: Callable[..., Any] | None) -> str | None:
-    """A name for a function that is the same in every process (no memory address), for the state key."""
-    if function is None:
-        return None
-    named = function if hasattr(function, "__qualname__") else type(function)
-    return f"{named.__module__}.{named.__qualname__}"
 
 
 class LazinessMonitor(pl.Callback):
@@ -132,8 +125,8 @@ class LazinessMonitor(pl.Callback):
             layers=self.layers,
             chunk_size=self.chunk_size,
             hold_jacobians=self.hold_jacobians,
-            forward_fn=_describe(self.forward_fn),
-            target_fn=_describe(self.target_fn),
+            forward_fn=stable_name(self.forward_fn),
+            target_fn=stable_name(self.target_fn),
         )
 
     @override
