@@ -264,7 +264,8 @@ class IterateAveraging(pl.Callback):
         if self._in_use():
             if self.compare_raw and not trainer.sanity_checking:
                 raw = validation_metrics(trainer, pl_module)
-                log_scalars(trainer, {f"raw/{name}": value for name, value in raw.items()})
+                log_scalars(trainer, {f"raw/{name}": value for name, value in raw.callback.items()}, to_loggers=False)
+                log_scalars(trainer, {f"raw/{name}": value for name, value in raw.logged.items()})
             self._swap_in(trainer, pl_module)
         self._log_counts(trainer)
 

@@ -1,10 +1,18 @@
-"""Plumbing every capability shares: the loss of any module, logging to every logger, probe sets, exact restore."""
+"""Plumbing every capability shares: the loss of any module, logging, probe sets, exact restore, reductions."""
 
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
+from lightning_nt.common.distributed import (
+    broadcast_from_rank_zero,
+    gather_across_ranks,
+    mean_across_ranks,
+    min_across_ranks,
+    sum_across_ranks,
+)
 from lightning_nt.common.loss import (
     LossFn,
     captured_logging,
+    example_losses,
     frozen_metrics,
     loss_from_output,
     muted_logging,
@@ -21,16 +29,21 @@ __all__ = [
     "ProbeSet",
     "RNGState",
     "batch_size",
+    "broadcast_from_rank_zero",
     "captured_logging",
     "check_choice",
     "concatenate_batches",
     "differentiable_kernels",
+    "example_losses",
     "frozen_metrics",
+    "gather_across_ranks",
     "log_figure",
     "log_scalars",
     "log_text",
     "loss_from_output",
     "map_examples",
+    "mean_across_ranks",
+    "min_across_ranks",
     "muted_logging",
     "prepare_batch",
     "preserved_loader_rng",
@@ -40,6 +53,7 @@ __all__ = [
     "select_examples",
     "stable_name",
     "substituted",
+    "sum_across_ranks",
     "tensors_of",
     "training_loss",
 ]

@@ -6,8 +6,9 @@ runs ``validation_step`` over the Trainer's validation batches with logging capt
 torchmetrics state and random generator restored afterwards. What ``self.log`` receives goes into a
 result collection of Lightning's own kind, with the logging levels Lightning gives ``validation_step``,
 so every value is reduced as Lightning reduces it (``reduce_fx`` "mean" weighted by batch size, "max",
-"min", "sum"; torchmetrics objects by ``compute()``; ``sync_dist`` over ranks) and named as Lightning
-names it (``name/dataloader_idx_k`` with several loaders, ``name_epoch`` when also logged on step).
+"min", "sum"; torchmetrics objects by ``compute()``; ``sync_dist`` over ranks), named as Lightning
+names it (``name/dataloader_idx_k`` with several loaders, ``name_epoch`` when also logged on step) and
+sent where Lightning sends it (``logger=False`` keeps a value out of the loggers).
 The result collection and the logging-level defaults are Lightning internals; re-implementing them would drift
 from Lightning silently, using them fails loudly if they change, and ``tests/averaging/test_raw_metrics.py``
 compares the outcome with Lightning's own ``callback_metrics``.
@@ -15,6 +16,7 @@ compares the outcome with Lightning's own ``callback_metrics``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,20 +31,34 @@ from torchmetrics import Metric
 from lightning_nt.common.loss import captured_logging, frozen_metrics
 from lightning_nt.common.probe import prepare_batch, preserved_loader_rng
 
-__all__ = ["validation_metrics"]
+__all__ = ["ValidationMetrics", "validation_metrics"]
 
 _STEP = "validation_step"
 
 
+@dataclass(frozen=True)
+class ValidationMetrics:
+    """The epoch values of one validation, as Lightning would report them.
+
+    Attributes:
+        callback: what Lightning puts in ``trainer.callback_metrics`` (every value, also ``logger=False`` ones).
+        logged: what Lightning sends to the loggers: the values logged with ``logger=True`` (the default), a
+            value also logged on step as ``name_epoch`` only. A subset of ``callback``.
+    """
+
+    callback: dict[str, float]
+    logged: dict[str, float]
+
+
 @torch.no_grad()
-def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> ValidationMetrics:
     """The epoch values ``pl_module.validation_step`` logs over the Trainer's validation batches, reduced per name.
 
-    Keys and values are those Lightning puts in ``trainer.callback_metrics`` after validating the same weights.
+    Keys and values are those Lightning reports after validating the same weights (see :class:`ValidationMetrics`).
     """
     dataloaders = trainer.val_dataloaders
     if dataloaders is None:
-        return {}
+        return ValidationMetrics({}, {})
     dataloaders = dataloaders if isinstance(dataloaders, list | tuple) else [dataloaders]
     several = len(dataloaders) > 1
     results = _ResultCollection(training=False)
@@ -51,7 +67,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
         _log_into(results, trainer, pl_module, name, value, kwargs)
 
     pass_index = is_param_in_hook_signature(pl_module.validation_step, "dataloader_idx", min_args=3)
-    values: dict[str, float] = {}
+    values = ValidationMetrics({}, {})
     with frozen_metrics(pl_module), captured_logging(pl_module, record):
         for metric in pl_module.modules():
             if isinstance(metric, Metric):
@@ -63,7 +79,9 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> di
                 trainer, pl_module, results, dataloader, limit, (dataloader_idx,) if pass_index and several else ()
             )
             # as Lightning does, a loader's values are computed when it ends (a metric shared by loaders is not reset)
-            values.update({name: float(value) for name, value in results.metrics(on_step=False)["callback"].items()})
+            metrics = results.metrics(on_step=False)
+            values.callback.update({name: float(value) for name, value in metrics["callback"].items()})
+            values.logged.update({name: float(value) for name, value in metrics["log"].items()})
     return values
 
 
@@ -98,10 +116,13 @@ def _log_into(
         _STEP, on_step=kwargs.get("on_step"), on_epoch=kwargs.get("on_epoch")
     )
     value = apply_to_collection(value, (Tensor, float, int), _to_tensor, pl_module.device)
+    logger = kwargs.get("logger")
     results.log(
         _STEP,
         name,
         value,
+        prog_bar=bool(kwargs.get("prog_bar", False)),
+        logger=True if logger is None else bool(logger),  # as LightningModule.log: None means True
         on_step=on_step,
         on_epoch=on_epoch,
         reduce_fx=kwargs.get("reduce_fx", "mean"),

@@ -3,7 +3,8 @@
 Capabilities that need the loss at points of their own choosing (a Hessian-vector product, a
 GradInit look-ahead step) call :func:`training_loss`. It uses the user's ``loss_fn`` when given,
 otherwise the module's own ``training_step`` with ``self.log``/``self.log_dict`` muted and every
-torchmetrics state restored afterwards, so nothing is logged or counted twice.
+torchmetrics state restored afterwards, so nothing is logged or counted twice. One that needs every
+example's loss asks :func:`example_losses` for the user's own ``[B]`` vector first.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_nt.common.batches import batch_size
+
 __all__ = [
     "LogSink",
     "LossFn",
     "captured_logging",
+    "example_losses",
     "frozen_metrics",
     "loss_from_output",
     "muted_logging",
@@ -61,6 +65,26 @@ def training_loss(
         else:
             output = pl_module.training_step(batch)
     return loss_from_output(output, source=f"{type(pl_module).__name__}.training_step")
+
+
+def example_losses(pl_module: pl.LightningModule, batch: Any, loss_fn: LossFn | None) -> Tensor | None:
+    """``loss_fn``'s own per-example losses on ``batch`` (shape ``[B]``), or None when it gives no such vector.
+
+    None when there is no ``loss_fn`` or it returns a scalar (a mean): the caller then takes
+    :func:`training_loss` of one-example batches (vectorised, e.g. with ``torch.func.vmap``).
+
+    Examples:
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> model, batch = BoringModel(), torch.randn(4, 32)
+        >>> example_losses(model, batch, lambda module, batch: module(batch).sum(1)).shape
+        torch.Size([4])
+        >>> example_losses(model, batch, lambda module, batch: module(batch).sum()) is None
+        True
+    """
+    if loss_fn is None:
+        return None
+    losses = loss_fn(pl_module, batch)
+    return losses if isinstance(losses, Tensor) and losses.shape == (batch_size(batch),) else None
 
 
 def loss_from_output(output: Any, source: str) -> Tensor:

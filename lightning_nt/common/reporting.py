@@ -24,11 +24,14 @@ if TYPE_CHECKING:
 __all__ = ["log_figure", "log_scalars", "log_text"]
 
 
-def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
+def log_scalars(
+    trainer: pl.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None, *, to_loggers: bool = True
+) -> None:
     """Write ``metrics`` to every logger at ``step`` (default: ``trainer.global_step``) and to ``callback_metrics``.
 
     Lightning clears ``callback_metrics`` after the sanity check, so values logged in ``on_fit_start`` reach
-    the loggers but not the ``callback_metrics`` seen after it.
+    the loggers but not the ``callback_metrics`` seen after it. ``to_loggers=False`` writes ``callback_metrics``
+    only (as ``self.log(..., logger=False)`` does).
 
     Examples:
         >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -42,6 +45,8 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float | Tensor], step
     values = {tag: float(value) for tag, value in metrics.items()}
     for tag, value in values.items():
         trainer.callback_metrics[tag] = torch.tensor(value)
+    if not to_loggers:
+        return
     for logger in trainer.loggers:
         logger.log_metrics(values, step=step)
 

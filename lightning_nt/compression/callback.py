@@ -24,6 +24,7 @@ from lightning_nt.common import (
     preserved_state,
     select_examples,
 )
+from lightning_nt.common.loss import training_loss
 from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty
 from lightning_nt.compression.capacity import capacity_measures
 from lightning_nt.compression.certificate import Certificate, certify
@@ -337,7 +338,7 @@ class CompressionBoundReporter(pl.Callback):
 
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         with trainer.precision_plugin.forward_context():
-            return self.loss_fn(pl_module, batch)  # type: ignore[misc]
+            return training_loss(pl_module, batch, 0, self.loss_fn)
 
     def _test_error(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -23,6 +24,7 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
+from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.validation import ArgumentError, checked_arguments
 from lightning_nt.gradinit.core import SEARCH_RULES, GradInitResult, apply_scales, gradinit
 
@@ -104,7 +106,7 @@ class GradInit(pl.Callback):
         schedules = [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs]
         algorithm, eta = self._simulated_optimizer(optimizer, schedules[0] if schedules else None)
         dataloader = trainer.train_dataloader
-        reduce_mean = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if trainer.world_size > 1 else None
+        reduce_mean = partial(mean_across_ranks, trainer) if trainer.world_size > 1 else None
         bar = _progress_bar(trainer, self.iterations)
         with (
             preserved_state(pl_module, parameters=False, grads=False),

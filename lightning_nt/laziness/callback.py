@@ -14,6 +14,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
+from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty
 from lightning_nt.laziness.distance import relative_distance
@@ -251,7 +252,7 @@ class LazinessMonitor(pl.Callback):
             values.update({f"{_TAG}/activation_flips/{layer}": value for layer, value in flips.items()})
         if kernel is not None:
             values.update(self._kernel_values(kernel.cpu().double(), initial["kernel"].double(), initial["targets"]))
-        values = self._mean_over_ranks(trainer, values)
+        values = mean_across_ranks(trainer, values)  # every rank logs the mean of the ranks' own probe sets
         if not all(math.isfinite(value) for value in values.values()):
             self._warn("nan", "LazinessMonitor: a measurement was not finite (NaN/inf); it is skipped.")
             return
@@ -271,14 +272,6 @@ class LazinessMonitor(pl.Callback):
         if targets is not None:
             values[f"{_TAG}/kernel_alignment"] = kernel_alignment(kernel, targets)
         return values
-
-    def _mean_over_ranks(self, trainer: pl.Trainer, values: dict[str, float]) -> dict[str, float]:
-        """Every rank logs the same numbers: the mean over ranks of each rank's measurement on its own probe set."""
-        if trainer.world_size == 1:
-            return values
-        local = torch.tensor(list(values.values()), dtype=torch.float64, device=trainer.strategy.root_device)
-        mean = trainer.strategy.reduce(local, reduce_op="mean")
-        return dict(zip(values, mean.tolist()))
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -25,6 +26,7 @@ from lightning_nt.common import (
     training_loss,
 )
 from lightning_nt.common.autodiff import differentiable_kernels
+from lightning_nt.common.distributed import mean_across_ranks, sum_across_ranks
 from lightning_nt.common.validation import ArgumentError, above, at_least, between, checked_arguments, non_empty
 from lightning_nt.sharpness.hvp import HessianOperator
 from lightning_nt.sharpness.lanczos import LanczosResult, lanczos, warm_start
@@ -468,10 +470,7 @@ class SharpnessMonitor(pl.Callback):
         if trainer.world_size == 1:
             return None, 1.0
         local = float(len(self._probe) if self._probe is not None and self.data == "probe" else batch_size(batch))
-        total = float(
-            trainer.strategy.reduce(torch.tensor(local, device=trainer.strategy.root_device), reduce_op="sum")
-        )
-        return (lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum")), local / total
+        return partial(sum_across_ranks, trainer), local / sum_across_ranks(trainer, local)
 
     def _probe_chunks(self, trainer: pl.Trainer, size: int | None) -> Iterator[tuple[Any, float]]:
         """The probe set in chunks, on the module's device and in the Trainer's input precision (e.g. fp64)."""
@@ -488,10 +487,7 @@ class SharpnessMonitor(pl.Callback):
         def operator(chunk: Any) -> HessianOperator:
             return HessianOperator(params, lambda: [(self._loss(pl_module, chunk), 1.0)])
 
-        value = batch_sharpness(operator(chunk) for chunk, _ in batches)
-        if trainer.world_size > 1:
-            value = float(trainer.strategy.reduce(torch.tensor(value, device=pl_module.device), reduce_op="mean"))
-        return value
+        return mean_across_ranks(trainer, batch_sharpness(operator(chunk) for chunk, _ in batches))
 
     def _smoothness(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], batch: Any, lr: float

@@ -25,6 +25,7 @@ from lightning_nt.common import (
     select_examples,
     training_loss,
 )
+from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
 from lightning_nt.common.validation import ArgumentError, Rule, at_least, check_choice, checked_arguments, non_empty
 from lightning_nt.similarity.core import ACTIVATIONS, Activation, SimilarityMetric, cka_matrix, similarities
 
@@ -288,7 +289,7 @@ class RepresentationSimilarity(pl.Callback):
             for index, output in enumerate(calls)
         }
         self._layer_names = list(features)
-        return {name: self._gathered(trainer, output) for name, output in features.items()}
+        return {name: gather_across_ranks(trainer, output) for name, output in features.items()}
 
     @staticmethod
     def _recorder(name: str, outputs: dict[str, list[Tensor]]) -> Any:
@@ -303,18 +304,11 @@ class RepresentationSimilarity(pl.Callback):
         return record
 
     @staticmethod
-    def _gathered(trainer: pl.Trainer, output: Tensor) -> Tensor:
-        if trainer.world_size == 1:
-            return output
-        return trainer.strategy.all_gather(output.contiguous()).flatten(0, 1)
-
-    @staticmethod
     def _common_probe(trainer: pl.Trainer, probe: ProbeSet) -> ProbeSet:
         """Under DDP, every rank's probe set cut to the smallest one's size, so that the features gather."""
         if trainer.world_size == 1:
             return probe
-        size = torch.tensor(len(probe), device=trainer.strategy.root_device)
-        smallest = int(trainer.strategy.all_gather(size).min())
+        smallest = min_across_ranks(trainer, len(probe))
         return ProbeSet(select_examples(next(probe.chunks())[0], slice(0, smallest)))
 
     @staticmethod

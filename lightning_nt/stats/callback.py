@@ -23,6 +23,8 @@ from lightning_nt.common import (
     select_examples,
     training_loss,
 )
+from lightning_nt.common.distributed import sum_across_ranks
+from lightning_nt.common.loss import example_losses
 from lightning_nt.common.validation import above, at_least, below, checked_arguments
 from lightning_nt.stats.cross import normal_p_value, split_indices
 from lightning_nt.stats.gradient import directional_derivatives, per_example_losses
@@ -196,28 +198,22 @@ class GradientSignalTest(pl.Callback):
         gradient = torch.autograd.grad(second_losses.float().sum(), [p for _, p in parameters], allow_unused=True)
         direction = [torch.zeros_like(p) if g is None else g for g, (_, p) in zip(gradient, parameters)]
         count = torch.tensor(float(len(second)), device=pl_module.device)
-        if trainer.world_size > 1:
-            direction = [trainer.strategy.reduce(g, reduce_op="sum") for g in direction]
-            count = trainer.strategy.reduce(count, reduce_op="sum")
+        direction, count = sum_across_ranks(trainer, direction), sum_across_ranks(trainer, count)
         direction = [g / count for g in direction]
         _, scores = directional_derivatives(
             pl_module, self._losses, select_examples(batch, first), parameters, direction
         )
         scores = scores.detach().to(torch.float64)
         sums = torch.stack([torch.tensor(float(len(scores)), dtype=torch.float64, device=scores.device), scores.sum()])
-        if trainer.world_size > 1:
-            sums = trainer.strategy.reduce(sums, reduce_op="sum")
-        centred = (scores - sums[1] / sums[0]).square().sum()
-        if trainer.world_size > 1:
-            centred = trainer.strategy.reduce(centred, reduce_op="sum")
+        sums = sum_across_ranks(trainer, sums)
+        centred = sum_across_ranks(trainer, (scores - sums[1] / sums[0]).square().sum())
         return [float(sums[0]), float(sums[1]), float(centred) / (float(sums[0]) - 1)]
 
     def _losses(self, module: pl.LightningModule, batch: Any) -> Tensor:
         """One loss per example: ``loss_fn``'s own vector, or the scalar loss of one-example batches under vmap."""
-        if self.loss_fn is not None:
-            values = self.loss_fn(module, batch)
-            if isinstance(values, Tensor) and values.shape == (batch_size(batch),):
-                return values
+        values = example_losses(module, batch, self.loss_fn)
+        if values is not None:
+            return values
         return per_example_losses(lambda example: training_loss(module, example, 0, self.loss_fn), batch, module)
 
     def _warn(self, key: str, message: str) -> None:

@@ -61,3 +61,48 @@ def test_raw_metrics_are_what_lightning_reports_for_the_raw_weights(loaders):
     averaged = trainer.callback_metrics[f"val_max{suffix}"].item()
     assert averaged != pytest.approx(raw[f"val_max{suffix}"])  # the average was validated, not the raw weights
     assert torch.isfinite(torch.tensor(list(raw.values()))).all()
+
+
+class TagRecorder(pl.loggers.Logger):
+    """A logger that keeps the tags it is sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags = set()
+
+    @property
+    def name(self):
+        return "recorder"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_metrics(self, metrics, step=None):
+        self.tags |= metrics.keys()
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class HiddenAndForked(TinyClassifier):
+    def validation_step(self, batch, batch_idx):
+        inputs, labels = batch
+        loss = F.cross_entropy(self(inputs), labels)
+        self.log("val_loss", loss)
+        self.log("val_hidden", loss, logger=False)
+        self.log("val_forked", loss, on_step=True)
+
+
+def test_raw_metrics_reach_the_loggers_as_lightning_sends_the_originals():
+    """`logger=False` keeps a value out of the loggers, raw or not; a value logged on step and epoch reaches the
+    loggers as `<name>_epoch` only (its `<name>_step` values are per validation batch, which raw/ does not re-log)."""
+    pl.seed_everything(0)
+    recorder = TagRecorder()
+    trainer = tiny_trainer(None, logger=recorder, callbacks=[IterateAveraging(compare_raw=True, apply_on_end=False)])
+    trainer.fit(HiddenAndForked(num_samples=96))
+    validation = {tag for tag in recorder.tags if tag.startswith("val_") and not tag.endswith("_step")}
+    assert validation == {"val_loss", "val_forked_epoch"}
+    assert {tag for tag in recorder.tags if tag.startswith("raw/")} == {f"raw/{tag}" for tag in validation}
+    raw_callback = {name for name in trainer.callback_metrics if name.startswith("raw/")}
+    assert raw_callback == {"raw/val_loss", "raw/val_hidden", "raw/val_forked", "raw/val_forked_epoch"}

@@ -3,7 +3,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_nt.common import training_loss
+from lightning_nt.common import example_losses, training_loss
 from tests.helpers import (
     BoringModel,
     DictLossClassifier,
@@ -101,3 +101,13 @@ def test_unusable_outputs_are_named():
         training_loss(module, batch, loss_fn=lambda m, b: m(b[0]))
     per_example = training_loss(module, batch, loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
     assert torch.allclose(per_example, F.cross_entropy(module(batch[0]), batch[1]))
+
+
+def test_example_losses_are_the_users_own_vector_or_none():
+    module = TinyClassifier()
+    inputs, labels = _batch(module)
+    vector = F.cross_entropy(module(inputs), labels, reduction="none")
+    assert example_losses(module, (inputs, labels), lambda m, b: vector) is vector
+    assert example_losses(module, (inputs, labels), lambda m, b: vector.mean()) is None  # a mean: vectorise it
+    assert example_losses(module, (inputs, labels), lambda m, b: vector[:-1]) is None  # not one per example
+    assert example_losses(module, (inputs, labels), None) is None
