@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -114,11 +115,12 @@ def captured_logging(pl_module: pl.LightningModule, sink: LogSink | None = None)
 
     def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if sink is not None:
-            sink(name, value, kwargs)
+            sink(name, value, _keywords(_LOG, (name, value, *args), kwargs))
 
     def log_dict(dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        options = _keywords(_LOG_DICT, (dictionary, *args), kwargs)
         for name, value in dictionary.items():
-            log(name, value, **kwargs)
+            log(name, value, **options)
 
     pl_module.log = log  # type: ignore[method-assign]
     pl_module.log_dict = log_dict  # type: ignore[method-assign]
@@ -130,6 +132,16 @@ def captured_logging(pl_module: pl.LightningModule, sink: LogSink | None = None)
                 setattr(pl_module, name, shadowed[name])
             else:
                 delattr(pl_module, name)
+
+
+_LOG = inspect.signature(pl.LightningModule.log)
+_LOG_DICT = inspect.signature(pl.LightningModule.log_dict)
+
+
+def _keywords(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options of a ``log``/``log_dict`` call by name, positional ones included (``log_dict(d, False, False)``)."""
+    bound = signature.bind_partial(None, *args, **kwargs).arguments
+    return {name: value for name, value in bound.items() if name not in ("self", "name", "value", "dictionary")}
 
 
 def muted_logging(pl_module: pl.LightningModule) -> contextlib.AbstractContextManager[None]:

@@ -3,7 +3,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_nt.common import example_losses, training_loss
+from lightning_nt.common import captured_logging, example_losses, training_loss
 from tests.helpers import (
     BoringModel,
     DictLossClassifier,
@@ -111,3 +111,13 @@ def test_example_losses_are_the_users_own_vector_or_none():
     assert example_losses(module, (inputs, labels), lambda m, b: vector.mean()) is None  # a mean: vectorise it
     assert example_losses(module, (inputs, labels), lambda m, b: vector[:-1]) is None  # not one per example
     assert example_losses(module, (inputs, labels), None) is None
+
+
+def test_captured_logging_reads_positional_options_as_lightning_does():
+    module = TinyClassifier()
+    seen = {}
+    with captured_logging(module, lambda name, value, options: seen.update({name: options})):
+        module.log("a", 1.0, False, False)  # prog_bar=False, logger=False
+        module.log_dict({"b": 2.0}, True, False, on_epoch=True)  # prog_bar=True, logger=False
+    assert seen["a"] == {"prog_bar": False, "logger": False}
+    assert seen["b"] == {"prog_bar": True, "logger": False, "on_epoch": True}
