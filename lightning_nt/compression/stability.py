@@ -371,7 +371,7 @@ def _noise_response(
     index: int,
     logits: Tensor,
     noise_scale: float,
-    num_samples: int,
+    num_draws: int,
     num_probes: int,
     generator: torch.Generator | None,
 ) -> _Response:
@@ -383,7 +383,7 @@ def _noise_response(
         image, depends, response.cushion = _interlayer_cushion(predict, source, modules, num_probes, generator)
         later_norms = torch.stack([_norms(layer.output) for layer in later])
     attenuation = []
-    for _ in range(num_samples):
+    for _ in range(num_draws):
         noise = _gaussian_like(x, generator)
         eta = noise * (noise_scale * _norms(x) / _norms(noise)).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         noisy_logits, moved = _shifted(predict, source.module, eta, modules)
