@@ -178,3 +178,13 @@ def test_running_weight_average_keeps_its_old_name_iterate_average():
     assert isinstance(IterateAverage(net), RunningWeightAverage) and isinstance(RunningWeightAverage(net), old)
     with pytest.raises(AttributeError, match="no attribute 'IterateAverager'"):
         averaging.IterateAverager  # noqa: B018
+
+
+def test_public_identifiers_are_spelled_the_american_way_and_keep_the_british_spelling():
+    import lightning_nt.compression.subspace as subspace
+
+    with pytest.warns(DeprecationWarning, match="`lightning_nt.compression.subspace.seeded_initialization`"):
+        old = subspace.seeded_initialisation
+    assert old is subspace.seeded_initialization and "seeded_initialisation" not in subspace.__all__
+    net = nn.Linear(3, 2)
+    assert all(torch.equal(a, b) for a, b in zip(old(net, 7).values(), subspace.seeded_initialization(net, 7).values()))
