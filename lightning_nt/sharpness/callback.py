@@ -359,14 +359,11 @@ class SharpnessMonitor(pl.Callback):
         batch: Any,
         generator: torch.Generator,
     ) -> tuple[dict[str, float], int]:
+        """Every quantity of one measurement (the Hessian's on the probe set or batch, then those of other batches),
+        and the number of Hessian-vector products it took."""
         params = [p for _, p in named]
         operator = self._operator(trainer, pl_module, params, batch)
-        result = self._lanczos("hessian", operator.matvec, operator, generator)
-        values = {"sharpness/lambda_max": float(result.eigenvalues[0])}
-        if self.lambda_min:
-            values["sharpness/lambda_min"] = result.lambda_min
-        values.update({f"sharpness/lambda_{i + 1}": float(v) for i, v in enumerate(result.eigenvalues) if i > 0})
-        values["sharpness/converged"] = float(result.converged)
+        values = self._spectrum(operator, generator)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is not None:
             values.update(
@@ -375,16 +372,7 @@ class SharpnessMonitor(pl.Callback):
         if self.spherical:
             values["sharpness/spherical"] = flat_norm(params) ** 2 * values["sharpness/lambda_max"]
         if self.trace:
-            estimate = hutchinson_trace(
-                operator.matvec,
-                operator.numel,
-                self.trace_samples,
-                params[0].device,
-                generator,
-                self.trace_method,
-                dtype=operator.dtype,
-            )
-            values["sharpness/trace"], values["sharpness/trace_stderr"] = estimate.value, estimate.standard_error
+            values.update(self._trace(operator, params[0].device, generator))
         solves = operator.num_matvecs
         operator.release()
         if self.batch_sharpness:
@@ -392,6 +380,29 @@ class SharpnessMonitor(pl.Callback):
         if self.smoothness and optimizer is not None:
             values.update(self._smoothness(trainer, pl_module, params, batch, float(optimizer.param_groups[0]["lr"])))
         return values, solves
+
+    def _spectrum(self, operator: HessianOperator, generator: torch.Generator) -> dict[str, float]:
+        """``lambda_max``, the next top eigenvalues, ``lambda_min`` (when on) and whether Lanczos converged."""
+        result = self._lanczos("hessian", operator.matvec, operator, generator)
+        values = {"sharpness/lambda_max": float(result.eigenvalues[0])}
+        if self.lambda_min:
+            values["sharpness/lambda_min"] = result.lambda_min
+        values.update({f"sharpness/lambda_{i + 1}": float(v) for i, v in enumerate(result.eigenvalues) if i > 0})
+        values["sharpness/converged"] = float(result.converged)
+        return values
+
+    def _trace(self, operator: HessianOperator, device: torch.device, generator: torch.Generator) -> dict[str, float]:
+        """The Hessian's trace (``trace_method`` with ``trace_samples`` probes) and its standard error."""
+        estimate = hutchinson_trace(
+            operator.matvec,
+            operator.numel,
+            self.trace_samples,
+            device,
+            generator,
+            self.trace_method,
+            dtype=operator.dtype,
+        )
+        return {"sharpness/trace": estimate.value, "sharpness/trace_stderr": estimate.standard_error}
 
     def _against_threshold(
         self,
