@@ -217,6 +217,7 @@ class CompressionBoundReporter(pl.Callback):
             return self._compute(trainer, pl_module)
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Certify the model as it is now, then report and log it; the previous report if it can't be certified."""
         train_set = self._training_examples(trainer)
         encoded = _encoded_tensors(pl_module)
         problems = _uncodable_state(pl_module, encoded)
@@ -227,30 +228,7 @@ class CompressionBoundReporter(pl.Callback):
                     "skipped (the previous one is kept) and training goes on."
                 )
             return self.report
-        subspace = find_subspace(pl_module)
-        num_examples = len(train_set)
-
-        def train_error(values: Sequence[Tensor]) -> float:
-            batches = (chunk for chunk, _ in train_set.chunks(512))
-            return self._error(trainer, pl_module, encoded, values, batches, expected=num_examples)
-
-        screening_error = None
-        if self.screening_samples is not None and self.screening_samples < num_examples:
-            screening_batch = _random_examples(train_set, self.screening_samples)
-
-            def screening_error(values: Sequence[Tensor]) -> float:
-                return self._error(trainer, pl_module, encoded, values, [screening_batch])
-
-        certificate = certify(
-            [tensor for _, tensor in encoded],
-            train_error,
-            num_examples,
-            self.configs,
-            self.delta,
-            seed=subspace.seed if subspace is not None else None,
-            screening_error_of=screening_error,
-            finalists=self.finalists,
-        )
+        certificate = self._certify(trainer, pl_module, train_set, encoded)
         report = {
             "compression/error_bound": certificate.error_bound,
             "compression/hoeffding_bound": certificate.hoeffding_bound,
@@ -268,6 +246,40 @@ class CompressionBoundReporter(pl.Callback):
             log_text(trainer, "compression/report", self.table())
             self._write_json(Path(trainer.log_dir or trainer.default_root_dir), trainer)
         return report
+
+    def _certify(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        train_set: ProbeSet,
+        encoded: list[tuple[str, Tensor]],
+    ) -> Certificate:
+        """Search the grid, encode the best candidate and bound its error on the ``m`` examples of ``train_set``
+        (screening the grid on ``screening_samples`` of them first, when that is fewer than ``m``)."""
+        subspace = find_subspace(pl_module)
+        num_examples = len(train_set)
+
+        def train_error(values: Sequence[Tensor]) -> float:
+            batches = (chunk for chunk, _ in train_set.chunks(512))
+            return self._error(trainer, pl_module, encoded, values, batches, expected=num_examples)
+
+        screening_error = None
+        if self.screening_samples is not None and self.screening_samples < num_examples:
+            screening_batch = _random_examples(train_set, self.screening_samples)
+
+            def screening_error(values: Sequence[Tensor]) -> float:
+                return self._error(trainer, pl_module, encoded, values, [screening_batch])
+
+        return certify(
+            [tensor for _, tensor in encoded],
+            train_error,
+            num_examples,
+            self.configs,
+            self.delta,
+            seed=subspace.seed if subspace is not None else None,
+            screening_error_of=screening_error,
+            finalists=self.finalists,
+        )
 
     def table(self) -> str:
         """The latest report as a Markdown table (what TensorBoard's text tab shows)."""
