@@ -2,7 +2,7 @@
 
 One process, same model and data for all three; each configuration is trained ``--repeats`` times,
 interleaved, and its per-step time is the median over the timed steps (the best repeat is kept).
-Also times one IterateAverage update against the memory-bandwidth floor: a single ``lerp_`` over a
+Also times one RunningWeightAverage update against the memory-bandwidth floor: a single ``lerp_`` over a
 flat tensor with as many floats.
 
     python benchmarks/bench_averaging.py                      # CPU: a 5.3M-parameter MLP
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import IterateAveraging
-from lightning_nt.averaging import IterateAverage
+from lightning_nt.averaging import RunningWeightAverage
 from lightning_nt.demos import wide_resnet
 
 
@@ -71,7 +71,7 @@ def step_time(model: str, callback: pl.Callback | None, steps: int, warmup: int,
 
 def update_vs_floor(model: str, device: torch.device, repeats: int = 50) -> tuple[float, float, int]:
     net = Classifier(model).net.to(device)
-    average = IterateAverage(net, mode="ema", decay=0.999)
+    average = RunningWeightAverage(net, mode="ema", decay=0.999)
     average.update(net)
     numel = sum(p.numel() for p in net.parameters())
     flat_average, flat_iterate = torch.zeros(numel, device=device), torch.randn(numel, device=device)

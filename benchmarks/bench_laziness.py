@@ -27,7 +27,7 @@ from lightning_nt.laziness import LazinessMonitor, empirical_ntk
 def measurement_seconds(width: int, samples: int, ntk: bool, repeats: int) -> float:
     """Median ``laziness/seconds`` over ``repeats`` measurements (every step) in a short run."""
     torch.manual_seed(0)
-    monitor = LazinessMonitor(every_n_steps=1, num_samples=samples, ntk=ntk)
+    monitor = LazinessMonitor(every_n_steps=1, num_examples=samples, ntk=ntk)
     trainer = pl.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
         devices=1,

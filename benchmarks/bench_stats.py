@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         size = sum(p.numel() for p in make().parameters())
         loader = datamodule.train_dataloader()
         step = lightning_step_time(make(), loader, steps=20, warmup=5)
-        default = measurement_seconds(make, datamodule, num_samples=args.num_samples)
-        vector = measurement_seconds(make, datamodule, num_samples=args.num_samples, loss_fn=per_example)
+        default = measurement_seconds(make, datamodule, num_examples=args.num_samples)
+        vector = measurement_seconds(make, datamodule, num_examples=args.num_samples, loss_fn=per_example)
         explicit = per_example_gradient_seconds(make(), inputs, labels)
         print(
             f"{name} ({size:,} parameters): training step {step * 1e3:.1f} ms; one measurement "

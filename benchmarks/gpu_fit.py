@@ -117,7 +117,7 @@ SETTINGS = [
         lambda sizes: {
             "callbacks": [
                 SharpnessMonitor(
-                    every_n_steps=_every(sizes), num_samples=4 * sizes.batch_size, max_iter=20, max_overhead=None
+                    every_n_steps=_every(sizes), num_examples=4 * sizes.batch_size, max_iter=20, max_overhead=None
                 )
             ]
         },
@@ -134,17 +134,17 @@ SETTINGS = [
     ),
     Setting(
         "RepresentationSimilarity",
-        lambda sizes: {"callbacks": [RepresentationSimilarity(every_n_epochs=1, num_samples=2 * sizes.batch_size)]},
+        lambda sizes: {"callbacks": [RepresentationSimilarity(every_n_epochs=1, num_examples=2 * sizes.batch_size)]},
     ),
     Setting(
         "LazinessMonitor",
-        lambda sizes: {"callbacks": [LazinessMonitor(every_n_steps=_every(sizes), num_samples=16, chunk_size=4)]},
+        lambda sizes: {"callbacks": [LazinessMonitor(every_n_steps=_every(sizes), num_examples=16, chunk_size=4)]},
     ),
     Setting(
         "GradientSignalTest",
         lambda sizes: {
             "callbacks": [
-                GradientSignalTest(every_n_steps=_every(sizes), num_samples=2 * sizes.batch_size, data="train")
+                GradientSignalTest(every_n_steps=_every(sizes), num_examples=2 * sizes.batch_size, data="train")
             ]
         },
     ),

@@ -75,7 +75,7 @@ CAPABILITIES: list[Capability] = [
         "Unless given, trains as Cohen et al. do, where the sharpness rises to 2/lr and stays there: "
         "--model mlp --loss mse --optimizer sgd --momentum 0 --lr 0.5 --batch-size 0 (full batch) --epochs 200",
         build=lambda args: SharpnessMonitor(
-            every_n_steps=10, num_samples=512, batch_sharpness=not _full_batch(args), max_overhead=None
+            every_n_steps=10, num_examples=512, batch_sharpness=not _full_batch(args), max_overhead=None
         ),
         defaults={
             "model": "mlp",
@@ -91,19 +91,19 @@ CAPABILITIES: list[Capability] = [
         flag="laziness",
         help="how lazy training is: weight distance from init, ReLU sign flips and the change of the empirical "
         "NTK on 128 training images every 50 steps (try --model mlp --hidden 4096 against --hidden 64)",
-        build=lambda args: LazinessMonitor(every_n_steps=50, num_samples=128),
+        build=lambda args: LazinessMonitor(every_n_steps=50, num_examples=128),
     ),
     Capability(
         flag="similarity",
         help="every epoch, each ReLU layer's representation of 512 training images compared with its state at "
         "initialisation: linear CKA, orthogonal Procrustes and the ReLU intertwiner similarity (Godfrey et al.)",
-        build=lambda args: RepresentationSimilarity(reference="init", every_n_epochs=1, num_samples=512),
+        build=lambda args: RepresentationSimilarity(reference="init", every_n_epochs=1, num_examples=512),
     ),
     Capability(
         flag="gradtest",
         help="every 50 steps, Kim & Ramdas' cross test of 'the expected gradient is zero' on 512 held-out digits: "
         "is there still signal in the gradient?",
-        build=lambda args: GradientSignalTest(every_n_steps=50, num_samples=512),
+        build=lambda args: GradientSignalTest(every_n_steps=50, num_examples=512),
     ),
     Capability(
         flag="dp",

@@ -51,13 +51,13 @@ def loaders(data_dir: str, batch_size: int, download: bool, views: int) -> tuple
         from torchvision import transforms
     except ImportError as error:
         raise SystemExit("This example needs torchvision: pip install torchvision") from error
-    normalise = transforms.Compose(
+    normalize = transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))]
     )
     flip_and_crop = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()])
-    plain = torchvision.datasets.CIFAR10(data_dir, train=True, transform=normalise, download=download)
+    plain = torchvision.datasets.CIFAR10(data_dir, train=True, transform=normalize, download=download)
     train = AugmentedViews(plain, flip_and_crop, multiplicity=views)
-    test = torchvision.datasets.CIFAR10(data_dir, train=False, transform=normalise, download=download)
+    test = torchvision.datasets.CIFAR10(data_dir, train=False, transform=normalize, download=download)
     return (
         DataLoader(train, batch_size=batch_size, num_workers=8, pin_memory=True),
         DataLoader(test, batch_size=1024, num_workers=8),

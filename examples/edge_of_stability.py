@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> SharpnessMonitor:
 
     pl.seed_everything(args.seed)
     # lambda_max only: the bottom of the spectrum (lambda_min) is a cluster near 0 that Lanczos converges slowly
-    monitor = SharpnessMonitor(every_n_steps=20, num_samples=500, lambda_min=False, max_overhead=None)
+    monitor = SharpnessMonitor(every_n_steps=20, num_examples=500, lambda_min=False, max_overhead=None)
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",

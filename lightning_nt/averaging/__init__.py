@@ -2,18 +2,21 @@
 
 from lightning_nt.averaging.callback import IterateAveraging
 from lightning_nt.averaging.core import (
-    IterateAverage,
+    RunningWeightAverage,
     decay_per_update,
     load_averaged_weights,
     recompute_batchnorm,
     save_averaged_weights,
 )
+from lightning_nt.common.validation import renamed_attributes
 
 __all__ = [
-    "IterateAverage",
     "IterateAveraging",
+    "RunningWeightAverage",
     "decay_per_update",
     "load_averaged_weights",
     "recompute_batchnorm",
     "save_averaged_weights",
 ]
+
+__getattr__ = renamed_attributes(globals(), IterateAverage="RunningWeightAverage")  # the 0.1 name, deprecated

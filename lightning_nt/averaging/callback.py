@@ -1,4 +1,4 @@
-"""Lightning adapter for :class:`~lightning_nt.averaging.core.IterateAverage`."""
+"""Lightning adapter for :class:`~lightning_nt.averaging.core.RunningWeightAverage`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing_extensions import override
 
 from lightning_nt.averaging.core import (
     AveragingMode,
-    IterateAverage,
+    RunningWeightAverage,
     decay_per_update,
     recompute_batchnorm,
     save_averaged_weights,
@@ -138,7 +138,7 @@ class IterateAveraging(pl.Callback):
         self.compare_raw, self.apply_on_end, self.device, self.loss_fn = compare_raw, apply_on_end, device, loss_fn
         self.evaluate, self.name = evaluate, name
         self._tag = name or "averaging"
-        self._average: IterateAverage | None = None
+        self._average: RunningWeightAverage | None = None
         self._pending_state: dict[str, Any] | None = None
         self._device = torch.device("cpu")
         self._last_step = 0
@@ -194,7 +194,7 @@ class IterateAveraging(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averagings = [c for c in trainer.callbacks if isinstance(c, IterateAveraging)]
         _check_instances(averagings)
-        self._average = IterateAverage(
+        self._average = RunningWeightAverage(
             pl_module,
             mode=self.mode,
             decay=self._decay_per_update() if self.mode == "ema" else None,

@@ -1,11 +1,11 @@
 """Iterate averaging without Lightning: fp32 running means and EMAs of a module's weights.
 
-:class:`IterateAverage` keeps, by name, an fp32 average of every floating parameter (and, if asked,
+:class:`RunningWeightAverage` keeps, by name, an fp32 average of every floating parameter (and, if asked,
 every floating buffer), updated with one fused multi-tensor kernel per dtype group and no host-device
 synchronisation but one: a non-finite iterate (NaN or inf anywhere) is skipped and counted rather than folded
 in, which needs one device-to-host read of a flag per update. The update weight is computed on the host from
 a Python counter. Integer buffers (``num_batches_tracked``) are copied, never averaged.
-:meth:`IterateAverage.swapped_in` evaluates a module with the average and gives the raw weights back bitwise,
+:meth:`RunningWeightAverage.swapped_in` evaluates a module with the average and gives the raw weights back bitwise,
 also when the block raises, without a deep copy of the module.
 
 The two modes are one recursion ``avg <- avg + w_t (x - avg)``:
@@ -28,11 +28,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nt.common.state import preserved_modes
-from lightning_nt.common.validation import Rule, above, at_least, between, checked_arguments
+from lightning_nt.common.validation import Rule, above, at_least, between, checked_arguments, renamed_attributes
 
 __all__ = [
     "AveragingMode",
-    "IterateAverage",
+    "RunningWeightAverage",
     "decay_per_update",
     "load_averaged_weights",
     "recompute_batchnorm",
@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 AveragingMode = Literal["uniform", "ema"]
+
+__getattr__ = renamed_attributes(globals(), IterateAverage="RunningWeightAverage")  # the 0.1 name, deprecated
 
 
 def torch_device() -> Rule:
@@ -76,7 +78,7 @@ def decay_per_update(decay: float | None = None, half_life: float | None = None,
     return decay**every_n_steps
 
 
-class IterateAverage:
+class RunningWeightAverage:
     """fp32, name-keyed running average of a module's floating weights.
 
     Args:
@@ -93,7 +95,7 @@ class IterateAverage:
 
     Examples:
         >>> net = nn.Linear(2, 1)
-        >>> average = IterateAverage(net, mode="uniform")
+        >>> average = RunningWeightAverage(net, mode="uniform")
         >>> for value in (1.0, 2.0, 6.0):
         ...     _ = nn.init.constant_(net.weight, value)
         ...     _ = average.update(net)

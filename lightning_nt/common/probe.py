@@ -1,7 +1,7 @@
 """A fixed set of training examples, cached once, for measurements that must compare like with like.
 
 Sharpness measured every 100 steps means little if each measurement sees different data. A
-:class:`ProbeSet` takes the first ``num_samples`` examples the train dataloader yields (without
+:class:`ProbeSet` takes the first ``num_examples`` examples the train dataloader yields (without
 disturbing the training run's random state), keeps them on the CPU in one tensor per batch field,
 and hands them back in chunks on any device together with each chunk's share of the set, so a
 mean over the whole set is ``sum(share * chunk_mean)``.
@@ -21,67 +21,70 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.batches import batch_size, concatenate_batches, select_examples, tensors_of, with_tensors
 from lightning_nt.common.state import preserved_rng
+from lightning_nt.common.validation import at_least, checked_arguments, renamed_arguments
 
 __all__ = ["ProbeSet", "prepare_batch", "preserved_loader_rng"]
 
 
 class ProbeSet:
-    """``num_samples`` training examples, stored on the CPU, served in chunks on a device.
+    """``num_examples`` training examples, stored on the CPU, served in chunks on a device.
 
     Examples:
         >>> batches = [(torch.randn(4, 3), torch.arange(4)) for _ in range(3)]
-        >>> probe = ProbeSet.from_batches(batches, num_samples=10)
+        >>> probe = ProbeSet.from_batches(batches, num_examples=10)
         >>> len(probe), [(batch_size(b), share) for b, share in probe.chunks(chunk_size=6)]
         (10, [(6, 0.6), (4, 0.4)])
     """
 
     def __init__(self, batch: Any) -> None:
         self._batch = batch
-        self._num_samples = batch_size(batch)
+        self._num_examples = batch_size(batch)
 
     @classmethod
-    def from_batches(cls, batches: Iterable[Any], num_samples: int) -> ProbeSet:
-        """Concatenate batches until ``num_samples`` examples are collected (fewer if ``batches`` runs out)."""
-        if num_samples < 1:
-            raise ValueError(f"`num_samples` must be >= 1, got {num_samples}.")
+    @checked_arguments(num_examples=at_least(1))
+    @renamed_arguments(num_samples="num_examples")
+    def from_batches(cls, batches: Iterable[Any], num_examples: int) -> ProbeSet:
+        """Concatenate batches until ``num_examples`` examples are collected (fewer if ``batches`` runs out)."""
         collected: list[Any] = []
         count = 0
         for batch in batches:
             size = batch_size(batch)
             if size == 0:
                 continue
-            take = min(size, num_samples - count)
+            take = min(size, num_examples - count)
             collected.append(select_examples(batch, slice(0, take)))
             count += take
-            if count == num_samples:
+            if count == num_examples:
                 break
         if not collected:
             raise ValueError("The dataloader yielded no examples to build the probe set from.")
         return cls(concatenate_batches(collected))
 
     @classmethod
-    def from_dataloader(cls, dataloader: DataLoader, num_samples: int) -> ProbeSet:
-        """Cache the first ``num_samples`` examples of ``dataloader`` without advancing any random generator.
+    @renamed_arguments(num_samples="num_examples")
+    def from_dataloader(cls, dataloader: DataLoader, num_examples: int) -> ProbeSet:
+        """Cache the first ``num_examples`` examples of ``dataloader`` without advancing any random generator.
 
         Starting a shuffled loader draws from torch's global generator (and the sampler's own, if it has
         one); both are restored, so the training run sees the same batches as without the probe set.
         """
         with preserved_loader_rng(dataloader):
-            return cls.from_batches(dataloader, num_samples)
+            return cls.from_batches(dataloader, num_examples)
 
     @classmethod
-    def from_trainer(cls, trainer: pl.Trainer, num_samples: int) -> ProbeSet:
-        """Cache ``num_samples`` examples of the Trainer's train dataloader (available from ``on_train_start``)."""
+    @renamed_arguments(num_samples="num_examples")
+    def from_trainer(cls, trainer: pl.Trainer, num_examples: int) -> ProbeSet:
+        """Cache ``num_examples`` examples of the Trainer's train dataloader (available from ``on_train_start``)."""
         dataloader = trainer.train_dataloader
         if not isinstance(dataloader, DataLoader):
             raise TypeError(
                 "A probe set is built from a single train DataLoader, but the Trainer has "
                 f"{type(dataloader).__name__}. Call this from `on_train_start` or later, with one train dataloader."
             )
-        return cls.from_dataloader(dataloader, num_samples)
+        return cls.from_dataloader(dataloader, num_examples)
 
     def __len__(self) -> int:
-        return self._num_samples
+        return self._num_examples
 
     def tensors(self) -> list[Tensor]:
         """The probe set's tensors: what a checkpoint stores (see :meth:`from_tensors`)."""
@@ -97,15 +100,15 @@ class ProbeSet:
         self, chunk_size: int | None = None, device: torch.device | str | None = None
     ) -> Iterator[tuple[Any, float]]:
         """Yield ``(batch, share)`` with at most ``chunk_size`` examples each (all at once by default)."""
-        size = chunk_size or self._num_samples
+        size = chunk_size or self._num_examples
         if size < 1:
             raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}.")
-        for start in range(0, self._num_samples, size):
-            stop = min(start + size, self._num_samples)
+        for start in range(0, self._num_examples, size):
+            stop = min(start + size, self._num_examples)
             chunk = select_examples(self._batch, slice(start, stop))
             yield (
                 (move_data_to_device(chunk, device) if device is not None else chunk),
-                (stop - start) / self._num_samples,
+                (stop - start) / self._num_examples,
             )
 
 

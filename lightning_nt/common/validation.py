@@ -8,6 +8,11 @@ values, ``Callable`` asks for something callable, and sequences are checked elem
 (:func:`at_least`, :func:`above`, :func:`between`, ...) are declared next to the signature, so the constraints
 of a class can be read in one place. Every failure is an :class:`ArgumentError` naming the argument, what it
 may be and what it got; it is both a ``ValueError`` and a ``TypeError``, so either ``except`` catches it.
+
+An argument renamed in a release keeps its old name for one more release through :func:`renamed_arguments`,
+declared under :func:`checked_arguments`: the old name stays in the signature (so LightningCLI YAML configs with
+the old key keep working), is checked like the new one, warns and passes its value on under the new name. A
+renamed class or function keeps its old name in its module through :func:`renamed_attributes`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import numbers
 import types
 import typing
+import warnings
 from collections.abc import Callable, Collection
 from typing import Any, Literal, TypeVar, Union
 
@@ -34,6 +40,8 @@ __all__ = [
     "check_choice",
     "checked_arguments",
     "non_empty",
+    "renamed_arguments",
+    "renamed_attributes",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -165,6 +173,8 @@ def checked_arguments(**rules: Rule | tuple[Rule, ...]) -> Callable[[F], F]:
         unknown = set(rules) - set(signature.parameters)
         if unknown:
             raise TypeError(f"Rules for arguments {sorted(unknown)} that {function.__qualname__} does not take.")
+        renamed: dict[str, str] = getattr(function, _RENAMED, {})
+        all_rules = {**rules, **{old: rules[new] for old, new in renamed.items() if new in rules}}
         hints: dict[str, Any] | None = None
 
         @functools.wraps(function)
@@ -172,19 +182,155 @@ def checked_arguments(**rules: Rule | tuple[Rule, ...]) -> Callable[[F], F]:
             nonlocal hints
             if hints is None:  # resolved on first call: annotations may name classes defined after the function
                 hints = typing.get_type_hints(function)
-            bound = signature.bind(*args, **kwargs)
+                hints.update({old: hints.get(new, Any) | None for old, new in renamed.items()})
+            # with an old name, the new one may be missing here: the renaming wrapper below supplies it
+            bound = (signature.bind_partial if renamed else signature.bind)(*args, **kwargs)
             bound.apply_defaults()
             for name, value in bound.arguments.items():
                 parameter = signature.parameters[name]
                 if name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                     continue
-                extra = rules.get(name, ())
+                extra = all_rules.get(name, ())
                 check_argument(name, value, hints.get(name, Any), *(extra if isinstance(extra, tuple) else (extra,)))
             return function(*args, **kwargs)
 
+        setattr(wrapper, _CHECKED, True)
         return typing.cast(F, wrapper)
 
     return decorate
+
+
+def renamed_arguments(**renames: str) -> Callable[[F], F]:
+    """Keep the old names of renamed arguments for one release: ``renamed_arguments(old="new", ...)``.
+
+    The old name joins the signature as a keyword-only argument defaulting to ``None`` (LightningCLI reads the
+    signature, so a YAML config with the old key still parses). Passing it warns with a ``DeprecationWarning``
+    naming the new name and behaves exactly as passing the new name; passing both is an :class:`ArgumentError`.
+    LightningCLI passes every argument, the unset ones at their defaults, so the new name counts as given only
+    when it differs from its default. Declare it *under* :func:`checked_arguments`, which then checks the old
+    name with the new name's type and rules, and names the old name in its errors.
+
+    Examples:
+        >>> import warnings
+        >>> class Monitor:
+        ...     @checked_arguments(num_examples=at_least(1))
+        ...     @renamed_arguments(num_samples="num_examples")
+        ...     def __init__(self, num_examples: int = 8) -> None:
+        ...         self.num_examples = num_examples
+        >>> list(inspect.signature(Monitor).parameters)
+        ['num_examples', 'num_samples']
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     Monitor(num_samples=4).num_examples
+        4
+        >>> str(caught[0].message)
+        '`num_samples` is deprecated and will be removed in the next release: pass `num_examples` instead.'
+        >>> Monitor(num_examples=2, num_samples=4)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_nt.common.validation.ArgumentError: `num_samples` is the deprecated name of `num_examples`: ...
+    """
+
+    def decorate(function: F) -> F:
+        if getattr(function, _CHECKED, False):
+            raise TypeError(f"Declare renamed_arguments under checked_arguments on {function.__qualname__}.")
+        signature = inspect.signature(function)
+        for old, new in renames.items():
+            if new not in signature.parameters or old in signature.parameters:
+                raise TypeError(f"{function.__qualname__} must take `{new}` and not `{old}` to rename `{old}`.")
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                value = kwargs.pop(old, None)
+                if value is None:
+                    continue
+                given = signature.bind_partial(*args, **kwargs).arguments
+                if new in given and not _same(given[new], signature.parameters[new].default):
+                    raise ArgumentError(
+                        f"`{old}` is the deprecated name of `{new}`: pass only `{new}` (got {old}={value!r}, "
+                        f"{new}={given[new]!r})."
+                    )
+                warnings.warn(
+                    f"`{old}` is deprecated and will be removed in the next release: pass `{new}` instead.",
+                    DeprecationWarning,
+                    stacklevel=_caller_level(),
+                )
+                kwargs[new] = value
+            return function(*args, **kwargs)
+
+        wrapper.__signature__ = _with_old_names(signature, renames)  # type: ignore[attr-defined]
+        setattr(wrapper, _RENAMED, dict(renames))
+        return typing.cast(F, wrapper)
+
+    return decorate
+
+
+def renamed_attributes(namespace: dict[str, Any], **renames: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` serving the old names of renamed objects, for one release, with a warning.
+
+    ``namespace`` is the module's ``globals()``; ``renames`` maps each old name to the new one. Importing or
+    reading an old name warns with a ``DeprecationWarning`` naming the new one and gives the very same object
+    (so ``isinstance`` holds either way); any other missing name is an ``AttributeError`` as usual.
+
+    Examples:
+        >>> import types, warnings
+        >>> module = types.ModuleType("shapes")
+        >>> module.Circle = type("Circle", (), {})
+        >>> module.__getattr__ = renamed_attributes(vars(module), Round="Circle")
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     module.Round is module.Circle
+        True
+        >>> str(caught[0].message)
+        '`shapes.Round` is deprecated and will be removed in the next release: use `shapes.Circle` instead.'
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = namespace["__name__"]
+        if name not in renames:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(
+            f"`{module}.{name}` is deprecated and will be removed in the next release: use "
+            f"`{module}.{renames[name]}` instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return namespace[renames[name]]
+
+    return __getattr__
+
+
+_CHECKED, _RENAMED = "__checks_arguments__", "__renamed_arguments__"
+
+
+def _with_old_names(signature: inspect.Signature, renames: dict[str, str]) -> inspect.Signature:
+    """``signature`` with each old name added as a keyword-only argument, ``None`` by default, before ``**kwargs``."""
+    parameters = list(signature.parameters.values())
+    end = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+    old = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=_optional(signature, new))
+        for name, new in renames.items()
+    ]
+    return signature.replace(parameters=[*parameters[:end], *old, *parameters[end:]])
+
+
+def _optional(signature: inspect.Signature, name: str) -> Any:
+    """The annotation of argument ``name``, ``None`` allowed (a string under postponed annotations)."""
+    annotation = signature.parameters[name].annotation
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if isinstance(annotation, str):
+        return annotation if "None" in annotation.split(" | ") else f"{annotation} | None"
+    return annotation | None
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the line calling the outermost argument-checking wrapper."""
+    frame, level = inspect.currentframe(), 0
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _same(value: Any, choice: Any) -> bool:

@@ -163,12 +163,12 @@ class ArithmeticDecoder:
             symbol = bisect_right(model.cumulative, target) - 1
             self._high = self._low + span * model.cumulative[symbol + 1] // model.total - 1
             self._low = self._low + span * model.cumulative[symbol] // model.total
-            self._normalise()
+            self._normalize()
             model.update(symbol)
             symbols.append(symbol)
         return symbols
 
-    def _normalise(self) -> None:
+    def _normalize(self) -> None:
         while (offset := _rescaling_offset(self._low, self._high)) is not None:
             self._low = 2 * (self._low - offset)
             self._high = 2 * (self._high - offset) + 1

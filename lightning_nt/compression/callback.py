@@ -25,7 +25,7 @@ from lightning_nt.common import (
     select_examples,
 )
 from lightning_nt.common.loss import training_loss
-from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty
+from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty, renamed_arguments
 from lightning_nt.compression.capacity import capacity_measures
 from lightning_nt.compression.certificate import Certificate, certify
 from lightning_nt.compression.coding import QuantizationMethod, configuration_grid, uncodable
@@ -81,7 +81,7 @@ class CompressionBoundReporter(pl.Callback):
     logit is > 0, and its labels must be 0 or 1 (of any dtype). A model whose targets aren't class indices (a
     regressor) has no 0-1 error: it is refused when training starts, naming ``predict_fn``/``target_fn``.
 
-    The training examples are the train dataloader's dataset read in order (``num_samples`` of them drawn with a
+    The training examples are the train dataloader's dataset read in order (``num_examples`` of them drawn with a
     fixed seed, if given): ``m`` distinct examples, whatever sampler, shuffling or DP sampling the training used.
     With random augmentation inside the dataset the bound is about the augmented distribution. Each report is its
     own certificate: picking the best of several reports afterwards would need ``log2(#reports)`` bits more.
@@ -95,7 +95,7 @@ class CompressionBoundReporter(pl.Callback):
     ``compression/test_error`` then isn't held out); ``test_error`` is the decoded model's error on the whole
     validation dataset(s), whatever their sampler. Non-finite weights or statistics can't be encoded: that report
     is skipped with a warning (the previous one is kept) and training goes on.
-    The ``m`` examples are cached on the CPU: use ``num_samples`` for data sets that don't fit in memory.
+    The ``m`` examples are cached on the CPU: use ``num_examples`` for data sets that don't fit in memory.
 
     Everything is logged to every logger and ``trainer.callback_metrics``, the table as TensorBoard text
     (``compression/report``), and the latest report with the searched candidates is written to
@@ -109,7 +109,7 @@ class CompressionBoundReporter(pl.Callback):
         levels: numbers of quantisation levels searched.
         prune: magnitude-pruning fractions searched (``0.0``: none).
         methods: quantisers searched, ``"uniform"`` and/or ``"kmeans"``.
-        num_samples: ``m``; default: the whole training set.
+        num_examples: ``m``; default: the whole training set.
         screening_samples: rank the whole grid by the error on this many of the ``m`` examples (drawn with a
             fixed seed), then measure the ``finalists`` most promising candidates on all ``m`` (``None``: measure
             every candidate on all ``m``).
@@ -138,11 +138,12 @@ class CompressionBoundReporter(pl.Callback):
         levels=(non_empty(), at_least(2)),
         prune=(non_empty(), between(0.0, 1.0, high_open=True)),
         methods=non_empty(),
-        num_samples=at_least(1),
+        num_examples=at_least(1),
         screening_samples=at_least(1),
         finalists=at_least(1),
         stability_samples=at_least(1),
     )
+    @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
         delta: float = 0.05,
@@ -151,7 +152,7 @@ class CompressionBoundReporter(pl.Callback):
         levels: Sequence[int] = (2, 3, 4, 5, 7, 9, 13, 17, 33, 65),
         prune: Sequence[float] = (0.0, 0.5, 0.8, 0.9),
         methods: Sequence[QuantizationMethod] = ("uniform", "kmeans"),
-        num_samples: int | None = None,
+        num_examples: int | None = None,
         screening_samples: int | None = 128,
         finalists: int = 4,
         arora: bool = True,
@@ -163,7 +164,7 @@ class CompressionBoundReporter(pl.Callback):
     ) -> None:
         self.configs = configuration_grid(levels, prune, methods)
         self.delta, self.when, self.every_n_epochs = delta, when, every_n_epochs
-        self.num_samples, self.stability_samples = num_samples, stability_samples
+        self.num_examples, self.stability_samples = num_examples, stability_samples
         self.screening_samples, self.finalists = screening_samples, finalists
         self.arora, self.capacity = arora, capacity
         self.predict_fn = predict_fn or default_predict
@@ -177,7 +178,8 @@ class CompressionBoundReporter(pl.Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(when=self.when, num_samples=self.num_samples)
+        # the key keeps the argument's old name `num_samples`: checkpoints written before the rename still load
+        return self._generate_state_key(when=self.when, num_samples=self.num_examples)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,6 +218,7 @@ class CompressionBoundReporter(pl.Callback):
             return self._compute(trainer, pl_module)
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Certify the model as it is now, then report and log it; the previous report if it can't be certified."""
         train_set = self._training_examples(trainer)
         encoded = _encoded_tensors(pl_module)
         problems = _uncodable_state(pl_module, encoded)
@@ -226,30 +229,7 @@ class CompressionBoundReporter(pl.Callback):
                     "skipped (the previous one is kept) and training goes on."
                 )
             return self.report
-        subspace = find_subspace(pl_module)
-        num_examples = len(train_set)
-
-        def train_error(values: Sequence[Tensor]) -> float:
-            batches = (chunk for chunk, _ in train_set.chunks(512))
-            return self._error(trainer, pl_module, encoded, values, batches, expected=num_examples)
-
-        screening_error = None
-        if self.screening_samples is not None and self.screening_samples < num_examples:
-            screening_batch = _random_examples(train_set, self.screening_samples)
-
-            def screening_error(values: Sequence[Tensor]) -> float:
-                return self._error(trainer, pl_module, encoded, values, [screening_batch])
-
-        certificate = certify(
-            [tensor for _, tensor in encoded],
-            train_error,
-            num_examples,
-            self.configs,
-            self.delta,
-            seed=subspace.seed if subspace is not None else None,
-            screening_error_of=screening_error,
-            finalists=self.finalists,
-        )
+        certificate = self._certify(trainer, pl_module, train_set, encoded)
         report = {
             "compression/error_bound": certificate.error_bound,
             "compression/hoeffding_bound": certificate.hoeffding_bound,
@@ -267,6 +247,40 @@ class CompressionBoundReporter(pl.Callback):
             log_text(trainer, "compression/report", self.table())
             self._write_json(Path(trainer.log_dir or trainer.default_root_dir), trainer)
         return report
+
+    def _certify(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        train_set: ProbeSet,
+        encoded: list[tuple[str, Tensor]],
+    ) -> Certificate:
+        """Search the grid, encode the best candidate and bound its error on the ``m`` examples of ``train_set``
+        (screening the grid on ``screening_samples`` of them first, when that is fewer than ``m``)."""
+        subspace = find_subspace(pl_module)
+        num_examples = len(train_set)
+
+        def train_error(values: Sequence[Tensor]) -> float:
+            batches = (chunk for chunk, _ in train_set.chunks(512))
+            return self._error(trainer, pl_module, encoded, values, batches, expected=num_examples)
+
+        screening_error = None
+        if self.screening_samples is not None and self.screening_samples < num_examples:
+            screening_batch = _random_examples(train_set, self.screening_samples)
+
+            def screening_error(values: Sequence[Tensor]) -> float:
+                return self._error(trainer, pl_module, encoded, values, [screening_batch])
+
+        return certify(
+            [tensor for _, tensor in encoded],
+            train_error,
+            num_examples,
+            self.configs,
+            self.delta,
+            seed=subspace.seed if subspace is not None else None,
+            screening_error_of=screening_error,
+            finalists=self.finalists,
+        )
 
     def table(self) -> str:
         """The latest report as a Markdown table (what TensorBoard's text tab shows)."""
@@ -287,10 +301,10 @@ class CompressionBoundReporter(pl.Callback):
                 "count distinct training examples; no bound was computed."
             )
             return None
-        if self.num_samples is not None and self.num_samples < len(dataset):
+        if self.num_examples is not None and self.num_examples < len(dataset):
             generator = torch.Generator().manual_seed(0)
-            dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[: self.num_samples].tolist())
-        return ProbeSet.from_batches(_in_order(trainer.train_dataloader, dataset), num_samples=len(dataset))
+            dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[: self.num_examples].tolist())
+        return ProbeSet.from_batches(_in_order(trainer.train_dataloader, dataset), num_examples=len(dataset))
 
     def _check_predictions(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run ``predict_fn``/``target_fn`` on a few training examples now, so that a model the bound can't measure

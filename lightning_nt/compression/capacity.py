@@ -192,14 +192,14 @@ def _pacbayes_sigma(
     model: nn.Module,
     objective: Callable[[], float],
     target: float,
-    num_samples: int,
+    num_draws: int,
     generator: torch.Generator | None,
 ) -> float:
     """Bisect ``log(sigma)``; must run inside ``preserved_state(model)``, which puts the parameters back."""
     params = list(model.parameters())
     origin = [p.detach().clone() for p in params]
     device = "cpu" if generator is None else generator.device
-    seeds = torch.randint(0, 2**62, (num_samples,), generator=generator, device=device).tolist()
+    seeds = torch.randint(0, 2**62, (num_draws,), generator=generator, device=device).tolist()
     with torch.no_grad():
         allowed = objective() + target
 

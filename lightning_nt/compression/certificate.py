@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_nt.compression.arithmetic import BitWriter
 from lightning_nt.compression.bounds import occam_hoeffding_bound, occam_kl_bound
 from lightning_nt.compression.coding import (
     QuantizationConfig,
@@ -99,43 +100,19 @@ def certify(
         raise ValueError("`configs` must name at least one quantisation configuration.")
     if finalists < 1:
         raise ValueError(f"`finalists` must be >= 1, got {finalists}.")
+    screened = screening_error_of is not None
     header = header_bits(len(configs), seed is not None)
-
-    quantized_by_config: dict[QuantizationConfig, list[QuantizedTensor]] = {}
-
-    def candidate(config: QuantizationConfig, bits: float, screen: bool) -> Candidate:
-        measure = screening_error_of if screen and screening_error_of is not None else error_of
-        error = measure([q.values(config) for q in quantized_by_config[config]])
-        return Candidate(config, error, bits, occam_kl_bound(error, bits, num_examples, delta), screen)
-
-    searched, skipped = [], []
-    for config in configs:
-        try:
-            quantized_by_config[config] = [quantize(tensor, config) for tensor in tensors]
-        except ValueError as error:
-            skipped.append(f"{config}: {error}")
-            continue
-        bits = estimated_code_bits(quantized_by_config[config], config, header)
-        searched.append(candidate(config, bits, screen=screening_error_of is not None))
-    if not searched:
-        raise ValueError(f"No configuration could quantise the model: {skipped}")
-    candidates = sorted(searched, key=_rank)
-    if screening_error_of is not None:
-        measured = [candidate(c.config, c.estimated_bits, screen=False) for c in candidates[:finalists]]
+    quantized, candidates, skipped = _search(
+        tensors, configs, header, screening_error_of or error_of, num_examples, delta, screened
+    )
+    if screened:  # measure the most promising candidates on all m examples
+        measured = [
+            _candidate(c.config, quantized[c.config], c.estimated_bits, error_of, num_examples, delta, screened=False)
+            for c in candidates[:finalists]
+        ]
         candidates = sorted(measured, key=_rank) + candidates[finalists:]
     best = candidates[0]
-    index = list(configs).index(best.config)
-    quantized = quantized_by_config[best.config]
-    stream = encode(quantized, configs, index, seed)
-    decoded_index, decoded_seed, decoded = decode(
-        stream.bits, [TensorSpec.of(t) for t in tensors], configs, seed is not None
-    )
-    if (
-        decoded_index != index
-        or decoded_seed != seed
-        or not all(torch.equal(d, q.values(best.config)) for d, q in zip(decoded, quantized))
-    ):
-        raise RuntimeError("The decoded model differs from the encoded one; please report this as a bug.")
+    stream, decoded = _encode_checked(tensors, quantized[best.config], configs, best.config, seed)
     train_error = error_of(decoded)
     return Certificate(
         error_bound=occam_kl_bound(train_error, len(stream), num_examples, delta),
@@ -150,6 +127,71 @@ def certify(
         candidates=candidates,
         skipped=skipped,
     )
+
+
+def _search(
+    tensors: Sequence[Tensor],
+    configs: Sequence[QuantizationConfig],
+    header: int,
+    error_of: Callable[[Sequence[Tensor]], float],
+    num_examples: int,
+    delta: float,
+    screened: bool,
+) -> tuple[dict[QuantizationConfig, list[QuantizedTensor]], list[Candidate], list[str]]:
+    """Quantise ``tensors`` with every configuration and measure each with ``error_of``: the quantised tensors by
+    configuration, the candidates best first, and why the configurations that could not quantise were skipped."""
+    quantized_by_config: dict[QuantizationConfig, list[QuantizedTensor]] = {}
+    searched, skipped = [], []
+    for config in configs:
+        try:
+            quantized_by_config[config] = [quantize(tensor, config) for tensor in tensors]
+        except ValueError as error:
+            skipped.append(f"{config}: {error}")
+            continue
+        bits = estimated_code_bits(quantized_by_config[config], config, header)
+        searched.append(
+            _candidate(config, quantized_by_config[config], bits, error_of, num_examples, delta, screened=screened)
+        )
+    if not searched:
+        raise ValueError(f"No configuration could quantise the model: {skipped}")
+    return quantized_by_config, sorted(searched, key=_rank), skipped
+
+
+def _candidate(
+    config: QuantizationConfig,
+    quantized: Sequence[QuantizedTensor],
+    bits: float,
+    error_of: Callable[[Sequence[Tensor]], float],
+    num_examples: int,
+    delta: float,
+    *,
+    screened: bool,
+) -> Candidate:
+    """The candidate ``config``: the error of its quantised tensors and the bound its estimated code length gives."""
+    error = error_of([q.values(config) for q in quantized])
+    return Candidate(config, error, bits, occam_kl_bound(error, bits, num_examples, delta), screened)
+
+
+def _encode_checked(
+    tensors: Sequence[Tensor],
+    quantized: Sequence[QuantizedTensor],
+    configs: Sequence[QuantizationConfig],
+    config: QuantizationConfig,
+    seed: int | None,
+) -> tuple[BitWriter, list[Tensor]]:
+    """Encode the chosen candidate and decode the stream as a receiver would; both must agree bit for bit."""
+    index = list(configs).index(config)
+    stream = encode(quantized, configs, index, seed)
+    decoded_index, decoded_seed, decoded = decode(
+        stream.bits, [TensorSpec.of(t) for t in tensors], configs, seed is not None
+    )
+    if (
+        decoded_index != index
+        or decoded_seed != seed
+        or not all(torch.equal(d, q.values(config)) for d, q in zip(decoded, quantized))
+    ):
+        raise RuntimeError("The decoded model differs from the encoded one; please report this as a bug.")
+    return stream, decoded
 
 
 def _rank(candidate: Candidate) -> tuple[float, float]:

@@ -159,38 +159,60 @@ def noise_stability(
         logits, layers, skipped = _record(model, predict)
         if not layers:
             return NoiseStability(skipped=[*skipped, "no nn.Linear / nn.Conv layer ran once in the forward"])
-        report = NoiseStability(
-            layers=[layer.name for layer in layers],
-            layer_cushion={layer.name: _layer_cushion(layer) for layer in layers},
-            skipped=skipped,
+        report = _noiseless_report(layers, skipped)
+        failed = _measure_noise_responses(
+            report, predict, layers, logits, noise_scale, num_noise_samples, num_probes, generator
         )
-        if len(layers) > 1:
-            report.activation_contraction = _activation_contraction(layers)
-        else:
-            report.skipped.append("activation_contraction, interlayer cushion and smoothness need two layers")
-        smoothness, failed = [], False
-        for index, layer in enumerate(layers):
-            try:
-                response = _noise_response(
-                    predict, layers, index, logits, noise_scale, num_noise_samples, num_probes, generator
-                )
-            except (RuntimeError, NotImplementedError) as error:  # e.g. an operation without forward-mode AD
-                report.skipped.append(f"{layer.name}: noise response failed ({type(error).__name__}: {error})")
-                failed = True
-                continue
-            report.noise_attenuation[layer.name] = response.attenuation
-            smoothness.extend(response.smoothness)
-            if response.cushion is not None:
-                report.interlayer_cushion[layer.name] = response.cushion
-            elif index < len(layers) - 1:
-                report.skipped.append(f"interlayer_cushion/{layer.name}: no later layer depends on it")
-        if smoothness:
-            report.interlayer_smoothness = float(torch.cat(smoothness).min())
         if failed:
             report.skipped.append("effective_params: needs every layer's interlayer cushion")
         else:
             report.effective_params = _effective_params(report, logits, labels, gamma)
     return report
+
+
+def _noiseless_report(layers: list[_Layer], skipped: list[str]) -> NoiseStability:
+    """A report with the quantities that need no noise: layer cushions and the activation contraction."""
+    report = NoiseStability(
+        layers=[layer.name for layer in layers],
+        layer_cushion={layer.name: _layer_cushion(layer) for layer in layers},
+        skipped=skipped,
+    )
+    if len(layers) > 1:
+        report.activation_contraction = _activation_contraction(layers)
+    else:
+        report.skipped.append("activation_contraction, interlayer cushion and smoothness need two layers")
+    return report
+
+
+def _measure_noise_responses(
+    report: NoiseStability,
+    predict: Callable[[], Tensor],
+    layers: list[_Layer],
+    logits: Tensor,
+    noise_scale: float,
+    num_draws: int,
+    num_probes: int,
+    generator: torch.Generator | None,
+) -> bool:
+    """Add every layer's noise attenuation, interlayer cushion and smoothness to ``report``; whether a layer's
+    noise response failed (its reason is in ``report.skipped``)."""
+    smoothness, failed = [], False
+    for index, layer in enumerate(layers):
+        try:
+            response = _noise_response(predict, layers, index, logits, noise_scale, num_draws, num_probes, generator)
+        except (RuntimeError, NotImplementedError) as error:  # e.g. an operation without forward-mode AD
+            report.skipped.append(f"{layer.name}: noise response failed ({type(error).__name__}: {error})")
+            failed = True
+            continue
+        report.noise_attenuation[layer.name] = response.attenuation
+        smoothness.extend(response.smoothness)
+        if response.cushion is not None:
+            report.interlayer_cushion[layer.name] = response.cushion
+        elif index < len(layers) - 1:
+            report.skipped.append(f"interlayer_cushion/{layer.name}: no later layer depends on it")
+    if smoothness:
+        report.interlayer_smoothness = float(torch.cat(smoothness).min())
+    return failed
 
 
 def _norms(tensor: Tensor) -> Tensor:
@@ -371,7 +393,7 @@ def _noise_response(
     index: int,
     logits: Tensor,
     noise_scale: float,
-    num_samples: int,
+    num_draws: int,
     num_probes: int,
     generator: torch.Generator | None,
 ) -> _Response:
@@ -383,7 +405,7 @@ def _noise_response(
         image, depends, response.cushion = _interlayer_cushion(predict, source, modules, num_probes, generator)
         later_norms = torch.stack([_norms(layer.output) for layer in later])
     attenuation = []
-    for _ in range(num_samples):
+    for _ in range(num_draws):
         noise = _gaussian_like(x, generator)
         eta = noise * (noise_scale * _norms(x) / _norms(noise)).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         noisy_logits, moved = _shifted(predict, source.module, eta, modules)

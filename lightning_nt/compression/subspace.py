@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_nt.common.state import preserved_rng
-from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty
+from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty, renamed_attributes
 
 __all__ = [
     "DIMENSION_RULE",
@@ -33,11 +33,13 @@ __all__ = [
     "RandomSubspace",
     "detached_deepcopy",
     "find_subspace",
-    "seeded_initialisation",
+    "seeded_initialization",
     "subspace_mismatches",
     "subspace_originals",
     "to_subspace",
 ]
+
+__getattr__ = renamed_attributes(globals(), seeded_initialisation="seeded_initialization")  # deprecated spelling
 
 
 DIMENSION_RULE = at_least(1)
@@ -118,7 +120,7 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     """Re-draw ``module``'s trainable parameters from ``seed`` and train them from now on only through ``w``.
 
     ``theta0`` is what each submodule's ``reset_parameters`` (or ``_reset_parameters``, as
-    ``nn.MultiheadAttention`` has) draws under ``seed`` on the CPU (see :func:`seeded_initialisation`), so a
+    ``nn.MultiheadAttention`` has) draws under ``seed`` on the CPU (see :func:`seeded_initialization`), so a
     decoder that knows the architecture and the seed rebuilds it: any pretrained or custom initialisation of a
     trainable parameter is replaced. Every trainable parameter must belong to a submodule with such a method;
     otherwise this raises, naming the parameter, and leaves the module untouched.
@@ -150,7 +152,7 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
             "The module has no trainable parameter (all have `requires_grad=False`) to train in a subspace."
         )
     paths = _paths_of(module)
-    theta0 = seeded_initialisation(module, seed, names=[path for _, p in trainable for path in paths[id(p)]])
+    theta0 = seeded_initialization(module, seed, names=[path for _, p in trainable for path in paths[id(p)]])
     with torch.no_grad():
         for name, parameter in trainable:
             parameter.copy_(theta0[name])
@@ -177,10 +179,10 @@ def find_subspace(module: nn.Module) -> RandomSubspace | None:
     return next((m for m in module.modules() if isinstance(m, RandomSubspace)), None)
 
 
-def seeded_initialisation(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
+def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
     """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU copy.
 
-    The initialiser of a submodule is its ``reset_parameters``, or ``_reset_parameters`` where it has only that
+    The initializer of a submodule is its ``reset_parameters``, or ``_reset_parameters`` where it has only that
     (``nn.MultiheadAttention``, ``nn.Transformer``). They run children first, then their parent, as the modules'
     constructors do (``nn.MultiheadAttention`` zeroes its ``out_proj.bias`` after the ``nn.Linear`` drew it).
     Subspace parametrizations on the copy are undone first, so the result is keyed by the plain names
@@ -198,9 +200,9 @@ def seeded_initialisation(module: nn.Module, seed: int, names: Collection[str] |
             torch.manual_seed(seed)
             for owner_name, owner in _children_first(plain):
                 own = {f"{owner_name}.{n}" if owner_name else n for n, _ in owner.named_parameters(recurse=False)}
-                initialiser = _initialiser(owner)
-                if initialiser is not None and (not own or own & wanted):
-                    initialiser()
+                initializer = _initializer(owner)
+                if initializer is not None and (not own or own & wanted):
+                    initializer()
     drawn = {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False) if name in wanted}
     untouched = [name for name, parameter in drawn.items() if torch.isnan(parameter).any()]
     if untouched:
@@ -212,7 +214,7 @@ def seeded_initialisation(module: nn.Module, seed: int, names: Collection[str] |
     return drawn
 
 
-def _initialiser(module: nn.Module) -> Callable[[], None] | None:
+def _initializer(module: nn.Module) -> Callable[[], None] | None:
     for attribute in ("reset_parameters", "_reset_parameters"):
         method = getattr(module, attribute, None)
         if callable(method):
@@ -279,7 +281,7 @@ def subspace_mismatches(module: nn.Module) -> list[str]:
     if subspace is None:
         return []
     originals = dict(subspace_originals(module))
-    drawn = seeded_initialisation(module, subspace.seed, names=originals)
+    drawn = seeded_initialization(module, subspace.seed, names=originals)
     mismatched = [] if subspace.projections_match_seed() else ["projection P"]
     return mismatched + [name for name, original in originals.items() if not _equal(original, drawn[name])]
 

@@ -209,17 +209,17 @@ class GradInit(pl.Callback):
         """The learned scale of every parameter tensor, one labelled bar each in module order (log axis).
 
         The line at 1 marks "unchanged"; scales held at ``min_scale`` / ``max_scale`` and parameters the loss does
-        not use are drawn in their own colours; the title gives the look-ahead loss before and after the search.
+        not use are drawn in their own colors; the title gives the look-ahead loss before and after the search.
         """
         import matplotlib.pyplot as plt
         from matplotlib.ticker import FuncFormatter
 
         names, values = list(self.scales), list(self.scales.values())
         unused = set(self.result.unused) if self.result is not None else set()
-        colours = [self._bar_colour(name, value, unused) for name, value in zip(names, values)]
+        colors = [self._bar_color(name, value, unused) for name, value in zip(names, values)]
         figure, axes = plt.subplots(figsize=(7, max(3.0, 0.28 * len(names) + 1.5)))
         rows = range(len(names))
-        axes.barh(rows, values, color=colours)
+        axes.barh(rows, values, color=colors)
         for row, value in zip(rows, values):
             axes.annotate(f"{value:.3g}", (value, row), xytext=(3, 0), textcoords="offset points", va="center", size=7)
         axes.set_yticks(rows, names, fontsize=7)
@@ -229,9 +229,9 @@ class GradInit(pl.Callback):
         axes.xaxis.set_major_formatter(plain)
         axes.xaxis.set_minor_formatter(plain)
         axes.axvline(1.0, color="black", linewidth=0.8, label="1 = weights unchanged")
-        for colour, label in (("tab:red", "held at min_scale / max_scale"), ("tab:gray", "unused by the loss")):
-            if colour in colours:
-                axes.barh([], [], color=colour, label=label)
+        for color, label in (("tab:red", "held at min_scale / max_scale"), ("tab:gray", "unused by the loss")):
+            if color in colors:
+                axes.barh([], [], color=color, label=label)
         axes.set_xlabel("GradInit scale (log axis): weights are multiplied by it")
         title = "GradInit scales"
         if self.result is not None and not self.result.diverged:
@@ -242,7 +242,7 @@ class GradInit(pl.Callback):
         figure.tight_layout()
         return figure
 
-    def _bar_colour(self, name: str, value: float, unused: set[str]) -> str:
+    def _bar_color(self, name: str, value: float, unused: set[str]) -> str:
         if name in unused:
             return "tab:gray"
         limits = [self.min_scale] + ([self.max_scale] if self.max_scale is not None else [])

@@ -195,6 +195,37 @@ class _Search:
         with torch.no_grad():
             return float(self.mean(self.lookahead(weights, grads, self.norm(grads), loss_halves)))
 
+    def scale_gradient(
+        self, scales: Tensor, batches: Iterator[Any], gamma: float, batch_overlap: bool, result: GradInitResult
+    ) -> tuple[Tensor | None, bool, Tensor]:
+        """One iteration: the gradient of its objective in the scales, whether the gradient-norm constraint was
+        active, and which parameters the loss used. The gradient is ``None`` once the norm or the gradient is not
+        finite (the search diverged). Records the iteration's gradient norm and look-ahead loss in ``result``."""
+        alpha = scales.clone().requires_grad_(True)
+        weights = [a * t for a, t in zip(alpha, self.theta0)]
+        half0, half1 = next(batches), next(batches)
+        grads = self.gradient(weights, [half0, half1], create_graph=True)
+        uses = torch.tensor([g is not None for g in grads], device=scales.device)
+        norm = self.norm(grads)
+        decided_norm = float(self.mean(norm.detach()))
+        result.grad_norms.append(decided_norm)
+        if not math.isfinite(decided_norm):
+            return None, False, uses
+        constraint = decided_norm > gamma
+        if constraint:  # above the gradient-norm constraint: lower the norm
+            (scale_grad,) = torch.autograd.grad(norm, alpha)
+            result.constraint_iterations += 1
+        else:  # lower the loss after the simulated first step
+            half2 = next(batches)
+            first = half0 if batch_overlap else next(batches)
+            lookahead = self.lookahead(weights, grads, norm, [first, half2])
+            (scale_grad,) = torch.autograd.grad(lookahead / self.eta, alpha)
+            result.lookahead_losses.append(float(self.mean(lookahead.detach())))
+        scale_grad = self.mean(scale_grad)
+        if not bool(torch.isfinite(scale_grad).all()):
+            return None, constraint, uses
+        return scale_grad.detach(), constraint, uses
+
     def mean(self, value: Tensor) -> Tensor:
         """``value`` averaged over processes; collectives work in place, so they get a copy."""
         return value if self.reduce_mean is None else self.reduce_mean(value.detach().clone())
@@ -282,38 +313,16 @@ def gradinit(
     scales = torch.ones(len(search.names), device=search.theta0[0].device)
     used = torch.zeros(len(search.names), dtype=torch.bool, device=scales.device)
     result = GradInitResult(scales={})
-    probe = [next(batches) for _ in range(3 if batch_overlap else 4)]
-    probe_grad, probe_loss = probe[:2], [probe[0], probe[2]] if batch_overlap else probe[2:]
-    batches = itertools.chain(probe, batches)
+    probe_grad, probe_loss, batches = _probe_halves(batches, batch_overlap)
     with search_mode(module), torch.enable_grad():
         result.lookahead_loss_start = search.probe(scales, probe_grad, probe_loss)
         for iteration in range(iterations):
-            alpha = scales.clone().requires_grad_(True)
-            weights = [a * t for a, t in zip(alpha, search.theta0)]
-            half0, half1 = next(batches), next(batches)
-            grads = search.gradient(weights, [half0, half1], create_graph=True)
-            used |= torch.tensor([g is not None for g in grads], device=used.device)
-            norm = search.norm(grads)
-            decided_norm = float(search.mean(norm.detach()))
-            result.grad_norms.append(decided_norm)
-            if not math.isfinite(decided_norm):
+            scale_grad, constraint, uses = search.scale_gradient(scales, batches, gamma, batch_overlap, result)
+            used |= uses
+            if scale_grad is None:
                 result.diverged = True
                 break
-            constraint = decided_norm > gamma
-            if constraint:
-                (scale_grad,) = torch.autograd.grad(norm, alpha)
-                result.constraint_iterations += 1
-            else:
-                half2 = next(batches)
-                first = half0 if batch_overlap else next(batches)
-                lookahead = search.lookahead(weights, grads, norm, [first, half2])
-                (scale_grad,) = torch.autograd.grad(lookahead / eta, alpha)
-                result.lookahead_losses.append(float(search.mean(lookahead.detach())))
-            scale_grad = search.mean(scale_grad)
-            if not bool(torch.isfinite(scale_grad).all()):
-                result.diverged = True
-                break
-            scales = optimizer.step(scales, scale_grad.detach(), constraint)
+            scales = optimizer.step(scales, scale_grad, constraint)
             if progress is not None:
                 progress(iteration, result)
         used = search.mean(used.float()) > 0  # used on any process: every process keeps the same scales
@@ -324,6 +333,14 @@ def gradinit(
     if not result.diverged:
         result.scales = dict(zip(search.names, scales.tolist()))
     return result
+
+
+def _probe_halves(batches: Iterator[Any], batch_overlap: bool) -> tuple[list[Any], list[Any], Iterator[Any]]:
+    """The fixed half-batches that measure the look-ahead loss before and after the search (gradient halves,
+    look-ahead halves), taken from the front of ``batches``, and ``batches`` that still yields them first."""
+    probe = [next(batches) for _ in range(3 if batch_overlap else 4)]
+    grad_halves, loss_halves = probe[:2], [probe[0], probe[2]] if batch_overlap else probe[2:]
+    return grad_halves, loss_halves, itertools.chain(probe, batches)
 
 
 def _scale_optimizer(

@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
 from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.state import stable_name
-from lightning_nt.common.validation import at_least, checked_arguments, non_empty
+from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
@@ -43,7 +43,7 @@ def _integer_labels(batch: Any) -> Tensor | None:
 class LazinessMonitor(pl.Callback):
     """How lazy training is: weight distance from init, ReLU pattern flips and the change of the empirical NTK.
 
-    When training starts, ``num_samples`` training examples are cached as a fixed probe set together with the
+    When training starts, ``num_examples`` training examples are cached as a fixed probe set together with the
     initial trainable weights ``theta_0``, their activation patterns and the empirical NTK ``K_0`` (trace over
     outputs, :func:`~lightning_nt.laziness.empirical_ntk`). Every ``every_n_steps`` optimizer steps, at the first
     step and at the end of training it logs
@@ -70,7 +70,7 @@ class LazinessMonitor(pl.Callback):
 
     Args:
         every_n_steps: optimizer steps between measurements.
-        num_samples: training examples in the probe set (the first batches of the train loader).
+        num_examples: training examples in the probe set (the first batches of the train loader).
         ntk: also measure the empirical NTK (change, extreme eigenvalues, alignment).
         layers: names of the submodules whose sign patterns count: an activation module's input, or any other
             module's output; default every ReLU-family activation module (``ACTIVATIONS``).
@@ -85,7 +85,7 @@ class LazinessMonitor(pl.Callback):
         >>> from torch.utils.data import DataLoader, TensorDataset
         >>> from lightning_nt.demos import DigitsMLP
         >>> images = TensorDataset(torch.rand(64, 1, 8, 8), torch.randint(10, (64,)))
-        >>> monitor = LazinessMonitor(every_n_steps=5, num_samples=32)
+        >>> monitor = LazinessMonitor(every_n_steps=5, num_examples=32)
         >>> trainer = pl.Trainer(max_steps=10, callbacks=[monitor], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False)
         >>> trainer.fit(DigitsMLP(hidden=64), DataLoader(images, batch_size=16))
@@ -95,11 +95,12 @@ class LazinessMonitor(pl.Callback):
         True
     """
 
-    @checked_arguments(every_n_steps=at_least(1), num_samples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
+    @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
+    @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
         every_n_steps: int = 100,
-        num_samples: int = 128,
+        num_examples: int = 128,
         ntk: bool = True,
         layers: Sequence[str] | None = None,
         chunk_size: int | None = 32,
@@ -107,7 +108,7 @@ class LazinessMonitor(pl.Callback):
         forward_fn: ForwardFn | None = None,
         target_fn: TargetFn | None = None,
     ) -> None:
-        self.every_n_steps, self.num_samples, self.ntk, self.chunk_size = every_n_steps, num_samples, ntk, chunk_size
+        self.every_n_steps, self.num_examples, self.ntk, self.chunk_size = every_n_steps, num_examples, ntk, chunk_size
         self.layers, self.hold_jacobians = None if layers is None else tuple(layers), hold_jacobians
         self.forward_fn, self.target_fn = forward_fn, target_fn
         self.history: list[dict[str, float]] = []
@@ -121,7 +122,7 @@ class LazinessMonitor(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,
-            num_samples=self.num_samples,
+            num_samples=self.num_examples,  # old name kept in the key: older checkpoints load
             ntk=self.ntk,
             layers=self.layers,
             chunk_size=self.chunk_size,
@@ -192,7 +193,7 @@ class LazinessMonitor(pl.Callback):
         return figure
 
     def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        probe = ProbeSet.from_trainer(trainer, self.num_samples)
+        probe = ProbeSet.from_trainer(trainer, self.num_examples)
         batch, _ = next(probe.chunks())
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, batch))
         if not patterns:

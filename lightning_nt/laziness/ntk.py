@@ -128,12 +128,12 @@ def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = 
         rows = targets.reshape(targets.shape[0], -1).to(kernel)
     else:
         rows = nn.functional.one_hot(targets.long(), num_classes or -1).to(kernel)
-    centred_k, centred_l = _centred(kernel), _centred(rows @ rows.T)
-    denominator = float(centred_k.norm() * centred_l.norm())
-    return float((centred_k * centred_l).sum()) / denominator if denominator > 0 else math.nan
+    centered_k, centered_l = _centered(kernel), _centered(rows @ rows.T)
+    denominator = float(centered_k.norm() * centered_l.norm())
+    return float((centered_k * centered_l).sum()) / denominator if denominator > 0 else math.nan
 
 
-def _centred(matrix: Tensor) -> Tensor:
+def _centered(matrix: Tensor) -> Tensor:
     return matrix - matrix.mean(0, keepdim=True) - matrix.mean(1, keepdim=True) + matrix.mean()
 
 

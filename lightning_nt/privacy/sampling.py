@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from lightning_nt.common.batches import select_examples
+from lightning_nt.common.validation import renamed_arguments
 
 __all__ = ["AugmentedViews", "PoissonBatchSampler", "empty_batch_collate", "poisson_dataloader"]
 
@@ -26,7 +27,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """Yields ``steps`` batches of dataset indices, each example included with probability ``sample_rate``.
 
     Args:
-        num_samples: size of the dataset.
+        dataset_size: number of examples in the dataset.
         sample_rate: inclusion probability ``q`` of every example in every batch.
         steps: batches per epoch (default ``round(1 / q)``: one pass over the data in expectation).
         rank: this process's index; it takes its shard of every batch.
@@ -37,14 +38,15 @@ class PoissonBatchSampler(Sampler[list[int]]):
         epoch: the epoch of the first pass (:meth:`set_epoch` sets the next one).
 
     Examples:
-        >>> sampler = PoissonBatchSampler(num_samples=10, sample_rate=0.5, seed=0)
+        >>> sampler = PoissonBatchSampler(dataset_size=10, sample_rate=0.5, seed=0)
         >>> len(sampler), all(0 <= i < 10 for batch in sampler for i in batch)
         (2, True)
     """
 
+    @renamed_arguments(num_samples="dataset_size")
     def __init__(
         self,
-        num_samples: int,
+        dataset_size: int,
         sample_rate: float,
         steps: int | None = None,
         rank: int = 0,
@@ -54,7 +56,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     ) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"`sample_rate` must be in (0, 1], got {sample_rate}.")
-        self.num_samples, self.sample_rate = num_samples, sample_rate
+        self.dataset_size, self.sample_rate = dataset_size, sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.generator = torch.Generator()
@@ -72,11 +74,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        shard = torch.arange(self.num_samples) % self.world_size == self.rank
+        shard = torch.arange(self.dataset_size) % self.world_size == self.rank
         self.generator.manual_seed(_epoch_seed(self.seed, self.epoch))
         self.epoch += 1
         for _ in range(self.steps):
-            chosen = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            chosen = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
             yield torch.nonzero(chosen & shard).flatten().tolist()
 
 

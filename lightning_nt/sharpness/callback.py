@@ -27,7 +27,15 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.distributed import mean_across_ranks, sum_across_ranks
-from lightning_nt.common.validation import ArgumentError, above, at_least, between, checked_arguments, non_empty
+from lightning_nt.common.validation import (
+    ArgumentError,
+    above,
+    at_least,
+    between,
+    checked_arguments,
+    non_empty,
+    renamed_arguments,
+)
 from lightning_nt.sharpness.hvp import HessianOperator
 from lightning_nt.sharpness.lanczos import LanczosResult, lanczos, warm_start
 from lightning_nt.sharpness.measure import (
@@ -60,7 +68,7 @@ class SharpnessMonitor(pl.Callback):
 
     Every ``every_n_steps`` optimizer steps (and before the first), warm-started Lanczos with full
     reorthogonalisation over Hessian-vector products in fp32 (fp64 for a double-precision module) finds the top
-    ``num_eigenvalues`` eigenvalues and ``lambda_min`` of the loss on a fixed probe set of ``num_samples`` training
+    ``num_eigenvalues`` eigenvalues and ``lambda_min`` of the loss on a fixed probe set of ``num_examples`` training
     examples (or on the current batch). The threshold is read from the live optimizer: ``2/lr`` for SGD,
     ``2(1+beta)/lr`` with momentum, ``2(1+beta)/((1+2beta)lr)`` with Nesterov, and for Adam/AdamW
     ``(2+2beta1)/((1-beta1)lr)`` against the preconditioned sharpness (Cohen et al. 2021, 2022).
@@ -73,7 +81,7 @@ class SharpnessMonitor(pl.Callback):
     Args:
         every_n_steps: optimizer steps between measurements (a ``max_overhead`` budget, if set, may skip some).
         num_eigenvalues: how many top eigenvalues (``sharpness/lambda_2``... beyond the first).
-        num_samples: training examples in the probe set, cached when training starts.
+        num_examples: training examples in the probe set, cached when training starts.
         chunk_size: examples per forward/backward when the probe set does not fit at once (``None``: all).
         mode: ``"train"`` (dropout and batch statistics as in training, the usual choice) or ``"eval"``.
         data: ``"probe"`` (fixed probe set) or ``"batch"`` (the batch just trained on).
@@ -124,7 +132,7 @@ class SharpnessMonitor(pl.Callback):
     @checked_arguments(
         every_n_steps=at_least(1),
         num_eigenvalues=at_least(1),
-        num_samples=at_least(1),
+        num_examples=at_least(1),
         chunk_size=at_least(1),
         tol=between(0, 1, low_open=True, high_open=True),
         max_iter=at_least(1),
@@ -134,11 +142,12 @@ class SharpnessMonitor(pl.Callback):
         max_overhead=between(0, 1, low_open=True, high_open=True),
         seed=between(0, 2**32 - 1),
     )
+    @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
         every_n_steps: int = 100,
         num_eigenvalues: int = 1,
-        num_samples: int = 1024,
+        num_examples: int = 1024,
         chunk_size: int | None = None,
         mode: Literal["train", "eval"] = "train",
         data: Literal["probe", "batch"] = "probe",
@@ -162,7 +171,7 @@ class SharpnessMonitor(pl.Callback):
                 f"`max_iter` must be at least `num_eigenvalues` ({num_eigenvalues}): Lanczos finds at most one "
                 f"eigenvalue per step, got max_iter={max_iter}."
             )
-        self.every_n_steps, self.num_eigenvalues, self.num_samples = every_n_steps, num_eigenvalues, num_samples
+        self.every_n_steps, self.num_eigenvalues, self.num_examples = every_n_steps, num_eigenvalues, num_examples
         self.chunk_size, self.mode, self.data, self.tol, self.max_iter = chunk_size, mode, data, tol, max_iter
         self.trace, self.trace_samples, self.trace_method = trace, trace_samples, trace_method
         self.batch_sharpness, self.batch_sharpness_batches = batch_sharpness, batch_sharpness_batches
@@ -187,12 +196,13 @@ class SharpnessMonitor(pl.Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, num_samples=self.num_samples, data=self.data)
+        # the key keeps the argument's old name `num_samples`: checkpoints written before the rename still load
+        return self._generate_state_key(every_n_steps=self.every_n_steps, num_samples=self.num_examples, data=self.data)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.data == "probe":
-            self._probe = ProbeSet.from_trainer(trainer, self.num_samples)
+            self._probe = ProbeSet.from_trainer(trainer, self.num_examples)
         self._train_start = time.perf_counter()
         self._measuring_seconds = self._max_cost = 0.0
         self.skipped = 0
@@ -351,14 +361,11 @@ class SharpnessMonitor(pl.Callback):
         batch: Any,
         generator: torch.Generator,
     ) -> tuple[dict[str, float], int]:
+        """Every quantity of one measurement (the Hessian's on the probe set or batch, then those of other batches),
+        and the number of Hessian-vector products it took."""
         params = [p for _, p in named]
         operator = self._operator(trainer, pl_module, params, batch)
-        result = self._lanczos("hessian", operator.matvec, operator, generator)
-        values = {"sharpness/lambda_max": float(result.eigenvalues[0])}
-        if self.lambda_min:
-            values["sharpness/lambda_min"] = result.lambda_min
-        values.update({f"sharpness/lambda_{i + 1}": float(v) for i, v in enumerate(result.eigenvalues) if i > 0})
-        values["sharpness/converged"] = float(result.converged)
+        values = self._spectrum(operator, generator)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is not None:
             values.update(
@@ -367,16 +374,7 @@ class SharpnessMonitor(pl.Callback):
         if self.spherical:
             values["sharpness/spherical"] = flat_norm(params) ** 2 * values["sharpness/lambda_max"]
         if self.trace:
-            estimate = hutchinson_trace(
-                operator.matvec,
-                operator.numel,
-                self.trace_samples,
-                params[0].device,
-                generator,
-                self.trace_method,
-                dtype=operator.dtype,
-            )
-            values["sharpness/trace"], values["sharpness/trace_stderr"] = estimate.value, estimate.standard_error
+            values.update(self._trace(operator, params[0].device, generator))
         solves = operator.num_matvecs
         operator.release()
         if self.batch_sharpness:
@@ -384,6 +382,29 @@ class SharpnessMonitor(pl.Callback):
         if self.smoothness and optimizer is not None:
             values.update(self._smoothness(trainer, pl_module, params, batch, float(optimizer.param_groups[0]["lr"])))
         return values, solves
+
+    def _spectrum(self, operator: HessianOperator, generator: torch.Generator) -> dict[str, float]:
+        """``lambda_max``, the next top eigenvalues, ``lambda_min`` (when on) and whether Lanczos converged."""
+        result = self._lanczos("hessian", operator.matvec, operator, generator)
+        values = {"sharpness/lambda_max": float(result.eigenvalues[0])}
+        if self.lambda_min:
+            values["sharpness/lambda_min"] = result.lambda_min
+        values.update({f"sharpness/lambda_{i + 1}": float(v) for i, v in enumerate(result.eigenvalues) if i > 0})
+        values["sharpness/converged"] = float(result.converged)
+        return values
+
+    def _trace(self, operator: HessianOperator, device: torch.device, generator: torch.Generator) -> dict[str, float]:
+        """The Hessian's trace (``trace_method`` with ``trace_samples`` probes) and its standard error."""
+        estimate = hutchinson_trace(
+            operator.matvec,
+            operator.numel,
+            self.trace_samples,
+            device,
+            generator,
+            self.trace_method,
+            dtype=operator.dtype,
+        )
+        return {"sharpness/trace": estimate.value, "sharpness/trace_stderr": estimate.standard_error}
 
     def _against_threshold(
         self,
@@ -461,7 +482,7 @@ class SharpnessMonitor(pl.Callback):
             for chunk, share in source:
                 yield self._loss(pl_module, chunk), share
 
-        single_chunk = chunks is not None or self.chunk_size is None or self.chunk_size >= self.num_samples
+        single_chunk = chunks is not None or self.chunk_size is None or self.chunk_size >= self.num_examples
         reduce_sum, weight = self._data_parallel(trainer, batch)
         return HessianOperator(params, loss_chunks, reuse_graph=single_chunk, reduce_sum=reduce_sum, weight=weight)
 
@@ -481,7 +502,7 @@ class SharpnessMonitor(pl.Callback):
     def _batch_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> float:
         if self._probe is None:
             raise RuntimeError("batch_sharpness needs the probe set (data='probe').")
-        size = getattr(trainer.train_dataloader, "batch_size", None) or self.num_samples
+        size = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
         batches = list(self._probe_chunks(trainer, size))[: self.batch_sharpness_batches]
 
         def operator(chunk: Any) -> HessianOperator:

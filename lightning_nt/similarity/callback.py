@@ -26,7 +26,15 @@ from lightning_nt.common import (
     training_loss,
 )
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
-from lightning_nt.common.validation import ArgumentError, Rule, at_least, check_choice, checked_arguments, non_empty
+from lightning_nt.common.validation import (
+    ArgumentError,
+    Rule,
+    at_least,
+    check_choice,
+    checked_arguments,
+    non_empty,
+    renamed_arguments,
+)
 from lightning_nt.similarity.core import ACTIVATIONS, Activation, SimilarityMetric, cka_matrix, similarities
 
 __all__ = ["ACTIVATION_MODULES", "RepresentationSimilarity"]
@@ -50,7 +58,7 @@ def _is_reference(value: Any) -> bool:
 class RepresentationSimilarity(pl.Callback):
     """Per-layer similarity of the network's representations to a reference's: CKA, Procrustes, intertwiner.
 
-    Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_samples`` training
+    Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_examples`` training
     examples (cached when training starts) are compared with the reference's outputs on the same examples by
     linear CKA, orthogonal Procrustes similarity (both blind to rotations of a layer's units) and the
     intertwiner similarity of the layer's nonlinearity (blind only to the maps the network itself can undo:
@@ -81,7 +89,7 @@ class RepresentationSimilarity(pl.Callback):
             seed); its weights are loaded into the network for one forward pass and the network's restored.
         every_n_epochs: epochs between measurements, taken after the epoch's last training batch (before
             validation and before a checkpoint is saved, so a resumed run has every measurement).
-        num_samples: training examples in the probe set (per rank).
+        num_examples: training examples in the probe set (per rank).
         metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
         unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
             convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
@@ -93,7 +101,7 @@ class RepresentationSimilarity(pl.Callback):
 
     Examples:
         >>> from pytorch_lightning.demos.boring_classes import BoringModel
-        >>> monitor = RepresentationSimilarity(layers={"layer": "identity"}, num_samples=64)
+        >>> monitor = RepresentationSimilarity(layers={"layer": "identity"}, num_examples=64)
         >>> trainer = pl.Trainer(max_epochs=2, callbacks=[monitor], logger=False, enable_checkpointing=False,
         ...                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         >>> trainer.fit(BoringModel())
@@ -104,16 +112,17 @@ class RepresentationSimilarity(pl.Callback):
     @checked_arguments(
         reference=Rule(_is_reference, "'init', 'previous', an existing checkpoint file or a module"),
         every_n_epochs=at_least(1),
-        num_samples=at_least(4),
+        num_examples=at_least(4),
         metrics=non_empty(),
         max_rows=at_least(4),
     )
+    @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
         layers: Sequence[str] | dict[str, Activation] | None = None,
         reference: str | nn.Module = "init",
         every_n_epochs: int = 1,
-        num_samples: int = 512,
+        num_examples: int = 512,
         metrics: Sequence[SimilarityMetric] = ("cka", "intertwiner", "orthogonal_procrustes"),
         unit_dim: int = 1,
         max_rows: int | None = 4096,
@@ -127,7 +136,7 @@ class RepresentationSimilarity(pl.Callback):
         if len(set(metrics)) != len(metrics):
             raise ArgumentError(f"`metrics` must not repeat a metric, got {metrics!r}.")
         self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
-        self.num_samples, self.metrics, self.unit_dim, self.loss_fn = num_samples, tuple(metrics), unit_dim, loss_fn
+        self.num_examples, self.metrics, self.unit_dim, self.loss_fn = num_examples, tuple(metrics), unit_dim, loss_fn
         self.max_rows = max_rows
         self.history: list[dict[str, float]] = []
         self.layer_cka: Tensor | None = None
@@ -149,7 +158,7 @@ class RepresentationSimilarity(pl.Callback):
             layers=layers,
             reference=reference,
             every_n_epochs=self.every_n_epochs,
-            num_samples=self.num_samples,
+            num_samples=self.num_examples,  # old name kept in the key: older checkpoints load
             metrics=self.metrics,
             unit_dim=self.unit_dim,
             max_rows=self.max_rows,
@@ -166,7 +175,7 @@ class RepresentationSimilarity(pl.Callback):
             self._restored = False
             self._probe = ProbeSet.from_tensors(self._saved_probe, trainer)
             return
-        self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_samples))
+        self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
             self._reference_features = self._cpu(self._features(trainer, pl_module))
 

@@ -25,7 +25,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.distributed import sum_across_ranks
 from lightning_nt.common.loss import example_losses
-from lightning_nt.common.validation import above, at_least, below, checked_arguments
+from lightning_nt.common.validation import above, at_least, below, checked_arguments, renamed_arguments
 from lightning_nt.stats.cross import normal_p_value, split_indices
 from lightning_nt.stats.gradient import directional_derivatives, per_example_losses
 
@@ -48,7 +48,7 @@ def _validation_dataloader(trainer: pl.Trainer) -> Any:
 class GradientSignalTest(pl.Callback):
     """Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
 
-    Every ``every_n_steps`` optimizer steps (step 0 included), ``num_samples`` held-out examples (the
+    Every ``every_n_steps`` optimizer steps (step 0 included), ``num_examples`` held-out examples (the
     first of the validation loader, ``data="val"``) or training examples (``data="train"``) cached once are
     split in two halves with a fixed seeded split. The mean gradient ``v`` of the second half comes from one
     backward; for every example ``i`` of the first half ``f_i = <grad l_i, v>`` is the directional derivative
@@ -64,7 +64,7 @@ class GradientSignalTest(pl.Callback):
 
     Args:
         every_n_steps: optimizer steps between measurements.
-        num_samples: examples per measurement (``n``; ``n // 2`` of them give the ``f_i``), at least 4.
+        num_examples: examples per measurement (``n``; ``n // 2`` of them give the ``f_i``), at least 4.
         data: ``"val"`` (held-out examples: the test of the population gradient) or ``"train"`` (the first
             training examples: the gradient of the training objective on them).
         alpha: level of ``gradtest/reject``.
@@ -74,21 +74,22 @@ class GradientSignalTest(pl.Callback):
         seed: seed of the split.
 
     Examples:
-        >>> GradientSignalTest(every_n_steps=50, num_samples=256).state_key
+        >>> GradientSignalTest(every_n_steps=50, num_examples=256).state_key
         "GradientSignalTest{'every_n_steps': 50, 'num_samples': 256, 'data': 'val', 'alpha': 0.05, 'seed': 0}"
     """
 
-    @checked_arguments(every_n_steps=at_least(1), num_samples=at_least(4), alpha=(above(0), below(1)))
+    @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(4), alpha=(above(0), below(1)))
+    @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
         every_n_steps: int = 100,
-        num_samples: int = 512,
+        num_examples: int = 512,
         data: Literal["val", "train"] = "val",
         alpha: float = 0.05,
         loss_fn: LossFn | None = None,
         seed: int = 0,
     ) -> None:
-        self.every_n_steps, self.num_samples, self.data = every_n_steps, num_samples, data
+        self.every_n_steps, self.num_examples, self.data = every_n_steps, num_examples, data
         self.alpha, self.loss_fn, self.seed = alpha, loss_fn, seed
         self.history: list[dict[str, float]] = []
         self._probe: ProbeSet | None = None
@@ -100,7 +101,7 @@ class GradientSignalTest(pl.Callback):
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps,
-            num_samples=self.num_samples,
+            num_samples=self.num_examples,  # old name kept in the key: older checkpoints load
             data=self.data,
             alpha=self.alpha,
             seed=self.seed,
@@ -108,7 +109,7 @@ class GradientSignalTest(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._probe = ProbeSet.from_dataloader(self._dataloader(trainer), self.num_samples)
+        self._probe = ProbeSet.from_dataloader(self._dataloader(trainer), self.num_examples)
         if len(self._probe) < 4:
             raise ValueError(
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_nt.common.batches import batch_size, tensors_of
 from lightning_nt.common.probe import preserved_loader_rng
 from lightning_nt.common.state import preserved_modes
-from lightning_nt.common.validation import at_least, checked_arguments
+from lightning_nt.common.validation import at_least, checked_arguments, renamed_arguments
 from lightning_nt.stats.cross import Alternative, TestResult, cross_mean_test
 
 __all__ = ["compare_models"]
@@ -23,12 +23,13 @@ Forward = Callable[[nn.Module, Any], Tensor]
 """``forward(model, batch) -> Tensor[B, ...]``: a model's outputs on a batch."""
 
 
-@checked_arguments(num_samples=at_least(4))
+@checked_arguments(num_examples=at_least(4))
+@renamed_arguments(num_samples="num_examples")
 def compare_models(
     model_a: nn.Module,
     model_b: nn.Module,
     dataloader: DataLoader,
-    num_samples: int | None = None,
+    num_examples: int | None = None,
     outputs: Literal["softmax", "logits"] = "softmax",
     forward: Forward | None = None,
     alternative: Alternative = "greater",
@@ -48,8 +49,8 @@ def compare_models(
     Args:
         model_a: the first model; the batches go to the device of its first parameter (or buffer).
         model_b: the second model, on the same device.
-        dataloader: the examples; the first ``num_samples`` (all by default, at least 4) are used.
-        num_samples: how many examples, or ``None`` for the whole loader.
+        dataloader: the examples; the first ``num_examples`` (all by default, at least 4) are used.
+        num_examples: how many examples, or ``None`` for the whole loader.
         outputs: compare ``"softmax"`` probabilities (over the last dimension) or raw ``"logits"``.
         forward: ``forward(model, batch)``; default: the model applied to the batch's first tensor.
         alternative: as in :func:`cross_mean_test`; ``"greater"`` tests for any difference in the mean.
@@ -70,7 +71,7 @@ def compare_models(
         >>> compare_models(model, shifted, loader).p_value < 1e-6
         True
     """
-    differences = _differences(model_a, model_b, dataloader, num_samples, outputs, forward or _first_tensor_forward)
+    differences = _differences(model_a, model_b, dataloader, num_examples, outputs, forward or _first_tensor_forward)
     if not differences.any():
         return TestResult(statistic=0.0, p_value=1.0, n=differences.shape[0], d=differences.shape[1], estimate=0.0)
     return cross_mean_test(differences, alternative=alternative, seed=seed)
@@ -80,7 +81,7 @@ def _differences(
     model_a: nn.Module,
     model_b: nn.Module,
     dataloader: DataLoader,
-    num_samples: int | None,
+    num_examples: int | None,
     outputs: str,
     forward: Forward,
 ) -> Tensor:
@@ -90,11 +91,11 @@ def _differences(
     with preserved_loader_rng(dataloader), _evaluating(model_a), _evaluating(model_b), torch.no_grad():
         for batch in dataloader:
             batch = move_data_to_device(batch, device)
-            take = batch_size(batch) if num_samples is None else min(batch_size(batch), num_samples - count)
+            take = batch_size(batch) if num_examples is None else min(batch_size(batch), num_examples - count)
             out_a, out_b = (_outputs(forward(model, batch), outputs) for model in (model_a, model_b))
             rows.append((out_a - out_b.to(out_a.device))[:take].flatten(1).to(torch.float64))
             count += take
-            if num_samples is not None and count >= num_samples:
+            if num_examples is not None and count >= num_examples:
                 break
     return torch.cat(rows)
 

@@ -134,8 +134,8 @@ def cross_mean_statistics(samples: Tensor, seed: int | None = 0) -> tuple[Tensor
     _check_samples("samples", samples)
     samples = samples.to(_working_dtype(samples))
     first, second = split_indices(samples.shape[-2], seed, samples.device)
-    centre = samples.index_select(-2, second).mean(-2)
-    scores = torch.einsum("...id,...d->...i", samples.index_select(-2, first), centre)
+    center = samples.index_select(-2, second).mean(-2)
+    scores = torch.einsum("...id,...d->...i", samples.index_select(-2, first), center)
     return studentized_mean(scores.to(torch.float64))
 
 

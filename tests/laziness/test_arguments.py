@@ -13,7 +13,8 @@ NOT_INTEGERS = ["3", 2.5, math.nan, math.inf, True]
 
 BAD = {
     "every_n_steps": [*NOT_INTEGERS, None, 0, -1],
-    "num_samples": [*NOT_INTEGERS, None, 1, 0],
+    "num_examples": [*NOT_INTEGERS, None, 1, 0],
+    "num_samples": [*NOT_INTEGERS, 1, 0],  # the deprecated name of num_examples: None is its "not given"
     "ntk": ["no", 1, 0, None],
     "layers": ["net.0", [], [1], ("net.0", None), 3],
     "chunk_size": [*NOT_INTEGERS, 0, -4],

@@ -231,7 +231,8 @@ def test_the_lanczos_basis_grows_with_the_steps_taken_not_max_iter():
 MONITOR_BAD_VALUES = {
     "every_n_steps": [0, -1, 2.5, "5", math.nan, math.inf, True, None],
     "num_eigenvalues": [0, 1.5, "2", math.nan, False],
-    "num_samples": [0, 10.0, "1024", math.inf, True],
+    "num_examples": [0, 10.0, "1024", math.inf, True, None],
+    "num_samples": [0, 10.0, "1024", math.inf, True],  # the deprecated name of num_examples
     "chunk_size": [0, -4, 8.5, "8", math.nan],
     "mode": ["test", "TRAIN", 1, None, True],
     "data": ["all", 0, None],
