@@ -28,6 +28,8 @@ import warnings
 from collections.abc import Callable, Collection
 from typing import Any, Literal, TypeVar, Union
 
+from lightning_fabric.utilities.rank_zero import LightningDeprecationWarning
+
 __all__ = [
     "ArgumentError",
     "Rule",
@@ -204,8 +206,9 @@ def renamed_arguments(**renames: str) -> Callable[[F], F]:
     """Keep the old names of renamed arguments for one release: ``renamed_arguments(old="new", ...)``.
 
     The old name joins the signature as a keyword-only argument defaulting to ``None`` (LightningCLI reads the
-    signature, so a YAML config with the old key still parses). Passing it warns with a ``DeprecationWarning``
-    naming the new name and behaves exactly as passing the new name; passing both is an :class:`ArgumentError`.
+    signature, so a YAML config with the old key still parses). Passing it warns with Lightning's
+    ``LightningDeprecationWarning`` (a ``DeprecationWarning`` that Python shows by default) naming the new name and
+    behaves exactly as passing the new name; passing both is an :class:`ArgumentError`.
     LightningCLI passes every argument, the unset ones at their defaults, so the new name counts as given only
     when it differs from its default. Declare it *under* :func:`checked_arguments`, which then checks the old
     name with the new name's type and rules, and names the old name in its errors.
@@ -253,7 +256,7 @@ def renamed_arguments(**renames: str) -> Callable[[F], F]:
                     )
                 warnings.warn(
                     f"`{old}` is deprecated and will be removed in the next release: pass `{new}` instead.",
-                    DeprecationWarning,
+                    LightningDeprecationWarning,
                     stacklevel=_caller_level(),
                 )
                 kwargs[new] = value
@@ -270,8 +273,9 @@ def renamed_attributes(namespace: dict[str, Any], **renames: str) -> Callable[[s
     """A module ``__getattr__`` serving the old names of renamed objects, for one release, with a warning.
 
     ``namespace`` is the module's ``globals()``; ``renames`` maps each old name to the new one. Importing or
-    reading an old name warns with a ``DeprecationWarning`` naming the new one and gives the very same object
-    (so ``isinstance`` holds either way); any other missing name is an ``AttributeError`` as usual.
+    reading an old name warns with Lightning's ``LightningDeprecationWarning`` (a ``DeprecationWarning`` that Python
+    shows by default) naming the new one and gives the very same object (so ``isinstance`` holds either way); any
+    other missing name is an ``AttributeError`` as usual.
 
     Examples:
         >>> import types, warnings
@@ -293,7 +297,7 @@ def renamed_attributes(namespace: dict[str, Any], **renames: str) -> Callable[[s
         warnings.warn(
             f"`{module}.{name}` is deprecated and will be removed in the next release: use "
             f"`{module}.{renames[name]}` instead.",
-            DeprecationWarning,
+            LightningDeprecationWarning,
             stacklevel=2,
         )
         return namespace[renames[name]]

@@ -9,8 +9,12 @@ of a dataset (``PoissonBatchSampler``: now ``dataset_size``) and random draws (p
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -188,3 +192,17 @@ def test_public_identifiers_are_spelled_the_american_way_and_keep_the_british_sp
     assert old is subspace.seeded_initialization and "seeded_initialisation" not in subspace.__all__
     net = nn.Linear(3, 2)
     assert all(torch.equal(a, b) for a, b in zip(old(net, 7).values(), subspace.seeded_initialization(net, 7).values()))
+
+
+def test_the_deprecation_is_shown_by_python_default_filters_outside_main(tmp_path):
+    """Python hides a plain DeprecationWarning raised from code outside ``__main__`` (a YAML run through a CLI
+    module would never show it); Lightning's category, which the old names use, is shown by default."""
+    (tmp_path / "user_code.py").write_text(
+        "from lightning_nt import SharpnessMonitor\nSharpnessMonitor(num_samples=8)\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONWARNINGS"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(__file__).parents[2])])
+    result = subprocess.run(
+        [sys.executable, "-c", "import user_code"], capture_output=True, text=True, env=environment, check=True
+    )
+    assert "`num_samples` is deprecated" in result.stderr
