@@ -2,6 +2,7 @@
 
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
+from lightning_nt.common.layers import StandardizedConv2d
 from lightning_nt.common.loss import (
     LossFn,
     captured_logging,
@@ -20,6 +21,7 @@ __all__ = [
     "LossFn",
     "ProbeSet",
     "RNGState",
+    "StandardizedConv2d",
     "batch_size",
     "captured_logging",
     "check_choice",
