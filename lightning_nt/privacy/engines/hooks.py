@@ -139,6 +139,8 @@ class OpacusHooksEngine(ClippingEngine):
         self.optimizer.clear_per_example_state()
 
     def last_norms(self) -> torch.Tensor | None:
+        if any(getattr(p, "grad_sample", None) is None for p in self.optimizer.params):  # forgotten, or no step yet
+            return None
         samples = self.optimizer.grad_samples
         if not samples or not len(samples[0]):  # no example in this batch
             return None
