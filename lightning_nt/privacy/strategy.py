@@ -1,24 +1,12 @@
 """DP-SGD for any LightningModule, switched on by the Trainer's ``strategy`` flag: the thin Lightning adapter.
 
-What the strategy does, on one device (:class:`DPStrategy`) or many (:class:`DPDDPStrategy`), stage by stage
-(each stage is a module of ``lightning_nt.privacy`` named for it):
-
-* ``guards``: fails closed before the first step on settings that would break the guarantee (BatchNorm and other
-  modules Opacus can't handle, parametrized modules, gradient accumulation, Trainer gradient clipping, fp16 with a
-  GradScaler, manual optimization, several optimizers, LBFGS, tuners, callbacks that read the training data,
-  iterable datasets or batch samplers without a sample rate);
-* ``sampling``: replaces the train loader's sampler by Poisson sampling at rate ``q`` (same dataset and collate),
-  keeping empty batches as steps, sharded so that data-parallel processes stay in lockstep;
-* ``engines``: clips each example's gradient to ``max_grad_norm`` and sums them (Opacus hooks, ghost clipping or
-  book-keeping, one interface chosen by ``grad_sample_mode``), inside Opacus's ``DPOptimizer``, which adds one
-  Gaussian noise draw of std ``noise_multiplier * max_grad_norm`` and divides by the expected batch size;
-  ``virtual_steps`` splits a batch into physical parts;
-* ``accounting``: calibrates the noise to ``target_epsilon``, reports ``dp/epsilon`` and friends, stops before the
-  target would be exceeded; ``ledger``: puts the ledger into checkpoints (a checkpoint without it, or with one
-  that doesn't match its step count, refuses to resume; restoring an earlier one in the middle of a run is refused);
-* releases nothing un-noised: the clipped sums, per-example gradients, norms and activations are dropped after
-  every step; a ``training_step`` that returns ``None`` (a data-dependent skip) is refused; an example whose
-  gradient is not finite contributes zero (the sensitivity stays ``max_grad_norm``).
+:class:`DPStrategy` (one device) and :class:`DPDDPStrategy` (several processes) run the stages of
+``lightning_nt.privacy`` (listed in its docstring) from Lightning's hooks: they fail closed before the first step
+(``guards``), Poisson-sample the train loader (``sampling``), clip every example's gradient with the engine of
+``grad_sample_mode`` inside Opacus's ``DPOptimizer``, which adds the noise (``engines``, per step: ``step``),
+calibrate the noise, stop at the budget (``accounting``) and keep the ledger in checkpoints (``ledger``). Nothing
+derived from the private batch without noise outlives a step; a ``training_step`` that returns ``None`` (a
+data-dependent skip) is refused; an example whose gradient is not finite contributes zero.
 
 What the guarantee covers and what it can't see (hand-written coupling between examples, the user's own logging
 in ``training_step``, about which it warns once) is written down in ``docs/privacy-guarantee.md``.
