@@ -46,3 +46,12 @@ def test_a_layer_pickled_under_the_old_path_loads_as_the_same_class():
     assert type(loaded) is StandardizedConv2d
     inputs = torch.randn(4, 2, 5, 5)
     torch.testing.assert_close(loaded(inputs), layer(inputs), rtol=0, atol=0)
+
+
+def test_the_strategy_module_keeps_its_public_names():
+    strategy = importlib.import_module("lightning_nt.privacy.strategy")
+    engines = importlib.import_module("lightning_nt.privacy.engines")
+    assert strategy.GradSampleMode is engines.GradSampleMode
+    assert strategy.DPStrategy is lightning_nt.privacy.DPStrategy
+    assert strategy.DPDDPStrategy is lightning_nt.privacy.DPDDPStrategy
+    assert callable(strategy.register_strategies) and strategy.__all__ == ["DPDDPStrategy", "DPStrategy"]
