@@ -127,8 +127,7 @@ def test_every_engine_gives_the_clipped_sum_through_the_same_calls(mode):
     assert (expected_norms > C).sum() >= ROWS // 3 and (expected_norms < C).sum() >= ROWS // 3  # both kinds
     for name, value in update.items():
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-7)  # hooks: fp32 samples
-    if mode != "ghost":  # Opacus's ghost hooks keep the norms only until the step (forgotten with the rest)
-        torch.testing.assert_close(norms.double(), expected_norms, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(norms.double(), expected_norms, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
