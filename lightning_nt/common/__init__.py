@@ -9,6 +9,7 @@ from lightning_nt.common.distributed import (
     min_across_ranks,
     sum_across_ranks,
 )
+from lightning_nt.common.layers import StandardizedConv2d
 from lightning_nt.common.loss import (
     LossFn,
     captured_logging,
@@ -28,6 +29,7 @@ __all__ = [
     "LossFn",
     "ProbeSet",
     "RNGState",
+    "StandardizedConv2d",
     "batch_size",
     "broadcast_from_rank_zero",
     "captured_logging",

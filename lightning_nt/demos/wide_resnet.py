@@ -11,19 +11,10 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_nt.common.layers import StandardizedConv2d  # re-exported here: same class, old pickles load
 from lightning_nt.common.validation import check_choice
 
 __all__ = ["StandardizedConv2d", "wide_resnet"]
-
-
-class StandardizedConv2d(nn.Conv2d):
-    """A convolution whose kernel is standardised (zero mean, unit variance per output channel) at every call."""
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        weight = self.weight
-        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
-        std = weight.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5
-        return F.conv2d(inputs, (weight - mean) / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _Block(nn.Module):

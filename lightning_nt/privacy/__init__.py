@@ -1,4 +1,18 @@
-"""DP-SGD with Opacus for any LightningModule: strategies, Poisson sampling, accounting."""
+"""DP-SGD with Opacus for any LightningModule: strategies, Poisson sampling, accounting.
+
+One module per stage of a private step, in the order a batch meets them:
+
+* ``guards``: settings that would break the guarantee, refused before the first step;
+* ``sampling``: Poisson batches at rate ``q``, sharded over processes, empty batches kept;
+* ``virtual_steps``: a logical batch run as physical parts (``max_physical_batch_size``), augmented views;
+* ``engines``: per-example clipping behind one interface (``hooks``, ``ghost``, ``bk``; chosen by
+  ``engines.clipping_engine``), with ``book_keeping`` the single-backward core and ``grad_samplers`` Opacus's
+  extra per-example rules;
+* ``accounting``: the accountant, the noise calibrated to ``target_epsilon``, the budget stop;
+* ``ledger``: the privacy ledger in checkpoints and on the trained module;
+* ``reports``: the ``dp/*`` figures and the warnings about what is not covered;
+* ``step`` and ``strategy``: the Lightning adapter (``DPStrategy``, ``DPDDPStrategy``) that runs them.
+"""
 
 from lightning_nt.privacy import grad_samplers  # noqa: F401  (registers per-example gradient rules)
 from lightning_nt.privacy.accounting import calibrate_noise, epsilon_of, make_accountant

@@ -1,4 +1,9 @@
-"""Privacy accounting: which accountant, how much noise for a target epsilon, and epsilon so far."""
+"""Noise and accounting (a DP-SGD stage): which accountant, how much noise for a target epsilon, epsilon so far.
+
+The strategy calibrates its noise here (:func:`calibrated_noise`) once the sample rate and the planned steps are
+known, asks :func:`exceeds_budget` before every step whether it may still be taken, and draws a step's noise from
+:func:`seeded_noise` when the run was given a seed.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,25 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from lightning_nt.common.validation import check_choice
 
-__all__ = ["AccountantName", "calibrate_noise", "epsilon_of", "make_accountant"]
+__all__ = [
+    "AccountantName",
+    "calibrate_noise",
+    "calibrated_noise",
+    "epsilon_of",
+    "exceeds_budget",
+    "make_accountant",
+    "plan_key",
+    "seeded_noise",
+    "steps_taken",
+]
 
 AccountantName = Literal["prv", "rdp", "gdp"]
 _ACCOUNTANTS: dict[str, type[IAccountant]] = {"prv": PRVAccountant, "rdp": RDPAccountant, "gdp": GaussianAccountant}
@@ -50,6 +66,68 @@ def calibrate_noise(
     """
     with _quiet_rdp_order_warning():
         return _noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def steps_taken(accountant: IAccountant) -> int:
+    """The noisy steps in the accountant's ledger."""
+    return sum(steps for _, _, steps in accountant.history)
+
+
+def plan_key(
+    steps: int,
+    sample_rate: float | None,
+    noise_multiplier: float,
+    target_epsilon: float | None,
+    delta: float,
+    accountant: AccountantName,
+) -> tuple[Any, ...]:
+    """What a calibration was for: while none of it changes, its first ``steps`` steps stay within the target.
+
+    Examples:
+        >>> plan_key(100, 0.01, 1.1, 8.0, 1e-5, "prv")
+        (100, 0.01, 1.1, 8.0, 1e-05, 'prv')
+    """
+    return (steps, sample_rate, noise_multiplier, target_epsilon, delta, accountant)
+
+
+def calibrated_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: AccountantName
+) -> tuple[float, tuple[Any, ...]]:
+    """The noise multiplier for ``steps`` steps within ``target_epsilon`` (:func:`calibrate_noise`), and its plan."""
+    noise = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+    return noise, plan_key(steps, sample_rate, noise, target_epsilon, delta, accountant)
+
+
+def exceeds_budget(
+    accountant: IAccountant,
+    name: AccountantName,
+    *,
+    noise_multiplier: float,
+    sample_rate: float | None,
+    target_epsilon: float,
+    delta: float,
+    plan: tuple[Any, ...] | None,
+) -> bool:
+    """Whether one more step at this noise and rate would spend more than ``target_epsilon``.
+
+    Within the calibrated ``plan`` (same rate, noise, target, delta and accountant, steps left) the answer is no
+    without asking the accountant; otherwise a copy of the ledger takes the step and reports its epsilon.
+    """
+    planned = plan[0] if plan is not None else 0
+    current = plan_key(planned, sample_rate, noise_multiplier, target_epsilon, delta, name)
+    if plan == current and steps_taken(accountant) + 1 <= planned:
+        return False  # the noise was calibrated for these steps at this rate, target and delta
+    trial = make_accountant(name)
+    trial.load_state_dict(accountant.state_dict())
+    trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return epsilon_of(trial, delta) > target_epsilon
+
+
+def seeded_noise(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``'s noise in a run seeded with ``seed`` (reproducible runs only: the noise of
+    a resumed run is then the noise the uninterrupted run added)."""
+    generator = torch.Generator(device=device)
+    return generator.manual_seed(hash((seed, "noise", step)) % 2**62)
 
 
 def _noise_multiplier(

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
 
-from lightning_nt.demos.wide_resnet import StandardizedConv2d
+from lightning_nt.common.layers import StandardizedConv2d
 
 __all__ = ["BookKeepingClipper", "outer_product_norms", "supported_layer_types"]
 

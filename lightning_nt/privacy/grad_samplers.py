@@ -1,6 +1,6 @@
 """Per-example gradient rules for layers Opacus does not know, so they need not fall back to functorch.
 
-:class:`~lightning_nt.demos.StandardizedConv2d` convolves with ``w_hat = (w - mean) / std`` (per output
+:class:`~lightning_nt.common.StandardizedConv2d` convolves with ``w_hat = (w - mean) / std`` (per output
 channel, over its ``n`` inputs). Opacus's convolution rule gives each example's gradient ``g`` with respect
 to ``w_hat``; the chain rule through the standardisation gives, per example and output channel,
 ``dL/dw = (g - mean(g)) / (sigma + eps) - w_hat * mean(g * w_hat) / sigma``.
@@ -12,7 +12,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import Tensor, nn
 
-from lightning_nt.demos.wide_resnet import StandardizedConv2d
+from lightning_nt.common.layers import StandardizedConv2d
 
 __all__ = ["standardized_conv_grad_sample"]
 

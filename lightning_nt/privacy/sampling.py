@@ -6,21 +6,33 @@ step from a generator seeded identically on every process and hands each process
 own shard (``index % world_size == rank``): the union over processes is exactly one Poisson batch, and
 every process yields the same number of batches, empty ones included, so data-parallel processes stay in
 lockstep (Opacus's distributed sampler skips empty local batches, and the processes then fall out of step).
+:func:`private_train_loader` is this stage as the strategy runs it: the train loader, its rate ``q`` and the
+expected batch per process.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from lightning_nt.common.batches import select_examples
 from lightning_nt.common.validation import renamed_arguments
+from lightning_nt.privacy.guards import check_train_loader
 
-__all__ = ["AugmentedViews", "PoissonBatchSampler", "empty_batch_collate", "poisson_dataloader"]
+__all__ = [
+    "AugmentedViews",
+    "PoissonBatchSampler",
+    "empty_batch_collate",
+    "poisson_dataloader",
+    "private_train_loader",
+    "shared_seed",
+]
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -160,3 +172,61 @@ def poisson_dataloader(
         worker_init_fn=dataloader.worker_init_fn,
         persistent_workers=dataloader.persistent_workers if dataloader.num_workers > 0 else False,
     )
+
+
+def private_train_loader(
+    dataloader: DataLoader,
+    sample_rate: float | None,
+    poisson_sampling: bool,
+    rank: int,
+    world_size: int,
+    draw_seed: Callable[[], int],
+) -> tuple[DataLoader, float | None, float]:
+    """The loader DP-SGD trains on, its sample rate ``q`` and the expected batch per process.
+
+    A map-style dataset gets Poisson batches at ``q`` (default: the loader's batch size x ``world_size`` over the
+    dataset size), sharded over the processes, seeded by ``draw_seed()`` (called once, on every process). An
+    iterable dataset keeps its loader: the user samples at the given ``sample_rate`` and the loader's batch size is
+    the expected batch. ``poisson_sampling=False`` keeps the loader's own batches (warned: epsilon is then
+    approximate).
+
+    Examples:
+        >>> loader = DataLoader(torch.utils.data.TensorDataset(torch.zeros(100, 2)), batch_size=10)
+        >>> sampled, rate, expected = private_train_loader(loader, None, True, 0, 1, lambda: 0)
+        >>> type(sampled.batch_sampler).__name__, rate, expected
+        ('PoissonBatchSampler', 0.1, 10.0)
+    """
+    if isinstance(dataloader.dataset, IterableDataset):
+        return dataloader, sample_rate, _expected_batch_of_iterable(dataloader, sample_rate)
+    num_examples = len(dataloader.dataset)  # type: ignore[arg-type]
+    if poisson_sampling:
+        check_train_loader(dataloader, sample_rate)
+    rate = min(sample_rate or (dataloader.batch_size or 1) * world_size / num_examples, 1.0)
+    expected = rate * num_examples / world_size
+    if not poisson_sampling:
+        rank_zero_warn("poisson_sampling=False: batches are not Poisson-sampled, so epsilon is approximate.")
+        return dataloader, rate, expected
+    return poisson_dataloader(dataloader, rate, rank, world_size, draw_seed()), rate, expected
+
+
+def _expected_batch_of_iterable(dataloader: DataLoader, sample_rate: float | None) -> float:
+    if sample_rate is None or not dataloader.batch_size:
+        raise RuntimeError(
+            "DP-SGD can't Poisson-sample an IterableDataset: use a map-style dataset, or sample each example with "
+            "rate q yourself, pass `sample_rate=q`, and give the DataLoader `batch_size` = the expected batch q*N."
+        )
+    return float(dataloader.batch_size)
+
+
+def shared_seed(strategy: Any, seed: int | None) -> int:
+    """The sampler's seed, the same on every process of ``strategy``; each epoch draws from ``(seed, epoch)``.
+
+    Without a ``seed`` (``None``) process 0 draws one from the OS for every loader and broadcasts it (reloads and
+    resumes never replay batches), so that batch membership stays secret, as the privacy amplification by sampling
+    assumes. With a ``seed`` (reproducible experiments, warned) a run resumed at an epoch boundary draws the
+    batches the uninterrupted run drew.
+    """
+    if seed is not None:
+        return seed
+    value = torch.tensor(secrets.randbits(62), device=strategy.root_device)
+    return int(strategy.broadcast(value, src=0))

@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import DPDDPStrategy
 from tests.helpers import tiny_trainer
@@ -68,3 +71,53 @@ def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
     assert rank0["left"] == rank1["left"] == []  # no un-noised clipped sum left on any rank
     for name in rank0["after"]:  # one noise draw, all-reduced: identical weights everywhere
         assert torch.equal(rank0["after"][name], rank1["after"][name])
+
+
+class PoisonedOddExamples(Plain):
+    """Every odd-indexed example has a NaN input: all of them are in rank 1's shard (index % 2 == 1)."""
+
+    def train_dataloader(self):
+        inputs, labels = super().train_dataloader().dataset.tensors
+        inputs = inputs.clone()
+        inputs[1::2] = float("nan")
+        return DataLoader(TensorDataset(inputs, labels), batch_size=self.batch_size)
+
+
+class RecordWarnings(pl.Callback):
+    """Each rank's warnings during the fit (spawned processes: pytest can't see them) and the NaN rows it saw."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_fit_start(self, trainer, pl_module):
+        self.catcher = warnings.catch_warnings(record=True)
+        self.caught = self.catcher.__enter__()
+        warnings.simplefilter("always")
+        self.poisoned = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.poisoned += int(batch[0].isnan().any(dim=1).sum())
+
+    def on_fit_end(self, trainer, pl_module):  # after the strategy's end-of-run warning
+        self.catcher.__exit__(None, None, None)
+        state = {"poisoned": self.poisoned, "warnings": [str(w.message) for w in self.caught]}
+        torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_the_end_of_run_count_of_nonfinite_examples_is_summed_over_the_ranks(tmp_path):
+    """Only rank 0 warns, and it counted only its own examples: rank 1's poisoned examples went unreported."""
+    pl.seed_everything(0)
+    strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=1.0)
+    trainer = tiny_trainer(
+        None, strategy=strategy, devices=2, max_steps=2, limit_val_batches=0, callbacks=[RecordWarnings(str(tmp_path))]
+    )
+    trainer.fit(PoisonedOddExamples(num_samples=64, batch_size=16))
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0["poisoned"] == 0 and rank1["poisoned"] > 0
+    counts = [w for w in rank0["warnings"] if "per-example gradient(s) in this run were not finite" in w]
+    assert counts == [
+        f"{rank1['poisoned']} per-example gradient(s) in this run were not finite (NaN or inf) and were left out of "
+        "the clipped sums (each such example contributed zero; the sensitivity stays max_grad_norm). The count is "
+        "over the whole run and is not covered by the guarantee. Check the data and the loss."
+    ]

@@ -1,0 +1,155 @@
+"""Per-example clipping (a DP-SGD stage): the interface every clipping engine implements.
+
+An engine forms, for each physical batch, the sum over examples of their gradients clipped to ``max_grad_norm``,
+and owns the Opacus ``DPOptimizer`` that adds the noise to that sum. The strategy only calls the methods below
+(attach and wrap in the constructor, :meth:`~ClippingEngine.start` / :meth:`~ClippingEngine.stop` around a
+training step, :meth:`~ClippingEngine.backward`, :meth:`~ClippingEngine.carry` for virtual steps,
+:meth:`~ClippingEngine.forget` after every step), so it never asks which engine it holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+__all__ = ["ClippingEngine"]
+
+# what Opacus leaves on a parameter, and on a layer, from a private batch
+_PER_EXAMPLE_ATTRIBUTES = ("grad_sample", "summed_grad", "_current_grad_sample", "_norm_sample")
+_LAYER_ATTRIBUTES = ("activations", "max_batch_len")
+
+
+class ClippingEngine(ABC):
+    """Clips every example's gradient of ``module`` and sums them; ``optimizer`` (the wrapped one) adds the noise.
+
+    Args:
+        mode: the ``grad_sample_mode`` that chose this engine.
+        module: the LightningModule; its hooks (if any) are attached here, off until :meth:`start`.
+        optimizer: the user's optimizer, wrapped in the engine's ``DPOptimizer`` subclass (:attr:`optimizer`).
+        max_grad_norm: the clipping bound ``C``.
+        noise_multiplier: noise std over ``C`` (the strategy resets it once the noise is calibrated).
+        secure_mode: Opacus's secure noise.
+        views: augmented views per example, whose gradients are averaged before clipping.
+        distributed: wrap in Opacus's distributed optimizer (the noisy sum is all-reduced across processes).
+
+    Example::
+
+        engine = clipping_engine("hooks", module, optimizer, max_grad_norm=1.0, noise_multiplier=1.0,
+                                 secure_mode=False, views=1, distributed=False)
+        engine.start()                        # a training step: forward, then
+        engine.backward(loss, loss.backward, rows=len(x), precision=trainer.precision_plugin)
+        engine.optimizer.step()               # clipped sum + noise
+        engine.stop(); engine.forget()        # nothing un-noised stays behind
+    """
+
+    supports_virtual_steps: ClassVar[bool] = True  # max_physical_batch_size and augmentation_multiplicity
+    supports_sensitivity_probe: ClassVar[bool] = False  # needs the per-example gradients themselves
+    optimizers: ClassVar[tuple[type[DPOptimizer], type[DPOptimizer]]]  # takes the clipped sums: (one, many processes)
+
+    def __init__(
+        self,
+        mode: str,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        max_grad_norm: float,
+        noise_multiplier: float,
+        secure_mode: bool,
+        views: int,
+        distributed: bool,
+    ) -> None:
+        self.mode, self.module = mode, module
+        self.optimizer = self.optimizers[1 if distributed else 0](
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=1,  # set from the sample rate once the train loader is known
+            loss_reduction="mean",
+            secure_mode=secure_mode,
+        )
+        self.optimizer.views = views
+
+    @classmethod
+    def check_options(cls, mode: str, *, virtual_steps: bool, views: int, sensitivity_probe: bool) -> None:
+        """Refuse, at construction, strategy options this engine can't honour."""
+        if sensitivity_probe and not cls.supports_sensitivity_probe:
+            raise ValueError("`sensitivity_probe=True` needs per-example gradients: use grad_sample_mode='hooks'.")
+
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        """Refuse, before the first step, a Trainer precision under which a clipped gradient could exceed ``C``.
+
+        Every engine computes its norms and clip factors in fp32, except where an override says otherwise.
+        """
+        return
+
+    @abstractmethod
+    def start(self) -> None:
+        """Begin recording a training step (hooks on)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop recording (hooks off): other code may differentiate the module now."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Detach from the module for good (end of fit)."""
+
+    def take_output(self, output: Any) -> Any:
+        """What Lightning gets from ``training_step``'s ``output`` (the same, except for ghost clipping)."""
+        return output
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
+        """Back-propagate the step's last physical batch of ``rows`` rows and leave its clipped sum to the optimizer.
+
+        ``ordinary`` runs Lightning's own backward of ``loss``; ``precision`` is the strategy's precision plugin.
+        """
+
+    @abstractmethod
+    def carry(self, rows: int) -> None:
+        """Clip and sum the physical batch of ``rows`` rows just back-propagated; keep the sum for the step."""
+
+    @abstractmethod
+    def discard_per_example_state(self) -> None:
+        """Drop per-example gradients and carried sums before a logical batch starts."""
+
+    @abstractmethod
+    def last_norms(self) -> torch.Tensor | None:
+        """Each example's gradient norm before clipping, in the last step (``None`` if not known)."""
+
+    def forget(self, gradients: bool = False) -> None:
+        """Drop everything derived from the private batch without noise (with ``gradients``, also ``.grad``).
+
+        Opacus leaves the clipped sum (``summed_grad``), per-example gradients and norms on the parameters and the
+        layers' inputs (``activations``) on the modules; they would travel with ``torch.save(module)``.
+        """
+        for p in self.module.parameters():
+            for name in _PER_EXAMPLE_ATTRIBUTES:
+                if name in vars(p):
+                    delattr(p, name)
+            if gradients:
+                p.grad = None
+        for submodule in self.module.modules():
+            for name in _LAYER_ATTRIBUTES:
+                if name in vars(submodule):
+                    delattr(submodule, name)
+        self._forget_own_state()
+
+    @abstractmethod
+    def _forget_own_state(self) -> None:
+        """What the engine itself keeps from the private batch (norms, carried sums, losses)."""
+
+    def take_nonfinite_count(self) -> int:
+        """Examples whose gradient was not finite (they contributed zero) since the last call; the count is reset.
+
+        The count is kept on the optimizer without a sync (a device tensor) and read once, at the end of the run.
+        """
+        count = int(getattr(self.optimizer, "nonfinite_examples", 0))
+        self.optimizer.nonfinite_examples = 0  # released once, by the caller, and kept nowhere
+        return count

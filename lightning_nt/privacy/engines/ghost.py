@@ -1,0 +1,118 @@
+"""Per-example clipping (a DP-SGD stage) by Opacus's ghost clipping: two backward passes, no per-example gradient.
+
+``grad_sample_mode="ghost"`` (Li et al.; Bu et al.): ``training_step`` returns the ``[B]`` per-example losses; the
+first backward pass gives each example's gradient norm from Opacus's ghost-norm hooks, the second back-propagates
+the losses weighted by their clip factors, which leaves the clipped sum in ``.grad``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
+
+from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
+
+__all__ = ["GhostClippingEngine"]
+
+
+class _ZeroForUnusedParameters:
+    """DPOptimizer over clipped sums already in ``.grad`` (ghost clipping, book-keeping) for which a parameter without
+    a gradient (unused in this forward) has gradient 0."""
+
+    def pre_step(self, closure: Any = None) -> Any:
+        for p in self.params:  # type: ignore[attr-defined]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if "summed_grad" not in vars(p):  # removed after every step (nothing un-noised stays behind)
+                p.summed_grad = None
+        return super().pre_step(closure)  # type: ignore[misc]
+
+
+class _GhostDPOptimizer(_ZeroForUnusedParameters, DPOptimizerFastGradientClipping):
+    pass
+
+
+class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimizerFastGradientClipping):
+    pass
+
+
+class GhostClippingEngine(OpacusHooksEngine):
+    """Opacus's ghost clipping: norms from a first backward pass, the clipped sum from a second one."""
+
+    supports_virtual_steps = False
+    supports_sensitivity_probe = False
+    optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
+    _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
+
+    def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
+
+    @classmethod
+    def check_options(cls, mode: str, *, virtual_steps: bool, views: int, sensitivity_probe: bool) -> None:
+        if virtual_steps or views != 1:
+            raise ValueError(
+                "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
+                "`augmentation_multiplicity`: use 'hooks' for those."
+            )
+        super().check_options(mode, virtual_steps=virtual_steps, views=views, sensitivity_probe=sensitivity_probe)
+
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        if precision != "32-true":
+            raise RuntimeError(
+                f"grad_sample_mode='ghost' with precision={precision!r}: Opacus computes the ghost norms in "
+                "low precision, so a clipped gradient could exceed max_grad_norm. Use precision='32-true' or 'hooks'."
+            )
+
+    def take_output(self, output: Any) -> Any:
+        """Keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
+        losses = output["loss"] if isinstance(output, dict) else output
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
+            raise RuntimeError(
+                "grad_sample_mode='ghost' needs training_step to return the per-example losses, a [B] tensor "
+                "(e.g. F.cross_entropy(logits, y, reduction='none')), or a dict with them under 'loss'."
+            )
+        self._losses = losses
+        return {**output, "loss": losses.mean()} if isinstance(output, dict) else losses.mean()
+
+    def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
+        losses, self._losses = self._losses, None
+        if losses is None:  # an empty batch: no per-example losses, the update is the noise alone
+            return ordinary()
+        loss = precision.pre_backward(loss, self.module)
+        losses.mean().backward(retain_graph=True)
+        self.optimizer.zero_grad()
+        hooks = self.hooks
+        for p in hooks.trainable_parameters:  # unused in this forward: its per-example norms are zero
+            if not hasattr(p, "_norm_sample"):
+                p._norm_sample = torch.zeros(len(losses), device=p.device)
+        factors = hooks.get_clipping_coef()
+        if not bool(torch.isfinite(factors).all()):  # ghost clipping can't zero one example: stop before a release
+            raise RuntimeError(
+                "An example's gradient is not finite, and grad_sample_mode='ghost' can't leave it out of the clipped "
+                "sum (a NaN loss poisons the second backward pass): training stops before this step is released. "
+                "Use grad_sample_mode='hooks', which zeroes non-finite per-example gradients, or clean the data."
+            )
+        for p in hooks.trainable_parameters:  # a layer skipped next time must not reuse these norms
+            if hasattr(p, "_norm_sample"):
+                del p._norm_sample
+        hooks.disable_hooks()
+        (factors.to(losses.device) * losses).sum().backward()
+        return precision.post_backward(loss, self.module)
+
+    def carry(self, rows: int) -> None:
+        raise RuntimeError("grad_sample_mode='ghost' has no virtual steps (refused when the strategy is built).")
+
+    def discard_per_example_state(self) -> None:
+        self._losses = None
+
+    def last_norms(self) -> torch.Tensor | None:
+        return getattr(self.hooks, "per_sample_gradient_norms", None)
+
+    def _forget_own_state(self) -> None:
+        if hasattr(self.hooks, "_per_sample_gradient_norms"):
+            self.hooks._per_sample_gradient_norms = None
+        self._losses = None

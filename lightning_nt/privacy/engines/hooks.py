@@ -1,0 +1,152 @@
+"""Per-example clipping (a DP-SGD stage) with Opacus's hooks: every example's gradient is formed, then clipped.
+
+``grad_sample_mode="hooks"`` (or ``"functorch"``, or ``"ew"``): Opacus's per-sample-gradient hooks on the module
+itself (no wrapper) fill ``p.grad_sample`` during the ordinary backward pass; the optimizer here clips and sums
+them (in fp32), carrying the sums of earlier physical batches across Lightning's ``zero_grad`` (virtual steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from torch import nn
+
+from lightning_nt.privacy.engines.base import ClippingEngine
+
+__all__ = ["OpacusHooksEngine"]
+
+
+class _CarryClippedSums:
+    """DPOptimizer that keeps the clipped sums of earlier physical batches across Lightning's ``zero_grad``.
+
+    It also makes every example's contribution bounded by ``max_grad_norm`` whatever the batch holds: a parameter
+    without per-example gradients (unused in this forward) counts as a zero gradient, and an example whose
+    gradient is not finite contributes zero (counted over the run in ``nonfinite_examples``, without a sync).
+    """
+
+    views: int = 1
+    nonfinite_examples: torch.Tensor | int = 0
+
+    def carry_clipped_sums(self) -> None:
+        """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
+        self.zero_for_unused_parameters()
+        self.clip_and_accumulate()  # type: ignore[attr-defined]
+        carried = getattr(self, "_carried", None) or {}
+        for p in self.params:  # type: ignore[attr-defined]
+            carried[p] = carried[p] + p.summed_grad if p in carried else p.summed_grad
+            p.summed_grad, p.grad_sample = None, None
+        self._carried = carried
+
+    def clip_and_accumulate(self) -> None:
+        samples = self.per_example_gradients()
+        for p, sample in zip(self.params, samples):  # type: ignore[attr-defined]
+            p.grad_sample = sample
+        super().clip_and_accumulate()  # type: ignore[misc]
+        for p, total in (getattr(self, "_carried", None) or {}).items():
+            if p.summed_grad is not None and getattr(self, "_in_step", False):
+                p.summed_grad += total
+
+    def per_example_gradients(self) -> list[torch.Tensor]:
+        """One fp32 ``[B, *p.shape]`` gradient per parameter, each example's views averaged, non-finite ones zero.
+
+        fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C.
+        """
+        params = self.params  # type: ignore[attr-defined]
+        samples = []
+        for p in params:
+            sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
+            if self.views > 1:  # one example's K views: average their gradients, then clip as one example
+                sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
+            samples.append(sample)
+        # an example is dropped if any of its norms is not finite (NaN, inf, or an fp32 overflow of a huge gradient)
+        norms = torch.stack([s.reshape(len(s), math.prod(p.shape)).norm(dim=1) for p, s in zip(params, samples)])
+        dropped = ~norms.isfinite().all(dim=0)
+        self.nonfinite_examples = self.nonfinite_examples + dropped.sum()
+        for sample in samples:  # in place: no second copy of the per-example gradients
+            sample.masked_fill_(dropped.view(-1, *([1] * (sample.ndim - 1))), 0.0)
+        return samples
+
+    def zero_for_unused_parameters(self) -> None:
+        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing)."""
+        params = self.params  # type: ignore[attr-defined]
+        present = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        rows = len(self._get_flat_grad_sample(present[0])) if present else 0  # type: ignore[attr-defined]
+        for p in params:
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = p.new_zeros((rows, *p.shape))
+
+    def discard(self) -> None:
+        """Forget the clipped sums carried from earlier physical batches (the step is not taken)."""
+        self._carried = {}
+
+    def clear_per_example_state(self) -> None:
+        for p in self.params:  # type: ignore[attr-defined]
+            p.grad_sample, p.summed_grad = None, None
+
+    def pre_step(self, closure: Any = None) -> Any:
+        self.zero_for_unused_parameters()
+        self._in_step = True
+        try:
+            return super().pre_step(closure)  # type: ignore[misc]
+        finally:
+            self._in_step = False
+            self._carried = {}
+
+
+class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
+    pass
+
+
+class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer):
+    pass
+
+
+class OpacusHooksEngine(ClippingEngine):
+    """Opacus's per-sample-gradient hooks; the only engine that hands out per-example gradients (for the probe)."""
+
+    supports_sensitivity_probe = True
+    optimizers = (_CarryingDPOptimizer, _CarryingDistributedDPOptimizer)
+
+    def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+        super().__init__(mode, module, optimizer, **options)
+        self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
+        self.hooks.disable_hooks()  # on only from a training step to its optimizer step
+
+    def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return {"loss_reduction": "mean"}
+
+    def start(self) -> None:
+        self.hooks.enable_hooks()
+
+    def stop(self) -> None:
+        self.hooks.disable_hooks()
+
+    def close(self) -> None:
+        self.hooks.cleanup()
+
+    def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
+        return ordinary()  # the hooks fill grad_sample; the optimizer clips and sums in its step
+
+    def carry(self, rows: int) -> None:
+        self.optimizer.carry_clipped_sums()
+
+    def discard_per_example_state(self) -> None:
+        self.optimizer.clear_per_example_state()
+
+    def last_norms(self) -> torch.Tensor | None:
+        if any(getattr(p, "grad_sample", None) is None for p in self.optimizer.params):  # forgotten, or no step yet
+            return None
+        samples = self.optimizer.grad_samples
+        if not samples or not len(samples[0]):  # no example in this batch
+            return None
+        return torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples], dim=1).norm(dim=1)
+
+    def _forget_own_state(self) -> None:
+        if hasattr(self.hooks, "_per_sample_gradient_norms"):
+            self.hooks._per_sample_gradient_norms = None
+        self.optimizer.discard()

@@ -1,0 +1,77 @@
+"""What the DP strategy reports besides the noisy update (a DP-SGD stage), and the warnings that go with it.
+
+The ``dp/*`` figures (epsilon, delta, noise, rate) are computed from the ledger and covered by the guarantee.
+Everything else here is a noiseless statistic of the private data, so it is off by default or released once,
+with a warning saying that it is not covered: ``dp/clip_fraction`` (``log_clip_fraction=True``), the end-of-run
+count of examples whose gradient was not finite, and what ``training_step`` itself logs from the private batch.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+
+from lightning_nt.common import log_scalars
+
+__all__ = [
+    "log_clip_fraction",
+    "log_privacy",
+    "warn_about_logging_from_the_batch",
+    "warn_about_nonfinite_examples",
+    "warn_about_options",
+]
+
+
+def warn_about_options(accountant: str, log_clip_fraction: bool, seed: int | None) -> None:
+    """At construction: options that weaken or approximate the guarantee."""
+    if accountant == "gdp":
+        rank_zero_warn("accountant='gdp' is a central-limit approximation and can under-report epsilon.")
+    if log_clip_fraction:
+        rank_zero_warn(
+            "DPStrategy(log_clip_fraction=True) logs dp/clip_fraction, a noiseless statistic of every private "
+            "batch (its size and which examples were clipped): it is NOT covered by the privacy guarantee. "
+            "Use it for debugging only, never on a run whose logs are released."
+        )
+    if seed is not None:
+        rank_zero_warn(
+            "DPStrategy(seed=...) makes the Poisson batches reproducible by anyone who knows the seed; the privacy "
+            "accounting assumes they are secret. Leave seed=None for a real guarantee."
+        )
+
+
+def log_privacy(
+    trainer: pl.Trainer, epsilon: float, delta: float, noise_multiplier: float, sample_rate: float | None
+) -> None:
+    """``dp/epsilon``, ``dp/delta``, ``dp/noise_multiplier`` and ``dp/sample_rate`` to every logger."""
+    figures = {"dp/epsilon": epsilon, "dp/delta": delta, "dp/noise_multiplier": noise_multiplier}
+    log_scalars(trainer, {**figures, "dp/sample_rate": sample_rate or 0.0})
+
+
+def log_clip_fraction(trainer: pl.Trainer, norms: torch.Tensor | None, max_grad_norm: float) -> None:
+    """``dp/clip_fraction``: the fraction of the step's examples whose gradient norm exceeded ``max_grad_norm``."""
+    if norms is not None and len(norms):
+        log_scalars(trainer, {"dp/clip_fraction": float((norms > max_grad_norm).float().mean())})
+
+
+def warn_about_nonfinite_examples(count: int) -> None:
+    """Once, at the end of a run: how many examples contributed zero because their gradient was not finite."""
+    if count:
+        rank_zero_warn(
+            f"{count} per-example gradient(s) in this run were not finite (NaN or inf) and were left out of the "
+            "clipped sums (each such example contributed zero; the sensitivity stays max_grad_norm). The count "
+            "is over the whole run and is not covered by the guarantee. Check the data and the loss."
+        )
+
+
+def warn_about_logging_from_the_batch(trainer: pl.Trainer) -> bool:
+    """Warn if ``training_step`` logged anything (computed on the private batch without noise); whether it did."""
+    results = getattr(trainer, "_results", None) or {}
+    names = sorted({key.split(".", 1)[1] for key in results if key.startswith("training_step.")})
+    if names:
+        rank_zero_warn(
+            f"training_step logs {names}, computed on the private batch without noise: these figures are NOT "
+            "covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update are). "
+            "Keep them private, or log figures computed on public data (e.g. in validation_step)."
+        )
+    return bool(names)

@@ -1,0 +1,179 @@
+"""One private step (a DP-SGD stage): the logical batch through the clipping engine, then the one noisy update.
+
+:class:`_PrivateStep` holds the DP strategy's per-step Lightning hooks, in the order they run:
+
+1. ``training_step``: an empty Poisson batch is a step of noise alone; otherwise the engine starts recording,
+   every physical part but the last is clipped and summed (:mod:`~lightning_nt.privacy.virtual_steps`), and the
+   last part goes through the module's ``training_step`` (a ``None`` is refused);
+2. ``backward``: the engine forms the clipped sum (one, two or the ordinary backward pass, by engine);
+3. ``optimizer_step``: unless the budget is spent, Opacus's ``DPOptimizer`` adds the noise and the accountant
+   records the step; the engine stops and forgets everything un-noised, whatever happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from opacus.optimizers import DPOptimizer
+from pytorch_lightning.utilities import rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
+from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise
+from lightning_nt.privacy.engines import ClippingEngine
+from lightning_nt.privacy.guards import check_sensitivity
+from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
+from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
+
+__all__: list[str] = []
+
+
+class _PrivateStep:
+    """The per-step hooks of the DP strategies (mixed into them before Lightning's strategy class)."""
+
+    # set by the strategy's constructor (see DPStrategy), and from its set-up
+    max_grad_norm: float
+    noise_multiplier: float
+    target_epsilon: float | None
+    delta: float
+    sample_rate: float | None
+    max_physical_batch_size: int | None
+    augmentation_multiplicity: int
+    stop_at_budget: bool
+    secure_mode: bool
+    seed: int | None
+    log_clip_fraction: bool
+    accountant: Any
+    accountant_name: AccountantName
+    _engine: ClippingEngine | None
+    _plan: tuple[Any, ...] | None
+    _rows: int
+    _skipped_steps: int
+    _probe_pending: bool
+    _warned_about_logging: bool
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        self._rows = 0
+        if batch is not None and batch_size(batch) == 0:
+            return self._empty_step()
+        engine = self._active_engine()
+        engine.start()
+        batch_idx = args[1] if len(args) > 1 else 0
+        if batch is not None and self._probe_pending and batch_size(batch) >= 2:
+            self._probe_sensitivity(batch, batch_idx)
+            self._probe_pending = False
+        if batch is not None and self.max_physical_batch_size is not None:
+            views, limit = self.augmentation_multiplicity, self.max_physical_batch_size
+            module = self.lightning_module
+            batch = run_earlier_parts(module, engine, batch, batch_idx, limit, views, self._physical_step)
+        if batch is not None:
+            args = (flat_views(batch, self.augmentation_multiplicity), *args[1:])
+            self._rows = batch_size(args[0])
+        with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
+            output = refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
+        self._warn_about_logging_from_the_batch()
+        return engine.take_output(output)
+
+    def _active_engine(self) -> ClippingEngine:
+        assert self._engine is not None, "the clipping engine is attached when a fit sets up its optimizer"
+        return self._engine
+
+    def _warn_about_logging_from_the_batch(self) -> None:
+        """Once: what ``training_step`` logs is computed on the private batch without noise (outside the guarantee)."""
+        if not self._warned_about_logging:
+            self._warned_about_logging = warn_about_logging_from_the_batch(self.lightning_module.trainer)
+
+    def _probe_sensitivity(self, batch: Any, batch_idx: int) -> None:
+        """``sensitivity_probe=True``: one canary check of the per-example bound on a first batch (no release)."""
+        if self.max_physical_batch_size is not None:
+            batch = select_examples(batch, slice(0, self.max_physical_batch_size))
+        self._active_engine().discard_per_example_state()
+        with self._without_ddp_gradient_sync():
+            check_sensitivity(
+                self.lightning_module,
+                self.optimizers[0],
+                batch,
+                batch_idx,
+                self.max_grad_norm,
+                prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
+            )
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        ordinary = super().backward  # type: ignore[misc]
+        return self._active_engine().backward(
+            closure_loss, lambda: ordinary(closure_loss, optimizer, *args, **kwargs), self._rows, self.precision_plugin
+        )
+
+    @contextlib.contextmanager
+    def _physical_step(self) -> Iterator[None]:
+        """Where a physical part's ``training_step`` runs: no DDP gradient sync, the precision plugin's context."""
+        with self._without_ddp_gradient_sync(), self.precision_plugin.train_step_context():
+            yield
+
+    def _empty_step(self) -> torch.Tensor:
+        """An empty Poisson batch is still a step: zero per-example gradients, so the update is the noise alone.
+
+        The module's ``training_step`` is not called (its loss and metrics would be NaN or fail on 0 examples); the
+        optimizer gives every parameter without a gradient a zero one (0 examples here).
+        """
+        return torch.zeros((), device=self.root_device, requires_grad=True)
+
+    def _without_ddp_gradient_sync(self) -> Any:
+        model = self.model
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+
+    # -- the noisy step -------------------------------------------------------------------------------------
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        try:
+            return self._private_step(optimizer, closure, model, **kwargs)
+        finally:
+            self._active_engine().stop()  # callbacks that differentiate the module must not meet its hooks
+            self._active_engine().forget()
+
+    def _private_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        if not self._budget_exhausted():
+            self._seed_noise(optimizer)
+            return super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
+        # Lightning insists that the closure runs; its results are discarded and nothing of it is logged.
+        module = self.lightning_module
+        with captured_logging(module), frozen_metrics(module):
+            closure()
+        optimizer.zero_grad()
+        module.trainer.should_stop = True
+        self._skipped_steps += 1
+        rank_zero_warn(f"DP budget reached: one more step would exceed epsilon={self.target_epsilon}; stopping.")
+        return None
+
+    def _seed_noise(self, optimizer: Any) -> None:
+        """With ``seed=`` (reproducible runs, warned), each step's noise comes from ``(seed, step)``: a resumed run
+        adds the noise the uninterrupted run added. Otherwise Opacus draws it (securely with ``secure_mode``)."""
+        if self.seed is not None and not self.secure_mode:
+            optimizer.generator = seeded_noise(self.seed, self.lightning_module.trainer.global_step, self.root_device)
+
+    def _budget_exhausted(self) -> bool:
+        if self.target_epsilon is None or not self.stop_at_budget:
+            return False
+        return exceeds_budget(
+            self.accountant,
+            self.accountant_name,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            target_epsilon=self.target_epsilon,
+            delta=self.delta,
+            plan=self._plan,
+        )
+
+    def _after_noise(self, optimizer: DPOptimizer) -> None:
+        self.accountant.step(noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate)
+        trainer = self.lightning_module.trainer
+        if self.log_clip_fraction and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
+            log_clip_fraction(trainer, self._active_engine().last_norms(), self.max_grad_norm)
