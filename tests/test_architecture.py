@@ -19,10 +19,7 @@ LAYERS = ("common", "demos", *CAPABILITIES)
 TOP = "lightning_nt"
 
 # DP's per-example engines handle demos' StandardizedConv2d; it is moving to common/layers.py (issue 13)
-KNOWN_UPWARD_IMPORTS = {
-    "lightning_nt.privacy.book_keeping": {"lightning_nt.demos.wide_resnet"},
-    "lightning_nt.privacy.grad_samplers": {"lightning_nt.demos.wide_resnet"},
-}
+KNOWN_UPWARD_IMPORTS: dict[str, set[str]] = {}
 
 
 class KnownUpwardImport(AssertionError):
@@ -164,9 +161,8 @@ def test_every_exported_name_is_in_the_api_reference():
 
 LOSS_PATH = "lightning_nt.common.loss"
 # the DP strategy runs the real training step (it logs and updates metrics): not a loss a capability reads
-OWN_TRAINING_STEP = {"lightning_nt.privacy.strategy"}
-# the sensitivity probe runs training_step itself; it becomes `training_loss` in the DP split (issue 13)
-KNOWN_OTHER_LOSS_PATHS = {"lightning_nt.privacy.guards"}
+OWN_TRAINING_STEP = {"lightning_nt.privacy.step", "lightning_nt.privacy.virtual_steps"}
+KNOWN_OTHER_LOSS_PATHS: set[str] = set()
 
 
 class KnownLossPath(AssertionError):
@@ -201,4 +197,4 @@ def test_the_users_loss_runs_only_through_common_loss(module):
 
 
 def test_the_loss_path_finds_calls():
-    assert _loss_calls(LOSS_PATH) and _loss_calls("lightning_nt.privacy.strategy")
+    assert _loss_calls(LOSS_PATH) and _loss_calls("lightning_nt.privacy.virtual_steps")

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from lightning_nt.common import captured_logging, frozen_metrics, loss_from_output, map_examples, select_examples
+from lightning_nt.common import map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
 
 __all__ = [
@@ -219,8 +219,8 @@ def check_sensitivity(
     canary = map_examples(batch, lambda t: torch.cat([t[:1] * CANARY_SCALE, t[1:]]) if t.is_floating_point() else t)
     sums = []
     for probe in (canary, select_examples(canary, slice(1, None))):
-        with captured_logging(module), frozen_metrics(module), torch.enable_grad():
-            loss_from_output(module.training_step(prepare(probe), batch_idx), "training_step").backward()
+        with torch.enable_grad():
+            training_loss(module, prepare(probe), batch_idx).backward()
         sums.append(_clipped_sum(optimizer, max_grad_norm))
         optimizer.clear_per_example_state()
         for p in module.parameters():

@@ -247,7 +247,7 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         delta: the delta of the guarantee.
         max_grad_norm: per-example gradient clipping norm ``C``.
         accountant: ``"prv"`` (default, tight upper bound), ``"rdp"`` or ``"gdp"`` (approximate).
-        grad_sample_mode: the per-example clipping engine: Opacus's ``"hooks"``, ``"ew"``, ``"functorch"``, or
+        grad_sample_mode: the per-example clipping engine: Opacus's ``"hooks"``, ``"functorch"``, or
             ``"ghost"`` (ghost clipping: ``training_step`` returns the ``[B]`` per-example losses, the strategy runs
             the two backward passes), or ``"bk"``: the single-backward book-keeping engine
             (:class:`~lightning_nt.privacy.book_keeping.BookKeepingClipper`; ``training_step`` unchanged, one ordinary

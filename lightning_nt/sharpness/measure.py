@@ -33,6 +33,9 @@ def preconditioned(matvec: Callable[[Tensor], Tensor], diagonal: Tensor) -> Call
 
 @dataclass(frozen=True)
 class TraceEstimate:
+    """What :func:`hutchinson_trace` returns: the trace estimate, its standard error over the random probes, and
+    the Hessian-vector products it cost."""
+
     value: float
     standard_error: float
     num_matvecs: int

@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 Alternative = Literal["greater", "less", "two-sided"]
+"""The alternative hypothesis of a test: the statistic's mean is greater than, less than, or different from zero."""
 
 
 @dataclass(frozen=True)

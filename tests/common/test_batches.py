@@ -34,7 +34,7 @@ def test_every_batch_shape_lightning_moves_is_counted_sliced_and_cached(make):
     assert batch_size(batches[0]) == 4
     part = select_examples(batches[1], slice(1, 3))
     assert type(part) is type(batches[1]) and batch_size(part) == 2
-    probe = ProbeSet.from_batches(batches, num_samples=10)
+    probe = ProbeSet.from_batches(batches, num_examples=10)
     whole, share = next(probe.chunks())
     assert type(whole) is type(batches[0]) and batch_size(whole) == 10 and share == 1.0
     labels = next(t for t in tensors_of(whole) if t.dtype == torch.long)

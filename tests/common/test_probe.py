@@ -9,7 +9,7 @@ from tests.helpers import TinyClassifier, classification_data, tiny_trainer
 
 def test_concatenates_the_first_examples_exactly():
     data = classification_data(50)
-    probe = ProbeSet.from_batches(DataLoader(data, batch_size=16), num_samples=40)
+    probe = ProbeSet.from_batches(DataLoader(data, batch_size=16), num_examples=40)
     (inputs, labels), share = next(probe.chunks())
     assert len(probe) == 40 and share == 1.0
     assert torch.equal(inputs, data.tensors[0][:40]) and torch.equal(labels, data.tensors[1][:40])
@@ -17,7 +17,7 @@ def test_concatenates_the_first_examples_exactly():
 
 def test_chunked_mean_equals_full_mean():
     module = TinyClassifier()
-    probe = ProbeSet.from_batches(DataLoader(classification_data(50), batch_size=7), num_samples=45)
+    probe = ProbeSet.from_batches(DataLoader(classification_data(50), batch_size=7), num_examples=45)
     full = sum(F.cross_entropy(module(x), y) * share for (x, y), share in probe.chunks())
     chunked = sum(F.cross_entropy(module(x), y) * share for (x, y), share in probe.chunks(chunk_size=8))
     assert [batch_size(b) for b, _ in probe.chunks(chunk_size=8)] == [8] * 5 + [5]
@@ -26,22 +26,22 @@ def test_chunked_mean_equals_full_mean():
 
 def test_dict_batches_and_short_loaders():
     batches = [{"x": torch.randn(3, 2), "y": torch.arange(3), "name": "digits"} for _ in range(2)]
-    probe = ProbeSet.from_batches(batches, num_samples=100)
+    probe = ProbeSet.from_batches(batches, num_examples=100)
     batch, _ = next(probe.chunks())
     assert len(probe) == 6 and batch["x"].shape == (6, 2) and batch["name"] == "digits"
 
 
 def test_empty_batches_are_skipped_and_bad_sizes_rejected():
     batches = [(torch.empty(0, 2), torch.empty(0)), (torch.randn(2, 2), torch.ones(2))]
-    assert len(ProbeSet.from_batches(batches, num_samples=5)) == 2
+    assert len(ProbeSet.from_batches(batches, num_examples=5)) == 2
     with pytest.raises(ValueError, match="num_samples"):
-        ProbeSet.from_batches(batches, num_samples=0)
+        ProbeSet.from_batches(batches, num_examples=0)
     with pytest.raises(ValueError, match="first dimension"):
         batch_size((torch.randn(2, 2), torch.ones(3)))
     with pytest.raises(ValueError, match="no examples"):
-        ProbeSet.from_batches([], num_samples=3)
+        ProbeSet.from_batches([], num_examples=3)
     with pytest.raises(TypeError, match="make those fields tensors"):
-        ProbeSet.from_batches([(torch.ones(1), "a"), (torch.ones(1), "b")], num_samples=2)
+        ProbeSet.from_batches([(torch.ones(1), "a"), (torch.ones(1), "b")], num_examples=2)
 
 
 @pytest.mark.parametrize("own_generator", [False, True])
@@ -55,17 +55,17 @@ def test_building_from_a_shuffled_loader_leaves_the_training_order_alone(own_gen
     expected = [b[0].tolist() for b in plain]
     torch.manual_seed(0)
     probed = loader()
-    ProbeSet.from_dataloader(probed, num_samples=20)
+    ProbeSet.from_dataloader(probed, num_examples=20)
     assert [b[0].tolist() for b in probed] == expected
 
 
 def test_from_trainer_needs_the_train_dataloader():
     trainer = tiny_trainer()
     with pytest.raises(TypeError, match="on_train_start"):
-        ProbeSet.from_trainer(trainer, num_samples=4)
+        ProbeSet.from_trainer(trainer, num_examples=4)
 
 
 def test_chunks_move_to_device():
-    probe = ProbeSet.from_batches([(torch.randn(4, 2), torch.ones(4))], num_samples=4)
+    probe = ProbeSet.from_batches([(torch.randn(4, 2), torch.ones(4))], num_examples=4)
     (inputs, _), _ = next(probe.chunks(device="meta"))
     assert inputs.device.type == "meta"

@@ -80,7 +80,7 @@ def test_report_leaves_the_module_as_it_found_it():
 
 
 def test_a_declared_subset_sets_m():
-    reporter = CompressionBoundReporter(num_samples=50, arora=False, capacity=False, **FAST)
+    reporter = CompressionBoundReporter(num_examples=50, arora=False, capacity=False, **FAST)
     _fit(callbacks=[reporter], max_epochs=1)
     assert reporter.report["compression/num_examples"] == 50
 

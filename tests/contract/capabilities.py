@@ -254,7 +254,7 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         "SharpnessMonitor",
-        lambda entry: SharpnessMonitor(every_n_steps=2, num_samples=16, max_iter=8, max_overhead=None),
+        lambda entry: SharpnessMonitor(every_n_steps=2, num_examples=16, max_iter=8, max_overhead=None),
         tags=_sharpness_tags,
         state=_sharpness_history,
         state_tolerance=1e-3,  # Lanczos to tol=1e-3: the warm start may differ after a resume (item 21)
@@ -265,6 +265,7 @@ CAPABILITIES: list[Capability] = [
             out_of_range={
                 "every_n_steps": _COUNTS,
                 "num_eigenvalues": _COUNTS,
+                "num_examples": _COUNTS,
                 "num_samples": _COUNTS,
                 "chunk_size": _COUNTS,
                 "tol": _PROBABILITIES,
@@ -291,6 +292,7 @@ CAPABILITIES: list[Capability] = [
                 "levels": ((), (1,), (0,)),
                 "prune": ((), (-0.1,), (1.0,)),
                 "methods": ((),),
+                "num_examples": _COUNTS,
                 "num_samples": _COUNTS,
                 "screening_samples": _COUNTS,
                 "finalists": _COUNTS,
@@ -315,19 +317,24 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         "GradientSignalTest",
-        lambda entry: GradientSignalTest(every_n_steps=2, num_samples=16, data="train"),
+        lambda entry: GradientSignalTest(every_n_steps=2, num_examples=16, data="train"),
         tags=lambda entry: ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal"),
         state=lambda callback: callback.history,
         side_effect_free=True,
         refuses=_needs_the_loss,
         constructor=Constructor(
             GradientSignalTest,
-            out_of_range={"every_n_steps": _COUNTS, "num_samples": (3, 0, -1), "alpha": (0.0, 1.0, -0.5)},
+            out_of_range={
+                "every_n_steps": _COUNTS,
+                "num_examples": (3, 0, -1),
+                "num_samples": (3, 0, -1),
+                "alpha": (0.0, 1.0, -0.5),
+            },
         ),
     ),
     Capability(
         "RepresentationSimilarity",
-        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_samples=16),
+        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_examples=16),
         tags=_similarity_tags,
         state=lambda callback: callback.history,
         side_effect_free=True,
@@ -338,12 +345,18 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         "LazinessMonitor",
-        lambda entry: LazinessMonitor(every_n_steps=2, num_samples=8),
+        lambda entry: LazinessMonitor(every_n_steps=2, num_examples=8),
         tags=lambda entry: ("laziness/weight_distance",) + (("laziness/ntk_change",) if entry.classifier else ()),
         state=lambda callback: [{k: v for k, v in e.items() if k != "laziness/seconds"} for e in callback.history],
         side_effect_free=True,
         constructor=Constructor(
-            LazinessMonitor, out_of_range={"every_n_steps": _COUNTS, "num_samples": (1, 0, -1), "chunk_size": _COUNTS}
+            LazinessMonitor,
+            out_of_range={
+                "every_n_steps": _COUNTS,
+                "num_examples": (1, 0, -1),
+                "num_samples": (1, 0, -1),
+                "chunk_size": _COUNTS,
+            },
         ),
     ),
     Capability(

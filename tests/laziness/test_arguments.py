@@ -42,7 +42,7 @@ def _forward(module, batch):
     "difference",
     [
         {"every_n_steps": 7},
-        {"num_samples": 64},
+        {"num_examples": 64},
         {"ntk": False},
         {"layers": ["net.2"]},
         {"chunk_size": None},
@@ -59,4 +59,4 @@ def test_instances_differing_in_one_argument_coexist(difference):
 
 
 def test_good_values_are_accepted():
-    LazinessMonitor(every_n_steps=1, num_samples=2, ntk=False, layers=("a", "b"), chunk_size=None)
+    LazinessMonitor(every_n_steps=1, num_examples=2, ntk=False, layers=("a", "b"), chunk_size=None)

@@ -70,7 +70,7 @@ class Reference(pl.Callback):
 
 
 def test_logged_values_match_independent_computations(tmp_path):
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=24, chunk_size=5, hold_jacobians=False)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=24, chunk_size=5, hold_jacobians=False)
     reference = Reference(24, 2)
     pl.seed_everything(0)
     net = ReLUClassifier(num_samples=48, lr=0.3, shuffle=False)  # the probe set is the first 24 examples
@@ -95,7 +95,7 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
         return ReLUClassifier(norm=True, dropout=0.2)
 
     plain, plain_trainer = _fit([], module=module, max_epochs=2)
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=20, chunk_size=7)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=20, chunk_size=7)
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6, 8]
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
@@ -111,9 +111,9 @@ def test_every_batch_structure_gives_the_same_measurements(style):
     def forward(module, batch):
         return module(inputs_of(batch))
 
-    monitor = LazinessMonitor(every_n_steps=3, num_samples=16, forward_fn=forward, target_fn=labels_of)
+    monitor = LazinessMonitor(every_n_steps=3, num_examples=16, forward_fn=forward, target_fn=labels_of)
     _fit([monitor], module=lambda: ReLUClassifier(style=style))
-    default = LazinessMonitor(every_n_steps=3, num_samples=16)
+    default = LazinessMonitor(every_n_steps=3, num_examples=16)
     _fit([default], module=lambda: ReLUClassifier(style="tuple"))
     assert len(monitor.history) == len(default.history) == 3
     for mine, theirs in zip(monitor.history, default.history):
@@ -123,7 +123,7 @@ def test_every_batch_structure_gives_the_same_measurements(style):
 
 
 def test_without_the_kernel_only_weights_and_patterns_are_measured():
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=16, ntk=False, layers=["net.0"])
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16, ntk=False, layers=["net.0"])
     _fit([monitor])
     tags = set(monitor.history[-1])
     assert {"laziness/weight_distance", "laziness/activation_flips", "laziness/activation_flips/net.0"} <= tags
@@ -131,7 +131,7 @@ def test_without_the_kernel_only_weights_and_patterns_are_measured():
 
 
 def test_a_model_without_activations_or_labels_warns_once_and_measures_the_rest():
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=16)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
     with pytest.warns(UserWarning) as caught:
         _fit([monitor], module=lambda: BoringModel(), max_steps=4)
     messages = [str(w.message) for w in caught if "LazinessMonitor" in str(w.message)]
@@ -143,13 +143,13 @@ def test_a_model_without_activations_or_labels_warns_once_and_measures_the_rest(
 
 
 def test_a_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
-    whole = LazinessMonitor(every_n_steps=3, num_samples=16)
+    whole = LazinessMonitor(every_n_steps=3, num_examples=16)
     module = lambda: ReLUClassifier(shuffle=False)  # noqa: E731
     _fit([whole], module=module, max_epochs=4)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
-    first = LazinessMonitor(every_n_steps=3, num_samples=16)
+    first = LazinessMonitor(every_n_steps=3, num_examples=16)
     _fit([first, checkpoint], module=module, max_epochs=2, enable_checkpointing=True)
-    resumed = LazinessMonitor(every_n_steps=3, num_samples=16)
+    resumed = LazinessMonitor(every_n_steps=3, num_examples=16)
     pl.seed_everything(1)  # another initialisation: the checkpoint's weights and initial state must win
     tiny_trainer(None, callbacks=[resumed], max_epochs=4).fit(module(), ckpt_path=str(tmp_path / "last.ckpt"))
     assert [e["step"] for e in resumed.history] == [e["step"] for e in whole.history] == [0, 3, 6, 9, 12, 15, 16]
@@ -168,7 +168,7 @@ class BlowsUp(ReLUClassifier):
 
 
 def test_a_non_finite_measurement_is_skipped_with_one_warning():
-    monitor = LazinessMonitor(every_n_steps=1, num_samples=16)
+    monitor = LazinessMonitor(every_n_steps=1, num_examples=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit([monitor], module=lambda: BlowsUp(), max_steps=6)
@@ -177,7 +177,7 @@ def test_a_non_finite_measurement_is_skipped_with_one_warning():
 
 
 def test_fitting_twice_starts_from_the_new_initialisation():
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=16)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
     module, _ = _fit([monitor], max_steps=4)
     tiny_trainer(None, callbacks=[monitor], max_steps=2).fit(module)
     assert [entry["step"] for entry in monitor.history] == [0, 2]
@@ -186,13 +186,13 @@ def test_fitting_twice_starts_from_the_new_initialisation():
 
 
 def test_a_tanh_network_is_measured_with_named_layers():
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=16, layers=["net.0"])
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16, layers=["net.0"])
     _fit([monitor], module=lambda: TinyClassifier(), max_steps=4)
     assert monitor.history[-1]["laziness/activation_flips/net.0"] >= 0
 
 
 def test_bf16_mixed_measures_in_fp32_outside_autocast():
-    plain, mixed = LazinessMonitor(every_n_steps=2, num_samples=16), LazinessMonitor(every_n_steps=2, num_samples=16)
+    plain, mixed = LazinessMonitor(every_n_steps=2, num_examples=16), LazinessMonitor(every_n_steps=2, num_examples=16)
     _fit([plain], max_steps=2)
     _fit([mixed], max_steps=2, precision="bf16-mixed")
     assert plain.history[0].keys() == mixed.history[0].keys()

@@ -30,7 +30,7 @@ def test_core_on_the_gpu(dtype):
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_callback_on_the_gpu(tmp_path, precision):
     pl.seed_everything(0)
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=24, chunk_size=8)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=24, chunk_size=8)
     trainer = tiny_trainer(tmp_path, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
     trainer.fit(ReLUClassifier(norm=True, dropout=0.1))
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6, 8]

@@ -10,7 +10,7 @@ from tests.laziness.models import ReLUClassifier
 @pytest.mark.ddp
 def test_every_rank_logs_the_mean_of_the_ranks_measurements(tmp_path):
     pl.seed_everything(0)
-    monitor = LazinessMonitor(every_n_steps=2, num_samples=12)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=12)
     trainer = tiny_trainer(
         None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
     )

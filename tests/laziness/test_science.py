@@ -65,7 +65,7 @@ class StopAtLoss(pl.Callback):
 
 def train_to_target(width: int) -> tuple[dict[str, float], int]:
     pl.seed_everything(0)
-    monitor = LazinessMonitor(every_n_steps=10_000, num_samples=24, chunk_size=8)
+    monitor = LazinessMonitor(every_n_steps=10_000, num_examples=24, chunk_size=8)
     stop = StopAtLoss(TARGET_LOSS)
     trainer = tiny_trainer(None, callbacks=[monitor, stop], max_epochs=200)
     trainer.fit(WideDigitsMLP(width), DigitsDataModule(batch_size=256, train_size=256))

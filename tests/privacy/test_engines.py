@@ -106,9 +106,8 @@ def _step(mode, parts=1):
 
 
 def test_the_factory_chooses_one_engine_per_mode_and_its_optimizer():
-    assert {mode: engine_class(mode) for mode in ["hooks", "ew", "functorch", "ghost", "bk"]} == {
+    assert {mode: engine_class(mode) for mode in ["hooks", "functorch", "ghost", "bk"]} == {
         "hooks": OpacusHooksEngine,
-        "ew": OpacusHooksEngine,
         "functorch": OpacusHooksEngine,
         "ghost": GhostClippingEngine,
         "bk": BookKeepingEngine,

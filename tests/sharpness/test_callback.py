@@ -41,7 +41,7 @@ class ExactSharpness(pl.Callback):
 
 
 def test_eigenvalues_match_the_exact_hessian_of_the_probe_set(tmp_path):
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_eigenvalues=2, num_samples=40, tol=1e-5)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_eigenvalues=2, num_examples=40, tol=1e-5)
     reference = ExactSharpness(40)
     _fit([monitor, reference], module=lambda: TinyClassifier(num_samples=96, shuffle=False), root=tmp_path)
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
@@ -62,7 +62,7 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
     def module():
         return TinyClassifier(num_samples=96, norm="batch")
 
-    options = {"every_n_steps": 2, "num_samples": 32, "chunk_size": 10, "trace": True, "trace_samples": 6}
+    options = {"every_n_steps": 2, "num_examples": 32, "chunk_size": 10, "trace": True, "trace_samples": 6}
     plain, plain_trainer = _fit([], module=module, max_epochs=2)
     monitor = SharpnessMonitor(
         **options, max_overhead=None, batch_sharpness=True, batch_sharpness_batches=2, smoothness=True
@@ -89,7 +89,7 @@ def test_threshold_follows_the_live_learning_rate():
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
 
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=6, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=6, num_examples=32)
     _fit([monitor], module=lambda: Scheduled(num_samples=96), max_epochs=3)
     thresholds = [entry["sharpness/threshold"] for entry in monitor.history]
     assert thresholds == pytest.approx([38.0, 76.0, 152.0, 304.0])
@@ -100,7 +100,7 @@ def test_adam_gets_the_preconditioned_sharpness():
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     _fit([monitor], module=lambda: WithAdam(num_samples=96))
     first, later = monitor.history[0], monitor.history[-1]
     assert "sharpness/preconditioned" not in first and "sharpness/ratio" not in first  # no Adam state at step 0
@@ -114,7 +114,7 @@ def test_param_groups_with_different_settings_are_flagged():
             groups = [{"params": self.net[0].parameters(), "lr": 0.1}, {"params": self.net[3].parameters(), "lr": 0.01}]
             return torch.optim.SGD(groups)
 
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     with pytest.warns(UserWarning, match="group 0"):
         _fit([monitor], module=lambda: TwoGroups(num_samples=96))
     assert monitor.history[-1]["sharpness/threshold"] == pytest.approx(20.0)
@@ -125,7 +125,7 @@ def test_other_optimizers_log_eigenvalues_only_and_say_so():
         def configure_optimizers(self):
             return torch.optim.RMSprop(self.parameters(), lr=1e-3)
 
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     with pytest.warns(UserWarning, match="no stability threshold is known for RMSprop"):
         _fit([monitor], module=lambda: WithRMSprop(num_samples=96))
     assert "sharpness/threshold" not in monitor.history[-1] and "sharpness/lambda_max" in monitor.history[-1]
@@ -148,14 +148,14 @@ def test_current_batch_mode_spherical_and_boring_model():
 
 
 def test_max_overhead_skips_measurements_beyond_the_budget():
-    monitor = SharpnessMonitor(every_n_steps=1, num_samples=64, max_overhead=0.05)
+    monitor = SharpnessMonitor(every_n_steps=1, num_examples=64, max_overhead=0.05)
     _fit([monitor], max_epochs=4)
     steps = [entry["step"] for entry in monitor.history]
     assert steps[0] == 0 and len(steps) < 24  # 24 steps were due
     assert all(entry["sharpness/seconds"] > 0 for entry in monitor.history)
     for entry in monitor.history[1:]:  # each was allowed: its predecessors' share plus one more cost <= 5%
         assert entry["sharpness/overhead"] < 0.05 * 1.5
-    unbounded = SharpnessMonitor(every_n_steps=1, num_samples=64, max_overhead=None)
+    unbounded = SharpnessMonitor(every_n_steps=1, num_examples=64, max_overhead=None)
     _fit([unbounded], max_epochs=4)
     assert [entry["step"] for entry in unbounded.history] == list(range(25))
 
@@ -164,7 +164,7 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
     def loss_fn(module, batch):
         return F.cross_entropy(module(batch[0]), batch[1]) * float("nan")
 
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=2, num_samples=32, loss_fn=loss_fn, max_iter=5)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=2, num_examples=32, loss_fn=loss_fn, max_iter=5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, trainer = _fit([monitor], max_epochs=1)
@@ -174,9 +174,9 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
 
 
 def test_checkpoint_keeps_the_history(tmp_path):
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     _fit([monitor], max_epochs=1)
-    restored = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_samples=32)
+    restored = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     restored.load_state_dict(monitor.state_dict())
     assert restored.history == monitor.history
     assert SharpnessMonitor(every_n_steps=3).state_key != SharpnessMonitor(every_n_steps=5).state_key
@@ -207,7 +207,7 @@ def test_attention_models_are_measured_through_the_math_kernel():
     """The fused CPU attention kernel has no double backward: the monitor must not crash the fit on a Transformer."""
     from tests.helpers import TinyTransformer
 
-    monitor = SharpnessMonitor(every_n_steps=2, num_samples=16, max_iter=10)
+    monitor = SharpnessMonitor(every_n_steps=2, num_examples=16, max_iter=10)
     tiny_trainer(None, callbacks=[monitor], max_steps=3).fit(TinyTransformer())
     assert [entry["step"] for entry in monitor.history] == [0, 2]
     assert all(math.isfinite(entry["sharpness/lambda_max"]) for entry in monitor.history)

@@ -58,7 +58,7 @@ class WithAdam(TinyClassifier):
 def test_the_monitor_in_a_gpu_fit(precision, module):
     model = module(num_samples=96, shuffle=False)
     monitor = SharpnessMonitor(
-        every_n_steps=2, num_samples=40, num_eigenvalues=2, tol=1e-5, max_iter=100, trace=True,
+        every_n_steps=2, num_examples=40, num_eigenvalues=2, tol=1e-5, max_iter=100, trace=True,
         batch_sharpness=True, smoothness=True, spherical=True,
     )  # fmt: skip
     tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor]).fit(model)

@@ -10,7 +10,7 @@ from tests.helpers import SaveHistory, TinyClassifier, tiny_trainer
 def test_all_ranks_measure_the_same_sharpness_without_hanging(tmp_path):
     pl.seed_everything(0)
     monitor = SharpnessMonitor(
-        max_overhead=None, every_n_steps=2, num_samples=24, num_eigenvalues=2, trace=True, batch_sharpness=True
+        max_overhead=None, every_n_steps=2, num_examples=24, num_eigenvalues=2, trace=True, batch_sharpness=True
     )
     trainer = tiny_trainer(
         None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]

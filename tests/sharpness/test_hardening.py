@@ -38,7 +38,7 @@ def test_a_double_precision_run_measures_in_double_precision_against_the_exact_h
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     monitor = SharpnessMonitor(
-        every_n_steps=3, num_samples=40, tol=1e-9, max_iter=200, num_eigenvalues=2, trace=True, trace_samples=600,
+        every_n_steps=3, num_examples=40, tol=1e-9, max_iter=200, num_eigenvalues=2, trace=True, trace_samples=600,
         batch_sharpness=True, batch_sharpness_batches=2, smoothness=True, spherical=True,
     )  # fmt: skip
     module = _fit([monitor], lambda: Momentum(num_samples=96, shuffle=False), precision="64-true", max_epochs=1)
@@ -60,7 +60,7 @@ def test_a_double_precision_run_measures_in_double_precision_against_the_exact_h
 
 
 def test_adam_over_a_frozen_backbone_keeps_logging_the_preconditioned_sharpness():
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=40, tol=1e-6, max_iter=60, max_overhead=None)
+    monitor = SharpnessMonitor(every_n_steps=3, num_examples=40, tol=1e-6, max_iter=60, max_overhead=None)
     reference = RecordAdam(40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -90,7 +90,7 @@ def test_lr_zero_gives_an_infinite_threshold_and_ratio_zero(optimizer, tmp_path)
                 {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(s >= 3)), "interval": "step"}
             ]
 
-    monitor = SharpnessMonitor(every_n_steps=1, num_samples=32)
+    monitor = SharpnessMonitor(every_n_steps=1, num_examples=32)
     _fit([monitor], lambda: WarmUp(num_samples=96), root=tmp_path, max_epochs=1)
     assert [entry["step"] for entry in monitor.history] == list(range(7))
     at_zero = [entry for entry in monitor.history if entry["step"] in (1, 2)]
@@ -104,13 +104,13 @@ def test_lr_zero_gives_an_infinite_threshold_and_ratio_zero(optimizer, tmp_path)
 
 
 def test_every_n_steps_is_honoured_by_default():
-    monitor = SharpnessMonitor(every_n_steps=5, num_samples=32)
+    monitor = SharpnessMonitor(every_n_steps=5, num_examples=32)
     _fit([monitor], lambda: TinyClassifier(num_samples=64), max_epochs=5)  # 20 steps
     assert [entry["step"] for entry in monitor.history] == [0, 5, 10, 15, 20]
 
 
 def test_a_budget_announces_and_counts_its_skips(tmp_path):
-    monitor = SharpnessMonitor(every_n_steps=1, num_samples=32, max_overhead=1e-4)
+    monitor = SharpnessMonitor(every_n_steps=1, num_examples=32, max_overhead=1e-4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit([monitor], lambda: TinyClassifier(num_samples=64), root=tmp_path, max_epochs=2)  # 8 steps
@@ -121,7 +121,7 @@ def test_a_budget_announces_and_counts_its_skips(tmp_path):
 
 
 def test_an_expensive_monitor_without_budget_warns_once_and_overhead_waits_for_training_time(tmp_path):
-    monitor = SharpnessMonitor(every_n_steps=1, num_samples=64, tol=1e-6)
+    monitor = SharpnessMonitor(every_n_steps=1, num_examples=64, tol=1e-6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit([monitor], lambda: TinyClassifier(num_samples=64), root=tmp_path, max_epochs=2)
@@ -137,13 +137,13 @@ def test_an_expensive_monitor_without_budget_warns_once_and_overhead_waits_for_t
 
 
 def test_gradient_accumulation_measures_each_due_step_once():
-    monitor = SharpnessMonitor(every_n_steps=2, num_samples=32, max_overhead=None)
+    monitor = SharpnessMonitor(every_n_steps=2, num_examples=32, max_overhead=None)
     _fit([monitor], lambda: TinyClassifier(num_samples=96), max_epochs=2, accumulate_grad_batches=2)  # 3 steps an epoch
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]
 
 
 def test_a_second_fresh_fit_measures_its_first_step_again():
-    monitor = SharpnessMonitor(every_n_steps=3, num_samples=32)
+    monitor = SharpnessMonitor(every_n_steps=3, num_examples=32)
     for _ in range(2):
         _fit([monitor], lambda: TinyClassifier(num_samples=96), max_steps=2)
     assert [entry["step"] for entry in monitor.history] == [0, 0]
@@ -207,7 +207,7 @@ def _held_bytes(root) -> int:
 @pytest.mark.parametrize("lambda_min", [True, False])
 def test_after_fit_the_monitor_holds_only_the_warm_start_vectors(lambda_min):
     monitor = SharpnessMonitor(
-        every_n_steps=3, num_samples=32, num_eigenvalues=2, lambda_min=lambda_min, max_overhead=None
+        every_n_steps=3, num_examples=32, num_eigenvalues=2, lambda_min=lambda_min, max_overhead=None
     )
     module = _fit([monitor], lambda: TinyClassifier(num_samples=96, hidden=128), max_epochs=1)
     model_bytes = sum(p.numel() * p.element_size() for p in module.parameters())

@@ -12,7 +12,7 @@ from tests.helpers import tiny_trainer
 
 def _ratios(optimizer, lr, steps, seed):
     pl.seed_everything(seed)
-    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=20, num_samples=500, max_iter=20)
+    monitor = SharpnessMonitor(max_overhead=None, every_n_steps=20, num_examples=500, max_iter=20)
     trainer = tiny_trainer(None, max_epochs=1, callbacks=[monitor])
     trainer.fit(FullBatchMLP(optimizer, lr, steps, seed))
     key = "sharpness/preconditioned" if optimizer == "adam" else "sharpness/lambda_max"

@@ -39,7 +39,7 @@ def test_values_equal_the_core_on_independently_read_features(tmp_path):
     pl.seed_everything(0)
     module = TinyClassifier(num_samples=64, shuffle=False)
     initial = copy.deepcopy(module)
-    monitor = RepresentationSimilarity(num_samples=40, metrics=METRICS)
+    monitor = RepresentationSimilarity(num_examples=40, metrics=METRICS)
     _fit([monitor], module=module, root=tmp_path, max_epochs=2)
     assert [(entry["epoch"], entry["step"]) for entry in monitor.history] == [(0, 4), (1, 8)]
     expected = similarities(_hidden(module), _hidden(initial), METRICS, "tanh")
@@ -59,7 +59,7 @@ def test_a_run_with_the_callback_is_bitwise_the_run_without():
         return TinyClassifier(num_samples=64, norm="batch")
 
     plain, plain_trainer = _fit([], module=module, max_epochs=2)
-    monitor = RepresentationSimilarity(num_samples=32)
+    monitor = RepresentationSimilarity(num_examples=32)
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 2
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
@@ -74,9 +74,9 @@ def test_previous_module_and_checkpoint_references(tmp_path):
     pl.seed_everything(1)
     other = TinyClassifier(num_samples=64, shuffle=False)
     torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
-    previous = RepresentationSimilarity(num_samples=40, reference="previous")
-    seed = RepresentationSimilarity(num_samples=40, reference=other)
-    path = RepresentationSimilarity(num_samples=40, reference=str(tmp_path / "other.ckpt"))
+    previous = RepresentationSimilarity(num_examples=40, reference="previous")
+    seed = RepresentationSimilarity(num_examples=40, reference=other)
+    path = RepresentationSimilarity(num_examples=40, reference=str(tmp_path / "other.ckpt"))
     snapshots = {}
 
     class Snapshot(pl.Callback):
@@ -123,19 +123,19 @@ class StructuredBatches(TinyClassifier):
 
 @pytest.mark.parametrize("style", ["dict", "dataclass"])
 def test_dict_and_dataclass_batches(style):
-    tuples = RepresentationSimilarity(num_samples=40)
+    tuples = RepresentationSimilarity(num_examples=40)
     _fit([tuples], max_epochs=1)
-    structured = RepresentationSimilarity(num_samples=40)
+    structured = RepresentationSimilarity(num_examples=40)
     _fit([structured], module=lambda: StructuredBatches(style), max_epochs=1)
     assert structured.history[0]["similarity/cka/net.2"] == pytest.approx(tuples.history[0]["similarity/cka/net.2"])
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
-    uninterrupted = RepresentationSimilarity(num_samples=40)
+    uninterrupted = RepresentationSimilarity(num_examples=40)
     _fit([uninterrupted], max_epochs=3)
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # saved at validation end, as by default
-    _fit([RepresentationSimilarity(num_samples=40), saver], max_epochs=2, enable_checkpointing=True)
-    resumed = RepresentationSimilarity(num_samples=40)
+    _fit([RepresentationSimilarity(num_examples=40), saver], max_epochs=2, enable_checkpointing=True)
+    resumed = RepresentationSimilarity(num_examples=40)
     pl.seed_everything(123)  # the reference must be the checkpoint's, not the resumed weights' features
     trainer = tiny_trainer(callbacks=[resumed], max_epochs=3)
     trainer.fit(TinyClassifier(num_samples=64, shuffle=False), ckpt_path=str(tmp_path / "last.ckpt"))
@@ -152,7 +152,7 @@ class NaNInEval(nn.Module):
 def test_non_finite_measurements_are_skipped_with_one_warning():
     module = TinyClassifier(num_samples=64)
     module.net.insert(3, NaNInEval())
-    monitor = RepresentationSimilarity(num_samples=32, layers={"net.3": "tanh"})
+    monitor = RepresentationSimilarity(num_examples=32, layers={"net.3": "tanh"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, trainer = _fit([monitor], module=module, max_epochs=2)
@@ -176,7 +176,7 @@ class SharedActivation(TinyClassifier):
 
 
 def test_a_module_run_twice_gives_a_layer_per_call_and_explicit_layers_name_their_group():
-    monitor = RepresentationSimilarity(num_samples=40, layers={"act": "relu", "conv": "identity"}, max_rows=100)
+    monitor = RepresentationSimilarity(num_examples=40, layers={"act": "relu", "conv": "identity"}, max_rows=100)
     initial = {}
 
     class Initial(pl.Callback):

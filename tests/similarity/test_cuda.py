@@ -31,7 +31,7 @@ def test_callback_on_the_gpu(precision):
         devices.add(batch[0].device.type)
         return torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
 
-    monitor = RepresentationSimilarity(num_samples=40, metrics=METRICS, loss_fn=loss_fn)
+    monitor = RepresentationSimilarity(num_examples=40, metrics=METRICS, loss_fn=loss_fn)
     trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
     trainer.fit(TinyClassifier(num_samples=96))
     assert devices == {"cuda"}

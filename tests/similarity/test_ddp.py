@@ -9,7 +9,7 @@ from tests.helpers import SaveHistory, TinyClassifier, tiny_trainer
 @pytest.mark.ddp
 def test_all_ranks_report_the_same_similarities(tmp_path):
     pl.seed_everything(0)
-    monitor = RepresentationSimilarity(num_samples=24, metrics=("cka", "intertwiner", "cka_debiased"))
+    monitor = RepresentationSimilarity(num_examples=24, metrics=("cka", "intertwiner", "cka_debiased"))
     trainer = tiny_trainer(
         None, strategy="ddp_spawn", devices=2, max_epochs=2, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
     )

@@ -83,7 +83,7 @@ class ExplicitGradients(pl.Callback):
 
 def test_the_callback_is_the_cross_mean_test_of_the_per_example_gradients(tmp_path):
     reference = ExplicitGradients(classification_data(32, 8, 3, seed=1).tensors)  # the module's validation set
-    monitor = GradientSignalTest(every_n_steps=3, num_samples=32)
+    monitor = GradientSignalTest(every_n_steps=3, num_examples=32)
     _, trainer = _fit([monitor, reference], root=tmp_path)
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
     for entry in monitor.history[1:]:
@@ -105,7 +105,7 @@ def test_per_example_loss_fn_mean_loss_fn_and_training_step_give_the_same_test()
 
     histories = []
     for loss_fn in (None, _cross_entropy_per_example, mean_loss):
-        monitor = GradientSignalTest(every_n_steps=2, num_samples=24, data="train", loss_fn=loss_fn)
+        monitor = GradientSignalTest(every_n_steps=2, num_examples=24, data="train", loss_fn=loss_fn)
         _fit([monitor], max_epochs=1)
         histories.append(monitor.history)
     for other in histories[1:]:
@@ -119,7 +119,7 @@ def test_a_run_with_the_test_is_bitwise_the_run_without():
         return TinyClassifier(num_samples=96, norm="batch")
 
     plain, plain_trainer = _fit([], module=module, max_epochs=2)
-    monitor = GradientSignalTest(every_n_steps=2, num_samples=32)
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=32)
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 7
     for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
@@ -176,9 +176,9 @@ class StructuredBatches(TinyClassifier):
 
 @pytest.mark.parametrize("kind", ["dict", "dataclass"])
 def test_dict_and_dataclass_batches_give_the_tuple_batch_numbers(kind):
-    reference = GradientSignalTest(every_n_steps=3, num_samples=32)
+    reference = GradientSignalTest(every_n_steps=3, num_examples=32)
     _fit([reference])
-    monitor = GradientSignalTest(every_n_steps=3, num_samples=32)
+    monitor = GradientSignalTest(every_n_steps=3, num_examples=32)
     _fit([monitor], module=lambda: StructuredBatches(kind, num_samples=96))
     assert len(monitor.history) == len(reference.history) == 3
     for a, b in zip(monitor.history, reference.history):
@@ -190,7 +190,7 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
     def loss_fn(module, batch):
         return _cross_entropy_per_example(module, batch) * float("nan")
 
-    monitor = GradientSignalTest(every_n_steps=2, num_samples=32, loss_fn=loss_fn)
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=32, loss_fn=loss_fn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, trainer = _fit([monitor])
@@ -205,8 +205,8 @@ def test_validation_data_is_required_for_data_val():
         validation_step = None
 
     with pytest.raises(RuntimeError, match="data='train'"):
-        _fit([GradientSignalTest(num_samples=16)], module=lambda: NoValidation(num_samples=48))
-    monitor = GradientSignalTest(num_samples=16, data="train", every_n_steps=1)
+        _fit([GradientSignalTest(num_examples=16)], module=lambda: NoValidation(num_samples=48))
+    monitor = GradientSignalTest(num_examples=16, data="train", every_n_steps=1)
     _fit([monitor], module=lambda: NoValidation(num_samples=48))
     assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
 
@@ -215,12 +215,12 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     def module():
         return TinyClassifier(num_samples=96, shuffle=False)
 
-    uninterrupted = GradientSignalTest(every_n_steps=4, num_samples=32)
+    uninterrupted = GradientSignalTest(every_n_steps=4, num_examples=32)
     _fit([uninterrupted], module=module, max_epochs=2)
-    first = GradientSignalTest(every_n_steps=4, num_samples=32)
+    first = GradientSignalTest(every_n_steps=4, num_examples=32)
     _, trainer = _fit([first], module=module, max_epochs=1)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed = GradientSignalTest(every_n_steps=4, num_samples=32)
+    resumed = GradientSignalTest(every_n_steps=4, num_examples=32)
     pl.seed_everything(0)
     tiny_trainer(None, callbacks=[resumed], max_epochs=2).fit(module(), ckpt_path=tmp_path / "epoch1.ckpt")
     assert [entry["step"] for entry in resumed.history] == [0, 4, 8, 12]
@@ -228,9 +228,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 
 def test_checkpoint_keeps_the_history_and_the_key_names_every_setting():
-    monitor = GradientSignalTest(every_n_steps=3, num_samples=32)
+    monitor = GradientSignalTest(every_n_steps=3, num_examples=32)
     _fit([monitor])
-    restored = GradientSignalTest(every_n_steps=3, num_samples=32)
+    restored = GradientSignalTest(every_n_steps=3, num_examples=32)
     restored.load_state_dict(monitor.state_dict())
     assert restored.history == monitor.history and len(restored.history) == 3
     keys = {
@@ -281,7 +281,7 @@ def test_the_two_reverse_pass_fallback_equals_forward_mode():
 def test_attention_models_use_kernels_that_forward_mode_can_differentiate():
     module = TinyTransformer()
     initial = copy.deepcopy(module).eval()
-    monitor = GradientSignalTest(every_n_steps=2, num_samples=16, data="train")
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=16, data="train")
     _fit([monitor], module=lambda: module, max_steps=2)
     tokens, targets = module.train_dataloader().dataset.tensors
     rows = []
@@ -296,8 +296,8 @@ def test_attention_models_use_kernels_that_forward_mode_can_differentiate():
 
 def test_manual_optimization_needs_a_loss_fn_and_works_with_one():
     with pytest.raises(RuntimeError, match="loss_fn"):
-        _fit([GradientSignalTest(num_samples=16)], module=lambda: ManualOptimizationModule(num_samples=48))
-    monitor = GradientSignalTest(num_samples=16, every_n_steps=1, loss_fn=_cross_entropy_per_example)
+        _fit([GradientSignalTest(num_examples=16)], module=lambda: ManualOptimizationModule(num_samples=48))
+    monitor = GradientSignalTest(num_examples=16, every_n_steps=1, loss_fn=_cross_entropy_per_example)
     _fit([monitor], module=lambda: ManualOptimizationModule(num_samples=48))
     assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
 
@@ -308,4 +308,4 @@ def test_too_few_examples_are_refused_before_training():
             return DataLoader(classification_data(3, self.dim, self.classes, seed=1), batch_size=3)
 
     with pytest.raises(ValueError, match="at least 4 examples"):
-        _fit([GradientSignalTest(num_samples=16)], module=lambda: ThreeValidationExamples(num_samples=48))
+        _fit([GradientSignalTest(num_examples=16)], module=lambda: ThreeValidationExamples(num_samples=48))

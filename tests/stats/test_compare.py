@@ -26,7 +26,7 @@ def test_the_test_is_the_cross_mean_test_of_the_softmax_differences():
     with torch.no_grad():
         differences = (a(inputs).softmax(-1) - b(inputs).softmax(-1)).double()
     assert compare_models(a, b, _loader(), seed=3) == cross_mean_test(differences, seed=3)
-    first = compare_models(a, b, _loader(), num_samples=100, outputs="logits")
+    first = compare_models(a, b, _loader(), num_examples=100, outputs="logits")
     with torch.no_grad():
         assert first == cross_mean_test((a(inputs[:100]) - b(inputs[:100])).double())
 

@@ -22,7 +22,7 @@ def test_core_on_cuda_equals_cpu():
 
 def _history(accelerator, precision, loss_fn=None):
     pl.seed_everything(0)
-    monitor = GradientSignalTest(every_n_steps=3, num_samples=32, loss_fn=loss_fn)
+    monitor = GradientSignalTest(every_n_steps=3, num_examples=32, loss_fn=loss_fn)
     trainer = tiny_trainer(None, accelerator=accelerator, precision=precision, callbacks=[monitor], deterministic=False)
     trainer.fit(TinyClassifier(num_samples=96, shuffle=False))
     return monitor.history

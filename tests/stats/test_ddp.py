@@ -12,7 +12,7 @@ from tests.helpers import SaveHistory, TinyClassifier, classification_data, tiny
 @pytest.mark.ddp
 def test_all_ranks_report_the_same_test_of_the_pooled_examples(tmp_path):
     pl.seed_everything(0)
-    monitor = GradientSignalTest(every_n_steps=2, num_samples=16)
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=16)
     trainer = tiny_trainer(
         None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
     )

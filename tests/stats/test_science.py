@@ -19,7 +19,7 @@ from tests.helpers import tiny_trainer
 @pytest.mark.slow
 def test_on_the_digits_the_test_rejects_early_and_the_statistic_falls_as_training_converges():
     pl.seed_everything(0)
-    monitor = GradientSignalTest(every_n_steps=20, num_samples=512)  # the whole validation set: 359 digits
+    monitor = GradientSignalTest(every_n_steps=20, num_examples=512)  # the whole validation set: 359 digits
     trainer = tiny_trainer(None, callbacks=[monitor], max_epochs=10, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(DigitsMLP(optimizer="sgd", lr=0.01, momentum=0.9), DigitsDataModule(batch_size=64))
     history = monitor.history
@@ -70,7 +70,7 @@ class PlantedLogistic(pl.LightningModule):
 
 
 def _p_value(seed, offset=0.0):
-    monitor = GradientSignalTest(num_samples=SAMPLES, every_n_steps=1000)
+    monitor = GradientSignalTest(num_examples=SAMPLES, every_n_steps=1000)
     trainer = tiny_trainer(None, callbacks=[monitor], max_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(PlantedLogistic(seed, offset))
     return monitor.history[0]["gradtest/p_value"]

@@ -1,6 +1,6 @@
 """Per-example clipping (a DP-SGD stage): one interface, one engine per ``grad_sample_mode``, chosen here.
 
-- ``"hooks"`` (and ``"functorch"``, ``"ew"``): :class:`~.hooks.OpacusHooksEngine`, Opacus's hooks form every
+- ``"hooks"`` (and ``"functorch"``): :class:`~.hooks.OpacusHooksEngine`, Opacus's hooks form every
   example's gradient, the optimizer clips and sums them;
 - ``"ghost"``: :class:`~.ghost.GhostClippingEngine`, norms from a first backward pass, the clipped sum from a second;
 - ``"bk"``: :class:`~.bk.BookKeepingEngine`, one backward pass, per-layer ghost or instantiated norms.
@@ -22,10 +22,9 @@ from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
 
 __all__ = ["ClippingEngine", "GradSampleMode", "clipping_engine", "engine_class"]
 
-GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "bk"]
+GradSampleMode = Literal["hooks", "functorch", "ghost", "bk"]
 _ENGINES: dict[str, type[ClippingEngine]] = {
     "hooks": OpacusHooksEngine,
-    "ew": OpacusHooksEngine,
     "functorch": OpacusHooksEngine,
     "ghost": GhostClippingEngine,
     "bk": BookKeepingEngine,

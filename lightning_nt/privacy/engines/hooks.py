@@ -1,6 +1,6 @@
 """Per-example clipping (a DP-SGD stage) with Opacus's hooks: every example's gradient is formed, then clipped.
 
-``grad_sample_mode="hooks"`` (or ``"functorch"``, or ``"ew"``): Opacus's per-sample-gradient hooks on the module
+``grad_sample_mode="hooks"`` (or ``"functorch"``): Opacus's per-sample-gradient hooks on the module
 itself (no wrapper) fill ``p.grad_sample`` during the ordinary backward pass; the optimizer here clips and sums
 them (in fp32), carrying the sums of earlier physical batches across Lightning's ``zero_grad`` (virtual steps).
 """
