@@ -34,7 +34,7 @@ def test_dict_batches_and_short_loaders():
 def test_empty_batches_are_skipped_and_bad_sizes_rejected():
     batches = [(torch.empty(0, 2), torch.empty(0)), (torch.randn(2, 2), torch.ones(2))]
     assert len(ProbeSet.from_batches(batches, num_examples=5)) == 2
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match="num_examples"):
         ProbeSet.from_batches(batches, num_examples=0)
     with pytest.raises(ValueError, match="first dimension"):
         batch_size((torch.randn(2, 2), torch.ones(3)))

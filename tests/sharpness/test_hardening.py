@@ -155,7 +155,7 @@ def _comparable(history):
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_resumed_run_measures_what_the_uninterrupted_run_measures(tmp_path, accumulate):
-    options = {"every_n_steps": 2, "num_samples": 32, "num_eigenvalues": 2, "tol": 1e-2, "max_overhead": None}
+    options = {"every_n_steps": 2, "num_examples": 32, "num_eigenvalues": 2, "tol": 1e-2, "max_overhead": None}
 
     def run(name, callbacks, **kwargs):
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / name, save_last=True)

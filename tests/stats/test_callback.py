@@ -235,7 +235,7 @@ def test_checkpoint_keeps_the_history_and_the_key_names_every_setting():
     assert restored.history == monitor.history and len(restored.history) == 3
     keys = {
         GradientSignalTest(**kwargs).state_key
-        for kwargs in ({}, {"every_n_steps": 5}, {"num_samples": 64}, {"data": "train"}, {"alpha": 0.01}, {"seed": 1})
+        for kwargs in ({}, {"every_n_steps": 5}, {"num_examples": 64}, {"data": "train"}, {"alpha": 0.01}, {"seed": 1})
     }
     assert len(keys) == 6
 
@@ -245,7 +245,9 @@ def test_checkpoint_keeps_the_history_and_the_key_names_every_setting():
     [
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"every_n_steps": 2.0}, "every_n_steps"),
-        ({"num_samples": 3}, "num_samples"),
+        ({"num_examples": 3}, "num_examples"),
+        ({"num_examples": True}, "num_examples"),
+        ({"num_samples": 3}, "num_samples"),  # the deprecated name
         ({"num_samples": True}, "num_samples"),
         ({"data": "test"}, "data"),
         ({"alpha": 0.0}, "alpha"),
