@@ -46,13 +46,10 @@ from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
 
 from lightning_nt.demos.wide_resnet import StandardizedConv2d
+from lightning_nt.privacy.grad_samplers import standardization_backward
 
-__all__ = ["BookKeepingClipper", "outer_product_norms", "supported_layer_types"]
+__all__ = ["BookKeepingClipper", "conv_per_example_grads", "outer_product_norms", "supported_layer_types"]
 
-_CONV_WEIGHT_GRAD: dict[type, Callable[..., Tensor]] = {
-    nn.Conv1d: torch.nn.grad.conv1d_weight,
-    nn.Conv2d: torch.nn.grad.conv2d_weight,
-}
 _DIRECT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -191,11 +188,14 @@ class BookKeepingClipper:
             pieces = [piece for layer in self.layers for piece in self._pieces(layer, batch_size)]
             if not pieces:
                 raise RuntimeError("No recorded forward/backward pass: run both inside `recording()` first.")
-            norms = torch.stack([piece.squared_norms() for piece in pieces]).sum(0).sqrt()
+            # the pieces hold each unit's gradient of the sum of its rows' terms of the back-propagated loss: a
+            # unit's gradient (the mean over its rows of their own losses' gradients) is that times `scale`
+            scale = (float(batch_size) if self.loss_reduction == "mean" else 1.0) / self.group_size
+            norms = torch.stack([piece.squared_norms() for piece in pieces]).sum(0).sqrt() * scale
             finite = torch.isfinite(norms)
             factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
-            keep = finite.repeat_interleave(self.group_size)
-            sums = {piece.parameter: piece.clipped_sum(factors, keep) for piece in pieces}
+            keep = None if bool(finite.all()) else finite  # masking costs a pass over the data: only when needed
+            sums = {piece.parameter: piece.clipped_sum(factors * scale, keep) for piece in pieces}
             self._deliver(sums, carry)
             self.last_norms = norms
             return norms
@@ -233,32 +233,42 @@ class BookKeepingClipper:
                     f"The input of layer {name} was modified in place after the layer used it, so its "
                     "per-example gradients can't be formed from it; avoid the in-place operation."
                 )
-        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
-        grads = [grad * scale for grad in record.grads if grad is not None]
-        return _pieces_for(layer, record.inputs, grads, record.outputs, self)
+        dtype = self.norm_dtype
+        inputs = [a.to(dtype) if a.is_floating_point() else a for a in record.inputs]  # embedding indices stay
+        grads = [g.to(dtype) for g in record.grads if g is not None]
+        return _pieces_for(layer, inputs, grads, [y.to(dtype) for y in record.outputs], self)
 
     def _name(self, layer: nn.Module) -> str:
         return next((name for name, module in self.module.named_modules() if module is layer), type(layer).__name__)
 
     def units(self, tensor: Tensor) -> Tensor:
         """``[N, T, ...] -> [N / K, K * T, ...]``: the K rows of one privacy unit become more positions."""
+        if self.group_size == 1:
+            return tensor
         rows, positions = tensor.shape[0], tensor.shape[1]
         return tensor.reshape(rows // self.group_size, self.group_size * positions, *tensor.shape[2:])
 
-    def unit_mean(self, per_row: Tensor) -> Tensor:
-        """``[N, ...] -> [N / K, ...]``: a unit's gradient is the mean of its rows' gradients."""
-        return per_row.reshape(per_row.shape[0] // self.group_size, self.group_size, *per_row.shape[1:]).mean(1)
+    def unit_sum(self, per_row: Tensor) -> Tensor:
+        """``[N, ...] -> [N / K, ...]``: the sum over each unit's rows."""
+        if self.group_size == 1:
+            return per_row
+        return per_row.reshape(per_row.shape[0] // self.group_size, self.group_size, *per_row.shape[1:]).sum(1)
 
-    def row_factors(self, factors: Tensor) -> Tensor:
-        """Each row's weight in the clipped sum: its unit's clip factor over K."""
-        return factors.repeat_interleave(self.group_size) / self.group_size
+    def row_weights(self, weights: Tensor) -> Tensor:
+        """Each row's weight in the clipped sum: its unit's."""
+        return weights if self.group_size == 1 else weights.repeat_interleave(self.group_size)
+
+    def row_keep(self, keep: Tensor | None) -> Tensor | None:
+        """Each row's mask: its unit's (``None``: keep every row)."""
+        return None if keep is None else self.row_weights(keep)
 
 
 class _Piece:
     """One parameter's contribution: per-unit squared gradient norms, and the sum of the clipped gradients.
 
-    ``clipped_sum(factors, keep)`` takes each unit's clip factor and, per row, whether to keep it at all (a row of a
-    unit with a non-finite gradient is masked out, not multiplied by zero: ``nan * 0`` is ``nan``).
+    ``clipped_sum(weights, keep)`` takes each unit's weight (its clip factor) and, unless ``keep`` is ``None``, per
+    unit whether to keep it at all (a unit with a non-finite gradient is masked out, not multiplied by zero:
+    ``nan * 0`` is ``nan``).
     """
 
     parameter: nn.Parameter
@@ -266,25 +276,68 @@ class _Piece:
     def squared_norms(self) -> Tensor:
         raise NotImplementedError
 
-    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
+    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 
-def _masked(tensor: Tensor, keep: Tensor) -> Tensor:
-    """``tensor`` with the rows (dimension 0) not in ``keep`` set to zero."""
-    return torch.where(keep.view(-1, *([1] * (tensor.ndim - 1))), tensor, 0.0)
+def _masked(tensor: Tensor, keep: Tensor | None) -> Tensor:
+    """``tensor`` with the rows (dimension 0) not in ``keep`` set to zero (all of them kept if ``keep`` is None)."""
+    return tensor if keep is None else torch.where(keep.view(-1, *([1] * (tensor.ndim - 1))), tensor, 0.0)
 
 
-class _OuterProduct:
-    """Squared norms of per-unit gradients ``sum_t g_t u_tᵀ`` over positions t (ghost or instantiated)."""
+class _PerUnit(_Piece):
+    """Per-row gradients formed outright (biases, norm layers, Opacus's rules, weights whose per-example gradients
+    cost less than their Gram matrices): norms and the clipped sum straight from them."""
 
-    def __init__(self, clipper: BookKeepingClipper, patches: Tensor, grads: Tensor) -> None:
-        dtype, k = clipper.norm_dtype, clipper.group_size
-        self.patches = clipper.units(patches.to(dtype))  # [B, T, d]
-        self.grads = clipper.units(grads.to(dtype)) / k  # [B, T, p]: a unit's gradient is the mean of its rows'
+    def __init__(self, clipper: BookKeepingClipper, parameter: nn.Parameter, per_row: Tensor) -> None:
+        self.parameter = parameter
+        self.per_unit = clipper.unit_sum(per_row)
 
     def squared_norms(self) -> Tensor:
-        return outer_product_norms(self.patches, self.grads)
+        return torch.linalg.vector_norm(self.per_unit.flatten(1), dim=1).square()
+
+    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
+        units = _masked(self.per_unit, keep)
+        return (weights @ units.flatten(1)).view(units.shape[1:])
+
+
+class _StandardizedPerUnit(_PerUnit):
+    """A weight-standardised convolution's per-unit gradients with respect to its standardised kernel ``w_hat``:
+    the raw weight's norms follow from three reductions per output channel (see :class:`_StandardizedGhost`), and the
+    chain rule through the standardisation is applied once, to the clipped sum."""
+
+    def __init__(self, clipper: BookKeepingClipper, layer: StandardizedConv2d, per_row: Tensor) -> None:
+        super().__init__(clipper, layer.weight, per_row)
+        self.standardization = _Standardization(layer.weight, per_row.dtype)
+
+    def squared_norms(self) -> Tensor:
+        channels, standardization = self.per_unit.flatten(2), self.standardization  # [B, p, d]
+        squares = torch.linalg.vector_norm(channels, dim=2).square() / standardization.s.square()
+        s1, s2 = channels.sum(2), torch.einsum("bpd,pd->bp", channels, standardization.standardized)
+        return squares.sum(1) + standardization.correction(s1, s2)
+
+    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
+        return standardization_backward(self.parameter, super().clipped_sum(weights, keep))
+
+
+class _Standardization:
+    """Per output channel of a weight-standardised kernel ``w_hat = (w - mean) / s``, ``s = sigma + eps`` over its
+    ``d`` inputs, and ``g`` an example's gradient with respect to ``w_hat``: the raw gradient is
+    ``(g - mean(g)) / s - w_hat S2 / (d sigma)`` with ``S2 = g · w_hat``; as ``w_hat`` is centred and
+    ``|w_hat|² = d sigma² / s²``, its squared norm is ``(|g|² - S1²/d) / s² + S2² (1/s² - 2/(s sigma)) / d`` with
+    ``S1 = sum(g)``."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        flat = weight.detach().to(dtype).flatten(1)
+        self.fan_in = flat.shape[1]
+        self.sigma = flat.std(1, unbiased=False)
+        self.s = self.sigma + 1e-5  # as in the forward
+        self.standardized = (flat - flat.mean(1, keepdim=True)) / self.s[:, None]  # [p, d]
+
+    def correction(self, s1: Tensor, s2: Tensor) -> Tensor:
+        """The raw squared norm minus ``sum(|g|² / s²)`` over channels, per unit, from ``S1``, ``S2`` (``[B, p]``)."""
+        d, s, sigma = self.fan_in, self.s, self.sigma
+        return (-s1.square() / (d * s.square()) + s2.square() * (1 / s.square() - 2 / (s * sigma)) / d).sum(1)
 
 
 def outer_product_norms(
@@ -304,7 +357,7 @@ def outer_product_norms(
     if method == "auto":
         if positions == 1:
             return patches.square().sum((1, 2)) * grads.square().sum((1, 2))
-        method = "ghost" if positions * (d + p) < d * p else "instantiate"
+        method = "instantiate" if _instantiate(positions, d, p) else "ghost"
     if method == "ghost":
         gram_a = torch.bmm(patches, patches.transpose(1, 2))
         gram_g = torch.bmm(grads, grads.transpose(1, 2))
@@ -312,90 +365,79 @@ def outer_product_norms(
     return torch.bmm(grads.transpose(1, 2), patches).square().sum((1, 2))
 
 
-class _StandardizedOuterProduct(_OuterProduct):
-    """The raw weight of a weight-standardised convolution: its per-example norm, exact from ghost quantities.
+def _instantiate(positions: int, d: int, p: int) -> bool:
+    """Whether forming a ``p x d`` per-example gradient over ``positions`` costs less than its Gram matrices."""
+    return positions > 1 and positions * (d + p) >= d * p
 
-    With ``w_hat = (w - mean) / s`` per output channel (``s = sigma + eps`` over its ``d`` inputs) and ``g`` an
-    example's gradient with respect to ``w_hat``, the raw gradient is ``(g - mean(g)) / s - w_hat S2 / (d sigma)``
-    with ``S2 = g · w_hat``; as ``w_hat`` is centred and ``|w_hat|² = d sigma² / s²``, its squared norm is
-    ``(|g|² - S1²/d) / s² + S2² (1/s² - 2/(s sigma)) / d`` with ``S1 = sum(g)``. ``|g|²/s²`` is the outer-product
-    norm with ``G / s``; ``S1 = sum_t G_t (sum of patch u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's
-    output without bias.
-    """
+
+class _Ghost:
+    """One block ``sum_t g_t u_tᵀ`` of a weight's per-unit gradient, for its norm by the ghost Gram identity."""
+
+    def __init__(self, clipper: BookKeepingClipper, patches: Tensor, grads: Tensor) -> None:
+        self.patches = clipper.units(patches)  # [B, T, d]
+        self.grads = clipper.units(grads)  # [B, T, p]
+
+    def squared_norms(self) -> Tensor:
+        return outer_product_norms(self.patches, self.grads)
+
+
+class _StandardizedGhost(_Ghost):
+    """The raw weight of a weight-standardised convolution: its per-example norm, exact from ghost quantities
+    (:class:`_Standardization`). ``|g|²/s²`` is the outer-product norm with ``G / s``; ``S1 = sum_t G_t (sum of patch
+    u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's output without bias."""
 
     def __init__(
         self, clipper: BookKeepingClipper, layer: StandardizedConv2d, patches: Tensor, grads: Tensor, outputs: Tensor
     ) -> None:
-        weight = layer.weight.detach().to(clipper.norm_dtype)
-        self.fan_in = weight[0].numel()
-        self.sigma = weight.flatten(1).std(1, unbiased=False)
-        self.s = self.sigma + 1e-5
-        super().__init__(clipper, patches, grads.to(clipper.norm_dtype) / self.s)
-        unit_grads = self.grads * self.s  # [B, T, p], back to the gradient with respect to w_hat
+        self.standardization = _Standardization(layer.weight, grads.dtype)
+        super().__init__(clipper, patches, grads / self.standardization.s)
+        unit_grads = clipper.units(grads)  # [B, T, p], the gradient with respect to w_hat
         self.s1 = torch.einsum("btp,bt->bp", unit_grads, self.patches.sum(2))
-        self.s2 = (unit_grads * clipper.units(outputs.to(clipper.norm_dtype))).sum(1)
+        self.s2 = (unit_grads * clipper.units(outputs)).sum(1)
 
     def squared_norms(self) -> Tensor:
-        d, s, sigma = self.fan_in, self.s, self.sigma
-        correction = -self.s1.square() / (d * s.square()) + self.s2.square() * (1 / s.square() - 2 / (s * sigma)) / d
-        return super().squared_norms() + correction.sum(1)
+        return super().squared_norms() + self.standardization.correction(self.s1, self.s2)
 
 
-class _WeightPiece(_Piece):
-    """A weight whose per-unit norms add up over ``parts`` (a convolution's groups) and whose clipped sum is one
-    weight-gradient call with the clip factors folded into the output gradients."""
+class _GhostWeight(_Piece):
+    """A weight whose per-unit norms come from ghost ``blocks`` (a convolution's groups add up) and whose clipped
+    sum is one weight-gradient call with the clip factors folded into the output gradients."""
 
     def __init__(
         self,
         clipper: BookKeepingClipper,
         parameter: nn.Parameter,
-        parts: list[_OuterProduct],
-        weight_sum: Callable[[Tensor, Tensor], Tensor],
+        blocks: list[_Ghost],
+        weight_sum: Callable[[Tensor, Tensor | None], Tensor],
         finish: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        self.clipper, self.parameter, self.parts = clipper, parameter, parts
+        self.clipper, self.parameter, self.blocks = clipper, parameter, blocks
         self.weight_sum, self.finish = weight_sum, finish
 
     def squared_norms(self) -> Tensor:
-        return torch.stack([part.squared_norms() for part in self.parts]).sum(0)
+        return torch.stack([block.squared_norms() for block in self.blocks]).sum(0)
 
-    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
-        total = self.weight_sum(self.clipper.row_factors(factors), keep)
+    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
+        total = self.weight_sum(self.clipper.row_weights(weights), self.clipper.row_keep(keep))
         return total if self.finish is None else self.finish(total)
-
-
-class _PerUnit(_Piece):
-    """Per-row gradients small enough to form (biases, norm layers, Opacus's fallback rules)."""
-
-    def __init__(self, clipper: BookKeepingClipper, parameter: nn.Parameter, per_row: Tensor) -> None:
-        self.parameter, self.group_size = parameter, clipper.group_size
-        self.per_unit = clipper.unit_mean(per_row.to(clipper.norm_dtype))
-
-    def squared_norms(self) -> Tensor:
-        return self.per_unit.flatten(1).square().sum(1)
-
-    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
-        units = _masked(self.per_unit, keep[:: self.group_size])
-        return torch.einsum("b,b...->...", factors, units)
 
 
 class _EmbeddingPiece(_Piece):
     """An embedding table: per-unit norms by the ghost identity over token positions (equal tokens interact)."""
 
     def __init__(self, clipper: BookKeepingClipper, layer: nn.Embedding, indices: Tensor, grads: Tensor) -> None:
-        self.layer, self.parameter, self.group_size = layer, layer.weight, clipper.group_size
-        grads = grads.to(clipper.norm_dtype)
+        self.layer, self.parameter = layer, layer.weight
         if layer.padding_idx is not None:  # PyTorch gives the padding row no gradient
             grads = grads * (indices != layer.padding_idx)[..., None]
         self.indices = clipper.units(indices[..., None])[..., 0]  # [B, T]
-        self.grads = clipper.units(grads) / clipper.group_size  # [B, T, dim]
+        self.grads = clipper.units(grads)  # [B, T, dim]
 
     def squared_norms(self) -> Tensor:
         same = (self.indices[:, :, None] == self.indices[:, None, :]).to(self.grads.dtype)
         return (same * torch.bmm(self.grads, self.grads.transpose(1, 2))).sum((1, 2))
 
-    def clipped_sum(self, factors: Tensor, keep: Tensor) -> Tensor:
-        weighted = (_masked(self.grads, keep[:: self.group_size]) * factors[:, None, None]).flatten(0, 1)
+    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
+        weighted = (_masked(self.grads, keep) * weights[:, None, None]).flatten(0, 1)
         total = torch.zeros(self.layer.weight.shape, dtype=weighted.dtype, device=weighted.device)
         return total.index_add_(0, self.indices.flatten(), weighted)
 
@@ -451,28 +493,40 @@ def _pieces_for(
     if kind is nn.Embedding:
         if not clipper.trainable(layer.weight):
             return []
-        indices = torch.cat([i.reshape(i.shape[0], -1) for i in inputs], 1)
-        gradient = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads], 1)
+        indices = _join([i.reshape(i.shape[0], -1) for i in inputs])
+        gradient = _join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])
         return [_EmbeddingPiece(clipper, layer, indices, gradient)]
     if kind in (nn.LayerNorm, nn.GroupNorm):
         return _normalization_pieces(layer, inputs, grads, clipper)
     return _opacus_pieces(layer, inputs, grads, clipper)
 
 
+def _join(tensors: list[Tensor], dim: int = 1) -> Tensor:
+    """The calls of a layer as more positions (no copy for the usual single call)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def _total(tensors: list[Tensor]) -> Tensor:
+    """The sum of a layer's calls' contributions (``sum()`` would start with a copy of the first)."""
+    return sum(tensors[1:], tensors[0])
+
+
 def _linear_pieces(
     layer: nn.Linear, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[_Piece]:
-    dtype = clipper.norm_dtype
-    patches = torch.cat([a.reshape(a.shape[0], -1, a.shape[-1]) for a in inputs], 1).to(dtype)
-    gradient = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads], 1).to(dtype)
+    patches = _join([a.reshape(a.shape[0], -1, a.shape[-1]) for a in inputs])  # [N, T, d]
+    gradient = _join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])  # [N, T, p]
     pieces: list[_Piece] = []
     if clipper.trainable(layer.weight):
+        if _instantiate(patches.shape[1], layer.in_features, layer.out_features):
+            pieces.append(_PerUnit(clipper, layer.weight, torch.bmm(gradient.transpose(1, 2), patches)))
+        else:
 
-        def weight_sum(row_factors: Tensor, keep: Tensor) -> Tensor:
-            weighted = _masked(gradient, keep) * row_factors[:, None, None]
-            return torch.einsum("ntp,ntd->pd", weighted, _masked(patches, keep))
+            def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
+                weighted = _masked(gradient, keep) * row_weights[:, None, None]
+                return torch.einsum("ntp,ntd->pd", weighted, _masked(patches, keep))
 
-        pieces.append(_WeightPiece(clipper, layer.weight, [_OuterProduct(clipper, patches, gradient)], weight_sum))
+            pieces.append(_GhostWeight(clipper, layer.weight, [_Ghost(clipper, patches, gradient)], weight_sum))
     if clipper.trainable(layer.bias):
         pieces.append(_PerUnit(clipper, layer.bias, gradient.sum(1)))
     return pieces
@@ -485,17 +539,68 @@ def _conv_pieces(
     outputs: list[Tensor],
     clipper: BookKeepingClipper,
 ) -> list[_Piece]:
-    dtype = clipper.norm_dtype
-    inputs, grads = [a.to(dtype) for a in inputs], [g.to(dtype) for g in grads]
     pieces: list[_Piece] = []
     if clipper.trainable(layer.weight):
-        pieces.append(_conv_weight_piece(layer, inputs, grads, [y.to(dtype) for y in outputs], clipper))
+        positions = sum(g[0, 0].numel() for g in grads)
+        fan_in, fan_out = layer.weight[0].numel(), layer.out_channels // layer.groups
+        if _instantiate(positions, fan_in, fan_out):
+            per_row = _total([conv_per_example_grads(layer, a, g) for a, g in zip(inputs, grads)])
+            if type(layer) is StandardizedConv2d:
+                pieces.append(_StandardizedPerUnit(clipper, layer, per_row))
+            else:
+                pieces.append(_PerUnit(clipper, layer.weight, per_row))
+        else:
+            pieces.append(_conv_ghost_piece(layer, inputs, grads, outputs, clipper))
     if clipper.trainable(layer.bias):
-        pieces.append(_PerUnit(clipper, layer.bias, sum(g.flatten(2).sum(2) for g in grads)))
+        pieces.append(_PerUnit(clipper, layer.bias, _total([g.flatten(2).sum(2) for g in grads])))
     return pieces
 
 
-def _conv_weight_piece(
+def conv_per_example_grads(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: Tensor,
+    grads: Tensor,
+    method: Literal["auto", "grouped", "unfold"] = "auto",
+) -> Tensor:
+    """Every example's gradient with respect to a convolution's kernel, ``[N, *layer.weight.shape]``.
+
+    ``"grouped"``: one weight-gradient call with the examples as groups (Rochette et al. 2019): no im2col copy, the
+    fastest on a CPU. ``"unfold"``: im2col as a strided view and one copy, then one batched product (one kernel per
+    step on a GPU, where many-group weight gradients are slow). ``"auto"``: grouped on a CPU, unfold elsewhere.
+
+    Examples:
+        >>> conv, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(4, 2, 5, 5, dtype=torch.float64)
+        >>> conv = conv.double()
+        >>> g = torch.randn_like(conv(x))
+        >>> grouped, unfolded = (conv_per_example_grads(conv, x, g, method) for method in ("grouped", "unfold"))
+        >>> tuple(grouped.shape), torch.allclose(grouped, unfolded)
+        ((4, 3, 2, 3, 3), True)
+    """
+    if method == "auto":
+        method = "grouped" if inputs.device.type == "cpu" else "unfold"
+    rows, groups = inputs.shape[0], layer.groups
+    if method == "unfold":
+        patches = _unfold(inputs, layer)  # [N, groups, d_g, T]
+        per_group = grads.reshape(rows, groups, layer.out_channels // groups, -1)  # [N, groups, p_g, T]
+        return torch.matmul(per_group, patches.transpose(2, 3)).reshape(rows, *layer.weight.shape)
+    weight_grad = _weight_gradient_of(layer)
+    stacked = weight_grad(
+        inputs.reshape(1, -1, *inputs.shape[2:]),
+        (rows * layer.out_channels, *layer.weight.shape[1:]),
+        grads.reshape(1, -1, *grads.shape[2:]),
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        rows * groups,
+    )
+    return stacked.view(rows, *layer.weight.shape)
+
+
+def _weight_gradient_of(layer: nn.Conv1d | nn.Conv2d) -> Callable[..., Tensor]:
+    return torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+
+
+def _conv_ghost_piece(
     layer: nn.Conv1d | nn.Conv2d,
     inputs: list[Tensor],
     grads: list[Tensor],
@@ -505,58 +610,47 @@ def _conv_weight_piece(
     groups = layer.groups
     unfolded = [_unfold(a, layer) for a in inputs]  # [N, groups, d_g, T] per call; calls are more positions
     per_group = [g.reshape(g.shape[0], groups, layer.out_channels // groups, -1) for g in grads]
-    parts: list[_OuterProduct] = []
+    blocks: list[_Ghost] = []
     for group in range(groups):
-        patches = torch.cat([u[:, group].transpose(1, 2) for u in unfolded], 1)
-        gradient = torch.cat([g[:, group].transpose(1, 2) for g in per_group], 1)
+        patches = _join([u[:, group].transpose(1, 2) for u in unfolded])  # [N, T, d_g], a view for one call
+        gradient = _join([g[:, group].transpose(1, 2) for g in per_group])
         if type(layer) is StandardizedConv2d:
-            produced = torch.cat([y.flatten(2).transpose(1, 2) for y in outputs], 1)
-            parts.append(_StandardizedOuterProduct(clipper, layer, patches, gradient, produced))
+            produced = _join([y.flatten(2).transpose(1, 2) for y in outputs])
+            blocks.append(_StandardizedGhost(clipper, layer, patches, gradient, produced))
         else:
-            parts.append(_OuterProduct(clipper, patches, gradient))
-    weight_grad = torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+            blocks.append(_Ghost(clipper, patches, gradient))
+    weight_grad = _weight_gradient_of(layer)
 
-    def weight_sum(row_factors: Tensor, keep: Tensor) -> Tensor:
-        calls = (
+    def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
+        calls = [
             weight_grad(
                 _masked(a, keep),
                 layer.weight.shape,
-                _masked(g, keep) * row_factors.view(-1, *([1] * (g.ndim - 1))),
+                _masked(g, keep) * row_weights.view(-1, *([1] * (g.ndim - 1))),
                 layer.stride,
                 layer.padding,
                 layer.dilation,
                 groups,
             )
             for a, g in zip(inputs, grads)
-        )
-        return torch.stack(list(calls)).sum(0)
+        ]
+        return _total(calls)
 
-    finish = _standardization_chain_rule(layer) if type(layer) is StandardizedConv2d else None
-    return _WeightPiece(clipper, layer.weight, parts, weight_sum, finish)
+    finish = None
+    if type(layer) is StandardizedConv2d:
 
+        def finish(summed: Tensor) -> Tensor:
+            return standardization_backward(layer.weight, summed)
 
-def _standardization_chain_rule(layer: StandardizedConv2d) -> Callable[[Tensor], Tensor]:
-    """Map a gradient with respect to the standardised kernel to one with respect to the raw weight (linear)."""
-
-    def finish(summed: Tensor) -> Tensor:
-        with torch.enable_grad():
-            weight = layer.weight.detach().to(summed.dtype).requires_grad_(True)
-            mean = weight.mean(dim=(1, 2, 3), keepdim=True)
-            std = weight.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5
-            (raw,) = torch.autograd.grad((weight - mean) / std, weight, grad_outputs=summed)
-        return raw
-
-    return finish
+    return _GhostWeight(clipper, layer.weight, blocks, weight_sum, finish)
 
 
 def _normalization_pieces(
     layer: nn.LayerNorm | nn.GroupNorm, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[_Piece]:
-    dtype = clipper.norm_dtype
     weight_rows: Tensor | float = 0.0
     bias_rows: Tensor | float = 0.0
     for a, g in zip(inputs, grads):
-        a, g = a.to(dtype), g.to(dtype)
         if isinstance(layer, nn.LayerNorm):
             normalized = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
             reduce = tuple(range(1, a.ndim - len(layer.normalized_shape)))

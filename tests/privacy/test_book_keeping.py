@@ -7,7 +7,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_nt.demos import StandardizedConv2d, wide_resnet
-from lightning_nt.privacy.book_keeping import BookKeepingClipper, outer_product_norms
+from lightning_nt.privacy.book_keeping import BookKeepingClipper, conv_per_example_grads, outer_product_norms
 
 
 class Tokens(nn.Module):
@@ -23,6 +23,17 @@ class Tokens(nn.Module):
     def forward(self, tokens):
         hidden = self.mix(self.norm(self.embed(tokens))).tanh()
         return self.out(hidden.mean(1))
+
+
+class Twice(nn.Module):
+    """One layer applied twice (a recurrent-style reuse): its calls are more positions of one per-example gradient."""
+
+    def __init__(self, layer, head):
+        super().__init__()
+        self.layer, self.head = layer, head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
 
 
 def _conv_net(conv, spatial, **options):
@@ -59,6 +70,22 @@ CASES = {
         lambda: nn.Sequential(StandardizedConv2d(30, 30, 1, bias=True), nn.ReLU(), nn.Flatten(), nn.Linear(30 * 4, 2)),
         (30, 2, 2),
         2,
+    ),
+    "conv2d-twice": (
+        lambda: Twice(nn.Conv2d(3, 3, 3, padding=1), nn.Sequential(nn.Flatten(), nn.Linear(3 * 25, 2))),
+        (3, 5, 5),
+        2,
+    ),
+    "standardized-conv-ghost-twice": (
+        lambda: Twice(StandardizedConv2d(30, 30, 1), nn.Sequential(nn.Flatten(), nn.Linear(30 * 4, 2))),
+        (30, 2, 2),
+        2,
+    ),
+    "linear-twice": (lambda: Twice(nn.Linear(5, 5), nn.Linear(5, 3)), (5,), 3),
+    "linear-sequence-twice": (
+        lambda: Twice(nn.Linear(5, 5), nn.Sequential(nn.Flatten(), nn.Linear(5 * 6, 3))),
+        (6, 5),
+        3,
     ),
     "layernorm-groupnorm": (
         lambda: nn.Sequential(
@@ -234,3 +261,32 @@ def test_carried_parts_add_up_to_the_whole_batch():
         assert all(p.grad is None for p in net.parameters()) == carry
     for name, parameter in net.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2),
+        nn.Conv2d(4, 6, 1, stride=2),
+        StandardizedConv2d(3, 5, 3, padding=1),
+    ],
+    ids=["conv1d-groups", "conv2d-groups", "conv2d-1x1-stride", "standardized"],
+)
+def test_per_example_convolution_gradients_by_groups_and_by_unfolding_equal_vmap(conv):
+    """Both ways of forming a convolution's per-example kernel gradients (CPU: grouped, GPU: unfold) against vmap."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
+    inputs = torch.randn(5, conv.in_channels, *spatial, dtype=torch.float64)
+    grads = torch.randn_like(conv(inputs))
+    kernel = conv.weight.detach()
+
+    def pairing(weight, x, g):  # <conv(x; w), g>: its gradient in w is the example's kernel gradient
+        out = nn.functional.conv2d if isinstance(conv, nn.Conv2d) else nn.functional.conv1d
+        return (out(x[None], weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)[0] * g).sum()
+
+    expected = vmap(grad(pairing), in_dims=(None, 0, 0))(kernel, inputs, grads)
+    for method in ("grouped", "unfold", "auto"):
+        got = conv_per_example_grads(conv, inputs, grads, method)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=method)
