@@ -58,14 +58,26 @@ def supported_layer_types() -> tuple[type, ...]:
     return (*_DIRECT_TYPES, StandardizedConv2d)
 
 
+ClippedSum = Callable[[Tensor, "Tensor | None"], Tensor]
+"""``(weights, keep) -> sum``: each unit's weight (its clip factor) and, unless ``keep`` is ``None``, per unit
+whether to keep it at all (a unit with a non-finite gradient is masked out, not multiplied by zero: ``nan * 0`` is
+``nan``)."""
+
+
 @dataclass
 class _Record:
-    """What one layer saw during the forward/backward passes: inputs and output gradients, one per call."""
+    """What one layer saw during the forward/backward passes: inputs and output gradients, one per call.
+
+    Once every call's output gradient has arrived (in the backward pass) the layer's pieces are formed and the
+    tensors are let go, so the activations are freed as the backward pass proceeds, as in an ordinary one.
+    """
 
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)  # StandardizedConv2d only: Y = w_hat * A (bias removed)
     grads: list[Tensor | None] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    rows: int = 0
+    pieces: list[_Piece] | None = None
 
 
 class BookKeepingClipper:
@@ -167,9 +179,43 @@ class BookKeepingClipper:
 
         def keep_gradient(gradient: Tensor) -> None:
             record.grads[index] = gradient.detach()
+            if record.inputs[0].shape[0] and self._problem(layer, record) is None:  # else clip_and_sum names it
+                self._form(layer, record)
 
         output.register_hook(keep_gradient)
         return replaced
+
+    def _problem(self, layer: nn.Module, record: _Record, batch_size: int | None = None) -> str | None:
+        """Why the layer's per-example gradients can't be formed (yet) from its record, or None."""
+        name = self._name(layer) if batch_size is not None else ""  # the name is only needed for an error
+        if any(grad is None for grad in record.grads):
+            return (
+                f"Layer {name} ran in the forward pass but received no gradient: its output does not reach the "
+                "loss. Book-keeping clipping needs every recorded call to be part of the backward pass."
+            )
+        rows = {tensor.shape[0] for tensor in record.inputs} | ({record.rows} if record.pieces is not None else set())
+        expected = {batch_size} if batch_size is not None else {next(iter(rows))}
+        if rows != expected or next(iter(expected)) % self.group_size:
+            return (
+                f"Layer {name} saw {'/'.join(map(str, sorted(rows)))} rows in dimension 0 where the batch has "
+                f"{batch_size}: "
+                "per-example gradients need the batch in dimension 0 (e.g. batch_first=True)."
+            )
+        if any(tensor._version != version for tensor, version in zip(record.inputs, record.versions)):
+            return (
+                f"The input of layer {name} was modified in place after the layer used it, so its "
+                "per-example gradients can't be formed from it; avoid the in-place operation."
+            )
+        return None
+
+    def _form(self, layer: nn.Module, record: _Record) -> None:
+        """The layer's pieces (norms now, what the clipped sum needs kept); its recorded tensors let go."""
+        dtype = self.norm_dtype
+        inputs = [a.to(dtype) if a.is_floating_point() else a for a in record.inputs]  # embedding indices stay
+        grads = [g.to(dtype) for g in record.grads if g is not None]
+        record.rows = record.inputs[0].shape[0]
+        record.pieces = _pieces_for(layer, inputs, grads, [y.to(dtype) for y in record.outputs], self)
+        record.inputs, record.outputs, record.grads = [], [], []
 
     def clip_and_sum(self, batch_size: int, carry: bool = False) -> Tensor:
         """Set every trainable parameter's ``.grad`` to the sum over privacy units of their clipped gradients.
@@ -191,7 +237,7 @@ class BookKeepingClipper:
             # the pieces hold each unit's gradient of the sum of its rows' terms of the back-propagated loss: a
             # unit's gradient (the mean over its rows of their own losses' gradients) is that times `scale`
             scale = (float(batch_size) if self.loss_reduction == "mean" else 1.0) / self.group_size
-            norms = torch.stack([piece.squared_norms() for piece in pieces]).sum(0).sqrt() * scale
+            norms = torch.stack([piece.squared_norms for piece in pieces]).sum(0).sqrt() * scale
             finite = torch.isfinite(norms)
             factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
             keep = None if bool(finite.all()) else finite  # masking costs a pass over the data: only when needed
@@ -214,29 +260,14 @@ class BookKeepingClipper:
 
     def _pieces(self, layer: nn.Module, batch_size: int) -> list[_Piece]:
         record = self._records.get(layer)
-        if record is None or not record.inputs:
+        if record is None or (record.pieces is None and not record.inputs):  # the layer did not run
             return []
-        name = self._name(layer)
-        if any(grad is None for grad in record.grads):
-            raise RuntimeError(
-                f"Layer {name} ran in the forward pass but received no gradient: its output does not reach the "
-                "loss. Book-keeping clipping needs every recorded call to be part of the backward pass."
-            )
-        for tensor, version in zip(record.inputs, record.versions):
-            if tensor.shape[0] != batch_size:
-                raise RuntimeError(
-                    f"Layer {name} saw {tensor.shape[0]} rows in dimension 0 where the batch has {batch_size}: "
-                    "per-example gradients need the batch in dimension 0 (e.g. batch_first=True)."
-                )
-            if tensor._version != version:
-                raise RuntimeError(
-                    f"The input of layer {name} was modified in place after the layer used it, so its "
-                    "per-example gradients can't be formed from it; avoid the in-place operation."
-                )
-        dtype = self.norm_dtype
-        inputs = [a.to(dtype) if a.is_floating_point() else a for a in record.inputs]  # embedding indices stay
-        grads = [g.to(dtype) for g in record.grads if g is not None]
-        return _pieces_for(layer, inputs, grads, [y.to(dtype) for y in record.outputs], self)
+        problem = self._problem(layer, record, batch_size)
+        if problem is not None:
+            raise RuntimeError(problem)
+        if record.pieces is None:
+            self._form(layer, record)
+        return record.pieces or []
 
     def _name(self, layer: nn.Module) -> str:
         return next((name for name, module in self.module.named_modules() if module is layer), type(layer).__name__)
@@ -254,30 +285,23 @@ class BookKeepingClipper:
             return per_row
         return per_row.reshape(per_row.shape[0] // self.group_size, self.group_size, *per_row.shape[1:]).sum(1)
 
-    def row_weights(self, weights: Tensor) -> Tensor:
-        """Each row's weight in the clipped sum: its unit's."""
-        return weights if self.group_size == 1 else weights.repeat_interleave(self.group_size)
+    def per_rows(self, clipped_sum: Callable[[Tensor, Tensor | None], Tensor]) -> ClippedSum:
+        """A clipped sum over rows (each row weighted and kept as its unit) as one over units."""
+        if self.group_size == 1:
+            return clipped_sum
+        k = self.group_size
+        return lambda weights, keep: clipped_sum(
+            weights.repeat_interleave(k), None if keep is None else keep.repeat_interleave(k)
+        )
 
-    def row_keep(self, keep: Tensor | None) -> Tensor | None:
-        """Each row's mask: its unit's (``None``: keep every row)."""
-        return None if keep is None else self.row_weights(keep)
 
-
+@dataclass
 class _Piece:
-    """One parameter's contribution: per-unit squared gradient norms, and the sum of the clipped gradients.
-
-    ``clipped_sum(weights, keep)`` takes each unit's weight (its clip factor) and, unless ``keep`` is ``None``, per
-    unit whether to keep it at all (a unit with a non-finite gradient is masked out, not multiplied by zero:
-    ``nan * 0`` is ``nan``).
-    """
+    """One parameter's contribution: per-unit squared gradient norms, and how to form the sum of clipped gradients."""
 
     parameter: nn.Parameter
-
-    def squared_norms(self) -> Tensor:
-        raise NotImplementedError
-
-    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
-        raise NotImplementedError
+    squared_norms: Tensor
+    clipped_sum: ClippedSum
 
 
 def _masked(tensor: Tensor, keep: Tensor | None) -> Tensor:
@@ -285,39 +309,34 @@ def _masked(tensor: Tensor, keep: Tensor | None) -> Tensor:
     return tensor if keep is None else torch.where(keep.view(-1, *([1] * (tensor.ndim - 1))), tensor, 0.0)
 
 
-class _PerUnit(_Piece):
-    """Per-row gradients formed outright (biases, norm layers, Opacus's rules, weights whose per-example gradients
-    cost less than their Gram matrices): norms and the clipped sum straight from them."""
+def _per_unit_piece(
+    clipper: BookKeepingClipper,
+    parameter: nn.Parameter,
+    per_row: Tensor,
+    standardization: _Standardization | None = None,
+) -> _Piece:
+    """Per-row gradients formed outright (biases, norm layers, Opacus's rules, kernels whose per-example gradients
+    cost less than their Gram matrices and take less memory than the layer's activations): norms and the clipped sum
+    straight from them. With ``standardization``, they are gradients with respect to a standardised kernel: the raw
+    weight's norms follow from them, and the chain rule is applied once, to the clipped sum."""
+    per_unit = clipper.unit_sum(per_row)
 
-    def __init__(self, clipper: BookKeepingClipper, parameter: nn.Parameter, per_row: Tensor) -> None:
-        self.parameter = parameter
-        self.per_unit = clipper.unit_sum(per_row)
+    def clipped_sum(weights: Tensor, keep: Tensor | None) -> Tensor:
+        units = _masked(per_unit, keep)
+        total = (weights @ units.flatten(1)).view(units.shape[1:])
+        return total if standardization is None else standardization_backward(parameter, total)
 
-    def squared_norms(self) -> Tensor:
-        return torch.linalg.vector_norm(self.per_unit.flatten(1), dim=1).square()
-
-    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
-        units = _masked(self.per_unit, keep)
-        return (weights @ units.flatten(1)).view(units.shape[1:])
+    return _Piece(parameter, _kernel_squared_norms(per_unit, standardization), clipped_sum)
 
 
-class _StandardizedPerUnit(_PerUnit):
-    """A weight-standardised convolution's per-unit gradients with respect to its standardised kernel ``w_hat``:
-    the raw weight's norms follow from three reductions per output channel (see :class:`_StandardizedGhost`), and the
-    chain rule through the standardisation is applied once, to the clipped sum."""
-
-    def __init__(self, clipper: BookKeepingClipper, layer: StandardizedConv2d, per_row: Tensor) -> None:
-        super().__init__(clipper, layer.weight, per_row)
-        self.standardization = _Standardization(layer.weight, per_row.dtype)
-
-    def squared_norms(self) -> Tensor:
-        channels, standardization = self.per_unit.flatten(2), self.standardization  # [B, p, d]
-        squares = torch.linalg.vector_norm(channels, dim=2).square() / standardization.s.square()
-        s1, s2 = channels.sum(2), torch.einsum("bpd,pd->bp", channels, standardization.standardized)
-        return squares.sum(1) + standardization.correction(s1, s2)
-
-    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
-        return standardization_backward(self.parameter, super().clipped_sum(weights, keep))
+def _kernel_squared_norms(per_unit: Tensor, standardization: _Standardization | None) -> Tensor:
+    """``[B, ...] -> [B]``: each unit's squared norm (of the raw weight's gradient, with ``standardization``)."""
+    if standardization is None:
+        return torch.linalg.vector_norm(per_unit.flatten(1), dim=1).square()
+    channels = per_unit.flatten(2)  # [B, p, d]
+    squares = torch.linalg.vector_norm(channels, dim=2).square() / standardization.s.square()
+    s1, s2 = channels.sum(2), torch.einsum("bpd,pd->bp", channels, standardization.standardized)
+    return squares.sum(1) + standardization.correction(s1, s2)
 
 
 class _Standardization:
@@ -370,76 +389,39 @@ def _instantiate(positions: int, d: int, p: int) -> bool:
     return positions > 1 and positions * (d + p) >= d * p
 
 
-class _Ghost:
-    """One block ``sum_t g_t u_tᵀ`` of a weight's per-unit gradient, for its norm by the ghost Gram identity."""
-
-    def __init__(self, clipper: BookKeepingClipper, patches: Tensor, grads: Tensor) -> None:
-        self.patches = clipper.units(patches)  # [B, T, d]
-        self.grads = clipper.units(grads)  # [B, T, p]
-
-    def squared_norms(self) -> Tensor:
-        return outer_product_norms(self.patches, self.grads)
+def _keep_per_example(kernel: int, activations: int) -> bool:
+    """Whether a row's instantiated kernel gradient takes no more memory than the row's activations that would
+    otherwise be kept for the clipped sum (its input and output gradient): reuse it then (fastDP's "MixOpt")."""
+    return kernel <= activations
 
 
-class _StandardizedGhost(_Ghost):
+def _standardized_ghost_norms(
+    clipper: BookKeepingClipper, standardization: _Standardization, patches: Tensor, grads: Tensor, outputs: Tensor
+) -> Tensor:
     """The raw weight of a weight-standardised convolution: its per-example norm, exact from ghost quantities
-    (:class:`_Standardization`). ``|g|²/s²`` is the outer-product norm with ``G / s``; ``S1 = sum_t G_t (sum of patch
-    u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's output without bias."""
-
-    def __init__(
-        self, clipper: BookKeepingClipper, layer: StandardizedConv2d, patches: Tensor, grads: Tensor, outputs: Tensor
-    ) -> None:
-        self.standardization = _Standardization(layer.weight, grads.dtype)
-        super().__init__(clipper, patches, grads / self.standardization.s)
-        unit_grads = clipper.units(grads)  # [B, T, p], the gradient with respect to w_hat
-        self.s1 = torch.einsum("btp,bt->bp", unit_grads, self.patches.sum(2))
-        self.s2 = (unit_grads * clipper.units(outputs)).sum(1)
-
-    def squared_norms(self) -> Tensor:
-        return super().squared_norms() + self.standardization.correction(self.s1, self.s2)
+    (:class:`_Standardization`). ``sum |g|²/s²`` is the outer-product norm with ``G / s``; ``S1 = sum_t G_t (sum of
+    patch u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's output without bias."""
+    patches, grads = clipper.units(patches), clipper.units(grads)  # [B, T, d], [B, T, p] (w.r.t. w_hat)
+    s1 = torch.einsum("btp,bt->bp", grads, patches.sum(2))
+    s2 = (grads * clipper.units(outputs)).sum(1)
+    return outer_product_norms(patches, grads / standardization.s) + standardization.correction(s1, s2)
 
 
-class _GhostWeight(_Piece):
-    """A weight whose per-unit norms come from ghost ``blocks`` (a convolution's groups add up) and whose clipped
-    sum is one weight-gradient call with the clip factors folded into the output gradients."""
-
-    def __init__(
-        self,
-        clipper: BookKeepingClipper,
-        parameter: nn.Parameter,
-        blocks: list[_Ghost],
-        weight_sum: Callable[[Tensor, Tensor | None], Tensor],
-        finish: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        self.clipper, self.parameter, self.blocks = clipper, parameter, blocks
-        self.weight_sum, self.finish = weight_sum, finish
-
-    def squared_norms(self) -> Tensor:
-        return torch.stack([block.squared_norms() for block in self.blocks]).sum(0)
-
-    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
-        total = self.weight_sum(self.clipper.row_weights(weights), self.clipper.row_keep(keep))
-        return total if self.finish is None else self.finish(total)
-
-
-class _EmbeddingPiece(_Piece):
+def _embedding_piece(clipper: BookKeepingClipper, layer: nn.Embedding, indices: Tensor, grads: Tensor) -> _Piece:
     """An embedding table: per-unit norms by the ghost identity over token positions (equal tokens interact)."""
+    if layer.padding_idx is not None:  # PyTorch gives the padding row no gradient
+        grads = grads * (indices != layer.padding_idx)[..., None]
+    indices = clipper.units(indices[..., None])[..., 0]  # [B, T]
+    grads = clipper.units(grads)  # [B, T, dim]
+    same = (indices[:, :, None] == indices[:, None, :]).to(grads.dtype)
+    squared_norms = (same * torch.bmm(grads, grads.transpose(1, 2))).sum((1, 2))
 
-    def __init__(self, clipper: BookKeepingClipper, layer: nn.Embedding, indices: Tensor, grads: Tensor) -> None:
-        self.layer, self.parameter = layer, layer.weight
-        if layer.padding_idx is not None:  # PyTorch gives the padding row no gradient
-            grads = grads * (indices != layer.padding_idx)[..., None]
-        self.indices = clipper.units(indices[..., None])[..., 0]  # [B, T]
-        self.grads = clipper.units(grads)  # [B, T, dim]
+    def clipped_sum(weights: Tensor, keep: Tensor | None) -> Tensor:
+        weighted = (_masked(grads, keep) * weights[:, None, None]).flatten(0, 1)
+        total = torch.zeros(layer.weight.shape, dtype=weighted.dtype, device=weighted.device)
+        return total.index_add_(0, indices.flatten(), weighted)
 
-    def squared_norms(self) -> Tensor:
-        same = (self.indices[:, :, None] == self.indices[:, None, :]).to(self.grads.dtype)
-        return (same * torch.bmm(self.grads, self.grads.transpose(1, 2))).sum((1, 2))
-
-    def clipped_sum(self, weights: Tensor, keep: Tensor | None) -> Tensor:
-        weighted = (_masked(self.grads, keep) * weights[:, None, None]).flatten(0, 1)
-        total = torch.zeros(self.layer.weight.shape, dtype=weighted.dtype, device=weighted.device)
-        return total.index_add_(0, self.indices.flatten(), weighted)
+    return _Piece(layer.weight, squared_norms, clipped_sum)
 
 
 def _layers_of(module: nn.Module) -> list[nn.Module]:
@@ -495,7 +477,7 @@ def _pieces_for(
             return []
         indices = _join([i.reshape(i.shape[0], -1) for i in inputs])
         gradient = _join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])
-        return [_EmbeddingPiece(clipper, layer, indices, gradient)]
+        return [_embedding_piece(clipper, layer, indices, gradient)]
     if kind in (nn.LayerNorm, nn.GroupNorm):
         return _normalization_pieces(layer, inputs, grads, clipper)
     return _opacus_pieces(layer, inputs, grads, clipper)
@@ -518,17 +500,18 @@ def _linear_pieces(
     gradient = _join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])  # [N, T, p]
     pieces: list[_Piece] = []
     if clipper.trainable(layer.weight):
-        if _instantiate(patches.shape[1], layer.in_features, layer.out_features):
-            pieces.append(_PerUnit(clipper, layer.weight, torch.bmm(gradient.transpose(1, 2), patches)))
+        if _instantiate(patches.shape[1], layer.in_features, layer.out_features):  # then no larger than T (d + p)
+            pieces.append(_per_unit_piece(clipper, layer.weight, torch.bmm(gradient.transpose(1, 2), patches)))
         else:
 
             def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
                 weighted = _masked(gradient, keep) * row_weights[:, None, None]
                 return torch.einsum("ntp,ntd->pd", weighted, _masked(patches, keep))
 
-            pieces.append(_GhostWeight(clipper, layer.weight, [_Ghost(clipper, patches, gradient)], weight_sum))
+            squared_norms = outer_product_norms(clipper.units(patches), clipper.units(gradient))
+            pieces.append(_Piece(layer.weight, squared_norms, clipper.per_rows(weight_sum)))
     if clipper.trainable(layer.bias):
-        pieces.append(_PerUnit(clipper, layer.bias, gradient.sum(1)))
+        pieces.append(_per_unit_piece(clipper, layer.bias, gradient.sum(1)))
     return pieces
 
 
@@ -541,19 +524,75 @@ def _conv_pieces(
 ) -> list[_Piece]:
     pieces: list[_Piece] = []
     if clipper.trainable(layer.weight):
-        positions = sum(g[0, 0].numel() for g in grads)
-        fan_in, fan_out = layer.weight[0].numel(), layer.out_channels // layer.groups
-        if _instantiate(positions, fan_in, fan_out):
-            per_row = _total([conv_per_example_grads(layer, a, g) for a, g in zip(inputs, grads)])
-            if type(layer) is StandardizedConv2d:
-                pieces.append(_StandardizedPerUnit(clipper, layer, per_row))
-            else:
-                pieces.append(_PerUnit(clipper, layer.weight, per_row))
-        else:
-            pieces.append(_conv_ghost_piece(layer, inputs, grads, outputs, clipper))
+        pieces.append(_conv_weight_piece(layer, inputs, grads, outputs, clipper))
     if clipper.trainable(layer.bias):
-        pieces.append(_PerUnit(clipper, layer.bias, _total([g.flatten(2).sum(2) for g in grads])))
+        pieces.append(_per_unit_piece(clipper, layer.bias, _total([g.flatten(2).sum(2) for g in grads])))
     return pieces
+
+
+def _conv_weight_piece(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    clipper: BookKeepingClipper,
+) -> _Piece:
+    """Norms from instantiated per-example kernels or from ghost Gram matrices, whichever costs less; the clipped sum
+    from the per-example kernels if they are no larger than the activations, else by one weight-gradient call."""
+    standardization = _Standardization(layer.weight, grads[0].dtype) if type(layer) is StandardizedConv2d else None
+    positions = sum(g[0, 0].numel() for g in grads)
+    kernel, out_per_group = layer.weight[0].numel(), layer.out_channels // layer.groups
+    if _instantiate(positions, kernel, out_per_group):
+        per_row = _total([conv_per_example_grads(layer, a, g) for a, g in zip(inputs, grads)])
+        activations = sum(a[0].numel() + g[0].numel() for a, g in zip(inputs, grads))
+        if _keep_per_example(layer.weight.numel(), activations):
+            return _per_unit_piece(clipper, layer.weight, per_row, standardization)
+        squared_norms = _kernel_squared_norms(clipper.unit_sum(per_row), standardization)
+    else:
+        squared_norms = _conv_ghost_norms(layer, inputs, grads, outputs, standardization, clipper)
+    weight_grad = _weight_gradient_of(layer)
+
+    def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
+        calls = [
+            weight_grad(
+                _masked(a, keep),
+                layer.weight.shape,
+                _masked(g, keep) * row_weights.view(-1, *([1] * (g.ndim - 1))),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups,
+            )
+            for a, g in zip(inputs, grads)
+        ]
+        total = _total(calls)
+        return total if standardization is None else standardization_backward(layer.weight, total)
+
+    return _Piece(layer.weight, squared_norms, clipper.per_rows(weight_sum))
+
+
+def _conv_ghost_norms(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    standardization: _Standardization | None,
+    clipper: BookKeepingClipper,
+) -> Tensor:
+    """Per-unit squared norms of a convolution's kernel gradient by ghost Gram matrices, group by group."""
+    groups = layer.groups
+    unfolded = [_unfold(a, layer) for a in inputs]  # [N, groups, d_g, T] per call; calls are more positions
+    per_group = [g.reshape(g.shape[0], groups, layer.out_channels // groups, -1) for g in grads]
+    norms = []
+    for group in range(groups):
+        patches = _join([u[:, group].transpose(1, 2) for u in unfolded])  # [N, T, d_g], a view for one call
+        gradient = _join([g[:, group].transpose(1, 2) for g in per_group])
+        if standardization is not None:  # groups == 1 (checked when the clipper is built)
+            produced = _join([y.flatten(2).transpose(1, 2) for y in outputs])
+            norms.append(_standardized_ghost_norms(clipper, standardization, patches, gradient, produced))
+        else:
+            norms.append(outer_product_norms(clipper.units(patches), clipper.units(gradient)))
+    return _total(norms)
 
 
 def conv_per_example_grads(
@@ -569,8 +608,7 @@ def conv_per_example_grads(
     step on a GPU, where many-group weight gradients are slow). ``"auto"``: grouped on a CPU, unfold elsewhere.
 
     Examples:
-        >>> conv, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(4, 2, 5, 5, dtype=torch.float64)
-        >>> conv = conv.double()
+        >>> conv, x = nn.Conv2d(2, 3, 3, padding=1).double(), torch.randn(4, 2, 5, 5, dtype=torch.float64)
         >>> g = torch.randn_like(conv(x))
         >>> grouped, unfolded = (conv_per_example_grads(conv, x, g, method) for method in ("grouped", "unfold"))
         >>> tuple(grouped.shape), torch.allclose(grouped, unfolded)
@@ -583,8 +621,7 @@ def conv_per_example_grads(
         patches = _unfold(inputs, layer)  # [N, groups, d_g, T]
         per_group = grads.reshape(rows, groups, layer.out_channels // groups, -1)  # [N, groups, p_g, T]
         return torch.matmul(per_group, patches.transpose(2, 3)).reshape(rows, *layer.weight.shape)
-    weight_grad = _weight_gradient_of(layer)
-    stacked = weight_grad(
+    stacked = _weight_gradient_of(layer)(
         inputs.reshape(1, -1, *inputs.shape[2:]),
         (rows * layer.out_channels, *layer.weight.shape[1:]),
         grads.reshape(1, -1, *grads.shape[2:]),
@@ -598,51 +635,6 @@ def conv_per_example_grads(
 
 def _weight_gradient_of(layer: nn.Conv1d | nn.Conv2d) -> Callable[..., Tensor]:
     return torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
-
-
-def _conv_ghost_piece(
-    layer: nn.Conv1d | nn.Conv2d,
-    inputs: list[Tensor],
-    grads: list[Tensor],
-    outputs: list[Tensor],
-    clipper: BookKeepingClipper,
-) -> _Piece:
-    groups = layer.groups
-    unfolded = [_unfold(a, layer) for a in inputs]  # [N, groups, d_g, T] per call; calls are more positions
-    per_group = [g.reshape(g.shape[0], groups, layer.out_channels // groups, -1) for g in grads]
-    blocks: list[_Ghost] = []
-    for group in range(groups):
-        patches = _join([u[:, group].transpose(1, 2) for u in unfolded])  # [N, T, d_g], a view for one call
-        gradient = _join([g[:, group].transpose(1, 2) for g in per_group])
-        if type(layer) is StandardizedConv2d:
-            produced = _join([y.flatten(2).transpose(1, 2) for y in outputs])
-            blocks.append(_StandardizedGhost(clipper, layer, patches, gradient, produced))
-        else:
-            blocks.append(_Ghost(clipper, patches, gradient))
-    weight_grad = _weight_gradient_of(layer)
-
-    def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
-        calls = [
-            weight_grad(
-                _masked(a, keep),
-                layer.weight.shape,
-                _masked(g, keep) * row_weights.view(-1, *([1] * (g.ndim - 1))),
-                layer.stride,
-                layer.padding,
-                layer.dilation,
-                groups,
-            )
-            for a, g in zip(inputs, grads)
-        ]
-        return _total(calls)
-
-    finish = None
-    if type(layer) is StandardizedConv2d:
-
-        def finish(summed: Tensor) -> Tensor:
-            return standardization_backward(layer.weight, summed)
-
-    return _GhostWeight(clipper, layer.weight, blocks, weight_sum, finish)
 
 
 def _normalization_pieces(
@@ -661,9 +653,9 @@ def _normalization_pieces(
         bias_rows = bias_rows + _sum_over(g, reduce)
     pieces: list[_Piece] = []
     if clipper.trainable(layer.weight):
-        pieces.append(_PerUnit(clipper, layer.weight, weight_rows))
+        pieces.append(_per_unit_piece(clipper, layer.weight, weight_rows))
     if clipper.trainable(layer.bias):
-        pieces.append(_PerUnit(clipper, layer.bias, bias_rows))
+        pieces.append(_per_unit_piece(clipper, layer.bias, bias_rows))
     return pieces
 
 
@@ -680,7 +672,7 @@ def _opacus_pieces(
         for parameter, samples in rule(layer, [a], g).items():
             previous = per_row.get(id(parameter))
             per_row[id(parameter)] = (parameter, samples if previous is None else previous[1] + samples)
-    return [_PerUnit(clipper, p, samples) for p, samples in per_row.values() if clipper.trainable(p)]
+    return [_per_unit_piece(clipper, p, samples) for p, samples in per_row.values() if clipper.trainable(p)]
 
 
 def _unfold(inputs: Tensor, layer: nn.Conv1d | nn.Conv2d) -> Tensor:

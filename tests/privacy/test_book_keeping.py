@@ -71,6 +71,11 @@ CASES = {
         (30, 2, 2),
         2,
     ),
+    "conv2d-kernel-larger-than-activations": (  # instantiated norms, clipped sum by a weight-gradient call
+        lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9, 2)),
+        (8, 3, 3),
+        2,
+    ),
     "conv2d-twice": (
         lambda: Twice(nn.Conv2d(3, 3, 3, padding=1), nn.Sequential(nn.Flatten(), nn.Linear(3 * 25, 2))),
         (3, 5, 5),
