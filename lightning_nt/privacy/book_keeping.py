@@ -214,7 +214,8 @@ class BookKeepingClipper:
         inputs = [a.to(dtype) if a.is_floating_point() else a for a in record.inputs]  # embedding indices stay
         grads = [g.to(dtype) for g in record.grads if g is not None]
         record.rows = record.inputs[0].shape[0]
-        record.pieces = _pieces_for(layer, inputs, grads, [y.to(dtype) for y in record.outputs], self)
+        with torch.autocast(record.inputs[0].device.type, enabled=False):  # in norm_dtype, whatever the backward's
+            record.pieces = _pieces_for(layer, inputs, grads, [y.to(dtype) for y in record.outputs], self)
         record.inputs, record.outputs, record.grads = [], [], []
 
     def clip_and_sum(self, batch_size: int, carry: bool = False) -> Tensor:

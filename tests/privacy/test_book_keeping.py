@@ -139,14 +139,16 @@ def _make(case, seed=0):
     return net, inputs, torch.randint(classes, (8,))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_clipped_sum_equals_the_vmap_reference(case):
+def test_clipped_sum_equals_the_vmap_reference(case, device):
+    """On a GPU the convolutions' per-example kernels are formed by unfolding, on a CPU by grouped convolutions."""
     net, inputs, labels = _make(case)
     expected, expected_norms, bound = _reference(net, inputs, labels)
-    got, norms = _book_keeping(net, inputs, labels, bound)
-    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
+    got, norms = _book_keeping(net.to(device), inputs.to(device), labels.to(device), bound)
+    torch.testing.assert_close(norms.cpu(), expected_norms, rtol=1e-10, atol=1e-12)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_tokens_with_padding_and_repeated_tokens():
@@ -295,3 +297,18 @@ def test_per_example_convolution_gradients_by_groups_and_by_unfolding_equal_vmap
     for method in ("grouped", "unfold", "auto"):
         got = conv_per_example_grads(conv, inputs, grads, method)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=method)
+
+
+@pytest.mark.parametrize("case", ["standardized-conv", "conv2d-ghost", "linear-sequence"])
+def test_under_bf16_autocast_a_clipped_example_stays_within_the_bound(case):
+    """The backward runs in bf16 but norms, factors and sums are fp32: one example's clipped gradient has norm <= C."""
+    net, inputs, labels = _make(case)
+    net = net.float()
+    clipper = BookKeepingClipper(net, max_grad_norm=1e-5)  # every example clipped
+    for row in range(len(inputs)):
+        with clipper.recording(), torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(net(inputs[row : row + 1].float()), labels[row : row + 1]).backward()
+        norms = clipper.clip_and_sum(batch_size=1)
+        total = torch.sqrt(sum(p.grad.double().square().sum() for p in net.parameters()))
+        assert norms.dtype == torch.float32 and norms.item() > 1e-5
+        assert total <= 1e-5 * (1 + 1e-5), float(total)
