@@ -1,17 +1,22 @@
 """Single-backward DP-SGD clipping ("book-keeping", Bu, Wang, Zha & Karypis, ICML 2023).
 
 Opacus's hooks materialise every example's gradient (``B x P`` floats), then take norms, clip and sum. Here
-one ordinary backward pass is enough and no per-example gradient of a large layer is ever formed:
+one ordinary backward pass is enough, and a per-example gradient is kept only where it is small:
 
-1. During the forward pass each supported layer keeps its input ``A``; a tensor hook keeps the gradient ``G``
+1. During the forward pass each supported layer keeps its input ``A``; a tensor hook receives the gradient ``G``
    of the loss with respect to its output. The layer's parameters do not require grad while this runs, so
    autograd never computes their ordinary weight gradients (only the input gradients the chain needs).
-2. Each example's squared gradient norm, per layer, comes either from the *ghost* Gram identity
-   ``||sum_t g_t a_tᵀ||² = sum_{t,s} (a_t·a_s)(g_t·g_s)`` over the layer's positions ``t`` (cost ``T²(d+p)``)
-   or from instantiating the example's ``p x d`` gradient (cost ``T d p``), whichever is cheaper for that
-   layer ("mixed ghost norm"). The norms of all layers add up to the example's full gradient norm.
-3. Clip factors ``c_b = min(1, C / ||g_b||)`` then enter one weight-gradient call per layer with ``c`` folded
-   into ``G``: ``sum_b c_b g_bᵀ a_b`` (for a convolution, ``torch.nn.grad.conv2d_weight(A, shape, c * G)``).
+2. As soon as a layer's ``G`` is in (still inside the backward pass), each example's squared gradient norm for
+   that layer comes either from the *ghost* Gram identity ``||sum_t g_t a_tᵀ||² = sum_{t,s} (a_t·a_s)(g_t·g_s)``
+   over the layer's positions ``t`` (cost ``T²(d+p)``) or from instantiating the example's ``p x d`` gradient
+   (cost ``T d p``), whichever is cheaper for that layer ("mixed ghost norm"); a convolution's per-example kernels
+   come from one weight-gradient call with the examples as groups on a CPU, from an im2col view and one batched
+   product elsewhere. Then ``A`` and ``G`` are let go, unless the clipped sum needs them: activations are freed as
+   the backward pass proceeds. The norms of all layers add up to the example's full gradient norm.
+3. Clip factors ``c_b = min(1, C / ||g_b||)`` then weight the instantiated per-example gradients where they take no
+   more memory than the layer's ``A`` and ``G`` (fastDP's "MixOpt"), and elsewhere enter one weight-gradient call
+   per layer with ``c`` folded into ``G``: ``sum_b c_b g_bᵀ a_b`` (for a convolution,
+   ``torch.nn.grad.conv2d_weight(A, shape, c * G)``).
 
 Supported: ``Linear`` (any leading dimensions: sequences are positions), ``Conv1d``/``Conv2d`` (stride, padding,
 dilation, groups), ``Embedding``, ``LayerNorm``, ``GroupNorm``, and the weight-standardised
