@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
 
+from lightning_nt.common.validation import Rule, above, at_least, checked_arguments
 from lightning_nt.demos.wide_resnet import StandardizedConv2d
 from lightning_nt.privacy.grad_samplers import standardization_backward
 
@@ -99,6 +100,11 @@ class BookKeepingClipper:
         norm_dtype: dtype of the norm computations and clip factors (fp32 also when training in bf16).
     """
 
+    @checked_arguments(
+        max_grad_norm=above(0),
+        group_size=at_least(1),
+        norm_dtype=Rule(lambda dtype: dtype.is_floating_point, "a floating-point dtype (e.g. torch.float32)"),
+    )
     def __init__(
         self,
         module: nn.Module,
@@ -107,12 +113,6 @@ class BookKeepingClipper:
         group_size: int = 1,
         norm_dtype: torch.dtype = torch.float32,
     ) -> None:
-        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"`max_grad_norm` must be a finite number > 0, got {max_grad_norm}.")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}.")
-        if group_size < 1:
-            raise ValueError(f"`group_size` must be >= 1, got {group_size}.")
         self.module, self.max_grad_norm = module, max_grad_norm
         self.loss_reduction, self.group_size, self.norm_dtype = loss_reduction, group_size, norm_dtype
         self.layers = _layers_of(module)

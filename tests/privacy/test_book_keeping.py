@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.demos import StandardizedConv2d, wide_resnet
 from lightning_nt.privacy.book_keeping import BookKeepingClipper, conv_per_example_grads, outer_product_norms
 
@@ -312,3 +313,32 @@ def test_under_bf16_autocast_a_clipped_example_stays_within_the_bound(case):
         total = torch.sqrt(sum(p.grad.double().square().sum() for p in net.parameters()))
         assert norms.dtype == torch.float32 and norms.item() > 1e-5
         assert total <= 1e-5 * (1 + 1e-5), float(total)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("module", "net"),
+        ("module", None),
+        ("max_grad_norm", "1"),
+        ("max_grad_norm", float("nan")),
+        ("max_grad_norm", float("inf")),
+        ("max_grad_norm", 0.0),
+        ("max_grad_norm", -1),
+        ("max_grad_norm", True),
+        ("loss_reduction", "avg"),
+        ("loss_reduction", 1),
+        ("group_size", 0),
+        ("group_size", 1.5),
+        ("group_size", "2"),
+        ("group_size", True),
+        ("group_size", float("nan")),
+        ("norm_dtype", "float32"),
+        ("norm_dtype", torch.int64),
+        ("norm_dtype", None),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(name, value):
+    arguments = {"module": nn.Linear(3, 2), "max_grad_norm": 1.0, name: value}
+    with pytest.raises(ArgumentError, match=f"`{name}`"):
+        BookKeepingClipper(**arguments)
