@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_dp_smoke_prints_time_and_memory_of_every_mode(tmp_path: Path) -> None:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dp.py"), "--smoke", "--modes", "hooks,bk"],
+        [sys.executable, str(ROOT / "benchmarks" / "bench_dp.py"), "--smoke"],  # modes hooks, ghost, bk
         capture_output=True,
         text=True,
         env=environment,
@@ -35,6 +35,8 @@ def test_bench_dp_smoke_prints_time_and_memory_of_every_mode(tmp_path: Path) -> 
         assert "failed" not in line and "x non-private, " in line and "x hooks" in line and "MiB" in line, line
     (hooks,) = [line for line in lines if line.startswith("  hooks ")]
     assert "raw Opacus" in hooks and "strategy adds" in hooks
+    # a mode that fails is reported on its line and the others still measured (ghost, until the xfail below passes)
+    assert len([line for line in lines if line.startswith("  ghost ")]) == 1, result.stdout
 
 
 @pytest.mark.xfail(
