@@ -199,12 +199,12 @@ class BookKeepingClipper:
                 "loss. Book-keeping clipping needs every recorded call to be part of the backward pass."
             )
         rows = {tensor.shape[0] for tensor in record.inputs} | ({record.rows} if record.pieces is not None else set())
-        expected = {batch_size} if batch_size is not None else {next(iter(rows))}
+        expected = {batch_size} if batch_size is not None else {next(iter(rows))}  # in the backward: consistent rows
         if rows != expected or next(iter(expected)) % self.group_size:
+            seen = " and ".join(map(str, sorted(rows)))
             return (
-                f"Layer {name} saw {'/'.join(map(str, sorted(rows)))} rows in dimension 0 where the batch has "
-                f"{batch_size}: "
-                "per-example gradients need the batch in dimension 0 (e.g. batch_first=True)."
+                f"Layer {name} saw {seen} rows in dimension 0 where the batch has {batch_size}: per-example "
+                "gradients need the batch in dimension 0 (e.g. batch_first=True)."
             )
         if any(tensor._version != version for tensor, version in zip(record.inputs, record.versions)):
             return (
@@ -291,7 +291,7 @@ class BookKeepingClipper:
             return per_row
         return per_row.reshape(per_row.shape[0] // self.group_size, self.group_size, *per_row.shape[1:]).sum(1)
 
-    def per_rows(self, clipped_sum: Callable[[Tensor, Tensor | None], Tensor]) -> ClippedSum:
+    def per_rows(self, clipped_sum: ClippedSum) -> ClippedSum:
         """A clipped sum over rows (each row weighted and kept as its unit) as one over units."""
         if self.group_size == 1:
             return clipped_sum
