@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.demos import StandardizedConv2d, wide_resnet
-from lightning_nt.privacy.book_keeping import BookKeepingClipper, outer_product_norms
+from lightning_nt.privacy.book_keeping import BookKeepingClipper, conv_per_example_grads, outer_product_norms
 
 
 class Tokens(nn.Module):
@@ -23,6 +24,17 @@ class Tokens(nn.Module):
     def forward(self, tokens):
         hidden = self.mix(self.norm(self.embed(tokens))).tanh()
         return self.out(hidden.mean(1))
+
+
+class Twice(nn.Module):
+    """One layer applied twice (a recurrent-style reuse): its calls are more positions of one per-example gradient."""
+
+    def __init__(self, layer, head):
+        super().__init__()
+        self.layer, self.head = layer, head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
 
 
 def _conv_net(conv, spatial, **options):
@@ -59,6 +71,27 @@ CASES = {
         lambda: nn.Sequential(StandardizedConv2d(30, 30, 1, bias=True), nn.ReLU(), nn.Flatten(), nn.Linear(30 * 4, 2)),
         (30, 2, 2),
         2,
+    ),
+    "conv2d-kernel-larger-than-activations": (  # instantiated norms, clipped sum by a weight-gradient call
+        lambda: nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 9, 2)),
+        (8, 3, 3),
+        2,
+    ),
+    "conv2d-twice": (
+        lambda: Twice(nn.Conv2d(3, 3, 3, padding=1), nn.Sequential(nn.Flatten(), nn.Linear(3 * 25, 2))),
+        (3, 5, 5),
+        2,
+    ),
+    "standardized-conv-ghost-twice": (
+        lambda: Twice(StandardizedConv2d(30, 30, 1), nn.Sequential(nn.Flatten(), nn.Linear(30 * 4, 2))),
+        (30, 2, 2),
+        2,
+    ),
+    "linear-twice": (lambda: Twice(nn.Linear(5, 5), nn.Linear(5, 3)), (5,), 3),
+    "linear-sequence-twice": (
+        lambda: Twice(nn.Linear(5, 5), nn.Sequential(nn.Flatten(), nn.Linear(5 * 6, 3))),
+        (6, 5),
+        3,
     ),
     "layernorm-groupnorm": (
         lambda: nn.Sequential(
@@ -107,14 +140,16 @@ def _make(case, seed=0):
     return net, inputs, torch.randint(classes, (8,))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_clipped_sum_equals_the_vmap_reference(case):
+def test_clipped_sum_equals_the_vmap_reference(case, device):
+    """On a GPU the convolutions' per-example kernels are formed by unfolding, on a CPU by grouped convolutions."""
     net, inputs, labels = _make(case)
     expected, expected_norms, bound = _reference(net, inputs, labels)
-    got, norms = _book_keeping(net, inputs, labels, bound)
-    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
+    got, norms = _book_keeping(net.to(device), inputs.to(device), labels.to(device), bound)
+    torch.testing.assert_close(norms.cpu(), expected_norms, rtol=1e-10, atol=1e-12)
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_tokens_with_padding_and_repeated_tokens():
@@ -234,3 +269,76 @@ def test_carried_parts_add_up_to_the_whole_batch():
         assert all(p.grad is None for p in net.parameters()) == carry
     for name, parameter in net.named_parameters():
         torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2),
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2),
+        nn.Conv2d(4, 6, 1, stride=2),
+        StandardizedConv2d(3, 5, 3, padding=1),
+    ],
+    ids=["conv1d-groups", "conv2d-groups", "conv2d-1x1-stride", "standardized"],
+)
+def test_per_example_convolution_gradients_by_groups_and_by_unfolding_equal_vmap(conv):
+    """Both ways of forming a convolution's per-example kernel gradients (CPU: grouped, GPU: unfold) against vmap."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    spatial = (9,) if isinstance(conv, nn.Conv1d) else (7, 6)
+    inputs = torch.randn(5, conv.in_channels, *spatial, dtype=torch.float64)
+    grads = torch.randn_like(conv(inputs))
+    kernel = conv.weight.detach()
+
+    def pairing(weight, x, g):  # <conv(x; w), g>: its gradient in w is the example's kernel gradient
+        out = nn.functional.conv2d if isinstance(conv, nn.Conv2d) else nn.functional.conv1d
+        return (out(x[None], weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)[0] * g).sum()
+
+    expected = vmap(grad(pairing), in_dims=(None, 0, 0))(kernel, inputs, grads)
+    for method in ("grouped", "unfold", "auto"):
+        got = conv_per_example_grads(conv, inputs, grads, method)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=method)
+
+
+@pytest.mark.parametrize("case", ["standardized-conv", "conv2d-ghost", "linear-sequence"])
+def test_under_bf16_autocast_a_clipped_example_stays_within_the_bound(case):
+    """The backward runs in bf16 but norms, factors and sums are fp32: one example's clipped gradient has norm <= C."""
+    net, inputs, labels = _make(case)
+    net = net.float()
+    clipper = BookKeepingClipper(net, max_grad_norm=1e-5)  # every example clipped
+    for row in range(len(inputs)):
+        with clipper.recording(), torch.autocast("cpu", dtype=torch.bfloat16):
+            F.cross_entropy(net(inputs[row : row + 1].float()), labels[row : row + 1]).backward()
+        norms = clipper.clip_and_sum(batch_size=1)
+        total = torch.sqrt(sum(p.grad.double().square().sum() for p in net.parameters()))
+        assert norms.dtype == torch.float32 and norms.item() > 1e-5
+        assert total <= 1e-5 * (1 + 1e-5), float(total)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("module", "net"),
+        ("module", None),
+        ("max_grad_norm", "1"),
+        ("max_grad_norm", float("nan")),
+        ("max_grad_norm", float("inf")),
+        ("max_grad_norm", 0.0),
+        ("max_grad_norm", -1),
+        ("max_grad_norm", True),
+        ("loss_reduction", "avg"),
+        ("loss_reduction", 1),
+        ("group_size", 0),
+        ("group_size", 1.5),
+        ("group_size", "2"),
+        ("group_size", True),
+        ("group_size", float("nan")),
+        ("norm_dtype", "float32"),
+        ("norm_dtype", torch.int64),
+        ("norm_dtype", None),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(name, value):
+    arguments = {"module": nn.Linear(3, 2), "max_grad_norm": 1.0, name: value}
+    with pytest.raises(ArgumentError, match=f"`{name}`"):
+        BookKeepingClipper(**arguments)

@@ -7,14 +7,24 @@ from lightning_nt import DPStrategy
 from tests.privacy.test_strategy import Plain, RecordUpdate, _clipped_sum, _fit
 
 
-def test_noiseless_update_equals_the_clipped_sum():
+@pytest.mark.parametrize(
+    ("accelerator", "precision"),
+    [
+        ("cpu", "32-true"),
+        pytest.param("gpu", "32-true", marks=pytest.mark.cuda),
+        pytest.param("gpu", "bf16-mixed", marks=pytest.mark.cuda),  # norms and clip factors in fp32
+    ],
+)
+def test_noiseless_update_equals_the_clipped_sum(accelerator, precision):
     record = RecordUpdate()
     strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode="bk")
     with pytest.warns(UserWarning, match="noise_multiplier=0"):
-        module, _ = _fit(strategy, callbacks=[record], max_steps=1)
-    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+        module, _ = _fit(strategy, callbacks=[record], max_steps=1, accelerator=accelerator, precision=precision)
+    before = {name: weight.cpu() for name, weight in record.before.items()}
+    expected = _clipped_sum(module.cpu(), before, [t.cpu() for t in record.batch], 0.5)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if precision == "32-true" else {"rtol": 0.1, "atol": 2e-3}
     for name, update in record.update.items():
-        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(update.cpu(), -expected[name] / 16.0, **tolerance)
     assert all(p.requires_grad for p in module.parameters())  # handed back after the backward
 
 
