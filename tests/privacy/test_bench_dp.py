@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from lightning_nt import DPStrategy
-from tests.privacy.test_strategy import PerExample, _fit
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,21 +32,5 @@ def test_bench_dp_smoke_prints_time_and_memory_of_every_mode(tmp_path: Path) -> 
         assert "failed" not in line and "x non-private, " in line and "x hooks" in line and "MiB" in line, line
     (hooks,) = [line for line in lines if line.startswith("  hooks ")]
     assert "raw Opacus" in hooks and "strategy adds" in hooks
-    # a mode that fails is reported on its line and the others still measured (ghost, until the xfail below passes)
-    assert len([line for line in lines if line.startswith("  ghost ")]) == 1, result.stdout
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="DPStrategy._forget_private_state deletes `grad_sample` after a step; Opacus's ghost-clipping hook for a "
-    "layer without a norm sampler (GroupNorm, Conv2d) reads it on the next step. `bench_dp.py --modes ghost` on the "
-    "WRN hits it.",
-)
-def test_ghost_clipping_takes_a_second_step_with_a_layer_without_a_norm_sampler() -> None:
-    _, trainer = _fit(
-        DPStrategy(grad_sample_mode="ghost"),
-        module=lambda: PerExample(num_samples=64, batch_size=16, norm="group"),
-        max_steps=2,
-    )
-    assert trainer.global_step == 2
+    (ghost,) = [line for line in lines if line.startswith("  ghost ")]
+    assert "failed" not in ghost and "x hooks" in ghost, ghost

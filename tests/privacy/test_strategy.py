@@ -444,3 +444,13 @@ def test_each_epochs_poisson_batches_come_from_the_seed_and_the_epoch():
     assert list(resumed) == epochs[2] and epochs[1] != epochs[2]
     resumed.set_epoch(1)
     assert list(resumed) == epochs[1]
+
+
+def test_ghost_clipping_takes_a_second_step_with_a_layer_without_a_norm_sampler() -> None:
+    """Opacus's ghost hook of a GroupNorm reads `grad_sample`, which the per-step cleanup removes."""
+    _, trainer = _fit(
+        DPStrategy(grad_sample_mode="ghost"),
+        module=lambda: PerExample(num_samples=64, batch_size=16, norm="group"),
+        max_steps=2,
+    )
+    assert trainer.global_step == 2

@@ -47,6 +47,14 @@ class GhostClippingEngine(OpacusHooksEngine):
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
 
+    def start(self) -> None:
+        # Opacus's ghost hook of a layer without a norm sampler (Conv2d, GroupNorm) reads `p.grad_sample`, which
+        # Opacus sets once when attaching and `forget` removes after every step: put the empty slot back.
+        for p in self.hooks.trainable_parameters:
+            if "grad_sample" not in vars(p):
+                p.grad_sample = None
+        super().start()
+
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
 
