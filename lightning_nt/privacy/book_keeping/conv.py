@@ -1,0 +1,207 @@
+"""The book-keeping rule of convolutions: ``Conv1d``, ``Conv2d`` and the weight-standardised ``StandardizedConv2d``.
+
+A kernel's per-example norms come from instantiated per-example kernels (:func:`conv_per_example_grads`) or from
+ghost Gram matrices of im2col patches, whichever costs less; its clipped sum from the per-example kernels if they
+take no more memory than the activations, else from one weight-gradient call with the clip factors folded into the
+output gradient. A standardised kernel's raw-weight norm is exact from the same quantities
+(:class:`~lightning_nt.privacy.book_keeping.pieces.Standardization`); the chain rule through the standardisation is
+applied once, to the clipped sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_nt.common.layers import StandardizedConv2d
+from lightning_nt.privacy.book_keeping.norms import instantiate, keep_per_example, outer_product_norms
+from lightning_nt.privacy.book_keeping.pieces import (
+    Piece,
+    Standardization,
+    join,
+    kernel_squared_norms,
+    masked,
+    per_unit_piece,
+    total,
+)
+from lightning_nt.privacy.grad_samplers import standardization_backward
+
+if TYPE_CHECKING:
+    from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
+
+__all__ = ["check_conv", "conv_per_example_grads", "conv_pieces"]
+
+
+def conv_pieces(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    clipper: BookKeepingClipper,
+) -> list[Piece]:
+    """A convolution: its kernel (:func:`_weight_piece`) and its bias's per-example gradients."""
+    pieces: list[Piece] = []
+    if clipper.trainable(layer.weight):
+        pieces.append(_weight_piece(layer, inputs, grads, outputs, clipper))
+    if clipper.trainable(layer.bias):
+        pieces.append(per_unit_piece(clipper, layer.bias, total([g.flatten(2).sum(2) for g in grads])))
+    return pieces
+
+
+def check_conv(name: str, layer: nn.Conv1d | nn.Conv2d) -> None:
+    """Refuse the padding modes and (for a standardised kernel) the groups the rule does not cover."""
+    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+        raise ValueError(
+            f"Convolution {name}: padding={layer.padding!r}, padding_mode={layer.padding_mode!r} are not "
+            "supported; give numeric padding with padding_mode='zeros'."
+        )
+    if type(layer) is StandardizedConv2d and layer.groups != 1:
+        raise ValueError(f"Weight-standardised convolution {name}: groups != 1 is not supported.")
+
+
+def _weight_piece(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    clipper: BookKeepingClipper,
+) -> Piece:
+    """Norms from instantiated per-example kernels or from ghost Gram matrices, whichever costs less; the clipped sum
+    from the per-example kernels if they are no larger than the activations, else by one weight-gradient call."""
+    standardization = Standardization(layer.weight, grads[0].dtype) if type(layer) is StandardizedConv2d else None
+    positions = sum(g[0, 0].numel() for g in grads)
+    kernel, out_per_group = layer.weight[0].numel(), layer.out_channels // layer.groups
+    if instantiate(positions, kernel, out_per_group):
+        per_row = total([conv_per_example_grads(layer, a, g) for a, g in zip(inputs, grads)])
+        activations = sum(a[0].numel() + g[0].numel() for a, g in zip(inputs, grads))
+        if keep_per_example(layer.weight.numel(), activations):
+            return per_unit_piece(clipper, layer.weight, per_row, standardization)
+        squared_norms = kernel_squared_norms(clipper.unit_sum(per_row), standardization)
+    else:
+        squared_norms = _ghost_norms(layer, inputs, grads, outputs, standardization, clipper)
+    weight_grad = _weight_gradient_of(layer)
+
+    def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
+        calls = [
+            weight_grad(
+                masked(a, keep),
+                layer.weight.shape,
+                masked(g, keep) * row_weights.view(-1, *([1] * (g.ndim - 1))),
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups,
+            )
+            for a, g in zip(inputs, grads)
+        ]
+        summed = total(calls)
+        return summed if standardization is None else standardization_backward(layer.weight, summed)
+
+    return Piece(layer.weight, squared_norms, clipper.per_rows(weight_sum))
+
+
+def _ghost_norms(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    standardization: Standardization | None,
+    clipper: BookKeepingClipper,
+) -> Tensor:
+    """Per-unit squared norms of a convolution's kernel gradient by ghost Gram matrices, group by group."""
+    groups = layer.groups
+    unfolded = [_unfold(a, layer) for a in inputs]  # [N, groups, d_g, T] per call; calls are more positions
+    per_group = [g.reshape(g.shape[0], groups, layer.out_channels // groups, -1) for g in grads]
+    norms = []
+    for group in range(groups):
+        patches = join([u[:, group].transpose(1, 2) for u in unfolded])  # [N, T, d_g], a view for one call
+        gradient = join([g[:, group].transpose(1, 2) for g in per_group])
+        if standardization is not None:  # groups == 1 (checked when the clipper is built)
+            produced = join([y.flatten(2).transpose(1, 2) for y in outputs])
+            norms.append(_standardized_ghost_norms(clipper, standardization, patches, gradient, produced))
+        else:
+            norms.append(outer_product_norms(clipper.units(patches), clipper.units(gradient)))
+    return total(norms)
+
+
+def _standardized_ghost_norms(
+    clipper: BookKeepingClipper, standardization: Standardization, patches: Tensor, grads: Tensor, outputs: Tensor
+) -> Tensor:
+    """The raw weight of a weight-standardised convolution: its per-example norm, exact from ghost quantities
+    (:class:`Standardization`). ``sum |g|²/s²`` is the outer-product norm with ``G / s``; ``S1 = sum_t G_t (sum of
+    patch u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's output without bias."""
+    patches, grads = clipper.units(patches), clipper.units(grads)  # [B, T, d], [B, T, p] (w.r.t. w_hat)
+    s1 = torch.einsum("btp,bt->bp", grads, patches.sum(2))
+    s2 = (grads * clipper.units(outputs)).sum(1)
+    return outer_product_norms(patches, grads / standardization.s) + standardization.correction(s1, s2)
+
+
+def conv_per_example_grads(
+    layer: nn.Conv1d | nn.Conv2d,
+    inputs: Tensor,
+    grads: Tensor,
+    method: Literal["auto", "grouped", "unfold"] = "auto",
+) -> Tensor:
+    """Every example's gradient with respect to a convolution's kernel, ``[N, *layer.weight.shape]``.
+
+    ``"grouped"``: one weight-gradient call with the examples as groups (Rochette et al. 2019): no im2col copy, the
+    fastest on a CPU. ``"unfold"``: im2col as a strided view and one copy, then one batched product (one kernel per
+    step on a GPU, where many-group weight gradients are slow). ``"auto"``: grouped on a CPU, unfold elsewhere.
+
+    Examples:
+        >>> conv, x = nn.Conv2d(2, 3, 3, padding=1).double(), torch.randn(4, 2, 5, 5, dtype=torch.float64)
+        >>> g = torch.randn_like(conv(x))
+        >>> grouped, unfolded = (conv_per_example_grads(conv, x, g, method) for method in ("grouped", "unfold"))
+        >>> tuple(grouped.shape), torch.allclose(grouped, unfolded)
+        ((4, 3, 2, 3, 3), True)
+    """
+    if method == "auto":
+        method = "grouped" if inputs.device.type == "cpu" else "unfold"
+    rows, groups = inputs.shape[0], layer.groups
+    if method == "unfold":
+        patches = _unfold(inputs, layer)  # [N, groups, d_g, T]
+        per_group = grads.reshape(rows, groups, layer.out_channels // groups, -1)  # [N, groups, p_g, T]
+        return torch.matmul(per_group, patches.transpose(2, 3)).reshape(rows, *layer.weight.shape)
+    stacked = _weight_gradient_of(layer)(
+        inputs.reshape(1, -1, *inputs.shape[2:]),
+        (rows * layer.out_channels, *layer.weight.shape[1:]),
+        grads.reshape(1, -1, *grads.shape[2:]),
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        rows * groups,
+    )
+    return stacked.view(rows, *layer.weight.shape)
+
+
+def _weight_gradient_of(layer: nn.Conv1d | nn.Conv2d) -> Callable[..., Tensor]:
+    return torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+
+
+def _unfold(inputs: Tensor, layer: nn.Conv1d | nn.Conv2d) -> Tensor:
+    """im2col as one strided view and one copy: ``[N, groups, C_g * prod(kernel), T]``.
+
+    ``F.unfold`` launches one kernel per example on CUDA and has no 1-D form.
+    """
+    spatial = inputs.ndim - 2
+    padding = [p for p in reversed(layer.padding) for _ in range(2)]
+    padded = F.pad(inputs, padding) if any(padding) else inputs
+    rows, channels = padded.shape[:2]
+    kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
+    out_sizes = [(padded.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(spatial)]
+    strides = padded.stride()
+    view = padded.as_strided(
+        (rows, channels, *kernel, *out_sizes),
+        (
+            strides[0],
+            strides[1],
+            *(strides[2 + i] * dilation[i] for i in range(spatial)),
+            *(strides[2 + i] * stride[i] for i in range(spatial)),
+        ),
+    )
+    return view.reshape(rows, layer.groups, (channels // layer.groups) * math.prod(kernel), math.prod(out_sizes))

@@ -1,0 +1,116 @@
+"""The book-keeping rules of ``Linear``, ``Embedding``, ``LayerNorm``/``GroupNorm``, and Opacus's as the fallback.
+
+Each rule takes a layer, its recorded calls (inputs, output gradients, and outputs where a rule needs them) and the
+clipper, and returns one :class:`~lightning_nt.privacy.book_keeping.pieces.Piece` per trained parameter. A
+``Linear`` layer's positions are its leading dimensions after the batch; its weight's norms are ghost or
+instantiated, whichever costs less. An embedding's norms come from the ghost identity over token positions (equal
+tokens interact). Norm layers and layers with only an Opacus per-sample rule form per-example gradients outright.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor, nn
+
+from lightning_nt.privacy.book_keeping.norms import instantiate, outer_product_norms
+from lightning_nt.privacy.book_keeping.pieces import Piece, join, masked, per_unit_piece, per_unit_pieces
+
+if TYPE_CHECKING:
+    from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
+
+__all__ = ["check_embedding", "embedding_pieces", "linear_pieces", "normalization_pieces", "opacus_pieces"]
+
+
+def linear_pieces(
+    layer: nn.Linear, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """A linear layer: weight norms ghost or instantiated (the cheaper), the bias's per-example gradients outright."""
+    patches = join([a.reshape(a.shape[0], -1, a.shape[-1]) for a in inputs])  # [N, T, d]
+    gradient = join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])  # [N, T, p]
+    pieces: list[Piece] = []
+    if clipper.trainable(layer.weight):
+        if instantiate(patches.shape[1], layer.in_features, layer.out_features):  # then no larger than T (d + p)
+            pieces.append(per_unit_piece(clipper, layer.weight, torch.bmm(gradient.transpose(1, 2), patches)))
+        else:
+
+            def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
+                weighted = masked(gradient, keep) * row_weights[:, None, None]
+                return torch.einsum("ntp,ntd->pd", weighted, masked(patches, keep))
+
+            squared_norms = outer_product_norms(clipper.units(patches), clipper.units(gradient))
+            pieces.append(Piece(layer.weight, squared_norms, clipper.per_rows(weight_sum)))
+    if clipper.trainable(layer.bias):
+        pieces.append(per_unit_piece(clipper, layer.bias, gradient.sum(1)))
+    return pieces
+
+
+def embedding_pieces(
+    layer: nn.Embedding, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """An embedding table: per-unit norms by the ghost identity over token positions (equal tokens interact)."""
+    if not clipper.trainable(layer.weight):
+        return []
+    indices = join([i.reshape(i.shape[0], -1) for i in inputs])
+    gradient = join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])
+    if layer.padding_idx is not None:  # PyTorch gives the padding row no gradient
+        gradient = gradient * (indices != layer.padding_idx)[..., None]
+    indices = clipper.units(indices[..., None])[..., 0]  # [B, T]
+    gradient = clipper.units(gradient)  # [B, T, dim]
+    same = (indices[:, :, None] == indices[:, None, :]).to(gradient.dtype)
+    squared_norms = (same * torch.bmm(gradient, gradient.transpose(1, 2))).sum((1, 2))
+
+    def clipped_sum(weights: Tensor, keep: Tensor | None) -> Tensor:
+        weighted = (masked(gradient, keep) * weights[:, None, None]).flatten(0, 1)
+        table = torch.zeros(layer.weight.shape, dtype=weighted.dtype, device=weighted.device)
+        return table.index_add_(0, indices.flatten(), weighted)
+
+    return [Piece(layer.weight, squared_norms, clipped_sum)]
+
+
+def check_embedding(name: str, layer: nn.Embedding) -> None:
+    """Refuse the embedding options whose gradients are not a sum over token positions."""
+    if layer.sparse or layer.scale_grad_by_freq:
+        raise ValueError(f"Embedding {name}: `sparse` and `scale_grad_by_freq` are not supported under DP-SGD.")
+
+
+def normalization_pieces(
+    layer: nn.LayerNorm | nn.GroupNorm,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    outputs: list[Tensor],
+    clipper: BookKeepingClipper,
+) -> list[Piece]:
+    """A norm layer's affine parameters: per-example gradients outright (they are as small as a bias)."""
+    weight_rows: Tensor | float = 0.0
+    bias_rows: Tensor | float = 0.0
+    for a, g in zip(inputs, grads):
+        if isinstance(layer, nn.LayerNorm):
+            normalized = F.layer_norm(a, layer.normalized_shape, eps=layer.eps)
+            reduce = tuple(range(1, a.ndim - len(layer.normalized_shape)))
+        else:
+            normalized = F.group_norm(a, layer.num_groups, eps=layer.eps)
+            reduce = tuple(range(2, a.ndim))
+        weight_rows = weight_rows + _sum_over(normalized * g, reduce)
+        bias_rows = bias_rows + _sum_over(g, reduce)
+    return per_unit_pieces(clipper, [(layer.weight, weight_rows), (layer.bias, bias_rows)])
+
+
+def _sum_over(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
+    return tensor.sum(dims) if dims else tensor  # an empty tuple would sum over every dimension
+
+
+def opacus_pieces(
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """A layer without a rule here: Opacus's per-sample rule for its type, call by call, summed per row."""
+    rule = GradSampleModule.GRAD_SAMPLERS[type(layer)]
+    per_row: dict[int, tuple[nn.Parameter, Tensor]] = {}
+    for a, g in zip(inputs, grads):
+        for parameter, samples in rule(layer, [a], g).items():
+            previous = per_row.get(id(parameter))
+            per_row[id(parameter)] = (parameter, samples if previous is None else previous[1] + samples)
+    return per_unit_pieces(clipper, list(per_row.values()))

@@ -1,0 +1,53 @@
+"""What one layer saw during a recorded forward and backward pass, and whether its pieces can be formed from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from lightning_nt.privacy.book_keeping.pieces import Piece
+
+__all__ = ["Record"]
+
+
+@dataclass
+class Record:
+    """What one layer saw during the forward/backward passes: inputs and output gradients, one per call.
+
+    Once every call's output gradient has arrived (in the backward pass) the layer's pieces are formed and the
+    tensors are let go, so the activations are freed as the backward pass proceeds, as in an ordinary one.
+    """
+
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)  # StandardizedConv2d only: Y = w_hat * A (bias removed)
+    grads: list[Tensor | None] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    rows: int = 0
+    pieces: list[Piece] | None = None
+
+    def problem(self, group_size: int, batch_size: int | None = None, name: str = "") -> str | None:
+        """Why the layer's per-example gradients can't be formed (yet) from this record, or None.
+
+        In the backward pass (``batch_size`` None) the calls' rows only need to agree; at the clipped sum they must
+        be the batch's. ``name`` names the layer in the message.
+        """
+        if any(grad is None for grad in self.grads):
+            return (
+                f"Layer {name} ran in the forward pass but received no gradient: its output does not reach the "
+                "loss. Book-keeping clipping needs every recorded call to be part of the backward pass."
+            )
+        rows = {tensor.shape[0] for tensor in self.inputs} | ({self.rows} if self.pieces is not None else set())
+        expected = {batch_size} if batch_size is not None else {next(iter(rows))}  # in the backward: consistent rows
+        if rows != expected or next(iter(expected)) % group_size:
+            seen = " and ".join(map(str, sorted(rows)))
+            return (
+                f"Layer {name} saw {seen} rows in dimension 0 where the batch has {batch_size}: per-example "
+                "gradients need the batch in dimension 0 (e.g. batch_first=True)."
+            )
+        if any(tensor._version != version for tensor, version in zip(self.inputs, self.versions)):
+            return (
+                f"The input of layer {name} was modified in place after the layer used it, so its "
+                "per-example gradients can't be formed from it; avoid the in-place operation."
+            )
+        return None

@@ -1,0 +1,97 @@
+"""The registry of book-keeping rules: layer type -> the rule that forms its pieces, and the check of its options.
+
+A layer type listed here has a rule of its own (``layers.py``, ``conv.py``); a layer of another type falls back to
+Opacus's per-sample rule for it (:data:`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`). :func:`layers_of`
+finds the layers of a module that own trainable parameters and refuses, before anything is computed, one that no
+rule covers, one with options a rule can't handle, and a parameter shared by two layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from opacus.grad_sample import GradSampleModule
+from torch import Tensor, nn
+
+from lightning_nt.common.layers import StandardizedConv2d
+from lightning_nt.privacy.book_keeping.conv import check_conv, conv_pieces
+from lightning_nt.privacy.book_keeping.layers import (
+    check_embedding,
+    embedding_pieces,
+    linear_pieces,
+    normalization_pieces,
+    opacus_pieces,
+)
+from lightning_nt.privacy.book_keeping.pieces import Piece
+
+if TYPE_CHECKING:
+    from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
+
+__all__ = ["LayerRule", "layers_of", "pieces_for", "supported_layer_types"]
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How a layer type's pieces are formed (``pieces(layer, inputs, grads, outputs, clipper)``), and the check of
+    its options when the clipper is built (``check(name, layer)``, raising a ``ValueError`` naming the layer)."""
+
+    pieces: Callable[[Any, list[Tensor], list[Tensor], list[Tensor], BookKeepingClipper], list[Piece]]
+    check: Callable[[str, Any], None] | None = None
+
+
+_CONV = LayerRule(conv_pieces, check_conv)
+_RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: LayerRule(linear_pieces),
+    nn.Conv1d: _CONV,
+    nn.Conv2d: _CONV,
+    nn.Embedding: LayerRule(embedding_pieces, check_embedding),
+    nn.LayerNorm: LayerRule(normalization_pieces),
+    nn.GroupNorm: LayerRule(normalization_pieces),
+    StandardizedConv2d: _CONV,
+}
+_OPACUS = LayerRule(opacus_pieces)
+
+
+def supported_layer_types() -> tuple[type, ...]:
+    """Layer types with a book-keeping rule of their own (others need an Opacus per-sample rule)."""
+    return tuple(_RULES)
+
+
+def pieces_for(
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """The layer's pieces by the rule of its exact type (Opacus's for a type without one here)."""
+    return _RULES.get(type(layer), _OPACUS).pieces(layer, inputs, grads, outputs, clipper)
+
+
+def layers_of(module: nn.Module) -> list[nn.Module]:
+    """The layers that own trainable parameters, checked to be covered by a rule and not to share parameters."""
+    layers, owner = [], {}
+    for name, layer in module.named_modules():
+        own = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        for parameter_name, parameter in own:
+            full = f"{name}.{parameter_name}" if name else parameter_name
+            if id(parameter) in owner:
+                raise ValueError(
+                    f"Parameter {full} is the same tensor as {owner[id(parameter)]}: book-keeping clipping forms each "
+                    "layer's per-example norm separately, which is wrong for a tied parameter. Use "
+                    "grad_sample_mode='hooks' for this model."
+                )
+            owner[id(parameter)] = full
+        rule = _RULES.get(type(layer))
+        if rule is None and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
+            raise ValueError(
+                f"Layer {name or type(layer).__name__} ({type(layer).__name__}) has trainable parameters but neither "
+                "a book-keeping nor an Opacus per-sample rule. Use grad_sample_mode='hooks' (Opacus falls back to "
+                "functorch for it), or freeze its parameters."
+            )
+        if rule is not None and rule.check is not None:
+            rule.check(name, layer)
+        elif isinstance(layer, nn.Embedding):  # a subclass with an Opacus rule: the same options are refused
+            check_embedding(name, layer)
+        layers.append(layer)
+    return layers
