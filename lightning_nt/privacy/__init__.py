@@ -11,7 +11,9 @@ One module per stage of a private step, in the order a batch meets them:
 * ``accounting``: the accountant, the noise calibrated to ``target_epsilon``, the budget stop;
 * ``ledger``: the privacy ledger in checkpoints and on the trained module;
 * ``reports``: the ``dp/*`` figures and the warnings about what is not covered;
-* ``step`` and ``strategy``: the Lightning adapter (``DPStrategy``, ``DPDDPStrategy``) that runs them.
+* ``step`` and ``strategy``: the Lightning adapter (``DPStrategy``, ``DPDDPStrategy``) that runs them; the hooks
+  of one stage are mixed in from that stage's module (calibration: ``accounting``, checkpoints: ``ledger``,
+  reporting: ``reports``).
 """
 
 from lightning_nt.privacy import grad_samplers  # noqa: F401  (registers per-example gradient rules)

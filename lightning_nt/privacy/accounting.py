@@ -1,8 +1,8 @@
 """Noise and accounting (a DP-SGD stage): which accountant, how much noise for a target epsilon, epsilon so far.
 
-The strategy calibrates its noise here (:func:`calibrated_noise`) once the sample rate and the planned steps are
-known, asks :func:`exceeds_budget` before every step whether it may still be taken, and draws a step's noise from
-:func:`seeded_noise` when the run was given a seed.
+The strategy calibrates its noise here (:func:`calibrated_noise`, called by :class:`_CalibratedNoise`, mixed into
+the strategy) once the sample rate and the planned steps are known, asks :func:`exceeds_budget` before every step
+whether it may still be taken, and draws a step's noise from :func:`seeded_noise` when the run was given a seed.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
 from opacus.accountants import GaussianAccountant, IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_nt.common.validation import check_choice
+from lightning_nt.privacy.guards import planned_steps
 
 __all__ = [
     "AccountantName",
@@ -157,3 +160,31 @@ def _quiet_rdp_order_warning(quiet: bool = True) -> Iterator[None]:
         if quiet:
             warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         yield
+
+
+class _CalibratedNoise:
+    """The noise calibration of the DP strategies (mixed into them before Lightning's strategy class), run once the
+    train loader's sample rate and length are known."""
+
+    # set by the strategy's constructor (see DPStrategy), and from its set-up
+    noise_multiplier: float
+    target_epsilon: float | None
+    delta: float
+    sample_rate: float | None
+    accountant: IAccountant
+    accountant_name: AccountantName
+    _plan: tuple[Any, ...] | None
+
+    def _calibrate(self, trainer: pl.Trainer, steps_per_epoch: int | None) -> None:
+        """With ``target_epsilon``: the noise that spends at most it over the planned steps, set on the optimizer."""
+        if self.target_epsilon is None:
+            if self.noise_multiplier == 0:
+                rank_zero_warn("noise_multiplier=0: no privacy at all, epsilon is reported as inf.")
+            return
+        planned = planned_steps(trainer, steps_per_epoch)
+        if not self.accountant.history:  # a resumed run keeps the noise its ledger was spent with
+            assert self.sample_rate is not None
+            self.noise_multiplier, self._plan = calibrated_noise(
+                self.target_epsilon, self.delta, self.sample_rate, planned, self.accountant_name
+            )
+        self.optimizers[0].noise_multiplier = self.noise_multiplier  # type: ignore[attr-defined]

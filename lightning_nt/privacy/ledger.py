@@ -5,6 +5,7 @@ skipped (:func:`ledger_entry`); resuming from it continues that ledger, and a ch
 that doesn't match its step count, or one that would roll the ledger back in the middle of a run is refused
 (:func:`resumed_ledger`). A module trained privately keeps a note of what it spent, so that training it again with
 a fresh ledger is warned about (:func:`mark_trained_privately`, :func:`warn_if_trained_privately_before`).
+:class:`_CheckpointedLedger` holds the DP strategy's checkpoint hooks that write and read the ledger.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 
 from lightning_fabric.utilities.types import _PATH
 from opacus.accountants import IAccountant
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from lightning_nt.privacy.accounting import AccountantName, make_accountant, steps_taken
 from lightning_nt.privacy.guards import check_ledger
@@ -79,3 +82,33 @@ def warn_if_trained_privately_before(module: nn.Module, accountant: IAccountant)
         "The privacy spent on the data in total is at least the sum of both (compose them), or resume the "
         "earlier run with fit(ckpt_path=...) to continue its ledger."
     )
+
+
+class _CheckpointedLedger:
+    """The checkpoint hooks of the DP strategies (mixed into them before Lightning's strategy class): every
+    checkpoint carries the ledger, and restoring one continues it."""
+
+    # set by the strategy's constructor (see DPStrategy), and from its set-up
+    noise_multiplier: float
+    accountant: IAccountant
+    accountant_name: AccountantName
+    _plan: tuple[Any, ...] | None
+    _skipped_steps: int
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
+        entry = ledger_entry(self.accountant, self.noise_multiplier, self._plan, self._skipped_steps)
+        checkpoint[CHECKPOINT_KEY] = entry
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)  # type: ignore[misc]
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        saved = resumed_ledger(checkpoint, checkpoint_path, self.accountant, self.accountant_name, fitting)
+        if saved is not None:
+            self.noise_multiplier = float(saved["noise_multiplier"])
+            self._plan = tuple(saved["plan"]) if saved.get("plan") is not None else None
+            self._skipped_steps = int(saved.get("skipped_steps", 0))
+            self.accountant.load_state_dict(saved["ledger"])
+        return checkpoint

@@ -4,15 +4,22 @@ The ``dp/*`` figures (epsilon, delta, noise, rate) are computed from the ledger 
 Everything else here is a noiseless statistic of the private data, so it is off by default or released once,
 with a warning saying that it is not covered: ``dp/clip_fraction`` (``log_clip_fraction=True``), the end-of-run
 count of examples whose gradient was not finite, and what ``training_step`` itself logs from the private batch.
+:class:`_PrivacyReports` holds the DP strategy's hooks that report at the start and the end of training.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
+from opacus.accountants import IAccountant
 from pytorch_lightning.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_nt.common import log_scalars
+from lightning_nt.privacy.engines import ClippingEngine
+from lightning_nt.privacy.ledger import mark_trained_privately
 
 __all__ = [
     "log_clip_fraction",
@@ -75,3 +82,40 @@ def warn_about_logging_from_the_batch(trainer: pl.Trainer) -> bool:
             "Keep them private, or log figures computed on public data (e.g. in validation_step)."
         )
     return bool(names)
+
+
+class _PrivacyReports:
+    """The reporting hooks of the DP strategies (mixed into them before Lightning's strategy class): the ``dp/*``
+    figures at the start and the end of training, the end-of-run warning about non-finite examples, and the note
+    on the module of what the fit spent."""
+
+    # set by the strategy's constructor (see DPStrategy), and from its set-up
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float | None
+    accountant: IAccountant
+    _engine: ClippingEngine | None
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        if batch_idx == 0:
+            self._log_privacy()
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()  # type: ignore[misc]
+        self._log_privacy()
+        self._warn_about_nonfinite_examples()
+        mark_trained_privately(self.lightning_module, self.epsilon, self.delta, self.accountant)
+
+    def _warn_about_nonfinite_examples(self) -> None:
+        """Every process calls this at the end: the count of non-finite examples is summed across them."""
+        local = self._engine.take_nonfinite_count() if self._engine is not None else 0
+        total = self.reduce(torch.tensor(local, device=self.root_device), reduce_op="sum")  # type: ignore[attr-defined]
+        warn_about_nonfinite_examples(int(total))
+
+    def _log_privacy(self) -> None:
+        trainer = self.lightning_module.trainer
+        log_privacy(trainer, self.epsilon, self.delta, self.noise_multiplier, self.sample_rate)

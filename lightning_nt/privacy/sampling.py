@@ -32,6 +32,7 @@ __all__ = [
     "poisson_dataloader",
     "private_train_loader",
     "shared_seed",
+    "steps_per_epoch",
 ]
 
 
@@ -207,6 +208,14 @@ def private_train_loader(
         rank_zero_warn("poisson_sampling=False: batches are not Poisson-sampled, so epsilon is approximate.")
         return dataloader, rate, expected
     return poisson_dataloader(dataloader, rate, rank, world_size, draw_seed()), rate, expected
+
+
+def steps_per_epoch(dataloader: Any) -> int | None:
+    """The batches of one epoch of ``dataloader``, or ``None`` if it has no length (an iterable dataset's)."""
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
 
 
 def _expected_batch_of_iterable(dataloader: DataLoader, sample_rate: float | None) -> float:

@@ -7,7 +7,9 @@
    last part goes through the module's ``training_step`` (a ``None`` is refused);
 2. ``backward``: the engine forms the clipped sum (one, two or the ordinary backward pass, by engine);
 3. ``optimizer_step``: unless the budget is spent, Opacus's ``DPOptimizer`` adds the noise and the accountant
-   records the step; the engine stops and forgets everything un-noised, whatever happened.
+   records the step; the engine stops and forgets everything un-noised, whatever happened;
+4. ``on_exception``: a step interrupted between its backward pass and its noise leaves raw gradients on the
+   parameters: the engine stops and forgets them.
 """
 
 from __future__ import annotations
@@ -177,3 +179,11 @@ class _PrivateStep:
         trainer = self.lightning_module.trainer
         if self.log_clip_fraction and trainer.global_step % max(trainer.log_every_n_steps, 1) == 0:
             log_clip_fraction(trainer, self._active_engine().last_norms(), self.max_grad_norm)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # a step interrupted between its backward pass and its noise leaves raw gradients on the parameters
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine.forget(gradients=True)
+        super().on_exception(exception)  # type: ignore[misc]

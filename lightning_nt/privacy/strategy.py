@@ -18,34 +18,28 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
-from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
-from lightning_nt.privacy.accounting import AccountantName, calibrated_noise, epsilon_of, make_accountant
+from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class
-from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer, planned_steps
-from lightning_nt.privacy.ledger import (
-    CHECKPOINT_KEY,
-    ledger_entry,
-    mark_trained_privately,
-    resumed_ledger,
-    warn_if_trained_privately_before,
-)
-from lightning_nt.privacy.reports import log_privacy, warn_about_nonfinite_examples, warn_about_options
-from lightning_nt.privacy.sampling import private_train_loader, shared_seed
+from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer
+from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
+from lightning_nt.privacy.reports import _PrivacyReports, warn_about_options
+from lightning_nt.privacy.sampling import private_train_loader, shared_seed, steps_per_epoch
 from lightning_nt.privacy.step import _PrivateStep
 
 __all__ = ["DPDDPStrategy", "DPStrategy"]
 
 
-class _DifferentialPrivacy(_PrivateStep):
-    """The DP-SGD behaviour shared by the single-device and the DDP strategy (its per-step hooks: ``step.py``)."""
+class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedger, _PrivateStep):
+    """The DP-SGD behaviour shared by the single-device and the DDP strategy: set-up and teardown here; the noise
+    calibration in ``accounting.py``, the per-step hooks in ``step.py``, the checkpoint hooks in ``ledger.py``, the
+    start- and end-of-training reports in ``reports.py``."""
 
     @checked_arguments(
         noise_multiplier=at_least(0),
@@ -91,10 +85,8 @@ class _DifferentialPrivacy(_PrivateStep):
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
         self.allow_nonprivate_callbacks, self.log_clip_fraction = allow_nonprivate_callbacks, log_clip_fraction
-        self.max_physical_batch_size, self.augmentation_multiplicity = (
-            max_physical_batch_size,
-            augmentation_multiplicity,
-        )
+        self.max_physical_batch_size = max_physical_batch_size
+        self.augmentation_multiplicity = augmentation_multiplicity
         self.accountant = make_accountant(accountant)
         self._device_given = "device" in strategy_kwargs
         self._engine: ClippingEngine | None = None  # attached from setup_optimizers to teardown of a fit
@@ -154,72 +146,10 @@ class _DifferentialPrivacy(_PrivateStep):
             lambda: shared_seed(self, None if self.secure_mode else self.seed),
         )
         self.optimizers[0].expected_batch_size = expected
-        self._calibrate(trainer, _length(sampled))
+        self._calibrate(trainer, steps_per_epoch(sampled))
         return super().process_dataloader(sampled)  # type: ignore[misc]
 
-    def _calibrate(self, trainer: pl.Trainer, steps_per_epoch: int | None) -> None:
-        if self.target_epsilon is None:
-            if self.noise_multiplier == 0:
-                rank_zero_warn("noise_multiplier=0: no privacy at all, epsilon is reported as inf.")
-            return
-        planned = planned_steps(trainer, steps_per_epoch)
-        if not self.accountant.history:  # a resumed run keeps the noise its ledger was spent with
-            assert self.sample_rate is not None
-            self.noise_multiplier, self._plan = calibrated_noise(
-                self.target_epsilon, self.delta, self.sample_rate, planned, self.accountant_name
-            )
-        self.optimizers[0].noise_multiplier = self.noise_multiplier
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
-        if batch_idx == 0:
-            self._log_privacy()
-
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()  # type: ignore[misc]
-        self._log_privacy()
-        self._warn_about_nonfinite_examples()
-        mark_trained_privately(self.lightning_module, self.epsilon, self.delta, self.accountant)
-
-    def _warn_about_nonfinite_examples(self) -> None:
-        """Every process calls this at the end: the count of non-finite examples is summed across them."""
-        local = self._engine.take_nonfinite_count() if self._engine is not None else 0
-        total = self.reduce(torch.tensor(local, device=self.root_device), reduce_op="sum")  # type: ignore[attr-defined]
-        warn_about_nonfinite_examples(int(total))
-
-    def _log_privacy(self) -> None:
-        trainer = self.lightning_module.trainer
-        log_privacy(trainer, self.epsilon, self.delta, self.noise_multiplier, self.sample_rate)
-
-    # -- checkpoints and teardown ------------------------------------------------------------------------
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any = None) -> None:
-        entry = ledger_entry(self.accountant, self.noise_multiplier, self._plan, self._skipped_steps)
-        checkpoint[CHECKPOINT_KEY] = entry
-        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
-
-    @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)  # type: ignore[misc]
-        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        saved = resumed_ledger(checkpoint, checkpoint_path, self.accountant, self.accountant_name, fitting)
-        if saved is not None:
-            self.noise_multiplier = float(saved["noise_multiplier"])
-            self._plan = tuple(saved["plan"]) if saved.get("plan") is not None else None
-            self._skipped_steps = int(saved.get("skipped_steps", 0))
-            self.accountant.load_state_dict(saved["ledger"])
-        return checkpoint
-
-    @override
-    def on_exception(self, exception: BaseException) -> None:
-        # a step interrupted between its backward pass and its noise leaves raw gradients on the parameters
-        if self._engine is not None:
-            self._engine.stop()
-            self._engine.forget(gradients=True)
-        super().on_exception(exception)  # type: ignore[misc]
+    # -- teardown ------------------------------------------------------------------------
 
     @override
     def teardown(self) -> None:
@@ -228,13 +158,6 @@ class _DifferentialPrivacy(_PrivateStep):
             self._engine.forget()
             self._engine = None
         super().teardown()  # type: ignore[misc]
-
-
-def _length(dataloader: Any) -> int | None:
-    try:
-        return len(dataloader)
-    except TypeError:
-        return None
 
 
 class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
