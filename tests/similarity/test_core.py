@@ -255,8 +255,9 @@ def test_prepared_features_give_exactly_the_values_of_the_plain_tensors(activati
 
 
 def test_prepared_features_refuse_what_the_tensors_refuse():
-    with pytest.raises(ArgumentError, match="`features`"):
-        PreparedFeatures(np.zeros((10, 3)))
+    for bad in (np.zeros((10, 3)), [[1.0, 2.0]], "x", 3.0, math.nan, None, True):
+        with pytest.raises(ArgumentError, match="`features` must be a Tensor"):
+            PreparedFeatures(bad)
     with pytest.raises(ValueError, match="`features` must be a 2-D tensor"):
         PreparedFeatures(torch.zeros(10, 3, 2))
     with pytest.raises(ValueError, match="same examples"):
