@@ -211,8 +211,7 @@ class RepresentationSimilarity(pl.Callback):
         import matplotlib.pyplot as plt
 
         names = self._names()
-        # laid out when drawn (once, by the logger), not drawn an extra time by `tight_layout()` here
-        figure, (matrix_axes, bar_axes) = plt.subplots(1, 2, figsize=(11, 4.5), layout="tight")
+        figure, (matrix_axes, bar_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
         if self.layer_cka is not None:
             image = matrix_axes.imshow(self.layer_cka.numpy(), vmin=0, vmax=1, cmap="magma")
             matrix_axes.set_xticks(range(len(names)), names, rotation=90)
@@ -229,6 +228,7 @@ class RepresentationSimilarity(pl.Callback):
         bar_axes.set_ylim(0, 1.05)
         bar_axes.set_title(f"against the reference ({self._reference_name()}), epoch {int(last['epoch'])}")
         bar_axes.legend()
+        figure.tight_layout()
         return figure
 
     def table(self) -> str:
