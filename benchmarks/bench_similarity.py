@@ -1,88 +1,157 @@
 """Cost of RepresentationSimilarity on the digits demo, as a share of the training time without it.
 
-The digits CNN (three ReLU layers, width 16) trains on the 1438 training digits with and without the
-callback at ``every_n_epochs=1`` (``--every``; defaults otherwise: 512 probe examples, CKA, ReLU intertwiner and
-orthogonal Procrustes per layer, the layer x layer CKA matrix at the end). The two configurations are
-interleaved ``--repeats`` times in one process and the fastest fit of each is kept; the time spent inside
-the callback's hooks is reported too.
+The digits demo's CNN (three ReLU layers, width 16, SGD, batches of 64) trains on the 1438 training digits with
+the demo's trainer (TensorBoard logger, here in a temporary folder, ``log_every_n_steps=5``), without and with
+the callback as ``examples/digits.py --similarity`` builds it: ``reference="init"``, ``every_n_epochs=1``,
+``num_samples=512``, CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer
+CKA matrix and the picture (``--no-logger``: no picture). The two fits alternate, plain then watched,
+``--repeats`` times in one process on ``--threads`` threads, so that a change in the machine's load hits both
+alike, and the medians are compared. Inside the watched fits the callback's hooks are timed too, split into
+the measurements (after each epoch), the start (the reference's features) and the end (CKA matrix, picture),
+and the forward passes inside them.
 
-    python benchmarks/bench_similarity.py                   # 10 epochs, 3 repeats
-    python benchmarks/bench_similarity.py --epochs 30 --repeats 5 --every 5
+Every figure is given twice: in wall time and in the process's CPU time. On a machine shared with other jobs
+the wall times of a fit vary by a factor of two from one fit to the next; with one thread the CPU time counts
+only the work the fit itself does, so its ratios are the ones to read there (with several threads it also
+counts the threads' spinning at barriers).
+
+    python benchmarks/bench_similarity.py                   # 30 epochs (the demo's), 5 pairs, 2 threads
+    python benchmarks/bench_similarity.py --epochs 10 --repeats 9 --every 5 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
+from collections import defaultdict
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_nt.demos import DigitsCNN, DigitsDataModule
 from lightning_nt.similarity import RepresentationSimilarity
 
+PARTS = ("measurements", "start", "end", "forward")
 
-def fit_seconds(epochs: int, callbacks: list[pl.Callback]) -> float:
+
+class Seconds(NamedTuple):
+    """A duration on both clocks."""
+
+    wall: float
+    cpu: float
+
+    @classmethod
+    def since(cls, started: Seconds) -> Seconds:
+        return cls(time.perf_counter() - started.wall, time.process_time() - started.cpu)
+
+    @classmethod
+    def now(cls) -> Seconds:
+        return cls(time.perf_counter(), time.process_time())
+
+
+def fit_seconds(epochs: int, callbacks: list[pl.Callback], logger: bool) -> Seconds:
+    """Duration of one fit of the digits demo's CNN with the demo's trainer (its TensorBoard logger, in a
+    temporary folder, if ``logger``: then the callback also draws its picture at the end)."""
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="gpu" if torch.cuda.is_available() else "cpu",
-        devices=1,
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-    module, data = DigitsCNN(), DigitsDataModule()
-    started = time.perf_counter()
-    trainer.fit(module, data)
-    return time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=epochs,
+            logger=TensorBoardLogger(folder) if logger else False,
+            log_every_n_steps=5,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+        module, data = DigitsCNN(), DigitsDataModule()
+        started = Seconds.now()
+        trainer.fit(module, data)
+        return Seconds.since(started)
+
+
+class TimedSimilarity(RepresentationSimilarity):
+    """The callback as the digits demo builds it, with stopwatches around its hooks and its forward passes."""
+
+    def __init__(self, every_n_epochs: int = 1, num_samples: int = 512) -> None:
+        super().__init__(reference="init", every_n_epochs=every_n_epochs, num_samples=num_samples)
+        self.seconds: dict[str, Seconds] = defaultdict(lambda: Seconds(0.0, 0.0))
+
+    def _timed(self, part: str, method: Any, *args: Any) -> Any:
+        started = Seconds.now()
+        result = method(*args)
+        spent, total = Seconds.since(started), self.seconds[part]
+        self.seconds[part] = Seconds(total.wall + spent.wall, total.cpu + spent.cpu)
+        return result
+
+    def on_train_start(self, *args: Any) -> None:  # type: ignore[override]
+        self._timed("start", super().on_train_start, *args)
+
+    def on_train_batch_end(self, *args: Any) -> None:  # type: ignore[override]
+        self._timed("measurements", super().on_train_batch_end, *args)
+
+    def on_train_end(self, *args: Any) -> None:  # type: ignore[override]
+        self._timed("end", super().on_train_end, *args)
+
+    def _features(self, *args: Any) -> Any:  # type: ignore[override]
+        return self._timed("forward", super()._features, *args)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30, help="epochs per fit (the digits demo trains 30)")
+    parser.add_argument("--repeats", type=int, default=5, help="pairs of fits (plain, watched)")
     parser.add_argument("--every", type=int, default=1, help="every_n_epochs")
+    parser.add_argument("--num-samples", type=int, default=512, help="probe examples (the demo's: 512)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--no-logger", dest="logger", action="store_false", help="no logger, so no picture")
     args = parser.parse_args()
-    fit_seconds(1, [])  # warm-up: imports, data, allocator
-    plain, watched, spent = [], [], []
+    torch.set_num_threads(args.threads)
+    fit_seconds(1, [TimedSimilarity()], args.logger)  # warm-up: imports, data, allocator, scipy, matplotlib
+    plain, watched, parts = [], [], defaultdict(list)
     for _ in range(args.repeats):
-        plain.append(fit_seconds(args.epochs, []))
-        monitor = TimedSimilarity(args.every)
-        watched.append(fit_seconds(args.epochs, [monitor]))
-        spent.append(monitor.seconds)
-    best_plain, best_watched = min(plain), min(watched)
-    print(f"digits CNN, {args.epochs} epochs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+        plain.append(fit_seconds(args.epochs, [], args.logger))
+        monitor = TimedSimilarity(args.every, args.num_samples)
+        watched.append(fit_seconds(args.epochs, [monitor], args.logger))
+        for part in PARTS:
+            parts[part].append(monitor.seconds[part])
+    measurements = args.epochs // args.every
+    logger = "TensorBoard logger (the picture drawn at the end)" if args.logger else "no logger"
     print(
-        f"  plain fit {best_plain:.2f} s; "
-        f"with RepresentationSimilarity(every_n_epochs={args.every}) {best_watched:.2f} s"
+        f"digits CNN, {args.epochs} epochs, every_n_epochs={args.every} ({measurements} measurements), "
+        f"num_samples={args.num_samples}, {logger}"
     )
-    print(f"  overhead {best_watched / best_plain - 1:+.1%} of training time (target <= 10%)")
-    print(f"  time inside the callback's hooks: {min(spent):.2f} s = {min(spent) / best_plain:.1%} of the plain fit")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved pairs, medians")
+    for clock in Seconds._fields:
+        _report(clock, measurements, plain, watched, parts)
 
 
-class TimedSimilarity(RepresentationSimilarity):
-    """The callback with a stopwatch around its hooks."""
+def _report(
+    clock: str, measurements: int, plain: list[Seconds], watched: list[Seconds], parts: dict[str, list[Seconds]]
+) -> None:
+    def median(values: list[Seconds]) -> float:
+        return statistics.median(getattr(value, clock) for value in values)
 
-    def __init__(self, every_n_epochs: int) -> None:
-        super().__init__(every_n_epochs=every_n_epochs)
-        self.seconds = 0.0
-
-    def _timed(self, hook: str, *args: object) -> None:
-        started = time.perf_counter()
-        getattr(super(), hook)(*args)
-        self.seconds += time.perf_counter() - started
-
-    def on_train_start(self, *args: object) -> None:  # type: ignore[override]
-        self._timed("on_train_start", *args)
-
-    def on_train_batch_end(self, *args: object) -> None:  # type: ignore[override]
-        self._timed("on_train_batch_end", *args)
-
-    def on_train_end(self, *args: object) -> None:  # type: ignore[override]
-        self._timed("on_train_end", *args)
+    base, spent = median(plain), {part: median(values) for part, values in parts.items()}
+    runs = {
+        name: ", ".join(f"{getattr(t, clock):.2f}" for t in fits)
+        for name, fits in (("plain", plain), ("watched", watched))
+    }
+    print(f"{clock} time")
+    print(f"  plain fit          {base:6.2f} s   (all: {runs['plain']})")
+    print(f"  with the callback  {median(watched):6.2f} s   (all: {runs['watched']})")
+    print(f"  whole-fit overhead {median(watched) / base - 1:+7.1%}   (target <= 10%)")
+    measured, start, end, forward = (spent[part] for part in PARTS)
+    hooks = measured + start + end
+    print(f"  inside the hooks   {hooks:6.2f} s = {hooks / base:.1%} of the plain fit   (target <= 10%)")
+    each = measured / max(measurements, 1) * 1e3
+    print(f"    measurements     {measured:6.2f} s = {measured / base:.1%} ({each:.1f} ms each)")
+    print(f"    start, end       {start:6.2f} s + {end:.2f} s = {(start + end) / base:.1%}")
+    print(f"    of which forward {forward:6.2f} s = {forward / base:.1%} ({measurements + 2} passes)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,14 @@ from lightning_nt.common.validation import (
     non_empty,
     renamed_arguments,
 )
-from lightning_nt.similarity.core import ACTIVATIONS, Activation, SimilarityMetric, cka_matrix, similarities
+from lightning_nt.similarity.core import (
+    ACTIVATIONS,
+    Activation,
+    PreparedFeatures,
+    SimilarityMetric,
+    cka_matrix,
+    similarities,
+)
 
 __all__ = ["ACTIVATION_MODULES", "RepresentationSimilarity"]
 
@@ -144,6 +151,8 @@ class RepresentationSimilarity(pl.Callback):
         self._probe: ProbeSet | None = None
         self._saved_probe: list[Tensor] | None = None
         self._reference_features: dict[str, Tensor] | None = None
+        self._prepared_reference: dict[str, PreparedFeatures] | None = None  # built once, on the features' device
+        self._row_subsets: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, ...]] = {}
         self._layer_names: list[str] = []
         self._restored = False
         self._warned: set[str] = set()
@@ -177,7 +186,7 @@ class RepresentationSimilarity(pl.Callback):
             return
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
-            self._reference_features = self._cpu(self._features(trainer, pl_module))
+            self._set_reference(self._features(trainer, pl_module))
 
     @override
     def on_train_batch_end(
@@ -204,7 +213,7 @@ class RepresentationSimilarity(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
         self._saved_probe = state_dict["probe"]
-        self._reference_features = state_dict["reference_features"]
+        self._reference_features, self._prepared_reference = state_dict["reference_features"], None
         self._restored = self._saved_probe is not None and self._reference_features is not None
 
     def figure(self) -> Any:
@@ -248,13 +257,13 @@ class RepresentationSimilarity(pl.Callback):
         return [name for name in self._layer_names if name in tagged] or tagged
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self._reference_features is not None
         features = self._features(trainer, pl_module)
+        reference = self._reference_matrices(features)
+        current = {name: PreparedFeatures(self._unit_matrix(output)) for name, output in features.items()}
         values = {}
-        for name, current in features.items():
+        for name, matrix in current.items():
             activation = self._activations[name.partition("#")[0]]
-            x, y = self._unit_matrix(current), self._unit_matrix(self._reference_features[name])
-            layer = similarities(x, y, self.metrics, activation)  # type: ignore[arg-type]
+            layer = similarities(matrix, reference[name], self.metrics, activation)  # type: ignore[arg-type]
             values.update({f"similarity/{metric}/{name}": value for metric, value in layer.items()})
         if not all(math.isfinite(value) for value in values.values()):
             self._warn("nan", "RepresentationSimilarity: a measurement was not finite (NaN/inf); it is skipped.")
@@ -262,17 +271,43 @@ class RepresentationSimilarity(pl.Callback):
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
         if self.reference == "previous":
-            self._reference_features = self._cpu(features)
+            self._set_reference(features, current)
+
+    def _set_reference(self, features: dict[str, Tensor], prepared: dict[str, PreparedFeatures] | None = None) -> None:
+        """The reference's outputs (kept on the CPU, and checkpointed) and, if at hand, their prepared matrices."""
+        self._reference_features, self._prepared_reference = self._cpu(features), prepared
+
+    def _reference_matrices(self, features: dict[str, Tensor]) -> dict[str, PreparedFeatures]:
+        """The reference's unit matrices, centred in float64 with their Gram matrices, once for every
+        measurement against it (on the device of ``features``, the current outputs)."""
+        assert self._reference_features is not None
+        if self._prepared_reference is None:
+            self._prepared_reference = {
+                name: PreparedFeatures(self._unit_matrix(output.to(features[name].device)))
+                for name, output in self._reference_features.items()
+            }
+        return self._prepared_reference
 
     def _unit_matrix(self, output: Tensor) -> Tensor:
         """``[n, ...]`` as ``[rows, units]``: units along ``unit_dim``, every other position a row, at most
-        ``max_rows`` of them (the same fixed random subset for every tensor with as many rows)."""
+        ``max_rows`` of them (the same fixed random subset for every tensor with as many rows), gathered without
+        first copying every row."""
         if output.ndim > 2:
-            output = output.movedim(self.unit_dim, -1).reshape(-1, output.shape[self.unit_dim])
-        if self.max_rows is None or output.shape[0] <= self.max_rows:
-            return output
-        subset = torch.randperm(output.shape[0], generator=torch.Generator().manual_seed(0))[: self.max_rows]
-        return output[subset.to(output.device)]
+            output = output.movedim(self.unit_dim, -1)  # a view [n, ..., units]: nothing copied yet
+        positions = output.shape[:-1] if output.ndim > 1 else output.shape
+        if self.max_rows is None or positions.numel() <= self.max_rows:
+            return output.reshape(-1, output.shape[-1]) if output.ndim > 2 else output
+        return output[self._row_subset(tuple(positions), output.device)]
+
+    def _row_subset(self, positions: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
+        """The ``max_rows`` rows ``torch.randperm(rows, generator=Generator().manual_seed(0))`` picks among the
+        rows of ``positions`` (row-major), as an index per dimension; drawn once per shape and device."""
+        key = (positions, device)
+        if key not in self._row_subsets:
+            rows = math.prod(positions)
+            subset = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[: self.max_rows]
+            self._row_subsets[key] = tuple(index.to(device) for index in torch.unravel_index(subset, positions))
+        return self._row_subsets[key]
 
     @torch.no_grad()
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:

@@ -29,12 +29,13 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_nt.common.validation import check_choice
+from lightning_nt.common.validation import check_choice, checked_arguments
 
 __all__ = [
     "ACTIVATIONS",
     "METRICS",
     "Activation",
+    "PreparedFeatures",
     "SimilarityMetric",
     "cka_matrix",
     "intertwiner_similarity",
@@ -118,15 +119,16 @@ def intertwiner_similarity(x: Tensor, y: Tensor, activation: Activation = "relu"
 
 
 def similarities(
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | PreparedFeatures,
+    y: Tensor | PreparedFeatures,
     metrics: Sequence[SimilarityMetric] = ("cka", "intertwiner", "orthogonal_procrustes"),
     activation: Activation = "relu",
 ) -> dict[str, float]:
     """Several measures of one pair at the cost of preparing (converting, checking, centring) it once.
 
     ``metrics`` among ``"cka"`` (:func:`linear_cka`), ``"cka_debiased"``, ``"orthogonal_procrustes"`` and
-    ``"intertwiner"`` (:func:`intertwiner_similarity` for ``activation``).
+    ``"intertwiner"`` (:func:`intertwiner_similarity` for ``activation``). Either input may be a
+    :class:`PreparedFeatures`, prepared once for many comparisons (a fixed reference); the values are the same.
 
     Examples:
         >>> x = torch.randn(100, 5, generator=torch.Generator().manual_seed(0))
@@ -136,14 +138,14 @@ def similarities(
     for metric in metrics:
         check_choice("metrics", metric, METRICS)
     check_choice("activation", activation, ACTIVATIONS)
-    if "intertwiner" in metrics and activation != "identity" and x.shape[-1] != y.shape[-1]:
+    x, y = _prepared_pair(x, y, minimum_examples=4 if "cka_debiased" in metrics else 2)
+    if "intertwiner" in metrics and activation != "identity" and x.shape[1] != y.shape[1]:
         raise ValueError(
             f"The {activation!r} intertwiner group permutes units, so `x` and `y` need the same number of "
-            f"features; got {x.shape[-1]} and {y.shape[-1]}. Compare layers of equal width, or use "
+            f"features; got {x.shape[1]} and {y.shape[1]}. Compare layers of equal width, or use "
             "activation='identity' (mean canonical correlation)."
         )
-    x, y = _centred_pair(x, y, minimum_examples=4 if "cka_debiased" in metrics else 2)
-    if x is None or y is None:
+    if x.centred is None or y.centred is None:
         return dict.fromkeys(metrics, math.nan)
     moments = _Moments.of(x, y, units="intertwiner" in metrics, rows="cka_debiased" in metrics)
     measures = {
@@ -153,6 +155,56 @@ def similarities(
         "intertwiner": lambda: _intertwiner(moments, activation),
     }
     return {metric: measures[metric]() for metric in metrics}
+
+
+class PreparedFeatures:
+    """Features ``[n, p]`` prepared once for :func:`similarities`: a centred float64 copy and its Gram matrix.
+
+    Comparing many representations with one fixed reference (a network's state at initialisation, another
+    seed) converts and centres the reference, and multiplies out its Gram matrix, once instead of at every
+    comparison. The values are those of the plain tensor. Constant features are zeroed as :func:`similarities`
+    does; features holding NaN or inf have ``centred`` None and compare as NaN. The copy lives on the features'
+    device (``similarities`` moves it to the other input's device if they differ).
+
+    Args:
+        features: ``[n, p]``, ``n`` examples (rows) of ``p`` features, any floating dtype.
+
+    Examples:
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> reference = PreparedFeatures(torch.randn(100, 5, generator=generator))
+        >>> later = [torch.randn(100, 5, generator=generator) for _ in range(3)]
+        >>> [similarities(x, reference) == similarities(x, reference.features) for x in later]
+        [True, True, True]
+    """
+
+    @checked_arguments()
+    def __init__(self, features: Tensor) -> None:
+        _check_matrix("features", features)
+        self.features = features
+        self.shape = features.shape
+        self.centred = _prepared(features, features.device)
+        self._forms: dict[bool, tuple[Tensor, Tensor]] = {}
+        self._rows: Tensor | None = None
+
+    def form(self, units: bool) -> tuple[Tensor, Tensor]:
+        """``(matrix, matrixᵀ matrix)``: the centred features, or with ``units=False`` (only the examples'
+        Gram matrix matters) ``[n, n]`` coordinates with the same ``x xᵀ`` when features outnumber examples."""
+        assert self.centred is not None
+        if units not in self._forms:
+            matrix = self.centred if units else _compact(self.centred)
+            self._forms[units] = (matrix, matrix.T @ matrix)
+        return self._forms[units]
+
+    def row_norms(self) -> Tensor:
+        """Every example's squared norm (after centring), which the unbiased HSIC estimator needs."""
+        assert self.centred is not None
+        if self._rows is None:
+            self._rows = self.centred.square().sum(dim=1)
+        return self._rows
+
+    def to(self, device: torch.device) -> PreparedFeatures:
+        """Prepared on ``device`` (itself if already there)."""
+        return self if self.features.device == device else PreparedFeatures(self.features.to(device))
 
 
 def cka_matrix(features: Sequence[Tensor]) -> Tensor:
@@ -193,12 +245,11 @@ class _Moments(NamedTuple):
     n: int
 
     @classmethod
-    def of(cls, x: Tensor, y: Tensor, units: bool, rows: bool) -> _Moments:
+    def of(cls, x: PreparedFeatures, y: PreparedFeatures, units: bool, rows: bool) -> _Moments:
         """``units=False`` allows replacing a wide matrix by ``[n, n]`` coordinates with the same ``x xᵀ``."""
-        rows_x, rows_y = (x.square().sum(dim=1), y.square().sum(dim=1)) if rows else (None, None)
-        if not units:
-            x, y = _compact(x), _compact(y)
-        return cls(x.T @ x, y.T @ y, x.T @ y, rows_x, rows_y, x.shape[0])
+        (matrix_x, xx), (matrix_y, yy) = x.form(units), y.form(units)
+        rows_x, rows_y = (x.row_norms(), y.row_norms()) if rows else (None, None)
+        return cls(xx, yy, matrix_x.T @ matrix_y, rows_x, rows_y, x.shape[0])
 
 
 def _cka(moments: _Moments, debiased: bool) -> float:
@@ -274,17 +325,21 @@ def _whitener(gram: Tensor) -> Tensor:
     return vectors[:, keep] / values[keep].sqrt()
 
 
-def _centred_pair(x: Tensor, y: Tensor, minimum_examples: int = 2) -> tuple[Tensor | None, Tensor | None]:
-    """Both as centred float64 matrices on ``x``'s device, constant features zeroed; ``None`` if not finite."""
+def _prepared_pair(
+    x: Tensor | PreparedFeatures, y: Tensor | PreparedFeatures, minimum_examples: int
+) -> tuple[PreparedFeatures, PreparedFeatures]:
+    """Both checked and prepared (centred float64, constant features zeroed), ``y`` on ``x``'s device."""
     for name, value in (("x", x), ("y", y)):
-        _check_matrix(name, value)
+        if not isinstance(value, PreparedFeatures):
+            _check_matrix(name, value)
     if x.shape[0] != y.shape[0] or x.shape[0] < minimum_examples:
         raise ValueError(
             f"`x` and `y` must hold the same examples (rows), at least {minimum_examples}; "
             f"got {x.shape[0]} and {y.shape[0]}."
         )
-    x, y = _prepared(x, x.device), _prepared(y, x.device)
-    return (x, y) if x is not None and y is not None else (None, None)
+    x = x if isinstance(x, PreparedFeatures) else PreparedFeatures(x)
+    device = x.features.device
+    return x, y.to(device) if isinstance(y, PreparedFeatures) else PreparedFeatures(y.to(device))
 
 
 def _check_matrix(name: str, value: Tensor) -> None:

@@ -261,3 +261,56 @@ def test_bad_layers_and_references_fail_before_training(callback, module, argume
     with pytest.raises(ValueError, match=f"`{argument}`"):
         _fit([callback], module=module)
     assert module.net[0].weight.grad is None
+
+
+class RecordedSimilarity(RepresentationSimilarity):
+    """The callback, keeping a copy of the layer outputs of every forward pass it makes."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.outputs = []
+
+    def _features(self, trainer, pl_module):
+        features = super()._features(trainer, pl_module)
+        self.outputs.append({name: value.clone() for name, value in features.items()})
+        return features
+
+
+@pytest.mark.parametrize("reference", ["init", "previous"])
+def test_every_measurement_equals_the_core_on_the_documented_row_subset(reference):
+    """The rows gathered without a full copy, and the reference prepared once (or taken from the last
+    measurement), give exactly the values of the core on the rows the docs define, read independently."""
+    monitor = RecordedSimilarity(
+        num_samples=40, layers={"act": "relu", "conv": "identity"}, max_rows=100, reference=reference, metrics=METRICS
+    )
+    _fit([monitor], module=SharedActivation, max_epochs=3)
+    assert len(monitor.history) == 3
+    for index, entry in enumerate(monitor.history):
+        current, against = monitor.outputs[index + 1], monitor.outputs[0 if reference == "init" else index]
+        for name, activation in (("conv", "identity"), ("act#0", "relu"), ("act#1", "relu")):
+            x, y = _documented_rows(current[name]), _documented_rows(against[name])
+            expected = similarities(x, y, METRICS, activation)
+            assert {metric: entry[f"similarity/{metric}/{name}"] for metric in METRICS} == expected, (index, name)
+
+
+def _documented_rows(output):
+    """``[n, units, ...]`` as ``[n * positions, units]`` rows, then the docs' ``max_rows`` (100) of them."""
+    rows = output.movedim(1, -1).reshape(-1, output.shape[1])
+    if len(rows) <= 100:
+        return rows
+    return rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:100]]
+
+
+@pytest.mark.parametrize("reference", ["init", "previous"])
+def test_the_reference_is_prepared_once_not_at_every_measurement(reference, monkeypatch):
+    """Centring into float64 (and the Gram matrix after it) happens once per layer for the reference, once per
+    measurement for the network, and once per layer for the final layer x layer CKA matrix."""
+    import lightning_nt.similarity.core as core
+
+    calls = []
+    prepared = core._prepared
+    monkeypatch.setattr(core, "_prepared", lambda *args: calls.append(1) or prepared(*args))
+    monitor = RepresentationSimilarity(num_examples=40, reference=reference)
+    _fit([monitor], max_epochs=4)
+    assert len(monitor.history) == 4
+    assert len(calls) == 4 + 1 + 1

@@ -9,8 +9,10 @@ import pytest
 import scipy.linalg
 import torch
 
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.similarity import (
     ACTIVATIONS,
+    PreparedFeatures,
     cka_matrix,
     intertwiner_similarity,
     linear_cka,
@@ -235,3 +237,33 @@ def test_similarities_equal_the_single_measures():
     }
     with pytest.raises(ValueError, match="`metrics`"):
         similarities(x, y, ("cca",))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_prepared_features_give_exactly_the_values_of_the_plain_tensors(activation):
+    rng = np.random.default_rng(11)
+    x = torch.tensor(np.maximum(rng.standard_normal((60, 70 if activation == "identity" else 6)), 0.0))
+    x[:, 1] = 0.5  # a dead unit
+    y = torch.tensor(np.maximum(rng.standard_normal((60, 6)), 0.0)).float()
+    metrics = ("cka", "cka_debiased", "orthogonal_procrustes", "intertwiner")
+    expected = similarities(x, y, metrics, activation)
+    reference = PreparedFeatures(y)
+    for _ in range(2):  # the second time from the cached Gram matrices
+        assert similarities(x, reference, metrics, activation) == expected
+        assert similarities(PreparedFeatures(x), reference, metrics, activation) == expected
+    assert similarities(reference, x, metrics, activation) == similarities(y, x, metrics, activation)
+
+
+def test_prepared_features_refuse_what_the_tensors_refuse():
+    for bad in (np.zeros((10, 3)), [[1.0, 2.0]], "x", 3.0, math.nan, None, True):
+        with pytest.raises(ArgumentError, match="`features` must be a Tensor"):
+            PreparedFeatures(bad)
+    with pytest.raises(ValueError, match="`features` must be a 2-D tensor"):
+        PreparedFeatures(torch.zeros(10, 3, 2))
+    with pytest.raises(ValueError, match="same examples"):
+        similarities(torch.randn(10, 3), PreparedFeatures(torch.randn(11, 3)))
+    with pytest.raises(ValueError, match="same number of features"):
+        similarities(PreparedFeatures(torch.randn(10, 3)), torch.randn(10, 4))
+    not_finite = torch.randn(10, 3)
+    not_finite[0, 0] = math.nan
+    assert all(math.isnan(value) for value in similarities(torch.randn(10, 3), PreparedFeatures(not_finite)).values())

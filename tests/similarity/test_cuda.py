@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_nt.similarity import RepresentationSimilarity, cka_matrix, similarities
+from lightning_nt.similarity import PreparedFeatures, RepresentationSimilarity, cka_matrix, similarities
 from tests.helpers import TinyClassifier, tiny_trainer
 
 METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
@@ -20,6 +20,10 @@ def test_core_on_the_gpu_equals_the_cpu(activation):
     matrix = cka_matrix([x.cuda(), y.cuda()])
     assert matrix.device.type == "cuda"
     assert float(matrix[0, 1]) == pytest.approx(on_cpu["cka"], rel=1e-9)
+    reference = PreparedFeatures(y.bfloat16())  # prepared on the CPU, moved to the other input's device
+    assert similarities(x.cuda().half(), reference, METRICS, activation) == pytest.approx(on_cpu, rel=1e-9)
+    on_the_gpu = PreparedFeatures(y.cuda().bfloat16())
+    assert similarities(x.half(), on_the_gpu, METRICS, activation) == pytest.approx(on_cpu, rel=1e-9)
 
 
 @pytest.mark.cuda
@@ -32,10 +36,12 @@ def test_callback_on_the_gpu(precision):
         return torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
 
     monitor = RepresentationSimilarity(num_examples=40, metrics=METRICS, loss_fn=loss_fn)
-    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
+    previous = RepresentationSimilarity(num_examples=40, reference="previous", max_rows=16, loss_fn=loss_fn)
+    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor, previous])
     trainer.fit(TinyClassifier(num_samples=96))
     assert devices == {"cuda"}
-    assert len(monitor.history) == 2
+    assert len(monitor.history) == 2 and len(previous.history) == 2
+    assert all(matrix.centred.device.type == "cuda" for matrix in previous._prepared_reference.values())
     assert all(math.isfinite(value) for value in monitor.history[-1].values())
     assert 0 < monitor.history[-1]["similarity/cka/net.2"] <= 1 + 1e-9
     assert monitor.layer_cka is not None and monitor.layer_cka.device.type == "cpu"
