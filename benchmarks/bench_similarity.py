@@ -3,7 +3,7 @@
 The digits demo's CNN (three ReLU layers, width 16, SGD, batches of 64) trains on the 1438 training digits with
 the demo's trainer (TensorBoard logger, here in a temporary folder, ``log_every_n_steps=5``), without and with
 the callback as ``examples/digits.py --similarity`` builds it: ``reference="init"``, ``every_n_epochs=1``,
-``num_samples=512``, CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer
+``num_examples=512``, CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer
 CKA matrix and the picture (``--no-logger``: no picture). The two fits alternate, plain then watched,
 ``--repeats`` times in one process on ``--threads`` threads, so that a change in the machine's load hits both
 alike, and the medians are compared. Inside the watched fits the callback's hooks are timed too, split into
@@ -77,8 +77,8 @@ def fit_seconds(epochs: int, callbacks: list[pl.Callback], logger: bool) -> Seco
 class TimedSimilarity(RepresentationSimilarity):
     """The callback as the digits demo builds it, with stopwatches around its hooks and its forward passes."""
 
-    def __init__(self, every_n_epochs: int = 1, num_samples: int = 512) -> None:
-        super().__init__(reference="init", every_n_epochs=every_n_epochs, num_samples=num_samples)
+    def __init__(self, every_n_epochs: int = 1, num_examples: int = 512) -> None:
+        super().__init__(reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples)
         self.seconds: dict[str, Seconds] = defaultdict(lambda: Seconds(0.0, 0.0))
 
     def _timed(self, part: str, method: Any, *args: Any) -> Any:
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30, help="epochs per fit (the digits demo trains 30)")
     parser.add_argument("--repeats", type=int, default=5, help="pairs of fits (plain, watched)")
     parser.add_argument("--every", type=int, default=1, help="every_n_epochs")
-    parser.add_argument("--num-samples", type=int, default=512, help="probe examples (the demo's: 512)")
+    parser.add_argument("--num-examples", type=int, default=512, help="probe examples (the demo's: 512)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-logger", dest="logger", action="store_false", help="no logger, so no picture")
     args = parser.parse_args()
@@ -115,7 +115,7 @@ def main() -> None:
     plain, watched, parts = [], [], defaultdict(list)
     for _ in range(args.repeats):
         plain.append(fit_seconds(args.epochs, [], args.logger))
-        monitor = TimedSimilarity(args.every, args.num_samples)
+        monitor = TimedSimilarity(args.every, args.num_examples)
         watched.append(fit_seconds(args.epochs, [monitor], args.logger))
         for part in PARTS:
             parts[part].append(monitor.seconds[part])
@@ -123,7 +123,7 @@ def main() -> None:
     logger = "TensorBoard logger (the picture drawn at the end)" if args.logger else "no logger"
     print(
         f"digits CNN, {args.epochs} epochs, every_n_epochs={args.every} ({measurements} measurements), "
-        f"num_samples={args.num_samples}, {logger}"
+        f"num_examples={args.num_examples}, {logger}"
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved pairs, medians")
     for clock in Seconds._fields:

@@ -7,7 +7,7 @@ dotted with the mean gradient. A training step is Lightning's forward + backward
 batch of 64. Median seconds over repeated calls, same model, same examples.
 
     python benchmarks/bench_stats.py                  # digits CNN and MLP, 512 training examples, CPU
-    python benchmarks/bench_stats.py --num-samples 256
+    python benchmarks/bench_stats.py --num-examples 256
 """
 
 from __future__ import annotations
@@ -80,20 +80,20 @@ def per_example_gradient_seconds(module: pl.LightningModule, inputs: torch.Tenso
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-samples", type=int, default=512)
+    parser.add_argument("--num-examples", type=int, default=512)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     datamodule = DigitsDataModule(batch_size=64)
     datamodule.setup("fit")
     inputs, labels = datamodule.train_set.tensors
-    inputs, labels = inputs[: args.num_samples], labels[: args.num_samples]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n = {args.num_samples} examples")
+    inputs, labels = inputs[: args.num_examples], labels[: args.num_examples]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, n = {args.num_examples} examples")
     for name, make in (("DigitsCNN", lambda: DigitsCNN()), ("DigitsMLP", lambda: DigitsMLP())):
         size = sum(p.numel() for p in make().parameters())
         loader = datamodule.train_dataloader()
         step = lightning_step_time(make(), loader, steps=20, warmup=5)
-        default = measurement_seconds(make, datamodule, num_examples=args.num_samples)
-        vector = measurement_seconds(make, datamodule, num_examples=args.num_samples, loss_fn=per_example)
+        default = measurement_seconds(make, datamodule, num_examples=args.num_examples)
+        vector = measurement_seconds(make, datamodule, num_examples=args.num_examples, loss_fn=per_example)
         explicit = per_example_gradient_seconds(make(), inputs, labels)
         print(
             f"{name} ({size:,} parameters): training step {step * 1e3:.1f} ms; one measurement "
