@@ -93,6 +93,11 @@ CASES = {
         (6, 5),
         3,
     ),
+    "opacus-rule-instancenorm": (  # no rule of ours: Opacus's per-sample rule inside the same backward
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.Flatten(), nn.Linear(4 * 9, 2)),
+        (3, 5, 5),
+        2,
+    ),
     "layernorm-groupnorm": (
         lambda: nn.Sequential(
             nn.Linear(5, 8), nn.LayerNorm(8), nn.Unflatten(1, (4, 2)), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(8, 2)

@@ -33,7 +33,8 @@ class BookKeepingClipper:
             ``training_step`` returns), ``"sum"`` if it is their sum.
         group_size: consecutive rows of the batch that form one privacy unit (``K`` augmented views of one
             example: their gradients are averaged before clipping).
-        norm_dtype: dtype of the norm computations and clip factors (fp32 also when training in bf16).
+        norm_dtype: the least dtype of the norm computations, clip factors and clipped sums (fp32 also when
+            training in bf16; a layer with float64 weights computes in float64).
     """
 
     @checked_arguments(
@@ -128,7 +129,7 @@ class BookKeepingClipper:
 
     def _form(self, layer: nn.Module, record: Record) -> None:
         """The layer's pieces (norms now, what the clipped sum needs kept); its recorded tensors let go."""
-        dtype = self.norm_dtype
+        dtype = torch.promote_types(self.norm_dtype, next(layer.parameters()).dtype)  # a float64 model: float64
         inputs = [a.to(dtype) if a.is_floating_point() else a for a in record.inputs]  # embedding indices stay
         grads = [g.to(dtype) for g in record.grads if g is not None]
         record.rows = record.inputs[0].shape[0]

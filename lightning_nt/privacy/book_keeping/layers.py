@@ -109,8 +109,16 @@ def opacus_pieces(
     """A layer without a rule here: Opacus's per-sample rule for its type, call by call, summed per row."""
     rule = GradSampleModule.GRAD_SAMPLERS[type(layer)]
     per_row: dict[int, tuple[nn.Parameter, Tensor]] = {}
-    for a, g in zip(inputs, grads):
-        for parameter, samples in rule(layer, [a], g).items():
-            previous = per_row.get(id(parameter))
-            per_row[id(parameter)] = (parameter, samples if previous is None else previous[1] + samples)
+    # Opacus's rules skip a parameter that does not require grad, which every trained one doesn't while recording
+    trained = [p for p in layer.parameters(recurse=False) if clipper.trainable(p) and not p.requires_grad]
+    for parameter in trained:
+        parameter.requires_grad_(True)
+    try:
+        for a, g in zip(inputs, grads):
+            for parameter, samples in rule(layer, [a], g).items():
+                previous = per_row.get(id(parameter))
+                per_row[id(parameter)] = (parameter, samples if previous is None else previous[1] + samples)
+    finally:
+        for parameter in trained:
+            parameter.requires_grad_(False)
     return per_unit_pieces(clipper, list(per_row.values()))
