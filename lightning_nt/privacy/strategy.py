@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
-from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class
+from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer
 from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
 from lightning_nt.privacy.reports import _PrivacyReports, warn_about_options
@@ -82,6 +82,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         warn_about_options(accountant, log_clip_fraction, seed)
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
         self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
+        self.clipping_mode = grad_sample_mode  # the engine in use: "auto" resolved when the module is known
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
         self.secure_mode, self.fix_modules, self.seed = secure_mode, fix_modules, seed
         self.allow_nonprivate_callbacks, self.log_clip_fraction = allow_nonprivate_callbacks, log_clip_fraction
@@ -108,9 +109,12 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
     def setup(self, trainer: pl.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             check_trainer(trainer)
-            engine_class(self.grad_sample_mode).check_precision(trainer.precision)
             check_callbacks(trainer, self.allow_nonprivate_callbacks)
             check_module(self.lightning_module, self.fix_modules)
+            self.clipping_mode = resolved_mode(
+                self.grad_sample_mode, self.lightning_module, sensitivity_probe=self.sensitivity_probe
+            )
+            engine_class(self.clipping_mode).check_precision(trainer.precision)
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
         super().setup(trainer)  # type: ignore[misc]
@@ -120,7 +124,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         super().setup_optimizers(trainer)  # type: ignore[misc]  # Lightning refuses several optimizers here
         check_optimizer(self.optimizers[0])
         self._engine = clipping_engine(
-            self.grad_sample_mode,
+            self.clipping_mode,
             self.lightning_module,
             self.optimizers[0],
             max_grad_norm=self.max_grad_norm,
@@ -174,7 +178,8 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
             ``"ghost"`` (ghost clipping: ``training_step`` returns the ``[B]`` per-example losses, the strategy runs
             the two backward passes), or ``"bk"``: the single-backward book-keeping engine
             (:class:`~lightning_nt.privacy.book_keeping.BookKeepingClipper`; ``training_step`` unchanged, one ordinary
-            backward, per-layer ghost or instantiated norms, no weight gradient formed twice).
+            backward, per-layer ghost or instantiated norms, no weight gradient formed twice), or ``"auto"``: ``"bk"``
+            where it can clip every trainable layer (``clipping_mode`` says which was chosen), else ``"hooks"``.
         sample_rate: Poisson rate ``q``; default: logical batch (loader batch size x processes) / dataset size.
         poisson_sampling: ``False`` keeps the loader's own batches (accounting then approximate; warned).
         max_physical_batch_size: split each Poisson batch into physical batches of at most this many examples

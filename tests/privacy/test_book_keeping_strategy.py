@@ -57,3 +57,30 @@ def test_an_unsupported_layer_is_refused_before_the_first_step():
 
     with pytest.raises(RuntimeError, match=r"grad_sample_mode='bk' can't clip this module.*hooks"):
         _fit(DPStrategy(grad_sample_mode="bk"), module=lambda: Scaled(num_samples=64, batch_size=16), max_steps=1)
+
+
+def test_auto_clips_by_book_keeping_where_it_can():
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=0.5, grad_sample_mode="auto")
+    with pytest.warns(UserWarning, match="noise_multiplier=0"):
+        module, _ = _fit(strategy, callbacks=[record], max_steps=1)
+    assert strategy.clipping_mode == "bk"
+    expected = _clipped_sum(module, record.before, record.batch, 0.5)
+    for name, update in record.update.items():
+        torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"sensitivity_probe": True}])
+def test_auto_falls_back_to_hooks_where_book_keeping_cant_clip(options):
+    class Scaled(Plain):  # a bare parameter: no book-keeping rule
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, inputs):
+            return super().forward(inputs) * self.scale
+
+    module = (lambda: Scaled(num_samples=64, batch_size=16)) if not options else None
+    strategy = DPStrategy(grad_sample_mode="auto", **options)
+    _, trainer = _fit(strategy, module=module, max_steps=2)
+    assert strategy.clipping_mode == "hooks" and trainer.global_step == 2
