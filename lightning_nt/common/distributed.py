@@ -4,6 +4,7 @@ Under data parallelism (DDP) each process measures on its own share of the data;
 sums, averages, gathers or broadcasts through the functions here, so every rank logs the same numbers
 and takes the same decisions. They go through ``trainer.strategy`` (Lightning's own collectives, so any
 strategy Lightning supports works) and do nothing with one process: no tensor is made, no collective runs.
+(The DP strategy, being the strategy, calls its own ``reduce``/``broadcast`` directly.)
 
 Values may be tensors (reduced in place, as ``torch.distributed.all_reduce`` does, and returned), lists of
 tensors (one collective each), Python numbers (carried as a float64 or int64 tensor on

@@ -65,6 +65,7 @@ class _PrivateStep:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         engine = self._active_engine()
+        engine.check_trainable_parameters()
         engine.start()
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:

@@ -1,5 +1,7 @@
 """The single-backward clipping engine against a vmap(grad) clip-and-sum reference, layer kind by layer kind."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,15 @@ class Tokens(nn.Module):
     def forward(self, tokens):
         hidden = self.mix(self.norm(self.embed(tokens))).tanh()
         return self.out(hidden.mean(1))
+
+
+class Cast(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return x.to(self.dtype)
 
 
 class Twice(nn.Module):
@@ -347,3 +358,30 @@ def test_bad_arguments_are_refused_by_name(name, value):
     arguments = {"module": nn.Linear(3, 2), "max_grad_norm": 1.0, name: value}
     with pytest.raises(ArgumentError, match=f"`{name}`"):
         BookKeepingClipper(**arguments)
+
+
+def test_layers_of_different_dtypes_are_clipped_together():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6).double(), Cast(torch.float32), nn.Tanh(), nn.Linear(6, 3))
+    inputs, labels = torch.randn(8, 5, dtype=torch.float64) * 3, torch.randint(3, (8,))
+    in_float64 = copy.deepcopy(net).double()
+    in_float64[1].dtype = torch.float64
+    expected, expected_norms, bound = _reference(in_float64, inputs, labels)
+    clipper = BookKeepingClipper(net, max_grad_norm=bound)
+    with clipper.recording():
+        F.cross_entropy(net(inputs), labels).backward()
+    norms = clipper.clip_and_sum(batch_size=8)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-5, atol=1e-6)
+    for name, parameter in net.named_parameters():
+        assert parameter.grad.dtype == parameter.dtype
+        torch.testing.assert_close(parameter.grad, expected[name].to(parameter.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_a_parameter_frozen_after_the_clipper_was_built_stays_frozen():
+    net, inputs, labels = _make("linear")
+    clipper = BookKeepingClipper(net, max_grad_norm=1.0, norm_dtype=torch.float64)
+    net[0].weight.requires_grad_(False)
+    with clipper.recording():
+        F.cross_entropy(net(inputs), labels).backward()
+    clipper.clip_and_sum(batch_size=8)
+    assert not net[0].weight.requires_grad

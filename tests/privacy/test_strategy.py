@@ -454,3 +454,36 @@ def test_ghost_clipping_takes_a_second_step_with_a_layer_without_a_norm_sampler(
         max_steps=2,
     )
     assert trainer.global_step == 2
+
+
+class _ChangeTrainable(pl.Callback):
+    """Unfreezes every parameter (or freezes the first) at the second step: a fine-tuning schedule."""
+
+    def __init__(self, unfreeze: bool) -> None:
+        self.unfreeze = unfreeze
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            for parameter in pl_module.parameters() if self.unfreeze else [next(pl_module.parameters())]:
+                parameter.requires_grad_(self.unfreeze)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+@pytest.mark.parametrize("unfreeze", [True, False])
+def test_a_change_of_the_trainable_parameters_mid_fit_is_refused(mode, unfreeze):
+    """Book-keeping and ghost clipping released a parameter unfrozen mid-fit with its ordinary, unclipped gradient."""
+
+    class Module(PerExample if mode == "ghost" else Plain):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            if unfreeze:  # frozen when the fit starts
+                next(self.parameters()).requires_grad_(False)
+
+    became = "trainable" if unfreeze else "frozen"
+    with pytest.raises(RuntimeError, match=f"trainable parameters changed.*became {became}"):
+        _fit(
+            DPStrategy(grad_sample_mode=mode),
+            module=lambda: Module(num_samples=64, batch_size=16),
+            callbacks=[_ChangeTrainable(unfreeze)],
+            max_steps=3,
+        )

@@ -83,7 +83,9 @@ class BookKeepingClipper:
         if self._recording:
             return
         self._records = {layer: Record() for layer in self.layers}
-        self._frozen = [p for layer in self.layers for p in layer.parameters(recurse=False) if self.trainable(p)]
+        self._frozen = [
+            p for layer in self.layers for p in layer.parameters(recurse=False) if self.trainable(p) and p.requires_grad
+        ]
         self._handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
         for parameter in self._frozen:
             parameter.requires_grad_(False)
@@ -144,7 +146,7 @@ class BookKeepingClipper:
         ``carry=True`` the sums are kept here instead (a physical part of a larger logical batch) and added to the
         ``.grad`` of the next call without ``carry``. A unit whose gradient is not finite contributes zero (its norm
         is returned as NaN/inf; the sensitivity stays ``max_grad_norm``). Returns each unit's gradient norm before
-        clipping (in ``norm_dtype``). The recorded activations are freed.
+        clipping (in at least ``norm_dtype``). The recorded activations are freed.
         """
         if self._recording:
             raise RuntimeError("Call `clip_and_sum` after the recording has ended.")
@@ -161,7 +163,10 @@ class BookKeepingClipper:
             finite = torch.isfinite(norms)
             factors = torch.where(finite, (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
             keep = None if bool(finite.all()) else finite  # masking costs a pass over the data: only when needed
-            sums = {piece.parameter: piece.clipped_sum(factors * scale, keep) for piece in pieces}
+            sums = {
+                piece.parameter: piece.clipped_sum((factors * scale).to(piece.squared_norms.dtype), keep)
+                for piece in pieces
+            }
             self._deliver(sums, carry)
             self.last_norms = norms
             return norms

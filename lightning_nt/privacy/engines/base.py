@@ -64,6 +64,7 @@ class ClippingEngine(ABC):
         distributed: bool,
     ) -> None:
         self.mode, self.module = mode, module
+        self._trainable = _trainable_names(module)
         self.optimizer = self.optimizers[1 if distributed else 0](
             optimizer,
             noise_multiplier=noise_multiplier,
@@ -77,6 +78,11 @@ class ClippingEngine(ABC):
     @classmethod
     def check_options(cls, mode: str, *, virtual_steps: bool, views: int, sensitivity_probe: bool) -> None:
         """Refuse, at construction, strategy options this engine can't honour."""
+        if (virtual_steps or views != 1) and not cls.supports_virtual_steps:
+            raise ValueError(
+                f"`grad_sample_mode={mode!r}` can't be combined with `max_physical_batch_size` or "
+                "`augmentation_multiplicity`: use 'hooks' for those."
+            )
         if sensitivity_probe and not cls.supports_sensitivity_probe:
             raise ValueError("`sensitivity_probe=True` needs per-example gradients: use grad_sample_mode='hooks'.")
 
@@ -114,6 +120,23 @@ class ClippingEngine(ABC):
     @abstractmethod
     def carry(self, rows: int) -> None:
         """Clip and sum the physical batch of ``rows`` rows just back-propagated; keep the sum for the step."""
+
+    def check_trainable_parameters(self) -> None:
+        """Refuse a step after the set of trainable parameters changed since the engine was attached.
+
+        Every engine fixes, when it attaches, which parameters it clips: one unfrozen later would reach the noisy
+        step with its ordinary, unclipped gradient (book-keeping, ghost) or silently not train (hooks).
+        """
+        now = _trainable_names(self.module)
+        if now != self._trainable:
+            changed = sorted(set(now) ^ set(self._trainable))
+            raise RuntimeError(
+                f"The trainable parameters changed during a private fit ({', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''} became {'trainable' if changed[0] in now else 'frozen'}): "
+                "the DP engine clips the parameters that required grad when the fit started, and one unfrozen later "
+                "would be released unclipped. Freeze or unfreeze before `fit` (e.g. one `fit` per stage of a "
+                "fine-tuning schedule)."
+            )
 
     @abstractmethod
     def discard_per_example_state(self) -> None:
@@ -153,3 +176,8 @@ class ClippingEngine(ABC):
         count = int(getattr(self.optimizer, "nonfinite_examples", 0))
         self.optimizer.nonfinite_examples = 0  # released once, by the caller, and kept nowhere
         return count
+
+
+def _trainable_names(module: nn.Module) -> dict[str, int]:
+    """Name -> identity of every parameter of ``module`` that requires grad."""
+    return {name: id(p) for name, p in module.named_parameters() if p.requires_grad}

@@ -59,15 +59,6 @@ class GhostClippingEngine(OpacusHooksEngine):
         return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
 
     @classmethod
-    def check_options(cls, mode: str, *, virtual_steps: bool, views: int, sensitivity_probe: bool) -> None:
-        if virtual_steps or views != 1:
-            raise ValueError(
-                "`grad_sample_mode='ghost'` can't be combined with `max_physical_batch_size` or "
-                "`augmentation_multiplicity`: use 'hooks' for those."
-            )
-        super().check_options(mode, virtual_steps=virtual_steps, views=views, sensitivity_probe=sensitivity_probe)
-
-    @classmethod
     def check_precision(cls, precision: str) -> None:
         if precision != "32-true":
             raise RuntimeError(
