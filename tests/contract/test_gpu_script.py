@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.scripts import ROOT, run_script
+
 CAPABILITIES = {"GradInit", "IterateAveraging", "SharpnessMonitor", "CompressionBoundReporter", "DPStrategy"}
 
 
 def test_gpu_fit_smoke_times_every_capability_in_both_precisions(tmp_path: Path) -> None:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_fit.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("benchmarks/gpu_fit.py", "--smoke", "--out", str(tmp_path), cwd=tmp_path)
     report = json.loads((tmp_path / "gpu_fit.json").read_text())
     rows = {(row["precision"], row["capability"]): row for row in report["rows"]}
     for precision in ("32-true", "bf16-mixed"):

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers.scripts import run_script
 
 
 @pytest.mark.slow
 def test_bench_dp_smoke_prints_time_and_memory_of_every_mode(tmp_path: Path) -> None:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_dp.py"), "--smoke"],  # modes hooks, ghost, bk
-        capture_output=True,
-        text=True,
-        env=environment,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script("benchmarks/bench_dp.py", "--smoke", cwd=tmp_path)  # modes hooks, ghost, bk
     lines = result.stdout.splitlines()
     assert any(line.startswith("  round 1/1: lightning ") for line in lines), result.stdout
     assert any(line.startswith("  non-private: Lightning ") and "MiB" in line for line in lines), result.stdout
