@@ -44,6 +44,7 @@ __all__ = [
     "non_empty",
     "renamed_arguments",
     "renamed_attributes",
+    "renamed_property",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -387,3 +388,32 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
     if isinstance(annotation, type):
         return None if isinstance(value, annotation) else f"a {annotation.__name__}"
     return None
+
+
+def renamed_property(old: str, new: str) -> property:
+    """A class attribute keeping the old name of a renamed instance attribute for one release, with a warning.
+
+    Examples:
+        >>> import warnings
+        >>> class Probe:
+        ...     num_samples = renamed_property("num_samples", "num_examples")
+        ...     def __init__(self) -> None:
+        ...         self.num_examples = 8
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     Probe().num_samples
+        8
+        >>> str(caught[0].message)
+        '`Probe.num_samples` is deprecated and will be removed in the next release: use `Probe.num_examples` instead.'
+    """
+
+    def read(instance: Any) -> Any:
+        owner = type(instance).__name__
+        warnings.warn(
+            f"`{owner}.{old}` is deprecated and will be removed in the next release: use `{owner}.{new}` instead.",
+            LightningDeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(instance, new)
+
+    return property(read, doc=f"Deprecated name of ``{new}``.")

@@ -25,7 +25,14 @@ from lightning_nt.common import (
     select_examples,
 )
 from lightning_nt.common.loss import training_loss
-from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty, renamed_arguments
+from lightning_nt.common.validation import (
+    at_least,
+    between,
+    checked_arguments,
+    non_empty,
+    renamed_arguments,
+    renamed_property,
+)
 from lightning_nt.compression.capacity import capacity_measures
 from lightning_nt.compression.certificate import Certificate, certify
 from lightning_nt.compression.coding import QuantizationMethod, configuration_grid, uncodable
@@ -131,6 +138,8 @@ class CompressionBoundReporter(pl.Callback):
     """
 
     reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
+
+    num_samples = renamed_property("num_samples", "num_examples")
 
     @checked_arguments(
         delta=between(0.0, 1.0, low_open=True, high_open=True),

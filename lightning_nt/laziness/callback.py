@@ -16,7 +16,7 @@ from typing_extensions import override
 from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
 from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.state import stable_name
-from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments
+from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
@@ -94,6 +94,8 @@ class LazinessMonitor(pl.Callback):
         >>> 0 < monitor.history[-1]["laziness/weight_distance"] < 1
         True
     """
+
+    num_samples = renamed_property("num_samples", "num_examples")
 
     @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
     @renamed_arguments(num_samples="num_examples")

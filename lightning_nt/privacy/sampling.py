@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from lightning_nt.common.batches import select_examples
-from lightning_nt.common.validation import renamed_arguments
+from lightning_nt.common.validation import renamed_arguments, renamed_property
 from lightning_nt.privacy.guards import check_train_loader
 
 __all__ = [
@@ -55,6 +55,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         >>> len(sampler), all(0 <= i < 10 for batch in sampler for i in batch)
         (2, True)
     """
+
+    num_samples = renamed_property("num_samples", "dataset_size")
 
     @renamed_arguments(num_samples="dataset_size")
     def __init__(

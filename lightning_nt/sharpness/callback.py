@@ -35,6 +35,7 @@ from lightning_nt.common.validation import (
     checked_arguments,
     non_empty,
     renamed_arguments,
+    renamed_property,
 )
 from lightning_nt.sharpness.hvp import HessianOperator
 from lightning_nt.sharpness.lanczos import LanczosResult, lanczos, warm_start
@@ -128,6 +129,8 @@ class SharpnessMonitor(pl.Callback):
     """
 
     reads_training_data_outside_step = True  # declared for DPStrategy (lightning_nt.common.capabilities)
+
+    num_samples = renamed_property("num_samples", "num_examples")
 
     @checked_arguments(
         every_n_steps=at_least(1),

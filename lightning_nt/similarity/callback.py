@@ -34,6 +34,7 @@ from lightning_nt.common.validation import (
     checked_arguments,
     non_empty,
     renamed_arguments,
+    renamed_property,
 )
 from lightning_nt.similarity.core import (
     ACTIVATIONS,
@@ -115,6 +116,8 @@ class RepresentationSimilarity(pl.Callback):
         >>> [entry["epoch"] for entry in monitor.history], sorted(monitor.history[-1])[:2]
         ([0, 1], ['epoch', 'similarity/cka/layer'])
     """
+
+    num_samples = renamed_property("num_samples", "num_examples")
 
     @checked_arguments(
         reference=Rule(_is_reference, "'init', 'previous', an existing checkpoint file or a module"),

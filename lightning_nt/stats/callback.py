@@ -25,7 +25,14 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.distributed import sum_across_ranks
 from lightning_nt.common.loss import example_losses
-from lightning_nt.common.validation import above, at_least, below, checked_arguments, renamed_arguments
+from lightning_nt.common.validation import (
+    above,
+    at_least,
+    below,
+    checked_arguments,
+    renamed_arguments,
+    renamed_property,
+)
 from lightning_nt.stats.cross import normal_p_value, split_indices
 from lightning_nt.stats.gradient import directional_derivatives, per_example_losses
 
@@ -77,6 +84,8 @@ class GradientSignalTest(pl.Callback):
         >>> GradientSignalTest(every_n_steps=50, num_examples=256).state_key
         "GradientSignalTest{'every_n_steps': 50, 'num_samples': 256, 'data': 'val', 'alpha': 0.05, 'seed': 0}"
     """
+
+    num_samples = renamed_property("num_samples", "num_examples")
 
     @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(4), alpha=(above(0), below(1)))
     @renamed_arguments(num_samples="num_examples")

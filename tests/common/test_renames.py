@@ -101,6 +101,8 @@ def test_every_callback_takes_num_examples_and_the_old_num_samples(callback):
         callback(num_examples=16, num_samples=24)
     with pytest.raises(ArgumentError, match="`num_samples`"):
         callback(num_samples=0)
+    with pytest.warns(DeprecationWarning, match=f"`{callback.__name__}.num_samples` is deprecated.*num_examples"):
+        assert new.num_samples == 24  # the attribute's old name too
 
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -142,6 +144,8 @@ def test_poisson_batch_sampler_takes_dataset_size_and_the_old_num_samples():
     with pytest.warns(DeprecationWarning, match="`num_samples` is deprecated.*pass `dataset_size`"):
         old = PoissonBatchSampler(num_samples=50, sample_rate=0.2, seed=3)
     assert old.dataset_size == 50 and list(old) == list(new)
+    with pytest.warns(DeprecationWarning, match="`PoissonBatchSampler.num_samples` is deprecated.*dataset_size"):
+        assert new.num_samples == 50
     with pytest.raises(ArgumentError, match="deprecated name"):
         PoissonBatchSampler(dataset_size=50, sample_rate=0.2, num_samples=40)
 
