@@ -366,6 +366,13 @@ CAPABILITIES: list[Capability] = [
         state=lambda strategy: strategy.epsilon,
         refuses=_dp_book_keeping_refusals,
     ),
+    Capability(  # bk where it can clip every trainable layer (tied weights: hooks), so it refuses what hooks refuses
+        "DPStrategy-auto",
+        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="auto"),
+        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
+        state=lambda strategy: strategy.epsilon,
+        refuses=_dp_refusals,
+    ),
     Capability(
         "DPStrategy",
         lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0),
