@@ -104,6 +104,7 @@ class GradientSignalTest(pl.Callback):
         self._probe: ProbeSet | None = None
         self._last_step = -1
         self._warned: set[str] = set()
+        self._loss_fn_gives_vector: bool | None = None  # learnt at the first measurement
 
     @property
     @override
@@ -221,9 +222,11 @@ class GradientSignalTest(pl.Callback):
 
     def _losses(self, module: pl.LightningModule, batch: Any) -> Tensor:
         """One loss per example: ``loss_fn``'s own vector, or the scalar loss of one-example batches under vmap."""
-        values = example_losses(module, batch, self.loss_fn)
-        if values is not None:
-            return values
+        if self._loss_fn_gives_vector is not False:  # a loss_fn returning a mean is not called on whole batches again
+            values = example_losses(module, batch, self.loss_fn)
+            self._loss_fn_gives_vector = values is not None
+            if values is not None:
+                return values
         return per_example_losses(lambda example: training_loss(module, example, 0, self.loss_fn), batch, module)
 
     def _warn(self, key: str, message: str) -> None:

@@ -114,6 +114,20 @@ def test_per_example_loss_fn_mean_loss_fn_and_training_step_give_the_same_test()
                 assert a[tag] == pytest.approx(b[tag], rel=1e-5), tag
 
 
+def test_a_loss_fn_returning_a_mean_runs_on_a_whole_batch_only_once():
+    """Its first call shows it gives no per-example vector; later measurements go straight to one-example batches."""
+    whole_batches = []
+
+    def mean_loss(module, batch):
+        if batch[0].ndim == 2 and len(batch[0]) > 1:
+            whole_batches.append(len(batch[0]))
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=24, data="train", loss_fn=mean_loss)
+    _fit([monitor], max_epochs=1)
+    assert len(monitor.history) > 1 and len(whole_batches) == 1
+
+
 def test_a_run_with_the_test_is_bitwise_the_run_without():
     def module():
         return TinyClassifier(num_samples=96, norm="batch")
