@@ -8,7 +8,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_nt import IterateAveraging
 from lightning_nt.averaging import load_averaged_weights
-from tests.helpers import BoringModel, TinyClassifier, read_tensorboard_scalars, tiny_trainer
+from tests.helpers import BoringModel, TinyClassifier, assert_same_training, read_tensorboard_scalars, tiny_trainer
 
 
 class StepRecorder(pl.Callback):
@@ -75,12 +75,7 @@ def test_training_is_bitwise_the_run_without_it(tmp_path):
         max_epochs=3,
         module=lambda: TinyClassifier(num_samples=96, norm="batch"),
     )
-    for (name, a), b in zip(plain.state_dict().items(), averaged.state_dict().values()):
-        assert torch.equal(a, b), name
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    for key, state in trainer.optimizers[0].state_dict()["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+    assert_same_training(averaged, trainer, plain, plain_trainer)
 
 
 def test_raw_metrics_equal_the_run_without_averaging(tmp_path):

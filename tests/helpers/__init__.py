@@ -9,7 +9,13 @@ from tests.helpers.models import (
     TinyTransformer,
     classification_data,
 )
-from tests.helpers.trainer import SaveHistory, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers.trainer import (
+    SaveHistory,
+    assert_same_training,
+    read_tensorboard_scalars,
+    read_tensorboard_tags,
+    tiny_trainer,
+)
 from tests.helpers.zoo import ZOO, ZooEntry, ZooModule
 
 __all__ = [
@@ -24,6 +30,7 @@ __all__ = [
     "TinyTransformer",
     "ZooEntry",
     "ZooModule",
+    "assert_same_training",
     "classification_data",
     "read_tensorboard_scalars",
     "read_tensorboard_tags",

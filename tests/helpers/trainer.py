@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -54,6 +55,22 @@ class SaveHistory(pl.Callback):
         import torch
 
         torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+def assert_same_training(
+    module: pl.LightningModule, trainer: pl.Trainer, expected_module: pl.LightningModule, expected_trainer: pl.Trainer
+) -> None:
+    """The weights and the optimizer state of a fit are bit for bit those of ``expected``'s (the run without)."""
+    weights, expected_weights = module.state_dict(), expected_module.state_dict()
+    assert weights.keys() == expected_weights.keys()
+    for name, value in weights.items():
+        assert torch.equal(value, expected_weights[name]), name
+    state = trainer.optimizers[0].state_dict()["state"]
+    expected_state = expected_trainer.optimizers[0].state_dict()["state"]
+    assert state.keys() == expected_state.keys()
+    for key, fields in state.items():
+        for field, value in fields.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(expected_state[key][field])), (key, field)
 
 
 def _destroy_process_group() -> None:

@@ -11,7 +11,14 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_nt.laziness import LazinessMonitor
-from tests.helpers import BoringModel, TinyClassifier, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers import (
+    BoringModel,
+    TinyClassifier,
+    assert_same_training,
+    read_tensorboard_scalars,
+    read_tensorboard_tags,
+    tiny_trainer,
+)
 from tests.laziness.models import ReLUClassifier, inputs_of, labels_of
 from tests.laziness.test_core import _numpy_alignment, _reference_ntk
 
@@ -98,12 +105,7 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
     monitor = LazinessMonitor(every_n_steps=2, num_examples=20, chunk_size=7)
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6, 8]
-    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
-        assert torch.equal(a, b), name
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    for key, state in trainer.optimizers[0].state_dict()["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+    assert_same_training(watched, trainer, plain, plain_trainer)
 
 
 @pytest.mark.parametrize("style", ["tuple", "dict", "dataclass"])

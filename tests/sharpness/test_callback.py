@@ -9,7 +9,14 @@ from torch.func import functional_call
 
 from lightning_nt import SharpnessMonitor
 from lightning_nt.sharpness.hvp import flatten, unflatten
-from tests.helpers import BoringModel, TinyClassifier, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers import (
+    BoringModel,
+    TinyClassifier,
+    assert_same_training,
+    read_tensorboard_scalars,
+    read_tensorboard_tags,
+    tiny_trainer,
+)
 
 
 def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
@@ -69,13 +76,7 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
     )
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 7
-    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
-        assert torch.equal(a, b), name
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    assert plain_state.keys() == trainer.optimizers[0].state_dict()["state"].keys()
-    for key, state in trainer.optimizers[0].state_dict()["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+    assert_same_training(watched, trainer, plain, plain_trainer)
     entry = monitor.history[-1]
     for tag in ("trace", "trace_stderr", "batch_sharpness"):
         assert math.isfinite(entry[f"sharpness/{tag}"])

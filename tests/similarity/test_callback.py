@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.validation import ArgumentError
 from lightning_nt.similarity import RepresentationSimilarity, cka_matrix, similarities
-from tests.helpers import TinyClassifier, classification_data, read_tensorboard_tags, tiny_trainer
+from tests.helpers import TinyClassifier, assert_same_training, classification_data, read_tensorboard_tags, tiny_trainer
 
 METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
 
@@ -62,12 +62,7 @@ def test_a_run_with_the_callback_is_bitwise_the_run_without():
     monitor = RepresentationSimilarity(num_examples=32)
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 2
-    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
-        assert torch.equal(a, b), name
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    for key, state in trainer.optimizers[0].state_dict()["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+    assert_same_training(watched, trainer, plain, plain_trainer)
 
 
 def test_previous_module_and_checkpoint_references(tmp_path):

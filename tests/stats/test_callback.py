@@ -18,6 +18,7 @@ from tests.helpers import (
     ManualOptimizationModule,
     TinyClassifier,
     TinyTransformer,
+    assert_same_training,
     classification_data,
     read_tensorboard_scalars,
     read_tensorboard_tags,
@@ -136,12 +137,7 @@ def test_a_run_with_the_test_is_bitwise_the_run_without():
     monitor = GradientSignalTest(every_n_steps=2, num_examples=32)
     watched, trainer = _fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 7
-    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
-        assert torch.equal(a, b), name
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    for key, state in trainer.optimizers[0].state_dict()["state"].items():
-        for field, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(plain_state[key][field]))
+    assert_same_training(watched, trainer, plain, plain_trainer)
     assert float(plain_trainer.callback_metrics["train_acc"]) == float(trainer.callback_metrics["train_acc"])
 
 
