@@ -69,16 +69,7 @@ def test_sharpness_demo_hovers_at_the_edge_of_stability(tmp_path, capsys, thread
 
 @pytest.mark.slow
 def test_sharpness_config_hovers_at_the_edge_of_stability(tmp_path, capsys):
-    run = cli.main(
-        [
-            "fit",
-            "--config",
-            str(EXAMPLES / "configs" / "sharpness.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-        ]
-    )
-    monitor = next(c for c in run.trainer.callbacks if isinstance(c, SharpnessMonitor))
+    monitor = sharpness_config(tmp_path)
     after = ratios_after_crossing([entry["sharpness/ratio"] for entry in monitor.history])
     assert len(after) >= 10 and min(after) >= 0.8 and max(after) <= 1.3
     assert "hovered at the edge of stability" in capsys.readouterr().out
