@@ -8,7 +8,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_nt import IterateAveraging
 from lightning_nt.averaging import load_averaged_weights
-from tests.helpers import BoringModel, TinyClassifier, assert_same_training, read_tensorboard_scalars, tiny_trainer
+from tests.helpers import (
+    BoringModel,
+    TinyClassifier,
+    assert_same_training,
+    read_tensorboard_scalars,
+    seeded_fit,
+    tiny_trainer,
+)
 
 
 class StepRecorder(pl.Callback):
@@ -19,15 +26,6 @@ class StepRecorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.params[trainer.global_step] = {n: p.detach().double().clone() for n, p in pl_module.named_parameters()}
-
-
-def _fit(callbacks, root=None, module=None, seed=0, **trainer_kwargs):
-    """Seed, build the module (a class or factory, default TinyClassifier on 96 examples), fit."""
-    pl.seed_everything(seed)
-    module = (module or (lambda: TinyClassifier(num_samples=96)))()
-    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module)
-    return module, trainer
 
 
 def _expected_mean(recorder, steps):
@@ -47,7 +45,7 @@ def _expected_mean(recorder, steps):
 def test_uniform_average_follows_the_schedule(kwargs, trainer_kwargs, expected_steps):
     recorder = StepRecorder()
     averaging = IterateAveraging(apply_on_end=False, **kwargs)
-    _fit([recorder, averaging], **trainer_kwargs)
+    seeded_fit([recorder, averaging], **trainer_kwargs)
     assert averaging.n_averaged == len(expected_steps)
     expected = _expected_mean(recorder, expected_steps)
     for name, value in averaging.averaged_state_dict().items():
@@ -57,7 +55,7 @@ def test_uniform_average_follows_the_schedule(kwargs, trainer_kwargs, expected_s
 def test_ema_every_k_steps_uses_the_rescaled_decay():
     recorder = StepRecorder()
     averaging = IterateAveraging(mode="ema", decay=0.9, every_n_steps=2, apply_on_end=False)
-    _fit([recorder, averaging], max_epochs=2)
+    seeded_fit([recorder, averaging], max_epochs=2)
     expected = None
     for step in range(2, 13, 2):
         iterate = recorder.params[step]
@@ -68,8 +66,8 @@ def test_ema_every_k_steps_uses_the_rescaled_decay():
 
 def test_training_is_bitwise_the_run_without_it(tmp_path):
     """Validation with the average, BN recompute and raw comparison leave weights, optimizer and RNG alone."""
-    plain, plain_trainer = _fit([], max_epochs=3, module=lambda: TinyClassifier(num_samples=96, norm="batch"))
-    averaged, trainer = _fit(
+    plain, plain_trainer = seeded_fit([], max_epochs=3, module=lambda: TinyClassifier(num_samples=96, norm="batch"))
+    averaged, trainer = seeded_fit(
         [IterateAveraging(compare_raw=True, apply_on_end=False)],
         root=tmp_path,
         max_epochs=3,
@@ -79,8 +77,8 @@ def test_training_is_bitwise_the_run_without_it(tmp_path):
 
 
 def test_raw_metrics_equal_the_run_without_averaging(tmp_path):
-    _fit([], root=tmp_path / "plain", max_epochs=3)
-    _fit([IterateAveraging(compare_raw=True)], root=tmp_path / "avg", max_epochs=3)
+    seeded_fit([], root=tmp_path / "plain", max_epochs=3)
+    seeded_fit([IterateAveraging(compare_raw=True)], root=tmp_path / "avg", max_epochs=3)
     plain = read_tensorboard_scalars(tmp_path / "plain")
     averaged = read_tensorboard_scalars(tmp_path / "avg")
     assert [round(v, 5) for _, v in averaged["raw/val_loss"]] == [round(v, 5) for _, v in plain["val_loss"]]
@@ -90,7 +88,7 @@ def test_raw_metrics_equal_the_run_without_averaging(tmp_path):
 
 def test_validation_uses_the_average(tmp_path):
     averaging = IterateAveraging(apply_on_end=False)
-    module, trainer = _fit([averaging], max_epochs=2)
+    module, trainer = seeded_fit([averaging], max_epochs=2)
     inputs, labels = next(iter(module.val_dataloader()))
     average = averaging.averaged_state_dict()
     with torch.no_grad():
@@ -101,19 +99,19 @@ def test_validation_uses_the_average(tmp_path):
 
 
 def test_no_swap_before_the_first_update(tmp_path):
-    _fit([], root=tmp_path / "plain", max_epochs=2)
-    _fit([IterateAveraging(start_epoch=5)], root=tmp_path / "late", max_epochs=2)
+    seeded_fit([], root=tmp_path / "plain", max_epochs=2)
+    seeded_fit([IterateAveraging(start_epoch=5)], root=tmp_path / "late", max_epochs=2)
     plain = read_tensorboard_scalars(tmp_path / "plain")["val_loss"]
     assert read_tensorboard_scalars(tmp_path / "late")["val_loss"] == plain
 
 
 def test_apply_on_end_and_test_with_the_average(tmp_path):
     applied = IterateAveraging()
-    module, trainer = _fit([applied], max_epochs=2)
+    module, trainer = seeded_fit([applied], max_epochs=2)
     for name, p in module.named_parameters():
         assert torch.equal(p.detach(), applied.averaged_state_dict()[name])
     kept = IterateAveraging(apply_on_end=False)
-    module, trainer = _fit(
+    module, trainer = seeded_fit(
         [kept], max_epochs=2, num_sanity_val_steps=0, module=lambda: TinyClassifier(num_samples=96, norm="batch")
     )
     raw = [p.detach().clone() for p in module.parameters()]
@@ -131,7 +129,7 @@ def test_apply_on_end_and_test_with_the_average(tmp_path):
 @pytest.mark.parametrize("bn", ["average", "copy", "recompute"])
 def test_batchnorm_policies(bn):
     averaging = IterateAveraging(bn=bn, apply_on_end=False, bn_batches=2)
-    _, trainer = _fit([averaging], max_epochs=2, module=lambda: TinyClassifier(num_samples=96, norm="batch"))
+    _, trainer = seeded_fit([averaging], max_epochs=2, module=lambda: TinyClassifier(num_samples=96, norm="batch"))
     has_buffers = "net.1.running_mean" in averaging.averaged_state_dict()
     assert has_buffers == (bn == "average")
     if bn == "average":
@@ -150,9 +148,9 @@ def test_resume_equals_uninterrupted(tmp_path):
         return TinyClassifier(num_samples=96, shuffle=False)
 
     straight = callbacks()
-    _fit(straight, module=module, max_epochs=4)
+    seeded_fit(straight, module=module, max_epochs=4)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    _fit([*callbacks(), checkpoint], module=module, max_epochs=2, enable_checkpointing=True)
+    seeded_fit([*callbacks(), checkpoint], module=module, max_epochs=2, enable_checkpointing=True)
     resumed = callbacks()
     pl.seed_everything(1)
     tiny_trainer(None, callbacks=resumed, max_epochs=4).fit(module(), ckpt_path=str(tmp_path / "epoch=1-step=12.ckpt"))
@@ -164,24 +162,24 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_two_averages_coexist_but_only_one_is_evaluated(tmp_path):
-    plain, _ = _fit([], max_epochs=2)
+    plain, _ = seeded_fit([], max_epochs=2)
     tail, ema = (
         IterateAveraging(apply_on_end=False),
         IterateAveraging(mode="ema", decay=0.9, evaluate=False, apply_on_end=False),
     )
-    both, _ = _fit([tail, ema], max_epochs=2)
+    both, _ = seeded_fit([tail, ema], max_epochs=2)
     for a, b in zip(plain.parameters(), both.parameters()):
         assert torch.equal(a, b)  # training went on from the raw weights
     assert tail.n_averaged == ema.n_averaged == 12
     with pytest.raises(RuntimeError, match="evaluate=False to all but one"):
-        _fit([IterateAveraging(apply_on_end=False), IterateAveraging(mode="ema", decay=0.9, apply_on_end=False)])
+        seeded_fit([IterateAveraging(apply_on_end=False), IterateAveraging(mode="ema", decay=0.9, apply_on_end=False)])
     with pytest.raises(RuntimeError, match="apply_on_end=False to all but one"):
-        _fit([IterateAveraging(), IterateAveraging(mode="ema", decay=0.9, evaluate=False)])
+        seeded_fit([IterateAveraging(), IterateAveraging(mode="ema", decay=0.9, evaluate=False)])
 
 
 def test_attaches_to_boring_model():
     averaging = IterateAveraging(mode="ema", half_life=5)
-    _fit([averaging], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=2)
+    seeded_fit([averaging], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=2)
     assert averaging.n_averaged == 8
 
 
@@ -191,7 +189,7 @@ def test_gadam_in_two_lines():
             return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=5e-4)
 
     averaging = IterateAveraging(mode="uniform", update_on="epoch", start_epoch=2)
-    _fit([averaging], module=lambda: Gadam(num_samples=96), max_epochs=4)
+    seeded_fit([averaging], module=lambda: Gadam(num_samples=96), max_epochs=4)
     assert averaging.n_averaged == 2
 
 
@@ -204,13 +202,13 @@ def test_warns_when_the_optimizer_is_schedule_free():
             return AdamWScheduleFree(self.parameters())
 
     with pytest.warns(UserWarning, match="averages twice"):
-        _fit([IterateAveraging()], module=Module, max_epochs=1)
+        seeded_fit([IterateAveraging()], module=Module, max_epochs=1)
 
 
 def test_warns_when_nothing_was_averaged():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([IterateAveraging(start_step=1000)], max_epochs=1)
+        seeded_fit([IterateAveraging(start_step=1000)], max_epochs=1)
     assert any("before the first update" in str(w.message) for w in caught)
 
 

@@ -14,6 +14,7 @@ from tests.helpers.trainer import (
     assert_same_training,
     read_tensorboard_scalars,
     read_tensorboard_tags,
+    seeded_fit,
     tiny_trainer,
 )
 from tests.helpers.zoo import ZOO, ZooEntry, ZooModule
@@ -34,5 +35,6 @@ __all__ = [
     "classification_data",
     "read_tensorboard_scalars",
     "read_tensorboard_tags",
+    "seeded_fit",
     "tiny_trainer",
 ]

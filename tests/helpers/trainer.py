@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers.models import TinyClassifier
 
 
 def tiny_trainer(root: Path | str | None = None, **overrides: Any) -> pl.Trainer:
@@ -55,6 +58,24 @@ class SaveHistory(pl.Callback):
         import torch
 
         torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+def seeded_fit(
+    callbacks: list[pl.Callback],
+    module: Callable[[], pl.LightningModule] | pl.LightningModule | None = None,
+    root: Path | str | None = None,
+    seed: int = 0,
+    **trainer_kwargs: Any,
+) -> tuple[pl.LightningModule, pl.Trainer]:
+    """Seed, build the module from its factory after seeding (default: ``TinyClassifier`` on 96 examples), fit."""
+    pl.seed_everything(seed)
+    if module is None:
+        module = TinyClassifier(num_samples=96)
+    elif not isinstance(module, pl.LightningModule):
+        module = module()
+    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module)
+    return module, trainer
 
 
 def assert_same_training(

@@ -17,18 +17,15 @@ from tests.helpers import (
     assert_same_training,
     read_tensorboard_scalars,
     read_tensorboard_tags,
+    seeded_fit,
     tiny_trainer,
 )
 from tests.laziness.models import ReLUClassifier, inputs_of, labels_of
 from tests.laziness.test_core import _numpy_alignment, _reference_ntk
 
 
-def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
-    pl.seed_everything(seed)
-    module = module() if module is not None else ReLUClassifier()
-    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module)
-    return module, trainer
+def _fit(callbacks, module=ReLUClassifier, **kwargs):
+    return seeded_fit(callbacks, module, **kwargs)
 
 
 class Reference(pl.Callback):

@@ -15,16 +15,9 @@ from tests.helpers import (
     assert_same_training,
     read_tensorboard_scalars,
     read_tensorboard_tags,
+    seeded_fit,
     tiny_trainer,
 )
-
-
-def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
-    pl.seed_everything(seed)
-    module = (module or (lambda: TinyClassifier(num_samples=96)))()
-    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module)
-    return module, trainer
 
 
 class ExactSharpness(pl.Callback):
@@ -50,7 +43,7 @@ class ExactSharpness(pl.Callback):
 def test_eigenvalues_match_the_exact_hessian_of_the_probe_set(tmp_path):
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_eigenvalues=2, num_examples=40, tol=1e-5)
     reference = ExactSharpness(40)
-    _fit([monitor, reference], module=lambda: TinyClassifier(num_samples=96, shuffle=False), root=tmp_path)
+    seeded_fit([monitor, reference], module=lambda: TinyClassifier(num_samples=96, shuffle=False), root=tmp_path)
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
     for entry in monitor.history[1:]:
         exact = reference.exact[entry["step"]]
@@ -70,11 +63,11 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
         return TinyClassifier(num_samples=96, norm="batch")
 
     options = {"every_n_steps": 2, "num_examples": 32, "chunk_size": 10, "trace": True, "trace_samples": 6}
-    plain, plain_trainer = _fit([], module=module, max_epochs=2)
+    plain, plain_trainer = seeded_fit([], module=module, max_epochs=2)
     monitor = SharpnessMonitor(
         **options, max_overhead=None, batch_sharpness=True, batch_sharpness_batches=2, smoothness=True
     )
-    watched, trainer = _fit([monitor], module=module, max_epochs=2)
+    watched, trainer = seeded_fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 7
     assert_same_training(watched, trainer, plain, plain_trainer)
     entry = monitor.history[-1]
@@ -91,7 +84,7 @@ def test_threshold_follows_the_live_learning_rate():
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
 
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=6, num_examples=32)
-    _fit([monitor], module=lambda: Scheduled(num_samples=96), max_epochs=3)
+    seeded_fit([monitor], module=lambda: Scheduled(num_samples=96), max_epochs=3)
     thresholds = [entry["sharpness/threshold"] for entry in monitor.history]
     assert thresholds == pytest.approx([38.0, 76.0, 152.0, 304.0])
 
@@ -102,7 +95,7 @@ def test_adam_gets_the_preconditioned_sharpness():
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
-    _fit([monitor], module=lambda: WithAdam(num_samples=96))
+    seeded_fit([monitor], module=lambda: WithAdam(num_samples=96))
     first, later = monitor.history[0], monitor.history[-1]
     assert "sharpness/preconditioned" not in first and "sharpness/ratio" not in first  # no Adam state at step 0
     assert later["sharpness/threshold"] == pytest.approx(3800.0)
@@ -117,7 +110,7 @@ def test_param_groups_with_different_settings_are_flagged():
 
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     with pytest.warns(UserWarning, match="group 0"):
-        _fit([monitor], module=lambda: TwoGroups(num_samples=96))
+        seeded_fit([monitor], module=lambda: TwoGroups(num_samples=96))
     assert monitor.history[-1]["sharpness/threshold"] == pytest.approx(20.0)
 
 
@@ -128,7 +121,7 @@ def test_other_optimizers_log_eigenvalues_only_and_say_so():
 
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     with pytest.warns(UserWarning, match="no stability threshold is known for RMSprop"):
-        _fit([monitor], module=lambda: WithRMSprop(num_samples=96))
+        seeded_fit([monitor], module=lambda: WithRMSprop(num_samples=96))
     assert "sharpness/threshold" not in monitor.history[-1] and "sharpness/lambda_max" in monitor.history[-1]
 
 
@@ -140,7 +133,7 @@ class WeightNorm(pl.Callback):
 def test_current_batch_mode_spherical_and_boring_model():
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=4, data="batch", mode="eval", spherical=True)
     norm = WeightNorm()
-    _fit([monitor, norm], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=1)
+    seeded_fit([monitor, norm], module=BoringModel, max_epochs=1, limit_train_batches=8, limit_val_batches=1)
     assert [entry["step"] for entry in monitor.history] == [4, 8]
     last = monitor.history[-1]
     assert last["sharpness/spherical"] == pytest.approx(norm.squared * last["sharpness/lambda_max"], rel=1e-5)
@@ -150,14 +143,14 @@ def test_current_batch_mode_spherical_and_boring_model():
 
 def test_max_overhead_skips_measurements_beyond_the_budget():
     monitor = SharpnessMonitor(every_n_steps=1, num_examples=64, max_overhead=0.05)
-    _fit([monitor], max_epochs=4)
+    seeded_fit([monitor], max_epochs=4)
     steps = [entry["step"] for entry in monitor.history]
     assert steps[0] == 0 and len(steps) < 24  # 24 steps were due
     assert all(entry["sharpness/seconds"] > 0 for entry in monitor.history)
     for entry in monitor.history[1:]:  # each was allowed: its predecessors' share plus one more cost <= 5%
         assert entry["sharpness/overhead"] < 0.05 * 1.5
     unbounded = SharpnessMonitor(every_n_steps=1, num_examples=64, max_overhead=None)
-    _fit([unbounded], max_epochs=4)
+    seeded_fit([unbounded], max_epochs=4)
     assert [entry["step"] for entry in unbounded.history] == list(range(25))
 
 
@@ -168,7 +161,7 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=2, num_examples=32, loss_fn=loss_fn, max_iter=5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, trainer = _fit([monitor], max_epochs=1)
+        _, trainer = seeded_fit([monitor], max_epochs=1)
     assert monitor.history == []
     assert sum("not finite" in str(w.message) for w in caught) == 1
     assert trainer.global_step == 6
@@ -176,7 +169,7 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
 
 def test_checkpoint_keeps_the_history(tmp_path):
     monitor = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
-    _fit([monitor], max_epochs=1)
+    seeded_fit([monitor], max_epochs=1)
     restored = SharpnessMonitor(max_overhead=None, every_n_steps=3, num_examples=32)
     restored.load_state_dict(monitor.state_dict())
     assert restored.history == monitor.history

@@ -14,18 +14,20 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.validation import ArgumentError
 from lightning_nt.similarity import RepresentationSimilarity, cka_matrix, similarities
-from tests.helpers import TinyClassifier, assert_same_training, classification_data, read_tensorboard_tags, tiny_trainer
+from tests.helpers import (
+    TinyClassifier,
+    assert_same_training,
+    classification_data,
+    read_tensorboard_tags,
+    seeded_fit,
+    tiny_trainer,
+)
 
 METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
 
 
-def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
-    pl.seed_everything(seed)
-    module = module or (lambda: TinyClassifier(num_samples=64, shuffle=False))
-    module = module if isinstance(module, nn.Module) else module()  # a factory builds it after seeding
-    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module)
-    return module, trainer
+def _fit(callbacks, module=None, **kwargs):
+    return seeded_fit(callbacks, module or (lambda: TinyClassifier(num_samples=64, shuffle=False)), **kwargs)
 
 
 def _hidden(module, num_samples=40):

@@ -22,18 +22,11 @@ from tests.helpers import (
     classification_data,
     read_tensorboard_scalars,
     read_tensorboard_tags,
+    seeded_fit,
     tiny_trainer,
 )
 
 TAGS = ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal")
-
-
-def _fit(callbacks, module=None, root=None, seed=0, **trainer_kwargs):
-    pl.seed_everything(seed)
-    module = (module or (lambda: TinyClassifier(num_samples=96)))()
-    trainer = tiny_trainer(root, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(module)
-    return module, trainer
 
 
 def _cross_entropy_per_example(module, batch):
@@ -85,7 +78,7 @@ class ExplicitGradients(pl.Callback):
 def test_the_callback_is_the_cross_mean_test_of_the_per_example_gradients(tmp_path):
     reference = ExplicitGradients(classification_data(32, 8, 3, seed=1).tensors)  # the module's validation set
     monitor = GradientSignalTest(every_n_steps=3, num_examples=32)
-    _, trainer = _fit([monitor, reference], root=tmp_path)
+    _, trainer = seeded_fit([monitor, reference], root=tmp_path)
     assert [entry["step"] for entry in monitor.history] == [0, 3, 6]
     for entry in monitor.history[1:]:
         exact = reference.results[entry["step"]]
@@ -107,7 +100,7 @@ def test_per_example_loss_fn_mean_loss_fn_and_training_step_give_the_same_test()
     histories = []
     for loss_fn in (None, _cross_entropy_per_example, mean_loss):
         monitor = GradientSignalTest(every_n_steps=2, num_examples=24, data="train", loss_fn=loss_fn)
-        _fit([monitor], max_epochs=1)
+        seeded_fit([monitor], max_epochs=1)
         histories.append(monitor.history)
     for other in histories[1:]:
         for a, b in zip(histories[0], other):
@@ -125,7 +118,7 @@ def test_a_loss_fn_returning_a_mean_runs_on_a_whole_batch_only_once():
         return F.cross_entropy(module(batch[0]), batch[1])
 
     monitor = GradientSignalTest(every_n_steps=2, num_examples=24, data="train", loss_fn=mean_loss)
-    _fit([monitor], max_epochs=1)
+    seeded_fit([monitor], max_epochs=1)
     assert len(monitor.history) > 1 and len(whole_batches) == 1
 
 
@@ -133,9 +126,9 @@ def test_a_run_with_the_test_is_bitwise_the_run_without():
     def module():
         return TinyClassifier(num_samples=96, norm="batch")
 
-    plain, plain_trainer = _fit([], module=module, max_epochs=2)
+    plain, plain_trainer = seeded_fit([], module=module, max_epochs=2)
     monitor = GradientSignalTest(every_n_steps=2, num_examples=32)
-    watched, trainer = _fit([monitor], module=module, max_epochs=2)
+    watched, trainer = seeded_fit([monitor], module=module, max_epochs=2)
     assert len(monitor.history) == 7
     assert_same_training(watched, trainer, plain, plain_trainer)
     assert float(plain_trainer.callback_metrics["train_acc"]) == float(trainer.callback_metrics["train_acc"])
@@ -187,9 +180,9 @@ class StructuredBatches(TinyClassifier):
 @pytest.mark.parametrize("kind", ["dict", "dataclass"])
 def test_dict_and_dataclass_batches_give_the_tuple_batch_numbers(kind):
     reference = GradientSignalTest(every_n_steps=3, num_examples=32)
-    _fit([reference])
+    seeded_fit([reference])
     monitor = GradientSignalTest(every_n_steps=3, num_examples=32)
-    _fit([monitor], module=lambda: StructuredBatches(kind, num_samples=96))
+    seeded_fit([monitor], module=lambda: StructuredBatches(kind, num_samples=96))
     assert len(monitor.history) == len(reference.history) == 3
     for a, b in zip(monitor.history, reference.history):
         for tag in TAGS:
@@ -203,7 +196,7 @@ def test_non_finite_measurements_are_skipped_with_one_warning():
     monitor = GradientSignalTest(every_n_steps=2, num_examples=32, loss_fn=loss_fn)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, trainer = _fit([monitor])
+        _, trainer = seeded_fit([monitor])
     assert monitor.history == []
     assert sum("not finite" in str(w.message) for w in caught) == 1
     assert trainer.global_step == 6
@@ -215,9 +208,9 @@ def test_validation_data_is_required_for_data_val():
         validation_step = None
 
     with pytest.raises(RuntimeError, match="data='train'"):
-        _fit([GradientSignalTest(num_examples=16)], module=lambda: NoValidation(num_samples=48))
+        seeded_fit([GradientSignalTest(num_examples=16)], module=lambda: NoValidation(num_samples=48))
     monitor = GradientSignalTest(num_examples=16, data="train", every_n_steps=1)
-    _fit([monitor], module=lambda: NoValidation(num_samples=48))
+    seeded_fit([monitor], module=lambda: NoValidation(num_samples=48))
     assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
 
 
@@ -226,9 +219,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
         return TinyClassifier(num_samples=96, shuffle=False)
 
     uninterrupted = GradientSignalTest(every_n_steps=4, num_examples=32)
-    _fit([uninterrupted], module=module, max_epochs=2)
+    seeded_fit([uninterrupted], module=module, max_epochs=2)
     first = GradientSignalTest(every_n_steps=4, num_examples=32)
-    _, trainer = _fit([first], module=module, max_epochs=1)
+    _, trainer = seeded_fit([first], module=module, max_epochs=1)
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed = GradientSignalTest(every_n_steps=4, num_examples=32)
     pl.seed_everything(0)
@@ -239,7 +232,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
 
 def test_checkpoint_keeps_the_history_and_the_key_names_every_setting():
     monitor = GradientSignalTest(every_n_steps=3, num_examples=32)
-    _fit([monitor])
+    seeded_fit([monitor])
     restored = GradientSignalTest(every_n_steps=3, num_examples=32)
     restored.load_state_dict(monitor.state_dict())
     assert restored.history == monitor.history and len(restored.history) == 3
@@ -294,7 +287,7 @@ def test_attention_models_use_kernels_that_forward_mode_can_differentiate():
     module = TinyTransformer()
     initial = copy.deepcopy(module).eval()
     monitor = GradientSignalTest(every_n_steps=2, num_examples=16, data="train")
-    _fit([monitor], module=lambda: module, max_steps=2)
+    seeded_fit([monitor], module=lambda: module, max_steps=2)
     tokens, targets = module.train_dataloader().dataset.tensors
     rows = []
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
@@ -308,9 +301,9 @@ def test_attention_models_use_kernels_that_forward_mode_can_differentiate():
 
 def test_manual_optimization_needs_a_loss_fn_and_works_with_one():
     with pytest.raises(RuntimeError, match="loss_fn"):
-        _fit([GradientSignalTest(num_examples=16)], module=lambda: ManualOptimizationModule(num_samples=48))
+        seeded_fit([GradientSignalTest(num_examples=16)], module=lambda: ManualOptimizationModule(num_samples=48))
     monitor = GradientSignalTest(num_examples=16, every_n_steps=1, loss_fn=_cross_entropy_per_example)
-    _fit([monitor], module=lambda: ManualOptimizationModule(num_samples=48))
+    seeded_fit([monitor], module=lambda: ManualOptimizationModule(num_samples=48))
     assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]
 
 
@@ -320,4 +313,4 @@ def test_too_few_examples_are_refused_before_training():
             return DataLoader(classification_data(3, self.dim, self.classes, seed=1), batch_size=3)
 
     with pytest.raises(ValueError, match="at least 4 examples"):
-        _fit([GradientSignalTest(num_examples=16)], module=lambda: ThreeValidationExamples(num_samples=48))
+        seeded_fit([GradientSignalTest(num_examples=16)], module=lambda: ThreeValidationExamples(num_samples=48))
