@@ -147,6 +147,13 @@ def _book_keeping(net, inputs, labels, bound, group_size=1):
     return {n: p.grad for n, p in net.named_parameters() if p.requires_grad}, norms
 
 
+def _assert_equals_reference(got, norms, expected, expected_norms, rtol=1e-10):
+    """Norms and clipped sums (on any device) equal the float64 vmap(grad) reference."""
+    torch.testing.assert_close(norms.cpu(), expected_norms, rtol=rtol, atol=1e-12)
+    for name in expected:
+        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=rtol, atol=1e-12, msg=name)
+
+
 def _make(case, seed=0):
     build, shape, classes = CASES[case]
     torch.manual_seed(seed)
@@ -163,9 +170,7 @@ def test_clipped_sum_equals_the_vmap_reference(case, device):
     net, inputs, labels = _make(case)
     expected, expected_norms, bound = _reference(net, inputs, labels)
     got, norms = _book_keeping(net.to(device), inputs.to(device), labels.to(device), bound)
-    torch.testing.assert_close(norms.cpu(), expected_norms, rtol=1e-10, atol=1e-12)
-    for name in expected:
-        torch.testing.assert_close(got[name].cpu(), expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    _assert_equals_reference(got, norms, expected, expected_norms)
 
 
 def test_tokens_with_padding_and_repeated_tokens():
@@ -176,9 +181,7 @@ def test_tokens_with_padding_and_repeated_tokens():
     labels = torch.randint(3, (8,))
     expected, expected_norms, bound = _reference(net, tokens, labels)
     got, norms = _book_keeping(net, tokens, labels, bound)
-    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    _assert_equals_reference(got, norms, expected, expected_norms)
 
 
 def test_augmented_views_are_averaged_before_clipping():
@@ -186,9 +189,7 @@ def test_augmented_views_are_averaged_before_clipping():
     labels = labels.reshape(4, 2)[:, :1].expand(4, 2).reshape(8)  # two views of each of four examples
     expected, expected_norms, bound = _reference(net, inputs, labels, group_size=2)
     got, norms = _book_keeping(net, inputs, labels, bound, group_size=2)
-    torch.testing.assert_close(norms, expected_norms, rtol=1e-10, atol=1e-12)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    _assert_equals_reference(got, norms, expected, expected_norms)
 
 
 def test_wide_resnet_with_group_norm_and_weight_standardisation():
@@ -197,9 +198,7 @@ def test_wide_resnet_with_group_norm_and_weight_standardisation():
     inputs, labels = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(10, (4,))
     expected, expected_norms, bound = _reference(net, inputs, labels)
     got, norms = _book_keeping(net, inputs, labels, bound)
-    torch.testing.assert_close(norms, expected_norms, rtol=1e-9, atol=1e-12)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    _assert_equals_reference(got, norms, expected, expected_norms, rtol=1e-9)
 
 
 def test_no_ordinary_weight_gradient_is_computed_in_the_backward():
