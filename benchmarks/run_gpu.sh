@@ -11,12 +11,20 @@
 # Usage (from the repository root, torch/pytorch-lightning/opacus/tensorboard installed):
 #   bash benchmarks/run_gpu.sh            # on a CUDA machine
 #   bash benchmarks/run_gpu.sh --smoke    # anywhere: gpu_fit.py with tiny sizes, 2 steps per fit (CPU check)
+# A machine without internet that lacks a package (the lent GPU machines have no opacus): fetch its wheels
+# beside the repository first with `bash benchmarks/gpu_wheels.sh` (into .whl/, git-ignored) and bring .whl/
+# along; this script installs them into a temporary folder before anything runs.
 set -uo pipefail
 smoke=0
 [[ ${1:-} == --smoke ]] && smoke=1
 out=${OUT:-$(mktemp -d -t run_gpu.XXXXXX)}
 mkdir -p "$out"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d -t run_gpu_site.XXXXXX)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+  export PYTHONPATH=$PYTHONPATH:$site
+fi
 status=0
 
 if ((smoke)); then

@@ -7,9 +7,27 @@ import math
 import subprocess
 from pathlib import Path
 
+from tests.contract.capabilities import CAPABILITIES as CONTRACT_CAPABILITIES
 from tests.helpers.scripts import ROOT, run_script
 
-CAPABILITIES = {"GradInit", "IterateAveraging", "SharpnessMonitor", "CompressionBoundReporter", "DPStrategy"}
+CAPABILITIES = {
+    "GradInit",
+    "IterateAveraging",
+    "SharpnessMonitor",
+    "CompressionBoundReporter",
+    "RepresentationSimilarity",
+    "LazinessMonitor",
+    "GradientSignalTest",
+    "DPStrategy",
+    "DPStrategy (bk)",
+}
+
+
+def test_every_contract_capability_gets_a_gpu_fit() -> None:
+    """A capability added to the contract suite must also get its real fit on the GPU (SubspaceTraining is a
+    training method that the reporter's fit exercises on its own)."""
+    names = {capability.name.split("-")[0].split("+")[0] for capability in CONTRACT_CAPABILITIES}
+    assert names - {"SubspaceTraining"} <= CAPABILITIES
 
 
 def test_gpu_fit_smoke_times_every_capability_in_both_precisions(tmp_path: Path) -> None:
