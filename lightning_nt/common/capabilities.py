@@ -26,7 +26,8 @@ class ReadsTrainingData(Protocol):
 
 
 def reads_training_data_outside_step(callback: Any) -> bool:
-    """``True`` if ``callback``'s class declares that it reads training data outside the training step.
+    """``True`` if ``callback`` declares that it reads training data outside the training step: a class attribute,
+    or a property where it depends on the configuration (``GradientSignalTest(data="train")``).
 
     Examples:
         >>> class Probe:
@@ -34,4 +35,4 @@ def reads_training_data_outside_step(callback: Any) -> bool:
         >>> reads_training_data_outside_step(Probe()), reads_training_data_outside_step(object())
         (True, False)
     """
-    return getattr(type(callback), "reads_training_data_outside_step", False) is True
+    return getattr(callback, "reads_training_data_outside_step", False) is True

@@ -97,6 +97,8 @@ class LazinessMonitor(pl.Callback):
 
     num_samples = renamed_property("num_samples", "num_examples")
 
+    reads_training_data_outside_step = True  # its probe set: declared for DPStrategy (common.capabilities)
+
     @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
     @renamed_arguments(num_samples="num_examples")
     def __init__(
