@@ -22,6 +22,7 @@ from lightning_nt.averaging.core import (
     torch_device,
 )
 from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
+from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.evaluation import validation_metrics
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
@@ -189,6 +190,14 @@ class IterateAveraging(pl.Callback):
     def save_averaged_weights(self, path: str | Path) -> None:
         """Save :meth:`averaged_state_dict` for :func:`lightning_nt.averaging.load_averaged_weights`."""
         save_averaged_weights(self.averaged_state_dict(), path)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Run first (when this instance's average is what the module ends with): every other callback's
+        ``on_train_end`` (CompressionBoundReporter's certificate, a monitor's last measurement) then describes the
+        model ``fit`` returns, whatever the order of ``callbacks=``."""
+        if stage == "fit" and self.apply_on_end:
+            run_before_other_callbacks(trainer, self)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -232,3 +232,20 @@ def test_warns_when_nothing_was_averaged():
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         IterateAveraging(**kwargs)
+
+
+class _WeightsAtTrainEnd(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_callbacks_listed_before_it_see_the_applied_average_at_train_end():
+    # a reporter listed before IterateAveraging (CompressionBoundReporter, a monitor's last measurement) described
+    # the raw weights, listed after it the average that fit returns: the order of `callbacks=` decided
+    record, averaging = _WeightsAtTrainEnd(), IterateAveraging()
+    pl.seed_everything(0)
+    module = TinyClassifier(num_samples=32)
+    tiny_trainer(None, callbacks=[record, averaging], max_epochs=1).fit(module)
+    average = averaging.averaged_state_dict()
+    assert record.weights.keys() == average.keys()
+    assert all(torch.equal(record.weights[n], average[n]) for n in average)

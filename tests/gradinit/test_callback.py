@@ -174,3 +174,24 @@ def test_the_scales_picture_names_its_values_and_marks_held_scales():
     colours = [tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in axes.patches[: len(gradinit.scales)]]
     red = (0.839, 0.153, 0.157)  # matplotlib's tab:red
     assert held and colours.count(red) == len(held)
+
+
+class _WeightsAtTrainStart(pl.Callback):
+    """What a monitor's step-0 reference sees: the weights in ``on_train_start``, and those the first step uses."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.reference = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.first_step = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def test_callbacks_listed_before_it_see_the_weights_training_starts_from():
+    # a monitor listed before GradInit took its step-0 reference on the weights GradInit then rescaled
+    record = _WeightsAtTrainStart()
+    pl.seed_everything(0)
+    trainer = tiny_trainer(None, callbacks=[record, GradInit(iterations=3)], max_steps=1)
+    trainer.fit(TinyClassifier(num_samples=32))
+    assert record.reference.keys() == record.first_step.keys()
+    assert all(torch.equal(record.reference[n], record.first_step[n]) for n in record.reference)
