@@ -203,6 +203,7 @@ class IterateAveraging(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averagings = [c for c in trainer.callbacks if isinstance(c, IterateAveraging)]
         _check_instances(averagings)
+        self._continue_earlier_fit(trainer, pl_module)
         self._average = RunningWeightAverage(
             pl_module,
             mode=self.mode,
@@ -227,6 +228,16 @@ class IterateAveraging(pl.Callback):
                 "those checkpoints hold the raw weights, not the average that validation used. Use full "
                 "checkpoints (save_weights_only=False) or `save_averaged_weights`."
             )
+
+    def _continue_earlier_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A further ``fit`` on the same Trainer (``global_step > 0``, no checkpoint) continues the run as a resume
+        from a checkpoint would: the raw weights come back (the module ends the earlier fit holding the average) and
+        the average goes on from its iterates instead of starting again."""
+        if self._average is None or trainer.global_step == 0 or trainer.ckpt_path is not None:
+            return
+        if self._raw_state is not None:
+            pl_module.load_state_dict(self._raw_state, strict=pl_module.strict_loading)
+        self._pending_state = self._average.state_dict()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder
 
 __all__ = ["ReadsTrainingData", "reads_training_data_outside_step", "run_before_other_callbacks"]
 
@@ -42,25 +41,18 @@ def reads_training_data_outside_step(callback: Any) -> bool:
 
 
 def run_before_other_callbacks(trainer: pl.Trainer, callback: pl.Callback) -> None:
-    """Move ``callback`` in front of the Trainer's other callbacks (behind Lightning's tuners, which Lightning puts
-    first), so that its hooks run before theirs whatever order the user listed them in.
+    """Move ``callback`` in front of the Trainer's other lightning_nt callbacks, so that its hooks run before
+    theirs whatever order the user listed them in (the user's own callbacks keep their places).
 
-    For a capability that changes the weights other callbacks measure: GradInit rescales the initialisation in
+    For a capability that changes the weights the others measure: GradInit rescales the initialisation in
     ``on_train_start``, where monitors take their step-0 reference; IterateAveraging puts its average into the
     module in ``on_train_end``, where reporters describe the final model. Call it from ``setup``: Lightning calls
     ``setup`` while it walks the list, and moving the callback being visited forward leaves the ones it has not
     visited yet where they are.
-
-    Examples:
-        >>> first, second = pl.Callback(), pl.Callback()
-        >>> trainer = pl.Trainer(callbacks=[first, second], logger=False, enable_checkpointing=False)
-        >>> run_before_other_callbacks(trainer, second)
-        >>> trainer.callbacks.index(second) < trainer.callbacks.index(first)
-        True
     """
     callbacks = trainer.callbacks
+    ours = [c for c in callbacks if c is not callback and type(c).__module__.startswith("lightning_nt.")]
+    if not ours or callbacks.index(callback) < callbacks.index(ours[0]):
+        return
     callbacks.remove(callback)
-    tuners = 0
-    while tuners < len(callbacks) and isinstance(callbacks[tuners], BatchSizeFinder | LearningRateFinder):
-        tuners += 1
-    callbacks.insert(tuners, callback)
+    callbacks.insert(callbacks.index(ours[0]), callback)
