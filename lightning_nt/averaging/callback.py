@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning import callbacks as lightning_callbacks
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -203,6 +204,7 @@ class IterateAveraging(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averagings = [c for c in trainer.callbacks if isinstance(c, IterateAveraging)]
         _check_instances(averagings)
+        self._check_lightning_averaging(trainer)
         self._continue_earlier_fit(trainer, pl_module)
         self._average = RunningWeightAverage(
             pl_module,
@@ -227,6 +229,19 @@ class IterateAveraging(pl.Callback):
                 "IterateAveraging: Lightning does not call callbacks when it saves a weights-only checkpoint, so "
                 "those checkpoints hold the raw weights, not the average that validation used. Use full "
                 "checkpoints (save_weights_only=False) or `save_averaged_weights`."
+            )
+
+    def _check_lightning_averaging(self, trainer: pl.Trainer) -> None:
+        """Lightning's own averaging callbacks also swap their average in for validation and copy it into the module
+        when training ends: with this one doing the same, which average was validated and which one ``fit`` returns
+        would depend on the order of the callbacks."""
+        lightning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _LIGHTNING_AVERAGING)]
+        if lightning and (self.evaluate or self.apply_on_end):
+            raise RuntimeError(
+                f"IterateAveraging and {', '.join(lightning)} would both put their average into the module (for "
+                "validation and at the end of training), but it can hold only one: remove one of them, or keep "
+                "IterateAveraging as an observer with evaluate=False and apply_on_end=False (read its average with "
+                "`averaged_state_dict`)."
             )
 
     def _continue_earlier_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -442,6 +457,14 @@ class IterateAveraging(pl.Callback):
     def _decay_per_update(self) -> float:
         decay = 0.999 if self.decay is None and self.half_life is None else self.decay
         return decay_per_update(decay, self.half_life, self.every_n_steps if self.update_on == "step" else 1)
+
+
+# Lightning's WeightAveraging (EMAWeightAveraging, ...) exists from pytorch-lightning 2.6 on
+_LIGHTNING_AVERAGING = tuple(
+    getattr(lightning_callbacks, name)
+    for name in ("StochasticWeightAveraging", "WeightAveraging")
+    if hasattr(lightning_callbacks, name)
+)
 
 
 def _check_instances(averagings: list[IterateAveraging]) -> None:

@@ -281,3 +281,26 @@ def test_a_second_fit_on_the_same_trainer_continues_the_run_as_a_resume_does(tmp
         assert torch.equal(twice.state_dict()[name], value), name
     for name, value in resumed_averaging.averaged_state_dict().items():
         assert torch.equal(averaging.averaged_state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    "lightning_averaging",
+    [
+        lambda: pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05),
+        pytest.param(
+            lambda: pl.callbacks.EMAWeightAveraging(),
+            marks=pytest.mark.skipif(not hasattr(pl.callbacks, "EMAWeightAveraging"), reason="pytorch-lightning<2.6"),
+        ),
+    ],
+    ids=["StochasticWeightAveraging", "EMAWeightAveraging"],
+)
+def test_lightnings_own_averaging_beside_it_is_refused_unless_it_only_observes(lightning_averaging):
+    # both swapped their average in for validation and copied it in at the end: which average was validated and
+    # which one fit returned depended on the order of the callbacks
+    trainer = tiny_trainer(None, callbacks=[lightning_averaging(), IterateAveraging()], max_epochs=1)
+    with pytest.raises(RuntimeError, match=r"would both put their average into the module"):
+        trainer.fit(TinyClassifier(num_samples=32))
+    assert trainer.global_step == 0
+    observer = IterateAveraging(mode="ema", decay=0.5, evaluate=False, apply_on_end=False)
+    tiny_trainer(None, callbacks=[lightning_averaging(), observer], max_epochs=1).fit(TinyClassifier(num_samples=32))
+    assert observer.n_averaged > 0
