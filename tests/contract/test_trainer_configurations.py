@@ -34,7 +34,7 @@ from pytorch_lightning.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
 )
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_nt import DPStrategy
 from lightning_nt.common.capabilities import reads_training_data_outside_step
@@ -53,11 +53,12 @@ class Module(ZooModule):
     def __init__(self, iterable: bool = False, plateau: bool = False, **loader: Any) -> None:
         super().__init__()
         self.iterable, self.plateau, self.loader = iterable, plateau, loader
+        self.training_examples = _Counted()
 
     def train_dataloader(self) -> DataLoader:
         if self.iterable:
             return DataLoader(_Stream(), batch_size=BATCH)
-        return DataLoader(self.dataset(TRAIN_SAMPLES, 0), batch_size=BATCH, **self.loader)
+        return DataLoader(self.training_examples, batch_size=BATCH, **self.loader)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
@@ -78,6 +79,20 @@ class Module(ZooModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+class _Counted(Dataset):
+    """The training examples, counting every read (``num_workers=0``: all in this process)."""
+
+    def __init__(self) -> None:
+        self.examples, self.reads = TensorDataset(*zoo_data(TRAIN_SAMPLES, 0)), 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        self.reads += 1
+        return self.examples[index]
 
 
 class _Stream(IterableDataset):
@@ -301,6 +316,21 @@ def test_all_our_callbacks_in_one_trainer_give_the_same_results_in_either_order(
         assert_same_state(capability.state(first), capability.state(second), capability.state_tolerance)
         assert all(tag in forward.trainer.callback_metrics for tag in capability.tags(ENTRY)), capability
     assert_same_weights(forward.module, backward.module)
+
+
+@pytest.mark.parametrize("capability", _one_per_class(lambda capability, built: True), ids=str)
+def test_a_callback_that_reads_training_data_outside_the_step_declares_it(
+    capability: Capability, tmp_path: Path
+) -> None:
+    """DPStrategy refuses what declares ``reads_training_data_outside_step``: a callback that reads training examples
+    beyond what the fit itself reads (counted at the dataset) must declare it, and one that doesn't must not."""
+    built, arguments = capability.attach(ENTRY)
+    outcome = run(CONFIGURATIONS[2], built, arguments, tmp_path)
+    if outcome.error is not None:
+        raise outcome.error
+    fit_alone = baseline(CONFIGURATIONS[2], tmp_path / "baseline").module.training_examples.reads
+    reads_more = outcome.module.training_examples.reads > fit_alone
+    assert reads_more == reads_training_data_outside_step(built), (outcome.module.training_examples.reads, fit_alone)
 
 
 def test_under_dp_every_callback_that_reads_training_data_is_refused_by_name(tmp_path: Path) -> None:
