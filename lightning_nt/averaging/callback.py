@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning import callbacks as lightning_callbacks
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from lightning_nt.averaging.core import (
     torch_device,
 )
 from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
+from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.evaluation import validation_metrics
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
@@ -191,9 +193,19 @@ class IterateAveraging(pl.Callback):
         save_averaged_weights(self.averaged_state_dict(), path)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Run first (when this instance's average is what the module ends with): every other callback's
+        ``on_train_end`` (CompressionBoundReporter's certificate, a monitor's last measurement) then describes the
+        model ``fit`` returns, whatever the order of ``callbacks=``."""
+        if stage == "fit" and self.apply_on_end:
+            run_before_other_callbacks(trainer, self)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         averagings = [c for c in trainer.callbacks if isinstance(c, IterateAveraging)]
         _check_instances(averagings)
+        self._check_lightning_averaging(trainer)
+        self._continue_earlier_fit(trainer, pl_module)
         self._average = RunningWeightAverage(
             pl_module,
             mode=self.mode,
@@ -218,6 +230,29 @@ class IterateAveraging(pl.Callback):
                 "those checkpoints hold the raw weights, not the average that validation used. Use full "
                 "checkpoints (save_weights_only=False) or `save_averaged_weights`."
             )
+
+    def _check_lightning_averaging(self, trainer: pl.Trainer) -> None:
+        """Lightning's own averaging callbacks also swap their average in for validation and copy it into the module
+        when training ends: with this one doing the same, which average was validated and which one ``fit`` returns
+        would depend on the order of the callbacks."""
+        lightning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _LIGHTNING_AVERAGING)]
+        if lightning and (self.evaluate or self.apply_on_end):
+            raise RuntimeError(
+                f"IterateAveraging and {', '.join(lightning)} would both put their average into the module (for "
+                "validation and at the end of training), but it can hold only one: remove one of them, or keep "
+                "IterateAveraging as an observer with evaluate=False and apply_on_end=False (read its average with "
+                "`averaged_state_dict`)."
+            )
+
+    def _continue_earlier_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A further ``fit`` on the same Trainer (``global_step > 0``, no checkpoint) continues the run as a resume
+        from a checkpoint would: the raw weights come back (the module ends the earlier fit holding the average) and
+        the average goes on from its iterates instead of starting again."""
+        if self._average is None or trainer.global_step == 0 or trainer.ckpt_path is not None:
+            return
+        if self._raw_state is not None:
+            pl_module.load_state_dict(self._raw_state, strict=pl_module.strict_loading)
+        self._pending_state = self._average.state_dict()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -422,6 +457,14 @@ class IterateAveraging(pl.Callback):
     def _decay_per_update(self) -> float:
         decay = 0.999 if self.decay is None and self.half_life is None else self.decay
         return decay_per_update(decay, self.half_life, self.every_n_steps if self.update_on == "step" else 1)
+
+
+# Lightning's WeightAveraging (EMAWeightAveraging, ...) exists from pytorch-lightning 2.6 on
+_LIGHTNING_AVERAGING = tuple(
+    getattr(lightning_callbacks, name)
+    for name in ("StochasticWeightAveraging", "WeightAveraging")
+    if hasattr(lightning_callbacks, name)
+)
 
 
 def _check_instances(averagings: list[IterateAveraging]) -> None:

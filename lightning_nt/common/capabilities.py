@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-__all__ = ["ReadsTrainingData", "reads_training_data_outside_step"]
+import pytorch_lightning as pl
+
+__all__ = ["ReadsTrainingData", "reads_training_data_outside_step", "run_before_other_callbacks"]
 
 
 @runtime_checkable
@@ -26,7 +28,8 @@ class ReadsTrainingData(Protocol):
 
 
 def reads_training_data_outside_step(callback: Any) -> bool:
-    """``True`` if ``callback``'s class declares that it reads training data outside the training step.
+    """``True`` if ``callback`` declares that it reads training data outside the training step: a class attribute,
+    or a property where it depends on the configuration (``GradientSignalTest(data="train")``).
 
     Examples:
         >>> class Probe:
@@ -34,4 +37,22 @@ def reads_training_data_outside_step(callback: Any) -> bool:
         >>> reads_training_data_outside_step(Probe()), reads_training_data_outside_step(object())
         (True, False)
     """
-    return getattr(type(callback), "reads_training_data_outside_step", False) is True
+    return getattr(callback, "reads_training_data_outside_step", False) is True
+
+
+def run_before_other_callbacks(trainer: pl.Trainer, callback: pl.Callback) -> None:
+    """Move ``callback`` in front of the Trainer's other lightning_nt callbacks, so that its hooks run before
+    theirs whatever order the user listed them in (the user's own callbacks keep their places).
+
+    For a capability that changes the weights the others measure: GradInit rescales the initialisation in
+    ``on_train_start``, where monitors take their step-0 reference; IterateAveraging puts its average into the
+    module in ``on_train_end``, where reporters describe the final model. Call it from ``setup``: Lightning calls
+    ``setup`` while it walks the list, and moving the callback being visited forward leaves the ones it has not
+    visited yet where they are.
+    """
+    callbacks = trainer.callbacks
+    ours = [c for c in callbacks if c is not callback and type(c).__module__.startswith("lightning_nt.")]
+    if not ours or callbacks.index(callback) < callbacks.index(ours[0]):
+        return
+    callbacks.remove(callback)
+    callbacks.insert(callbacks.index(ours[0]), callback)

@@ -117,11 +117,34 @@ def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
     return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
 
 
-def preserved_loader_rng(dataloader: DataLoader) -> contextlib.AbstractContextManager[None]:
-    """Restore every generator that iterating ``dataloader`` advances: the global ones and the loader's own."""
+@contextlib.contextmanager
+def preserved_loader_rng(dataloader: DataLoader) -> Iterator[None]:
+    """Leave the training run's data stream as it was while the block iterates ``dataloader``: restore every
+    generator that iterating advances (the global ones and the loader's own), and give the block its own worker
+    iterator when the loader has ``persistent_workers`` (see :func:`_own_workers`)."""
     generators = [
         generator
         for generator in (getattr(dataloader, "generator", None), getattr(dataloader.sampler, "generator", None))
         if isinstance(generator, torch.Generator)
     ]
-    return preserved_rng(*generators)
+    with preserved_rng(*generators), _own_workers(dataloader):
+        yield
+
+
+@contextlib.contextmanager
+def _own_workers(dataloader: DataLoader) -> Iterator[None]:
+    """With ``persistent_workers=True`` every ``iter(dataloader)`` resets and hands back one cached worker iterator,
+    the training loop's own: a probe iterating the loader mid-epoch would restart the loop's epoch, and one iterating
+    it before the first epoch would leave the loop a reset iterator that drops batches. The block gets a fresh
+    iterator (shut down after it) and the loop's is put back untouched."""
+    if not getattr(dataloader, "persistent_workers", False):
+        yield
+        return
+    training = dataloader._iterator
+    dataloader._iterator = None
+    try:
+        yield
+    finally:
+        probe, dataloader._iterator = dataloader._iterator, training
+        if probe is not None and probe is not training:
+            probe._shutdown_workers()

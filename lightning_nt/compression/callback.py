@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -470,6 +471,14 @@ class SubspaceTraining(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        schedules = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+        if schedules:
+            raise ValueError(
+                f"SubspaceTraining trains every trainable parameter through the same {self.dimension} coordinates "
+                f"`w`, so {', '.join(schedules)} freezing part of the module would freeze `w` for all of it: remove "
+                "the schedule, and freeze what should stay fixed (`requires_grad_(False)`) before `fit`; it then "
+                "stays outside the subspace."
+            )
         subspace = find_subspace(pl_module)
         if subspace is None:
             to_subspace(pl_module, self.dimension, self.seed)

@@ -24,6 +24,7 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
+from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.validation import ArgumentError, checked_arguments
 from lightning_nt.gradinit.core import SEARCH_RULES, GradInitResult, apply_scales, gradinit
@@ -95,6 +96,13 @@ class GradInit(pl.Callback):
         self.scales: dict[str, float] = {}
         self.result: GradInitResult | None = None
         self._done = False
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Run first: every other callback's ``on_train_start`` (a monitor's step-0 reference) sees GradInit's
+        weights, the ones training starts from, whatever the order of ``callbacks=``."""
+        if stage == "fit":
+            run_before_other_callbacks(trainer, self)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

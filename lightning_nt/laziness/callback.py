@@ -56,6 +56,10 @@ class LazinessMonitor(pl.Callback):
       alignment with the one-hot labels, Cortes et al. 2012) when the probe set has labels;
     - ``laziness/seconds``: the cost of that measurement.
 
+    When the trainable parameters change during the fit (a fine-tuning schedule such as ``BackboneFinetuning``
+    unfreezes a layer), the reference is taken again at that step, with a warning: the quantities are then measured
+    from the weights and kernel of the current stage.
+
     In the lazy regime (Jacot et al. 2018; Chizat et al. 2019; Allen-Zhu, Li & Song 2019) all three changes are
     small and fall with width roughly as ``width^-1/2``. At the end of training a picture of the quantities over
     steps is logged as ``laziness/over_steps``. Measurements use the network in eval mode (dropout off,
@@ -96,6 +100,8 @@ class LazinessMonitor(pl.Callback):
     """
 
     num_samples = renamed_property("num_samples", "num_examples")
+
+    reads_training_data_outside_step = True  # its probe set: declared for DPStrategy (common.capabilities)
 
     @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
     @renamed_arguments(num_samples="num_examples")
@@ -194,9 +200,10 @@ class LazinessMonitor(pl.Callback):
         figure.tight_layout()
         return figure
 
-    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        probe = ProbeSet.from_trainer(trainer, self.num_examples)
-        batch, _ = next(probe.chunks())
+    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> dict[str, Any]:
+        """The reference: the probe batch (cached now unless given), the trainable weights, patterns and kernel."""
+        if batch is None:
+            batch, _ = next(ProbeSet.from_trainer(trainer, self.num_examples).chunks())
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, batch))
         if not patterns:
             self._warn(
@@ -244,6 +251,8 @@ class LazinessMonitor(pl.Callback):
         assert self._initial is not None
         self._last_step = trainer.global_step
         started = time.perf_counter()
+        if self._params(pl_module).keys() != self._initial["weights"].keys():
+            self._restart_reference(trainer, pl_module)
         initial = self._initial
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
@@ -262,6 +271,20 @@ class LazinessMonitor(pl.Callback):
         values[f"{_TAG}/seconds"] = time.perf_counter() - started
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
+
+    def _restart_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The trainable parameters changed (a fine-tuning schedule froze or unfroze some): distances and kernels
+        over different parameter sets don't compare, so the reference is taken again now, on the same probe set."""
+        assert self._initial is not None
+        before, now = set(self._initial["weights"]), set(self._params(pl_module))
+        changes = [f"{sorted(now - before)} became trainable"] if now - before else []
+        changes += [f"{sorted(before - now)} were frozen"] if before - now else []
+        rank_zero_warn(
+            f"LazinessMonitor: the trainable parameters changed at step {trainer.global_step} ({'; '.join(changes)}). "
+            "From this step on, distances, activation flips and the NTK change are measured from the weights and "
+            "kernel of this step."
+        )
+        self._initial = self._capture(trainer, pl_module, self._initial["batch"])
 
     def _kernel_values(self, kernel: Tensor, initial: Tensor, targets: Tensor | None) -> dict[str, float]:
         if not bool(torch.isfinite(kernel).all()):

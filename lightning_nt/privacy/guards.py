@@ -2,10 +2,10 @@
 
 Each check raises (or, where the accounting can be made honest, warns once) with what is wrong and the fix:
 
-* the Trainer: precision, gradient accumulation, Trainer clipping, manual optimization;
+* the Trainer: precision, gradient accumulation (also turned on mid-run), Trainer clipping, manual optimization;
 * the callbacks: Lightning's tuners (they train through the DP optimizer, then roll the ledger back with their
-  checkpoint) and every callback that declares it reads the training data outside the training step
-  (:func:`~lightning_nt.common.capabilities.reads_training_data_outside_step`);
+  checkpoint), accumulation and fine-tuning schedules, and every callback that declares it reads the training
+  data outside the training step (:func:`~lightning_nt.common.capabilities.reads_training_data_outside_step`);
 * the module: BatchNorm and what Opacus can't give per-example gradients for, parametrized modules;
 * the optimizer: closure-driven ones (LBFGS) that evaluate the loss several times per step;
 * the train loader: a user's sampler or batch sampler, whose sampling the accounting can't describe;
@@ -24,7 +24,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from opacus.validators import ModuleValidator
-from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder
+from pytorch_lightning.callbacks import (
+    BaseFinetuning,
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+)
 from pytorch_lightning.trainer.connectors.data_connector import _parse_num_batches
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
@@ -36,6 +41,7 @@ from lightning_nt.common import map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
 
 __all__ = [
+    "check_accumulation",
     "check_callbacks",
     "check_ledger",
     "check_module",
@@ -57,11 +63,7 @@ def check_trainer(trainer: pl.Trainer) -> None:
             f"DP-SGD can't run with precision={trainer.precision!r}: Opacus rewrites the gradients after the fp16 "
             "GradScaler, which then scales the noisy update wrongly. Use precision='32-true' or 'bf16-mixed'."
         )
-    if trainer.accumulate_grad_batches != 1:
-        raise RuntimeError(
-            f"accumulate_grad_batches={trainer.accumulate_grad_batches} breaks Poisson sampling's accounting; "
-            "use a larger batch (sample rate) instead."
-        )
+    check_accumulation(trainer)
     if trainer.gradient_clip_val:
         raise RuntimeError(
             "The Trainer's gradient_clip_val clips the noisy averaged gradient, not each example's: remove it and "
@@ -71,8 +73,20 @@ def check_trainer(trainer: pl.Trainer) -> None:
         raise RuntimeError("DP-SGD needs automatic optimization: the strategy steps the DP optimizer itself.")
 
 
+def check_accumulation(trainer: pl.Trainer) -> None:
+    """Refuse gradient accumulation (also when a callback such as ``GradientAccumulationScheduler`` turns it on
+    mid-run: checked before every private step): several Poisson batches in one noisy update raise the real sample
+    rate above the accounted one."""
+    if trainer.accumulate_grad_batches != 1:
+        raise RuntimeError(
+            f"accumulate_grad_batches={trainer.accumulate_grad_batches} breaks Poisson sampling's accounting; "
+            "use a larger batch (sample rate) instead."
+        )
+
+
 def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
-    """Refuse tuners always; refuse (or, with ``allow_nonprivate``, warn about) callbacks that read the data."""
+    """Refuse tuners, accumulation schedules and fine-tuning schedules always; refuse (or, with
+    ``allow_nonprivate``, warn about) callbacks that read the training data."""
     tuners = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _TUNERS)]
     if tuners:
         raise RuntimeError(
@@ -80,6 +94,18 @@ def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
             "un-noised training losses, then restores its checkpoint, which drops its noisy steps from the privacy "
             "ledger. Tune on public data (or a non-private run on other data) and pass the values explicitly."
         )
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler) and set(callback.scheduling.values()) != {1}:
+            raise RuntimeError(
+                f"GradientAccumulationScheduler({callback.scheduling}) accumulates gradients under DP-SGD, which "
+                "breaks Poisson sampling's accounting: remove it and use a larger batch (sample rate) instead."
+            )
+        if isinstance(callback, BaseFinetuning):
+            raise RuntimeError(
+                f"{type(callback).__name__} changes which parameters train during a private fit, but the DP engine "
+                "clips the parameters that require grad when the fit starts: remove it and run one `fit` per "
+                "stage of the fine-tuning (freeze or unfreeze between them)."
+            )
     readers = [type(c).__name__ for c in trainer.callbacks if reads_training_data_outside_step(c)]
     if not readers:
         return

@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
 from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise
 from lightning_nt.privacy.engines import ClippingEngine
-from lightning_nt.privacy.guards import check_sensitivity
+from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -66,6 +66,7 @@ class _PrivateStep:
             return self._empty_step()
         engine = self._active_engine()
         engine.check_trainable_parameters()
+        check_accumulation(self.lightning_module.trainer)
         engine.start()
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:

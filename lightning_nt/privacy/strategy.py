@@ -195,7 +195,8 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
         seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
             batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
         allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (those that declare
-            ``reads_training_data_outside_step``: GradInit, SharpnessMonitor, CompressionBoundReporter) run; their
+            ``reads_training_data_outside_step``: GradInit, SharpnessMonitor, CompressionBoundReporter,
+            RepresentationSimilarity, LazinessMonitor, GradientSignalTest(data="train")) run; their
             logs are then not covered by the guarantee (warned). Lightning's tuners are refused regardless.
         log_clip_fraction: log ``dp/clip_fraction``, the fraction of each batch's examples that were clipped. It is
             a noiseless statistic of the private batch (its size and which examples were clipped), so it is off by

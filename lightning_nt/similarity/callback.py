@@ -119,6 +119,8 @@ class RepresentationSimilarity(pl.Callback):
 
     num_samples = renamed_property("num_samples", "num_examples")
 
+    reads_training_data_outside_step = True  # its probe set: declared for DPStrategy (common.capabilities)
+
     @checked_arguments(
         reference=Rule(_is_reference, "'init', 'previous', an existing checkpoint file or a module"),
         every_n_epochs=at_least(1),

@@ -107,6 +107,12 @@ class GradientSignalTest(pl.Callback):
         self._loss_fn_gives_vector: bool | None = None  # learnt at the first measurement
 
     @property
+    def reads_training_data_outside_step(self) -> bool:
+        """With ``data="train"`` the test reads training examples outside the training step (declared for
+        DPStrategy, :mod:`lightning_nt.common.capabilities`); held-out examples are not private training data."""
+        return self.data == "train"
+
+    @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_nt import IterateAveraging
+from lightning_nt import CompressionBoundReporter, IterateAveraging
 from lightning_nt.averaging import load_averaged_weights
 from tests.helpers import (
     BoringModel,
@@ -232,3 +232,75 @@ def test_warns_when_nothing_was_averaged():
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         IterateAveraging(**kwargs)
+
+
+def _certified(callbacks):
+    pl.seed_everything(0)
+    tiny_trainer(None, callbacks=callbacks, max_epochs=1).fit(TinyClassifier(num_samples=32, shuffle=False))
+    return next(c for c in callbacks if isinstance(c, CompressionBoundReporter)).report
+
+
+def test_a_reporter_listed_before_it_describes_the_average_that_fit_returns():
+    # a CompressionBoundReporter listed before IterateAveraging certified the raw weights, listed after it the
+    # applied average: the order of `callbacks=` decided which model the bound was about
+    def reporter():
+        return CompressionBoundReporter(levels=(3, 9), prune=(0.0,), methods=("uniform",), finalists=1)
+
+    before = _certified([reporter(), IterateAveraging()])
+    after = _certified([IterateAveraging(), reporter()])
+    raw = _certified([reporter()])
+    for tag in ("compression/train_error", "compression/code_bits", "compression/error_bound"):
+        assert before[tag] == after[tag], tag
+    assert before["compression/code_bits"] != raw["compression/code_bits"]
+
+
+def test_a_second_fit_on_the_same_trainer_continues_the_run_as_a_resume_does(tmp_path):
+    # the second fit trained on from the average (applied at the end of the first) with the raw run's optimizer
+    # state, and started a new average: neither is the run a resume from the checkpoint gives
+    def trainer(callback):
+        return tiny_trainer(
+            None, callbacks=[callback], max_epochs=2, enable_checkpointing=True, default_root_dir=tmp_path
+        )
+
+    pl.seed_everything(0)
+    twice, averaging = TinyClassifier(num_samples=32, shuffle=False), IterateAveraging()
+    first = trainer(averaging)
+    first.fit(twice)
+    first.save_checkpoint(tmp_path / "two_epochs.ckpt")
+    first.fit_loop.max_epochs = 3
+    first.fit(twice)
+
+    pl.seed_everything(0)
+    resumed, resumed_averaging = TinyClassifier(num_samples=32, shuffle=False), IterateAveraging()
+    second = trainer(resumed_averaging)
+    second.fit_loop.max_epochs = 3
+    second.fit(resumed, ckpt_path=tmp_path / "two_epochs.ckpt")
+
+    assert averaging.n_averaged == resumed_averaging.n_averaged == 3 * first.num_training_batches
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(twice.state_dict()[name], value), name
+    for name, value in resumed_averaging.averaged_state_dict().items():
+        assert torch.equal(averaging.averaged_state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(
+    "lightning_averaging",
+    [
+        lambda: pl.callbacks.StochasticWeightAveraging(swa_lrs=0.05),
+        pytest.param(
+            lambda: pl.callbacks.EMAWeightAveraging(),
+            marks=pytest.mark.skipif(not hasattr(pl.callbacks, "EMAWeightAveraging"), reason="pytorch-lightning<2.6"),
+        ),
+    ],
+    ids=["StochasticWeightAveraging", "EMAWeightAveraging"],
+)
+def test_lightnings_own_averaging_beside_it_is_refused_unless_it_only_observes(lightning_averaging):
+    # both swapped their average in for validation and copied it in at the end: which average was validated and
+    # which one fit returned depended on the order of the callbacks
+    trainer = tiny_trainer(None, callbacks=[lightning_averaging(), IterateAveraging()], max_epochs=1)
+    with pytest.raises(RuntimeError, match=r"would both put their average into the module"):
+        trainer.fit(TinyClassifier(num_samples=32))
+    assert trainer.global_step == 0
+    observer = IterateAveraging(mode="ema", decay=0.5, evaluate=False, apply_on_end=False)
+    tiny_trainer(None, callbacks=[lightning_averaging(), observer], max_epochs=1).fit(TinyClassifier(num_samples=32))
+    assert observer.n_averaged > 0

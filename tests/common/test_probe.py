@@ -69,3 +69,19 @@ def test_chunks_move_to_device():
     probe = ProbeSet.from_batches([(torch.randn(4, 2), torch.ones(4))], num_examples=4)
     (inputs, _), _ = next(probe.chunks(device="meta"))
     assert inputs.device.type == "meta"
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-the-epoch", "mid-epoch"])
+def test_a_probe_leaves_a_persistent_workers_loader_to_the_training_loop(started):
+    # persistent_workers: every iter() reset the loop's one cached worker iterator, so a probe read before the first
+    # epoch made the loop drop batches, and one read mid-epoch restarted the loop's epoch
+    data = classification_data(32)
+    loader = DataLoader(data, batch_size=8, num_workers=1, persistent_workers=True)
+    loop = iter(loader) if started else None
+    seen = [next(loop)[1]] if started else []
+    probe = ProbeSet.from_dataloader(loader, num_examples=12)
+    assert torch.equal(next(probe.chunks())[0][1], data.tensors[1][:12])
+    for _, labels in loop if started else loader:
+        seen.append(labels)
+    assert torch.equal(torch.cat(seen), data.tensors[1])
+    assert [len(labels) for _, labels in loader] == [8] * 4  # the next epoch too

@@ -3,6 +3,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BackboneFinetuning
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_nt import CompressionBoundReporter, SubspaceTraining
@@ -327,3 +328,17 @@ def test_non_finite_weights_keep_the_previous_report_and_the_fit_goes_on():
     with pytest.warns(UserWarning, match=r"`net.0.weight` has NaN or infinite entries"):
         trainer, _ = _fit(callbacks=[Diverges(), reporter, remember], max_epochs=2)
     assert trainer.state.finished and remember.first and reporter.report == remember.first
+
+
+def test_a_fine_tuning_schedule_is_refused_by_subspace_training_naming_the_fix():
+    # BackboneFinetuning froze the backbone, and with it the `w` every layer shares: "optimizer got an empty
+    # parameter list" from the module's own configure_optimizers
+    class Backbone(TinyClassifier):
+        def __init__(self):
+            super().__init__(num_samples=32)
+            self.backbone = self.net[0]
+
+    trainer = tiny_trainer(None, callbacks=[BackboneFinetuning(), SubspaceTraining(dimension=8)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"BackboneFinetuning freezing part of the module would freeze `w`"):
+        trainer.fit(Backbone())
+    assert trainer.global_step == 0

@@ -73,6 +73,8 @@ class Capability:
     side_effect_free: bool = False
     """Promises that the trained weights are bit for bit those of the same run without it."""
     refuses: Callable[[ZooEntry], Refusal | None] = lambda entry: None
+    trainer_refusals: Mapping[str, Refusal] = dataclasses.field(default_factory=dict)
+    """Trainer configurations it refuses by design, by their name in ``test_trainer_configurations.py``."""
     constructor: Constructor | None = None
     """Swept with bad values (one capability per public class)."""
 
@@ -180,6 +182,13 @@ def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
     return refusal
 
 
+_DP_TRAINER_REFUSALS = {
+    "iterable_dataset": Refusal(r"can't Poisson-sample an IterableDataset"),
+    "accumulation_schedule": Refusal(r"GradientAccumulationScheduler.*breaks Poisson sampling"),
+}
+_MAP_STYLE_ONLY = {"iterable_dataset": Refusal(r"needs one train DataLoader over a map-style dataset")}
+
+
 def _activation_layers(entry: ZooEntry) -> list[str]:
     module = entry.build()
     return [name for name, layer in module.named_modules() if type(layer) in ACTIVATION_MODULES]
@@ -284,6 +293,7 @@ CAPABILITIES: list[Capability] = [
         state=_compression_report,
         side_effect_free=True,
         refuses=_refuses_non_classifiers,
+        trainer_refusals=_MAP_STYLE_ONLY,  # distinct training examples are counted: a warning, no bound
         constructor=Constructor(
             CompressionBoundReporter,
             out_of_range={
@@ -314,6 +324,7 @@ CAPABILITIES: list[Capability] = [
         tags=_compression_tags,
         state=lambda callbacks: _compression_report(callbacks[1]),
         refuses=_subspace_compression_refusals,
+        trainer_refusals=_MAP_STYLE_ONLY,  # distinct training examples are counted: a warning, no bound
     ),
     Capability(
         "GradientSignalTest",
@@ -365,6 +376,7 @@ CAPABILITIES: list[Capability] = [
         tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
         state=lambda strategy: strategy.epsilon,
         refuses=_dp_book_keeping_refusals,
+        trainer_refusals=_DP_TRAINER_REFUSALS,
     ),
     Capability(  # bk where it can clip every trainable layer (tied weights: hooks), so it refuses what hooks refuses
         "DPStrategy-auto",
@@ -372,6 +384,7 @@ CAPABILITIES: list[Capability] = [
         tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
         state=lambda strategy: strategy.epsilon,
         refuses=_dp_refusals,
+        trainer_refusals=_DP_TRAINER_REFUSALS,
     ),
     Capability(
         "DPStrategy",
@@ -379,6 +392,7 @@ CAPABILITIES: list[Capability] = [
         tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
         state=lambda strategy: strategy.epsilon,
         refuses=_dp_refusals,
+        trainer_refusals=_DP_TRAINER_REFUSALS,
         constructor=Constructor(
             DPStrategy,
             out_of_range={

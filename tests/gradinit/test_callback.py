@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from lightning_nt import GradInit
+from lightning_nt import GradInit, SharpnessMonitor
 from lightning_nt.common.validation import ArgumentError
 from tests.helpers import TinyClassifier, TinyTransformer, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
 
@@ -174,3 +174,21 @@ def test_the_scales_picture_names_its_values_and_marks_held_scales():
     colours = [tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in axes.patches[: len(gradinit.scales)]]
     red = (0.839, 0.153, 0.157)  # matplotlib's tab:red
     assert held and colours.count(red) == len(held)
+
+
+def _sharpness_history(callbacks):
+    pl.seed_everything(0)
+    trainer = tiny_trainer(None, callbacks=callbacks, max_steps=2)
+    trainer.fit(TinyClassifier(num_samples=32, shuffle=False))
+    return next(c for c in trainer.callbacks if isinstance(c, SharpnessMonitor)).history
+
+
+def test_a_monitor_listed_before_it_measures_the_weights_training_starts_from():
+    # a SharpnessMonitor listed before GradInit measured step 0 on the weights GradInit then rescaled
+    def monitor():
+        return SharpnessMonitor(every_n_steps=1, num_examples=16, max_iter=8, max_overhead=None)
+
+    before = _sharpness_history([monitor(), GradInit(iterations=3)])
+    after = _sharpness_history([GradInit(iterations=3), monitor()])
+    assert [entry["step"] for entry in before] == [0, 1, 2]
+    assert [entry["sharpness/lambda_max"] for entry in before] == [entry["sharpness/lambda_max"] for entry in after]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import BackboneFinetuning, ModelCheckpoint
 
 from lightning_nt.laziness import LazinessMonitor
 from tests.helpers import (
@@ -198,3 +198,26 @@ def test_bf16_mixed_measures_in_fp32_outside_autocast():
     for tag in plain.history[0].keys() - {"laziness/seconds"}:
         assert mixed.history[0][tag] == plain.history[0][tag], tag  # the same weights, measured the same way
     assert all(math.isfinite(value) for value in mixed.history[-1].values())
+
+
+class _WithBackbone(ReLUClassifier):
+    """Its first layer is ``backbone``: Lightning's ``BackboneFinetuning`` freezes it, then unfreezes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = self.net[0]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1)
+
+
+def test_a_fine_tuning_schedule_restarts_the_reference_with_a_warning():
+    # the parameters trainable at the start were compared with a larger set after the unfreeze: a ValueError ended
+    # the fit at the first measurement of the second stage
+    monitor = LazinessMonitor(every_n_steps=1, num_examples=8)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    with pytest.warns(UserWarning, match=r"changed at step \d+ \(\['net.0.bias', 'net.0.weight'\] became trainable"):
+        _, trainer = _fit([unfreeze, monitor], _WithBackbone, max_epochs=2)
+    first_of_stage_two = next(e for e in monitor.history if e["step"] > trainer.num_training_batches)
+    assert monitor.history[-1]["step"] == trainer.global_step
+    assert first_of_stage_two["laziness/weight_distance"] < monitor.history[-1]["laziness/weight_distance"]

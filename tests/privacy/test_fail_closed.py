@@ -10,13 +10,19 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder, ModelCheckpoint
+from pytorch_lightning.callbacks import (
+    BackboneFinetuning,
+    BatchSizeFinder,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    ModelCheckpoint,
+)
 from pytorch_lightning.tuner import Tuner
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, WeightedRandomSampler
 
 import lightning_nt.privacy
-from lightning_nt import DPDDPStrategy, DPStrategy
+from lightning_nt import DPDDPStrategy, DPStrategy, GradientSignalTest, LazinessMonitor, RepresentationSimilarity
 from lightning_nt.common.validation import ArgumentError
 from tests.helpers import classification_data, tiny_trainer
 from tests.privacy.test_strategy import Plain, RecordUpdate, _fit
@@ -257,6 +263,63 @@ def test_a_callback_that_declares_it_reads_training_data_is_refused():
 
     with pytest.raises(RuntimeError, match="Probe compute"):
         _fit(DPStrategy(), callbacks=[Probe()], max_steps=1)
+
+
+@pytest.mark.parametrize(
+    "monitor",
+    [
+        lambda: RepresentationSimilarity(num_examples=16),
+        lambda: LazinessMonitor(num_examples=8),
+        lambda: GradientSignalTest(num_examples=16, data="train"),
+    ],
+    ids=["RepresentationSimilarity", "LazinessMonitor", "GradientSignalTest-train"],
+)
+def test_every_monitor_that_reads_training_data_is_refused_before_any_step(monitor):
+    # they logged un-noised figures of the private training examples (CKA, NTK, gradient statistics) silently
+    callback, record = monitor(), RecordUpdate()
+    with pytest.raises(RuntimeError, match=f"{type(callback).__name__} compute"):
+        _fit(DPStrategy(), callbacks=[callback, record], max_steps=1)
+    assert not hasattr(record, "batch")
+
+
+def test_a_gradient_signal_test_on_held_out_data_runs_under_dp():
+    callback = GradientSignalTest(num_examples=16, every_n_steps=1, data="val")
+    _fit(DPStrategy(), callbacks=[callback], max_steps=2)
+    assert callback.history
+
+
+def test_a_gradient_accumulation_schedule_is_refused_before_any_step():
+    # it turned accumulation on at its epoch: two Poisson batches per noisy step, accounted as one (silently)
+    record = RecordUpdate()
+    with pytest.raises(RuntimeError, match=r"GradientAccumulationScheduler.*accounting"):
+        _fit(DPStrategy(), callbacks=[GradientAccumulationScheduler({1: 2}), record], max_epochs=2)
+    assert not hasattr(record, "batch")
+
+
+def test_accumulation_turned_on_mid_run_is_refused_before_the_next_step():
+    class AccumulateFromEpochOne(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.accumulate_grad_batches = 2
+
+    pl.seed_everything(0)
+    trainer = tiny_trainer(None, strategy=DPStrategy(), callbacks=[AccumulateFromEpochOne()], max_epochs=2)
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches=2 breaks Poisson sampling"):
+        trainer.fit(Plain(num_samples=64, batch_size=16))
+    assert trainer.global_step == trainer.num_training_batches  # the first epoch's steps, none accumulated
+
+
+def test_a_finetuning_schedule_is_refused_before_any_step():
+    # BackboneFinetuning unfroze parameters mid-run, refused only then (after noisy steps had been released)
+    class Backbone(Plain):
+        def __init__(self):
+            super().__init__(num_samples=64, batch_size=16)
+            self.backbone = self.net[0]
+
+    record = RecordUpdate()
+    with pytest.raises(RuntimeError, match="BackboneFinetuning changes which parameters train"):
+        _fit(DPStrategy(), module=Backbone, callbacks=[BackboneFinetuning(unfreeze_backbone_at_epoch=1), record])
+    assert not hasattr(record, "batch")
 
 
 def test_privacy_imports_no_other_capability():
