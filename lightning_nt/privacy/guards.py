@@ -6,7 +6,8 @@ Each check raises (or, where the accounting can be made honest, warns once) with
 * the callbacks: Lightning's tuners (they train through the DP optimizer, then roll the ledger back with their
   checkpoint) and every callback that declares it reads the training data outside the training step
   (:func:`~lightning_nt.common.capabilities.reads_training_data_outside_step`);
-* the module: BatchNorm and what Opacus can't give per-example gradients for, parametrized modules;
+* the module: BatchNorm and what Opacus can't give per-example gradients for, parametrized modules (also by
+  the old ``weight_norm``/``spectral_norm`` hooks);
 * the optimizer: closure-driven ones (LBFGS) that evaluate the loss several times per step;
 * the train loader: a user's sampler or batch sampler, whose sampling the accounting can't describe;
 * a checkpoint's ledger: consistent with the loop's own step count.
@@ -30,6 +31,8 @@ from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from lightning_nt.common import map_examples, select_examples, training_loss
@@ -94,12 +97,14 @@ def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
     """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
-    parametrized = [name or "<root>" for name, m in module.named_modules() if parametrize.is_parametrized(m)]
+    parametrized = [name or "<root>" for name, m in module.named_modules() if _reparametrized(m)]
     if parametrized:
         raise RuntimeError(
             f"Modules {parametrized} are parametrized (torch.nn.utils.parametrize, e.g. SubspaceTraining or "
-            "weight_norm): DP-SGD with Opacus can't compute per-example gradients through a parametrization. "
-            "SubspaceTraining is not supported under DP; remove the parametrization."
+            "weight_norm, or the older torch.nn.utils.weight_norm/spectral_norm hooks): their weight is computed "
+            "from other parameters, and DP-SGD with Opacus can't compute per-example gradients through that. "
+            "SubspaceTraining is not supported under DP; remove the parametrization (e.g. "
+            "torch.nn.utils.remove_weight_norm)."
         )
     errors = ModuleValidator.validate(module, strict=False)
     coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -120,6 +125,13 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
         "Coupling written by hand (e.g. `x - x.mean(0)` in forward) can't be detected: see DPStrategy's "
         "sensitivity_probe."
     )
+
+
+def _reparametrized(module: nn.Module) -> bool:
+    """A ``torch.nn.utils.parametrize`` parametrization, or an old-style hook that recomputes the weight from other
+    parameters before every forward (the layer's per-example rule would see neither those parameters nor the hook)."""
+    hooks = module._forward_pre_hooks.values()
+    return parametrize.is_parametrized(module) or any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in hooks)
 
 
 def _fix_in_place(module: nn.Module) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import traceback
 import warnings
 from pathlib import Path
 
@@ -246,6 +247,23 @@ def test_subspace_training_is_refused_as_not_supported():
 
     with pytest.raises(RuntimeError, match="SubspaceTraining is not supported under DP"):
         _fit(DPStrategy(), callbacks=[SubspaceTraining(dimension=10)], max_steps=1)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+@pytest.mark.parametrize("hook", [nn.utils.weight_norm, nn.utils.spectral_norm], ids=["weight_norm", "spectral_norm"])
+def test_an_old_style_weight_norm_hook_is_refused_before_the_first_step(mode, hook):
+    # the layer's weight is recomputed from weight_g/weight_v (weight_orig) by a forward pre-hook: hooks crashed
+    # inside Opacus, bk and auto trained those parameters on noise alone (their per-example gradients were zero)
+    def module():
+        plain = Plain(num_samples=64, batch_size=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated, and still common
+            hook(plain.net[0])
+        return plain
+
+    with pytest.raises(RuntimeError, match=r"\['net.0'\] are parametrized .*remove_weight_norm") as raised:
+        _fit(_quiet(grad_sample_mode=mode), module=module, max_steps=1)
+    assert "training_step" not in "".join(traceback.format_tb(raised.tb))  # refused before any step
 
 
 # -- the capability declaration: privacy imports no other capability -----------------------------------------------
