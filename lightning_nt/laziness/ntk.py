@@ -78,7 +78,7 @@ def empirical_ntk(
         rows = iter([tensor.unsqueeze(0) if dim == 0 else tensor for tensor, dim in zip(example, in_dims)])
         batch = apply_to_collection(inputs, Tensor, lambda _: next(rows))
         with substituted(module, weights):
-            return forward(module, batch).reshape(-1)
+            return _outputs_tensor(forward(module, batch), module).reshape(-1)
 
     per_example = vmap_or_loop(jacrev(single), (None, *in_dims))
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
@@ -104,6 +104,18 @@ def empirical_ntk(
             kernel[second : second + size, first : first + size] = block.T
     assert kernel is not None
     return kernel
+
+
+def _outputs_tensor(outputs: Any, module: nn.Module) -> Tensor:
+    """The outputs ``forward_fn`` returned, refused (naming the fix) unless they are one tensor."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"The tangent kernel needs the network's outputs as one tensor [B, ...], but the forward pass of "
+            f"{type(module).__name__} returned a {type(outputs).__name__}. Pass `forward_fn(module, batch)` "
+            "returning that tensor, e.g. `lambda module, batch: module(**batch).logits` or "
+            "`lambda module, batch: module(batch[0])[0]`."
+        )
+    return outputs
 
 
 def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = None) -> float:

@@ -198,3 +198,25 @@ def test_bf16_mixed_measures_in_fp32_outside_autocast():
     for tag in plain.history[0].keys() - {"laziness/seconds"}:
         assert mixed.history[0][tag] == plain.history[0][tag], tag  # the same weights, measured the same way
     assert all(math.isfinite(value) for value in mixed.history[-1].values())
+
+
+class TupleOutput(ReLUClassifier):
+    """``forward`` returns ``(logits, aux)``, as many models do; ``training_step`` unpacks it."""
+
+    def forward(self, inputs):
+        logits = super().forward(inputs)
+        return logits, logits.square().mean()
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(inputs_of(batch))[0], labels_of(batch))
+
+
+def test_outputs_that_are_not_one_tensor_are_refused_before_the_first_step_naming_forward_fn():
+    # was an AttributeError ("'tuple' object has no attribute 'reshape'") from inside torch.func
+    trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
+    with pytest.raises(TypeError, match=r"returned a tuple\. Pass `forward_fn"):
+        trainer.fit(TupleOutput())
+    assert trainer.global_step == 0
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module(batch[0])[0])
+    _, trainer = _fit([monitor], module=TupleOutput, max_steps=2)
+    assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
