@@ -25,6 +25,7 @@ from tests.helpers import (
     seeded_fit,
     tiny_trainer,
 )
+from tests.sharpness.models import BagOfSigns
 
 TAGS = ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal")
 
@@ -314,3 +315,11 @@ def test_too_few_examples_are_refused_before_training():
 
     with pytest.raises(ValueError, match="at least 4 examples"):
         seeded_fit([GradientSignalTest(num_examples=16)], module=lambda: ThreeValidationExamples(num_samples=48))
+
+
+def test_a_layer_without_second_derivatives_is_refused_before_the_first_step_naming_the_replacement():
+    # no forward-mode AD for nn.EmbeddingBag, and its double-backward fallback has no derivative either
+    trainer = tiny_trainer(max_steps=2, callbacks=[GradientSignalTest(every_n_steps=1, num_examples=16, data="train")])
+    with pytest.raises(NotImplementedError, match=r"differentiates the model twice.*nn\.Embedding followed by"):
+        trainer.fit(BagOfSigns())
+    assert trainer.global_step == 0
