@@ -56,9 +56,14 @@ _LOADER_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)  # wha
 def check_trainer(trainer: pl.Trainer) -> None:
     """Refuse Trainer settings under which the noisy update is not what the accounting assumes."""
     if trainer.precision not in _ALLOWED_PRECISION:
+        reason = (
+            "Opacus rewrites the gradients after the fp16 GradScaler, which then scales the noisy update wrongly"
+            if trainer.precision.startswith("16")
+            else "the clipping engines form, clip and noise the per-example gradients in fp32, so the run would not "
+            "be the training in that precision that it asks for"
+        )
         raise RuntimeError(
-            f"DP-SGD can't run with precision={trainer.precision!r}: Opacus rewrites the gradients after the fp16 "
-            "GradScaler, which then scales the noisy update wrongly. Use precision='32-true' or 'bf16-mixed'."
+            f"DP-SGD can't run with precision={trainer.precision!r}: {reason}. Use precision='32-true' or 'bf16-mixed'."
         )
     if trainer.accumulate_grad_batches != 1:
         raise RuntimeError(

@@ -266,6 +266,13 @@ def test_an_old_style_weight_norm_hook_is_refused_before_the_first_step(mode, ho
     assert "training_step" not in "".join(traceback.format_tb(raised.tb))  # refused before any step
 
 
+def test_a_float64_run_is_refused_with_its_own_reason():
+    # it was refused for the fp16 GradScaler, which a float64 run doesn't have
+    with pytest.raises(RuntimeError, match=r"precision='64-true': .* in fp32") as raised:
+        _fit(_quiet(), max_steps=1, precision="64-true")
+    assert "GradScaler" not in str(raised.value)
+
+
 # -- the capability declaration: privacy imports no other capability -----------------------------------------------
 
 
