@@ -180,7 +180,8 @@ def find_subspace(module: nn.Module) -> RandomSubspace | None:
 
 
 def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
-    """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU copy.
+    """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU float32 copy (the draw does
+    not depend on the precision the module is trained in: ``precision="64-true"`` converts it after the draw).
 
     The initializer of a submodule is its ``reset_parameters``, or ``_reset_parameters`` where it has only that
     (``nn.MultiheadAttention``, ``nn.Transformer``). They run children first, then their parent, as the modules'
@@ -190,7 +191,7 @@ def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] |
     With ``names``, only modules that own one of those parameters (or none at all) are re-drawn: the others
     (frozen, or added after the draw) were absent from it. ``module`` is not changed.
     """
-    plain = _plain_copy(module)
+    plain = _plain_copy(module).float()
     wanted = set(names) if names is not None else {name for name, _ in plain.named_parameters()}
     with torch.no_grad():
         for name, parameter in plain.named_parameters(remove_duplicate=False):

@@ -115,6 +115,9 @@ def test_mismatches_with_the_seed_are_found_and_casts_are_not_mismatches():
     to_subspace(net, dimension=6, seed=2)
     assert subspace_mismatches(net) == []
     assert subspace_mismatches(net.to(torch.bfloat16)) == []  # what precision="bf16-true" does
+    double = _net()
+    to_subspace(double, dimension=6, seed=2)
+    assert subspace_mismatches(double.double()) == []  # what precision="64-true" does (after the fp32 draw)
     assert subspace_mismatches(net.float()) == ["projection P", "0.weight", "0.bias", "2.weight", "2.bias"]  # rounded
     net = _net()
     to_subspace(net, dimension=6, seed=2)
