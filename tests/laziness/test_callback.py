@@ -220,3 +220,31 @@ def test_outputs_that_are_not_one_tensor_are_refused_before_the_first_step_namin
     monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module(batch[0])[0])
     _, trainer = _fit([monitor], module=TupleOutput, max_steps=2)
     assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
+
+
+class TwoInputs(ReLUClassifier):
+    """Reads ``{"x": ..., "y": ...}`` batches whose inputs are a dict of two halves (a two-tower model)."""
+
+    def __init__(self):
+        super().__init__(style="dict")
+
+    def forward(self, inputs):
+        return super().forward(torch.cat([inputs["left"], inputs["right"]], dim=1))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(halves(batch)), labels_of(batch))
+
+
+def halves(batch):
+    return {"left": inputs_of(batch)[:, :4], "right": inputs_of(batch)[:, 4:]}
+
+
+def test_a_module_the_default_forward_cannot_call_is_refused_before_the_first_step_naming_forward_fn():
+    # the default forward calls the module on the batch's first tensor: was "new(): invalid data type 'str'"
+    trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
+    with pytest.raises(TypeError, match=r"on the batch's first tensor by default, which failed .* `forward_fn"):
+        trainer.fit(TwoInputs())
+    assert trainer.global_step == 0
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module(halves(batch)))
+    _, trainer = _fit([monitor], module=TwoInputs, max_steps=2)
+    assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
