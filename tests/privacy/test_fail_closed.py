@@ -266,6 +266,24 @@ def test_an_old_style_weight_norm_hook_is_refused_before_the_first_step(mode, ho
     assert "training_step" not in "".join(traceback.format_tb(raised.tb))  # refused before any step
 
 
+class Checkpointed(Plain):
+    """The hidden layer under activation checkpointing, which re-runs it in the backward pass."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+
+    def forward(self, inputs):
+        return self.net[3](torch.utils.checkpoint.checkpoint(self.net[:3], inputs, use_reentrant=False))
+
+
+@pytest.mark.parametrize(("mode", "message"), [("hooks", "got a gradient but no per-example"), ("bk", "checkpoint")])
+def test_activation_checkpointing_is_refused_before_the_first_update(mode, message):
+    # hooks: the re-run layer had no per-example gradient, was taken for unused, and was silently not trained
+    with pytest.raises(RuntimeError, match=message) as raised:
+        _fit(_quiet(grad_sample_mode=mode, noise_multiplier=0.0), module=Checkpointed, max_steps=2)
+    assert "activation checkpointing" in str(raised.value) and "net.0" in str(raised.value)
+
+
 def test_a_float64_run_is_refused_with_its_own_reason():
     # it was refused for the fp16 GradScaler, which a float64 run doesn't have
     with pytest.raises(RuntimeError, match=r"precision='64-true': .* in fp32") as raised:

@@ -31,6 +31,7 @@ class _CarryClippedSums:
 
     views: int = 1
     nonfinite_examples: torch.Tensor | int = 0
+    parameter_names: dict[int, str] = {}  # noqa: RUF012  (set per instance by the engine)
 
     def carry_clipped_sums(self) -> None:
         """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
@@ -39,7 +40,7 @@ class _CarryClippedSums:
         carried = getattr(self, "_carried", None) or {}
         for p in self.params:  # type: ignore[attr-defined]
             carried[p] = carried[p] + p.summed_grad if p in carried else p.summed_grad
-            p.summed_grad, p.grad_sample = None, None
+            p.summed_grad, p.grad_sample, p.grad = None, None, None  # the raw gradient is not needed any more
         self._carried = carried
 
     def clip_and_accumulate(self) -> None:
@@ -72,9 +73,21 @@ class _CarryClippedSums:
         return samples
 
     def zero_for_unused_parameters(self) -> None:
-        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing)."""
+        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing).
+
+        One that has a gradient but no per-example gradient was used where the hooks can't see it (a layer that
+        activation checkpointing re-runs in the backward pass): refused, as zeros would silently not train it.
+        """
         params = self.params  # type: ignore[attr-defined]
         present = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        unseen = [p for p in params if getattr(p, "grad_sample", None) is None and _has_gradient(p)]
+        if unseen:
+            names = [self.parameter_names.get(id(p), f"a parameter of shape {tuple(p.shape)}") for p in unseen]
+            raise RuntimeError(
+                f"{names} got a gradient but no per-example gradient: their layers ran where Opacus's hooks can't "
+                "see them (activation checkpointing, torch.utils.checkpoint, re-runs layers in the backward pass), "
+                "so DP-SGD would drop their gradients. Turn activation checkpointing off for DP training."
+            )
         rows = len(self._get_flat_grad_sample(present[0])) if present else 0  # type: ignore[attr-defined]
         for p in params:
             if getattr(p, "grad_sample", None) is None:
@@ -98,6 +111,12 @@ class _CarryClippedSums:
             self._carried = {}
 
 
+def _has_gradient(parameter: torch.Tensor) -> bool:
+    """A non-zero ``.grad`` (Opacus zeroes gradients rather than dropping them); a sync, for parameters without
+    per-example gradients only."""
+    return parameter.grad is not None and bool(parameter.grad.any())
+
+
 class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
     pass
 
@@ -114,6 +133,7 @@ class OpacusHooksEngine(ClippingEngine):
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         super().__init__(mode, module, optimizer, **options)
+        self.optimizer.parameter_names = {id(p): name for name, p in module.named_parameters()}
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
 
