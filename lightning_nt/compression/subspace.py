@@ -22,6 +22,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from lightning_nt.common.state import preserved_rng
@@ -145,6 +146,13 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
         raise ValueError(
             f"Modules {parametrized} already carry parametrizations (e.g. weight_norm); a random subspace needs "
             "plain parameters. Remove the parametrizations first."
+        )
+    lazy = [name for name, p in module.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"Parameters {lazy} are not materialised yet (a lazy module such as nn.LazyLinear): their shapes are "
+            "unknown until the first forward pass. Run the module once on an example batch (e.g. in its __init__) "
+            "before training it in a subspace."
         )
     trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if not trainable:

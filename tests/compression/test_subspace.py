@@ -194,3 +194,13 @@ def test_an_lstm_in_a_subspace_can_be_checked_against_its_seed():
     losses = _train(model, steps=5)  # the LSTM now caches weights computed with autograd
     assert losses[-1] < losses[0]
     assert subspace_mismatches(model) == []
+
+
+def test_a_lazy_module_is_refused_naming_the_parameters_and_the_fix():
+    # was "Attempted to use an uninitialized parameter in <method 'fill_'>" from inside the seeded draw
+    net = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not materialised .* Run the module once"):
+        to_subspace(net, dimension=3)
+    net(torch.zeros(1, 5))
+    to_subspace(net, dimension=3)
+    assert subspace_mismatches(net) == []
