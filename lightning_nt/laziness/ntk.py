@@ -10,7 +10,8 @@ examples at a time. The Jacobians of all ``m`` examples are held together: ``4 m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,6 +91,12 @@ def empirical_ntk(
         return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
 
     starts = range(0, count, size)
+    with _explained_transform_failures():
+        return _kernel(jacobian, starts, count, size, hold_jacobians)
+
+
+def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: int, hold_jacobians: bool) -> Tensor:
+    """``J J^T`` from the chunks' Jacobians ``jacobian(start)``: all held at once, or two chunks at a time."""
     if hold_jacobians:
         flat = torch.cat([jacobian(start) for start in starts])
         return flat @ flat.T
@@ -104,6 +111,21 @@ def empirical_ntk(
             kernel[second : second + size, first : first + size] = block.T
     assert kernel is not None
     return kernel
+
+
+@contextmanager
+def _explained_transform_failures() -> Iterator[None]:
+    """torch.func's refusal of activation checkpointing, turned into the reason and the fix."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error):
+            raise
+        raise RuntimeError(
+            f"The tangent kernel's per-example Jacobians come from torch.func, which can't go through activation "
+            f"checkpointing (torch.utils.checkpoint) ({error}). Turn checkpointing off while the kernel is "
+            "measured: pass `forward_fn(module, batch)` that runs the layers without it."
+        ) from error
 
 
 def _outputs_tensor(outputs: Any, module: nn.Module) -> Tensor:

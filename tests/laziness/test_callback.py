@@ -248,3 +248,21 @@ def test_a_module_the_default_forward_cannot_call_is_refused_before_the_first_st
     monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module(halves(batch)))
     _, trainer = _fit([monitor], module=TwoInputs, max_steps=2)
     assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
+
+
+class Checkpointed(ReLUClassifier):
+    """The first layers under activation checkpointing (the same function)."""
+
+    def forward(self, inputs):
+        return self.net[4:](torch.utils.checkpoint.checkpoint(self.net[:4], inputs, use_reentrant=False))
+
+
+def test_activation_checkpointing_is_refused_before_the_first_step_naming_forward_fn():
+    # was torch.func's "don't yet support saved tensor hooks. Please open an issue with your use case."
+    trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
+    with pytest.raises(RuntimeError, match=r"activation checkpointing .* pass `forward_fn"):
+        trainer.fit(Checkpointed())
+    assert trainer.global_step == 0
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module.net(batch[0]))
+    _, trainer = _fit([monitor], module=Checkpointed, max_steps=2)
+    assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
