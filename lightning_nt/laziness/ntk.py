@@ -115,16 +115,17 @@ def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: 
 
 @contextmanager
 def _explained_transform_failures() -> Iterator[None]:
-    """torch.func's refusal of activation checkpointing, turned into the reason and the fix."""
+    """torch.func's refusals of activation checkpointing (either kind), turned into the reason and the fix."""
     try:
         yield
     except RuntimeError as error:
-        if "saved tensor hooks" not in str(error):
+        if "saved tensor hooks" not in str(error) and "setup_context" not in str(error):
             raise
         raise RuntimeError(
             f"The tangent kernel's per-example Jacobians come from torch.func, which can't go through activation "
-            f"checkpointing (torch.utils.checkpoint) ({error}). Turn checkpointing off while the kernel is "
-            "measured: pass `forward_fn(module, batch)` that runs the layers without it."
+            f"checkpointing (torch.utils.checkpoint) or an autograd.Function without setup_context ({error}). "
+            "Turn checkpointing off while the kernel is measured: pass `forward_fn(module, batch)` that runs the "
+            "layers without it."
         ) from error
 
 

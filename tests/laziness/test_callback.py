@@ -253,15 +253,23 @@ def test_a_module_the_default_forward_cannot_call_is_refused_before_the_first_st
 class Checkpointed(ReLUClassifier):
     """The first layers under activation checkpointing (the same function)."""
 
+    def __init__(self, reentrant: bool = False) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+
     def forward(self, inputs):
-        return self.net[4:](torch.utils.checkpoint.checkpoint(self.net[:4], inputs, use_reentrant=False))
+        return self.net[4:](torch.utils.checkpoint.checkpoint(self.net[:4], inputs, use_reentrant=self.reentrant))
 
 
-def test_activation_checkpointing_is_refused_before_the_first_step_naming_forward_fn():
-    # was torch.func's "don't yet support saved tensor hooks. Please open an issue with your use case."
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_refused_before_the_first_step_naming_forward_fn(reentrant):
+    # was torch.func's "don't yet support saved tensor hooks. Please open an issue with your use case." (or, with
+    # use_reentrant=True, "must override the setup_context staticmethod")
     trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
-    with pytest.raises(RuntimeError, match=r"activation checkpointing .* pass `forward_fn"):
-        trainer.fit(Checkpointed())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reentrant checkpoint's "None of the inputs have requires_grad=True"
+        with pytest.raises(RuntimeError, match=r"activation checkpointing .* pass `forward_fn"):
+            trainer.fit(Checkpointed(reentrant))
     assert trainer.global_step == 0
     monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module.net(batch[0]))
     _, trainer = _fit([monitor], module=Checkpointed, max_steps=2)
