@@ -164,7 +164,8 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     with torch.no_grad():
         for name, parameter in trainable:
             parameter.copy_(theta0[name])
-    subspace = RandomSubspace([p.shape for _, p in trainable], dimension, seed).to(trainable[0][1].device)
+    subspace = RandomSubspace([p.shape for _, p in trainable], dimension, seed)
+    subspace.to(device=trainable[0][1].device, dtype=trainable[0][1].dtype)  # a float64 module trains w in float64
     for index, (_, parameter) in enumerate(trainable):
         for path in paths[id(parameter)]:  # every module holding a shared parameter: ties survive
             owner_name, _, attribute = path.rpartition(".")

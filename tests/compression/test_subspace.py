@@ -204,3 +204,12 @@ def test_a_lazy_module_is_refused_naming_the_parameters_and_the_fix():
     net(torch.zeros(1, 5))
     to_subspace(net, dimension=3)
     assert subspace_mismatches(net) == []
+
+
+def test_a_float64_module_trains_its_coordinates_in_float64():
+    # w was float32: Lightning restores a checkpoint before precision="64-true" converts the module, so a resumed
+    # run read its float64 w through float32 and was not the uninterrupted run
+    net = _net().double()
+    subspace = to_subspace(net, dimension=6, seed=2)
+    assert subspace.weight.dtype == torch.float64 and subspace_mismatches(net) == []
+    assert net(torch.zeros(1, 6, dtype=torch.float64)).dtype == torch.float64
