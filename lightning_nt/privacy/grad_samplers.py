@@ -4,7 +4,9 @@ embeddings, whose Opacus rules disagree with PyTorch's own gradient.
 ``nn.Embedding`` with ``padding_idx``: PyTorch gives the padding row no gradient, Opacus's rule gives it one (so
 DP-SGD trained the padding vector). ``nn.EmbeddingBag``: Opacus's rule needs 1-D input with offsets (it crashed
 on the common 2-D input), counts a token repeated in a bag once, and ignores ``per_sample_weights`` and
-``padding_idx``; the rule here forms each bag's gradient as the forward pooled it.
+``padding_idx``; the rule here forms each bag's gradient as the forward pooled it. Convolutions: Opacus's rule
+formed wrong per-example gradients from a ``channels_last`` input (their sum was not the gradient); it is given
+contiguous tensors.
 
 :class:`~lightning_nt.common.StandardizedConv2d` convolves with ``w_hat = (w - mean) / std`` (per output
 channel, over its ``n`` inputs). Opacus's convolution rule gives each example's gradient ``g`` with respect
@@ -23,11 +25,18 @@ from torch import Tensor, nn
 from lightning_nt.common.layers import StandardizedConv2d
 
 __all__ = [
+    "conv_grad_sample",
     "embedding_bag_grad_sample",
     "embedding_grad_sample",
     "standardization_backward",
     "standardized_conv_grad_sample",
 ]
+
+
+@register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def conv_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Opacus's per-example gradients of a convolution, from contiguous inputs and output gradients."""
+    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
 
 
 @register_grad_sampler(StandardizedConv2d)
@@ -37,7 +46,7 @@ def standardized_conv_grad_sample(
     """Per-example gradients of a weight-standardised convolution's raw weight (and bias)."""
     as_conv = nn.Conv2d.__new__(nn.Conv2d)  # Opacus dispatches on the exact type; share the layer's state
     as_conv.__dict__ = layer.__dict__
-    samples = compute_conv_grad_sample(as_conv, activations, backprops)  # with respect to w_hat
+    samples = conv_grad_sample(as_conv, activations, backprops)  # with respect to w_hat
     samples[layer.weight] = standardization_backward(layer.weight, samples[layer.weight])
     return samples
 

@@ -74,3 +74,23 @@ def test_embedding_bag_on_1d_input_is_refused_naming_the_fix():
     with pytest.raises(ValueError, match="2-D input"):
         layer(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 2])).sum().backward()
     hooks.cleanup()
+
+
+def test_convolution_per_example_gradients_on_a_channels_last_input_equal_vmap():
+    # Opacus's rule read a channels_last input in memory order: per-example gradients that didn't even sum to the
+    # gradient, so DP-SGD trained the model with wrong clipped gradients
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(48, 2))
+    net = net.to(memory_format=torch.channels_last)
+    inputs, labels = torch.randn(5, 2, 4, 4), torch.randint(2, (5,))
+    names = [n for n, _ in net.named_parameters()]
+
+    def loss_of_one(params, x, y):
+        return F.cross_entropy(functional_call(net, dict(zip(names, params)), (x[None],)), y[None])
+
+    reference = vmap(grad(loss_of_one), in_dims=(None, 0, 0))([p.detach() for p in net.parameters()], inputs, labels)
+    hooks = prepare_module(net, grad_sample_mode="hooks", wrap_model=False, loss_reduction="sum")
+    F.cross_entropy(net(inputs.contiguous(memory_format=torch.channels_last)), labels, reduction="sum").backward()
+    for p, expected in zip(net.parameters(), reference):
+        torch.testing.assert_close(p.grad_sample, expected, rtol=1e-4, atol=1e-5)
+    hooks.cleanup()
