@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_nt.common.layers import reparametrized_modules
 from lightning_nt.common.state import preserved_rng
 from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty, renamed_attributes
 
@@ -141,11 +142,11 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     """
     if find_subspace(module) is not None:
         raise ValueError("The module is already trained in a random subspace.")
-    parametrized = [name for name, m in module.named_modules() if parametrize.is_parametrized(m)]
+    parametrized = reparametrized_modules(module)
     if parametrized:
         raise ValueError(
-            f"Modules {parametrized} already carry parametrizations (e.g. weight_norm); a random subspace needs "
-            "plain parameters. Remove the parametrizations first."
+            f"Modules {parametrized} already carry parametrizations (e.g. weight_norm, or the older weight_norm/"
+            "spectral_norm hooks); a random subspace needs plain parameters. Remove the parametrizations first."
         )
     lazy = [name for name, p in module.named_parameters() if is_lazy(p)]
     if lazy:

@@ -30,13 +30,11 @@ from pytorch_lightning.trainer.connectors.data_connector import _parse_num_batch
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
-from torch.nn.utils import parametrize
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from lightning_nt.common import map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
+from lightning_nt.common.layers import reparametrized_modules
 
 __all__ = [
     "check_callbacks",
@@ -102,7 +100,7 @@ def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
     """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
-    parametrized = [name or "<root>" for name, m in module.named_modules() if _reparametrized(m)]
+    parametrized = reparametrized_modules(module)
     if parametrized:
         raise RuntimeError(
             f"Modules {parametrized} are parametrized (torch.nn.utils.parametrize, e.g. SubspaceTraining or "
@@ -130,13 +128,6 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
         "Coupling written by hand (e.g. `x - x.mean(0)` in forward) can't be detected: see DPStrategy's "
         "sensitivity_probe."
     )
-
-
-def _reparametrized(module: nn.Module) -> bool:
-    """A ``torch.nn.utils.parametrize`` parametrization, or an old-style hook that recomputes the weight from other
-    parameters before every forward (the layer's per-example rule would see neither those parameters nor the hook)."""
-    hooks = module._forward_pre_hooks.values()
-    return parametrize.is_parametrized(module) or any(isinstance(hook, (WeightNorm, SpectralNorm)) for hook in hooks)
 
 
 def _fix_in_place(module: nn.Module) -> None:

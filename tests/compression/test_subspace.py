@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -213,3 +214,13 @@ def test_a_float64_module_trains_its_coordinates_in_float64():
     subspace = to_subspace(net, dimension=6, seed=2)
     assert subspace.weight.dtype == torch.float64 and subspace_mismatches(net) == []
     assert net(torch.zeros(1, 6, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_the_old_weight_norm_hook_is_refused_as_a_parametrization():
+    # was "Parameters ['0.weight_g', '0.weight_v'] don't belong to a module with `reset_parameters`" (they do)
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        nn.utils.weight_norm(net[0])
+    with pytest.raises(ValueError, match=r"\['0'\] already carry parametrizations .*weight_norm"):
+        to_subspace(net, dimension=4)
