@@ -284,6 +284,39 @@ def test_activation_checkpointing_is_refused_before_the_first_update(mode, messa
     assert "activation checkpointing" in str(raised.value) and "net.0" in str(raised.value)
 
 
+class FunctionalUse(Plain):
+    """The first layer's weight also used functionally (as GPT-2 ties its output layer: ``h @ wte.weight.T``)."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+
+    def forward(self, inputs):
+        logits = self.net(inputs)
+        shift = torch.nn.functional.linear(inputs, self.net[0].weight).mean(1, keepdim=True)
+        return torch.cat([logits[:, :1] + shift, logits[:, 1:]], dim=1)  # one class only: softmax sees the shift
+
+
+class UncalledLayer(Plain):
+    """A layer never called: its weight is used by ``F.linear``."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+        self.extra = nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        return self.net(inputs) + torch.nn.functional.linear(inputs, self.extra.weight)
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [(FunctionalUse, r"\['net.0.weight'\] don't add up"), (UncalledLayer, r"\['extra.weight'\] got a gradient")],
+)
+def test_a_parameter_used_outside_its_layer_is_refused_before_the_first_update(module, message):
+    # hooks saw only the layer's own call: DP-SGD trained on part of the gradient (FunctionalUse) or none (Uncalled)
+    with pytest.raises(RuntimeError, match=message):
+        _fit(_quiet(grad_sample_mode="hooks", noise_multiplier=0.0), module=module, max_steps=2)
+
+
 def test_a_float64_run_is_refused_with_its_own_reason():
     # it was refused for the fp16 GradScaler, which a float64 run doesn't have
     with pytest.raises(RuntimeError, match=r"precision='64-true': .* in fp32") as raised:
