@@ -4,7 +4,8 @@ PyTorch's fused attention kernels (``scaled_dot_product_attention``'s flash / me
 fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode) have neither a double
 backward on the CPU nor forward-mode derivatives. Capabilities that differentiate twice (Hessian-vector products,
 GradInit's constraint branch) or forward (JVPs) run the user's module inside :func:`differentiable_kernels`, which
-selects the decomposed "math" kernel: same function, differentiable every way.
+selects the decomposed "math" kernel: same function, differentiable every way. An operation that has no second
+derivative at all (``nn.EmbeddingBag``'s backward) is named in the error, with the layer that replaces it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ def differentiable_kernels() -> Iterator[None]:
     try:
         with sdpa_kernel(SDPBackend.MATH):
             yield
+    except NotImplementedError as error:
+        if "derivative for" not in str(error):
+            raise
+        raise NotImplementedError(
+            "This measurement differentiates the model twice (a Hessian-vector product or a forward-mode "
+            f"derivative), and PyTorch has no such derivative for one of its operations ({error}). nn.EmbeddingBag "
+            "is such a layer: nn.Embedding followed by .sum(1) or .mean(1) computes the same and can be "
+            "differentiated twice."
+        ) from error
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
 

@@ -8,11 +8,12 @@ The examples are the rows (dimension 0) of the batch's tensors of one or more di
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
+from lightning_utilities.core.apply_func import apply_to_collection, is_namedtuple
 from torch import Tensor
 
 __all__ = ["batch_size", "concatenate_batches", "map_examples", "select_examples", "tensors_of", "with_tensors"]
@@ -66,8 +67,12 @@ def select_examples(batch: Any, index: slice | Tensor) -> Any:
     Examples:
         >>> select_examples((torch.arange(6), [torch.arange(6) * 10]), slice(2, 4))
         (tensor([2, 3]), [tensor([20, 30])])
+        >>> select_examples({"x": torch.arange(3), "id": ["a", "b", "c"]}, torch.tensor([2, 0]))
+        {'x': tensor([2, 0]), 'id': ['c', 'a']}
     """
-    return map_examples(batch, lambda tensor: tensor[index])
+    rows = index if isinstance(index, slice) else index.tolist()
+    selected = _with_columns(batch, lambda column: _select(column, rows))
+    return map_examples(selected, lambda tensor: tensor[index])
 
 
 def concatenate_batches(batches: Sequence[Any]) -> Any:
@@ -79,18 +84,56 @@ def concatenate_batches(batches: Sequence[Any]) -> Any:
         >>> concatenate_batches([{"x": torch.zeros(2, 3), "id": "a"}, {"x": torch.ones(1, 3), "id": "a"}])["x"].shape
         torch.Size([3, 3])
     """
-    skeletons = [apply_to_collection(batch, Tensor, _placeholder) for batch in batches]
+    skeletons = [apply_to_collection(_with_columns(batch, _placeholder), Tensor, _placeholder) for batch in batches]
     if any(skeleton != skeletons[0] for skeleton in skeletons[1:]):
         raise TypeError(
             f"Batches of type {type(batches[0]).__name__} whose non-tensor fields differ can't be concatenated; "
-            "make those fields tensors (their first dimension the batch), or leave them equal in every batch."
+            "make those fields tensors (their first dimension the batch), lists with one item per example, or "
+            "leave them equal in every batch."
         )
+    joined = iter([type(parts[0])(itertools.chain(*parts)) for parts in zip(*map(_columns_of, batches))])
+    with_joined_columns = _with_columns(batches[0], lambda _: next(joined))
     columns = iter([_concatenate(column) for column in zip(*(tensors_of(batch) for batch in batches))])
-    return apply_to_collection(batches[0], Tensor, lambda _: next(columns))
+    return apply_to_collection(with_joined_columns, Tensor, lambda _: next(columns))
 
 
-def _placeholder(tensor: Tensor) -> tuple[str, int]:
-    return ("tensor", tensor.ndim)
+def _placeholder(value: Tensor | list[Any] | tuple[Any, ...]) -> tuple[str, Any]:
+    return ("tensor", value.ndim) if isinstance(value, Tensor) else ("column", type(value))
+
+
+_PLAIN = (str, bytes, int, float, complex, type(None))
+
+
+def _with_columns(batch: Any, replace: Callable[[list[Any] | tuple[Any, ...]], Any]) -> Any:
+    """``batch`` with ``replace(column)`` for each column: a list or tuple of plain values, one per example."""
+    examples: list[int | None] = []
+
+    def visit(sequence: list[Any] | tuple[Any, ...]) -> Any:
+        if sequence and not is_namedtuple(sequence) and all(isinstance(item, _PLAIN) for item in sequence):
+            if not examples:
+                examples.append(_examples_or_none(batch))
+            return replace(sequence) if len(sequence) == examples[0] else sequence
+        items = [apply_to_collection(item, (list, tuple), visit) for item in sequence]
+        return type(sequence)(*items) if is_namedtuple(sequence) else type(sequence)(items)
+
+    return apply_to_collection(batch, (list, tuple), visit)
+
+
+def _columns_of(batch: Any) -> list[list[Any] | tuple[Any, ...]]:
+    found: list[list[Any] | tuple[Any, ...]] = []
+    _with_columns(batch, found.append)
+    return found
+
+
+def _examples_or_none(batch: Any) -> int | None:
+    try:
+        return batch_size(batch)
+    except ValueError:  # no tensors with an example dimension: no columns either
+        return None
+
+
+def _select(column: list[Any] | tuple[Any, ...], rows: slice | list[int]) -> list[Any] | tuple[Any, ...]:
+    return column[rows] if isinstance(rows, slice) else type(column)(column[row] for row in rows)
 
 
 def _concatenate(column: tuple[Tensor, ...]) -> Tensor:

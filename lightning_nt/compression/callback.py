@@ -358,7 +358,8 @@ class CompressionBoundReporter(pl.Callback):
     def _predict(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> tuple[Tensor, Tensor]:
         with trainer.precision_plugin.forward_context():
             logits = self.predict_fn(pl_module, batch)
-        return class_scores(logits, self.target_fn(batch).to(logits.device))
+        labels = self.target_fn(batch)
+        return class_scores(logits, labels.to(logits.device) if isinstance(logits, Tensor) else labels)
 
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         with trainer.precision_plugin.forward_context():
@@ -536,6 +537,13 @@ def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         (tensor([[ 0.,  2.],
                 [ 0., -1.]]), tensor([1, 1]))
     """
+    if not isinstance(logits, Tensor):
+        raise ValueError(
+            "CompressionBoundReporter needs the class scores as one tensor (batch, classes), but the predictions "
+            f"are a {type(logits).__name__} (a model with several heads, or an output object). Pass "
+            "`predict_fn(pl_module, batch)` returning the scores of the head to bound, e.g. "
+            "`lambda pl_module, batch: pl_module(batch[0])['head']`."
+        )
     binary = logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1)
     if binary:
         logits = torch.stack([torch.zeros_like(logits.reshape(-1)), logits.reshape(-1)], dim=1)

@@ -210,8 +210,9 @@ def _measure_noise_responses(
             report.interlayer_cushion[layer.name] = response.cushion
         elif index < len(layers) - 1:
             report.skipped.append(f"interlayer_cushion/{layer.name}: no later layer depends on it")
-    if smoothness:
-        report.interlayer_smoothness = float(torch.cat(smoothness).min())
+    pairs = torch.cat(smoothness) if smoothness else torch.empty(0)
+    if pairs.numel():  # none when no later layer depends on any measured one
+        report.interlayer_smoothness = float(pairs.min())
     return failed
 
 
@@ -411,11 +412,23 @@ def _noise_response(
         noisy_logits, moved = _shifted(predict, source.module, eta, modules)
         attenuation.append(_norms(noisy_logits - logits) / _norms(logits))
         if later:
+            _check_tangents(moved, later, depends)
             linear = [a + b for a, b in zip(image, _jvp(predict, source.module, eta, modules))]
             residual = torch.stack([_norms(m - lin) for m, lin in zip(moved, linear)])
             response.smoothness.append((noise_scale * later_norms / residual)[depends])
     response.attenuation = float(torch.cat(attenuation).mean())
     return response
+
+
+def _check_tangents(moved: list[Tensor], later: list[_Layer], depends: Tensor) -> None:
+    """Refuse a zero Jacobian where the noise does move a later layer: a derivative lost on the way, not a fact."""
+    moves = torch.stack([_norms(m - layer.output) > 1e-5 * _norms(layer.output) for m, layer in zip(moved, later)])
+    if bool((moves & ~depends).any()):
+        raise RuntimeError(
+            "the forward-mode derivative is zero where the later layers' outputs move: an operation passes no "
+            "tangent (torch.utils.checkpoint with use_reentrant=True, or an autograd.Function without a jvp); "
+            "use use_reentrant=False"
+        )
 
 
 def _effective_params(report: NoiseStability, logits: Tensor, labels: Tensor | None, gamma: float | None) -> float:

@@ -22,8 +22,10 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_nt.common.layers import reparametrized_modules
 from lightning_nt.common.state import preserved_rng
 from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty, renamed_attributes
 
@@ -140,11 +142,18 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     """
     if find_subspace(module) is not None:
         raise ValueError("The module is already trained in a random subspace.")
-    parametrized = [name for name, m in module.named_modules() if parametrize.is_parametrized(m)]
+    parametrized = reparametrized_modules(module)
     if parametrized:
         raise ValueError(
-            f"Modules {parametrized} already carry parametrizations (e.g. weight_norm); a random subspace needs "
-            "plain parameters. Remove the parametrizations first."
+            f"Modules {parametrized} already carry parametrizations (e.g. weight_norm, or the older weight_norm/"
+            "spectral_norm hooks); a random subspace needs plain parameters. Remove the parametrizations first."
+        )
+    lazy = [name for name, p in module.named_parameters() if is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"Parameters {lazy} are not materialised yet (a lazy module such as nn.LazyLinear): their shapes are "
+            "unknown until the first forward pass. Run the module once on an example batch (e.g. in its __init__) "
+            "before training it in a subspace."
         )
     trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     if not trainable:
@@ -156,7 +165,8 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
     with torch.no_grad():
         for name, parameter in trainable:
             parameter.copy_(theta0[name])
-    subspace = RandomSubspace([p.shape for _, p in trainable], dimension, seed).to(trainable[0][1].device)
+    subspace = RandomSubspace([p.shape for _, p in trainable], dimension, seed)
+    subspace.to(device=trainable[0][1].device, dtype=trainable[0][1].dtype)  # a float64 module trains w in float64
     for index, (_, parameter) in enumerate(trainable):
         for path in paths[id(parameter)]:  # every module holding a shared parameter: ties survive
             owner_name, _, attribute = path.rpartition(".")
@@ -180,7 +190,8 @@ def find_subspace(module: nn.Module) -> RandomSubspace | None:
 
 
 def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
-    """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU copy.
+    """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU float32 copy (the draw does
+    not depend on the precision the module is trained in: ``precision="64-true"`` converts it after the draw).
 
     The initializer of a submodule is its ``reset_parameters``, or ``_reset_parameters`` where it has only that
     (``nn.MultiheadAttention``, ``nn.Transformer``). They run children first, then their parent, as the modules'
@@ -190,7 +201,7 @@ def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] |
     With ``names``, only modules that own one of those parameters (or none at all) are re-drawn: the others
     (frozen, or added after the draw) were absent from it. ``module`` is not changed.
     """
-    plain = _plain_copy(module)
+    plain = _plain_copy(module).float()
     wanted = set(names) if names is not None else {name for name, _ in plain.named_parameters()}
     with torch.no_grad():
         for name, parameter in plain.named_parameters(remove_duplicate=False):

@@ -34,6 +34,20 @@ def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
     return module(tensors_of(batch)[0])
 
 
+def _check_default_forward(module: torch.nn.Module, batch: Any) -> None:
+    """Run the default forward once on the probe batch, so that a module it doesn't fit is refused naming the fix."""
+    with preserved_state(module, parameters=False), torch.no_grad():
+        module.eval()
+        try:
+            _first_tensor_forward(module, batch)
+        except Exception as error:
+            raise TypeError(
+                f"LazinessMonitor calls {type(module).__name__} on the batch's first tensor by default, which failed "
+                f"({type(error).__name__}: {error}). Pass `forward_fn(pl_module, batch)` returning the network's "
+                "outputs, e.g. `lambda pl_module, batch: pl_module(batch['inputs'])`."
+            ) from error
+
+
 def _integer_labels(batch: Any) -> Tensor | None:
     """The default targets: the batch's last one-dimensional integer tensor (the labels of ``(x, y)``), if any."""
     labels = [t for t in tensors_of(batch) if t.ndim == 1 and not t.is_floating_point() and not t.is_complex()]
@@ -204,6 +218,8 @@ class LazinessMonitor(pl.Callback):
         """The reference: the probe batch (cached now unless given), the trainable weights, patterns and kernel."""
         if batch is None:
             batch, _ = next(ProbeSet.from_trainer(trainer, self.num_examples).chunks())
+        if self.forward_fn is None:
+            _check_default_forward(pl_module, prepare_batch(trainer, batch))
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, batch))
         if not patterns:
             self._warn(

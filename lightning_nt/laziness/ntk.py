@@ -10,7 +10,8 @@ examples at a time. The Jacobians of all ``m`` examples are held together: ``4 m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -78,7 +79,7 @@ def empirical_ntk(
         rows = iter([tensor.unsqueeze(0) if dim == 0 else tensor for tensor, dim in zip(example, in_dims)])
         batch = apply_to_collection(inputs, Tensor, lambda _: next(rows))
         with substituted(module, weights):
-            return forward(module, batch).reshape(-1)
+            return _outputs_tensor(forward(module, batch), module).reshape(-1)
 
     per_example = vmap_or_loop(jacrev(single), (None, *in_dims))
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
@@ -90,6 +91,12 @@ def empirical_ntk(
         return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
 
     starts = range(0, count, size)
+    with _explained_transform_failures():
+        return _kernel(jacobian, starts, count, size, hold_jacobians)
+
+
+def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: int, hold_jacobians: bool) -> Tensor:
+    """``J J^T`` from the chunks' Jacobians ``jacobian(start)``: all held at once, or two chunks at a time."""
     if hold_jacobians:
         flat = torch.cat([jacobian(start) for start in starts])
         return flat @ flat.T
@@ -104,6 +111,34 @@ def empirical_ntk(
             kernel[second : second + size, first : first + size] = block.T
     assert kernel is not None
     return kernel
+
+
+@contextmanager
+def _explained_transform_failures() -> Iterator[None]:
+    """torch.func's refusals of activation checkpointing (either kind), turned into the reason and the fix."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "saved tensor hooks" not in str(error) and "setup_context" not in str(error):
+            raise
+        raise RuntimeError(
+            f"The tangent kernel's per-example Jacobians come from torch.func, which can't go through activation "
+            f"checkpointing (torch.utils.checkpoint) or an autograd.Function without setup_context ({error}). "
+            "Turn checkpointing off while the kernel is measured: pass `forward_fn(module, batch)` that runs the "
+            "layers without it."
+        ) from error
+
+
+def _outputs_tensor(outputs: Any, module: nn.Module) -> Tensor:
+    """The outputs ``forward_fn`` returned, refused (naming the fix) unless they are one tensor."""
+    if not isinstance(outputs, Tensor):
+        raise TypeError(
+            f"The tangent kernel needs the network's outputs as one tensor [B, ...], but the forward pass of "
+            f"{type(module).__name__} returned a {type(outputs).__name__}. Pass `forward_fn(module, batch)` "
+            "returning that tensor, e.g. `lambda module, batch: module(**batch).logits` or "
+            "`lambda module, batch: module(batch[0])[0]`."
+        )
+    return outputs
 
 
 def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = None) -> float:

@@ -6,7 +6,8 @@ Each check raises (or, where the accounting can be made honest, warns once) with
 * the callbacks: Lightning's tuners (they train through the DP optimizer, then roll the ledger back with their
   checkpoint), accumulation and fine-tuning schedules, and every callback that declares it reads the training
   data outside the training step (:func:`~lightning_nt.common.capabilities.reads_training_data_outside_step`);
-* the module: BatchNorm and what Opacus can't give per-example gradients for, parametrized modules;
+* the module: BatchNorm and what Opacus can't give per-example gradients for, parametrized modules (also by
+  the old ``weight_norm``/``spectral_norm`` hooks);
 * the optimizer: closure-driven ones (LBFGS) that evaluate the loss several times per step;
 * the train loader: a user's sampler or batch sampler, whose sampling the accounting can't describe;
 * a checkpoint's ledger: consistent with the loop's own step count.
@@ -34,11 +35,11 @@ from pytorch_lightning.trainer.connectors.data_connector import _parse_num_batch
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from lightning_nt.common import map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
+from lightning_nt.common.layers import reparametrized_modules
 
 __all__ = [
     "check_accumulation",
@@ -59,9 +60,14 @@ _LOADER_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)  # wha
 def check_trainer(trainer: pl.Trainer) -> None:
     """Refuse Trainer settings under which the noisy update is not what the accounting assumes."""
     if trainer.precision not in _ALLOWED_PRECISION:
+        reason = (
+            "Opacus rewrites the gradients after the fp16 GradScaler, which then scales the noisy update wrongly"
+            if trainer.precision.startswith("16")
+            else "the clipping engines form, clip and noise the per-example gradients in fp32, so the run would not "
+            "be the training in that precision that it asks for"
+        )
         raise RuntimeError(
-            f"DP-SGD can't run with precision={trainer.precision!r}: Opacus rewrites the gradients after the fp16 "
-            "GradScaler, which then scales the noisy update wrongly. Use precision='32-true' or 'bf16-mixed'."
+            f"DP-SGD can't run with precision={trainer.precision!r}: {reason}. Use precision='32-true' or 'bf16-mixed'."
         )
     check_accumulation(trainer)
     if trainer.gradient_clip_val:
@@ -120,12 +126,14 @@ def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
     """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
-    parametrized = [name or "<root>" for name, m in module.named_modules() if parametrize.is_parametrized(m)]
+    parametrized = reparametrized_modules(module)
     if parametrized:
         raise RuntimeError(
             f"Modules {parametrized} are parametrized (torch.nn.utils.parametrize, e.g. SubspaceTraining or "
-            "weight_norm): DP-SGD with Opacus can't compute per-example gradients through a parametrization. "
-            "SubspaceTraining is not supported under DP; remove the parametrization."
+            "weight_norm, or the older torch.nn.utils.weight_norm/spectral_norm hooks): their weight is computed "
+            "from other parameters, and DP-SGD with Opacus can't compute per-example gradients through that. "
+            "SubspaceTraining is not supported under DP; remove the parametrization (e.g. "
+            "torch.nn.utils.remove_weight_norm)."
         )
     errors = ModuleValidator.validate(module, strict=False)
     coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -189,7 +191,12 @@ class GradientSignalTest(pl.Callback):
         self._last_step = trainer.global_step
         assert self._probe is not None
         batch = prepare_batch(trainer, next(iter(self._probe.chunks()))[0])
-        with preserved_state(pl_module, parameters=False), torch.enable_grad(), torch.inference_mode(False):
+        with (
+            preserved_state(pl_module, parameters=False),
+            torch.enable_grad(),
+            torch.inference_mode(False),
+            _explained_vmap_failures(),
+        ):
             pl_module.eval()
             moments = self._moments(trainer, pl_module, batch)
         count, mean, variance = moments[0], moments[1] / moments[0], moments[2]
@@ -239,3 +246,19 @@ class GradientSignalTest(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+@contextmanager
+def _explained_vmap_failures() -> Iterator[None]:
+    """torch.func's failures to differentiate a vmapped loss, turned into the reason and the fix."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise RuntimeError(
+            "GradientSignalTest forms each example's loss with torch.func.vmap when `loss_fn` gives no per-example "
+            f"vector, and PyTorch can't differentiate through that here ({error}). Activation checkpointing "
+            "(torch.utils.checkpoint) is one such case. Pass `loss_fn(pl_module, batch)` returning the per-example "
+            "losses [B], e.g. F.cross_entropy(logits, y, reduction='none')."
+        ) from error

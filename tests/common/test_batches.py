@@ -51,3 +51,31 @@ def test_dataclass_batch_has_no_tensor_leaf_counted_as_one_example():
 def test_differing_non_tensor_fields_are_refused_not_dropped():
     with pytest.raises(TypeError, match="non-tensor fields differ"):
         concatenate_batches([Batch(torch.zeros(1, 2), torch.zeros(1), name) for name in "ab"])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda x, y, ids: {"inputs": x, "labels": y, "ids": list(ids), "meta": None},
+        lambda x, y, ids: [x, y, tuple(ids)],  # what default_collate makes of (tensor, tensor, str) examples
+    ],
+    ids=["dict-with-list", "collated-tuple"],
+)
+def test_per_example_lists_of_plain_values_are_sliced_and_concatenated_with_the_tensors(make):
+    # a list of string ids beside the tensors: one item per example, so it follows the examples
+    batches = [make(torch.randn(4, 3), torch.arange(4) + 4 * i, [f"id{4 * i + j}" for j in range(4)]) for i in range(3)]
+    probe = ProbeSet.from_batches(batches, num_examples=10)
+    whole, _ = next(probe.chunks())
+    ids = whole["ids"] if isinstance(whole, dict) else whole[2]
+    assert list(ids) == [f"id{k}" for k in range(10)]
+    assert type(ids) is type(batches[0]["ids"] if isinstance(whole, dict) else batches[0][2])
+    part = select_examples(whole, torch.tensor([7, 2]))
+    part_ids = part["ids"] if isinstance(part, dict) else part[2]
+    assert list(part_ids) == ["id7", "id2"] and batch_size(part) == 2
+
+
+def test_lists_that_are_not_one_item_per_example_are_kept_whole():
+    batch = {"x": torch.zeros(4, 2), "classes": ["cat", "dog"], "pair": Pair(1, 2)}
+    assert select_examples(batch, slice(0, 1))["classes"] == ["cat", "dog"]
+    assert select_examples(batch, slice(0, 1))["pair"] == Pair(1, 2)
+    assert concatenate_batches([batch, batch])["classes"] == ["cat", "dog"]

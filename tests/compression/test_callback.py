@@ -312,6 +312,26 @@ def test_a_regressor_is_refused_before_training_naming_the_fix():
     assert getattr(module, "steps_taken", 0) == 0
 
 
+def test_predictions_that_are_not_one_tensor_are_refused_before_training_naming_predict_fn():
+    # a model with two heads returning a dict: was "AttributeError: 'dict' object has no attribute 'device'"
+    class TwoHeads(TinyClassifier):
+        def forward(self, inputs):
+            logits = super().forward(inputs)
+            return {"head": logits, "aux": logits[:, :1]}
+
+        def training_step(self, batch, batch_idx):
+            self.steps_taken = getattr(self, "steps_taken", 0) + 1
+            return torch.nn.functional.cross_entropy(self(batch[0])["head"], batch[1])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0])["head"], batch[1]))
+
+    module = TwoHeads(num_samples=96)
+    with pytest.raises(ValueError, match=r"are a dict .* Pass `predict_fn"):
+        _fit(callbacks=[CompressionBoundReporter(**FAST)], module=module, max_epochs=1)
+    assert getattr(module, "steps_taken", 0) == 0
+
+
 def test_non_finite_weights_keep_the_previous_report_and_the_fit_goes_on():
     class Diverges(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):

@@ -1,11 +1,13 @@
 import itertools
 import math
 import random
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.autograd.functional import jacobian
+from torch.utils.checkpoint import checkpoint
 
 from lightning_nt.compression.capacity import margin_quantile
 from lightning_nt.compression.stability import NoiseStability, layer_jvp, noise_stability
@@ -333,6 +335,20 @@ def test_an_operation_without_forward_mode_ad_is_reported_not_raised():
     assert math.isnan(report.effective_params) and "effective_params: needs every layer's interlayer cushion" in (
         report.skipped
     )
+
+
+def test_a_derivative_lost_in_a_reentrant_checkpoint_is_reported_not_taken_for_independence():
+    # torch.utils.checkpoint(use_reentrant=True) passes no tangent: layer 2 looked independent of layer 0, so
+    # effective_params used an interlayer cushion of 1 for it, and an empty smoothness list crashed the report
+    torch.manual_seed(17)
+    net, x = mlp([3, 5, 2]), torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "None of the inputs have requires_grad=True"
+        report = noise_stability(
+            net, lambda: net[2](checkpoint(lambda v: net[1](net[0](v)), x, use_reentrant=True)), gamma=1.0
+        )
+    assert any(reason.startswith("0: noise response failed") and "use_reentrant" in reason for reason in report.skipped)
+    assert math.isnan(report.effective_params) and math.isnan(report.interlayer_smoothness)
 
 
 def test_a_forward_under_autocast():

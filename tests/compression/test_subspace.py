@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -115,6 +116,9 @@ def test_mismatches_with_the_seed_are_found_and_casts_are_not_mismatches():
     to_subspace(net, dimension=6, seed=2)
     assert subspace_mismatches(net) == []
     assert subspace_mismatches(net.to(torch.bfloat16)) == []  # what precision="bf16-true" does
+    double = _net()
+    to_subspace(double, dimension=6, seed=2)
+    assert subspace_mismatches(double.double()) == []  # what precision="64-true" does (after the fp32 draw)
     assert subspace_mismatches(net.float()) == ["projection P", "0.weight", "0.bias", "2.weight", "2.bias"]  # rounded
     net = _net()
     to_subspace(net, dimension=6, seed=2)
@@ -191,3 +195,32 @@ def test_an_lstm_in_a_subspace_can_be_checked_against_its_seed():
     losses = _train(model, steps=5)  # the LSTM now caches weights computed with autograd
     assert losses[-1] < losses[0]
     assert subspace_mismatches(model) == []
+
+
+def test_a_lazy_module_is_refused_naming_the_parameters_and_the_fix():
+    # was "Attempted to use an uninitialized parameter in <method 'fill_'>" from inside the seeded draw
+    net = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"\['0.weight', '0.bias'\] are not materialised .* Run the module once"):
+        to_subspace(net, dimension=3)
+    net(torch.zeros(1, 5))
+    to_subspace(net, dimension=3)
+    assert subspace_mismatches(net) == []
+
+
+def test_a_float64_module_trains_its_coordinates_in_float64():
+    # w was float32: Lightning restores a checkpoint before precision="64-true" converts the module, so a resumed
+    # run read its float64 w through float32 and was not the uninterrupted run
+    net = _net().double()
+    subspace = to_subspace(net, dimension=6, seed=2)
+    assert subspace.weight.dtype == torch.float64 and subspace_mismatches(net) == []
+    assert net(torch.zeros(1, 6, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_the_old_weight_norm_hook_is_refused_as_a_parametrization():
+    # was "Parameters ['0.weight_g', '0.weight_v'] don't belong to a module with `reset_parameters`" (they do)
+    net = _net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        nn.utils.weight_norm(net[0])
+    with pytest.raises(ValueError, match=r"\['0'\] already carry parametrizations .*weight_norm"):
+        to_subspace(net, dimension=4)

@@ -89,12 +89,19 @@ class Capability:
         return built, {"callbacks": list(built) if isinstance(built, list | tuple) else [built]}
 
 
+def _logits(entry: ZooEntry) -> Callable[[pl.LightningModule, Any], Any]:
+    """``(module, batch) -> logits`` as a user writes it: ``.logits`` of a HuggingFace-style output object."""
+    if entry.output_object:
+        return lambda module, batch: module(module.unpack(batch)[0]).logits
+    return lambda module, batch: module(module.unpack(batch)[0])
+
+
 def _predictions(entry: ZooEntry) -> dict[str, Any]:
     """``predict_fn``/``target_fn`` as a user passes them for batches that aren't ``(inputs, labels)`` tuples."""
     if entry.batch_kind in ("tuple", "namedtuple"):
         return {}
     return {
-        "predict_fn": lambda module, batch: module(module.unpack(batch)[0]),
+        "predict_fn": _logits(entry),
         "target_fn": lambda batch: batch["labels"] if isinstance(batch, dict) else batch.labels,
     }
 
@@ -116,6 +123,8 @@ def _refuses_non_classifiers(entry: ZooEntry) -> Refusal | None:
 
 
 def _subspace_refusals(entry: ZooEntry) -> Refusal | None:
+    if entry.reparametrized:  # theta0 + P w needs plain parameters to displace
+        return Refusal(r"already carry parametrizations")
     # one coordinate vector w can't honour param groups with different learning rates: say so, naming the subspace
     return Refusal(r"(?i)subspace") if entry.several_lrs else None
 
@@ -154,6 +163,26 @@ def _needs_the_loss(entry: ZooEntry) -> Refusal | None:
     return Refusal(r"loss_fn") if entry.manual_optimization else None
 
 
+def _second_order_refusals(entry: ZooEntry) -> Refusal | None:
+    # an operation without a second derivative (nn.EmbeddingBag): named, with the layer that replaces it
+    return _needs_the_loss(entry) or (None if entry.second_order else Refusal(r"nn\.Embedding followed by"))
+
+
+def _gradient_test_refusals(entry: ZooEntry) -> Refusal | None:
+    # activation checkpointing under the vmapped per-example loss: a loss_fn giving [B] losses avoids the vmap
+    return _second_order_refusals(entry) or (Refusal(r"`loss_fn") if entry.activation_checkpointing else None)
+
+
+def _laziness(entry: ZooEntry) -> LazinessMonitor:
+    forward = {"forward_fn": _logits(entry)} if entry.output_object else {}
+    return LazinessMonitor(every_n_steps=2, num_examples=8, **forward)
+
+
+def _laziness_refusals(entry: ZooEntry) -> Refusal | None:
+    # torch.func's Jacobians can't go through activation checkpointing's saved-tensor hooks
+    return Refusal(r"activation checkpointing .*`forward_fn") if entry.activation_checkpointing else None
+
+
 def _gradinit_refusals(entry: ZooEntry) -> Refusal | None:
     if entry.manual_optimization:
         return _needs_the_loss(entry)
@@ -172,6 +201,12 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
         return Refusal(r"fix_modules")
     if entry.unused_parameters:  # issue 10 item 11: fail closed naming the parameter, or a zero gradient
         return Refusal(r"unused", optional=True)
+    if entry.trainer_arguments.get("precision") == "64-true":  # the engines clip and noise in fp32
+        return Refusal(r"precision='64-true'")
+    if entry.reparametrized:  # the per-example rules see neither the hidden parameters nor the reparametrization
+        return Refusal(r"parametrized")
+    if entry.activation_checkpointing:  # a layer re-run in the backward pass escapes per-example clipping
+        return Refusal(r"activation checkpointing")
     return None
 
 
@@ -268,7 +303,7 @@ CAPABILITIES: list[Capability] = [
         state=_sharpness_history,
         state_tolerance=1e-3,  # Lanczos to tol=1e-3: the warm start may differ after a resume (item 21)
         side_effect_free=True,
-        refuses=_needs_the_loss,
+        refuses=_second_order_refusals,
         constructor=Constructor(
             SharpnessMonitor,
             out_of_range={
@@ -332,7 +367,7 @@ CAPABILITIES: list[Capability] = [
         tags=lambda entry: ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal"),
         state=lambda callback: callback.history,
         side_effect_free=True,
-        refuses=_needs_the_loss,
+        refuses=_gradient_test_refusals,
         constructor=Constructor(
             GradientSignalTest,
             out_of_range={
@@ -356,10 +391,11 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         "LazinessMonitor",
-        lambda entry: LazinessMonitor(every_n_steps=2, num_examples=8),
+        _laziness,
         tags=lambda entry: ("laziness/weight_distance",) + (("laziness/ntk_change",) if entry.classifier else ()),
         state=lambda callback: [{k: v for k, v in e.items() if k != "laziness/seconds"} for e in callback.history],
         side_effect_free=True,
+        refuses=_laziness_refusals,
         constructor=Constructor(
             LazinessMonitor,
             out_of_range={

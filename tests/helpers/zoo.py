@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -60,6 +62,13 @@ class ZooEntry:
     optimizer: Literal["sgd", "adam"] = "sgd"
     manual_optimization: bool = False
     goes_non_finite: bool = False
+    output_object: bool = False
+    """``forward`` returns an object with ``.logits`` (HuggingFace style), not a tensor."""
+    activation_checkpointing: bool = False
+    reparametrized: bool = False
+    """Weights computed from other parameters (``weight_norm``, ``spectral_norm``, parametrizations)."""
+    second_order: bool = True
+    """PyTorch can differentiate the loss twice (``nn.EmbeddingBag`` can't)."""
     trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the entry asks of the Trainer (e.g. ``accumulate_grad_batches``)."""
 
@@ -416,6 +425,108 @@ class BinarySingleLogit(ZooModule):
         return F.binary_cross_entropy_with_logits(outputs, targets)
 
 
+# ---- shapes from the second new-user sweep -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HFOutput:
+    """What a HuggingFace model returns: an object with ``.loss`` (when labels are given) and ``.logits``."""
+
+    loss: Tensor | None
+    logits: Tensor
+
+
+def _hf_example(tokens: Tensor, label: Tensor, index: int) -> dict[str, Any]:
+    mask = (torch.arange(LENGTH) < LENGTH - index % 2).long()  # every other example padded at the end
+    return {"input_ids": tokens * mask, "attention_mask": mask, "labels": label, "ids": f"example-{index}"}
+
+
+class _HFExamples(Dataset):
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return _hf_example(*self.data[index], index)
+
+
+class HuggingFaceStyle(ZooModule):
+    """``forward(**batch)`` returns an output object; batches carry an attention mask, a ``padding_idx`` of 0 and
+    a list of string ids (what ``default_collate`` makes of a string field)."""
+
+    data_kind = "tokens"
+
+    def network(self) -> nn.Module:
+        return nn.ModuleDict(
+            {
+                "embed": nn.Embedding(VOCAB, HIDDEN, padding_idx=0),
+                "act": nn.GELU(),
+                "head": nn.Linear(HIDDEN, CLASSES),
+            }
+        )
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None, **_: Any
+    ) -> HFOutput:
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pooled = (self.net["embed"](input_ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        logits = self.net["head"](self.net["act"](pooled))
+        return HFOutput(None if labels is None else F.cross_entropy(logits, labels), logits)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        outputs = self(**batch)
+        self.log("train_loss", outputs.loss)
+        return outputs.loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.log("val_loss", self(**batch).loss)
+
+    def dataset(self, num_samples: int, seed: int) -> Dataset:
+        return _HFExamples(TensorDataset(*zoo_data(num_samples, seed, self.data_kind)))
+
+    def unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return batch["input_ids"], batch["labels"]
+
+
+class ActivationCheckpointing(ZooModule):
+    """The hidden layer under ``torch.utils.checkpoint`` (non-reentrant), which re-runs it in the backward pass."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net[2](torch.utils.checkpoint.checkpoint(self.net[:2], inputs, use_reentrant=False))
+
+
+class WeightNorm(ZooModule):
+    """``parametrizations.weight_norm`` on the first layer, the older ``nn.utils.weight_norm`` hook on the last."""
+
+    def network(self) -> nn.Module:
+        net = super().network()
+        nn.utils.parametrizations.weight_norm(net[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated, and still in many models
+            nn.utils.weight_norm(net[2])
+        return net
+
+
+class Float64(ZooModule):
+    """Built in float64 and trained with ``precision="64-true"`` (Lightning restores a checkpoint before it converts
+    the module: a module built in float32 would resume from weights rounded to float32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.double()
+
+
+class EmbeddingBagClassifier(ZooModule):
+    """``nn.EmbeddingBag`` (mean over the tokens, ``padding_idx`` 0) on 2-D token batches."""
+
+    data_kind = "tokens"
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.EmbeddingBag(VOCAB, HIDDEN, padding_idx=0), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -450,6 +561,24 @@ _ENTRIES = [
     ZooEntry("goes_non_finite", GoesNonFinite, "loss x inf from step 5: NaN weights in epoch 2", goes_non_finite=True),
     ZooEntry("regression", Regression, "MSE regression, one output", classifier=False, loss_kind="mse"),
     ZooEntry("binary_single_logit", BinarySingleLogit, "one logit, BCE with logits", classifier=False, loss_kind="bce"),
+    ZooEntry(
+        "huggingface_style",
+        HuggingFaceStyle,
+        "forward(**batch) returns an output object; padding_idx, string ids",
+        batch_kind="dict",
+        output_object=True,
+    ),
+    ZooEntry(
+        "activation_checkpointing",
+        ActivationCheckpointing,
+        "torch.utils.checkpoint re-runs the hidden layer in the backward pass",
+        activation_checkpointing=True,
+    ),
+    ZooEntry(
+        "weight_norm", WeightNorm, "parametrizations.weight_norm and the old weight_norm hook", reparametrized=True
+    ),
+    ZooEntry("embedding_bag", EmbeddingBagClassifier, "nn.EmbeddingBag: no second derivative", second_order=False),
+    ZooEntry("float64", Float64, "float64, Trainer(precision='64-true')", trainer_arguments={"precision": "64-true"}),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}

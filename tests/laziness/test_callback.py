@@ -221,3 +221,79 @@ def test_a_fine_tuning_schedule_restarts_the_reference_with_a_warning():
     first_of_stage_two = next(e for e in monitor.history if e["step"] > trainer.num_training_batches)
     assert monitor.history[-1]["step"] == trainer.global_step
     assert first_of_stage_two["laziness/weight_distance"] < monitor.history[-1]["laziness/weight_distance"]
+
+
+class TupleOutput(ReLUClassifier):
+    """``forward`` returns ``(logits, aux)``, as many models do; ``training_step`` unpacks it."""
+
+    def forward(self, inputs):
+        logits = super().forward(inputs)
+        return logits, logits.square().mean()
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(inputs_of(batch))[0], labels_of(batch))
+
+
+def test_outputs_that_are_not_one_tensor_are_refused_before_the_first_step_naming_forward_fn():
+    # was an AttributeError ("'tuple' object has no attribute 'reshape'") from inside torch.func
+    trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
+    with pytest.raises(TypeError, match=r"returned a tuple\. Pass `forward_fn"):
+        trainer.fit(TupleOutput())
+    assert trainer.global_step == 0
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module(batch[0])[0])
+    _, trainer = _fit([monitor], module=TupleOutput, max_steps=2)
+    assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
+
+
+class TwoInputs(ReLUClassifier):
+    """Reads ``{"x": ..., "y": ...}`` batches whose inputs are a dict of two halves (a two-tower model)."""
+
+    def __init__(self):
+        super().__init__(style="dict")
+
+    def forward(self, inputs):
+        return super().forward(torch.cat([inputs["left"], inputs["right"]], dim=1))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(halves(batch)), labels_of(batch))
+
+
+def halves(batch):
+    return {"left": inputs_of(batch)[:, :4], "right": inputs_of(batch)[:, 4:]}
+
+
+def test_a_module_the_default_forward_cannot_call_is_refused_before_the_first_step_naming_forward_fn():
+    # the default forward calls the module on the batch's first tensor: was "new(): invalid data type 'str'"
+    trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
+    with pytest.raises(TypeError, match=r"on the batch's first tensor by default, which failed .* `forward_fn"):
+        trainer.fit(TwoInputs())
+    assert trainer.global_step == 0
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module(halves(batch)))
+    _, trainer = _fit([monitor], module=TwoInputs, max_steps=2)
+    assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
+
+
+class Checkpointed(ReLUClassifier):
+    """The first layers under activation checkpointing (the same function)."""
+
+    def __init__(self, reentrant: bool = False) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+
+    def forward(self, inputs):
+        return self.net[4:](torch.utils.checkpoint.checkpoint(self.net[:4], inputs, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_refused_before_the_first_step_naming_forward_fn(reentrant):
+    # was torch.func's "don't yet support saved tensor hooks. Please open an issue with your use case." (or, with
+    # use_reentrant=True, "must override the setup_context staticmethod")
+    trainer = tiny_trainer(max_steps=2, callbacks=[LazinessMonitor(every_n_steps=2, num_examples=8)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reentrant checkpoint's "None of the inputs have requires_grad=True"
+        with pytest.raises(RuntimeError, match=r"activation checkpointing .* pass `forward_fn"):
+            trainer.fit(Checkpointed(reentrant))
+    assert trainer.global_step == 0
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module.net(batch[0]))
+    _, trainer = _fit([monitor], module=Checkpointed, max_steps=2)
+    assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]

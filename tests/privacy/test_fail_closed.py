@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import traceback
 import warnings
 from pathlib import Path
 
@@ -252,6 +253,81 @@ def test_subspace_training_is_refused_as_not_supported():
 
     with pytest.raises(RuntimeError, match="SubspaceTraining is not supported under DP"):
         _fit(DPStrategy(), callbacks=[SubspaceTraining(dimension=10)], max_steps=1)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+@pytest.mark.parametrize("hook", [nn.utils.weight_norm, nn.utils.spectral_norm], ids=["weight_norm", "spectral_norm"])
+def test_an_old_style_weight_norm_hook_is_refused_before_the_first_step(mode, hook):
+    # the layer's weight is recomputed from weight_g/weight_v (weight_orig) by a forward pre-hook: hooks crashed
+    # inside Opacus, bk and auto trained those parameters on noise alone (their per-example gradients were zero)
+    def module():
+        plain = Plain(num_samples=64, batch_size=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated, and still common
+            hook(plain.net[0])
+        return plain
+
+    with pytest.raises(RuntimeError, match=r"\['net.0'\] are parametrized .*remove_weight_norm") as raised:
+        _fit(_quiet(grad_sample_mode=mode), module=module, max_steps=1)
+    assert "training_step" not in "".join(traceback.format_tb(raised.tb))  # refused before any step
+
+
+class Checkpointed(Plain):
+    """The hidden layer under activation checkpointing, which re-runs it in the backward pass."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+
+    def forward(self, inputs):
+        return self.net[3](torch.utils.checkpoint.checkpoint(self.net[:3], inputs, use_reentrant=False))
+
+
+@pytest.mark.parametrize(("mode", "message"), [("hooks", "got a gradient but no per-example"), ("bk", "checkpoint")])
+def test_activation_checkpointing_is_refused_before_the_first_update(mode, message):
+    # hooks: the re-run layer had no per-example gradient, was taken for unused, and was silently not trained
+    with pytest.raises(RuntimeError, match=message) as raised:
+        _fit(_quiet(grad_sample_mode=mode, noise_multiplier=0.0), module=Checkpointed, max_steps=2)
+    assert "activation checkpointing" in str(raised.value) and "net.0" in str(raised.value)
+
+
+class FunctionalUse(Plain):
+    """The first layer's weight also used functionally (as GPT-2 ties its output layer: ``h @ wte.weight.T``)."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+
+    def forward(self, inputs):
+        logits = self.net(inputs)
+        shift = torch.nn.functional.linear(inputs, self.net[0].weight).mean(1, keepdim=True)
+        return torch.cat([logits[:, :1] + shift, logits[:, 1:]], dim=1)  # one class only: softmax sees the shift
+
+
+class UncalledLayer(Plain):
+    """A layer never called: its weight is used by ``F.linear``."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+        self.extra = nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        return self.net(inputs) + torch.nn.functional.linear(inputs, self.extra.weight)
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [(FunctionalUse, r"\['net.0.weight'\] don't add up"), (UncalledLayer, r"\['extra.weight'\] got a gradient")],
+)
+def test_a_parameter_used_outside_its_layer_is_refused_before_the_first_update(module, message):
+    # hooks saw only the layer's own call: DP-SGD trained on part of the gradient (FunctionalUse) or none (Uncalled)
+    with pytest.raises(RuntimeError, match=message):
+        _fit(_quiet(grad_sample_mode="hooks", noise_multiplier=0.0), module=module, max_steps=2)
+
+
+def test_a_float64_run_is_refused_with_its_own_reason():
+    # it was refused for the fp16 GradScaler, which a float64 run doesn't have
+    with pytest.raises(RuntimeError, match=r"precision='64-true': .* in fp32") as raised:
+        _fit(_quiet(), max_steps=1, precision="64-true")
+    assert "GradScaler" not in str(raised.value)
 
 
 # -- the capability declaration: privacy imports no other capability -----------------------------------------------

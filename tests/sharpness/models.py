@@ -76,3 +76,14 @@ class CrashAt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == 1:
             raise RuntimeError("simulated crash")
+
+
+class BagOfSigns(TinyClassifier):
+    """``nn.EmbeddingBag`` over the signs of the inputs (token ``2 k + [x_k > 0]``): no second derivative in PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[0] = nn.EmbeddingBag(2 * self.dim, self.net[0].out_features)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net((inputs > 0).long() + 2 * torch.arange(self.dim, device=inputs.device))

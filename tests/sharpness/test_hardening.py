@@ -12,7 +12,7 @@ from lightning_nt import SharpnessMonitor
 from lightning_nt.common.validation import ArgumentError
 from lightning_nt.sharpness import HessianOperator, lanczos, stability_threshold
 from tests.helpers import TinyClassifier, read_tensorboard_scalars, tiny_trainer
-from tests.sharpness.models import CrashAt, FrozenBackbone, RecordAdam, exact_hessian, probe_examples
+from tests.sharpness.models import BagOfSigns, CrashAt, FrozenBackbone, RecordAdam, exact_hessian, probe_examples
 
 TIMING = ("sharpness/seconds", "sharpness/overhead")
 
@@ -294,3 +294,11 @@ def test_every_bad_hessian_operator_argument_is_named(argument, value):
 def test_bad_lanczos_arguments_are_named(argument, value):
     with pytest.raises(ArgumentError, match=f"`{argument}`"):
         lanczos(lambda v: v, torch.ones(3), **{argument: value})
+
+
+def test_a_layer_without_second_derivatives_is_refused_before_the_first_step_naming_the_replacement():
+    # nn.EmbeddingBag's backward has no derivative: was a bare NotImplementedError from inside autograd
+    trainer = tiny_trainer(max_steps=2, callbacks=[SharpnessMonitor(every_n_steps=1, num_examples=16, max_iter=4)])
+    with pytest.raises(NotImplementedError, match=r"differentiates the model twice.*nn\.Embedding followed by"):
+        trainer.fit(BagOfSigns())
+    assert trainer.global_step == 0

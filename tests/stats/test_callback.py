@@ -25,6 +25,7 @@ from tests.helpers import (
     seeded_fit,
     tiny_trainer,
 )
+from tests.sharpness.models import BagOfSigns
 
 TAGS = ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal")
 
@@ -314,3 +315,39 @@ def test_too_few_examples_are_refused_before_training():
 
     with pytest.raises(ValueError, match="at least 4 examples"):
         seeded_fit([GradientSignalTest(num_examples=16)], module=lambda: ThreeValidationExamples(num_samples=48))
+
+
+def test_a_layer_without_second_derivatives_is_refused_before_the_first_step_naming_the_replacement():
+    # no forward-mode AD for nn.EmbeddingBag, and its double-backward fallback has no derivative either
+    trainer = tiny_trainer(max_steps=2, callbacks=[GradientSignalTest(every_n_steps=1, num_examples=16, data="train")])
+    with pytest.raises(NotImplementedError, match=r"differentiates the model twice.*nn\.Embedding followed by"):
+        trainer.fit(BagOfSigns())
+    assert trainer.global_step == 0
+
+
+class Checkpointed(TinyClassifier):
+    """The same function as ``TinyClassifier``, its hidden layer under activation checkpointing."""
+
+    def forward(self, inputs):
+        return self.net[3](torch.utils.checkpoint.checkpoint(self.net[:3], inputs, use_reentrant=False))
+
+
+def test_activation_checkpointing_with_per_example_losses_gives_the_test_of_the_same_function():
+    # the fix the refusal below names: with loss_fn giving [B] losses no vmap is needed, and the JVP goes through
+    histories = []
+    for module in (TinyClassifier, Checkpointed):
+        monitor = GradientSignalTest(every_n_steps=2, num_examples=32, data="train", loss_fn=_cross_entropy_per_example)
+        seeded_fit([monitor], module=lambda module=module: module(num_samples=64), max_steps=4)
+        histories.append(monitor.history)
+    expected, actual = histories
+    assert [entry["step"] for entry in actual] == [entry["step"] for entry in expected] == [0, 2, 4]
+    for got, want in zip(actual, expected):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_activation_checkpointing_under_a_vmapped_loss_is_refused_before_the_first_step_naming_loss_fn():
+    # the vmapped forward runs, but the checkpoint's recomputation in the backward pass escapes vmap
+    trainer = tiny_trainer(max_steps=2, callbacks=[GradientSignalTest(every_n_steps=2, num_examples=16, data="train")])
+    with pytest.raises(RuntimeError, match=r"torch.func.vmap .* Pass `loss_fn\(pl_module, batch\)`"):
+        trainer.fit(Checkpointed(num_samples=64))
+    assert trainer.global_step == 0

@@ -35,7 +35,9 @@ class Record:
         if any(grad is None for grad in self.grads):
             return (
                 f"Layer {name} ran in the forward pass but received no gradient: its output does not reach the "
-                "loss. Book-keeping clipping needs every recorded call to be part of the backward pass."
+                "loss, or activation checkpointing (torch.utils.checkpoint) re-ran it in the backward pass. "
+                "Book-keeping clipping needs every recorded call to be part of the backward pass (and DP-SGD can't "
+                "record a layer re-run by checkpointing: turn it off for DP training)."
             )
         rows = {tensor.shape[0] for tensor in self.inputs} | ({self.rows} if self.pieces is not None else set())
         expected = {batch_size} if batch_size is not None else {next(iter(rows))}  # in the backward: consistent rows

@@ -31,6 +31,8 @@ class _CarryClippedSums:
 
     views: int = 1
     nonfinite_examples: torch.Tensor | int = 0
+    parameter_names: dict[int, str] = {}  # noqa: RUF012  (set per instance by the engine)
+    sums_checked: bool = False
 
     def carry_clipped_sums(self) -> None:
         """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
@@ -39,7 +41,7 @@ class _CarryClippedSums:
         carried = getattr(self, "_carried", None) or {}
         for p in self.params:  # type: ignore[attr-defined]
             carried[p] = carried[p] + p.summed_grad if p in carried else p.summed_grad
-            p.summed_grad, p.grad_sample = None, None
+            p.summed_grad, p.grad_sample, p.grad = None, None, None  # the raw gradient is not needed any more
         self._carried = carried
 
     def clip_and_accumulate(self) -> None:
@@ -65,16 +67,53 @@ class _CarryClippedSums:
             samples.append(sample)
         # an example is dropped if any of its norms is not finite (NaN, inf, or an fp32 overflow of a huge gradient)
         norms = torch.stack([s.reshape(len(s), math.prod(p.shape)).norm(dim=1) for p, s in zip(params, samples)])
+        if not self.sums_checked and len(norms[0]) and bool(norms.isfinite().all()):
+            self._check_sums(samples)
         dropped = ~norms.isfinite().all(dim=0)
         self.nonfinite_examples = self.nonfinite_examples + dropped.sum()
         for sample in samples:  # in place: no second copy of the per-example gradients
             sample.masked_fill_(dropped.view(-1, *([1] * (sample.ndim - 1))), 0.0)
         return samples
 
+    def _check_sums(self, samples: list[torch.Tensor]) -> None:
+        """Once, on the first batch: the examples' gradients must add up to the gradient autograd formed. A use of
+        a parameter the hooks don't see (``F.linear(x, layer.weight)``, an output layer tied by ``h @ emb.weight.T``)
+        makes them differ, and DP-SGD would train on part of that parameter's gradient."""
+        self.sums_checked = True
+        pairs = [(p, sample) for p, sample in zip(self.params, samples) if p.grad is not None]  # type: ignore[attr-defined]
+        scale = float(torch.stack([p.grad.float().norm() for p, _ in pairs]).norm()) if pairs else 0.0
+        off = [
+            self.parameter_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
+            for p, sample in pairs
+            if _differ(sample.mean(dim=0), p.grad.float(), scale)
+        ]
+        if off:
+            raise RuntimeError(
+                f"The per-example gradients of {off} don't add up to their gradient: the forward uses them outside "
+                "their layers' own calls (e.g. F.linear(x, layer.weight), or an output layer tied by "
+                "`h @ embedding.weight.T`), which Opacus's hooks don't see, so DP-SGD would train on part of their "
+                "gradients. Use the parameters only through their modules (e.g. tie weights by sharing the Parameter "
+                "between two nn.Linear/nn.Embedding layers)."
+            )
+
     def zero_for_unused_parameters(self) -> None:
-        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing)."""
+        """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing).
+
+        One that has a gradient but no per-example gradient was used where the hooks can't see it (a layer that
+        activation checkpointing re-runs in the backward pass): refused, as zeros would silently not train it.
+        """
         params = self.params  # type: ignore[attr-defined]
         present = [p for p in params if getattr(p, "grad_sample", None) is not None]
+        unseen = [p for p in params if getattr(p, "grad_sample", None) is None and _has_gradient(p)]
+        if unseen:
+            names = [self.parameter_names.get(id(p), f"a parameter of shape {tuple(p.shape)}") for p in unseen]
+            raise RuntimeError(
+                f"{names} got a gradient but no per-example gradient: they were used where Opacus's hooks can't "
+                "see them (activation checkpointing, torch.utils.checkpoint, re-runs layers in the backward pass; "
+                "or a functional use such as F.linear(x, layer.weight) of a layer never called), so DP-SGD would "
+                "drop their gradients. Turn activation checkpointing off for DP training, and use parameters only "
+                "through their modules."
+            )
         rows = len(self._get_flat_grad_sample(present[0])) if present else 0  # type: ignore[attr-defined]
         for p in params:
             if getattr(p, "grad_sample", None) is None:
@@ -98,6 +137,18 @@ class _CarryClippedSums:
             self._carried = {}
 
 
+def _differ(mean: torch.Tensor, gradient: torch.Tensor, scale: float) -> bool:
+    """Not the same up to float rounding: 1e-3 of the parameter's gradient norm (bf16 autocast rounds more), plus
+    1e-5 of the whole gradient's norm ``scale`` (a gradient that is zero up to rounding)."""
+    return bool((mean - gradient).norm() > 1e-3 * gradient.norm() + 1e-5 * scale)
+
+
+def _has_gradient(parameter: torch.Tensor) -> bool:
+    """A non-zero ``.grad`` (Opacus zeroes gradients rather than dropping them); a sync, for parameters without
+    per-example gradients only."""
+    return parameter.grad is not None and bool(parameter.grad.any())
+
+
 class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
     pass
 
@@ -114,6 +165,7 @@ class OpacusHooksEngine(ClippingEngine):
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         super().__init__(mode, module, optimizer, **options)
+        self.optimizer.parameter_names = {id(p): name for name, p in module.named_parameters()}
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
 
