@@ -36,6 +36,8 @@ from lightning_nt.common import map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
 
 __all__ = [
+    "buffer_versions",
+    "check_buffers_unchanged",
     "check_callbacks",
     "check_ledger",
     "check_module",
@@ -134,6 +136,29 @@ def _fix_in_place(module: nn.Module) -> None:
         if tensor is not None:  # the replacement where the replaced module was (a CUDA module stays on CUDA)
             replacement = replacement.to(tensor.device)
         setattr(module.get_submodule(parent_name), child, replacement)
+
+
+def buffer_versions(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Every buffer of ``module`` by name: which tensor it is and how often it was modified in place."""
+    return {name: (id(buffer), buffer._version) for name, buffer in module.named_buffers()}
+
+
+def check_buffers_unchanged(module: nn.Module, before: dict[str, tuple[int, int]]) -> None:
+    """Refuse a training step that changed a buffer of ``module`` (``before``: :func:`buffer_versions` at its start).
+
+    Buffers travel with the weights (``state_dict``, checkpoints, ``torch.save``) but not through the noisy update:
+    one updated from the private batch (running statistics written by hand in ``forward``, an EMA of the inputs, a
+    count of the examples seen) would be released without noise.
+    """
+    changed = sorted(name for name, version in buffer_versions(module).items() if before.get(name) != version)
+    changed += sorted(name for name in before.keys() - dict(module.named_buffers()).keys())
+    if changed:
+        raise RuntimeError(
+            f"training_step changed the module's buffer(s) {changed} (e.g. statistics of the batch kept in forward): "
+            "buffers are saved with the weights and checkpoints but do not go through the noisy update, so they "
+            "would release the private data outside the privacy guarantee (the module in memory now holds them: "
+            "don't save it). Compute them from public data outside training_step, or don't keep them."
+        )
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:

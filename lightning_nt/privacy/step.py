@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
 from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise
 from lightning_nt.privacy.engines import ClippingEngine
-from lightning_nt.privacy.guards import check_sensitivity
+from lightning_nt.privacy.guards import buffer_versions, check_buffers_unchanged, check_sensitivity
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -66,6 +66,7 @@ class _PrivateStep:
             return self._empty_step()
         engine = self._active_engine()
         engine.check_trainable_parameters()
+        buffers = buffer_versions(self.lightning_module)
         engine.start()
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
@@ -80,6 +81,7 @@ class _PrivateStep:
             self._rows = batch_size(args[0])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
+        check_buffers_unchanged(self.lightning_module, buffers)
         self._warn_about_logging_from_the_batch()
         return engine.take_output(output)
 
@@ -96,7 +98,8 @@ class _PrivateStep:
         """``sensitivity_probe=True``: one canary check of the per-example bound on a first batch (no release)."""
         if self.max_physical_batch_size is not None:
             batch = select_examples(batch, slice(0, self.max_physical_batch_size))
-        self._active_engine().discard_per_example_state()
+        engine = self._active_engine()
+        engine.discard_per_example_state()
         with self._without_ddp_gradient_sync():
             check_sensitivity(
                 self.lightning_module,
@@ -106,6 +109,7 @@ class _PrivateStep:
                 self.max_grad_norm,
                 prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
             )
+        engine.discard_per_example_state()  # the probe's batches (one example short) are not this step's
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

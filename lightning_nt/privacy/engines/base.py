@@ -150,13 +150,16 @@ class ClippingEngine(ABC):
         """Drop everything derived from the private batch without noise (with ``gradients``, also ``.grad``).
 
         Opacus leaves the clipped sum (``summed_grad``), per-example gradients and norms on the parameters and the
-        layers' inputs (``activations``) on the modules; they would travel with ``torch.save(module)``.
+        layers' inputs (``activations``) on the modules; they would travel with ``torch.save(module)``. A parameter
+        that requires grad but is not in the optimizer gets no noise: its ``.grad`` (the ordinary or the clipped
+        sum, un-noised) is dropped too.
         """
+        noised = {id(p) for p in self.optimizer.params}
         for p in self.module.parameters():
             for name in _PER_EXAMPLE_ATTRIBUTES:
                 if name in vars(p):
                     delattr(p, name)
-            if gradients:
+            if gradients or id(p) not in noised:
                 p.grad = None
         for submodule in self.module.modules():
             for name in _LAYER_ATTRIBUTES:

@@ -7,11 +7,15 @@ the losses weighted by their clip factors, which leaves the clipped sum in ``.gr
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
+from opacus.utils.module_utils import trainable_modules
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
 
@@ -39,6 +43,66 @@ class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimi
     pass
 
 
+class _UsesOutsideTheirLayer(TorchFunctionMode):
+    """While entered: notes every trainable parameter that a torch operation uses, with grad enabled, outside a call
+    of its own layer (``F.linear(x, self.fc.weight)``, ``self.fc.forward(x)``, a penalty on the weights), where
+    Opacus's hooks can't see it. Ghost clipping takes each example's norm from the layers' calls only, and its second
+    backward pass would carry such a use's gradient, unclipped, into the update."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        layers = list(trainable_modules(module))
+        self.names = {
+            id(p): f"{prefix}.{name}" if prefix else name
+            for prefix, layer in layers
+            for name, p in layer.named_parameters(recurse=False)
+            if p.requires_grad
+        }
+        self.running: Counter[int] = Counter()  # parameters whose layer is being called
+        self.outside: list[str] = []
+        self.handles = [
+            handle
+            for _, layer in layers
+            for handle in (layer.register_forward_pre_hook(self._enter), layer.register_forward_hook(self._leave))
+        ]
+        self.active = False
+
+    def _enter(self, layer: nn.Module, inputs: Any) -> None:
+        self.running.update(id(p) for p in layer.parameters(recurse=False))
+
+    def _leave(self, layer: nn.Module, inputs: Any, output: Any) -> None:
+        self.running.subtract(id(p) for p in layer.parameters(recurse=False))
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if torch.is_grad_enabled():
+            for value in (*args, *kwargs.values()):
+                for tensor in value if isinstance(value, list | tuple) else (value,):
+                    if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0:
+                        self.outside.append(self.names[id(tensor)])
+        return func(*args, **kwargs)
+
+    def begin(self) -> None:
+        """Start watching a training step's forward pass."""
+        if not self.active:
+            self.running.clear()
+            self.outside = []
+            self.__enter__()
+            self.active = True
+
+    def end(self) -> list[str]:
+        """Stop watching; the parameters used outside their layer's call, each named once."""
+        if self.active:
+            self.__exit__(None, None, None)
+            self.active = False
+        return list(dict.fromkeys(self.outside))
+
+    def close(self) -> None:
+        self.end()
+        for handle in self.handles:
+            handle.remove()
+
+
 class GhostClippingEngine(OpacusHooksEngine):
     """Opacus's ghost clipping: norms from a first backward pass, the clipped sum from a second one."""
 
@@ -47,13 +111,21 @@ class GhostClippingEngine(OpacusHooksEngine):
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
 
+    def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+        super().__init__(mode, module, optimizer, **options)
+        self._uses = _UsesOutsideTheirLayer(module)
+
     def start(self) -> None:
-        # Opacus's ghost hook of a layer without a norm sampler (Conv2d, GroupNorm) reads `p.grad_sample`, which
-        # Opacus sets once when attaching and `forget` removes after every step: put the empty slot back.
-        for p in self.hooks.trainable_parameters:
-            if "grad_sample" not in vars(p):
-                p.grad_sample = None
         super().start()
+        self._uses.begin()
+
+    def stop(self) -> None:
+        self._uses.end()
+        super().stop()
+
+    def close(self) -> None:
+        self._uses.close()
+        super().close()
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
@@ -68,6 +140,15 @@ class GhostClippingEngine(OpacusHooksEngine):
 
     def take_output(self, output: Any) -> Any:
         """Keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
+        outside = self._uses.end()
+        if outside:
+            raise RuntimeError(
+                f"grad_sample_mode='ghost': {', '.join(outside)} used outside a call of its own layer (e.g. "
+                "F.linear(x, self.fc.weight), layer.forward(x) called directly, a penalty on the weights in "
+                "training_step). Ghost clipping takes each example's gradient norm from the layers' calls only, so "
+                "the gradient of such a use would reach the update unclipped. Call the layer itself (layer(x)) for "
+                "every use of its parameters."
+            )
         losses = output["loss"] if isinstance(output, dict) else output
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
             raise RuntimeError(
@@ -79,8 +160,16 @@ class GhostClippingEngine(OpacusHooksEngine):
 
     def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
         losses, self._losses = self._losses, None
+        layer_rows = self._check_rows(rows)
         if losses is None:  # an empty batch: no per-example losses, the update is the noise alone
             return ordinary()
+        if len(losses) > rows or layer_rows not in (None, len(losses)):
+            raise RuntimeError(
+                f"training_step returned {len(losses)} losses for a batch of {rows} examples whose layers saw "
+                f"{layer_rows} rows: grad_sample_mode='ghost' clips each loss's gradient as one example's, so it needs "
+                "one loss per example (average an example's per-token losses into one, e.g. "
+                "losses.view(len(batch), -1).mean(1))."
+            )
         loss = precision.pre_backward(loss, self.module)
         losses.mean().backward(retain_graph=True)
         self.optimizer.zero_grad()
@@ -115,3 +204,4 @@ class GhostClippingEngine(OpacusHooksEngine):
         if hasattr(self.hooks, "_per_sample_gradient_norms"):
             self.hooks._per_sample_gradient_norms = None
         self._losses = None
+        self._rows_seen = []

@@ -1,0 +1,225 @@
+"""An adversarial audit of DPStrategy: modules written as users write them, through which something derived from the
+private batch left the strategy without the noise, or with more than ``max_grad_norm`` of one example in it.
+
+Each case is refused before the step's noise (naming the thing and the fix), or no longer releases anything."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_nt import DPStrategy
+from tests.helpers import tiny_trainer
+
+DIM, TOKENS, CLASSES = 4, 5, 3
+
+
+def _data(tokens: int | None = None) -> TensorDataset:
+    generator = torch.Generator().manual_seed(0)
+    shape = (32, tokens, DIM) if tokens else (32, DIM)
+    labels = torch.randint(CLASSES, shape[:-1], generator=generator)
+    return TensorDataset(torch.randn(*shape, generator=generator), labels)
+
+
+class Audited(pl.LightningModule):
+    """Two linear layers over a ``[B, DIM]`` batch; ``per_example=True`` returns the ``[B]`` losses (ghost)."""
+
+    tokens: int | None = None
+
+    def __init__(self, per_example: bool = False) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(DIM, DIM), nn.Linear(DIM, CLASSES)
+        self.per_example = per_example
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(inputs)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        return F.cross_entropy(self(inputs), labels, reduction="none" if self.per_example else "mean")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_data(self.tokens), batch_size=8)
+
+
+def _fit(module: pl.LightningModule, **strategy: object) -> pl.Trainer:
+    pl.seed_everything(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed warning
+        dp = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0, seed=3, **strategy)
+    trainer = tiny_trainer(None, strategy=dp, max_steps=2, limit_val_batches=0)
+    trainer.fit(module)
+    return trainer
+
+
+def _refused_before_any_release(module: pl.LightningModule, match: str, **strategy: object) -> None:
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(RuntimeError, match=match):
+        _fit(module, **strategy)
+    assert all(torch.equal(b, p) for b, p in zip(before, module.parameters())), "a step was taken"
+    assert all(p.grad is None for p in module.parameters()), "a raw gradient was left behind"
+
+
+# -- per-example clipping must see one row per example ----------------------------------------------------------
+
+
+class FoldsTokensIntoTheBatch(Audited):
+    """A per-token model written the usual way: ``[B, T, d]`` folded into ``[B * T, d]`` rows before its layers.
+
+    Opacus clipped each token's gradient to C: one example (T tokens) moved the clipped sum by up to 2 T C."""
+
+    tokens = TOKENS
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        losses = F.cross_entropy(self(inputs.reshape(-1, DIM)), labels.reshape(-1), reduction="none")
+        return losses if self.per_example else losses.mean()
+
+
+class RunsALayerOnPrototypes(Audited):
+    """Scores against three fixed prototypes encoded by the same layer: Opacus added the prototypes' gradient (which
+    depends on the whole batch) to the first three examples' per-example gradients."""
+
+    def __init__(self, per_example: bool = False) -> None:
+        super().__init__(per_example)
+        self.register_buffer("prototypes", torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(inputs)) @ torch.tanh(self.fc(self.prototypes)).T + self.out.bias
+
+
+class PerTokenLosses(Audited):
+    """Ghost clipping with the natural per-token losses (``[B * T]``) of a sequence model whose layers see ``B``."""
+
+    tokens = TOKENS
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        return F.cross_entropy(self(inputs).reshape(-1, CLASSES), labels.reshape(-1), reduction="none")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_layer_that_sees_its_tokens_as_examples_is_refused_before_the_first_step(mode):
+    _refused_before_any_release(FoldsTokensIntoTheBatch(mode == "ghost"), "saw these rows", grad_sample_mode=mode)
+
+
+def test_a_layer_also_run_on_other_inputs_is_refused_before_the_first_step():
+    _refused_before_any_release(RunsALayerOnPrototypes(), r"fc: \d+ and 3\)")
+
+
+def test_ghost_clipping_refuses_more_losses_than_examples():
+    _refused_before_any_release(PerTokenLosses(per_example=True), "one loss per example", grad_sample_mode="ghost")
+
+
+def test_the_row_check_refuses_what_breaks_clipping_and_nothing_else():
+    """Dropping examples in training_step keeps one row per example (allowed); an example twice is two rows."""
+
+    class DropsOne(Audited):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch[0][1:], batch[1][1:]), batch_idx)
+
+    class RepeatsTheBatch(Audited):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch[0].repeat(2, 1), batch[1].repeat(2)), batch_idx)
+
+    assert _fit(DropsOne()).global_step == 2
+    _refused_before_any_release(RepeatsTheBatch(), "saw these rows")
+
+
+# -- ghost clipping sees only the layers' calls ------------------------------------------------------------------
+
+
+class UsesTheWeightOutsideItsLayer(Audited):
+    """``F.linear(x, self.fc.weight)`` next to ``self.fc(x)``: under ghost clipping its gradient reached the update
+    unclipped (a canary moved the clipped sum by 2.9 C where 2 C is the bound)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(inputs)) + F.linear(inputs, self.fc.weight))
+
+
+class CallsForwardDirectly(Audited):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(inputs)) + self.fc.forward(inputs))
+
+
+class PenalisesTheWeights(Audited):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) + 1e-3 * self.fc.weight.square().sum()
+
+
+@pytest.mark.parametrize("module", [UsesTheWeightOutsideItsLayer, CallsForwardDirectly, PenalisesTheWeights])
+def test_ghost_clipping_refuses_a_parameter_used_outside_its_layer(module):
+    _refused_before_any_release(module(per_example=True), "fc.weight.* outside a call", grad_sample_mode="ghost")
+
+
+def test_ghost_clipping_still_trains_an_ordinary_module():
+    module = Audited(per_example=True)
+    before = module.fc.weight.detach().clone()
+    assert _fit(module, grad_sample_mode="ghost").global_step == 2
+    assert not torch.equal(before, module.fc.weight)
+
+
+# -- buffers and gradients travel with the module ---------------------------------------------------------------
+
+
+class KeepsTheLargestInput(Audited):
+    """A buffer updated from the batch in ``forward`` (running statistics written by hand): saved with the weights
+    and in every checkpoint, without noise (a canary input of 1e3 showed up as 792 in it)."""
+
+    def __init__(self, per_example: bool = False) -> None:
+        super().__init__(per_example)
+        self.register_buffer("largest", torch.zeros(DIM))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.largest.copy_(torch.maximum(self.largest, inputs.detach().abs().amax(0)))
+        return super().forward(inputs)
+
+
+class ReplacesABuffer(KeepsTheLargestInput):
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.largest = inputs.detach().mean(0)
+        return Audited.forward(self, inputs)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("module", [KeepsTheLargestInput, ReplacesABuffer])
+def test_a_buffer_changed_by_training_step_is_refused_before_the_step(mode, module):
+    _refused_before_any_release(module(), r"buffer\(s\) \['largest'\]", grad_sample_mode=mode)
+
+
+def test_buffers_only_read_in_training_step_still_work():
+    class ReadsABuffer(Audited):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.full((DIM,), 0.5))
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return super().forward(inputs * self.scale)
+
+    assert _fit(ReadsABuffer()).global_step == 2
+
+
+class OptimisesTheHeadOnly(Audited):
+    """The common fine-tuning slip: only the head in the optimizer, the body not frozen. The body's ``.grad`` (the
+    raw gradient under hooks, the clipped sum under ghost and bk, no noise) stayed on the module after every step."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.out.parameters(), lr=1.0)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_trainable_parameter_outside_the_optimizer_keeps_no_unnoised_gradient(mode):
+    module = OptimisesTheHeadOnly(per_example=mode == "ghost")
+    _fit(module, grad_sample_mode=mode)
+    assert module.fc.weight.grad is None and module.fc.bias.grad is None
+    assert module.out.weight.grad is not None  # the noisy gradient of the last step, as documented
