@@ -71,17 +71,40 @@ def warn_about_nonfinite_examples(count: int) -> None:
         )
 
 
+# The LightningModule's hooks in a training step: what they log is computed from the private batch or from its
+# gradients before the noise (on_after_backward, on_before_optimizer_step: e.g. Lightning's `grad_norm` recipe).
+_TRAINING_HOOKS = (
+    "training_step",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
+
+
 def warn_about_logging_from_the_batch(trainer: pl.Trainer) -> bool:
-    """Warn if ``training_step`` logged anything (computed on the private batch without noise); whether it did."""
+    """Warn if the module's training hooks logged anything (computed on the private batch or its un-noised gradients,
+    without noise); whether they did. ``training_step`` is always looked at, the other hooks where the module
+    overrides them (a callback's logs in the same hook can't be told apart from the module's)."""
     results = getattr(trainer, "_results", None) or {}
-    names = sorted({key.split(".", 1)[1] for key in results if key.startswith("training_step.")})
-    if names:
+    module = trainer.lightning_module
+    hooks = [h for h in _TRAINING_HOOKS if h == "training_step" or _overrides(module, h)]
+    logged = {hook: sorted({key.split(".", 1)[1] for key in results if key.split(".", 1)[0] == hook}) for hook in hooks}
+    what = ", ".join(f"{hook} logs {names}" for hook, names in logged.items() if names)
+    if what:
         rank_zero_warn(
-            f"training_step logs {names}, computed on the private batch without noise: these figures are NOT "
-            "covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update are). "
-            "Keep them private, or log figures computed on public data (e.g. in validation_step)."
+            f"{what}, computed on the private batch (or its gradients before the noise) without noise: these figures "
+            "are NOT covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update "
+            "are). Keep them private, or log figures computed on public data (e.g. in validation_step)."
         )
-    return bool(names)
+    return bool(what)
+
+
+def _overrides(module: pl.LightningModule, hook: str) -> bool:
+    return getattr(type(module), hook, None) is not getattr(pl.LightningModule, hook, None)
 
 
 class _PrivacyReports:

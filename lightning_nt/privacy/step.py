@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
-from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise
+from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise, steps_taken
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.guards import buffer_versions, check_buffers_unchanged, check_sensitivity
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
@@ -90,7 +90,8 @@ class _PrivateStep:
         return self._engine
 
     def _warn_about_logging_from_the_batch(self) -> None:
-        """Once: what ``training_step`` logs is computed on the private batch without noise (outside the guarantee)."""
+        """Once: what ``training_step`` and the module's other training hooks log is computed on the private batch
+        without noise (outside the guarantee)."""
         if not self._warned_about_logging:
             self._warned_about_logging = warn_about_logging_from_the_batch(self.lightning_module.trainer)
 
@@ -145,6 +146,7 @@ class _PrivateStep:
         finally:
             self._active_engine().stop()  # callbacks that differentiate the module must not meet its hooks
             self._active_engine().forget()
+            self._warn_about_logging_from_the_batch()  # also what on_before_optimizer_step logged
 
     def _private_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if not self._budget_exhausted():
@@ -161,10 +163,13 @@ class _PrivateStep:
         return None
 
     def _seed_noise(self, optimizer: Any) -> None:
-        """With ``seed=`` (reproducible runs, warned), each step's noise comes from ``(seed, step)``: a resumed run
-        adds the noise the uninterrupted run added. Otherwise Opacus draws it (securely with ``secure_mode``)."""
+        """With ``seed=`` (reproducible runs, warned), each step's noise comes from ``(seed, n)``, ``n`` the noisy
+        steps already in the ledger: a resumed run adds the noise the uninterrupted run added, and no two steps of
+        one ledger share their noise (a second ``fit`` restarts the Trainer's step count, not the ledger; two steps
+        with the same noise would release the difference of their clipped sums without any). Otherwise Opacus draws
+        it (securely with ``secure_mode``)."""
         if self.seed is not None and not self.secure_mode:
-            optimizer.generator = seeded_noise(self.seed, self.lightning_module.trainer.global_step, self.root_device)
+            optimizer.generator = seeded_noise(self.seed, steps_taken(self.accountant), self.root_device)
 
     def _budget_exhausted(self) -> bool:
         if self.target_epsilon is None or not self.stop_at_budget:

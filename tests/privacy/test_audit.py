@@ -55,7 +55,7 @@ def _fit(module: pl.LightningModule, **strategy: object) -> pl.Trainer:
     pl.seed_everything(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the seed warning
-        dp = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0, seed=3, **strategy)
+        dp = DPStrategy(**{"noise_multiplier": 0.0, "max_grad_norm": 1.0, "seed": 3, **strategy})
     trainer = tiny_trainer(None, strategy=dp, max_steps=2, limit_val_batches=0)
     trainer.fit(module)
     return trainer
@@ -223,3 +223,57 @@ def test_a_trainable_parameter_outside_the_optimizer_keeps_no_unnoised_gradient(
     _fit(module, grad_sample_mode=mode)
     assert module.fc.weight.grad is None and module.fc.bias.grad is None
     assert module.out.weight.grad is not None  # the noisy gradient of the last step, as documented
+
+
+# -- what the module's own hooks log, and the noise of a seeded run ---------------------------------------------
+
+
+class LogsGradientNorms(Audited):
+    """Lightning's recipe for watching gradients: their norms before the optimizer step, i.e. before the noise (the
+    raw, unclipped gradient under hooks). It was logged without a word."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.log_dict(pl.utilities.grad_norm(self, norm_type=2))
+
+
+def test_what_the_modules_other_training_hooks_log_is_flagged_as_not_covered():
+    with pytest.warns(UserWarning, match=r"on_before_optimizer_step logs \['grad_2.0_norm/fc.bias'.*NOT covered"):
+        _fit(LogsGradientNorms(), noise_multiplier=1.0)
+
+
+class ZeroGradient(Audited):
+    """Its clipped sum is zero: every update is the noise alone."""
+
+    def training_step(self, batch, batch_idx):
+        return 0.0 * super().training_step(batch, batch_idx)
+
+
+class UpdateRecorder(pl.Callback):
+    def __init__(self) -> None:
+        self.updates: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = pl_module.fc.weight.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.updates.append(pl_module.fc.weight.detach() - self.before)
+
+
+def test_no_two_steps_of_one_ledger_share_their_seeded_noise():
+    """One strategy (one ledger) over two Trainers, a fit per fine-tuning stage: the second fit's steps drew the
+    first fit's noise again (keyed on the Trainer's step count), so the difference of two released updates was the
+    difference of their clipped sums without noise, while the ledger composed them as independent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = DPStrategy(noise_multiplier=1.0, seed=5)
+    module, recorder = ZeroGradient(), UpdateRecorder()
+    for stage in range(2):
+        settings = {"accelerator": "cpu"} if stage == 0 else {}  # the strategy keeps its accelerator
+        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        trainer = pl.Trainer(
+            strategy=strategy, max_steps=2, callbacks=[recorder], enable_model_summary=False, **quiet, **settings
+        )
+        trainer.fit(module)
+    assert len(recorder.updates) == 4 and all(u.abs().sum() > 0 for u in recorder.updates)
+    for first, second in zip(recorder.updates[:2], recorder.updates[2:]):
+        assert not torch.allclose(first, second, atol=1e-4)
