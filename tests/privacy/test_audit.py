@@ -156,16 +156,49 @@ class PenalisesTheWeights(Audited):
         return super().training_step(batch, batch_idx) + 1e-3 * self.fc.weight.square().sum()
 
 
-@pytest.mark.parametrize("module", [UsesTheWeightOutsideItsLayer, CallsForwardDirectly, PenalisesTheWeights])
-def test_ghost_clipping_refuses_a_parameter_used_outside_its_layer(module):
-    _refused_before_any_release(module(per_example=True), "fc.weight.* outside a call", grad_sample_mode="ghost")
+class LearnsATemperature(Audited):
+    """A parameter of the LightningModule itself, used in ``forward`` (seen by Opacus's hooks of the module) or in
+    ``training_step`` (seen by none)."""
+
+    in_training_step = False
+
+    def __init__(self, per_example: bool = False) -> None:
+        super().__init__(per_example)
+        self.temperature = nn.Parameter(torch.ones(()))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs) * (1.0 if self.in_training_step else self.temperature)
+
+    def training_step(self, batch, batch_idx):
+        if not self.in_training_step:
+            return super().training_step(batch, batch_idx)
+        losses = F.cross_entropy(self(batch[0]) / self.temperature, batch[1], reduction="none")
+        return losses if self.per_example else losses.mean()
 
 
-def test_ghost_clipping_still_trains_an_ordinary_module():
-    module = Audited(per_example=True)
-    before = module.fc.weight.detach().clone()
-    assert _fit(module, grad_sample_mode="ghost").global_step == 2
-    assert not torch.equal(before, module.fc.weight)
+class ScalesByATemperatureInTrainingStep(LearnsATemperature):
+    in_training_step = True
+
+
+@pytest.mark.parametrize(
+    ("module", "named"),
+    [
+        (UsesTheWeightOutsideItsLayer, "fc.weight"),
+        (CallsForwardDirectly, "fc.weight"),
+        (PenalisesTheWeights, "fc.weight"),
+        (ScalesByATemperatureInTrainingStep, "temperature"),
+    ],
+)
+def test_ghost_clipping_refuses_a_parameter_used_outside_its_layer(module, named):
+    _refused_before_any_release(module(per_example=True), f"{named}.* outside a call", grad_sample_mode="ghost")
+
+
+@pytest.mark.parametrize("module", [Audited, LearnsATemperature])
+def test_ghost_clipping_still_trains_a_module_that_uses_its_parameters_in_their_layers(module):
+    trained = module(per_example=True)
+    before = [p.detach().clone() for p in trained.parameters()]
+    assert _fit(trained, grad_sample_mode="ghost").global_step == 2
+    assert all(not torch.equal(b, p) for b, p in zip(before, trained.parameters()))
 
 
 # -- buffers and gradients travel with the module ---------------------------------------------------------------
@@ -277,3 +310,48 @@ def test_no_two_steps_of_one_ledger_share_their_seeded_noise():
     assert len(recorder.updates) == 4 and all(u.abs().sum() > 0 for u in recorder.updates)
     for first, second in zip(recorder.updates[:2], recorder.updates[2:]):
         assert not torch.allclose(first, second, atol=1e-4)
+
+
+class WideZeroGradient(pl.LightningModule):
+    """4160 weights whose clipped sum is zero: one update is the noise alone, sampled 4160 times."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def training_step(self, batch, batch_idx):
+        return 0.0 * self.fc(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(64, 64)), batch_size=16)
+
+
+class SaveUpdate(pl.Callback):
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module):
+        self.before = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+
+    def on_train_end(self, trainer, pl_module):
+        after = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        torch.save(after - self.before, f"{self.directory}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_the_noise_over_two_processes_is_one_draw_of_std_sigma_c(tmp_path):
+    """One noise draw per step in total (process 0's), not one per process (sqrt(2) too much) nor one per process
+    divided by its own share of the batch: the update's std times the global expected batch (2 x 16) is sigma C."""
+    from lightning_nt import DPDDPStrategy
+
+    pl.seed_everything(0)
+    strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=1.5, max_grad_norm=2.0)
+    trainer = tiny_trainer(None, strategy=strategy, devices=2, max_steps=1, callbacks=[SaveUpdate(str(tmp_path))])
+    trainer.fit(WideZeroGradient())
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(rank0, rank1)
+    assert rank0.std().item() * 32 == pytest.approx(1.5 * 2.0, rel=0.05)

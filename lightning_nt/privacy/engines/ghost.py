@@ -59,11 +59,16 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
             if p.requires_grad
         }
         self.running: Counter[int] = Counter()  # parameters whose layer is being called
+        self.in_hooks = 0  # Opacus's own forward hooks are running (they may prepare a layer from its parameters)
         self.outside: list[str] = []
         self.handles = [
             handle
             for _, layer in layers
-            for handle in (layer.register_forward_pre_hook(self._enter), layer.register_forward_hook(self._leave))
+            for handle in (
+                layer.register_forward_pre_hook(self._enter),
+                layer.register_forward_hook(self._leave, prepend=True),
+                layer.register_forward_hook(self._after_hooks),
+            )
         ]
         self.active = False
 
@@ -72,10 +77,14 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
 
     def _leave(self, layer: nn.Module, inputs: Any, output: Any) -> None:
         self.running.subtract(id(p) for p in layer.parameters(recurse=False))
+        self.in_hooks += 1
+
+    def _after_hooks(self, layer: nn.Module, inputs: Any, output: Any) -> None:
+        self.in_hooks -= 1
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not self.in_hooks:
             for value in (*args, *kwargs.values()):
                 for tensor in value if isinstance(value, list | tuple) else (value,):
                     if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0:
@@ -86,7 +95,7 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
         """Start watching a training step's forward pass."""
         if not self.active:
             self.running.clear()
-            self.outside = []
+            self.in_hooks, self.outside = 0, []
             self.__enter__()
             self.active = True
 
