@@ -13,8 +13,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from opacus.accountants import IAccountant
 from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nt.common import log_scalars
@@ -24,6 +26,7 @@ from lightning_nt.privacy.ledger import mark_trained_privately
 __all__ = [
     "log_clip_fraction",
     "log_privacy",
+    "warn_about_evaluation_on_training_data",
     "warn_about_logging_from_the_batch",
     "warn_about_nonfinite_examples",
     "warn_about_options",
@@ -69,6 +72,20 @@ def warn_about_nonfinite_examples(count: int) -> None:
             "clipped sums (each such example contributed zero; the sensitivity stays max_grad_norm). The count "
             "is over the whole run and is not covered by the guarantee. Check the data and the loss."
         )
+
+
+def warn_about_evaluation_on_training_data(train_dataset: object, loaders: object) -> bool:
+    """Warn if one of ``loaders`` (evaluation loaders, in any collection) reads ``train_dataset``; whether one does."""
+    datasets: list[object] = []
+    apply_to_collection(loaders, DataLoader, lambda loader: datasets.append(loader.dataset))
+    if not any(dataset is train_dataset for dataset in datasets):
+        return False
+    rank_zero_warn(
+        "An evaluation loader reads the train dataset: what validation (or testing) computes and logs on it is "
+        "computed on the private data without noise and is NOT covered by the privacy guarantee. Evaluate on "
+        "held-out data you may release."
+    )
+    return True
 
 
 # The LightningModule's hooks in a training step: what they log is computed from the private batch or from its

@@ -29,7 +29,7 @@ from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, ep
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer
 from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
-from lightning_nt.privacy.reports import _PrivacyReports, warn_about_options
+from lightning_nt.privacy.reports import _PrivacyReports, warn_about_evaluation_on_training_data, warn_about_options
 from lightning_nt.privacy.sampling import private_train_loader, shared_seed, steps_per_epoch
 from lightning_nt.privacy.step import _PrivateStep
 
@@ -96,6 +96,8 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self.sensitivity_probe = sensitivity_probe
         self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
         self._warned_about_logging = False
+        self._train_dataset: object | None = None  # the train loader's, to tell when evaluation reads it
+        self._warned_about_evaluation = False
         self._probe_pending = False
 
     @property
@@ -140,7 +142,10 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
         if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            self._warn_about_evaluation_on_training_data(dataloader)
             return super().process_dataloader(dataloader)  # type: ignore[misc]
+        self._train_dataset = dataloader.dataset
+        self._warn_about_evaluation_on_training_data(trainer.val_dataloaders)
         sampled, self.sample_rate, expected = private_train_loader(
             dataloader,
             self.sample_rate,
@@ -152,6 +157,11 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self.optimizers[0].expected_batch_size = expected
         self._calibrate(trainer, steps_per_epoch(sampled))
         return super().process_dataloader(sampled)  # type: ignore[misc]
+
+    def _warn_about_evaluation_on_training_data(self, loaders: object) -> None:
+        """Once: an evaluation loader that reads the train dataset releases figures of the private data."""
+        if self._train_dataset is not None and not self._warned_about_evaluation:
+            self._warned_about_evaluation = warn_about_evaluation_on_training_data(self._train_dataset, loaders)
 
     # -- teardown ------------------------------------------------------------------------
 

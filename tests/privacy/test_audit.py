@@ -355,3 +355,37 @@ def test_the_noise_over_two_processes_is_one_draw_of_std_sigma_c(tmp_path):
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(rank0, rank1)
     assert rank0.std().item() * 32 == pytest.approx(1.5 * 2.0, rel=0.05)
+
+
+class ValidatesOnTheTrainingData(Audited):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = _data()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=8)
+
+
+class ValidatesOnOtherData(ValidatesOnTheTrainingData):
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_data(), batch_size=8)  # equal values, another dataset
+
+
+@pytest.mark.parametrize("sanity_steps", [0, 2])
+def test_validation_on_the_train_dataset_is_flagged_as_not_covered(sanity_steps):
+    """An accident of quick experiments: val_dataloader returns the train dataset, so val_loss (and what monitors
+    it) is a noiseless figure of the private data."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for module in (ValidatesOnTheTrainingData(), ValidatesOnOtherData()):
+            pl.seed_everything(0)
+            strategy = DPStrategy(noise_multiplier=1.0)
+            tiny_trainer(None, strategy=strategy, max_steps=2, num_sanity_val_steps=sanity_steps).fit(module)
+    flagged = [w for w in caught if "evaluation loader reads the train dataset" in str(w.message)]
+    assert len(flagged) == 1  # once, for the first module only
