@@ -27,7 +27,7 @@ from typing_extensions import override
 from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
 from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise, steps_taken
 from lightning_nt.privacy.engines import ClippingEngine
-from lightning_nt.privacy.guards import buffer_versions, check_buffers_unchanged, check_sensitivity
+from lightning_nt.privacy.guards import check_sensitivity, check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -56,6 +56,7 @@ class _PrivateStep:
     _rows: int
     _skipped_steps: int
     _probe_pending: bool
+    _first_step: bool
     _warned_about_logging: bool
 
     @override
@@ -66,7 +67,8 @@ class _PrivateStep:
             return self._empty_step()
         engine = self._active_engine()
         engine.check_trainable_parameters()
-        buffers = buffer_versions(self.lightning_module)
+        state = state_versions(self.lightning_module, buffer_values=self._first_step)  # .data updates: once
+        self._first_step = False
         engine.start()
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
@@ -81,7 +83,7 @@ class _PrivateStep:
             self._rows = batch_size(args[0])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
-        check_buffers_unchanged(self.lightning_module, buffers)
+        check_state_unchanged(self.lightning_module, state)
         self._warn_about_logging_from_the_batch()
         return engine.take_output(output)
 

@@ -99,6 +99,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._train_dataset: object | None = None  # the train loader's, to tell when evaluation reads it
         self._warned_about_evaluation = False
         self._probe_pending = False
+        self._first_step = False
 
     @property
     def epsilon(self) -> float:
@@ -119,6 +120,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             engine_class(self.clipping_mode).check_precision(trainer.precision)
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
+            self._first_step = True  # buffers are compared by value on the first step of a fit
         super().setup(trainer)  # type: ignore[misc]
 
     @override

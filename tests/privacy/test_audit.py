@@ -224,10 +224,60 @@ class ReplacesABuffer(KeepsTheLargestInput):
         return Audited.forward(self, inputs)
 
 
+class UpdatesABufferThroughData(KeepsTheLargestInput):
+    """``.data`` leaves the buffer's version counter as it was: found by value on the first step."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.largest.data = 0.9 * self.largest.data + 0.1 * inputs.detach().mean(0)
+        return Audited.forward(self, inputs)
+
+
+class ClampsTheBatchsRows(Audited):
+    """A weight changed in place in forward from the batch (which rows were looked up)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.fc.weight[inputs.argmax(1)] *= 0.5
+        return super().forward(inputs)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
-@pytest.mark.parametrize("module", [KeepsTheLargestInput, ReplacesABuffer])
-def test_a_buffer_changed_by_training_step_is_refused_before_the_step(mode, module):
-    _refused_before_any_release(module(), r"buffer\(s\) \['largest'\]", grad_sample_mode=mode)
+@pytest.mark.parametrize(
+    ("module", "named"),
+    [
+        (KeepsTheLargestInput, "largest"),
+        (ReplacesABuffer, "largest"),
+        (UpdatesABufferThroughData, "largest"),
+        (ClampsTheBatchsRows, "fc.weight"),
+    ],
+)
+def test_a_parameter_or_buffer_changed_by_training_step_is_refused_before_the_step(mode, module, named):
+    before = {name: t.clone() for name, t in module().state_dict().items()}
+    refused = module()
+    with pytest.raises(RuntimeError, match=rf"changed the module's \['{named}'\]"):
+        _fit(refused, grad_sample_mode=mode)
+    assert all(p.grad is None for p in refused.parameters()), "a raw gradient was left behind"
+    assert before.keys() == refused.state_dict().keys()
+
+
+class RenormalisesEmbeddings(Audited):
+    """``nn.Embedding(max_norm=1)`` renormalises, in place, the rows of the batch's tokens: after one noisy step
+    those rows had norm 1.1 and the others 4.0, which told exactly which tokens the private batch held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, DIM, max_norm=1.0)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        tokens = (inputs.abs() * 3).long().clamp(max=9)
+        return super().forward(self.embed(tokens).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_an_embedding_with_max_norm_is_refused_before_the_first_step(mode):
+    _refused_before_any_release(
+        RenormalisesEmbeddings(), r"Embeddings \['embed'\] have max_norm", grad_sample_mode=mode
+    )
 
 
 def test_buffers_only_read_in_training_step_still_work():

@@ -43,6 +43,12 @@ class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimi
     pass
 
 
+def _carries_gradient(result: Any) -> bool:
+    """Whether an operation's result is part of the autograd graph (a shape or a detached copy is not)."""
+    results = result if isinstance(result, list | tuple) else (result,)
+    return any(isinstance(r, torch.Tensor) and r.requires_grad for r in results)
+
+
 class _UsesOutsideTheirLayer(TorchFunctionMode):
     """While entered: notes every trainable parameter that a torch operation uses, with grad enabled, outside a call
     of its own layer (``F.linear(x, self.fc.weight)``, ``self.fc.forward(x)``, a penalty on the weights), where
@@ -84,12 +90,13 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() and not self.in_hooks:
+        result = func(*args, **kwargs)
+        if torch.is_grad_enabled() and not self.in_hooks and _carries_gradient(result):
             for value in (*args, *kwargs.values()):
                 for tensor in value if isinstance(value, list | tuple) else (value,):
                     if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0:
                         self.outside.append(self.names[id(tensor)])
-        return func(*args, **kwargs)
+        return result
 
     def begin(self) -> None:
         """Start watching a training step's forward pass."""
