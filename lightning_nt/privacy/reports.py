@@ -45,8 +45,8 @@ def warn_about_options(accountant: str, log_clip_fraction: bool, seed: int | Non
         )
     if seed is not None:
         rank_zero_warn(
-            "DPStrategy(seed=...) makes the Poisson batches reproducible by anyone who knows the seed; the privacy "
-            "accounting assumes they are secret. Leave seed=None for a real guarantee."
+            "DPStrategy(seed=...) makes the Poisson batches and the noise reproducible by anyone who knows the seed; "
+            "the privacy accounting assumes they are secret. Leave seed=None for a real guarantee."
         )
 
 
