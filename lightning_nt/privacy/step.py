@@ -25,7 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
-from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise, steps_taken
+from lightning_nt.privacy.accounting import (
+    AccountantName,
+    exceeds_budget,
+    secret_noise,
+    seeded_noise,
+    steps_taken,
+)
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.guards import check_sensitivity, check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
@@ -165,13 +171,17 @@ class _PrivateStep:
         return None
 
     def _seed_noise(self, optimizer: Any) -> None:
-        """With ``seed=`` (reproducible runs, warned), each step's noise comes from ``(seed, n)``, ``n`` the noisy
-        steps already in the ledger: a resumed run adds the noise the uninterrupted run added, and no two steps of
-        one ledger share their noise (a second ``fit`` restarts the Trainer's step count, not the ledger; two steps
-        with the same noise would release the difference of their clipped sums without any). Otherwise Opacus draws
-        it (securely with ``secure_mode``)."""
+        """Each step's noise comes from a generator of its own. By default (and always with ``secure_mode``) it is
+        seeded from the OS, not from torch's global RNG: scripts seed that with a public number
+        (``pl.seed_everything(42)``), from which anyone could regenerate the noise and subtract it. With ``seed=``
+        (reproducible runs, warned) it comes from ``(seed, n)``, ``n`` the noisy steps already in the ledger: a resumed
+        run adds the noise the uninterrupted run added, and no two steps of one ledger share their noise (a second
+        ``fit`` restarts the Trainer's step count, not the ledger; two steps with the same noise would release the
+        difference of their clipped sums without any)."""
         if self.seed is not None and not self.secure_mode:
             optimizer.generator = seeded_noise(self.seed, steps_taken(self.accountant), self.root_device)
+        else:
+            optimizer.generator = secret_noise(self.root_device)
 
     def _budget_exhausted(self) -> bool:
         if self.target_epsilon is None or not self.stop_at_budget:

@@ -439,3 +439,43 @@ def test_validation_on_the_train_dataset_is_flagged_as_not_covered(sanity_steps)
             tiny_trainer(None, strategy=strategy, max_steps=2, num_sanity_val_steps=sanity_steps).fit(module)
     flagged = [w for w in caught if "evaluation loader reads the train dataset" in str(w.message)]
     assert len(flagged) == 1  # once, for the first module only
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_the_noise_is_not_drawn_from_torchs_publicly_seeded_global_rng(secure_mode):
+    """Lightning scripts call ``pl.seed_everything(42)``, and papers publish the 42. The noise came from torch's global
+    RNG (also with ``secure_mode``), so anyone with the seed and the code could regenerate it and subtract it."""
+    updates = []
+    for _ in range(2):
+        recorder = UpdateRecorder()
+        pl.seed_everything(42)
+        strategy = DPStrategy(noise_multiplier=1.0, secure_mode=secure_mode)
+        tiny_trainer(None, strategy=strategy, max_steps=1, callbacks=[recorder], limit_val_batches=0).fit(
+            ZeroGradient()
+        )
+        updates.append(recorder.updates[0])
+    assert updates[0].abs().sum() > 0 and not torch.allclose(updates[0], updates[1])
+
+
+def test_seeded_noise_is_the_same_in_every_python_process():
+    """``seed=`` promises that a resumed run (another process) adds the noise the uninterrupted run added; the
+    generator's seed came from ``hash()`` of a tuple with a str in it, which differs from process to process."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_nt.privacy.accounting import seeded_noise
+
+    script = (
+        "import torch; from lightning_nt.privacy.accounting import seeded_noise; "
+        "print(torch.randn(3, generator=seeded_noise(7, 2, torch.device('cpu'))).tolist())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONHASHSEED": str(1 + hash("a") % 1000)},  # surely not this process's hash seed
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    here = torch.randn(3, generator=seeded_noise(7, 2, torch.device("cpu"))).tolist()
+    assert other.strip() == str(here)
