@@ -332,14 +332,16 @@ class ZeroGradient(Audited):
 
 
 class UpdateRecorder(pl.Callback):
-    def __init__(self) -> None:
-        self.updates: list[torch.Tensor] = []
+    """Each step's update of ``pl_module.<layer>.weight``."""
+
+    def __init__(self, layer: str = "fc") -> None:
+        self.layer, self.updates = layer, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.before = pl_module.fc.weight.detach().clone()
+        self.before = getattr(pl_module, self.layer).weight.detach().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.updates.append(pl_module.fc.weight.detach() - self.before)
+        self.updates.append(getattr(pl_module, self.layer).weight.detach() - self.before)
 
 
 def test_no_two_steps_of_one_ledger_share_their_seeded_noise():
@@ -479,3 +481,26 @@ def test_seeded_noise_is_the_same_in_every_python_process():
     ).stdout
     here = torch.randn(3, generator=seeded_noise(7, 2, torch.device("cpu"))).tolist()
     assert other.strip() == str(here)
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("seed", [None, 5])
+def test_the_noise_generator_and_the_state_checks_on_the_gpu(precision, seed):
+    """The noise comes from a generator on the parameters' device (secret or seeded), of std sigma C; a buffer
+    changed by training_step is refused there too."""
+    from tests.privacy.test_strategy import Wide
+
+    recorder, cuda = UpdateRecorder("layer"), {"accelerator": "gpu", "precision": precision}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = DPStrategy(noise_multiplier=1.3, max_grad_norm=0.7, seed=seed)
+    tiny_trainer(None, strategy=strategy, max_steps=1, callbacks=[recorder], limit_val_batches=0, **cuda).fit(Wide())
+    noise = recorder.updates[0].float().cpu() * 40.0  # expected batch q N = 40
+    assert noise.std().item() == pytest.approx(1.3 * 0.7, rel=0.05)
+    with pytest.raises(RuntimeError, match=r"changed the module's \['largest'\]"):
+        pl.seed_everything(0)
+        tiny_trainer(None, strategy=DPStrategy(noise_multiplier=1.0), max_steps=1, **cuda).fit(KeepsTheLargestInput())
