@@ -202,10 +202,11 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
             ``training_step`` sees the ``B x K`` views as one flat batch, and each example's gradient is the mean
             of its views' gradients before clipping, so the privacy unit stays the example.
         stop_at_budget: with ``target_epsilon``, skip the step that would exceed it and stop training.
-        secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
+        secure_mode: Opacus's secure noise (robust to floating-point attacks) and OS-drawn seeds even with ``seed``.
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
-        seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
-            batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
+        seed: seed of the Poisson sampler and of the noise, for reproducible experiments only (warned: the accounting
+            assumes both are secret); ``None`` (default) draws a fresh seed from the OS for every loader and every
+            step's noise (never torch's global RNG, which ``pl.seed_everything`` seeds with a public number).
         allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (those that declare
             ``reads_training_data_outside_step``: GradInit, SharpnessMonitor, CompressionBoundReporter) run; their
             logs are then not covered by the guarantee (warned). Lightning's tuners are refused regardless.
