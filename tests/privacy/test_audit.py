@@ -193,7 +193,15 @@ def test_ghost_clipping_refuses_a_parameter_used_outside_its_layer(module, named
     _refused_before_any_release(module(per_example=True), f"{named}.* outside a call", grad_sample_mode="ghost")
 
 
-@pytest.mark.parametrize("module", [Audited, LearnsATemperature])
+class LogsAWeightNorm(Audited):
+    """A use of a weight outside its layer that the loss does not depend on: nothing to clip, not refused."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("fc_norm", self.fc.weight.norm())
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("module", [Audited, LearnsATemperature, LogsAWeightNorm])
 def test_ghost_clipping_still_trains_a_module_that_uses_its_parameters_in_their_layers(module):
     trained = module(per_example=True)
     before = [p.detach().clone() for p in trained.parameters()]

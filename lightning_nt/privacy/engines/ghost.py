@@ -43,10 +43,23 @@ class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimi
     pass
 
 
-def _carries_gradient(result: Any) -> bool:
-    """Whether an operation's result is part of the autograd graph (a shape or a detached copy is not)."""
+def _graph_node(result: Any) -> Any:
+    """The autograd node that an operation's result hangs from (None for a shape, a detached copy, or the parameter
+    itself, which in-place operations and ``requires_grad_`` return)."""
     results = result if isinstance(result, list | tuple) else (result,)
-    return any(isinstance(r, torch.Tensor) and r.requires_grad for r in results)
+    return next((r.grad_fn for r in results if isinstance(r, torch.Tensor) and r.grad_fn is not None), None)
+
+
+def _reachable(roots: list[Any]) -> set[Any]:
+    """Every autograd node the backward pass from ``roots`` goes through."""
+    seen: set[Any] = set()
+    stack = [root for root in roots if root is not None]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(parent for parent, _ in node.next_functions if parent is not None)
+    return seen
 
 
 class _UsesOutsideTheirLayer(TorchFunctionMode):
@@ -66,7 +79,7 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
         }
         self.running: Counter[int] = Counter()  # parameters whose layer is being called
         self.in_hooks = 0  # Opacus's own forward hooks are running (they may prepare a layer from its parameters)
-        self.outside: list[str] = []
+        self.outside: list[tuple[str, Any]] = []  # (parameter, the node of the operation that used it)
         self.handles = [
             handle
             for _, layer in layers
@@ -91,11 +104,12 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if torch.is_grad_enabled() and not self.in_hooks and _carries_gradient(result):
+        node = _graph_node(result) if torch.is_grad_enabled() and not self.in_hooks else None
+        if node is not None:
             for value in (*args, *kwargs.values()):
                 for tensor in value if isinstance(value, list | tuple) else (value,):
                     if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0:
-                        self.outside.append(self.names[id(tensor)])
+                        self.outside.append((self.names[id(tensor)], node))
         return result
 
     def begin(self) -> None:
@@ -106,12 +120,17 @@ class _UsesOutsideTheirLayer(TorchFunctionMode):
             self.__enter__()
             self.active = True
 
-    def end(self) -> list[str]:
-        """Stop watching; the parameters used outside their layer's call, each named once."""
+    def end(self, loss: torch.Tensor | None = None) -> list[str]:
+        """Stop watching; the parameters used outside their layer's call by an operation that ``loss`` depends on
+        (logging a weight's norm is not such a use), each named once."""
         if self.active:
             self.__exit__(None, None, None)
             self.active = False
-        return list(dict.fromkeys(self.outside))
+        outside, self.outside = self.outside, []
+        if loss is None or not outside:
+            return []
+        reached = _reachable([loss.grad_fn])
+        return list(dict.fromkeys(name for name, node in outside if node in reached))
 
     def close(self) -> None:
         self.end()
@@ -156,7 +175,8 @@ class GhostClippingEngine(OpacusHooksEngine):
 
     def take_output(self, output: Any) -> Any:
         """Keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
-        outside = self._uses.end()
+        losses = output["loss"] if isinstance(output, dict) else output
+        outside = self._uses.end(losses if isinstance(losses, torch.Tensor) else None)
         if outside:
             raise RuntimeError(
                 f"grad_sample_mode='ghost': {', '.join(outside)} used outside a call of its own layer (e.g. "
@@ -165,7 +185,6 @@ class GhostClippingEngine(OpacusHooksEngine):
                 "the gradient of such a use would reach the update unclipped. Call the layer itself (layer(x)) for "
                 "every use of its parameters."
             )
-        losses = output["loss"] if isinstance(output, dict) else output
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
             raise RuntimeError(
                 "grad_sample_mode='ghost' needs training_step to return the per-example losses, a [B] tensor "
