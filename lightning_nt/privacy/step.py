@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
+from lightning_nt.common import batch_size, captured_logging, frozen_metrics, loss_from_output, select_examples
 from lightning_nt.privacy.accounting import (
     AccountantName,
     exceeds_budget,
@@ -33,6 +33,7 @@ from lightning_nt.privacy.accounting import (
     steps_taken,
 )
 from lightning_nt.privacy.engines import ClippingEngine
+from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_sensitivity, check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
@@ -63,6 +64,8 @@ class _PrivateStep:
     _skipped_steps: int
     _probe_pending: bool
     _first_step: bool
+    _uses: ParameterUses | None
+    _uses_checked: bool
     _warned_about_logging: bool
 
     @override
@@ -76,6 +79,7 @@ class _PrivateStep:
         state = state_versions(self.lightning_module, buffer_values=self._first_step)  # .data updates: once
         self._first_step = False
         engine.start()
+        self._watch_parameter_uses(engine)
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, batch_idx)
@@ -89,9 +93,27 @@ class _PrivateStep:
             self._rows = batch_size(args[0])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
+        self._check_parameter_uses(engine, output)
         check_state_unchanged(self.lightning_module, state)
         self._warn_about_logging_from_the_batch()
         return engine.take_output(output)
+
+    def _watch_parameter_uses(self, engine: ClippingEngine) -> None:
+        """Watch this step's forward passes for parameters used outside their layers' calls: on a fit's first
+        step, and on every step where the engine's clipping would not bound such a use (ghost clipping)."""
+        if engine.outside_uses_escape_clipping or not self._uses_checked:
+            if self._uses is None:  # after the engine's own hooks, whose work on the parameters is not a use
+                self._uses = ParameterUses(self.lightning_module)
+            self._uses.begin()
+
+    def _check_parameter_uses(self, engine: ClippingEngine, output: Any) -> None:
+        if self._uses is not None and self._uses.active:
+            engine.check_parameter_uses(self._uses.end(loss_from_output(output, "training_step")))
+            self._uses_checked = True
+
+    def _stop_watching_parameter_uses(self) -> None:
+        if self._uses is not None:
+            self._uses.end()
 
     def _active_engine(self) -> ClippingEngine:
         assert self._engine is not None, "the clipping engine is attached when a fit sets up its optimizer"
@@ -152,6 +174,7 @@ class _PrivateStep:
         try:
             return self._private_step(optimizer, closure, model, **kwargs)
         finally:
+            self._stop_watching_parameter_uses()
             self._active_engine().stop()  # callbacks that differentiate the module must not meet its hooks
             self._active_engine().forget()
             self._warn_about_logging_from_the_batch()  # also what on_before_optimizer_step logged
@@ -205,6 +228,7 @@ class _PrivateStep:
     @override
     def on_exception(self, exception: BaseException) -> None:
         # a step interrupted between its backward pass and its noise leaves raw gradients on the parameters
+        self._stop_watching_parameter_uses()
         if self._engine is not None:
             self._engine.stop()
             self._engine.forget(gradients=True)

@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
+from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer
 from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
 from lightning_nt.privacy.reports import _PrivacyReports, warn_about_evaluation_on_training_data, warn_about_options
@@ -100,6 +101,8 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._warned_about_evaluation = False
         self._probe_pending = False
         self._first_step = False
+        self._uses: ParameterUses | None = None  # made on the first step that watches
+        self._uses_checked = False
 
     @property
     def epsilon(self) -> float:
@@ -121,6 +124,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
             self._first_step = True  # buffers are compared by value on the first step of a fit
+            self._uses_checked = False  # parameters used outside their layers: looked for on the first step
         super().setup(trainer)  # type: ignore[misc]
 
     @override
@@ -173,6 +177,9 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             self._engine.close()
             self._engine.forget()
             self._engine = None
+        if self._uses is not None:
+            self._uses.close()
+            self._uses = None
         super().teardown()  # type: ignore[misc]
 
 

@@ -209,6 +209,45 @@ def test_ghost_clipping_still_trains_a_module_that_uses_its_parameters_in_their_
     assert all(not torch.equal(b, p) for b, p in zip(before, trained.parameters()))
 
 
+class TiesTheOutputLayerByHand(Audited):
+    """GPT-style weight tying written functionally: the output logits are ``h @ embed.weight.T``. Opacus's hooks and
+    book-keeping saw only the embedding's own calls, and the output layer's part of its gradient was silently left
+    out of every update."""
+
+    def __init__(self, per_example: bool = False) -> None:
+        super().__init__(per_example)
+        self.embed = nn.Embedding(CLASSES, DIM)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.fc(inputs)) + self.embed(torch.zeros(len(inputs), dtype=torch.long))
+        return F.linear(hidden, self.embed.weight)
+
+
+@pytest.mark.parametrize(
+    ("module", "named"),
+    [
+        (UsesTheWeightOutsideItsLayer, "fc.weight"),
+        (TiesTheOutputLayerByHand, "embed.weight"),
+        (ScalesByATemperatureInTrainingStep, "temperature"),
+    ],
+)
+def test_a_parameter_used_outside_its_layer_is_named_once_where_its_gradient_is_left_out(module, named):
+    """Opacus's hooks (the default engine). Book-keeping leaves such a use out too, without a warning: its parameters
+    do not require grad while it records, so the use leaves no trace in the autograd graph."""
+    with pytest.warns(UserWarning, match=rf"{named}.* used outside a call of its own layer") as caught:
+        _fit(module())
+    assert sum("outside a call of its own layer" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("module", [Audited, LogsAWeightNorm])
+def test_a_module_that_uses_its_parameters_in_their_layers_is_not_warned_about(mode, module):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(module(), grad_sample_mode=mode)
+    assert not [w for w in caught if "outside a call of its own layer" in str(w.message)]
+
+
 # -- buffers and gradients travel with the module ---------------------------------------------------------------
 
 

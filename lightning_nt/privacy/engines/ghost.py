@@ -7,15 +7,11 @@ the losses weighted by their clip factors, which leaves the clipped sum in ``.gr
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
-from opacus.utils.module_utils import trainable_modules
-from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
 
@@ -43,127 +39,28 @@ class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimi
     pass
 
 
-def _graph_node(result: Any) -> Any:
-    """The autograd node that an operation's result hangs from (None for a shape, a detached copy, or the parameter
-    itself, which in-place operations and ``requires_grad_`` return)."""
-    results = result if isinstance(result, list | tuple) else (result,)
-    return next((r.grad_fn for r in results if isinstance(r, torch.Tensor) and r.grad_fn is not None), None)
-
-
-def _reachable(roots: list[Any]) -> set[Any]:
-    """Every autograd node the backward pass from ``roots`` goes through."""
-    seen: set[Any] = set()
-    stack = [root for root in roots if root is not None]
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(parent for parent, _ in node.next_functions if parent is not None)
-    return seen
-
-
-class _UsesOutsideTheirLayer(TorchFunctionMode):
-    """While entered: notes every trainable parameter that a torch operation uses, with grad enabled, outside a call
-    of its own layer (``F.linear(x, self.fc.weight)``, ``self.fc.forward(x)``, a penalty on the weights), where
-    Opacus's hooks can't see it. Ghost clipping takes each example's norm from the layers' calls only, and its second
-    backward pass would carry such a use's gradient, unclipped, into the update."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        layers = list(trainable_modules(module))
-        self.names = {
-            id(p): f"{prefix}.{name}" if prefix else name
-            for prefix, layer in layers
-            for name, p in layer.named_parameters(recurse=False)
-            if p.requires_grad
-        }
-        self.running: Counter[int] = Counter()  # parameters whose layer is being called
-        self.in_hooks = 0  # Opacus's own forward hooks are running (they may prepare a layer from its parameters)
-        self.outside: list[tuple[str, Any]] = []  # (parameter, the node of the operation that used it)
-        self.handles = [
-            handle
-            for _, layer in layers
-            for handle in (
-                layer.register_forward_pre_hook(self._enter),
-                layer.register_forward_hook(self._leave, prepend=True),
-                layer.register_forward_hook(self._after_hooks),
-            )
-        ]
-        self.active = False
-
-    def _enter(self, layer: nn.Module, inputs: Any) -> None:
-        self.running.update(id(p) for p in layer.parameters(recurse=False))
-
-    def _leave(self, layer: nn.Module, inputs: Any, output: Any) -> None:
-        self.running.subtract(id(p) for p in layer.parameters(recurse=False))
-        self.in_hooks += 1
-
-    def _after_hooks(self, layer: nn.Module, inputs: Any, output: Any) -> None:
-        self.in_hooks -= 1
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
-        node = _graph_node(result) if torch.is_grad_enabled() and not self.in_hooks else None
-        if node is not None:
-            for value in (*args, *kwargs.values()):
-                for tensor in value if isinstance(value, list | tuple) else (value,):
-                    if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0:
-                        self.outside.append((self.names[id(tensor)], node))
-        return result
-
-    def begin(self) -> None:
-        """Start watching a training step's forward pass."""
-        if not self.active:
-            self.running.clear()
-            self.in_hooks, self.outside = 0, []
-            self.__enter__()
-            self.active = True
-
-    def end(self, loss: torch.Tensor | None = None) -> list[str]:
-        """Stop watching; the parameters used outside their layer's call by an operation that ``loss`` depends on
-        (logging a weight's norm is not such a use), each named once."""
-        if self.active:
-            self.__exit__(None, None, None)
-            self.active = False
-        outside, self.outside = self.outside, []
-        if loss is None or not outside:
-            return []
-        reached = _reachable([loss.grad_fn])
-        return list(dict.fromkeys(name for name, node in outside if node in reached))
-
-    def close(self) -> None:
-        self.end()
-        for handle in self.handles:
-            handle.remove()
-
-
 class GhostClippingEngine(OpacusHooksEngine):
     """Opacus's ghost clipping: norms from a first backward pass, the clipped sum from a second one."""
 
     supports_virtual_steps = False
     supports_sensitivity_probe = False
+    outside_uses_escape_clipping = True
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
 
-    def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
-        super().__init__(mode, module, optimizer, **options)
-        self._uses = _UsesOutsideTheirLayer(module)
-
-    def start(self) -> None:
-        super().start()
-        self._uses.begin()
-
-    def stop(self) -> None:
-        self._uses.end()
-        super().stop()
-
-    def close(self) -> None:
-        self._uses.close()
-        super().close()
-
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
+
+    def check_parameter_uses(self, outside: list[str]) -> None:
+        """Refuse the step: the ghost norms see the layers' calls only, the second backward pass every use."""
+        if outside:
+            raise RuntimeError(
+                f"grad_sample_mode='ghost': {', '.join(outside)} used outside a call of its own layer (e.g. "
+                "F.linear(x, self.fc.weight), layer.forward(x) called directly, a penalty on the weights in "
+                "training_step). Ghost clipping takes each example's gradient norm from the layers' calls only, so "
+                "the gradient of such a use would reach the update unclipped. Call the layer itself (layer(x)) for "
+                "every use of its parameters."
+            )
 
     @classmethod
     def check_precision(cls, precision: str) -> None:
@@ -176,15 +73,6 @@ class GhostClippingEngine(OpacusHooksEngine):
     def take_output(self, output: Any) -> Any:
         """Keep the ``[B]`` losses for the two backward passes, hand Lightning their mean."""
         losses = output["loss"] if isinstance(output, dict) else output
-        outside = self._uses.end(losses if isinstance(losses, torch.Tensor) else None)
-        if outside:
-            raise RuntimeError(
-                f"grad_sample_mode='ghost': {', '.join(outside)} used outside a call of its own layer (e.g. "
-                "F.linear(x, self.fc.weight), layer.forward(x) called directly, a penalty on the weights in "
-                "training_step). Ghost clipping takes each example's gradient norm from the layers' calls only, so "
-                "the gradient of such a use would reach the update unclipped. Call the layer itself (layer(x)) for "
-                "every use of its parameters."
-            )
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1:
             raise RuntimeError(
                 "grad_sample_mode='ghost' needs training_step to return the per-example losses, a [B] tensor "
