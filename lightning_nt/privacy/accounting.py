@@ -2,13 +2,16 @@
 
 The strategy calibrates its noise here (:func:`calibrated_noise`, called by :class:`_CalibratedNoise`, mixed into
 the strategy) once the sample rate and the planned steps are known, asks :func:`exceeds_budget` before every step
-whether it may still be taken, and draws a step's noise from :func:`seeded_noise` when the run was given a seed.
+whether it may still be taken, and draws a step's noise from :func:`secret_noise` (seeded from the OS), or from
+:func:`seeded_noise` when the run was given a seed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import secrets
 import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -30,6 +33,7 @@ __all__ = [
     "exceeds_budget",
     "make_accountant",
     "plan_key",
+    "secret_noise",
     "seeded_noise",
     "steps_taken",
 ]
@@ -126,11 +130,20 @@ def exceeds_budget(
     return epsilon_of(trial, delta) > target_epsilon
 
 
+def secret_noise(device: torch.device) -> torch.Generator:
+    """The generator of one step's noise, seeded with 62 bits from the OS: independent of torch's global RNG, which
+    scripts seed with a public number (``pl.seed_everything(42)``) that would let anyone regenerate the noise and
+    subtract it, and of every other step's noise."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(62))
+
+
 def seeded_noise(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of step ``step``'s noise in a run seeded with ``seed`` (reproducible runs only: the noise of
     a resumed run is then the noise the uninterrupted run added)."""
     generator = torch.Generator(device=device)
-    return generator.manual_seed(hash((seed, "noise", step)) % 2**62)
+    # not hash(): a str in it is hashed differently by every Python process, and a resume runs in another one
+    digest = hashlib.blake2b(f"{seed}/noise/{step}".encode(), digest_size=8).digest()
+    return generator.manual_seed(int.from_bytes(digest, "little") % 2**62)
 
 
 def _noise_multiplier(

@@ -47,9 +47,11 @@ __all__ = [
     "check_ledger",
     "check_module",
     "check_optimizer",
+    "check_state_unchanged",
     "check_train_loader",
     "check_trainer",
     "planned_steps",
+    "state_versions",
 ]
 
 _ALLOWED_PRECISION = ("32-true", "32", "bf16-mixed")
@@ -135,6 +137,18 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
             "SubspaceTraining is not supported under DP; remove the parametrization (e.g. "
             "torch.nn.utils.remove_weight_norm)."
         )
+    renormed = [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None
+    ]
+    if renormed:
+        raise RuntimeError(
+            f"Embeddings {renormed} have max_norm: their forward renormalises, in place, the rows of the tokens in "
+            "each batch, outside the noisy update, so the weights would tell which tokens the private batch held. "
+            "Remove max_norm (to bound the looked-up vectors, normalise them in forward without changing the "
+            "weight, e.g. with F.normalize)."
+        )
     errors = ModuleValidator.validate(module, strict=False)
     coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not errors and not coupled:
@@ -168,6 +182,50 @@ def _fix_in_place(module: nn.Module) -> None:
         if tensor is not None:  # the replacement where the replaced module was (a CUDA module stays on CUDA)
             replacement = replacement.to(tensor.device)
         setattr(module.get_submodule(parent_name), child, replacement)
+
+
+def state_versions(module: nn.Module, buffer_values: bool = False) -> dict[str, tuple[Any, ...]]:
+    """Every parameter and buffer of ``module`` by name: which tensor it is and how often it was modified in place;
+    with ``buffer_values``, also a copy of each buffer (an update through ``.data`` leaves the version as it was)."""
+    state: dict[str, tuple[Any, ...]] = {name: (id(p), p._version) for name, p in module.named_parameters()}
+    for name, buffer in module.named_buffers():
+        state[name] = (id(buffer), buffer._version, buffer.detach().clone() if buffer_values else None)
+    return state
+
+
+def check_state_unchanged(module: nn.Module, before: dict[str, tuple[Any, ...]]) -> None:
+    """Refuse a training step that changed a parameter or buffer of ``module`` itself (``before``:
+    :func:`state_versions` at its start), before the step's noise.
+
+    Buffers travel with the weights (``state_dict``, checkpoints, ``torch.save``) but not through the noisy update:
+    one updated from the private batch (running statistics written by hand in ``forward``, an EMA of the inputs, a
+    count of the examples seen) would be released without noise; so would a weight changed in place by ``forward``
+    (``nn.Embedding(max_norm=...)`` renormalises the rows of the batch's tokens: they told which tokens it held).
+    """
+    now, buffers = state_versions(module), dict(module.named_buffers())
+    changed = sorted(
+        name
+        for name in before.keys() | now.keys()
+        if before.get(name, ())[:2] != now.get(name, ())[:2] or _new_value(before[name], buffers.get(name))
+    )
+    if changed:
+        raise RuntimeError(
+            f"training_step changed the module's {changed} itself (e.g. statistics of the batch kept in a buffer in "
+            "forward, a weight modified in place): the weights and buffers are saved and released, and only what "
+            "goes through the noisy update is covered, so this would release the private data outside the privacy "
+            "guarantee (the module in memory now holds it: don't save it). Keep statistics of public data only, "
+            "outside training_step, and change the weights only through the optimizer."
+        )
+
+
+def _new_value(before: tuple[Any, ...], buffer: torch.Tensor | None) -> bool:
+    """Whether a buffer copied in ``before`` holds another value now (NaN equal to NaN)."""
+    saved = before[2] if len(before) > 2 else None
+    if saved is None or buffer is None:
+        return False
+    if saved.is_floating_point():
+        return not torch.allclose(saved, buffer, rtol=0.0, atol=0.0, equal_nan=True)
+    return not torch.equal(saved, buffer)
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:

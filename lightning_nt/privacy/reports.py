@@ -13,8 +13,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from opacus.accountants import IAccountant
 from pytorch_lightning.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nt.common import log_scalars
@@ -24,6 +26,7 @@ from lightning_nt.privacy.ledger import mark_trained_privately
 __all__ = [
     "log_clip_fraction",
     "log_privacy",
+    "warn_about_evaluation_on_training_data",
     "warn_about_logging_from_the_batch",
     "warn_about_nonfinite_examples",
     "warn_about_options",
@@ -42,8 +45,8 @@ def warn_about_options(accountant: str, log_clip_fraction: bool, seed: int | Non
         )
     if seed is not None:
         rank_zero_warn(
-            "DPStrategy(seed=...) makes the Poisson batches reproducible by anyone who knows the seed; the privacy "
-            "accounting assumes they are secret. Leave seed=None for a real guarantee."
+            "DPStrategy(seed=...) makes the Poisson batches and the noise reproducible by anyone who knows the seed; "
+            "the privacy accounting assumes they are secret. Leave seed=None for a real guarantee."
         )
 
 
@@ -71,17 +74,54 @@ def warn_about_nonfinite_examples(count: int) -> None:
         )
 
 
+def warn_about_evaluation_on_training_data(train_dataset: object, loaders: object) -> bool:
+    """Warn if one of ``loaders`` (evaluation loaders, in any collection) reads ``train_dataset``; whether one does."""
+    datasets: list[object] = []
+    apply_to_collection(loaders, DataLoader, lambda loader: datasets.append(loader.dataset))
+    if not any(dataset is train_dataset for dataset in datasets):
+        return False
+    rank_zero_warn(
+        "An evaluation loader reads the train dataset: what validation (or testing) computes and logs on it is "
+        "computed on the private data without noise and is NOT covered by the privacy guarantee. Evaluate on "
+        "held-out data you may release."
+    )
+    return True
+
+
+# The LightningModule's hooks in a training step: what they log is computed from the private batch or from its
+# gradients before the noise (on_after_backward, on_before_optimizer_step: e.g. Lightning's `grad_norm` recipe).
+_TRAINING_HOOKS = (
+    "training_step",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
+
+
 def warn_about_logging_from_the_batch(trainer: pl.Trainer) -> bool:
-    """Warn if ``training_step`` logged anything (computed on the private batch without noise); whether it did."""
+    """Warn if the module's training hooks logged anything (computed on the private batch or its un-noised gradients,
+    without noise); whether they did. ``training_step`` is always looked at, the other hooks where the module
+    overrides them (a callback's logs in the same hook can't be told apart from the module's)."""
     results = getattr(trainer, "_results", None) or {}
-    names = sorted({key.split(".", 1)[1] for key in results if key.startswith("training_step.")})
-    if names:
+    module = trainer.lightning_module
+    hooks = [h for h in _TRAINING_HOOKS if h == "training_step" or _overrides(module, h)]
+    logged = {hook: sorted({key.split(".", 1)[1] for key in results if key.split(".", 1)[0] == hook}) for hook in hooks}
+    what = ", ".join(f"{hook} logs {names}" for hook, names in logged.items() if names)
+    if what:
         rank_zero_warn(
-            f"training_step logs {names}, computed on the private batch without noise: these figures are NOT "
-            "covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update are). "
-            "Keep them private, or log figures computed on public data (e.g. in validation_step)."
+            f"{what}, computed on the private batch (or its gradients before the noise) without noise: these figures "
+            "are NOT covered by the privacy guarantee (only the dp/* figures and what goes through the noisy update "
+            "are). Keep them private, or log figures computed on public data (e.g. in validation_step)."
         )
-    return bool(names)
+    return bool(what)
+
+
+def _overrides(module: pl.LightningModule, hook: str) -> bool:
+    return getattr(type(module), hook, None) is not getattr(pl.LightningModule, hook, None)
 
 
 class _PrivacyReports:

@@ -24,10 +24,17 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from lightning_nt.common import batch_size, captured_logging, frozen_metrics, select_examples
-from lightning_nt.privacy.accounting import AccountantName, exceeds_budget, seeded_noise
+from lightning_nt.common import batch_size, captured_logging, frozen_metrics, loss_from_output, select_examples
+from lightning_nt.privacy.accounting import (
+    AccountantName,
+    exceeds_budget,
+    secret_noise,
+    seeded_noise,
+    steps_taken,
+)
 from lightning_nt.privacy.engines import ClippingEngine
-from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
+from lightning_nt.privacy.engines.uses import ParameterUses
+from lightning_nt.privacy.guards import check_accumulation, check_sensitivity, check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -56,6 +63,9 @@ class _PrivateStep:
     _rows: int
     _skipped_steps: int
     _probe_pending: bool
+    _first_step: bool
+    _uses: ParameterUses | None
+    _uses_checked: bool
     _warned_about_logging: bool
 
     @override
@@ -67,7 +77,10 @@ class _PrivateStep:
         engine = self._active_engine()
         engine.check_trainable_parameters()
         check_accumulation(self.lightning_module.trainer)
+        state = state_versions(self.lightning_module, buffer_values=self._first_step)  # .data updates: once
+        self._first_step = False
         engine.start()
+        self._watch_parameter_uses(engine)
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, batch_idx)
@@ -81,15 +94,35 @@ class _PrivateStep:
             self._rows = batch_size(args[0])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
+        self._check_parameter_uses(engine, output)
+        check_state_unchanged(self.lightning_module, state)
         self._warn_about_logging_from_the_batch()
         return engine.take_output(output)
+
+    def _watch_parameter_uses(self, engine: ClippingEngine) -> None:
+        """Watch this step's forward passes for parameters used outside their layers' calls: on a fit's first
+        step, and on every step where the engine's clipping would not bound such a use (ghost clipping)."""
+        if engine.outside_uses_escape_clipping or not self._uses_checked:
+            if self._uses is None:  # after the engine's own hooks, whose work on the parameters is not a use
+                self._uses = ParameterUses(self.lightning_module)
+            self._uses.begin()
+
+    def _check_parameter_uses(self, engine: ClippingEngine, output: Any) -> None:
+        if self._uses is not None and self._uses.active:
+            engine.check_parameter_uses(self._uses.end(loss_from_output(output, "training_step")))
+            self._uses_checked = True
+
+    def _stop_watching_parameter_uses(self) -> None:
+        if self._uses is not None:
+            self._uses.end()
 
     def _active_engine(self) -> ClippingEngine:
         assert self._engine is not None, "the clipping engine is attached when a fit sets up its optimizer"
         return self._engine
 
     def _warn_about_logging_from_the_batch(self) -> None:
-        """Once: what ``training_step`` logs is computed on the private batch without noise (outside the guarantee)."""
+        """Once: what ``training_step`` and the module's other training hooks log is computed on the private batch
+        without noise (outside the guarantee)."""
         if not self._warned_about_logging:
             self._warned_about_logging = warn_about_logging_from_the_batch(self.lightning_module.trainer)
 
@@ -97,7 +130,8 @@ class _PrivateStep:
         """``sensitivity_probe=True``: one canary check of the per-example bound on a first batch (no release)."""
         if self.max_physical_batch_size is not None:
             batch = select_examples(batch, slice(0, self.max_physical_batch_size))
-        self._active_engine().discard_per_example_state()
+        engine = self._active_engine()
+        engine.discard_per_example_state()
         with self._without_ddp_gradient_sync():
             check_sensitivity(
                 self.lightning_module,
@@ -107,6 +141,7 @@ class _PrivateStep:
                 self.max_grad_norm,
                 prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
             )
+        engine.discard_per_example_state()  # the probe's batches (one example short) are not this step's
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -140,8 +175,10 @@ class _PrivateStep:
         try:
             return self._private_step(optimizer, closure, model, **kwargs)
         finally:
+            self._stop_watching_parameter_uses()
             self._active_engine().stop()  # callbacks that differentiate the module must not meet its hooks
             self._active_engine().forget()
+            self._warn_about_logging_from_the_batch()  # also what on_before_optimizer_step logged
 
     def _private_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
         if not self._budget_exhausted():
@@ -158,10 +195,17 @@ class _PrivateStep:
         return None
 
     def _seed_noise(self, optimizer: Any) -> None:
-        """With ``seed=`` (reproducible runs, warned), each step's noise comes from ``(seed, step)``: a resumed run
-        adds the noise the uninterrupted run added. Otherwise Opacus draws it (securely with ``secure_mode``)."""
+        """Each step's noise comes from a generator of its own. By default (and always with ``secure_mode``) it is
+        seeded from the OS, not from torch's global RNG: scripts seed that with a public number
+        (``pl.seed_everything(42)``), from which anyone could regenerate the noise and subtract it. With ``seed=``
+        (reproducible runs, warned) it comes from ``(seed, n)``, ``n`` the noisy steps already in the ledger: a resumed
+        run adds the noise the uninterrupted run added, and no two steps of one ledger share their noise (a second
+        ``fit`` restarts the Trainer's step count, not the ledger; two steps with the same noise would release the
+        difference of their clipped sums without any)."""
         if self.seed is not None and not self.secure_mode:
-            optimizer.generator = seeded_noise(self.seed, self.lightning_module.trainer.global_step, self.root_device)
+            optimizer.generator = seeded_noise(self.seed, steps_taken(self.accountant), self.root_device)
+        else:
+            optimizer.generator = secret_noise(self.root_device)
 
     def _budget_exhausted(self) -> bool:
         if self.target_epsilon is None or not self.stop_at_budget:
@@ -185,6 +229,7 @@ class _PrivateStep:
     @override
     def on_exception(self, exception: BaseException) -> None:
         # a step interrupted between its backward pass and its noise leaves raw gradients on the parameters
+        self._stop_watching_parameter_uses()
         if self._engine is not None:
             self._engine.stop()
             self._engine.forget(gradients=True)

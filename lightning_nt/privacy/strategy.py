@@ -27,9 +27,10 @@ from typing_extensions import override
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
+from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer
 from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
-from lightning_nt.privacy.reports import _PrivacyReports, warn_about_options
+from lightning_nt.privacy.reports import _PrivacyReports, warn_about_evaluation_on_training_data, warn_about_options
 from lightning_nt.privacy.sampling import private_train_loader, shared_seed, steps_per_epoch
 from lightning_nt.privacy.step import _PrivateStep
 
@@ -96,7 +97,12 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self.sensitivity_probe = sensitivity_probe
         self._skipped_steps = 0  # steps the budget stop skipped: counted by the loop, not by the ledger
         self._warned_about_logging = False
+        self._train_dataset: object | None = None  # the train loader's, to tell when evaluation reads it
+        self._warned_about_evaluation = False
         self._probe_pending = False
+        self._first_step = False
+        self._uses: ParameterUses | None = None  # made on the first step that watches
+        self._uses_checked = False
 
     @property
     def epsilon(self) -> float:
@@ -117,6 +123,8 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             engine_class(self.clipping_mode).check_precision(trainer.precision)
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
+            self._first_step = True  # buffers are compared by value on the first step of a fit
+            self._uses_checked = False  # parameters used outside their layers: looked for on the first step
         super().setup(trainer)  # type: ignore[misc]
 
     @override
@@ -140,7 +148,10 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
     def process_dataloader(self, dataloader: object) -> object:
         trainer = self.lightning_module.trainer
         if trainer.state.stage != RunningStage.TRAINING or not isinstance(dataloader, DataLoader):
+            self._warn_about_evaluation_on_training_data(dataloader)
             return super().process_dataloader(dataloader)  # type: ignore[misc]
+        self._train_dataset = dataloader.dataset
+        self._warn_about_evaluation_on_training_data(trainer.val_dataloaders)
         sampled, self.sample_rate, expected = private_train_loader(
             dataloader,
             self.sample_rate,
@@ -153,6 +164,11 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._calibrate(trainer, steps_per_epoch(sampled))
         return super().process_dataloader(sampled)  # type: ignore[misc]
 
+    def _warn_about_evaluation_on_training_data(self, loaders: object) -> None:
+        """Once: an evaluation loader that reads the train dataset releases figures of the private data."""
+        if self._train_dataset is not None and not self._warned_about_evaluation:
+            self._warned_about_evaluation = warn_about_evaluation_on_training_data(self._train_dataset, loaders)
+
     # -- teardown ------------------------------------------------------------------------
 
     @override
@@ -161,6 +177,9 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             self._engine.close()
             self._engine.forget()
             self._engine = None
+        if self._uses is not None:
+            self._uses.close()
+            self._uses = None
         super().teardown()  # type: ignore[misc]
 
 
@@ -190,10 +209,11 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
             ``training_step`` sees the ``B x K`` views as one flat batch, and each example's gradient is the mean
             of its views' gradients before clipping, so the privacy unit stays the example.
         stop_at_budget: with ``target_epsilon``, skip the step that would exceed it and stop training.
-        secure_mode: Opacus's secure noise and OS-drawn sampling seeds.
+        secure_mode: Opacus's secure noise (robust to floating-point attacks) and OS-drawn seeds even with ``seed``.
         fix_modules: let Opacus replace incompatible modules (BatchNorm -> GroupNorm) before training.
-        seed: seed of the Poisson sampler, for reproducible experiments only (warned: the accounting assumes the
-            batches are secret); ``None`` (default) draws a fresh seed from the OS for every loader.
+        seed: seed of the Poisson sampler and of the noise, for reproducible experiments only (warned: the accounting
+            assumes both are secret); ``None`` (default) draws a fresh seed from the OS for every loader and every
+            step's noise (never torch's global RNG, which ``pl.seed_everything`` seeds with a public number).
         allow_nonprivate_callbacks: let callbacks that read the training data outside DP-SGD (those that declare
             ``reads_training_data_outside_step``: GradInit, SharpnessMonitor, CompressionBoundReporter,
             RepresentationSimilarity, LazinessMonitor, GradientSignalTest(data="train")) run; their

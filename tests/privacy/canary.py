@@ -6,7 +6,7 @@ seeded): one with the canary in place of an ordinary example, one without. DP-SG
 only act through the noisy update, where its clipped gradient moves the summed update by at most ``2 C``
 (replace-one neighbours). Every other channel must be identical: logged scalars, callback metrics, tensors left
 on the module (after a ``torch.save`` round trip) or reachable from the strategy and its optimizer, and the
-checkpoint apart from the weights and the optimizer state.
+checkpoint apart from the weights and the optimizer state, and the module's buffers (saved with the weights).
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class Releases:
     checkpoint: dict[str, Any]
     epsilon: float
     steps: int
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # saved and released with the weights, no noise
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +157,7 @@ def releases_of(
         checkpoint={k: v for k, v in checkpoint.items() if k not in noisy},
         epsilon=strategy.epsilon,
         steps=trainer.global_step,
+        buffers={n: b.detach().cpu().clone() for n, b in model.named_buffers()},
     )
 
 
@@ -226,6 +228,7 @@ def assert_only_the_noisy_update_differs(
     assert without.logged == canary.logged, "logged scalars differ"
     assert without.callback_metrics == canary.callback_metrics, "callback metrics differ"
     _assert_same_tensors(without.module_tensors, canary.module_tensors, "left on the module")
+    _assert_same_tensors(without.buffers, canary.buffers, "in the module's buffers")
     _assert_same_tensors(without.strategy_tensors, canary.strategy_tensors, "reachable from the strategy")
     assert _plain(without.checkpoint) == _plain(canary.checkpoint), "checkpoints differ beyond weights"
     assert without.epsilon == canary.epsilon or (math.isnan(without.epsilon) and math.isnan(canary.epsilon))

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from opacus.optimizers import DPOptimizer
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 __all__ = ["ClippingEngine"]
@@ -49,6 +50,7 @@ class ClippingEngine(ABC):
 
     supports_virtual_steps: ClassVar[bool] = True  # max_physical_batch_size and augmentation_multiplicity
     supports_sensitivity_probe: ClassVar[bool] = False  # needs the per-example gradients themselves
+    outside_uses_escape_clipping: ClassVar[bool] = False  # a parameter used outside its layer: unclipped, or dropped
     optimizers: ClassVar[tuple[type[DPOptimizer], type[DPOptimizer]]]  # takes the clipped sums: (one, many processes)
 
     def __init__(
@@ -106,6 +108,19 @@ class ClippingEngine(ABC):
     def close(self) -> None:
         """Detach from the module for good (end of fit)."""
 
+    def check_parameter_uses(self, outside: list[str]) -> None:
+        """The parameters the loss used outside their layers' calls (:class:`~.uses.ParameterUses`, checked on a
+        fit's first step, or every step where they would escape the clipping): here that part of their gradient is
+        left out of the update, which is private but not the model's gradient, so the user is told once."""
+        if outside:
+            rank_zero_warn(
+                f"{', '.join(outside)} used outside a call of its own layer (e.g. F.linear(x, self.fc.weight) for a "
+                "tied output layer, layer.forward(x) called directly, a penalty on the weights or a parameter of the "
+                "LightningModule itself in training_step): per-example gradients are formed from the layers' calls, "
+                "so that part of its gradient is left out of every update. Call the layer itself (layer(x)), e.g. an "
+                "nn.Linear whose weight is the tied tensor."
+            )
+
     def take_output(self, output: Any) -> Any:
         """What Lightning gets from ``training_step``'s ``output`` (the same, except for ghost clipping)."""
         return output
@@ -150,13 +165,16 @@ class ClippingEngine(ABC):
         """Drop everything derived from the private batch without noise (with ``gradients``, also ``.grad``).
 
         Opacus leaves the clipped sum (``summed_grad``), per-example gradients and norms on the parameters and the
-        layers' inputs (``activations``) on the modules; they would travel with ``torch.save(module)``.
+        layers' inputs (``activations``) on the modules; they would travel with ``torch.save(module)``. A parameter
+        that requires grad but is not in the optimizer gets no noise: its ``.grad`` (the ordinary or the clipped
+        sum, un-noised) is dropped too.
         """
+        noised = {id(p) for p in self.optimizer.params}
         for p in self.module.parameters():
             for name in _PER_EXAMPLE_ATTRIBUTES:
                 if name in vars(p):
                     delattr(p, name)
-            if gradients:
+            if gradients or id(p) not in noised:
                 p.grad = None
         for submodule in self.module.modules():
             for name in _LAYER_ATTRIBUTES:

@@ -44,19 +44,23 @@ class GhostClippingEngine(OpacusHooksEngine):
 
     supports_virtual_steps = False
     supports_sensitivity_probe = False
+    outside_uses_escape_clipping = True
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
 
-    def start(self) -> None:
-        # Opacus's ghost hook of a layer without a norm sampler (Conv2d, GroupNorm) reads `p.grad_sample`, which
-        # Opacus sets once when attaching and `forget` removes after every step: put the empty slot back.
-        for p in self.hooks.trainable_parameters:
-            if "grad_sample" not in vars(p):
-                p.grad_sample = None
-        super().start()
-
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
+
+    def check_parameter_uses(self, outside: list[str]) -> None:
+        """Refuse the step: the ghost norms see the layers' calls only, the second backward pass every use."""
+        if outside:
+            raise RuntimeError(
+                f"grad_sample_mode='ghost': {', '.join(outside)} used outside a call of its own layer (e.g. "
+                "F.linear(x, self.fc.weight), layer.forward(x) called directly, a penalty on the weights in "
+                "training_step). Ghost clipping takes each example's gradient norm from the layers' calls only, so "
+                "the gradient of such a use would reach the update unclipped. Call the layer itself (layer(x)) for "
+                "every use of its parameters."
+            )
 
     @classmethod
     def check_precision(cls, precision: str) -> None:
@@ -79,8 +83,16 @@ class GhostClippingEngine(OpacusHooksEngine):
 
     def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
         losses, self._losses = self._losses, None
+        layer_rows = self._check_rows(rows)
         if losses is None:  # an empty batch: no per-example losses, the update is the noise alone
             return ordinary()
+        if len(losses) > rows or layer_rows not in (None, len(losses)):
+            raise RuntimeError(
+                f"training_step returned {len(losses)} losses for a batch of {rows} examples whose layers saw "
+                f"{layer_rows} rows: grad_sample_mode='ghost' clips each loss's gradient as one example's, so it needs "
+                "one loss per example (average an example's per-token losses into one, e.g. "
+                "losses.view(len(batch), -1).mean(1))."
+            )
         loss = precision.pre_backward(loss, self.module)
         losses.mean().backward(retain_graph=True)
         self.optimizer.zero_grad()
@@ -115,3 +127,4 @@ class GhostClippingEngine(OpacusHooksEngine):
         if hasattr(self.hooks, "_per_sample_gradient_norms"):
             self.hooks._per_sample_gradient_norms = None
         self._losses = None
+        self._rows_seen = []

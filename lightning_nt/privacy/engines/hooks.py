@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
-from torch import nn
+from opacus.utils.module_utils import trainable_modules, trainable_parameters
+from torch import Tensor, nn
 
 from lightning_nt.privacy.engines.base import ClippingEngine
 
@@ -158,7 +160,13 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
 
 
 class OpacusHooksEngine(ClippingEngine):
-    """Opacus's per-sample-gradient hooks; the only engine that hands out per-example gradients (for the probe)."""
+    """Opacus's per-sample-gradient hooks; the only engine that hands out per-example gradients (for the probe).
+
+    Opacus takes dimension 0 of every layer's input as the examples. A layer that sees other rows (a forward that
+    folds tokens into the batch, ``x.reshape(-1, d)``, a sequence-first layer, a second call on a few fixed inputs)
+    would be clipped row by row, not example by example, and one example could move the update by far more than
+    ``max_grad_norm``; so every trainable layer's rows are checked against the batch's before the step's noise.
+    """
 
     supports_sensitivity_probe = True
     optimizers = (_CarryingDPOptimizer, _CarryingDistributedDPOptimizer)
@@ -168,27 +176,73 @@ class OpacusHooksEngine(ClippingEngine):
         self.optimizer.parameter_names = {id(p): name for name, p in module.named_parameters()}
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
+        self._rows_seen: list[tuple[str, int]] = []  # (layer, rows of its input) of every call since the last check
+        self._row_watches = [
+            layer.register_forward_hook(partial(self._note_rows, name)) for name, layer in trainable_modules(module)
+        ]
+        self._watching = False
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean"}
 
     def start(self) -> None:
+        # Opacus's hooks read `p.grad_sample`, which Opacus sets once when attaching, `forget` removes after every
+        # step and the DP optimizer puts back only for its own parameters: put the empty slot back on every one.
+        for _, p in trainable_parameters(self.module):
+            if "grad_sample" not in vars(p):
+                p.grad_sample = None
         self.hooks.enable_hooks()
+        self._watching = True
 
     def stop(self) -> None:
         self.hooks.disable_hooks()
+        self._watching = False
 
     def close(self) -> None:
         self.hooks.cleanup()
+        for watch in self._row_watches:
+            watch.remove()
+        self._row_watches = []
 
     def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
+        self._check_rows(rows)
         return ordinary()  # the hooks fill grad_sample; the optimizer clips and sums in its step
 
     def carry(self, rows: int) -> None:
+        self._check_rows(rows)
         self.optimizer.carry_clipped_sums()
 
     def discard_per_example_state(self) -> None:
         self.optimizer.clear_per_example_state()
+        self._rows_seen = []
+
+    def _note_rows(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if self._watching and torch.is_grad_enabled() and inputs and isinstance(inputs[0], Tensor):
+            self._rows_seen.append((name, inputs[0].shape[0] if inputs[0].ndim else 0))
+
+    def _check_rows(self, rows: int) -> int | None:
+        """Refuse the step (before any noise) unless every trainable layer's every call saw the same rows, at most
+        the ``rows`` of the batch (a ``training_step`` may leave examples out); return those rows (None: no call).
+
+        Opacus takes each row as one example: more rows than examples (positions folded into dimension 0, an
+        example repeated) clip parts of an example separately, and a layer that also runs on other inputs (a few
+        fixed prototypes) has their gradient added to its first examples'.
+        """
+        seen, self._rows_seen = self._rows_seen, []
+        counts = sorted({n for _, n in seen})
+        if not counts or (len(counts) == 1 and counts[0] <= rows):
+            return counts[0] if counts else None
+        by_layer: dict[str, list[int]] = {}
+        for name, n in seen:
+            by_layer.setdefault(name or type(self.module).__name__, []).append(n)
+        described = "; ".join(f"{name}: {' and '.join(map(str, calls))}" for name, calls in by_layer.items())
+        raise RuntimeError(
+            f"The trainable layers saw these rows in dimension 0 of their inputs ({described}) where the batch has "
+            f"{rows} examples: Opacus clips each row as one example, so one example could move the update by more "
+            "than max_grad_norm. Keep the examples in dimension 0 of every trainable layer's input, one row each "
+            "(no x.reshape(-1, d) folding positions into the batch, batch_first=True, augmented views through "
+            "augmentation_multiplicity), and run the trainable layers on the batch only."
+        )
 
     def last_norms(self) -> torch.Tensor | None:
         if any(getattr(p, "grad_sample", None) is None for p in self.optimizer.params):  # forgotten, or no step yet
@@ -202,3 +256,4 @@ class OpacusHooksEngine(ClippingEngine):
         if hasattr(self.hooks, "_per_sample_gradient_norms"):
             self.hooks._per_sample_gradient_norms = None
         self.optimizer.discard()
+        self._rows_seen = []
