@@ -104,7 +104,7 @@ class _PrivateStep:
         step, and on every step where the engine's clipping would not bound such a use (ghost clipping)."""
         if engine.outside_uses_escape_clipping or not self._uses_checked:
             if self._uses is None:  # after the engine's own hooks, whose work on the parameters is not a use
-                self._uses = ParameterUses(self.lightning_module)
+                self._uses = ParameterUses(self.lightning_module, engine.trainable_ids)
             self._uses.begin()
 
     def _check_parameter_uses(self, engine: ClippingEngine, output: Any) -> None:

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import torch
 from opacus.optimizers import DPOptimizer
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 __all__ = ["ClippingEngine"]
@@ -51,6 +50,7 @@ class ClippingEngine(ABC):
     supports_virtual_steps: ClassVar[bool] = True  # max_physical_batch_size and augmentation_multiplicity
     supports_sensitivity_probe: ClassVar[bool] = False  # needs the per-example gradients themselves
     outside_uses_escape_clipping: ClassVar[bool] = False  # a parameter used outside its layer: unclipped, or dropped
+    outside_use: ClassVar[str] = "that part of its gradient would be silently left out of every update"
     optimizers: ClassVar[tuple[type[DPOptimizer], type[DPOptimizer]]]  # takes the clipped sums: (one, many processes)
 
     def __init__(
@@ -109,17 +109,24 @@ class ClippingEngine(ABC):
         """Detach from the module for good (end of fit)."""
 
     def check_parameter_uses(self, outside: list[str]) -> None:
-        """The parameters the loss used outside their layers' calls (:class:`~.uses.ParameterUses`, checked on a
-        fit's first step, or every step where they would escape the clipping): here that part of their gradient is
-        left out of the update, which is private but not the model's gradient, so the user is told once."""
+        """Refuse a step whose loss used parameters outside their layers' calls (:class:`~.uses.ParameterUses`,
+        checked on a fit's first step, or every step where they would escape the clipping): every engine forms
+        each example's gradient from the layers' calls, so the gradient of such a use is :attr:`outside_use`."""
         if outside:
-            rank_zero_warn(
-                f"{', '.join(outside)} used outside a call of its own layer (e.g. F.linear(x, self.fc.weight) for a "
-                "tied output layer, layer.forward(x) called directly, a penalty on the weights or a parameter of the "
-                "LightningModule itself in training_step): per-example gradients are formed from the layers' calls, "
-                "so that part of its gradient is left out of every update. Call the layer itself (layer(x)), e.g. an "
-                "nn.Linear whose weight is the tied tensor."
+            raise RuntimeError(
+                f"grad_sample_mode={self.mode!r}: {', '.join(outside)} used outside a call of its own layer (e.g. "
+                "F.linear(x, self.fc.weight) or `h @ embedding.weight.T` for a tied output layer, layer.forward(x) "
+                "called directly, a penalty on the weights or a parameter of the LightningModule itself in "
+                f"training_step). Per-example gradients are formed from the layers' calls, so {self.outside_use}. "
+                "Call the layer itself (layer(x)) for every use of its parameters: tie weights by sharing the "
+                "Parameter between two modules (e.g. an nn.Linear whose weight is the embedding's), and use the "
+                "optimizer's weight_decay instead of a penalty in the loss."
             )
+
+    @property
+    def trainable_ids(self) -> set[int]:
+        """Identities of the parameters this engine clips (those that required grad when it attached)."""
+        return set(self._trainable.values())
 
     def take_output(self, output: Any) -> Any:
         """What Lightning gets from ``training_step``'s ``output`` (the same, except for ghost clipping)."""

@@ -45,22 +45,12 @@ class GhostClippingEngine(OpacusHooksEngine):
     supports_virtual_steps = False
     supports_sensitivity_probe = False
     outside_uses_escape_clipping = True
+    outside_use = "the gradient of such a use would reach the update unclipped (the ghost norms miss it)"
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean", "max_grad_norm": options["max_grad_norm"]}
-
-    def check_parameter_uses(self, outside: list[str]) -> None:
-        """Refuse the step: the ghost norms see the layers' calls only, the second backward pass every use."""
-        if outside:
-            raise RuntimeError(
-                f"grad_sample_mode='ghost': {', '.join(outside)} used outside a call of its own layer (e.g. "
-                "F.linear(x, self.fc.weight), layer.forward(x) called directly, a penalty on the weights in "
-                "training_step). Ghost clipping takes each example's gradient norm from the layers' calls only, so "
-                "the gradient of such a use would reach the update unclipped. Call the layer itself (layer(x)) for "
-                "every use of its parameters."
-            )
 
     @classmethod
     def check_precision(cls, precision: str) -> None:

@@ -34,7 +34,6 @@ class _CarryClippedSums:
     views: int = 1
     nonfinite_examples: torch.Tensor | int = 0
     parameter_names: dict[int, str] = {}  # noqa: RUF012  (set per instance by the engine)
-    sums_checked: bool = False
 
     def carry_clipped_sums(self) -> None:
         """Clip and sum the per-example gradients of the physical batch just back-propagated, and free them."""
@@ -69,34 +68,11 @@ class _CarryClippedSums:
             samples.append(sample)
         # an example is dropped if any of its norms is not finite (NaN, inf, or an fp32 overflow of a huge gradient)
         norms = torch.stack([s.reshape(len(s), math.prod(p.shape)).norm(dim=1) for p, s in zip(params, samples)])
-        if not self.sums_checked and len(norms[0]) and bool(norms.isfinite().all()):
-            self._check_sums(samples)
         dropped = ~norms.isfinite().all(dim=0)
         self.nonfinite_examples = self.nonfinite_examples + dropped.sum()
         for sample in samples:  # in place: no second copy of the per-example gradients
             sample.masked_fill_(dropped.view(-1, *([1] * (sample.ndim - 1))), 0.0)
         return samples
-
-    def _check_sums(self, samples: list[torch.Tensor]) -> None:
-        """Once, on the first batch: the examples' gradients must add up to the gradient autograd formed. A use of
-        a parameter the hooks don't see (``F.linear(x, layer.weight)``, an output layer tied by ``h @ emb.weight.T``)
-        makes them differ, and DP-SGD would train on part of that parameter's gradient."""
-        self.sums_checked = True
-        pairs = [(p, sample) for p, sample in zip(self.params, samples) if p.grad is not None]  # type: ignore[attr-defined]
-        scale = float(torch.stack([p.grad.float().norm() for p, _ in pairs]).norm()) if pairs else 0.0
-        off = [
-            self.parameter_names.get(id(p), f"a parameter of shape {tuple(p.shape)}")
-            for p, sample in pairs
-            if _differ(sample.mean(dim=0), p.grad.float(), scale)
-        ]
-        if off:
-            raise RuntimeError(
-                f"The per-example gradients of {off} don't add up to their gradient: the forward uses them outside "
-                "their layers' own calls (e.g. F.linear(x, layer.weight), or an output layer tied by "
-                "`h @ embedding.weight.T`), which Opacus's hooks don't see, so DP-SGD would train on part of their "
-                "gradients. Use the parameters only through their modules (e.g. tie weights by sharing the Parameter "
-                "between two nn.Linear/nn.Embedding layers)."
-            )
 
     def zero_for_unused_parameters(self) -> None:
         """A parameter the forward didn't use has no per-example gradient: give it zeros (safe: it adds nothing).
@@ -137,12 +113,6 @@ class _CarryClippedSums:
         finally:
             self._in_step = False
             self._carried = {}
-
-
-def _differ(mean: torch.Tensor, gradient: torch.Tensor, scale: float) -> bool:
-    """Not the same up to float rounding: 1e-3 of the parameter's gradient norm (bf16 autocast rounds more), plus
-    1e-5 of the whole gradient's norm ``scale`` (a gradient that is zero up to rounding)."""
-    return bool((mean - gradient).norm() > 1e-3 * gradient.norm() + 1e-5 * scale)
 
 
 def _has_gradient(parameter: torch.Tensor) -> bool:

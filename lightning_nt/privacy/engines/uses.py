@@ -6,17 +6,17 @@ hooks, book-keeping's records). A parameter used elsewhere (``F.linear(x, self.f
 Opacus's hooks and book-keeping leave it out of the update (the model silently trains on less than its gradient),
 and ghost clipping's second backward pass carries it into the update unclipped. :class:`ParameterUses` finds such
 uses in one forward pass (a ``TorchFunctionMode``), keeping those the loss depends on. The strategy refuses them
-under ghost clipping (every step) and warns about them under Opacus's hooks (a fit's first step); book-keeping's
-parameters do not require grad while it records, so such a use leaves no trace there and is not seen.
+under every engine: under ghost clipping on every step, under the others on a fit's first step. ``trainable``
+names the parameters to watch (book-keeping's do not require grad while it records, so ``requires_grad`` can't).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import torch
-from opacus.utils.module_utils import trainable_modules
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -42,6 +42,19 @@ def _reachable(roots: list[Any]) -> set[Any]:
     return seen
 
 
+def _traced(values: Any, used: list[nn.Parameter]) -> Any:
+    """``values`` with each frozen parameter of ``used`` replaced by an alias that requires grad (the same storage):
+    book-keeping records with its parameters frozen, so a use of one would leave no trace in the autograd graph."""
+    frozen = {id(p) for p in used if not p.requires_grad}
+
+    def alias(value: Any) -> Any:
+        return value.detach().requires_grad_() if id(value) in frozen else value
+
+    if isinstance(values, dict):
+        return {key: alias(value) for key, value in values.items()}
+    return tuple(type(item)(map(alias, item)) if isinstance(item, list | tuple) else alias(item) for item in values)
+
+
 class ParameterUses(TorchFunctionMode):
     """While entered: notes every trainable parameter that a torch operation uses, with grad enabled, outside a call
     of its own layer (``F.linear(x, self.fc.weight)``, ``self.fc.forward(x)``, a penalty on the weights, a parameter
@@ -55,14 +68,19 @@ class ParameterUses(TorchFunctionMode):
         uses.end(loss)  # ['fc.weight'] if the loss depends on such a use of fc.weight
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, trainable: Collection[int] | None = None) -> None:
         super().__init__()
-        layers = list(trainable_modules(module))
+        trainable = {id(p) for p in module.parameters() if p.requires_grad} if trainable is None else trainable
+        layers = [
+            (prefix, layer)
+            for prefix, layer in module.named_modules()
+            if any(id(p) in trainable for p in layer.parameters(recurse=False))
+        ]
         self.names = {
             id(p): f"{prefix}.{name}" if prefix else name
             for prefix, layer in layers
             for name, p in layer.named_parameters(recurse=False)
-            if p.requires_grad
+            if id(p) in trainable
         }
         self.running: Counter[int] = Counter()  # parameters whose layer is being called
         self.in_hooks = 0  # Opacus's own forward hooks are running (they may prepare a layer from its parameters)
@@ -90,14 +108,23 @@ class ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        used = self._used_outside(args, kwargs) if torch.is_grad_enabled() and not self.in_hooks else []
+        if any(not p.requires_grad for p in used) and not getattr(func, "__name__", "").endswith("_"):
+            args, kwargs = _traced(args, used), _traced(kwargs, used)
         result = func(*args, **kwargs)
-        node = _graph_node(result) if torch.is_grad_enabled() and not self.in_hooks else None
+        node = _graph_node(result) if used else None
         if node is not None:
-            for value in (*args, *kwargs.values()):
-                for tensor in value if isinstance(value, list | tuple) else (value,):
-                    if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0:
-                        self.outside.append((self.names[id(tensor)], node))
+            self.outside.extend((self.names[id(p)], node) for p in used)
         return result
+
+    def _used_outside(self, args: Any, kwargs: dict[str, Any]) -> list[nn.Parameter]:
+        """The watched parameters among an operation's arguments whose layer is not being called."""
+        return [
+            tensor
+            for value in (*args, *kwargs.values())
+            for tensor in (value if isinstance(value, list | tuple) else (value,))
+            if isinstance(tensor, nn.Parameter) and id(tensor) in self.names and self.running[id(tensor)] <= 0
+        ]
 
     def begin(self) -> None:
         """Start watching a training step's forward pass."""
