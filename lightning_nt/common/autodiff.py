@@ -6,20 +6,24 @@ backward on the CPU nor forward-mode derivatives. Capabilities that differentiat
 GradInit's constraint branch) or forward (JVPs) run the user's module inside :func:`differentiable_kernels`, which
 selects the decomposed "math" kernel: same function, differentiable every way. An operation that has no second
 derivative at all (``nn.EmbeddingBag``'s backward) is named in the error, with the layer that replaces it.
+``torch.func`` transforms can't pass a module's full backward hooks (a user's gradient monitor, Opacus's
+per-sample hooks): :func:`without_backward_hooks` sets them aside while a capability measures the function.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-__all__ = ["differentiable_kernels", "vmap_or_loop"]
+__all__ = ["differentiable_kernels", "vmap_or_loop", "without_backward_hooks"]
 
 
 @contextmanager
@@ -49,6 +53,35 @@ def differentiable_kernels() -> Iterator[None]:
         ) from error
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+
+
+@contextmanager
+def without_backward_hooks(module: nn.Module) -> Iterator[None]:
+    """The backward hooks of ``module`` and its submodules set aside inside the block (the same hooks, and their
+    handles, are back after it).
+
+    A full backward hook wraps the module's outputs in an autograd Function that ``torch.func`` transforms
+    (``jacrev``, ``vmap``, ``jvp``) refuse. Such hooks observe or rewrite the gradients of training; a measurement
+    of the function itself (its Jacobian, its tangent kernel) does not run them.
+
+    Examples:
+        >>> layer = nn.Linear(2, 1)
+        >>> handle = layer.register_full_backward_hook(lambda module, grad_input, grad_output: None)
+        >>> with without_backward_hooks(layer):
+        ...     torch.func.jacrev(layer)(torch.ones(2)).shape
+        torch.Size([1, 2])
+        >>> len(layer._backward_hooks)
+        1
+    """
+    hooked = [m for m in module.modules() if m._backward_hooks or m._backward_pre_hooks]
+    saved = [(m._backward_hooks, m._backward_pre_hooks) for m in hooked]
+    try:
+        for m in hooked:
+            m._backward_hooks, m._backward_pre_hooks = OrderedDict(), OrderedDict()
+        yield
+    finally:
+        for m, (hooks, pre_hooks) in zip(hooked, saved):
+            m._backward_hooks, m._backward_pre_hooks = hooks, pre_hooks
 
 
 def vmap_or_loop(function: Callable[..., Any], in_dims: tuple[int | None, ...]) -> Callable[..., Any]:

@@ -19,7 +19,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.func import jacrev
 
-from lightning_nt.common.autodiff import vmap_or_loop
+from lightning_nt.common.autodiff import vmap_or_loop, without_backward_hooks
 from lightning_nt.common.batches import batch_size, tensors_of
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import at_least, checked_arguments
@@ -46,7 +46,8 @@ def empirical_ntk(
 
     ``inputs`` is a tensor or any batch structure (tuple, dict, dataclass) whose tensors have the examples along
     dimension 0; ``forward_fn(module, batch)`` maps it to outputs ``[m, ...]`` (flattened per example to ``C``
-    outputs). The derivative is over the parameters with ``requires_grad``. Each example's output must depend on
+    outputs). The derivative is over the parameters with ``requires_grad``; the module's backward hooks are not run
+    (:func:`~lightning_nt.common.autodiff.without_backward_hooks`). Each example's output must depend on
     that example only: call it with the module in eval mode when it has BatchNorm or dropout. The kernel is fp32
     (fp64 if the parameters are), on the parameters' device.
 
@@ -91,7 +92,7 @@ def empirical_ntk(
         return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
 
     starts = range(0, count, size)
-    with _explained_transform_failures():
+    with _explained_transform_failures(), without_backward_hooks(module):
         return _kernel(jacobian, starts, count, size, hold_jacobians)
 
 

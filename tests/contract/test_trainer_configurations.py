@@ -343,22 +343,11 @@ def test_under_dp_every_callback_that_reads_training_data_is_refused_by_name(tmp
     assert readers and all(name in str(outcome.error) for name in readers), outcome.error
 
 
-_LAZINESS_UNDER_HOOKS = pytest.mark.xfail(
-    strict=True,
-    reason="LazinessMonitor's NTK (torch.func.jacrev) can't pass Opacus's registered full backward hooks, which "
-    "`disable_hooks` leaves in place: an obscure functorch error, with allow_nonprivate_callbacks=True only",
-)
-
-
-@pytest.mark.parametrize(
-    ("mode", "laziness"),
-    [("hooks", False), ("bk", True), pytest.param("hooks", True, marks=_LAZINESS_UNDER_HOOKS, id="hooks-laziness")],
-)
-def test_monitors_allowed_under_dp_leave_the_private_run_unchanged(mode: str, laziness: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_monitors_allowed_under_dp_leave_the_private_run_unchanged(mode: str, tmp_path: Path) -> None:
     """With ``allow_nonprivate_callbacks=True`` every monitor that promises no side effects leaves the private run
     (weights and epsilon) bit for bit what it is without them: none touches per-example state or the ledger."""
     monitors = _one_per_class(lambda capability, built: capability.side_effect_free)
-    monitors = [m for m in monitors if laziness == (m.name == "LazinessMonitor")] if mode == "hooks" else monitors
 
     def private(capabilities: list[Capability], root: Path) -> Run:
         dp = DPStrategy(

@@ -527,6 +527,19 @@ class EmbeddingBagClassifier(ZooModule):
         return nn.Sequential(nn.EmbeddingBag(VOCAB, HIDDEN, padding_idx=0), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
 
 
+def _note_gradient_norm(layer: nn.Module, grad_input: Any, grad_output: Any) -> None:
+    layer.last_gradient_norm = grad_output[0].detach().norm()
+
+
+class BackwardHook(ZooModule):
+    """A full backward hook on a layer (gradient monitoring, as users and libraries such as Captum register them)."""
+
+    def network(self) -> nn.Module:
+        network = super().network()
+        network[0].register_full_backward_hook(_note_gradient_norm)
+        return network
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -579,6 +592,7 @@ _ENTRIES = [
     ),
     ZooEntry("embedding_bag", EmbeddingBagClassifier, "nn.EmbeddingBag: no second derivative", second_order=False),
     ZooEntry("float64", Float64, "float64, Trainer(precision='64-true')", trainer_arguments={"precision": "64-true"}),
+    ZooEntry("backward_hook", BackwardHook, "a full backward hook on a layer (gradient monitoring)"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}

@@ -82,6 +82,22 @@ def test_any_batch_structure_and_forward_fn_give_the_same_kernel():
     torch.testing.assert_close(as_dataclass, reference)
 
 
+def test_a_module_with_full_backward_hooks_gives_its_functions_kernel_and_keeps_its_hooks():
+    # torch.func's jacrev refused the hook's autograd Function (no setup_context): a user's gradient monitor, or
+    # Opacus's per-sample hooks beside LazinessMonitor, ended the fit
+    net = _mlp()
+    inputs = torch.randn(4, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    calls = []
+    net[0].register_full_backward_hook(lambda module, grad_input, grad_output: calls.append(1))
+    net.register_full_backward_pre_hook(lambda module, grad_output: None)
+    reference = _reference_ntk(net, inputs)  # autograd runs the hooks
+    calls.clear()
+    torch.testing.assert_close(empirical_ntk(net, inputs), reference)
+    assert not calls
+    net(inputs).sum().backward()
+    assert calls == [1]  # the hooks are back after the measurement
+
+
 def test_frozen_parameters_are_left_out():
     net = _mlp()
     inputs = torch.randn(4, 5, dtype=torch.float64)
