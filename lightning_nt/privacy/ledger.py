@@ -90,6 +90,7 @@ class _CheckpointedLedger:
 
     # set by the strategy's constructor (see DPStrategy), and from its set-up
     noise_multiplier: float
+    target_epsilon: float | None
     accountant: IAccountant
     accountant_name: AccountantName
     _plan: tuple[Any, ...] | None
@@ -107,8 +108,19 @@ class _CheckpointedLedger:
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
         saved = resumed_ledger(checkpoint, checkpoint_path, self.accountant, self.accountant_name, fitting)
         if saved is not None:
+            _warn_if_the_noise_changes(self.noise_multiplier, float(saved["noise_multiplier"]), self.target_epsilon)
             self.noise_multiplier = float(saved["noise_multiplier"])
             self._plan = tuple(saved["plan"]) if saved.get("plan") is not None else None
             self._skipped_steps = int(saved.get("skipped_steps", 0))
             self.accountant.load_state_dict(saved["ledger"])
         return checkpoint
+
+
+def _warn_if_the_noise_changes(given: float, saved: float, target_epsilon: float | None) -> None:
+    """A resumed run keeps its ledger's noise: say so when the strategy was built with another one."""
+    if target_epsilon is None and given != saved:
+        rank_zero_warn(
+            f"Resuming a private run whose ledger was spent with noise_multiplier={saved:g}: it continues with that "
+            f"noise, not noise_multiplier={given:g} given to the strategy, so that the run stays one ledger. To train "
+            "on with other noise, start a new private run (a new ledger) from the weights."
+        )

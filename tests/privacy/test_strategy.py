@@ -240,6 +240,22 @@ def test_resume_continues_the_ledger_exactly(tmp_path):
     assert resumed.epsilon == straight.epsilon
 
 
+def test_resuming_with_other_noise_keeps_the_ledgers_noise_and_says_so(tmp_path):
+    # the checkpoint's noise replaced the one given to the strategy without a word
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    _fit(
+        DPStrategy(noise_multiplier=1.1, accountant="rdp"),
+        callbacks=[checkpoint],
+        max_epochs=1,
+        enable_checkpointing=True,
+    )
+    resumed = DPStrategy(noise_multiplier=2.0, accountant="rdp")
+    trainer = tiny_trainer(None, strategy=resumed, max_epochs=2, num_sanity_val_steps=0)
+    with pytest.warns(UserWarning, match=r"spent with noise_multiplier=1.1: it continues with that noise, not noise_"):
+        trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+    assert resumed.noise_multiplier == 1.1 and {h[0] for h in resumed.accountant.history} == {1.1}
+
+
 def test_a_checkpoint_without_ledger_refuses_to_resume_privately(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     _fit("auto", callbacks=[checkpoint], max_epochs=1, enable_checkpointing=True)
