@@ -222,37 +222,32 @@ def test_target_epsilon_calibrates_and_is_never_exceeded(tmp_path):
     assert resumed.epsilon <= 2.0 and trainer.global_step < 40
 
 
+def _resume_after(epochs: int, resumed: DPStrategy, max_epochs: int, folder) -> None:
+    """A private run (noise 1.1, RDP) checkpointed for ``epochs`` epochs, then resumed with ``resumed``."""
+    checkpoint = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)
+    first = DPStrategy(noise_multiplier=1.1, accountant="rdp")
+    _fit(first, callbacks=[checkpoint], max_epochs=epochs, enable_checkpointing=True)
+    trainer = tiny_trainer(None, strategy=resumed, max_epochs=max_epochs, num_sanity_val_steps=0)
+    trainer.fit(
+        Plain(num_samples=64, batch_size=16), ckpt_path=str(folder / f"epoch={epochs - 1}-step={4 * epochs}.ckpt")
+    )
+
+
 def test_resume_continues_the_ledger_exactly(tmp_path):
     straight = DPStrategy(noise_multiplier=1.1, accountant="rdp")
     _fit(straight, max_epochs=4)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    _fit(
-        DPStrategy(noise_multiplier=1.1, accountant="rdp"),
-        callbacks=[checkpoint],
-        max_epochs=2,
-        enable_checkpointing=True,
-    )
     resumed = DPStrategy(noise_multiplier=1.1, accountant="rdp")
     pl.seed_everything(0)
-    trainer = tiny_trainer(None, strategy=resumed, max_epochs=4, num_sanity_val_steps=0)
-    trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=1-step=8.ckpt"))
+    _resume_after(2, resumed, max_epochs=4, folder=tmp_path)
     assert resumed.accountant.history == straight.accountant.history
     assert resumed.epsilon == straight.epsilon
 
 
 def test_resuming_with_other_noise_keeps_the_ledgers_noise_and_says_so(tmp_path):
     # the checkpoint's noise replaced the one given to the strategy without a word
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    _fit(
-        DPStrategy(noise_multiplier=1.1, accountant="rdp"),
-        callbacks=[checkpoint],
-        max_epochs=1,
-        enable_checkpointing=True,
-    )
     resumed = DPStrategy(noise_multiplier=2.0, accountant="rdp")
-    trainer = tiny_trainer(None, strategy=resumed, max_epochs=2, num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match=r"spent with noise_multiplier=1.1: it continues with that noise, not noise_"):
-        trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"))
+        _resume_after(1, resumed, max_epochs=2, folder=tmp_path)
     assert resumed.noise_multiplier == 1.1 and {h[0] for h in resumed.accountant.history} == {1.1}
 
 
