@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -220,6 +221,27 @@ def test_target_epsilon_calibrates_and_is_never_exceeded(tmp_path):
         trainer.fit(Plain(num_samples=64, batch_size=16), ckpt_path=str(tmp_path / "epoch=2-step=12.ckpt"))
     assert resumed.noise_multiplier == strategy.noise_multiplier
     assert resumed.epsilon <= 2.0 and trainer.global_step < 40
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_a_copy_of_the_module_during_a_private_fit_copies_no_optimizer(mode):
+    # the hooks engine's row check hooked the layers with a method of the engine: a measurement's deepcopy of the
+    # module copied the engine and its DP optimizer, which patched the Opacus optimizer class's `step`, and every
+    # later private fit in the process failed ('no attribute _optimizer_step_pre_hooks')
+    copied = []
+
+    class CopyTheModule(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            memo = {}
+            copy.deepcopy(pl_module, memo)
+            copied.append([type(value).__name__ for value in memo.values() if isinstance(value, torch.optim.Optimizer)])
+
+    _fit(
+        DPStrategy(noise_multiplier=1.0, grad_sample_mode=mode),
+        callbacks=[CopyTheModule()],
+        max_epochs=1,
+    )
+    assert copied and not any(copied), copied
 
 
 def _resume_after(epochs: int, resumed: DPStrategy, max_epochs: int, folder) -> None:

@@ -129,6 +129,23 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
     pass
 
 
+class _RowsSeen:
+    """(layer, rows of its input) of every call of a trainable layer while watched, since the last check.
+
+    The layers' hooks hold this small record, not the engine: a copy of the module (``copy.deepcopy``, as some
+    measurements make) must not copy the engine and its DP optimizer (copying an Opacus optimizer also patches its
+    class's ``step`` for every later instance).
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+        self.watching = False
+
+    def note(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        if self.watching and torch.is_grad_enabled() and inputs and isinstance(inputs[0], Tensor):
+            self.seen.append((name, inputs[0].shape[0] if inputs[0].ndim else 0))
+
+
 class OpacusHooksEngine(ClippingEngine):
     """Opacus's per-sample-gradient hooks; the only engine that hands out per-example gradients (for the probe).
 
@@ -146,11 +163,10 @@ class OpacusHooksEngine(ClippingEngine):
         self.optimizer.parameter_names = {id(p): name for name, p in module.named_parameters()}
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
-        self._rows_seen: list[tuple[str, int]] = []  # (layer, rows of its input) of every call since the last check
+        self._rows = _RowsSeen()
         self._row_watches = [
-            layer.register_forward_hook(partial(self._note_rows, name)) for name, layer in trainable_modules(module)
+            layer.register_forward_hook(partial(self._rows.note, name)) for name, layer in trainable_modules(module)
         ]
-        self._watching = False
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean"}
@@ -162,11 +178,11 @@ class OpacusHooksEngine(ClippingEngine):
             if "grad_sample" not in vars(p):
                 p.grad_sample = None
         self.hooks.enable_hooks()
-        self._watching = True
+        self._rows.watching = True
 
     def stop(self) -> None:
         self.hooks.disable_hooks()
-        self._watching = False
+        self._rows.watching = False
 
     def close(self) -> None:
         self.hooks.cleanup()
@@ -184,11 +200,7 @@ class OpacusHooksEngine(ClippingEngine):
 
     def discard_per_example_state(self) -> None:
         self.optimizer.clear_per_example_state()
-        self._rows_seen = []
-
-    def _note_rows(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if self._watching and torch.is_grad_enabled() and inputs and isinstance(inputs[0], Tensor):
-            self._rows_seen.append((name, inputs[0].shape[0] if inputs[0].ndim else 0))
+        self._rows.seen = []
 
     def _check_rows(self, rows: int) -> int | None:
         """Refuse the step (before any noise) unless every trainable layer's every call saw the same rows, at most
@@ -198,7 +210,7 @@ class OpacusHooksEngine(ClippingEngine):
         example repeated) clip parts of an example separately, and a layer that also runs on other inputs (a few
         fixed prototypes) has their gradient added to its first examples'.
         """
-        seen, self._rows_seen = self._rows_seen, []
+        seen, self._rows.seen = self._rows.seen, []
         counts = sorted({n for _, n in seen})
         if not counts or (len(counts) == 1 and counts[0] <= rows):
             return counts[0] if counts else None
@@ -226,4 +238,4 @@ class OpacusHooksEngine(ClippingEngine):
         if hasattr(self.hooks, "_per_sample_gradient_norms"):
             self.hooks._per_sample_gradient_norms = None
         self.optimizer.discard()
-        self._rows_seen = []
+        self._rows.seen = []
