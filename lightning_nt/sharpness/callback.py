@@ -23,6 +23,7 @@ from lightning_nt.common import (
     log_text,
     prepare_batch,
     preserved_state,
+    select_examples,
     training_loss,
 )
 from lightning_nt.common.autodiff import differentiable_kernels
@@ -84,7 +85,8 @@ class SharpnessMonitor(pl.Callback):
         num_eigenvalues: how many top eigenvalues (``sharpness/lambda_2``... beyond the first).
         num_examples: training examples in the probe set, cached when training starts.
         chunk_size: examples per forward/backward when the probe set does not fit at once (``None``: all).
-        mode: ``"train"`` (dropout and batch statistics as in training, the usual choice) or ``"eval"``.
+        mode: ``"train"`` (dropout and batch statistics as in training, the usual choice) or ``"eval"``. In train
+            mode each probe chunk's dropout masks are drawn once per measurement and kept for all its products.
         data: ``"probe"`` (fixed probe set) or ``"batch"`` (the batch just trained on).
         tol: Ritz residual tolerance relative to the largest eigenvalue's magnitude.
         max_iter: most Lanczos steps (Hessian-vector products) per solve.
@@ -93,7 +95,8 @@ class SharpnessMonitor(pl.Callback):
         trace_method: ``"hutch++"`` or ``"hutchinson"``.
         batch_sharpness: also measure batch sharpness (Andreyev & Beneventano), the quantity that reaches
             ``2/lr`` under mini-batch SGD.
-        batch_sharpness_batches: mini-batches (of the train loader's batch size, from the probe set) averaged.
+        batch_sharpness_batches: mini-batches from the probe set averaged, each of the examples of one optimizer
+            step (the train loader's batch size times ``accumulate_grad_batches``); a last, smaller one is left out.
         smoothness: also log Santurkar et al.'s ``smoothness/loss_range``, ``grad_predictiveness``, ``beta``.
         smoothness_steps: step sizes along the gradient, as multiples of the current learning rate.
         spherical: also log ``sharpness/spherical`` = ||w||^2 lambda_max (for scale-invariant networks).
@@ -192,6 +195,9 @@ class SharpnessMonitor(pl.Callback):
         self._seen_step = -1
         self._last_step = -1
         self._restored = False
+        self._mask_seed = 0
+        """The global RNG's seed for each probe chunk's forward (plus its index) in the current measurement."""
+        self._reduction_checked = False
         self._warned: set[str] = set()
         self._rule: str | None = None
         """The threshold's rule (e.g. ``"SGD: 2/lr"``) at the last measurement, for the picture."""
@@ -319,12 +325,16 @@ class SharpnessMonitor(pl.Callback):
             )
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        self._mask_seed = generator.initial_seed()
         with (
             preserved_state(pl_module, parameters=False),
             torch.enable_grad(),
             torch.inference_mode(False),
             differentiable_kernels(),
         ):
+            if self.data == "probe" and not self._reduction_checked:
+                self._reduction_checked = True
+                self._check_reduction(trainer, pl_module)
             pl_module.train(self.mode == "train")
             try:
                 values, solves = self._solve(trainer, pl_module, named, batch, generator)
@@ -482,7 +492,8 @@ class SharpnessMonitor(pl.Callback):
 
         def loss_chunks() -> Iterable[tuple[Tensor, float]]:
             source = chunks if chunks is not None else self._probe_chunks(trainer, self.chunk_size)
-            for chunk, share in source:
+            for index, (chunk, share) in enumerate(source):
+                torch.manual_seed(self._mask_seed + index)  # every product sees the same dropout masks
                 yield self._loss(pl_module, chunk), share
 
         single_chunk = chunks is not None or self.chunk_size is None or self.chunk_size >= self.num_examples
@@ -496,6 +507,32 @@ class SharpnessMonitor(pl.Callback):
         local = float(len(self._probe) if self._probe is not None and self.data == "probe" else batch_size(batch))
         return partial(sum_across_ranks, trainer), local / sum_across_ranks(trainer, local)
 
+    @torch.no_grad()
+    def _check_reduction(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once when the loss is a sum over the examples rather than a mean: compared in eval mode on the first
+        probe examples, the loss of all of them is then the sum of the losses of its two halves, not their mean."""
+        assert self._probe is not None
+        first, _ = next(self._probe_chunks(trainer, min(len(self._probe), self.chunk_size or len(self._probe), 64)))
+        size = batch_size(first)
+        if size < 2:
+            return
+        pl_module.eval()
+        half = size // 2
+        whole, head, tail = (
+            float(self._loss(pl_module, part))
+            for part in (first, select_examples(first, slice(0, half)), select_examples(first, slice(half, size)))
+        )
+        mean, total = (half * head + (size - half) * tail) / size, head + tail
+        if abs(whole - total) <= 1e-3 * abs(total) and abs(whole - mean) > 1e-2 * abs(whole):
+            self._warn(
+                "sum",
+                "SharpnessMonitor: the training loss is a sum over the batch's examples, not a mean (on "
+                f"{size} probe examples it is the sum of its two halves' losses). The Hessian of a sum grows with the "
+                f"number of examples: on the probe set of {len(self._probe)} it is not that of a training batch, "
+                "`chunk_size` changes it, and its ratio to the threshold is meaningless. Average the loss over "
+                "the batch (e.g. `reduction='mean'`) in training_step, or pass a `loss_fn` that does.",
+            )
+
     def _probe_chunks(self, trainer: pl.Trainer, size: int | None) -> Iterator[tuple[Any, float]]:
         """The probe set in chunks, on the module's device and in the Trainer's input precision (e.g. fp64)."""
         assert self._probe is not None
@@ -505,8 +542,10 @@ class SharpnessMonitor(pl.Callback):
     def _batch_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> float:
         if self._probe is None:
             raise RuntimeError("batch_sharpness needs the probe set (data='probe').")
-        size = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
-        batches = list(self._probe_chunks(trainer, size))[: self.batch_sharpness_batches]
+        loader_batch = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
+        size = min(loader_batch * trainer.accumulate_grad_batches, len(self._probe))  # the examples of one step
+        batches = [chunk for chunk in self._probe_chunks(trainer, size) if batch_size(chunk[0]) == size]
+        batches = batches[: self.batch_sharpness_batches]
 
         def operator(chunk: Any) -> HessianOperator:
             return HessianOperator(params, lambda: [(self._loss(pl_module, chunk), 1.0)])
