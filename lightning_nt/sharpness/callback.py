@@ -47,7 +47,12 @@ from lightning_nt.sharpness.measure import (
     preconditioned,
     smoothness_along_gradient,
 )
-from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_threshold, without_adam_state
+from lightning_nt.sharpness.thresholds import (
+    adam_preconditioner,
+    learning_rate_ratios,
+    stability_threshold,
+    without_adam_state,
+)
 
 __all__ = ["SharpnessMonitor"]
 
@@ -59,8 +64,7 @@ OVERHEAD_WARNING = 0.25
 """Without a budget, the share of training time spent measuring beyond which the user is warned (once)."""
 
 
-def _groups_differ(optimizer: torch.optim.Optimizer) -> bool:
-    keys = ("lr", "momentum", "betas", "nesterov", "dampening", "weight_decay")
+def _groups_differ(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> bool:
     settings = [tuple(group.get(key) for key in keys) for group in optimizer.param_groups]
     return len(set(settings)) > 1
 
@@ -76,6 +80,8 @@ class SharpnessMonitor(pl.Callback):
     ``(2+2beta1)/((1-beta1)lr)`` against the preconditioned sharpness (Cohen et al. 2021, 2022).
     ``sharpness/ratio`` is the (preconditioned, for Adam) sharpness over the threshold: near 1 means training is
     at the edge of stability.
+    With param groups that differ only in learning rate, the threshold is group 0's and the sharpness compared with
+    it is that of ``R^1/2 H R^1/2`` (``R``: each parameter's lr over group 0's), logged as ``sharpness/lr_scaled``.
 
     The run is left exactly as without the monitor: parameters, ``.grad``, BatchNorm buffers, RNG, modes and
     optimizer state are restored after each measurement.
@@ -428,11 +434,18 @@ class SharpnessMonitor(pl.Callback):
         generator: torch.Generator,
     ) -> dict[str, float]:
         """``threshold`` and ``ratio`` (with ``preconditioned`` first for Adam); empty when no rule is known."""
-        if _groups_differ(optimizer):
+        if _groups_differ(optimizer, ("momentum", "betas", "nesterov", "dampening", "weight_decay")):
             self._warn(
                 "groups",
                 "SharpnessMonitor: the optimizer's param groups have different hyper-parameters; "
                 "the threshold uses group 0's.",
+            )
+        elif _groups_differ(optimizer, ("lr",)):
+            self._warn(
+                "groups",
+                "SharpnessMonitor: the optimizer's param groups have different learning rates; the threshold is "
+                "group 0's, compared with the top eigenvalue of R^1/2 H R^1/2 (R: each parameter's lr over group 0's; "
+                "'sharpness/lr_scaled', or within 'sharpness/preconditioned' for Adam), the sharpness those steps see.",
             )
         threshold = stability_threshold(optimizer)
         if threshold is None:
@@ -443,12 +456,18 @@ class SharpnessMonitor(pl.Callback):
             )
             return {}
         values = {}
+        ratios = learning_rate_ratios(optimizer, operator.params)  # per-group learning rates, relative to group 0's
         if threshold.preconditioned:
             diagonal = self._adam_preconditioner(optimizer, named)
             if diagonal is None:  # no Adam state before the first step
                 return {}
+            if ratios is not None:
+                diagonal = diagonal / ratios
             adam = self._lanczos("adam", preconditioned(operator.matvec, diagonal), operator, generator)
             values["sharpness/preconditioned"] = sharpness = float(adam.eigenvalues[0])
+        elif ratios is not None:
+            scaled = self._lanczos("lr", preconditioned(operator.matvec, 1 / ratios), operator, generator)
+            values["sharpness/lr_scaled"] = sharpness = float(scaled.eigenvalues[0])
         values["sharpness/threshold"] = threshold.value
         self._rule = threshold.rule
         values["sharpness/ratio"] = sharpness / threshold.value  # 0 at lr 0, where the threshold is inf
@@ -589,6 +608,7 @@ def _curves(adam: bool) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         sharpness,
         *([("sharpness/lambda_max", "lambda_max (not preconditioned)", {"alpha": 0.6, "color": "C2"})] if adam else []),
+        ("sharpness/lr_scaled", "lr-scaled sharpness, lambda_max(R H)", {"marker": ".", "color": "C3"}),
         ("sharpness/batch_sharpness", "batch sharpness (mini-batch Hessians)", {"marker": "x", "color": "C1"}),
     ]
 

@@ -123,3 +123,42 @@ def test_batch_sharpness_with_gradient_accumulation_uses_the_examples_of_one_opt
     tiny_trainer(callbacks=[monitor], max_steps=1, accumulate_grad_batches=2).fit(module)
     expected = _batch_sharpness_reference(start, size=16)
     assert abs(monitor.history[0]["sharpness/batch_sharpness"] - expected) <= 1e-5 * expected
+
+
+class TwoLearningRates(DropoutMLP):
+    """SGD with the hidden layer at lr 0.1 (group 0) and the head at lr 0.02."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": self.hidden.parameters(), "lr": 0.1}, {"params": self.head.parameters(), "lr": 0.02}]
+        return torch.optim.SGD(groups)
+
+
+def test_param_groups_with_different_learning_rates_compare_the_lr_scaled_sharpness_with_group_0s_threshold():
+    """Before: lambda_max(H) against 2/lr_0, though the head steps at a fifth of lr_0: gradient descent with per-group
+    rates R lr_0 is stable while lambda_max(R^1/2 H R^1/2) < 2/lr_0, so the ratio overstated the instability."""
+    torch.manual_seed(0)
+    module = TwoLearningRates(p=0.0)
+    start = TwoLearningRates(p=0.0)
+    start.load_state_dict(module.state_dict())
+    monitor = SharpnessMonitor(every_n_steps=1000, num_examples=32, mode="eval", tol=1e-8, max_iter=60)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "SharpnessMonitor: the optimizer's param groups")
+        tiny_trainer(callbacks=[monitor], max_steps=1).fit(module)
+    names = [name for name, _ in start.named_parameters()]
+    params = [p.detach().double() for p in start.parameters()]
+    start.double().eval()
+
+    def loss_of(flat: Tensor) -> Tensor:
+        logits = functional_call(start, dict(zip(names, unflatten(flat, params))), (INPUTS.double(),))
+        return F.cross_entropy(logits, LABELS)
+
+    hessian = torch.autograd.functional.hessian(loss_of, flatten(params))
+    root = torch.cat(
+        [torch.full((p.numel(),), 1.0 if name.startswith("hidden") else 0.2**0.5) for name, p in zip(names, params)]
+    )
+    expected = float(torch.linalg.eigvalsh(root[:, None] * hessian * root[None, :])[-1])
+    measured = monitor.history[0]
+    assert measured["sharpness/threshold"] == 20.0
+    assert abs(measured["sharpness/lr_scaled"] - expected) <= 1e-4 * expected
+    assert abs(measured["sharpness/ratio"] - expected / 20.0) <= 1e-4 * expected / 20.0
+    assert measured["sharpness/lambda_max"] > 1.1 * expected  # the unscaled figure it replaces, far off here
