@@ -140,7 +140,9 @@ def test_param_groups_with_different_learning_rates_compare_the_lr_scaled_sharpn
     module = TwoLearningRates(p=0.0)
     start = TwoLearningRates(p=0.0)
     start.load_state_dict(module.state_dict())
-    monitor = SharpnessMonitor(every_n_steps=1000, num_examples=32, mode="eval", tol=1e-8, max_iter=60)
+    monitor = SharpnessMonitor(
+        every_n_steps=1000, num_examples=32, mode="eval", tol=1e-8, max_iter=60, lambda_min=False
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "SharpnessMonitor: the optimizer's param groups")
         tiny_trainer(callbacks=[monitor], max_steps=1).fit(module)
@@ -162,3 +164,16 @@ def test_param_groups_with_different_learning_rates_compare_the_lr_scaled_sharpn
     assert abs(measured["sharpness/lr_scaled"] - expected) <= 1e-4 * expected
     assert abs(measured["sharpness/ratio"] - expected / 20.0) <= 1e-4 * expected / 20.0
     assert measured["sharpness/lambda_max"] > 1.1 * expected  # the unscaled figure it replaces, far off here
+
+
+def test_a_loss_that_needs_its_whole_batch_is_measured_without_a_verdict_on_its_reduction():
+    def whole_batches_only(module: pl.LightningModule, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, labels = batch
+        if len(inputs) != 32:
+            raise ValueError("this loss compares all 32 examples with each other")
+        return F.cross_entropy(module(inputs), labels)
+
+    torch.manual_seed(0)
+    monitor = SharpnessMonitor(every_n_steps=1000, num_examples=32, loss_fn=whole_batches_only)
+    tiny_trainer(callbacks=[monitor], max_steps=1).fit(DropoutMLP(p=0.0))
+    assert monitor.history[0]["sharpness/lambda_max"] > 0
