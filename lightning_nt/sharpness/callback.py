@@ -23,6 +23,7 @@ from lightning_nt.common import (
     log_text,
     prepare_batch,
     preserved_state,
+    select_examples,
     training_loss,
 )
 from lightning_nt.common.autodiff import differentiable_kernels
@@ -46,7 +47,12 @@ from lightning_nt.sharpness.measure import (
     preconditioned,
     smoothness_along_gradient,
 )
-from lightning_nt.sharpness.thresholds import adam_preconditioner, stability_threshold, without_adam_state
+from lightning_nt.sharpness.thresholds import (
+    adam_preconditioner,
+    learning_rate_ratios,
+    stability_threshold,
+    without_adam_state,
+)
 
 __all__ = ["SharpnessMonitor"]
 
@@ -58,8 +64,7 @@ OVERHEAD_WARNING = 0.25
 """Without a budget, the share of training time spent measuring beyond which the user is warned (once)."""
 
 
-def _groups_differ(optimizer: torch.optim.Optimizer) -> bool:
-    keys = ("lr", "momentum", "betas", "nesterov", "dampening", "weight_decay")
+def _groups_differ(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> bool:
     settings = [tuple(group.get(key) for key in keys) for group in optimizer.param_groups]
     return len(set(settings)) > 1
 
@@ -75,6 +80,8 @@ class SharpnessMonitor(pl.Callback):
     ``(2+2beta1)/((1-beta1)lr)`` against the preconditioned sharpness (Cohen et al. 2021, 2022).
     ``sharpness/ratio`` is the (preconditioned, for Adam) sharpness over the threshold: near 1 means training is
     at the edge of stability.
+    With param groups that differ only in learning rate, the threshold is group 0's and the sharpness compared with
+    it is that of ``R^1/2 H R^1/2`` (``R``: each parameter's lr over group 0's), logged as ``sharpness/lr_scaled``.
 
     The run is left exactly as without the monitor: parameters, ``.grad``, BatchNorm buffers, RNG, modes and
     optimizer state are restored after each measurement.
@@ -84,7 +91,8 @@ class SharpnessMonitor(pl.Callback):
         num_eigenvalues: how many top eigenvalues (``sharpness/lambda_2``... beyond the first).
         num_examples: training examples in the probe set, cached when training starts.
         chunk_size: examples per forward/backward when the probe set does not fit at once (``None``: all).
-        mode: ``"train"`` (dropout and batch statistics as in training, the usual choice) or ``"eval"``.
+        mode: ``"train"`` (dropout and batch statistics as in training, the usual choice) or ``"eval"``. In train
+            mode each probe chunk's dropout masks are drawn once per measurement and kept for all its products.
         data: ``"probe"`` (fixed probe set) or ``"batch"`` (the batch just trained on).
         tol: Ritz residual tolerance relative to the largest eigenvalue's magnitude.
         max_iter: most Lanczos steps (Hessian-vector products) per solve.
@@ -93,7 +101,8 @@ class SharpnessMonitor(pl.Callback):
         trace_method: ``"hutch++"`` or ``"hutchinson"``.
         batch_sharpness: also measure batch sharpness (Andreyev & Beneventano), the quantity that reaches
             ``2/lr`` under mini-batch SGD.
-        batch_sharpness_batches: mini-batches (of the train loader's batch size, from the probe set) averaged.
+        batch_sharpness_batches: mini-batches from the probe set averaged, each of the examples of one optimizer
+            step (the train loader's batch size times ``accumulate_grad_batches``); a last, smaller one is left out.
         smoothness: also log Santurkar et al.'s ``smoothness/loss_range``, ``grad_predictiveness``, ``beta``.
         smoothness_steps: step sizes along the gradient, as multiples of the current learning rate.
         spherical: also log ``sharpness/spherical`` = ||w||^2 lambda_max (for scale-invariant networks).
@@ -192,6 +201,9 @@ class SharpnessMonitor(pl.Callback):
         self._seen_step = -1
         self._last_step = -1
         self._restored = False
+        self._mask_seed = 0
+        """The global RNG's seed for each probe chunk's forward (plus its index) in the current measurement."""
+        self._reduction_checked = False
         self._warned: set[str] = set()
         self._rule: str | None = None
         """The threshold's rule (e.g. ``"SGD: 2/lr"``) at the last measurement, for the picture."""
@@ -319,12 +331,16 @@ class SharpnessMonitor(pl.Callback):
             )
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
+        self._mask_seed = generator.initial_seed()
         with (
             preserved_state(pl_module, parameters=False),
             torch.enable_grad(),
             torch.inference_mode(False),
             differentiable_kernels(),
         ):
+            if self.data == "probe" and not self._reduction_checked:
+                self._reduction_checked = True
+                self._check_reduction(trainer, pl_module)
             pl_module.train(self.mode == "train")
             try:
                 values, solves = self._solve(trainer, pl_module, named, batch, generator)
@@ -418,11 +434,18 @@ class SharpnessMonitor(pl.Callback):
         generator: torch.Generator,
     ) -> dict[str, float]:
         """``threshold`` and ``ratio`` (with ``preconditioned`` first for Adam); empty when no rule is known."""
-        if _groups_differ(optimizer):
+        if _groups_differ(optimizer, ("momentum", "betas", "nesterov", "dampening", "weight_decay")):
             self._warn(
                 "groups",
                 "SharpnessMonitor: the optimizer's param groups have different hyper-parameters; "
                 "the threshold uses group 0's.",
+            )
+        elif _groups_differ(optimizer, ("lr",)):
+            self._warn(
+                "groups",
+                "SharpnessMonitor: the optimizer's param groups have different learning rates; the threshold is "
+                "group 0's, compared with the top eigenvalue of R^1/2 H R^1/2 (R: each parameter's lr over group 0's; "
+                "'sharpness/lr_scaled', or within 'sharpness/preconditioned' for Adam), the sharpness those steps see.",
             )
         threshold = stability_threshold(optimizer)
         if threshold is None:
@@ -433,12 +456,18 @@ class SharpnessMonitor(pl.Callback):
             )
             return {}
         values = {}
+        ratios = learning_rate_ratios(optimizer, operator.params)  # per-group learning rates, relative to group 0's
         if threshold.preconditioned:
             diagonal = self._adam_preconditioner(optimizer, named)
             if diagonal is None:  # no Adam state before the first step
                 return {}
+            if ratios is not None:
+                diagonal = diagonal / ratios
             adam = self._lanczos("adam", preconditioned(operator.matvec, diagonal), operator, generator)
             values["sharpness/preconditioned"] = sharpness = float(adam.eigenvalues[0])
+        elif ratios is not None:
+            scaled = self._lanczos("lr", preconditioned(operator.matvec, 1 / ratios), operator, generator)
+            values["sharpness/lr_scaled"] = sharpness = float(scaled.eigenvalues[0])
         values["sharpness/threshold"] = threshold.value
         self._rule = threshold.rule
         values["sharpness/ratio"] = sharpness / threshold.value  # 0 at lr 0, where the threshold is inf
@@ -482,7 +511,8 @@ class SharpnessMonitor(pl.Callback):
 
         def loss_chunks() -> Iterable[tuple[Tensor, float]]:
             source = chunks if chunks is not None else self._probe_chunks(trainer, self.chunk_size)
-            for chunk, share in source:
+            for index, (chunk, share) in enumerate(source):
+                torch.manual_seed(self._mask_seed + index)  # every product sees the same dropout masks
                 yield self._loss(pl_module, chunk), share
 
         single_chunk = chunks is not None or self.chunk_size is None or self.chunk_size >= self.num_examples
@@ -496,6 +526,35 @@ class SharpnessMonitor(pl.Callback):
         local = float(len(self._probe) if self._probe is not None and self.data == "probe" else batch_size(batch))
         return partial(sum_across_ranks, trainer), local / sum_across_ranks(trainer, local)
 
+    @torch.no_grad()
+    def _check_reduction(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn once when the loss is a sum over the examples rather than a mean: compared in eval mode on the first
+        probe examples, the loss of all of them is then the sum of the losses of its two halves, not their mean."""
+        assert self._probe is not None
+        first, _ = next(self._probe_chunks(trainer, min(len(self._probe), self.chunk_size or len(self._probe), 64)))
+        size = batch_size(first)
+        if size < 2:
+            return
+        pl_module.eval()
+        half = size // 2
+        try:
+            whole, head, tail = (
+                float(self._loss(pl_module, part))
+                for part in (first, select_examples(first, slice(0, half)), select_examples(first, slice(half, size)))
+            )
+        except (RuntimeError, ValueError):  # a loss that needs its full batch: no verdict, and the measurement goes on
+            return
+        mean, total = (half * head + (size - half) * tail) / size, head + tail
+        if abs(whole - total) <= 1e-3 * abs(total) and abs(whole - mean) > 1e-2 * abs(whole):
+            self._warn(
+                "sum",
+                "SharpnessMonitor: the training loss is a sum over the batch's examples, not a mean (on "
+                f"{size} probe examples it is the sum of its two halves' losses). The Hessian of a sum grows with the "
+                f"number of examples: on the probe set of {len(self._probe)} it is not that of a training batch, "
+                "`chunk_size` changes it, and its ratio to the threshold is meaningless. Average the loss over "
+                "the batch (e.g. `reduction='mean'`) in training_step, or pass a `loss_fn` that does.",
+            )
+
     def _probe_chunks(self, trainer: pl.Trainer, size: int | None) -> Iterator[tuple[Any, float]]:
         """The probe set in chunks, on the module's device and in the Trainer's input precision (e.g. fp64)."""
         assert self._probe is not None
@@ -505,8 +564,10 @@ class SharpnessMonitor(pl.Callback):
     def _batch_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> float:
         if self._probe is None:
             raise RuntimeError("batch_sharpness needs the probe set (data='probe').")
-        size = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
-        batches = list(self._probe_chunks(trainer, size))[: self.batch_sharpness_batches]
+        loader_batch = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
+        size = min(loader_batch * trainer.accumulate_grad_batches, len(self._probe))  # the examples of one step
+        batches = [chunk for chunk in self._probe_chunks(trainer, size) if batch_size(chunk[0]) == size]
+        batches = batches[: self.batch_sharpness_batches]
 
         def operator(chunk: Any) -> HessianOperator:
             return HessianOperator(params, lambda: [(self._loss(pl_module, chunk), 1.0)])
@@ -550,6 +611,7 @@ def _curves(adam: bool) -> list[tuple[str, str, dict[str, Any]]]:
     return [
         sharpness,
         *([("sharpness/lambda_max", "lambda_max (not preconditioned)", {"alpha": 0.6, "color": "C2"})] if adam else []),
+        ("sharpness/lr_scaled", "lr-scaled sharpness, lambda_max(R H)", {"marker": ".", "color": "C3"}),
         ("sharpness/batch_sharpness", "batch sharpness (mini-batch Hessians)", {"marker": "x", "color": "C1"}),
     ]
 

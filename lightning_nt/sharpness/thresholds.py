@@ -28,7 +28,13 @@ from torch import Tensor
 
 from lightning_nt.sharpness.hvp import flatten
 
-__all__ = ["StabilityThreshold", "adam_preconditioner", "stability_threshold", "without_adam_state"]
+__all__ = [
+    "StabilityThreshold",
+    "adam_preconditioner",
+    "learning_rate_ratios",
+    "stability_threshold",
+    "without_adam_state",
+]
 
 ADAM_FAMILY = (torch.optim.Adam, torch.optim.AdamW)
 
@@ -106,3 +112,32 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
 def without_adam_state(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[int]:
     """Indices of the ``params`` for which ``optimizer`` holds no second-moment estimate (yet)."""
     return [index for index, p in enumerate(params) if "exp_avg_sq" not in optimizer.state.get(p, {})]
+
+
+def learning_rate_ratios(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor | None:
+    """Each parameter's learning rate over group 0's, as one flat vector; ``None`` when all groups share group 0's.
+
+    With per-group learning rates ``R lr_0`` the step on a quadratic is ``w <- w - lr_0 R H w``: stable while the
+    eigenvalues of ``R H``, those of ``R^1/2 H R^1/2``, stay below the threshold of ``lr_0``. A parameter outside the
+    optimizer does not move (ratio 0). ``None`` too at ``lr_0 = 0``, where the threshold is ``inf`` anyway.
+
+    Examples:
+        >>> a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+        >>> learning_rate_ratios(torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.05}]), [a, b])
+        tensor([1.0000, 1.0000, 0.5000])
+    """
+    first = float(optimizer.param_groups[0]["lr"])
+    rates = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+    if first == 0 or all(rate == first for rate in rates.values()):
+        return None
+    return flatten(
+        [
+            torch.full(
+                p.shape,
+                rates.get(id(p), 0.0) / first,
+                dtype=torch.promote_types(p.dtype, torch.float32),
+                device=p.device,
+            )
+            for p in params
+        ]
+    )
