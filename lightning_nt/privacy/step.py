@@ -34,7 +34,8 @@ from lightning_nt.privacy.accounting import (
 )
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
-from lightning_nt.privacy.guards import check_accumulation, check_sensitivity, check_state_unchanged, state_versions
+from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
+from lightning_nt.privacy.module_guards import check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 

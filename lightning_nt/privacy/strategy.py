@@ -28,8 +28,9 @@ from lightning_nt.common.validation import above, at_least, between, checked_arg
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.engines.uses import ParameterUses
-from lightning_nt.privacy.guards import check_callbacks, check_module, check_optimizer, check_trainer
+from lightning_nt.privacy.guards import check_callbacks, check_optimizer, check_trainer
 from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
+from lightning_nt.privacy.module_guards import check_module
 from lightning_nt.privacy.reports import _PrivacyReports, warn_about_evaluation_on_training_data, warn_about_options
 from lightning_nt.privacy.sampling import private_train_loader, shared_seed, steps_per_epoch
 from lightning_nt.privacy.step import _PrivateStep

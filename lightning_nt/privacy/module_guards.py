@@ -1,0 +1,123 @@
+"""Checks on the module itself that make DP-SGD fail closed, each naming what is wrong and the fix.
+
+* before the first step (:func:`check_module`): BatchNorm and what Opacus can't give per-example gradients for
+  (or their repair with ``fix_modules``), parametrized modules (also by the old ``weight_norm``/``spectral_norm``
+  hooks), embeddings with ``max_norm``;
+* around every step (:func:`state_versions`, :func:`check_state_unchanged`): a ``training_step`` that changes the
+  module's parameters or buffers itself, which would release the private batch outside the noisy update.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from lightning_nt.common.layers import reparametrized_modules
+
+__all__ = ["check_module", "check_state_unchanged", "state_versions"]
+
+
+def check_module(module: nn.Module, fix_modules: bool) -> None:
+    """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
+    parametrized = reparametrized_modules(module)
+    if parametrized:
+        raise RuntimeError(
+            f"Modules {parametrized} are parametrized (torch.nn.utils.parametrize, e.g. SubspaceTraining or "
+            "weight_norm, or the older torch.nn.utils.weight_norm/spectral_norm hooks): their weight is computed "
+            "from other parameters, and DP-SGD with Opacus can't compute per-example gradients through that. "
+            "SubspaceTraining is not supported under DP; remove the parametrization (e.g. "
+            "torch.nn.utils.remove_weight_norm)."
+        )
+    renormed = [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.max_norm is not None
+    ]
+    if renormed:
+        raise RuntimeError(
+            f"Embeddings {renormed} have max_norm: their forward renormalises, in place, the rows of the tokens in "
+            "each batch, outside the noisy update, so the weights would tell which tokens the private batch held. "
+            "Remove max_norm (to bound the looked-up vectors, normalise them in forward without changing the "
+            "weight, e.g. with F.normalize)."
+        )
+    errors = ModuleValidator.validate(module, strict=False)
+    coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not errors and not coupled:
+        return
+    if fix_modules:
+        _fix_in_place(module)
+        remaining = ModuleValidator.validate(module, strict=False)
+        if remaining:
+            raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(map(str, remaining))}.")
+        return
+    problems = "; ".join(
+        [str(e) for e in errors] + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled]
+    )
+    raise RuntimeError(
+        f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
+        "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training). "
+        "Coupling written by hand (e.g. `x - x.mean(0)` in forward) can't be detected: see DPStrategy's "
+        "sensitivity_probe."
+    )
+
+
+def _fix_in_place(module: nn.Module) -> None:
+    """Replace every submodule Opacus has a fixer for (BatchNorm -> GroupNorm, ...), affine or not, in place."""
+    for name, submodule in list(module.named_modules()):
+        fixer = ModuleValidator.FIXERS.get(type(submodule))
+        if fixer is None or not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        replacement = fixer(submodule)
+        tensor = next(itertools.chain(submodule.parameters(), submodule.buffers()), None)
+        if tensor is not None:  # the replacement where the replaced module was (a CUDA module stays on CUDA)
+            replacement = replacement.to(tensor.device)
+        setattr(module.get_submodule(parent_name), child, replacement)
+
+
+def state_versions(module: nn.Module, buffer_values: bool = False) -> dict[str, tuple[Any, ...]]:
+    """Every parameter and buffer of ``module`` by name: which tensor it is and how often it was modified in place;
+    with ``buffer_values``, also a copy of each buffer (an update through ``.data`` leaves the version as it was)."""
+    state: dict[str, tuple[Any, ...]] = {name: (id(p), p._version) for name, p in module.named_parameters()}
+    for name, buffer in module.named_buffers():
+        state[name] = (id(buffer), buffer._version, buffer.detach().clone() if buffer_values else None)
+    return state
+
+
+def check_state_unchanged(module: nn.Module, before: dict[str, tuple[Any, ...]]) -> None:
+    """Refuse a training step that changed a parameter or buffer of ``module`` itself (``before``:
+    :func:`state_versions` at its start), before the step's noise.
+
+    Buffers travel with the weights (``state_dict``, checkpoints, ``torch.save``) but not through the noisy update:
+    one updated from the private batch (running statistics written by hand in ``forward``, an EMA of the inputs, a
+    count of the examples seen) would be released without noise; so would a weight changed in place by ``forward``
+    (``nn.Embedding(max_norm=...)`` renormalises the rows of the batch's tokens: they told which tokens it held).
+    """
+    now, buffers = state_versions(module), dict(module.named_buffers())
+    changed = sorted(
+        name
+        for name in before.keys() | now.keys()
+        if before.get(name, ())[:2] != now.get(name, ())[:2] or _new_value(before[name], buffers.get(name))
+    )
+    if changed:
+        raise RuntimeError(
+            f"training_step changed the module's {changed} itself (e.g. statistics of the batch kept in a buffer in "
+            "forward, a weight modified in place): the weights and buffers are saved and released, and only what "
+            "goes through the noisy update is covered, so this would release the private data outside the privacy "
+            "guarantee (the module in memory now holds it: don't save it). Keep statistics of public data only, "
+            "outside training_step, and change the weights only through the optimizer."
+        )
+
+
+def _new_value(before: tuple[Any, ...], buffer: torch.Tensor | None) -> bool:
+    """Whether a buffer copied in ``before`` holds another value now (NaN equal to NaN)."""
+    saved = before[2] if len(before) > 2 else None
+    if saved is None or buffer is None:
+        return False
+    if saved.is_floating_point():
+        return not torch.allclose(saved, buffer, rtol=0.0, atol=0.0, equal_nan=True)
+    return not torch.equal(saved, buffer)
