@@ -33,16 +33,28 @@ class SaveRankState(pl.Callback):
         torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
 
 
+def _fit_on_two_ranks(build, callback, folder, dp=None, **trainer_arguments):
+    """Seed, build the module, fit it on 2 processes under ``DPDDPStrategy(**dp)`` (default: noise 1) with
+    ``callback``, which saves each rank's state under ``folder``; the module and both ranks' saved states."""
+    pl.seed_everything(0)
+    module = build()
+    strategy = DPDDPStrategy(start_method="spawn", **(dp or {"noise_multiplier": 1.0}))
+    trainer = tiny_trainer(
+        None, strategy=strategy, devices=2, limit_val_batches=0, callbacks=[callback], **trainer_arguments
+    )
+    trainer.fit(module)
+    return module, (torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt"))
+
+
 @pytest.mark.ddp
 def test_update_is_the_clipped_sum_over_both_ranks(tmp_path):
-    pl.seed_everything(0)
-    strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=0.0, max_grad_norm=0.5)
-    trainer = tiny_trainer(
-        None, strategy=strategy, devices=2, max_steps=1, limit_val_batches=0, callbacks=[SaveRankState(str(tmp_path))]
+    module, (rank0, rank1) = _fit_on_two_ranks(
+        lambda: Plain(num_samples=64, batch_size=16),
+        SaveRankState(str(tmp_path)),
+        tmp_path,
+        dp={"noise_multiplier": 0.0, "max_grad_norm": 0.5},
+        max_steps=1,
     )
-    module = Plain(num_samples=64, batch_size=16)
-    trainer.fit(module)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for name in rank0["after"]:
         assert torch.equal(rank0["after"][name], rank1["after"][name])
     # the global batch is the union of the ranks' shards (q = 16 x 2 / 64); they are disjoint
@@ -58,13 +70,10 @@ def test_update_is_the_clipped_sum_over_both_ranks(tmp_path):
 
 @pytest.mark.ddp
 def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
-    pl.seed_everything(0)
-    strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=1.0)
-    trainer = tiny_trainer(
-        None, strategy=strategy, devices=2, max_epochs=1, limit_val_batches=0, callbacks=[SaveRankState(str(tmp_path))]
+    # q = 2/64: many empty local batches
+    _, (rank0, rank1) = _fit_on_two_ranks(
+        lambda: Plain(num_samples=64, batch_size=1), SaveRankState(str(tmp_path)), tmp_path
     )
-    trainer.fit(Plain(num_samples=64, batch_size=1))  # q = 2/64: many empty local batches
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0["steps"] == rank1["steps"] == 32
     assert rank0["empty"] > 0 and rank1["empty"] > 0 and rank0["empty"] != 32
     assert rank0["epsilon"] == rank1["epsilon"] > 0
@@ -107,13 +116,9 @@ class RecordWarnings(pl.Callback):
 @pytest.mark.ddp
 def test_the_end_of_run_count_of_nonfinite_examples_is_summed_over_the_ranks(tmp_path):
     """Only rank 0 warns, and it counted only its own examples: rank 1's poisoned examples went unreported."""
-    pl.seed_everything(0)
-    strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=1.0)
-    trainer = tiny_trainer(
-        None, strategy=strategy, devices=2, max_steps=2, limit_val_batches=0, callbacks=[RecordWarnings(str(tmp_path))]
+    _, (rank0, rank1) = _fit_on_two_ranks(
+        lambda: PoisonedOddExamples(num_samples=64, batch_size=16), RecordWarnings(str(tmp_path)), tmp_path, max_steps=2
     )
-    trainer.fit(PoisonedOddExamples(num_samples=64, batch_size=16))
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0["poisoned"] == 0 and rank1["poisoned"] > 0
     counts = [w for w in rank0["warnings"] if "per-example gradient(s) in this run were not finite" in w]
     assert counts == [
