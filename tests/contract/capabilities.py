@@ -221,6 +221,21 @@ _DP_TRAINER_REFUSALS = {
     "iterable_dataset": Refusal(r"can't Poisson-sample an IterableDataset"),
     "accumulation_schedule": Refusal(r"GradientAccumulationScheduler.*breaks Poisson sampling"),
 }
+
+
+def _dp_capability(mode: str, refuses: Callable[[ZooEntry], Refusal | None], **more: Any) -> Capability:
+    """DPStrategy with ``grad_sample_mode=mode`` (named plain ``DPStrategy`` for the default, hooks)."""
+    return Capability(
+        "DPStrategy" if mode == "hooks" else f"DPStrategy-{mode}",
+        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode=mode),
+        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
+        state=lambda strategy: strategy.epsilon,
+        refuses=refuses,
+        trainer_refusals=_DP_TRAINER_REFUSALS,
+        **more,
+    )
+
+
 _MAP_STYLE_ONLY = {"iterable_dataset": Refusal(r"needs one train DataLoader over a map-style dataset")}
 
 
@@ -406,29 +421,11 @@ CAPABILITIES: list[Capability] = [
             },
         ),
     ),
-    Capability(
-        "DPStrategy-bk",
-        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="bk"),
-        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
-        state=lambda strategy: strategy.epsilon,
-        refuses=_dp_book_keeping_refusals,
-        trainer_refusals=_DP_TRAINER_REFUSALS,
-    ),
-    Capability(  # bk where it can clip every trainable layer (tied weights: hooks), so it refuses what hooks refuses
-        "DPStrategy-auto",
-        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="auto"),
-        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
-        state=lambda strategy: strategy.epsilon,
-        refuses=_dp_refusals,
-        trainer_refusals=_DP_TRAINER_REFUSALS,
-    ),
-    Capability(
-        "DPStrategy",
-        lambda entry: DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0),
-        tags=lambda entry: ("dp/epsilon", "dp/delta", "dp/noise_multiplier", "dp/sample_rate"),
-        state=lambda strategy: strategy.epsilon,
-        refuses=_dp_refusals,
-        trainer_refusals=_DP_TRAINER_REFUSALS,
+    _dp_capability("bk", _dp_book_keeping_refusals),
+    _dp_capability("auto", _dp_refusals),  # bk where it can clip every layer (tied weights: hooks): refuses as hooks
+    _dp_capability(
+        "hooks",
+        _dp_refusals,
         constructor=Constructor(
             DPStrategy,
             out_of_range={
