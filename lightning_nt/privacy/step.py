@@ -104,7 +104,7 @@ class _PrivateStep:
         """Watch this step's forward passes for parameters used outside their layers' calls: on a fit's first
         step, and on every step where the engine's clipping would not bound such a use (ghost clipping)."""
         if engine.outside_uses_escape_clipping or not self._uses_checked:
-            if self._uses is None:  # after the engine's own hooks, whose work on the parameters is not a use
+            if self._uses is None:
                 self._uses = ParameterUses(self.lightning_module, engine.trainable_ids)
             self._uses.begin()
 

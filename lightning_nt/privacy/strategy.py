@@ -179,7 +179,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             self._engine.forget()
             self._engine = None
         if self._uses is not None:
-            self._uses.close()
+            self._uses.end()
             self._uses = None
         super().teardown()  # type: ignore[misc]
 

@@ -71,29 +71,19 @@ class ParameterUses(TorchFunctionMode):
     def __init__(self, module: nn.Module, trainable: Collection[int] | None = None) -> None:
         super().__init__()
         trainable = {id(p) for p in module.parameters() if p.requires_grad} if trainable is None else trainable
-        layers = [
-            (prefix, layer)
-            for prefix, layer in module.named_modules()
-            if any(id(p) in trainable for p in layer.parameters(recurse=False))
+        self.layers = [
+            layer for layer in module.modules() if any(id(p) in trainable for p in layer.parameters(recurse=False))
         ]
         self.names = {
             id(p): f"{prefix}.{name}" if prefix else name
-            for prefix, layer in layers
+            for prefix, layer in module.named_modules()
             for name, p in layer.named_parameters(recurse=False)
             if id(p) in trainable
         }
         self.running: Counter[int] = Counter()  # parameters whose layer is being called
         self.in_hooks = 0  # Opacus's own forward hooks are running (they may prepare a layer from its parameters)
         self.outside: list[tuple[str, Any]] = []  # (parameter, the node of the operation that used it)
-        self.handles = [
-            handle
-            for _, layer in layers
-            for handle in (
-                layer.register_forward_pre_hook(self._enter),
-                layer.register_forward_hook(self._leave, prepend=True),
-                layer.register_forward_hook(self._after_hooks),
-            )
-        ]
+        self.handles: list[Any] = []  # the layers' hooks, only while watching
         self.active = False
 
     def _enter(self, layer: nn.Module, inputs: Any) -> None:
@@ -131,6 +121,15 @@ class ParameterUses(TorchFunctionMode):
         if not self.active:
             self.running.clear()
             self.in_hooks, self.outside = 0, []
+            self.handles = [
+                handle
+                for layer in self.layers
+                for handle in (
+                    layer.register_forward_pre_hook(self._enter),
+                    layer.register_forward_hook(self._leave, prepend=True),
+                    layer.register_forward_hook(self._after_hooks),  # after the engine's own hooks
+                )
+            ]
             self.__enter__()
             self.active = True
 
@@ -139,14 +138,11 @@ class ParameterUses(TorchFunctionMode):
         (logging a weight's norm is not such a use), each named once."""
         if self.active:
             self.__exit__(None, None, None)
-            self.active = False
+            for handle in self.handles:
+                handle.remove()
+            self.handles, self.active = [], False
         outside, self.outside = self.outside, []
         if loss is None or not outside:
             return []
         reached = _reachable([loss.grad_fn])
         return list(dict.fromkeys(name for name, node in outside if node in reached))
-
-    def close(self) -> None:
-        self.end()
-        for handle in self.handles:
-            handle.remove()
