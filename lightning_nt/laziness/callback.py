@@ -218,9 +218,10 @@ class LazinessMonitor(pl.Callback):
         """The reference: the probe batch (cached now unless given), the trainable weights, patterns and kernel."""
         if batch is None:
             batch, _ = next(ProbeSet.from_trainer(trainer, self.num_examples).chunks())
+        prepared = prepare_batch(trainer, batch)
         if self.forward_fn is None:
-            _check_default_forward(pl_module, prepare_batch(trainer, batch))
-        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, batch))
+            _check_default_forward(pl_module, prepared)
+        patterns, kernel = self._observe(pl_module, prepared)
         if not patterns:
             self._warn(
                 "layers",
