@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -566,8 +567,8 @@ class SharpnessMonitor(pl.Callback):
             raise RuntimeError("batch_sharpness needs the probe set (data='probe').")
         loader_batch = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
         size = min(loader_batch * trainer.accumulate_grad_batches, len(self._probe))  # the examples of one step
-        batches = [chunk for chunk in self._probe_chunks(trainer, size) if batch_size(chunk[0]) == size]
-        batches = batches[: self.batch_sharpness_batches]
+        whole = (chunk for chunk in self._probe_chunks(trainer, size) if batch_size(chunk[0]) == size)
+        batches = list(itertools.islice(whole, self.batch_sharpness_batches))  # only these move to the device
 
         def operator(chunk: Any) -> HessianOperator:
             return HessianOperator(params, lambda: [(self._loss(pl_module, chunk), 1.0)])
