@@ -73,9 +73,10 @@ class RepresentationSimilarity(pl.Callback):
     permutations and positive scalings for ReLU, Godfrey et al. 2022). A layer whose CKA is high but whose
     intertwiner similarity is low matches the reference only up to a rotation the network can't make.
 
-    Features are read by forward hooks during one forward pass (``loss_fn`` or the module's ``training_step``
-    with logging muted) in eval mode, under the run's precision; parameters, buffers, RNG and modes are
-    restored, so a run with the callback is bitwise the run without it. A layer's output ``[n, ...]`` is
+    Features are read by forward hooks during a forward pass over the probe set (``chunk_size`` examples at a
+    time if given; ``loss_fn`` or the module's ``training_step`` with logging muted), in eval mode, under the
+    run's precision; parameters, buffers, RNG and modes are restored, so a run with the callback is bitwise the run
+    without it. A layer's output ``[n, ...]`` is
     compared as a matrix ``[n * positions, units]`` (at most ``max_rows`` rows), the units along ``unit_dim``
     (channels of a convolution, features of a linear layer) and every other position an example, because the
     intertwiner group maps units the same way at every position. Under DDP the probe sets of all ranks are
@@ -106,6 +107,9 @@ class RepresentationSimilarity(pl.Callback):
             same rows for the network and the reference; ``None``: all. Bounds the cost for convolutions.
         loss_fn: ``loss_fn(pl_module, batch)`` for the forward pass; default: ``training_step`` with logging
             muted (needed for modules that optimize manually).
+        chunk_size: probe examples per forward pass (``None``: all at once), to bound the pass's memory on a
+            large model; in eval mode an example's outputs don't depend on its chunk. The layers' outputs on the
+            whole probe set are kept either way.
 
     Examples:
         >>> from pytorch_lightning.demos.boring_classes import BoringModel
@@ -127,6 +131,7 @@ class RepresentationSimilarity(pl.Callback):
         num_examples=at_least(4),
         metrics=non_empty(),
         max_rows=at_least(4),
+        chunk_size=at_least(1),
     )
     @renamed_arguments(num_samples="num_examples")
     def __init__(
@@ -139,6 +144,7 @@ class RepresentationSimilarity(pl.Callback):
         unit_dim: int = 1,
         max_rows: int | None = 4096,
         loss_fn: LossFn | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         if isinstance(layers, dict):
             for activation in layers.values():
@@ -149,7 +155,7 @@ class RepresentationSimilarity(pl.Callback):
             raise ArgumentError(f"`metrics` must not repeat a metric, got {metrics!r}.")
         self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
         self.num_examples, self.metrics, self.unit_dim, self.loss_fn = num_examples, tuple(metrics), unit_dim, loss_fn
-        self.max_rows = max_rows
+        self.max_rows, self.chunk_size = max_rows, chunk_size
         self.history: list[dict[str, float]] = []
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
@@ -318,25 +324,34 @@ class RepresentationSimilarity(pl.Callback):
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Each layer's output on the probe set (of every rank, gathered), as float32 on the module's device."""
         assert self._probe is not None
-        outputs: dict[str, list[Tensor]] = {}
-        batch = prepare_batch(trainer, next(self._probe.chunks())[0])
+        calls: dict[str, list[Tensor]] = {}  # every call of a layer, chunk after chunk
+        counts: list[dict[str, int]] = []  # calls of each layer after each chunk
         with ExitStack() as stack:
             stack.enter_context(preserved_state(pl_module, parameters=False, grads=False))
             modules = dict(pl_module.named_modules())
             for name in self._activations:
-                handle = modules[name].register_forward_hook(self._recorder(name, outputs))
+                handle = modules[name].register_forward_hook(self._recorder(name, calls))
                 stack.callback(handle.remove)
             pl_module.eval()
-            with trainer.precision_plugin.forward_context():
-                training_loss(pl_module, batch, 0, self.loss_fn)
-        silent = [name for name in self._activations if name not in outputs]
+            for chunk, _ in self._probe.chunks(self.chunk_size):
+                with trainer.precision_plugin.forward_context():
+                    training_loss(pl_module, prepare_batch(trainer, chunk), 0, self.loss_fn)
+                counts.append({name: len(outputs) for name, outputs in calls.items()})
+        silent = [name for name in self._activations if name not in calls]
         if silent:
             raise ValueError(f"`layers`: {silent} did not run in {type(pl_module).__name__}'s forward pass.")
-        features = {
-            (name if len(calls) == 1 else f"{name}#{index}"): output
-            for name, calls in outputs.items()
-            for index, output in enumerate(calls)
-        }
+        features = {}
+        for name, outputs in calls.items():
+            per_pass = {after.get(name, 0) - before.get(name, 0) for before, after in zip([{}, *counts], counts)}
+            if len(per_pass) != 1:
+                raise ValueError(
+                    f"`layers`: {name!r} ran a different number of times on different chunks of the probe set; "
+                    "compare modules that run a fixed number of times per forward pass, or set chunk_size=None."
+                )
+            (runs,) = per_pass
+            for index in range(runs):
+                key = name if runs == 1 else f"{name}#{index}"
+                features[key] = torch.cat(outputs[index::runs]) if len(counts) > 1 else outputs[index]
         self._layer_names = list(features)
         return {name: gather_across_ranks(trainer, output) for name, output in features.items()}
 

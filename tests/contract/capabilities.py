@@ -395,13 +395,14 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         "RepresentationSimilarity",
-        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_examples=16),
+        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_examples=16, chunk_size=8),
         tags=_similarity_tags,
         state=lambda callback: callback.history,
         side_effect_free=True,
         refuses=_similarity_refusals,
         constructor=Constructor(
-            RepresentationSimilarity, out_of_range={"every_n_epochs": _COUNTS, "num_samples": (3, 0, -1)}
+            RepresentationSimilarity,
+            out_of_range={"every_n_epochs": _COUNTS, "num_samples": (3, 0, -1), "chunk_size": _COUNTS},
         ),
     ),
     Capability(

@@ -190,6 +190,54 @@ def test_a_module_run_twice_gives_a_layer_per_call_and_explicit_layers_name_thei
     assert monitor.history[0]["similarity/intertwiner/conv"] == pytest.approx(expected["intertwiner"], abs=1e-6)
 
 
+class ChunkSizes(pl.Callback):
+    """The batch size of every forward pass the module makes in eval mode (the callback's probe passes)."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.register_forward_pre_hook(
+            lambda module, args: None if module.training else self.sizes.append(len(args[0]))
+        )
+
+
+def test_the_probe_runs_in_chunks_and_a_layer_run_twice_keeps_its_calls_apart():
+    """Chunks of 16 of the 40 probe examples (16, 16, 8) give the features of one pass over all 40: every call of
+    the shared ReLU and the convolution, in example order."""
+    layers = {"act": "relu", "conv": "identity"}
+    whole, chunked, sizes = (
+        RecordedSimilarity(num_examples=40, layers=layers, chunk_size=None),
+        RecordedSimilarity(num_examples=40, layers=layers, chunk_size=16),
+        ChunkSizes(),
+    )
+    _fit([whole], module=SharedActivation, max_epochs=1)
+    _fit([sizes, chunked], module=SharedActivation, max_epochs=1)
+    assert sizes.sizes[:3] == [16, 16, 8]
+    assert [sorted(outputs) for outputs in chunked.outputs] == [["act#0", "act#1", "conv"]] * 3
+    for expected, got in zip(whole.outputs, chunked.outputs):
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+    for metric_tag, value in whole.history[0].items():
+        assert chunked.history[0][metric_tag] == pytest.approx(value, abs=1e-6)
+
+
+class DataDependentCalls(TinyClassifier):
+    """The (identity) normalisation runs a second time only on batches of more than 16 examples."""
+
+    def forward(self, inputs):
+        hidden = self.net[1](self.net[0](inputs))
+        if len(inputs) > 16:
+            hidden = self.net[1](hidden)
+        return self.net[3](self.net[2](hidden))
+
+
+def test_a_layer_called_a_different_number_of_times_per_chunk_is_refused():
+    monitor = RepresentationSimilarity(num_examples=40, layers={"net.1": "relu"}, chunk_size=32)
+    with pytest.raises(ValueError, match=r"`layers`: 'net\.1' ran a different number of times.*chunk_size=None"):
+        _fit([monitor], module=lambda: DataDependentCalls(num_samples=64), max_epochs=1)
+
+
 def _conv_rows(module):
     """The Conv1d output [40, 4, 8] as 320 (example, position) rows of 4 channels, the callback's 100 of them."""
     inputs = module.train_dataloader().dataset.tensors[0][:40]
@@ -225,6 +273,8 @@ def _act(module, depth):
         ({"unit_dim": "1"}, "unit_dim"),
         ({"max_rows": 3}, "max_rows"),
         ({"loss_fn": 3}, "loss_fn"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": 2.5}, "chunk_size"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, argument):
