@@ -51,8 +51,13 @@ def run_before_other_callbacks(trainer: pl.Trainer, callback: pl.Callback) -> No
     visited yet where they are.
     """
     callbacks = trainer.callbacks
-    ours = [c for c in callbacks if c is not callback and type(c).__module__.startswith("lightning_nt.")]
+    ours = [c for c in callbacks if c is not callback and _is_ours(c)]
     if not ours or callbacks.index(callback) < callbacks.index(ours[0]):
         return
     callbacks.remove(callback)
     callbacks.insert(callbacks.index(ours[0]), callback)
+
+
+def _is_ours(callback: pl.Callback) -> bool:
+    """A lightning_nt callback, or a user's subclass of one (whose class lives in the user's module)."""
+    return any(cls.__module__.startswith("lightning_nt.") for cls in type(callback).__mro__)
