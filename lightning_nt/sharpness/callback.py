@@ -94,7 +94,9 @@ class SharpnessMonitor(pl.Callback):
         chunk_size: examples per forward/backward when the probe set does not fit at once (``None``: all).
         mode: ``"train"`` (dropout and batch statistics as in training, the usual choice) or ``"eval"``. In train
             mode each probe chunk's dropout masks are drawn once per measurement and kept for all its products.
-        data: ``"probe"`` (fixed probe set) or ``"batch"`` (the batch just trained on).
+        data: ``"probe"`` (fixed probe set) or ``"batch"`` (the examples of the optimizer step just taken: under
+            gradient accumulation all its micro-batches, each loss weighted ``1 / accumulate_grad_batches`` as
+            Lightning weights it).
         tol: Ritz residual tolerance relative to the largest eigenvalue's magnitude.
         max_iter: most Lanczos steps (Hessian-vector products) per solve.
         trace: also estimate the Hessian trace (``sharpness/trace`` with ``sharpness/trace_stderr``).
@@ -201,6 +203,8 @@ class SharpnessMonitor(pl.Callback):
         self._start_step = 0
         self._seen_step = -1
         self._last_step = -1
+        self._step_batches: list[Any] = []
+        """With ``data="batch"``: the micro-batches of the optimizer step being accumulated, if it is due."""
         self._restored = False
         self._mask_seed = 0
         """The global RNG's seed for each probe chunk's forward (plus its index) in the current measurement."""
@@ -234,13 +238,16 @@ class SharpnessMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        if self.data == "batch" and self._due(self._seen_step + 1):
+            self._step_batches.append(batch)
         if step == self._seen_step:  # no optimizer step on this batch (gradient accumulation)
             return
         self._seen_step = step
+        step_batches, self._step_batches = self._step_batches, []
         if not self._due(step):
             return
         if self.max_overhead is None or self._within_budget():
-            self._measure(trainer, pl_module, batch)
+            self._measure(trainer, pl_module, (step_batches or [batch]) if self.data == "batch" else None)
             return
         self._last_step = step
         self.skipped += 1
@@ -322,7 +329,8 @@ class SharpnessMonitor(pl.Callback):
         assert self.max_overhead is not None
         return self._measuring_seconds + self._max_cost <= self.max_overhead * self._training_seconds()
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any] | None) -> None:
+        """One measurement on the probe set (``batches`` None) or on the micro-batches of the step just taken."""
         started = time.perf_counter()
         self._last_step = trainer.global_step
         named = [(name, p) for name, p in pl_module.named_parameters() if p.requires_grad]
@@ -344,7 +352,7 @@ class SharpnessMonitor(pl.Callback):
                 self._check_reduction(trainer, pl_module)
             pl_module.train(self.mode == "train")
             try:
-                values, solves = self._solve(trainer, pl_module, named, batch, generator)
+                values, solves = self._solve(trainer, pl_module, named, batches, generator)
             except FloatingPointError:
                 values, solves = {"sharpness/lambda_max": math.nan}, 0
         seconds = time.perf_counter() - started
@@ -378,13 +386,13 @@ class SharpnessMonitor(pl.Callback):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         named: list[tuple[str, Tensor]],
-        batch: Any,
+        batches: list[Any] | None,
         generator: torch.Generator,
     ) -> tuple[dict[str, float], int]:
         """Every quantity of one measurement (the Hessian's on the probe set or batch, then those of other batches),
         and the number of Hessian-vector products it took."""
         params = [p for _, p in named]
-        operator = self._operator(trainer, pl_module, params, batch)
+        operator = self._operator(trainer, pl_module, params, batches)
         values = self._spectrum(operator, generator)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is not None:
@@ -400,7 +408,8 @@ class SharpnessMonitor(pl.Callback):
         if self.batch_sharpness:
             values["sharpness/batch_sharpness"] = self._batch_sharpness(trainer, pl_module, params)
         if self.smoothness and optimizer is not None:
-            values.update(self._smoothness(trainer, pl_module, params, batch, float(optimizer.param_groups[0]["lr"])))
+            lr = float(optimizer.param_groups[0]["lr"])
+            values.update(self._smoothness(trainer, pl_module, params, batches, lr))
         return values, solves
 
     def _spectrum(self, operator: HessianOperator, generator: torch.Generator) -> dict[str, float]:
@@ -506,9 +515,10 @@ class SharpnessMonitor(pl.Callback):
         return result
 
     def _operator(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], batch: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], batches: list[Any] | None
     ) -> HessianOperator:
-        chunks = [(batch, 1.0)] if self._probe is None or self.data == "batch" else None
+        # the step's micro-batches, each weighted as Lightning weights its loss: the loss whose gradient the step took
+        chunks = [(batch, 1 / trainer.accumulate_grad_batches) for batch in batches] if batches is not None else None
 
         def loss_chunks() -> Iterable[tuple[Tensor, float]]:
             source = chunks if chunks is not None else self._probe_chunks(trainer, self.chunk_size)
@@ -516,15 +526,15 @@ class SharpnessMonitor(pl.Callback):
                 torch.manual_seed(self._mask_seed + index)  # every product sees the same dropout masks
                 yield self._loss(pl_module, chunk), share
 
-        single_chunk = chunks is not None or self.chunk_size is None or self.chunk_size >= self.num_examples
-        reduce_sum, weight = self._data_parallel(trainer, batch)
+        single_chunk = len(chunks) == 1 if chunks is not None else self.num_examples <= (self.chunk_size or math.inf)
+        reduce_sum, weight = self._data_parallel(trainer, batches)
         return HessianOperator(params, loss_chunks, reuse_graph=single_chunk, reduce_sum=reduce_sum, weight=weight)
 
-    def _data_parallel(self, trainer: pl.Trainer, batch: Any) -> tuple[Any, float]:
+    def _data_parallel(self, trainer: pl.Trainer, batches: list[Any] | None) -> tuple[Any, float]:
         """All-reduced products: every rank measures on its own data, all see the mean, and stay in lockstep."""
         if trainer.world_size == 1:
             return None, 1.0
-        local = float(len(self._probe) if self._probe is not None and self.data == "probe" else batch_size(batch))
+        local = float(len(self._probe) if batches is None else sum(batch_size(batch) for batch in batches))
         return partial(sum_across_ranks, trainer), local / sum_across_ranks(trainer, local)
 
     @torch.no_grad()
@@ -576,9 +586,14 @@ class SharpnessMonitor(pl.Callback):
         return mean_across_ranks(trainer, batch_sharpness(operator(chunk) for chunk, _ in batches))
 
     def _smoothness(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], batch: Any, lr: float
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        params: list[Tensor],
+        batches: list[Any] | None,
+        lr: float,
     ) -> dict[str, float]:
-        operator = self._operator(trainer, pl_module, params, batch)
+        operator = self._operator(trainer, pl_module, params, batches)
         operator.reuse_graph = False
         steps = [lr * multiple for multiple in self.smoothness_steps]
         result = smoothness_along_gradient(params, lambda: (operator.loss(), operator.gradient()), steps)

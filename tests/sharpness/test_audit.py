@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -177,3 +178,40 @@ def test_a_loss_that_needs_its_whole_batch_is_measured_without_a_verdict_on_its_
     monitor = SharpnessMonitor(every_n_steps=1000, num_examples=32, loss_fn=whole_batches_only)
     tiny_trainer(callbacks=[monitor], max_steps=1).fit(DropoutMLP(p=0.0))
     assert monitor.history[0]["sharpness/lambda_max"] > 0
+
+
+class StepWeights(pl.Callback):
+    """The micro-batches of the first optimizer step, and the weights after it."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[Tensor, Tensor]] = []
+        self.weights: dict[str, Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 0 or not self.weights:
+            self.batches.append(batch)
+        if trainer.global_step == 1 and not self.weights:
+            self.weights = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+
+
+def test_batch_data_with_gradient_accumulation_measures_every_micro_batch_of_the_step():
+    """Before: the Hessian of the step's last micro-batch only, though SGD steps on the mean of both."""
+    torch.manual_seed(0)
+    module = DropoutMLP(p=0.0)
+    monitor = SharpnessMonitor(every_n_steps=1, data="batch", mode="eval", num_eigenvalues=2)
+    recorder = StepWeights()
+    tiny_trainer(callbacks=[monitor, recorder], max_steps=1, accumulate_grad_batches=2).fit(module)
+    assert [entry["step"] for entry in monitor.history] == [1] and len(recorder.batches) == 2
+    module.load_state_dict(recorder.weights)
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach().double() for p in module.parameters()]
+    module.double().eval()
+
+    def loss_of(flat: Tensor) -> Tensor:
+        weights = dict(zip(names, unflatten(flat, params)))
+        losses = [F.cross_entropy(functional_call(module, weights, (x.double(),)), y) for x, y in recorder.batches]
+        return sum(losses) / 2
+
+    expected = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flatten(params))).flip(0)
+    got = [monitor.history[0]["sharpness/lambda_max"], monitor.history[0]["sharpness/lambda_2"]]
+    assert got == pytest.approx(expected[:2].tolist(), rel=1e-4)
