@@ -28,7 +28,7 @@ from lightning_nt.common import (
     training_loss,
 )
 from lightning_nt.common.autodiff import differentiable_kernels
-from lightning_nt.common.distributed import mean_across_ranks, sum_across_ranks
+from lightning_nt.common.distributed import min_across_ranks, sum_across_ranks
 from lightning_nt.common.validation import (
     ArgumentError,
     above,
@@ -527,15 +527,16 @@ class SharpnessMonitor(pl.Callback):
                 yield self._loss(pl_module, chunk), share
 
         single_chunk = len(chunks) == 1 if chunks is not None else self.num_examples <= (self.chunk_size or math.inf)
-        reduce_sum, weight = self._data_parallel(trainer, batches)
+        examples = len(self._probe) if batches is None else sum(batch_size(batch) for batch in batches)
+        reduce_sum, weight = self._data_parallel(trainer, examples)
         return HessianOperator(params, loss_chunks, reuse_graph=single_chunk, reduce_sum=reduce_sum, weight=weight)
 
-    def _data_parallel(self, trainer: pl.Trainer, batches: list[Any] | None) -> tuple[Any, float]:
-        """All-reduced products: every rank measures on its own data, all see the mean, and stay in lockstep."""
+    def _data_parallel(self, trainer: pl.Trainer, local_examples: int) -> tuple[Any, float]:
+        """All-reduced products: every rank computes on its own ``local_examples``, all see the products of the
+        union of every rank's examples, and stay in lockstep."""
         if trainer.world_size == 1:
             return None, 1.0
-        local = float(len(self._probe) if batches is None else sum(batch_size(batch) for batch in batches))
-        return partial(sum_across_ranks, trainer), local / sum_across_ranks(trainer, local)
+        return partial(sum_across_ranks, trainer), local_examples / sum_across_ranks(trainer, float(local_examples))
 
     @torch.no_grad()
     def _check_reduction(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -578,12 +579,19 @@ class SharpnessMonitor(pl.Callback):
         loader_batch = getattr(trainer.train_dataloader, "batch_size", None) or self.num_examples
         size = min(loader_batch * trainer.accumulate_grad_batches, len(self._probe))  # the examples of one step
         whole = (chunk for chunk in self._probe_chunks(trainer, size) if batch_size(chunk[0]) == size)
-        batches = list(itertools.islice(whole, self.batch_sharpness_batches))  # only these move to the device
+        count = self.batch_sharpness_batches
+        if trainer.world_size > 1:  # as many on every rank: their products are all-reduced
+            count = min_across_ranks(trainer, min(count, len(self._probe) // size))
+        batches = list(itertools.islice(whole, count))  # only these move to the device
+        # under DDP a step's mini-batch is every rank's local one together: products of the union, all-reduced
+        reduce_sum, weight = self._data_parallel(trainer, size)
 
         def operator(chunk: Any) -> HessianOperator:
-            return HessianOperator(params, lambda: [(self._loss(pl_module, chunk), 1.0)])
+            return HessianOperator(
+                params, lambda: [(self._loss(pl_module, chunk), 1.0)], reduce_sum=reduce_sum, weight=weight
+            )
 
-        return mean_across_ranks(trainer, batch_sharpness(operator(chunk) for chunk, _ in batches))
+        return batch_sharpness(operator(chunk) for chunk, _ in batches)
 
     def _smoothness(
         self,

@@ -1,8 +1,11 @@
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
 from lightning_nt import SharpnessMonitor
+from lightning_nt.sharpness.hvp import flatten, unflatten
 from tests.helpers import SaveHistory, TinyClassifier, tiny_trainer
 
 
@@ -22,3 +25,57 @@ def test_all_ranks_measure_the_same_sharpness_without_hanging(tmp_path):
         for tag in ("sharpness/lambda_max", "sharpness/lambda_2", "sharpness/lambda_min", "sharpness/trace"):
             assert a[tag] == b[tag], tag
         assert a["sharpness/batch_sharpness"] == pytest.approx(b["sharpness/batch_sharpness"])
+
+
+class SaveStep(pl.Callback):
+    """At step 2 (measured): this rank's probe examples, the weights and the history, in ``rank{r}-step.pt``."""
+
+    def __init__(self, monitor, directory):
+        self.monitor, self.directory = monitor, str(directory)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            state = {"probe": self.monitor._probe.tensors(), "weights": pl_module.state_dict()}
+            path = f"{self.directory}/rank{trainer.global_rank}-step.pt"
+            torch.save({**state, "history": list(self.monitor.history)}, path)
+
+
+def _union_batch_sharpness(module, probes, size, count):
+    """Exact fp64 ``mean_j g^T H g / ||g||^2`` over mini-batches j, each every rank's j-th local one together."""
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach().double() for p in module.parameters()]
+    module.double()
+    values = []
+    for j in range(count):
+        rows = slice(j * size, (j + 1) * size)
+        inputs = torch.cat([probe[0][rows] for probe in probes]).double()
+        labels = torch.cat([probe[1][rows] for probe in probes])
+
+        def loss_of(flat, inputs=inputs, labels=labels):
+            logits = functional_call(module, dict(zip(names, unflatten(flat, params))), (inputs,))
+            return F.cross_entropy(logits, labels)
+
+        flat = flatten(params)
+        gradient = torch.autograd.functional.jacobian(loss_of, flat)
+        hessian = torch.autograd.functional.hessian(loss_of, flat)
+        values.append(float(gradient @ hessian @ gradient / (gradient @ gradient)))
+    return sum(values) / len(values)
+
+
+@pytest.mark.ddp
+def test_batch_sharpness_uses_the_mini_batch_of_a_step_across_ranks(tmp_path):
+    """A DDP step averages every rank's local batch: each mini-batch is the union of the ranks' j-th local ones
+    (before: each rank's own mini-batches, their figures averaged)."""
+    pl.seed_everything(0)
+    monitor = SharpnessMonitor(every_n_steps=2, num_examples=48, batch_sharpness=True, batch_sharpness_batches=2)
+    trainer = tiny_trainer(
+        None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveStep(monitor, tmp_path)]
+    )
+    trainer.fit(TinyClassifier(num_samples=96))
+    saved = [torch.load(tmp_path / f"rank{rank}-step.pt") for rank in (0, 1)]
+    module = TinyClassifier(num_samples=96)
+    module.load_state_dict(saved[0]["weights"])
+    expected = _union_batch_sharpness(module, [state["probe"] for state in saved], size=16, count=2)
+    for state in saved:
+        (measured,) = [entry for entry in state["history"] if entry["step"] == 2]
+        assert measured["sharpness/batch_sharpness"] == pytest.approx(expected, rel=1e-4)
