@@ -50,6 +50,7 @@ from lightning_nt.sharpness.measure import (
 )
 from lightning_nt.sharpness.thresholds import (
     adam_preconditioner,
+    coupled_weight_decays,
     learning_rate_ratios,
     stability_threshold,
     without_adam_state,
@@ -444,20 +445,24 @@ class SharpnessMonitor(pl.Callback):
         generator: torch.Generator,
     ) -> dict[str, float]:
         """``threshold`` and ``ratio`` (with ``preconditioned`` first for Adam); empty when no rule is known."""
-        if _groups_differ(optimizer, ("momentum", "betas", "nesterov", "dampening", "weight_decay")):
+        threshold = stability_threshold(optimizer)
+        keys = ("momentum", "betas", "nesterov", "dampening", "weight_decay", "lr")
+        differ = [key for key in keys if _groups_differ(optimizer, (key,))]
+        measured = ("lr",) if threshold is not None and threshold.preconditioned else ("lr", "weight_decay")
+        if any(key not in measured for key in differ):
             self._warn(
                 "groups",
                 "SharpnessMonitor: the optimizer's param groups have different hyper-parameters; "
                 "the threshold uses group 0's.",
             )
-        elif _groups_differ(optimizer, ("lr",)):
+        elif differ:
             self._warn(
                 "groups",
-                "SharpnessMonitor: the optimizer's param groups have different learning rates; the threshold is "
-                "group 0's, compared with the top eigenvalue of R^1/2 H R^1/2 (R: each parameter's lr over group 0's; "
-                "'sharpness/lr_scaled', or within 'sharpness/preconditioned' for Adam), the sharpness those steps see.",
+                f"SharpnessMonitor: the optimizer's param groups have different {' and '.join(differ)}; the "
+                "threshold is group 0's, compared with the sharpness those steps see: 'sharpness/lr_scaled' = "
+                "lambda_max(R^1/2 (H + D) R^1/2) - d_0 (R: each parameter's lr over group 0's, D: its SGD weight "
+                "decay), or R folded into 'sharpness/preconditioned' for Adam.",
             )
-        threshold = stability_threshold(optimizer)
         if threshold is None:
             self._warn(
                 "threshold",
@@ -467,6 +472,7 @@ class SharpnessMonitor(pl.Callback):
             return {}
         values = {}
         ratios = learning_rate_ratios(optimizer, operator.params)  # per-group learning rates, relative to group 0's
+        decays = coupled_weight_decays(optimizer, operator.params)  # per-group SGD weight decays
         if threshold.preconditioned:
             diagonal = self._adam_preconditioner(optimizer, named)
             if diagonal is None:  # no Adam state before the first step
@@ -475,13 +481,31 @@ class SharpnessMonitor(pl.Callback):
                 diagonal = diagonal / ratios
             adam = self._lanczos("adam", preconditioned(operator.matvec, diagonal), operator, generator)
             values["sharpness/preconditioned"] = sharpness = float(adam.eigenvalues[0])
-        elif ratios is not None:
-            scaled = self._lanczos("lr", preconditioned(operator.matvec, 1 / ratios), operator, generator)
-            values["sharpness/lr_scaled"] = sharpness = float(scaled.eigenvalues[0])
+        elif ratios is not None or decays is not None:
+            values["sharpness/lr_scaled"] = sharpness = self._step_sharpness(
+                optimizer, operator, ratios, decays, generator
+            )
         values["sharpness/threshold"] = threshold.value
         self._rule = threshold.rule
         values["sharpness/ratio"] = sharpness / threshold.value  # 0 at lr 0, where the threshold is inf
         return values
+
+    def _step_sharpness(
+        self,
+        optimizer: torch.optim.Optimizer,
+        operator: HessianOperator,
+        ratios: Tensor | None,
+        decays: Tensor | None,
+        generator: torch.Generator,
+    ) -> float:
+        """``lambda_max(R^1/2 (H + D) R^1/2) - d_0``: the curvature SGD's steps see with per-group learning rates
+        ``R lr_0`` and coupled weight decays ``D``, less group 0's decay, which group 0's threshold has subtracted; so
+        the steps are stable exactly while it stays below the threshold. ``lambda_max(H)`` when ``R = I, D = d_0 I``."""
+        first = float(optimizer.param_groups[0].get("weight_decay", 0.0))
+        scale = ratios if ratios is not None else 1.0
+        shift = scale * (decays if decays is not None else first) - first
+        scaled = preconditioned(operator.matvec, 1 / ratios) if ratios is not None else operator.matvec
+        return float(self._lanczos("lr", lambda v: scaled(v) + shift * v, operator, generator).eigenvalues[0])
 
     def _adam_preconditioner(self, optimizer: torch.optim.Optimizer, named: list[tuple[str, Tensor]]) -> Tensor | None:
         params = [p for _, p in named]

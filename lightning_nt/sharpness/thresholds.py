@@ -31,6 +31,7 @@ from lightning_nt.sharpness.hvp import flatten
 __all__ = [
     "StabilityThreshold",
     "adam_preconditioner",
+    "coupled_weight_decays",
     "learning_rate_ratios",
     "stability_threshold",
     "without_adam_state",
@@ -130,13 +131,39 @@ def learning_rate_ratios(optimizer: torch.optim.Optimizer, params: Sequence[Tens
     rates = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
     if first == 0 or all(rate == first for rate in rates.values()):
         return None
+    return _per_parameter({key: rate / first for key, rate in rates.items()}, params)
+
+
+def coupled_weight_decays(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor | None:
+    """Each parameter's SGD ``weight_decay`` as one flat vector; ``None`` when all groups share group 0's (or for
+    another optimizer).
+
+    SGD's coupled decay adds ``weight_decay * w`` to the gradient: on a quadratic the step is ``w <- w - lr_0 R (H +
+    D) w`` with ``D`` these decays, stable while the eigenvalues of ``R^1/2 (H + D) R^1/2`` stay below the threshold of
+    ``lr_0`` without decay. A parameter outside the optimizer has decay 0.
+
+    Examples:
+        >>> a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+        >>> groups = [{"params": [a], "weight_decay": 0.01}, {"params": [b], "weight_decay": 0.0}]
+        >>> coupled_weight_decays(torch.optim.SGD(groups, lr=0.1), [a, b])
+        tensor([0.0100, 0.0100, 0.0000])
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    decays = {id(p): float(group.get("weight_decay", 0.0)) for group in optimizer.param_groups for p in group["params"]}
+    first = float(optimizer.param_groups[0].get("weight_decay", 0.0))
+    if all(decay == first for decay in decays.values()):
+        return None
+    return _per_parameter(decays, params)
+
+
+def _per_parameter(values: dict[int, float], params: Sequence[Tensor]) -> Tensor:
+    """``values[id(p)]`` (0 for a parameter not in it) repeated over each parameter's entries, as one flat vector on
+    the parameters' device, in their dtype promoted to at least fp32."""
     return flatten(
         [
             torch.full(
-                p.shape,
-                rates.get(id(p), 0.0) / first,
-                dtype=torch.promote_types(p.dtype, torch.float32),
-                device=p.device,
+                p.shape, values.get(id(p), 0.0), dtype=torch.promote_types(p.dtype, torch.float32), device=p.device
             )
             for p in params
         ]

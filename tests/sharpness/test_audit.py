@@ -215,3 +215,54 @@ def test_batch_data_with_gradient_accumulation_measures_every_micro_batch_of_the
     expected = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss_of, flatten(params))).flip(0)
     got = [monitor.history[0]["sharpness/lambda_max"], monitor.history[0]["sharpness/lambda_2"]]
     assert got == pytest.approx(expected[:2].tolist(), rel=1e-4)
+
+
+class GroupDecays(DropoutMLP):
+    """SGD with the hidden layer in group 0 and the head in group 1, each with its own lr and weight decay."""
+
+    def __init__(self, lrs: tuple[float, float], decays: tuple[float, float]) -> None:
+        super().__init__(p=0.0)
+        self.lrs, self.decays = lrs, decays
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        layers = (self.hidden, self.head)
+        return torch.optim.SGD(
+            [
+                {"params": layer.parameters(), "lr": lr, "weight_decay": decay}
+                for layer, lr, decay in zip(layers, self.lrs, self.decays)
+            ]
+        )
+
+
+@pytest.mark.parametrize(("lrs", "decays"), [((0.1, 0.1), (0.5, 0.0)), ((0.1, 0.02), (0.5, 2.0))])
+def test_param_groups_with_different_weight_decays_are_compared_exactly(lrs, decays):
+    """Before: group 0's decay subtracted from the threshold, as if every parameter had it. The reference is the
+    SGD step's own Jacobian on the loss, ``I - lr_0 R (H + D)``: the step is stable while its smallest eigenvalue stays
+    above -1, i.e. ``1 - lr_0 (lr_scaled + d_0) > -1``, ``lr_scaled < threshold``."""
+    torch.manual_seed(0)
+    module = GroupDecays(lrs, decays)
+    start = GroupDecays(lrs, decays)
+    start.load_state_dict(module.state_dict())
+    monitor = SharpnessMonitor(every_n_steps=1000, num_examples=32, mode="eval", tol=1e-8, max_iter=60)
+    with pytest.warns(UserWarning, match="different weight_decay"):
+        tiny_trainer(callbacks=[monitor], max_steps=1).fit(module)
+    names = [name for name, _ in start.named_parameters()]
+    params = [p.detach().double() for p in start.parameters()]
+    start.double().eval()
+
+    def loss_of(flat: Tensor) -> Tensor:
+        logits = functional_call(start, dict(zip(names, unflatten(flat, params))), (INPUTS.double(),))
+        return F.cross_entropy(logits, LABELS)
+
+    hessian = torch.autograd.functional.hessian(loss_of, flatten(params))
+    group = [0 if name.startswith("hidden") else 1 for name, p in zip(names, params) for _ in range(p.numel())]
+    rates = torch.tensor([lrs[g] for g in group], dtype=torch.float64)
+    decay = torch.tensor([decays[g] for g in group], dtype=torch.float64)
+    jacobian = torch.eye(len(group), dtype=torch.float64) - rates[:, None] * (hessian + torch.diag(decay))
+    lowest = float(torch.linalg.eigvals(jacobian).real.min())
+    measured = monitor.history[0]
+    assert measured["sharpness/threshold"] == pytest.approx(2 / lrs[0] - decays[0])
+    assert 1 - lrs[0] * (measured["sharpness/lr_scaled"] + decays[0]) == pytest.approx(lowest, abs=1e-5)
+    assert measured["sharpness/ratio"] == pytest.approx(
+        measured["sharpness/lr_scaled"] / measured["sharpness/threshold"]
+    )
