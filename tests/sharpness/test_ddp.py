@@ -1,9 +1,8 @@
 import pytest
 import pytorch_lightning as pl
-import torch
 
 from lightning_nt import SharpnessMonitor
-from tests.helpers import SaveHistory, TinyClassifier, tiny_trainer
+from tests.helpers import SaveHistory, TinyClassifier, assert_ranks_agree, rank_states, tiny_trainer
 
 
 @pytest.mark.ddp
@@ -16,9 +15,7 @@ def test_all_ranks_measure_the_same_sharpness_without_hanging(tmp_path):
         None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
     )
     trainer.fit(TinyClassifier(num_samples=96))
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert [e["step"] for e in rank0] == [0, 2]
-    for a, b in zip(rank0, rank1):
-        for tag in ("sharpness/lambda_max", "sharpness/lambda_2", "sharpness/lambda_min", "sharpness/trace"):
-            assert a[tag] == b[tag], tag
-        assert a["sharpness/batch_sharpness"] == pytest.approx(b["sharpness/batch_sharpness"])
+    states = rank_states(tmp_path)
+    assert [e["step"] for e in states[0]] == [0, 2]
+    timings = {"sharpness/seconds", "sharpness/overhead"}  # each process's own clock
+    assert_ranks_agree(states, ignore=timings, approx={"sharpness/batch_sharpness"})
