@@ -10,12 +10,16 @@ mean over the whole set is ``sum(share * chunk_mean)``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+import copy
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
+from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedtuple
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -87,14 +91,40 @@ class ProbeSet:
         return self._num_examples
 
     def tensors(self) -> list[Tensor]:
-        """The probe set's tensors: what a checkpoint stores (see :meth:`from_tensors`)."""
+        """The probe set's tensors, in :func:`~lightning_nt.common.batches.tensors_of` order."""
         return tensors_of(self._batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole probe batch in a form ``torch.load(weights_only=True)`` reads back: what a checkpoint stores.
+
+        Every value is kept (tensors, per-example columns such as a list of string ids, constant fields); only
+        the classes of namedtuples and dataclasses are dropped (they become tuples and dicts, which
+        ``weights_only`` loading accepts), and :meth:`from_state_dict` takes them back from the train loader.
+
+        Examples:
+            >>> probe = ProbeSet({"x": torch.zeros(2, 3), "id": ["a", "b"]})
+            >>> probe.state_dict()["batch"]["id"]
+            ['a', 'b']
+        """
+        return {"batch": _plain(self._batch)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any] | list[Tensor], trainer: pl.Trainer) -> ProbeSet:
+        """The probe set saved by :meth:`state_dict`, its namedtuple and dataclass classes taken from one batch of
+        the Trainer's train loader (read with the random state untouched). A list of tensors, what checkpoints
+        written before :meth:`state_dict` existed hold, is read by :meth:`from_tensors`."""
+        if isinstance(state, list):
+            return cls.from_tensors(state, trainer)
+        return cls(_restored(_template(trainer), state["batch"]))
 
     @classmethod
     def from_tensors(cls, tensors: list[Tensor], trainer: pl.Trainer) -> ProbeSet:
-        """A probe set saved by :meth:`tensors`, in the structure of the Trainer's train batches (RNG untouched)."""
-        template, _ = next(cls.from_trainer(trainer, 1).chunks())
-        return cls(with_tensors(template, tensors))
+        """A probe set from its :meth:`tensors` alone, in the structure of the Trainer's train batches (RNG untouched).
+
+        Non-tensor fields come from a fresh batch, not from the saved probe set: per-example columns (string
+        ids) are lost. It reads checkpoints written before :meth:`state_dict`; use that pair for new ones.
+        """
+        return cls(with_tensors(_template(trainer), tensors))
 
     def chunks(
         self, chunk_size: int | None = None, device: torch.device | str | None = None
@@ -110,6 +140,60 @@ class ProbeSet:
                 (move_data_to_device(chunk, device) if device is not None else chunk),
                 (stop - start) / self._num_examples,
             )
+
+
+def _template(trainer: pl.Trainer) -> Any:
+    """A one-example batch of the Trainer's train loader: the structure (classes) of a saved probe batch."""
+    return next(ProbeSet.from_trainer(trainer, 1).chunks())[0]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with dataclasses as dicts of their fields, namedtuples as tuples and other mappings, lists and
+    tuples as plain ones: the containers ``torch.load(weights_only=True)`` accepts, every leaf kept as it is."""
+    if is_dataclass_instance(value):
+        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item) for item in value]
+        return tuple(items) if isinstance(value, tuple) else items
+    return value
+
+
+def _restored(template: Any, plain: Any) -> Any:
+    """:func:`_plain`'s ``plain`` with the container classes of ``template``, a batch of the same loader.
+
+    The values all come from ``plain``; ``template`` only lends classes, so a list may be longer than the
+    template's (a per-example column of the probe set against a one-example batch).
+    """
+    if is_dataclass_instance(template):
+        if not isinstance(plain, dict) or {field.name for field in dataclasses.fields(template)} != plain.keys():
+            raise _structure_error(template, plain)
+        restored = copy.copy(template)
+        for field in dataclasses.fields(template):  # frozen dataclasses too, as the loader built them
+            object.__setattr__(restored, field.name, _restored(getattr(template, field.name), plain[field.name]))
+        return restored
+    if isinstance(template, Mapping) and isinstance(plain, dict):
+        items = {key: _restored(template.get(key), item) for key, item in plain.items()}
+        if isinstance(template, defaultdict):
+            return type(template)(template.default_factory, items)
+        return items if type(template) is dict else type(template)(items)
+    if isinstance(template, (list, tuple)) and isinstance(plain, (list, tuple)):
+        if is_namedtuple(template) and len(template) != len(plain):
+            raise _structure_error(template, plain)
+        items = [
+            _restored(template[min(index, len(template) - 1)] if template else None, item)
+            for index, item in enumerate(plain)
+        ]
+        return type(template)(*items) if is_namedtuple(template) else type(template)(items)
+    return plain
+
+
+def _structure_error(template: Any, plain: Any) -> TypeError:
+    return TypeError(
+        f"The checkpoint's probe set holds a {type(plain).__name__} where the train loader's batches hold a "
+        f"{type(template).__name__}: resume with the train dataloader the checkpoint was written with."
+    )
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:

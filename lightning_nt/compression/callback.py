@@ -86,7 +86,9 @@ class CompressionBoundReporter(pl.Callback):
     Predictions are ``predict_fn(pl_module, batch)``, by default ``pl_module(batch[0])``, compared by
     argmax with the class indices ``target_fn(batch)``, by default ``batch[1]``. A model with one output column
     (or a 1-D output) is a binary classifier, as trained with ``BCEWithLogitsLoss``: it predicts class 1 where its
-    logit is > 0, and its labels must be 0 or 1 (of any dtype). A model whose targets aren't class indices (a
+    logit is > 0, and its labels must be 0 or 1 (of any dtype). Labels of shape ``(batch, classes)``, one-hot or
+    soft (mixup, label smoothing), count as their argmax class: the certified error is against the argmax of the
+    soft label (a warning says so once when rows are not one-hot). A model whose targets aren't class indices (a
     regressor) has no 0-1 error: it is refused when training starts, naming ``predict_fn``/``target_fn``.
 
     The training examples are the train dataloader's dataset read in order (``num_examples`` of them drawn with a
@@ -126,7 +128,8 @@ class CompressionBoundReporter(pl.Callback):
         capacity: compute the capacity measures.
         stability_samples: training examples the ``arora/*`` and ``capacity/*`` measures use.
         predict_fn: ``predict_fn(pl_module, batch) -> logits`` of shape ``(batch, classes)``.
-        target_fn: ``target_fn(batch) -> labels`` of shape ``(batch,)``.
+        target_fn: ``target_fn(batch) -> labels``: class indices ``(batch,)``, or one-hot or soft labels
+            ``(batch, classes)`` (scored against their argmax).
         loss_fn: ``loss_fn(pl_module, batch) -> loss``; when given, the sharpness-based flatness perturbs
             this loss instead of the 0-1 error.
 
@@ -184,6 +187,7 @@ class CompressionBoundReporter(pl.Callback):
         self.certificate: Certificate | None = None
         self._initial_parameters: dict[str, Tensor] = {}
         self._reported_step = -1
+        self._warned_soft_labels = False
 
     @property
     @override
@@ -359,7 +363,14 @@ class CompressionBoundReporter(pl.Callback):
         with trainer.precision_plugin.forward_context():
             logits = self.predict_fn(pl_module, batch)
         labels = self.target_fn(batch)
-        return class_scores(logits, labels.to(logits.device) if isinstance(logits, Tensor) else labels)
+        scores, indices = class_scores(logits, labels.to(logits.device) if isinstance(logits, Tensor) else labels)
+        if not self._warned_soft_labels and _soft(labels):
+            self._warned_soft_labels = True
+            rank_zero_warn(
+                "CompressionBoundReporter: `target_fn(batch)` gives soft labels (rows that are not one-hot, as "
+                "mixup or label smoothing make): the certified 0-1 error is against each row's argmax class."
+            )
+        return scores, indices
 
     def _loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         with trainer.precision_plugin.forward_context():
@@ -531,11 +542,15 @@ def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     One output column (or a 1-D output) is a binary classifier's logit ``z``: its scores are ``(0, z)``, so the
     prediction is class 1 exactly where ``z > 0`` and the margin of an example is ``z`` (label 1) or ``-z`` (label
     0). Labels must be whole numbers in ``[0, classes)``: anything else (a regression target) has no 0-1 error.
+    Labels of the scores' shape ``(batch, classes)``, one-hot or soft (mixup, label smoothing), are replaced by
+    their argmax: a 0-1 error needs one class per example, and against a soft label it is the argmax's.
 
     Examples:
         >>> class_scores(torch.tensor([[2.0], [-1.0]]), torch.tensor([1.0, 1.0]))
         (tensor([[ 0.,  2.],
                 [ 0., -1.]]), tensor([1, 1]))
+        >>> class_scores(torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[0.1, 0.1, 0.8]]))[1]
+        tensor([2])
     """
     if not isinstance(logits, Tensor):
         raise ValueError(
@@ -548,11 +563,14 @@ def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     if binary:
         logits = torch.stack([torch.zeros_like(logits.reshape(-1)), logits.reshape(-1)], dim=1)
         labels = labels.reshape(-1) if labels.numel() == len(logits) else labels
+    if logits.ndim == 2 and labels.shape == logits.shape:  # one-hot or soft labels (mixup, label smoothing)
+        labels = labels.argmax(dim=1)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
             "CompressionBoundReporter needs logits of shape (batch, classes), or (batch, 1) for a binary classifier, "
-            f"and labels of shape (batch,), got {tuple(logits.shape)} and {tuple(labels.shape)}. Pass "
-            "`predict_fn(pl_module, batch)` and `target_fn(batch)` that return them."
+            "and labels of shape (batch,) (class indices) or (batch, classes) (one-hot or soft labels), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}. Pass `predict_fn(pl_module, batch)` and "
+            "`target_fn(batch)` that return them."
         )
     classes, values = logits.shape[1], labels.double()
     if len(values) and not (bool((values == values.round()).all()) and 0 <= values.min() <= values.max() < classes):
@@ -563,6 +581,13 @@ def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
             "`predict_fn(pl_module, batch)` returning class scores and `target_fn(batch)` returning class indices."
         )
     return logits, labels.long()
+
+
+def _soft(labels: Tensor) -> bool:
+    """Whether ``labels`` are ``(batch, classes)`` rows that are not all one-hot (hard labels have one 1 a row)."""
+    if labels.ndim != 2 or labels.shape[1] < 2:
+        return False
+    return not bool((((labels == 0) | (labels == 1)).all(dim=1) & (labels.sum(dim=1) == 1)).all())
 
 
 def _map_style_dataset(trainer: pl.Trainer) -> Dataset | None:

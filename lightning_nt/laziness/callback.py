@@ -157,9 +157,10 @@ class LazinessMonitor(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fresh = not self._restored or self._initial is None
         self._restored = False
-        if not fresh and "batch_tensors" in self._initial:  # saved as its tensors: rebuild the batch
-            probe = ProbeSet.from_tensors(self._initial.pop("batch_tensors"), trainer)
-            self._initial["batch"] = next(probe.chunks())[0]
+        if not fresh:  # the probe batch as `ProbeSet.state_dict` saved it (older checkpoints: its tensors, or itself)
+            saved = self._initial.pop("probe", None) or self._initial.pop("batch_tensors", None)
+            if saved is not None:
+                self._initial["batch"] = next(ProbeSet.from_state_dict(saved, trainer).chunks())[0]
         if fresh:  # a resumed run goes on comparing with the initialisation of the run it resumes
             self.history, self._last_step = [], -1
             self._initial = self._capture(trainer, pl_module)
@@ -183,8 +184,8 @@ class LazinessMonitor(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         initial = self._initial
-        if initial is not None:  # the batch as its tensors: torch.load(weights_only=True) refuses dataclasses
-            initial = {**initial, "batch": None, "batch_tensors": tensors_of(initial["batch"])}
+        if initial is not None:  # as torch.load(weights_only=True) reads it: it refuses dataclasses
+            initial = {**initial, "batch": None, "probe": ProbeSet(initial["batch"]).state_dict()}
         return {"history": self.history, "initial": initial, "last_step": self._last_step}
 
     @override

@@ -2,27 +2,42 @@
 
 * before the first step (:func:`check_module`): BatchNorm and what Opacus can't give per-example gradients for
   (or their repair with ``fix_modules``), parametrized modules (also by the old ``weight_norm``/``spectral_norm``
-  hooks), embeddings with ``max_norm``;
+  hooks), embeddings with ``max_norm``, lazy modules not yet materialised;
+* during a backward pass under ghost clipping (:func:`refusing_recomputation`): a layer that activation
+  checkpointing runs again;
 * around every step (:func:`state_versions`, :func:`check_state_unchanged`): a ``training_step`` that changes the
   module's parameters or buffers itself, which would release the private batch outside the noisy update.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from opacus.validators import ModuleValidator
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_nt.common.layers import reparametrized_modules
 
-__all__ = ["check_module", "check_state_unchanged", "state_versions"]
+__all__ = ["check_module", "check_state_unchanged", "refusing_recomputation", "state_versions"]
 
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
     """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
+    lazy = [name or "<root>" for name, m in module.named_modules() if _unmaterialised(m)]
+    if lazy:
+        raise RuntimeError(
+            f"Modules {lazy} are lazy (e.g. nn.LazyLinear) and not materialised yet: their parameters would be "
+            "created by the first private forward pass, after DP-SGD has set up per-example clipping and the "
+            "optimizer for the parameters that exist, so no clipping engine (hooks, ghost or bk) can clip them. "
+            "Materialise them before fit: call the module once on a dummy input of the data's shape (e.g. "
+            "`model(torch.zeros(1, *input_shape))`), or use the layer with its sizes given (nn.Linear(in, out))."
+        )
     parametrized = reparametrized_modules(module)
     if parametrized:
         raise RuntimeError(
@@ -62,6 +77,41 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
         "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training). "
         "Coupling written by hand (e.g. `x - x.mean(0)` in forward) can't be detected: see DPStrategy's "
         "sensitivity_probe."
+    )
+
+
+def _unmaterialised(module: nn.Module) -> bool:
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+
+
+@contextlib.contextmanager
+def refusing_recomputation(module: nn.Module) -> Iterator[None]:
+    """Refuse, by name, a trainable layer of ``module`` whose forward call completes during the block: the block is
+    a backward pass, so the call is activation checkpointing (``torch.utils.checkpoint``) running it again.
+
+    Ghost clipping counts a layer's calls to find parameters used twice, which it can't clip: a re-run layer got
+    Opacus's misleading "Parameter tying is not supported". The hook runs before Opacus's (and not at all when
+    checkpointing stops its recomputation before the layer's output, which ghost clipping handles).
+    """
+    handles = [
+        layer.register_forward_hook(functools.partial(_refuse_recomputation, name or "<root>"), prepend=True)
+        for name, layer in module.named_modules()
+        if any(p.requires_grad for p in layer.parameters(recurse=False))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _refuse_recomputation(name: str, *_: Any) -> None:
+    raise RuntimeError(
+        f"Activation checkpointing (torch.utils.checkpoint) ran layer {name!r} again in the backward pass: "
+        "grad_sample_mode='ghost' takes a second call of a layer for a parameter used twice (Opacus calls it "
+        "parameter tying), whose per-example gradient norms it can't compute. The step is refused before its "
+        "noise. Turn activation checkpointing off for DP training: ghost clipping keeps no per-example "
+        "gradients, so the memory it saves is often not needed."
     )
 
 

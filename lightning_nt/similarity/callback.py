@@ -160,7 +160,7 @@ class RepresentationSimilarity(pl.Callback):
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
         self._probe: ProbeSet | None = None
-        self._saved_probe: list[Tensor] | None = None
+        self._saved_probe: dict[str, Any] | list[Tensor] | None = None  # list: an older checkpoint
         self._reference_features: dict[str, Tensor] | None = None
         self._prepared_reference: dict[str, PreparedFeatures] | None = None  # built once, on the features' device
         self._row_subsets: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, ...]] = {}
@@ -193,7 +193,7 @@ class RepresentationSimilarity(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored:  # resumed: the checkpoint's probe set and reference features
             self._restored = False
-            self._probe = ProbeSet.from_tensors(self._saved_probe, trainer)
+            self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
             return
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
@@ -217,7 +217,7 @@ class RepresentationSimilarity(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        probe = None if self._probe is None else self._probe.tensors()
+        probe = None if self._probe is None else self._probe.state_dict()
         return {"history": self.history, "probe": probe, "reference_features": self._reference_features}
 
     @override

@@ -1,9 +1,8 @@
 import pytest
 import pytorch_lightning as pl
-import torch
 
 from lightning_nt import IterateAveraging
-from tests.helpers import TinyClassifier, tiny_trainer
+from tests.helpers import TinyClassifier, assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
 
 
 class SaveAverage(pl.Callback):
@@ -14,7 +13,7 @@ class SaveAverage(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         averages = self.averaging.averaged_state_dict()
-        torch.save((self.averaging.n_averaged, averages), f"{self.directory}/rank{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, (self.averaging.n_averaged, averages))
 
 
 @pytest.mark.ddp
@@ -29,10 +28,9 @@ def test_every_rank_holds_the_same_average(tmp_path):
         callbacks=[averaging, SaveAverage(averaging, str(tmp_path))],
     )
     trainer.fit(TinyClassifier(num_samples=96, norm="batch"))
-    n0, rank0 = torch.load(tmp_path / "rank0.pt")
-    n1, rank1 = torch.load(tmp_path / "rank1.pt")
-    assert n0 == n1 == 6  # 96 examples, 2 ranks, batch 16: 3 steps per epoch
-    assert rank0.keys() == rank1.keys()
-    parameters = [name for name, _ in TinyClassifier(norm="batch").named_parameters()]
-    for name in parameters:  # BatchNorm statistics are per rank (DDP broadcasts rank 0's at each forward)
-        assert torch.equal(rank0[name], rank1[name]), name
+    states = rank_states(tmp_path)
+    assert states[0][0] == 6  # 96 examples, 2 ranks, batch 16: 3 steps per epoch
+    assert states[0][1].keys() == states[1][1].keys()
+    statistics = [name for name, _ in TinyClassifier(norm="batch").named_buffers()]
+    # BatchNorm statistics are per rank (DDP broadcasts rank 0's at each forward)
+    assert_ranks_agree(states, ignore=statistics)

@@ -13,7 +13,7 @@ from lightning_nt.common import (
     min_across_ranks,
     sum_across_ranks,
 )
-from tests.helpers import BoringModel, tiny_trainer
+from tests.helpers import BoringModel, rank_states, save_rank_state, tiny_trainer
 
 
 def test_one_process_gets_every_value_back_unchanged():
@@ -93,15 +93,14 @@ class Collect(pl.Callback):
             "min": min_across_ranks(trainer, 5 + index),
             "broadcast": broadcast_from_rank_zero(trainer, (2**61 + index, f"rank {index}")),
         }
-        torch.save(results, f"{self.directory}/rank{index}.pt")
+        save_rank_state(trainer, self.directory, results)
 
 
 @pytest.mark.ddp
 def test_two_processes_sum_average_gather_and_broadcast(tmp_path):
     trainer = tiny_trainer(None, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[Collect(str(tmp_path))])
     trainer.fit(BoringModel())
-    for rank in (0, 1):
-        results = torch.load(tmp_path / f"rank{rank}.pt")
+    for results in rank_states(tmp_path):
         assert results["sum_tensor"].tolist() == [3.0, 30.0]
         assert results["mean_tensor"].tolist() == [0.5, 2.0]
         assert [t.tolist() for t in results["sum_list"]] == [[1.0, 1.0], 3.0]

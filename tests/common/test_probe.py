@@ -1,9 +1,19 @@
+import dataclasses
+import io
+from typing import NamedTuple
+
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nt.common import ProbeSet, batch_size
+from lightning_nt.common import ProbeSet, batch_size, tensors_of
+from lightning_nt.laziness import LazinessMonitor
+from lightning_nt.similarity import RepresentationSimilarity
 from tests.helpers import TinyClassifier, classification_data, tiny_trainer
 
 
@@ -85,3 +95,165 @@ def test_a_probe_leaves_a_persistent_workers_loader_to_the_training_loop(started
         seen.append(labels)
     assert torch.equal(torch.cat(seen), data.tensors[1])
     assert [len(labels) for _, labels in loader] == [8] * 4  # the next epoch too
+
+
+@dataclasses.dataclass
+class Example:
+    inputs: Tensor
+    labels: Tensor
+    ids: list[str]
+
+
+class Identified(TinyClassifier):
+    """Its batches carry a string id per example, in a dict (as HuggingFace datasets yield) or a dataclass."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__(num_samples=64, shuffle=False)
+        self.style = style
+
+    def train_dataloader(self):
+        data = classification_data(self.num_samples)
+        items = [(inputs, label, f"example-{index}") for index, (inputs, label) in enumerate(zip(*data.tensors))]
+        return DataLoader(items, batch_size=16, shuffle=self.shuffle, collate_fn=self._collate)
+
+    def _collate(self, items):
+        inputs, labels, ids = (
+            torch.stack([i[0] for i in items]),
+            torch.stack([i[1] for i in items]),
+            [i[2] for i in items],
+        )
+        return {"input": inputs, "label": labels, "id": ids} if self.style == "dict" else Example(inputs, labels, ids)
+
+    def training_step(self, batch, batch_idx):
+        if self.style == "dict":
+            return super().training_step((batch["input"], batch["label"]), batch_idx)
+        return super().training_step((batch.inputs, batch.labels), batch_idx)
+
+
+def _comparable(batch):
+    """``batch`` with its tensors as nested lists (and their dtypes), so ``==`` compares everything."""
+    return apply_to_collection(batch, Tensor, lambda tensor: (tensor.dtype, tensor.tolist()))
+
+
+def _assert_same_history(resumed, whole):
+    """Every entry of both histories equal to float precision, timings aside."""
+    assert len(resumed.history) == len(whole.history)
+    for mine, theirs in zip(resumed.history, whole.history):
+        assert mine.keys() == theirs.keys()
+        for tag in mine.keys() - {"laziness/seconds"}:
+            assert mine[tag] == pytest.approx(theirs[tag], rel=1e-6), (mine["step"], tag)
+
+
+def _probe_batch(monitor):
+    return (
+        next(monitor._probe.chunks())[0] if isinstance(monitor, RepresentationSimilarity) else monitor._initial["batch"]
+    )
+
+
+def _fit_identified(monitor, style, tmp_path=None, **kwargs):
+    callbacks = [monitor] if tmp_path is None else [monitor, ModelCheckpoint(dirpath=tmp_path, save_last=True)]
+    pl.seed_everything(0)
+    module = Identified(style)
+    trainer = tiny_trainer(callbacks=callbacks, enable_checkpointing=tmp_path is not None, **kwargs)
+    trainer.fit(module)
+
+
+@pytest.mark.parametrize("style", ["dict", "dataclass"])
+@pytest.mark.parametrize(
+    "monitor",
+    [lambda: RepresentationSimilarity(num_examples=24), lambda: LazinessMonitor(every_n_steps=2, num_examples=24)],
+    ids=["similarity", "laziness"],
+)
+def test_a_resumed_probe_set_is_the_saved_one_string_ids_and_all(tmp_path, style, monitor):
+    # a checkpoint held the probe set's tensors only: the ids came back from a fresh one-example batch
+    whole = monitor()
+    _fit_identified(whole, style, max_epochs=3)
+    _fit_identified(monitor(), style, tmp_path, max_epochs=2)
+    resumed = monitor()
+    pl.seed_everything(7)  # another initialisation: the checkpoint's state must win
+    tiny_trainer(callbacks=[resumed], max_epochs=3).fit(Identified(style), ckpt_path=str(tmp_path / "last.ckpt"))
+    original, restored = _probe_batch(whole), _probe_batch(resumed)
+    assert type(restored) is type(original) and _comparable(restored) == _comparable(original)
+    assert len(set(original["id"] if style == "dict" else original.ids)) == 24
+    _assert_same_history(resumed, whole)
+
+
+class Pair(NamedTuple):
+    inputs: Tensor
+    names: tuple[str, ...]
+
+
+class Nested(TinyClassifier):
+    """Its batches: a namedtuple holding a per-example tuple of names, a list of ids and a constant string."""
+
+    def train_dataloader(self):
+        names = [(f"name-{index}", f"id-{index}") for index in range(self.num_samples)]
+        return DataLoader(
+            list(zip(*classification_data(self.num_samples).tensors, names)), batch_size=8, collate_fn=self._collate
+        )
+
+    @staticmethod
+    def _collate(items):
+        pair = Pair(torch.stack([item[0] for item in items]), tuple(item[2][0] for item in items))
+        return {
+            "pair": pair,
+            "label": torch.stack([item[1] for item in items]),
+            "id": [item[2][1] for item in items],
+            "split": "train",
+        }
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["pair"].inputs, batch["label"]), batch_idx)
+
+
+class RoundTrip(pl.Callback):
+    """At the start of training: a probe set, and what a checkpoint of it gives back under weights_only loading."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.probe = ProbeSet.from_trainer(trainer, 20)
+        buffer = io.BytesIO()
+        torch.save(self.probe.state_dict(), buffer)
+        buffer.seek(0)
+        self.restored = ProbeSet.from_state_dict(torch.load(buffer, weights_only=True), trainer)
+        self.old_format = ProbeSet.from_state_dict(self.probe.tensors(), trainer)
+
+
+def test_a_probe_set_round_trips_through_weights_only_loading():
+    check = RoundTrip()
+    tiny_trainer(callbacks=[check], max_steps=1).fit(Nested(num_samples=32))
+    original, restored = next(check.probe.chunks())[0], next(check.restored.chunks())[0]
+    assert type(restored["pair"]) is Pair and _comparable(restored) == _comparable(original)
+    assert original["id"] == [f"id-{index}" for index in range(20)] and original["pair"].names[19] == "name-19"
+    old = next(check.old_format.chunks())[0]  # checkpoints written before: the tensors come back
+    assert all(torch.equal(a, b) for a, b in zip(tensors_of(old), tensors_of(original), strict=True))
+
+
+def _as_before(state):
+    """A callback's state as checkpoints written before ``ProbeSet.state_dict`` held it: the probe's tensors."""
+    if "initial" in state:  # LazinessMonitor
+        probe = state["initial"].pop("probe")
+        state["initial"]["batch_tensors"] = tensors_of(probe["batch"])
+    else:
+        state["probe"] = tensors_of(state["probe"]["batch"])
+
+
+@pytest.mark.parametrize("style", ["dict", "dataclass"])
+@pytest.mark.parametrize(
+    "monitor",
+    [lambda: RepresentationSimilarity(num_examples=24), lambda: LazinessMonitor(every_n_steps=2, num_examples=24)],
+    ids=["similarity", "laziness"],
+)
+def test_checkpoints_holding_only_the_probe_tensors_still_resume(tmp_path, style, monitor):
+    whole = monitor()
+    _fit_identified(whole, style, max_epochs=3)
+    _fit_identified(monitor(), style, tmp_path, max_epochs=2)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    for key, state in checkpoint["callbacks"].items():
+        if "Similarity" in key or "Laziness" in key:
+            _as_before(state)
+    torch.save(checkpoint, tmp_path / "before.ckpt")
+    resumed = monitor()
+    tiny_trainer(callbacks=[resumed], max_epochs=3).fit(Identified(style), ckpt_path=str(tmp_path / "before.ckpt"))
+    restored, original = _probe_batch(resumed), _probe_batch(whole)
+    assert all(torch.equal(a, b) for a, b in zip(tensors_of(restored), tensors_of(original), strict=True))
+    _assert_same_history(resumed, whole)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import TinyClassifier
+from tests.helpers import TinyClassifier, classification_data
 
 
 class TiedClassifier(TinyClassifier):
@@ -105,3 +105,24 @@ class Regressor(OneLogitClassifier):
     def train_dataloader(self) -> DataLoader:
         inputs = torch.randn(self.num_samples, 8, generator=torch.Generator().manual_seed(0))
         return DataLoader(TensorDataset(inputs, inputs.sum(dim=1)), batch_size=self.batch_size)
+
+
+class SoftLabelClassifier(TinyClassifier):
+    """Trained on float ``(n, classes)`` targets: one-hot rows, or rows smoothed by ``smoothing`` (label smoothing)."""
+
+    def __init__(self, smoothing: float = 0.0, label_classes: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.smoothing, self.label_classes = smoothing, label_classes or self.classes
+
+    def soft_data(self) -> TensorDataset:
+        inputs, labels = classification_data(self.num_samples, self.dim, self.classes).tensors
+        one_hot = F.one_hot(labels, self.label_classes).float()
+        return TensorDataset(inputs, one_hot * (1 - self.smoothing) + self.smoothing / self.label_classes)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.steps_taken = getattr(self, "steps_taken", 0) + 1
+        inputs, targets = batch
+        return F.cross_entropy(self(inputs), targets)  # probabilities as targets
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.soft_data(), batch_size=self.batch_size, shuffle=True)

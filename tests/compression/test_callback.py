@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -8,12 +9,14 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_nt import CompressionBoundReporter, SubspaceTraining
 from lightning_nt.compression.bounds import occam_kl_bound
+from lightning_nt.compression.callback import class_scores
 from tests.compression.models import (
     AttentionClassifier,
     FrozenFirstLayer,
     LSTMClassifier,
     OneLogitClassifier,
     Regressor,
+    SoftLabelClassifier,
     TiedClassifier,
     separable_data,
 )
@@ -362,3 +365,38 @@ def test_a_fine_tuning_schedule_is_refused_by_subspace_training_naming_the_fix()
     with pytest.raises(ValueError, match=r"BackboneFinetuning freezing part of the module would freeze `w`"):
         trainer.fit(Backbone())
     assert trainer.global_step == 0
+
+
+def test_soft_labels_are_scored_against_their_argmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [1.0, 0.0, 0.0], [0.0, 3.0, 1.0]])
+    soft = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
+    scores, labels = class_scores(logits, soft)
+    assert torch.equal(scores, logits) and torch.equal(labels, torch.tensor([0, 0, 2, 1]))  # argmax, by hand
+    assert float((scores.argmax(dim=1) != labels).float().mean()) == 0.5  # rows 1 and 2 wrong
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["one-hot", "label-smoothing"])
+def test_a_classifier_trained_on_float_labels_is_certified_against_their_argmax(smoothing):
+    # float (n, classes) targets were refused: "labels of shape (batch,)"
+    reporter = CompressionBoundReporter(**FAST)
+    module = SoftLabelClassifier(smoothing=smoothing, num_samples=96)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(callbacks=[reporter], module=module, max_epochs=5)
+    soft = [w for w in caught if "soft labels" in str(w.message)]
+    assert len(soft) == (1 if smoothing else 0)  # once, however many batches and candidates were scored
+    decoded = SoftLabelClassifier(num_samples=96)
+    names = [name for name, _ in module.named_parameters()]
+    decoded.load_state_dict(dict(zip(names, reporter.certificate.decoded)), strict=False)
+    inputs, targets = module.soft_data().tensors
+    with torch.no_grad():
+        error = int((decoded(inputs).argmax(dim=1) != targets.argmax(dim=1)).sum()) / len(targets)
+    assert reporter.certificate.train_error == error < 0.3
+    assert "capacity/margin" in reporter.report and "arora/min_layer_cushion" in reporter.report
+
+
+def test_float_labels_of_another_width_are_refused_before_training_naming_target_fn():
+    module = SoftLabelClassifier(label_classes=4, num_samples=96)  # 4 label columns, 3 logits
+    with pytest.raises(ValueError, match=r"got \(\d+, 3\) and \(\d+, 4\).*`target_fn"):
+        _fit(callbacks=[CompressionBoundReporter(**FAST)], module=module, max_epochs=1)
+    assert getattr(module, "steps_taken", 0) == 0

@@ -1,10 +1,8 @@
-import json
-
 import pytest
 import pytorch_lightning as pl
 
 from lightning_nt import CompressionBoundReporter, SubspaceTraining
-from tests.helpers import TinyClassifier, tiny_trainer
+from tests.helpers import TinyClassifier, assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
 
 
 class SaveReport(pl.Callback):
@@ -14,8 +12,7 @@ class SaveReport(pl.Callback):
         self.reporter, self.directory = reporter, directory
 
     def on_train_end(self, trainer, pl_module):
-        with open(f"{self.directory}/rank{trainer.global_rank}.json", "w") as file:
-            json.dump(self.reporter.report, file)
+        save_rank_state(trainer, self.directory, self.reporter.report)
 
 
 @pytest.mark.ddp
@@ -30,7 +27,8 @@ def test_every_rank_certifies_the_whole_training_set_alike(tmp_path):
         callbacks=[SubspaceTraining(dimension=8), reporter, SaveReport(reporter, str(tmp_path))],
     )
     trainer.fit(TinyClassifier(num_samples=90))  # 45 examples a rank: the sampler pads nothing, but shards
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert rank0 == rank1 and rank0["compression/num_examples"] == 90
+    states = rank_states(tmp_path)
+    assert_ranks_agree(states)
+    rank0 = states[0]
+    assert rank0["compression/num_examples"] == 90
     assert 0 < rank0["compression/error_bound"] <= 1

@@ -3,7 +3,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_nt import GradInit
-from tests.helpers import TinyClassifier, tiny_trainer
+from tests.helpers import TinyClassifier, assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
 
 
 class SaveWeights(pl.Callback):
@@ -12,7 +12,7 @@ class SaveWeights(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):  # runs after GradInit (earlier in the callback list)
         weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        torch.save(weights, f"{self.directory}/rank{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, weights)
 
 
 @pytest.mark.ddp
@@ -28,9 +28,9 @@ def test_every_rank_gets_the_same_scales(tmp_path):
         callbacks=[GradInit(iterations=10, lr=0.05), SaveWeights(str(tmp_path))],
     )
     trainer.fit(TinyClassifier(num_samples=96))
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), name
+    states = rank_states(tmp_path)
+    assert_ranks_agree(states)
+    rank0 = states[0]
     assert any(not torch.allclose(rank0[name], initial[name]) for name in rank0)
 
 
@@ -51,7 +51,7 @@ class SaveScales(pl.Callback):
         self.gradinit, self.directory = gradinit, directory
 
     def on_train_start(self, trainer, pl_module):
-        torch.save(self.gradinit.scales, f"{self.directory}/scales{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, self.gradinit.scales)
 
 
 @pytest.mark.ddp
@@ -66,5 +66,7 @@ def test_a_parameter_used_on_one_rank_only_gets_the_same_scale_everywhere(tmp_pa
         callbacks=[gradinit, SaveScales(gradinit, str(tmp_path))],
     )
     trainer.fit(RankZeroHead(num_samples=96))
-    rank0, rank1 = torch.load(tmp_path / "scales0.pt"), torch.load(tmp_path / "scales1.pt")
-    assert rank0 == rank1 and rank0["head.weight"] != 1.0
+    states = rank_states(tmp_path)
+    assert_ranks_agree(states)
+    rank0 = states[0]
+    assert rank0["head.weight"] != 1.0

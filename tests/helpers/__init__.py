@@ -9,6 +9,7 @@ from tests.helpers.models import (
     TinyTransformer,
     classification_data,
 )
+from tests.helpers.ranks import assert_ranks_agree, rank_states, save_rank_state
 from tests.helpers.trainer import (
     SaveHistory,
     assert_same_training,
@@ -31,10 +32,13 @@ __all__ = [
     "TinyTransformer",
     "ZooEntry",
     "ZooModule",
+    "assert_ranks_agree",
     "assert_same_training",
     "classification_data",
+    "rank_states",
     "read_tensorboard_scalars",
     "read_tensorboard_tags",
+    "save_rank_state",
     "seeded_fit",
     "tiny_trainer",
 ]

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.helpers.models import TinyClassifier
+from tests.helpers.ranks import save_rank_state
 
 
 def tiny_trainer(root: Path | str | None = None, **overrides: Any) -> pl.Trainer:
@@ -55,9 +56,7 @@ class SaveHistory(pl.Callback):
         self.monitor, self.directory = monitor, str(directory)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        import torch
-
-        torch.save(self.monitor.history, f"{self.directory}/rank{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, self.monitor.history)
 
 
 def seeded_fit(

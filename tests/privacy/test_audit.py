@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import DPStrategy
-from tests.helpers import tiny_trainer
+from tests.helpers import assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
 
 DIM, TOKENS, CLASSES = 4, 5, 3
 
@@ -441,7 +441,7 @@ class SaveUpdate(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         after = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
-        torch.save(after - self.before, f"{self.directory}/rank{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, after - self.before)
 
 
 @pytest.mark.ddp
@@ -455,8 +455,9 @@ def test_the_noise_over_two_processes_is_one_draw_of_std_sigma_c(tmp_path):
     strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=1.5, max_grad_norm=2.0)
     trainer = tiny_trainer(None, strategy=strategy, devices=2, max_steps=1, callbacks=[SaveUpdate(str(tmp_path))])
     trainer.fit(WideZeroGradient())
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert torch.equal(rank0, rank1)
+    states = rank_states(tmp_path)
+    assert_ranks_agree(states)
+    rank0 = states[0]
     assert rank0.std().item() * 32 == pytest.approx(1.5 * 2.0, rel=0.05)
 
 

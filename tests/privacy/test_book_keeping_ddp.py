@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_nt import DPDDPStrategy
-from tests.helpers import tiny_trainer
+from tests.helpers import assert_ranks_agree, rank_states, tiny_trainer
 from tests.privacy.test_ddp import SaveRankState
 from tests.privacy.test_strategy import Plain, _clipped_sum
 
@@ -19,9 +19,8 @@ def test_update_is_the_float64_clipped_sum_over_both_ranks(tmp_path):
     )
     module = Plain(num_samples=64, batch_size=16, norm="group")  # Linear, GroupNorm, Linear
     trainer.fit(module)
-    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    for name in rank0["after"]:
-        assert torch.equal(rank0["after"][name], rank1["after"][name])
+    rank0, rank1 = rank_states(tmp_path)
+    assert_ranks_agree([rank0["after"], rank1["after"]])
     assert rank0["left"] == rank1["left"] == []
     inputs = torch.cat([rank0["first_batch"][0], rank1["first_batch"][0]]).double()
     labels = torch.cat([rank0["first_batch"][1], rank1["first_batch"][1]])

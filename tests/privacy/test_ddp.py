@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import DPDDPStrategy
-from tests.helpers import tiny_trainer
+from tests.helpers import assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
 from tests.privacy.test_strategy import Plain, _clipped_sum
 
 
@@ -30,7 +30,7 @@ class SaveRankState(pl.Callback):
         state["epsilon"] = trainer.strategy.epsilon
         private = ("summed_grad", "grad_sample", "_norm_sample", "_current_grad_sample")
         state["left"] = [n for n, p in pl_module.named_parameters() if any(a in vars(p) for a in private)]
-        torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, state)
 
 
 def _fit_on_two_ranks(build, callback, folder, dp=None, **trainer_arguments):
@@ -43,7 +43,7 @@ def _fit_on_two_ranks(build, callback, folder, dp=None, **trainer_arguments):
         None, strategy=strategy, devices=2, limit_val_batches=0, callbacks=[callback], **trainer_arguments
     )
     trainer.fit(module)
-    return module, (torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt"))
+    return module, rank_states(folder)
 
 
 @pytest.mark.ddp
@@ -55,8 +55,7 @@ def test_update_is_the_clipped_sum_over_both_ranks(tmp_path):
         dp={"noise_multiplier": 0.0, "max_grad_norm": 0.5},
         max_steps=1,
     )
-    for name in rank0["after"]:
-        assert torch.equal(rank0["after"][name], rank1["after"][name])
+    assert_ranks_agree([rank0["after"], rank1["after"]])
     # the global batch is the union of the ranks' shards (q = 16 x 2 / 64); they are disjoint
     inputs = torch.cat([rank0["first_batch"][0], rank1["first_batch"][0]])
     labels = torch.cat([rank0["first_batch"][1], rank1["first_batch"][1]])
@@ -78,8 +77,7 @@ def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
     assert rank0["empty"] > 0 and rank1["empty"] > 0 and rank0["empty"] != 32
     assert rank0["epsilon"] == rank1["epsilon"] > 0
     assert rank0["left"] == rank1["left"] == []  # no un-noised clipped sum left on any rank
-    for name in rank0["after"]:  # one noise draw, all-reduced: identical weights everywhere
-        assert torch.equal(rank0["after"][name], rank1["after"][name])
+    assert_ranks_agree([rank0["after"], rank1["after"]])  # one noise draw, all-reduced: identical weights
 
 
 class PoisonedOddExamples(Plain):
@@ -110,7 +108,7 @@ class RecordWarnings(pl.Callback):
     def on_fit_end(self, trainer, pl_module):  # after the strategy's end-of-run warning
         self.catcher.__exit__(None, None, None)
         state = {"poisoned": self.poisoned, "warnings": [str(w.message) for w in self.caught]}
-        torch.save(state, f"{self.directory}/rank{trainer.global_rank}.pt")
+        save_rank_state(trainer, self.directory, state)
 
 
 @pytest.mark.ddp
