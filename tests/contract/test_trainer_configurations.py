@@ -183,6 +183,7 @@ CONFIGURATIONS = [
     Configuration("iterable_dataset", module=lambda: Module(iterable=True)),
     Configuration("persistent_workers", module=lambda: Module(num_workers=1, persistent_workers=True, shuffle=True)),
     Configuration("bf16_mixed", lambda: {"precision": "bf16-mixed"}),
+    Configuration("bf16_true", lambda: {"precision": "bf16-true"}),
     Configuration("evaluate_without_fit", run=_evaluate_without_fit, steps=0),
     Configuration("lightning_callbacks_fit_evaluate_fit", _lightning_callbacks, run=_fit_evaluate_fit_again, steps=12),
     Configuration(
