@@ -2,7 +2,8 @@
 
 ``test_contract.py`` varies the module with one Trainer; this suite keeps one module (the zoo's ``mlp``, given test
 and predict steps) and varies what a new user varies: the Trainer's flags (``fast_dev_run``, loggers, validation
-schedules, runs that stop mid-epoch, ``overfit_batches``, precision), the data (an ``IterableDataset``, persistent
+schedules, runs that stop mid-epoch, ``overfit_batches``, precision, ``barebones``, reloaded loaders, anomaly
+detection, deterministic algorithms), the data (an ``IterableDataset``, persistent
 workers, a ``LightningDataModule``), Lightning's own callbacks beside ours (checkpointing on a monitored metric,
 early stopping, an accumulation schedule, ``ReduceLROnPlateau``), and the entry points (``validate``/``test``/
 ``predict`` without a fit, and after one, then ``fit`` again). Every entry of ``CAPABILITIES`` runs under every
@@ -184,6 +185,20 @@ CONFIGURATIONS = [
     Configuration("persistent_workers", module=lambda: Module(num_workers=1, persistent_workers=True, shuffle=True)),
     Configuration("bf16_mixed", lambda: {"precision": "bf16-mixed"}),
     Configuration("bf16_true", lambda: {"precision": "bf16-true"}),
+    Configuration(
+        "barebones",
+        lambda: {
+            "barebones": True,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": None,
+        },
+    ),
+    Configuration("reload_dataloaders", lambda: {"reload_dataloaders_every_n_epochs": 1}),
+    Configuration("detect_anomaly_no_inference_mode", lambda: {"detect_anomaly": True, "inference_mode": False}),
+    Configuration("deterministic", lambda: {"deterministic": True, "benchmark": False}),
     Configuration("evaluate_without_fit", run=_evaluate_without_fit, steps=0),
     Configuration("lightning_callbacks_fit_evaluate_fit", _lightning_callbacks, run=_fit_evaluate_fit_again, steps=12),
     Configuration(
