@@ -101,6 +101,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._train_dataset: object | None = None  # the train loader's, to tell when evaluation reads it
         self._warned_about_evaluation = False
         self._probe_pending = False
+        self._independence_pending = False  # see independence.py: on a fit's first usable batch
         self._first_step = False
         self._uses: ParameterUses | None = None  # made on the first step that watches
         self._uses_checked = False
@@ -125,6 +126,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
             self._first_step = True  # buffers are compared by value on the first step of a fit
+            self._independence_pending = True  # layers that mix the examples: looked for on the first batch
             self._uses_checked = False  # parameters used outside their layers: looked for on the first step
         super().setup(trainer)  # type: ignore[misc]
 

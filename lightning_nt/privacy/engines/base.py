@@ -140,6 +140,15 @@ class ClippingEngine(ABC):
         """
 
     @abstractmethod
+    def example_quantities(self, output: Any, rows: int) -> dict[str, torch.Tensor]:
+        """Back-propagate a probe's ``training_step`` ``output`` on ``rows`` rows; return, per trainable parameter
+        name, what this engine clips per privacy unit, ``[units, k]`` in fp32 (nothing of it stays behind).
+
+        The example-independence check (:mod:`~lightning_nt.privacy.independence`) compares them across batches
+        that differ in one example. The engine's own row checks run first, with their own messages.
+        """
+
+    @abstractmethod
     def carry(self, rows: int) -> None:
         """Clip and sum the physical batch of ``rows`` rows just back-propagated; keep the sum for the step."""
 
