@@ -234,9 +234,12 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
     Design limits (see ``docs/privacy-guarantee.md``): the privacy unit is one example of the train dataset. The
     guarantee covers what goes through the noisy update (weights, optimizer state, checkpoints) and the ``dp/*``
     figures; not what ``training_step`` itself logs from the private batch, nor callbacks allowed with
-    ``allow_nonprivate_callbacks``, nor the choice of hyper-parameters by repeated runs. Coupling between the
-    examples of a batch written by hand (``x - x.mean(0)`` in ``forward``, a loss over pairs) breaks the
-    per-example sensitivity bound without any module check noticing (use ``sensitivity_probe``). A new Trainer
+    ``allow_nonprivate_callbacks``, nor the choice of hyper-parameters by repeated runs. A layer that mixes the
+    examples of a batch (a sequence-first ``[T, B, d]`` input, ``x - x.mean(0)`` in ``forward``) breaks the
+    per-example sensitivity bound: it is refused on a fit's first batch of two distinct examples (the
+    example-independence check, three more forward and backward passes), but coupling that spares that batch's
+    first and last examples, or that appears on later batches only, is not seen (``sensitivity_probe`` adds a
+    canary test of the first batch). A new Trainer
     starts a fresh ledger: resume with ``fit(ckpt_path=...)`` to continue one (a warning says when a module that
     was already trained privately is trained again without it).
 

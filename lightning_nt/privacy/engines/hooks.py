@@ -164,6 +164,9 @@ class OpacusHooksEngine(ClippingEngine):
     folds tokens into the batch, ``x.reshape(-1, d)``, a sequence-first layer, a second call on a few fixed inputs)
     would be clipped row by row, not example by example, and one example could move the update by far more than
     ``max_grad_norm``; so every trainable layer's rows are checked against the batch's before the step's noise.
+    Fewer rows pass that check (a ``training_step`` may drop examples), and so does a sequence-first layer with at
+    most as many positions as examples: the example-independence check (:mod:`~lightning_nt.privacy.independence`)
+    finds those.
     """
 
     supports_sensitivity_probe = True
