@@ -641,7 +641,19 @@ class UpdateOfAll(pl.Callback):
         self.update = torch.cat([p.detach().flatten() for p in pl_module.parameters()]) - self.before
 
 
-def _moved_by_one_example(mode: str, tokens: int) -> float:
+class ReversesItsLosses(ScoresPositionsSequenceFirst):
+    """Batch-first, but ``training_step`` returns its per-example losses in reverse order: ghost clipping weighs each
+    loss by the clip factor of the row in its place, so the canary's loss was weighed by another example's factor."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        losses = -self.score(inputs[:, 0]).gather(1, labels[:, :1]).squeeze(1)
+        return losses.flip(0) if self.per_example else losses.mean()
+
+
+def _moved_by_one_example(
+    mode: str, tokens: int, module: type[pl.LightningModule] = ScoresPositionsSequenceFirst
+) -> float:
     """How far one example of the first batch moves the released clipped sum (noise 0, SGD with lr 1, the loader's
     own batch of 8), in units of ``max_grad_norm``: example 0 is 100 x or -100 x (a replaced example: bound 2 C).
     Every position of an example holds the same input, so every position's row points the same way."""
@@ -650,7 +662,7 @@ def _moved_by_one_example(mode: str, tokens: int) -> float:
     updates = []
     for sign in (1.0, -1.0):
         canary = torch.cat([inputs[:1] * 100.0 * sign, inputs[1:]])
-        trained, recorder = ScoresPositionsSequenceFirst(mode == "ghost"), UpdateOfAll()
+        trained, recorder = module(mode == "ghost"), UpdateOfAll()
         trained.train_dataloader = lambda canary=canary: DataLoader(TensorDataset(canary, labels), batch_size=BATCH)
         pl.seed_everything(0)
         with warnings.catch_warnings():
@@ -671,6 +683,16 @@ def test_one_example_moves_a_sequence_first_layers_update_by_at_most_c_or_it_is_
         moved = _moved_by_one_example(mode, tokens)
     except RuntimeError as refusal:
         assert "mixes the examples" in str(refusal), refusal
+        return
+    assert moved <= 2.0 * (1 + 1e-4), f"one example moved the clipped sum by {moved:.3g} C"
+
+
+def test_ghost_clipping_refuses_losses_in_another_order_than_the_examples():
+    """Measured before the refusal existed: the canary moved the update by 60 C (bound 2 C)."""
+    try:
+        moved = _moved_by_one_example("ghost", 1, ReversesItsLosses)
+    except RuntimeError as refusal:
+        assert "mixes the examples" in str(refusal) and "per-example losses" in str(refusal), refusal
         return
     assert moved <= 2.0 * (1 + 1e-4), f"one example moved the clipped sum by {moved:.3g} C"
 

@@ -114,14 +114,15 @@ class GhostClippingEngine(OpacusHooksEngine):
                 p._norm_sample = torch.zeros(len(losses), device=p.device)
 
     def example_quantities(self, output: Any, rows: int) -> dict[str, torch.Tensor]:
-        """Each example's gradient norm for every parameter (the ghost norms the clip factors come from)."""
+        """Each example's gradient norm for every parameter (the ghost norms the clip factors come from), and its
+        loss: the second pass weighs each loss by the factor of the row in its place, so they must be in step."""
         self.take_output(output)
         losses = self._checked_losses(rows)
         if losses is None:
             return {}
         self._norms_pass(losses, retain_graph=False)
         names = {id(p): name for name, p in self.module.named_parameters()}
-        found = {}
+        found = {"the per-example losses training_step returned": losses.detach().float()[:, None]}
         for p in self.hooks.trainable_parameters:
             found[names[id(p)]] = p._norm_sample.detach().float()[:, None]
             del p._norm_sample
