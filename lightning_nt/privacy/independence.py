@@ -141,4 +141,5 @@ def _mixing_layers(original: Quantities, changed: list[Quantities], noise: Quant
 
 
 def _layer(parameter: str) -> str:
+    """``"encoder.fc.weight"`` -> ``"encoder.fc"`` (a name without a dot, kept)."""
     return parameter.rpartition(".")[0] or parameter

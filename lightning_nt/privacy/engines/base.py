@@ -4,7 +4,8 @@ An engine forms, for each physical batch, the sum over examples of their gradien
 and owns the Opacus ``DPOptimizer`` that adds the noise to that sum. The strategy only calls the methods below
 (attach and wrap in the constructor, :meth:`~ClippingEngine.start` / :meth:`~ClippingEngine.stop` around a
 training step, :meth:`~ClippingEngine.backward`, :meth:`~ClippingEngine.carry` for virtual steps,
-:meth:`~ClippingEngine.forget` after every step), so it never asks which engine it holds.
+:meth:`~ClippingEngine.forget` after every step, :meth:`~ClippingEngine.example_quantities` for the
+example-independence check of a fit's first batch), so it never asks which engine it holds.
 """
 
 from __future__ import annotations
