@@ -9,7 +9,8 @@ batch of two distinct examples: the step's forward and backward passes run again
 with its first, then its last example replaced by another example of the batch; each replacement may change what
 the engine clips (per-example gradients under hooks, per-example norms under ghost and bk) for one unit at most,
 the same unit in every layer, and the two replacements not for the same unit. Coupling written by hand
-(``x - x.mean(0)`` in ``forward``) is refused by the same rule.
+(``x - x.mean(0)`` in ``forward``; a loss averaged over all the batch's tokens, whose count depends on every
+example) is refused by the same rule.
 
 What it can't see: coupling that spares the first and the last example (a layer that mixes some middle examples
 only) and coupling that appears on later batches only (data-dependent control flow). On a platform whose kernels
@@ -76,7 +77,9 @@ def check_example_independence(
             "[B, T, d] tensor) is clipped one row of all examples at a time, so one example could move the update "
             "by far more than max_grad_norm. Keep the examples in dimension 0 of every trainable layer's input "
             "(batch_first=True, or transpose back before the layer), and make every example's loss depend on that "
-            "example alone (no x - x.mean(0) or other coupling across the batch)."
+            "example alone: no x - x.mean(0) or other coupling across the batch, no mean over all the batch's "
+            "tokens (F.cross_entropy(..., ignore_index=pad) over [B * T] positions divides by the count of every "
+            "example's tokens): average each example's own tokens, then the examples."
         )
     return True
 

@@ -191,3 +191,38 @@ def test_a_per_example_loss_is_not_mistaken_for_mixing():
 
     for mode in ("hooks", "bk"):
         _trains(Tokens(), grad_sample_mode=mode)
+
+
+class PaddedTokens(pl.LightningModule):
+    """A language-model loss over padded sequences of different lengths."""
+
+    def __init__(self, per_example_mean: bool) -> None:
+        super().__init__()
+        self.embed, self.head, self.per_example_mean = nn.Embedding(10, DIM), nn.Linear(DIM, 10), per_example_mean
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        losses = F.cross_entropy(
+            self.head(self.embed(tokens)).transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )
+        if not self.per_example_mean:  # the usual mean over the batch's tokens: divided by every example's count
+            return losses.sum() / (targets != -100).sum()
+        return (losses.sum(1) / (targets != -100).sum(1)).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        tokens, targets = torch.randint(10, (2, 32, TOKENS), generator=generator)
+        targets[torch.arange(TOKENS) >= torch.randint(1, TOKENS + 1, (32, 1), generator=generator)] = -100
+        return DataLoader(TensorDataset(tokens, targets), batch_size=BATCH)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_a_mean_over_the_batchs_tokens_is_refused_and_a_mean_per_example_trains(mode):
+    """Dividing by the count of all the batch's tokens scales every example's gradient by the others' lengths."""
+    _refused_before_any_release(
+        PaddedTokens(per_example_mean=False), "average each example's own tokens", grad_sample_mode=mode
+    )
+    _trains(PaddedTokens(per_example_mean=True), grad_sample_mode=mode)
