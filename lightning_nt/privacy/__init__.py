@@ -2,7 +2,8 @@
 
 One module per stage of a private step, in the order a batch meets them:
 
-* ``guards``: settings that would break the guarantee, refused before the first step;
+* ``guards``: settings that would break the guarantee, refused before the first step; ``independence``: layers
+  that mix the examples of a batch, refused on a fit's first batch;
 * ``sampling``: Poisson batches at rate ``q``, sharded over processes, empty batches kept;
 * ``virtual_steps``: a logical batch run as physical parts (``max_physical_batch_size``), augmented views;
 * ``engines``: per-example clipping behind one interface (``hooks``, ``ghost``, ``bk``; chosen by

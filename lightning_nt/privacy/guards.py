@@ -12,8 +12,10 @@ Each check raises (or, where the accounting can be made honest, warns once) with
 * the train loader: a user's sampler or batch sampler, whose sampling the accounting can't describe;
 * a checkpoint's ledger: consistent with the loop's own step count.
 
-What no check can see (documented in ``docs/privacy-guarantee.md``): coupling between examples written by hand
-in ``forward`` or ``training_step`` (e.g. ``x - x.mean(0)``). :func:`sensitivity_probe` measures it on one batch.
+What no check can prove absent (documented in ``docs/privacy-guarantee.md``): coupling between examples written by
+hand in ``forward`` or ``training_step`` (e.g. ``x - x.mean(0)``). :mod:`~lightning_nt.privacy.independence` looks
+for it, and for layers that mix the examples, on a fit's first batch; :func:`check_sensitivity` measures it on one
+batch.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
     raise RuntimeError(
         f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
         "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training). "
-        "Coupling written by hand (e.g. `x - x.mean(0)` in forward) can't be detected: see DPStrategy's "
-        "sensitivity_probe."
+        "Coupling written by hand (e.g. `x - x.mean(0)` in forward) is looked for on a fit's first batch only "
+        "(the example-independence check; see also DPStrategy's sensitivity_probe)."
     )
 
 

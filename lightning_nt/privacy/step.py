@@ -35,6 +35,7 @@ from lightning_nt.privacy.accounting import (
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
+from lightning_nt.privacy.independence import check_example_independence
 from lightning_nt.privacy.module_guards import check_state_unchanged, refusing_recomputation, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
@@ -65,6 +66,7 @@ class _PrivateStep:
     _rows: int
     _skipped_steps: int
     _probe_pending: bool
+    _independence_pending: bool
     _first_step: bool
     _uses: ParameterUses | None
     _uses_checked: bool
@@ -79,14 +81,16 @@ class _PrivateStep:
         engine = self._active_engine()
         engine.check_trainable_parameters()
         check_accumulation(self.lightning_module.trainer)
-        state = state_versions(self.lightning_module, buffer_values=self._first_step)  # .data updates: once
-        self._first_step = False
         engine.start()
-        self._watch_parameter_uses(engine)
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, batch_idx)
             self._probe_pending = False
+        if batch is not None and self._independence_pending:
+            self._independence_pending = not self._check_example_independence(batch, batch_idx)
+        state = state_versions(self.lightning_module, buffer_values=self._first_step)  # .data updates: once
+        self._first_step = False
+        self._watch_parameter_uses(engine)
         if batch is not None and self.max_physical_batch_size is not None:
             views, limit = self.augmentation_multiplicity, self.max_physical_batch_size
             module = self.lightning_module
@@ -144,6 +148,23 @@ class _PrivateStep:
                 prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
             )
         engine.discard_per_example_state()  # the probe's batches (one example short) are not this step's
+
+    def _check_example_independence(self, batch: Any, batch_idx: int) -> bool:
+        """Refuse a layer that mixes the examples, on a fit's first batch of two distinct examples (its first
+        physical part); False if this batch could not be used. See :mod:`~lightning_nt.privacy.independence`."""
+        if self.max_physical_batch_size is not None:
+            batch = select_examples(batch, slice(0, self.max_physical_batch_size))
+        engine = self._active_engine()
+        with self._physical_step():
+            checked = check_example_independence(
+                self.lightning_module,
+                engine,
+                batch,
+                batch_idx,
+                prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
+            )
+        engine.discard_per_example_state()  # the check's batches are not this step's
+        return checked
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -101,6 +101,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._train_dataset: object | None = None  # the train loader's, to tell when evaluation reads it
         self._warned_about_evaluation = False
         self._probe_pending = False
+        self._independence_pending = False  # see independence.py: on a fit's first usable batch
         self._first_step = False
         self._uses: ParameterUses | None = None  # made on the first step that watches
         self._uses_checked = False
@@ -125,6 +126,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
             self._first_step = True  # buffers are compared by value on the first step of a fit
+            self._independence_pending = True  # layers that mix the examples: looked for on the first batch
             self._uses_checked = False  # parameters used outside their layers: looked for on the first step
         super().setup(trainer)  # type: ignore[misc]
 
@@ -232,9 +234,12 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
     Design limits (see ``docs/privacy-guarantee.md``): the privacy unit is one example of the train dataset. The
     guarantee covers what goes through the noisy update (weights, optimizer state, checkpoints) and the ``dp/*``
     figures; not what ``training_step`` itself logs from the private batch, nor callbacks allowed with
-    ``allow_nonprivate_callbacks``, nor the choice of hyper-parameters by repeated runs. Coupling between the
-    examples of a batch written by hand (``x - x.mean(0)`` in ``forward``, a loss over pairs) breaks the
-    per-example sensitivity bound without any module check noticing (use ``sensitivity_probe``). A new Trainer
+    ``allow_nonprivate_callbacks``, nor the choice of hyper-parameters by repeated runs. A layer that mixes the
+    examples of a batch (a sequence-first ``[T, B, d]`` input, ``x - x.mean(0)`` in ``forward``) breaks the
+    per-example sensitivity bound: it is refused on a fit's first batch of two distinct examples (the
+    example-independence check, three more forward and backward passes), but coupling that spares that batch's
+    first and last examples, or that appears on later batches only, is not seen (``sensitivity_probe`` adds a
+    canary test of the first batch). A new Trainer
     starts a fresh ledger: resume with ``fit(ckpt_path=...)`` to continue one (a warning says when a module that
     was already trained privately is trained again without it).
 

@@ -51,12 +51,12 @@ class Audited(pl.LightningModule):
         return DataLoader(_data(self.tokens), batch_size=8)
 
 
-def _fit(module: pl.LightningModule, **strategy: object) -> pl.Trainer:
+def _fit(module: pl.LightningModule, callbacks: tuple[pl.Callback, ...] = (), **strategy: object) -> pl.Trainer:
     pl.seed_everything(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the seed warning
         dp = DPStrategy(**{"noise_multiplier": 0.0, "max_grad_norm": 1.0, "seed": 3, **strategy})
-    trainer = tiny_trainer(None, strategy=dp, max_steps=2, limit_val_batches=0)
+    trainer = tiny_trainer(None, strategy=dp, max_steps=2, limit_val_batches=0, callbacks=list(callbacks))
     trainer.fit(module)
     return trainer
 
@@ -556,3 +556,157 @@ def test_the_noise_generator_and_the_state_checks_on_the_gpu(precision, seed):
     with pytest.raises(RuntimeError, match=r"changed the module's \['largest'\]"):
         pl.seed_everything(0)
         tiny_trainer(None, strategy=DPStrategy(noise_multiplier=1.0), max_steps=1, **cuda).fit(KeepsTheLargestInput())
+
+
+# -- a layer must not mix the examples of a batch ---------------------------------------------------------------
+
+BATCH = 8  # the loader's batch; poisson_sampling=False keeps it, so a layer can see exactly that many rows
+
+
+class SequenceFirst(Audited):
+    """A per-token model written sequence-first: its layers see ``[T, B, d]`` (``x.transpose(0, 1)``), so each row
+    of dimension 0 is one position of every example. Every row check passed (``T <= B`` rows under hooks; ``T == B``
+    under ghost and bk), and each position's gradient, summed over the whole batch, was clipped as one example's."""
+
+    def __init__(self, per_example: bool = False, tokens: int = TOKENS) -> None:
+        super().__init__(per_example)
+        self.tokens = tokens
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs.transpose(0, 1)).mean(0)  # [T, B, C] -> [B, C]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        return F.cross_entropy(self(inputs), labels[:, 0], reduction="none" if self.per_example else "mean")
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_data(self.tokens), batch_size=BATCH)
+
+
+class SequenceFirstAttention(SequenceFirst):
+    """Self-attention written as ``nn.TransformerEncoderLayer(batch_first=False)`` lays it out: ``[T, B, d]`` through
+    trainable query, key, value and output projections, attention over dimension 0 within each example."""
+
+    def __init__(self, per_example: bool = False, tokens: int = TOKENS) -> None:
+        super().__init__(per_example, tokens)
+        self.query, self.key, self.value = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs.transpose(0, 1)  # [T, B, d]
+        scores = torch.einsum("tbd,sbd->bts", self.query(x), self.key(x)) / DIM**0.5
+        attended = torch.einsum("bts,sbd->tbd", scores.softmax(-1), self.value(x))
+        return self.out(torch.tanh(self.fc(x + attended))).mean(0)
+
+
+class LoopsOverTheBatch(SequenceFirst):
+    """A hand-written RNN cell stepped along dimension 0 of a batch-first ``[B, T, d]`` tensor: each call sees one
+    example's ``T`` tokens as rows, and the hidden state carries from one example into the next."""
+
+    def __init__(self, per_example: bool = False, tokens: int = TOKENS) -> None:
+        super().__init__(per_example, tokens)
+        self.cell = nn.Linear(2 * DIM, DIM)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden, states = torch.zeros_like(inputs[0]), []
+        for step in inputs:  # the examples, not the positions
+            hidden = torch.tanh(self.cell(torch.cat([step, hidden], -1)))
+            states.append(hidden)
+        return self.out(torch.tanh(self.fc(torch.stack(states)))).mean(1)
+
+
+class ScoresPositionsSequenceFirst(pl.LightningModule):
+    """One linear scorer over ``[T, B, d]``, its score averaged over the positions: the loss is linear in the weight,
+    so each position's row of Opacus's per-example gradients is the sum over the batch of every example's part."""
+
+    def __init__(self, per_example: bool = False) -> None:
+        super().__init__()
+        self.score, self.per_example = nn.Linear(DIM, CLASSES, bias=False), per_example
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        scores = self.score(inputs.transpose(0, 1)).mean(0)  # [T, B, C] -> [B, C]
+        losses = -scores.gather(1, labels[:, :1]).squeeze(1)
+        return losses if self.per_example else losses.mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class UpdateOfAll(pl.Callback):
+    """The first step's update of every parameter, flattened."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.update = torch.cat([p.detach().flatten() for p in pl_module.parameters()]) - self.before
+
+
+class ReversesItsLosses(ScoresPositionsSequenceFirst):
+    """Batch-first, but ``training_step`` returns its per-example losses in reverse order: ghost clipping weighs each
+    loss by the clip factor of the row in its place, so the canary's loss was weighed by another example's factor."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        losses = -self.score(inputs[:, 0]).gather(1, labels[:, :1]).squeeze(1)
+        return losses.flip(0) if self.per_example else losses.mean()
+
+
+def _moved_by_one_example(
+    mode: str, tokens: int, module: type[pl.LightningModule] = ScoresPositionsSequenceFirst
+) -> float:
+    """How far one example of the first batch moves the released clipped sum (noise 0, SGD with lr 1, the loader's
+    own batch of 8), in units of ``max_grad_norm``: example 0 is 100 x or -100 x (a replaced example: bound 2 C).
+    Every position of an example holds the same input, so every position's row points the same way."""
+    inputs, labels = _data(1).tensors
+    inputs = inputs.expand(-1, tokens, -1).contiguous()
+    updates = []
+    for sign in (1.0, -1.0):
+        canary = torch.cat([inputs[:1] * 100.0 * sign, inputs[1:]])
+        trained, recorder = module(mode == "ghost"), UpdateOfAll()
+        trained.train_dataloader = lambda canary=canary: DataLoader(TensorDataset(canary, labels), batch_size=BATCH)
+        pl.seed_everything(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the seed and poisson_sampling warnings
+            dp = DPStrategy(
+                noise_multiplier=0.0, max_grad_norm=1.0, seed=3, poisson_sampling=False, grad_sample_mode=mode
+            )
+        tiny_trainer(None, strategy=dp, max_steps=1, limit_val_batches=0, callbacks=[recorder]).fit(trained)
+        updates.append(recorder.update)
+    return float((updates[0] - updates[1]).norm()) * BATCH
+
+
+@pytest.mark.parametrize(("mode", "tokens"), [("hooks", TOKENS), ("hooks", BATCH), ("ghost", BATCH), ("bk", BATCH)])
+def test_one_example_moves_a_sequence_first_layers_update_by_at_most_c_or_it_is_refused(mode, tokens):
+    """Measured before the refusal existed (C = 1, bound 2 C for a replaced example): one example moved the update
+    by 2 T C, 10 C with T = 5 positions under hooks and 16 C with T = 8 under hooks, ghost and bk."""
+    try:
+        moved = _moved_by_one_example(mode, tokens)
+    except RuntimeError as refusal:
+        assert "mixes the examples" in str(refusal), refusal
+        return
+    assert moved <= 2.0 * (1 + 1e-4), f"one example moved the clipped sum by {moved:.3g} C"
+
+
+def test_ghost_clipping_refuses_losses_in_another_order_than_the_examples():
+    """Measured before the refusal existed: the canary moved the update by 60 C (bound 2 C)."""
+    try:
+        moved = _moved_by_one_example("ghost", 1, ReversesItsLosses)
+    except RuntimeError as refusal:
+        assert "mixes the examples" in str(refusal) and "per-example losses" in str(refusal), refusal
+        return
+    assert moved <= 2.0 * (1 + 1e-4), f"one example moved the clipped sum by {moved:.3g} C"
+
+
+@pytest.mark.parametrize("module", [SequenceFirst, SequenceFirstAttention, LoopsOverTheBatch])
+@pytest.mark.parametrize(("mode", "tokens"), [("hooks", TOKENS), ("hooks", BATCH), ("ghost", BATCH), ("bk", BATCH)])
+def test_a_layer_that_mixes_the_examples_is_refused_before_the_first_step(module, mode, tokens):
+    """Each passed every row check, and its per-example gradients mixed the batch's examples."""
+    if module is LoopsOverTheBatch and (mode == "ghost" or tokens != BATCH):
+        pytest.skip("refused already: Opacus's ghost clipping refuses a layer called twice; fc sees 8 rows, cell 5")
+    match = r"mixes the examples.*\b(fc|out|query|key|value|cell)\b.*batch_first=True"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # poisson_sampling=False
+        _refused_before_any_release(
+            module(mode == "ghost", tokens), match, grad_sample_mode=mode, poisson_sampling=False
+        )

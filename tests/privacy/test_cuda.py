@@ -67,3 +67,34 @@ def test_unused_parameters_and_the_sensitivity_probe_on_the_gpu(precision, mode)
         precision=precision,
     )
     assert record.update["unused.weight"].abs().max() == 0 and record.update["net.0.weight"].abs().max() > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize(("mode", "tokens"), [("hooks", 5), ("hooks", 8), ("ghost", 8), ("bk", 8)])
+def test_the_example_independence_check_on_the_gpu(precision, mode, tokens):
+    """As users run (no deterministic algorithms): the batch-first model trains, the sequence-first one is refused
+    before its first step; the run-to-run differences of the GPU's kernels are not taken for mixing."""
+    import pytorch_lightning as pl
+
+    from tests.privacy.test_audit import SequenceFirstAttention
+    from tests.privacy.test_independence import MIXES, BatchFirstAttention
+
+    if mode == "ghost" and precision != "32-true":
+        pytest.skip("ghost clipping is refused under bf16 (tested on the CPU)")
+    for module in (BatchFirstAttention(mode == "ghost", tokens), SequenceFirstAttention(mode == "ghost", tokens)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            strategy = DPStrategy(noise_multiplier=1.0, poisson_sampling=False, grad_sample_mode=mode)
+        quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+        trainer = pl.Trainer(
+            accelerator="gpu", precision=precision, strategy=strategy, max_steps=2, limit_val_batches=0, **quiet
+        )
+        if isinstance(module, BatchFirstAttention):
+            trainer.fit(module)
+            assert trainer.global_step == 2
+        else:
+            before = [p.detach().clone() for p in module.parameters()]
+            with pytest.raises(RuntimeError, match=MIXES):
+                trainer.fit(module)
+            assert all(torch.equal(b, p.detach().cpu()) for b, p in zip(before, module.parameters()))

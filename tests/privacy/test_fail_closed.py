@@ -421,7 +421,8 @@ def test_the_sensitivity_probe_finds_hand_written_coupling_before_the_first_step
         strategy = _quiet(sensitivity_probe=True, max_grad_norm=0.1, seed=7)  # deterministic batches
         _fit(strategy, module=Centred, callbacks=[record], max_steps=1)
     assert not hasattr(record, "update")
-    _fit(DPStrategy(max_grad_norm=0.1), module=Centred, max_steps=1)  # without the probe: a documented limit
+    with pytest.raises(RuntimeError, match="mixes the examples of the batch"):  # without the probe: refused too,
+        _fit(DPStrategy(max_grad_norm=0.1), module=Centred, max_steps=1)  # by the first step's independence check
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"max_physical_batch_size": 5}])

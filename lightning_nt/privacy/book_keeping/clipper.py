@@ -173,6 +173,20 @@ class BookKeepingClipper:
         finally:
             self._records = {}
 
+    def squared_norms(self, batch_size: int) -> dict[nn.Parameter, Tensor]:
+        """Each unit's squared gradient norm for every parameter of the layers that ran, after the backward pass of a
+        :meth:`recording` block (up to the scale of the loss's reduction); the recorded activations are freed."""
+        if self._recording:
+            raise RuntimeError("Call `squared_norms` after the recording has ended.")
+        try:
+            return {
+                piece.parameter: piece.squared_norms
+                for layer in self.layers
+                for piece in self._pieces(layer, batch_size)
+            }
+        finally:
+            self._records = {}
+
     def _deliver(self, sums: dict[nn.Parameter, Tensor], carry: bool) -> None:
         for parameter, total in self._carried.items():
             sums[parameter] = sums[parameter] + total if parameter in sums else total

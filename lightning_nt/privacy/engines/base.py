@@ -4,7 +4,8 @@ An engine forms, for each physical batch, the sum over examples of their gradien
 and owns the Opacus ``DPOptimizer`` that adds the noise to that sum. The strategy only calls the methods below
 (attach and wrap in the constructor, :meth:`~ClippingEngine.start` / :meth:`~ClippingEngine.stop` around a
 training step, :meth:`~ClippingEngine.backward`, :meth:`~ClippingEngine.carry` for virtual steps,
-:meth:`~ClippingEngine.forget` after every step), so it never asks which engine it holds.
+:meth:`~ClippingEngine.forget` after every step, :meth:`~ClippingEngine.example_quantities` for the
+example-independence check of a fit's first batch), so it never asks which engine it holds.
 """
 
 from __future__ import annotations
@@ -137,6 +138,15 @@ class ClippingEngine(ABC):
         """Back-propagate the step's last physical batch of ``rows`` rows and leave its clipped sum to the optimizer.
 
         ``ordinary`` runs Lightning's own backward of ``loss``; ``precision`` is the strategy's precision plugin.
+        """
+
+    @abstractmethod
+    def example_quantities(self, output: Any, rows: int) -> dict[str, torch.Tensor]:
+        """Back-propagate a probe's ``training_step`` ``output`` on ``rows`` rows; return, per trainable parameter
+        name, what this engine clips per privacy unit, ``[units, k]`` in fp32 (nothing of it stays behind).
+
+        The example-independence check (:mod:`~lightning_nt.privacy.independence`) compares them across batches
+        that differ in one example. The engine's own row checks run first, with their own messages.
         """
 
     @abstractmethod

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.book_keeping import BookKeepingClipper
 from lightning_nt.privacy.engines.base import ClippingEngine
 from lightning_nt.privacy.engines.ghost import _GhostDistributedDPOptimizer, _GhostDPOptimizer
@@ -54,6 +55,17 @@ class BookKeepingEngine(ClippingEngine):
         self.clipper.stop()
         self._count_nonfinite(self.clipper.clip_and_sum(rows, carry=True))
         self.clipper.start()
+
+    def example_quantities(self, output: Any, rows: int) -> dict[str, torch.Tensor]:
+        """Each example's gradient norm for every parameter (the norms the clip factors come from)."""
+        loss_from_output(output, "training_step").backward()
+        self.clipper.stop()
+        try:
+            norms = self.clipper.squared_norms(rows) if rows else {}
+        finally:
+            self.clipper.start()
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        return {names[id(p)]: squared.detach().float().sqrt()[:, None] for p, squared in norms.items()}
 
     def discard_per_example_state(self) -> None:
         self.clipper.discard()

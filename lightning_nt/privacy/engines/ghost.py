@@ -72,24 +72,12 @@ class GhostClippingEngine(OpacusHooksEngine):
         return {**output, "loss": losses.mean()} if isinstance(output, dict) else losses.mean()
 
     def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:
-        losses, self._losses = self._losses, None
-        layer_rows = self._check_rows(rows)
+        losses = self._checked_losses(rows)
         if losses is None:  # an empty batch: no per-example losses, the update is the noise alone
             return ordinary()
-        if len(losses) > rows or layer_rows not in (None, len(losses)):
-            raise RuntimeError(
-                f"training_step returned {len(losses)} losses for a batch of {rows} examples whose layers saw "
-                f"{layer_rows} rows: grad_sample_mode='ghost' clips each loss's gradient as one example's, so it needs "
-                "one loss per example (average an example's per-token losses into one, e.g. "
-                "losses.view(len(batch), -1).mean(1))."
-            )
         loss = precision.pre_backward(loss, self.module)
-        losses.mean().backward(retain_graph=True)
-        self.optimizer.zero_grad()
+        self._norms_pass(losses, retain_graph=True)
         hooks = self.hooks
-        for p in hooks.trainable_parameters:  # unused in this forward: its per-example norms are zero
-            if not hasattr(p, "_norm_sample"):
-                p._norm_sample = torch.zeros(len(losses), device=p.device)
         factors = hooks.get_clipping_coef()
         if not bool(torch.isfinite(factors).all()):  # ghost clipping can't zero one example: stop before a release
             raise RuntimeError(
@@ -103,6 +91,42 @@ class GhostClippingEngine(OpacusHooksEngine):
         hooks.disable_hooks()
         (factors.to(losses.device) * losses).sum().backward()
         return precision.post_backward(loss, self.module)
+
+    def _checked_losses(self, rows: int) -> torch.Tensor | None:
+        """This step's per-example losses (None for an empty batch), once the layers' rows and their number agree."""
+        losses, self._losses = self._losses, None
+        layer_rows = self._check_rows(rows)
+        if losses is not None and (len(losses) > rows or layer_rows not in (None, len(losses))):
+            raise RuntimeError(
+                f"training_step returned {len(losses)} losses for a batch of {rows} examples whose layers saw "
+                f"{layer_rows} rows: grad_sample_mode='ghost' clips each loss's gradient as one example's, so it needs "
+                "one loss per example (average an example's per-token losses into one, e.g. "
+                "losses.view(len(batch), -1).mean(1))."
+            )
+        return losses
+
+    def _norms_pass(self, losses: torch.Tensor, retain_graph: bool) -> None:
+        """The first backward pass: every trainable parameter's per-example norms in ``_norm_sample``."""
+        losses.mean().backward(retain_graph=retain_graph)
+        self.optimizer.zero_grad()
+        for p in self.hooks.trainable_parameters:  # unused in this forward: its per-example norms are zero
+            if not hasattr(p, "_norm_sample"):
+                p._norm_sample = torch.zeros(len(losses), device=p.device)
+
+    def example_quantities(self, output: Any, rows: int) -> dict[str, torch.Tensor]:
+        """Each example's gradient norm for every parameter (the ghost norms the clip factors come from), and its
+        loss: the second pass weighs each loss by the factor of the row in its place, so they must be in step."""
+        self.take_output(output)
+        losses = self._checked_losses(rows)
+        if losses is None:
+            return {}
+        self._norms_pass(losses, retain_graph=False)
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        found = {"the order of the per-example losses training_step returns": losses.detach().float()[:, None]}
+        for p in self.hooks.trainable_parameters:
+            found[names[id(p)]] = p._norm_sample.detach().float()[:, None]
+            del p._norm_sample
+        return found
 
     def carry(self, rows: int) -> None:
         raise RuntimeError("grad_sample_mode='ghost' has no virtual steps (refused when the strategy is built).")

@@ -18,6 +18,7 @@ from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
+from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.engines.base import ClippingEngine
 
 __all__ = ["OpacusHooksEngine"]
@@ -115,6 +116,16 @@ class _CarryClippedSums:
             self._carried = {}
 
 
+def _summary(samples: Tensor, views: int) -> Tensor:
+    """``[rows, *shape]`` per-row gradients -> ``[units, 2]``: each unit's (its ``views`` rows') norm and projection
+    on a fixed unit direction, in fp32."""
+    flat = samples.float().reshape(len(samples), -1)
+    if views > 1 and len(flat) % views == 0:
+        flat = flat.reshape(len(flat) // views, -1)
+    direction = torch.cos(torch.arange(flat.shape[1], device=flat.device, dtype=flat.dtype) * 2.399963)
+    return torch.stack([flat.norm(dim=1), flat @ (direction / direction.norm())], dim=1)
+
+
 def _has_gradient(parameter: torch.Tensor) -> bool:
     """A non-zero ``.grad`` (Opacus zeroes gradients rather than dropping them); a sync, for parameters without
     per-example gradients only."""
@@ -153,6 +164,9 @@ class OpacusHooksEngine(ClippingEngine):
     folds tokens into the batch, ``x.reshape(-1, d)``, a sequence-first layer, a second call on a few fixed inputs)
     would be clipped row by row, not example by example, and one example could move the update by far more than
     ``max_grad_norm``; so every trainable layer's rows are checked against the batch's before the step's noise.
+    Fewer rows pass that check (a ``training_step`` may drop examples), and so does a sequence-first layer with at
+    most as many positions as examples: the example-independence check (:mod:`~lightning_nt.privacy.independence`)
+    finds those.
     """
 
     supports_sensitivity_probe = True
@@ -197,6 +211,18 @@ class OpacusHooksEngine(ClippingEngine):
     def carry(self, rows: int) -> None:
         self._check_rows(rows)
         self.optimizer.carry_clipped_sums()
+
+    def example_quantities(self, output: Any, rows: int) -> dict[str, torch.Tensor]:
+        """Each unit's gradient of every parameter, summarised by its norm and its projection on a fixed direction
+        (two numbers: a change of the gradient that keeps both is a coincidence of measure zero)."""
+        loss_from_output(output, "training_step").backward()
+        self._check_rows(rows)
+        found = {}
+        for name, p in trainable_parameters(self.module):
+            if getattr(p, "grad_sample", None) is not None:
+                found[name] = _summary(self.optimizer._get_flat_grad_sample(p), self.optimizer.views)
+            p.grad_sample = None
+        return found
 
     def discard_per_example_state(self) -> None:
         self.optimizer.clear_per_example_state()

@@ -1,0 +1,228 @@
+"""The example-independence check of a fit's first batch: layers that mix the examples are refused, every model
+that keeps its examples in dimension 0 still trains, and the check leaves the step as it would have been.
+
+The counter-examples (sequence-first layers, a loop over the batch, and how far they moved the update) are in
+``test_audit.py``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_nt.privacy.step
+from lightning_nt import DPStrategy
+from tests.helpers import tiny_trainer
+from tests.privacy.test_audit import (
+    BATCH,
+    DIM,
+    TOKENS,
+    Audited,
+    SequenceFirst,
+    SequenceFirstAttention,
+    UpdateOfAll,
+    _data,
+    _fit,
+    _refused_before_any_release,
+)
+
+MIXES = "mixes the examples of the batch"
+
+
+class BatchFirstAttention(SequenceFirstAttention):
+    """The same attention block written batch-first (``[B, T, d]`` into every layer): nothing mixes the examples."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        scores = torch.einsum("btd,bsd->bts", self.query(inputs), self.key(inputs)) / DIM**0.5
+        attended = torch.einsum("bts,bsd->btd", scores.softmax(-1), self.value(inputs))
+        return self.out(torch.tanh(self.fc(self.dropout(inputs + attended)))).mean(1)
+
+    def __init__(self, per_example: bool = False, tokens: int = TOKENS) -> None:
+        super().__init__(per_example, tokens)
+        self.dropout = nn.Dropout(0.3)  # the check's passes and the step must draw the same masks
+
+
+class PoolsTheBatch(Audited):
+    """One row for the whole batch: its only trainable layer sees the batch's mean (``[1, d]``), within every row
+    count check (one row, at most the batch's), and each replacement changes that one row."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(inputs.mean(0, keepdim=True)))).expand(len(inputs), -1)
+
+
+class Jittery(Audited):
+    """Inputs multiplied by ``1 + 1e-4 * noise`` from a generator of its own (not restored between passes): the
+    run-to-run differences of a platform whose kernels are not deterministic."""
+
+    def __init__(self, per_example: bool = False, mixes: bool = False) -> None:
+        super().__init__(per_example)
+        self.generator, self.mixes = torch.Generator().manual_seed(5), mixes
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs * (1 + 1e-4 * torch.randn(inputs.shape, generator=self.generator))
+        return super().forward(inputs - inputs.mean(0) if self.mixes else inputs)
+
+
+def _trains(module: pl.LightningModule, **strategy: object) -> None:
+    before = [p.detach().clone() for p in module.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # poisson_sampling=False
+        assert _fit(module, **strategy).global_step == 2
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+@pytest.mark.parametrize("module", [Audited, BatchFirstAttention, SequenceFirst])
+def test_a_model_that_keeps_its_examples_in_dimension_0_still_trains(mode, module):
+    """``SequenceFirst`` with ``T = 5`` positions over batches of 8: under ghost and bk the rows (5) are not the
+    batch's, refused by their own row checks; under hooks, by the independence check."""
+    if module is SequenceFirst:
+        match = MIXES if mode == "hooks" else "one loss per example" if mode == "ghost" else "saw 5 rows"
+        _refused_before_any_release(SequenceFirst(mode == "ghost"), match, grad_sample_mode=mode)
+        return
+    _trains(module(mode == "ghost"), grad_sample_mode=mode, poisson_sampling=False)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_physical_batch_size": 3}, {"sensitivity_probe": True}])
+def test_a_model_that_drops_examples_in_training_step_still_trains(options):
+    class DropsTheFirst(Audited):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch[0][1:], batch[1][1:]), batch_idx)
+
+    _trains(DropsTheFirst(), poisson_sampling=False, **options)
+
+
+def test_a_single_row_that_mixes_the_whole_batch_is_refused():
+    """One row (at most the batch's, so every row check passes): both replacements reach it."""
+    _refused_before_any_release(PoolsTheBatch(), MIXES)
+
+
+@pytest.mark.parametrize(("mode", "tokens"), [("hooks", TOKENS), ("bk", BATCH)])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_check_holds_under_bf16_autocast(mode, tokens, precision):
+    """Per-example quantities formed from bf16 activations: the batch-first model still trains, the sequence-first
+    one is still refused."""
+    for module in (SequenceFirstAttention(False, tokens), BatchFirstAttention(False, tokens)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = DPStrategy(noise_multiplier=0.0, seed=3, poisson_sampling=False, grad_sample_mode=mode)
+        trainer = tiny_trainer(None, strategy=dp, max_steps=1, limit_val_batches=0, precision=precision)
+        if isinstance(module, BatchFirstAttention):
+            trainer.fit(module)
+            assert trainer.global_step == 1
+        else:
+            with pytest.raises(RuntimeError, match=MIXES):
+                trainer.fit(module)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_run_to_run_differences_are_not_taken_for_mixing(mode):
+    """The legitimate module's units differ by about 1e-4 between two passes of the same batch (over the fp32
+    tolerance, 1e-5 relative): not mixing, once the run-to-run differences are measured; the mixing one's differ by
+    far more than ten times that."""
+    _trains(Jittery(), grad_sample_mode=mode)
+    _refused_before_any_release(Jittery(mixes=True), MIXES, grad_sample_mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_the_check_leaves_the_step_as_it_would_have_been(mode, monkeypatch):
+    """Dropout draws the same masks, the module's state and logs are untouched: the first update is bitwise the one
+    a fit without the check releases."""
+    updates = []
+    for checked in (True, False):
+        if not checked:
+            monkeypatch.setattr(lightning_nt.privacy.step, "check_example_independence", lambda *args, **kw: True)
+        torch.manual_seed(0)
+        module, recorder = BatchFirstAttention(mode == "ghost", BATCH), UpdateOfAll()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _fit(module, grad_sample_mode=mode, callbacks=(recorder,))
+        updates.append(recorder.update)
+    assert updates[0].abs().sum() > 0
+    assert torch.equal(updates[0], updates[1])
+
+
+def test_the_check_waits_for_a_batch_of_two_distinct_examples():
+    """A first batch of identical examples can't show mixing: that step is taken and the next batch is checked."""
+
+    class Identical(SequenceFirst):
+        def train_dataloader(self) -> DataLoader:
+            inputs, labels = _data(BATCH).tensors
+            inputs[:BATCH], labels[:BATCH] = inputs[0], labels[0]
+            return DataLoader(TensorDataset(inputs, labels), batch_size=BATCH)
+
+    module, steps = Identical(False, BATCH), []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(trainer.global_step)
+
+    with pytest.raises(RuntimeError, match=MIXES), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(module, poisson_sampling=False, callbacks=(Steps(),))
+    assert steps == [1]
+
+
+def test_a_per_example_loss_is_not_mistaken_for_mixing():
+    """Labels and inputs of every kind (integer tokens, float features) are replaced together."""
+
+    class Tokens(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(10, DIM), nn.Linear(DIM, 3)
+
+        def training_step(self, batch, batch_idx):
+            tokens, weights, labels = batch
+            return F.cross_entropy(self.head(self.embed(tokens).mean(1) * weights[:, None]), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(0)
+            tokens = torch.randint(10, (32, TOKENS), generator=generator)
+            data = TensorDataset(tokens, torch.rand(32, generator=generator), torch.randint(3, (32,)))
+            return DataLoader(data, batch_size=BATCH)
+
+    for mode in ("hooks", "bk"):
+        _trains(Tokens(), grad_sample_mode=mode)
+
+
+class PaddedTokens(pl.LightningModule):
+    """A language-model loss over padded sequences of different lengths."""
+
+    def __init__(self, per_example_mean: bool) -> None:
+        super().__init__()
+        self.embed, self.head, self.per_example_mean = nn.Embedding(10, DIM), nn.Linear(DIM, 10), per_example_mean
+
+    def training_step(self, batch, batch_idx):
+        tokens, targets = batch
+        losses = F.cross_entropy(
+            self.head(self.embed(tokens)).transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )
+        if not self.per_example_mean:  # the usual mean over the batch's tokens: divided by every example's count
+            return losses.sum() / (targets != -100).sum()
+        return (losses.sum(1) / (targets != -100).sum(1)).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        tokens, targets = torch.randint(10, (2, 32, TOKENS), generator=generator)
+        targets[torch.arange(TOKENS) >= torch.randint(1, TOKENS + 1, (32, 1), generator=generator)] = -100
+        return DataLoader(TensorDataset(tokens, targets), batch_size=BATCH)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_a_mean_over_the_batchs_tokens_is_refused_and_a_mean_per_example_trains(mode):
+    """Dividing by the count of all the batch's tokens scales every example's gradient by the others' lengths."""
+    _refused_before_any_release(
+        PaddedTokens(per_example_mean=False), "average each example's own tokens", grad_sample_mode=mode
+    )
+    _trains(PaddedTokens(per_example_mean=True), grad_sample_mode=mode)
