@@ -36,7 +36,7 @@ from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
 from lightning_nt.privacy.independence import check_example_independence
-from lightning_nt.privacy.module_guards import check_state_unchanged, refusing_recomputation, state_versions
+from lightning_nt.privacy.module_guards import check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -60,7 +60,6 @@ class _PrivateStep:
     log_clip_fraction: bool
     accountant: Any
     accountant_name: AccountantName
-    clipping_mode: str
     _engine: ClippingEngine | None
     _plan: tuple[Any, ...] | None
     _rows: int
@@ -169,20 +168,9 @@ class _PrivateStep:
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         ordinary = super().backward  # type: ignore[misc]
-        with self._refusing_recomputation():
-            return self._active_engine().backward(
-                closure_loss,
-                lambda: ordinary(closure_loss, optimizer, *args, **kwargs),
-                self._rows,
-                self.precision_plugin,
-            )
-
-    def _refusing_recomputation(self) -> contextlib.AbstractContextManager[None]:
-        """Under ghost clipping, a layer that activation checkpointing re-runs in the backward pass is refused by
-        name (the other engines refuse what it breaks after the backward pass, naming checkpointing too)."""
-        if self.clipping_mode != "ghost":
-            return contextlib.nullcontext()
-        return refusing_recomputation(self.lightning_module)
+        return self._active_engine().backward(
+            closure_loss, lambda: ordinary(closure_loss, optimizer, *args, **kwargs), self._rows, self.precision_plugin
+        )
 
     @contextlib.contextmanager
     def _physical_step(self) -> Iterator[None]:

@@ -14,6 +14,7 @@ import torch
 from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
 from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
+from lightning_nt.privacy.module_guards import refusing_recomputation
 
 __all__ = ["GhostClippingEngine"]
 
@@ -106,8 +107,10 @@ class GhostClippingEngine(OpacusHooksEngine):
         return losses
 
     def _norms_pass(self, losses: torch.Tensor, retain_graph: bool) -> None:
-        """The first backward pass: every trainable parameter's per-example norms in ``_norm_sample``."""
-        losses.mean().backward(retain_graph=retain_graph)
+        """The first backward pass: every trainable parameter's per-example norms in ``_norm_sample``; a layer that
+        activation checkpointing runs again in it is refused by name (Opacus would call it parameter tying)."""
+        with refusing_recomputation(self.module):
+            losses.mean().backward(retain_graph=retain_graph)
         self.optimizer.zero_grad()
         for p in self.hooks.trainable_parameters:  # unused in this forward: its per-example norms are zero
             if not hasattr(p, "_norm_sample"):
@@ -141,4 +144,4 @@ class GhostClippingEngine(OpacusHooksEngine):
         if hasattr(self.hooks, "_per_sample_gradient_norms"):
             self.hooks._per_sample_gradient_norms = None
         self._losses = None
-        self._rows_seen = []
+        self._rows.seen = []
