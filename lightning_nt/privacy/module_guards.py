@@ -1,8 +1,8 @@
 """Checks on the module itself that make DP-SGD fail closed, each naming what is wrong and the fix.
 
-* before the first step (:func:`check_module`): BatchNorm and what Opacus can't give per-example gradients for
-  (or their repair with ``fix_modules``), parametrized modules (also by the old ``weight_norm``/``spectral_norm``
-  hooks), embeddings with ``max_norm``;
+* before the first step (:func:`check_module`): modules compiled with ``torch.compile``, BatchNorm and what Opacus
+  can't give per-example gradients for (or their repair with ``fix_modules``), parametrized modules (also by the
+  old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``;
 * around every step (:func:`state_versions`, :func:`check_state_unchanged`): a ``training_step`` that changes the
   module's parameters or buffers itself, which would release the private batch outside the noisy update.
 """
@@ -16,6 +16,7 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from lightning_nt.common.compiled import compiled_parts
 from lightning_nt.common.layers import reparametrized_modules
 
 __all__ = ["check_module", "check_state_unchanged", "state_versions"]
@@ -23,6 +24,13 @@ __all__ = ["check_module", "check_state_unchanged", "state_versions"]
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
     """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
+    compiled = compiled_parts(module)
+    if compiled:  # the per-example hooks are missed by a graph compiled before they were registered
+        raise RuntimeError(
+            f"{compiled} of {type(module).__name__} are compiled with torch.compile, which DP-SGD does not support: "
+            "Opacus's per-example gradient hooks are not seen by code compiled before them. Train uncompiled under "
+            "DP: pass the module itself to trainer.fit (not torch.compile(module)) and don't compile submodules."
+        )
     parametrized = reparametrized_modules(module)
     if parametrized:
         raise RuntimeError(
