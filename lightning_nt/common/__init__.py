@@ -2,7 +2,13 @@
 
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
-from lightning_nt.common.compiled import compiled_parts, eager_execution, named_modules, uncompiled_name
+from lightning_nt.common.compiled import (
+    compiled_parts,
+    eager_execution,
+    named_modules,
+    uncompiled_name,
+    with_own_methods,
+)
 from lightning_nt.common.distributed import (
     broadcast_from_rank_zero,
     gather_across_ranks,
@@ -63,4 +69,5 @@ __all__ = [
     "tensors_of",
     "training_loss",
     "uncompiled_name",
+    "with_own_methods",
 ]

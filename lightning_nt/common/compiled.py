@@ -24,7 +24,14 @@ import torch
 from torch import nn
 from torch._dynamo import OptimizedModule
 
-__all__ = ["COMPILED_COMPONENT", "compiled_parts", "eager_execution", "named_modules", "uncompiled_name"]
+__all__ = [
+    "COMPILED_COMPONENT",
+    "compiled_parts",
+    "eager_execution",
+    "named_modules",
+    "uncompiled_name",
+    "with_own_methods",
+]
 
 COMPILED_COMPONENT = "_orig_mod"
 """The attribute of ``torch.compile``'s ``OptimizedModule`` that holds the original module (and names it)."""
@@ -48,6 +55,32 @@ def eager_execution() -> Iterator[None]:
         return
     with torch.compiler.set_stance("force_eager"):
         yield
+
+
+def with_own_methods(copy: nn.Module) -> nn.Module:
+    """``copy`` (a deep copy of a module) running its own methods: those Lightning compiled in place are dropped.
+
+    ``trainer.fit(torch.compile(module))`` sets ``module.forward`` (and the ``*_step`` methods) to compiled wrappers
+    of the module's bound methods; a deep copy keeps those wrappers, which call the *original* module, so a
+    measurement on the copy (squared weights, decoded weights) would silently compute with the original's. Only
+    the copy changes; the user's module stays compiled.
+
+    Examples:
+        >>> import copy
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> from pytorch_lightning.utilities.compile import from_compiled
+        >>> module = from_compiled(torch.compile(BoringModel(), backend="eager"))
+        >>> twin = with_own_methods(copy.deepcopy(module))
+        >>> "forward" in vars(twin), "forward" in vars(module)
+        (False, True)
+    """
+    context = getattr(copy, "_compiler_ctx", None)
+    if context is not None:
+        for key in context:
+            if key.startswith("original_"):  # "original_forward": the eager method that "forward" wraps
+                copy.__dict__.pop(key.removeprefix("original_"), None)
+        copy._compiler_ctx = None
+    return copy
 
 
 def uncompiled_name(name: str) -> str:
