@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nt import DPStrategy, RepresentationSimilarity, SharpnessMonitor
+from lightning_nt import DPStrategy, LazinessMonitor, RepresentationSimilarity, SharpnessMonitor
 from lightning_nt.common import eager_execution, named_modules, uncompiled_name
 from tests.contract.capabilities import CAPABILITIES, Capability
 from tests.contract.test_contract import assert_same_state, fit
@@ -79,11 +79,28 @@ def test_dp_still_trains_an_uncompiled_module_once_another_was_compiled(tmp_path
     assert trainer.global_step > 0
 
 
-class _CompiledReLUNet(ZooModule):
-    """A compiled submodule with a ReLU layer (``net._orig_mod.1``, or ``net.1`` uncompiled)."""
+class _ReLUNet(ZooModule):
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class _CompiledReLUNet(_ReLUNet):
+    """A compiled submodule with a ReLU layer (``net._orig_mod.1``, ``net.1`` uncompiled)."""
 
     def network(self) -> nn.Module:
-        return torch.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), backend="aot_eager")
+        return torch.compile(super().network(), backend="aot_eager")
+
+
+def test_laziness_activation_flips_are_named_as_uncompiled(tmp_path: Path) -> None:
+    """``laziness/activation_flips/<layer>`` of a compiled submodule: the uncompiled run's tags and figures."""
+    histories = []
+    for module in (_ReLUNet, _CompiledReLUNet):
+        torch.manual_seed(0)
+        monitor = LazinessMonitor(every_n_steps=2, num_examples=8)
+        tiny_trainer(tmp_path / module.__name__, callbacks=[monitor]).fit(module())
+        histories.append([{k: v for k, v in e.items() if k != "laziness/seconds"} for e in monitor.history])
+    assert "laziness/activation_flips/net.1" in histories[1][-1]
+    assert_same_state(histories[1], histories[0], RTOL)
 
 
 def test_layer_names_with_or_without_the_compiled_prefix(tmp_path: Path) -> None:
