@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_nt import DPStrategy, LazinessMonitor, RepresentationSimilarity, SharpnessMonitor
+from lightning_nt import DPStrategy, GradInit, LazinessMonitor, RepresentationSimilarity, SharpnessMonitor
 from lightning_nt.common import eager_execution, named_modules, uncompiled_name
 from lightning_nt.gradinit.core import apply_scales
 from tests.contract.capabilities import CAPABILITIES, Capability
@@ -176,3 +176,60 @@ def test_gradinit_scales_apply_to_a_compiled_submodule_by_either_name() -> None:
     apply_scales(net, {"0.weight": 2.0, "0._orig_mod.bias": 0.5})
     torch.testing.assert_close(layer.weight.detach(), 2 * weight, rtol=0, atol=0)
     torch.testing.assert_close(layer.bias.detach(), 0.5 * bias, rtol=0, atol=0)
+
+
+class _CountingBackend:
+    """``aot_eager`` whose compiled graphs count their runs: how often training ran compiled code."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        from torch._dynamo.backends.debugging import aot_eager
+
+        compiled = aot_eager(graph, example_inputs)
+
+        def run(*args: Any) -> Any:
+            self.runs += 1
+            return compiled(*args)
+
+        return run
+
+
+def test_training_runs_the_compiled_code_as_often_with_every_monitor(tmp_path: Path) -> None:
+    """No side effect on compilation: with monitors that differentiate twice and hook layers, training (and
+    validation) run the compiled graphs exactly as often as without them, and nothing is compiled again."""
+    runs, graphs = [], []
+    for callbacks in ([], None):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        backend = _CountingBackend()
+        torch.manual_seed(0)
+        module = ZooModule()
+        module.net = torch.compile(module.net, backend=backend)
+        monitors = [
+            GradInit(iterations=2),
+            SharpnessMonitor(every_n_steps=2, num_examples=16, max_iter=8, max_overhead=None),
+            RepresentationSimilarity(every_n_epochs=1, num_examples=16),
+            LazinessMonitor(every_n_steps=2, num_examples=8),
+        ]
+        tiny_trainer(tmp_path / str(len(runs)), callbacks=monitors if callbacks is None else callbacks).fit(module)
+        runs.append(backend.runs)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert runs[0] == runs[1] > 0
+    assert graphs[0] == graphs[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize(
+    "capability", [pytest.param(c, id=c.name) for c in CAPABILITIES if not c.name.startswith("DPStrategy")]
+)
+def test_cuda(capability: Capability, compiled: str, precision: str, tmp_path: Path) -> None:
+    """On a GPU, fp32 and bf16-mixed: the fit of a compiled module completes and the tags are logged."""
+    run = fit(capability, ZOO[compiled], tmp_path, accelerator="gpu", precision=precision, deterministic=False)
+    if run.error is not None:
+        raise run.error
+    assert run.trainer.global_step == run.trainer.max_epochs * ZOO[compiled].steps_per_epoch
+    assert all(tag in run.trainer.callback_metrics for tag in capability.tags(ZOO[compiled]))
