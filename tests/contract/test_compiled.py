@@ -19,6 +19,7 @@ from torch import nn
 from lightning_nt import DPStrategy, GradInit, LazinessMonitor, RepresentationSimilarity, SharpnessMonitor
 from lightning_nt.common import eager_execution, named_modules, uncompiled_name
 from lightning_nt.gradinit.core import apply_scales
+from lightning_nt.sharpness.hvp import HessianOperator
 from tests.contract.capabilities import CAPABILITIES, Capability
 from tests.contract.test_contract import assert_same_state, fit
 from tests.helpers.trainer import tiny_trainer
@@ -233,3 +234,25 @@ def test_cuda(capability: Capability, compiled: str, precision: str, tmp_path: P
         raise run.error
     assert run.trainer.global_step == run.trainer.max_epochs * ZOO[compiled].steps_per_epoch
     assert all(tag in run.trainer.callback_metrics for tag in capability.tags(ZOO[compiled]))
+
+
+def test_hessian_operator_on_a_compiled_network_is_the_exact_hessian() -> None:
+    """The plain-PyTorch core, without a Trainer: Hessian-vector products through a compiled network equal the
+    exact Hessian's (``torch.autograd.functional.hessian`` of the uncompiled function)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    compiled = torch.compile(net, backend="aot_eager")
+    inputs, labels = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    params = list(net.parameters())
+    compiled(inputs)  # compiled (and its backward with it) before any measurement
+    operator = HessianOperator(params, lambda: [(nn.functional.cross_entropy(compiled(inputs), labels), 1.0)])
+    names, shapes = [name for name, _ in net.named_parameters()], [p.shape for p in params]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        values = [v.view(s) for v, s in zip(torch.split(flat, [s.numel() for s in shapes]), shapes)]
+        return nn.functional.cross_entropy(torch.func.functional_call(net, dict(zip(names, values)), inputs), labels)
+
+    flat = torch.cat([p.detach().flatten() for p in params])
+    exact = torch.autograd.functional.hessian(loss, flat)
+    vector = torch.randn(flat.numel())
+    torch.testing.assert_close(operator.matvec(vector), exact @ vector, rtol=1e-5, atol=1e-6)
