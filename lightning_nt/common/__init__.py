@@ -2,6 +2,13 @@
 
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
+from lightning_nt.common.compiled import (
+    compiled_parts,
+    eager_execution,
+    named_modules,
+    uncompiled_name,
+    with_own_methods,
+)
 from lightning_nt.common.distributed import (
     broadcast_from_rank_zero,
     gather_across_ranks,
@@ -34,8 +41,10 @@ __all__ = [
     "broadcast_from_rank_zero",
     "captured_logging",
     "check_choice",
+    "compiled_parts",
     "concatenate_batches",
     "differentiable_kernels",
+    "eager_execution",
     "example_losses",
     "frozen_metrics",
     "gather_across_ranks",
@@ -47,6 +56,7 @@ __all__ = [
     "mean_across_ranks",
     "min_across_ranks",
     "muted_logging",
+    "named_modules",
     "prepare_batch",
     "preserved_loader_rng",
     "preserved_modes",
@@ -58,4 +68,6 @@ __all__ = [
     "sum_across_ranks",
     "tensors_of",
     "training_loss",
+    "uncompiled_name",
+    "with_own_methods",
 ]

@@ -4,7 +4,9 @@ PyTorch's fused attention kernels (``scaled_dot_product_attention``'s flash / me
 fast path of ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` in eval mode) have neither a double
 backward on the CPU nor forward-mode derivatives. Capabilities that differentiate twice (Hessian-vector products,
 GradInit's constraint branch) or forward (JVPs) run the user's module inside :func:`differentiable_kernels`, which
-selects the decomposed "math" kernel: same function, differentiable every way. An operation that has no second
+selects the decomposed "math" kernel: same function, differentiable every way. Code compiled with
+``torch.compile`` has no double backward either (AOTAutograd's compiled backward): it runs eagerly in the block
+(:func:`~lightning_nt.common.compiled.eager_execution`). An operation that has no second
 derivative at all (``nn.EmbeddingBag``'s backward) is named in the error, with the layer that replaces it.
 ``torch.func`` transforms can't pass a module's full backward hooks (a user's gradient monitor, Opacus's
 per-sample hooks): :func:`without_backward_hooks` sets them aside while a capability measures the function.
@@ -23,12 +25,15 @@ from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
+from lightning_nt.common.compiled import eager_execution
+
 __all__ = ["differentiable_kernels", "vmap_or_loop", "without_backward_hooks"]
 
 
 @contextmanager
 def differentiable_kernels() -> Iterator[None]:
-    """Attention on its math kernel and without the fused fast path inside the block (both restored after).
+    """Attention on its math kernel and without the fused fast path, compiled code run eagerly, inside the block
+    (all restored after).
 
     Examples:
         >>> layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)
@@ -40,7 +45,7 @@ def differentiable_kernels() -> Iterator[None]:
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), eager_execution():
             yield
     except NotImplementedError as error:
         if "derivative for" not in str(error):

@@ -3,7 +3,9 @@
 A callback that runs extra forward/backward passes (Hessian-vector products, look-ahead steps)
 must leave the run as it found it: parameter values, ``.grad``, buffers such as BatchNorm running
 statistics, the random number generators and every module's ``training`` flag. Wrap the work in
-:func:`preserved_state` and all of them are restored bitwise when the block ends, also on error.
+:func:`preserved_state` and all of them are restored bitwise when the block ends, also on error. Inside it, code
+compiled with ``torch.compile`` runs eagerly (:func:`~lightning_nt.common.compiled.eager_execution`): a measurement
+differentiates twice and hooks layers, which compiled code can't do, and training goes on with its compiled code.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from lightning_nt.common.compiled import eager_execution
 
 __all__ = ["RNGState", "preserved_modes", "preserved_rng", "preserved_state", "stable_name"]
 
@@ -64,7 +68,8 @@ def preserved_state(
     rng: bool = True,
     modes: bool = True,
 ) -> Iterator[None]:
-    """Restore ``module``'s parameters, buffers, ``.grad``, the RNGs and ``training`` flags when the block ends.
+    """Restore ``module``'s parameters, buffers, ``.grad``, the RNGs and ``training`` flags when the block ends;
+    run compiled code eagerly inside it.
 
     Values are copied back in place, so parameter objects keep their identity and the optimizer keeps
     pointing at them. Each flag can be turned off to save the copy when the block can't change that part.
@@ -83,7 +88,8 @@ def preserved_state(
     saved_modes = [(m, m.training) for m in module.modules()] if modes else None
     saved_rng = RNGState() if rng else None
     try:
-        yield
+        with eager_execution():
+            yield
     finally:
         with torch.no_grad():
             if saved_parameters is not None:

@@ -24,6 +24,7 @@ from lightning_nt.common import (
     preserved_rng,
     preserved_state,
     select_examples,
+    uncompiled_name,
 )
 from lightning_nt.common.loss import training_loss
 from lightning_nt.common.validation import (
@@ -407,7 +408,8 @@ class CompressionBoundReporter(pl.Callback):
                 labels = self._predict(trainer, pl_module, batch)[1]
             if self.arora:
                 stability = noise_stability(pl_module, predict, labels, generator=generator)
-                report.update({f"arora/{tag}": value for tag, value in stability.scalars().items()})
+                scalars = stability.scalars().items()  # layers named without a compiled submodule's _orig_mod.
+                report.update({f"arora/{uncompiled_name(tag)}": value for tag, value in scalars})
                 skipped += [f"arora: {reason}" for reason in stability.skipped]
             if self.capacity:
                 inputs = _field(batch, 0, "inputs") if self.predict_fn is default_predict else None

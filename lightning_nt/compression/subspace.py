@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
+from lightning_nt.common.compiled import with_own_methods
 from lightning_nt.common.layers import reparametrized_modules
 from lightning_nt.common.state import preserved_rng
 from lightning_nt.common.validation import at_least, between, checked_arguments, non_empty, renamed_attributes
@@ -271,7 +272,8 @@ def detached_deepcopy(module: nn.Module) -> nn.Module:
 
     ``nn.LSTM`` keeps its weights in ``_flat_weights``; once they are parametrized (a subspace), those are non-leaf
     tensors, which ``copy.deepcopy`` refuses. Such cached tensors are copied detached (the copy's next forward
-    recomputes them anyway).
+    recomputes them anyway). Methods Lightning compiled in place (``trainer.fit(torch.compile(module))``) would
+    run the original module: the copy runs its own.
     """
     memo: dict[int, object] = {}
     for submodule in module.modules():
@@ -279,7 +281,7 @@ def detached_deepcopy(module: nn.Module) -> nn.Module:
             for item in value if isinstance(value, list | tuple) else (value,):
                 if isinstance(item, Tensor) and item.grad_fn is not None:
                     memo[id(item)] = item.detach().clone()
-    return copy.deepcopy(module, memo)
+    return with_own_methods(copy.deepcopy(module, memo))
 
 
 def subspace_mismatches(module: nn.Module) -> list[str]:

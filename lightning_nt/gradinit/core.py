@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.batches import concatenate_batches
+from lightning_nt.common.compiled import uncompiled_name
 from lightning_nt.common.state import preserved_modes
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import ArgumentError, above, at_least, checked_arguments
@@ -106,6 +107,8 @@ class GradInitResult:
     """What a GradInit search found."""
 
     scales: dict[str, float]
+    """One scale per parameter tensor, by its ``named_parameters`` name (a compiled submodule's without
+    ``_orig_mod.``, so a compiled and an uncompiled module give the same names)."""
     lookahead_loss_start: float = math.nan
     """Look-ahead loss ``L(B0 u B2; theta - s)`` on the first half-batches, at the initial weights."""
     lookahead_loss_end: float = math.nan
@@ -329,9 +332,10 @@ def gradinit(
         if not result.diverged:
             scales = torch.where(used, scales, torch.ones_like(scales))
             result.lookahead_loss_end = search.probe(scales, probe_grad, probe_loss)
-    result.unused = [name for name, use in zip(search.names, used.tolist()) if not use]
+    names = [uncompiled_name(name) for name in search.names]  # a compiled submodule's names without _orig_mod.
+    result.unused = [name for name, use in zip(names, used.tolist()) if not use]
     if not result.diverged:
-        result.scales = dict(zip(search.names, scales.tolist()))
+        result.scales = dict(zip(names, scales.tolist()))
     return result
 
 
@@ -365,7 +369,10 @@ def loss_of_substituted(module: nn.Module, loss_of: LossOf, weights: Mapping[str
 
 @torch.no_grad()
 def apply_scales(module: nn.Module, scales: Mapping[str, float]) -> None:
-    """Multiply each named parameter of ``module`` in place by its scale (identities and optimizers unaffected)."""
-    parameters = dict(module.named_parameters(remove_duplicate=False))
+    """Multiply each named parameter of ``module`` in place by its scale (identities and optimizers unaffected).
+
+    Parameters of a submodule compiled with ``torch.compile`` are named with or without its ``_orig_mod.``.
+    """
+    parameters = {uncompiled_name(name): p for name, p in module.named_parameters(remove_duplicate=False)}
     for name, scale in scales.items():
-        parameters[name].mul_(scale)
+        parameters[uncompiled_name(name)].mul_(scale)

@@ -13,7 +13,15 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_nt.common import ProbeSet, log_figure, log_scalars, prepare_batch, preserved_state, tensors_of
+from lightning_nt.common import (
+    ProbeSet,
+    log_figure,
+    log_scalars,
+    prepare_batch,
+    preserved_state,
+    tensors_of,
+    uncompiled_name,
+)
 from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
@@ -62,7 +70,8 @@ class LazinessMonitor(pl.Callback):
     outputs, :func:`~lightning_nt.laziness.empirical_ntk`). Every ``every_n_steps`` optimizer steps, at the first
     step and at the end of training it logs
 
-    - ``laziness/weight_distance`` = ``||theta_t - theta_0|| / ||theta_0||``, and ``laziness/weight_distance/<layer>``;
+    - ``laziness/weight_distance`` = ``||theta_t - theta_0|| / ||theta_0||``, and ``laziness/weight_distance/<layer>``
+      (layers named without the ``_orig_mod.`` of a submodule compiled with ``torch.compile``);
     - ``laziness/activation_flips``: the fraction of (example, unit) signs of the pre-activations that differ from
       init, and ``laziness/activation_flips/<layer>`` (ReLU-family modules found by type, or ``layers``);
     - with ``ntk``: ``laziness/ntk_change`` = ``||K_t - K_0||_F / ||K_0||_F``, ``laziness/ntk_lambda_min`` and
@@ -275,7 +284,9 @@ class LazinessMonitor(pl.Callback):
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
-        values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
+        values.update(
+            {f"{_TAG}/weight_distance/{uncompiled_name(layer)}": value for layer, value in distance.parts.items()}
+        )
         if patterns:
             flips = pattern_flips(initial["patterns"], {name: p.cpu() for name, p in patterns.items()})
             values[f"{_TAG}/activation_flips"] = flips.pop("")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_nt.common.compiled import eager_execution, named_modules, uncompiled_name
 from lightning_nt.laziness.ntk import ForwardFn
 
 __all__ = ["ACTIVATIONS", "activation_layers", "activation_patterns", "pattern_flips"]
@@ -40,7 +41,7 @@ def activation_layers(module: nn.Module) -> list[str]:
         >>> activation_layers(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU()))
         ['1', '3']
     """
-    return [name for name, child in module.named_modules() if isinstance(child, ACTIVATIONS)]
+    return [name for name, child in named_modules(module).items() if isinstance(child, ACTIVATIONS)]
 
 
 @torch.no_grad()
@@ -53,7 +54,8 @@ def activation_patterns(
         for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
         ``layers`` defaults to every activation module found by type. Units are the flattened non-batch dimensions
         (for a convolution, every channel at every position). A module called several times in one forward pass (one
-    ``nn.ReLU`` shared by the blocks of a ResNet) contributes the units of every call, concatenated.
+    ``nn.ReLU`` shared by the blocks of a ResNet) contributes the units of every call, concatenated. Layers of a
+    submodule compiled with ``torch.compile`` are named with or without its ``_orig_mod.``, and keyed without it.
 
         Examples:
             >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU())
@@ -63,13 +65,13 @@ def activation_patterns(
             {'1': tensor([[ True, False],
                     [False,  True]])}
     """
-    names = list(layers) if layers is not None else activation_layers(module)
-    found = dict(module.named_modules())
+    names = [uncompiled_name(name) for name in layers] if layers is not None else activation_layers(module)
+    found = named_modules(module)
     missing = [name for name in names if name not in found]
     if missing:
         raise ValueError(f"No submodule named {missing} in {type(module).__name__}; choose among {sorted(found)}.")
     calls: dict[str, list[Tensor]] = {name: [] for name in names}
-    with _recording(found, names, calls):
+    with _recording(found, names, calls), eager_execution():  # hooks inside compiled code would not fire
         (forward_fn or _call)(module, inputs)
     absent = [name for name in names if not calls[name]]
     if absent:

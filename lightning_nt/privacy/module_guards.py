@@ -1,8 +1,8 @@
 """Checks on the module itself that make DP-SGD fail closed, each naming what is wrong and the fix.
 
-* before the first step (:func:`check_module`): BatchNorm and what Opacus can't give per-example gradients for
-  (or their repair with ``fix_modules``), parametrized modules (also by the old ``weight_norm``/``spectral_norm``
-  hooks), embeddings with ``max_norm``, lazy modules not yet materialised;
+* before the first step (:func:`check_module`): modules compiled with ``torch.compile``, BatchNorm and what Opacus
+  can't give per-example gradients for (or their repair with ``fix_modules``), parametrized modules (also by the
+  old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``, lazy modules not yet materialised;
 * during a backward pass under ghost clipping (:func:`refusing_recomputation`): a layer that activation
   checkpointing runs again;
 * around every step (:func:`state_versions`, :func:`check_state_unchanged`): a ``training_step`` that changes the
@@ -22,6 +22,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from lightning_nt.common.compiled import compiled_parts
 from lightning_nt.common.layers import reparametrized_modules
 
 __all__ = ["check_module", "check_state_unchanged", "refusing_recomputation", "state_versions"]
@@ -29,6 +30,13 @@ __all__ = ["check_module", "check_state_unchanged", "refusing_recomputation", "s
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
     """Refuse modules whose per-example gradients Opacus can't compute (or repair them with ``fix_modules``)."""
+    compiled = compiled_parts(module)
+    if compiled:  # the per-example hooks are missed by a graph compiled before they were registered
+        raise RuntimeError(
+            f"{compiled} of {type(module).__name__} are compiled with torch.compile, which DP-SGD does not support: "
+            "Opacus's per-example gradient hooks are not seen by code compiled before them. Train uncompiled under "
+            "DP: pass the module itself to trainer.fit (not torch.compile(module)) and don't compile submodules."
+        )
     lazy = [name or "<root>" for name, m in module.named_modules() if _unmaterialised(m)]
     if lazy:
         raise RuntimeError(

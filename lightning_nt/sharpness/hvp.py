@@ -4,7 +4,8 @@ The loss is the size-weighted mean over chunks (``share`` = chunk size / total),
 memory, not the operator. With a single chunk the gradient graph is built once and reused by every
 product of a measurement (one extra backward per product instead of a forward and two backwards).
 Under data parallelism a ``reduce_sum`` callable makes every product the mean over all processes'
-data: all processes then hold the same vectors and the solver runs identically everywhere.
+data: all processes then hold the same vectors and the solver runs identically everywhere. Code compiled with
+``torch.compile`` in the loss runs eagerly (its compiled backward has no double backward).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_nt.common.compiled import eager_execution
 from lightning_nt.common.validation import ArgumentError, between, checked_arguments, non_empty
 
 __all__ = ["HessianOperator", "flatten", "unflatten"]
@@ -74,6 +76,7 @@ class HessianOperator:
         """Dtype of the flat vectors: fp32, or fp64 for a double-precision module."""
 
     @torch.no_grad()
+    @eager_execution()
     def loss(self) -> float:
         """The loss itself (reduced over processes), without building graphs."""
         total = torch.zeros((), device=self.params[0].device, dtype=self.dtype)
@@ -81,6 +84,7 @@ class HessianOperator:
             total += share * loss.detach()
         return float(self._reduce(total))
 
+    @eager_execution()
     def gradient(self) -> Tensor:
         """The flat gradient of the loss (reduced over processes)."""
         total = torch.zeros(self.numel, device=self.params[0].device, dtype=self.dtype)
@@ -88,6 +92,7 @@ class HessianOperator:
             total += share * flatten([g.detach() for g in grads])
         return self._reduce(total)
 
+    @eager_execution()  # torch.compile'd code has no double backward: the loss chunks run its eager code
     def matvec(self, vector: Tensor) -> Tensor:
         self.num_matvecs += 1
         pieces = [piece.to(p.dtype) for piece, p in zip(unflatten(vector, self.params), self.params)]

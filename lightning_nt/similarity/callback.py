@@ -20,10 +20,12 @@ from lightning_nt.common import (
     log_figure,
     log_scalars,
     log_text,
+    named_modules,
     prepare_batch,
     preserved_state,
     select_examples,
     training_loss,
+    uncompiled_name,
 )
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
 from lightning_nt.common.validation import (
@@ -92,7 +94,8 @@ class RepresentationSimilarity(pl.Callback):
             inferred from its class (see ``ACTIVATION_MODULES``), or a mapping ``{name: activation}`` with
             activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``, ``"identity"``. ``None``: every
             ReLU, LeakyReLU, Tanh, GELU, SiLU and Sigmoid module. A module that runs several times in one forward
-            pass gives one layer per call, named ``<name>#<call>``.
+            pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
+            ``torch.compile`` a name may carry the ``_orig_mod.`` component or not; tags are logged without it.
         reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path
             of a checkpoint (Lightning's or a plain ``state_dict``) or a module of the same architecture (another
             seed); its weights are loaded into the network for one forward pass and the network's restored.
@@ -328,7 +331,7 @@ class RepresentationSimilarity(pl.Callback):
         counts: list[dict[str, int]] = []  # calls of each layer after each chunk
         with ExitStack() as stack:
             stack.enter_context(preserved_state(pl_module, parameters=False, grads=False))
-            modules = dict(pl_module.named_modules())
+            modules = named_modules(pl_module)
             for name in self._activations:
                 handle = modules[name].register_forward_hook(self._recorder(name, calls))
                 stack.callback(handle.remove)
@@ -400,7 +403,9 @@ class RepresentationSimilarity(pl.Callback):
             yield
 
     def _resolve_layers(self, pl_module: pl.LightningModule) -> dict[str, str]:
-        modules = dict(pl_module.named_modules())
+        """The compared layers by name (without the ``_orig_mod.`` of compiled modules, given with it or not), each
+        with its activation."""
+        modules = named_modules(pl_module)
         if self.layers is None:
             found = {name: self._activation_of(module) for name, module in modules.items()}
             layers = {name: activation for name, activation in found.items() if activation is not None}
@@ -411,12 +416,12 @@ class RepresentationSimilarity(pl.Callback):
                     "layers={'encoder.2': 'relu'}."
                 )
             return layers
-        unknown = [name for name in self.layers if name not in modules]
+        unknown = [name for name in self.layers if uncompiled_name(name) not in modules]
         if unknown:
             raise ValueError(f"`layers`: {type(pl_module).__name__} has no modules named {unknown}.")
         if isinstance(self.layers, dict):
-            return dict(self.layers)
-        layers = {name: self._activation_of(modules[name]) for name in self.layers}
+            return {uncompiled_name(name): activation for name, activation in self.layers.items()}
+        layers = {uncompiled_name(name): self._activation_of(modules[uncompiled_name(name)]) for name in self.layers}
         unclear = [name for name, activation in layers.items() if activation is None]
         if unclear:
             raise ValueError(

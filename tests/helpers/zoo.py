@@ -71,6 +71,9 @@ class ZooEntry:
     """PyTorch can differentiate the loss twice (``nn.EmbeddingBag`` can't)."""
     trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What the entry asks of the Trainer (e.g. ``accumulate_grad_batches``)."""
+    compiled: Literal["module", "submodule"] | None = None
+    """``torch.compile``: the whole LightningModule given to ``trainer.fit`` compiled (``build`` returns the
+    ``OptimizedModule``), or a submodule compiled inside it (its names carry an ``_orig_mod.`` prefix)."""
 
     @property
     def steps_per_epoch(self) -> int:
@@ -540,6 +543,35 @@ class BackwardHook(ZooModule):
         return network
 
 
+# ---- torch.compile -----------------------------------------------------------------------------------------------
+
+COMPILE_BACKEND = "aot_eager"
+"""Dynamo + AOTAutograd (the part that refuses a double backward) without inductor's slow C++ compile."""
+
+
+class _LogsEagerly(ZooModule):
+    """``self.log`` outside the compiled graph: Lightning 2.6 lets Dynamo trace ``self.log`` inside a compiled
+    ``training_step``, which PyTorch 2.12+ can't do (Lightning-AI/pytorch-lightning#21836; Lightning's fix puts the
+    same ``torch.compiler.disable`` on ``LightningModule.log``)."""
+
+    @torch.compiler.disable
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        super().log(*args, **kwargs)
+
+
+def compiled_module() -> nn.Module:
+    """``trainer.fit(torch.compile(module))``: Lightning unwraps the ``OptimizedModule`` and compiles the
+    LightningModule's ``forward`` and ``*_step`` methods in place."""
+    return torch.compile(_LogsEagerly(), backend=COMPILE_BACKEND)
+
+
+class CompiledSubmodule(ZooModule):
+    """``self.net = torch.compile(network)`` in ``__init__``: the network's names carry an ``_orig_mod.`` prefix."""
+
+    def network(self) -> nn.Module:
+        return torch.compile(super().network(), backend=COMPILE_BACKEND)
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -593,6 +625,15 @@ _ENTRIES = [
     ZooEntry("embedding_bag", EmbeddingBagClassifier, "nn.EmbeddingBag: no second derivative", second_order=False),
     ZooEntry("float64", Float64, "float64, Trainer(precision='64-true')", trainer_arguments={"precision": "64-true"}),
     ZooEntry("backward_hook", BackwardHook, "a full backward hook on a layer (gradient monitoring)"),
+    ZooEntry(
+        "compiled_module", compiled_module, "trainer.fit(torch.compile(module, backend='aot_eager'))", compiled="module"
+    ),
+    ZooEntry(
+        "compiled_submodule",
+        CompiledSubmodule,
+        "self.net = torch.compile(network, backend='aot_eager'): names under _orig_mod.",
+        compiled="submodule",
+    ),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
