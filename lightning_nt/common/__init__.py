@@ -25,6 +25,7 @@ from lightning_nt.common.loss import (
     loss_from_output,
     muted_logging,
     training_loss,
+    training_step_output,
 )
 from lightning_nt.common.probe import ProbeSet, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
@@ -68,6 +69,7 @@ __all__ = [
     "sum_across_ranks",
     "tensors_of",
     "training_loss",
+    "training_step_output",
     "uncompiled_name",
     "with_own_methods",
 ]

@@ -33,6 +33,7 @@ __all__ = [
     "loss_from_output",
     "muted_logging",
     "training_loss",
+    "training_step_output",
 ]
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -60,12 +61,24 @@ def training_loss(
             "itself and its loss can't be read from it. Pass `loss_fn=lambda pl_module, batch: <scalar loss>` "
             "to the callback."
         )
+    output = training_step_output(pl_module, batch, batch_idx)
+    return loss_from_output(output, source=f"{type(pl_module).__name__}.training_step")
+
+
+def training_step_output(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> Any:
+    """What ``pl_module.training_step`` returns on ``batch`` (with or without ``batch_idx`` in its signature), with
+    logging muted and torchmetrics states as they were: for a caller that needs more than the scalar loss (the
+    per-example losses a DP engine clips).
+
+    Examples:
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> sorted(training_step_output(BoringModel(), torch.randn(4, 32)))
+        ['loss']
+    """
     with muted_logging(pl_module), frozen_metrics(pl_module):
         if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
-            output = pl_module.training_step(batch, batch_idx)
-        else:
-            output = pl_module.training_step(batch)
-    return loss_from_output(output, source=f"{type(pl_module).__name__}.training_step")
+            return pl_module.training_step(batch, batch_idx)
+        return pl_module.training_step(batch)
 
 
 def example_losses(pl_module: pl.LightningModule, batch: Any, loss_fn: LossFn | None) -> Tensor | None:

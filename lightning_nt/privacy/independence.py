@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_nt.common import batch_size, frozen_metrics, map_examples, muted_logging, preserved_state, tensors_of
+from lightning_nt.common import batch_size, map_examples, preserved_state, tensors_of, training_step_output
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.virtual_steps import refuse_skipped_step
 
@@ -101,8 +101,8 @@ def _with_example_replaced(batch: Any, index: int) -> Any | None:
 def _example_quantities(module: pl.LightningModule, engine: ClippingEngine, batch: Any, batch_idx: int) -> Quantities:
     """One forward and backward pass of ``training_step`` on ``batch``, with nothing of it left behind."""
     engine.discard_per_example_state()
-    with preserved_state(module), muted_logging(module), frozen_metrics(module), torch.enable_grad():
-        output = refuse_skipped_step(module.training_step(batch, batch_idx))
+    with preserved_state(module), torch.enable_grad():
+        output = refuse_skipped_step(training_step_output(module, batch, batch_idx))
         return engine.example_quantities(output, batch_size(batch))
 
 

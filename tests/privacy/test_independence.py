@@ -88,6 +88,19 @@ def test_a_model_that_keeps_its_examples_in_dimension_0_still_trains(mode, modul
     _trains(module(mode == "ghost"), grad_sample_mode=mode, poisson_sampling=False)
 
 
+class WithoutBatchIndex(Audited):
+    """``training_step(self, batch)``: Lightning passes ``batch_idx`` only to a step that takes it."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return super().training_step(batch, 0)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_training_step_without_batch_idx_is_checked_and_trains(mode):
+    """Before: the check called ``training_step(batch, batch_idx)`` itself, a TypeError for such a step."""
+    _trains(WithoutBatchIndex(mode == "ghost"), grad_sample_mode=mode, poisson_sampling=False)
+
+
 @pytest.mark.parametrize("options", [{}, {"max_physical_batch_size": 3}, {"sensitivity_probe": True}])
 def test_a_model_that_drops_examples_in_training_step_still_trains(options):
     class DropsTheFirst(Audited):
