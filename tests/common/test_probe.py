@@ -158,17 +158,29 @@ def _fit_identified(monitor, style, tmp_path=None, **kwargs):
     trainer.fit(module)
 
 
-@pytest.mark.parametrize("style", ["dict", "dataclass"])
-@pytest.mark.parametrize(
-    "monitor",
-    [lambda: RepresentationSimilarity(num_examples=24), lambda: LazinessMonitor(every_n_steps=2, num_examples=24)],
-    ids=["similarity", "laziness"],
-)
-def test_a_resumed_probe_set_is_the_saved_one_string_ids_and_all(tmp_path, style, monitor):
-    # a checkpoint held the probe set's tensors only: the ids came back from a fresh one-example batch
+def _each_style_and_monitor_keeping_a_probe(test):
+    """Run ``test`` for dict and dataclass batches with each monitor that checkpoints a probe set."""
+    styles = pytest.mark.parametrize("style", ["dict", "dataclass"])
+    monitors = pytest.mark.parametrize(
+        "monitor",
+        [lambda: RepresentationSimilarity(num_examples=24), lambda: LazinessMonitor(every_n_steps=2, num_examples=24)],
+        ids=["similarity", "laziness"],
+    )
+    return styles(monitors(test))
+
+
+def _whole_and_interrupted_fits(monitor, style, tmp_path):
+    """A monitor's uninterrupted 3-epoch fit (returned), and a 2-epoch fit that leaves ``last.ckpt`` in ``tmp_path``."""
     whole = monitor()
     _fit_identified(whole, style, max_epochs=3)
     _fit_identified(monitor(), style, tmp_path, max_epochs=2)
+    return whole
+
+
+@_each_style_and_monitor_keeping_a_probe
+def test_a_resumed_probe_set_is_the_saved_one_string_ids_and_all(tmp_path, style, monitor):
+    # a checkpoint held the probe set's tensors only: the ids came back from a fresh one-example batch
+    whole = _whole_and_interrupted_fits(monitor, style, tmp_path)
     resumed = monitor()
     pl.seed_everything(7)  # another initialisation: the checkpoint's state must win
     tiny_trainer(callbacks=[resumed], max_epochs=3).fit(Identified(style), ckpt_path=str(tmp_path / "last.ckpt"))
@@ -237,16 +249,9 @@ def _as_before(state):
         state["probe"] = tensors_of(state["probe"]["batch"])
 
 
-@pytest.mark.parametrize("style", ["dict", "dataclass"])
-@pytest.mark.parametrize(
-    "monitor",
-    [lambda: RepresentationSimilarity(num_examples=24), lambda: LazinessMonitor(every_n_steps=2, num_examples=24)],
-    ids=["similarity", "laziness"],
-)
+@_each_style_and_monitor_keeping_a_probe
 def test_checkpoints_holding_only_the_probe_tensors_still_resume(tmp_path, style, monitor):
-    whole = monitor()
-    _fit_identified(whole, style, max_epochs=3)
-    _fit_identified(monitor(), style, tmp_path, max_epochs=2)
+    whole = _whole_and_interrupted_fits(monitor, style, tmp_path)
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
     for key, state in checkpoint["callbacks"].items():
         if "Similarity" in key or "Laziness" in key:

@@ -126,6 +126,20 @@ def test_batch_sharpness_with_gradient_accumulation_uses_the_examples_of_one_opt
     assert abs(monitor.history[0]["sharpness/batch_sharpness"] - expected) <= 1e-5 * expected
 
 
+def _eval_hessian(module: nn.Module) -> tuple[list[str], list[Tensor], Tensor]:
+    """The parameters' names, their fp64 values and the exact fp64 Hessian of the mean cross-entropy on all
+    ``INPUTS`` in eval mode (``module`` is left in fp64)."""
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach().double() for p in module.parameters()]
+    module.double().eval()
+
+    def loss_of(flat: Tensor) -> Tensor:
+        logits = functional_call(module, dict(zip(names, unflatten(flat, params))), (INPUTS.double(),))
+        return F.cross_entropy(logits, LABELS)
+
+    return names, params, torch.autograd.functional.hessian(loss_of, flatten(params))
+
+
 class TwoLearningRates(DropoutMLP):
     """SGD with the hidden layer at lr 0.1 (group 0) and the head at lr 0.02."""
 
@@ -147,15 +161,7 @@ def test_param_groups_with_different_learning_rates_compare_the_lr_scaled_sharpn
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "SharpnessMonitor: the optimizer's param groups")
         tiny_trainer(callbacks=[monitor], max_steps=1).fit(module)
-    names = [name for name, _ in start.named_parameters()]
-    params = [p.detach().double() for p in start.parameters()]
-    start.double().eval()
-
-    def loss_of(flat: Tensor) -> Tensor:
-        logits = functional_call(start, dict(zip(names, unflatten(flat, params))), (INPUTS.double(),))
-        return F.cross_entropy(logits, LABELS)
-
-    hessian = torch.autograd.functional.hessian(loss_of, flatten(params))
+    names, params, hessian = _eval_hessian(start)
     root = torch.cat(
         [torch.full((p.numel(),), 1.0 if name.startswith("hidden") else 0.2**0.5) for name, p in zip(names, params)]
     )
@@ -246,15 +252,7 @@ def test_param_groups_with_different_weight_decays_are_compared_exactly(lrs, dec
     monitor = SharpnessMonitor(every_n_steps=1000, num_examples=32, mode="eval", tol=1e-8, max_iter=60)
     with pytest.warns(UserWarning, match="different weight_decay"):
         tiny_trainer(callbacks=[monitor], max_steps=1).fit(module)
-    names = [name for name, _ in start.named_parameters()]
-    params = [p.detach().double() for p in start.parameters()]
-    start.double().eval()
-
-    def loss_of(flat: Tensor) -> Tensor:
-        logits = functional_call(start, dict(zip(names, unflatten(flat, params))), (INPUTS.double(),))
-        return F.cross_entropy(logits, LABELS)
-
-    hessian = torch.autograd.functional.hessian(loss_of, flatten(params))
+    names, params, hessian = _eval_hessian(start)
     group = [0 if name.startswith("hidden") else 1 for name, p in zip(names, params) for _ in range(p.numel())]
     rates = torch.tensor([lrs[g] for g in group], dtype=torch.float64)
     decay = torch.tensor([decays[g] for g in group], dtype=torch.float64)
