@@ -137,7 +137,7 @@ class _PrivateStep:
             batch = select_examples(batch, slice(0, self.max_physical_batch_size))
         engine = self._active_engine()
         engine.discard_per_example_state()
-        with self._without_ddp_gradient_sync():
+        with self._physical_step():  # the run's precision, as the step's own physical parts
             check_sensitivity(
                 self.lightning_module,
                 self.optimizers[0],

@@ -437,6 +437,26 @@ def test_the_sensitivity_probe_passes_a_per_example_module_and_changes_nothing(k
         torch.testing.assert_close(updates[1][name], updates[0][name], rtol=0, atol=0)
 
 
+class RecordsAutocast(Plain):
+    """Notes whether autocast is on in every ``training_step`` call (the step's, the probe's and the check's)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.autocast = []
+
+    def training_step(self, batch, batch_idx):
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_sensitivity_probe_runs_in_the_runs_precision():
+    """Before: the probe's steps ran outside the precision plugin's context, in fp32 under bf16-mixed."""
+    module = RecordsAutocast(num_samples=64, batch_size=16)
+    strategy = _quiet(noise_multiplier=0.0, sensitivity_probe=True, seed=7)
+    _fit(strategy, module=lambda: module, max_steps=1, precision="bf16-mixed")
+    assert len(module.autocast) > 1 and all(module.autocast)
+
+
 def test_the_sensitivity_probe_waits_for_a_batch_of_two_examples():
     calls = []  # (batch size, holds the probe's canary) of every training_step call
 
