@@ -11,6 +11,7 @@ differentiates twice and hooks layers, which compiled code can't do, and trainin
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -71,33 +72,38 @@ def preserved_state(
     """Restore ``module``'s parameters, buffers, ``.grad``, the RNGs and ``training`` flags when the block ends;
     run compiled code eagerly inside it.
 
-    Values are copied back in place, so parameter objects keep their identity and the optimizer keeps
-    pointing at them. Each flag can be turned off to save the copy when the block can't change that part.
+    Values are copied back in place, by name, so parameter objects keep their identity and the optimizer keeps
+    pointing at them. A parameter or buffer registered inside the block (a layer that creates its state from the
+    first batch it sees) is removed again, so that the run registers it from its own batch as it would have without
+    the block. Each flag can be turned off to save the copy when the block can't change that part.
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
         >>> before = net[1].running_mean.clone()
         >>> with preserved_state(net):
         ...     _ = net.train()(torch.randn(8, 2))
-        >>> torch.equal(net[1].running_mean, before)
-        True
+        ...     net[0].register_buffer("center", torch.zeros(2))
+        >>> torch.equal(net[1].running_mean, before), hasattr(net[0], "center")
+        (True, False)
     """
-    saved_parameters = _clone_all(module.parameters()) if parameters else None
-    saved_buffers = _clone_all(module.buffers()) if buffers else None
-    saved_grads = [(p.grad, _clone_or_none(p.grad)) for p in module.parameters()] if grads else None
+    registered = _state_names(module)
+    saved_parameters = _clone_named(module.named_parameters()) if parameters else None
+    saved_buffers = _clone_named(module.named_buffers()) if buffers else None
+    saved_grads = [(p, p.grad, _clone_or_none(p.grad)) for p in module.parameters()] if grads else None
     saved_modes = [(m, m.training) for m in module.modules()] if modes else None
     saved_rng = RNGState() if rng else None
     try:
         with eager_execution():
             yield
     finally:
+        _remove_registered_since(module, registered)
         with torch.no_grad():
             if saved_parameters is not None:
-                _copy_back(module.parameters(), saved_parameters)
+                _copy_back(module.named_parameters(), saved_parameters)
             if saved_buffers is not None:
-                _copy_back(module.buffers(), saved_buffers)
+                _copy_back(module.named_buffers(), saved_buffers)
         if saved_grads is not None:
-            for p, (grad, value) in zip(module.parameters(), saved_grads):
+            for p, grad, value in saved_grads:
                 if grad is not None:
                     grad.copy_(value)
                 p.grad = grad
@@ -126,14 +132,27 @@ def stable_name(function: Callable[..., Any] | None) -> str | None:
     return f"{named.__module__}.{named.__qualname__}"
 
 
-def _clone_all(tensors: Iterator[Tensor]) -> list[Tensor]:
-    return [t.detach().clone() for t in tensors]
+def _clone_named(tensors: Iterator[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    return {name: t.detach().clone() for name, t in tensors}
 
 
 def _clone_or_none(tensor: Tensor | None) -> Tensor | None:
     return None if tensor is None else tensor.detach().clone()
 
 
-def _copy_back(tensors: Iterator[Tensor], saved: list[Tensor]) -> None:
-    for tensor, value in zip(tensors, saved):
-        tensor.copy_(value)
+def _copy_back(tensors: Iterator[tuple[str, Tensor]], saved: dict[str, Tensor]) -> None:
+    for name, tensor in tensors:
+        if name in saved:
+            tensor.copy_(saved[name])
+
+
+def _state_names(module: nn.Module) -> set[str]:
+    """The names of every parameter and buffer of ``module``."""
+    return {name for name, _ in itertools.chain(module.named_parameters(), module.named_buffers())}
+
+
+def _remove_registered_since(module: nn.Module, registered: set[str]) -> None:
+    """Unregister the parameters and buffers of ``module`` whose names are not in ``registered``."""
+    for name in sorted(_state_names(module) - registered):
+        owner, _, leaf = name.rpartition(".")
+        delattr(module.get_submodule(owner), leaf)

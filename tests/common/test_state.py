@@ -84,3 +84,29 @@ def test_extra_generator_restored():
     with preserved_rng(generator):
         torch.rand(5, generator=generator)
     assert torch.equal(torch.rand(2, generator=generator), expected)
+
+
+class RegistersOnFirstCall(nn.Module):
+    """Creates its state from the first batch it sees (data-dependent initialisation)."""
+
+    def forward(self, inputs):
+        if not hasattr(self, "center"):
+            self.register_buffer("center", inputs.detach().mean(0))
+            self.gain = nn.Parameter(torch.ones(inputs.shape[1]))
+        return (inputs - self.center) * self.gain
+
+
+def test_state_registered_in_the_block_is_removed_and_the_rest_restored_by_name():
+    """Before: buffers were restored by position, so one registered in the block shifted every later one (``scale``'s
+    7s landed in ``center``), and the block's registration stayed, made from the block's batch."""
+    net = nn.Module()
+    net.pre, net.post = RegistersOnFirstCall(), nn.Module()
+    net.post.register_buffer("scale", torch.full((4,), 7.0))
+    with preserved_state(net):
+        net.pre(torch.randn(8, 4))
+        net.post.scale.zero_()
+    assert sorted(name for name, _ in net.named_buffers()) == ["post.scale"]
+    assert [name for name, _ in net.named_parameters()] == []
+    assert torch.equal(net.post.scale, torch.full((4,), 7.0))
+    net.pre(torch.ones(2, 4))  # the run registers it from its own batch, as it would have without the block
+    assert torch.equal(net.pre.center, torch.ones(4))

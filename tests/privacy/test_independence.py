@@ -239,3 +239,22 @@ def test_a_mean_over_the_batchs_tokens_is_refused_and_a_mean_per_example_trains(
         PaddedTokens(per_example_mean=False), "average each example's own tokens", grad_sample_mode=mode
     )
     _trains(PaddedTokens(per_example_mean=True), grad_sample_mode=mode)
+
+
+class KeepsTheFirstBatchsMean(Audited):
+    """Registers a buffer holding its first batch's mean, then centres every batch with it (data-dependent
+    initialisation): the private first batch would sit un-noised in the module and its checkpoints."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "center"):
+            self.register_buffer("center", inputs.detach().mean(0))
+        return super().forward(inputs - self.center)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_buffer_registered_from_the_first_batch_is_refused_before_any_release(mode):
+    """Before (in this change): the check's passes registered the buffer before the step's state snapshot, and the
+    step went through with the first batch's mean in the module."""
+    module = KeepsTheFirstBatchsMean(mode == "ghost")
+    _refused_before_any_release(module, "mixes the examples|changed the module", grad_sample_mode=mode)
+    assert not hasattr(module, "center")
