@@ -1,7 +1,14 @@
 """Plumbing every capability shares: the loss of any module, logging, probe sets, exact restore, reductions."""
 
 from lightning_nt.common.autodiff import differentiable_kernels
-from lightning_nt.common.batches import batch_size, concatenate_batches, map_examples, select_examples, tensors_of
+from lightning_nt.common.batches import (
+    batch_size,
+    concatenate_batches,
+    copied,
+    map_examples,
+    select_examples,
+    tensors_of,
+)
 from lightning_nt.common.compiled import (
     compiled_parts,
     eager_execution,
@@ -44,6 +51,7 @@ __all__ = [
     "check_choice",
     "compiled_parts",
     "concatenate_batches",
+    "copied",
     "differentiable_kernels",
     "eager_execution",
     "example_losses",

@@ -16,7 +16,15 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection, is_namedtuple
 from torch import Tensor
 
-__all__ = ["batch_size", "concatenate_batches", "map_examples", "select_examples", "tensors_of", "with_tensors"]
+__all__ = [
+    "batch_size",
+    "concatenate_batches",
+    "copied",
+    "map_examples",
+    "select_examples",
+    "tensors_of",
+    "with_tensors",
+]
 
 
 def tensors_of(batch: Any) -> list[Tensor]:
@@ -54,6 +62,18 @@ def batch_size(batch: Any) -> int:
             f"found sizes {sorted(sizes)} in a {type(batch).__name__}."
         )
     return sizes.pop()
+
+
+def copied(batch: Any) -> Any:
+    """``batch`` with every tensor cloned: for a ``training_step`` run outside the real step, which may change its
+    batch in place (``x.div_(255)``, masking ``ids[mask] = MASK``) and must not change the real step's.
+
+    Examples:
+        >>> batch = {"x": torch.zeros(2)}
+        >>> copied(batch)["x"].add_(1) is batch["x"], batch["x"]
+        (False, tensor([0., 0.]))
+    """
+    return apply_to_collection(batch, Tensor, torch.clone)
 
 
 def map_examples(batch: Any, function: Callable[[Tensor], Tensor]) -> Any:

@@ -36,7 +36,7 @@ from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from lightning_nt.common import map_examples, select_examples, training_loss
+from lightning_nt.common import copied, map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
 
 __all__ = [
@@ -205,7 +205,7 @@ def check_sensitivity(
     sums = []
     for probe in (canary, select_examples(canary, slice(1, None))):
         with torch.enable_grad():
-            training_loss(module, prepare(probe), batch_idx).backward()
+            training_loss(module, prepare(copied(probe)), batch_idx).backward()  # a step may change it in place
         sums.append(_clipped_sum(optimizer, max_grad_norm))
         optimizer.clear_per_example_state()
         for p in module.parameters():

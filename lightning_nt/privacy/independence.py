@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_nt.common import batch_size, map_examples, preserved_state, tensors_of, training_step_output
+from lightning_nt.common import batch_size, copied, map_examples, preserved_state, tensors_of, training_step_output
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.virtual_steps import refuse_skipped_step
 
@@ -35,6 +35,8 @@ __all__ = ["check_example_independence"]
 Quantities = dict[str, Tensor]
 _RELATIVE = 1e-5  # an unchanged unit's relative change (fp32 rounding of a reordered sum, well below)
 _NOISE_MARGIN = 10.0  # a change counts if over this many times the run-to-run change of the same batch
+_TRIES = 6  # (example, donor) pairs tried from each end of the batch for a replacement that can be compared
+_REPEATABLE = 1e-3  # a run-to-run change of the same batch above this (relative) is not the kernels' rounding
 
 
 def check_example_independence(
@@ -46,28 +48,33 @@ def check_example_independence(
 ) -> bool:
     """Refuse (before any noise) a module whose per-example quantities mix the examples of ``batch``.
 
-    Returns False, checking nothing, when ``batch`` has no two distinct examples (the check waits for a later
-    batch); True once checked. ``prepare`` turns a batch into what ``training_step`` takes (augmented views are
-    flattened after an example was replaced, so that a whole example is). Logging, metrics, the module's state and
-    the RNGs are as they were when it returns: the step that follows is the one that would have run without it.
+    Returns False, checking nothing, when ``batch`` has no two distinct examples (the check waits for a later batch);
+    True once checked. An example left out by ``training_step`` changes the shapes of what is clipped when it is
+    replaced or replaces another: other examples and donors are tried, up to ``_TRIES`` pairs from each end of the
+    batch. ``prepare`` turns a batch into what ``training_step`` takes (augmented views are flattened after an example
+    was replaced, so that a whole example is). ``training_step`` runs three or four more times (more when examples
+    are left out), each on a copy of the batch; logging, metrics, the module's tensors and the RNGs are as they were
+    when it returns, so the step that follows is the one that would have run without it, except for state the module
+    keeps in Python (a call counter), which advances.
 
     Example::
 
         check_example_independence(module, engine, batch, batch_idx)  # RuntimeError naming a mixing layer
     """
     size = batch_size(batch)
-    replaced = [_with_example_replaced(batch, index) for index in (0, size - 1)] if size >= 2 else [None]
-    if any(probe is None for probe in replaced):
+    if size < 2 or not _donors(batch, 0):
         return False
 
     def quantities(probe: Any) -> Quantities:
         return _example_quantities(module, engine, prepare(probe), batch_idx)
 
     original = quantities(batch)
-    changed = [quantities(probe) for probe in replaced]
+    changed = [_comparable_replacement(batch, ends, original, quantities) for ends in (_from_the_start, _from_the_end)]
     mixing = _mixing_layers(original, changed, None)
     if mixing:  # a platform whose kernels are not deterministic: not over its own run-to-run differences
-        mixing = _mixing_layers(original, changed, _differences(original, quantities(batch)))
+        noise = _differences(original, quantities(batch))
+        _refuse_unrepeatable(original, noise)
+        mixing = _mixing_layers(original, changed, noise)
     if mixing:
         raise RuntimeError(
             f"A trainable layer mixes the examples of the batch ({', '.join(mixing)}): replacing one example changed "
@@ -84,26 +91,79 @@ def check_example_independence(
     return True
 
 
-def _with_example_replaced(batch: Any, index: int) -> Any | None:
-    """``batch`` with example ``index`` (all its tensors) replaced by the first example that differs from it; None if
-    every example is the same."""
+def _comparable_replacement(
+    batch: Any, positions: Callable[[int], list[int]], original: Quantities, quantities: Callable[[Any], Quantities]
+) -> Quantities:
+    """The quantities of ``batch`` with one example replaced: the first (example, donor) pair, examples taken from
+    ``positions`` and each with its first two donors, whose replacement leaves some quantity's shape as in
+    ``original`` (a step that leaves examples out changes the shapes when the replaced or the donor example is one it
+    leaves out); at most ``_TRIES`` pairs, then refused."""
+    pairs = [(index, donor) for index in positions(batch_size(batch)) for donor in _donors(batch, index)[:2]]
+    for index, donor in pairs[:_TRIES]:
+        changed = quantities(_with_example_replaced(batch, index, donor))
+        if _comparable(original, changed):
+            return changed
+    raise RuntimeError(
+        f"DP-SGD's example-independence check replaced {min(len(pairs), _TRIES)} examples of the batch in turn, and "
+        "every replacement changed the shape of what is clipped (training_step left the replaced or the replacing "
+        "example out), so it could not compare the examples and can't show that no layer mixes them. Keep every "
+        "example of a batch in the loss (weight it by 0 instead of leaving it out)."
+    )
+
+
+def _from_the_start(size: int) -> list[int]:
+    return list(range(size // 2))
+
+
+def _from_the_end(size: int) -> list[int]:
+    return list(range(size - 1, size // 2 - 1, -1))
+
+
+def _donors(batch: Any, index: int) -> list[int]:
+    """The examples of ``batch`` that differ from example ``index`` (NaN equal to NaN), in order."""
     differs = None
     for tensor in tensors_of(batch):
         if tensor.ndim:
-            rows = (tensor != tensor[index : index + 1]).reshape(len(tensor), -1).any(dim=1)
+            other = tensor[index : index + 1]
+            unequal = tensor != other
+            if tensor.is_floating_point():  # NaN == NaN here: an example is never its own donor
+                unequal &= ~(tensor.isnan() & other.isnan())
+            rows = unequal.reshape(len(tensor), -1).any(dim=1)
             differs = rows if differs is None else differs | rows.to(differs.device)
-    if differs is None or not bool(differs.any()):
-        return None
-    donor = int(differs.nonzero()[0])
+    return [] if differs is None else differs.nonzero().flatten().tolist()
+
+
+def _with_example_replaced(batch: Any, index: int, donor: int) -> Any:
+    """``batch`` with example ``index`` (all its tensors) replaced by example ``donor``."""
     return map_examples(batch, lambda t: torch.cat([t[:index], t[donor : donor + 1], t[index + 1 :]]))
 
 
 def _example_quantities(module: pl.LightningModule, engine: ClippingEngine, batch: Any, batch_idx: int) -> Quantities:
-    """One forward and backward pass of ``training_step`` on ``batch``, with nothing of it left behind."""
+    """One forward and backward pass of ``training_step`` on a copy of ``batch``, with nothing of it left behind."""
     engine.discard_per_example_state()
+    batch = copied(batch)  # a step that changes its batch in place changes a copy
     with preserved_state(module), torch.enable_grad():
         output = refuse_skipped_step(training_step_output(module, batch, batch_idx))
         return engine.example_quantities(output, batch_size(batch))
+
+
+def _comparable(first: Quantities, second: Quantities) -> bool:
+    """Some parameter's quantities have the same shape in both (the same units to compare)."""
+    return any(name in second and second[name].shape == value.shape for name, value in first.items())
+
+
+def _refuse_unrepeatable(original: Quantities, noise: Quantities) -> None:
+    """Refuse a step whose quantities on the same batch, run twice, differ by more than rounding could: then no
+    margin over that difference tells mixing apart from it."""
+    relative = [noise[name] / original[name].norm(dim=1).clamp_min(1e-30) for name in noise if len(noise[name])]
+    worst = max((float(change.max()) for change in relative), default=0.0)
+    if worst > _REPEATABLE:
+        raise RuntimeError(
+            f"training_step gave per-example quantities that differ by up to {worst:.2g} (relative) when run twice on "
+            "the same batch with the same weights and random state, so DP-SGD's example-independence check can't "
+            "tell whether a layer mixes the examples. Make training_step repeatable on a batch: no state kept in "
+            "Python that changes its result from call to call (a call counter, a schedule advanced in the step)."
+        )
 
 
 def _differences(first: Quantities, second: Quantities) -> Quantities:

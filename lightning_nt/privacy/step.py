@@ -42,6 +42,9 @@ from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, 
 
 __all__: list[str] = []
 
+INDEPENDENCE_TRIES = 20
+"""Batches of two examples or more, all the same, that the example-independence check waits through."""
+
 
 class _PrivateStep:
     """The per-step hooks of the DP strategies (mixed into them before Lightning's strategy class)."""
@@ -65,7 +68,7 @@ class _PrivateStep:
     _rows: int
     _skipped_steps: int
     _probe_pending: bool
-    _independence_pending: bool
+    _independence_tries: int
     _first_step: bool
     _uses: ParameterUses | None
     _uses_checked: bool
@@ -85,8 +88,8 @@ class _PrivateStep:
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, batch_idx)
             self._probe_pending = False
-        if batch is not None and self._independence_pending:
-            self._independence_pending = not self._check_example_independence(batch, batch_idx)
+        if batch is not None and self._independence_tries:
+            self._try_example_independence(batch, batch_idx)
         state = state_versions(self.lightning_module, buffer_values=self._first_step)  # .data updates: once
         self._first_step = False
         self._watch_parameter_uses(engine)
@@ -147,6 +150,20 @@ class _PrivateStep:
                 prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
             )
         engine.discard_per_example_state()  # the probe's batches (one example short) are not this step's
+
+    def _try_example_independence(self, batch: Any, batch_idx: int) -> None:
+        """Check this batch for layers that mix the examples, or count a batch of two or more examples, all the same;
+        refuse the fit when ``INDEPENDENCE_TRIES`` such batches went by unchecked."""
+        if self._check_example_independence(batch, batch_idx):
+            self._independence_tries = 0
+        elif batch_size(batch) >= 2:
+            self._independence_tries -= 1
+            if not self._independence_tries:
+                raise RuntimeError(
+                    f"DP-SGD's example-independence check found no two distinct examples in {INDEPENDENCE_TRIES} "
+                    "batches, so it can't show that no layer mixes the examples: train on batches whose examples "
+                    "differ."
+                )
 
     def _check_example_independence(self, batch: Any, batch_idx: int) -> bool:
         """Refuse a layer that mixes the examples, on a fit's first batch of two distinct examples (its first

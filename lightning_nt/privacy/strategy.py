@@ -33,7 +33,7 @@ from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_pri
 from lightning_nt.privacy.module_guards import check_module
 from lightning_nt.privacy.reports import _PrivacyReports, warn_about_evaluation_on_training_data, warn_about_options
 from lightning_nt.privacy.sampling import private_train_loader, shared_seed, steps_per_epoch
-from lightning_nt.privacy.step import _PrivateStep
+from lightning_nt.privacy.step import INDEPENDENCE_TRIES, _PrivateStep
 
 __all__ = ["DPDDPStrategy", "DPStrategy"]
 
@@ -101,7 +101,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._train_dataset: object | None = None  # the train loader's, to tell when evaluation reads it
         self._warned_about_evaluation = False
         self._probe_pending = False
-        self._independence_pending = False  # see independence.py: on a fit's first usable batch
+        self._independence_tries = 0  # see independence.py: on a fit's first usable batch
         self._first_step = False
         self._uses: ParameterUses | None = None  # made on the first step that watches
         self._uses_checked = False
@@ -126,7 +126,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
             self._first_step = True  # buffers are compared by value on the first step of a fit
-            self._independence_pending = True  # layers that mix the examples: looked for on the first batch
+            self._independence_tries = INDEPENDENCE_TRIES  # layers that mix the examples: on the first usable batch
             self._uses_checked = False  # parameters used outside their layers: looked for on the first step
         super().setup(trainer)  # type: ignore[misc]
 

@@ -457,6 +457,32 @@ def test_the_sensitivity_probe_runs_in_the_runs_precision():
     assert len(module.autocast) > 1 and all(module.autocast)
 
 
+class ShiftsItsLabelsInPlace(Plain):
+    """Changes its batch's integer labels in place (as MLM masking ``ids[mask] = MASK`` does)."""
+
+    def training_step(self, batch, batch_idx):
+        batch[1].add_(1).remainder_(3)
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_sensitivity_probe_leaves_a_step_that_changes_its_batch_in_place_as_it_was():
+    """Before: the probe handed the step's own integer tensors to its passes, so the first step saw its labels
+    shifted three times instead of once."""
+    updates = []
+    for probe in (False, True):
+        record = RecordUpdate()
+        strategy = _quiet(noise_multiplier=0.0, sensitivity_probe=probe, seed=7)
+        _fit(
+            strategy,
+            module=lambda: ShiftsItsLabelsInPlace(num_samples=64, batch_size=16),
+            callbacks=[record],
+            max_steps=1,
+        )
+        updates.append(record.update)
+    for name in updates[0]:
+        torch.testing.assert_close(updates[1][name], updates[0][name], rtol=0, atol=0)
+
+
 def test_the_sensitivity_probe_waits_for_a_batch_of_two_examples():
     calls = []  # (batch size, holds the probe's canary) of every training_step call
 

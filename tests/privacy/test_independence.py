@@ -6,6 +6,7 @@ The counter-examples (sequence-first layers, a loop over the batch, and how far 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -181,6 +182,19 @@ def test_the_check_waits_for_a_batch_of_two_distinct_examples():
     assert steps == [1]
 
 
+def test_the_check_waits_through_at_most_twenty_batches_of_identical_examples():
+    class AllIdentical(SequenceFirst):
+        def train_dataloader(self) -> DataLoader:
+            inputs, labels = _data(BATCH).tensors
+            count = BATCH * (lightning_nt.privacy.step.INDEPENDENCE_TRIES + 2)
+            return DataLoader(TensorDataset(inputs[:1].expand(count, -1, -1), labels[:1].expand(count, -1)), BATCH)
+
+    dp = DPStrategy(noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False)
+    with pytest.raises(RuntimeError, match="no two distinct examples in 20 batches"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tiny_trainer(None, strategy=dp, max_epochs=1, limit_val_batches=0).fit(AllIdentical(False, BATCH))
+
+
 def test_a_per_example_loss_is_not_mistaken_for_mixing():
     """Labels and inputs of every kind (integer tokens, float features) are replaced together."""
 
@@ -258,3 +272,127 @@ def test_a_buffer_registered_from_the_first_batch_is_refused_before_any_release(
     module = KeepsTheFirstBatchsMean(mode == "ghost")
     _refused_before_any_release(module, "mixes the examples|changed the module", grad_sample_mode=mode)
     assert not hasattr(module, "center")
+
+
+class ScalesItsBatchInPlace(Audited):
+    """Preprocesses its batch in place (``x.mul_(2)``, as ``x.div_(255)`` or MLM masking ``ids[mask] = MASK`` do)."""
+
+    mixes = False
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs - inputs.mean(0) if self.mixes else inputs)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch[0].mul_(2.0)
+        return super().training_step(batch, batch_idx)
+
+
+class MixesAndScalesItsBatchInPlace(ScalesItsBatchInPlace):
+    mixes = True
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_step_that_changes_its_batch_in_place_is_checked_on_copies(mode, monkeypatch):
+    """Before: every pass ran on the step's own batch, so the first step trained on a batch scaled four times, and
+    the re-run of the 'same' batch differed so much that its margin hid a layer that mixes the examples."""
+    updates = []
+    for checked in (True, False):
+        if not checked:
+            monkeypatch.setattr(lightning_nt.privacy.step, "check_example_independence", lambda *args, **kw: True)
+        torch.manual_seed(0)
+        recorder = UpdateOfAll()
+        _fit(ScalesItsBatchInPlace(mode == "ghost"), grad_sample_mode=mode, callbacks=(recorder,))
+        updates.append(recorder.update)
+    assert torch.equal(updates[0], updates[1])
+    monkeypatch.undo()
+    _refused_before_any_release(MixesAndScalesItsBatchInPlace(mode == "ghost"), MIXES, grad_sample_mode=mode)
+
+
+class MixesWithACallCounter(Audited):
+    """Mixes the examples, and scales its inputs by a schedule advanced at every ``training_step`` call."""
+
+    calls = 0
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return super().forward(inputs - inputs.mean(0))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.calls += 1
+        return super().training_step((batch[0] * (1 + 0.01 * self.calls), batch[1]), batch_idx)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_step_that_is_not_repeatable_on_a_batch_is_refused(mode):
+    """Before: ten times the run-to-run difference of the same batch was allowed, however large: a step whose
+    result changes from call to call hid the mixing."""
+    match = "not repeatable|Make training_step repeatable"
+    _refused_before_any_release(MixesWithACallCounter(mode == "ghost"), match, grad_sample_mode=mode)
+
+
+class LeavesOutUnlabelledThenMixes(Audited):
+    """Leaves out the examples labelled -1 and mixes the rest; the first example of every batch is unlabelled, or
+    only that of the first batch (``every_batch=False``)."""
+
+    def __init__(self, per_example: bool = False, every_batch: bool = False) -> None:
+        super().__init__(per_example)
+        self.every_batch = every_batch
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        kept = labels >= 0
+        inputs, labels = inputs[kept], labels[kept]
+        losses = F.cross_entropy(self(inputs - inputs.mean(0)), labels, reduction="none")
+        return losses if self.per_example else losses.mean()
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        inputs, labels = torch.randn(8 * 24, DIM, generator=generator), torch.randint(3, (8 * 24,), generator=generator)
+        labels[:: 8 if self.every_batch else len(labels)] = -1
+        return DataLoader(TensorDataset(inputs, labels), batch_size=8)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_replacement_that_changes_what_is_compared_is_not_a_check(mode):
+    """Before: a replaced example left out of the loss changed every quantity's shape, nothing was compared and the
+    check counted as done: a model that mixes the kept examples trained. Now the next example is replaced instead.
+    (bk's own row check refuses it.)"""
+    fixed = {"grad_sample_mode": mode, "poisson_sampling": False}  # batches of 8 in order: example 0 unlabelled
+    _refused_before_any_release(LeavesOutUnlabelledThenMixes(mode == "ghost"), MIXES, **fixed)
+    _refused_before_any_release(LeavesOutUnlabelledThenMixes(mode == "ghost", every_batch=True), MIXES, **fixed)
+
+
+class LeavesOutUnlabelled(LeavesOutUnlabelledThenMixes):
+    """Leaves out the examples labelled -1 (the first of every batch); the kept ones don't mix."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        kept = labels >= 0
+        losses = F.cross_entropy(self(inputs[kept]), labels[kept], reduction="none")
+        return losses if self.per_example else losses.mean()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_step_that_leaves_out_its_first_example_is_checked_and_trains(mode):
+    _trains(LeavesOutUnlabelled(mode == "ghost", every_batch=True), grad_sample_mode=mode, poisson_sampling=False)
+
+
+class ImputesAMissingColumnThenMixes(Audited):
+    """Every example misses its first value (NaN, imputed in ``forward``), and the model mixes the examples."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = torch.nan_to_num(inputs)
+        return super().forward(inputs - inputs.mean(0))
+
+    def train_dataloader(self) -> DataLoader:
+        inputs, labels = _data().tensors
+        inputs = inputs.clone()
+        inputs[:, 0] = float("nan")
+        return DataLoader(TensorDataset(inputs, labels), batch_size=8)
+
+
+def test_an_example_with_nan_is_never_its_own_replacement():
+    """Before: NaN != NaN made example 0 its own donor, so its replacement changed nothing."""
+    from lightning_nt.privacy.independence import _donors
+
+    assert _donors((torch.tensor([[math.nan, 1.0], [math.nan, 2.0], [math.nan, 1.0]]),), 0) == [1]
+    _refused_before_any_release(ImputesAMissingColumnThenMixes(), MIXES, grad_sample_mode="hooks")
