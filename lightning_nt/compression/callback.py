@@ -538,14 +538,29 @@ def _restore_configure_optimizers(pl_module: pl.LightningModule) -> None:
         del pl_module.configure_optimizers
 
 
+def _argmax_of_distributions(labels: Tensor) -> Tensor:
+    """Each row's class, for rows that are distributions over the classes (one-hot or soft labels); refused else."""
+    rows = labels.double()
+    sums = rows.sum(dim=1)
+    if len(rows) and not (bool((rows >= 0).all()) and bool(((sums - 1).abs() <= 1e-3).all())):
+        raise ValueError(
+            "CompressionBoundReporter bounds a classifier's 0-1 error: labels of shape (batch, classes) must be "
+            "one-hot or soft labels (each row non-negative, summing to 1), not multi-label or regression targets "
+            f"(rows sum to {float(sums.min()):.3g}..{float(sums.max()):.3g}, smallest value {float(rows.min()):.3g}). "
+            "Pass `target_fn(batch)` returning class indices."
+        )
+    return labels.argmax(dim=1)
+
+
 def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Scores ``(batch, classes)`` whose argmax is the prediction, and labels as class indices ``(batch,)``.
 
     One output column (or a 1-D output) is a binary classifier's logit ``z``: its scores are ``(0, z)``, so the
     prediction is class 1 exactly where ``z > 0`` and the margin of an example is ``z`` (label 1) or ``-z`` (label
     0). Labels must be whole numbers in ``[0, classes)``: anything else (a regression target) has no 0-1 error.
-    Labels of the scores' shape ``(batch, classes)``, one-hot or soft (mixup, label smoothing), are replaced by
-    their argmax: a 0-1 error needs one class per example, and against a soft label it is the argmax's.
+    Labels of the scores' shape ``(batch, classes)``, one-hot or soft (mixup, label smoothing: rows non-negative and
+    summing to 1), are replaced by their argmax: a 0-1 error needs one class per example, and against a soft label
+    it is the argmax's. Other such targets (multi-label, regression) are refused.
 
     Examples:
         >>> class_scores(torch.tensor([[2.0], [-1.0]]), torch.tensor([1.0, 1.0]))
@@ -566,7 +581,7 @@ def class_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         logits = torch.stack([torch.zeros_like(logits.reshape(-1)), logits.reshape(-1)], dim=1)
         labels = labels.reshape(-1) if labels.numel() == len(logits) else labels
     if logits.ndim == 2 and labels.shape == logits.shape:  # one-hot or soft labels (mixup, label smoothing)
-        labels = labels.argmax(dim=1)
+        labels = _argmax_of_distributions(labels)
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(
             "CompressionBoundReporter needs logits of shape (batch, classes), or (batch, 1) for a binary classifier, "

@@ -228,6 +228,7 @@ class SharpnessMonitor(pl.Callback):
         self._measuring_seconds = self._max_cost = 0.0
         self.skipped = 0
         self._start_step = self._seen_step = trainer.global_step
+        self._step_batches = []  # a fit interrupted mid-accumulation left its micro-batches
         if not self._restored:  # a new run (not a resume) measures its first step even if an earlier fit did
             self._last_step = -1
         self._restored = False

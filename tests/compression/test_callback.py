@@ -375,6 +375,18 @@ def test_soft_labels_are_scored_against_their_argmax():
     assert float((scores.argmax(dim=1) != labels).float().mean()) == 0.5  # rows 1 and 2 wrong
 
 
+@pytest.mark.parametrize(
+    "targets",
+    [[[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]], [[0.5, -0.2, 0.7], [0.3, 0.3, 0.4]], [[2.0, 0.1, 0.0], [0.0, 0.0, 1.0]]],
+    ids=["multi-label", "regression", "unnormalised"],
+)
+def test_float_targets_that_are_not_distributions_are_refused_naming_target_fn(targets):
+    """Before (in this change): any (batch, classes) target was scored against its argmax, so multi-label and
+    regression targets got a 'certified' 0-1 error."""
+    with pytest.raises(ValueError, match=r"one-hot or soft labels.*`target_fn"):
+        class_scores(torch.zeros(2, 3), torch.tensor(targets))
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["one-hot", "label-smoothing"])
 def test_a_classifier_trained_on_float_labels_is_certified_against_their_argmax(smoothing):
     # float (n, classes) targets were refused: "labels of shape (batch,)"
