@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -147,9 +148,17 @@ def _template(trainer: pl.Trainer) -> Any:
     return next(ProbeSet.from_trainer(trainer, 1).chunks())[0]
 
 
+_LOADABLE = (Tensor, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Size)
+"""Leaves ``torch.load(weights_only=True)`` reads back."""
+
+_FROM_TEMPLATE = {"lightning_nt.probe": "from the train loader"}
+"""What a saved probe batch holds in place of a leaf ``weights_only`` loading can't read (a NumPy array, a path)."""
+
+
 def _plain(value: Any) -> Any:
     """``value`` with dataclasses as dicts of their fields, namedtuples as tuples and other mappings, lists and
-    tuples as plain ones: the containers ``torch.load(weights_only=True)`` accepts, every leaf kept as it is."""
+    tuples as plain ones: the containers ``torch.load(weights_only=True)`` accepts, every loadable leaf kept as it
+    is (others, with a warning, replaced by a marker that :func:`_restored` fills from the template)."""
     if is_dataclass_instance(value):
         return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, Mapping):
@@ -157,15 +166,25 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         items = [_plain(item) for item in value]
         return tuple(items) if isinstance(value, tuple) else items
-    return value
+    if isinstance(value, _LOADABLE):
+        return value
+    warnings.warn(
+        f"A probe set's batch holds a {type(value).__name__}, which a checkpoint loaded with weights_only=True can't "
+        "hold: it is not saved, and a resumed run takes that field from a batch of the train loader.",
+        stacklevel=2,
+    )
+    return _FROM_TEMPLATE
 
 
 def _restored(template: Any, plain: Any) -> Any:
     """:func:`_plain`'s ``plain`` with the container classes of ``template``, a batch of the same loader.
 
     The values all come from ``plain``; ``template`` only lends classes, so a list may be longer than the
-    template's (a per-example column of the probe set against a one-example batch).
+    template's (a per-example column of the probe set against a one-example batch). A leaf that was not saved comes
+    from ``template``.
     """
+    if isinstance(plain, dict) and plain == _FROM_TEMPLATE:
+        return template
     if is_dataclass_instance(template):
         if not isinstance(plain, dict) or {field.name for field in dataclasses.fields(template)} != plain.keys():
             raise _structure_error(template, plain)

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt.common import ProbeSet, batch_size, tensors_of
+from lightning_nt.common.probe import _restored
 from lightning_nt.laziness import LazinessMonitor
 from lightning_nt.similarity import RepresentationSimilarity
 from tests.helpers import TinyClassifier, classification_data, tiny_trainer
@@ -262,3 +263,20 @@ def test_checkpoints_holding_only_the_probe_tensors_still_resume(tmp_path, style
     restored, original = _probe_batch(resumed), _probe_batch(whole)
     assert all(torch.equal(a, b) for a, b in zip(tensors_of(restored), tensors_of(original), strict=True))
     _assert_same_history(resumed, whole)
+
+
+def test_fields_a_weights_only_checkpoint_cannot_hold_come_from_the_loader_with_a_warning(tmp_path):
+    """Before: a NumPy array or a path in a probe batch made the whole checkpoint unloadable with weights_only."""
+    import pathlib
+
+    import numpy as np
+
+    probe = ProbeSet({"x": torch.arange(4.0)[:, None], "raw": np.arange(4), "paths": [pathlib.Path("a")] * 4})
+    with pytest.warns(UserWarning, match="ndarray.*weights_only") as caught:
+        torch.save(probe.state_dict(), tmp_path / "probe.pt")
+    assert any("PosixPath" in str(w.message) or "Path" in str(w.message) for w in caught)
+    state = torch.load(tmp_path / "probe.pt", weights_only=True)
+    template = {"x": torch.zeros(1, 1), "raw": np.zeros(1), "paths": [pathlib.Path("b")]}
+    restored = _restored(template, state["batch"])
+    assert torch.equal(restored["x"], torch.arange(4.0)[:, None])
+    assert restored["raw"] is template["raw"] and restored["paths"] == [pathlib.Path("b")] * 4
