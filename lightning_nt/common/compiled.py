@@ -112,11 +112,14 @@ def named_modules(module: nn.Module) -> dict[str, nn.Module]:
 
 def compiled_parts(module: nn.Module) -> list[str]:
     """What of ``module`` is compiled: ``"forward"`` when its own methods were compiled in place (Lightning's
-    ``trainer.fit(torch.compile(module))``), and the :func:`uncompiled_name` of every compiled submodule.
+    ``trainer.fit(torch.compile(module))``), and the :func:`uncompiled_name` of every compiled submodule (wrapped by
+    ``torch.compile(submodule)`` or compiled in place by ``submodule.compile()``).
 
     Examples:
-        >>> compiled_parts(nn.Sequential(nn.Linear(2, 2), torch.compile(nn.ReLU())))
-        ['1']
+        >>> net = nn.Sequential(nn.Linear(2, 2), torch.compile(nn.ReLU()), nn.Tanh())
+        >>> net[2].compile()
+        >>> compiled_parts(net)
+        ['1', '2']
         >>> compiled_parts(nn.Linear(2, 2))
         []
     """
@@ -124,5 +127,5 @@ def compiled_parts(module: nn.Module) -> list[str]:
     return parts + [
         uncompiled_name(name) or "<root>"
         for name, child in module.named_modules()
-        if isinstance(child, OptimizedModule)
+        if isinstance(child, OptimizedModule) or getattr(child, "_compiled_call_impl", None) is not None
     ]
