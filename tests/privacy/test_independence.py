@@ -396,3 +396,21 @@ def test_an_example_with_nan_is_never_its_own_replacement():
 
     assert _donors((torch.tensor([[math.nan, 1.0], [math.nan, 2.0], [math.nan, 1.0]]),), 0) == [1]
     _refused_before_any_release(ImputesAMissingColumnThenMixes(), MIXES, grad_sample_mode="hooks")
+
+
+class RunsItsLayerTwice(Audited):
+    """One layer applied twice in a forward pass (a block shared between depths, ALBERT-style)."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(inputs)))))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_layer_run_twice_trains_under_hooks_and_bk_and_ghost_refuses_it_by_name(mode):
+    """Before: ghost clipping ended in Opacus's NotImplementedError 'Parameter tying is not supported', naming no
+    layer and no fix."""
+    if mode == "ghost":
+        match = "Layer 'fc' ran twice in one training step.*grad_sample_mode='hooks' or 'bk'"
+        _refused_before_any_release(RunsItsLayerTwice(True), match, grad_sample_mode=mode)
+    else:
+        _trains(RunsItsLayerTwice(), grad_sample_mode=mode, poisson_sampling=False)

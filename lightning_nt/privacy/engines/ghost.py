@@ -46,6 +46,7 @@ class GhostClippingEngine(OpacusHooksEngine):
     supports_virtual_steps = False
     supports_sensitivity_probe = False
     outside_uses_escape_clipping = True
+    calls_each_layer_once = True
     outside_use = "the gradient of such a use would reach the update unclipped (the ghost norms miss it)"
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward

@@ -148,12 +148,21 @@ class _RowsSeen:
     class's ``step`` for every later instance).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, once: bool = False) -> None:
         self.seen: list[tuple[str, int]] = []
         self.watching = False
+        self.once = once  # a layer called twice in one step is refused (ghost clipping can't clip it)
 
     def note(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if self.watching and torch.is_grad_enabled() and inputs and isinstance(inputs[0], Tensor):
+            if self.once and any(seen == name for seen, _ in self.seen):
+                raise RuntimeError(
+                    f"Layer {name!r} ran twice in one training step (a block shared between depths or positions, or "
+                    "a layer also run on other inputs): grad_sample_mode='ghost' computes a layer's per-example "
+                    "gradient norms from one call, and can't clip a parameter used twice (Opacus calls it parameter "
+                    "tying). Refused before any noise. Use grad_sample_mode='hooks' or 'bk', which sum a shared "
+                    "layer's per-example gradients over its calls."
+                )
             self.seen.append((name, inputs[0].shape[0] if inputs[0].ndim else 0))
 
 
@@ -170,6 +179,7 @@ class OpacusHooksEngine(ClippingEngine):
     """
 
     supports_sensitivity_probe = True
+    calls_each_layer_once = False  # a layer may run several times in a step (its per-example gradients add up)
     optimizers = (_CarryingDPOptimizer, _CarryingDistributedDPOptimizer)
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
@@ -177,9 +187,10 @@ class OpacusHooksEngine(ClippingEngine):
         self.optimizer.parameter_names = {id(p): name for name, p in module.named_parameters()}
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
-        self._rows = _RowsSeen()
-        self._row_watches = [
-            layer.register_forward_hook(partial(self._rows.note, name)) for name, layer in trainable_modules(module)
+        self._rows = _RowsSeen(once=self.calls_each_layer_once)
+        self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly
+            layer.register_forward_hook(partial(self._rows.note, name), prepend=True)
+            for name, layer in trainable_modules(module)
         ]
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
