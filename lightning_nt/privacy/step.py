@@ -98,7 +98,7 @@ class _PrivateStep:
             module = self.lightning_module
             batch = run_earlier_parts(module, engine, batch, batch_idx, limit, views, self._physical_step)
         if batch is not None:
-            args = (flat_views(batch, self.augmentation_multiplicity), *args[1:])
+            args = (self._views(batch), *args[1:])
             self._rows = batch_size(args[0])
         with self._without_ddp_gradient_sync():  # the DP optimizer reduces the clipped, noised gradients itself
             output = refuse_skipped_step(super().training_step(*args, **kwargs))  # type: ignore[misc]
@@ -136,25 +136,20 @@ class _PrivateStep:
 
     def _probe_sensitivity(self, batch: Any, batch_idx: int) -> None:
         """``sensitivity_probe=True``: one canary check of the per-example bound on a first batch (no release)."""
-        if self.max_physical_batch_size is not None:
-            batch = select_examples(batch, slice(0, self.max_physical_batch_size))
-        engine = self._active_engine()
-        engine.discard_per_example_state()
-        with self._physical_step():  # the run's precision, as the step's own physical parts
+        with self._guard_passes(batch) as part:
             check_sensitivity(
-                self.lightning_module,
-                self.optimizers[0],
-                batch,
-                batch_idx,
-                self.max_grad_norm,
-                prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
+                self.lightning_module, self.optimizers[0], part, batch_idx, self.max_grad_norm, prepare=self._views
             )
-        engine.discard_per_example_state()  # the probe's batches (one example short) are not this step's
 
     def _try_example_independence(self, batch: Any, batch_idx: int) -> None:
-        """Check this batch for layers that mix the examples, or count a batch of two or more examples, all the same;
-        refuse the fit when ``INDEPENDENCE_TRIES`` such batches went by unchecked."""
-        if self._check_example_independence(batch, batch_idx):
+        """Check this batch for layers that mix the examples (see :mod:`~lightning_nt.privacy.independence`), or count
+        a batch of two or more examples, all the same; refuse the fit when ``INDEPENDENCE_TRIES`` such batches went by
+        unchecked."""
+        with self._guard_passes(batch) as part:
+            checked = check_example_independence(
+                self.lightning_module, self._active_engine(), part, batch_idx, prepare=self._views
+            )
+        if checked:
             self._independence_tries = 0
         elif batch_size(batch) >= 2:
             self._independence_tries -= 1
@@ -165,22 +160,22 @@ class _PrivateStep:
                     "differ."
                 )
 
-    def _check_example_independence(self, batch: Any, batch_idx: int) -> bool:
-        """Refuse a layer that mixes the examples, on a fit's first batch of two distinct examples (its first
-        physical part); False if this batch could not be used. See :mod:`~lightning_nt.privacy.independence`."""
+    @contextlib.contextmanager
+    def _guard_passes(self, batch: Any) -> Iterator[Any]:
+        """Where a guard runs its own passes of the step before it (no release): on the batch's first physical part,
+        as the step's physical parts run, with no per-example state kept before or after (its batches are not this
+        step's)."""
         if self.max_physical_batch_size is not None:
             batch = select_examples(batch, slice(0, self.max_physical_batch_size))
         engine = self._active_engine()
+        engine.discard_per_example_state()
         with self._physical_step():
-            checked = check_example_independence(
-                self.lightning_module,
-                engine,
-                batch,
-                batch_idx,
-                prepare=lambda probe: flat_views(probe, self.augmentation_multiplicity),
-            )
-        engine.discard_per_example_state()  # the check's batches are not this step's
-        return checked
+            yield batch
+        engine.discard_per_example_state()
+
+    def _views(self, batch: Any) -> Any:
+        """``batch`` as ``training_step`` takes it: augmented views flattened into the examples' rows."""
+        return flat_views(batch, self.augmentation_multiplicity)
 
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
