@@ -68,6 +68,7 @@ class ClippingEngine(ABC):
     ) -> None:
         self.mode, self.module = mode, module
         self._trainable = _trainable_names(module)
+        self.parameter_names = {id(p): name for name, p in module.named_parameters()}  # to name them in results
         self.optimizer = self.optimizers[1 if distributed else 0](
             optimizer,
             noise_multiplier=noise_multiplier,

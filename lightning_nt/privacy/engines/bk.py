@@ -64,8 +64,7 @@ class BookKeepingEngine(ClippingEngine):
             norms = self.clipper.squared_norms(rows) if rows else {}
         finally:
             self.clipper.start()
-        names = {id(p): name for name, p in self.module.named_parameters()}
-        return {names[id(p)]: squared.detach().float().sqrt()[:, None] for p, squared in norms.items()}
+        return {self.parameter_names[id(p)]: squared.detach().float().sqrt()[:, None] for p, squared in norms.items()}
 
     def discard_per_example_state(self) -> None:
         self.clipper.discard()

@@ -125,10 +125,9 @@ class GhostClippingEngine(OpacusHooksEngine):
         if losses is None:
             return {}
         self._norms_pass(losses, retain_graph=False)
-        names = {id(p): name for name, p in self.module.named_parameters()}
         found = {"the order of the per-example losses training_step returns": losses.detach().float()[:, None]}
         for p in self.hooks.trainable_parameters:
-            found[names[id(p)]] = p._norm_sample.detach().float()[:, None]
+            found[self.parameter_names[id(p)]] = p._norm_sample.detach().float()[:, None]
             del p._norm_sample
         return found
 

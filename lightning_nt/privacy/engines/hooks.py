@@ -184,7 +184,7 @@ class OpacusHooksEngine(ClippingEngine):
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         super().__init__(mode, module, optimizer, **options)
-        self.optimizer.parameter_names = {id(p): name for name, p in module.named_parameters()}
+        self.optimizer.parameter_names = self.parameter_names
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
         self._rows = _RowsSeen(once=self.calls_each_layer_once)
