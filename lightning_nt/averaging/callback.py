@@ -68,8 +68,9 @@ class IterateAveraging(pl.Callback):
         half_life: EMA half-life in optimizer steps, instead of ``decay``.
         warmup: EMA warm-up power ``p``: update ``t`` uses ``min(decay, 1 - (1 + t) ** -p)`` (timm); ``None``: off.
         bn: BatchNorm statistics for the average: ``"recompute"`` them on training batches before each
-            evaluation (default, as Gadam and ``torch.optim.swa_utils.update_bn``), ``"average"`` them like
-            weights, or ``"copy"`` the raw model's.
+            evaluation (default, as Gadam and ``torch.optim.swa_utils.update_bn``; with every submodule in the
+            mode it trained in, so a BatchNorm kept in eval mode during training, e.g. in a frozen backbone, keeps
+            its running statistics), ``"average"`` them like weights, or ``"copy"`` the raw model's.
         bn_batches: training batches used to recompute BatchNorm statistics (``None``: the whole loader).
         compare_raw: also run validation with the raw weights and log the same metrics under ``raw/<name>``.
         apply_on_end: copy the average into the module when training ends.
@@ -148,6 +149,7 @@ class IterateAveraging(pl.Callback):
         self._evaluated_buffers: tuple[int, dict[str, Tensor]] | None = None
         self._holds_checkpoint = False  # validate/test with a checkpoint: the module holds its evaluated weights
         self._warned_skip = False
+        self._training_modes: dict[str, bool] | None = None  # each submodule's `training` flag at the last update
         self._swap = ExitStack()
         self._swapped: dict[str, Tensor] | None = None  # while the average is swapped in: the raw tensors by name
 
@@ -270,6 +272,7 @@ class IterateAveraging(pl.Callback):
         if not self._should_update(trainer, batch_idx):
             return
         assert self._average is not None
+        self._training_modes = {name: module.training for name, module in pl_module.named_modules()}
         if not self._average.update(pl_module):
             self._report_skip(trainer)
 
@@ -452,7 +455,7 @@ class IterateAveraging(pl.Callback):
                     yield training_loss(pl_module, prepare_batch(trainer, batch), batch_idx, self.loss_fn)
 
         with torch.no_grad(), preserved_loader_rng(dataloader):
-            recompute_batchnorm(pl_module, forward_passes())
+            recompute_batchnorm(pl_module, forward_passes(), self._training_modes)
 
     def _decay_per_update(self) -> float:
         decay = 0.999 if self.decay is None and self.half_life is None else self.decay

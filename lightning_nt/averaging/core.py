@@ -19,7 +19,7 @@ The two modes are one recursion ``avg <- avg + w_t (x - avg)``:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -256,14 +256,35 @@ def _lerp_(averages: list[Tensor], iterates: list[Tensor], weight: float) -> Non
 
 
 @torch.no_grad()
-def recompute_batchnorm(module: nn.Module, forward_passes: Iterable[Any]) -> None:
+def recompute_batchnorm(
+    module: nn.Module, forward_passes: Iterable[Any], training_modes: Mapping[str, bool] | None = None
+) -> None:
     """Reset every BatchNorm's running statistics and recompute them as a plain mean over ``forward_passes``.
 
     ``forward_passes`` is consumed for its side effect: each item must run one forward pass of ``module``
     (e.g. a generator calling the module's training step). Same statistics as
     ``torch.optim.swa_utils.update_bn`` on the same batches, for any way of calling the module.
+
+    ``training_modes``: the ``training`` flag of each submodule (by name) while the module trained. The passes then
+    run in those modes, and only the BatchNorms that trained in training mode are recomputed: one kept in eval mode
+    (a frozen, pre-trained backbone) never changed its running statistics, which the average keeps. ``None``: every
+    submodule in training mode, every BatchNorm recomputed.
+
+    Examples:
+        >>> net = nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> modes = {"": True, "0": False, "1": True, "2": True}  # the first BatchNorm is kept in eval mode
+        >>> recompute_batchnorm(net, (net(torch.randn(4, 2)) for _ in range(3)), modes)
+        >>> net[0].running_mean.tolist(), int(net[2].num_batches_tracked)
+        ([0.0, 0.0], 3)
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    names = dict(module.named_modules())
+    norms = [
+        m
+        for name, m in names.items()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and (training_modes is None or training_modes.get(name, True))
+    ]
     if not norms:
         return
     momenta = [norm.momentum for norm in norms]
@@ -272,6 +293,9 @@ def recompute_batchnorm(module: nn.Module, forward_passes: Iterable[Any]) -> Non
         norm.momentum = None
     with preserved_modes(module):
         module.train()
+        for name, training in (training_modes or {}).items():
+            if name in names:
+                names[name].training = training
         try:
             for _ in forward_passes:
                 pass

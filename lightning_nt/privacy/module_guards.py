@@ -1,8 +1,10 @@
 """Checks on the module itself that make DP-SGD fail closed, each naming what is wrong and the fix.
 
-* before the first step (:func:`check_module`): modules compiled with ``torch.compile``, BatchNorm and what Opacus
-  can't give per-example gradients for (or their repair with ``fix_modules``), parametrized modules (also by the
-  old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``, lazy modules not yet materialised;
+* before the first step (:func:`check_module`): modules compiled with ``torch.compile``, trainable BatchNorm and
+  what Opacus can't give per-example gradients for (or their repair with ``fix_modules``), parametrized modules
+  (also by the old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``, lazy modules not yet
+  materialised, trainable parameters in ``nn.ParameterList``/``nn.ParameterDict``;
+* before every step (:func:`check_batch_norm_in_eval`): a frozen BatchNorm in training mode;
 * during a backward pass under ghost clipping (:func:`refusing_recomputation`): a layer that activation
   checkpointing runs again;
 * around every step (:func:`state_versions`, :func:`check_state_unchanged`): a ``training_step`` that changes the
@@ -25,7 +27,13 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from lightning_nt.common.compiled import compiled_parts
 from lightning_nt.common.layers import reparametrized_modules
 
-__all__ = ["check_module", "check_state_unchanged", "refusing_recomputation", "state_versions"]
+__all__ = [
+    "check_batch_norm_in_eval",
+    "check_module",
+    "check_state_unchanged",
+    "refusing_recomputation",
+    "state_versions",
+]
 
 
 def check_module(module: nn.Module, fix_modules: bool) -> None:
@@ -67,8 +75,9 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
             "Remove max_norm (to bound the looked-up vectors, normalise them in forward without changing the "
             "weight, e.g. with F.normalize)."
         )
-    errors = ModuleValidator.validate(module, strict=False)
-    coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    _refuse_parameter_containers(module)
+    errors = ModuleValidator.validate(module, strict=False)  # only layers with trainable parameters
+    coupled = [name for name, m in module.named_modules() if _trainable_batch_norm(m)]
     if not errors and not coupled:
         return
     if fix_modules:
@@ -86,6 +95,48 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
         "Coupling written by hand (e.g. `x - x.mean(0)` in forward) is looked for on a fit's first batch only "
         "(the example-independence check; see also DPStrategy's sensitivity_probe)."
     )
+
+
+def _refuse_parameter_containers(module: nn.Module) -> None:
+    """Refuse trainable parameters held in an ``nn.ParameterList``/``nn.ParameterDict``: such a module is never
+    called, so no clipping engine's per-layer rule sees the uses of its parameters (``F.linear(x, weights[0])``)."""
+    containers = [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.ParameterList | nn.ParameterDict) and any(p.requires_grad for p in m.parameters())
+    ]
+    if containers:
+        raise RuntimeError(
+            f"{containers} hold trainable parameters in an nn.ParameterList/nn.ParameterDict, a module that is never "
+            "called: every clipping engine forms each example's gradient from the calls of the layer that holds a "
+            "parameter, so their uses (F.linear(x, weights[0]), ...) can't be clipped per example. Hold each weight "
+            "in a layer whose forward applies it (nn.Linear, or a small nn.Module of your own with the weight as its "
+            "attribute), or freeze them (requires_grad_(False))."
+        )
+
+
+def _trainable_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm with trainable parameters: it trains on batch statistics, which couple the examples. A frozen one
+    is allowed, and refused by :func:`check_batch_norm_in_eval` on any step it runs in training mode."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in module.parameters())
+
+
+def check_batch_norm_in_eval(module: nn.Module) -> None:
+    """Refuse a step in which a (frozen) BatchNorm is in training mode: it would normalise by the batch's statistics,
+    coupling the examples (and update its running statistics from the private batch). A frozen backbone kept in
+    eval mode (``backbone.eval()`` in ``on_train_epoch_start``) uses its running statistics, one example at a time."""
+    training = [name or "<root>" for name, m in module.named_modules() if _batch_norm_in_training(m)]
+    if training:
+        raise RuntimeError(
+            f"BatchNorm {training} is in training mode during a private step: it normalises by the statistics of "
+            "the batch, which couples its examples, so DP-SGD's per-example clipping would not bound one example's "
+            "effect. Keep a frozen BatchNorm in eval mode while training (e.g. `self.backbone.eval()` in "
+            "on_train_epoch_start, or in an override of train()), or replace BatchNorm by GroupNorm."
+        )
+
+
+def _batch_norm_in_training(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
 
 
 def _unmaterialised(module: nn.Module) -> bool:

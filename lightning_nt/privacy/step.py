@@ -36,7 +36,7 @@ from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
 from lightning_nt.privacy.independence import check_example_independence
-from lightning_nt.privacy.module_guards import check_state_unchanged, state_versions
+from lightning_nt.privacy.module_guards import check_batch_norm_in_eval, check_state_unchanged, state_versions
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -82,6 +82,7 @@ class _PrivateStep:
             return self._empty_step()
         engine = self._active_engine()
         engine.check_trainable_parameters()
+        check_batch_norm_in_eval(self.lightning_module)
         check_accumulation(self.lightning_module.trainer)
         engine.start()
         batch_idx = args[1] if len(args) > 1 else 0

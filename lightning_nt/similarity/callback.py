@@ -52,13 +52,15 @@ __all__ = ["ACTIVATION_MODULES", "RepresentationSimilarity"]
 ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {
     nn.ReLU: "relu",
     nn.LeakyReLU: "relu",
+    nn.PReLU: "relu",
     nn.Tanh: "tanh",
     nn.GELU: "gelu",
     nn.SiLU: "gelu",
     nn.Sigmoid: "sigmoid",
 }
 """Module classes whose outputs ``layers=None`` compares, with the intertwiner group of each (SiLU, like GELU,
-has the permutations; LeakyReLU, like ReLU, the permutations times positive scalings)."""
+has the permutations; LeakyReLU and PReLU, like ReLU, the permutations times positive scalings: a PReLU with one
+slope per unit is permuted with its units)."""
 
 
 def _is_reference(value: Any) -> bool:
@@ -93,7 +95,7 @@ class RepresentationSimilarity(pl.Callback):
         layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
             inferred from its class (see ``ACTIVATION_MODULES``), or a mapping ``{name: activation}`` with
             activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``, ``"identity"``. ``None``: every
-            ReLU, LeakyReLU, Tanh, GELU, SiLU and Sigmoid module. A module that runs several times in one forward
+            ReLU, LeakyReLU, PReLU, Tanh, GELU, SiLU and Sigmoid module. A module that runs several times in one forward
             pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
             ``torch.compile`` a name may carry the ``_orig_mod.`` component or not; tags are logged without it.
         reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path

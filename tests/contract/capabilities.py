@@ -123,15 +123,22 @@ def _refuses_non_classifiers(entry: ZooEntry) -> Refusal | None:
     return None
 
 
+def _compression_refusals(entry: ZooEntry) -> Refusal | None:
+    # an integer buffer (a step counter) is not encoded: a warning naming it, no report (the fit goes on)
+    return _refuses_non_classifiers(entry) or (Refusal(r"integer buffers") if entry.integer_buffers else None)
+
+
 def _subspace_refusals(entry: ZooEntry) -> Refusal | None:
     if entry.reparametrized:  # theta0 + P w needs plain parameters to displace
         return Refusal(r"already carry parametrizations")
+    if entry.bare_parameters:  # theta0 is drawn from the seed by the layers' reset_parameters: named, with the fixes
+        return Refusal(r"don't belong to a module with `reset_parameters`")
     # one coordinate vector w can't honour param groups with different learning rates: say so, naming the subspace
     return Refusal(r"(?i)subspace") if entry.several_lrs else None
 
 
 def _subspace_compression_refusals(entry: ZooEntry) -> Refusal | None:
-    return _subspace_refusals(entry) or _refuses_non_classifiers(entry)
+    return _subspace_refusals(entry) or _compression_refusals(entry)
 
 
 def _compression_tags(entry: ZooEntry) -> tuple[str, ...]:
@@ -198,8 +205,12 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
         return Refusal(r"automatic optimization")
     if "accumulate_grad_batches" in entry.trainer_arguments:  # breaks Poisson sampling's accounting
         return Refusal(r"accumulate_grad_batches")
-    if entry.batch_norm:
+    if entry.batch_norm and not entry.batch_norm_in_eval:  # batch statistics couple the examples
         return Refusal(r"BatchNorm")
+    if entry.parameter_containers:  # an nn.ParameterList is never called: no layer's per-example rule sees its use
+        return Refusal(r"ParameterList")
+    if entry.forward_updates_buffers:  # buffers written from the private batch would be released without noise
+        return Refusal(r"training_step changed the module's")
     if entry.recurrent or entry.attention:  # Opacus's DPLSTM/DPGRU/DPMultiheadAttention, by fix_modules=True
         return Refusal(r"fix_modules")
     if entry.unused_parameters:  # issue 10 item 11: fail closed naming the parameter, or a zero gradient
@@ -217,6 +228,8 @@ def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
     refusal = _dp_refusals(entry)
     if refusal is None and entry.tied_weights:  # one tensor in two layers: per-layer norms would be wrong
         return Refusal(r"grad_sample_mode='hooks'")
+    if refusal is None and (entry.bare_parameters or entry.parametric_activation):  # no book-keeping rule
+        return Refusal(r"neither a book-keeping nor an Opacus per-sample rule.*grad_sample_mode='hooks'")
     return refusal
 
 
@@ -346,7 +359,7 @@ CAPABILITIES: list[Capability] = [
         tags=_compression_tags,
         state=_compression_report,
         side_effect_free=True,
-        refuses=_refuses_non_classifiers,
+        refuses=_compression_refusals,
         trainer_refusals=_MAP_STYLE_ONLY,  # distinct training examples are counted: a warning, no bound
         constructor=Constructor(
             CompressionBoundReporter,

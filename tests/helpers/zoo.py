@@ -50,6 +50,8 @@ class ZooEntry:
     batch_kind: BatchKind = "tuple"
     loss_kind: LossKind = "cross_entropy"
     batch_norm: bool = False
+    batch_norm_in_eval: bool = False
+    """Every BatchNorm is frozen and kept in eval mode while training (running statistics, no batch statistics)."""
     unused_parameters: bool = False
     frozen_parameters: bool = False
     tied_weights: bool = False
@@ -67,6 +69,17 @@ class ZooEntry:
     activation_checkpointing: bool = False
     reparametrized: bool = False
     """Weights computed from other parameters (``weight_norm``, ``spectral_norm``, parametrizations)."""
+    bare_parameters: bool = False
+    """Trainable parameters held by no layer with ``reset_parameters`` and applied functionally in ``forward`` (an
+    ``nn.Parameter`` on the LightningModule itself, ``nn.ParameterList``/``nn.ParameterDict`` with ``F.linear``)."""
+    parameter_containers: bool = False
+    """Trainable parameters in ``nn.ParameterList``/``nn.ParameterDict``, modules that are never called."""
+    parametric_activation: bool = False
+    """An activation with a learned parameter (``nn.PReLU``)."""
+    forward_updates_buffers: bool = False
+    """The training forward pass writes buffers (a running mean of the batch's features, a step counter)."""
+    integer_buffers: bool = False
+    """A persistent integer buffer besides BatchNorm's ``num_batches_tracked`` (a step counter)."""
     second_order: bool = True
     """PyTorch can differentiate the loss twice (``nn.EmbeddingBag`` can't)."""
     trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -543,6 +556,137 @@ class BackwardHook(ZooModule):
         return network
 
 
+# ---- module structures from the third new-user sweep -------------------------------------------------------------
+
+
+class BareParameter(ZooModule):
+    """A learned logit temperature registered on the LightningModule itself, outside every submodule, and used
+    functionally in ``forward`` (CLIP's ``logits * logit_scale.exp()``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net(inputs) * self.log_scale.exp()
+
+
+class _ContainerLayers(nn.Module):
+    """A hand-written MLP: weights in an ``nn.ParameterList``, biases in an ``nn.ParameterDict``, ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shapes = ((HIDDEN, DIM), (CLASSES, HIDDEN))
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(shape) / math.sqrt(shape[1])) for shape in shapes)
+        self.biases = nn.ParameterDict(
+            {"hidden": nn.Parameter(torch.zeros(HIDDEN)), "out": nn.Parameter(torch.zeros(CLASSES))}
+        )
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        hidden = torch.tanh(F.linear(inputs, self.weights[0], self.biases["hidden"]))
+        return F.linear(hidden, self.weights[1], self.biases["out"])
+
+
+class ParameterContainers(ZooModule):
+    def network(self) -> nn.Module:
+        return _ContainerLayers()
+
+
+class PReLULayerNorm(ZooModule):
+    """LayerNorm, PReLU (an activation with a learned slope), GELU and SiLU: the activation modules found by type."""
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(DIM, HIDDEN),
+            nn.LayerNorm(HIDDEN),
+            nn.PReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.GELU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.SiLU(),
+            nn.Linear(HIDDEN, CLASSES),
+        )
+
+
+class EvalModeBatchNorm(ZooModule):
+    """Fine-tuning a head on a frozen BatchNorm backbone kept in eval mode (running statistics fixed) while the
+    rest trains: ``on_train_epoch_start`` puts the backbone back in eval mode after Lightning's ``train()``."""
+
+    def network(self) -> nn.Module:
+        backbone = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.BatchNorm1d(HIDDEN), nn.Tanh())
+        with torch.no_grad():  # running statistics as a pre-trained backbone has them, not the defaults
+            backbone[1].running_mean.uniform_(-0.5, 0.5)
+            backbone[1].running_var.uniform_(0.5, 2.0)
+        backbone.requires_grad_(False)
+        return nn.Sequential(backbone, nn.Linear(HIDDEN, CLASSES))
+
+    def on_train_epoch_start(self) -> None:
+        self.net[0].eval()
+
+
+class TwoLosses(ZooModule):
+    """Two heads on one trunk: ``training_step`` returns cross-entropy plus an auxiliary MSE (reconstructing the
+    input's mean) and logs both; ``forward`` gives the classifier's logits."""
+
+    def network(self) -> nn.Module:
+        return nn.ModuleDict(
+            {
+                "trunk": nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh()),
+                "classifier": nn.Linear(HIDDEN, CLASSES),
+                "auxiliary": nn.Linear(HIDDEN, 1),
+            }
+        )
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net["classifier"](self.net["trunk"](inputs))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        inputs, targets = self.unpack(batch)
+        features = self.net["trunk"](inputs)
+        classification = F.cross_entropy(self.net["classifier"](features), targets)
+        auxiliary = F.mse_loss(self.net["auxiliary"](features), inputs.mean(dim=1, keepdim=True))
+        self.log("train_ce", classification)
+        self.log("train_aux", auxiliary)
+        return classification + auxiliary
+
+
+class DropoutNet(ZooModule):
+    """``nn.Dropout(0.5)`` after the hidden layer. The global RNG is seeded before each epoch's first batch (Lightning
+    doesn't checkpoint it; so a resumed run draws the masks of the uninterrupted one): any draw a monitor makes
+    mid-epoch changes the masks of the steps that follow."""
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(DIM, HIDDEN), nn.Tanh(), nn.Dropout(0.5), nn.Linear(HIDDEN, CLASSES))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            torch.manual_seed(self.current_epoch)
+
+
+class _Buffered(nn.Module):
+    """A non-persistent buffer (a fixed input scale), an integer step counter and a running mean of the hidden
+    features, both updated in every training forward pass (as EMA and schedule layers keep them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, CLASSES)
+        self.register_buffer("input_scale", torch.linspace(0.5, 1.5, DIM), persistent=False)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("feature_mean", torch.zeros(HIDDEN))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        hidden = torch.tanh(self.hidden(inputs * self.input_scale))
+        if self.training:
+            self.steps += 1
+            self.feature_mean.lerp_(hidden.detach().mean(dim=0), 0.1)
+        return self.out(hidden)
+
+
+class Buffers(ZooModule):
+    def network(self) -> nn.Module:
+        return _Buffered()
+
+
 # ---- torch.compile -----------------------------------------------------------------------------------------------
 
 COMPILE_BACKEND = "aot_eager"
@@ -633,6 +777,37 @@ _ENTRIES = [
         CompiledSubmodule,
         "self.net = torch.compile(network, backend='aot_eager'): names under _orig_mod.",
         compiled="submodule",
+    ),
+    ZooEntry(
+        "bare_parameter",
+        BareParameter,
+        "nn.Parameter on the LightningModule itself (logit temperature)",
+        bare_parameters=True,
+    ),
+    ZooEntry(
+        "parameter_containers",
+        ParameterContainers,
+        "ParameterList / ParameterDict applied with F.linear",
+        bare_parameters=True,
+        parameter_containers=True,
+    ),
+    ZooEntry("prelu_layernorm", PReLULayerNorm, "MLP with LayerNorm, PReLU, GELU and SiLU", parametric_activation=True),
+    ZooEntry(
+        "eval_mode_batchnorm",
+        EvalModeBatchNorm,
+        "frozen BatchNorm backbone kept in eval mode (on_train_epoch_start), trained head",
+        batch_norm=True,
+        batch_norm_in_eval=True,
+        frozen_parameters=True,
+    ),
+    ZooEntry("two_losses", TwoLosses, "two heads, cross-entropy + auxiliary MSE, both logged"),
+    ZooEntry("dropout", DropoutNet, "nn.Dropout(0.5), global RNG seeded before every epoch's first batch"),
+    ZooEntry(
+        "buffers",
+        Buffers,
+        "non-persistent buffer, integer step counter and running mean updated in forward",
+        forward_updates_buffers=True,
+        integer_buffers=True,
     ),
 ]
 

@@ -1,0 +1,148 @@
+"""What the module structures of the zoo's third sweep (``tests/helpers/zoo.py``: a bare ``nn.Parameter``, parameter
+containers, PReLU/LayerNorm, a frozen BatchNorm backbone in eval mode, two losses, dropout, buffers) showed beyond the
+shared promises of ``test_contract.py``: each test here failed before its fix, or checks that the suite can see
+what it promises to (the dropout entry's masks follow the global RNG, so a monitor's stray draw shows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from lightning_nt import DPStrategy, IterateAveraging, RepresentationSimilarity
+from lightning_nt.privacy.engines import clipping_engine
+from tests.contract.capabilities import Capability
+from tests.contract.test_contract import assert_same_weights, fit
+from tests.helpers.trainer import tiny_trainer
+from tests.helpers.zoo import ZOO, EvalModeBatchNorm
+
+
+class _DrawsFromTheGlobalRNG(pl.Callback):
+    """A monitor with a bug: one draw from torch's global generator after every training batch."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        torch.rand(())
+
+
+def test_the_dropout_entry_shows_a_monitor_that_draws_from_the_global_rng(tmp_path: Path) -> None:
+    """The no-side-effects promise covers the dropout RNG: one stray draw per batch changes the trained weights, and
+    a run without it is bit for bit the baseline (the entry's masks are deterministic)."""
+    entry = ZOO["dropout"]
+    baseline = fit(None, entry, tmp_path / "baseline")
+    again = fit(None, entry, tmp_path / "again")
+    drawing = fit(Capability("draws", lambda entry: _DrawsFromTheGlobalRNG()), entry, tmp_path / "drawing")
+    assert baseline.error is None and again.error is None and drawing.error is None
+    assert_same_weights(again.module, baseline.module)
+    with pytest.raises(AssertionError, match="not bit for bit equal"):
+        assert_same_weights(drawing.module, baseline.module)
+
+
+def test_iterate_averaging_keeps_the_statistics_of_a_batchnorm_kept_in_eval_mode(tmp_path: Path) -> None:
+    """bn="recompute" recomputes the statistics of the BatchNorms that train in training mode only: a frozen backbone
+    kept in eval mode keeps its (pre-trained) running statistics in the average, in validation and after fit."""
+    torch.manual_seed(0)
+    module = EvalModeBatchNorm()
+    norm = module.net[0][1]
+    pretrained = {name: buffer.clone() for name, buffer in norm.named_buffers()}
+    averaging = IterateAveraging(mode="uniform", bn="recompute", apply_on_end=True)
+    tiny_trainer(tmp_path, max_epochs=2, callbacks=[averaging]).fit(module)
+    assert averaging.n_averaged == 8
+    for name, value in pretrained.items():  # the module holds the average (and its statistics) after fit
+        assert torch.equal(getattr(norm, name), value), name
+
+
+class _BatchNormTrainsInTrainMode(EvalModeBatchNorm):
+    """The same frozen backbone, left in training mode (its BatchNorm normalises by the batch's statistics)."""
+
+    def on_train_epoch_start(self) -> None:
+        pass
+
+
+def test_dp_refuses_a_frozen_batchnorm_left_in_training_mode(tmp_path: Path) -> None:
+    """A frozen BatchNorm passes the module check (it has nothing to clip), and is refused before the first step
+    when it runs in training mode, where batch statistics couple the examples."""
+    torch.manual_seed(0)
+    trainer = tiny_trainer(tmp_path, strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    with pytest.raises(RuntimeError, match=r"BatchNorm \['net\.0\.1'\] is in training mode.*eval\(\)"):
+        trainer.fit(_BatchNormTrainsInTrainMode())
+    assert trainer.global_step == 0
+
+
+CLIP = 2.0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_dp_clips_a_head_on_a_frozen_batchnorm_backbone_in_eval_mode_exactly(mode: str) -> None:
+    """The entry DP-SGD now trains: each example's clipped gradient is that of ``vmap(grad)`` (the frozen backbone in
+    eval mode gives each example its own features), so the clipped sum equals the reference in float64."""
+    torch.manual_seed(0)
+    net = EvalModeBatchNorm().net.double()
+    net[0].eval()
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
+    labels = torch.randint(3, (12,), generator=generator)
+    trainable = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
+    frozen = {name: t for name, t in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()}
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(net, {**frozen, **params}, (x[None],)), y[None])
+
+    samples = vmap(grad(loss), in_dims=(None, 0, 0))(trainable, inputs, labels)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in samples.values()], dim=1).norm(dim=1)
+    factors = (CLIP / (norms + 1e-6)).clamp(max=1.0)
+    expected = {name: torch.einsum("b,b...->...", factors, g) / len(inputs) for name, g in samples.items()}
+    assert (norms > CLIP).any() and (norms < CLIP).any()  # clipped and unclipped examples
+
+    engine = clipping_engine(
+        mode,
+        net,
+        torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0),
+        max_grad_norm=CLIP,
+        noise_multiplier=0.0,
+        secure_mode=False,
+        views=1,
+        distributed=False,
+    )
+    engine.optimizer.expected_batch_size = len(inputs)
+    engine.start()
+    engine.discard_per_example_state()
+    output = engine.take_output(F.cross_entropy(net(inputs), labels))
+    engine.backward(output, output.backward, len(inputs), _NoPrecision())
+    engine.optimizer.step()
+    engine.stop()
+    engine.forget()
+    for name, before in trainable.items():
+        torch.testing.assert_close(before - net.get_parameter(name).detach(), expected[name], rtol=1e-5, atol=1e-7)
+
+
+class _NoPrecision:
+    def pre_backward(self, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return tensor
+
+    def post_backward(self, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return tensor
+
+
+def test_representation_similarity_compares_prelu_layers(tmp_path: Path) -> None:
+    """PReLU (an activation with a learned slope) is found by type with ``layers=None``, like LeakyReLU."""
+    torch.manual_seed(0)
+    callback = RepresentationSimilarity(every_n_epochs=1, num_examples=16, chunk_size=8)
+    trainer = tiny_trainer(tmp_path, callbacks=[callback])
+    trainer.fit(ZOO["prelu_layernorm"].build())
+    assert {"similarity/cka/net.2", "similarity/cka/net.4", "similarity/cka/net.6"} <= set(trainer.callback_metrics)
+
+
+def test_dp_refuses_parameter_containers_by_name_before_the_first_step(tmp_path: Path) -> None:
+    """Trainable parameters in an nn.ParameterList/ParameterDict (never called: no engine sees their uses) are
+    refused naming the containers and the fix, not by the example-independence check's "examples left out"."""
+    torch.manual_seed(0)
+    trainer = tiny_trainer(tmp_path, strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    with pytest.raises(RuntimeError, match=r"\['net\.weights', 'net\.biases'\].*nn\.ParameterList.*nn\.Linear"):
+        trainer.fit(ZOO["parameter_containers"].build())
+    assert trainer.global_step == 0
