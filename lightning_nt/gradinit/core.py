@@ -127,10 +127,12 @@ class GradInitResult:
 def search_mode(module: nn.Module) -> Iterator[None]:
     """Dropout off, BatchNorm on batch statistics without touching its running statistics, math attention.
 
+    Only the BatchNorms in training mode use batch statistics, as the first training steps will: one the module keeps
+    in eval mode (a frozen backbone whose ``train()`` leaves it in eval mode) keeps using its running statistics.
     PyTorch's fused scaled-dot-product attention kernels have no double backward on the CPU; the math
     kernel has, so the constraint branch works for attention layers too.
     """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     tracking = [norm.track_running_stats for norm in norms]
     with preserved_modes(module), differentiable_kernels():
         module.eval()
@@ -276,7 +278,8 @@ def gradinit(
 ) -> GradInitResult:
     """Search one scale per parameter tensor of ``module``; the module is not modified (see :func:`apply_scales`).
 
-    Runs in :func:`search_mode` (dropout off, BatchNorm on batch statistics without updating them), in fp32.
+    Runs in :func:`search_mode` (dropout off, BatchNorm in training mode on batch statistics without updating them),
+    in fp32.
     The look-ahead loss is also measured on the first half-batches before the search and after it
     (``lookahead_loss_start``/``_end``), whichever branch the iterations took.
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_nt import DPStrategy, IterateAveraging, RepresentationSimilarity
+from lightning_nt.gradinit.core import search_mode
 from lightning_nt.privacy.engines import clipping_engine
 from tests.contract.capabilities import Capability
 from tests.contract.test_contract import assert_same_weights, fit
@@ -146,3 +147,31 @@ def test_dp_refuses_parameter_containers_by_name_before_the_first_step(tmp_path:
     with pytest.raises(RuntimeError, match=r"\['net\.weights', 'net\.biases'\].*nn\.ParameterList.*nn\.Linear"):
         trainer.fit(ZOO["parameter_containers"].build())
     assert trainer.global_step == 0
+
+
+class _BackboneEvalInTrain(EvalModeBatchNorm):
+    """The other way fine-tuning code keeps a backbone in eval mode: ``train()`` overridden (so it already holds when
+    training starts)."""
+
+    def on_train_epoch_start(self) -> None:
+        pass
+
+    def train(self, mode: bool = True) -> _BackboneEvalInTrain:
+        super().train(mode)
+        self.net[0].eval()
+        return self
+
+
+def test_gradinit_searches_with_a_batchnorm_kept_in_eval_mode_on_its_running_statistics() -> None:
+    """GradInit's search puts the BatchNorms that train in training mode on batch statistics (as the first steps see
+    them), and leaves one the user keeps in eval mode on its running statistics: the look-ahead loss it starts from is
+    the loss the module has in training, not that of another function."""
+    torch.manual_seed(0)
+    module = _BackboneEvalInTrain().train()
+    inputs, labels = next(iter(module.train_dataloader()))
+    expected = float(F.cross_entropy(module(inputs), labels))
+    with search_mode(module):
+        assert not module.net[0][1].training
+        searched = float(F.cross_entropy(module(inputs), labels))
+    assert searched == expected
+    assert not module.net[0].training and module.net[1].training  # modes restored
