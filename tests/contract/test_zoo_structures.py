@@ -75,36 +75,49 @@ def test_dp_refuses_a_frozen_batchnorm_left_in_training_mode(tmp_path: Path) -> 
     assert trainer.global_step == 0
 
 
-CLIP = 2.0
+def _reference_update(
+    module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Per-example gradients of the trainable parameters by ``vmap(grad)``, clipped to a bound between the smallest
+    and the largest norm (some examples clipped, some not), summed, over the batch size; and that bound."""
+    trainable = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(module, {**state, **params}, (x[None],)), y[None])
+
+    samples = vmap(grad(loss), in_dims=(None, 0, 0))(trainable, inputs, labels)
+    norms = torch.stack([g.reshape(len(g), -1).norm(dim=1) for g in samples.values()], dim=1).norm(dim=1)
+    clip = float(norms.median())
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {name: torch.einsum("b,b...->...", factors, g) / len(inputs) for name, g in samples.items()}, clip
 
 
-@pytest.mark.parametrize("mode", ["hooks", "bk"])
-def test_dp_clips_a_head_on_a_frozen_batchnorm_backbone_in_eval_mode_exactly(mode: str) -> None:
-    """The entry DP-SGD now trains: each example's clipped gradient is that of ``vmap(grad)`` (the frozen backbone in
-    eval mode gives each example its own features), so the clipped sum equals the reference in float64."""
+@pytest.mark.parametrize(
+    ("entry", "mode"),
+    [
+        ("eval_mode_batchnorm", "hooks"),
+        ("eval_mode_batchnorm", "bk"),
+        ("bare_parameter", "hooks"),  # the LightningModule's own parameter: a per-example rule for the root module
+        ("prelu_layernorm", "hooks"),  # PReLU has no Opacus rule (functorch), LayerNorm has one
+    ],
+)
+def test_dp_clips_the_structures_it_trains_exactly(entry: str, mode: str) -> None:
+    """Entries DP-SGD trains: each example's clipped gradient is that of ``vmap(grad)`` (a frozen backbone in eval
+    mode gives each example its own features), so the engine's clipped sum equals the reference in float64."""
     torch.manual_seed(0)
-    net = EvalModeBatchNorm().net.double()
-    net[0].eval()
+    module = ZOO[entry].build().double().train()
+    module.on_train_epoch_start()  # the frozen backbone to eval mode, as in training
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
     labels = torch.randint(3, (12,), generator=generator)
-    trainable = {name: p.detach().clone() for name, p in net.named_parameters() if p.requires_grad}
-    frozen = {name: t for name, t in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()}
-
-    def loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(net, {**frozen, **params}, (x[None],)), y[None])
-
-    samples = vmap(grad(loss), in_dims=(None, 0, 0))(trainable, inputs, labels)
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in samples.values()], dim=1).norm(dim=1)
-    factors = (CLIP / (norms + 1e-6)).clamp(max=1.0)
-    expected = {name: torch.einsum("b,b...->...", factors, g) / len(inputs) for name, g in samples.items()}
-    assert (norms > CLIP).any() and (norms < CLIP).any()  # clipped and unclipped examples
-
+    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    expected, clip = _reference_update(module, inputs, labels)
     engine = clipping_engine(
         mode,
-        net,
-        torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0),
-        max_grad_norm=CLIP,
+        module,
+        torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0),
+        max_grad_norm=clip,
         noise_multiplier=0.0,
         secure_mode=False,
         views=1,
@@ -113,13 +126,15 @@ def test_dp_clips_a_head_on_a_frozen_batchnorm_backbone_in_eval_mode_exactly(mod
     engine.optimizer.expected_batch_size = len(inputs)
     engine.start()
     engine.discard_per_example_state()
-    output = engine.take_output(F.cross_entropy(net(inputs), labels))
+    output = engine.take_output(F.cross_entropy(module(inputs), labels))
     engine.backward(output, output.backward, len(inputs), _NoPrecision())
     engine.optimizer.step()
     engine.stop()
     engine.forget()
-    for name, before in trainable.items():
-        torch.testing.assert_close(before - net.get_parameter(name).detach(), expected[name], rtol=1e-5, atol=1e-7)
+    assert before.keys() == expected.keys()
+    for name, value in before.items():
+        update = value - module.get_parameter(name).detach()
+        torch.testing.assert_close(update, expected[name], rtol=1e-5, atol=1e-7)
 
 
 class _NoPrecision:
