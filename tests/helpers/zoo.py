@@ -687,6 +687,28 @@ class Buffers(ZooModule):
         return _Buffered()
 
 
+class OrthogonalParametrization(ZooModule):
+    """The hidden-to-hidden weight kept orthogonal by ``torch.nn.utils.parametrizations.orthogonal``."""
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(DIM, HIDDEN),
+            nn.Tanh(),
+            nn.utils.parametrizations.orthogonal(nn.Linear(HIDDEN, HIDDEN)),
+            nn.Tanh(),
+            nn.Linear(HIDDEN, CLASSES),
+        )
+
+
+class PlateauSchedule(ZooModule):
+    """``configure_optimizers`` returns a dict whose ``ReduceLROnPlateau`` monitors ``val_loss`` (once per epoch)."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "monitor": "val_loss"}}
+
+
 # ---- torch.compile -----------------------------------------------------------------------------------------------
 
 COMPILE_BACKEND = "aot_eager"
@@ -809,6 +831,13 @@ _ENTRIES = [
         forward_updates_buffers=True,
         integer_buffers=True,
     ),
+    ZooEntry(
+        "orthogonal_parametrization",
+        OrthogonalParametrization,
+        "parametrizations.orthogonal on the hidden layer",
+        reparametrized=True,
+    ),
+    ZooEntry("plateau_schedule", PlateauSchedule, "ReduceLROnPlateau monitoring val_loss, from a dict"),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
