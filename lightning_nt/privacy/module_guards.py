@@ -77,7 +77,7 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
         )
     _refuse_parameter_containers(module)
     errors = ModuleValidator.validate(module, strict=False)  # only layers with trainable parameters
-    coupled = [name for name, m in module.named_modules() if _trainable_batch_norm(m)]
+    coupled = [name for name, m in module.named_modules() if _coupling_batch_norm(m)]
     if not errors and not coupled:
         return
     if fix_modules:
@@ -91,7 +91,8 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
     )
     raise RuntimeError(
         f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
-        "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training). "
+        "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training), "
+        "or freeze it (requires_grad_(False)) and keep it in eval mode while training, as a fine-tuned backbone is. "
         "Coupling written by hand (e.g. `x - x.mean(0)` in forward) is looked for on a fit's first batch only "
         "(the example-independence check; see also DPStrategy's sensitivity_probe)."
     )
@@ -115,10 +116,20 @@ def _refuse_parameter_containers(module: nn.Module) -> None:
         )
 
 
-def _trainable_batch_norm(module: nn.Module) -> bool:
-    """A BatchNorm with trainable parameters: it trains on batch statistics, which couple the examples. A frozen one
-    is allowed, and refused by :func:`check_batch_norm_in_eval` on any step it runs in training mode."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in module.parameters())
+def _frozen_batch_norm(module: nn.Module) -> bool:
+    """A BatchNorm whose parameters are all frozen (a pre-trained backbone's): allowed, and refused by
+    :func:`check_batch_norm_in_eval` on any step it runs in training mode. Any other BatchNorm (trainable, or without
+    parameters: ``affine=False``) trains on batch statistics, which couple the examples."""
+    parameters = list(module.parameters())
+    return (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and bool(parameters)
+        and not any(p.requires_grad for p in parameters)
+    )
+
+
+def _coupling_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and not _frozen_batch_norm(module)
 
 
 def check_batch_norm_in_eval(module: nn.Module) -> None:
@@ -175,10 +186,11 @@ def _refuse_recomputation(name: str, *_: Any) -> None:
 
 
 def _fix_in_place(module: nn.Module) -> None:
-    """Replace every submodule Opacus has a fixer for (BatchNorm -> GroupNorm, ...), affine or not, in place."""
+    """Replace every submodule Opacus has a fixer for (BatchNorm -> GroupNorm, ...), affine or not, in place; except a
+    frozen BatchNorm: allowed (in eval mode), it keeps the running statistics a pre-trained backbone needs."""
     for name, submodule in list(module.named_modules()):
         fixer = ModuleValidator.FIXERS.get(type(submodule))
-        if fixer is None or not name:
+        if fixer is None or not name or _frozen_batch_norm(submodule):
             continue
         parent_name, _, child = name.rpartition(".")
         replacement = fixer(submodule)

@@ -21,7 +21,7 @@ from lightning_nt.privacy.engines import clipping_engine
 from tests.contract.capabilities import Capability
 from tests.contract.test_contract import assert_same_weights, fit
 from tests.helpers.trainer import tiny_trainer
-from tests.helpers.zoo import ZOO, EvalModeBatchNorm
+from tests.helpers.zoo import DIM, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
 
 
 class _DrawsFromTheGlobalRNG(pl.Callback):
@@ -91,6 +91,19 @@ def _reference_update(
     clip = float(norms.median())
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     return {name: torch.einsum("b,b...->...", factors, g) / len(inputs) for name, g in samples.items()}, clip
+
+
+def test_dp_fix_modules_keeps_a_frozen_batchnorm_backbone(tmp_path: Path) -> None:
+    """``fix_modules=True`` swaps what DP-SGD can't train (a trainable BatchNorm) and keeps a frozen one in eval mode,
+    with its pre-training's running statistics (a fresh GroupNorm would throw the backbone's normalisation away)."""
+    torch.manual_seed(0)
+    module = ZOO["eval_mode_batchnorm"].build()
+    norm = module.net[0][1]
+    pretrained = norm.running_mean.clone()
+    strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, fix_modules=True)
+    trainer = tiny_trainer(tmp_path, strategy=strategy)
+    trainer.fit(module)
+    assert trainer.global_step == 4 and module.net[0][1] is norm and torch.equal(norm.running_mean, pretrained)
 
 
 @pytest.mark.parametrize(
@@ -190,3 +203,28 @@ def test_gradinit_searches_with_a_batchnorm_kept_in_eval_mode_on_its_running_sta
         searched = float(F.cross_entropy(module(inputs), labels))
     assert searched == expected
     assert not module.net[0].training and module.net[1].training  # modes restored
+
+
+class _BatchNormDropoutCounter(ZooModule):
+    """BatchNorm (recomputed for the average), dropout drawing from the global RNG (not reseeded), and a step counter
+    and a running mean that the training forward pass updates (the ``buffers`` entry's)."""
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(nn.BatchNorm1d(DIM), _Buffered(), nn.Dropout(0.5))
+
+
+def test_iterate_averaging_recomputes_batchnorm_without_touching_the_run(tmp_path: Path) -> None:
+    """The forward passes that recompute BatchNorm statistics for the evaluated average change nothing else: the
+    module's other buffers (a step counter, a running mean) and the global RNG (dropout masks) are as they were, so
+    the raw run is bit for bit the run without IterateAveraging, and the counter counts training steps only."""
+
+    def run(callbacks: list[pl.Callback], root: Path) -> pl.LightningModule:
+        torch.manual_seed(0)
+        module = _BatchNormDropoutCounter()
+        tiny_trainer(root, max_epochs=2, callbacks=callbacks).fit(module)
+        return module
+
+    baseline = run([], tmp_path / "baseline")
+    averaged = run([IterateAveraging(mode="uniform", bn="recompute", apply_on_end=False)], tmp_path / "averaged")
+    assert int(averaged.net[1].steps) == int(baseline.net[1].steps) == 8
+    assert_same_weights(averaged, baseline)
