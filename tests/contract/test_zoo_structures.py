@@ -197,10 +197,10 @@ def test_gradinit_searches_with_a_batchnorm_kept_in_eval_mode_on_its_running_sta
     torch.manual_seed(0)
     module = _BackboneEvalInTrain().train()
     inputs, labels = next(iter(module.train_dataloader()))
-    expected = float(F.cross_entropy(module(inputs), labels))
+    expected = F.cross_entropy(module(inputs), labels).item()
     with search_mode(module):
         assert not module.net[0][1].training
-        searched = float(F.cross_entropy(module(inputs), labels))
+        searched = F.cross_entropy(module(inputs), labels).item()
     assert searched == expected
     assert not module.net[0].training and module.net[1].training  # modes restored
 
