@@ -1,7 +1,9 @@
 """What the module structures of the zoo's third sweep (``tests/helpers/zoo.py``: a bare ``nn.Parameter``, parameter
 containers, PReLU/LayerNorm, a frozen BatchNorm backbone in eval mode, two losses, dropout, buffers) showed beyond the
-shared promises of ``test_contract.py``: each test here failed before its fix, or checks that the suite can see
-what it promises to (the dropout entry's masks follow the global RNG, so a monitor's stray draw shows)."""
+shared promises of ``test_contract.py``. Each test either failed before its fix, or is an independent reference for
+what the suite's promises can't judge (DP-SGD's clipped sums on the structures it trains, against ``vmap(grad)``;
+IterateAveraging's BatchNorm recomputation leaving the raw run alone), or checks that the suite sees what it promises
+to (the dropout entry's masks follow the global RNG, so a monitor's stray draw shows)."""
 
 from __future__ import annotations
 
