@@ -265,6 +265,8 @@ def recompute_batchnorm(
     (e.g. a generator calling the module's training step). Same statistics as
     ``torch.optim.swa_utils.update_bn`` on the same batches, for any way of calling the module.
 
+    Every other buffer (a step counter or a running mean that the module's forward pass updates) is left as it was.
+
     ``training_modes``: the ``training`` flag of each submodule (by name) while the module trained. The passes then
     run in those modes, and only the BatchNorms that trained in training mode are recomputed: one kept in eval mode
     (a frozen, pre-trained backbone) never changed its running statistics, which the average keeps. ``None``: every
@@ -287,6 +289,8 @@ def recompute_batchnorm(
     ]
     if not norms:
         return
+    recomputed = {id(buffer) for norm in norms for buffer in norm.buffers()}
+    others = [(buffer, buffer.clone()) for buffer in module.buffers() if id(buffer) not in recomputed]
     momenta = [norm.momentum for norm in norms]
     for norm in norms:
         norm.reset_running_stats()
@@ -302,6 +306,8 @@ def recompute_batchnorm(
         finally:
             for norm, momentum in zip(norms, momenta):
                 norm.momentum = momentum
+            for buffer, value in others:  # state the forward pass keeps (a step counter) is not the statistics'
+                buffer.copy_(value)
 
 
 def save_averaged_weights(averaged_state_dict: dict[str, Tensor], path: str | Path) -> None:

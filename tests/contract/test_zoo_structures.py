@@ -21,7 +21,7 @@ from lightning_nt import DPStrategy, IterateAveraging, RepresentationSimilarity
 from lightning_nt.gradinit.core import search_mode
 from lightning_nt.privacy.engines import clipping_engine
 from tests.contract.capabilities import Capability
-from tests.contract.test_contract import assert_same_weights, fit
+from tests.contract.test_contract import assert_same_metrics, assert_same_weights, fit
 from tests.helpers.trainer import tiny_trainer
 from tests.helpers.zoo import DIM, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
 
@@ -44,6 +44,28 @@ def test_the_dropout_entry_shows_a_monitor_that_draws_from_the_global_rng(tmp_pa
     assert_same_weights(again.module, baseline.module)
     with pytest.raises(AssertionError, match="not bit for bit equal"):
         assert_same_weights(drawing.module, baseline.module)
+
+
+class _ReadsTheLossUnmuted(pl.Callback):
+    """A monitor with a bug: it reads the loss by calling ``training_step`` on another batch without muting
+    ``self.log`` (under no_grad, so the weights are not touched)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        inputs, labels = next(iter(pl_module.val_dataloader()))
+        with torch.no_grad():
+            pl_module.training_step((inputs, labels), 0)
+
+
+def test_the_two_losses_entry_shows_a_monitor_that_logs_from_training_step(tmp_path: Path) -> None:
+    """The no-side-effects promise covers the module's own metrics: a loss read from ``training_step`` with
+    ``self.log`` live overwrites ``train_ce`` and ``train_aux``, though the weights are unchanged."""
+    entry = ZOO["two_losses"]
+    baseline = fit(None, entry, tmp_path / "baseline")
+    logging = fit(Capability("logs", lambda entry: _ReadsTheLossUnmuted()), entry, tmp_path / "logging")
+    assert baseline.error is None and logging.error is None
+    assert_same_weights(logging.module, baseline.module)
+    with pytest.raises(AssertionError, match=r"own metrics differ: \['train_ce', 'train_aux'\]"):
+        assert_same_metrics(logging.trainer, baseline.trainer)
 
 
 def test_iterate_averaging_keeps_the_statistics_of_a_batchnorm_kept_in_eval_mode(tmp_path: Path) -> None:
@@ -218,7 +240,8 @@ class _BatchNormDropoutCounter(ZooModule):
 def test_iterate_averaging_recomputes_batchnorm_without_touching_the_run(tmp_path: Path) -> None:
     """The forward passes that recompute BatchNorm statistics for the evaluated average change nothing else: the
     module's other buffers (a step counter, a running mean) and the global RNG (dropout masks) are as they were, so
-    the raw run is bit for bit the run without IterateAveraging, and the counter counts training steps only."""
+    the raw run is bit for bit the run without IterateAveraging, and the counter counts training steps only; also
+    in the average copied into the module when training ends (the recomputation at the end advanced the counter)."""
 
     def run(callbacks: list[pl.Callback], root: Path) -> pl.LightningModule:
         torch.manual_seed(0)
@@ -230,3 +253,6 @@ def test_iterate_averaging_recomputes_batchnorm_without_touching_the_run(tmp_pat
     averaged = run([IterateAveraging(mode="uniform", bn="recompute", apply_on_end=False)], tmp_path / "averaged")
     assert int(averaged.net[1].steps) == int(baseline.net[1].steps) == 8
     assert_same_weights(averaged, baseline)
+    applied = run([IterateAveraging(mode="uniform", bn="recompute", apply_on_end=True)], tmp_path / "applied")
+    assert int(applied.net[1].steps) == 8
+    assert torch.equal(applied.net[1].feature_mean, baseline.net[1].feature_mean)
