@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -26,6 +25,7 @@ from lightning_nt.common import (
     select_examples,
     uncompiled_name,
 )
+from lightning_nt.common.flavours import lightning_classes
 from lightning_nt.common.loss import training_loss
 from lightning_nt.common.validation import (
     at_least,
@@ -485,7 +485,9 @@ class SubspaceTraining(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        schedules = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+        schedules = [
+            type(c).__name__ for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.BaseFinetuning"))
+        ]
         if schedules:
             raise ValueError(
                 f"SubspaceTraining trains every trainable parameter through the same {self.dimension} coordinates "
