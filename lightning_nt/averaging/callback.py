@@ -24,7 +24,7 @@ from lightning_nt.averaging.core import (
 from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
 from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.evaluation import validation_metrics
-from lightning_nt.common.flavours import lightning_classes
+from lightning_nt.common.flavours import Callback, lightning_classes
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
 
@@ -33,7 +33,7 @@ __all__ = ["IterateAveraging"]
 BatchNormPolicy = Literal["recompute", "average", "copy"]
 
 
-class IterateAveraging(pl.Callback):
+class IterateAveraging(Callback):
     """Keep a uniform tail average (Gadam/SWA) or an EMA of the weights and validate/test with it.
 
     Updates happen after optimizer steps (so gradient accumulation is respected), from ``start_step`` or

@@ -25,7 +25,7 @@ from lightning_nt.common import (
     select_examples,
     uncompiled_name,
 )
-from lightning_nt.common.flavours import lightning_classes
+from lightning_nt.common.flavours import Callback, lightning_classes
 from lightning_nt.common.loss import training_loss
 from lightning_nt.common.validation import (
     at_least,
@@ -68,7 +68,7 @@ def default_target(batch: Any) -> Tensor:
     return _field(batch, 1, "labels")
 
 
-class CompressionBoundReporter(pl.Callback):
+class CompressionBoundReporter(Callback):
     """A certified compression bound on the trained model's error, beside Arora et al.'s noise stability.
 
     The model is quantised over a grid of configurations (uniform or k-means levels per tensor, optional
@@ -456,7 +456,7 @@ class CompressionBoundReporter(pl.Callback):
         (directory / "compression_report.json").write_text(json.dumps(content, indent=2))
 
 
-class SubspaceTraining(pl.Callback):
+class SubspaceTraining(Callback):
     """Train any LightningModule in a random ``dimension``-dimensional subspace ``theta0 + P w`` (Lotfi et al.).
 
     At ``setup`` the module's trainable parameters are re-drawn from ``seed`` (each submodule's

@@ -26,13 +26,14 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.distributed import mean_across_ranks
+from lightning_nt.common.flavours import Callback
 from lightning_nt.common.validation import ArgumentError, checked_arguments
 from lightning_nt.gradinit.core import SEARCH_RULES, GradInitResult, apply_scales, gradinit
 
 __all__ = ["GradInit"]
 
 
-class GradInit(pl.Callback):
+class GradInit(Callback):
     """Learn one initial scale per parameter tensor before training (Zhu et al., GradInit, NeurIPS 2021).
 
     Before the first training step, on batches of the train dataloader and through the module's own loss

@@ -23,6 +23,7 @@ from lightning_nt.common import (
     uncompiled_name,
 )
 from lightning_nt.common.distributed import mean_across_ranks
+from lightning_nt.common.flavours import Callback
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
@@ -62,7 +63,7 @@ def _integer_labels(batch: Any) -> Tensor | None:
     return labels[-1] if labels else None
 
 
-class LazinessMonitor(pl.Callback):
+class LazinessMonitor(Callback):
     """How lazy training is: weight distance from init, ReLU pattern flips and the change of the empirical NTK.
 
     When training starts, ``num_examples`` training examples are cached as a fixed probe set together with the

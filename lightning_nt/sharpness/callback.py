@@ -29,6 +29,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.distributed import min_across_ranks, sum_across_ranks
+from lightning_nt.common.flavours import Callback
 from lightning_nt.common.validation import (
     ArgumentError,
     above,
@@ -71,7 +72,7 @@ def _groups_differ(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> boo
     return len(set(settings)) > 1
 
 
-class SharpnessMonitor(pl.Callback):
+class SharpnessMonitor(Callback):
     """Top Hessian eigenvalues of the training loss, against the optimizer's edge-of-stability threshold.
 
     Every ``every_n_steps`` optimizer steps (and before the first), warm-started Lanczos with full

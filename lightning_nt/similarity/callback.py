@@ -28,6 +28,7 @@ from lightning_nt.common import (
     uncompiled_name,
 )
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
+from lightning_nt.common.flavours import Callback
 from lightning_nt.common.validation import (
     ArgumentError,
     Rule,
@@ -65,7 +66,7 @@ def _is_reference(value: Any) -> bool:
     return not isinstance(value, str) or value in ("init", "previous") or os.path.isfile(value)
 
 
-class RepresentationSimilarity(pl.Callback):
+class RepresentationSimilarity(Callback):
     """Per-layer similarity of the network's representations to a reference's: CKA, Procrustes, intertwiner.
 
     Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_examples`` training

@@ -18,8 +18,10 @@ import lightning as L
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 
+import lightning_nt
 from lightning_nt import DPStrategy, IterateAveraging, SubspaceTraining
 from lightning_nt.privacy import unified
 from tests.contract.capabilities import CAPABILITIES, Capability
@@ -134,3 +136,21 @@ def test_iterate_averaging_refuses_the_lightning_packages_weight_averaging(tmp_p
 def test_subspace_training_refuses_the_lightning_packages_fine_tuning_schedules(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="_Unfreezing freezing part of the module"):
         _fit(L.pytorch, tmp_path, [SubspaceTraining(dimension=4), _Unfreezing()])
+
+
+def _exported_callbacks() -> list[str]:
+    exported = {name: getattr(lightning_nt, name) for name in lightning_nt.__all__}
+    return sorted(
+        name for name, value in exported.items() if isinstance(value, type) and issubclass(value, pl.Callback)
+    )
+
+
+def test_the_lightning_packages_cli_builds_every_callback_from_a_config(tmp_path: Path) -> None:
+    names = _exported_callbacks()
+    required = {"SubspaceTraining": {"dimension": 4}}
+    callbacks = [{"class_path": f"lightning_nt.{name}", "init_args": required.get(name, {})} for name in names]
+    trainer = {"callbacks": callbacks, "logger": False, "default_root_dir": str(tmp_path), "strategy": "dp_sgd"}
+    cli = LightningCLI(MODULES[L.pytorch], run=False, args={"trainer": trainer}, save_config_callback=None)
+    built = [type(callback).__name__ for callback in cli.trainer.callbacks]
+    assert set(names) <= set(built) and len(names) >= 8, built
+    assert type(cli.trainer.strategy) is unified.DPStrategy
