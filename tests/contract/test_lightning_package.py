@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import Strategy
 
 import lightning_nt
-from lightning_nt import DPStrategy, IterateAveraging, SubspaceTraining
+from lightning_nt import DPDDPStrategy, DPStrategy, IterateAveraging, SubspaceTraining
 from lightning_nt.privacy import unified
 from tests.contract.capabilities import CAPABILITIES, Capability
 from tests.helpers.zoo import ZOO, ZooModule
@@ -31,27 +31,32 @@ ENTRY = ZOO["mlp"]
 TIMINGS = re.compile(r"seconds|overhead")  # wall-clock figures, different from run to run
 
 
-def _in_package(package: ModuleType) -> type:
-    """The zoo's MLP module written against ``package`` (the same methods on that package's LightningModule)."""
+def _in_package(package: ModuleType, name: str) -> type:
+    """The zoo's MLP module written against ``package`` (the same methods on that package's LightningModule),
+    importable as ``name`` from this file (spawned DDP processes unpickle it)."""
 
     def __init__(self: Any) -> None:
         package.LightningModule.__init__(self)
         self.net = self.network()
 
     methods = {name: value for name, value in vars(ZooModule).items() if not name.startswith("__")}
-    return type(
-        f"ZooModule_{package.__name__.replace('.', '_')}", (package.LightningModule,), {**methods, "__init__": __init__}
-    )
+    namespace = {**methods, "__init__": __init__, "__module__": __name__, "__qualname__": name}
+    return type(name, (package.LightningModule,), namespace)
 
 
-MODULES = {pl: _in_package(pl), L.pytorch: _in_package(L.pytorch)}
+PytorchLightningModule = _in_package(pl, "PytorchLightningModule")
+LightningPytorchModule = _in_package(L.pytorch, "LightningPytorchModule")
+MODULES = {pl: PytorchLightningModule, L.pytorch: LightningPytorchModule}
 
 
-def _fit(package: ModuleType, root: Path, callbacks: Any = (), strategy: Any = "auto") -> tuple[Any, Any]:
+def _fit(
+    package: ModuleType, root: Path, callbacks: Any = (), strategy: Any = "auto", devices: int = 1
+) -> tuple[Any, Any]:
     torch.manual_seed(0)
     module = MODULES[package]()
     trainer = package.Trainer(
         accelerator="cpu",
+        devices=devices,
         max_epochs=1,
         callbacks=list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks],
         strategy=strategy,
@@ -96,6 +101,14 @@ def test_the_dp_strategy_of_the_lightning_package_trains_as_ours(mode: str, tmp_
     ours = _fit(L.pytorch, tmp_path / "lightning", strategy=unified.DPStrategy(**options))
     theirs = _fit(pl, tmp_path / "pytorch_lightning", strategy=DPStrategy(**options))
     assert isinstance(ours[0].strategy, Strategy) and ours[0].strategy.epsilon == theirs[0].strategy.epsilon > 0
+    _assert_same_run(ours, theirs)
+
+
+@pytest.mark.ddp
+def test_the_ddp_strategy_of_the_lightning_package_trains_as_ours(tmp_path: Path) -> None:
+    options = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "seed": 0, "start_method": "spawn"}
+    ours = _fit(L.pytorch, tmp_path / "lightning", strategy=unified.DPDDPStrategy(**options), devices=2)
+    theirs = _fit(pl, tmp_path / "pytorch_lightning", strategy=DPDDPStrategy(**options), devices=2)
     _assert_same_run(ours, theirs)
 
 
