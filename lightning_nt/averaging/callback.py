@@ -22,9 +22,10 @@ from lightning_nt.averaging.core import (
     torch_device,
 )
 from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.evaluation import validation_metrics
-from lightning_nt.common.flavours import Callback, lightning_classes
+from lightning_nt.common.flavours import lightning_classes
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
 
@@ -197,6 +198,7 @@ class IterateAveraging(Callback):
         """Run first (when this instance's average is what the module ends with): every other callback's
         ``on_train_end`` (CompressionBoundReporter's certificate, a monitor's last measurement) then describes the
         model ``fit`` returns, whatever the order of ``callbacks=``."""
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.apply_on_end:
             run_before_other_callbacks(trainer, self)
 

@@ -5,8 +5,8 @@ strategies and modules, and ``isinstance(callback, pytorch_lightning.callbacks.L
 for ``lightning.pytorch``'s tuner. Our callbacks work in either Trainer (Lightning calls their hooks by name); every
 check of a user's object against a Lightning class asks :func:`lightning_classes`, which holds that class from each
 package installed, so that a check can't pass silently because the user imported the other one. Our callbacks
-derive from :class:`Callback`, a subclass of each package's ``Callback``, so that both packages' ``LightningCLI``
-accept them in a config (``class_path: lightning_nt.SharpnessMonitor``).
+derive from both packages' ``Callback`` (:class:`lightning_nt.common.callback.Callback`), so that both packages'
+``LightningCLI`` accept them in a config (``class_path: lightning_nt.SharpnessMonitor``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import ModuleType
 
 from lightning_utilities.core.imports import module_available
 
-__all__ = ["Callback", "lightning_classes", "lightning_packages"]
+__all__ = ["lightning_classes", "lightning_packages"]
 
 
 @functools.cache
@@ -50,16 +50,3 @@ def lightning_classes(*paths: str) -> tuple[type, ...]:
             if hasattr(module, name):
                 classes.append(getattr(module, name))
     return tuple(classes)
-
-
-def _callback_base() -> type:
-    bases = lightning_classes("Callback")
-    if len(bases) == 1:
-        return bases[0]
-    # the packages' Callback classes hold the same hooks, so the first one's methods serve both
-    return type("Callback", bases, {"__module__": __name__, "__doc__": "Every installed package's ``Callback``."})
-
-
-Callback = _callback_base()
-"""The base of lightning_nt's callbacks: ``pytorch_lightning.Callback``, and ``lightning.pytorch.Callback`` too
-where ``lightning`` is installed (each package's Trainer and ``LightningCLI`` then take them)."""

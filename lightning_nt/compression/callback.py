@@ -25,7 +25,8 @@ from lightning_nt.common import (
     select_examples,
     uncompiled_name,
 )
-from lightning_nt.common.flavours import Callback, lightning_classes
+from lightning_nt.common.callback import Callback
+from lightning_nt.common.flavours import lightning_classes
 from lightning_nt.common.loss import training_loss
 from lightning_nt.common.validation import (
     at_least,
@@ -483,6 +484,7 @@ class SubspaceTraining(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         schedules = [

@@ -22,8 +22,8 @@ from lightning_nt.common import (
     tensors_of,
     uncompiled_name,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import mean_across_ranks
-from lightning_nt.common.flavours import Callback
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance

@@ -28,8 +28,8 @@ from lightning_nt.common import (
     training_loss,
 )
 from lightning_nt.common.autodiff import differentiable_kernels
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import min_across_ranks, sum_across_ranks
-from lightning_nt.common.flavours import Callback
 from lightning_nt.common.validation import (
     ArgumentError,
     above,

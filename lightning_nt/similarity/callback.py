@@ -27,8 +27,8 @@ from lightning_nt.common import (
     training_loss,
     uncompiled_name,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
-from lightning_nt.common.flavours import Callback
 from lightning_nt.common.validation import (
     ArgumentError,
     Rule,
@@ -191,6 +191,7 @@ class RepresentationSimilarity(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._activations = self._resolve_layers(pl_module)
 
     @override

@@ -25,8 +25,8 @@ from lightning_nt.common import (
     select_examples,
     training_loss,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import sum_across_ranks
-from lightning_nt.common.flavours import Callback
 from lightning_nt.common.loss import example_losses
 from lightning_nt.common.validation import (
     above,
