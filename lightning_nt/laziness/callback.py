@@ -200,7 +200,10 @@ class LazinessMonitor(pl.Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
-        self._initial, self._last_step = state_dict["initial"], state_dict["last_step"]
+        initial, self._last_step = state_dict["initial"], state_dict["last_step"]
+        if initial is not None:  # older checkpoints name a compiled submodule's weights with `_orig_mod.`
+            initial = {**initial, "weights": {uncompiled_name(name): w for name, w in initial["weights"].items()}}
+        self._initial = initial
         self._restored = True
 
     def figure(self) -> Any:
@@ -249,8 +252,11 @@ class LazinessMonitor(pl.Callback):
             "targets": None if targets is None else targets.detach().cpu(),
         }
 
-    def _params(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+    @staticmethod
+    def _params(pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The trainable parameters by name without ``_orig_mod.``: the initial weights of a checkpoint saved with
+        a submodule compiled match the same network resumed uncompiled, and the other way round."""
+        return {uncompiled_name(name): p for name, p in pl_module.named_parameters() if p.requires_grad}
 
     def _observe(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], Tensor | None]:
         """The activation patterns and (with ``ntk``) the empirical NTK of the probe batch, leaving no trace."""
@@ -284,9 +290,7 @@ class LazinessMonitor(pl.Callback):
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
-        values.update(
-            {f"{_TAG}/weight_distance/{uncompiled_name(layer)}": value for layer, value in distance.parts.items()}
-        )
+        values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
         if patterns:
             flips = pattern_flips(initial["patterns"], {name: p.cpu() for name, p in patterns.items()})
             values[f"{_TAG}/activation_flips"] = flips.pop("")

@@ -27,6 +27,7 @@ from lightning_nt.common import (
     training_loss,
     uncompiled_name,
 )
+from lightning_nt.common.compiled import renamed_state_dict
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
 from lightning_nt.common.validation import (
     ArgumentError,
@@ -98,7 +99,8 @@ class RepresentationSimilarity(pl.Callback):
             ``torch.compile`` a name may carry the ``_orig_mod.`` component or not; tags are logged without it.
         reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path
             of a checkpoint (Lightning's or a plain ``state_dict``) or a module of the same architecture (another
-            seed); its weights are loaded into the network for one forward pass and the network's restored.
+            seed); its weights are loaded into the network for one forward pass and the network's restored. Names
+            are matched without the ``_orig_mod.`` of compiled submodules: either side may be compiled.
         every_n_epochs: epochs between measurements, taken after the epoch's last training batch (before
             validation and before a checkpoint is saved, so a resumed run has every measurement).
         num_examples: training examples in the probe set (per rank).
@@ -395,7 +397,7 @@ class RepresentationSimilarity(pl.Callback):
             state = checkpoint.get("state_dict", checkpoint)
         with preserved_state(pl_module, grads=False, rng=False, modes=False):
             try:
-                pl_module.load_state_dict(state)
+                pl_module.load_state_dict(renamed_state_dict(pl_module, state))  # compiled or not, either side
             except RuntimeError as error:
                 raise ValueError(
                     f"`reference` must have the architecture of {type(pl_module).__name__}: {error}"
