@@ -409,9 +409,8 @@ class SharpnessMonitor(pl.Callback):
         operator.release()
         if self.batch_sharpness:
             values["sharpness/batch_sharpness"] = self._batch_sharpness(trainer, pl_module, params)
-        if self.smoothness and optimizer is not None:
-            lr = float(optimizer.param_groups[0]["lr"])
-            values.update(self._smoothness(trainer, pl_module, params, batches, lr))
+        if self.smoothness and optimizer is not None:  # the same operator: under DDP no second reduction to build it
+            values.update(self._smoothness(operator, params, float(optimizer.param_groups[0]["lr"])))
         return values, solves
 
     def _spectrum(self, operator: HessianOperator, generator: torch.Generator) -> dict[str, float]:
@@ -618,16 +617,9 @@ class SharpnessMonitor(pl.Callback):
 
         return batch_sharpness(operator(chunk) for chunk, _ in batches)
 
-    def _smoothness(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        params: list[Tensor],
-        batches: list[Any] | None,
-        lr: float,
-    ) -> dict[str, float]:
-        operator = self._operator(trainer, pl_module, params, batches)
-        operator.reuse_graph = False
+    def _smoothness(self, operator: HessianOperator, params: list[Tensor], lr: float) -> dict[str, float]:
+        """Santurkar et al.'s metrics along the gradient of the measurement's loss (``operator``'s, released)."""
+        operator.reuse_graph = False  # the loss is taken at displaced weights: no graph outlives one evaluation
         steps = [lr * multiple for multiple in self.smoothness_steps]
         result = smoothness_along_gradient(params, lambda: (operator.loss(), operator.gradient()), steps)
         return {

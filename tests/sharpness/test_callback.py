@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lightning_nt import SharpnessMonitor
-from lightning_nt.sharpness.hvp import flatten, unflatten
+from lightning_nt.sharpness import callback as sharpness_callback
+from lightning_nt.sharpness.hvp import HessianOperator, flatten, unflatten
 from tests.helpers import (
     BoringModel,
     TinyClassifier,
@@ -75,6 +76,23 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
         assert math.isfinite(entry[f"sharpness/{tag}"])
     for tag in ("loss_range", "grad_predictiveness", "beta"):
         assert entry[f"smoothness/{tag}"] >= 0
+
+
+def test_smoothness_takes_its_loss_and_gradient_from_the_measurements_own_operator(monkeypatch):
+    """One Hessian operator per measurement, smoothness metrics included: under DDP each build all-reduces the
+    ranks' example counts (found: a second operator, and a second all-reduce, for the smoothness metrics)."""
+    built = []
+
+    class Counted(HessianOperator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(sharpness_callback, "HessianOperator", Counted)
+    monitor = SharpnessMonitor(every_n_steps=2, num_examples=32, chunk_size=10, max_overhead=None, smoothness=True)
+    seeded_fit([monitor], module=lambda: TinyClassifier(num_samples=96), max_epochs=1)
+    assert len(monitor.history) == len(built) == 4
+    assert all(entry["smoothness/beta"] >= 0 for entry in monitor.history)
 
 
 def test_threshold_follows_the_live_learning_rate():
