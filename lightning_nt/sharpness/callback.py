@@ -29,6 +29,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.distributed import min_across_ranks, sum_across_ranks
+from lightning_nt.common.state import continues_earlier_fit
 from lightning_nt.common.validation import (
     ArgumentError,
     above,
@@ -131,7 +132,9 @@ class SharpnessMonitor(pl.Callback):
     double-precision module) copy of the trainable parameters: at the defaults, at most about 64 such copies,
     6.4 GB for a 25M-parameter model. Between measurements the monitor keeps ``num_eigenvalues + 1`` vectors per
     operator (twice that with Adam) to warm-start the next solve; they are saved in checkpoints, so a resumed run
-    measures what the uninterrupted run would have.
+    measures what the uninterrupted run would have. Another ``fit`` on the same Trainer goes on with the run as a
+    resume does (its ``.history``, no second measurement of the step the earlier fit ended on); a new Trainer starts
+    a new run and a new ``.history``.
 
     Example::
 
@@ -229,8 +232,9 @@ class SharpnessMonitor(pl.Callback):
         self.skipped = 0
         self._start_step = self._seen_step = trainer.global_step
         self._step_batches = []  # a fit interrupted mid-accumulation left its micro-batches
-        if not self._restored:  # a new run (not a resume) measures its first step even if an earlier fit did
-            self._last_step = -1
+        if not (self._restored or continues_earlier_fit(trainer)):  # a new run: what a new monitor would measure
+            self.history, self._last_step = [], -1
+            self._warm.clear()
         self._restored = False
         if self.data == "probe" and self._due(trainer.global_step):
             self._measure(trainer, pl_module, None)

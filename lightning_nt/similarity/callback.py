@@ -29,6 +29,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.compiled import renamed_state_dict
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
+from lightning_nt.common.state import continues_earlier_fit
 from lightning_nt.common.validation import (
     ArgumentError,
     Rule,
@@ -88,7 +89,9 @@ class RepresentationSimilarity(pl.Callback):
     Logs ``similarity/<metric>/<layer>``; ``.history`` holds one dict per measurement (with ``"step"`` and
     ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
     the final model (outputs flattened per example) beside per-layer bars of CKA and intertwiner similarity
-    against the reference, and ``similarity/table`` the last measurement as a table.
+    against the reference, and ``similarity/table`` the last measurement as a table. Another ``fit`` on the same
+    Trainer goes on with the run as a resume does (its ``.history``, probe set and reference: ``"init"`` stays the
+    run's start); a new Trainer starts a new run.
 
     Args:
         layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
@@ -200,6 +203,9 @@ class RepresentationSimilarity(pl.Callback):
             self._restored = False
             self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
             return
+        if continues_earlier_fit(trainer) and self._reference_features is not None:
+            return  # another fit on the same Trainer goes on as a resume does: same probe set, reference, history
+        self.history = []  # a new run
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
             self._set_reference(self._features(trainer, pl_module))

@@ -217,6 +217,33 @@ def test_fitting_twice_starts_from_the_new_initialisation():
     assert monitor.history[0]["laziness/ntk_change"] == 0.0
 
 
+class _PlainSGD(ReLUClassifier):
+    """Without momentum: a second ``fit`` makes a new optimizer, so only then does it train as one fit does."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_a_second_fit_on_the_same_trainer_goes_on_comparing_with_the_runs_initialisation():
+    """Another ``fit`` on the same Trainer goes on as a resume does: the uninterrupted run's history (found: a new
+    history, measured from the weights the second fit started from, the first fit's entries lost)."""
+
+    def fitted(monitor, epochs):
+        pl.seed_everything(0)
+        module, trainer = _PlainSGD(shuffle=False), tiny_trainer(None, callbacks=[monitor])
+        for max_epochs in epochs:
+            trainer.fit_loop.max_epochs = max_epochs
+            trainer.fit(module)
+
+    uninterrupted, twice = (LazinessMonitor(every_n_steps=2, num_examples=16) for _ in range(2))
+    fitted(uninterrupted, [2])
+    fitted(twice, [1, 2])
+    assert [e["step"] for e in twice.history] == [e["step"] for e in uninterrupted.history] == [0, 2, 4, 6, 8]
+    for mine, theirs in zip(twice.history, uninterrupted.history):
+        for tag in mine.keys() - {"laziness/seconds"}:
+            assert mine[tag] == pytest.approx(theirs[tag], rel=1e-6), (mine["step"], tag)
+
+
 def test_a_tanh_network_is_measured_with_named_layers():
     monitor = LazinessMonitor(every_n_steps=2, num_examples=16, layers=["net.0"])
     _fit([monitor], module=lambda: TinyClassifier(), max_steps=4)

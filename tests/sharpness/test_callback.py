@@ -95,6 +95,38 @@ def test_smoothness_takes_its_loss_and_gradient_from_the_measurements_own_operat
     assert all(entry["smoothness/beta"] >= 0 for entry in monitor.history)
 
 
+def _fitted_twice(monitor, epochs=(1, 2)):
+    """One fit, then another on the same Trainer up to ``epochs[1]`` (``epochs=(2,)``: one fit, uninterrupted)."""
+    pl.seed_everything(0)
+    module = TinyClassifier(num_samples=64, shuffle=False)
+    trainer = tiny_trainer(None, callbacks=[monitor], max_epochs=epochs[0])
+    for max_epochs in epochs:
+        trainer.fit_loop.max_epochs = max_epochs
+        trainer.fit(module)
+    return trainer
+
+
+def test_a_second_fit_on_the_same_trainer_goes_on_with_the_run_and_a_new_trainer_starts_a_new_one():
+    """Another ``fit`` on the same Trainer goes on as a resume does: the history of the uninterrupted run, without
+    measuring the step the first fit ended on twice (found: ``[0, 2, 4, 4, 6, 8]``); a new Trainer is a new run, whose
+    history is a new monitor's (found: appended to the old run's, steps going back to 0)."""
+    options = {"every_n_steps": 2, "num_examples": 32, "max_overhead": None}
+    uninterrupted, twice = SharpnessMonitor(**options), SharpnessMonitor(**options)
+    _fitted_twice(uninterrupted, epochs=(2,))
+    _fitted_twice(twice)
+    assert [entry["step"] for entry in twice.history] == [0, 2, 4, 6, 8]
+    assert _untimed(twice.history) == _untimed(uninterrupted.history)
+    fresh = SharpnessMonitor(**options)
+    _fitted_twice(fresh, epochs=(1,))
+    _fitted_twice(twice, epochs=(1,))
+    assert _untimed(twice.history) == _untimed(fresh.history)
+
+
+def _untimed(history):
+    return [{tag: value for tag, value in entry.items() if tag not in ("sharpness/seconds", "sharpness/overhead")}
+            for entry in history]  # fmt: skip
+
+
 def test_threshold_follows_the_live_learning_rate():
     class Scheduled(TinyClassifier):
         def configure_optimizers(self):

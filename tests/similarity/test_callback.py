@@ -94,6 +94,28 @@ def test_previous_module_and_checkpoint_references(tmp_path):
     assert len({previous.state_key, seed.state_key, path.state_key}) == 3
 
 
+@pytest.mark.parametrize("reference", ["init", "previous"])
+def test_a_second_fit_on_the_same_trainer_goes_on_with_the_runs_reference_and_a_new_trainer_starts_anew(reference):
+    """Another ``fit`` on the same Trainer goes on as a resume does: the uninterrupted run's history (found: "init"
+    taken again at the second fit's start); a new Trainer is a new run, a new monitor's history (found: appended)."""
+
+    def fitted(monitor, epochs):
+        pl.seed_everything(0)
+        module, trainer = TinyClassifier(num_samples=64, shuffle=False), tiny_trainer(None, callbacks=[monitor])
+        for max_epochs in epochs:
+            trainer.fit_loop.max_epochs = max_epochs
+            trainer.fit(module)
+
+    uninterrupted, twice, fresh = (RepresentationSimilarity(num_examples=40, reference=reference) for _ in range(3))
+    fitted(uninterrupted, [3])
+    fitted(twice, [1, 3])
+    assert [entry["step"] for entry in twice.history] == [4, 8, 12]
+    assert twice.history == uninterrupted.history
+    fitted(fresh, [1])
+    fitted(twice, [1])
+    assert twice.history == fresh.history
+
+
 class CompiledNet(TinyClassifier):
     """``TinyClassifier`` whose network is compiled inside it: its names carry ``_orig_mod.``."""
 
