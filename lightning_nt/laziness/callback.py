@@ -82,7 +82,8 @@ class LazinessMonitor(pl.Callback):
     When the trainable parameters change during the fit (a fine-tuning schedule such as ``BackboneFinetuning``
     unfreezes a layer), the reference is taken again at that step, with a warning: the quantities are then measured
     from the weights and kernel of the current stage. Another ``fit`` on the same Trainer goes on with the run as a
-    resume does (its ``.history``, compared with the run's initialisation); a new Trainer starts a new run.
+    resume does (its ``.history``, compared with the run's initialisation); a new Trainer starts a new run and a
+    new ``.history``.
 
     In the lazy regime (Jacot et al. 2018; Chizat et al. 2019; Allen-Zhu, Li & Song 2019) all three changes are
     small and fall with width roughly as ``width^-1/2``. At the end of training a picture of the quantities over

@@ -133,8 +133,8 @@ class SharpnessMonitor(pl.Callback):
     6.4 GB for a 25M-parameter model. Between measurements the monitor keeps ``num_eigenvalues + 1`` vectors per
     operator (twice that with Adam) to warm-start the next solve; they are saved in checkpoints, so a resumed run
     measures what the uninterrupted run would have. Another ``fit`` on the same Trainer goes on with the run as a
-    resume does (its ``.history``, no second measurement of the step the earlier fit ended on); a new Trainer starts
-    a new run and a new ``.history``.
+    resume does (no second measurement of the step the earlier fit ended on); a new Trainer's run measures from its
+    step 0 again, appended to ``.history``.
 
     Example::
 
@@ -232,9 +232,8 @@ class SharpnessMonitor(pl.Callback):
         self.skipped = 0
         self._start_step = self._seen_step = trainer.global_step
         self._step_batches = []  # a fit interrupted mid-accumulation left its micro-batches
-        if not (self._restored or continues_earlier_fit(trainer)):  # a new run: what a new monitor would measure
-            self.history, self._last_step = [], -1
-            self._warm.clear()
+        if not (self._restored or continues_earlier_fit(trainer)):  # a new run measures its first step even if an
+            self._last_step = -1  # earlier fit ended there; another fit on the same Trainer goes on as a resume does
         self._restored = False
         if self.data == "probe" and self._due(trainer.global_step):
             self._measure(trainer, pl_module, None)

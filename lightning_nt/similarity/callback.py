@@ -90,8 +90,8 @@ class RepresentationSimilarity(pl.Callback):
     ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
     the final model (outputs flattened per example) beside per-layer bars of CKA and intertwiner similarity
     against the reference, and ``similarity/table`` the last measurement as a table. Another ``fit`` on the same
-    Trainer goes on with the run as a resume does (its ``.history``, probe set and reference: ``"init"`` stays the
-    run's start); a new Trainer starts a new run.
+    Trainer goes on with the run as a resume does (its probe set and reference: ``"init"`` stays the run's start);
+    a new Trainer's run takes them again, its measurements appended to ``.history``.
 
     Args:
         layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
@@ -204,8 +204,7 @@ class RepresentationSimilarity(pl.Callback):
             self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
             return
         if continues_earlier_fit(trainer) and self._reference_features is not None:
-            return  # another fit on the same Trainer goes on as a resume does: same probe set, reference, history
-        self.history = []  # a new run
+            return  # another fit on the same Trainer goes on as a resume does: same probe set and reference
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
             self._set_reference(self._features(trainer, pl_module))
