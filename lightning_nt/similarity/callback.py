@@ -41,6 +41,7 @@ from lightning_nt.common.validation import (
     renamed_arguments,
     renamed_property,
 )
+from lightning_nt.similarity.activations import recognised_activation
 from lightning_nt.similarity.core import (
     ACTIVATIONS,
     Activation,
@@ -96,10 +97,13 @@ class RepresentationSimilarity(Callback):
 
     Args:
         layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
-            inferred from its class (see ``ACTIVATION_MODULES``), or a mapping ``{name: activation}`` with
-            activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``, ``"identity"``. ``None``: every
-            ReLU, LeakyReLU, Tanh, GELU, SiLU and Sigmoid module. A module that runs several times in one forward
-            pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
+            inferred from its class (see ``ACTIVATION_MODULES``) or, for a parameter-free activation class written
+            elsewhere (HuggingFace's ``GELUActivation``), from what it computes
+            (:func:`~lightning_nt.similarity.activations.recognised_activation`), or a mapping
+            ``{name: activation}`` with activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``,
+            ``"identity"``. ``None``: every ReLU, LeakyReLU, Tanh, GELU, SiLU and Sigmoid module, and every
+            activation module of another class recognised by what it computes. A module that runs several times
+            in one forward pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
             ``torch.compile`` a name may carry the ``_orig_mod.`` component or not; tags are logged without it.
         reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path
             of a checkpoint (Lightning's or a plain ``state_dict``) or a module of the same architecture (another
@@ -441,7 +445,8 @@ class RepresentationSimilarity(Callback):
 
     @staticmethod
     def _activation_of(module: nn.Module) -> str | None:
-        return next((group for cls, group in ACTIVATION_MODULES.items() if type(module) is cls), None)
+        known = next((group for cls, group in ACTIVATION_MODULES.items() if type(module) is cls), None)
+        return known or recognised_activation(module)
 
     def _reference_name(self) -> str:
         return self.reference if isinstance(self.reference, str) else type(self.reference).__name__

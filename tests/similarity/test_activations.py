@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from lightning_nt.similarity import RepresentationSimilarity
 from lightning_nt.similarity.activations import recognised_activation
+from tests.helpers import TinyClassifier, seeded_fit
 
 
 class GELUActivation(nn.Module):  # HuggingFace BERT's, through the functional GELU
@@ -92,3 +94,13 @@ def test_dropout_runs_in_eval_mode_and_leaves_the_random_state_and_the_mode_as_t
     state = torch.get_rng_state()
     assert recognised_activation(dropout) is None
     assert torch.equal(torch.get_rng_state(), state) and dropout.training
+
+
+def test_the_callback_compares_the_outputs_of_an_activation_class_written_elsewhere() -> None:
+    """BERT's GELU as HuggingFace writes it: found by ``layers=None``, with the GELU group."""
+    module = TinyClassifier(num_samples=64, shuffle=False)
+    module.net[1] = GELUActivation()
+    monitor = RepresentationSimilarity(num_examples=32)
+    seeded_fit([monitor], lambda: module, max_epochs=1)
+    assert "similarity/intertwiner/net.1" in monitor.history[-1]
+    assert "| net.1 | gelu |" in monitor.table()
