@@ -11,7 +11,8 @@ Convolutions: Opacus's rule formed wrong per-example gradients from a ``channels
 gradient); it is given contiguous tensors. It also padded every input with zeros whatever the layer's
 ``padding_mode`` (``"reflect"``, ``"replicate"``, ``"circular"``: a clipped sum off by half its size); it is given
 the input as the layer pads it, and no padding. ``nn.LayerNorm(bias=False)``: Opacus's rule crashed on the missing
-bias.
+bias. Ghost norms of ``nn.Linear`` on inputs with two or more position dimensions (``[B, T1, T2, d]``): Opacus's rule
+gave none (a crash); they are taken over the flattened positions.
 
 :class:`~lightning_nt.common.StandardizedConv2d` convolves with ``w_hat = (w - mean) / std`` (per output
 channel, over its ``n`` inputs). Opacus's convolution rule gives each example's gradient ``g`` with respect
@@ -29,6 +30,7 @@ from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.embedding import compute_embedding_grad_sample, compute_embedding_norm_sample
 from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+from opacus.grad_sample.linear import compute_linear_norm_sample
 from torch import Tensor, nn
 
 from lightning_nt.common.layers import StandardizedConv2d
@@ -40,6 +42,7 @@ __all__ = [
     "embedding_norm_sample",
     "explicitly_padded",
     "layer_norm_grad_sample",
+    "linear_norm_sample",
     "standardization_backward",
     "standardized_conv_grad_sample",
 ]
@@ -129,6 +132,17 @@ def embedding_norm_sample(
     if layer.padding_idx is not None:
         backprops = backprops * (activations[0] != layer.padding_idx).unsqueeze(-1).to(backprops.dtype)
     return compute_embedding_norm_sample(layer, activations, backprops)
+
+
+@register_norm_sampler(nn.Linear)
+def linear_norm_sample(layer: nn.Linear, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Ghost clipping's per-example gradient norms of a linear layer over any number of position dimensions (Opacus's
+    rule covers none or one and returned no norm for more, which crashed as "parameter tying" on the next call)."""
+    inputs = activations[0]
+    if backprops.dim() > 3:
+        inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        backprops = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
+    return compute_linear_norm_sample(layer, [inputs], backprops)
 
 
 @register_grad_sampler(nn.LayerNorm)

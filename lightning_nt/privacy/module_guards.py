@@ -3,7 +3,8 @@
 * before the first step (:func:`check_module`): modules compiled with ``torch.compile``, BatchNorm and what Opacus
   can't give per-example gradients for (or their repair with ``fix_modules``), each by its name, parametrized
   modules (also by the old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``, trainable
-  ``EmbeddingBag(mode="max")``, lazy modules not yet materialised;
+  ``EmbeddingBag(mode="max")`` and trainable embeddings with ``scale_grad_by_freq`` or ``sparse``, lazy modules not
+  yet materialised;
 * during a backward pass under ghost clipping (:func:`refusing_recomputation`): a layer that activation
   checkpointing runs again;
 * around every step (:func:`state_versions`, :func:`check_state_unchanged`): a ``training_step`` that changes the
@@ -57,6 +58,31 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
             "SubspaceTraining is not supported under DP; remove the parametrization (e.g. "
             "torch.nn.utils.remove_weight_norm)."
         )
+    _check_embeddings(module)
+    errors = _unsupported_layers(module)
+    coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not errors and not coupled:
+        return
+    if fix_modules:
+        _fix_in_place(module)
+        remaining = _unsupported_layers(module)
+        if remaining:
+            raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(remaining)}.")
+        return
+    problems = "; ".join(errors + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled])
+    raise RuntimeError(
+        f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
+        "Replace each layer named here as its message says (BatchNorm by GroupNorm; nn.MultiheadAttention, "
+        "nn.LSTM, nn.GRU and nn.RNN by DPMultiheadAttention, DPLSTM, DPGRU and DPRNN from opacus.layers), or pass "
+        "fix_modules=True to let Opacus swap them before training. Coupling written by hand (e.g. `x - x.mean(0)` "
+        "in forward) is looked for on a fit's first batch only (the example-independence check; see also "
+        "DPStrategy's sensitivity_probe)."
+    )
+
+
+def _check_embeddings(module: nn.Module) -> None:
+    """Refuse, by name, embedding options whose gradients are not sums of per-example gradients, or that change the
+    table outside the noisy update."""
     renormed = [
         name or "<root>"
         for name, m in module.named_modules()
@@ -77,25 +103,18 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
             f"EmbeddingBags {max_pooled} pool with mode='max', for which no clipping engine has a per-example "
             "gradient rule. Use mode='sum' or 'mean' (or freeze the table)."
         )
-    errors = _unsupported_layers(module)
-    coupled = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not errors and not coupled:
-        return
-    if fix_modules:
-        _fix_in_place(module)
-        remaining = _unsupported_layers(module)
-        if remaining:
-            raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(remaining)}.")
-        return
-    problems = "; ".join(errors + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled])
-    raise RuntimeError(
-        f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
-        "Replace each layer named here as its message says (BatchNorm by GroupNorm; nn.MultiheadAttention, "
-        "nn.LSTM, nn.GRU and nn.RNN by DPMultiheadAttention, DPLSTM, DPGRU and DPRNN from opacus.layers), or pass "
-        "fix_modules=True to let Opacus swap them before training. Coupling written by hand (e.g. `x - x.mean(0)` "
-        "in forward) is looked for on a fit's first batch only (the example-independence check; see also "
-        "DPStrategy's sensitivity_probe)."
-    )
+    coupled = [
+        name or "<root>"
+        for name, m in trainable_modules(module)
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and (m.scale_grad_by_freq or m.sparse)
+    ]
+    if coupled:
+        raise RuntimeError(
+            f"Embeddings {coupled} have scale_grad_by_freq=True or sparse=True: the first divides each token's "
+            "gradient by its count in the whole batch (so every example's gradient depends on the others), the "
+            "second gives sparse gradients, which DP-SGD's dense noise and per-example clipping don't take. Remove "
+            "both options under DP-SGD."
+        )
 
 
 def _unsupported_layers(module: nn.Module) -> list[str]:

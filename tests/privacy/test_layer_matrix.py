@@ -26,7 +26,7 @@ from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.engines import clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.independence import check_example_independence
-from lightning_nt.privacy.module_guards import check_module
+from lightning_nt.privacy.module_guards import check_module, check_state_unchanged, state_versions
 
 ENGINES = ["hooks", "functorch", "ghost", "bk", "auto"]
 ROWS = 5
@@ -91,6 +91,17 @@ class Functional(nn.Module):
         return F.linear(x, self.weight)
 
 
+class WeightedBag(nn.Module):
+    """``nn.EmbeddingBag`` with ``per_sample_weights`` (each token weighted by a function of its id)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 3, mode="sum")
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.bag(tokens, per_sample_weights=(tokens % 3 + 1).to(self.bag.weight.dtype))
+
+
 def _first(output: Tensor | tuple[Tensor, ...]) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
@@ -131,12 +142,12 @@ class Layer:
     def batch(self) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(1)
         if self.vocab is not None:
-            tokens = torch.randint(self.vocab, (ROWS, *self.shape), generator=generator)
-            tokens[:, 0] = tokens[:, 1]  # a repeated token in every example
-            tokens[0, 2] = 0  # padding_idx, where a layer has one
-            for row in range(ROWS):  # distinct examples
-                tokens[row, -1] = row + 1
-            inputs = tokens
+            tokens = torch.randint(1, self.vocab, (ROWS, *self.shape), generator=generator).view(ROWS, -1)
+            tokens[:, -1] = torch.arange(1, ROWS + 1)  # distinct examples
+            if tokens.shape[1] > 2:
+                tokens[:, 0] = tokens[:, 1]  # a repeated token in every example
+                tokens[0, 2] = 0  # padding_idx, where a layer has one
+            inputs = tokens.view(ROWS, *self.shape)
         else:
             inputs = torch.randn(ROWS, *self.shape, generator=generator, dtype=torch.float64)
             inputs = inputs * torch.linspace(0.2, 3.0, ROWS, dtype=torch.float64).view(-1, *[1] * len(self.shape))
@@ -185,6 +196,10 @@ LAYERS: dict[str, Layer] = {
     "embedding-max-norm": Layer(lambda: nn.Embedding(10, 3, max_norm=1.0), (4,), vocab=10),
     "embeddingbag-sum": Layer(lambda: nn.EmbeddingBag(10, 3, mode="sum"), (4,), vocab=10),
     "embeddingbag-mean-padding": Layer(lambda: nn.EmbeddingBag(10, 3, mode="mean", padding_idx=0), (4,), vocab=10),
+    "embedding-one-token": Layer(lambda: nn.Embedding(10, 3), (), vocab=10),
+    "embedding-scale-grad-by-freq": Layer(lambda: nn.Embedding(10, 3, scale_grad_by_freq=True), (4,), vocab=10),
+    "embedding-sparse": Layer(lambda: nn.Embedding(10, 3, sparse=True), (4,), vocab=10),
+    "embeddingbag-per-sample-weights": Layer(WeightedBag, (4,), vocab=10),
     "embeddingbag-max": Layer(lambda: nn.EmbeddingBag(10, 3, mode="max"), (4,), vocab=10),
     "layernorm": Layer(lambda: nn.LayerNorm(4), (3, 4)),
     "layernorm-nobias": Layer(lambda: nn.LayerNorm(4, bias=False), (3, 4)),
@@ -194,6 +209,11 @@ LAYERS: dict[str, Layer] = {
     ),
     "groupnorm": Layer(lambda: nn.GroupNorm(2, 4), (4, 5)),
     "instancenorm2d": Layer(lambda: nn.InstanceNorm2d(4, affine=True), (4, 3, 3)),
+    "instancenorm1d-running-stats": Layer(lambda: nn.InstanceNorm1d(4, affine=True, track_running_stats=True), (4, 5)),
+    "groupnorm-2d-input": Layer(lambda: nn.GroupNorm(2, 4), (4,)),
+    "conv2d-valid": Layer(lambda: nn.Conv2d(4, 6, 3, padding="valid"), (4, 7, 6)),
+    "linear-4d": Layer(lambda: nn.Linear(4, 3), (2, 3, 4)),
+    "embedding-2d-positions": Layer(lambda: nn.Embedding(10, 3), (2, 3), vocab=10),
     "batchnorm1d": Layer(lambda: nn.BatchNorm1d(4), (4,)),
     "prelu": Layer(lambda: nn.PReLU(), (4, 5)),
     "prelu-channels": Layer(lambda: nn.PReLU(4), (4, 5)),
@@ -295,10 +315,15 @@ def _private_step(mode: str, module: Case, batch: tuple[Tensor, Tensor], bound: 
         engine.start()
         check_example_independence(module, engine, batch, 0)
         engine.discard_per_example_state()
+        state = state_versions(module, buffer_values=True)
         uses = ParameterUses(module, engine.trainable_ids)
         uses.begin()
-        output = module.training_step(batch, 0)
-        engine.check_parameter_uses(uses.end(loss_from_output(output, "training_step")))
+        try:
+            output = module.training_step(batch, 0)
+        finally:
+            outside = uses.end(loss_from_output(output, "training_step") if "output" in locals() else None)
+        engine.check_parameter_uses(outside)
+        check_state_unchanged(module, state)
         loss = engine.take_output(output)
         engine.backward(loss, loss.backward, ROWS, NoPrecision())
         engine.optimizer.step()
@@ -309,48 +334,58 @@ def _private_step(mode: str, module: Case, batch: tuple[Tensor, Tensor], bound: 
     return {n: before[n] - p.detach() for n, p in module.named_parameters() if n in before}
 
 
-ALL = tuple(ENGINES)
 _OPACUS_LAYER = r"this module can't give it: layer layer\.{} \({}\)"
-REFUSED: dict[tuple[str, bool], tuple[tuple[str, ...], str]] = {
-    # (layer, frozen) -> (the engines that refuse it, what their message says: the layer's name and the fix)
+_NO_RULE = r"Layer {} \({}\) has trainable parameters.*'hooks'"
+_FUNCTORCH = r"'functorch'.*layers \['{} \(EmbeddingBag\)'\].*'hooks'"
+
+
+def _every(message: str) -> dict[str, str]:
+    return dict.fromkeys(ENGINES, message)
+
+
+REFUSED: dict[tuple[str, bool], dict[str, str]] = {
+    # (layer, frozen) -> {engine: what its refusal says (the layer's name, and the fix)}; any other case is exact
+    **{("embedding-max-norm", frozen): _every(r"Embeddings \['layer'\] have max_norm") for frozen in (False, True)},
     **{
-        (name, frozen): (ALL, r"Embeddings \['layer'\] have max_norm")
-        for name in ["embedding-max-norm"]
-        for frozen in (False, True)
+        (name, False): _every(r"Embeddings \['layer'\] have scale_grad_by_freq=True or sparse=True")
+        for name in ["embedding-scale-grad-by-freq", "embedding-sparse"]
     },
-    **{("batchnorm1d", frozen): (ALL, r"layer: BatchNorm couples the examples") for frozen in (False, True)},
-    ("embeddingbag-max", False): (ALL, r"EmbeddingBags \['layer'\] pool with mode='max'"),
+    ("embeddingbag-max", False): _every(r"EmbeddingBags \['layer'\] pool with mode='max'"),
+    ("embeddingbag-per-sample-weights", False): {
+        **_every(r"layer\.bag\.weight is pooled by an EmbeddingBag with per_sample_weights"),
+        "functorch": _FUNCTORCH.format(r"layer\.bag"),
+    },
     **{
-        (name, False): (ALL, _OPACUS_LAYER.format("attention", "MultiheadAttention"))
+        (name, False): {"functorch": _FUNCTORCH.format("layer")}
+        for name in ["embeddingbag-sum", "embeddingbag-mean-padding"]
+    },
+    ("instancenorm1d-running-stats", False): _every(r"layer layer \(InstanceNorm1d\): .*running stats"),
+    ("instancenorm1d-running-stats", True): _every(r"changed the module's \[.*'layer\.running_mean'"),  # in train()
+    **{("batchnorm1d", frozen): _every(r"layer: BatchNorm couples the examples") for frozen in (False, True)},
+    **{
+        (name, False): _every(_OPACUS_LAYER.format("attention", "MultiheadAttention"))
         for name in ["attention", "attention-nobias", "attention-sequence-first", "attention-sequence-first-square"]
     },
     **{
-        (f"{name}{suffix}", False): (ALL, _OPACUS_LAYER.format("layer", kind))
+        (f"{name}{suffix}", False): _every(_OPACUS_LAYER.format("layer", kind))
         for name, kind in [("lstm", "LSTM"), ("gru", "GRU"), ("rnn", "RNN")]
         for suffix in ("", "-sequence-first")
     },
     **{
-        (name, False): (("functorch",), r"functorch.*layers \['layer \(EmbeddingBag\)'\].*'hooks'")
-        for name in ["embeddingbag-sum", "embeddingbag-mean-padding"]
-    },
-    **{
-        (name, False): (("bk",), r"Layer layer \(\w+\) has trainable parameters.*'hooks'")
-        for name in [
-            "convtranspose1d",
-            "convtranspose1d-groups",
-            "convtranspose2d",
-            "convtranspose2d-groups",
-            "prelu",
-            "prelu-channels",
-            "custom-functional",
+        (name, False): {"bk": _NO_RULE.format("layer", kind)}
+        for name, kind in [
+            ("convtranspose1d", "ConvTranspose1d"),
+            ("convtranspose1d-groups", "ConvTranspose1d"),
+            ("convtranspose2d", "ConvTranspose2d"),
+            ("convtranspose2d-groups", "ConvTranspose2d"),
+            ("prelu", "PReLU"),
+            ("prelu-channels", "PReLU"),
+            ("custom-functional", "Functional"),
         ]
     },
+    **{("root-parameter", frozen): {"bk": _NO_RULE.format("Case", "Case")} for frozen in (False, True)},
     **{
-        ("root-parameter", frozen): (("bk",), r"Layer Case \(Case\) has trainable parameters.*'hooks'")
-        for frozen in (False, True)
-    },
-    **{
-        (f"dp{name}", False): (("ghost",), r"Layer 'layer\.layer\.l0\.ih' ran twice.*'hooks' or 'bk'")
+        (f"dp{name}", False): {"ghost": r"Layer 'layer\.layer\.l0\.ih' ran twice.*'hooks' or 'bk'"}
         for name in [
             "lstm",
             "lstm-sequence-first",
@@ -361,19 +396,20 @@ REFUSED: dict[tuple[str, bool], tuple[tuple[str, ...], str]] = {
             "rnn-sequence-first",
         ]
     },
-    ("dpattention-sequence-first", False): (ALL, r"layer\.attention\.qlinear.*3"),  # 3 positions as rows
-    ("dpattention-sequence-first-square", False): (ALL, r"mixes the examples of the batch"),  # as many as examples
+    ("dpattention-sequence-first", False): _every(r"layer\.attention\.qlinear.*3"),  # its 3 positions as rows
+    ("dpattention-sequence-first-square", False): _every(r"mixes the examples of the batch"),  # as many as examples
 }
 
 
 def _expected_refusal(mode: str, layer: str, frozen: bool) -> str | None:
-    engines, message = REFUSED.get((layer, frozen), ((), ""))
-    return message if mode in engines else None
+    return REFUSED.get((layer, frozen), {}).get(mode)
 
 
 @pytest.mark.parametrize("frozen", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["trainable", "frozen"])
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("mode", ENGINES)
+@pytest.mark.parametrize(
+    "mode", [pytest.param(mode, marks=pytest.mark.slow) if mode == "functorch" else mode for mode in ENGINES]
+)
 def test_every_engine_clips_every_layer_exactly_or_refuses_it_by_name(mode, layer, frozen):
     """The noiseless update is the clipped sum of the ``vmap(grad)`` reference to 1e-10 (float64), or the engine
     refuses before the step, naming the layer (and the parameters are untouched)."""
