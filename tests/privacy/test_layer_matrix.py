@@ -438,3 +438,73 @@ def test_every_engine_clips_every_layer_exactly_or_refuses_it_by_name(mode, laye
 def test_the_matrix_names_every_refusal_it_expects():
     """Every expected refusal is for a row of the matrix (a renamed row can't silently turn a refusal into a pass)."""
     assert {layer for layer, _ in REFUSED} <= set(LAYERS)
+
+
+class Fitted(Case):
+    """A :class:`Case` that a Trainer fits: 20 distinct examples, batches of 5 (Poisson-sampled by the strategy)."""
+
+    def __init__(self, layer: Layer, per_example: bool) -> None:
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(2)
+        self.data = (
+            torch.randn(4 * ROWS, *layer.shape, generator=generator, dtype=torch.float64)
+            * torch.linspace(0.2, 3.0, 4 * ROWS, dtype=torch.float64).view(-1, *[1] * len(layer.shape)),
+            torch.randn(4 * ROWS, OUTPUTS, generator=generator, dtype=torch.float64),
+        )
+        super().__init__(layer.build(), self.data[0][:1], per_example=per_example)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*self.data), batch_size=ROWS)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+class FirstUpdate(pl.Callback):
+    """The first step's batch and the update it made."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch = [t.clone() for t in batch]
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.update = {n: self.before[n] - p.detach() for n, p in pl_module.named_parameters()}
+
+
+def _fit(mode: str, layer: str, bound: float = 1.0) -> tuple[Fitted, FirstUpdate]:
+    """One step of a real fit under ``DPStrategy(noise_multiplier=0)``."""
+    from lightning_nt import DPStrategy
+    from tests.helpers import tiny_trainer
+
+    pl.seed_everything(0)
+    module, record = Fitted(LAYERS[layer], per_example=mode == "ghost"), FirstUpdate()
+    strategy = DPStrategy(  # the loader's own batches: the first step's is the first five examples
+        noise_multiplier=0.0, max_grad_norm=bound, grad_sample_mode=mode, poisson_sampling=False
+    )
+    trainer = tiny_trainer(None, strategy=strategy, callbacks=[record], max_steps=1, num_sanity_val_steps=0)
+    trainer.fit(module)
+    return module, record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_a_fit_clips_a_reflect_padded_convolution_exactly(mode):
+    """The matrix's driver is the strategy's: a real fit gives the same exact clipped sum for the layer that hooks and
+    ghost clipping got wrong before (a padding mode other than zeros) and book-keeping refused."""
+    bound = 4.8  # between the first batch's norms (0.4, 2.6, 4.3 | 5.3, 7.0)
+    with pytest.warns(UserWarning, match="noise_multiplier=0"):
+        _, record = _fit(mode, "conv2d-reflect", bound)
+    reference = Fitted(LAYERS["conv2d-reflect"], per_example=False)
+    reference.load_state_dict(record.before)
+    samples, norms = _reference(reference, tuple(record.batch))
+    assert (norms > bound).any() and (norms < bound).any()
+    expected = _clipped_mean(samples, norms, bound)
+    for name, value in expected.items():
+        torch.testing.assert_close(record.update[name], value, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_fit_refuses_an_rnn_by_name_before_any_step():
+    """A plain ``nn.RNN`` crashed inside Opacus's functorch path; the strategy now refuses it, by name, in set-up."""
+    with pytest.raises(RuntimeError, match=r"layer layer\.layer \(RNN\).*DPRNN"):
+        _fit("hooks", "rnn")
