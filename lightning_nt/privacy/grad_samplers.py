@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.grad_sample.embedding import compute_embedding_grad_sample, compute_embedding_norm_sample
-from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.grad_sample.linear import compute_linear_norm_sample
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import Tensor, nn
 
 from lightning_nt.common.layers import StandardizedConv2d
@@ -149,17 +149,14 @@ def linear_norm_sample(layer: nn.Linear, activations: list[Tensor], backprops: T
 def layer_norm_grad_sample(
     layer: nn.LayerNorm, activations: list[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
-    """Opacus's per-example gradients of a layer norm's affine parameters, also when it has no bias."""
-    if layer.bias is not None:
-        return compute_layer_norm_grad_sample(layer, activations, backprops)
-    without_bias = nn.LayerNorm.__new__(nn.LayerNorm)
-    without_bias.__dict__ = {**layer.__dict__, "_parameters": {"weight": layer.weight, "bias": _NO_BIAS}}
-    samples = compute_layer_norm_grad_sample(without_bias, activations, backprops)
-    samples.pop(_NO_BIAS, None)
-    return samples
-
-
-_NO_BIAS = nn.Parameter(torch.empty(0), requires_grad=False)  # stands for a missing bias in Opacus's rule
+    """Per-example gradients of a layer norm's affine parameters (Opacus's rule, which also crashed without a bias)."""
+    normalized = F.layer_norm(activations[0], layer.normalized_shape, eps=layer.eps)
+    per_element = [(layer.weight, normalized * backprops), (layer.bias, backprops)]
+    return {
+        parameter: sum_over_all_but_batch_and_last_n(grads, parameter.dim())
+        for parameter, grads in per_element
+        if parameter is not None and parameter.requires_grad
+    }
 
 
 @register_grad_sampler(nn.EmbeddingBag)

@@ -508,3 +508,40 @@ def test_a_fit_refuses_an_rnn_by_name_before_any_step():
     """A plain ``nn.RNN`` crashed inside Opacus's functorch path; the strategy now refuses it, by name, in set-up."""
     with pytest.raises(RuntimeError, match=r"layer layer\.layer \(RNN\).*DPRNN"):
         _fit("hooks", "rnn")
+
+
+CUDA_ROWS = [
+    "conv2d-reflect",
+    "conv3d-same",
+    "conv2d-reflect-ghost-norms",
+    "embedding-padding",
+    "embeddingbag-mean-padding",
+    "layernorm-nobias",
+    "linear-4d",
+    "dplstm-sequence-first",
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("mode", "layer"),
+    [
+        (mode, layer)
+        for mode in ["hooks", "ghost", "bk"]
+        for layer in CUDA_ROWS
+        if _expected_refusal(mode, layer, False) is None
+    ],
+)
+def test_the_layers_fixed_here_are_clipped_exactly_on_the_gpu(mode, layer):
+    """The rules added here (explicit padding, padding-row masks, bias-free layer norms, flattened positions, DPLSTM's
+    cells) on CUDA tensors, in float64, against the CPU reference."""
+    row = LAYERS[layer]
+    batch = row.batch()
+    samples, norms = _reference(_case(row, False, per_example=False), batch, row.vectorised)
+    bound = float(norms.sort().values[1:3].mean())
+    expected = _clipped_mean(samples, norms, bound)
+    module = _case(row, False, per_example=mode == "ghost").cuda()
+    update = _private_step(mode, module, tuple(t.cuda() for t in batch), bound)
+    scale = max(float(value.abs().max()) for value in expected.values())
+    for name, value in expected.items():
+        torch.testing.assert_close(update[name].cpu(), value, rtol=0.0, atol=1e-9 * scale)
