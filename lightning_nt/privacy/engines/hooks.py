@@ -19,6 +19,7 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
+from lightning_nt.privacy.book_keeping.record import shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only
 from lightning_nt.privacy.engines.base import ClippingEngine
 
@@ -278,12 +279,14 @@ class OpacusHooksEngine(ClippingEngine):
         for name, n in seen:
             by_layer.setdefault(name or type(self.module).__name__, []).append(n)
         described = "; ".join(f"{name}: {' and '.join(map(str, calls))}" for name, calls in by_layer.items())
+        shared = [name for name, calls in by_layer.items() if set(calls) == {1}]
         raise RuntimeError(
             f"The trainable layers saw these rows in dimension 0 of their inputs ({described}) where the batch has "
             f"{rows} examples: Opacus clips each row as one example, so one example could move the update by more "
             "than max_grad_norm. Keep the examples in dimension 0 of every trainable layer's input, one row each "
             "(no x.reshape(-1, d) folding positions into the batch, batch_first=True, augmented views through "
             "augmentation_multiplicity), and run the trainable layers on the batch only."
+            + (shared_input_advice(shared) if shared and rows > 1 else "")
         )
 
     def last_norms(self) -> torch.Tensor | None:
