@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning import callbacks as lightning_callbacks
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -23,8 +22,10 @@ from lightning_nt.averaging.core import (
     torch_device,
 )
 from lightning_nt.common import LossFn, log_scalars, prepare_batch, preserved_loader_rng, training_loss
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.evaluation import validation_metrics
+from lightning_nt.common.flavours import lightning_classes
 from lightning_nt.common.state import stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
 
@@ -33,7 +34,7 @@ __all__ = ["IterateAveraging"]
 BatchNormPolicy = Literal["recompute", "average", "copy"]
 
 
-class IterateAveraging(pl.Callback):
+class IterateAveraging(Callback):
     """Keep a uniform tail average (Gadam/SWA) or an EMA of the weights and validate/test with it.
 
     Updates happen after optimizer steps (so gradient accumulation is respected), from ``start_step`` or
@@ -199,6 +200,7 @@ class IterateAveraging(pl.Callback):
         """Run first (when this instance's average is what the module ends with): every other callback's
         ``on_train_end`` (CompressionBoundReporter's certificate, a monitor's last measurement) then describes the
         model ``fit`` returns, whatever the order of ``callbacks=``."""
+        super().setup(trainer, pl_module, stage)
         if stage == "fit" and self.apply_on_end:
             run_before_other_callbacks(trainer, self)
 
@@ -237,7 +239,9 @@ class IterateAveraging(pl.Callback):
         """Lightning's own averaging callbacks also swap their average in for validation and copy it into the module
         when training ends: with this one doing the same, which average was validated and which one ``fit`` returns
         would depend on the order of the callbacks."""
-        lightning = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _LIGHTNING_AVERAGING)]
+        lightning = [
+            type(c).__name__ for c in trainer.callbacks if isinstance(c, lightning_classes(*_LIGHTNING_AVERAGING))
+        ]
         if lightning and (self.evaluate or self.apply_on_end):
             raise RuntimeError(
                 f"IterateAveraging and {', '.join(lightning)} would both put their average into the module (for "
@@ -463,11 +467,7 @@ class IterateAveraging(pl.Callback):
 
 
 # Lightning's WeightAveraging (EMAWeightAveraging, ...) exists from pytorch-lightning 2.6 on
-_LIGHTNING_AVERAGING = tuple(
-    getattr(lightning_callbacks, name)
-    for name in ("StochasticWeightAveraging", "WeightAveraging")
-    if hasattr(lightning_callbacks, name)
-)
+_LIGHTNING_AVERAGING = ("callbacks.StochasticWeightAveraging", "callbacks.WeightAveraging")
 
 
 def _check_instances(averagings: list[IterateAveraging]) -> None:

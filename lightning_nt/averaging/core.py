@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_nt.common.compiled import renamed_state_dict
 from lightning_nt.common.state import preserved_modes
 from lightning_nt.common.validation import Rule, above, at_least, between, checked_arguments, renamed_attributes
 
@@ -318,6 +319,7 @@ def save_averaged_weights(averaged_state_dict: dict[str, Tensor], path: str | Pa
 @torch.no_grad()
 def load_averaged_weights(module: nn.Module, path: str | Path, strict: bool = True) -> list[str]:
     """Copy averaged weights saved by :func:`save_averaged_weights` into ``module``; return names not found.
+    Names match without the ``_orig_mod.`` of a submodule compiled with ``torch.compile`` on either side.
 
     Examples:
         >>> import tempfile, os
@@ -327,7 +329,7 @@ def load_averaged_weights(module: nn.Module, path: str | Path, strict: bool = Tr
         >>> load_averaged_weights(net, file), net.weight.tolist()
         ([], [[1.0, 1.0]])
     """
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = renamed_state_dict(module, torch.load(path, map_location="cpu", weights_only=True))
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     unknown = sorted(set(saved) - set(tensors))
     missing = sorted(name for name, _ in module.named_parameters() if name not in saved)

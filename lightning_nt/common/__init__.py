@@ -9,6 +9,7 @@ from lightning_nt.common.batches import (
     select_examples,
     tensors_of,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.compiled import (
     compiled_parts,
     eager_execution,
@@ -18,6 +19,7 @@ from lightning_nt.common.compiled import (
 )
 from lightning_nt.common.distributed import (
     broadcast_from_rank_zero,
+    check_unsharded,
     gather_across_ranks,
     mean_across_ranks,
     min_across_ranks,
@@ -41,6 +43,7 @@ from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import check_choice
 
 __all__ = [
+    "Callback",
     "LossFn",
     "ProbeSet",
     "RNGState",
@@ -49,6 +52,7 @@ __all__ = [
     "broadcast_from_rank_zero",
     "captured_logging",
     "check_choice",
+    "check_unsharded",
     "compiled_parts",
     "concatenate_batches",
     "copied",

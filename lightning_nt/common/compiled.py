@@ -12,13 +12,15 @@ compiled code that training goes on using (its caches stay as they were). :func:
 
 Names: what a capability logs and keys by name (GradInit's scales, similarity layers) drops the ``_orig_mod.``
 components, so that a compiled run and an uncompiled one log the same tags; a layer name given by a user is
-accepted with or without them. (State dicts keep PyTorch's own names: they must load into the module.)
+accepted with or without them. (State dicts keep PyTorch's own names: they must load into the module;
+:func:`renamed_state_dict` renames one saved from a module compiled the other way.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ __all__ = [
     "compiled_parts",
     "eager_execution",
     "named_modules",
+    "renamed_state_dict",
     "uncompiled_name",
     "with_own_methods",
 ]
@@ -91,6 +94,22 @@ def uncompiled_name(name: str) -> str:
         ('backbone.0.weight', '', 'net.1')
     """
     return ".".join(part for part in name.split(".") if part != COMPILED_COMPONENT)
+
+
+def renamed_state_dict(module: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` (a state dict) with each key renamed to ``module``'s own name of the same :func:`uncompiled_name`.
+
+    A state dict saved from a network whose submodule was compiled (``net._orig_mod.0.weight``) then loads into the
+    same architecture uncompiled (``net.0.weight``), and the other way round; a key ``module`` has no match for is
+    kept, so that ``load_state_dict`` names it.
+
+    Examples:
+        >>> compiled = nn.Sequential(torch.compile(nn.Linear(2, 1)))
+        >>> sorted(renamed_state_dict(compiled, nn.Sequential(nn.Linear(2, 1)).state_dict()))
+        ['0._orig_mod.bias', '0._orig_mod.weight']
+    """
+    own = {uncompiled_name(name): name for name in module.state_dict(keep_vars=True)}
+    return {own.get(uncompiled_name(key), key): value for key, value in state.items()}
 
 
 def named_modules(module: nn.Module) -> dict[str, nn.Module]:

@@ -26,8 +26,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_nt.common.flavours import lightning_classes
+
 __all__ = [
     "broadcast_from_rank_zero",
+    "check_unsharded",
     "gather_across_ranks",
     "mean_across_ranks",
     "min_across_ranks",
@@ -40,6 +43,29 @@ Reducible = TypeVar("Reducible", Tensor, float, list[Tensor], dict[str, float])
 Number = TypeVar("Number", int, float)
 
 Broadcast = TypeVar("Broadcast")
+
+
+SHARDED_STRATEGIES = ("strategies.FSDPStrategy", "strategies.DeepSpeedStrategy", "strategies.ModelParallelStrategy")
+"""Strategies that split the parameters over the processes (by their path in a Lightning package)."""
+
+
+def check_unsharded(trainer: pl.Trainer, owner: str) -> None:
+    """Refuse a strategy that shards the parameters over the processes (FSDP, DeepSpeed, ModelParallel).
+
+    A capability reads the module's whole parameters on every process (Hessian-vector products, rescaling,
+    averages, compression, kernels) and restores them exactly: on one shard that would measure, change or restore
+    part of a different model. Lightning's own ``StochasticWeightAveraging`` refuses them too.
+
+    Examples:
+        >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> check_unsharded(trainer, "SharpnessMonitor")  # one device: nothing to refuse
+    """
+    if isinstance(trainer.strategy, lightning_classes(*SHARDED_STRATEGIES)):
+        raise RuntimeError(
+            f"{owner} does not support {type(trainer.strategy).__name__}, which shards the parameters over the "
+            f"processes: {owner} reads and restores the whole module on every process. Train with "
+            "strategy='ddp' (the parameters whole on every process) to use it, or remove it."
+        )
 
 
 def sum_across_ranks(trainer: pl.Trainer, value: Reducible) -> Reducible:

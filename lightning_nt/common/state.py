@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +24,10 @@ from torch import Tensor, nn
 
 from lightning_nt.common.compiled import eager_execution
 
-__all__ = ["RNGState", "preserved_modes", "preserved_rng", "preserved_state", "stable_name"]
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+__all__ = ["RNGState", "continues_earlier_fit", "preserved_modes", "preserved_rng", "preserved_state", "stable_name"]
 
 
 @dataclass
@@ -130,6 +133,19 @@ def stable_name(function: Callable[..., Any] | None) -> str | None:
         return None
     named = function if hasattr(function, "__qualname__") else type(function)
     return f"{named.__module__}.{named.__qualname__}"
+
+
+def continues_earlier_fit(trainer: pl.Trainer) -> bool:
+    """Whether this ``fit`` goes on with the run an earlier ``fit`` on the same Trainer left (``global_step > 0``,
+    no checkpoint to resume from). A callback then keeps its run's state (history, reference, last step measured)
+    as a resume from a checkpoint restores it; a new Trainer starts a new run.
+
+    Examples:
+        >>> import pytorch_lightning as pl
+        >>> continues_earlier_fit(pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False))
+        False
+    """
+    return trainer.global_step > 0 and trainer.ckpt_path is None
 
 
 def _clone_named(tensors: Iterator[tuple[str, Tensor]]) -> dict[str, Tensor]:

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import BaseFinetuning
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
@@ -26,6 +25,8 @@ from lightning_nt.common import (
     select_examples,
     uncompiled_name,
 )
+from lightning_nt.common.callback import Callback
+from lightning_nt.common.flavours import lightning_classes
 from lightning_nt.common.loss import training_loss
 from lightning_nt.common.validation import (
     at_least,
@@ -68,7 +69,7 @@ def default_target(batch: Any) -> Tensor:
     return _field(batch, 1, "labels")
 
 
-class CompressionBoundReporter(pl.Callback):
+class CompressionBoundReporter(Callback):
     """A certified compression bound on the trained model's error, beside Arora et al.'s noise stability.
 
     The model is quantised over a grid of configurations (uniform or k-means levels per tensor, optional
@@ -456,7 +457,7 @@ class CompressionBoundReporter(pl.Callback):
         (directory / "compression_report.json").write_text(json.dumps(content, indent=2))
 
 
-class SubspaceTraining(pl.Callback):
+class SubspaceTraining(Callback):
     """Train any LightningModule in a random ``dimension``-dimensional subspace ``theta0 + P w`` (Lotfi et al.).
 
     At ``setup`` the module's trainable parameters are re-drawn from ``seed`` (each submodule's
@@ -483,9 +484,12 @@ class SubspaceTraining(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        schedules = [type(c).__name__ for c in trainer.callbacks if isinstance(c, BaseFinetuning)]
+        schedules = [
+            type(c).__name__ for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.BaseFinetuning"))
+        ]
         if schedules:
             raise ValueError(
                 f"SubspaceTraining trains every trainable parameter through the same {self.dimension} coordinates "

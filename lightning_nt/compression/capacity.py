@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_nt.common.compiled import renamed_state_dict
 from lightning_nt.common.state import preserved_state
 from lightning_nt.compression.subspace import detached_deepcopy
 
@@ -161,10 +162,11 @@ def _distance_from_init(
     if initial_parameters is None:
         skipped.append("distance_from_init: no initial_parameters")
         return None
+    initial = renamed_state_dict(model, initial_parameters)  # saved with a submodule compiled the other way
     pairs = [
-        (p.detach(), initial_parameters[name])
+        (p.detach(), initial[name])
         for name, p in model.named_parameters()
-        if name in initial_parameters and initial_parameters[name].shape == p.shape
+        if name in initial and initial[name].shape == p.shape
     ]
     if not pairs:
         skipped.append("distance_from_init: no parameter of the model is in initial_parameters with its shape")

@@ -24,6 +24,7 @@ from lightning_nt.common import (
     preserved_state,
     training_loss,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.distributed import mean_across_ranks
 from lightning_nt.common.validation import ArgumentError, checked_arguments
@@ -32,7 +33,7 @@ from lightning_nt.gradinit.core import SEARCH_RULES, GradInitResult, apply_scale
 __all__ = ["GradInit"]
 
 
-class GradInit(pl.Callback):
+class GradInit(Callback):
     """Learn one initial scale per parameter tensor before training (Zhu et al., GradInit, NeurIPS 2021).
 
     Before the first training step, on batches of the train dataloader and through the module's own loss
@@ -101,6 +102,7 @@ class GradInit(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Run first: every other callback's ``on_train_start`` (a monitor's step-0 reference) sees GradInit's
         weights, the ones training starts from, whatever the order of ``callbacks=``."""
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
             run_before_other_callbacks(trainer, self)
 

@@ -22,8 +22,9 @@ from lightning_nt.common import (
     tensors_of,
     uncompiled_name,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import mean_across_ranks
-from lightning_nt.common.state import stable_name
+from lightning_nt.common.state import continues_earlier_fit, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
@@ -62,7 +63,7 @@ def _integer_labels(batch: Any) -> Tensor | None:
     return labels[-1] if labels else None
 
 
-class LazinessMonitor(pl.Callback):
+class LazinessMonitor(Callback):
     """How lazy training is: weight distance from init, ReLU pattern flips and the change of the empirical NTK.
 
     When training starts, ``num_examples`` training examples are cached as a fixed probe set together with the
@@ -81,7 +82,9 @@ class LazinessMonitor(pl.Callback):
 
     When the trainable parameters change during the fit (a fine-tuning schedule such as ``BackboneFinetuning``
     unfreezes a layer), the reference is taken again at that step, with a warning: the quantities are then measured
-    from the weights and kernel of the current stage.
+    from the weights and kernel of the current stage. Another ``fit`` on the same Trainer goes on with the run as a
+    resume does (its ``.history``, compared with the run's initialisation); a new Trainer starts a new run and a
+    new ``.history``.
 
     In the lazy regime (Jacot et al. 2018; Chizat et al. 2019; Allen-Zhu, Li & Song 2019) all three changes are
     small and fall with width roughly as ``width^-1/2``. At the end of training a picture of the quantities over
@@ -164,13 +167,14 @@ class LazinessMonitor(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fresh = not self._restored or self._initial is None
+        # a resume, or another fit on the same Trainer, goes on comparing with the initialisation of its run
+        fresh = self._initial is None or not (self._restored or continues_earlier_fit(trainer))
         self._restored = False
         if not fresh:  # the probe batch as `ProbeSet.state_dict` saved it (older checkpoints: its tensors, or itself)
             saved = self._initial.pop("probe", None) or self._initial.pop("batch_tensors", None)
             if saved is not None:
                 self._initial["batch"] = next(ProbeSet.from_state_dict(saved, trainer).chunks())[0]
-        if fresh:  # a resumed run goes on comparing with the initialisation of the run it resumes
+        if fresh:
             self.history, self._last_step = [], -1
             self._initial = self._capture(trainer, pl_module)
             self._measure(trainer, pl_module)
@@ -200,7 +204,10 @@ class LazinessMonitor(pl.Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
-        self._initial, self._last_step = state_dict["initial"], state_dict["last_step"]
+        initial, self._last_step = state_dict["initial"], state_dict["last_step"]
+        if initial is not None:  # older checkpoints name a compiled submodule's weights with `_orig_mod.`
+            initial = {**initial, "weights": {uncompiled_name(name): w for name, w in initial["weights"].items()}}
+        self._initial = initial
         self._restored = True
 
     def figure(self) -> Any:
@@ -249,8 +256,11 @@ class LazinessMonitor(pl.Callback):
             "targets": None if targets is None else targets.detach().cpu(),
         }
 
-    def _params(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        return {name: p for name, p in pl_module.named_parameters() if p.requires_grad}
+    @staticmethod
+    def _params(pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """The trainable parameters by name without ``_orig_mod.``: the initial weights of a checkpoint saved with
+        a submodule compiled match the same network resumed uncompiled, and the other way round."""
+        return {uncompiled_name(name): p for name, p in pl_module.named_parameters() if p.requires_grad}
 
     def _observe(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], Tensor | None]:
         """The activation patterns and (with ``ntk``) the empirical NTK of the probe batch, leaving no trace."""
@@ -284,9 +294,7 @@ class LazinessMonitor(pl.Callback):
         patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
-        values.update(
-            {f"{_TAG}/weight_distance/{uncompiled_name(layer)}": value for layer, value in distance.parts.items()}
-        )
+        values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
         if patterns:
             flips = pattern_flips(initial["patterns"], {name: p.cpu() for name, p in patterns.items()})
             values[f"{_TAG}/activation_flips"] = flips.pop("")

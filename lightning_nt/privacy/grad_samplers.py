@@ -4,9 +4,15 @@ embeddings, whose Opacus rules disagree with PyTorch's own gradient.
 ``nn.Embedding`` with ``padding_idx``: PyTorch gives the padding row no gradient, Opacus's rule gives it one (so
 DP-SGD trained the padding vector). ``nn.EmbeddingBag``: Opacus's rule needs 1-D input with offsets (it crashed
 on the common 2-D input), counts a token repeated in a bag once, and ignores ``per_sample_weights`` and
-``padding_idx``; the rule here forms each bag's gradient as the forward pooled it. Convolutions: Opacus's rule
-formed wrong per-example gradients from a ``channels_last`` input (their sum was not the gradient); it is given
-contiguous tensors.
+``padding_idx``; the rule here forms each bag's gradient as the forward pooled it (with its weights in the
+gradients' dtype: ``"mean"`` weighted a float64 model's positions by fp32 fractions). Ghost clipping's embedding norms
+counted the padding row's gradient (they over-clipped examples with padding); the norm rule here leaves it out.
+Convolutions: Opacus's rule formed wrong per-example gradients from a ``channels_last`` input (their sum was not the
+gradient); it is given contiguous tensors. It also padded every input with zeros whatever the layer's
+``padding_mode`` (``"reflect"``, ``"replicate"``, ``"circular"``: a clipped sum off by half its size); it is given
+the input as the layer pads it, and no padding. ``nn.LayerNorm(bias=False)``: Opacus's rule crashed on the missing
+bias. Ghost norms of ``nn.Linear`` on inputs with two or more position dimensions (``[B, T1, T2, d]``): Opacus's rule
+gave none (a crash); they are taken over the flattened positions.
 
 :class:`~lightning_nt.common.StandardizedConv2d` convolves with ``w_hat = (w - mean) / std`` (per output
 channel, over its ``n`` inputs). Opacus's convolution rule gives each example's gradient ``g`` with respect
@@ -16,10 +22,15 @@ to ``w_hat``; the chain rule through the standardisation gives, per example and 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
-from opacus.grad_sample import register_grad_sampler
+import torch.nn.functional as F
+from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.conv import compute_conv_grad_sample
-from opacus.grad_sample.embedding import compute_embedding_grad_sample
+from opacus.grad_sample.embedding import compute_embedding_grad_sample, compute_embedding_norm_sample
+from opacus.grad_sample.linear import compute_linear_norm_sample
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import Tensor, nn
 
 from lightning_nt.common.layers import StandardizedConv2d
@@ -28,6 +39,10 @@ __all__ = [
     "conv_grad_sample",
     "embedding_bag_grad_sample",
     "embedding_grad_sample",
+    "embedding_norm_sample",
+    "explicitly_padded",
+    "layer_norm_grad_sample",
+    "linear_norm_sample",
     "standardization_backward",
     "standardized_conv_grad_sample",
 ]
@@ -35,8 +50,33 @@ __all__ = [
 
 @register_grad_sampler([nn.Conv1d, nn.Conv2d, nn.Conv3d])
 def conv_grad_sample(layer: nn.Module, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
-    """Opacus's per-example gradients of a convolution, from contiguous inputs and output gradients."""
-    return compute_conv_grad_sample(layer, [a.contiguous() for a in activations], backprops.contiguous())
+    """Opacus's per-example gradients of a convolution, from contiguous inputs (padded as the layer pads them) and
+    output gradients."""
+    unpadded, inputs = explicitly_padded(layer, activations[0])
+    return compute_conv_grad_sample(unpadded, [inputs.contiguous()], backprops.contiguous())
+
+
+_Conv = TypeVar("_Conv", bound=nn.Conv1d | nn.Conv2d | nn.Conv3d)
+
+
+def explicitly_padded(layer: _Conv, inputs: Tensor) -> tuple[_Conv, Tensor]:
+    """``inputs`` padded as ``layer``'s forward pads them (its ``padding_mode``, and ``"same"``'s uneven split), and
+    a view of ``layer`` (the same parameters and type) with no padding: the convolution of the one with the other is
+    the layer's, so rules that know only zero padding of a number are exact for every padding.
+
+    Examples:
+        >>> conv = nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular")
+        >>> view, padded = explicitly_padded(conv, torch.arange(4.0).view(1, 1, 4))
+        >>> view.padding, padded.flatten().tolist(), view.weight is conv.weight
+        ((0,), [3.0, 0.0, 1.0, 2.0, 3.0, 0.0], True)
+    """
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return layer, inputs
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    padded = F.pad(inputs, layer._reversed_padding_repeated_twice, mode=mode)
+    view = type(layer).__new__(type(layer))
+    view.__dict__ = {**layer.__dict__, "padding": (0,) * len(layer.kernel_size), "padding_mode": "zeros"}
+    return view, padded
 
 
 @register_grad_sampler(StandardizedConv2d)
@@ -83,6 +123,42 @@ def embedding_grad_sample(
     return samples
 
 
+@register_norm_sampler(nn.Embedding)
+def embedding_norm_sample(
+    layer: nn.Embedding, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Ghost clipping's per-example gradient norms of an embedding table, the padding row's gradient left out (PyTorch
+    gives it none)."""
+    if layer.padding_idx is not None:
+        backprops = backprops * (activations[0] != layer.padding_idx).unsqueeze(-1).to(backprops.dtype)
+    return compute_embedding_norm_sample(layer, activations, backprops)
+
+
+@register_norm_sampler(nn.Linear)
+def linear_norm_sample(layer: nn.Linear, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+    """Ghost clipping's per-example gradient norms of a linear layer over any number of position dimensions (Opacus's
+    rule covers none or one and returned no norm for more, which crashed as "parameter tying" on the next call)."""
+    inputs = activations[0]
+    if backprops.dim() > 3:
+        inputs = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        backprops = backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
+    return compute_linear_norm_sample(layer, [inputs], backprops)
+
+
+@register_grad_sampler(nn.LayerNorm)
+def layer_norm_grad_sample(
+    layer: nn.LayerNorm, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-example gradients of a layer norm's affine parameters (Opacus's rule, which also crashed without a bias)."""
+    normalized = F.layer_norm(activations[0], layer.normalized_shape, eps=layer.eps)
+    per_element = [(layer.weight, normalized * backprops), (layer.bias, backprops)]
+    return {
+        parameter: sum_over_all_but_batch_and_last_n(grads, parameter.dim())
+        for parameter, grads in per_element
+        if parameter is not None and parameter.requires_grad
+    }
+
+
 @register_grad_sampler(nn.EmbeddingBag)
 def embedding_bag_grad_sample(
     layer: nn.EmbeddingBag, activations: list[Tensor], backprops: Tensor
@@ -100,17 +176,17 @@ def embedding_bag_grad_sample(
     if tokens.ndim != 2 or layer.mode == "max":
         raise ValueError(
             f"EmbeddingBag(mode={layer.mode!r}) called on {tokens.ndim}-D input has no per-example gradient rule "
-            "under DP-SGD: call it on 2-D input (one bag per example, padded with `padding_idx`), with mode='sum' "
-            "or 'mean'."
+            "under DP-SGD: it needs 2-D input (one bag per example, padded with `padding_idx`) and mode='sum' or "
+            "'mean'."
         )
     bags = torch.arange(tokens.shape[0], device=tokens.device).repeat_interleave(tokens.shape[1])
     tokens = tokens.reshape(-1)
-    weights = torch.ones(tokens.shape, device=tokens.device)
+    weights = backprops.new_ones(tokens.shape)  # in the gradients' dtype: a "mean" bag's fractions are not rounded
     if layer.padding_idx is not None:
         weights = weights * (tokens != layer.padding_idx)
     if layer.mode == "mean":
-        lengths = torch.zeros(len(backprops), device=tokens.device).index_add_(0, bags, weights)
+        lengths = backprops.new_zeros(len(backprops)).index_add_(0, bags, weights)
         weights = weights / lengths.clamp(min=1.0)[bags]
     samples = backprops.new_zeros((len(backprops), *layer.weight.shape))
-    samples.index_put_((bags, tokens), weights[:, None].to(backprops.dtype) * backprops[bags], accumulate=True)
+    samples.index_put_((bags, tokens), weights[:, None] * backprops[bags], accumulate=True)
     return {layer.weight: samples}

@@ -25,12 +25,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import (
-    BaseFinetuning,
-    BatchSizeFinder,
-    GradientAccumulationScheduler,
-    LearningRateFinder,
-)
 from pytorch_lightning.trainer.connectors.data_connector import _parse_num_batches
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
@@ -38,6 +32,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from lightning_nt.common import copied, map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
+from lightning_nt.common.flavours import lightning_classes
 
 __all__ = [
     "check_accumulation",
@@ -50,7 +45,6 @@ __all__ = [
 ]
 
 _ALLOWED_PRECISION = ("32-true", "32", "bf16-mixed")
-_TUNERS = (LearningRateFinder, BatchSizeFinder)
 _LOADER_SAMPLERS = (SequentialSampler, RandomSampler, DistributedSampler)  # what DataLoader/Lightning put there
 
 
@@ -90,7 +84,11 @@ def check_accumulation(trainer: pl.Trainer) -> None:
 def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
     """Refuse tuners, accumulation schedules and fine-tuning schedules always; refuse (or, with
     ``allow_nonprivate``, warn about) callbacks that read the training data."""
-    tuners = [type(c).__name__ for c in trainer.callbacks if isinstance(c, _TUNERS)]
+    tuners = [
+        type(c).__name__
+        for c in trainer.callbacks
+        if isinstance(c, lightning_classes("callbacks.LearningRateFinder", "callbacks.BatchSizeFinder"))
+    ]
     if tuners:
         raise RuntimeError(
             f"{', '.join(tuners)} can't run under DP-SGD: it trains through the DP optimizer, chooses from "
@@ -98,12 +96,14 @@ def check_callbacks(trainer: pl.Trainer, allow_nonprivate: bool) -> None:
             "ledger. Tune on public data (or a non-private run on other data) and pass the values explicitly."
         )
     for callback in trainer.callbacks:
-        if isinstance(callback, GradientAccumulationScheduler) and set(callback.scheduling.values()) != {1}:
+        if isinstance(callback, lightning_classes("callbacks.GradientAccumulationScheduler")) and set(
+            callback.scheduling.values()
+        ) != {1}:
             raise RuntimeError(
                 f"GradientAccumulationScheduler({callback.scheduling}) accumulates gradients under DP-SGD, which "
                 "breaks Poisson sampling's accounting: remove it and use a larger batch (sample rate) instead."
             )
-        if isinstance(callback, BaseFinetuning):
+        if isinstance(callback, lightning_classes("callbacks.BaseFinetuning")):
             raise RuntimeError(
                 f"{type(callback).__name__} changes which parameters train during a private fit, but the DP engine "
                 "clips the parameters that require grad when the fit starts: remove it and run one `fit` per "

@@ -1,9 +1,10 @@
 """Checks on the module itself that make DP-SGD fail closed, each naming what is wrong and the fix.
 
 * before the first step (:func:`check_module`): modules compiled with ``torch.compile``, trainable BatchNorm and
-  what Opacus can't give per-example gradients for (or their repair with ``fix_modules``), parametrized modules
-  (also by the old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``, lazy modules not yet
-  materialised, trainable parameters in ``nn.ParameterList``/``nn.ParameterDict``;
+  what Opacus can't give per-example gradients for (or their repair with ``fix_modules``), each by its name,
+  parametrized modules (also by the old ``weight_norm``/``spectral_norm`` hooks), embeddings with ``max_norm``,
+  trainable ``EmbeddingBag(mode="max")`` and trainable embeddings with ``scale_grad_by_freq`` or ``sparse``, lazy
+  modules not yet materialised, trainable parameters in ``nn.ParameterList``/``nn.ParameterDict``;
 * before every step (:func:`check_batch_norm_in_eval`): a frozen BatchNorm in training mode;
 * during a backward pass under ghost clipping (:func:`refusing_recomputation`): a layer that activation
   checkpointing runs again;
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -63,6 +65,33 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
             "SubspaceTraining is not supported under DP; remove the parametrization (e.g. "
             "torch.nn.utils.remove_weight_norm)."
         )
+    _check_embeddings(module)
+    _refuse_parameter_containers(module)
+    errors = _unsupported_layers(module)  # only layers with trainable parameters
+    coupled = [name for name, m in module.named_modules() if _coupling_batch_norm(m)]
+    if not errors and not coupled:
+        return
+    if fix_modules:
+        _fix_in_place(module)
+        remaining = _unsupported_layers(module)
+        if remaining:
+            raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(remaining)}.")
+        return
+    problems = "; ".join(errors + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled])
+    raise RuntimeError(
+        f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
+        "Replace each layer named here as its message says (BatchNorm by GroupNorm; nn.MultiheadAttention, "
+        "nn.LSTM, nn.GRU and nn.RNN by DPMultiheadAttention, DPLSTM, DPGRU and DPRNN from opacus.layers), or pass "
+        "fix_modules=True to let Opacus swap them before training; or freeze a BatchNorm (requires_grad_(False)) "
+        "and keep it in eval mode while training, as a fine-tuned backbone is. Coupling written by hand (e.g. "
+        "`x - x.mean(0)` in forward) is looked for on a fit's first batch only (the example-independence check; see "
+        "also DPStrategy's sensitivity_probe)."
+    )
+
+
+def _check_embeddings(module: nn.Module) -> None:
+    """Refuse, by name, embedding options whose gradients are not sums of per-example gradients, or that change the
+    table outside the noisy update."""
     renormed = [
         name or "<root>"
         for name, m in module.named_modules()
@@ -75,27 +104,38 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
             "Remove max_norm (to bound the looked-up vectors, normalise them in forward without changing the "
             "weight, e.g. with F.normalize)."
         )
-    _refuse_parameter_containers(module)
-    errors = ModuleValidator.validate(module, strict=False)  # only layers with trainable parameters
-    coupled = [name for name, m in module.named_modules() if _coupling_batch_norm(m)]
-    if not errors and not coupled:
-        return
-    if fix_modules:
-        _fix_in_place(module)
-        remaining = ModuleValidator.validate(module, strict=False)
-        if remaining:
-            raise RuntimeError(f"fix_modules=True could not repair: {'; '.join(map(str, remaining))}.")
-        return
-    problems = "; ".join(
-        [str(e) for e in errors] + [f"{n}: BatchNorm couples the examples of a batch" for n in coupled]
-    )
-    raise RuntimeError(
-        f"DP-SGD needs every example's gradient on its own, and this module can't give it: {problems}. "
-        "Replace BatchNorm by GroupNorm (or pass fix_modules=True to let Opacus swap the modules before training), "
-        "or freeze it (requires_grad_(False)) and keep it in eval mode while training, as a fine-tuned backbone is. "
-        "Coupling written by hand (e.g. `x - x.mean(0)` in forward) is looked for on a fit's first batch only "
-        "(the example-independence check; see also DPStrategy's sensitivity_probe)."
-    )
+    max_pooled = [
+        name or "<root>" for name, m in trainable_modules(module) if isinstance(m, nn.EmbeddingBag) and m.mode == "max"
+    ]
+    if max_pooled:
+        raise RuntimeError(
+            f"EmbeddingBags {max_pooled} pool with mode='max', for which no clipping engine has a per-example "
+            "gradient rule. Use mode='sum' or 'mean' (or freeze the table)."
+        )
+    coupled = [
+        name or "<root>"
+        for name, m in trainable_modules(module)
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and (m.scale_grad_by_freq or m.sparse)
+    ]
+    if coupled:
+        raise RuntimeError(
+            f"Embeddings {coupled} have scale_grad_by_freq=True or sparse=True: the first divides each token's "
+            "gradient by its count in the whole batch (so every example's gradient depends on the others), the "
+            "second gives sparse gradients, which DP-SGD's dense noise and per-example clipping don't take. Remove "
+            "both options under DP-SGD."
+        )
+
+
+def _unsupported_layers(module: nn.Module) -> list[str]:
+    """Opacus's validators' objections to ``module``, each naming its layer (Opacus's own messages don't)."""
+    errors = [] if module.training else ["the module needs to be in training mode"]
+    for name, layer in trainable_modules(module):
+        validator = ModuleValidator.VALIDATORS.get(type(layer))
+        found = [str(error) for error in validator(layer)] if validator is not None else []
+        if type(layer) is nn.RNN:  # Opacus has no validator for it, and its functorch path crashes on it
+            found.append("nn.RNN's fused kernel has no per-example gradient rule; use opacus.layers.DPRNN")
+        errors.extend(f"layer {name or '<root>'} ({type(layer).__name__}): {error}" for error in found)
+    return errors
 
 
 def _refuse_parameter_containers(module: nn.Module) -> None:

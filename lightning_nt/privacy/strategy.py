@@ -18,12 +18,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.accelerators import CUDAAccelerator
-from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_nt.common.flavours import lightning_classes, lightning_packages
 from lightning_nt.common.validation import above, at_least, between, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
@@ -186,7 +186,17 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         super().teardown()  # type: ignore[misc]
 
 
-class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
+class _PrivateOnOneDevice(_DifferentialPrivacy):
+    """On one device: by default the Trainer accelerator's current CUDA device, as Lightning's own strategies."""
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._device_given and isinstance(self.accelerator, lightning_classes("accelerators.CUDAAccelerator")):
+            self._root_device = torch.device("cuda", torch.cuda.current_device())
+        super().setup_environment()  # type: ignore[misc]
+
+
+class DPStrategy(_PrivateOnOneDevice, SingleDeviceStrategy):
     """DP-SGD on one device. ``Trainer(strategy="dp_sgd")`` gives the defaults.
 
     Args:
@@ -252,12 +262,6 @@ class DPStrategy(_DifferentialPrivacy, SingleDeviceStrategy):
 
     strategy_name = "dp_sgd"
 
-    @override
-    def setup_environment(self) -> None:
-        if not self._device_given and isinstance(self.accelerator, CUDAAccelerator):
-            self._root_device = torch.device("cuda", torch.cuda.current_device())
-        super().setup_environment()
-
 
 class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
     """DP-SGD over several processes (DDP); same arguments as :class:`DPStrategy`. ``strategy="dp_sgd_ddp"``.
@@ -271,10 +275,19 @@ class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
 
 
 def register_strategies() -> None:
-    """Register ``"dp_sgd"`` and ``"dp_sgd_ddp"`` with Lightning's strategy registry (idempotent)."""
-    for name, strategy, description in (
-        ("dp_sgd", DPStrategy, "DP-SGD (Opacus) on one device"),
-        ("dp_sgd_ddp", DPDDPStrategy, "DP-SGD (Opacus) with DDP"),
-    ):
-        if name not in StrategyRegistry:
-            StrategyRegistry.register(name, strategy, description=description)
+    """Register ``"dp_sgd"`` and ``"dp_sgd_ddp"`` with the strategy registry of every installed Lightning package
+    (``pytorch_lightning``; ``lightning.pytorch`` with the classes of :mod:`lightning_nt.privacy.unified`); idempotent.
+    """
+    classes = [(DPStrategy, DPDDPStrategy)]
+    if len(lightning_packages()) > 1:
+        from lightning_nt.privacy import unified
+
+        classes.append((unified.DPStrategy, unified.DPDDPStrategy))
+    for package, (single, distributed) in zip(lightning_packages(), classes, strict=True):
+        registry = package.strategies.StrategyRegistry
+        for strategy, description in (
+            (single, "DP-SGD (Opacus) on one device"),
+            (distributed, "DP-SGD (Opacus) with DDP"),
+        ):
+            if strategy.strategy_name not in registry:
+                registry.register(strategy.strategy_name, strategy, description=description)

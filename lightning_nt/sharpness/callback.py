@@ -28,7 +28,9 @@ from lightning_nt.common import (
     training_loss,
 )
 from lightning_nt.common.autodiff import differentiable_kernels
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import min_across_ranks, sum_across_ranks
+from lightning_nt.common.state import continues_earlier_fit
 from lightning_nt.common.validation import (
     ArgumentError,
     above,
@@ -71,7 +73,7 @@ def _groups_differ(optimizer: torch.optim.Optimizer, keys: Sequence[str]) -> boo
     return len(set(settings)) > 1
 
 
-class SharpnessMonitor(pl.Callback):
+class SharpnessMonitor(Callback):
     """Top Hessian eigenvalues of the training loss, against the optimizer's edge-of-stability threshold.
 
     Every ``every_n_steps`` optimizer steps (and before the first), warm-started Lanczos with full
@@ -131,7 +133,9 @@ class SharpnessMonitor(pl.Callback):
     double-precision module) copy of the trainable parameters: at the defaults, at most about 64 such copies,
     6.4 GB for a 25M-parameter model. Between measurements the monitor keeps ``num_eigenvalues + 1`` vectors per
     operator (twice that with Adam) to warm-start the next solve; they are saved in checkpoints, so a resumed run
-    measures what the uninterrupted run would have.
+    measures what the uninterrupted run would have. Another ``fit`` on the same Trainer goes on with the run as a
+    resume does (no second measurement of the step the earlier fit ended on); a new Trainer's run measures from its
+    step 0 again, appended to ``.history``.
 
     Example::
 
@@ -229,8 +233,8 @@ class SharpnessMonitor(pl.Callback):
         self.skipped = 0
         self._start_step = self._seen_step = trainer.global_step
         self._step_batches = []  # a fit interrupted mid-accumulation left its micro-batches
-        if not self._restored:  # a new run (not a resume) measures its first step even if an earlier fit did
-            self._last_step = -1
+        if not (self._restored or continues_earlier_fit(trainer)):  # a new run measures its first step even if an
+            self._last_step = -1  # earlier fit ended there; another fit on the same Trainer goes on as a resume does
         self._restored = False
         if self.data == "probe" and self._due(trainer.global_step):
             self._measure(trainer, pl_module, None)
@@ -409,9 +413,8 @@ class SharpnessMonitor(pl.Callback):
         operator.release()
         if self.batch_sharpness:
             values["sharpness/batch_sharpness"] = self._batch_sharpness(trainer, pl_module, params)
-        if self.smoothness and optimizer is not None:
-            lr = float(optimizer.param_groups[0]["lr"])
-            values.update(self._smoothness(trainer, pl_module, params, batches, lr))
+        if self.smoothness and optimizer is not None:  # the same operator: under DDP no second reduction to build it
+            values.update(self._smoothness(operator, params, float(optimizer.param_groups[0]["lr"])))
         return values, solves
 
     def _spectrum(self, operator: HessianOperator, generator: torch.Generator) -> dict[str, float]:
@@ -618,16 +621,9 @@ class SharpnessMonitor(pl.Callback):
 
         return batch_sharpness(operator(chunk) for chunk, _ in batches)
 
-    def _smoothness(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        params: list[Tensor],
-        batches: list[Any] | None,
-        lr: float,
-    ) -> dict[str, float]:
-        operator = self._operator(trainer, pl_module, params, batches)
-        operator.reuse_graph = False
+    def _smoothness(self, operator: HessianOperator, params: list[Tensor], lr: float) -> dict[str, float]:
+        """Santurkar et al.'s metrics along the gradient of the measurement's loss (``operator``'s, released)."""
+        operator.reuse_graph = False  # the loss is taken at displaced weights: no graph outlives one evaluation
         steps = [lr * multiple for multiple in self.smoothness_steps]
         result = smoothness_along_gradient(params, lambda: (operator.loss(), operator.gradient()), steps)
         return {

@@ -27,7 +27,10 @@ from lightning_nt.common import (
     training_loss,
     uncompiled_name,
 )
+from lightning_nt.common.callback import Callback
+from lightning_nt.common.compiled import renamed_state_dict
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
+from lightning_nt.common.state import continues_earlier_fit
 from lightning_nt.common.validation import (
     ArgumentError,
     Rule,
@@ -38,6 +41,7 @@ from lightning_nt.common.validation import (
     renamed_arguments,
     renamed_property,
 )
+from lightning_nt.similarity.activations import recognised_activation
 from lightning_nt.similarity.core import (
     ACTIVATIONS,
     Activation,
@@ -67,7 +71,7 @@ def _is_reference(value: Any) -> bool:
     return not isinstance(value, str) or value in ("init", "previous") or os.path.isfile(value)
 
 
-class RepresentationSimilarity(pl.Callback):
+class RepresentationSimilarity(Callback):
     """Per-layer similarity of the network's representations to a reference's: CKA, Procrustes, intertwiner.
 
     Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_examples`` training
@@ -89,18 +93,24 @@ class RepresentationSimilarity(pl.Callback):
     Logs ``similarity/<metric>/<layer>``; ``.history`` holds one dict per measurement (with ``"step"`` and
     ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
     the final model (outputs flattened per example) beside per-layer bars of CKA and intertwiner similarity
-    against the reference, and ``similarity/table`` the last measurement as a table.
+    against the reference, and ``similarity/table`` the last measurement as a table. Another ``fit`` on the same
+    Trainer goes on with the run as a resume does (its probe set and reference: ``"init"`` stays the run's start);
+    a new Trainer's run takes them again, its measurements appended to ``.history``.
 
     Args:
         layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
-            inferred from its class (see ``ACTIVATION_MODULES``), or a mapping ``{name: activation}`` with
-            activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``, ``"identity"``. ``None``: every
-            ReLU, LeakyReLU, PReLU, Tanh, GELU, SiLU and Sigmoid module. A module that runs several times in one forward
-            pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
+            inferred from its class (see ``ACTIVATION_MODULES``) or, for a parameter-free activation class written
+            elsewhere (HuggingFace's ``GELUActivation``), from what it computes
+            (:func:`~lightning_nt.similarity.activations.recognised_activation`), or a mapping
+            ``{name: activation}`` with activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``,
+            ``"identity"``. ``None``: every ReLU, LeakyReLU, PReLU, Tanh, GELU, SiLU and Sigmoid module, and every
+            activation module of another class recognised by what it computes. A module that runs several times
+            in one forward pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
             ``torch.compile`` a name may carry the ``_orig_mod.`` component or not; tags are logged without it.
         reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path
             of a checkpoint (Lightning's or a plain ``state_dict``) or a module of the same architecture (another
-            seed); its weights are loaded into the network for one forward pass and the network's restored.
+            seed); its weights are loaded into the network for one forward pass and the network's restored. Names
+            are matched without the ``_orig_mod.`` of compiled submodules: either side may be compiled.
         every_n_epochs: epochs between measurements, taken after the epoch's last training batch (before
             validation and before a checkpoint is saved, so a resumed run has every measurement).
         num_examples: training examples in the probe set (per rank).
@@ -192,6 +202,7 @@ class RepresentationSimilarity(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._activations = self._resolve_layers(pl_module)
 
     @override
@@ -200,6 +211,8 @@ class RepresentationSimilarity(pl.Callback):
             self._restored = False
             self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
             return
+        if continues_earlier_fit(trainer) and self._reference_features is not None:
+            return  # another fit on the same Trainer goes on as a resume does: same probe set and reference
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
             self._set_reference(self._features(trainer, pl_module))
@@ -397,7 +410,7 @@ class RepresentationSimilarity(pl.Callback):
             state = checkpoint.get("state_dict", checkpoint)
         with preserved_state(pl_module, grads=False, rng=False, modes=False):
             try:
-                pl_module.load_state_dict(state)
+                pl_module.load_state_dict(renamed_state_dict(pl_module, state))  # compiled or not, either side
             except RuntimeError as error:
                 raise ValueError(
                     f"`reference` must have the architecture of {type(pl_module).__name__}: {error}"
@@ -434,7 +447,8 @@ class RepresentationSimilarity(pl.Callback):
 
     @staticmethod
     def _activation_of(module: nn.Module) -> str | None:
-        return next((group for cls, group in ACTIVATION_MODULES.items() if type(module) is cls), None)
+        known = next((group for cls, group in ACTIVATION_MODULES.items() if type(module) is cls), None)
+        return known or recognised_activation(module)
 
     def _reference_name(self) -> str:
         return self.reference if isinstance(self.reference, str) else type(self.reference).__name__

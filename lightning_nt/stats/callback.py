@@ -25,6 +25,7 @@ from lightning_nt.common import (
     select_examples,
     training_loss,
 )
+from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import sum_across_ranks
 from lightning_nt.common.loss import example_losses
 from lightning_nt.common.validation import (
@@ -54,7 +55,7 @@ def _validation_dataloader(trainer: pl.Trainer) -> Any:
     return loader[0] if isinstance(loader, list | tuple) and loader else loader
 
 
-class GradientSignalTest(pl.Callback):
+class GradientSignalTest(Callback):
     """Tests ``H0: E[grad loss] = 0`` during training: does the population gradient still carry signal?
 
     Every ``every_n_steps`` optimizer steps (step 0 included), ``num_examples`` held-out examples (the

@@ -153,3 +153,20 @@ def test_decay_per_update():
 def test_bad_input(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         IterateAverage(nn.Linear(1, 1), **kwargs)
+
+
+@pytest.mark.parametrize("compiled", ["saved", "loaded"])
+def test_averaged_weights_load_into_the_network_compiled_the_other_way(compiled, tmp_path):
+    def network(compile_it):
+        torch.manual_seed(0)
+        inner = nn.Linear(3, 2)
+        return nn.Sequential(torch.compile(inner, backend="eager") if compile_it else inner)
+
+    source, target = network(compiled == "saved"), network(compiled == "loaded")
+    with torch.no_grad():
+        target[0].weight.zero_()
+    save_averaged_weights(source.state_dict(), tmp_path / "avg.pt")
+    assert load_averaged_weights(target, tmp_path / "avg.pt") == []
+    assert torch.equal(
+        target.state_dict()[next(iter(target.state_dict()))], source.state_dict()[next(iter(source.state_dict()))]
+    )

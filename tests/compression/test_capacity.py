@@ -302,3 +302,13 @@ def test_r_norm_ignores_how_the_function_is_written():
         assert value == pytest.approx(reference, rel=1e-12)
     distinct_hyperplanes = float((outgoing.double().norm(dim=1) * weights.double().norm(dim=1)).sum())
     assert reference == pytest.approx(distinct_hyperplanes, rel=1e-12)
+
+
+def test_distance_from_init_matches_parameters_saved_with_a_submodule_compiled_the_other_way():
+    torch.manual_seed(1)
+    net = two_layer()
+    initial = {f"_orig_mod.{name}": p.detach().clone() for name, p in net.named_parameters()}  # torch.compile(net)
+    with torch.no_grad():
+        net[0].weight.add_(0.3)
+    scalars, skipped = measure(net, torch.randn(6, 3), initial_parameters=initial)
+    assert scalars["distance_from_init"] == pytest.approx(math.sqrt(15 * 0.09), rel=1e-6), skipped

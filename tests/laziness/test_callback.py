@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BackboneFinetuning, ModelCheckpoint
 
-from lightning_nt.laziness import LazinessMonitor
+from lightning_nt.common.compiled import renamed_state_dict, uncompiled_name
+from lightning_nt.laziness import LazinessMonitor, relative_distance
 from tests.helpers import (
     BoringModel,
     TinyClassifier,
@@ -157,6 +158,38 @@ def test_a_resumed_run_logs_what_the_uninterrupted_run_logs(tmp_path):
             assert mine[tag] == pytest.approx(theirs[tag], rel=1e-6), (mine["step"], tag)
 
 
+class _Renaming(ReLUClassifier):
+    """Loads a checkpoint saved with its network compiled or not (the ``_orig_mod.`` renaming users write)."""
+
+    def __init__(self, compiled):
+        super().__init__(shuffle=False)
+        if compiled:
+            self.net = torch.compile(self.net, backend="aot_eager")
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = renamed_state_dict(self, checkpoint["state_dict"])
+
+
+@pytest.mark.parametrize("compiled_first", [True, False])
+def test_a_run_resumed_with_its_network_compiled_the_other_way_keeps_its_initialisation(compiled_first, tmp_path):
+    """The initial weights are named without ``_orig_mod.``: they are not taken for other parameters (which
+    restarted the reference at the resume step, with a warning naming every parameter as frozen and trainable)."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    first = LazinessMonitor(every_n_steps=3, num_examples=16)
+    _fit([first, checkpoint], module=lambda: _Renaming(compiled_first), max_epochs=1, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][first.state_key]["initial"]["weights"]
+    resumed = LazinessMonitor(every_n_steps=3, num_examples=16)
+    module = _Renaming(not compiled_first)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trainable parameters changed")
+        tiny_trainer(None, callbacks=[resumed], max_epochs=2).fit(module, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert [e["step"] for e in resumed.history] == [0, 3, 6, 8]
+    final = {uncompiled_name(name): p for name, p in module.named_parameters()}
+    expected = relative_distance(final, {uncompiled_name(name): w for name, w in saved.items()}).overall
+    assert resumed.history[-1]["laziness/weight_distance"] == pytest.approx(expected, rel=1e-9)
+    assert expected > 0.01
+
+
 class BlowsUp(ReLUClassifier):
     """Its weights become NaN after a few steps (as a diverging run's would), and training carries on."""
 
@@ -182,6 +215,33 @@ def test_fitting_twice_starts_from_the_new_initialisation():
     assert [entry["step"] for entry in monitor.history] == [0, 2]
     assert monitor.history[0]["laziness/weight_distance"] == 0.0
     assert monitor.history[0]["laziness/ntk_change"] == 0.0
+
+
+class _PlainSGD(ReLUClassifier):
+    """Without momentum: a second ``fit`` makes a new optimizer, so only then does it train as one fit does."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def test_a_second_fit_on_the_same_trainer_goes_on_comparing_with_the_runs_initialisation():
+    """Another ``fit`` on the same Trainer goes on as a resume does: the uninterrupted run's history (found: a new
+    history, measured from the weights the second fit started from, the first fit's entries lost)."""
+
+    def fitted(monitor, epochs):
+        pl.seed_everything(0)
+        module, trainer = _PlainSGD(shuffle=False), tiny_trainer(None, callbacks=[monitor])
+        for max_epochs in epochs:
+            trainer.fit_loop.max_epochs = max_epochs
+            trainer.fit(module)
+
+    uninterrupted, twice = (LazinessMonitor(every_n_steps=2, num_examples=16) for _ in range(2))
+    fitted(uninterrupted, [2])
+    fitted(twice, [1, 2])
+    assert [e["step"] for e in twice.history] == [e["step"] for e in uninterrupted.history] == [0, 2, 4, 6, 8]
+    for mine, theirs in zip(twice.history, uninterrupted.history):
+        for tag in mine.keys() - {"laziness/seconds"}:
+            assert mine[tag] == pytest.approx(theirs[tag], rel=1e-6), (mine["step"], tag)
 
 
 def test_a_tanh_network_is_measured_with_named_layers():

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -7,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import DPDDPStrategy
 from tests.helpers import assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
+from tests.helpers.scripts import ROOT
 from tests.privacy.test_strategy import Plain, _clipped_sum
 
 
@@ -124,3 +129,32 @@ def test_the_end_of_run_count_of_nonfinite_examples_is_summed_over_the_ranks(tmp
         "the clipped sums (each such example contributed zero; the sensitivity stays max_grad_norm). The count is "
         "over the whole run and is not covered by the guarantee. Check the data and the loss."
     ]
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_refusal_on_one_rank_ends_a_script_launched_fit_without_waiting_for_the_process_group_timeout(tmp_path):
+    """Lightning's default launcher (the script run again for rank 1), rank 1 alone refusing a model that mixes the
+    examples: rank 1 raises the refusal before its first step; rank 0, in the step's all-reduce of the noised
+    gradients, fails at once when rank 1's process ends (gloo: "Connection closed by peer"), not at the process
+    group's timeout; the run fails with the refusal on its stderr, and no rank released an update."""
+    timeout = 900  # s, the process group's: far beyond any start-up on a loaded machine
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/privacy/ddp_script_refusal.py"), str(tmp_path), str(timeout)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
+        cwd=tmp_path,
+        timeout=timeout / 3,  # a hang in a collective fails here
+    )
+    assert time.monotonic() - started < timeout / 3
+    assert result.returncode != 0
+    assert "[rank1]: RuntimeError: A trainable layer mixes the examples of the batch (fc, out)" in result.stderr
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank1["error"].startswith("RuntimeError: A trainable layer mixes the examples of the batch")
+    assert rank1["steps"] == 0 and not rank1["moved"]
+    if (tmp_path / "rank0.pt").exists():  # else Lightning's child-process observer killed rank 0 first (SIGKILL)
+        rank0 = torch.load(tmp_path / "rank0.pt")
+        assert "Connection closed by peer" in rank0["error"], rank0["error"]
+        assert rank0["steps"] == 0 and not rank0["moved"]

@@ -525,3 +525,24 @@ def test_testing_a_checkpoint_after_fit_keeps_the_whole_runs_ledger(tmp_path):
     spent = strategy.epsilon
     trainer.test(module, ckpt_path=str(tmp_path / "epoch=0-step=4.ckpt"), verbose=False)
     assert strategy.epsilon == spent  # the earlier checkpoint's ledger does not replace the run's
+
+
+class BroadcastPositions(Plain):
+    """HuggingFace's position embeddings: indexed by ``arange(T)[None]`` (one row) and broadcast over the batch."""
+
+    def __init__(self, freeze: bool = False):
+        super().__init__(num_samples=64, batch_size=16)
+        self.positions = nn.Embedding(2, 4)
+        self.positions.requires_grad_(not freeze)
+
+    def forward(self, inputs):
+        sequence = inputs.view(len(inputs), 2, 4) + self.positions(torch.arange(2)[None])
+        return self.net(sequence.flatten(1))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_a_layer_run_on_one_row_shared_by_the_batch_is_refused_naming_the_two_fixes(mode):
+    with pytest.raises(RuntimeError, match=r"positions ran on one row shared by the whole batch") as raised:
+        _fit(_quiet(grad_sample_mode=mode, noise_multiplier=0.0), module=BroadcastPositions, max_steps=1)
+    assert "positions.requires_grad_(False)" in str(raised.value) and "expand(B, T)" in str(raised.value)
+    _fit(_quiet(grad_sample_mode=mode), module=lambda: BroadcastPositions(freeze=True), max_steps=1)  # the first fix

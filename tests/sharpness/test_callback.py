@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lightning_nt import SharpnessMonitor
-from lightning_nt.sharpness.hvp import flatten, unflatten
+from lightning_nt.sharpness import callback as sharpness_callback
+from lightning_nt.sharpness.hvp import HessianOperator, flatten, unflatten
 from tests.helpers import (
     BoringModel,
     TinyClassifier,
@@ -75,6 +76,50 @@ def test_a_run_with_the_monitor_is_bitwise_the_run_without():
         assert math.isfinite(entry[f"sharpness/{tag}"])
     for tag in ("loss_range", "grad_predictiveness", "beta"):
         assert entry[f"smoothness/{tag}"] >= 0
+
+
+def test_smoothness_takes_its_loss_and_gradient_from_the_measurements_own_operator(monkeypatch):
+    """One Hessian operator per measurement, smoothness metrics included: under DDP each build all-reduces the
+    ranks' example counts (found: a second operator, and a second all-reduce, for the smoothness metrics)."""
+    built = []
+
+    class Counted(HessianOperator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(sharpness_callback, "HessianOperator", Counted)
+    monitor = SharpnessMonitor(every_n_steps=2, num_examples=32, chunk_size=10, max_overhead=None, smoothness=True)
+    seeded_fit([monitor], module=lambda: TinyClassifier(num_samples=96), max_epochs=1)
+    assert len(monitor.history) == len(built) == 4
+    assert all(entry["smoothness/beta"] >= 0 for entry in monitor.history)
+
+
+def _fitted_twice(monitor, epochs=(1, 2)):
+    """One fit, then another on the same Trainer up to ``epochs[1]`` (``epochs=(2,)``: one fit, uninterrupted)."""
+    pl.seed_everything(0)
+    module = TinyClassifier(num_samples=64, shuffle=False)
+    trainer = tiny_trainer(None, callbacks=[monitor], max_epochs=epochs[0])
+    for max_epochs in epochs:
+        trainer.fit_loop.max_epochs = max_epochs
+        trainer.fit(module)
+    return trainer
+
+
+def test_a_second_fit_on_the_same_trainer_goes_on_with_the_run_as_a_resume_does():
+    """Another ``fit`` on the same Trainer: the history of the uninterrupted run, without measuring the step the first
+    fit ended on twice (found: ``[0, 2, 4, 4, 6, 8]``). (A new Trainer: ``test_a_second_fresh_fit_...``.)"""
+    options = {"every_n_steps": 2, "num_examples": 32, "max_overhead": None}
+    uninterrupted, twice = SharpnessMonitor(**options), SharpnessMonitor(**options)
+    _fitted_twice(uninterrupted, epochs=(2,))
+    _fitted_twice(twice)
+    assert [entry["step"] for entry in twice.history] == [0, 2, 4, 6, 8]
+    assert _untimed(twice.history) == _untimed(uninterrupted.history)
+
+
+def _untimed(history):
+    return [{tag: value for tag, value in entry.items() if tag not in ("sharpness/seconds", "sharpness/overhead")}
+            for entry in history]  # fmt: skip
 
 
 def test_threshold_follows_the_live_learning_rate():

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -91,6 +92,58 @@ def test_previous_module_and_checkpoint_references(tmp_path):
             against_other["intertwiner"], abs=1e-6
         )
     assert len({previous.state_key, seed.state_key, path.state_key}) == 3
+
+
+@pytest.mark.parametrize("reference", ["init", "previous"])
+def test_a_second_fit_on_the_same_trainer_goes_on_with_the_runs_probe_set_and_reference(reference):
+    """Another ``fit`` on the same Trainer goes on as a resume does: the uninterrupted run's history (found: the
+    probe set and the reference, "init" too, taken again at the second fit's start)."""
+
+    def fitted(monitor, epochs):
+        pl.seed_everything(0)
+        module, trainer = TinyClassifier(num_samples=64, shuffle=False), tiny_trainer(None, callbacks=[monitor])
+        for max_epochs in epochs:
+            trainer.fit_loop.max_epochs = max_epochs
+            trainer.fit(module)
+
+    uninterrupted, twice = (RepresentationSimilarity(num_examples=40, reference=reference) for _ in range(2))
+    fitted(uninterrupted, [3])
+    fitted(twice, [1, 3])
+    assert [entry["step"] for entry in twice.history] == [4, 8, 12]
+    assert twice.history == uninterrupted.history
+
+
+class CompiledNet(TinyClassifier):
+    """``TinyClassifier`` whose network is compiled inside it: its names carry ``_orig_mod.``."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, shuffle=False)
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+def _eager_hidden(module):
+    net = getattr(module, "_orig_mod", module).net
+    return _hidden(SimpleNamespace(net=getattr(net, "_orig_mod", net), train_dataloader=module.train_dataloader))
+
+
+@pytest.mark.parametrize("compiled", ["model", "reference"])
+def test_a_reference_compiled_the_other_way_is_matched_by_name_without_orig_mod(compiled, tmp_path):
+    """A module or checkpoint reference of the same architecture loads whether the model's network or the
+    reference's is a compiled submodule (or the whole reference module is compiled)."""
+    pl.seed_everything(1)
+    plain = lambda: TinyClassifier(num_samples=64, shuffle=False)  # noqa: E731
+    model, other = (CompiledNet, plain) if compiled == "model" else (plain, CompiledNet)
+    reference = other()
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "other.ckpt")
+    references = [reference, str(tmp_path / "other.ckpt")]
+    if compiled == "reference":
+        references.append(torch.compile(reference, backend="aot_eager"))
+    callbacks = [RepresentationSimilarity(num_examples=40, reference=r, metrics=("cka",)) for r in references]
+    module, _ = _fit(callbacks, module=model, max_epochs=1)
+    expected = similarities(_eager_hidden(module), _eager_hidden(reference), ("cka",), "tanh")["cka"]
+    assert 0.1 < expected < 1 - 1e-4
+    for callback in callbacks:
+        assert callback.history[-1]["similarity/cka/net.2"] == pytest.approx(expected, abs=1e-6)
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ import torch
 
 from lightning_nt.similarity import PreparedFeatures, RepresentationSimilarity, cka_matrix, similarities
 from tests.helpers import TinyClassifier, tiny_trainer
+from tests.similarity.test_callback import CompiledNet
 
 METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
 
@@ -45,3 +46,17 @@ def test_callback_on_the_gpu(precision):
     assert all(math.isfinite(value) for value in monitor.history[-1].values())
     assert 0 < monitor.history[-1]["similarity/cka/net.2"] <= 1 + 1e-9
     assert monitor.layer_cka is not None and monitor.layer_cka.device.type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_compiled_network_on_the_gpu_against_an_uncompiled_reference_on_the_cpu(precision, tmp_path):
+    reference = TinyClassifier(num_samples=64)
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "other.ckpt")
+    monitors = [
+        RepresentationSimilarity(num_examples=40, reference=r) for r in (reference, str(tmp_path / "other.ckpt"))
+    ]
+    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=1, callbacks=monitors)
+    trainer.fit(CompiledNet())
+    assert monitors[0].history[-1] == monitors[1].history[-1]
+    assert 0 < monitors[0].history[-1]["similarity/cka/net.2"] <= 1 + 1e-9

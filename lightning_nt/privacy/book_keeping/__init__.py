@@ -18,12 +18,13 @@ one ordinary backward pass is enough, and a per-example gradient is kept only wh
    per layer with ``c`` folded into ``G``: ``sum_b c_b g_bᵀ a_b`` (for a convolution,
    ``torch.nn.grad.conv2d_weight(A, shape, c * G)``).
 
-Supported: ``Linear`` (any leading dimensions: sequences are positions), ``Conv1d``/``Conv2d`` (stride, padding,
-dilation, groups), ``Embedding``, ``LayerNorm``, ``GroupNorm``, and the weight-standardised
-:class:`~lightning_nt.common.StandardizedConv2d` (its raw weight's per-example norm is exact from ghost
-quantities; the chain rule through the standardisation is applied once, to the clipped sum). Layers of other
+Supported: ``Linear`` (any leading dimensions: sequences are positions), ``Conv1d``/``Conv2d``/``Conv3d`` (stride,
+dilation, groups, any padding and ``padding_mode``), ``Embedding``, ``LayerNorm``, ``GroupNorm``, and the
+weight-standardised :class:`~lightning_nt.common.StandardizedConv2d` (its raw weight's per-example norm is exact from
+ghost quantities; the chain rule through the standardisation is applied once, to the clipped sum). Layers of other
 types fall back to Opacus's per-sample rule for that layer inside the same backward; a parameter that no rule
-covers, or one shared by two layers, is refused before anything is computed.
+covers, or one shared by two layers, is refused before anything is computed. A module whose own parameters are its
+submodules' (Opacus's ``DPLSTM``) is left to those submodules.
 
 The package, by what a reader looks for: ``clipper`` (:class:`BookKeepingClipper`: the hooks, the backward-time
 pieces, clip factors and the clipped sums into ``.grad``), ``record`` (what one layer saw and whether its

@@ -1,4 +1,5 @@
-"""The book-keeping rule of convolutions: ``Conv1d``, ``Conv2d`` and the weight-standardised ``StandardizedConv2d``.
+"""The book-keeping rule of convolutions: ``Conv1d``, ``Conv2d``, ``Conv3d`` (any padding and ``padding_mode``) and the
+weight-standardised ``StandardizedConv2d``.
 
 A kernel's per-example norms come from instantiated per-example kernels (:func:`conv_per_example_grads`) or from
 ghost Gram matrices of im2col patches, whichever costs less; its clipped sum from the per-example kernels if they
@@ -29,7 +30,7 @@ from lightning_nt.privacy.book_keeping.pieces import (
     per_unit_piece,
     total,
 )
-from lightning_nt.privacy.grad_samplers import standardization_backward
+from lightning_nt.privacy.grad_samplers import explicitly_padded, standardization_backward
 
 if TYPE_CHECKING:
     from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
@@ -38,14 +39,19 @@ __all__ = ["check_conv", "conv_per_example_grads", "conv_pieces"]
 
 
 def conv_pieces(
-    layer: nn.Conv1d | nn.Conv2d,
+    layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: list[Tensor],
     grads: list[Tensor],
     outputs: list[Tensor],
     clipper: BookKeepingClipper,
 ) -> list[Piece]:
-    """A convolution: its kernel (:func:`_weight_piece`) and its bias's per-example gradients."""
+    """A convolution: its kernel (:func:`_weight_piece`) and its bias's per-example gradients. A padding other than
+    zeros of a number (``"same"``, ``padding_mode="reflect"``, ...) is applied to the inputs here, so the kernel's
+    rule sees an unpadded convolution of the same parameters."""
     pieces: list[Piece] = []
+    padded = [explicitly_padded(layer, a) for a in inputs]
+    if padded:
+        layer, inputs = padded[0][0], [a for _, a in padded]
     if clipper.trainable(layer.weight):
         pieces.append(_weight_piece(layer, inputs, grads, outputs, clipper))
     if clipper.trainable(layer.bias):
@@ -53,19 +59,14 @@ def conv_pieces(
     return pieces
 
 
-def check_conv(name: str, layer: nn.Conv1d | nn.Conv2d) -> None:
-    """Refuse the padding modes and (for a standardised kernel) the groups the rule does not cover."""
-    if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        raise ValueError(
-            f"Convolution {name}: padding={layer.padding!r}, padding_mode={layer.padding_mode!r} are not "
-            "supported; give numeric padding with padding_mode='zeros'."
-        )
+def check_conv(name: str, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+    """Refuse (for a standardised kernel) the groups the rule does not cover."""
     if type(layer) is StandardizedConv2d and layer.groups != 1:
         raise ValueError(f"Weight-standardised convolution {name}: groups != 1 is not supported.")
 
 
 def _weight_piece(
-    layer: nn.Conv1d | nn.Conv2d,
+    layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: list[Tensor],
     grads: list[Tensor],
     outputs: list[Tensor],
@@ -106,7 +107,7 @@ def _weight_piece(
 
 
 def _ghost_norms(
-    layer: nn.Conv1d | nn.Conv2d,
+    layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: list[Tensor],
     grads: list[Tensor],
     outputs: list[Tensor],
@@ -142,7 +143,7 @@ def _standardized_ghost_norms(
 
 
 def conv_per_example_grads(
-    layer: nn.Conv1d | nn.Conv2d,
+    layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: Tensor,
     grads: Tensor,
     method: Literal["auto", "grouped", "unfold"] = "auto",
@@ -179,11 +180,14 @@ def conv_per_example_grads(
     return stacked.view(rows, *layer.weight.shape)
 
 
-def _weight_gradient_of(layer: nn.Conv1d | nn.Conv2d) -> Callable[..., Tensor]:
-    return torch.nn.grad.conv2d_weight if isinstance(layer, nn.Conv2d) else torch.nn.grad.conv1d_weight
+def _weight_gradient_of(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Callable[..., Tensor]:
+    return _WEIGHT_GRADIENTS[len(layer.kernel_size)]
 
 
-def _unfold(inputs: Tensor, layer: nn.Conv1d | nn.Conv2d) -> Tensor:
+_WEIGHT_GRADIENTS = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight, 3: torch.nn.grad.conv3d_weight}
+
+
+def _unfold(inputs: Tensor, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> Tensor:
     """im2col as one strided view and one copy: ``[N, groups, C_g * prod(kernel), T]``.
 
     ``F.unfold`` launches one kernel per example on CUDA and has no 1-D form.

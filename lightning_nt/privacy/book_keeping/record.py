@@ -43,13 +43,25 @@ class Record:
         expected = {batch_size} if batch_size is not None else {next(iter(rows))}  # in the backward: consistent rows
         if rows != expected or next(iter(expected)) % group_size:
             seen = " and ".join(map(str, sorted(rows)))
+            shared = rows == {1} and (batch_size or 0) > 1
             return (
                 f"Layer {name} saw {seen} rows in dimension 0 where the batch has {batch_size}: per-example "
                 "gradients need the batch in dimension 0 (e.g. batch_first=True)."
-            )
+            ) + (shared_input_advice([name]) if shared else "")
         if any(tensor._version != version for tensor, version in zip(self.inputs, self.versions)):
             return (
                 f"The input of layer {name} was modified in place after the layer used it, so its "
                 "per-example gradients can't be formed from it; avoid the in-place operation."
             )
         return None
+
+
+def shared_input_advice(layers: list[str]) -> str:
+    """What to do about trainable layers that ran once on one row shared by every example of the batch, whose output
+    was then broadcast over the batch: autograd sums the examples' gradients before any hook sees them."""
+    return (
+        f" {', '.join(layers)} ran on one row shared by the whole batch and broadcast over it (as HuggingFace models "
+        "index their position embeddings with position_ids of shape [1, T]), so the examples' gradients are summed "
+        f"before they can be told apart. Freeze it (`{layers[0]}.requires_grad_(False)`), or give it one row per "
+        "example (for a HuggingFace model, pass position_ids=torch.arange(T).expand(B, T))."
+    )

@@ -29,7 +29,7 @@ from lightning_nt.privacy.book_keeping.pieces import Piece
 if TYPE_CHECKING:
     from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
 
-__all__ = ["LayerRule", "layers_of", "pieces_for", "supported_layer_types"]
+__all__ = ["LayerRule", "aliases_only", "layers_of", "pieces_for", "supported_layer_types"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ _RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LayerRule(linear_pieces),
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
+    nn.Conv3d: _CONV,
     nn.Embedding: LayerRule(embedding_pieces, check_embedding),
     nn.LayerNorm: LayerRule(normalization_pieces),
     nn.GroupNorm: LayerRule(normalization_pieces),
@@ -66,12 +67,20 @@ def pieces_for(
     return _RULES.get(type(layer), _OPACUS).pieces(layer, inputs, grads, outputs, clipper)
 
 
+def aliases_only(layer: nn.Module) -> bool:
+    """Whether every parameter ``layer`` registers itself is also registered by one of its submodules (Opacus's
+    ``DPLSTM`` exposes its cells' weights as ``weight_ih_l0``, ...): the submodules are the layers that compute."""
+    inner = {id(p) for child in layer.children() for p in child.parameters()}
+    own = list(layer.parameters(recurse=False))
+    return bool(own) and all(id(p) in inner for p in own)
+
+
 def layers_of(module: nn.Module) -> list[nn.Module]:
     """The layers that own trainable parameters, checked to be covered by a rule and not to share parameters."""
     layers, owner = [], {}
     for name, layer in module.named_modules():
         own = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
+        if not own or aliases_only(layer):
             continue
         for parameter_name, parameter in own:
             full = f"{name}.{parameter_name}" if name else parameter_name

@@ -19,6 +19,8 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
+from lightning_nt.privacy.book_keeping.record import shared_input_advice
+from lightning_nt.privacy.book_keeping.rules import aliases_only
 from lightning_nt.privacy.engines.base import ClippingEngine
 
 __all__ = ["OpacusHooksEngine"]
@@ -58,12 +60,14 @@ class _CarryClippedSums:
     def per_example_gradients(self) -> list[torch.Tensor]:
         """One fp32 ``[B, *p.shape]`` gradient per parameter, each example's views averaged, non-finite ones zero.
 
-        fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C.
+        At least fp32 norms and clip factors: under bf16 autocast they would let a clipped gradient exceed C (a
+        float64 model keeps float64: rounding its gradients to fp32 moved its clipped sum by 1e-7).
         """
         params = self.params  # type: ignore[attr-defined]
         samples = []
         for p in params:
-            sample = self._get_flat_grad_sample(p).float()  # type: ignore[attr-defined]
+            sample = self._get_flat_grad_sample(p)  # type: ignore[attr-defined]
+            sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
             if self.views > 1:  # one example's K views: average their gradients, then clip as one example
                 sample = sample.reshape(-1, self.views, *p.shape).mean(dim=1)
             samples.append(sample)
@@ -132,6 +136,23 @@ def _has_gradient(parameter: torch.Tensor) -> bool:
     return parameter.grad is not None and bool(parameter.grad.any())
 
 
+def _refuse_what_functorch_cannot_run(module: nn.Module) -> None:
+    """``grad_sample_mode="functorch"`` runs every trainable layer through ``torch.func``; Opacus refuses an
+    ``EmbeddingBag`` and a layer holding buffers there only in the middle of the first backward pass, without naming
+    it. Refused here, by name, before anything runs."""
+    refused = [
+        f"{name or '<root>'} ({type(layer).__name__})"
+        for name, layer in trainable_modules(module)
+        if isinstance(layer, nn.EmbeddingBag) or next(layer.buffers(), None) is not None
+    ]
+    if refused:
+        raise RuntimeError(
+            f"grad_sample_mode='functorch' can't form per-example gradients of layers {refused}: Opacus's functorch "
+            "path supports neither EmbeddingBag nor layers that hold buffers. Use grad_sample_mode='hooks', which "
+            "forms them by per-layer rules (functorch only for a layer without one)."
+        )
+
+
 class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
     pass
 
@@ -183,6 +204,8 @@ class OpacusHooksEngine(ClippingEngine):
     optimizers = (_CarryingDPOptimizer, _CarryingDistributedDPOptimizer)
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
+        if mode == "functorch":
+            _refuse_what_functorch_cannot_run(module)
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
@@ -191,6 +214,7 @@ class OpacusHooksEngine(ClippingEngine):
         self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly
             layer.register_forward_hook(partial(self._rows.note, name), prepend=True)
             for name, layer in trainable_modules(module)
+            if not aliases_only(layer)  # its submodules see the rows (DPLSTM over time steps)
         ]
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -255,12 +279,14 @@ class OpacusHooksEngine(ClippingEngine):
         for name, n in seen:
             by_layer.setdefault(name or type(self.module).__name__, []).append(n)
         described = "; ".join(f"{name}: {' and '.join(map(str, calls))}" for name, calls in by_layer.items())
+        shared = [name for name, calls in by_layer.items() if set(calls) == {1}]
         raise RuntimeError(
             f"The trainable layers saw these rows in dimension 0 of their inputs ({described}) where the batch has "
             f"{rows} examples: Opacus clips each row as one example, so one example could move the update by more "
             "than max_grad_norm. Keep the examples in dimension 0 of every trainable layer's input, one row each "
             "(no x.reshape(-1, d) folding positions into the batch, batch_first=True, augmented views through "
             "augmentation_multiplicity), and run the trainable layers on the batch only."
+            + (shared_input_advice(shared) if shared and rows > 1 else "")
         )
 
     def last_norms(self) -> torch.Tensor | None:

@@ -5,22 +5,27 @@ hooks, book-keeping's records). A parameter used elsewhere (``F.linear(x, self.f
 ``layer.forward(x)``, a penalty on the weights in ``training_step``) has a part of its gradient that no hook sees:
 Opacus's hooks and book-keeping leave it out of the update (the model silently trains on less than its gradient),
 and ghost clipping's second backward pass carries it into the update unclipped. :class:`ParameterUses` finds such
-uses in one forward pass (a ``TorchFunctionMode``), keeping those the loss depends on. The strategy refuses them
+uses in one forward pass (a ``TorchFunctionMode``), keeping those the loss depends on; it also refuses a watched
+``EmbeddingBag`` called with ``per_sample_weights``, which no engine's per-example rule sees. The strategy refuses them
 under every engine: under ghost clipping on every step, under the others on a fit's first step. ``trainable``
 names the parameters to watch (book-keeping's do not require grad while it records, so ``requires_grad`` can't).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from collections.abc import Collection
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["ParameterUses"]
+
+_EMBEDDING_BAG = inspect.signature(F.embedding_bag)
 
 
 def _graph_node(result: Any) -> Any:
@@ -98,6 +103,8 @@ class ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is F.embedding_bag:
+            self._refuse_per_sample_weights(args, kwargs)
         used = self._used_outside(args, kwargs) if torch.is_grad_enabled() and not self.in_hooks else []
         if any(not p.requires_grad for p in used) and not getattr(func, "__name__", "").endswith("_"):
             args, kwargs = _traced(args, used), _traced(kwargs, used)
@@ -106,6 +113,19 @@ class ParameterUses(TorchFunctionMode):
         if node is not None:
             self.outside.extend((self.names[id(p)], node) for p in used)
         return result
+
+    def _refuse_per_sample_weights(self, args: Any, kwargs: dict[str, Any]) -> None:
+        """An ``EmbeddingBag`` of a watched table called with ``per_sample_weights``: no engine's per-example rule
+        sees the weights (Opacus's hooks record positional inputs only), so its per-example norms would be wrong."""
+        call = _EMBEDDING_BAG.bind(*args, **kwargs).arguments
+        weight = call.get("weight")
+        if call.get("per_sample_weights") is not None and id(weight) in self.names:
+            raise RuntimeError(
+                f"{self.names[id(weight)]} is pooled by an EmbeddingBag with per_sample_weights, which no clipping "
+                "engine's per-example gradient rule takes into account: its per-example gradient norms would be "
+                "wrong, and the privacy guarantee with them. Refused before any noise. Weight the looked-up vectors "
+                "yourself (an nn.Embedding, then a weighted sum over positions), or freeze the table."
+            )
 
     def _used_outside(self, args: Any, kwargs: dict[str, Any]) -> list[nn.Parameter]:
         """The watched parameters among an operation's arguments whose layer is not being called."""
