@@ -26,6 +26,7 @@ from lightning_nt import (
     SubspaceTraining,
 )
 from lightning_nt.common import named_modules
+from lightning_nt.similarity.activations import recognised_activation
 from lightning_nt.similarity.callback import ACTIVATION_MODULES
 from tests.helpers.zoo import ZooEntry
 
@@ -209,6 +210,8 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
         return Refusal(r"BatchNorm")
     if entry.parameter_containers:  # an nn.ParameterList is never called: no layer's per-example rule sees its use
         return Refusal(r"ParameterList")
+    if entry.shared_input_rows:  # the examples' gradients are summed in the broadcast before any hook sees them
+        return Refusal(r"ran on one row shared by the whole batch.*requires_grad_\(False\)")
     if entry.forward_updates_buffers:  # buffers written from the private batch would be released without noise
         return Refusal(r"training_step changed the module's")
     if entry.recurrent or entry.attention:  # Opacus's DPLSTM/DPGRU/DPMultiheadAttention, by fix_modules=True
@@ -226,9 +229,10 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
 
 def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
     refusal = _dp_refusals(entry)
-    if refusal is None and entry.tied_weights:  # one tensor in two layers: per-layer norms would be wrong
+    engine_built = refusal is None or entry.shared_input_rows  # the row check runs at the step, after the engine
+    if engine_built and entry.tied_weights:  # one tensor in two layers: per-layer norms would be wrong
         return Refusal(r"grad_sample_mode='hooks'")
-    if refusal is None and (entry.bare_parameters or entry.parametric_activation):  # no book-keeping rule
+    if engine_built and (entry.bare_parameters or entry.parametric_activation):  # no book-keeping rule
         return Refusal(r"neither a book-keeping nor an Opacus per-sample rule.*grad_sample_mode='hooks'")
     return refusal
 
@@ -258,7 +262,11 @@ _MAP_STYLE_ONLY = {"iterable_dataset": Refusal(r"needs one train DataLoader over
 
 def _activation_layers(entry: ZooEntry) -> list[str]:
     module = entry.build()  # tags are named without the `_orig_mod.` of compiled modules
-    return [name for name, layer in named_modules(module).items() if type(layer) in ACTIVATION_MODULES]
+    return [
+        name
+        for name, layer in named_modules(module).items()
+        if type(layer) in ACTIVATION_MODULES or recognised_activation(layer) is not None
+    ]
 
 
 def _similarity_tags(entry: ZooEntry) -> tuple[str, ...]:

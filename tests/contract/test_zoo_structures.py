@@ -23,7 +23,7 @@ from lightning_nt.privacy.engines import clipping_engine
 from tests.contract.capabilities import Capability
 from tests.contract.test_contract import assert_same_metrics, assert_same_weights, fit
 from tests.helpers.trainer import tiny_trainer
-from tests.helpers.zoo import DIM, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
+from tests.helpers.zoo import DIM, LENGTH, VOCAB, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
 
 
 class _DrawsFromTheGlobalRNG(pl.Callback):
@@ -137,6 +137,7 @@ def test_dp_fix_modules_keeps_a_frozen_batchnorm_backbone(tmp_path: Path) -> Non
         ("eval_mode_batchnorm", "bk"),
         ("bare_parameter", "hooks"),  # the LightningModule's own parameter: a per-example rule for the root module
         ("prelu_layernorm", "hooks"),  # PReLU has no Opacus rule (functorch), LayerNorm has one
+        ("gpt_style", "hooks"),  # transformers' Conv1D (functorch) and causal attention; position embeddings frozen
     ],
 )
 def test_dp_clips_the_structures_it_trains_exactly(entry: str, mode: str) -> None:
@@ -146,7 +147,11 @@ def test_dp_clips_the_structures_it_trains_exactly(entry: str, mode: str) -> Non
     module = ZOO[entry].build().double().train()
     module.on_train_epoch_start()  # the frozen backbone to eval mode, as in training
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
+    if entry == "gpt_style":  # the fix DP-SGD's refusal names: position embeddings shared by the batch, frozen
+        module.net.wpe.requires_grad_(False)
+        inputs = torch.randint(VOCAB, (12, LENGTH), generator=generator)
+    else:
+        inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
     labels = torch.randint(3, (12,), generator=generator)
     before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     expected, clip = _reference_update(module, inputs, labels)

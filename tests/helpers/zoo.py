@@ -80,6 +80,9 @@ class ZooEntry:
     """The training forward pass writes buffers (a running mean of the batch's features, a step counter)."""
     integer_buffers: bool = False
     """A persistent integer buffer besides BatchNorm's ``num_batches_tracked`` (a step counter)."""
+    shared_input_rows: bool = False
+    """A trainable layer runs once on one row shared by the batch and broadcast over it (HuggingFace's position
+    embeddings, indexed by ``position_ids`` of shape ``[1, T]``)."""
     second_order: bool = True
     """PyTorch can differentiate the loss twice (``nn.EmbeddingBag`` can't)."""
     trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -738,6 +741,69 @@ class CompiledSubmodule(ZooModule):
         return torch.compile(super().network(), backend=COMPILE_BACKEND)
 
 
+# ---- written elsewhere: a GPT-2 block as HuggingFace's transformers writes it ---------------------------------
+
+
+class _NewGELU(nn.Module):
+    """GPT-2's activation as ``transformers`` writes it (the tanh approximation spelled out): not an ``nn.GELU``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class _Conv1D(nn.Module):
+    """``transformers``' ``Conv1D``: a linear layer with its weight stored ``[in, out]``, applied with ``addmm`` on
+    the positions folded into one dimension (no per-sample rule in Opacus or in the book-keeping engine)."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, outputs) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(outputs))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class _GPTBlock(nn.Module):
+    """Token and learned position embeddings (the positions indexed by ``arange(T)[None]``, one row broadcast over the
+    batch, as ``transformers`` does), one pre-LayerNorm block of causal self-attention and MLP, the last position's
+    hidden state classified."""
+
+    def __init__(self, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(VOCAB, HIDDEN), nn.Embedding(LENGTH, HIDDEN)
+        self.ln_1, self.ln_2 = nn.LayerNorm(HIDDEN), nn.LayerNorm(HIDDEN)
+        self.c_attn, self.c_proj = _Conv1D(HIDDEN, 3 * HIDDEN), _Conv1D(HIDDEN, HIDDEN)
+        self.mlp = nn.Sequential(_Conv1D(HIDDEN, 2 * HIDDEN), _NewGELU(), _Conv1D(2 * HIDDEN, HIDDEN))
+        self.head = nn.Linear(HIDDEN, CLASSES)
+        self.register_buffer("causal", torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril(), persistent=False)
+
+    def attention(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = (t.view(batch, length, self.heads, -1).transpose(1, 2) for t in self.c_attn(x).split(width, dim=2))
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~self.causal[:length, :length], torch.finfo(scores.dtype).min)
+        return self.c_proj((scores.softmax(dim=-1) @ v).transpose(1, 2).reshape(batch, length, width))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        hidden = self.wte(tokens) + self.wpe(positions)
+        hidden = hidden + self.attention(self.ln_1(hidden))
+        hidden = hidden + self.mlp(self.ln_2(hidden))
+        return self.head(hidden[:, -1])
+
+
+class GPTStyle(ZooModule):
+    data_kind = "tokens"
+
+    def network(self) -> nn.Module:
+        return _GPTBlock()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -838,6 +904,14 @@ _ENTRIES = [
         reparametrized=True,
     ),
     ZooEntry("plateau_schedule", PlateauSchedule, "ReduceLROnPlateau monitoring val_loss, from a dict"),
+    ZooEntry(
+        "gpt_style",
+        GPTStyle,
+        "a GPT-2 block as transformers writes it: Conv1D, NewGELU, causal attention, broadcast position embeddings",
+        bare_parameters=True,
+        shared_input_rows=True,
+        optimizer="adam",
+    ),
 ]
 
 ZOO: dict[str, ZooEntry] = {entry.name: entry for entry in _ENTRIES}
