@@ -8,7 +8,6 @@ weights are computed from other parameters, which per-example rules and random s
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
@@ -51,4 +50,4 @@ class StandardizedConv2d(nn.Conv2d):
         weight = self.weight
         mean = weight.mean(dim=(1, 2, 3), keepdim=True)
         std = weight.std(dim=(1, 2, 3), keepdim=True, unbiased=False) + 1e-5
-        return F.conv2d(inputs, (weight - mean) / std, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_forward(inputs, (weight - mean) / std, self.bias)  # nn.Conv2d's: padding_mode honoured

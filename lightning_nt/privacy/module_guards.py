@@ -174,20 +174,23 @@ def _coupling_batch_norm(module: nn.Module) -> bool:
 
 def check_batch_norm_in_eval(module: nn.Module) -> None:
     """Refuse a step in which a (frozen) BatchNorm is in training mode: it would normalise by the batch's statistics,
-    coupling the examples (and update its running statistics from the private batch). A frozen backbone kept in
-    eval mode (``backbone.eval()`` in ``on_train_epoch_start``) uses its running statistics, one example at a time."""
+    coupling the examples (and update its running statistics from the private batch); so would one without running
+    statistics (``track_running_stats=False``) in any mode. A frozen backbone kept in eval mode
+    (``backbone.eval()`` in ``on_train_epoch_start``) uses its running statistics, one example at a time."""
     training = [name or "<root>" for name, m in module.named_modules() if _batch_norm_in_training(m)]
     if training:
         raise RuntimeError(
-            f"BatchNorm {training} is in training mode during a private step: it normalises by the statistics of "
-            "the batch, which couples its examples, so DP-SGD's per-example clipping would not bound one example's "
-            "effect. Keep a frozen BatchNorm in eval mode while training (e.g. `self.backbone.eval()` in "
-            "on_train_epoch_start, or in an override of train()), or replace BatchNorm by GroupNorm."
+            f"BatchNorm {training} is in training mode during a private step, or keeps no running statistics "
+            "(track_running_stats=False): it normalises by the statistics of the batch, which couples its examples, "
+            "so DP-SGD's per-example clipping would not bound one example's effect. Keep a frozen BatchNorm with "
+            "running statistics in eval mode while training (e.g. `self.backbone.eval()` in on_train_epoch_start, "
+            "or in an override of train()), or replace BatchNorm by GroupNorm."
         )
 
 
 def _batch_norm_in_training(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    """Normalises by the batch's statistics: in training mode, or in any mode without running statistics."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
 
 
 def _unmaterialised(module: nn.Module) -> bool:

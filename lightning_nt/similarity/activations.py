@@ -35,8 +35,10 @@ _TOLERANCE = 1e-5
 
 
 def _grid() -> Tensor:
-    """Two rows of 241 points in [-6, 6] (the second reversed), so that a map that mixes positions shows."""
-    points = torch.linspace(-6.0, 6.0, 241)
+    """Two rows (the second reversed, so that a map that mixes positions shows) of 241 points in [-6, 6] and points
+    out to +-1e4, so that a function equal to one of ours on a bounded range only (ReLU6) shows too."""
+    far = torch.tensor([10.0, 20.0, 50.0, 100.0, 1e3, 1e4])
+    points = torch.cat([-far.flip(0), torch.linspace(-6.0, 6.0, 241), far])
     return torch.stack([points, points.flip(0)])
 
 

@@ -23,7 +23,7 @@ from lightning_nt.privacy.engines import clipping_engine
 from tests.contract.capabilities import Capability
 from tests.contract.test_contract import assert_same_metrics, assert_same_weights, fit
 from tests.helpers.trainer import tiny_trainer
-from tests.helpers.zoo import DIM, LENGTH, VOCAB, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
+from tests.helpers.zoo import DIM, HIDDEN, LENGTH, VOCAB, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
 
 
 class _DrawsFromTheGlobalRNG(pl.Callback):
@@ -96,6 +96,23 @@ def test_dp_refuses_a_frozen_batchnorm_left_in_training_mode(tmp_path: Path) -> 
     trainer = tiny_trainer(tmp_path, strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
     with pytest.raises(RuntimeError, match=r"BatchNorm \['net\.0\.1'\] is in training mode.*eval\(\)"):
         trainer.fit(_BatchNormTrainsInTrainMode())
+    assert trainer.global_step == 0
+
+
+class _BatchNormWithoutRunningStatistics(EvalModeBatchNorm):
+    """The frozen backbone in eval mode, but its BatchNorm keeps no running statistics: it normalises by the batch's."""
+
+    def network(self) -> nn.Module:
+        network = super().network()
+        network[0][1] = nn.BatchNorm1d(HIDDEN, track_running_stats=False).requires_grad_(False)
+        return network
+
+
+def test_dp_refuses_a_frozen_batchnorm_without_running_statistics_even_in_eval_mode(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trainer = tiny_trainer(tmp_path, strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    with pytest.raises(RuntimeError, match=r"BatchNorm \['net\.0\.1'\] .*track_running_stats=False"):
+        trainer.fit(_BatchNormWithoutRunningStatistics())
     assert trainer.global_step == 0
 
 

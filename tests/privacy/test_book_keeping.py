@@ -240,6 +240,23 @@ def test_unsupported_and_tied_layers_are_refused_by_name():
         BookKeepingClipper(tied, max_grad_norm=1.0)
 
 
+def test_a_parameter_registered_again_on_its_parent_and_used_there_is_refused_by_name():
+    """``self.out = self.embedding.weight`` with ``F.linear(h, self.out)`` in the parent's forward: the parent is a
+    layer of its own (only Opacus's DPLSTM-like modules re-register weights they don't use), refused without a rule."""
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(5, 3)
+            self.out = self.embedding.weight
+
+        def forward(self, tokens):
+            return F.linear(self.embedding(tokens).mean(dim=1), self.out)
+
+    with pytest.raises(ValueError, match=r"Layer TiedHead \(TiedHead\) has trainable parameters but neither"):
+        BookKeepingClipper(TiedHead(), max_grad_norm=1.0)
+
+
 def test_batch_not_in_dimension_zero_is_refused():
     net = nn.Linear(4, 2)
     clipper = BookKeepingClipper(net, max_grad_norm=1.0)

@@ -23,10 +23,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common import loss_from_output
+from lightning_nt.common.layers import StandardizedConv2d
 from lightning_nt.privacy.engines import clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.independence import check_example_independence
-from lightning_nt.privacy.module_guards import check_module, check_state_unchanged, state_versions
+from lightning_nt.privacy.module_guards import (
+    check_batch_norm_in_eval,
+    check_module,
+    check_state_unchanged,
+    state_versions,
+)
 
 ENGINES = ["hooks", "functorch", "ghost", "bk", "auto"]
 ROWS = 5
@@ -176,6 +182,11 @@ def _conv_layers() -> dict[str, Layer]:
     rows["conv2d-reflect-ghost-norms"] = Layer(  # few positions, wide channels: book-keeping's ghost norms
         lambda: nn.Conv2d(12, 12, 3, padding=1, padding_mode="reflect"), (12, 3, 3)
     )
+    for mode in ("reflect", "circular"):  # the forward pads as the per-example rules do (it ignored padding_mode)
+        rows[f"standardized-conv2d-{mode}"] = Layer(
+            lambda m=mode: StandardizedConv2d(4, 6, 3, padding=1, padding_mode=m), (4, 5, 4)
+        )
+    rows["standardized-conv2d-same"] = Layer(lambda: StandardizedConv2d(4, 6, 3, padding="same"), (4, 5, 4))
     rows["convtranspose1d"] = Layer(lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1), (4, 5))
     rows["convtranspose1d-groups"] = Layer(lambda: nn.ConvTranspose1d(4, 6, 3, groups=2, bias=False), (4, 5))
     rows["convtranspose2d"] = Layer(lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, output_padding=1), (4, 3, 4))
@@ -312,6 +323,7 @@ def _private_step(mode: str, module: Case, batch: tuple[Tensor, Tensor], bound: 
     )
     engine.optimizer.expected_batch_size = ROWS
     try:
+        check_batch_norm_in_eval(module)
         engine.start()
         check_example_independence(module, engine, batch, 0)
         engine.discard_per_example_state()
@@ -361,7 +373,8 @@ REFUSED: dict[tuple[str, bool], dict[str, str]] = {
     },
     ("instancenorm1d-running-stats", False): _every(r"layer layer \(InstanceNorm1d\): .*running stats"),
     ("instancenorm1d-running-stats", True): _every(r"changed the module's \[.*'layer\.running_mean'"),  # in train()
-    **{("batchnorm1d", frozen): _every(r"layer: BatchNorm couples the examples") for frozen in (False, True)},
+    ("batchnorm1d", False): _every(r"layer: BatchNorm couples the examples"),
+    ("batchnorm1d", True): _every(r"BatchNorm \['layer'\] is in training mode during a private step"),
     **{
         (name, False): _every(_OPACUS_LAYER.format("attention", "MultiheadAttention"))
         for name in ["attention", "attention-nobias", "attention-sequence-first", "attention-sequence-first-square"]

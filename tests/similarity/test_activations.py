@@ -38,6 +38,11 @@ class FunctionalReLU(nn.Module):
         return torch.clamp(x, min=0)
 
 
+class CappedReLU(nn.Module):  # ReLU capped far out
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp(0, 60)
+
+
 class QuickGELU(nn.Module):  # x sigmoid(1.702 x): close to GELU, not GELU
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -71,6 +76,8 @@ class Scaled(nn.Module):  # holds a buffer: never run
         (nn.Hardtanh(-1e9, 1e9), None),  # the identity on the grid: not an activation with a known group
         (nn.Sigmoid(), "sigmoid"),
         (QuickGELU(), None),
+        (nn.ReLU6(), None),  # equal to ReLU on [-6, 6] only; positive scalings are not its symmetries
+        (CappedReLU(), None),
         (ReversedReLU(), None),
         (nn.Softmax(dim=-1), None),
         (nn.Identity(), None),

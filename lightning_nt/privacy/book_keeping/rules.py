@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opacus.grad_sample import GradSampleModule
+from opacus.layers.param_rename import RenameParamsMixin
 from torch import Tensor, nn
 
 from lightning_nt.common.layers import StandardizedConv2d
@@ -68,8 +69,12 @@ def pieces_for(
 
 
 def aliases_only(layer: nn.Module) -> bool:
-    """Whether every parameter ``layer`` registers itself is also registered by one of its submodules (Opacus's
-    ``DPLSTM`` exposes its cells' weights as ``weight_ih_l0``, ...): the submodules are the layers that compute."""
+    """Whether ``layer`` is one of Opacus's modules that register their cells' weights again under other names
+    (``DPLSTM``'s ``weight_ih_l0``, ...), every one of them: the cells are the layers that compute. Any other module
+    that re-registers a submodule's parameter (``self.out = self.embedding.weight``) may use it in its own forward,
+    so it stays a layer, refused where no rule covers it."""
+    if not isinstance(layer, RenameParamsMixin):
+        return False
     inner = {id(p) for child in layer.children() for p in child.parameters()}
     own = list(layer.parameters(recurse=False))
     return bool(own) and all(id(p) in inner for p in own)
