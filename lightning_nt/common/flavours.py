@@ -11,11 +11,10 @@ derive from both packages' ``Callback`` (:class:`lightning_nt.common.callback.Ca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 from types import ModuleType
-
-from lightning_utilities.core.imports import module_available
 
 __all__ = ["lightning_classes", "lightning_packages"]
 
@@ -28,8 +27,10 @@ def lightning_packages() -> tuple[ModuleType, ...]:
         >>> lightning_packages()[0].__name__
         'pytorch_lightning'
     """
-    names = ["pytorch_lightning"] + (["lightning.pytorch"] if module_available("lightning.pytorch") else [])
-    return tuple(importlib.import_module(name) for name in names)
+    packages = [importlib.import_module("pytorch_lightning")]
+    with contextlib.suppress(ImportError):  # else only pytorch_lightning is installed
+        packages.append(importlib.import_module("lightning.pytorch"))
+    return tuple(packages)
 
 
 def lightning_classes(*paths: str) -> tuple[type, ...]:
