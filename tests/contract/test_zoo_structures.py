@@ -19,9 +19,9 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_nt import DPStrategy, IterateAveraging, RepresentationSimilarity
 from lightning_nt.gradinit.core import search_mode
-from lightning_nt.privacy.engines import clipping_engine
 from tests.contract.capabilities import Capability
 from tests.contract.test_contract import assert_same_metrics, assert_same_weights, fit
+from tests.helpers.engines import noiseless_engine
 from tests.helpers.trainer import tiny_trainer
 from tests.helpers.zoo import DIM, HIDDEN, LENGTH, VOCAB, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
 
@@ -172,17 +172,7 @@ def test_dp_clips_the_structures_it_trains_exactly(entry: str, mode: str) -> Non
     labels = torch.randint(3, (12,), generator=generator)
     before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     expected, clip = _reference_update(module, inputs, labels)
-    engine = clipping_engine(
-        mode,
-        module,
-        torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0),
-        max_grad_norm=clip,
-        noise_multiplier=0.0,
-        secure_mode=False,
-        views=1,
-        distributed=False,
-    )
-    engine.optimizer.expected_batch_size = len(inputs)
+    engine = noiseless_engine(mode, module, clip, len(inputs))
     engine.start()
     engine.discard_per_example_state()
     output = engine.take_output(F.cross_entropy(module(inputs), labels))

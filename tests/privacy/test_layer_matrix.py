@@ -24,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common import loss_from_output
 from lightning_nt.common.layers import StandardizedConv2d
-from lightning_nt.privacy.engines import clipping_engine, engine_class, resolved_mode
+from lightning_nt.privacy.engines import engine_class, resolved_mode
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.independence import check_example_independence
 from lightning_nt.privacy.module_guards import (
@@ -33,6 +33,7 @@ from lightning_nt.privacy.module_guards import (
     check_state_unchanged,
     state_versions,
 )
+from tests.helpers.engines import noiseless_engine
 
 ENGINES = ["hooks", "functorch", "ghost", "bk", "auto"]
 ROWS = 5
@@ -239,18 +240,14 @@ LAYERS: dict[str, Layer] = {
             (3, 4),
             vectorised=False,
         )
-        for name, rnn in (("lstm", nn.LSTM), ("gru", nn.GRU), ("rnn", nn.RNN))
-        for first in (True, False)
-    },
-    **{
-        f"dp{name}{'' if first else '-sequence-first'}": Layer(
-            (lambda r=rnn: FirstOutput(r(4, 3, batch_first=True)))
-            if first
-            else (lambda r=rnn: Transposed(r(4, 3, batch_first=False))),
-            (3, 4),
-            vectorised=False,
+        for name, rnn in (
+            ("lstm", nn.LSTM),
+            ("gru", nn.GRU),
+            ("rnn", nn.RNN),
+            ("dplstm", DPLSTM),
+            ("dpgru", DPGRU),
+            ("dprnn", DPRNN),
         )
-        for name, rnn in (("lstm", DPLSTM), ("gru", DPGRU), ("rnn", DPRNN))
         for first in (True, False)
     },
     "dplstm-sequence-first-square": Layer(
@@ -311,17 +308,7 @@ def _private_step(mode: str, module: Case, batch: tuple[Tensor, Tensor], bound: 
     engine_class(chosen).check_options(chosen, virtual_steps=False, views=1, sensitivity_probe=False)
     engine_class(chosen).check_precision("32-true")
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    engine = clipping_engine(
-        chosen,
-        module,
-        torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0),
-        max_grad_norm=bound,
-        noise_multiplier=0.0,
-        secure_mode=False,
-        views=1,
-        distributed=False,
-    )
-    engine.optimizer.expected_batch_size = ROWS
+    engine = noiseless_engine(chosen, module, bound, ROWS)
     try:
         check_batch_norm_in_eval(module)
         engine.start()
