@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from opacus.layers.param_rename import RenameParamsMixin
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -67,6 +68,7 @@ def check_module(module: nn.Module, fix_modules: bool) -> None:
         )
     _check_embeddings(module)
     _refuse_parameter_containers(module)
+    _refuse_reregistered_parameters(module)
     errors = _unsupported_layers(module)  # only layers with trainable parameters
     coupled = [name for name, m in module.named_modules() if _coupling_batch_norm(m)]
     if not errors and not coupled:
@@ -153,6 +155,31 @@ def _refuse_parameter_containers(module: nn.Module) -> None:
             "parameter, so their uses (F.linear(x, weights[0]), ...) can't be clipped per example. Hold each weight "
             "in a layer whose forward applies it (nn.Linear, or a small nn.Module of your own with the weight as its "
             "attribute), or freeze them (requires_grad_(False))."
+        )
+
+
+def _refuse_reregistered_parameters(module: nn.Module) -> None:
+    """Refuse a trainable parameter that a module registers again (``self.out = self.embedding.weight``) besides the
+    submodule that holds it, unless the module is one of Opacus's renamed-parameter layers (``DPLSTM``): the module may
+    use it in its own forward (``F.linear(h, self.out)``), which the per-layer rules of every engine would miss or
+    crash on (PyTorch's "Tensor on device cpu is not on the expected device meta!" under hooks)."""
+    found = []
+    for name, layer in module.named_modules():
+        if isinstance(layer, RenameParamsMixin):
+            continue
+        held = {id(p): f"{child}.{n}" for child, m in layer.named_children() for n, p in m.named_parameters()}
+        prefix = f"{name}." if name else ""
+        found += [
+            f"{prefix}{alias} (= {prefix}{held[id(p)]})"
+            for alias, p in layer.named_parameters(recurse=False)
+            if p.requires_grad and id(p) in held
+        ]
+    if found:
+        raise RuntimeError(
+            f"Parameters {found} are registered again on the module that holds the layer using them: its own forward "
+            "may use them outside that layer, where no clipping engine sees each example's share. Tie weights by "
+            "sharing the Parameter between two layers instead (`self.head.weight = self.embedding.weight`, the head an "
+            "nn.Linear), or drop the alias attribute."
         )
 
 

@@ -546,3 +546,21 @@ def test_a_layer_run_on_one_row_shared_by_the_batch_is_refused_naming_the_two_fi
         _fit(_quiet(grad_sample_mode=mode, noise_multiplier=0.0), module=BroadcastPositions, max_steps=1)
     assert "positions.requires_grad_(False)" in str(raised.value) and "expand(B, T)" in str(raised.value)
     _fit(_quiet(grad_sample_mode=mode), module=lambda: BroadcastPositions(freeze=True), max_steps=1)  # the first fix
+
+
+class AliasedHead(Plain):
+    """The output layer's weight registered again on the network and used there: ``F.linear(h, self.out)``."""
+
+    def __init__(self):
+        super().__init__(num_samples=64, batch_size=16)
+        self.out = self.net[3].weight
+
+    def forward(self, inputs):
+        return nn.functional.linear(self.net[:3](inputs), self.out, self.net[3].bias)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "functorch"])
+def test_a_parameter_registered_again_on_the_module_holding_its_layer_is_refused_before_the_first_step(mode):
+    # hooks, ghost and functorch crashed in the first backward ("... not on the expected device meta!")
+    with pytest.raises(RuntimeError, match=r"\['out \(= net\.3\.weight\)'\] are registered again"):
+        _fit(_quiet(grad_sample_mode=mode, noise_multiplier=0.0), module=AliasedHead, max_steps=1)
