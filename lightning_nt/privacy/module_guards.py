@@ -29,6 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_nt.common.compiled import compiled_parts
 from lightning_nt.common.layers import reparametrized_modules
+from lightning_nt.privacy.book_keeping.rules import reregistered_parameters
 
 __all__ = [
     "check_batch_norm_in_eval",
@@ -167,12 +168,12 @@ def _refuse_reregistered_parameters(module: nn.Module) -> None:
     for name, layer in module.named_modules():
         if isinstance(layer, RenameParamsMixin):
             continue
-        held = {id(p): f"{child}.{n}" for child, m in layer.named_children() for n, p in m.named_parameters()}
         prefix = f"{name}." if name else ""
+        trainable = {alias for alias, p in layer.named_parameters(recurse=False) if p.requires_grad}
         found += [
-            f"{prefix}{alias} (= {prefix}{held[id(p)]})"
-            for alias, p in layer.named_parameters(recurse=False)
-            if p.requires_grad and id(p) in held
+            f"{prefix}{alias} (= {prefix}{held})"
+            for alias, held in reregistered_parameters(layer).items()
+            if alias in trainable
         ]
     if found:
         raise RuntimeError(

@@ -30,7 +30,7 @@ from lightning_nt.privacy.book_keeping.pieces import Piece
 if TYPE_CHECKING:
     from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
 
-__all__ = ["LayerRule", "aliases_only", "layers_of", "pieces_for", "supported_layer_types"]
+__all__ = ["LayerRule", "aliases_only", "layers_of", "pieces_for", "reregistered_parameters", "supported_layer_types"]
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,22 @@ def aliases_only(layer: nn.Module) -> bool:
     (``DPLSTM``'s ``weight_ih_l0``, ...), every one of them: the cells are the layers that compute. Any other module
     that re-registers a submodule's parameter (``self.out = self.embedding.weight``) may use it in its own forward,
     so it stays a layer, refused where no rule covers it."""
-    if not isinstance(layer, RenameParamsMixin):
-        return False
-    inner = {id(p) for child in layer.children() for p in child.parameters()}
-    own = list(layer.parameters(recurse=False))
-    return bool(own) and all(id(p) in inner for p in own)
+    own = list(layer.named_parameters(recurse=False))
+    return isinstance(layer, RenameParamsMixin) and bool(own) and len(reregistered_parameters(layer)) == len(own)
+
+
+def reregistered_parameters(layer: nn.Module) -> dict[str, str]:
+    """The parameters ``layer`` registers itself that one of its submodules registers too: each of ``layer``'s names
+    for one, with the submodule's (``{"out": "embedding.weight"}`` for ``self.out = self.embedding.weight``).
+
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> net.out = net[0].weight
+        >>> reregistered_parameters(net)
+        {'out': '0.weight'}
+    """
+    held = {id(p): f"{child}.{n}" for child, m in layer.named_children() for n, p in m.named_parameters()}
+    return {alias: held[id(p)] for alias, p in layer.named_parameters(recurse=False) if id(p) in held}
 
 
 def layers_of(module: nn.Module) -> list[nn.Module]:
