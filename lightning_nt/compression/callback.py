@@ -43,6 +43,7 @@ from lightning_nt.compression.stability import noise_stability
 from lightning_nt.compression.subspace import (
     DIMENSION_RULE,
     SEED_RULE,
+    Initializer,
     RandomSubspace,
     find_subspace,
     subspace_mismatches,
@@ -467,20 +468,28 @@ class SubspaceTraining(Callback):
     (``requires_grad=False``, e.g. a pretrained backbone) stay outside the subspace with their values (the reporter
     encodes them as they are); a parameter shared by several modules (tied embedding and output weights) stays
     shared. Modules of any kind work, ``nn.TransformerEncoder`` and ``nn.LSTM`` included, as long as every trainable
-    parameter belongs to a submodule with such an initialiser.
+    parameter belongs to a submodule with such an initialiser, or ``initializer`` draws them.
 
     Args:
         dimension: ``d``, the number of trainable coordinates.
         seed: draws ``theta0`` and ``P``.
+        initializer: draws ``theta0`` instead of the submodules' ``reset_parameters``: a function that initialises
+            one module's own parameters in place, run under ``seed`` on every submodule that owns a trainable
+            parameter, children first. For layers without ``reset_parameters`` (``transformers``' ``Conv1D`` in
+            GPT-2, a bare parameter of the model): e.g. a Hugging Face model's ``_init_weights``. It is part of the
+            code a decoder must know, like the architecture; under DDP with ``start_method="spawn"`` it must
+            pickle (a function defined at module level, or a bound method).
 
     Example::
 
         trainer = pl.Trainer(callbacks=[SubspaceTraining(dimension=150), CompressionBoundReporter()])
+        # a Hugging Face GPT-2 inside the LightningModule as self.model:
+        SubspaceTraining(dimension=1000, initializer=module.model._init_weights)
     """
 
     @checked_arguments(dimension=DIMENSION_RULE, seed=SEED_RULE)
-    def __init__(self, dimension: int, seed: int = 0) -> None:
-        self.dimension, self.seed = dimension, seed
+    def __init__(self, dimension: int, seed: int = 0, initializer: Initializer | None = None) -> None:
+        self.dimension, self.seed, self.initializer = dimension, seed, initializer
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -499,7 +508,7 @@ class SubspaceTraining(Callback):
             )
         subspace = find_subspace(pl_module)
         if subspace is None:
-            to_subspace(pl_module, self.dimension, self.seed)
+            to_subspace(pl_module, self.dimension, self.seed, self.initializer)
         elif (subspace.dimension, subspace.seed) != (self.dimension, self.seed):
             raise ValueError(
                 f"The module is already trained in a subspace of dimension {subspace.dimension} with seed "

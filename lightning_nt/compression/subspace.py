@@ -17,7 +17,9 @@ every coordinate of ``theta`` moves like under a dense Gaussian ``P`` with unit-
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import types
 from collections.abc import Callable, Collection, Iterator, Sequence
 
 import torch
@@ -33,6 +35,7 @@ from lightning_nt.common.validation import at_least, between, checked_arguments,
 __all__ = [
     "DIMENSION_RULE",
     "SEED_RULE",
+    "Initializer",
     "RandomSubspace",
     "detached_deepcopy",
     "find_subspace",
@@ -50,6 +53,9 @@ DIMENSION_RULE = at_least(1)
 
 SEED_RULE = between(0, 2**32 - 1)
 """The seed is sent in 32 bits."""
+
+Initializer = Callable[[nn.Module], None]
+"""Initialises one module's own parameters in place (e.g. a Hugging Face model's ``_init_weights``)."""
 
 
 class RandomSubspace(nn.Module):
@@ -70,6 +76,7 @@ class RandomSubspace(nn.Module):
     def __init__(self, shapes: Sequence[Sequence[int]], dimension: int, seed: int) -> None:
         super().__init__()
         self.dimension, self.seed = dimension, seed
+        self.initializer: Initializer | None = None  # what drew theta0 besides the modules' reset_parameters
         self.weight = nn.Parameter(torch.zeros(dimension))
         rows = math.ceil(math.sqrt(dimension))
         self.factors = rows, math.ceil(dimension / rows)
@@ -119,14 +126,17 @@ class _Displaced(nn.Module):
 
 
 @checked_arguments(dimension=DIMENSION_RULE, seed=SEED_RULE)
-def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubspace:
+def to_subspace(
+    module: nn.Module, dimension: int, seed: int = 0, initializer: Initializer | None = None
+) -> RandomSubspace:
     """Re-draw ``module``'s trainable parameters from ``seed`` and train them from now on only through ``w``.
 
     ``theta0`` is what each submodule's ``reset_parameters`` (or ``_reset_parameters``, as
-    ``nn.MultiheadAttention`` has) draws under ``seed`` on the CPU (see :func:`seeded_initialization`), so a
-    decoder that knows the architecture and the seed rebuilds it: any pretrained or custom initialisation of a
-    trainable parameter is replaced. Every trainable parameter must belong to a submodule with such a method;
-    otherwise this raises, naming the parameter, and leaves the module untouched.
+    ``nn.MultiheadAttention`` has) draws under ``seed`` on the CPU, or ``initializer`` where given (see
+    :func:`seeded_initialization`), so a decoder that knows the architecture, the initialiser and the seed rebuilds
+    it: any pretrained or custom initialisation of a trainable parameter is replaced. Without ``initializer`` every
+    trainable parameter must belong to a submodule with such a method; otherwise this raises, naming the parameter,
+    and leaves the module untouched.
 
     Parameters the user froze (``requires_grad=False``, e.g. a pretrained backbone) are left out of the subspace:
     they keep their values and are not trained (a compression bound must then encode them). A parameter shared by
@@ -162,11 +172,13 @@ def to_subspace(module: nn.Module, dimension: int, seed: int = 0) -> RandomSubsp
             "The module has no trainable parameter (all have `requires_grad=False`) to train in a subspace."
         )
     paths = _paths_of(module)
-    theta0 = seeded_initialization(module, seed, names=[path for _, p in trainable for path in paths[id(p)]])
+    names = [path for _, p in trainable for path in paths[id(p)]]
+    theta0 = seeded_initialization(module, seed, names=names, initializer=initializer)
     with torch.no_grad():
         for name, parameter in trainable:
             parameter.copy_(theta0[name])
     subspace = RandomSubspace([p.shape for _, p in trainable], dimension, seed)
+    subspace.initializer = initializer
     subspace.to(device=trainable[0][1].device, dtype=trainable[0][1].dtype)  # a float64 module trains w in float64
     for index, (_, parameter) in enumerate(trainable):
         for path in paths[id(parameter)]:  # every module holding a shared parameter: ties survive
@@ -190,13 +202,18 @@ def find_subspace(module: nn.Module) -> RandomSubspace | None:
     return next((m for m in module.modules() if isinstance(m, RandomSubspace)), None)
 
 
-def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] | None = None) -> dict[str, Tensor]:
+def seeded_initialization(
+    module: nn.Module, seed: int, names: Collection[str] | None = None, initializer: Initializer | None = None
+) -> dict[str, Tensor]:
     """The parameters ``module``'s own initialisers draw under ``seed``, computed on a CPU float32 copy (the draw does
     not depend on the precision the module is trained in: ``precision="64-true"`` converts it after the draw).
 
     The initializer of a submodule is its ``reset_parameters``, or ``_reset_parameters`` where it has only that
     (``nn.MultiheadAttention``, ``nn.Transformer``). They run children first, then their parent, as the modules'
     constructors do (``nn.MultiheadAttention`` zeroes its ``out_proj.bias`` after the ``nn.Linear`` drew it).
+    With ``initializer`` (a function of one module, e.g. a Hugging Face model's ``_init_weights``), it runs instead,
+    children first, on every submodule that owns one of the drawn parameters, and nothing else runs: it serves
+    layers without ``reset_parameters`` (``transformers``' ``Conv1D``, a bare parameter of the model itself).
     Subspace parametrizations on the copy are undone first, so the result is keyed by the plain names
     (``0.weight``; every name of a shared parameter) whether or not ``module`` is already trained in a subspace.
     With ``names``, only modules that own one of those parameters (or none at all) are re-drawn: the others
@@ -212,21 +229,31 @@ def seeded_initialization(module: nn.Module, seed: int, names: Collection[str] |
             torch.manual_seed(seed)
             for owner_name, owner in _children_first(plain):
                 own = {f"{owner_name}.{n}" if owner_name else n for n, _ in owner.named_parameters(recurse=False)}
-                initializer = _initializer(owner)
-                if initializer is not None and (not own or own & wanted):
-                    initializer()
+                draw = _initializer(owner, initializer)
+                if draw is not None and (own & wanted or (not own and initializer is None)):
+                    draw()
     drawn = {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False) if name in wanted}
     untouched = [name for name, parameter in drawn.items() if torch.isnan(parameter).any()]
+    if untouched and initializer is not None:
+        raise ValueError(
+            f"`initializer` left parameters {untouched} (or some of their entries) undrawn: it must set every "
+            "parameter of each module it is given. Extend it to those modules' types, or freeze them "
+            "(`requires_grad_(False)`: they then stay outside the subspace)."
+        )
     if untouched:
         raise ValueError(
             f"Parameters {untouched} don't belong to a module with `reset_parameters`, so `theta0` can't be drawn "
-            "from the seed. Move them into a module that defines `reset_parameters`, freeze them "
+            "from the seed. Give `initializer` (a function that initialises one module, e.g. a Hugging Face "
+            "model's `_init_weights`), move them into a module that defines `reset_parameters`, freeze them "
             "(`requires_grad_(False)`: they then stay outside the subspace), or train without a subspace."
         )
     return drawn
 
 
-def _initializer(module: nn.Module) -> Callable[[], None] | None:
+def _initializer(module: nn.Module, initializer: Initializer | None) -> Callable[[], None] | None:
+    """What draws ``module``'s own parameters: ``initializer`` applied to it, or its ``(_)reset_parameters``."""
+    if initializer is not None:
+        return functools.partial(initializer, module)
     for attribute in ("reset_parameters", "_reset_parameters"):
         method = getattr(module, attribute, None)
         if callable(method):
@@ -281,6 +308,8 @@ def detached_deepcopy(module: nn.Module) -> nn.Module:
             for item in value if isinstance(value, list | tuple) else (value,):
                 if isinstance(item, Tensor) and item.grad_fn is not None:
                     memo[id(item)] = item.detach().clone()
+                elif isinstance(item, types.MethodType):  # a subspace's initializer: shared, not copied with its object
+                    memo[id(item)] = item
     return with_own_methods(copy.deepcopy(module, memo))
 
 
@@ -294,7 +323,7 @@ def subspace_mismatches(module: nn.Module) -> list[str]:
     if subspace is None:
         return []
     originals = dict(subspace_originals(module))
-    drawn = seeded_initialization(module, subspace.seed, names=originals)
+    drawn = seeded_initialization(module, subspace.seed, names=originals, initializer=subspace.initializer)
     mismatched = [] if subspace.projections_match_seed() else ["projection P"]
     return mismatched + [name for name, original in originals.items() if not _equal(original, drawn[name])]
 

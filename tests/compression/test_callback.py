@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from lightning_nt import CompressionBoundReporter, SubspaceTraining
 from lightning_nt.compression.bounds import occam_kl_bound
 from lightning_nt.compression.callback import class_scores
+from lightning_nt.compression.subspace import find_subspace, subspace_mismatches
 from tests.compression.models import (
     AttentionClassifier,
     FrozenFirstLayer,
@@ -20,7 +21,10 @@ from tests.compression.models import (
     TiedClassifier,
     separable_data,
 )
+from tests.contract.capabilities import Capability, _compression
+from tests.contract.test_contract import fit
 from tests.helpers import TinyClassifier, read_tensorboard_scalars, read_tensorboard_tags, tiny_trainer
+from tests.helpers.zoo import ZOO
 
 FAST = {"levels": (3, 8), "prune": (0.0, 0.5), "stability_samples": 32}
 
@@ -412,3 +416,29 @@ def test_float_labels_of_another_width_are_refused_before_training_naming_target
     with pytest.raises(ValueError, match=r"got \(\d+, 3\) and \(\d+, 4\).*`target_fn"):
         _fit(callbacks=[CompressionBoundReporter(**FAST)], module=module, max_epochs=1)
     assert getattr(module, "steps_taken", 0) == 0
+
+
+def _reset_or_gpt2_init(module: torch.nn.Module) -> None:
+    """A user's initializer: the module's own ``reset_parameters``, else GPT-2's normal(0, 0.02) for each of its own
+    parameters (``transformers``' ``Conv1D``, a bare parameter, ``ParameterList``/``ParameterDict`` entries)."""
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    else:
+        for parameter in module.parameters(recurse=False):
+            parameter.data.normal_(0.0, 0.02)
+
+
+@pytest.mark.parametrize("entry", [entry for entry in ZOO.values() if entry.bare_parameters], ids=str)
+def test_zoo_models_refused_for_bare_parameters_train_in_a_subspace_given_an_initializer(entry, tmp_path):
+    """The zoo's entries whose parameters no ``reset_parameters`` draws (a bare logit scale, parameter containers, a
+    GPT-2 block with ``Conv1D``): with ``initializer`` they train in the subspace, the report's decoder rebuilds
+    theta0 from the seed (no mismatch) and a bound is certified."""
+    capability = Capability(
+        "subspace", lambda entry: [SubspaceTraining(dimension=12, initializer=_reset_or_gpt2_init), _compression(entry)]
+    )
+    run = fit(capability, entry, tmp_path)
+    assert run.error is None, run.error
+    subspace = find_subspace(run.module)
+    assert subspace is not None and bool(subspace.weight.ne(0).any())  # w trained
+    assert subspace_mismatches(run.module) == []
+    assert 0.0 < run.capability[1].report["compression/error_bound"] <= 1.0

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_nt.compression.subspace import find_subspace, subspace_mismatches, to_subspace
+from lightning_nt.compression.subspace import find_subspace, subspace_mismatches, subspace_originals, to_subspace
 from tests.compression.models import AttentionClassifier, FrozenFirstLayer, LSTMClassifier, TiedClassifier
 
 
@@ -224,3 +224,82 @@ def test_the_old_weight_norm_hook_is_refused_as_a_parametrization():
         nn.utils.weight_norm(net[0])
     with pytest.raises(ValueError, match=r"\['0'\] already carry parametrizations .*weight_norm"):
         to_subspace(net, dimension=4)
+
+
+class _TransposedLinear(nn.Module):
+    """``transformers``' ``Conv1D``: a linear layer with its weight stored ``[in, out]`` and no ``reset_parameters``."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, outputs))
+        self.bias = nn.Parameter(torch.randn(outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class _GPTLikeHead(nn.Module):
+    """Two ``Conv1D``s, an ``nn.Linear`` (which has ``reset_parameters``) and a bare logit scale of the model itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(_TransposedLinear(6, 8), nn.ReLU(), _TransposedLinear(8, 8))
+        self.head = nn.Linear(8, 3)
+        self.logit_scale = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x)) * self.logit_scale
+
+
+def _gpt2_init(module: nn.Module) -> None:
+    """GPT-2's ``_init_weights`` for the layers above (normal(0, 0.02) weights, zero biases), and log(1/0.07) for the
+    model's own logit scale, as CLIP initialises it."""
+    if isinstance(module, _TransposedLinear | nn.Linear):
+        module.weight.data.normal_(0.0, 0.02)
+        module.bias.data.zero_()
+    elif isinstance(module, _GPTLikeHead):
+        module.logit_scale.data.fill_(math.log(1 / 0.07))
+
+
+def test_an_initializer_draws_theta0_for_layers_without_reset_parameters():
+    """theta0 is the initializer's draw under the seed, children first (the order the modules' constructors run),
+    against a draw written out by hand; without it the same module is refused, naming the fix."""
+    with pytest.raises(ValueError, match=r"(?s)blocks\.0\.weight.*`initializer`"):
+        to_subspace(_GPTLikeHead(), dimension=5, seed=3)
+    net = _GPTLikeHead()
+    subspace = to_subspace(net, dimension=5, seed=3, initializer=_gpt2_init)
+    assert [p for p in net.parameters() if p.requires_grad] == [subspace.weight]
+    torch.manual_seed(3)
+    first = torch.empty(6, 8).normal_(0.0, 0.02)
+    second = torch.empty(8, 8).normal_(0.0, 0.02)
+    head = torch.empty(3, 8).normal_(0.0, 0.02)
+    expected = {
+        "blocks.0.weight": first,
+        "blocks.0.bias": torch.zeros(8),
+        "blocks.2.weight": second,
+        "blocks.2.bias": torch.zeros(8),
+        "head.weight": head,
+        "head.bias": torch.zeros(3),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
+    originals = dict(subspace_originals(net))
+    assert originals.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(originals[name], value), name
+    assert subspace_mismatches(net) == []  # the report's decoder draws theta0 with the same initializer
+    with torch.no_grad():
+        originals["blocks.2.weight"].add_(1e-3)
+    assert subspace_mismatches(net) == ["blocks.2.weight"]
+
+
+def test_an_initializer_that_skips_a_parameter_is_named_and_the_module_left_untouched():
+    def linear_only(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+
+    net = _GPTLikeHead()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"`initializer` left parameters \[.*'blocks\.0\.weight'"):
+        to_subspace(net, dimension=5, initializer=linear_only)
+    assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
+    assert find_subspace(net) is None
