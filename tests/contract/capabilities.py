@@ -241,6 +241,7 @@ _DP_TRAINER_REFUSALS = {
     "iterable_dataset": Refusal(r"can't Poisson-sample an IterableDataset"),
     "accumulation_schedule": Refusal(r"GradientAccumulationScheduler.*breaks Poisson sampling"),
     "bf16_true": Refusal(r"can't run with precision='bf16-true'.*Use precision='32-true' or 'bf16-mixed'"),
+    "fp16_mixed_grad_scaler": Refusal(r"can't run with precision='16-mixed'.*GradScaler"),
 }
 
 

@@ -2,10 +2,10 @@
 
 ``test_contract.py`` varies the module with one Trainer; this suite keeps one module (the zoo's ``mlp``, given test
 and predict steps) and varies what a new user varies: the Trainer's flags (``fast_dev_run``, loggers, validation
-schedules, runs that stop mid-epoch, ``overfit_batches``, precision, ``barebones``, reloaded loaders, anomaly
-detection, deterministic algorithms), the data (an ``IterableDataset``, persistent
-workers, a ``LightningDataModule``), Lightning's own callbacks beside ours (checkpointing on a monitored metric,
-early stopping, an accumulation schedule, ``ReduceLROnPlateau``), and the entry points (``validate``/``test``/
+schedules, runs that stop mid-epoch, ``overfit_batches``, precision (fp16 with its ``GradScaler`` too),
+``barebones``, reloaded loaders, anomaly detection, deterministic algorithms), the data (an ``IterableDataset``,
+persistent workers, a ``LightningDataModule``), Lightning's own callbacks beside ours (checkpointing on a monitored
+metric, early stopping, an accumulation schedule, ``ReduceLROnPlateau``), and the entry points (``validate``/``test``/
 ``predict`` without a fit, and after one, then ``fit`` again). Every entry of ``CAPABILITIES`` runs under every
 configuration (so a capability added later inherits the suite): it completes, or it refuses by design
 (``Capability.trainer_refusals``, checked: before the first step, naming the problem); a capability that promises
@@ -35,6 +35,7 @@ from pytorch_lightning.callbacks import (
     LearningRateMonitor,
     ModelCheckpoint,
 )
+from pytorch_lightning.plugins import MixedPrecision
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from lightning_nt import DPStrategy
@@ -171,6 +172,12 @@ def _lightning_callbacks() -> dict[str, Any]:
     }
 
 
+def _fp16_mixed_on_cpu() -> MixedPrecision:
+    """``precision="16-mixed"`` as on a GPU (fp16 autocast, a ``GradScaler`` scaling the loss, unscaling the gradients
+    and skipping steps with inf), on the CPU, where the Trainer's flag refuses it but the plugin runs."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+
+
 CONFIGURATIONS = [
     Configuration("fast_dev_run", lambda: {"fast_dev_run": True}, steps=1),
     Configuration("loggers_sanity_all_val_twice_per_epoch", _loggers),
@@ -185,6 +192,7 @@ CONFIGURATIONS = [
     Configuration("persistent_workers", module=lambda: Module(num_workers=1, persistent_workers=True, shuffle=True)),
     Configuration("bf16_mixed", lambda: {"precision": "bf16-mixed"}),
     Configuration("bf16_true", lambda: {"precision": "bf16-true"}),
+    Configuration("fp16_mixed_grad_scaler", lambda: {"plugins": [_fp16_mixed_on_cpu()]}),
     Configuration(
         "barebones",
         lambda: {
