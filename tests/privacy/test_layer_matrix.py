@@ -545,3 +545,33 @@ def test_the_layers_fixed_here_are_clipped_exactly_on_the_gpu(mode, layer):
     scale = max(float(value.abs().max()) for value in expected.values())
     for name, value in expected.items():
         torch.testing.assert_close(update[name].cpu(), value, rtol=0.0, atol=1e-9 * scale)
+
+
+CHANNELS_LAST_ROWS = ["conv2d-depthwise", "conv2d-reflect", "standardized-conv2d-same", "convtranspose2d-groups"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize(
+    ("mode", "layer"),
+    [
+        (mode, layer)
+        for mode in ENGINES
+        for layer in CHANNELS_LAST_ROWS
+        if _expected_refusal(mode, layer, False) is None
+    ],
+)
+def test_channels_last_convolutions_are_clipped_exactly(mode, layer, device):
+    """Weights and images in ``channels_last`` (what mixed-precision conv nets use on GPUs): the rules reshape the
+    layers' inputs and gradients, which must not assume contiguous NCHW; the update equals the NCHW reference."""
+    row = LAYERS[layer]
+    inputs, targets = row.batch()
+    samples, norms = _reference(_case(row, False, per_example=False), (inputs, targets), row.vectorised)
+    bound = float(norms.sort().values[1:3].mean())
+    expected = _clipped_mean(samples, norms, bound)
+    module = _case(row, False, per_example=mode == "ghost").to(device, memory_format=torch.channels_last)
+    assert module.layer.weight.is_contiguous(memory_format=torch.channels_last)
+    batch = (inputs.to(device).contiguous(memory_format=torch.channels_last), targets.to(device))
+    update = _private_step(mode, module, batch, bound)
+    scale = max(float(value.abs().max()) for value in expected.values())
+    errors = {name: float((update[name].cpu() - expected[name]).abs().max()) / scale for name in expected}
+    assert max(errors.values()) < TOLERANCE, errors
