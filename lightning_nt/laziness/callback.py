@@ -24,7 +24,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import mean_across_ranks
-from lightning_nt.common.state import continues_earlier_fit, stable_name
+from lightning_nt.common.state import continues_run, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
@@ -83,9 +83,10 @@ class LazinessMonitor(Callback):
 
     When the trainable parameters change during the fit (a fine-tuning schedule such as ``BackboneFinetuning``
     unfreezes a layer), the reference is taken again at that step, with a warning: the quantities are then measured
-    from the weights and kernel of the current stage. Another ``fit`` on the same Trainer goes on with the run as a
-    resume does (its ``.history``, compared with the run's initialisation); a new Trainer starts a new run and a
-    new ``.history``.
+    from the weights and kernel of the current stage. A run resumed with ``ckpt_path``, or another ``fit`` on the
+    same Trainer, goes on with the run's ``.history``, compared with the run's initialisation; a new Trainer without
+    a checkpoint starts a new run: a new ``.history`` from the new initialisation
+    (:func:`~lightning_nt.common.state.continues_run`).
 
     In the lazy regime (Jacot et al. 2018; Chizat et al. 2019; Allen-Zhu, Li & Song 2019) all three changes are
     small and fall with width roughly as ``width^-1/2``. At the end of training a picture of the quantities over
@@ -170,7 +171,7 @@ class LazinessMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resume, or another fit on the same Trainer, goes on comparing with the initialisation of its run
-        fresh = self._initial is None or not (self._restored or continues_earlier_fit(trainer))
+        fresh = self._initial is None or not continues_run(trainer, self._restored)
         self._restored = False
         if not fresh:  # the probe batch as `ProbeSet.state_dict` saved it (older checkpoints: its tensors, or itself)
             saved = self._initial.pop("probe", None) or self._initial.pop("batch_tensors", None)
