@@ -42,7 +42,7 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
 """The ReLU family found by module type: activations whose gate is the sign of their input. A unit of ReLU,
 LeakyReLU, PReLU or RReLU changes its linear piece exactly when its input changes sign (ReLU6 also at 6, its
 saturation, which the sign pattern leaves out); for the smooth ones (ELU, GELU, SiLU, ...) the sign is where the
-unit turns from nearly off to nearly linear. Tanh, sigmoid and Hardtanh have no gate at 0: they are not in it."""
+unit turns from nearly off to nearly linear. Tanh, sigmoid and a Hardtanh(-1, 1) have no gate at 0: not in it."""
 
 RECOGNISED_FUNCTIONS: tuple[ElementwiseFunction, ...] = ("relu", "gelu", "silu")
 """The ReLU-family functions a module of another class is recognised by, from what it computes
