@@ -26,7 +26,7 @@ from lightning_nt.common.callback import Callback
 from lightning_nt.common.capabilities import run_before_other_callbacks
 from lightning_nt.common.evaluation import validation_metrics
 from lightning_nt.common.flavours import lightning_classes
-from lightning_nt.common.state import stable_name
+from lightning_nt.common.state import continues_earlier_fit, stable_name
 from lightning_nt.common.validation import above, at_least, between, checked_arguments, non_empty
 
 __all__ = ["IterateAveraging"]
@@ -254,7 +254,7 @@ class IterateAveraging(Callback):
         """A further ``fit`` on the same Trainer (``global_step > 0``, no checkpoint) continues the run as a resume
         from a checkpoint would: the raw weights come back (the module ends the earlier fit holding the average) and
         the average goes on from its iterates instead of starting again."""
-        if self._average is None or trainer.global_step == 0 or trainer.ckpt_path is not None:
+        if self._average is None or not continues_earlier_fit(trainer):
             return
         if self._raw_state is not None:
             pl_module.load_state_dict(self._raw_state, strict=pl_module.strict_loading)

@@ -27,7 +27,15 @@ from lightning_nt.common.compiled import eager_execution
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-__all__ = ["RNGState", "continues_earlier_fit", "preserved_modes", "preserved_rng", "preserved_state", "stable_name"]
+__all__ = [
+    "RNGState",
+    "continues_earlier_fit",
+    "continues_run",
+    "preserved_modes",
+    "preserved_rng",
+    "preserved_state",
+    "stable_name",
+]
 
 
 @dataclass
@@ -146,6 +154,29 @@ def continues_earlier_fit(trainer: pl.Trainer) -> bool:
         False
     """
     return trainer.global_step > 0 and trainer.ckpt_path is None
+
+
+def continues_run(trainer: pl.Trainer, restored: bool) -> bool:
+    """Whether this ``fit`` goes on with a run whose state a callback keeps (its ``.history``, its reference, the last
+    step it measured), the rule every lightning_nt callback follows when training starts:
+
+    - resumed with ``ckpt_path`` from a checkpoint that held the callback's state (``restored``: its
+      ``load_state_dict`` ran): the run goes on from the state the checkpoint saved;
+    - another ``fit`` on the same Trainer (:func:`continues_earlier_fit`): the run goes on from the state the earlier
+      fit left;
+    - otherwise (a new Trainer without a checkpoint, even with the same callback object) a new run starts: a new
+      history, and a new reference where the reference is the start of the run, as Lightning's own
+      ``LearningRateMonitor`` starts its values anew when training starts.
+
+    A state loaded by ``validate``/``test(ckpt_path=...)`` counts only for a ``fit`` that resumes from a checkpoint.
+
+    Examples:
+        >>> import pytorch_lightning as pl
+        >>> new = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        >>> continues_run(new, restored=False)
+        False
+    """
+    return (restored and trainer.ckpt_path is not None) or continues_earlier_fit(trainer)
 
 
 def _clone_named(tensors: Iterator[tuple[str, Tensor]]) -> dict[str, Tensor]:

@@ -3,7 +3,13 @@
 from lightning_nt.laziness.callback import LazinessMonitor, TargetFn
 from lightning_nt.laziness.distance import RelativeDistance, relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, TwoLayerReLU, empirical_ntk, kernel_alignment, two_layer_relu_ntk
-from lightning_nt.laziness.patterns import ACTIVATIONS, activation_layers, activation_patterns, pattern_flips
+from lightning_nt.laziness.patterns import (
+    ACTIVATIONS,
+    activation_layers,
+    activation_patterns,
+    is_activation,
+    pattern_flips,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -15,6 +21,7 @@ __all__ = [
     "activation_layers",
     "activation_patterns",
     "empirical_ntk",
+    "is_activation",
     "kernel_alignment",
     "pattern_flips",
     "relative_distance",

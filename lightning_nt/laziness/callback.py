@@ -24,7 +24,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import mean_across_ranks
-from lightning_nt.common.state import continues_earlier_fit, stable_name
+from lightning_nt.common.state import continues_run, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
@@ -74,7 +74,8 @@ class LazinessMonitor(Callback):
     - ``laziness/weight_distance`` = ``||theta_t - theta_0|| / ||theta_0||``, and ``laziness/weight_distance/<layer>``
       (layers named without the ``_orig_mod.`` of a submodule compiled with ``torch.compile``);
     - ``laziness/activation_flips``: the fraction of (example, unit) signs of the pre-activations that differ from
-      init, and ``laziness/activation_flips/<layer>`` (ReLU-family modules found by type, or ``layers``);
+      init, and ``laziness/activation_flips/<layer>`` (ReLU-family modules found by type or by the function they
+      compute, :func:`~lightning_nt.laziness.patterns.is_activation`; or ``layers``);
     - with ``ntk``: ``laziness/ntk_change`` = ``||K_t - K_0||_F / ||K_0||_F``, ``laziness/ntk_lambda_min`` and
       ``laziness/ntk_lambda_max`` (of ``K_t``), and ``laziness/kernel_alignment`` (centred kernel-target
       alignment with the one-hot labels, Cortes et al. 2012) when the probe set has labels;
@@ -82,9 +83,10 @@ class LazinessMonitor(Callback):
 
     When the trainable parameters change during the fit (a fine-tuning schedule such as ``BackboneFinetuning``
     unfreezes a layer), the reference is taken again at that step, with a warning: the quantities are then measured
-    from the weights and kernel of the current stage. Another ``fit`` on the same Trainer goes on with the run as a
-    resume does (its ``.history``, compared with the run's initialisation); a new Trainer starts a new run and a
-    new ``.history``.
+    from the weights and kernel of the current stage. A run resumed with ``ckpt_path``, or another ``fit`` on the
+    same Trainer, goes on with the run's ``.history``, compared with the run's initialisation; a new Trainer without
+    a checkpoint starts a new run: a new ``.history`` from the new initialisation
+    (:func:`~lightning_nt.common.state.continues_run`).
 
     In the lazy regime (Jacot et al. 2018; Chizat et al. 2019; Allen-Zhu, Li & Song 2019) all three changes are
     small and fall with width roughly as ``width^-1/2``. At the end of training a picture of the quantities over
@@ -103,7 +105,8 @@ class LazinessMonitor(Callback):
         num_examples: training examples in the probe set (the first batches of the train loader).
         ntk: also measure the empirical NTK (change, extreme eigenvalues, alignment).
         layers: names of the submodules whose sign patterns count: an activation module's input, or any other
-            module's output; default every ReLU-family activation module (``ACTIVATIONS``).
+            module's output; default every ReLU-family activation module (``ACTIVATIONS`` by type, and a
+            parameter-free module of another class that computes ReLU, GELU or SiLU, such as ``class MyReLU``).
         chunk_size: examples per vmapped Jacobian (``None``: the whole probe set at once).
         hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
             chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
@@ -168,7 +171,7 @@ class LazinessMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a resume, or another fit on the same Trainer, goes on comparing with the initialisation of its run
-        fresh = self._initial is None or not (self._restored or continues_earlier_fit(trainer))
+        fresh = self._initial is None or not continues_run(trainer, self._restored)
         self._restored = False
         if not fresh:  # the probe batch as `ProbeSet.state_dict` saved it (older checkpoints: its tensors, or itself)
             saved = self._initial.pop("probe", None) or self._initial.pop("batch_tensors", None)
@@ -273,16 +276,12 @@ class LazinessMonitor(Callback):
             torch.autocast(device_type, enabled=False),
         ):
             pl_module.eval()
-            patterns = (
-                activation_patterns(pl_module, batch, self.layers, forward) if self._has_layers(pl_module) else {}
-            )
+            layers = self.layers if self.layers is not None else activation_layers(pl_module)
+            patterns = activation_patterns(pl_module, batch, layers, forward) if layers else {}
             kernel = (
                 empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians) if self.ntk else None
             )
         return patterns, kernel
-
-    def _has_layers(self, pl_module: pl.LightningModule) -> bool:
-        return self.layers is not None or bool(activation_layers(pl_module))
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._initial is not None

@@ -13,10 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_nt.common.activations import ElementwiseFunction, computed_function
 from lightning_nt.common.compiled import eager_execution, named_modules, uncompiled_name
 from lightning_nt.laziness.ntk import ForwardFn
 
-__all__ = ["ACTIVATIONS", "activation_layers", "activation_patterns", "pattern_flips"]
+__all__ = [
+    "ACTIVATIONS",
+    "RECOGNISED_FUNCTIONS",
+    "activation_layers",
+    "activation_patterns",
+    "is_activation",
+    "pattern_flips",
+]
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -31,17 +39,39 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.SiLU,
     nn.Mish,
 )
-"""The ReLU family found by module type: activations whose gate is the sign of their input."""
+"""The ReLU family found by module type: activations whose gate is the sign of their input. A unit of ReLU,
+LeakyReLU, PReLU or RReLU changes its linear piece exactly when its input changes sign (ReLU6 also at 6, its
+saturation, which the sign pattern leaves out); for the smooth ones (ELU, GELU, SiLU, ...) the sign is where the
+unit turns from nearly off to nearly linear. Tanh, sigmoid and a Hardtanh(-1, 1) have no gate at 0: not in it."""
+
+RECOGNISED_FUNCTIONS: tuple[ElementwiseFunction, ...] = ("relu", "gelu", "silu")
+"""The ReLU-family functions a module of another class is recognised by, from what it computes
+(:func:`~lightning_nt.common.activations.computed_function`): a ``class MyReLU(nn.Module)``, ``nn.Hardtanh(0, inf)``,
+HuggingFace's ``GELUActivation``. The same recognition as RepresentationSimilarity's, less tanh and sigmoid."""
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether ``module`` is a ReLU-family activation: one of :data:`ACTIVATIONS` by type, or a parameter-free module
+    of another class that computes one of :data:`RECOGNISED_FUNCTIONS`.
+
+    Examples:
+        >>> class MyReLU(nn.Module):
+        ...     def forward(self, x):
+        ...         return x.clamp(min=0)
+        >>> is_activation(MyReLU()), is_activation(nn.LeakyReLU()), is_activation(nn.Tanh())
+        (True, True, False)
+    """
+    return isinstance(module, ACTIVATIONS) or computed_function(module) in RECOGNISED_FUNCTIONS
 
 
 def activation_layers(module: nn.Module) -> list[str]:
-    """Names of the submodules of ``module`` that are ReLU-family activations (:data:`ACTIVATIONS`).
+    """Names of the submodules of ``module`` that are ReLU-family activations (:func:`is_activation`).
 
     Examples:
-        >>> activation_layers(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU()))
+        >>> activation_layers(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU(), nn.Tanh()))
         ['1', '3']
     """
-    return [name for name, child in named_modules(module).items() if isinstance(child, ACTIVATIONS)]
+    return [name for name, child in named_modules(module).items() if is_activation(child)]
 
 
 @torch.no_grad()
@@ -50,7 +80,7 @@ def activation_patterns(
 ) -> dict[str, Tensor]:
     """The sign pattern ``[m, units]`` (``True`` where positive) of each layer's pre-activation on ``inputs``.
 
-        For an activation module (:data:`ACTIVATIONS`) the pattern is the sign of its input, the gate of the unit;
+        For an activation module (:func:`is_activation`) the pattern is the sign of its input, the gate of the unit;
         for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
         ``layers`` defaults to every activation module found by type. Units are the flattened non-batch dimensions
         (for a convolution, every channel at every position). A module called several times in one forward pass (one
@@ -118,7 +148,7 @@ def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dic
 
 
 def _recorder(name: str, layer: nn.Module, into: dict[str, list[Tensor]]) -> Callable[..., None]:
-    gate_on_input = isinstance(layer, ACTIVATIONS)
+    gate_on_input = is_activation(layer)
 
     def record(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         value = args[0] if gate_on_input else output

@@ -30,7 +30,7 @@ from lightning_nt.common import (
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import min_across_ranks, sum_across_ranks
-from lightning_nt.common.state import continues_earlier_fit
+from lightning_nt.common.state import continues_run
 from lightning_nt.common.validation import (
     ArgumentError,
     above,
@@ -134,8 +134,8 @@ class SharpnessMonitor(Callback):
     6.4 GB for a 25M-parameter model. Between measurements the monitor keeps ``num_eigenvalues + 1`` vectors per
     operator (twice that with Adam) to warm-start the next solve; they are saved in checkpoints, so a resumed run
     measures what the uninterrupted run would have. Another ``fit`` on the same Trainer goes on with the run as a
-    resume does (no second measurement of the step the earlier fit ended on); a new Trainer's run measures from its
-    step 0 again, appended to ``.history``.
+    resume does (no second measurement of the step the earlier fit ended on); a new Trainer without a checkpoint
+    starts a new run: a new ``.history`` and no warm start (:func:`~lightning_nt.common.state.continues_run`).
 
     Example::
 
@@ -233,8 +233,8 @@ class SharpnessMonitor(Callback):
         self.skipped = 0
         self._start_step = self._seen_step = trainer.global_step
         self._step_batches = []  # a fit interrupted mid-accumulation left its micro-batches
-        if not (self._restored or continues_earlier_fit(trainer)):  # a new run measures its first step even if an
-            self._last_step = -1  # earlier fit ended there; another fit on the same Trainer goes on as a resume does
+        if not continues_run(trainer, self._restored):  # a new Trainer without a checkpoint: a new run
+            self.history, self._last_step, self._warm = [], -1, {}
         self._restored = False
         if self.data == "probe" and self._due(trainer.global_step):
             self._measure(trainer, pl_module, None)

@@ -30,7 +30,7 @@ from lightning_nt.common import (
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.compiled import renamed_state_dict
 from lightning_nt.common.distributed import gather_across_ranks, min_across_ranks
-from lightning_nt.common.state import continues_earlier_fit
+from lightning_nt.common.state import continues_run
 from lightning_nt.common.validation import (
     ArgumentError,
     Rule,
@@ -95,7 +95,8 @@ class RepresentationSimilarity(Callback):
     the final model (outputs flattened per example) beside per-layer bars of CKA and intertwiner similarity
     against the reference, and ``similarity/table`` the last measurement as a table. Another ``fit`` on the same
     Trainer goes on with the run as a resume does (its probe set and reference: ``"init"`` stays the run's start);
-    a new Trainer's run takes them again, its measurements appended to ``.history``.
+    a new Trainer without a checkpoint starts a new run: a new ``.history``, probe set and reference
+    (:func:`~lightning_nt.common.state.continues_run`).
 
     Args:
         layers: module names (as in ``named_modules``) whose outputs are compared, each with its activation
@@ -207,12 +208,12 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._restored:  # resumed: the checkpoint's probe set and reference features
-            self._restored = False
-            self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
-            return
-        if continues_earlier_fit(trainer) and self._reference_features is not None:
+        restored, self._restored = self._restored, False
+        if continues_run(trainer, restored) and self._reference_features is not None:
+            if restored:  # resumed: the checkpoint's probe set and reference features
+                self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
             return  # another fit on the same Trainer goes on as a resume does: same probe set and reference
+        self.history = []  # a new run (a new Trainer without a checkpoint): a new history, probe set and reference
         self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
         with self._reference_weights(pl_module):
             self._set_reference(self._features(trainer, pl_module))

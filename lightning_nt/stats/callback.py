@@ -28,6 +28,7 @@ from lightning_nt.common import (
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import sum_across_ranks
 from lightning_nt.common.loss import example_losses
+from lightning_nt.common.state import continues_run
 from lightning_nt.common.validation import (
     above,
     at_least,
@@ -70,7 +71,9 @@ class GradientSignalTest(Callback):
 
     The losses are taken in eval mode (dropout off, BatchNorm on its running statistics), so that the
     examples' losses are independent of each other, as the test needs. A measurement leaves the run exactly as
-    it was (parameters, ``.grad``, buffers, RNG, modes); the optimizer is not touched.
+    it was (parameters, ``.grad``, buffers, RNG, modes); the optimizer is not touched. A run resumed with
+    ``ckpt_path``, or another ``fit`` on the same Trainer, goes on with the run's ``.history``; a new Trainer without
+    a checkpoint starts a new one (:func:`~lightning_nt.common.state.continues_run`).
 
     Args:
         every_n_steps: optimizer steps between measurements.
@@ -105,6 +108,7 @@ class GradientSignalTest(Callback):
         self.alpha, self.loss_fn, self.seed = alpha, loss_fn, seed
         self.history: list[dict[str, float]] = []
         self._probe: ProbeSet | None = None
+        self._restored = False
         self._last_step = -1
         self._warned: set[str] = set()
         self._loss_fn_gives_vector: bool | None = None  # learnt at the first measurement
@@ -133,6 +137,9 @@ class GradientSignalTest(Callback):
             raise ValueError(
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."
             )
+        if not continues_run(trainer, self._restored):  # a new Trainer without a checkpoint: a new run
+            self.history = []
+        self._restored = False
         self._last_step = self.history[-1]["step"] if self.history else -1  # a resumed run measured before it stopped
         step = trainer.global_step
         measured = self._last_step == step
@@ -159,6 +166,7 @@ class GradientSignalTest(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        self._restored = True
 
     def figure(self) -> Any:
         """The statistic and the gradient signal over training steps, with the rejection threshold."""
