@@ -13,6 +13,7 @@ to its intertwiner group, LazinessMonitor keeps the ReLU family.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -51,7 +52,8 @@ def computed_function(module: nn.Module) -> ElementwiseFunction | None:
     """The elementwise function ``module`` computes, if it is one of :data:`ELEMENTWISE_FUNCTIONS` and ``module``
     holds no parameters, buffers or submodules; else None.
 
-    The module runs once, in eval mode, on a CPU float32 grid, with its modes and every random generator restored.
+    The module runs once, in eval mode, on a CPU float32 grid, with its modes and every random generator restored;
+    the answer is kept for the module object (a monitor that looks for activations at every measurement runs it once).
 
     Examples:
         >>> class MyReLU(nn.Module):
@@ -64,6 +66,16 @@ def computed_function(module: nn.Module) -> ElementwiseFunction | None:
         return None
     if next(module.children(), None) is not None:
         return None
+    if module not in _RECOGNISED:
+        _RECOGNISED[module] = _recognised(module)
+    return _RECOGNISED[module]
+
+
+_RECOGNISED: weakref.WeakKeyDictionary[nn.Module, ElementwiseFunction | None] = weakref.WeakKeyDictionary()
+
+
+def _recognised(module: nn.Module) -> ElementwiseFunction | None:
+    """Run the parameter-free leaf ``module`` on the grid and name the function it computes."""
     grid = _grid()
     with preserved_state(module, parameters=False, buffers=False, grads=False), torch.no_grad():
         module.eval()

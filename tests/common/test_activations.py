@@ -41,3 +41,19 @@ class MyReLU(nn.Module):
 def test_the_function_is_named_and_the_old_import_path_maps_it_to_its_group(module, function, group) -> None:
     assert computed_function(module) == function
     assert recognised_activation(module) == group
+
+
+def test_a_module_is_run_once_however_often_it_is_asked_about():
+    """LazinessMonitor looks for activations at every measurement: a parameter-free module with a side effect (a
+    call counter) is run on the grid once, not once per question."""
+
+    class CountingReLU(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            CountingReLU.calls += 1
+            return x.clamp(min=0)
+
+    module = CountingReLU()
+    assert [computed_function(module) for _ in range(3)] == ["relu"] * 3
+    assert CountingReLU.calls == 1
