@@ -77,7 +77,7 @@ class ParametersAtFailure(pl.Callback):
         self.before = [p.detach().clone() for p in pl_module.parameters()]
 
     def on_exception(self, trainer, pl_module, exception):
-        self.steps = trainer.global_step
+        self.steps, self.device = trainer.global_step, next(pl_module.parameters()).device.type
         self.moved = any(not torch.equal(b, p) for b, p in zip(self.before, pl_module.parameters()))
 
 
@@ -156,3 +156,16 @@ def test_a_trainable_embedding_bag_gets_one_hook_for_the_engines_lifetime(mode):
     engine.close()
     assert hooked == ["bag"]
     assert all(not layer._forward_pre_hooks for layer in module.modules())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("mode", ENGINES)
+def test_weights_from_the_second_batch_on_are_refused_on_the_gpu(mode, precision):
+    if mode == "ghost" and precision != "32-true":
+        pytest.skip("ghost clipping is refused under bf16 (tested on the CPU)")
+    module, failure = Bags(weighted_from=1, per_example=mode == "ghost"), ParametersAtFailure()
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        _fit(module, mode, [failure], max_steps=3, limit_val_batches=0, accelerator="gpu", precision=precision)
+    assert failure.steps == 1 and not failure.moved
+    assert failure.device == "cuda"
