@@ -211,7 +211,7 @@ class _PrivateStep:
             result = run()
         except Exception as failure:
             agree_across_ranks(self, failure, pending=False)  # raises the lowest failing rank's error
-            raise  # (not reached: this rank failed)
+            raise  # fail closed, should the agreement ever return
         pending = agree_across_ranks(self, None, pending=last and self._first_checks_pending())
         if last:
             self._agreeing = pending

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import DPStrategy
 from lightning_nt.privacy.engines import clipping_engine
+from lightning_nt.privacy.engines.uses import WeightedBagGuard
 from tests.helpers import tiny_trainer
 from tests.helpers.engines import noiseless_engine
 
@@ -169,3 +170,20 @@ def test_weights_from_the_second_batch_on_are_refused_on_the_gpu(mode, precision
         _fit(module, mode, [failure], max_steps=3, limit_val_batches=0, accelerator="gpu", precision=precision)
     assert failure.steps == 1 and not failure.moved
     assert failure.device == "cuda"
+
+
+def test_the_guard_refuses_weights_only_while_watching_with_grad_enabled():
+    bag = nn.EmbeddingBag(10, 4, mode="sum")
+    guard = WeightedBagGuard(nn.Sequential(bag), {id(bag.weight)})
+    tokens = torch.randint(0, 10, (3, 5))
+    weights = torch.rand(3, 5)
+    bag(tokens, per_sample_weights=weights)  # not watching: between steps
+    guard.watching = True
+    with torch.no_grad():
+        bag(tokens, None, weights)  # no gradient: nothing to clip
+    bag(tokens)
+    for call in (lambda: bag(tokens, per_sample_weights=weights), lambda: bag(tokens, None, weights)):
+        with pytest.raises(RuntimeError, match=r"^0\.weight is pooled by an EmbeddingBag with per_sample_weights"):
+            call()
+    guard.remove()
+    bag(tokens, per_sample_weights=weights)

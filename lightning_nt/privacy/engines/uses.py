@@ -170,9 +170,10 @@ class ParameterUses(TorchFunctionMode):
 def _refuse_weighted_bag(name: str) -> None:
     raise RuntimeError(
         f"{name} is pooled by an EmbeddingBag with per_sample_weights, which no clipping engine's per-example "
-        "gradient rule takes into account: its per-example gradient norms would be wrong, and the privacy guarantee "
-        "with them. Refused before any noise. Weight the looked-up vectors yourself (an nn.Embedding, then a "
-        "weighted sum over positions), or freeze the table."
+        "gradient rule takes into account: each example's gradient would be formed without the weights (ghost "
+        "clipping would then release a weighted gradient whose norm it never bounded; the other engines would train "
+        "on what is not the gradient). Refused before any noise. Weight the looked-up vectors yourself (an "
+        "nn.Embedding, then a weighted sum over positions), or freeze the table."
     )
 
 
