@@ -10,12 +10,16 @@
    records the step; the engine stops and forgets everything un-noised, whatever happened;
 4. ``on_exception``: a step interrupted between its backward pass and its noise leaves raw gradients on the
    parameters: the engine stops and forgets them.
+
+Under DDP, while some rank still has a fit's first-step checks to run, the ranks agree on their verdicts after
+``training_step`` and after ``backward`` (:mod:`~lightning_nt.privacy.agreement`): a refusal found on one rank is
+raised on every rank, before the noisy step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +36,7 @@ from lightning_nt.privacy.accounting import (
     seeded_noise,
     steps_taken,
 )
+from lightning_nt.privacy.agreement import agree_across_ranks
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
@@ -73,9 +78,13 @@ class _PrivateStep:
     _uses: ParameterUses | None
     _uses_checked: bool
     _warned_about_logging: bool
+    _agreeing: bool  # under DDP: this step's checks are agreed across the ranks (the same on every rank)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._agreed(lambda: self._checked_training_step(*args, **kwargs), last=False)
+
+    def _checked_training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
         self._rows = 0
         if batch is not None and batch_size(batch) == 0:
@@ -181,9 +190,36 @@ class _PrivateStep:
     @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         ordinary = super().backward  # type: ignore[misc]
-        return self._active_engine().backward(
-            closure_loss, lambda: ordinary(closure_loss, optimizer, *args, **kwargs), self._rows, self.precision_plugin
+        return self._agreed(
+            lambda: self._active_engine().backward(
+                closure_loss,
+                lambda: ordinary(closure_loss, optimizer, *args, **kwargs),
+                self._rows,
+                self.precision_plugin,
+            ),
+            last=True,
         )
+
+    def _agreed(self, run: Callable[[], Any], last: bool) -> Any:
+        """``run()`` (a step's ``training_step`` or backward pass); under DDP, on a step whose checks run on some
+        rank, every rank's verdict is agreed after it (:mod:`~lightning_nt.privacy.agreement`): a refusal found on
+        one rank is raised on every rank, before anyone steps. The backward pass (``last``) decides whether the
+        next step's checks are agreed too: while some rank still has its first-step checks to run."""
+        if not self._agreeing:
+            return run()
+        try:
+            result = run()
+        except Exception as failure:
+            agree_across_ranks(self, failure, pending=False)  # raises the lowest failing rank's error
+            raise  # fail closed, should the agreement ever return
+        pending = agree_across_ranks(self, None, pending=last and self._first_checks_pending())
+        if last:
+            self._agreeing = pending
+        return result
+
+    def _first_checks_pending(self) -> bool:
+        """Whether this rank still has checks of a fit's first steps to run (a batch too small to check, or empty)."""
+        return self._first_step or self._probe_pending or self._independence_tries > 0 or not self._uses_checked
 
     @contextlib.contextmanager
     def _physical_step(self) -> Iterator[None]:

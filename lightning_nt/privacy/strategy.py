@@ -105,6 +105,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._first_step = False
         self._uses: ParameterUses | None = None  # made on the first step that watches
         self._uses_checked = False
+        self._agreeing = False  # see step.py: under DDP, while some rank has first-step checks to run
 
     @property
     def epsilon(self) -> float:
@@ -128,6 +129,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             self._first_step = True  # buffers are compared by value on the first step of a fit
             self._independence_tries = INDEPENDENCE_TRIES  # layers that mix the examples: on the first usable batch
             self._uses_checked = False  # parameters used outside their layers: looked for on the first step
+            self._agreeing = trainer.world_size > 1  # every rank raises a refusal found on one (agreement.py)
         super().setup(trainer)  # type: ignore[misc]
 
     @override
@@ -268,7 +270,9 @@ class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
 
     Every process Poisson-samples its shard of one global batch (all stay in lockstep, empty batches included);
     each clips its examples' gradients, process 0 adds the one noise draw, and the sum is all-reduced.
-    Every process keeps an identical accountant.
+    Every process keeps an identical accountant. The checks of a fit's first steps run on every process's own
+    examples; a refusal found on one process is raised on every process (naming the rank that found it) before any
+    update, so rank 0's log says why the run stopped.
     """
 
     strategy_name = "dp_sgd_ddp"

@@ -1,8 +1,9 @@
 """A DP-SGD fit under DDP with Lightning's default launcher (this script run again as rank 1's process): the model
-mixes the examples on rank 1 only, so only rank 1's example-independence check refuses it.
+mixes the examples on rank 1 only, so only rank 1's example-independence check refuses it; or (``callback``) rank 1
+fails outside the checks, in a callback before its first training step, while rank 0 waits for its verdict.
 
-``python tests/privacy/ddp_script_refusal.py <folder> <process-group timeout, s>``: each rank saves, as it fails,
-its error, its optimizer steps and whether its weights moved (``rank<r>.pt`` in ``<folder>``).
+``python tests/privacy/ddp_script_refusal.py <folder> <process-group timeout, s> [model|callback]``: each rank saves,
+as it fails, its error, its optimizer steps and whether its weights moved (``rank<r>.pt`` in ``<folder>``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ class MixesOnRankOne(Audited):
         return super().forward(inputs - inputs.mean(0) if self.trainer.global_rank == 1 else inputs)
 
 
+class FailsOnRankOne(pl.Callback):
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_rank == 1:
+            raise ValueError("rank 1 fails before its training step")
+
+
 class SaveFailure(pl.Callback):
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -41,6 +48,7 @@ class SaveFailure(pl.Callback):
 
 if __name__ == "__main__":
     folder, timeout = sys.argv[1], timedelta(seconds=float(sys.argv[2]))
+    in_callback = sys.argv[3:] == ["callback"]
     pl.seed_everything(0)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -48,10 +56,10 @@ if __name__ == "__main__":
         strategy=DPDDPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, timeout=timeout),
         max_steps=3,
         limit_val_batches=0,
-        callbacks=[SaveFailure(folder)],
+        callbacks=[SaveFailure(folder), *([FailsOnRankOne()] if in_callback else [])],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(MixesOnRankOne())
+    trainer.fit(Audited() if in_callback else MixesOnRankOne())

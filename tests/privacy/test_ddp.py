@@ -85,6 +85,45 @@ def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
     assert_ranks_agree([rank0["after"], rank1["after"]])  # one noise draw, all-reduced: identical weights
 
 
+class CountingGathers(DPDDPStrategy):
+    """Counts its ``all_gather`` calls (the agreement of the ranks' first-step checks is one per hook)."""
+
+    gathers = 0
+
+    def all_gather(self, *args, **kwargs):
+        self.gathers += 1
+        return super().all_gather(*args, **kwargs)
+
+
+class SaveGathersPerStep(pl.Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_start(self, trainer, pl_module):
+        self.per_step = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = trainer.strategy.gathers
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_step.append(trainer.strategy.gathers - self.before)
+
+    def on_train_end(self, trainer, pl_module):
+        save_rank_state(trainer, self.directory, self.per_step)
+
+
+@pytest.mark.ddp
+def test_the_ranks_agree_on_the_checks_of_the_first_step_only(tmp_path):
+    """The agreement of the ranks' verdicts is two small collectives (after ``training_step`` and after the backward
+    pass) on the first step, where the checks run, and none on later steps."""
+    pl.seed_everything(0)
+    strategy = CountingGathers(start_method="spawn", noise_multiplier=1.0)
+    callback = SaveGathersPerStep(str(tmp_path))
+    trainer = tiny_trainer(None, strategy=strategy, devices=2, limit_val_batches=0, callbacks=[callback], max_steps=4)
+    trainer.fit(Plain(num_samples=128, batch_size=16))
+    assert rank_states(tmp_path) == [[2, 0, 0, 0]] * 2
+
+
 class PoisonedOddExamples(Plain):
     """Every odd-indexed example has a NaN input: all of them are in rank 1's shard (index % 2 == 1)."""
 
@@ -131,30 +170,59 @@ def test_the_end_of_run_count_of_nonfinite_examples_is_summed_over_the_ranks(tmp
     ]
 
 
+TIMEOUT = 900  # s, the script's process group's: far beyond any start-up on a loaded machine
+
+
+def _run_script_launched_fit(folder, *arguments):
+    """``ddp_script_refusal.py`` under Lightning's default launcher: its result, once it ended well before the process
+    group's timeout (a hang in a collective fails here)."""
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests/privacy/ddp_script_refusal.py"), str(folder), str(TIMEOUT), *arguments],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
+        cwd=folder,
+        timeout=TIMEOUT / 3,
+    )
+    assert time.monotonic() - started < TIMEOUT / 3
+    assert result.returncode != 0
+    return result
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_a_refusal_on_one_rank_ends_a_script_launched_fit_without_waiting_for_the_process_group_timeout(tmp_path):
     """Lightning's default launcher (the script run again for rank 1), rank 1 alone refusing a model that mixes the
-    examples: rank 1 raises the refusal before its first step; rank 0, in the step's all-reduce of the noised
-    gradients, fails at once when rank 1's process ends (gloo: "Connection closed by peer"), not at the process
-    group's timeout; the run fails with the refusal on its stderr, and no rank released an update."""
-    timeout = 900  # s, the process group's: far beyond any start-up on a loaded machine
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests/privacy/ddp_script_refusal.py"), str(tmp_path), str(timeout)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""},
-        cwd=tmp_path,
-        timeout=timeout / 3,  # a hang in a collective fails here
-    )
-    assert time.monotonic() - started < timeout / 3
-    assert result.returncode != 0
-    assert "[rank1]: RuntimeError: A trainable layer mixes the examples of the batch (fc, out)" in result.stderr
+    examples: every rank raises rank 1's refusal, naming rank 1, before the first step, not at the process group's
+    timeout, and no rank released an update. Rank 0 (whose log users read) used to fail in the step's all-reduce
+    with gloo's "Connection closed by peer" when rank 1's process ended, the refusal only on rank 1's stderr."""
+    result = _run_script_launched_fit(tmp_path)
+    for rank in (0, 1):
+        assert (
+            f"[rank{rank}]: RuntimeError: A trainable layer mixes the examples of the batch (fc, out)" in result.stderr
+        )
+        assert f"[rank{rank}]: (Found on rank 1 of 2; every rank stops with this error" in result.stderr
+        state = torch.load(tmp_path / f"rank{rank}.pt")
+        assert state["error"].startswith("RuntimeError: A trainable layer mixes the examples of the batch")
+        assert state["error"].endswith(
+            "(Found on rank 1 of 2; every rank stops with this error before the step's update.)"
+        )
+        assert state["steps"] == 0 and not state["moved"]
+    assert "Connection closed by peer" not in result.stderr
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_rank_failing_outside_the_checks_does_not_leave_the_others_waiting_for_its_verdict(tmp_path):
+    """Rank 1 fails in a callback before its first training step, so it never joins the agreement rank 0 waits in:
+    rank 0 fails as soon as rank 1's process ends (gloo), or Lightning's child-process observer ends it, not at the
+    process group's timeout; no update was released."""
+    result = _run_script_launched_fit(tmp_path, "callback")
+    assert "[rank1]: ValueError: rank 1 fails before its training step" in result.stderr
     rank1 = torch.load(tmp_path / "rank1.pt")
-    assert rank1["error"].startswith("RuntimeError: A trainable layer mixes the examples of the batch")
+    assert rank1["error"] == "ValueError: rank 1 fails before its training step"
     assert rank1["steps"] == 0 and not rank1["moved"]
     if (tmp_path / "rank0.pt").exists():  # else Lightning's child-process observer killed rank 0 first (SIGKILL)
         rank0 = torch.load(tmp_path / "rank0.pt")
-        assert "Connection closed by peer" in rank0["error"], rank0["error"]
         assert rank0["steps"] == 0 and not rank0["moved"]

@@ -18,6 +18,8 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from lightning_nt.privacy.engines.uses import WeightedBagGuard
+
 __all__ = ["ClippingEngine"]
 
 # what Opacus leaves on a parameter, and on a layer, from a private batch
@@ -68,6 +70,7 @@ class ClippingEngine(ABC):
     ) -> None:
         self.mode, self.module = mode, module
         self._trainable = _trainable_names(module)
+        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids)  # every step: weights may come late
         self.parameter_names = {id(p): name for name, p in module.named_parameters()}  # to name them in results
         self.optimizer = self.optimizers[1 if distributed else 0](
             optimizer,
@@ -98,17 +101,32 @@ class ClippingEngine(ABC):
         """
         return
 
-    @abstractmethod
     def start(self) -> None:
-        """Begin recording a training step (hooks on)."""
+        """Begin recording a training step (hooks on; an ``EmbeddingBag`` with ``per_sample_weights`` refused)."""
+        self._start()
+        self._weighted_bags.watching = True
 
-    @abstractmethod
     def stop(self) -> None:
         """Stop recording (hooks off): other code may differentiate the module now."""
+        self._weighted_bags.watching = False
+        self._stop()
 
-    @abstractmethod
     def close(self) -> None:
         """Detach from the module for good (end of fit)."""
+        self._weighted_bags.remove()
+        self._close()
+
+    @abstractmethod
+    def _start(self) -> None:
+        """The engine's own hooks on."""
+
+    @abstractmethod
+    def _stop(self) -> None:
+        """The engine's own hooks off."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """The engine's own hooks off the module for good."""
 
     def check_parameter_uses(self, outside: list[str]) -> None:
         """Refuse a step whose loss used parameters outside their layers' calls (:class:`~.uses.ParameterUses`,

@@ -35,13 +35,13 @@ class BookKeepingEngine(ClippingEngine):
             raise RuntimeError(f"grad_sample_mode='bk' can't clip this module: {error}") from error
         super().__init__(mode, module, optimizer, **options)
 
-    def start(self) -> None:
+    def _start(self) -> None:
         self.clipper.start()
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         self.clipper.stop()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self.clipper.stop()
 
     def backward(self, loss: torch.Tensor, ordinary: Callable[[], torch.Tensor], rows: int, precision: Any) -> Any:

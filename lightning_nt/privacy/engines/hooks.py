@@ -220,7 +220,7 @@ class OpacusHooksEngine(ClippingEngine):
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean"}
 
-    def start(self) -> None:
+    def _start(self) -> None:
         # Opacus's hooks read `p.grad_sample`, which Opacus sets once when attaching, `forget` removes after every
         # step and the DP optimizer puts back only for its own parameters: put the empty slot back on every one.
         for _, p in trainable_parameters(self.module):
@@ -229,11 +229,11 @@ class OpacusHooksEngine(ClippingEngine):
         self.hooks.enable_hooks()
         self._rows.watching = True
 
-    def stop(self) -> None:
+    def _stop(self) -> None:
         self.hooks.disable_hooks()
         self._rows.watching = False
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self.hooks.cleanup()
         for watch in self._row_watches:
             watch.remove()

@@ -9,6 +9,9 @@ uses in one forward pass (a ``TorchFunctionMode``), keeping those the loss depen
 ``EmbeddingBag`` called with ``per_sample_weights``, which no engine's per-example rule sees. The strategy refuses them
 under every engine: under ghost clipping on every step, under the others on a fit's first step. ``trainable``
 names the parameters to watch (book-keeping's do not require grad while it records, so ``requires_grad`` can't).
+
+:class:`WeightedBagGuard` refuses an ``nn.EmbeddingBag`` of a trainable table called with ``per_sample_weights`` on
+every step, whatever the engine: a model may pass the weights only on some batches, which a first-step check misses.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from collections.abc import Collection
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ParameterUses"]
+__all__ = ["ParameterUses", "WeightedBagGuard"]
 
 _EMBEDDING_BAG = inspect.signature(F.embedding_bag)
 
@@ -120,12 +124,7 @@ class ParameterUses(TorchFunctionMode):
         call = _EMBEDDING_BAG.bind(*args, **kwargs).arguments
         weight = call.get("weight")
         if call.get("per_sample_weights") is not None and id(weight) in self.names:
-            raise RuntimeError(
-                f"{self.names[id(weight)]} is pooled by an EmbeddingBag with per_sample_weights, which no clipping "
-                "engine's per-example gradient rule takes into account: its per-example gradient norms would be "
-                "wrong, and the privacy guarantee with them. Refused before any noise. Weight the looked-up vectors "
-                "yourself (an nn.Embedding, then a weighted sum over positions), or freeze the table."
-            )
+            _refuse_weighted_bag(self.names[id(weight)])
 
     def _used_outside(self, args: Any, kwargs: dict[str, Any]) -> list[nn.Parameter]:
         """The watched parameters among an operation's arguments whose layer is not being called."""
@@ -166,3 +165,52 @@ class ParameterUses(TorchFunctionMode):
             return []
         reached = _reachable([loss.grad_fn])
         return list(dict.fromkeys(name for name, node in outside if node in reached))
+
+
+def _refuse_weighted_bag(name: str) -> None:
+    raise RuntimeError(
+        f"{name} is pooled by an EmbeddingBag with per_sample_weights, which no clipping engine's per-example "
+        "gradient rule takes into account: each example's gradient would be formed without the weights (ghost "
+        "clipping would then release a weighted gradient whose norm it never bounded; the other engines would train "
+        "on what is not the gradient). Refused before any noise. Weight the looked-up vectors yourself (an "
+        "nn.Embedding, then a weighted sum over positions), or freeze the table."
+    )
+
+
+class WeightedBagGuard:
+    """While :attr:`watching`: refuses a call of an ``nn.EmbeddingBag`` whose table is in ``trainable`` with
+    ``per_sample_weights`` (positional or keyword), before the call runs, with grad enabled.
+
+    No engine's per-example rule sees the weights: Opacus's hooks record positional inputs only, so under hooks and
+    book-keeping every example's gradient is formed, and clipped, without them (the update stays bounded by the clip
+    but is not the gradient); ghost clipping's second pass carries the weighted gradient, whose norm it never
+    measured. A forward pre-hook on each such bag, for the engine's lifetime: a model may pass the weights only on
+    some batches, so the check runs on every step; a model without a trainable ``EmbeddingBag`` gets no hook.
+
+    Example::
+
+        guard = WeightedBagGuard(module, {id(p) for p in module.parameters() if p.requires_grad})
+        guard.watching = True   # a training step
+        module.bag(tokens, per_sample_weights=weights)  # RuntimeError naming bag.weight
+        guard.remove()
+    """
+
+    def __init__(self, module: nn.Module, trainable: Collection[int]) -> None:
+        self.watching = False
+        self.handles = [
+            bag.register_forward_pre_hook(partial(self._check, f"{name}.weight".lstrip(".")), with_kwargs=True)
+            for name, bag in module.named_modules()
+            if isinstance(bag, nn.EmbeddingBag) and id(bag.weight) in trainable
+        ]
+
+    def _check(self, name: str, bag: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.watching and torch.is_grad_enabled():
+            weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
+            if weights is not None:
+                _refuse_weighted_bag(name)
+
+    def remove(self) -> None:
+        """Take the hooks off the module (the end of a fit)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.watching = [], False
