@@ -14,7 +14,7 @@ in ``training_step``, about which it warns once) is written down in ``docs/priva
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -42,6 +42,8 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
     """The DP-SGD behaviour shared by the single-device and the DDP strategy: set-up and teardown here; the noise
     calibration in ``accounting.py``, the per-step hooks in ``step.py``, the checkpoint hooks in ``ledger.py``, the
     start- and end-of-training reports in ``reports.py``."""
+
+    _fixed_strategy_settings: ClassVar[dict[str, tuple[Any, str]]] = {}  # Lightning strategy argument -> (value, why)
 
     @checked_arguments(
         noise_multiplier=at_least(0),
@@ -74,6 +76,9 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         **strategy_kwargs: Any,
     ) -> None:
         """See :class:`DPStrategy` for the arguments; ``strategy_kwargs`` go to the Lightning strategy."""
+        for name, (value, reason) in self._fixed_strategy_settings.items():
+            if strategy_kwargs.setdefault(name, value) != value:
+                raise ValueError(f"{type(self).__name__}({name}={strategy_kwargs[name]!r}): {reason}")
         super().__init__(**strategy_kwargs)
         engine_class(grad_sample_mode).check_options(
             grad_sample_mode,
@@ -188,6 +193,20 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         super().teardown()  # type: ignore[misc]
 
 
+class _PrivateOnManyDevices(_DifferentialPrivacy):
+    """Over several processes, with DDP's buffer broadcast at every forward pass off."""
+
+    _fixed_strategy_settings: ClassVar[dict[str, tuple[Any, str]]] = {
+        "broadcast_buffers": (
+            False,
+            "DDP would broadcast the buffers in every forward pass, and a process whose Poisson batch is empty runs "
+            "none, so the others would wait for it until the process group times out. A private step can't change "
+            "a buffer (refused), so the buffers stay those DDP synchronised when it wrapped the module: leave "
+            "broadcast_buffers unset.",
+        )
+    }
+
+
 class _PrivateOnOneDevice(_DifferentialPrivacy):
     """On one device: by default the Trainer accelerator's current CUDA device, as Lightning's own strategies."""
 
@@ -265,7 +284,7 @@ class DPStrategy(_PrivateOnOneDevice, SingleDeviceStrategy):
     strategy_name = "dp_sgd"
 
 
-class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
+class DPDDPStrategy(_PrivateOnManyDevices, DDPStrategy):
     """DP-SGD over several processes (DDP); same arguments as :class:`DPStrategy`. ``strategy="dp_sgd_ddp"``.
 
     Every process Poisson-samples its shard of one global batch (all stay in lockstep, empty batches included);

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from lightning_nt.privacy.strategy import _DifferentialPrivacy, _PrivateOnOneDevice
+from lightning_nt.privacy.strategy import _PrivateOnManyDevices, _PrivateOnOneDevice
 
 __all__ = ["DPDDPStrategy", "DPStrategy"]
 
@@ -28,7 +28,7 @@ class DPStrategy(_PrivateOnOneDevice, SingleDeviceStrategy):
     strategy_name = "dp_sgd"
 
 
-class DPDDPStrategy(_DifferentialPrivacy, DDPStrategy):
+class DPDDPStrategy(_PrivateOnManyDevices, DDPStrategy):
     """:class:`lightning_nt.DPDDPStrategy` (same arguments, same behaviour) for ``lightning.pytorch``'s Trainer."""
 
     strategy_name = "dp_sgd_ddp"

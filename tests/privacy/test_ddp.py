@@ -3,6 +3,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import timedelta
 
 import pytest
 import pytorch_lightning as pl
@@ -83,6 +84,41 @@ def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
     assert rank0["epsilon"] == rank1["epsilon"] > 0
     assert rank0["left"] == rank1["left"] == []  # no un-noised clipped sum left on any rank
     assert_ranks_agree([rank0["after"], rank1["after"]])  # one noise draw, all-reduced: identical weights
+
+
+class WithBuffer(Plain):
+    """A registered buffer used in ``forward`` (a fixed input scale): DDP broadcasts buffers in each forward pass."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("scale", torch.tensor(1.5))
+
+    def forward(self, x):
+        return super().forward(x * self.scale)
+
+
+@pytest.mark.ddp
+def test_a_model_with_buffers_goes_through_empty_batches_without_waiting(tmp_path):
+    """A rank whose Poisson batch is empty runs no forward pass; with DDP's buffer broadcast in every forward pass,
+    the other rank waited in it until the process group's timeout (here 30 s, so a hang fails the test)."""
+    started = time.monotonic()
+    _, (rank0, rank1) = _fit_on_two_ranks(
+        lambda: WithBuffer(num_samples=64, batch_size=1),
+        SaveRankState(str(tmp_path)),
+        tmp_path,
+        dp={"noise_multiplier": 1.0, "timeout": timedelta(seconds=30)},
+    )
+    assert time.monotonic() - started < 30
+    assert rank0["steps"] == rank1["steps"] == 32
+    assert rank0["empty"] != rank1["empty"] or rank0["empty"] > 0
+    assert_ranks_agree([rank0["after"], rank1["after"]])
+
+
+def test_ddp_buffer_broadcast_is_refused_by_name():
+    """Buffers can't change in a private step (refused), so DDP's per-forward broadcast only costs, and hangs a rank
+    whose batch is empty: asking for it is refused, naming the argument."""
+    with pytest.raises(ValueError, match=r"broadcast_buffers=True\).*Poisson batch is empty"):
+        DPDDPStrategy(broadcast_buffers=True)
 
 
 class CountingGathers(DPDDPStrategy):
