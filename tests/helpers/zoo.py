@@ -804,6 +804,45 @@ class GPTStyle(ZooModule):
         return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
 
 
+# ---- written elsewhere: torchvision's vision architectures --------------------------------------------------------
+
+
+class _SqueezeExcitation(nn.Module):
+    """torchvision's ``SqueezeExcitation`` as MobileNetV3 configures it: pooled channels, a 1x1 reduction, ReLU, a 1x1
+    expansion and an ``nn.Hardsigmoid`` gate that rescales the channels (PyTorch can't differentiate the gate
+    twice)."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeezed, 1), nn.Conv2d(squeezed, channels, 1)
+        self.relu, self.gate = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(self.fc2(self.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class SqueezeExcitationNet(ZooModule):
+    """A MobileNetV3 block on 2x4x4 images: 1x1 expansion, ``nn.Hardswish``, a depthwise 3x3 convolution, the
+    squeeze-and-excitation gate, a 1x1 projection; Adam."""
+
+    data_kind = "images"
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 1),
+            nn.Hardswish(),
+            nn.Conv2d(4, 4, 3, padding=1, groups=4),
+            _SqueezeExcitation(4, 2),
+            nn.Conv2d(4, 4, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, CLASSES),
+        )
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -910,6 +949,12 @@ _ENTRIES = [
         "a GPT-2 block as transformers writes it: Conv1D, NewGELU, causal attention, broadcast position embeddings",
         bare_parameters=True,
         shared_input_rows=True,
+        optimizer="adam",
+    ),
+    ZooEntry(
+        "squeeze_excitation",
+        SqueezeExcitationNet,
+        "MobileNetV3 block: Hardswish, depthwise conv, squeeze-and-excitation with an nn.Hardsigmoid gate; Adam",
         optimizer="adam",
     ),
 ]
