@@ -229,6 +229,12 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
     return None
 
 
+def _dp_hooks_refusals(entry: ZooEntry) -> Refusal | None:
+    # Opacus's full backward hooks forbid in-place changes of a hooked layer's output; bk's tensor hooks allow them
+    in_place = Refusal(r"in-place operation.*grad_sample_mode='bk'") if entry.in_place_on_outputs else None
+    return _dp_refusals(entry) or in_place
+
+
 def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
     refusal = _dp_refusals(entry)
     # the row check runs at the step, after the engine; the recomputation check is the Opacus engines'
@@ -455,7 +461,7 @@ CAPABILITIES: list[Capability] = [
     _dp_capability("auto", _dp_refusals),  # bk where it can clip every layer (tied weights: hooks): refuses as hooks
     _dp_capability(
         "hooks",
-        _dp_refusals,
+        _dp_hooks_refusals,
         constructor=Constructor(
             DPStrategy,
             out_of_range={

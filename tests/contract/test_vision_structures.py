@@ -135,6 +135,7 @@ def _with_dp_fixes(module: pl.LightningModule) -> pl.LightningModule:
         ("squeeze_excitation", "hooks"),  # depthwise convolution, the SE gate's 1x1 convolutions
         ("squeeze_excitation", "bk"),
         ("convnext_swin", "hooks"),  # LayerNorm2d (functorch), channels-last Linears, attention, torch.roll
+        ("resnet_block", "bk"),  # in-place ReLU and out += identity on GroupNorm outputs (refused under hooks)
     ],
 )
 def test_dp_clips_the_vision_structures_exactly(entry: str, mode: str) -> None:
@@ -200,3 +201,19 @@ def test_compression_names_the_fix_for_an_index_buffer_and_certifies_it_declared
     counter = CompressionBoundReporter(levels=(3, 9), prune=(0.0,), methods=("uniform",), finalists=1)
     with pytest.warns(UserWarning, match=r"integer buffers \['net\.steps'\] changed while training"):
         tiny_trainer(tmp_path, callbacks=[counter]).fit(ZOO["buffers"].build())
+
+
+def test_dp_names_the_fix_for_in_place_changes_of_hooked_outputs(tmp_path: Path) -> None:
+    """torchvision's CNNs under DP (GroupNorm, or BatchNorm swapped by fix_modules) apply ReLU(inplace=True) and
+    ``out += identity`` to GroupNorm outputs, which Opacus's full backward hooks forbid: PyTorch's "Output 0 of
+    BackwardHookFunctionBackward is a view and is being modified inplace" came from the first forward pass. Named, with
+    grad_sample_mode='bk' (which trains it, and which 'auto' picks)."""
+    torch.manual_seed(0)
+    trainer = tiny_trainer(tmp_path, strategy=DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0))
+    with pytest.raises(RuntimeError, match=r"in-place operation .*full backward hook.*grad_sample_mode='bk'"):
+        trainer.fit(ZOO["resnet_block"].build())
+    assert trainer.global_step == 0
+    strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, seed=0, grad_sample_mode="auto")
+    trainer = tiny_trainer(tmp_path, strategy=strategy)
+    trainer.fit(ZOO["resnet_block"].build())
+    assert trainer.global_step == 4

@@ -83,6 +83,8 @@ class ZooEntry:
     shared_input_rows: bool = False
     """A trainable layer runs once on one row shared by the batch and broadcast over it (HuggingFace's position
     embeddings, indexed by ``position_ids`` of shape ``[1, T]``)."""
+    in_place_on_outputs: bool = False
+    """In-place operations on trainable layers' outputs (``nn.ReLU(inplace=True)``, ``out += identity``)."""
     recomputed_layers: bool = False
     """A layer with trainable parameters of its own and no per-sample rule (Opacus recomputes its forward under
     ``torch.func``) also holds buffers or draws random numbers (Swin's bias table beside its index buffer, ConvNeXt's
@@ -967,6 +969,32 @@ class ConvNeXtSwin(ZooModule):
             torch.manual_seed(self.current_epoch)
 
 
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` with ``norm_layer=GroupNorm`` (how ResNets train under DP): conv, norm, an
+    in-place ReLU, conv, norm, then ``out += identity`` and an in-place ReLU, in place on the layers' outputs."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = (nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(2))
+        self.bn1, self.bn2 = nn.GroupNorm(2, channels), nn.GroupNorm(2, channels)
+        self.relu1, self.relu2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)  # torchvision calls one twice
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu2(out)
+
+
+class ResNetBlock(ZooModule):
+    data_kind = "images"
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 1), _BasicBlock(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, CLASSES)
+        )
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -1090,6 +1118,12 @@ _ENTRIES = [
         integer_buffers=True,
         recomputed_layers=True,
         shared_layers=("net.attn.cpb_mlp.1",),
+    ),
+    ZooEntry(
+        "resnet_block",
+        ResNetBlock,
+        "ResNet BasicBlock with GroupNorm: in-place ReLU and out += identity on the layers' outputs",
+        in_place_on_outputs=True,
     ),
 ]
 
