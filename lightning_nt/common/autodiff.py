@@ -8,18 +8,23 @@ selects the decomposed "math" kernel: same function, differentiable every way. C
 ``torch.compile`` has no double backward either (AOTAutograd's compiled backward): it runs eagerly in the block
 (:func:`~lightning_nt.common.compiled.eager_execution`). An operation that has no second
 derivative at all (``nn.EmbeddingBag``'s backward) is named in the error, with the layer that replaces it.
+``F.hardsigmoid`` (MobileNetV3's squeeze-and-excitation gate, ``nn.Hardsigmoid``) has a first derivative but no
+second one in PyTorch: inside the block it is computed as ``relu6(x + 3) / 6``, the same values (bit for bit), whose
+second derivative exists (zero almost everywhere, as for every piecewise-linear function).
 ``torch.func`` transforms can't pass a module's full backward hooks (a user's gradient monitor, Opacus's
 per-sample hooks): :func:`without_backward_hooks` sets them aside while a capability measures the function.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -32,8 +37,8 @@ __all__ = ["differentiable_kernels", "vmap_or_loop", "without_backward_hooks"]
 
 @contextmanager
 def differentiable_kernels() -> Iterator[None]:
-    """Attention on its math kernel and without the fused fast path, compiled code run eagerly, inside the block
-    (all restored after).
+    """Attention on its math kernel and without the fused fast path, compiled code run eagerly, ``F.hardsigmoid``
+    as ``relu6(x + 3) / 6``, inside the block (all restored after).
 
     Examples:
         >>> layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)
@@ -44,11 +49,12 @@ def differentiable_kernels() -> Iterator[None]:
     """
     fast_path = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    hardsigmoid, F.hardsigmoid = F.hardsigmoid, _hardsigmoid
     try:
         with sdpa_kernel(SDPBackend.MATH), eager_execution():
             yield
-    except NotImplementedError as error:
-        if "derivative for" not in str(error):
+    except (NotImplementedError, RuntimeError) as error:
+        if not re.search(r"derivative for .* is not implemented", str(error)):
             raise
         raise NotImplementedError(
             "This measurement differentiates the model twice (a Hessian-vector product or a forward-mode "
@@ -58,6 +64,14 @@ def differentiable_kernels() -> Iterator[None]:
         ) from error
     finally:
         torch.backends.mha.set_fastpath_enabled(fast_path)
+        F.hardsigmoid = hardsigmoid
+
+
+def _hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.hardsigmoid`` written with ``relu6``, which PyTorch differentiates twice (``hardsigmoid_backward`` has no
+    derivative); the same values and first derivative (zero outside ``(-3, 3)``)."""
+    result = F.relu6(input + 3.0) / 6.0
+    return input.copy_(result) if inplace else result
 
 
 @contextmanager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,8 +102,10 @@ class CompressionBoundReporter(Callback):
     What the decoder is assumed to know in advance, and so is not paid for: the architecture (the module's code
     with its non-persistent buffers and plain tensor attributes, which must not depend on the training data),
     the grid, ``delta``, and a subspace's dimension; choosing these by looking at the bound is a search the bits
-    don't cover. Integer buffers (other than BatchNorm's counter) and a subspace whose ``theta0`` or ``P`` the
-    seed doesn't rebuild (e.g. after loading a checkpoint of another seed) are refused with a warning. If the
+    don't cover. Persistent integer buffers (other than BatchNorm's counter) and a subspace whose ``theta0`` or ``P``
+    the seed doesn't rebuild (e.g. after loading a checkpoint of another seed) are refused with a warning: one that
+    training never changed and that the architecture fixes (Swin's ``relative_position_index``) is declared part of
+    the architecture by registering it again with ``persistent=False``. If the
     train/validation split is a sampler over one dataset, ``m`` counts the whole dataset (still valid, but
     ``compression/test_error`` then isn't held out); ``test_error`` is the decoded model's error on the whole
     validation dataset(s), whatever their sampler. Non-finite weights or statistics can't be encoded: that report
@@ -189,6 +191,7 @@ class CompressionBoundReporter(Callback):
         self.report: dict[str, float] = {}
         self.certificate: Certificate | None = None
         self._initial_parameters: dict[str, Tensor] = {}
+        self._built_integer_buffers: dict[str, Tensor] = {}
         self._reported_step = -1
         self._warned_soft_labels = False
 
@@ -197,6 +200,12 @@ class CompressionBoundReporter(Callback):
     def state_key(self) -> str:
         # the key keeps the argument's old name `num_samples`: checkpoints written before the rename still load
         return self._generate_state_key(when=self.when, num_samples=self.num_examples)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # before a checkpoint is restored and before any training step: the integer buffers as the module was built
+        if not self._built_integer_buffers:
+            self._built_integer_buffers = {name: b.detach().cpu().clone() for name, b in _integer_buffers(pl_module)}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -238,7 +247,7 @@ class CompressionBoundReporter(Callback):
         """Certify the model as it is now, then report and log it; the previous report if it can't be certified."""
         train_set = self._training_examples(trainer)
         encoded = _encoded_tensors(pl_module)
-        problems = _uncodable_state(pl_module, encoded)
+        problems = _uncodable_state(pl_module, encoded, self._built_integer_buffers)
         if train_set is None or problems:
             if problems:
                 rank_zero_warn(
@@ -644,20 +653,39 @@ def _encoded_tensors(module: torch.nn.Module) -> list[tuple[str, Tensor]]:
     return tensors
 
 
-def _uncodable_state(module: torch.nn.Module, encoded: Sequence[tuple[str, Tensor]]) -> list[str]:
-    """Why the decoder couldn't rebuild the model from the code and what it knows in advance, if it couldn't."""
+def _uncodable_state(
+    module: torch.nn.Module, encoded: Sequence[tuple[str, Tensor]], built: Mapping[str, Tensor]
+) -> list[str]:
+    """Why the decoder couldn't rebuild the model from the code and what it knows in advance, if it couldn't.
+
+    ``built``: the integer buffers as the module was set up, before training (to tell the user which ones training
+    wrote; empty when unknown)."""
     problems = [f"`{name}` has {problem}" for name, tensor in encoded if (problem := uncodable(tensor))]
-    integer = [
-        name
-        for name, buffer in _buffers(module, persistent=True)
-        if not buffer.is_floating_point() and not name.endswith("num_batches_tracked")
-    ]
-    if integer:
-        problems.append(f"integer buffers {integer} are not encoded and may depend on the data")
+    integer = dict(_integer_buffers(module))
+    written = [name for name, buffer in integer.items() if name in built and not torch.equal(buffer.cpu(), built[name])]
+    fixed = [name for name in integer if name not in written]
+    if written:
+        problems.append(
+            f"integer buffers {written} changed while training: they are not encoded and depend on the data"
+        )
+    if fixed:
+        problems.append(
+            f"integer buffers {fixed} are not encoded; if the architecture fixes them (an index table such as Swin's "
+            "relative_position_index, never written by training), declare them part of it, which the decoder builds "
+            "itself: register each again before fit with `module.register_buffer(name, module.<name>, "
+            "persistent=False)`"
+        )
     mismatched = subspace_mismatches(module)
     if mismatched:
         problems.append(f"{mismatched} differ from what the subspace seed draws (e.g. a checkpoint of another seed)")
     return problems
+
+
+def _integer_buffers(module: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The persistent integer buffers but BatchNorm's ``num_batches_tracked`` (which the bound doesn't use)."""
+    for name, buffer in _buffers(module, persistent=True):
+        if not buffer.is_floating_point() and not name.endswith("num_batches_tracked"):
+            yield name, buffer
 
 
 def _buffers(module: torch.nn.Module, persistent: bool) -> Iterator[tuple[str, Tensor]]:

@@ -25,6 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.common.state import preserved_state
 from lightning_nt.compression.capacity import LAYER_TYPES, margin_quantile
 
@@ -154,7 +155,7 @@ def noise_stability(
             "`noise_scale` must be > 0 and `num_noise_samples`, `num_probes` >= 1, got "
             f"{noise_scale}, {num_noise_samples}, {num_probes}."
         )
-    with preserved_state(model):
+    with preserved_state(model), differentiable_kernels():  # forward-mode AD through attention (ViT)
         model.eval()
         logits, layers, skipped = _record(model, predict)
         if not layers:
@@ -238,11 +239,23 @@ def _record(model: nn.Module, predict: Callable[[], Tensor]) -> tuple[Tensor, li
     finally:
         for handle in handles:
             handle.remove()
-    layers = [records[0] for records in calls.values() if len(records) == 1]
+    once = [records[0] for records in calls.values() if len(records) == 1]
+    layers = [layer for layer in once if _per_example(layer, len(logits))]
     skipped = [
         f"{name}: ran {len(records)} times in one forward" for name, records in calls.items() if len(records) > 1
     ]
+    skipped += [
+        f"{layer.name}: its output {list(layer.output.shape)} doesn't hold the {len(logits)} examples along dimension "
+        "0 (a layer run on inputs shared by the batch, such as Swin V2's position-bias MLP)"
+        for layer in once
+        if not _per_example(layer, len(logits))
+    ]
     return logits, layers, skipped
+
+
+def _per_example(layer: _Layer, examples: int) -> bool:
+    """Whether the layer ran on the batch's examples (along dimension 0 of its input and output)."""
+    return layer.input.ndim > 0 and layer.output.ndim > 0 and len(layer.input) == len(layer.output) == examples
 
 
 def _linear_part(module: nn.Module, inputs: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ __all__ = [
     "check_batch_norm_in_eval",
     "check_module",
     "check_state_unchanged",
+    "naming_in_place_changes_of_hooked_outputs",
     "refusing_recomputation",
     "state_versions",
 ]
@@ -244,6 +245,27 @@ def refusing_recomputation(module: nn.Module) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def naming_in_place_changes_of_hooked_outputs() -> Iterator[None]:
+    """Name the cause and the fixes of PyTorch's "Output 0 of BackwardHookFunctionBackward is a view and is being
+    modified inplace": Opacus's per-example hooks (``grad_sample_mode`` hooks, functorch, ghost) are full backward
+    hooks, and an in-place operation on a hooked layer's output (``nn.ReLU(inplace=True)`` after a GroupNorm, ResNet's
+    ``out += identity``: torchvision's CNNs) is forbidden on their outputs. Raised in the first private forward pass,
+    before any update."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "BackwardHookFunction" not in str(error) or "modified inplace" not in str(error):
+            raise
+        raise RuntimeError(
+            "An in-place operation in the module's forward pass (nn.ReLU(inplace=True) or another activation with "
+            "inplace=True, `out += identity`, ...) changes the output of a layer whose per-example gradients Opacus's "
+            "hooks capture with a full backward hook, which PyTorch forbids. Use grad_sample_mode='bk' (or 'auto'), "
+            "whose hooks are on tensors and allow in-place operations, or make those operations out-of-place (e.g. "
+            "`for m in model.modules(): m.inplace = False` where the attribute exists, `out = out + identity`)."
+        ) from error
 
 
 def _refuse_recomputation(name: str, *_: Any) -> None:

@@ -41,7 +41,12 @@ from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
 from lightning_nt.privacy.independence import check_example_independence
-from lightning_nt.privacy.module_guards import check_batch_norm_in_eval, check_state_unchanged, state_versions
+from lightning_nt.privacy.module_guards import (
+    check_batch_norm_in_eval,
+    check_state_unchanged,
+    naming_in_place_changes_of_hooked_outputs,
+    state_versions,
+)
 from lightning_nt.privacy.reports import log_clip_fraction, warn_about_logging_from_the_batch
 from lightning_nt.privacy.virtual_steps import flat_views, refuse_skipped_step, run_earlier_parts
 
@@ -85,6 +90,10 @@ class _PrivateStep:
         return self._agreed(lambda: self._checked_training_step(*args, **kwargs), last=False)
 
     def _checked_training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with naming_in_place_changes_of_hooked_outputs():
+            return self._private_training_step(*args, **kwargs)
+
+    def _private_training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
         self._rows = 0
         if batch is not None and batch_size(batch) == 0:

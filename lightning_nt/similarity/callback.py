@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_nt.common import (
     LossFn,
     ProbeSet,
+    batch_size,
     log_figure,
     log_scalars,
     log_text,
@@ -352,10 +353,19 @@ class RepresentationSimilarity(Callback):
                 handle = modules[name].register_forward_hook(self._recorder(name, calls))
                 stack.callback(handle.remove)
             pl_module.eval()
+            shared: set[str] = set()
             for chunk, _ in self._probe.chunks(self.chunk_size):
+                before = counts[-1] if counts else {}
                 with trainer.precision_plugin.forward_context():
                     training_loss(pl_module, prepare_batch(trainer, chunk), 0, self.loss_fn)
                 counts.append({name: len(outputs) for name, outputs in calls.items()})
+                examples = batch_size(chunk)
+                shared.update(
+                    name
+                    for name, outputs in calls.items()
+                    if any(out.ndim == 0 or len(out) != examples for out in outputs[before.get(name, 0) :])
+                )
+        self._leave_out_shared_layers(sorted(shared), calls)
         silent = [name for name in self._activations if name not in calls]
         if silent:
             raise ValueError(f"`layers`: {silent} did not run in {type(pl_module).__name__}'s forward pass.")
@@ -373,6 +383,26 @@ class RepresentationSimilarity(Callback):
                 features[key] = torch.cat(outputs[index::runs]) if len(counts) > 1 else outputs[index]
         self._layer_names = list(features)
         return {name: gather_across_ranks(trainer, output) for name, output in features.items()}
+
+    def _leave_out_shared_layers(self, shared: list[str], calls: dict[str, list[Tensor]]) -> None:
+        """Layers whose output doesn't hold the examples along dimension 0 (one run on inputs the whole batch shares,
+        such as Swin V2's position-bias MLP) have no per-example representation to compare: left out with a warning
+        when the layers were found by type, refused when the user named them."""
+        if not shared:
+            return
+        if self.layers is not None:
+            raise ValueError(
+                f"`layers`: {shared} returned outputs that don't hold the examples along dimension 0 (a layer run on "
+                "inputs shared by the whole batch); name layers whose output is [examples, ...]."
+            )
+        self._warn(
+            "shared",
+            f"RepresentationSimilarity: layers {shared} ran on inputs shared by the whole batch (their output doesn't "
+            "hold the examples along dimension 0), so they have no per-example representation; they are left out.",
+        )
+        for name in shared:
+            self._activations.pop(name, None)
+            calls.pop(name, None)
 
     @staticmethod
     def _recorder(name: str, outputs: dict[str, list[Tensor]]) -> Any:

@@ -210,6 +210,8 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
         return Refusal(r"BatchNorm")
     if entry.parameter_containers:  # an nn.ParameterList is never called: no layer's per-example rule sees its use
         return Refusal(r"ParameterList")
+    if entry.recomputed_layers:  # Opacus's torch.func recomputation of a layer carries no buffers, replays no draws
+        return Refusal(r"Opacus recomputes their whole forward pass with torch\.func.*requires_grad_\(False\)")
     if entry.shared_input_rows:  # the examples' gradients are summed in the broadcast before any hook sees them
         return Refusal(r"ran on one row shared by the whole batch.*requires_grad_\(False\)")
     if entry.forward_updates_buffers:  # buffers written from the private batch would be released without noise
@@ -227,9 +229,16 @@ def _dp_refusals(entry: ZooEntry) -> Refusal | None:
     return None
 
 
+def _dp_hooks_refusals(entry: ZooEntry) -> Refusal | None:
+    # Opacus's full backward hooks forbid in-place changes of a hooked layer's output; bk's tensor hooks allow them
+    in_place = Refusal(r"in-place operation.*grad_sample_mode='bk'") if entry.in_place_on_outputs else None
+    return _dp_refusals(entry) or in_place
+
+
 def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
     refusal = _dp_refusals(entry)
-    engine_built = refusal is None or entry.shared_input_rows  # the row check runs at the step, after the engine
+    # the row check runs at the step, after the engine; the recomputation check is the Opacus engines'
+    engine_built = refusal is None or entry.shared_input_rows or entry.recomputed_layers
     if engine_built and entry.tied_weights:  # one tensor in two layers: per-layer norms would be wrong
         return Refusal(r"grad_sample_mode='hooks'")
     if engine_built and (entry.bare_parameters or entry.parametric_activation):  # no book-keeping rule
@@ -266,7 +275,8 @@ def _activation_layers(entry: ZooEntry) -> list[str]:
     return [
         name
         for name, layer in named_modules(module).items()
-        if type(layer) in ACTIVATION_MODULES or recognised_activation(layer) is not None
+        if (type(layer) in ACTIVATION_MODULES or recognised_activation(layer) is not None)
+        and name not in entry.shared_layers  # no per-example representation: left out with a warning
     ]
 
 
@@ -452,7 +462,7 @@ CAPABILITIES: list[Capability] = [
     _dp_capability("auto", _dp_refusals),  # bk where it can clip every layer (tied weights: hooks): refuses as hooks
     _dp_capability(
         "hooks",
-        _dp_refusals,
+        _dp_hooks_refusals,
         constructor=Constructor(
             DPStrategy,
             out_of_range={

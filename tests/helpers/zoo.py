@@ -79,10 +79,19 @@ class ZooEntry:
     forward_updates_buffers: bool = False
     """The training forward pass writes buffers (a running mean of the batch's features, a step counter)."""
     integer_buffers: bool = False
-    """A persistent integer buffer besides BatchNorm's ``num_batches_tracked`` (a step counter)."""
+    """A persistent integer buffer besides BatchNorm's ``num_batches_tracked`` (a step counter, an index table)."""
     shared_input_rows: bool = False
     """A trainable layer runs once on one row shared by the batch and broadcast over it (HuggingFace's position
     embeddings, indexed by ``position_ids`` of shape ``[1, T]``)."""
+    in_place_on_outputs: bool = False
+    """In-place operations on trainable layers' outputs (``nn.ReLU(inplace=True)``, ``out += identity``)."""
+    recomputed_layers: bool = False
+    """A layer with trainable parameters of its own and no per-sample rule (Opacus recomputes its forward under
+    ``torch.func``) also holds buffers or draws random numbers (Swin's bias table beside its index buffer, ConvNeXt's
+    layer scale over stochastic depth)."""
+    shared_layers: tuple[str, ...] = ()
+    """Modules run once on inputs the whole batch shares (Swin V2's position-bias MLP): their outputs don't hold the
+    examples along dimension 0."""
     second_order: bool = True
     """PyTorch can differentiate the loss twice (``nn.EmbeddingBag`` can't)."""
     trainer_arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -804,6 +813,188 @@ class GPTStyle(ZooModule):
         return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
 
 
+# ---- written elsewhere: torchvision's vision architectures --------------------------------------------------------
+
+
+class _SqueezeExcitation(nn.Module):
+    """torchvision's ``SqueezeExcitation`` as MobileNetV3 configures it: pooled channels, a 1x1 reduction, ReLU, a 1x1
+    expansion and an ``nn.Hardsigmoid`` gate that rescales the channels (PyTorch can't differentiate the gate
+    twice)."""
+
+    def __init__(self, channels: int, squeezed: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeezed, 1), nn.Conv2d(squeezed, channels, 1)
+        self.relu, self.gate = nn.ReLU(), nn.Hardsigmoid()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(self.fc2(self.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class SqueezeExcitationNet(ZooModule):
+    """A MobileNetV3 block on 2x4x4 images: 1x1 expansion, ``nn.Hardswish``, a depthwise 3x3 convolution, the
+    squeeze-and-excitation gate, a 1x1 projection; Adam."""
+
+    data_kind = "images"
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 1),
+            nn.Hardswish(),
+            nn.Conv2d(4, 4, 3, padding=1, groups=4),
+            _SqueezeExcitation(4, 2),
+            nn.Conv2d(4, 4, 1),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, CLASSES),
+        )
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class _Permute(nn.Module):
+    """torchvision's ``Permute``: the dimensions reordered (ConvNeXt's blocks run their MLP channels-last)."""
+
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(*self.dims)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's ``LayerNorm2d``: an ``nn.LayerNorm`` subclass over the channels of ``[B, C, H, W]``, through two
+    permutes (no per-sample rule of its own: an exact-type lookup doesn't find ``nn.LayerNorm``'s)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _StochasticDepth(nn.Module):
+    """torchvision's ``StochasticDepth(p, mode="row")``: in training, each example's residual branch is dropped with
+    probability ``p`` (the kept ones scaled by ``1 / (1 - p)``), drawn from the global generator."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.p) / (1.0 - self.p)
+
+
+class _ConvNeXtBlock(nn.Module):
+    """torchvision's ``CNBlock``: a depthwise convolution, LayerNorm and a Linear-GELU-Linear MLP channels-last, the
+    branch scaled by a bare layer-scale ``nn.Parameter`` of the block itself, then stochastic depth, plus the input."""
+
+    def __init__(self, channels: int, drop: float) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, groups=channels),
+            _Permute(0, 2, 3, 1),
+            nn.LayerNorm(channels),
+            nn.Linear(channels, 2 * channels),
+            nn.GELU(),
+            nn.Linear(2 * channels, channels),
+            _Permute(0, 3, 1, 2),
+        )
+        self.layer_scale = nn.Parameter(torch.full((channels, 1, 1), 0.5))
+        self.stochastic_depth = _StochasticDepth(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.stochastic_depth(self.layer_scale * self.block(x))
+
+
+class _ShiftedWindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (V1 and V2 at once) on one window of ``T`` tokens, in one dimension:
+    the tokens cyclically shifted with ``torch.roll`` (and back), multi-head attention whose logits get a bias looked
+    up in a bare ``nn.Parameter`` table (``2T - 1`` offsets x heads) through a persistent integer index buffer, plus
+    V2's continuous bias: a small MLP run once on a buffer of the offsets, shared by the whole batch."""
+
+    def __init__(self, width: int, tokens: int, heads: int = 2, shift: int = 2) -> None:
+        super().__init__()
+        self.heads, self.shift = heads, shift
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.relative_position_bias_table = nn.Parameter(torch.randn(2 * tokens - 1, heads) * 0.1)
+        offsets = torch.arange(tokens)
+        self.register_buffer("relative_position_index", (offsets[:, None] - offsets[None, :] + tokens - 1).flatten())
+        self.register_buffer("relative_coords_table", torch.linspace(-1.0, 1.0, 2 * tokens - 1)[None, :, None])
+        self.cpb_mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, heads, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.roll(x, shifts=-self.shift, dims=1)
+        batch, tokens, width = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        table = self.relative_position_bias_table + 4 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table)[0])
+        bias = table[self.relative_position_index].view(tokens, tokens, self.heads).permute(2, 0, 1)
+        attention = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + bias).softmax(dim=-1)
+        out = self.proj((attention @ v).transpose(1, 2).reshape(batch, tokens, width))
+        return torch.roll(out, shifts=self.shift, dims=1)
+
+
+class _ConvNeXtSwin(nn.Module):
+    """A ConvNeXt stage then a Swin block, on 2x4x4 images: a 1x1 stem and ``LayerNorm2d``, one ConvNeXt block, the
+    16 positions as tokens through pre-LayerNorm shifted-window attention and an MLP, mean-pooled and classified."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(2, channels, 1), _LayerNorm2d(channels))
+        self.convnext = _ConvNeXtBlock(channels, drop=0.25)
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.attn = _ShiftedWindowAttention(channels, tokens=16)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+        self.head = nn.Linear(channels, CLASSES)
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.convnext(self.stem(images)).flatten(2).transpose(1, 2)
+        tokens = tokens + self.attn(self.norm1(tokens))
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        return self.head(tokens.mean(dim=1))
+
+
+class ConvNeXtSwin(ZooModule):
+    """Stochastic depth draws from the global generator: seeded before each epoch's first batch, as the dropout
+    entry's masks are (Lightning doesn't checkpoint the generator, so a resumed run draws as the uninterrupted one)."""
+
+    data_kind = "images"
+
+    def network(self) -> nn.Module:
+        return _ConvNeXtSwin()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            torch.manual_seed(self.current_epoch)
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` with ``norm_layer=GroupNorm`` (how ResNets train under DP): conv, norm, an
+    in-place ReLU, conv, norm, then ``out += identity`` and an in-place ReLU, in place on the layers' outputs."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = (nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(2))
+        self.bn1, self.bn2 = nn.GroupNorm(2, channels), nn.GroupNorm(2, channels)
+        self.relu1, self.relu2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)  # torchvision calls one twice
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu2(out)
+
+
+class ResNetBlock(ZooModule):
+    data_kind = "images"
+
+    def network(self) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 1), _BasicBlock(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, CLASSES)
+        )
+
+
 _ENTRIES = [
     ZooEntry("mlp", ZooModule, "MLP classifier, tuple batches, SGD"),
     ZooEntry("dict_batch", DictBatches, "batches are dicts", batch_kind="dict"),
@@ -911,6 +1102,28 @@ _ENTRIES = [
         bare_parameters=True,
         shared_input_rows=True,
         optimizer="adam",
+    ),
+    ZooEntry(
+        "squeeze_excitation",
+        SqueezeExcitationNet,
+        "MobileNetV3 block: Hardswish, depthwise conv, squeeze-and-excitation with an nn.Hardsigmoid gate; Adam",
+        optimizer="adam",
+    ),
+    ZooEntry(
+        "convnext_swin",
+        ConvNeXtSwin,
+        "ConvNeXt block (LayerNorm2d, bare layer scale, stochastic depth) then Swin attention (bias table indexed by "
+        "an integer buffer, torch.roll, V2's bias MLP on a shared table)",
+        bare_parameters=True,
+        integer_buffers=True,
+        recomputed_layers=True,
+        shared_layers=("net.attn.cpb_mlp.1",),
+    ),
+    ZooEntry(
+        "resnet_block",
+        ResNetBlock,
+        "ResNet BasicBlock with GroupNorm: in-place ReLU and out += identity on the layers' outputs",
+        in_place_on_outputs=True,
     ),
 ]
 

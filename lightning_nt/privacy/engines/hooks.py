@@ -13,7 +13,9 @@ from functools import partial
 from typing import Any
 
 import torch
+from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.utils import prepare_module
+from opacus.layers import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
@@ -153,6 +155,55 @@ def _refuse_what_functorch_cannot_run(module: nn.Module) -> None:
         )
 
 
+def _refuse_what_opacus_cannot_recompute(module: nn.Module) -> None:
+    """A layer with trainable parameters of its own and no per-sample rule (a ConvNeXt block's layer scale, Swin's
+    relative-position bias table, ViT's class token) has its whole forward pass recomputed by Opacus under
+    ``torch.func`` for its per-example gradients. That recomputation carries no buffers (Opacus refuses them with a
+    bare list of ``NotImplementedError``) and can't replay random draws (dropout, stochastic depth: "vmap: called
+    random operation" in the first backward pass). Refused here, by name, with the fixes, before anything runs."""
+    recomputed = [
+        (name or "<root>", layer)
+        for name, layer in trainable_modules(module)
+        if type(layer) not in GradSampleModule.GRAD_SAMPLERS and not isinstance(layer, DPRNN | DPLSTM | DPGRU)
+    ]
+    with_buffers = [_described(name, layer) for name, layer in recomputed if next(layer.buffers(), None) is not None]
+    random = [(_described(name, layer), _random_parts(layer)) for name, layer in recomputed if _random_parts(layer)]
+    if not with_buffers and not random:
+        return
+    problems = [f"{with_buffers} hold buffers, which that recomputation can't carry"] if with_buffers else []
+    problems += [f"{layer} draws random numbers while training in {parts}" for layer, parts in random]
+    raise RuntimeError(
+        "DP-SGD can't form per-example gradients of layers that hold trainable parameters of their own and have no "
+        "per-sample rule: Opacus recomputes their whole forward pass with torch.func, and "
+        f"{'; '.join(problems)} (dropout and stochastic depth can't be replayed there). Freeze those parameters "
+        "(requires_grad_(False)), or move each into a small submodule of its own that holds no buffers and draws "
+        "nothing (e.g. a bias table into an nn.Embedding looked up with the index buffer); or turn the random layers "
+        "inside them off (p=0, e.g. stochastic_depth_prob=0)."
+    )
+
+
+def _described(name: str, layer: nn.Module) -> str:
+    """``name (Type: [own trainable parameters])``."""
+    own = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+    return f"{name} ({type(layer).__name__}: {own})"
+
+
+_RANDOM_LAYERS = ("Dropout", "StochasticDepth", "DropPath")
+"""Class names (and their bases') of layers that draw random numbers in training mode with a probability ``p`` (or
+``drop_prob``) > 0: ``nn.Dropout*``, torchvision's ``StochasticDepth``, timm's ``DropPath``."""
+
+
+def _random_parts(layer: nn.Module) -> list[str]:
+    """The modules inside ``layer`` (itself included) that draw random numbers in training mode."""
+    return [
+        name or "<itself>"
+        for name, part in layer.named_modules()
+        if part.training
+        and any(kind in cls.__name__ for cls in type(part).__mro__ for kind in _RANDOM_LAYERS)
+        and float(getattr(part, "p", getattr(part, "drop_prob", 0.0)) or 0.0) > 0
+    ]
+
+
 class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
     pass
 
@@ -206,6 +257,7 @@ class OpacusHooksEngine(ClippingEngine):
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         if mode == "functorch":
             _refuse_what_functorch_cannot_run(module)
+        _refuse_what_opacus_cannot_recompute(module)
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
