@@ -445,10 +445,17 @@ def _check_tangents(moved: list[Tensor], later: list[_Layer], depends: Tensor) -
 
 
 def _effective_params(report: NoiseStability, logits: Tensor, labels: Tensor | None, gamma: float | None) -> float:
+    given = gamma
     if gamma is None and labels is not None:
         gamma = margin_quantile(logits, labels)
     if gamma is None or gamma <= 0:
-        report.skipped.append(f"effective_params: needs a margin gamma > 0 (gamma={gamma}); pass gamma or labels")
+        if gamma is None:
+            why = "no labels to take it from: pass `gamma` or `labels`"
+        elif given is None:
+            why = f"the margins' 10th percentile is {gamma:.3g}: at least a tenth of the examples are misclassified"
+        else:
+            why = f"`gamma` was given as {gamma}"
+        report.skipped.append(f"effective_params: needs a margin gamma > 0; {why}")
         return math.nan
     depth = len(report.layers)
     contraction = report.activation_contraction if depth > 1 else 1.0

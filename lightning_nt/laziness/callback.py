@@ -331,8 +331,16 @@ class LazinessMonitor(Callback):
             f"{_TAG}/ntk_lambda_min": float(eigenvalues[0]),
             f"{_TAG}/ntk_lambda_max": float(eigenvalues[-1]),
         }
-        if targets is not None:
-            values[f"{_TAG}/kernel_alignment"] = kernel_alignment(kernel, targets)
+        alignment = kernel_alignment(kernel, targets) if targets is not None else math.nan
+        if math.isfinite(alignment):
+            values[f"{_TAG}/kernel_alignment"] = alignment
+        elif targets is not None:  # the kernel is finite: its centred form is zero, every example's gradients alike
+            self._warn(
+                "alignment",
+                "LazinessMonitor: the kernel-target alignment is undefined (0/0) while the centred NTK is zero "
+                "(every probe example has the same output gradients, e.g. a network whose outputs don't depend on "
+                "its input yet); kernel_alignment is left out of those measurements, the other figures are logged.",
+            )
         return values
 
     def _warn(self, key: str, message: str) -> None:

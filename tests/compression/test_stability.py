@@ -233,13 +233,15 @@ def test_effective_params_follows_theorem_4_1():
 def test_effective_params_without_a_positive_margin_is_skipped():
     torch.manual_seed(10)
     net, x = mlp([4, 6, 3]), torch.randn(8, 4)
-    for report in (
-        noise_stability(net, lambda: net(x), num_noise_samples=1),
-        noise_stability(net, lambda: net(x), gamma=-1.0, num_noise_samples=1),
+    wrong = net(x).argmin(dim=1)  # every example misclassified: every margin negative
+    for report, why in (
+        (noise_stability(net, lambda: net(x), num_noise_samples=1), "pass `gamma` or `labels`"),
+        (noise_stability(net, lambda: net(x), gamma=-1.0, num_noise_samples=1), "`gamma` was given as -1.0"),
+        (noise_stability(net, lambda: net(x), wrong, num_noise_samples=1), "a tenth of the examples are misclassified"),
     ):
         assert math.isnan(report.effective_params)
         assert "effective_params" not in report.scalars()
-        assert any(reason.startswith("effective_params") for reason in report.skipped)
+        assert any(reason.startswith("effective_params") and why in reason for reason in report.skipped)
 
 
 def test_scalars_tags():

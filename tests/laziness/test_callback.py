@@ -208,6 +208,26 @@ def test_a_non_finite_measurement_is_skipped_with_one_warning():
     assert len([w for w in caught if "not finite" in str(w.message)]) == 1
 
 
+class BlindToItsInput(ReLUClassifier):
+    """Outputs that don't depend on the input (as a narrow network's at initialisation can, to fp32): every example has
+    the same output gradients, so the centred NTK is zero and the kernel-target alignment 0/0."""
+
+    def forward(self, inputs):
+        return super().forward(inputs * 0)
+
+
+def test_an_undefined_kernel_alignment_is_left_out_and_the_other_figures_logged():
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([monitor], module=lambda: BlindToItsInput(), max_steps=4)
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
+    assert all("laziness/kernel_alignment" not in entry for entry in monitor.history)
+    assert all(math.isfinite(entry["laziness/weight_distance"]) for entry in monitor.history)
+    assert monitor.history[-1]["laziness/weight_distance"] > 0
+    assert len([w for w in caught if "alignment is undefined" in str(w.message)]) == 1
+
+
 def test_fitting_twice_starts_from_the_new_initialisation():
     monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
     module, _ = _fit([monitor], max_steps=4)
