@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import types
+import random
 from collections.abc import Callable, Collection, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
@@ -174,6 +175,8 @@ def to_subspace(
     paths = _paths_of(module)
     names = [path for _, p in trainable for path in paths[id(p)]]
     theta0 = seeded_initialization(module, seed, names=names, initializer=initializer)
+    if initializer is not None:
+        _refuse_draws_the_seed_does_not_make(module, seed, names, initializer, theta0)
     with torch.no_grad():
         for name, parameter in trainable:
             parameter.copy_(theta0[name])
@@ -187,6 +190,27 @@ def to_subspace(
             parametrize.register_parametrization(owner, attribute, _Displaced(subspace, index), unsafe=True)
         parameter.requires_grad_(False)
     return subspace
+
+
+def _refuse_draws_the_seed_does_not_make(
+    module: nn.Module, seed: int, names: list[str], initializer: Initializer, theta0: dict[str, Tensor]
+) -> None:
+    """Refuse an ``initializer`` that sets a parameter to values that are neither constant nor drawn from the seed
+    (copied pretrained weights, a draw from a generator of its own): the bound's code has only the seed to rebuild
+    ``theta0`` from, so those values would be information it does not count. Found by drawing with another seed."""
+    other = seeded_initialization(module, (seed + 1) % 2**32, names=names, initializer=initializer)
+    fixed = [
+        name
+        for name, value in theta0.items()
+        if torch.equal(value, other[name]) and bool((value != value.flatten()[0]).any())
+    ]
+    if fixed:
+        raise ValueError(
+            f"`initializer` sets {fixed} to values that don't change with the seed and aren't constant (copied "
+            "pretrained weights, a generator of its own): a compression bound's code rebuilds theta0 from the seed "
+            "alone, so it would not count them. Draw them from torch's (or Python's, NumPy's) global generator, or "
+            "freeze them (`requires_grad_(False)`: they then stay outside the subspace and are encoded as they are)."
+        )
 
 
 def _paths_of(module: nn.Module) -> dict[int, list[str]]:
@@ -212,8 +236,9 @@ def seeded_initialization(
     (``nn.MultiheadAttention``, ``nn.Transformer``). They run children first, then their parent, as the modules'
     constructors do (``nn.MultiheadAttention`` zeroes its ``out_proj.bias`` after the ``nn.Linear`` drew it).
     With ``initializer`` (a function of one module, e.g. a Hugging Face model's ``_init_weights``), it runs instead,
-    children first, on every submodule that owns one of the drawn parameters, and nothing else runs: it serves
-    layers without ``reset_parameters`` (``transformers``' ``Conv1D``, a bare parameter of the model itself).
+    on every submodule, children first, as ``module.apply(initializer)`` would, and nothing else runs: it serves
+    layers without ``reset_parameters`` (``transformers``' ``Conv1D``, a bare parameter of the model itself). Python's
+    and NumPy's generators are seeded with ``seed`` too, so an initializer that draws from them is reproducible.
     Subspace parametrizations on the copy are undone first, so the result is keyed by the plain names
     (``0.weight``; every name of a shared parameter) whether or not ``module`` is already trained in a subspace.
     With ``names``, only modules that own one of those parameters (or none at all) are re-drawn: the others
@@ -227,10 +252,12 @@ def seeded_initialization(
                 parameter.fill_(math.nan)
         with preserved_rng():
             torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
             for owner_name, owner in _children_first(plain):
                 own = {f"{owner_name}.{n}" if owner_name else n for n, _ in owner.named_parameters(recurse=False)}
                 draw = _initializer(owner, initializer)
-                if draw is not None and (own & wanted or (not own and initializer is None)):
+                if draw is not None and (initializer is not None or not own or own & wanted):
                     draw()
     drawn = {name: p.detach() for name, p in plain.named_parameters(remove_duplicate=False) if name in wanted}
     untouched = [name for name, parameter in drawn.items() if torch.isnan(parameter).any()]
@@ -308,8 +335,6 @@ def detached_deepcopy(module: nn.Module) -> nn.Module:
             for item in value if isinstance(value, list | tuple) else (value,):
                 if isinstance(item, Tensor) and item.grad_fn is not None:
                     memo[id(item)] = item.detach().clone()
-                elif isinstance(item, types.MethodType):  # a subspace's initializer: shared, not copied with its object
-                    memo[id(item)] = item
     return with_own_methods(copy.deepcopy(module, memo))
 
 

@@ -1,13 +1,20 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_nt.compression.subspace import find_subspace, subspace_mismatches, subspace_originals, to_subspace
+from lightning_nt.compression.subspace import (
+    detached_deepcopy,
+    find_subspace,
+    subspace_mismatches,
+    subspace_originals,
+    to_subspace,
+)
 from tests.compression.models import AttentionClassifier, FrozenFirstLayer, LSTMClassifier, TiedClassifier
 
 
@@ -303,3 +310,78 @@ def test_an_initializer_that_skips_a_parameter_is_named_and_the_module_left_unto
         to_subspace(net, dimension=5, initializer=linear_only)
     assert all(torch.equal(value, before[name]) for name, value in net.state_dict().items())
     assert find_subspace(net) is None
+
+
+def test_a_copy_runs_its_own_bound_methods_kept_as_attributes():
+    """A module that keeps a bound method of itself (``self.impl = self._eager``): the copy's is bound to the copy, so
+    a measurement on the copy (the path norm squares the copy's weights) runs the copy's weights."""
+
+    class Dispatching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.impl = self._eager
+
+        def _eager(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.impl(x)
+
+    original = Dispatching()
+    copy = detached_deepcopy(original)
+    assert copy.impl.__self__ is copy
+    with torch.no_grad():
+        copy.fc.weight.zero_()
+        copy.fc.bias.zero_()
+    assert torch.equal(copy(torch.ones(2, 3)), torch.zeros(2, 3))
+
+
+def test_an_initializer_that_does_not_draw_from_the_seed_is_refused():
+    """Copied pretrained values don't change with the seed: the code would not count them."""
+    pretrained = {tuple(p.shape): torch.randn(p.shape) for p in _GPTLikeHead().parameters()}
+
+    def copy_pretrained(module: nn.Module) -> None:
+        for parameter in module.parameters(recurse=False):
+            parameter.data.copy_(pretrained[tuple(parameter.shape)])
+
+    with pytest.raises(ValueError, match=r"`initializer` sets \[.*'blocks\.0\.weight'.*don't change with the seed"):
+        to_subspace(_GPTLikeHead(), dimension=4, initializer=copy_pretrained)
+
+
+def test_an_initializer_drawing_from_numpy_or_python_is_reproducible_from_the_seed():
+    """Python's and NumPy's generators are seeded too: theta0 is the same whatever their state before, and the
+    report's decoder finds no mismatch after their state moved on."""
+
+    def from_numpy(module: nn.Module) -> None:
+        for parameter in module.parameters(recurse=False):
+            parameter.data.copy_(torch.from_numpy(np.random.standard_normal(tuple(parameter.shape))) * 0.02)
+
+    first, second = _GPTLikeHead(), _GPTLikeHead()
+    np.random.seed(1)
+    to_subspace(first, dimension=4, seed=7, initializer=from_numpy)
+    np.random.seed(2)
+    to_subspace(second, dimension=4, seed=7, initializer=from_numpy)
+    for (name, a), (_, b) in zip(subspace_originals(first), subspace_originals(second), strict=True):
+        assert torch.equal(a, b), name
+    np.random.seed(3)
+    assert subspace_mismatches(first) == []
+
+
+def test_an_initializer_runs_on_parents_too_as_module_apply_does():
+    """GPT-2's ``_init_weights`` rescales ``c_proj.weight`` when called on its parent block (which owns no parameter
+    itself): the draw is ``module.apply(initializer)``'s under the seed."""
+
+    def gpt2_like(module: nn.Module) -> None:
+        _gpt2_init(module)
+        if isinstance(module, nn.Sequential):  # the parent block, which owns no parameter itself
+            module[2].weight.data.mul_(0.5)
+
+    net = _GPTLikeHead()
+    to_subspace(net, dimension=4, seed=3, initializer=gpt2_like)
+    reference = _GPTLikeHead()
+    torch.manual_seed(3)
+    reference.apply(gpt2_like)
+    drawn = dict(subspace_originals(net))
+    for name, value in reference.named_parameters():
+        assert torch.equal(drawn[name], value.detach()), name
