@@ -6,16 +6,19 @@ the examples on rank 1's batches alone. That rank used to raise alone; the other
 until its process ended and failed with the process group's error ("Connection closed by peer" under gloo, or the
 timeout), not the refusal: a user reading rank 0's log did not learn why. On a step whose checks run, every rank
 runs them catching its failure, then all meet in :func:`agree_across_ranks`: one all-gather of two flags per rank,
-and, only when some rank failed, a broadcast of that rank's message, which every rank then raises.
+and, only when some rank failed, a broadcast of that rank's message, which every rank then raises. A failure raised
+outside lightning_nt's code (the module's own error) is not agreed on (:func:`raised_by_lightning_nt`): it ends its
+rank at once, as without DP, and the others fail when that process ends.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["agree_across_ranks"]
+__all__ = ["agree_across_ranks", "raised_by_lightning_nt"]
 
 
 def agree_across_ranks(strategy: Any, failure: Exception | None, pending: bool) -> bool:
@@ -44,6 +47,19 @@ def agree_across_ranks(strategy: Any, failure: Exception | None, pending: bool) 
         f"{message}\n(Found on rank {rank} of {len(verdicts)}; every rank stops with this error before the step's "
         "update.)"
     ) from failure
+
+
+def raised_by_lightning_nt(failure: BaseException) -> bool:
+    """Whether ``failure`` was raised in lightning_nt's own code (a refusal of its checks), not in the module's or a
+    library's: only those are agreed on, since a rank failing in the module's ``training_step`` may leave the others
+    in a collective of the module's own (``self.log(..., sync_dist=True)``), which an agreement would not match."""
+    traceback = failure.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and Path(traceback.tb_frame.f_code.co_filename).is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def _described(failure: Exception) -> str:

@@ -36,7 +36,7 @@ from lightning_nt.privacy.accounting import (
     seeded_noise,
     steps_taken,
 )
-from lightning_nt.privacy.agreement import agree_across_ranks
+from lightning_nt.privacy.agreement import agree_across_ranks, raised_by_lightning_nt
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
@@ -219,7 +219,8 @@ class _PrivateStep:
         try:
             result = run()
         except Exception as failure:
-            agree_across_ranks(self, failure, pending=False)  # raises the lowest failing rank's error
+            if raised_by_lightning_nt(failure):  # a refusal of the checks; the module's own errors end their rank
+                agree_across_ranks(self, failure, pending=False)  # raises the lowest failing rank's error
             raise  # fail closed, should the agreement ever return
         pending = agree_across_ranks(self, None, pending=last and self._first_checks_pending())
         if last:

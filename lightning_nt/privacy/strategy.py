@@ -14,12 +14,14 @@ in ``training_step``, about which it warns once) is written down in ``docs/priva
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import inspect
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 from pytorch_lightning.trainer.states import RunningStage, TrainerFn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -42,8 +44,6 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
     """The DP-SGD behaviour shared by the single-device and the DDP strategy: set-up and teardown here; the noise
     calibration in ``accounting.py``, the per-step hooks in ``step.py``, the checkpoint hooks in ``ledger.py``, the
     start- and end-of-training reports in ``reports.py``."""
-
-    _fixed_strategy_settings: ClassVar[dict[str, tuple[Any, str]]] = {}  # Lightning strategy argument -> (value, why)
 
     @checked_arguments(
         noise_multiplier=at_least(0),
@@ -76,10 +76,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         **strategy_kwargs: Any,
     ) -> None:
         """See :class:`DPStrategy` for the arguments; ``strategy_kwargs`` go to the Lightning strategy."""
-        for name, (value, reason) in self._fixed_strategy_settings.items():
-            if strategy_kwargs.setdefault(name, value) != value:
-                raise ValueError(f"{type(self).__name__}({name}={strategy_kwargs[name]!r}): {reason}")
-        super().__init__(**strategy_kwargs)
+        super().__init__(**self._lightning_strategy_arguments(strategy_kwargs))
         engine_class(grad_sample_mode).check_options(
             grad_sample_mode,
             virtual_steps=max_physical_batch_size is not None,
@@ -118,6 +115,10 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         return epsilon_of(self.accountant, self.delta)
 
     # -- set-up: guards, the clipping engine, the sampled loader and the noise -------------------------------
+
+    def _lightning_strategy_arguments(self, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The arguments of the Lightning strategy underneath, from those the user passed on."""
+        return strategy_kwargs
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -194,17 +195,36 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
 
 
 class _PrivateOnManyDevices(_DifferentialPrivacy):
-    """Over several processes, with DDP's buffer broadcast at every forward pass off."""
+    """Over several processes. DDP's buffer broadcast at every forward pass is off: a process whose Poisson batch is
+    empty runs no forward pass, so the others would wait for it there until the process group times out. A private
+    step can't change a buffer (refused), so the buffers are broadcast from rank 0 once, when DDP has wrapped the
+    module, and stay equal on every rank."""
 
-    _fixed_strategy_settings: ClassVar[dict[str, tuple[Any, str]]] = {
-        "broadcast_buffers": (
-            False,
-            "DDP would broadcast the buffers in every forward pass, and a process whose Poisson batch is empty runs "
-            "none, so the others would wait for it until the process group times out. A private step can't change "
-            "a buffer (refused), so the buffers stay those DDP synchronised when it wrapped the module: leave "
-            "broadcast_buffers unset.",
-        )
-    }
+    def _lightning_strategy_arguments(self, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
+        for name in _BUFFER_SYNC_ARGUMENTS:
+            if strategy_kwargs.pop(name, False):
+                raise ValueError(
+                    f"{type(self).__name__}({name}=True): DDP would broadcast the buffers in every forward pass, and "
+                    "a process whose Poisson batch is empty runs none, so the others would wait for it until the "
+                    "process group times out. A private step can't change a buffer (refused), and the strategy "
+                    f"broadcasts them from rank 0 once at set-up: leave {name} unset."
+                )
+        return {**strategy_kwargs, _BUFFER_SYNC_ARGUMENTS[0]: False}
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            with torch.no_grad():
+                for buffer in self.lightning_module.buffers():  # once: DDP won't in each forward pass
+                    torch.distributed.broadcast(buffer, src=0)
+
+
+_BUFFER_SYNC_ARGUMENTS = (
+    ("forward_sync_buffers", "broadcast_buffers")  # torch >= 2.12 deprecates broadcast_buffers
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else ("broadcast_buffers",)
+)
 
 
 class _PrivateOnOneDevice(_DifferentialPrivacy):

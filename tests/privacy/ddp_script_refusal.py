@@ -1,9 +1,12 @@
 """A DP-SGD fit under DDP with Lightning's default launcher (this script run again as rank 1's process): the model
 mixes the examples on rank 1 only, so only rank 1's example-independence check refuses it; or (``callback``) rank 1
-fails outside the checks, in a callback before its first training step, while rank 0 waits for its verdict.
+fails outside the checks, in a callback before its first training step, while rank 0 waits for its verdict; or
+(``training_step``) rank 1's own ``training_step`` raises while rank 0 is in a collective of the module's own (a
+``sync_dist`` log).
 
-``python tests/privacy/ddp_script_refusal.py <folder> <process-group timeout, s> [model|callback]``: each rank saves,
-as it fails, its error, its optimizer steps and whether its weights moved (``rank<r>.pt`` in ``<folder>``).
+``python tests/privacy/ddp_script_refusal.py <folder> <process-group timeout, s> [model|callback|training_step]``:
+each rank saves, as it fails, its error, its optimizer steps and whether its weights moved (``rank<r>.pt`` in
+``<folder>``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ class FailsOnRankOne(pl.Callback):
             raise ValueError("rank 1 fails before its training step")
 
 
+class RaisesOnRankOne(Audited):
+    """Its ``training_step`` raises on rank 1 (an out-of-memory error, a bad record), and logs with ``sync_dist`` (an
+    all-reduce at log time) on rank 0."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.trainer.global_rank == 1:
+            raise MemoryError("rank 1 runs out of memory in its training step")
+        loss = super().training_step(batch, batch_idx)
+        self.log("synced_loss", loss.detach(), on_step=True, sync_dist=True)
+        return loss
+
+
 class SaveFailure(pl.Callback):
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -48,7 +63,7 @@ class SaveFailure(pl.Callback):
 
 if __name__ == "__main__":
     folder, timeout = sys.argv[1], timedelta(seconds=float(sys.argv[2]))
-    in_callback = sys.argv[3:] == ["callback"]
+    mode = (sys.argv[3:] or ["model"])[0]
     pl.seed_everything(0)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -56,10 +71,10 @@ if __name__ == "__main__":
         strategy=DPDDPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, timeout=timeout),
         max_steps=3,
         limit_val_batches=0,
-        callbacks=[SaveFailure(folder), *([FailsOnRankOne()] if in_callback else [])],
+        callbacks=[SaveFailure(folder), *([FailsOnRankOne()] if mode == "callback" else [])],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(Audited() if in_callback else MixesOnRankOne())
+    trainer.fit({"model": MixesOnRankOne, "callback": Audited, "training_step": RaisesOnRankOne}[mode]())

@@ -34,6 +34,7 @@ class SaveRankState(pl.Callback):
         state = {"before": self.before, "after": after, "steps": trainer.global_step, "empty": self.empty_batches}
         state["first_batch"] = self.first_batch
         state["epsilon"] = trainer.strategy.epsilon
+        state["buffers"] = {n: b.detach().clone() for n, b in pl_module.named_buffers()}
         private = ("summed_grad", "grad_sample", "_norm_sample", "_current_grad_sample")
         state["left"] = [n for n, p in pl_module.named_parameters() if any(a in vars(p) for a in private)]
         save_rank_state(trainer, self.directory, state)
@@ -87,11 +88,12 @@ def test_ranks_stay_in_lockstep_through_empty_batches_with_one_ledger(tmp_path):
 
 
 class WithBuffer(Plain):
-    """A registered buffer used in ``forward`` (a fixed input scale): DDP broadcasts buffers in each forward pass."""
+    """A registered buffer used in ``forward`` (a fixed input scale), drawn in ``setup`` differently on each rank (as
+    after per-rank seeding): DDP broadcasts buffers in each forward pass, and rank 0's once when it wraps the module."""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.register_buffer("scale", torch.tensor(1.5))
+    def setup(self, stage):
+        generator = torch.Generator().manual_seed(self.trainer.global_rank)
+        self.register_buffer("scale", 1.0 + torch.rand((), generator=generator))
 
     def forward(self, x):
         return super().forward(x * self.scale)
@@ -100,7 +102,8 @@ class WithBuffer(Plain):
 @pytest.mark.ddp
 def test_a_model_with_buffers_goes_through_empty_batches_without_waiting(tmp_path):
     """A rank whose Poisson batch is empty runs no forward pass; with DDP's buffer broadcast in every forward pass,
-    the other rank waited in it until the process group's timeout (here 30 s, so a hang fails the test)."""
+    the other rank waited in it until the process group's timeout (here 30 s, so a hang fails the test). Without it,
+    the buffers drawn differently on the two ranks are still rank 0's on both (broadcast once at set-up)."""
     started = time.monotonic()
     _, (rank0, rank1) = _fit_on_two_ranks(
         lambda: WithBuffer(num_samples=64, batch_size=1),
@@ -112,13 +115,15 @@ def test_a_model_with_buffers_goes_through_empty_batches_without_waiting(tmp_pat
     assert rank0["steps"] == rank1["steps"] == 32
     assert rank0["empty"] != rank1["empty"] or rank0["empty"] > 0
     assert_ranks_agree([rank0["after"], rank1["after"]])
+    assert torch.equal(rank0["buffers"]["scale"], rank1["buffers"]["scale"])
 
 
 def test_ddp_buffer_broadcast_is_refused_by_name():
     """Buffers can't change in a private step (refused), so DDP's per-forward broadcast only costs, and hangs a rank
     whose batch is empty: asking for it is refused, naming the argument."""
-    with pytest.raises(ValueError, match=r"broadcast_buffers=True\).*Poisson batch is empty"):
-        DPDDPStrategy(broadcast_buffers=True)
+    for name in ("broadcast_buffers", "forward_sync_buffers"):
+        with pytest.raises(ValueError, match=rf"{name}=True\).*Poisson batch is empty"):
+            DPDDPStrategy(**{name: True})
 
 
 class CountingGathers(DPDDPStrategy):
@@ -258,6 +263,23 @@ def test_a_rank_failing_outside_the_checks_does_not_leave_the_others_waiting_for
     assert "[rank1]: ValueError: rank 1 fails before its training step" in result.stderr
     rank1 = torch.load(tmp_path / "rank1.pt")
     assert rank1["error"] == "ValueError: rank 1 fails before its training step"
+    assert rank1["steps"] == 0 and not rank1["moved"]
+    if (tmp_path / "rank0.pt").exists():  # else Lightning's child-process observer killed rank 0 first (SIGKILL)
+        rank0 = torch.load(tmp_path / "rank0.pt")
+        assert rank0["steps"] == 0 and not rank0["moved"]
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_the_modules_own_error_on_one_rank_ends_the_fit_without_an_agreement(tmp_path):
+    """Rank 1's own ``training_step`` raises while rank 0 logs with ``sync_dist`` (an all-reduce of the module's own):
+    the error is not agreed on (an agreement's collective would not match rank 0's, and both would wait until the
+    process group's timeout); rank 1 raises its own error, as without DP, and no update was released."""
+    result = _run_script_launched_fit(tmp_path, "training_step")
+    assert "[rank1]: MemoryError: rank 1 runs out of memory in its training step" in result.stderr
+    assert "Found on rank" not in result.stderr
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank1["error"] == "MemoryError: rank 1 runs out of memory in its training step"
     assert rank1["steps"] == 0 and not rank1["moved"]
     if (tmp_path / "rank0.pt").exists():  # else Lightning's child-process observer killed rank 0 first (SIGKILL)
         rank0 = torch.load(tmp_path / "rank0.pt")
