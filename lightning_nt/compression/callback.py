@@ -203,6 +203,7 @@ class CompressionBoundReporter(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         # before a checkpoint is restored and before any training step: the integer buffers as the module was built
         if not self._built_integer_buffers:
             self._built_integer_buffers = {name: b.detach().cpu().clone() for name, b in _integer_buffers(pl_module)}

@@ -158,6 +158,7 @@ def noise_stability(
     with preserved_state(model), differentiable_kernels():  # forward-mode AD through attention (ViT)
         model.eval()
         logits, layers, skipped = _record(model, predict)
+        left_out = [reason.partition(":")[0] for reason in skipped]  # layers that ran but can't be measured
         if not layers:
             return NoiseStability(skipped=[*skipped, "no nn.Linear / nn.Conv layer ran once in the forward"])
         report = _noiseless_report(layers, skipped)
@@ -166,6 +167,8 @@ def noise_stability(
         )
         if failed:
             report.skipped.append("effective_params: needs every layer's interlayer cushion")
+        elif left_out:  # Theorem 4.1 sums over every layer: a sum over some would understate it
+            report.skipped.append(f"effective_params: sums over every layer, and {left_out} could not be measured")
         else:
             report.effective_params = _effective_params(report, logits, labels, gamma)
     return report
@@ -246,7 +249,8 @@ def _record(model: nn.Module, predict: Callable[[], Tensor]) -> tuple[Tensor, li
     ]
     skipped += [
         f"{layer.name}: its output {list(layer.output.shape)} doesn't hold the {len(logits)} examples along dimension "
-        "0 (a layer run on inputs shared by the batch, such as Swin V2's position-bias MLP)"
+        "0 (a layer run on inputs the batch shares, such as Swin V2's position-bias MLP, or on positions folded into "
+        "the batch dimension)"
         for layer in once
         if not _per_example(layer, len(logits))
     ]

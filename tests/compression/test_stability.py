@@ -308,6 +308,28 @@ def test_a_layer_run_twice_is_skipped():
     report = noise_stability(net, lambda: net(x), gamma=1.0, num_noise_samples=1)
     assert report.layers == ["out"]
     assert "fc: ran 2 times in one forward" in report.skipped
+    assert math.isnan(report.effective_params)  # a sum over some of the layers would understate Theorem 4.1's
+    assert "effective_params: sums over every layer, and ['fc'] could not be measured" in report.skipped
+
+
+class FoldedTokens(nn.Module):
+    """An MLP over the positions of ``[B, T, d]`` folded into the batch dimension (``[B * T, d]``), then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(4, 6), nn.Linear(6 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.embed(x.reshape(-1, 4))).reshape(len(x), -1))
+
+
+def test_layers_on_folded_positions_are_named_and_effective_params_is_not_reported():
+    torch.manual_seed(15)
+    net, x = FoldedTokens(), torch.randn(8, 3, 4)
+    report = noise_stability(net, lambda: net(x), gamma=1.0, num_noise_samples=1)
+    assert report.layers == ["head"]
+    assert any(reason.startswith("embed: its output [24, 6] doesn't hold the 8 examples") for reason in report.skipped)
+    assert math.isnan(report.effective_params) and "effective_params" not in report.scalars()
 
 
 def test_a_model_without_layers_gives_an_empty_report():
