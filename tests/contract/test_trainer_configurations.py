@@ -174,8 +174,9 @@ def _lightning_callbacks() -> dict[str, Any]:
 
 def _fp16_mixed_on_cpu() -> MixedPrecision:
     """``precision="16-mixed"`` as on a GPU (fp16 autocast, a ``GradScaler`` scaling the loss, unscaling the gradients
-    and skipping steps with inf), on the CPU, where the Trainer's flag refuses it but the plugin runs."""
-    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    and skipping steps with inf), on the CPU, where the Trainer's flag refuses it but the plugin runs. The first loss
+    scale is large enough that the first steps overflow and are skipped, as a run's first steps often are."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**20))
 
 
 CONFIGURATIONS = [
@@ -305,6 +306,28 @@ def test_configuration(
         tags = capability.tags(ENTRY)
         assert not [tag for tag in tags if tag not in logged_to_csv(tmp_path)], "missing from the CSV logger"
         assert not [tag for tag in tags if tag not in read_tensorboard_tags(tmp_path)["scalars"]], "missing from TB"
+
+
+class _LossScales(pl.Callback):
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.initial = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+def test_the_fp16_configuration_skips_some_steps_and_takes_others(tmp_path: Path) -> None:
+    """The capabilities meet both kinds of fp16 step: overflows the scaler skips (the scale halves), and updates."""
+    configuration = next(c for c in CONFIGURATIONS if c.name == "fp16_mixed_grad_scaler")
+    scales = _LossScales()
+    outcome = run(configuration, None, {"callbacks": [scales]}, tmp_path)
+    assert outcome.error is None and len(scales.scales) == configuration.steps
+    skipped = sum(after < before for before, after in zip([2.0**20, *scales.scales], scales.scales))
+    assert 0 < skipped < configuration.steps
+    assert any(not torch.equal(p, q) for p, q in zip(outcome.module.parameters(), scales.initial))
 
 
 # ---- combinations of our capabilities -------------------------------------------------------------------------
