@@ -80,7 +80,7 @@ def _recognised(module: nn.Module) -> ElementwiseFunction | None:
     with preserved_state(module, parameters=False, buffers=False, grads=False), torch.no_grad():
         module.eval()
         try:
-            output = module(grid.clone())
+            output = module.forward(grid.clone())  # not __call__: the module's hooks are not for this grid
         except Exception:
             return None
     if not isinstance(output, Tensor) or output.shape != grid.shape or not output.is_floating_point():

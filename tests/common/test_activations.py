@@ -57,3 +57,12 @@ def test_a_module_is_run_once_however_often_it_is_asked_about():
     module = CountingReLU()
     assert [computed_function(module) for _ in range(3)] == ["relu"] * 3
     assert CountingReLU.calls == 1
+
+
+def test_the_modules_own_hooks_do_not_see_the_recognition_grid():
+    """A user's forward hook on an activation (recording features) must not receive the grid the module is run on."""
+    seen = []
+    module = MyReLU()
+    module.register_forward_hook(lambda _, inputs, output: seen.append(output))
+    assert computed_function(module) == "relu"
+    assert seen == []
