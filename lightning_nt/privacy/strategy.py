@@ -133,7 +133,8 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             warn_if_trained_privately_before(self.lightning_module, self.accountant)
             self._probe_pending = self.sensitivity_probe  # on the first batch of at least 2 examples of this fit
             self._first_step = True  # buffers are compared by value on the first step of a fit
-            self._independence_tries = INDEPENDENCE_TRIES  # layers that mix the examples: on the first usable batch
+            # layers that mix the examples: on the first usable batch; nothing to mix with one example per forward pass
+            self._independence_tries = INDEPENDENCE_TRIES if self.max_physical_batch_size != 1 else 0
             self._uses_checked = False  # parameters used outside their layers: looked for on the first step
             self._agreeing = trainer.world_size > 1  # every rank raises a refusal found on one (agreement.py)
         super().setup(trainer)  # type: ignore[misc]

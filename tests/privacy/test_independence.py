@@ -414,3 +414,15 @@ def test_a_layer_run_twice_trains_under_hooks_and_bk_and_ghost_refuses_it_by_nam
         _refused_before_any_release(RunsItsLayerTwice(True), match, grad_sample_mode=mode)
     else:
         _trains(RunsItsLayerTwice(), grad_sample_mode=mode, poisson_sampling=False)
+
+
+def test_one_example_per_physical_part_needs_no_independence_check_and_trains_on():
+    """With ``max_physical_batch_size=1`` every forward pass sees one example, so no layer can mix two: the check,
+    which needs two examples in one pass, is not waited for (it used to count each batch as a try and refuse the fit
+    after 20 steps for "no two distinct examples")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=1, seed=0)
+        trainer = tiny_trainer(None, strategy=strategy, max_steps=24, max_epochs=-1, limit_val_batches=0)
+        trainer.fit(Audited())
+    assert trainer.global_step == 24
