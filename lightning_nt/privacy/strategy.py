@@ -218,7 +218,10 @@ class _PrivateOnManyDevices(_DifferentialPrivacy):
         if trainer.state.fn == TrainerFn.FITTING:
             with torch.no_grad():
                 for buffer in self.lightning_module.buffers():  # once: DDP won't in each forward pass
-                    torch.distributed.broadcast(buffer, src=0)
+                    synced = buffer.contiguous()  # the collective needs contiguous memory
+                    torch.distributed.broadcast(synced, src=0)
+                    if synced is not buffer:
+                        buffer.copy_(synced)
 
 
 _BUFFER_SYNC_ARGUMENTS = (
