@@ -21,7 +21,7 @@ from lightning_nt import DPStrategy, IterateAveraging, RepresentationSimilarity
 from lightning_nt.gradinit.core import search_mode
 from tests.contract.capabilities import Capability
 from tests.contract.test_contract import assert_same_metrics, assert_same_weights, fit
-from tests.helpers.engines import noiseless_engine
+from tests.helpers.engines import noiseless_update
 from tests.helpers.trainer import tiny_trainer
 from tests.helpers.zoo import DIM, HIDDEN, LENGTH, VOCAB, ZOO, EvalModeBatchNorm, ZooModule, _Buffered
 
@@ -170,28 +170,11 @@ def test_dp_clips_the_structures_it_trains_exactly(entry: str, mode: str) -> Non
     else:
         inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
     labels = torch.randint(3, (12,), generator=generator)
-    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     expected, clip = _reference_update(module, inputs, labels)
-    engine = noiseless_engine(mode, module, clip, len(inputs))
-    engine.start()
-    engine.discard_per_example_state()
-    output = engine.take_output(F.cross_entropy(module(inputs), labels))
-    engine.backward(output, output.backward, len(inputs), _NoPrecision())
-    engine.optimizer.step()
-    engine.stop()
-    engine.forget()
-    assert before.keys() == expected.keys()
-    for name, value in before.items():
-        update = value - module.get_parameter(name).detach()
-        torch.testing.assert_close(update, expected[name], rtol=1e-5, atol=1e-7)
-
-
-class _NoPrecision:
-    def pre_backward(self, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        return tensor
-
-    def post_backward(self, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        return tensor
+    update = noiseless_update(mode, module, inputs, labels, clip)
+    assert update.keys() == expected.keys()
+    for name, value in update.items():
+        torch.testing.assert_close(-value, expected[name], rtol=1e-5, atol=1e-7)
 
 
 def test_representation_similarity_compares_prelu_layers(tmp_path: Path) -> None:

@@ -23,3 +23,30 @@ def noiseless_engine(mode: str, module: nn.Module, max_grad_norm: float, batch_s
     )
     engine.optimizer.expected_batch_size = batch_size
     return engine
+
+
+class NoPrecision:
+    """The precision plugin's two backward hooks, without a Trainer."""
+
+    def pre_backward(self, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return tensor
+
+    def post_backward(self, tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return tensor
+
+
+def noiseless_update(
+    mode: str, module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, max_grad_norm: float
+) -> dict[str, torch.Tensor]:
+    """One noiseless private step of ``module`` on the cross-entropy of ``(inputs, labels)`` under ``mode``: the
+    change of every trainable parameter, by name (minus the clipped sum over the batch, at lr 1)."""
+    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    engine = noiseless_engine(mode, module, max_grad_norm, len(inputs))
+    engine.start()
+    engine.discard_per_example_state()
+    output = engine.take_output(torch.nn.functional.cross_entropy(module(inputs), labels))
+    engine.backward(output, output.backward, len(inputs), NoPrecision())
+    engine.optimizer.step()
+    engine.stop()
+    engine.forget()
+    return {name: module.get_parameter(name).detach() - value for name, value in before.items()}

@@ -20,20 +20,11 @@ from lightning_nt.privacy.engines import ClippingEngine, clipping_engine, engine
 from lightning_nt.privacy.engines.bk import BookKeepingEngine
 from lightning_nt.privacy.engines.ghost import GhostClippingEngine
 from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
+from tests.helpers.engines import NoPrecision
 
 C = 2.0
 ROWS = 12
 ENGINES = ["hooks", "functorch", "ghost", "bk"]
-
-
-class NoPrecision:
-    """The precision plugin's two backward hooks, without a Trainer."""
-
-    def pre_backward(self, tensor, module):
-        return tensor
-
-    def post_backward(self, tensor, module):
-        return tensor
 
 
 def _net():

@@ -33,22 +33,12 @@ from lightning_nt.privacy.module_guards import (
     check_state_unchanged,
     state_versions,
 )
-from tests.helpers.engines import noiseless_engine
+from tests.helpers.engines import NoPrecision, noiseless_engine
 
 ENGINES = ["hooks", "functorch", "ghost", "bk", "auto"]
 ROWS = 5
 OUTPUTS = 2
 TOLERANCE = 1e-10
-
-
-class NoPrecision:
-    """The precision plugin's two backward hooks, without a Trainer."""
-
-    def pre_backward(self, tensor: Tensor, module: nn.Module) -> Tensor:
-        return tensor
-
-    def post_backward(self, tensor: Tensor, module: nn.Module) -> Tensor:
-        return tensor
 
 
 class Transposed(nn.Module):
