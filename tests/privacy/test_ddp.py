@@ -253,6 +253,17 @@ def test_a_refusal_on_one_rank_ends_a_script_launched_fit_without_waiting_for_th
     assert "Connection closed by peer" not in result.stderr
 
 
+def _assert_rank_one_alone_failed(folder, error):
+    """Rank 1 raised ``error`` itself, and no rank released an update (rank 0's state is missing when Lightning's
+    child-process observer killed it first, with SIGKILL)."""
+    rank1 = torch.load(folder / "rank1.pt")
+    assert rank1["error"] == error
+    assert rank1["steps"] == 0 and not rank1["moved"]
+    if (folder / "rank0.pt").exists():
+        rank0 = torch.load(folder / "rank0.pt")
+        assert rank0["steps"] == 0 and not rank0["moved"]
+
+
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_a_rank_failing_outside_the_checks_does_not_leave_the_others_waiting_for_its_verdict(tmp_path):
@@ -261,12 +272,7 @@ def test_a_rank_failing_outside_the_checks_does_not_leave_the_others_waiting_for
     process group's timeout; no update was released."""
     result = _run_script_launched_fit(tmp_path, "callback")
     assert "[rank1]: ValueError: rank 1 fails before its training step" in result.stderr
-    rank1 = torch.load(tmp_path / "rank1.pt")
-    assert rank1["error"] == "ValueError: rank 1 fails before its training step"
-    assert rank1["steps"] == 0 and not rank1["moved"]
-    if (tmp_path / "rank0.pt").exists():  # else Lightning's child-process observer killed rank 0 first (SIGKILL)
-        rank0 = torch.load(tmp_path / "rank0.pt")
-        assert rank0["steps"] == 0 and not rank0["moved"]
+    _assert_rank_one_alone_failed(tmp_path, "ValueError: rank 1 fails before its training step")
 
 
 @pytest.mark.ddp
@@ -278,9 +284,4 @@ def test_the_modules_own_error_on_one_rank_ends_the_fit_without_an_agreement(tmp
     result = _run_script_launched_fit(tmp_path, "training_step")
     assert "[rank1]: MemoryError: rank 1 runs out of memory in its training step" in result.stderr
     assert "Found on rank" not in result.stderr
-    rank1 = torch.load(tmp_path / "rank1.pt")
-    assert rank1["error"] == "MemoryError: rank 1 runs out of memory in its training step"
-    assert rank1["steps"] == 0 and not rank1["moved"]
-    if (tmp_path / "rank0.pt").exists():  # else Lightning's child-process observer killed rank 0 first (SIGKILL)
-        rank0 = torch.load(tmp_path / "rank0.pt")
-        assert rank0["steps"] == 0 and not rank0["moved"]
+    _assert_rank_one_alone_failed(tmp_path, "MemoryError: rank 1 runs out of memory in its training step")
