@@ -19,8 +19,7 @@ from lightning_nt import CompressionBoundReporter, DPStrategy, RepresentationSim
 from lightning_nt.common.autodiff import differentiable_kernels
 from lightning_nt.compression.stability import noise_stability
 from lightning_nt.sharpness import HessianOperator
-from tests.contract.test_zoo_structures import _reference_update
-from tests.helpers.engines import noiseless_update
+from tests.contract.test_zoo_structures import assert_the_update_is_the_clipped_sum
 from tests.helpers.trainer import tiny_trainer
 from tests.helpers.zoo import ZOO
 
@@ -151,11 +150,7 @@ def test_dp_clips_the_vision_structures_exactly(entry: str, mode: str) -> None:
         * torch.linspace(0.1, 4, 12)[:, None, None, None]
     )
     labels = torch.randint(3, (12,), generator=generator)
-    expected, clip = _reference_update(module, inputs, labels)
-    update = noiseless_update(mode, module, inputs, labels, clip)
-    assert update.keys() == expected.keys()
-    for name, value in update.items():
-        torch.testing.assert_close(-value, expected[name], rtol=1e-5, atol=1e-7)
+    assert_the_update_is_the_clipped_sum(mode, module, inputs, labels)
 
 
 def test_representation_similarity_leaves_out_layers_run_on_inputs_the_batch_shares(tmp_path: Path) -> None:

@@ -170,6 +170,12 @@ def test_dp_clips_the_structures_it_trains_exactly(entry: str, mode: str) -> Non
     else:
         inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
     labels = torch.randint(3, (12,), generator=generator)
+    assert_the_update_is_the_clipped_sum(mode, module, inputs, labels)
+
+
+def assert_the_update_is_the_clipped_sum(mode: str, module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor):
+    """One noiseless private step under ``mode`` moves every trainable parameter by minus the ``vmap(grad)``
+    clip-and-sum of the batch (float64), with the clip between the examples' gradient norms."""
     expected, clip = _reference_update(module, inputs, labels)
     update = noiseless_update(mode, module, inputs, labels, clip)
     assert update.keys() == expected.keys()
