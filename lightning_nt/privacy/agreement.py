@@ -56,7 +56,7 @@ def raised_by_lightning_nt(failure: BaseException) -> bool:
     traceback = failure.__traceback__
     while traceback is not None and traceback.tb_next is not None:
         traceback = traceback.tb_next
-    return traceback is not None and Path(traceback.tb_frame.f_code.co_filename).is_relative_to(_PACKAGE)
+    return traceback is not None and Path(traceback.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
 
 
 _PACKAGE = Path(__file__).resolve().parents[1]

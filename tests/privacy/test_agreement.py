@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_nt.privacy.agreement import agree_across_ranks
+from lightning_nt.common.validation import check_choice
+from lightning_nt.privacy.agreement import agree_across_ranks, raised_by_lightning_nt
 
 
 class Ranks:
@@ -51,3 +52,17 @@ def test_this_ranks_own_failure_is_raised_as_the_others_raise_it_chained_to_the_
     with pytest.raises(RuntimeError, match=r"^ValueError: bad batch\n\(Found on rank 1 of 2;") as caught:
         agree_across_ranks(ranks, failure, pending=False)
     assert caught.value.__cause__ is failure
+
+
+def test_only_lightning_nt_refusals_are_agreed_on():
+    """A refusal raised by the package's checks is agreed across ranks; the module's own error (raised in its code,
+    or in a library it calls) is not, since the other ranks may be in a collective of the module's own."""
+    with pytest.raises(ValueError) as refusal:
+        check_choice("mode", "nonsense", ("a", "b"))
+    assert raised_by_lightning_nt(refusal.value)
+    with pytest.raises(RuntimeError) as own:
+        torch.ones(2) @ torch.ones(3)
+    assert not raised_by_lightning_nt(own.value)
+    with pytest.raises(MemoryError) as here:
+        raise MemoryError("the module's own")
+    assert not raised_by_lightning_nt(here.value)
