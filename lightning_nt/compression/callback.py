@@ -487,9 +487,9 @@ class SubspaceTraining(Callback):
             one module in place, run under ``seed`` on every submodule, children first (as ``module.apply`` does);
             values that neither change with the seed nor are constant (copied pretrained weights) are refused. For
             layers without ``reset_parameters`` (``transformers``' ``Conv1D`` in GPT-2, a bare parameter of the
-            model): e.g. a Hugging Face model's ``_init_weights``. It is part of the
-            code a decoder must know, like the architecture; under DDP with ``start_method="spawn"`` it must
-            pickle (a function defined at module level, or a bound method).
+            model): e.g. a Hugging Face model's ``_init_weights``. It is part of the code a decoder must know, like
+            the architecture; under DDP with ``start_method="spawn"`` it must pickle (a function defined at module
+            level, or a bound method).
 
     Example::
 

@@ -80,20 +80,21 @@ def activation_patterns(
 ) -> dict[str, Tensor]:
     """The sign pattern ``[m, units]`` (``True`` where positive) of each layer's pre-activation on ``inputs``.
 
-        For an activation module (:func:`is_activation`) the pattern is the sign of its input, the gate of the unit;
-        for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
-        ``layers`` defaults to every activation module found by type. Units are the flattened non-batch dimensions
-        (for a convolution, every channel at every position). A module called several times in one forward pass (one
-    ``nn.ReLU`` shared by the blocks of a ResNet) contributes the units of every call, concatenated. Layers of a
-    submodule compiled with ``torch.compile`` are named with or without its ``_orig_mod.``, and keyed without it.
+    For an activation module (:func:`is_activation`) the pattern is the sign of its input, the gate of the unit;
+    for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
+    ``layers`` defaults to every activation module (:func:`activation_layers`). Units are the flattened
+    non-batch dimensions (for a convolution, every channel at every position). A module called several times in
+    one forward pass (one ``nn.ReLU`` shared by the blocks of a ResNet) contributes the units of every call,
+    concatenated. Layers of a submodule compiled with ``torch.compile`` are named with or without its
+    ``_orig_mod.``, and keyed without it.
 
-        Examples:
-            >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU())
-            >>> with torch.no_grad():
-            ...     _ = net[0].weight.copy_(torch.tensor([[1.0], [-1.0]])), net[0].bias.zero_()
-            >>> activation_patterns(net, torch.tensor([[2.0], [-3.0]]))
-            {'1': tensor([[ True, False],
-                    [False,  True]])}
+    Examples:
+        >>> net = nn.Sequential(nn.Linear(1, 2), nn.ReLU())
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([[1.0], [-1.0]])), net[0].bias.zero_()
+        >>> activation_patterns(net, torch.tensor([[2.0], [-3.0]]))
+        {'1': tensor([[ True, False],
+                [False,  True]])}
     """
     names = [uncompiled_name(name) for name in layers] if layers is not None else activation_layers(module)
     found = named_modules(module)

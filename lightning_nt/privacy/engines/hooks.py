@@ -167,7 +167,8 @@ def _refuse_what_opacus_cannot_recompute(module: nn.Module) -> None:
         if type(layer) not in GradSampleModule.GRAD_SAMPLERS and not isinstance(layer, DPRNN | DPLSTM | DPGRU)
     ]
     with_buffers = [_described(name, layer) for name, layer in recomputed if next(layer.buffers(), None) is not None]
-    random = [(_described(name, layer), _random_parts(layer)) for name, layer in recomputed if _random_parts(layer)]
+    drawing = {_described(name, layer): _random_parts(layer) for name, layer in recomputed}
+    random = [(layer, parts) for layer, parts in drawing.items() if parts]
     if not with_buffers and not random:
         return
     problems = [f"{with_buffers} hold buffers, which that recomputation can't carry"] if with_buffers else []
