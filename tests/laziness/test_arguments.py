@@ -50,7 +50,7 @@ def _forward(module, batch):
         {"forward_fn": _forward},
         {"target_fn": _forward},
     ],
-    ids=repr,
+    ids=lambda difference: next(iter(difference)),  # the argument's name: a function's repr changes per process
 )
 def test_instances_differing_in_one_argument_coexist(difference):
     first, second = LazinessMonitor(), LazinessMonitor(**difference)
