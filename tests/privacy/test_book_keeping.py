@@ -17,6 +17,9 @@ from lightning_nt.privacy.book_keeping import (
     supported_layer_names,
 )
 from lightning_nt.privacy.book_keeping.conv import _adjoint_convolution, _matched
+from lightning_nt.privacy.engines import resolved_mode
+from tests.contract.test_zoo_structures import assert_the_update_is_the_clipped_sum
+from tests.helpers import zoo
 from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
 
 
@@ -333,6 +336,26 @@ def test_other_packages_layers_are_recognised_by_their_module_and_class_name_onl
     lookalike = type("Conv1D", (Conv1D,), {"__module__": "my_models"})
     with pytest.raises(ValueError, match=r"Layer 0 \(Conv1D\) has trainable parameters but neither"):
         BookKeepingClipper(nn.Sequential(lookalike(3, 4)), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("entry", ["prelu_layernorm", "gpt_style"])
+def test_the_zoo_models_with_prelu_and_transformers_conv1d_are_clipped_by_book_keeping(entry):
+    """The zoo's MLP with PReLU and its GPT-2 block as ``transformers`` writes it (its ``Conv1D`` stand-in under the
+    real class's module and name): ``"auto"`` now picks book-keeping, whose update is the clip-and-sum of vmap(grad)."""
+    torch.manual_seed(0)
+    module = zoo.ZOO[entry].build().double().train()
+    named = type("Conv1D", (zoo._Conv1D,), {"__module__": "transformers.pytorch_utils"})
+    for layer in module.modules():
+        if type(layer) is zoo._Conv1D:
+            layer.__class__ = named
+    generator = torch.Generator().manual_seed(1)
+    if entry == "gpt_style":  # position embeddings shared by the batch: frozen, as DP-SGD's refusal says
+        module.net.wpe.requires_grad_(False)
+        inputs = torch.randint(zoo.VOCAB, (12, zoo.LENGTH), generator=generator)
+    else:
+        inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
+    assert resolved_mode("auto", module, sensitivity_probe=False) == "bk"
+    assert_the_update_is_the_clipped_sum("bk", module, inputs, torch.randint(3, (12,), generator=generator))
 
 
 def test_a_parameter_registered_again_on_its_parent_and_used_there_is_refused_by_name():

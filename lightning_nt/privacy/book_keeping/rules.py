@@ -3,9 +3,9 @@
 A layer type listed here has a rule of its own (``layers.py``, ``conv.py``): PyTorch's by their type, other packages'
 (HuggingFace's ``Conv1D``, torchvision's ``LayerNorm2d``) by their qualified class name, so that those packages need
 not be installed or imported. A layer of another type falls back to Opacus's per-sample rule for it
-(:data:`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`). :func:`layers_of`
-finds the layers of a module that own trainable parameters and refuses, before anything is computed, one that no
-rule covers, one with options a rule can't handle, and a parameter shared by two layers.
+(:data:`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`). :func:`layers_of` finds the layers of a module that own
+trainable parameters and refuses, before anything is computed, one that no rule covers, one with options a rule can't
+handle, and a parameter shared by two layers.
 """
 
 from __future__ import annotations
