@@ -478,7 +478,9 @@ def test_per_example_transposed_convolution_gradients_are_the_adjoint_convolutio
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=method)
 
 
-@pytest.mark.parametrize("case", ["standardized-conv", "conv2d-ghost", "linear-sequence"])
+@pytest.mark.parametrize(
+    "case", ["standardized-conv", "conv2d-ghost", "linear-sequence", "convtranspose2d-ghost", "hf-conv1d-ghost"]
+)
 def test_under_bf16_autocast_a_clipped_example_stays_within_the_bound(case):
     """The backward runs in bf16 but norms, factors and sums are fp32: one example's clipped gradient has norm <= C."""
     net, inputs, labels = _make(case)

@@ -93,22 +93,39 @@ class Decoder(Plain):
         nn.init.normal_(self.net[0].weight)  # GPT-2's std 0.02 would leave the examples' gradients almost equal
 
 
-def test_auto_clips_transposed_convolutions_prelu_and_third_party_layers_by_book_keeping():
-    """A real fit: ``"auto"`` picks book-keeping for them, and the update is the clipped sum (fp32: to 1e-5 of each
-    tensor's largest entry, against a float64 reference)."""
+@pytest.mark.parametrize(
+    ("accelerator", "precision", "tolerance"),
+    [
+        ("cpu", "32-true", 1e-5),
+        pytest.param("gpu", "32-true", 1e-2, marks=pytest.mark.cuda),  # cuDNN convolutions may run in TF32
+        pytest.param("gpu", "bf16-mixed", 0.1, marks=pytest.mark.cuda),  # norms and clip factors in fp32
+    ],
+)
+def test_auto_clips_transposed_convolutions_prelu_and_third_party_layers_by_book_keeping(
+    accelerator, precision, tolerance
+):
+    """A real fit: ``"auto"`` picks book-keeping for them, and the update is the clipped sum (to ``tolerance`` of each
+    tensor's largest entry, against a float64 reference on the CPU)."""
     record = RecordUpdate()
     strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=8.5, grad_sample_mode="auto")
     with pytest.warns(UserWarning, match="noise_multiplier=0"):
         module, _ = _fit(
-            strategy, module=lambda: Decoder(num_samples=64, batch_size=16), callbacks=[record], max_steps=1
+            strategy,
+            module=lambda: Decoder(num_samples=64, batch_size=16),
+            callbacks=[record],
+            max_steps=1,
+            accelerator=accelerator,
+            precision=precision,
         )
     assert strategy.clipping_mode == "bk"
-    before = {name: weight.double() for name, weight in record.before.items()}
-    inputs, labels = record.batch
-    expected = _clipped_sum(module.double(), before, [inputs.double(), labels], 8.5)  # about half clipped
+    before = {name: weight.cpu().double() for name, weight in record.before.items()}
+    inputs, labels = (t.cpu() for t in record.batch)
+    expected = _clipped_sum(module.cpu().double(), before, [inputs.double(), labels], 8.5)  # about half clipped
     for name, update in record.update.items():
         scale = float(expected[name].abs().max()) / 16.0
-        torch.testing.assert_close(update.double(), -expected[name] / 16.0, rtol=0.0, atol=1e-5 * scale, msg=name)
+        torch.testing.assert_close(
+            update.cpu().double(), -expected[name] / 16.0, rtol=0.0, atol=tolerance * scale, msg=name
+        )
 
 
 @pytest.mark.parametrize("options", [{}, {"sensitivity_probe": True}])
