@@ -241,7 +241,7 @@ def _dp_book_keeping_refusals(entry: ZooEntry) -> Refusal | None:
     engine_built = refusal is None or entry.shared_input_rows or entry.recomputed_layers
     if engine_built and entry.tied_weights:  # one tensor in two layers: per-layer norms would be wrong
         return Refusal(r"grad_sample_mode='hooks'")
-    if engine_built and (entry.bare_parameters or entry.parametric_activation):  # no book-keeping rule
+    if engine_built and entry.bare_parameters:  # no book-keeping rule (PReLU has one)
         return Refusal(r"neither a book-keeping nor an Opacus per-sample rule.*grad_sample_mode='hooks'")
     return refusal
 

@@ -10,7 +10,17 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common.validation import ArgumentError
 from lightning_nt.demos import StandardizedConv2d, wide_resnet
-from lightning_nt.privacy.book_keeping import BookKeepingClipper, conv_per_example_grads, outer_product_norms
+from lightning_nt.privacy.book_keeping import (
+    BookKeepingClipper,
+    conv_per_example_grads,
+    outer_product_norms,
+    supported_layer_names,
+)
+from lightning_nt.privacy.book_keeping.conv import _adjoint_convolution, _matched
+from lightning_nt.privacy.engines import resolved_mode
+from tests.contract.test_zoo_structures import assert_the_update_is_the_clipped_sum
+from tests.helpers import zoo
+from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
 
 
 class Tokens(nn.Module):
@@ -46,6 +56,23 @@ class Twice(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.layer(torch.tanh(self.layer(x)))))
+
+
+class Upsample(nn.Module):
+    """A transposed convolution called with ``output_size`` (its output padding chosen per call), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=3, padding=1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 12 * 11, 2))
+
+    def forward(self, x):
+        return self.head(self.up(x, output_size=[12, 11]).tanh())
+
+
+def _head(*layers):
+    """``layers``, a tanh, and a linear head to two classes."""
+    return nn.Sequential(*layers, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
 
 
 def _conv_net(conv, spatial, **options):
@@ -116,6 +143,54 @@ CASES = {
         (5,),
         2,
     ),
+    # transposed convolutions: per-example kernels reused, by a weight-gradient call, and ghost norms
+    "convtranspose2d": (
+        lambda: _head(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)),
+        (3, 4, 4),
+        2,
+    ),
+    "convtranspose1d-groups-dilation-nobias": (
+        lambda: _head(
+            nn.ConvTranspose1d(4, 6, 3, stride=2, padding=2, output_padding=1, groups=2, dilation=2, bias=False)
+        ),
+        (4, 7),
+        2,
+    ),
+    "convtranspose3d": (
+        lambda: _head(nn.ConvTranspose3d(2, 3, 2, stride=(2, 1, 1), padding=(0, 1, 0))),
+        (2, 3, 3, 2),
+        2,
+    ),
+    "convtranspose2d-output-padding-beyond-stride": (  # allowed as the dilation is larger
+        lambda: _head(nn.ConvTranspose2d(3, 4, 2, stride=2, dilation=3, output_padding=2)),
+        (3, 3, 2),
+        2,
+    ),
+    "convtranspose2d-output-size": (Upsample, (3, 4, 4), 2),
+    "convtranspose2d-kernel-larger-than-activations": (
+        lambda: _head(nn.ConvTranspose2d(8, 8, 3, padding=1)),
+        (8, 3, 3),
+        2,
+    ),
+    "convtranspose2d-ghost": (lambda: _head(nn.ConvTranspose2d(40, 40, 1, groups=2)), (40, 2, 2), 2),
+    "convtranspose2d-twice": (
+        lambda: Twice(nn.ConvTranspose2d(3, 3, 3, padding=1), _head(nn.Identity())),
+        (3, 5, 5),
+        2,
+    ),
+    "prelu": (lambda: nn.Sequential(nn.Linear(5, 6), nn.PReLU(init=0.3), nn.Linear(6, 3)), (5,), 3),
+    "prelu-channels": (lambda: _head(nn.Conv2d(3, 4, 3), nn.PReLU(4, init=-0.2)), (3, 5, 5), 2),
+    "prelu-twice": (lambda: Twice(nn.PReLU(init=0.5), nn.Linear(5, 3)), (5,), 3),
+    "hf-conv1d": (lambda: nn.Sequential(Conv1D(7, 5), nn.Tanh(), nn.Flatten(), nn.Linear(7 * 6, 3)), (6, 5), 3),
+    "hf-conv1d-ghost": (
+        lambda: nn.Sequential(Conv1D(30, 30), nn.Tanh(), nn.Flatten(), nn.Linear(30 * 2, 3)),
+        (2, 30),
+        3,
+    ),
+    "hf-conv1d-one-position": (lambda: nn.Sequential(Conv1D(6, 5), nn.Tanh(), Conv1D(3, 6)), (5,), 3),
+    "hf-conv1d-twice": (lambda: Twice(Conv1D(5, 5), nn.Sequential(nn.Flatten(), nn.Linear(5 * 6, 3))), (6, 5), 3),
+    "convnext-layernorm2d": (lambda: _head(nn.Conv2d(3, 4, 3), LayerNorm2d(4)), (3, 5, 4), 2),
+    "convnext-layernorm2d-nobias": (lambda: _head(nn.Conv2d(3, 4, 1), LayerNorm2d(4, bias=False)), (3, 2, 3), 2),
 }
 
 
@@ -170,6 +245,17 @@ def test_clipped_sum_equals_the_vmap_reference(case, device):
     net, inputs, labels = _make(case)
     expected, expected_norms, bound = _reference(net, inputs, labels)
     got, norms = _book_keeping(net.to(device), inputs.to(device), labels.to(device), bound)
+    _assert_equals_reference(got, norms, expected, expected_norms)
+
+
+@pytest.mark.parametrize("case", ["convnext-layernorm2d", "convtranspose2d", "convtranspose2d-ghost", "prelu-channels"])
+def test_channels_last_images_are_clipped_exactly(case):
+    """Weights and images in ``channels_last`` (mixed-precision conv nets on GPUs): the rules move and reshape the
+    layers' inputs and output gradients, which then are not contiguous NCHW."""
+    net, inputs, labels = _make(case)
+    expected, expected_norms, bound = _reference(net, inputs, labels)
+    net, inputs = net.to(memory_format=torch.channels_last), inputs.contiguous(memory_format=torch.channels_last)
+    got, norms = _book_keeping(net, inputs, labels, bound)
     _assert_equals_reference(got, norms, expected, expected_norms)
 
 
@@ -238,6 +324,38 @@ def test_unsupported_and_tied_layers_are_refused_by_name():
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match=r"1\.weight is the same tensor as 0\.weight"):
         BookKeepingClipper(tied, max_grad_norm=1.0)
+
+
+def test_other_packages_layers_are_recognised_by_their_module_and_class_name_only():
+    """HuggingFace's ``Conv1D`` and torchvision's ``LayerNorm2d`` have rules by qualified name (their packages are not
+    imported); a class of the same name in another module, even with the same forward, has none and is refused."""
+    assert {"transformers.pytorch_utils.Conv1D", "torchvision.models.convnext.LayerNorm2d"} <= set(
+        supported_layer_names()
+    )
+    BookKeepingClipper(nn.Sequential(Conv1D(3, 4), LayerNorm2d(3)), max_grad_norm=1.0)
+    lookalike = type("Conv1D", (Conv1D,), {"__module__": "my_models"})
+    with pytest.raises(ValueError, match=r"Layer 0 \(Conv1D\) has trainable parameters but neither"):
+        BookKeepingClipper(nn.Sequential(lookalike(3, 4)), max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("entry", ["prelu_layernorm", "gpt_style"])
+def test_the_zoo_models_with_prelu_and_transformers_conv1d_are_clipped_by_book_keeping(entry):
+    """The zoo's MLP with PReLU and its GPT-2 block as ``transformers`` writes it (its ``Conv1D`` stand-in under the
+    real class's module and name): ``"auto"`` now picks book-keeping, whose update is the clip-and-sum of vmap(grad)."""
+    torch.manual_seed(0)
+    module = zoo.ZOO[entry].build().double().train()
+    named = type("Conv1D", (zoo._Conv1D,), {"__module__": "transformers.pytorch_utils"})
+    for layer in module.modules():
+        if type(layer) is zoo._Conv1D:
+            layer.__class__ = named
+    generator = torch.Generator().manual_seed(1)
+    if entry == "gpt_style":  # position embeddings shared by the batch: frozen, as DP-SGD's refusal says
+        module.net.wpe.requires_grad_(False)
+        inputs = torch.randint(zoo.VOCAB, (12, zoo.LENGTH), generator=generator)
+    else:
+        inputs = torch.randn(12, 8, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 4, 12)[:, None]
+    assert resolved_mode("auto", module, sensitivity_probe=False) == "bk"
+    assert_the_update_is_the_clipped_sum("bk", module, inputs, torch.randint(3, (12,), generator=generator))
 
 
 def test_a_parameter_registered_again_on_its_parent_and_used_there_is_refused_by_name():
@@ -332,7 +450,37 @@ def test_per_example_convolution_gradients_by_groups_and_by_unfolding_equal_vmap
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=method)
 
 
-@pytest.mark.parametrize("case", ["standardized-conv", "conv2d-ghost", "linear-sequence"])
+@pytest.mark.parametrize(
+    ("layer", "output_size"),
+    [
+        (nn.ConvTranspose1d(4, 6, 3, stride=2, padding=2, output_padding=1, groups=2, dilation=2), None),
+        (nn.ConvTranspose2d(4, 6, (3, 2), stride=(2, 3), padding=(1, 0), dilation=(3, 1), output_padding=(2, 1)), None),
+        (nn.ConvTranspose2d(3, 4, 3, stride=3, padding=1), [11, 9]),
+        (nn.ConvTranspose3d(2, 4, 2, stride=(1, 2, 1), groups=2), None),
+    ],
+    ids=["1d-groups-dilation", "2d-output-padding-beyond-stride", "2d-output-size", "3d-groups"],
+)
+def test_per_example_transposed_convolution_gradients_are_the_adjoint_convolutions(layer, output_size):
+    """A transposed convolution's per-example kernel gradients as its adjoint convolution's (input: the output
+    gradient; output gradient: the zero-extended input), by groups (CPU) and by unfolding (GPU), against vmap."""
+    torch.manual_seed(0)
+    layer = layer.double()
+    inputs = torch.randn(5, layer.in_channels, *(4, 3, 2)[: len(layer.kernel_size)], dtype=torch.float64)
+    grads = torch.randn_like(layer(inputs, output_size=output_size))
+
+    def pairing(weight, x, g):  # <conv_transpose(x; w), g>: its gradient in w is the example's kernel gradient
+        return (functional_call(layer, {"weight": weight}, (x[None], output_size), strict=False)[0] * g).sum()
+
+    expected = vmap(grad(pairing), in_dims=(None, 0, 0))(layer.weight.detach(), inputs, grads)
+    adjoint = _adjoint_convolution(layer)
+    for method in ("grouped", "unfold"):
+        got = conv_per_example_grads(adjoint, grads, _matched(adjoint, inputs, grads), method)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=method)
+
+
+@pytest.mark.parametrize(
+    "case", ["standardized-conv", "conv2d-ghost", "linear-sequence", "convtranspose2d-ghost", "hf-conv1d-ghost"]
+)
 def test_under_bf16_autocast_a_clipped_example_stays_within_the_bound(case):
     """The backward runs in bf16 but norms, factors and sums are fp32: one example's clipped gradient has norm <= C."""
     net, inputs, labels = _make(case)

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_nt import DPStrategy
 from tests.privacy.test_strategy import Plain, RecordUpdate, _clipped_sum, _fit
+from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
 
 
 @pytest.mark.parametrize(
@@ -68,6 +70,62 @@ def test_auto_clips_by_book_keeping_where_it_can():
     expected = _clipped_sum(module, record.before, record.batch, 0.5)
     for name, update in record.update.items():
         torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
+
+
+class Decoder(Plain):
+    """Plain's data decoded by the layers users' generators and transformers have: HuggingFace's ``Conv1D``,
+    transposed convolutions, ``PReLU`` and torchvision's ``LayerNorm2d`` (the last two by their qualified names)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(
+            Conv1D(12, self.dim),
+            nn.Unflatten(1, (3, 4)),
+            nn.ConvTranspose1d(3, 4, 3, stride=2, output_padding=1),  # [B, 4, 10]
+            nn.PReLU(4),
+            nn.Unflatten(2, (2, 5)),
+            nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2),  # [B, 4, 4, 10]
+            LayerNorm2d(4),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 10, self.classes),
+        )
+        nn.init.normal_(self.net[0].weight)  # GPT-2's std 0.02 would leave the examples' gradients almost equal
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "precision", "tolerance"),
+    [
+        ("cpu", "32-true", 1e-5),
+        pytest.param("gpu", "32-true", 1e-2, marks=pytest.mark.cuda),  # cuDNN convolutions may run in TF32
+        pytest.param("gpu", "bf16-mixed", 0.1, marks=pytest.mark.cuda),  # norms and clip factors in fp32
+    ],
+)
+def test_auto_clips_transposed_convolutions_prelu_and_third_party_layers_by_book_keeping(
+    accelerator, precision, tolerance
+):
+    """A real fit: ``"auto"`` picks book-keeping for them, and the update is the clipped sum (to ``tolerance`` of each
+    tensor's largest entry, against a float64 reference on the CPU)."""
+    record = RecordUpdate()
+    strategy = DPStrategy(noise_multiplier=0.0, max_grad_norm=8.5, grad_sample_mode="auto")
+    with pytest.warns(UserWarning, match="noise_multiplier=0"):
+        module, _ = _fit(
+            strategy,
+            module=lambda: Decoder(num_samples=64, batch_size=16),
+            callbacks=[record],
+            max_steps=1,
+            accelerator=accelerator,
+            precision=precision,
+        )
+    assert strategy.clipping_mode == "bk"
+    before = {name: weight.cpu().double() for name, weight in record.before.items()}
+    inputs, labels = (t.cpu() for t in record.batch)
+    expected = _clipped_sum(module.cpu().double(), before, [inputs.double(), labels], 8.5)  # about half clipped
+    for name, update in record.update.items():
+        scale = float(expected[name].abs().max()) / 16.0
+        torch.testing.assert_close(
+            update.cpu().double(), -expected[name] / 16.0, rtol=0.0, atol=tolerance * scale, msg=name
+        )
 
 
 @pytest.mark.parametrize("options", [{}, {"sensitivity_probe": True}])

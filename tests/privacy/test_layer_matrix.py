@@ -34,6 +34,7 @@ from lightning_nt.privacy.module_guards import (
     state_versions,
 )
 from tests.helpers.engines import NoPrecision, noiseless_engine
+from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
 
 ENGINES = ["hooks", "functorch", "ghost", "bk", "auto"]
 ROWS = 5
@@ -184,6 +185,9 @@ def _conv_layers() -> dict[str, Layer]:
     rows["convtranspose2d-groups"] = Layer(
         lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2, dilation=2), (4, 3, 4)
     )
+    rows["convtranspose3d"] = Layer(
+        lambda: nn.ConvTranspose3d(4, 6, 2, stride=(2, 1, 1), padding=(0, 1, 0)), (4, 3, 3, 2)
+    )
     return rows
 
 
@@ -219,6 +223,8 @@ LAYERS: dict[str, Layer] = {
     "batchnorm1d": Layer(lambda: nn.BatchNorm1d(4), (4,)),
     "prelu": Layer(lambda: nn.PReLU(), (4, 5)),
     "prelu-channels": Layer(lambda: nn.PReLU(4), (4, 5)),
+    "hf-conv1d": Layer(lambda: Conv1D(3, 4), (3, 4)),
+    "convnext-layernorm2d": Layer(lambda: LayerNorm2d(4), (4, 3, 2)),
     "attention": Layer(lambda: SelfAttention(batch_first=True), (3, 4)),
     "attention-nobias": Layer(lambda: SelfAttention(batch_first=True, bias=False), (3, 4)),
     "attention-sequence-first": Layer(lambda: SelfAttention(batch_first=False), (3, 4)),
@@ -361,18 +367,7 @@ REFUSED: dict[tuple[str, bool], dict[str, str]] = {
         for name, kind in [("lstm", "LSTM"), ("gru", "GRU"), ("rnn", "RNN")]
         for suffix in ("", "-sequence-first")
     },
-    **{
-        (name, False): {"bk": _NO_RULE.format("layer", kind)}
-        for name, kind in [
-            ("convtranspose1d", "ConvTranspose1d"),
-            ("convtranspose1d-groups", "ConvTranspose1d"),
-            ("convtranspose2d", "ConvTranspose2d"),
-            ("convtranspose2d-groups", "ConvTranspose2d"),
-            ("prelu", "PReLU"),
-            ("prelu-channels", "PReLU"),
-            ("custom-functional", "Functional"),
-        ]
-    },
+    ("custom-functional", False): {"bk": _NO_RULE.format("layer", "Functional")},
     **{("root-parameter", frozen): {"bk": _NO_RULE.format("Case", "Case")} for frozen in (False, True)},
     **{
         (f"dp{name}", False): {"ghost": r"Layer 'layer\.layer\.l0\.ih' ran twice.*'hooks' or 'bk'"}
@@ -509,6 +504,10 @@ CUDA_ROWS = [
     "layernorm-nobias",
     "linear-4d",
     "dplstm-sequence-first",
+    "convtranspose3d",
+    "prelu-channels",
+    "hf-conv1d",
+    "convnext-layernorm2d",
 ]
 
 

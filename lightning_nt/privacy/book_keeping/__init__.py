@@ -19,12 +19,14 @@ one ordinary backward pass is enough, and a per-example gradient is kept only wh
    ``torch.nn.grad.conv2d_weight(A, shape, c * G)``).
 
 Supported: ``Linear`` (any leading dimensions: sequences are positions), ``Conv1d``/``Conv2d``/``Conv3d`` (stride,
-dilation, groups, any padding and ``padding_mode``), ``Embedding``, ``LayerNorm``, ``GroupNorm``, and the
-weight-standardised :class:`~lightning_nt.common.StandardizedConv2d` (its raw weight's per-example norm is exact from
-ghost quantities; the chain rule through the standardisation is applied once, to the clipped sum). Layers of other
-types fall back to Opacus's per-sample rule for that layer inside the same backward; a parameter that no rule
-covers, or one shared by two layers, is refused before anything is computed. A module whose own parameters are its
-submodules' (Opacus's ``DPLSTM``) is left to those submodules.
+dilation, groups, any padding and ``padding_mode``), ``ConvTranspose1d``/``2d``/``3d`` (stride, padding,
+``output_padding``, dilation, groups: the adjoint convolution's rule), ``Embedding``, ``LayerNorm``, ``GroupNorm``,
+``PReLU``, the weight-standardised :class:`~lightning_nt.common.StandardizedConv2d` (its raw weight's per-example
+norm is exact from ghost quantities; the chain rule through the standardisation is applied once, to the clipped
+sum), and, recognised by class name without importing their packages, HuggingFace's ``Conv1D`` (GPT-2) and
+torchvision's ``LayerNorm2d`` (ConvNeXt). Layers of other types fall back to Opacus's per-sample rule for that layer
+inside the same backward; a parameter that no rule covers, or one shared by two layers, is refused before anything is
+computed. A module whose own parameters are its submodules' (Opacus's ``DPLSTM``) is left to those submodules.
 
 The package, by what a reader looks for: ``clipper`` (:class:`BookKeepingClipper`: the hooks, the backward-time
 pieces, clip factors and the clipped sums into ``.grad``), ``record`` (what one layer saw and whether its
@@ -51,6 +53,12 @@ Examples:
 from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
 from lightning_nt.privacy.book_keeping.conv import conv_per_example_grads
 from lightning_nt.privacy.book_keeping.norms import outer_product_norms
-from lightning_nt.privacy.book_keeping.rules import supported_layer_types
+from lightning_nt.privacy.book_keeping.rules import supported_layer_names, supported_layer_types
 
-__all__ = ["BookKeepingClipper", "conv_per_example_grads", "outer_product_norms", "supported_layer_types"]
+__all__ = [
+    "BookKeepingClipper",
+    "conv_per_example_grads",
+    "outer_product_norms",
+    "supported_layer_names",
+    "supported_layer_types",
+]

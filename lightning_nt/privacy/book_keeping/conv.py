@@ -1,5 +1,5 @@
-"""The book-keeping rule of convolutions: ``Conv1d``, ``Conv2d``, ``Conv3d`` (any padding and ``padding_mode``) and the
-weight-standardised ``StandardizedConv2d``.
+"""The book-keeping rules of convolutions: ``Conv1d``, ``Conv2d``, ``Conv3d`` (any padding and ``padding_mode``), the
+weight-standardised ``StandardizedConv2d``, and ``ConvTranspose1d``/``2d``/``3d`` (as the adjoint convolution).
 
 A kernel's per-example norms come from instantiated per-example kernels (:func:`conv_per_example_grads`) or from
 ghost Gram matrices of im2col patches, whichever costs less; its clipped sum from the per-example kernels if they
@@ -35,7 +35,9 @@ from lightning_nt.privacy.grad_samplers import explicitly_padded, standardizatio
 if TYPE_CHECKING:
     from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
 
-__all__ = ["check_conv", "conv_per_example_grads", "conv_pieces"]
+__all__ = ["check_conv", "conv_per_example_grads", "conv_pieces", "transposed_conv_pieces"]
+
+_Transposed = nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
 
 
 def conv_pieces(
@@ -54,9 +56,75 @@ def conv_pieces(
         layer, inputs = padded[0][0], [a for _, a in padded]
     if clipper.trainable(layer.weight):
         pieces.append(_weight_piece(layer, inputs, grads, outputs, clipper))
-    if clipper.trainable(layer.bias):
-        pieces.append(per_unit_piece(clipper, layer.bias, total([g.flatten(2).sum(2) for g in grads])))
-    return pieces
+    return pieces + _bias_pieces(layer, grads, clipper)
+
+
+def transposed_conv_pieces(
+    layer: _Transposed, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """A transposed convolution (stride, padding, ``output_padding`` or ``output_size``, dilation, groups): it is the
+    adjoint of the convolution with the same kernel from its output's channels to its input's,
+    ``<conv_transpose(x; W), g> = <x, conv(g; W)>``, so its kernel's per-example gradient is that convolution's with
+    input ``g`` and output gradient ``x``. The convolution rule with the two roles swapped gives the norms (ghost or
+    instantiated, whichever costs less) and the clipped sum (one weight-gradient call with the clip factors folded
+    into ``x``, or the per-example kernels where they are small); the bias's per-example gradients come from ``g``.
+
+    Examples:
+        >>> from torch.func import grad, vmap
+        >>> layer = nn.ConvTranspose1d(2, 4, 3, stride=2).double()
+        >>> x = torch.randn(3, 2, 5, dtype=torch.float64)
+        >>> g = torch.randn_like(layer(x))
+        >>> adjoint = _adjoint_convolution(layer)
+        >>> per_example = conv_per_example_grads(adjoint, g, _matched(adjoint, x, g))
+        >>> pairing = lambda w, xi, gi: (F.conv_transpose1d(xi[None], w, None, 2) * gi).sum()
+        >>> torch.allclose(per_example, vmap(grad(pairing), in_dims=(None, 0, 0))(layer.weight.detach(), x, g))
+        True
+    """
+    pieces: list[Piece] = []
+    if clipper.trainable(layer.weight):
+        adjoint = _adjoint_convolution(layer)
+        matched = [_matched(adjoint, a, g) for a, g in zip(inputs, grads)]
+        pieces.append(_weight_piece(adjoint, grads, matched, [], clipper))
+    return pieces + _bias_pieces(layer, grads, clipper)
+
+
+def _bias_pieces(layer: nn.Module, grads: list[Tensor], clipper: BookKeepingClipper) -> list[Piece]:
+    """A convolution's bias: each example's gradient is its output gradient summed over positions."""
+    if not clipper.trainable(layer.bias):
+        return []
+    return [per_unit_piece(clipper, layer.bias, total([g.flatten(2).sum(2) for g in grads]))]
+
+
+def _adjoint_convolution(layer: _Transposed) -> nn.Conv1d | nn.Conv2d | nn.Conv3d:
+    """The convolution whose input gradient ``layer`` computes: the same kernel (shared, ``[C_in, C_out / groups,
+    *k]`` read as ``[out, in / groups, *k]``), stride, padding, dilation and groups, from ``layer``'s output
+    channels to its input channels."""
+    spatial = len(layer.kernel_size)
+    kind = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial]
+    adjoint = kind.__new__(kind)
+    adjoint.__dict__ = {
+        **layer.__dict__,
+        "in_channels": layer.out_channels,
+        "out_channels": layer.in_channels,
+        "transposed": False,
+        "output_padding": (0,) * spatial,
+    }
+    return adjoint
+
+
+def _matched(adjoint: nn.Conv1d | nn.Conv2d | nn.Conv3d, inputs: Tensor, grads: Tensor) -> Tensor:
+    """The transposed convolution's ``inputs`` as the adjoint convolution's output gradient: zero-extended at the end
+    to the size of ``adjoint(grads)``, which is larger where the output padding is at least the stride (allowed
+    where the dilation is larger); the extension pairs with nothing."""
+    spatial = len(adjoint.kernel_size)
+    extra = [
+        (grads.shape[2 + i] + 2 * adjoint.padding[i] - adjoint.dilation[i] * (adjoint.kernel_size[i] - 1) - 1)
+        // adjoint.stride[i]
+        + 1
+        - inputs.shape[2 + i]
+        for i in range(spatial)
+    ]
+    return F.pad(inputs, [side for more in reversed(extra) for side in (0, more)]) if any(extra) else inputs
 
 
 def check_conv(name: str, layer: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:

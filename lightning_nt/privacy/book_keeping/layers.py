@@ -1,4 +1,5 @@
-"""The book-keeping rules of ``Linear``, ``Embedding``, ``LayerNorm``/``GroupNorm``, and Opacus's as the fallback.
+"""The book-keeping rules of ``Linear`` (and HuggingFace's transposed ``Conv1D``), ``Embedding``, ``LayerNorm``/
+``GroupNorm`` (and torchvision's channels-first ``LayerNorm2d``), ``PReLU``, and Opacus's as the fallback.
 
 Each rule takes a layer, its recorded calls (inputs, output gradients, and outputs where a rule needs them) and the
 clipper, and returns one :class:`~lightning_nt.privacy.book_keeping.pieces.Piece` per trained parameter. A
@@ -17,34 +18,70 @@ from opacus.grad_sample import GradSampleModule
 from torch import Tensor, nn
 
 from lightning_nt.privacy.book_keeping.norms import instantiate, outer_product_norms
-from lightning_nt.privacy.book_keeping.pieces import Piece, join, masked, per_unit_piece, per_unit_pieces
+from lightning_nt.privacy.book_keeping.pieces import Piece, join, masked, per_unit_piece, per_unit_pieces, total
 
 if TYPE_CHECKING:
     from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
 
-__all__ = ["check_embedding", "embedding_pieces", "linear_pieces", "normalization_pieces", "opacus_pieces"]
+__all__ = [
+    "channels_first_layer_norm_pieces",
+    "check_embedding",
+    "embedding_pieces",
+    "linear_pieces",
+    "normalization_pieces",
+    "opacus_pieces",
+    "prelu_pieces",
+    "transposed_linear_pieces",
+]
 
 
 def linear_pieces(
     layer: nn.Linear, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
-    """A linear layer: weight norms ghost or instantiated (the cheaper), the bias's per-example gradients outright."""
+    """A linear layer ``y = a Wᵀ + b``: weight norms ghost or instantiated (the cheaper), the bias's per-example
+    gradients outright."""
+    return _affine_pieces(layer.weight, layer.bias, inputs, grads, clipper, weight_in_by_out=False)
+
+
+def transposed_linear_pieces(
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """HuggingFace's ``Conv1D`` (GPT-2's projections): ``y = a W + b`` with ``W`` of shape ``[in, out]``, a linear
+    layer whose weight is stored transposed; the linear rule, each per-example gradient ``[in, out]``."""
+    return _affine_pieces(layer.weight, getattr(layer, "bias", None), inputs, grads, clipper, weight_in_by_out=True)
+
+
+def _affine_pieces(
+    weight: nn.Parameter,
+    bias: nn.Parameter | None,
+    inputs: list[Tensor],
+    grads: list[Tensor],
+    clipper: BookKeepingClipper,
+    weight_in_by_out: bool,
+) -> list[Piece]:
+    """``y = a Wᵀ + b`` (``W``: ``[out, in]``), or ``y = a W + b`` with ``weight_in_by_out``, over any leading
+    dimensions (positions): each example's weight gradient is ``sum_t g_t a_tᵀ`` (or its transpose)."""
     patches = join([a.reshape(a.shape[0], -1, a.shape[-1]) for a in inputs])  # [N, T, d]
     gradient = join([g.reshape(g.shape[0], -1, g.shape[-1]) for g in grads])  # [N, T, p]
     pieces: list[Piece] = []
-    if clipper.trainable(layer.weight):
-        if instantiate(patches.shape[1], layer.in_features, layer.out_features):  # then no larger than T (d + p)
-            pieces.append(per_unit_piece(clipper, layer.weight, torch.bmm(gradient.transpose(1, 2), patches)))
+
+    def oriented(a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:  # the factors of sum_t g_t a_tᵀ in W's layout
+        return (a, g) if weight_in_by_out else (g, a)
+
+    if clipper.trainable(weight):
+        if instantiate(patches.shape[1], patches.shape[2], gradient.shape[2]):  # then no larger than T (d + p)
+            left, right = oriented(patches, gradient)
+            pieces.append(per_unit_piece(clipper, weight, torch.bmm(left.transpose(1, 2), right)))
         else:
 
             def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
                 weighted = masked(gradient, keep) * row_weights[:, None, None]
-                return torch.einsum("ntp,ntd->pd", weighted, masked(patches, keep))
+                return torch.einsum("nti,ntj->ij", *oriented(masked(patches, keep), weighted))
 
             squared_norms = outer_product_norms(clipper.units(patches), clipper.units(gradient))
-            pieces.append(Piece(layer.weight, squared_norms, clipper.per_rows(weight_sum)))
-    if clipper.trainable(layer.bias):
-        pieces.append(per_unit_piece(clipper, layer.bias, gradient.sum(1)))
+            pieces.append(Piece(weight, squared_norms, clipper.per_rows(weight_sum)))
+    if clipper.trainable(bias):
+        pieces.append(per_unit_piece(clipper, bias, gradient.sum(1)))
     return pieces
 
 
@@ -97,6 +134,25 @@ def normalization_pieces(
         weight_rows = weight_rows + _sum_over(normalized * g, reduce)
         bias_rows = bias_rows + _sum_over(g, reduce)
     return per_unit_pieces(clipper, [(layer.weight, weight_rows), (layer.bias, bias_rows)])
+
+
+def channels_first_layer_norm_pieces(
+    layer: nn.LayerNorm, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """torchvision's ``LayerNorm2d`` (ConvNeXt): ``[N, C, H, W]`` moved to ``[N, H, W, C]``, normalised over ``C``
+    and moved back; the layer-norm rule on its inputs and output gradients with the channels last."""
+    moved_inputs, moved_grads = [a.movedim(1, -1) for a in inputs], [g.movedim(1, -1) for g in grads]
+    return normalization_pieces(layer, moved_inputs, moved_grads, outputs, clipper)
+
+
+def prelu_pieces(
+    layer: nn.PReLU, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+) -> list[Piece]:
+    """``nn.PReLU``: each example's gradient of a slope is ``sum g * min(x, 0)`` over the positions it applies to
+    (every element for one slope, dimension 1's channel for ``num_parameters`` of them)."""
+    slopes = layer.weight.numel()
+    rows = total([(g * a.clamp(max=0)).reshape(a.shape[0], slopes, -1).sum(2) for a, g in zip(inputs, grads)])
+    return per_unit_pieces(clipper, [(layer.weight, rows)])
 
 
 def _sum_over(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:

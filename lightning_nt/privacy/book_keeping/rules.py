@@ -1,9 +1,11 @@
 """The registry of book-keeping rules: layer type -> the rule that forms its pieces, and the check of its options.
 
-A layer type listed here has a rule of its own (``layers.py``, ``conv.py``); a layer of another type falls back to
-Opacus's per-sample rule for it (:data:`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`). :func:`layers_of`
-finds the layers of a module that own trainable parameters and refuses, before anything is computed, one that no
-rule covers, one with options a rule can't handle, and a parameter shared by two layers.
+A layer type listed here has a rule of its own (``layers.py``, ``conv.py``): PyTorch's by their type, other packages'
+(HuggingFace's ``Conv1D``, torchvision's ``LayerNorm2d``) by their qualified class name, so that those packages need
+not be installed or imported. A layer of another type falls back to Opacus's per-sample rule for it
+(:data:`opacus.grad_sample.GradSampleModule.GRAD_SAMPLERS`). :func:`layers_of` finds the layers of a module that own
+trainable parameters and refuses, before anything is computed, one that no rule covers, one with options a rule can't
+handle, and a parameter shared by two layers.
 """
 
 from __future__ import annotations
@@ -17,20 +19,33 @@ from opacus.layers.param_rename import RenameParamsMixin
 from torch import Tensor, nn
 
 from lightning_nt.common.layers import StandardizedConv2d
-from lightning_nt.privacy.book_keeping.conv import check_conv, conv_pieces
+from lightning_nt.privacy.book_keeping.conv import check_conv, conv_pieces, transposed_conv_pieces
 from lightning_nt.privacy.book_keeping.layers import (
+    channels_first_layer_norm_pieces,
     check_embedding,
     embedding_pieces,
     linear_pieces,
     normalization_pieces,
     opacus_pieces,
+    prelu_pieces,
+    transposed_linear_pieces,
 )
 from lightning_nt.privacy.book_keeping.pieces import Piece
 
 if TYPE_CHECKING:
     from lightning_nt.privacy.book_keeping.clipper import BookKeepingClipper
 
-__all__ = ["LayerRule", "aliases_only", "layers_of", "pieces_for", "reregistered_parameters", "supported_layer_types"]
+__all__ = [
+    "LayerRule",
+    "aliases_only",
+    "layers_of",
+    "pieces_for",
+    "qualified_name",
+    "reregistered_parameters",
+    "rule_of",
+    "supported_layer_names",
+    "supported_layer_types",
+]
 
 
 @dataclass(frozen=True)
@@ -43,29 +58,61 @@ class LayerRule:
 
 
 _CONV = LayerRule(conv_pieces, check_conv)
+_TRANSPOSED_CONV = LayerRule(transposed_conv_pieces)
 _RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LayerRule(linear_pieces),
     nn.Conv1d: _CONV,
     nn.Conv2d: _CONV,
     nn.Conv3d: _CONV,
+    nn.ConvTranspose1d: _TRANSPOSED_CONV,
+    nn.ConvTranspose2d: _TRANSPOSED_CONV,
+    nn.ConvTranspose3d: _TRANSPOSED_CONV,
     nn.Embedding: LayerRule(embedding_pieces, check_embedding),
     nn.LayerNorm: LayerRule(normalization_pieces),
     nn.GroupNorm: LayerRule(normalization_pieces),
+    nn.PReLU: LayerRule(prelu_pieces),
     StandardizedConv2d: _CONV,
+}
+_NAMED_RULES: dict[str, LayerRule] = {  # other packages' layers, by qualified class name (not imported here)
+    "transformers.pytorch_utils.Conv1D": LayerRule(transposed_linear_pieces),
+    "torchvision.models.convnext.LayerNorm2d": LayerRule(channels_first_layer_norm_pieces),
 }
 _OPACUS = LayerRule(opacus_pieces)
 
 
 def supported_layer_types() -> tuple[type, ...]:
-    """Layer types with a book-keeping rule of their own (others need an Opacus per-sample rule)."""
+    """PyTorch's and this project's layer types with a book-keeping rule of their own (others need an Opacus
+    per-sample rule, or one of :func:`supported_layer_names`)."""
     return tuple(_RULES)
+
+
+def supported_layer_names() -> tuple[str, ...]:
+    """Other packages' layer classes with a book-keeping rule of their own, by :func:`qualified_name`."""
+    return tuple(_NAMED_RULES)
+
+
+def qualified_name(kind: type) -> str:
+    """``module.QualifiedName`` of a class, as :func:`supported_layer_names` lists them.
+
+    Examples:
+        >>> qualified_name(nn.Linear)
+        'torch.nn.modules.linear.Linear'
+    """
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def rule_of(layer: nn.Module) -> LayerRule | None:
+    """The book-keeping rule of ``layer``'s exact type (a subclass may compute something else), found by the type
+    itself or, for another package's layer, by its qualified name; ``None`` if it has none here."""
+    kind = type(layer)
+    return _RULES.get(kind) or _NAMED_RULES.get(qualified_name(kind))
 
 
 def pieces_for(
     layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
-    """The layer's pieces by the rule of its exact type (Opacus's for a type without one here)."""
-    return _RULES.get(type(layer), _OPACUS).pieces(layer, inputs, grads, outputs, clipper)
+    """The layer's pieces by its rule (:func:`rule_of`; Opacus's for a type without one here)."""
+    return (rule_of(layer) or _OPACUS).pieces(layer, inputs, grads, outputs, clipper)
 
 
 def aliases_only(layer: nn.Module) -> bool:
@@ -107,7 +154,7 @@ def layers_of(module: nn.Module) -> list[nn.Module]:
                     "grad_sample_mode='hooks' for this model."
                 )
             owner[id(parameter)] = full
-        rule = _RULES.get(type(layer))
+        rule = rule_of(layer)
         if rule is None and type(layer) not in GradSampleModule.GRAD_SAMPLERS:
             raise ValueError(
                 f"Layer {name or type(layer).__name__} ({type(layer).__name__}) has trainable parameters but neither "
