@@ -762,7 +762,8 @@ class _NewGELU(nn.Module):
 
 class _Conv1D(nn.Module):
     """``transformers``' ``Conv1D``: a linear layer with its weight stored ``[in, out]``, applied with ``addmm`` on
-    the positions folded into one dimension (no per-sample rule in Opacus or in the book-keeping engine)."""
+    the positions folded into one dimension. Under this module's name neither Opacus nor the book-keeping engine has a
+    rule for it (book-keeping recognises ``transformers.pytorch_utils.Conv1D``: ``tests/helpers/third_party``)."""
 
     def __init__(self, inputs: int, outputs: int) -> None:
         super().__init__()
@@ -865,7 +866,8 @@ class _Permute(nn.Module):
 
 class _LayerNorm2d(nn.LayerNorm):
     """torchvision's ``LayerNorm2d``: an ``nn.LayerNorm`` subclass over the channels of ``[B, C, H, W]``, through two
-    permutes (no per-sample rule of its own: an exact-type lookup doesn't find ``nn.LayerNorm``'s)."""
+    permutes. Under this module's name it has no per-sample rule (an exact-type lookup doesn't find ``nn.LayerNorm``'s;
+    book-keeping recognises ``torchvision.models.convnext.LayerNorm2d`` itself: ``tests/helpers/third_party.py``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

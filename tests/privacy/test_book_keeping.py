@@ -20,7 +20,7 @@ from lightning_nt.privacy.book_keeping.conv import _adjoint_convolution, _matche
 from lightning_nt.privacy.engines import resolved_mode
 from tests.contract.test_zoo_structures import assert_the_update_is_the_clipped_sum
 from tests.helpers import zoo
-from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
+from tests.helpers.third_party import Conv1D, LayerNorm2d
 
 
 class Tokens(nn.Module):

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lightning_nt import DPStrategy
+from tests.helpers.third_party import Conv1D, LayerNorm2d
 from tests.privacy.test_strategy import Plain, RecordUpdate, _clipped_sum, _fit
-from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from lightning_nt.privacy.module_guards import (
     state_versions,
 )
 from tests.helpers.engines import NoPrecision, noiseless_engine
-from tests.privacy.third_party_layers import Conv1D, LayerNorm2d
+from tests.helpers.third_party import Conv1D, LayerNorm2d
 
 ENGINES = ["hooks", "functorch", "ghost", "bk", "auto"]
 ROWS = 5
