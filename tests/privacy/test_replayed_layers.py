@@ -13,12 +13,14 @@ its weights computed inside) is in ``test_layer_matrix.py``.
 from __future__ import annotations
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nt.privacy.engines import clipping_engine
 from tests.helpers.engines import NoPrecision, noiseless_engine
+from tests.privacy.test_weighted_bags import ParametersAtFailure, _fit
 
 OPACUS_MODES = ["hooks", "functorch", "ghost"]  # the engines that re-run layers with torch.func
 
@@ -173,16 +175,7 @@ def test_inputs_at_their_defaults_and_calls_outside_the_step_pass(mode):
     """``layer(x, None)`` is ``layer(x)`` for the re-run; a second input between steps (no grad) is nobody's
     business; the check goes with the engine."""
     module = Net(Scaled())
-    engine = clipping_engine(
-        mode,
-        module,
-        torch.optim.SGD(module.parameters(), lr=1.0),
-        max_grad_norm=1.0,
-        noise_multiplier=0.0,
-        secure_mode=False,
-        views=1,
-        distributed=False,
-    )
+    engine = noiseless_engine(mode, module, 1.0, 2)
     x = torch.randn(2, 4)
     layer = module.net[0]
     layer(x, torch.ones(1))  # not watching
@@ -205,3 +198,57 @@ def test_layers_that_take_one_input_get_no_input_check(mode):
     engine = noiseless_engine(mode, module, 1.0, 4)
     assert all(not layer._forward_pre_hooks for layer in module.modules())
     engine.close()
+
+
+class ScaledLater(pl.LightningModule):
+    """A replayed layer called ``(x, None)`` on the first batch and ``(x, scale)`` from the second on, beside an
+    ``EmbeddingBag`` called ``(tokens, None)``; per-example losses under ghost clipping."""
+
+    def __init__(self, per_example: bool) -> None:
+        super().__init__()
+        self.layer, self.bag, self.head = Scaled(), nn.EmbeddingBag(10, 4, mode="sum"), nn.Linear(4, 3)
+        self.per_example = per_example
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, labels = batch
+        hidden = self.layer(x, None if batch_idx == 0 else x.abs() + 0.5)
+        hidden = hidden + self.bag((x.abs() * 3).long().clamp(max=9), None)
+        losses = F.cross_entropy(self.head(hidden), labels, reduction="none")
+        return losses if self.per_example else losses.mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        inputs, labels = torch.randn(64, 4, generator=generator), torch.randint(0, 3, (64,), generator=generator)
+        return DataLoader(TensorDataset(inputs, labels), batch_size=16)
+
+
+@pytest.mark.parametrize(
+    ("mode", "precision", "accelerator"),
+    [
+        ("hooks", "32-true", "cpu"),
+        *[
+            pytest.param(mode, precision, "gpu", marks=pytest.mark.cuda)
+            for mode in ("hooks", "ghost")  # (functorch refuses the EmbeddingBag)
+            for precision in ("32-true", "bf16-mixed")
+            if mode != "ghost" or precision == "32-true"  # ghost clipping is refused under bf16
+        ],
+    ],
+)
+def test_a_later_steps_other_input_is_refused_in_a_fit(mode, precision, accelerator):
+    """Through the strategy (and on the GPU, in fp32 and bf16): ``layer(x, None)`` and ``bag(tokens, None)`` train;
+    the second step, which passes the layer a second input, is refused before its update."""
+    failure = ParametersAtFailure()
+    with pytest.raises(RuntimeError, match=r"Layer 'layer' \(Scaled\) was called with inputs \['scale'\]"):
+        _fit(
+            ScaledLater(mode == "ghost"),
+            mode,
+            [failure],
+            max_steps=3,
+            limit_val_batches=0,
+            accelerator=accelerator,
+            precision=precision,
+        )
+    assert failure.steps == 1 and not failure.moved and failure.device == ("cuda" if accelerator == "gpu" else "cpu")
