@@ -140,7 +140,7 @@ def _has_gradient(parameter: torch.Tensor) -> bool:
     return parameter.grad is not None and bool(parameter.grad.any())
 
 
-def replayed_layers(module: nn.Module, every: bool) -> list[tuple[str, nn.Module]]:
+def _replayed_layers(module: nn.Module, every: bool) -> list[tuple[str, nn.Module]]:
     """The layers whose per-example gradients Opacus forms by re-running their forward pass under ``torch.func``
     (``vmap(grad)``): with ``every`` (``grad_sample_mode="functorch"``) every layer it hooks, else those with
     trainable parameters of their own and no per-sample rule (a ConvNeXt block's layer scale, Swin's relative-position
@@ -162,8 +162,8 @@ def replayed_layers(module: nn.Module, every: bool) -> list[tuple[str, nn.Module
     return found
 
 
-def refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], mode: str) -> None:
-    """Refuse, by name and before anything runs, ``layers`` (:func:`replayed_layers`) that Opacus's re-run under
+def _refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], mode: str) -> None:
+    """Refuse, by name and before anything runs, ``layers`` (:func:`_replayed_layers`) that Opacus's re-run under
     ``torch.func`` can't replay: an ``EmbeddingBag`` (no ``torch.func`` support), a layer holding buffers (the re-run
     carries none) or drawing random numbers in training mode (dropout, stochastic depth). Unchecked, Opacus fails in
     the first backward pass with a bare ``NotImplementedError`` or torch's "vmap: called random operation".
@@ -239,7 +239,7 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
 
 class _RowsSeen:
     """(layer, rows of its input) of every call of a trainable layer while watched, since the last check; and, for
-    a layer that Opacus re-runs under ``torch.func`` (:func:`replayed_layers`), a refusal of a call with other inputs
+    a layer that Opacus re-runs under ``torch.func`` (:func:`_replayed_layers`), a refusal of a call with other inputs
     that matter (:meth:`check_replayed_inputs`).
 
     The layers' hooks hold this small record, not the engine: a copy of the module (``copy.deepcopy``, as some
@@ -374,8 +374,8 @@ class OpacusHooksEngine(ClippingEngine):
     optimizers = (_CarryingDPOptimizer, _CarryingDistributedDPOptimizer)
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
-        replayed = replayed_layers(module, every=mode == "functorch")
-        refuse_what_torch_func_cannot_replay(replayed, mode)
+        replayed = _replayed_layers(module, every=mode == "functorch")
+        _refuse_what_torch_func_cannot_replay(replayed, mode)
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))

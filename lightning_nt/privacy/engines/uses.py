@@ -12,9 +12,9 @@ names the parameters to watch (book-keeping's do not require grad while it recor
 :class:`WeightedBagGuard` refuses an ``nn.EmbeddingBag`` of a trainable table called with ``per_sample_weights`` on
 every step, whatever the engine: a model may pass the weights only on some batches, which a first-step check misses.
 It is the one check of ``per_sample_weights``: a custom layer calling ``F.embedding_bag`` on its own table has no
-per-sample rule, so Opacus re-runs its whole forward pass under ``torch.func``, weights included (exact), and refuses,
-on every step, a call that passes the weights in as an input it would not replay
-(:meth:`~lightning_nt.privacy.engines.hooks.OpacusHooksEngine`'s replayed-input check); book-keeping refuses such a
+per-sample rule, so Opacus re-runs its whole forward pass under ``torch.func``, weights included (exact); a call
+that passes the weights in as an input, which that re-run would not see, is refused on every step
+(:class:`~lightning_nt.privacy.engines.hooks.OpacusHooksEngine`'s replayed-input check); book-keeping refuses such a
 layer outright (no rule); outside any layer's call, ``F.embedding_bag`` on a table is a use :class:`ParameterUses`
 refuses like any other.
 """
