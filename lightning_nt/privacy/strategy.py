@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nt.common.flavours import lightning_classes, lightning_packages
-from lightning_nt.common.validation import above, at_least, between, checked_arguments
+from lightning_nt.common.validation import above, at_least, between, check_argument, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.engines.uses import ParameterUses
@@ -203,7 +203,9 @@ class _PrivateOnManyDevices(_DifferentialPrivacy):
 
     def _lightning_strategy_arguments(self, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
         for name in _BUFFER_SYNC_ARGUMENTS:
-            if strategy_kwargs.pop(name, False):
+            value = strategy_kwargs.pop(name, False)
+            check_argument(name, value, bool)
+            if value:
                 raise ValueError(
                     f"{type(self).__name__}({name}=True): DDP would broadcast the buffers in every forward pass, and "
                     "a process whose Poisson batch is empty runs none, so the others would wait for it until the "

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt import DPDDPStrategy
+from lightning_nt.common.validation import ArgumentError
 from tests.helpers import assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
 from tests.helpers.scripts import ROOT
 from tests.privacy.test_strategy import Plain, _clipped_sum
@@ -124,6 +126,19 @@ def test_ddp_buffer_broadcast_is_refused_by_name():
     for name in ("broadcast_buffers", "forward_sync_buffers"):
         with pytest.raises(ValueError, match=rf"{name}=True\).*Poisson batch is empty"):
             DPDDPStrategy(**{name: True})
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", "False", None, 1.0])
+@pytest.mark.parametrize("name", ["broadcast_buffers", "forward_sync_buffers"])
+def test_a_buffer_broadcast_that_is_not_a_bool_is_refused_showing_the_value(name, value):
+    """``broadcast_buffers=1`` was refused as ``broadcast_buffers=True`` (and ``0`` or ``""`` taken as ``False``): it is
+    checked as a strict bool, naming the argument and showing the value given."""
+    with pytest.raises(ArgumentError, match=rf"^`{name}` must be True or False, got {re.escape(repr(value))}\.$"):
+        DPDDPStrategy(**{name: value})
+
+
+def test_no_buffer_broadcast_is_accepted():
+    DPDDPStrategy(broadcast_buffers=False)
 
 
 class CountingGathers(DPDDPStrategy):

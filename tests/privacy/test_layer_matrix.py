@@ -67,14 +67,24 @@ class FirstOutput(nn.Module):
 class SelfAttention(nn.Module):
     """``nn.MultiheadAttention`` as self-attention on a batch-first ``[B, T, d]`` input."""
 
-    def __init__(self, batch_first: bool, layer: type[nn.Module] = nn.MultiheadAttention, **options: object) -> None:
+    def __init__(
+        self,
+        batch_first: bool,
+        layer: type[nn.Module] = nn.MultiheadAttention,
+        positional: bool = False,
+        **options: object,
+    ) -> None:
         super().__init__()
         self.attention = layer(4, 2, batch_first=batch_first, **options)
+        self.positional = positional  # the optional arguments passed positionally, the mask as None
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.attention.batch_first:
             x = x.transpose(0, 1)
-        out = self.attention(x, x, x, need_weights=False)[0]
+        if self.positional:
+            out = self.attention(x, x, x, None, False)[0]
+        else:
+            out = self.attention(x, x, x, need_weights=False)[0]
         return out if self.attention.batch_first else out.transpose(0, 1)
 
 
@@ -98,6 +108,44 @@ class WeightedBag(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.bag(tokens, per_sample_weights=(tokens % 3 + 1).to(self.bag.weight.dtype))
+
+
+class PositionalNone(nn.Module):
+    """``layer(x, None)``: an optional second input passed positionally as ``None`` (``bag(tokens, None)``: no
+    offsets). Opacus's hooks failed on it with an AttributeError (they detached every positional input)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x, None)
+
+
+class Scaled(nn.Module):
+    """A custom layer (no per-sample rule: Opacus re-runs it with ``torch.func``) with an optional second input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4) / 2)
+
+    def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        out = F.linear(x, self.weight)
+        return out if scale is None else out * scale
+
+
+class FunctionalWeightedBag(nn.Module):
+    """A custom layer pooling its own table by ``F.embedding_bag`` with ``per_sample_weights`` computed from the
+    tokens: Opacus re-runs it whole with ``torch.func``, the weights included, so its per-example gradients are exact
+    (they were refused as an ``EmbeddingBag`` with weights on a fit's first step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(10, 3) / 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        weights = (tokens % 3 + 1).to(self.weight.dtype)
+        return F.embedding_bag(tokens, self.weight, per_sample_weights=weights, mode="sum")
 
 
 def _first(output: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -256,6 +304,12 @@ LAYERS: dict[str, Layer] = {
     ),
     "attention-sequence-first-square": Layer(lambda: SelfAttention(batch_first=False), (ROWS, 4)),
     "custom-functional": Layer(Functional, (4,)),
+    "custom-positional-none": Layer(lambda: PositionalNone(Scaled()), (4,)),
+    "custom-weighted-bag": Layer(FunctionalWeightedBag, (4,), vocab=10),
+    "embeddingbag-positional-none": Layer(lambda: PositionalNone(nn.EmbeddingBag(10, 3, mode="sum")), (4,), vocab=10),
+    "dpattention-positional-none": Layer(
+        lambda: SelfAttention(batch_first=True, layer=DPMultiheadAttention, positional=True), (3, 4)
+    ),
     "root-parameter": Layer(lambda: nn.Linear(4, 3), (4,), root=True),
 }
 
@@ -354,6 +408,8 @@ REFUSED: dict[tuple[str, bool], dict[str, str]] = {
         (name, False): {"functorch": _FUNCTORCH.format("layer")}
         for name in ["embeddingbag-sum", "embeddingbag-mean-padding"]
     },
+    ("embeddingbag-positional-none", False): {"functorch": _FUNCTORCH.format(r"layer\.layer")},
+    ("custom-positional-none", False): {"bk": _NO_RULE.format(r"layer\.layer", "Scaled")},
     ("instancenorm1d-running-stats", False): _every(r"layer layer \(InstanceNorm1d\): .*running stats"),
     ("instancenorm1d-running-stats", True): _every(r"changed the module's \[.*'layer\.running_mean'"),  # in train()
     ("batchnorm1d", False): _every(r"layer: BatchNorm couples the examples"),
@@ -367,7 +423,10 @@ REFUSED: dict[tuple[str, bool], dict[str, str]] = {
         for name, kind in [("lstm", "LSTM"), ("gru", "GRU"), ("rnn", "RNN")]
         for suffix in ("", "-sequence-first")
     },
-    ("custom-functional", False): {"bk": _NO_RULE.format("layer", "Functional")},
+    **{
+        (name, False): {"bk": _NO_RULE.format("layer", kind)}
+        for name, kind in [("custom-functional", "Functional"), ("custom-weighted-bag", "FunctionalWeightedBag")]
+    },
     **{("root-parameter", frozen): {"bk": _NO_RULE.format("Case", "Case")} for frozen in (False, True)},
     **{
         (f"dp{name}", False): {"ghost": r"Layer 'layer\.layer\.l0\.ih' ran twice.*'hooks' or 'bk'"}

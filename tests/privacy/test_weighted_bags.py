@@ -40,7 +40,7 @@ class Bags(pl.LightningModule):
         self.weighted_from, self.positional, self.per_example = weighted_from, positional, per_example
 
     def forward(self, tokens: Tensor, weighted: bool = False) -> Tensor:
-        if not weighted:  # (Opacus's hooks can't record a positional None: `bag(tokens, None)` fails in them)
+        if not weighted:  # (`bag(tokens, None)` trains too: tests/privacy/test_layer_matrix.py)
             return self.head(self.bag(tokens, per_sample_weights=None))
         weights = (tokens % 3 + 1).float()
         pooled = self.bag(tokens, None, weights) if self.positional else self.bag(tokens, per_sample_weights=weights)

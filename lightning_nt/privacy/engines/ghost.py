@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
-from lightning_nt.privacy.engines.hooks import OpacusHooksEngine
+from lightning_nt.privacy.engines.hooks import OpacusHooksEngine, _GhostHooks
 from lightning_nt.privacy.module_guards import refusing_recomputation
 
 __all__ = ["GhostClippingEngine"]
@@ -45,6 +45,7 @@ class GhostClippingEngine(OpacusHooksEngine):
 
     supports_virtual_steps = False
     supports_sensitivity_probe = False
+    hooks_class = _GhostHooks
     outside_uses_escape_clipping = True
     calls_each_layer_once = True
     outside_use = "the gradient of such a use would reach the update unclipped (the ghost norms miss it)"

@@ -7,6 +7,7 @@ them (in fp32), carrying the sums of earlier physical batches across Lightning's
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from functools import partial
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.utils import prepare_module
+from opacus.grad_sample.grad_sample_module import GradSampleHooks
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
 from opacus.layers import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.module_utils import trainable_modules, trainable_parameters
@@ -138,48 +140,70 @@ def _has_gradient(parameter: torch.Tensor) -> bool:
     return parameter.grad is not None and bool(parameter.grad.any())
 
 
-def _refuse_what_functorch_cannot_run(module: nn.Module) -> None:
-    """``grad_sample_mode="functorch"`` runs every trainable layer through ``torch.func``; Opacus refuses an
-    ``EmbeddingBag`` and a layer holding buffers there only in the middle of the first backward pass, without naming
-    it. Refused here, by name, before anything runs."""
-    refused = [
-        f"{name or '<root>'} ({type(layer).__name__})"
-        for name, layer in trainable_modules(module)
-        if isinstance(layer, nn.EmbeddingBag) or next(layer.buffers(), None) is not None
-    ]
-    if refused:
-        raise RuntimeError(
-            f"grad_sample_mode='functorch' can't form per-example gradients of layers {refused}: Opacus's functorch "
-            "path supports neither EmbeddingBag nor layers that hold buffers. Use grad_sample_mode='hooks', which "
-            "forms them by per-layer rules (functorch only for a layer without one)."
+def _replayed_layers(module: nn.Module, every: bool) -> list[tuple[str, nn.Module]]:
+    """The layers whose per-example gradients Opacus forms by re-running their forward pass under ``torch.func``
+    (``vmap(grad)``): with ``every`` (``grad_sample_mode="functorch"``) every layer it hooks, else those with
+    trainable parameters of their own and no per-sample rule (a ConvNeXt block's layer scale, Swin's relative-position
+    bias table, ViT's class token), whose children Opacus then leaves alone. Opacus's own walk of the module."""
+    found = []
+
+    def walk(name: str, layer: nn.Module) -> None:
+        own = any(p.requires_grad for p in layer.parameters(recurse=False))
+        recurrent = isinstance(layer, DPRNN | DPLSTM | DPGRU)  # not hooked: its cells are
+        ruled = recurrent or type(layer) in GradSampleModule.GRAD_SAMPLERS
+        if own and not recurrent and (every or not ruled):
+            found.append((name or "<root>", layer))
+        if own and not ruled:
+            return
+        for child_name, child in layer.named_children():
+            walk(f"{name}.{child_name}" if name else child_name, child)
+
+    walk("", module)
+    return found
+
+
+def _refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], mode: str) -> None:
+    """Refuse, by name and before anything runs, ``layers`` (:func:`_replayed_layers`) that Opacus's re-run under
+    ``torch.func`` can't replay: an ``EmbeddingBag`` (no ``torch.func`` support), a layer holding buffers (the re-run
+    carries none) or drawing random numbers in training mode (dropout, stochastic depth). Unchecked, Opacus fails in
+    the first backward pass with a bare ``NotImplementedError`` or torch's "vmap: called random operation".
+
+    The fix differs with ``mode``: under ``"functorch"`` every layer is re-run, so ``"hooks"`` (per-layer rules) is
+    the way out; under the other modes only layers without a rule are, so freezing or splitting them is.
+    """
+    bags = [(name, layer) for name, layer in layers if isinstance(layer, nn.EmbeddingBag)]
+    buffered = [(name, layer) for name, layer in layers if next(layer.buffers(), None) is not None]
+    random = [(name, layer, parts) for name, layer in layers if (parts := _random_parts(layer))]
+    found = [
+        f"{[_described(name, layer) for name, layer in refused]} {problem}"
+        for refused, problem in (
+            (bags, "are EmbeddingBags, which torch.func can't run"),
+            (buffered, "hold buffers, which that recomputation can't carry"),
         )
-
-
-def _refuse_what_opacus_cannot_recompute(module: nn.Module) -> None:
-    """A layer with trainable parameters of its own and no per-sample rule (a ConvNeXt block's layer scale, Swin's
-    relative-position bias table, ViT's class token) has its whole forward pass recomputed by Opacus under
-    ``torch.func`` for its per-example gradients. That recomputation carries no buffers (Opacus refuses them with a
-    bare list of ``NotImplementedError``) and can't replay random draws (dropout, stochastic depth: "vmap: called
-    random operation" in the first backward pass). Refused here, by name, with the fixes, before anything runs."""
-    recomputed = [
-        (name or "<root>", layer)
-        for name, layer in trainable_modules(module)
-        if type(layer) not in GradSampleModule.GRAD_SAMPLERS and not isinstance(layer, DPRNN | DPLSTM | DPGRU)
+        if refused
     ]
-    with_buffers = [_described(name, layer) for name, layer in recomputed if next(layer.buffers(), None) is not None]
-    drawing = {_described(name, layer): _random_parts(layer) for name, layer in recomputed}
-    random = [(layer, parts) for layer, parts in drawing.items() if parts]
-    if not with_buffers and not random:
+    found += [
+        f"{_described(name, layer)} draws random numbers while training in {parts}" for name, layer, parts in random
+    ]
+    if not found:
         return
-    problems = [f"{with_buffers} hold buffers, which that recomputation can't carry"] if with_buffers else []
-    problems += [f"{layer} draws random numbers while training in {parts}" for layer, parts in random]
+    if mode == "functorch":
+        refused = list(
+            dict.fromkeys(f"{name} ({type(layer).__name__})" for name, layer, *_ in (*bags, *buffered, *random))
+        )
+        raise RuntimeError(
+            f"grad_sample_mode='functorch' can't form per-example gradients of layers {refused}: Opacus recomputes "
+            f"every trainable layer's forward pass with torch.func there, and {'; '.join(found)} (dropout and "
+            "stochastic depth can't be replayed there). Use grad_sample_mode='hooks', which forms them by per-layer "
+            "rules (functorch only for a layer without one), or turn the random layers inside them off (p=0)."
+        )
     raise RuntimeError(
         "DP-SGD can't form per-example gradients of layers that hold trainable parameters of their own and have no "
-        "per-sample rule: Opacus recomputes their whole forward pass with torch.func, and "
-        f"{'; '.join(problems)} (dropout and stochastic depth can't be replayed there). Freeze those parameters "
-        "(requires_grad_(False)), or move each into a small submodule of its own that holds no buffers and draws "
-        "nothing (e.g. a bias table into an nn.Embedding looked up with the index buffer); or turn the random layers "
-        "inside them off (p=0, e.g. stochastic_depth_prob=0)."
+        f"per-sample rule: Opacus recomputes their whole forward pass with torch.func, and {'; '.join(found)} "
+        "(dropout and stochastic depth can't be replayed there). Freeze those parameters (requires_grad_(False)), or "
+        "move each into a small submodule of its own that holds no buffers and draws nothing (e.g. a bias table into "
+        "an nn.Embedding looked up with the index buffer); or turn the random layers inside them off (p=0, e.g. "
+        "stochastic_depth_prob=0)."
     )
 
 
@@ -214,7 +238,9 @@ class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer)
 
 
 class _RowsSeen:
-    """(layer, rows of its input) of every call of a trainable layer while watched, since the last check.
+    """(layer, rows of its input) of every call of a trainable layer while watched, since the last check; and, for
+    a layer that Opacus re-runs under ``torch.func`` (:func:`_replayed_layers`), a refusal of a call with other inputs
+    that matter (:meth:`check_replayed_inputs`).
 
     The layers' hooks hold this small record, not the engine: a copy of the module (``copy.deepcopy``, as some
     measurements make) must not copy the engine and its DP optimizer (copying an Opacus optimizer also patches its
@@ -238,6 +264,97 @@ class _RowsSeen:
                 )
             self.seen.append((name, inputs[0].shape[0] if inputs[0].ndim else 0))
 
+    def check_replayed_inputs(
+        self, name: str, signature: inspect.Signature, layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Refuse a call of a replayed layer, before it runs, with inputs besides its first positional tensor that
+        differ from their defaults: Opacus re-runs the layer on that first input alone (``layer(x, None)`` is
+        replayed exactly as ``layer(x)``; ``layer(x, mask)`` or ``layer(x, scale=s)`` would not be)."""
+        if self.watching and torch.is_grad_enabled():
+            others = _inputs_besides_the_first(signature, args, kwargs)
+            if others:
+                raise RuntimeError(
+                    f"Layer {name!r} ({type(layer).__name__}) was called with inputs {others} that Opacus can't "
+                    "replay: it forms the layer's per-example gradients by re-running its forward pass with "
+                    "torch.func on its first positional input alone, a tensor (every layer's under "
+                    "grad_sample_mode='functorch'; under the other modes a layer with trainable parameters of its "
+                    "own and no per-sample rule), so they would be the gradients of another computation. Refused "
+                    "before any noise. Call the layer on one tensor and compute its other inputs inside it, or move "
+                    "its trainable parameters into submodules called on one input (nn.Linear, nn.Embedding, ...), or "
+                    "freeze them (requires_grad_(False))."
+                )
+
+
+def _inputs_besides_the_first(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """The names of a call's arguments other than its first positional tensor whose values are not their defaults
+    (every argument's name when the call has no tensor first; none when the call doesn't bind: it fails itself)."""
+    try:
+        arguments = signature.bind(*args, **kwargs).arguments
+    except TypeError:
+        return []
+    if not args or not isinstance(args[0], Tensor):
+        return list(arguments)
+    (first, values), *others = arguments.items()
+    spread = signature.parameters[first].kind is inspect.Parameter.VAR_POSITIONAL and len(values) > 1  # forward(*x)
+    return [first] * spread + [name for name, value in others if not _at_default(signature.parameters[name], value)]
+
+
+def _takes_one_input(signature: inspect.Signature) -> bool:
+    """Whether a ``forward`` takes one input at most (``forward(self, x)``, as ``nn.Linear``'s)."""
+    kinds = [p.kind for p in signature.parameters.values()]
+    return len(kinds) <= 1 and all(
+        kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for kind in kinds
+    )
+
+
+def _at_default(parameter: inspect.Parameter, value: Any) -> bool:
+    """Whether ``value`` is ``parameter``'s default (the same object, or an equal number, string or flag)."""
+    if parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+        return not value
+    default = parameter.default
+    plain = isinstance(value, bool | int | float | str) and type(value) is type(default)
+    return value is default or (plain and value == default)
+
+
+def _name_random_draws(name: str, layer: nn.Module) -> None:
+    """Make the ``torch.func`` re-run of ``layer`` (Opacus's ``ft_compute_sample_grad``) name it when its forward pass
+    draws random numbers in a way no module check sees (``F.dropout(x, p, training=self.training)``, ``torch.rand``):
+    torch's bare "vmap: called random operation" otherwise, in the first backward pass."""
+    replay, kind = layer.ft_compute_sample_grad, type(layer).__name__
+
+    def naming(*args: Any) -> Any:
+        try:
+            return replay(*args)
+        except RuntimeError as error:
+            if "vmap: called random operation" not in str(error):
+                raise
+            raise RuntimeError(
+                f"Layer {name!r} ({kind}) draws random numbers in its forward pass (e.g. F.dropout(x, p, "
+                "training=self.training), torch.rand): Opacus forms its per-example gradients by re-running that "
+                "forward pass with torch.func, which can't replay the draws. Refused before any noise. Draw outside "
+                "the layer (dropout on its input or output, in the module that calls it), turn the draw off (p=0), or "
+                "freeze its trainable parameters (requires_grad_(False))."
+            ) from error
+
+    layer.ft_compute_sample_grad = naming
+
+
+class _FirstInputOnly:
+    """Opacus's hooks, keeping a layer's first positional input only: every per-sample rule, and the ``torch.func``
+    re-run of a layer without one, reads that one alone. Opacus kept them all: it detached each (``bag(tokens, None)``
+    failed with an AttributeError on the ``None``) and took the rows of the mean reduction from the last one."""
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: tuple[Any, ...], output: Any) -> None:
+        super().capture_activations_hook(module, forward_input[:1], output)  # type: ignore[misc]
+
+
+class _Hooks(_FirstInputOnly, GradSampleHooks):
+    pass
+
+
+class _GhostHooks(_FirstInputOnly, GradSampleHooksFastGradientClipping):
+    pass
+
 
 class OpacusHooksEngine(ClippingEngine):
     """Opacus's per-sample-gradient hooks; the only engine that hands out per-example gradients (for the probe).
@@ -252,16 +369,16 @@ class OpacusHooksEngine(ClippingEngine):
     """
 
     supports_sensitivity_probe = True
+    hooks_class: type[GradSampleHooks] = _Hooks
     calls_each_layer_once = False  # a layer may run several times in a step (its per-example gradients add up)
     optimizers = (_CarryingDPOptimizer, _CarryingDistributedDPOptimizer)
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
-        if mode == "functorch":
-            _refuse_what_functorch_cannot_run(module)
-        _refuse_what_opacus_cannot_recompute(module)
+        replayed = _replayed_layers(module, every=mode == "functorch")
+        _refuse_what_torch_func_cannot_replay(replayed, mode)
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
-        self.hooks = prepare_module(module, grad_sample_mode=mode, wrap_model=False, **self._hook_options(options))
+        self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
         self._rows = _RowsSeen(once=self.calls_each_layer_once)
         self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly
@@ -269,6 +386,12 @@ class OpacusHooksEngine(ClippingEngine):
             for name, layer in trainable_modules(module)
             if not aliases_only(layer)  # its submodules see the rows (DPLSTM over time steps)
         ]
+        for name, layer in replayed:
+            _name_random_draws(name, layer)
+            signature = inspect.signature(layer.forward)
+            if not _takes_one_input(signature):  # forward(self, x) (nn.Linear's): nothing else to check
+                check = partial(self._rows.check_replayed_inputs, name, signature)  # every step: inputs may vary
+                self._row_watches.append(layer.register_forward_pre_hook(check, with_kwargs=True, prepend=True))
 
     def _hook_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return {"loss_reduction": "mean"}

@@ -5,31 +5,32 @@ hooks, book-keeping's records). A parameter used elsewhere (``F.linear(x, self.f
 ``layer.forward(x)``, a penalty on the weights in ``training_step``) has a part of its gradient that no hook sees:
 Opacus's hooks and book-keeping leave it out of the update (the model silently trains on less than its gradient),
 and ghost clipping's second backward pass carries it into the update unclipped. :class:`ParameterUses` finds such
-uses in one forward pass (a ``TorchFunctionMode``), keeping those the loss depends on; it also refuses a watched
-``EmbeddingBag`` called with ``per_sample_weights``, which no engine's per-example rule sees. The strategy refuses them
+uses in one forward pass (a ``TorchFunctionMode``), keeping those the loss depends on. The strategy refuses them
 under every engine: under ghost clipping on every step, under the others on a fit's first step. ``trainable``
 names the parameters to watch (book-keeping's do not require grad while it records, so ``requires_grad`` can't).
 
 :class:`WeightedBagGuard` refuses an ``nn.EmbeddingBag`` of a trainable table called with ``per_sample_weights`` on
 every step, whatever the engine: a model may pass the weights only on some batches, which a first-step check misses.
+It is the one check of ``per_sample_weights``: a custom layer calling ``F.embedding_bag`` on its own table has no
+per-sample rule, so Opacus re-runs its whole forward pass under ``torch.func``, weights included (exact); a call
+that passes the weights in as an input, which that re-run would not see, is refused on every step
+(:class:`~lightning_nt.privacy.engines.hooks.OpacusHooksEngine`'s replayed-input check); book-keeping refuses such a
+layer outright (no rule); outside any layer's call, ``F.embedding_bag`` on a table is a use :class:`ParameterUses`
+refuses like any other.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections import Counter
 from collections.abc import Collection
 from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["ParameterUses", "WeightedBagGuard"]
-
-_EMBEDDING_BAG = inspect.signature(F.embedding_bag)
 
 
 def _graph_node(result: Any) -> Any:
@@ -107,8 +108,6 @@ class ParameterUses(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.embedding_bag:
-            self._refuse_per_sample_weights(args, kwargs)
         used = self._used_outside(args, kwargs) if torch.is_grad_enabled() and not self.in_hooks else []
         if any(not p.requires_grad for p in used) and not getattr(func, "__name__", "").endswith("_"):
             args, kwargs = _traced(args, used), _traced(kwargs, used)
@@ -117,14 +116,6 @@ class ParameterUses(TorchFunctionMode):
         if node is not None:
             self.outside.extend((self.names[id(p)], node) for p in used)
         return result
-
-    def _refuse_per_sample_weights(self, args: Any, kwargs: dict[str, Any]) -> None:
-        """An ``EmbeddingBag`` of a watched table called with ``per_sample_weights``: no engine's per-example rule
-        sees the weights (Opacus's hooks record positional inputs only), so its per-example norms would be wrong."""
-        call = _EMBEDDING_BAG.bind(*args, **kwargs).arguments
-        weight = call.get("weight")
-        if call.get("per_sample_weights") is not None and id(weight) in self.names:
-            _refuse_weighted_bag(self.names[id(weight)])
 
     def _used_outside(self, args: Any, kwargs: dict[str, Any]) -> list[nn.Parameter]:
         """The watched parameters among an operation's arguments whose layer is not being called."""
@@ -167,21 +158,11 @@ class ParameterUses(TorchFunctionMode):
         return list(dict.fromkeys(name for name, node in outside if node in reached))
 
 
-def _refuse_weighted_bag(name: str) -> None:
-    raise RuntimeError(
-        f"{name} is pooled by an EmbeddingBag with per_sample_weights, which no clipping engine's per-example "
-        "gradient rule takes into account: each example's gradient would be formed without the weights (ghost "
-        "clipping would then release a weighted gradient whose norm it never bounded; the other engines would train "
-        "on what is not the gradient). Refused before any noise. Weight the looked-up vectors yourself (an "
-        "nn.Embedding, then a weighted sum over positions), or freeze the table."
-    )
-
-
 class WeightedBagGuard:
     """While :attr:`watching`: refuses a call of an ``nn.EmbeddingBag`` whose table is in ``trainable`` with
     ``per_sample_weights`` (positional or keyword), before the call runs, with grad enabled.
 
-    No engine's per-example rule sees the weights: Opacus's hooks record positional inputs only, so under hooks and
+    No engine's per-example rule sees the weights: Opacus's hooks record a layer's first input only, so under hooks and
     book-keeping every example's gradient is formed, and clipped, without them (the update stays bounded by the clip
     but is not the gradient); ghost clipping's second pass carries the weighted gradient, whose norm it never
     measured. A forward pre-hook on each such bag, for the engine's lifetime: a model may pass the weights only on
@@ -207,7 +188,14 @@ class WeightedBagGuard:
         if self.watching and torch.is_grad_enabled():
             weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
             if weights is not None:
-                _refuse_weighted_bag(name)
+                raise RuntimeError(
+                    f"{name} is pooled by an EmbeddingBag with per_sample_weights, which no clipping engine's "
+                    "per-example gradient rule takes into account: each example's gradient would be formed without "
+                    "the weights (ghost clipping would then release a weighted gradient whose norm it never bounded; "
+                    "the other engines would train on what is not the gradient). Refused before any noise. Weight "
+                    "the looked-up vectors yourself (an nn.Embedding, then a weighted sum over positions), or freeze "
+                    "the table."
+                )
 
     def remove(self) -> None:
         """Take the hooks off the module (the end of a fit)."""
