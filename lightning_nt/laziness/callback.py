@@ -64,7 +64,7 @@ def _integer_labels(batch: Any) -> Tensor | None:
 
 
 class LazinessMonitor(Callback):
-    """How lazy training is: weight distance from init, ReLU pattern flips and the change of the empirical NTK.
+    """How lazy training is: weight distance from init, activation pattern flips and the change of the empirical NTK.
 
     When training starts, ``num_examples`` training examples are cached as a fixed probe set together with the
     initial trainable weights ``theta_0``, their activation patterns and the empirical NTK ``K_0`` (trace over
@@ -73,9 +73,10 @@ class LazinessMonitor(Callback):
 
     - ``laziness/weight_distance`` = ``||theta_t - theta_0|| / ||theta_0||``, and ``laziness/weight_distance/<layer>``
       (layers named without the ``_orig_mod.`` of a submodule compiled with ``torch.compile``);
-    - ``laziness/activation_flips``: the fraction of (example, unit) signs of the pre-activations that differ from
-      init, and ``laziness/activation_flips/<layer>`` (ReLU-family modules found by type or by the function they
-      compute, :func:`~lightning_nt.laziness.patterns.is_activation`; or ``layers``);
+    - ``laziness/activation_flips``: the fraction of (example, unit) patterns that differ from init, the pattern
+      being the sign of the pre-activation or, for a clamp such as ReLU6 or Hardtanh, the linear piece it is on
+      (below, between or above the bounds); and ``laziness/activation_flips/<layer>`` (activation modules found by
+      type or by the function they compute, :func:`~lightning_nt.laziness.patterns.is_activation`; or ``layers``);
     - with ``ntk``: ``laziness/ntk_change`` = ``||K_t - K_0||_F / ||K_0||_F``, ``laziness/ntk_lambda_min`` and
       ``laziness/ntk_lambda_max`` (of ``K_t``), and ``laziness/kernel_alignment`` (centred kernel-target
       alignment with the one-hot labels, Cortes et al. 2012) when the probe set has labels;
@@ -94,19 +95,20 @@ class LazinessMonitor(Callback):
     BatchNorm on its running statistics) in fp32 outside autocast, so every example's outputs are its own.
 
     The run is left exactly as without the monitor (no parameter, gradient, buffer, RNG or mode changes).
-    Kept in memory (and in checkpoints): one copy of the trainable weights, the probe set, ``m x units`` booleans
-    and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples, ``4 m C P`` bytes for
-    ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for more work);
-    ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank
-    measures its own probe set and every rank logs the mean over ranks.
+    Kept in memory (and in checkpoints): one copy of the trainable weights, the probe set, one byte per (example,
+    unit) for the patterns and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples,
+    ``4 m C P`` bytes for ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for
+    more work); ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank measures its own probe
+    set and every rank logs the mean over ranks.
 
     Args:
         every_n_steps: optimizer steps between measurements.
         num_examples: training examples in the probe set (the first batches of the train loader).
         ntk: also measure the empirical NTK (change, extreme eigenvalues, alignment).
-        layers: names of the submodules whose sign patterns count: an activation module's input, or any other
-            module's output; default every ReLU-family activation module (``ACTIVATIONS`` by type, and a
-            parameter-free module of another class that computes ReLU, GELU or SiLU, such as ``class MyReLU``).
+        layers: names of the submodules whose patterns count: an activation module's input (its linear piece), or
+            any other module's output (its sign); default every activation module (``ACTIVATIONS`` by type, and a
+            parameter-free module of another class that computes ReLU, LeakyReLU, a clamp, GELU or SiLU, such as
+            ``class MyReLU`` or a model's ``x.clamp(0, 6)``).
         chunk_size: examples per vmapped Jacobian (``None``: the whole probe set at once).
         hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
             chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
