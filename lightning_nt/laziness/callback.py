@@ -296,8 +296,9 @@ class LazinessMonitor(Callback):
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
         values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
+        patterns = self._as_recorded(patterns, initial["patterns"])
         if patterns:
-            flips = pattern_flips(initial["patterns"], {name: p.cpu() for name, p in patterns.items()})
+            flips = pattern_flips(initial["patterns"], patterns)
             values[f"{_TAG}/activation_flips"] = flips.pop("")
             values.update({f"{_TAG}/activation_flips/{layer}": value for layer, value in flips.items()})
         if kernel is not None:
@@ -309,6 +310,29 @@ class LazinessMonitor(Callback):
         values[f"{_TAG}/seconds"] = time.perf_counter() - started
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
+
+    def _as_recorded(self, patterns: dict[str, Tensor], initial: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The patterns (on the CPU) of the layers the initial ones cover, recorded as those were.
+
+        A checkpoint saved before clamps had piece patterns holds ReLU6's signs (its input ``> 0``, which is its
+        piece ``> 0``) and no pattern of a Hardtanh, a LeakyReLU or a clamp of another class: a resumed run goes on
+        counting what its initial patterns recorded, with one warning."""
+        comparable = {
+            name: pattern.cpu() > 0 if initial[name].dtype == torch.bool else pattern.cpu()
+            for name, pattern in patterns.items()
+            if name in initial
+        }
+        signs = [name for name, pattern in patterns.items() if name in initial and pattern.dtype != initial[name].dtype]
+        new = sorted(patterns.keys() - initial.keys())
+        if signs or new:
+            self._warn(
+                "patterns",
+                f"LazinessMonitor: the initial activation patterns hold signs for {signs} and nothing for {new}: "
+                "they were recorded by an older version (before ReLU6 and Hardtanh had patterns of three linear "
+                "pieces and hand-written clamps and LeakyReLUs were recognised). This run counts sign flips for the "
+                "former and no flips for the latter; a new run counts them all.",
+            )
+        return comparable
 
     def _restart_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The trainable parameters changed (a fine-tuning schedule froze or unfroze some): distances and kernels

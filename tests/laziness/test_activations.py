@@ -9,11 +9,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_nt.laziness import LazinessMonitor, activation_layers, activation_patterns, is_activation
 from lightning_nt.laziness.patterns import pattern_flips, piece_boundaries
-from tests.helpers import seeded_fit
+from tests.helpers import seeded_fit, tiny_trainer
 from tests.laziness.models import ReLUClassifier
 
 
@@ -203,3 +204,33 @@ def test_the_monitor_counts_the_relu6_flips_of_the_core() -> None:
     flips = pattern_flips(before, after)[""]
     signs = pattern_flips({k: p > 0 for k, p in before.items()}, {k: p > 0 for k, p in after.items()})[""]
     assert monitor.history[-1]["laziness/activation_flips"] == pytest.approx(flips) and flips > signs
+
+
+class _Clamped(ReLUClassifier):
+    """``ReLUClassifier`` with a ReLU6 and a Hardtanh, whose patterns an older version recorded differently."""
+
+    def __init__(self) -> None:
+        super().__init__(shuffle=False)
+        self.net[2], self.net[5] = nn.ReLU6(), nn.Hardtanh()
+
+
+def test_a_run_resumed_from_a_checkpoint_with_sign_patterns_counts_what_they_recorded(tmp_path) -> None:
+    """A checkpoint saved before clamps had piece patterns: ReLU6's initial pattern is its signs, and the Hardtanh
+    has none (found: the resumed fit failed in ``pattern_flips``, "The pattern sets cover different layers")."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    first = LazinessMonitor(every_n_steps=3, num_examples=16, ntk=False)
+    seeded_fit([first, checkpoint], _Clamped, max_epochs=1, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    patterns = saved["callbacks"][first.state_key]["initial"]["patterns"]
+    assert patterns["net.2"].dtype == torch.uint8 and "net.5" in patterns
+    saved["callbacks"][first.state_key]["initial"]["patterns"] = {"net.2": patterns["net.2"] > 0}  # as it was
+    torch.save(saved, tmp_path / "older.ckpt")
+    resumed, module = LazinessMonitor(every_n_steps=3, num_examples=16, ntk=False), _Clamped()
+    with pytest.warns(UserWarning, match=r"signs for \['net\.2'\] and nothing for \['net\.5'\]"):
+        tiny_trainer(None, callbacks=[resumed], max_epochs=2).fit(module, ckpt_path=str(tmp_path / "older.ckpt"))
+    inputs = next(iter(module.train_dataloader()))[0][:16]
+    now = activation_patterns(module.eval(), inputs)["net.2"] > 0
+    expected = pattern_flips({"net.2": patterns["net.2"] > 0}, {"net.2": now})["net.2"]
+    last = resumed.history[-1]
+    assert last["laziness/activation_flips/net.2"] == pytest.approx(expected) == last["laziness/activation_flips"]
+    assert "laziness/activation_flips/net.5" not in last
