@@ -295,8 +295,18 @@ class RepresentationSimilarity(Callback):
         features = self._features(trainer, pl_module)
         reference = self._reference_matrices(features)
         current = {name: PreparedFeatures(self._unit_matrix(output)) for name, output in features.items()}
+        unmatched = [name for name in current if name not in reference]
+        if unmatched:  # a checkpoint's reference from before ReLU6, Hardtanh and hand-written LeakyReLUs were found
+            self._warn(
+                "unmatched",
+                f"RepresentationSimilarity: the reference has no features of {unmatched} (an older version, which did "
+                "not compare ReLU6, Hardtanh or LeakyReLU modules written elsewhere, recorded it); they are left out "
+                "of the comparisons with it.",
+            )
         values = {}
         for name, matrix in current.items():
+            if name not in reference:
+                continue
             activation = self._activations[name.partition("#")[0]]
             layer = similarities(matrix, reference[name], self.metrics, activation)  # type: ignore[arg-type]
             values.update({f"similarity/{metric}/{name}": value for metric, value in layer.items()})

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from lightning_nt.similarity import RepresentationSimilarity
 from lightning_nt.similarity.activations import clamp_group, recognised_activation
-from tests.helpers import TinyClassifier, seeded_fit
+from tests.helpers import TinyClassifier, seeded_fit, tiny_trainer
 
 
 class GELUActivation(nn.Module):  # HuggingFace BERT's, through the functional GELU
@@ -182,3 +183,30 @@ def test_the_callback_compares_relu6_and_hardtanh_up_to_their_groups(activation,
     seeded_fit([monitor], lambda: module, max_epochs=1)
     assert "similarity/intertwiner/net.2" in monitor.history[-1]
     assert f"| net.2 | {group} |" in monitor.table()
+
+
+class _WithReLU6(TinyClassifier):
+    """``TinyClassifier`` with a ReLU6 before its Tanh: a layer an older version did not compare."""
+
+    def __init__(self) -> None:
+        super().__init__(num_samples=64, shuffle=False)
+        self.net[1] = nn.ReLU6()
+
+
+def test_a_run_resumed_from_a_reference_without_the_relu6_layer_compares_the_layers_it_has(tmp_path) -> None:
+    """A checkpoint whose reference features an older version recorded: no ReLU6 features (found: the resumed fit
+    failed with a KeyError on ``net.1``)."""
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = RepresentationSimilarity(num_examples=32)
+    seeded_fit([first, saver], _WithReLU6, max_epochs=1, enable_checkpointing=True)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = saved["callbacks"][first.state_key]
+    assert set(state["reference_features"]) == {"net.1", "net.2"}
+    del state["reference_features"]["net.1"]  # as the older version saved it
+    state["history"] = [{k: v for k, v in entry.items() if "/net.1" not in k} for entry in state["history"]]
+    torch.save(saved, tmp_path / "older.ckpt")
+    resumed = RepresentationSimilarity(num_examples=32)
+    with pytest.warns(UserWarning, match=r"the reference has no features of \['net\.1'\]"):
+        tiny_trainer(None, callbacks=[resumed], max_epochs=2).fit(_WithReLU6(), ckpt_path=str(tmp_path / "older.ckpt"))
+    assert len(resumed.history) == 2 and "similarity/cka/net.1" not in resumed.history[-1]
+    assert 0 < resumed.history[-1]["similarity/cka/net.2"] <= 1
