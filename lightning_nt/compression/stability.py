@@ -157,8 +157,8 @@ def noise_stability(
         )
     with preserved_state(model), differentiable_kernels():  # forward-mode AD through attention (ViT)
         model.eval()
-        logits, layers, skipped = _record(model, predict)
-        left_out = [reason.partition(":")[0] for reason in skipped]  # layers that ran but can't be measured
+        logits, layers, left_out = _record(model, predict)
+        skipped = [f"{name}: {why}" for name, why in left_out.items()]
         if not layers:
             return NoiseStability(skipped=[*skipped, "no nn.Linear / nn.Conv layer ran once in the forward"])
         report = _noiseless_report(layers, skipped)
@@ -168,7 +168,9 @@ def noise_stability(
         if failed:
             report.skipped.append("effective_params: needs every layer's interlayer cushion")
         elif left_out:  # Theorem 4.1 sums over every layer: a sum over some would understate it
-            report.skipped.append(f"effective_params: sums over every layer, and {left_out} could not be measured")
+            report.skipped.append(
+                f"effective_params: sums over every layer, and {list(left_out)} could not be measured"
+            )
         else:
             report.effective_params = _effective_params(report, logits, labels, gamma)
     return report
@@ -224,8 +226,9 @@ def _norms(tensor: Tensor) -> Tensor:
     return tensor.flatten(1).double().norm(dim=1)
 
 
-def _record(model: nn.Module, predict: Callable[[], Tensor]) -> tuple[Tensor, list[_Layer], list[str]]:
-    """One forward that records every layer's calls: ``(logits, layers run once in order, reasons for the rest)``."""
+def _record(model: nn.Module, predict: Callable[[], Tensor]) -> tuple[Tensor, list[_Layer], dict[str, str]]:
+    """One forward that records every layer's calls: ``(logits, layers run once in order, {name: why} for the layers
+    that ran but can't be measured)``."""
     calls: dict[str, list[_Layer]] = {}
 
     def recorder(name: str) -> Callable[..., None]:
@@ -244,17 +247,15 @@ def _record(model: nn.Module, predict: Callable[[], Tensor]) -> tuple[Tensor, li
             handle.remove()
     once = [records[0] for records in calls.values() if len(records) == 1]
     layers = [layer for layer in once if _per_example(layer, len(logits))]
-    skipped = [
-        f"{name}: ran {len(records)} times in one forward" for name, records in calls.items() if len(records) > 1
-    ]
-    skipped += [
-        f"{layer.name}: its output {list(layer.output.shape)} doesn't hold the {len(logits)} examples along dimension "
-        "0 (a layer run on inputs the batch shares, such as Swin V2's position-bias MLP, or on positions folded into "
-        "the batch dimension)"
+    left_out = {name: f"ran {len(records)} times in one forward" for name, records in calls.items() if len(records) > 1}
+    left_out |= {
+        layer.name: f"its output {list(layer.output.shape)} doesn't hold the {len(logits)} examples along dimension 0 "
+        "(a layer run on inputs the batch shares, such as Swin V2's position-bias MLP, or on positions folded into the "
+        "batch dimension)"
         for layer in once
         if not _per_example(layer, len(logits))
-    ]
-    return logits, layers, skipped
+    }
+    return logits, layers, left_out
 
 
 def _per_example(layer: _Layer, examples: int) -> bool:

@@ -64,7 +64,7 @@ def _integer_labels(batch: Any) -> Tensor | None:
 
 
 class LazinessMonitor(Callback):
-    """How lazy training is: weight distance from init, ReLU pattern flips and the change of the empirical NTK.
+    """How lazy training is: weight distance from init, activation pattern flips and the change of the empirical NTK.
 
     When training starts, ``num_examples`` training examples are cached as a fixed probe set together with the
     initial trainable weights ``theta_0``, their activation patterns and the empirical NTK ``K_0`` (trace over
@@ -73,9 +73,10 @@ class LazinessMonitor(Callback):
 
     - ``laziness/weight_distance`` = ``||theta_t - theta_0|| / ||theta_0||``, and ``laziness/weight_distance/<layer>``
       (layers named without the ``_orig_mod.`` of a submodule compiled with ``torch.compile``);
-    - ``laziness/activation_flips``: the fraction of (example, unit) signs of the pre-activations that differ from
-      init, and ``laziness/activation_flips/<layer>`` (ReLU-family modules found by type or by the function they
-      compute, :func:`~lightning_nt.laziness.patterns.is_activation`; or ``layers``);
+    - ``laziness/activation_flips``: the fraction of (example, unit) patterns that differ from init, the pattern
+      being the sign of the pre-activation or, for a clamp such as ReLU6 or Hardtanh, the linear piece it is on
+      (below, between or above the bounds); and ``laziness/activation_flips/<layer>`` (activation modules found by
+      type or by the function they compute, :func:`~lightning_nt.laziness.patterns.is_activation`; or ``layers``);
     - with ``ntk``: ``laziness/ntk_change`` = ``||K_t - K_0||_F / ||K_0||_F``, ``laziness/ntk_lambda_min`` and
       ``laziness/ntk_lambda_max`` (of ``K_t``), and ``laziness/kernel_alignment`` (centred kernel-target
       alignment with the one-hot labels, Cortes et al. 2012) when the probe set has labels;
@@ -94,19 +95,20 @@ class LazinessMonitor(Callback):
     BatchNorm on its running statistics) in fp32 outside autocast, so every example's outputs are its own.
 
     The run is left exactly as without the monitor (no parameter, gradient, buffer, RNG or mode changes).
-    Kept in memory (and in checkpoints): one copy of the trainable weights, the probe set, ``m x units`` booleans
-    and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples, ``4 m C P`` bytes for
-    ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for more work);
-    ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank
-    measures its own probe set and every rank logs the mean over ranks.
+    Kept in memory (and in checkpoints): one copy of the trainable weights, the probe set, one byte per (example,
+    unit) for the patterns and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples,
+    ``4 m C P`` bytes for ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for
+    more work); ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank measures its own probe
+    set and every rank logs the mean over ranks.
 
     Args:
         every_n_steps: optimizer steps between measurements.
         num_examples: training examples in the probe set (the first batches of the train loader).
         ntk: also measure the empirical NTK (change, extreme eigenvalues, alignment).
-        layers: names of the submodules whose sign patterns count: an activation module's input, or any other
-            module's output; default every ReLU-family activation module (``ACTIVATIONS`` by type, and a
-            parameter-free module of another class that computes ReLU, GELU or SiLU, such as ``class MyReLU``).
+        layers: names of the submodules whose patterns count: an activation module's input (its linear piece), or
+            any other module's output (its sign); default every activation module (``ACTIVATIONS`` by type, and a
+            parameter-free module of another class that computes ReLU, LeakyReLU, a clamp, GELU or SiLU, such as
+            ``class MyReLU`` or a model's ``x.clamp(0, 6)``).
         chunk_size: examples per vmapped Jacobian (``None``: the whole probe set at once).
         hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
             chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
@@ -294,8 +296,9 @@ class LazinessMonitor(Callback):
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
         values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})
+        patterns = self._as_recorded(patterns, initial["patterns"])
         if patterns:
-            flips = pattern_flips(initial["patterns"], {name: p.cpu() for name, p in patterns.items()})
+            flips = pattern_flips(initial["patterns"], patterns)
             values[f"{_TAG}/activation_flips"] = flips.pop("")
             values.update({f"{_TAG}/activation_flips/{layer}": value for layer, value in flips.items()})
         if kernel is not None:
@@ -307,6 +310,29 @@ class LazinessMonitor(Callback):
         values[f"{_TAG}/seconds"] = time.perf_counter() - started
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
+
+    def _as_recorded(self, patterns: dict[str, Tensor], initial: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The patterns (on the CPU) of the layers the initial ones cover, recorded as those were.
+
+        A checkpoint saved before clamps had piece patterns holds ReLU6's signs (its input ``> 0``, which is its
+        piece ``> 0``) and no pattern of a Hardtanh, a LeakyReLU or a clamp of another class: a resumed run goes on
+        counting what its initial patterns recorded, with one warning."""
+        comparable = {
+            name: pattern.cpu() > 0 if initial[name].dtype == torch.bool else pattern.cpu()
+            for name, pattern in patterns.items()
+            if name in initial
+        }
+        signs = [name for name, pattern in patterns.items() if name in initial and pattern.dtype != initial[name].dtype]
+        new = sorted(patterns.keys() - initial.keys())
+        if signs or new:
+            self._warn(
+                "patterns",
+                f"LazinessMonitor: the initial activation patterns hold signs for {signs} and nothing for {new}: "
+                "they were recorded by an older version (before ReLU6 and Hardtanh had patterns of three linear "
+                "pieces and hand-written clamps and LeakyReLUs were recognised). This run counts sign flips for the "
+                "former and no flips for the latter; a new run counts them all.",
+            )
+        return comparable
 
     def _restart_reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The trainable parameters changed (a fine-tuning schedule froze or unfroze some): distances and kernels

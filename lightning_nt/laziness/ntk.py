@@ -10,8 +10,8 @@ examples at a time. The Jacobians of all ``m`` examples are held together: ``4 m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from torch.func import jacrev
 
 from lightning_nt.common.autodiff import vmap_or_loop, without_backward_hooks
 from lightning_nt.common.batches import batch_size, tensors_of
+from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import at_least, checked_arguments
 
@@ -114,20 +115,17 @@ def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: 
     return kernel
 
 
-@contextmanager
-def _explained_transform_failures() -> Iterator[None]:
+def _explained_transform_failures() -> AbstractContextManager[None]:
     """torch.func's refusals of activation checkpointing (either kind), turned into the reason and the fix."""
-    try:
-        yield
-    except RuntimeError as error:
-        if "saved tensor hooks" not in str(error) and "setup_context" not in str(error):
-            raise
-        raise RuntimeError(
+    return explained_errors(
+        lambda text: "saved tensor hooks" in text or "setup_context" in text,
+        lambda error: (
             f"The tangent kernel's per-example Jacobians come from torch.func, which can't go through activation "
             f"checkpointing (torch.utils.checkpoint) or an autograd.Function without setup_context ({error}). "
             "Turn checkpointing off while the kernel is measured: pass `forward_fn(module, batch)` that runs the "
             "layers without it."
-        ) from error
+        ),
+    )
 
 
 def _outputs_tensor(outputs: Any, module: nn.Module) -> Tensor:

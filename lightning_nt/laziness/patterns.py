@@ -1,11 +1,14 @@
-"""ReLU activation patterns: which units are on for which examples, and how many of those signs flipped.
+"""Activation patterns: which linear piece each unit is on for which examples, and how many of those flipped.
 
 Allen-Zhu, Li & Song (2019) show that in over-parameterised networks few activation patterns change during
-training; the fraction of (example, unit) signs that flipped since initialisation measures it directly.
+training; the fraction of (example, unit) patterns that flipped since initialisation measures it directly. For a
+ReLU the pattern is the sign of the unit's input (on or off); for an activation with more linear pieces, such as
+ReLU6 or a Hardtanh, it is the index of the piece (below, between or above the clamp's bounds).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_nt.common.activations import ElementwiseFunction, computed_function
+from lightning_nt.common.activations import ElementwiseFunction, clamp_bounds, computed_function
 from lightning_nt.common.compiled import eager_execution, named_modules, uncompiled_name
 from lightning_nt.laziness.ntk import ForwardFn
 
@@ -24,11 +27,13 @@ __all__ = [
     "activation_patterns",
     "is_activation",
     "pattern_flips",
+    "piece_boundaries",
 ]
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
+    nn.Hardtanh,
     nn.LeakyReLU,
     nn.PReLU,
     nn.RReLU,
@@ -39,33 +44,58 @@ ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.SiLU,
     nn.Mish,
 )
-"""The ReLU family found by module type: activations whose gate is the sign of their input. A unit of ReLU,
-LeakyReLU, PReLU or RReLU changes its linear piece exactly when its input changes sign (ReLU6 also at 6, its
-saturation, which the sign pattern leaves out); for the smooth ones (ELU, GELU, SiLU, ...) the sign is where the
-unit turns from nearly off to nearly linear. Tanh, sigmoid and a Hardtanh(-1, 1) have no gate at 0: not in it."""
+"""The activations found by module type: the ReLU family, whose gate is the sign of their input, and the clamps.
+A unit of ReLU, LeakyReLU, PReLU or RReLU changes its linear piece exactly when its input changes sign; for the
+smooth ones (ELU, GELU, SiLU, ...) the sign is where the unit turns from nearly off to nearly linear. A Hardtanh
+(and ReLU6, a Hardtanh from 0 to 6) has three linear pieces, below, between and above its bounds, and a unit changes
+piece at either (:func:`piece_boundaries`). Tanh and sigmoid have no pieces: not in it."""
 
-RECOGNISED_FUNCTIONS: tuple[ElementwiseFunction, ...] = ("relu", "gelu", "silu")
-"""The ReLU-family functions a module of another class is recognised by, from what it computes
+RECOGNISED_FUNCTIONS: tuple[ElementwiseFunction, ...] = ("relu", "leaky_relu", "hardtanh", "gelu", "silu")
+"""The functions a module of another class is recognised by, from what it computes
 (:func:`~lightning_nt.common.activations.computed_function`): a ``class MyReLU(nn.Module)``, ``nn.Hardtanh(0, inf)``,
-HuggingFace's ``GELUActivation``. The same recognition as RepresentationSimilarity's, less tanh and sigmoid."""
+a model's own LeakyReLU or ``x.clamp(0, 6)``, HuggingFace's ``GELUActivation``. The same recognition as
+RepresentationSimilarity's, less tanh and sigmoid."""
+
+
+def piece_boundaries(module: nn.Module) -> tuple[float, ...]:
+    """The inputs at which a unit of the activation ``module`` moves to another linear piece, ascending; empty when
+    ``module`` is not an activation (:func:`is_activation`).
+
+    A clamp (``nn.Hardtanh``, ``nn.ReLU6`` or a module of another class computing one,
+    :func:`~lightning_nt.common.activations.clamp_bounds`) has its finite bounds; every other activation of
+    :data:`ACTIVATIONS` or :data:`RECOGNISED_FUNCTIONS` has 0, its gate.
+
+    Examples:
+        >>> piece_boundaries(nn.ReLU6()), piece_boundaries(nn.Hardtanh(-2.0, 3.0)), piece_boundaries(nn.GELU())
+        ((0.0, 6.0), (-2.0, 3.0), (0.0,))
+        >>> piece_boundaries(nn.Hardtanh(0.0, float("inf"))), piece_boundaries(nn.Tanh())
+        ((0.0,), ())
+    """
+    bounds = clamp_bounds(module)
+    if bounds is not None:
+        return tuple(bound for bound in bounds if math.isfinite(bound))
+    if isinstance(module, ACTIVATIONS) or computed_function(module) in RECOGNISED_FUNCTIONS:
+        return (0.0,)
+    return ()
 
 
 def is_activation(module: nn.Module) -> bool:
-    """Whether ``module`` is a ReLU-family activation: one of :data:`ACTIVATIONS` by type, or a parameter-free module
-    of another class that computes one of :data:`RECOGNISED_FUNCTIONS`.
+    """Whether ``module`` is an activation whose units' linear pieces (or gates) the patterns follow: one of
+    :data:`ACTIVATIONS` by type, or a parameter-free module of another class that computes one of
+    :data:`RECOGNISED_FUNCTIONS` (and, for a clamp, clamps at least one end).
 
     Examples:
-        >>> class MyReLU(nn.Module):
+        >>> class MyReLU6(nn.Module):
         ...     def forward(self, x):
-        ...         return x.clamp(min=0)
-        >>> is_activation(MyReLU()), is_activation(nn.LeakyReLU()), is_activation(nn.Tanh())
+        ...         return x.clamp(0, 6)
+        >>> is_activation(MyReLU6()), is_activation(nn.LeakyReLU()), is_activation(nn.Tanh())
         (True, True, False)
     """
-    return isinstance(module, ACTIVATIONS) or computed_function(module) in RECOGNISED_FUNCTIONS
+    return bool(piece_boundaries(module))
 
 
 def activation_layers(module: nn.Module) -> list[str]:
-    """Names of the submodules of ``module`` that are ReLU-family activations (:func:`is_activation`).
+    """Names of the submodules of ``module`` that are activations (:func:`is_activation`).
 
     Examples:
         >>> activation_layers(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.GELU(), nn.Tanh()))
@@ -78,10 +108,13 @@ def activation_layers(module: nn.Module) -> list[str]:
 def activation_patterns(
     module: nn.Module, inputs: Any, layers: Sequence[str] | None = None, forward_fn: ForwardFn | None = None
 ) -> dict[str, Tensor]:
-    """The sign pattern ``[m, units]`` (``True`` where positive) of each layer's pre-activation on ``inputs``.
+    """The pattern ``[m, units]`` of each layer on ``inputs``: which linear piece each unit's pre-activation is on.
 
-    For an activation module (:func:`is_activation`) the pattern is the sign of its input, the gate of the unit;
-    for any other named layer (say the ``Linear`` before a functional ``F.relu``) the sign of its output.
+    For an activation module (:func:`is_activation`) with one boundary (the ReLU family: 0) the pattern is the sign
+    of its input, the gate of the unit (``True`` where positive); with more (a clamp such as ``nn.ReLU6`` or
+    ``nn.Hardtanh``, :func:`piece_boundaries`) it is the index of the piece, ``uint8``: the number of boundaries the
+    input is above (0 below the lower bound, 1 between, 2 above the upper). For any other named layer (say the
+    ``Linear`` before a functional ``F.relu``) the pattern is the sign of its output.
     ``layers`` defaults to every activation module (:func:`activation_layers`). Units are the flattened
     non-batch dimensions (for a convolution, every channel at every position). A module called several times in
     one forward pass (one ``nn.ReLU`` shared by the blocks of a ResNet) contributes the units of every call,
@@ -95,6 +128,10 @@ def activation_patterns(
         >>> activation_patterns(net, torch.tensor([[2.0], [-3.0]]))
         {'1': tensor([[ True, False],
                 [False,  True]])}
+        >>> net[1] = nn.ReLU6()
+        >>> activation_patterns(net, torch.tensor([[7.0], [-3.0]]))  # above 6, between; below 0, between
+        {'1': tensor([[2, 0],
+                [0, 1]], dtype=torch.uint8)}
     """
     names = [uncompiled_name(name) for name in layers] if layers is not None else activation_layers(module)
     found = named_modules(module)
@@ -111,7 +148,8 @@ def activation_patterns(
 
 
 def pattern_flips(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> dict[str, float]:
-    """The fraction of (example, unit) signs that differ between two pattern sets, per layer and overall (``""``).
+    """The fraction of (example, unit) patterns (signs or piece indices) that differ between two pattern sets, per
+    layer and overall (``""``).
 
     The overall fraction weighs each layer by its number of (example, unit) pairs.
 
@@ -149,10 +187,21 @@ def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dic
 
 
 def _recorder(name: str, layer: nn.Module, into: dict[str, list[Tensor]]) -> Callable[..., None]:
-    gate_on_input = is_activation(layer)
+    boundaries = piece_boundaries(layer)
 
     def record(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        value = args[0] if gate_on_input else output
-        into[name].append((value.detach() > 0).flatten(1))
+        value = args[0] if boundaries else output
+        into[name].append(_pieces(value.detach().flatten(1), boundaries or (0.0,)))
 
     return record
+
+
+def _pieces(value: Tensor, boundaries: tuple[float, ...]) -> Tensor:
+    """The piece each entry of ``value`` is on: ``value > boundary`` for one boundary, else the count of boundaries
+    it is above (``uint8``)."""
+    if len(boundaries) == 1:
+        return value > boundaries[0]
+    pieces = torch.zeros_like(value, dtype=torch.uint8)
+    for boundary in boundaries:
+        pieces += value > boundary
+    return pieces

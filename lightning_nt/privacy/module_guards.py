@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_nt.common.compiled import compiled_parts
+from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.layers import reparametrized_modules
 from lightning_nt.privacy.book_keeping.rules import reregistered_parameters
 
@@ -247,25 +248,22 @@ def refusing_recomputation(module: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
-@contextlib.contextmanager
-def naming_in_place_changes_of_hooked_outputs() -> Iterator[None]:
+def naming_in_place_changes_of_hooked_outputs() -> contextlib.AbstractContextManager[None]:
     """Name the cause and the fixes of PyTorch's "Output 0 of BackwardHookFunctionBackward is a view and is being
     modified inplace": Opacus's per-example hooks (``grad_sample_mode`` hooks, functorch, ghost) are full backward
     hooks, and an in-place operation on a hooked layer's output (``nn.ReLU(inplace=True)`` after a GroupNorm, ResNet's
     ``out += identity``: torchvision's CNNs) is forbidden on their outputs. Raised in the first private forward pass,
     before any update."""
-    try:
-        yield
-    except RuntimeError as error:
-        if "BackwardHookFunction" not in str(error) or "modified inplace" not in str(error):
-            raise
-        raise RuntimeError(
+    return explained_errors(
+        lambda text: "BackwardHookFunction" in text and "modified inplace" in text,
+        lambda _: (
             "An in-place operation in the module's forward pass (nn.ReLU(inplace=True) or another activation with "
             "inplace=True, `out += identity`, ...) changes the output of a layer whose per-example gradients Opacus's "
             "hooks capture with a full backward hook, which PyTorch forbids. Use grad_sample_mode='bk' (or 'auto'), "
             "whose hooks are on tensors and allow in-place operations, or make those operations out-of-place (e.g. "
             "`for m in model.modules(): m.inplace = False` where the attribute exists, `out = out + identity`)."
-        ) from error
+        ),
+    )
 
 
 def _refuse_recomputation(name: str, *_: Any) -> None:

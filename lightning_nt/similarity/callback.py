@@ -58,6 +58,7 @@ ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {
     nn.ReLU: "relu",
     nn.LeakyReLU: "relu",
     nn.PReLU: "relu",
+    nn.ReLU6: "gelu",
     nn.Tanh: "tanh",
     nn.GELU: "gelu",
     nn.SiLU: "gelu",
@@ -65,7 +66,9 @@ ACTIVATION_MODULES: dict[type[nn.Module], Activation] = {
 }
 """Module classes whose outputs ``layers=None`` compares, with the intertwiner group of each (SiLU, like GELU,
 has the permutations; LeakyReLU and PReLU, like ReLU, the permutations times positive scalings: a PReLU with one
-slope per unit is permuted with its units)."""
+slope per unit is permuted with its units; ReLU6, saturating at 6, the permutations only). An ``nn.Hardtanh``'s
+group depends on its bounds (:func:`~lightning_nt.similarity.activations.clamp_group`): it is found by what it
+computes, as activation classes written elsewhere are."""
 
 
 def _is_reference(value: Any) -> bool:
@@ -105,8 +108,9 @@ class RepresentationSimilarity(Callback):
             elsewhere (HuggingFace's ``GELUActivation``), from what it computes
             (:func:`~lightning_nt.similarity.activations.recognised_activation`), or a mapping
             ``{name: activation}`` with activations among ``"relu"``, ``"tanh"``, ``"gelu"``, ``"sigmoid"``,
-            ``"identity"``. ``None``: every ReLU, LeakyReLU, PReLU, Tanh, GELU, SiLU and Sigmoid module, and every
-            activation module of another class recognised by what it computes. A module that runs several times
+            ``"identity"``. ``None``: every ReLU, LeakyReLU, PReLU, ReLU6, Tanh, GELU, SiLU and Sigmoid module, every
+            Hardtanh (its group by its bounds) and every activation module of another class recognised by what it
+            computes. A module that runs several times
             in one forward pass gives one layer per call, named ``<name>#<call>``. In a submodule compiled with
             ``torch.compile`` a name may carry the ``_orig_mod.`` component or not; tags are logged without it.
         reference: ``"init"`` (the network when training starts), ``"previous"`` (the last measurement), the path
@@ -291,8 +295,18 @@ class RepresentationSimilarity(Callback):
         features = self._features(trainer, pl_module)
         reference = self._reference_matrices(features)
         current = {name: PreparedFeatures(self._unit_matrix(output)) for name, output in features.items()}
+        unmatched = [name for name in current if name not in reference]
+        if unmatched:  # a checkpoint's reference from before ReLU6, Hardtanh and hand-written LeakyReLUs were found
+            self._warn(
+                "unmatched",
+                f"RepresentationSimilarity: the reference has no features of {unmatched} (an older version, which did "
+                "not compare ReLU6, Hardtanh or LeakyReLU modules written elsewhere, recorded it); they are left out "
+                "of the comparisons with it.",
+            )
         values = {}
         for name, matrix in current.items():
+            if name not in reference:
+                continue
             activation = self._activations[name.partition("#")[0]]
             layer = similarities(matrix, reference[name], self.metrics, activation)  # type: ignore[arg-type]
             values.update({f"similarity/{metric}/{name}": value for metric, value in layer.items()})

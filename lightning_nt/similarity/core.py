@@ -9,8 +9,8 @@ transformed by an element of the measure's group:
   global scale (Kornblith et al. 2019; Williams et al. 2021; Ding et al. 2021).
 - :func:`intertwiner_similarity`: the intertwiner group of a nonlinearity, the maps of a layer's units that
   the network itself can undo in the next layer (Godfrey et al. 2022): ReLU (and LeakyReLU) permutations times
-  positive per-unit scalings; tanh signed permutations; GELU and sigmoid permutations; the identity every
-  invertible map.
+  positive per-unit scalings; tanh (and a Hardtanh to ``[-a, a]``) signed permutations; GELU, sigmoid and ReLU6
+  permutations; the identity every invertible map.
 
 A feature that is constant over the examples (a dead ReLU unit) carries no information and is set to zero
 after centring; a representation with no variance at all has similarity 0 with anything. An input that holds

@@ -312,6 +312,31 @@ def test_a_layer_run_twice_is_skipped():
     assert "effective_params: sums over every layer, and ['fc'] could not be measured" in report.skipped
 
 
+class OddlyNamedSharedLayer(nn.Module):
+    """A layer run twice, held in a ``ModuleDict`` under a key with ``": "`` and a quote in it (PyTorch allows any
+    name without a dot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({"fc: 'shared'": nn.Linear(4, 4), "out": nn.Linear(4, 2)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.blocks["fc: 'shared'"]
+        return self.blocks["out"](shared(shared(x).relu()).relu())
+
+
+def test_a_left_out_layer_is_named_exactly_whatever_its_name():
+    """The left-out layers come from the recording step, not from parsing the reasons (found: the text before the
+    first ``":"`` was taken for the name, here ``blocks.fc``)."""
+    torch.manual_seed(14)
+    net, x = OddlyNamedSharedLayer(), torch.randn(5, 4)
+    report = noise_stability(net, lambda: net(x), gamma=1.0, num_noise_samples=1)
+    assert report.layers == ["blocks.out"]
+    assert report.skipped[0] == "blocks.fc: 'shared': ran 2 times in one forward"
+    names = repr(["blocks.fc: 'shared'"])
+    assert f"effective_params: sums over every layer, and {names} could not be measured" in report.skipped
+
+
 class FoldedTokens(nn.Module):
     """An MLP over the positions of ``[B, T, d]`` folded into the batch dimension (``[B * T, d]``), then a head."""
 

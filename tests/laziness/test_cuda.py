@@ -7,6 +7,7 @@ import torch
 from lightning_nt.laziness import LazinessMonitor, activation_patterns, empirical_ntk, relative_distance
 from tests.helpers import tiny_trainer
 from tests.laziness.models import ReLUClassifier
+from tests.laziness.test_activations import MyHardtanh
 from tests.laziness.test_core import _mlp, _reference_ntk
 
 
@@ -38,3 +39,37 @@ def test_callback_on_the_gpu(tmp_path, precision):
     assert 0 < last["laziness/weight_distance"] < 1 and last["laziness/ntk_change"] > 0
     assert last["laziness/ntk_lambda_min"] <= last["laziness/ntk_lambda_max"]
     assert torch.isfinite(trainer.callback_metrics["laziness/kernel_alignment"])
+
+
+def _relu6_classifier(seed: int) -> ReLUClassifier:
+    """``ReLUClassifier`` with ReLU6 and a hand-written clamp to [-1, 2], weights large enough for units to saturate."""
+    torch.manual_seed(seed)
+    module = ReLUClassifier(shuffle=False)
+    module.net[2], module.net[5] = torch.nn.ReLU6(), MyHardtanh()
+    with torch.no_grad():
+        module.net[0].weight.mul_(20.0)
+    return module
+
+
+@pytest.mark.cuda
+def test_piece_patterns_on_the_gpu_equal_the_cpu():
+    """A clamp's piece indices (uint8) are formed on the inputs' device, equal to the CPU's."""
+    net, inputs = _relu6_classifier(0), torch.randn(16, 8)
+    on_cpu = activation_patterns(net, inputs)
+    on_gpu = activation_patterns(net.cuda(), inputs.cuda())
+    assert set(on_gpu) == {"net.2", "net.5"}
+    for name, pattern in on_gpu.items():
+        assert pattern.device.type == "cuda" and pattern.dtype == torch.uint8
+        assert torch.equal(pattern.cpu(), on_cpu[name]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_callback_with_clamps_on_the_gpu(tmp_path, precision):
+    pl.seed_everything(0)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16, ntk=False)
+    trainer = tiny_trainer(tmp_path, accelerator="gpu", precision=precision, max_steps=4, callbacks=[monitor])
+    trainer.fit(_relu6_classifier(0))
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
+    assert 0 <= monitor.history[-1]["laziness/activation_flips/net.2"] <= 1
+    assert 0 <= monitor.history[-1]["laziness/activation_flips/net.5"] <= 1

@@ -60,3 +60,16 @@ def test_a_compiled_network_on_the_gpu_against_an_uncompiled_reference_on_the_cp
     trainer.fit(CompiledNet())
     assert monitors[0].history[-1] == monitors[1].history[-1]
     assert 0 < monitors[0].history[-1]["similarity/cka/net.2"] <= 1 + 1e-9
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_relu6_and_hardtanh_layers_on_the_gpu(precision):
+    """ReLU6 and a Hardtanh, found by ``layers=None`` on a CUDA module (their recognition runs on the CPU grid)."""
+    module = TinyClassifier(num_samples=96)
+    module.net[1], module.net[2] = torch.nn.ReLU6(), torch.nn.Hardtanh()
+    monitor = RepresentationSimilarity(num_examples=40, metrics=METRICS)
+    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=1, callbacks=[monitor])
+    trainer.fit(module)
+    assert "| net.1 | gelu |" in monitor.table() and "| net.2 | tanh |" in monitor.table()
+    assert all(math.isfinite(value) for value in monitor.history[-1].values())
