@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -27,6 +26,7 @@ from lightning_nt.common import (
 )
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import sum_across_ranks
+from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.loss import example_losses
 from lightning_nt.common.state import continues_run
 from lightning_nt.common.validation import (
@@ -257,17 +257,14 @@ class GradientSignalTest(Callback):
             rank_zero_warn(message)
 
 
-@contextmanager
-def _explained_vmap_failures() -> Iterator[None]:
+def _explained_vmap_failures() -> AbstractContextManager[None]:
     """torch.func's failures to differentiate a vmapped loss, turned into the reason and the fix."""
-    try:
-        yield
-    except RuntimeError as error:
-        if "vmap" not in str(error):
-            raise
-        raise RuntimeError(
+    return explained_errors(
+        lambda text: "vmap" in text,
+        lambda error: (
             "GradientSignalTest forms each example's loss with torch.func.vmap when `loss_fn` gives no per-example "
             f"vector, and PyTorch can't differentiate through that here ({error}). Activation checkpointing "
             "(torch.utils.checkpoint) is one such case. Pass `loss_fn(pl_module, batch)` returning the per-example "
             "losses [B], e.g. F.cross_entropy(logits, y, reduction='none')."
-        ) from error
+        ),
+    )

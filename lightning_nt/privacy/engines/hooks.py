@@ -23,6 +23,7 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
+from lightning_nt.common.errors import explained_errors
 from lightning_nt.privacy.book_keeping.record import shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only
 from lightning_nt.privacy.engines.base import ClippingEngine
@@ -322,19 +323,18 @@ def _name_random_draws(name: str, layer: nn.Module) -> None:
     torch's bare "vmap: called random operation" otherwise, in the first backward pass."""
     replay, kind = layer.ft_compute_sample_grad, type(layer).__name__
 
+    def _random_draw_explanation(error: RuntimeError) -> str:
+        return (
+            f"Layer {name!r} ({kind}) draws random numbers in its forward pass (e.g. F.dropout(x, p, "
+            "training=self.training), torch.rand): Opacus forms its per-example gradients by re-running that "
+            "forward pass with torch.func, which can't replay the draws. Refused before any noise. Draw outside "
+            "the layer (dropout on its input or output, in the module that calls it), turn the draw off (p=0), or "
+            "freeze its trainable parameters (requires_grad_(False))."
+        )
+
     def naming(*args: Any) -> Any:
-        try:
+        with explained_errors(lambda text: "vmap: called random operation" in text, _random_draw_explanation):
             return replay(*args)
-        except RuntimeError as error:
-            if "vmap: called random operation" not in str(error):
-                raise
-            raise RuntimeError(
-                f"Layer {name!r} ({kind}) draws random numbers in its forward pass (e.g. F.dropout(x, p, "
-                "training=self.training), torch.rand): Opacus forms its per-example gradients by re-running that "
-                "forward pass with torch.func, which can't replay the draws. Refused before any noise. Draw outside "
-                "the layer (dropout on its input or output, in the module that calls it), turn the draw off (p=0), or "
-                "freeze its trainable parameters (requires_grad_(False))."
-            ) from error
 
     layer.ft_compute_sample_grad = naming
 
