@@ -386,6 +386,18 @@ def _private_step(mode: str, module: Case, batch: tuple[Tensor, Tensor], bound: 
 _OPACUS_LAYER = r"this module can't give it: layer layer\.{} \({}\)"
 _NO_RULE = r"Layer {} \({}\) has trainable parameters.*'hooks'"
 _FUNCTORCH = r"'functorch'.*layers \['{} \(EmbeddingBag\)'\].*'hooks'"
+_GHOST_REPLAY = r"^grad_sample_mode='ghost' can't clip layers \[\"{} \({}: .*not be bounded by max_grad_norm.*'hooks'"
+_REPLAYED = [  # no per-sample rule of Opacus's: re-run under torch.func, which ghost clipping refuses
+    ("convtranspose1d", "ConvTranspose1d"),
+    ("convtranspose1d-groups", "ConvTranspose1d"),
+    ("convtranspose2d", "ConvTranspose2d"),
+    ("convtranspose2d-groups", "ConvTranspose2d"),
+    ("convtranspose3d", "ConvTranspose3d"),
+    ("prelu", "PReLU"),
+    ("prelu-channels", "PReLU"),
+    ("hf-conv1d", "Conv1D"),
+    ("convnext-layernorm2d", "LayerNorm2d"),
+]
 
 
 def _every(message: str) -> dict[str, str]:
@@ -409,7 +421,11 @@ REFUSED: dict[tuple[str, bool], dict[str, str]] = {
         for name in ["embeddingbag-sum", "embeddingbag-mean-padding"]
     },
     ("embeddingbag-positional-none", False): {"functorch": _FUNCTORCH.format(r"layer\.layer")},
-    ("custom-positional-none", False): {"bk": _NO_RULE.format(r"layer\.layer", "Scaled")},
+    **{(name, False): {"ghost": _GHOST_REPLAY.format("layer", kind)} for name, kind in _REPLAYED},
+    ("custom-positional-none", False): {
+        "bk": _NO_RULE.format(r"layer\.layer", "Scaled"),
+        "ghost": _GHOST_REPLAY.format(r"layer\.layer", "Scaled"),
+    },
     ("instancenorm1d-running-stats", False): _every(r"layer layer \(InstanceNorm1d\): .*running stats"),
     ("instancenorm1d-running-stats", True): _every(r"changed the module's \[.*'layer\.running_mean'"),  # in train()
     ("batchnorm1d", False): _every(r"layer: BatchNorm couples the examples"),
@@ -424,10 +440,16 @@ REFUSED: dict[tuple[str, bool], dict[str, str]] = {
         for suffix in ("", "-sequence-first")
     },
     **{
-        (name, False): {"bk": _NO_RULE.format("layer", kind)}
+        (name, False): {"bk": _NO_RULE.format("layer", kind), "ghost": _GHOST_REPLAY.format("layer", kind)}
         for name, kind in [("custom-functional", "Functional"), ("custom-weighted-bag", "FunctionalWeightedBag")]
     },
-    **{("root-parameter", frozen): {"bk": _NO_RULE.format("Case", "Case")} for frozen in (False, True)},
+    **{
+        ("root-parameter", frozen): {
+            "bk": _NO_RULE.format("Case", "Case"),
+            "ghost": _GHOST_REPLAY.format("<root>", "Case"),
+        }
+        for frozen in (False, True)
+    },
     **{
         (f"dp{name}", False): {"ghost": r"Layer 'layer\.layer\.l0\.ih' ran twice.*'hooks' or 'bk'"}
         for name in [

@@ -6,8 +6,11 @@ What the re-run can't replay: random draws (an ``nn.Dropout`` inside the layer, 
 functional draw, ``F.dropout(x, p, training=self.training)``, named when the first backward pass meets it, where
 torch said only "vmap: called random operation"), and inputs besides the first (the re-run sees the first positional
 input alone: ``layer(x, scale)`` was silently clipped as ``layer(x)``; refused on every step, as a model may pass them
-only on some batches). The exactness of what is replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer with
-its weights computed inside) is in ``test_layer_matrix.py``.
+only on some batches). The re-run runs the layer as it is in the backward pass (attributes and training flags set
+after the engine was built), not a copy made when it was. Ghost clipping, whose norms would come from the re-run but
+whose release comes from the real backward pass, refuses every layer it would re-run. The exactness of what is
+replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer with its weights computed inside) is in
+``test_layer_matrix.py``.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers.engines import NoPrecision, noiseless_engine
+from tests.contract.test_zoo_structures import _reference_update
+from tests.helpers.engines import NoPrecision, noiseless_engine, noiseless_update
 from tests.privacy.test_weighted_bags import ParametersAtFailure, _fit
 
-OPACUS_MODES = ["hooks", "functorch", "ghost"]  # the engines that re-run layers with torch.func
+REPLAYING_MODES = ["hooks", "functorch"]  # the engines that re-run layers with torch.func (ghost refuses them)
 
 
 class DropoutBlock(nn.Module):
@@ -100,8 +104,7 @@ def _step(mode: str, module: Net) -> None:
     try:
         engine.start()
         engine.discard_per_example_state()
-        losses = F.cross_entropy(module(inputs), labels, reduction="none")
-        output = engine.take_output(losses if mode == "ghost" else losses.mean())
+        output = engine.take_output(F.cross_entropy(module(inputs), labels))
         engine.backward(output, output.backward, len(inputs), NoPrecision())
         engine.optimizer.step()
         engine.stop()
@@ -134,7 +137,7 @@ def test_a_random_layer_inside_a_replayed_layer_is_refused_by_name_before_anythi
     assert all(not layer._forward_hooks and not layer._forward_pre_hooks for layer in module.modules())
 
 
-@pytest.mark.parametrize("mode", OPACUS_MODES)
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
 def test_a_functional_random_draw_in_a_replayed_layer_is_named_in_the_first_backward(mode):
     """``F.dropout`` in a replayed layer's forward: torch's bare vmap error, chained under one naming the layer and
     the fixes, before the optimizer step (nothing released)."""
@@ -153,7 +156,7 @@ def test_a_functional_random_draw_in_a_replayed_layer_is_named_in_the_first_back
 
 @pytest.mark.parametrize("keyword", [False, True], ids=["positional", "keyword"])
 @pytest.mark.parametrize(("layer", "other"), [(Scaled, "scale"), (WeightedBag, "weights")], ids=["scale", "bag"])
-@pytest.mark.parametrize("mode", OPACUS_MODES)
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
 def test_another_input_of_a_replayed_layer_is_refused_on_a_later_step(mode, layer, other, keyword):
     """The re-run replays the first input alone: a second input (a scale; per_sample_weights of a custom
     ``F.embedding_bag`` layer) given from the second step on is refused on that step, before its forward pass."""
@@ -170,7 +173,7 @@ def test_another_input_of_a_replayed_layer_is_refused_on_a_later_step(mode, laye
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
 
 
-@pytest.mark.parametrize("mode", OPACUS_MODES)
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
 def test_inputs_at_their_defaults_and_calls_outside_the_step_pass(mode):
     """``layer(x, None)`` is ``layer(x)`` for the re-run; a second input between steps (no grad) is nobody's
     business; the check goes with the engine."""
@@ -182,7 +185,7 @@ def test_inputs_at_their_defaults_and_calls_outside_the_step_pass(mode):
     engine.start()
     for call in (lambda: layer(x, None), lambda: layer(x, scale=None)):
         call()
-        engine.forget()  # a step each (ghost clipping refuses a second call in one step)
+        engine.forget()
     with torch.no_grad():
         layer(x, torch.ones(1))
     engine.stop()
@@ -190,7 +193,7 @@ def test_inputs_at_their_defaults_and_calls_outside_the_step_pass(mode):
     assert all(not layer._forward_pre_hooks for layer in module.modules())
 
 
-@pytest.mark.parametrize("mode", OPACUS_MODES)
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
 def test_layers_that_take_one_input_get_no_input_check(mode):
     """No cost for layers whose forward takes one input (every layer with a per-sample rule but EmbeddingBag): under
     functorch, which replays every layer, too."""
@@ -202,19 +205,17 @@ def test_layers_that_take_one_input_get_no_input_check(mode):
 
 class ScaledLater(pl.LightningModule):
     """A replayed layer called ``(x, None)`` on the first batch and ``(x, scale)`` from the second on, beside an
-    ``EmbeddingBag`` called ``(tokens, None)``; per-example losses under ghost clipping."""
+    ``EmbeddingBag`` called ``(tokens, None)``."""
 
-    def __init__(self, per_example: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.layer, self.bag, self.head = Scaled(), nn.EmbeddingBag(10, 4, mode="sum"), nn.Linear(4, 3)
-        self.per_example = per_example
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, labels = batch
         hidden = self.layer(x, None if batch_idx == 0 else x.abs() + 0.5)
         hidden = hidden + self.bag((x.abs() * 3).long().clamp(max=9), None)
-        losses = F.cross_entropy(self.head(hidden), labels, reduction="none")
-        return losses if self.per_example else losses.mean()
+        return F.cross_entropy(self.head(hidden), labels)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -231,9 +232,8 @@ class ScaledLater(pl.LightningModule):
         ("hooks", "32-true", "cpu"),
         *[
             pytest.param(mode, precision, "gpu", marks=pytest.mark.cuda)
-            for mode in ("hooks", "ghost")  # (functorch refuses the EmbeddingBag)
+            for mode in ("hooks",)  # (functorch refuses the EmbeddingBag, ghost the replayed layer)
             for precision in ("32-true", "bf16-mixed")
-            if mode != "ghost" or precision == "32-true"  # ghost clipping is refused under bf16
         ],
     ],
 )
@@ -243,7 +243,7 @@ def test_a_later_steps_other_input_is_refused_in_a_fit(mode, precision, accelera
     failure = ParametersAtFailure()
     with pytest.raises(RuntimeError, match=r"Layer 'layer' \(Scaled\) was called with inputs \['scale'\]"):
         _fit(
-            ScaledLater(mode == "ghost"),
+            ScaledLater(),
             mode,
             [failure],
             max_steps=3,
@@ -252,3 +252,78 @@ def test_a_later_steps_other_input_is_refused_in_a_fit(mode, precision, accelera
             precision=precision,
         )
     assert failure.steps == 1 and not failure.moved and failure.device == ("cuda" if accelerator == "gpu" else "cpu")
+
+
+class Gate(nn.Module):
+    """A conditioning gate: a Parameter of its own (no per-sample rule) times a factor its parent sets per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        self.factor = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale * self.factor
+
+
+class Conditioned(nn.Module):
+    """Sets its gate's factor before each call (a diffusion model's noise level, FiLM): after the engine was built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.head = Gate(), nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.gate.factor = 3.0
+        return self.head(torch.tanh(self.gate(x)))
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_replayed_layer_is_re_run_as_it_is_at_the_step(mode):
+    """Opacus re-ran a copy of the layer made when the engine was built, with the factor 1 it had then: the update
+    was not the clipped sum of the step's gradients (factor 3). It equals the ``vmap(grad)`` clip-and-sum now."""
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
+    module = Conditioned()
+    expected, clip = _reference_update(module, inputs, labels)  # its forward pass sets the factor to 3
+    module.gate.factor = 1.0  # as when the engine is built; the step's forward pass sets 3 again
+    update = noiseless_update(mode, module, inputs, labels, clip)
+    assert update.keys() == expected.keys()
+    for name, value in update.items():
+        torch.testing.assert_close(-value, expected[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_dropout_switched_on_after_the_engine_is_built_is_named(mode):
+    """Built in eval mode (a pretrained model after ``model.eval()``), stepped in training mode: the dropout inside
+    the replayed layer went unseen (the copy was in eval mode) and the per-example gradients were not the step's.
+    Now the re-run meets the draw and names the layer, before the optimizer step."""
+    torch.manual_seed(0)
+    module = Net(DropoutBlock()).eval()
+    engine = noiseless_engine(mode, module, 1.0, 6)  # in eval mode nothing draws: accepted
+    module.train()
+    before = [p.detach().clone() for p in module.parameters()]
+    engine.start()
+    losses = F.cross_entropy(module(torch.randn(6, 4)), torch.randint(3, (6,)))
+    output = engine.take_output(losses)
+    with pytest.raises(RuntimeError, match=r"^Layer 'net\.0' \(DropoutBlock\) draws random numbers.*a Dropout in "):
+        engine.backward(output, output.backward, 6, NoPrecision())
+    engine.close()
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+@pytest.mark.parametrize(
+    "layer", [Gate, DropoutBlock, FunctionalDropout, Scaled, WeightedBag], ids=lambda kind: kind.__name__
+)
+def test_ghost_clipping_refuses_every_layer_it_would_re_run_by_name(layer):
+    """Ghost clipping takes the norms from the re-run but releases the real backward pass's gradient: wherever the
+    two differ (a factor set after the engine was built, a dropout switched on) one example's contribution exceeded
+    max_grad_norm (measured: 34x the bound). Refused before anything runs, naming the layer and the fix."""
+    module = Net(layer().float())
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^grad_sample_mode='ghost' can't clip layers \[\"net\.0 \({layer.__name__}: \[.*\]\)\"\].*not be "
+        r"bounded by max_grad_norm.*grad_sample_mode='hooks'.*requires_grad_\(False\)",
+    ):
+        noiseless_engine("ghost", module, 1.0, 6)
+    assert all(not part._forward_hooks and not part._forward_pre_hooks for part in module.modules())

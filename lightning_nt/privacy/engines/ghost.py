@@ -48,6 +48,7 @@ class GhostClippingEngine(OpacusHooksEngine):
     hooks_class = _GhostHooks
     outside_uses_escape_clipping = True
     calls_each_layer_once = True
+    releases_replayed_gradients = False  # the second backward pass releases them: norms from a re-run can't bound it
     outside_use = "the gradient of such a use would reach the update unclipped (the ghost norms miss it)"
     optimizers = (_GhostDPOptimizer, _GhostDistributedDPOptimizer)
     _losses: torch.Tensor | None = None  # this step's per-example losses, until its backward
