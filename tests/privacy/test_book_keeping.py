@@ -1,6 +1,7 @@
 """The single-backward clipping engine against a vmap(grad) clip-and-sum reference, layer kind by layer kind."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -336,6 +337,39 @@ def test_other_packages_layers_are_recognised_by_their_module_and_class_name_onl
     lookalike = type("Conv1D", (Conv1D,), {"__module__": "my_models"})
     with pytest.raises(ValueError, match=r"Layer 0 \(Conv1D\) has trainable parameters but neither"):
         BookKeepingClipper(nn.Sequential(lookalike(3, 4)), max_grad_norm=1.0)
+
+
+class Conv1DLaidOutAsLinear(nn.Module):
+    """A layer under transformers' ``Conv1D`` name whose weight is ``[out, in]`` (``nn.Linear``'s layout)."""
+
+    def __init__(self, outputs: int, inputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, inputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+Conv1DLaidOutAsLinear.__module__, Conv1DLaidOutAsLinear.__qualname__ = "transformers.pytorch_utils", "Conv1D"
+
+
+def test_a_layer_known_by_name_with_another_weight_layout_is_refused_by_name():
+    """The rule goes by the class's name: a weight of another shape than ``[in, out]`` crashed assigning ``.grad``."""
+    net = nn.Sequential(Conv1DLaidOutAsLinear(3, 4), nn.Tanh(), nn.Linear(3, 2))
+    clipper = BookKeepingClipper(net, max_grad_norm=1.0)
+    refusal = r"transformers\.pytorch_utils\.Conv1D has a weight of shape \(3, 4\) for inputs of 4 and outputs of 3 "
+    with pytest.raises(ValueError, match=refusal), clipper.recording():  # formed in the backward pass
+        F.cross_entropy(net(torch.randn(5, 4)), torch.randint(2, (5,))).backward()
+
+
+def test_a_layer_with_parameters_its_rule_does_not_form_is_refused_by_name():
+    """The old ``torch.nn.utils.weight_norm`` gives a Linear ``weight_g`` and ``weight_v`` of its own: the Linear rule
+    forms ``weight`` and ``bias`` only, so they never trained (no gradient), silently."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm is deprecated for the parametrization
+        net = nn.Sequential(nn.utils.weight_norm(nn.Linear(4, 3)), nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"Layer 0 \(Linear\) has trainable parameters \['weight_g', 'weight_v'\] "):
+        BookKeepingClipper(net, max_grad_norm=1.0)
 
 
 @pytest.mark.parametrize("entry", ["prelu_layernorm", "gpt_style"])

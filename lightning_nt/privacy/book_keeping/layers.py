@@ -47,7 +47,15 @@ def transposed_linear_pieces(
     layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """HuggingFace's ``Conv1D`` (GPT-2's projections): ``y = a W + b`` with ``W`` of shape ``[in, out]``, a linear
-    layer whose weight is stored transposed; the linear rule, each per-example gradient ``[in, out]``."""
+    layer whose weight is stored transposed; the linear rule, each per-example gradient ``[in, out]``. A layer of that
+    name whose weight is laid out otherwise is refused (the rule goes by the class's name alone)."""
+    features = (inputs[0].shape[-1], grads[0].shape[-1])
+    if tuple(layer.weight.shape) != features:
+        raise ValueError(
+            f"{type(layer).__module__}.{type(layer).__qualname__} has a weight of shape {tuple(layer.weight.shape)} "
+            f"for inputs of {features[0]} and outputs of {features[1]} features: book-keeping's rule for it assumes "
+            "transformers' layout [in, out]. Use grad_sample_mode='hooks'."
+        )
     return _affine_pieces(layer.weight, getattr(layer, "bias", None), inputs, grads, clipper, weight_in_by_out=True)
 
 

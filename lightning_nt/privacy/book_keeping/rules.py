@@ -50,11 +50,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerRule:
-    """How a layer type's pieces are formed (``pieces(layer, inputs, grads, outputs, clipper)``), and the check of
-    its options when the clipper is built (``check(name, layer)``, raising a ``ValueError`` naming the layer)."""
+    """How a layer type's pieces are formed (``pieces(layer, inputs, grads, outputs, clipper)``), the check of its
+    options when the clipper is built (``check(name, layer)``, raising a ``ValueError`` naming the layer), and the
+    names of the parameters it forms pieces of (a layer holding others, such as ``weight_g``/``weight_v`` of the old
+    ``torch.nn.utils.weight_norm``, is refused: their gradients would never be formed)."""
 
     pieces: Callable[[Any, list[Tensor], list[Tensor], list[Tensor], BookKeepingClipper], list[Piece]]
     check: Callable[[str, Any], None] | None = None
+    parameters: tuple[str, ...] = ("weight", "bias")
 
 
 _CONV = LayerRule(conv_pieces, check_conv)
@@ -160,6 +163,13 @@ def layers_of(module: nn.Module) -> list[nn.Module]:
                 f"Layer {name or type(layer).__name__} ({type(layer).__name__}) has trainable parameters but neither "
                 "a book-keeping nor an Opacus per-sample rule. Use grad_sample_mode='hooks' (Opacus falls back to "
                 "functorch for it), or freeze its parameters."
+            )
+        unformed = [n for n, _ in own if rule is not None and n not in rule.parameters]
+        if unformed:
+            raise ValueError(
+                f"Layer {name or type(layer).__name__} ({type(layer).__name__}) has trainable parameters {unformed} "
+                f"that its book-keeping rule doesn't form (it forms {list(rule.parameters)}): they would never train. "
+                "Use grad_sample_mode='hooks', or freeze them."
             )
         if rule is not None and rule.check is not None:
             rule.check(name, layer)
