@@ -327,3 +327,27 @@ def test_ghost_clipping_refuses_every_layer_it_would_re_run_by_name(layer):
     ):
         noiseless_engine("ghost", module, 1.0, 6)
     assert all(not part._forward_hooks and not part._forward_pre_hooks for part in module.modules())
+
+
+class CallsByKeyword(nn.Module):
+    """``self.fc(input=x)``: a layer's input by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(input=x)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "bk"])
+def test_a_layer_called_with_its_input_by_keyword_is_refused_by_name(mode):
+    """Every engine's per-example rules read a layer's first positional input: hooks, functorch and bk failed with an
+    IndexError. Refused in the forward pass, before any gradient."""
+    module = CallsByKeyword()
+    engine = noiseless_engine(mode, module, 1.0, 6)
+    engine.start()
+    with pytest.raises(RuntimeError, match=r"^Layer 'fc' \(Linear\) was called without a tensor as its first "):
+        module(torch.randn(6, 4))
+    engine.close()
+    assert module.fc.weight.grad is None

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lightning_nt.common.layers import StandardizedConv2d
 from lightning_nt.common.validation import Rule, above, at_least, checked_arguments
 from lightning_nt.privacy.book_keeping.pieces import ClippedSum, Piece
-from lightning_nt.privacy.book_keeping.record import Record
+from lightning_nt.privacy.book_keeping.record import Record, positional_input_refusal
 from lightning_nt.privacy.book_keeping.rules import layers_of, pieces_for
 
 __all__ = ["BookKeepingClipper"]
@@ -53,6 +53,7 @@ class BookKeepingClipper:
         self.module, self.max_grad_norm = module, max_grad_norm
         self.loss_reduction, self.group_size, self.norm_dtype = loss_reduction, group_size, norm_dtype
         self.layers = layers_of(module)
+        self._names = {layer: name for name, layer in module.named_modules()}
         self._trainable = {id(p) for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad}
         self._records: dict[nn.Module, Record] = {}
         self._recording = False
@@ -107,6 +108,8 @@ class BookKeepingClipper:
     def _keep(self, layer: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
         if not torch.is_grad_enabled():
             return None
+        if not inputs or not isinstance(inputs[0], Tensor):
+            raise positional_input_refusal(self._names[layer], type(layer).__name__)
         record = self._records[layer]
         source = inputs[0]
         record.inputs.append(source.detach())

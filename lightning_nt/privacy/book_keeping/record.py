@@ -65,3 +65,15 @@ def shared_input_advice(layers: list[str]) -> str:
         f"before they can be told apart. Freeze it (`{layers[0]}.requires_grad_(False)`), or give it one row per "
         "example (for a HuggingFace model, pass position_ids=torch.arange(T).expand(B, T))."
     )
+
+
+def positional_input_refusal(name: str, kind: str) -> RuntimeError:
+    """The refusal of a trainable layer called without a tensor as its first positional input (``fc(input=x)``, a
+    dict): every engine's per-example rules read that input (Opacus's hooks and book-keeping failed with an
+    ``IndexError``)."""
+    return RuntimeError(
+        f"Layer {name!r} ({kind}) was called without a tensor as its first positional input (by keyword, e.g. "
+        "fc(input=x), or on another object): DP-SGD's per-example rules read a layer's first positional input, so "
+        "its per-example gradients can't be formed. Refused before any noise. Call it on the tensor positionally: "
+        "fc(x)."
+    )

@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common import loss_from_output
 from lightning_nt.common.errors import explained_errors
-from lightning_nt.privacy.book_keeping.record import shared_input_advice
+from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only
 from lightning_nt.privacy.engines.base import ClippingEngine
 
@@ -257,7 +257,9 @@ class _RowsSeen:
         self.once = once  # a layer called twice in one step is refused (ghost clipping can't clip it)
 
     def note(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if self.watching and torch.is_grad_enabled() and inputs and isinstance(inputs[0], Tensor):
+        if self.watching and torch.is_grad_enabled():
+            if not inputs or not isinstance(inputs[0], Tensor):
+                raise positional_input_refusal(name, type(layer).__name__)
             if self.once and any(seen == name for seen, _ in self.seen):
                 raise RuntimeError(
                     f"Layer {name!r} ran twice in one training step (a block shared between depths or positions, or "
