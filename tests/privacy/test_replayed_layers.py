@@ -6,9 +6,9 @@ What the re-run can't replay: random draws (an ``nn.Dropout`` inside the layer, 
 functional draw, ``F.dropout(x, p, training=self.training)``, named when the first backward pass meets it, where
 torch said only "vmap: called random operation"), and inputs besides the first (the re-run sees the first positional
 input alone: ``layer(x, scale)`` was silently clipped as ``layer(x)``; refused on every step, as a model may pass them
-only on some batches). The re-run runs the layer as it is in the backward pass (attributes and training flags set
-after the engine was built), not a copy made when it was. Ghost clipping, whose norms would come from the re-run but
-whose release comes from the real backward pass, refuses every layer it would re-run. The exactness of what is
+only on some batches). Opacus re-runs a copy made when the engine was built: a dropout switched on since is refused
+when the next step starts. Ghost clipping, whose norms would come from the re-run but whose release comes from the
+real backward pass, refuses every layer it would re-run. The exactness of what is
 replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer with its weights computed inside) is in
 ``test_layer_matrix.py``.
 """
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.contract.test_zoo_structures import _reference_update
-from tests.helpers.engines import NoPrecision, noiseless_engine, noiseless_update
+from tests.helpers.engines import NoPrecision, noiseless_engine
 from tests.privacy.test_weighted_bags import ParametersAtFailure, _fit
 
 REPLAYING_MODES = ["hooks", "functorch"]  # the engines that re-run layers with torch.func (ghost refuses them)
@@ -266,50 +265,19 @@ class Gate(nn.Module):
         return x * self.scale * self.factor
 
 
-class Conditioned(nn.Module):
-    """Sets its gate's factor before each call (a diffusion model's noise level, FiLM): after the engine was built."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate, self.head = Gate(), nn.Linear(4, 3, dtype=torch.float64)
-
-    def forward(self, x: Tensor) -> Tensor:
-        self.gate.factor = 3.0
-        return self.head(torch.tanh(self.gate(x)))
-
-
 @pytest.mark.parametrize("mode", REPLAYING_MODES)
-def test_a_replayed_layer_is_re_run_as_it_is_at_the_step(mode):
-    """Opacus re-ran a copy of the layer made when the engine was built, with the factor 1 it had then: the update
-    was not the clipped sum of the step's gradients (factor 3). It equals the ``vmap(grad)`` clip-and-sum now."""
-    torch.manual_seed(0)
-    inputs, labels = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
-    module = Conditioned()
-    expected, clip = _reference_update(module, inputs, labels)  # its forward pass sets the factor to 3
-    module.gate.factor = 1.0  # as when the engine is built; the step's forward pass sets 3 again
-    update = noiseless_update(mode, module, inputs, labels, clip)
-    assert update.keys() == expected.keys()
-    for name, value in update.items():
-        torch.testing.assert_close(-value, expected[name], rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("mode", REPLAYING_MODES)
-def test_a_dropout_switched_on_after_the_engine_is_built_is_named(mode):
-    """Built in eval mode (a pretrained model after ``model.eval()``), stepped in training mode: the dropout inside
-    the replayed layer went unseen (the copy was in eval mode) and the per-example gradients were not the step's.
-    Now the re-run meets the draw and names the layer, before the optimizer step."""
+def test_a_dropout_switched_on_after_the_engine_is_built_is_refused_at_the_next_step(mode):
+    """Built in eval mode (a pretrained model after ``model.eval()``), stepped in training mode: Opacus re-runs a copy
+    made at build, in eval mode, so the dropout inside the replayed layer went unseen and the per-example gradients
+    were not the step's. Refused by name when the step starts, before its forward pass."""
     torch.manual_seed(0)
     module = Net(DropoutBlock()).eval()
     engine = noiseless_engine(mode, module, 1.0, 6)  # in eval mode nothing draws: accepted
     module.train()
-    before = [p.detach().clone() for p in module.parameters()]
-    engine.start()
-    losses = F.cross_entropy(module(torch.randn(6, 4)), torch.randint(3, (6,)))
-    output = engine.take_output(losses)
-    with pytest.raises(RuntimeError, match=r"^Layer 'net\.0' \(DropoutBlock\) draws random numbers.*a Dropout in "):
-        engine.backward(output, output.backward, 6, NoPrecision())
+    with pytest.raises(RuntimeError, match=r"net\.0 \(DropoutBlock.*draws random numbers while training in \['drop'\]"):
+        engine.start()
     engine.close()
-    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+    assert all(p.grad is None for p in module.parameters())
 
 
 @pytest.mark.parametrize(
@@ -351,3 +319,22 @@ def test_a_layer_called_with_its_input_by_keyword_is_refused_by_name(mode):
         module(torch.randn(6, 4))
     engine.close()
     assert module.fc.weight.grad is None
+
+
+def _doubled_by_a_hook(layer: nn.Linear) -> None:
+    layer.register_forward_hook(lambda module, inputs, output: output + F.linear(inputs[0], module.weight))
+
+
+def _doubled_on_the_instance(layer: nn.Linear) -> None:
+    layer.forward = lambda x: F.linear(x, 2 * layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("change", [_doubled_by_a_hook, _doubled_on_the_instance], ids=["hook", "instance-forward"])
+def test_ghost_clipping_refuses_a_layer_whose_forward_was_changed(change):
+    """Ghost norms come from nn.Linear's rule, the release from the real backward pass: a hook or an instance
+    ``forward`` using the weight twice released 2x max_grad_norm per example, unrefused. Refused by name."""
+    module = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    change(module[0])
+    refusal = r"^grad_sample_mode='ghost' can't clip layers \['0 \(Linear\)'\]: .*'hooks'"
+    with pytest.raises(RuntimeError, match=refusal):
+        noiseless_engine("ghost", module, 1.0, 6)

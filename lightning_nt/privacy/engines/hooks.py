@@ -7,11 +7,9 @@ them (in fp32), carrying the sums of earlier physical batches across Lightning's
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 from collections.abc import Callable
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -23,7 +21,6 @@ from opacus.layers import DPGRU, DPLSTM, DPRNN
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common import loss_from_output
 from lightning_nt.common.errors import explained_errors
@@ -211,6 +208,26 @@ def _refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], m
     )
 
 
+def _refuse_what_ghost_norms_cannot_see(module: nn.Module, mode: str) -> None:
+    """Ghost clipping takes a layer's per-example norms from its type's rule (its input and output gradient) and
+    releases the gradient of the real backward pass: a trainable layer that computes something else than its type's
+    forward (a ``forward`` set on the instance, forward hooks or pre-hooks of the user's, which may use its weight
+    again) could release more than ``max_grad_norm`` per example (measured: 2x). Refused by name, before the engine's
+    own hooks are registered."""
+    changed = [
+        f"{name or '<root>'} ({type(layer).__name__})"
+        for name, layer in trainable_modules(module)
+        if "forward" in vars(layer) or layer._forward_hooks or layer._forward_pre_hooks
+    ]
+    if changed:
+        raise RuntimeError(
+            f"grad_sample_mode={mode!r} can't clip layers {changed}: each has a forward set on the instance or forward "
+            "hooks of its own, so it may compute something else than the per-example rule of its type assumes, and "
+            "ghost clipping would release that gradient unchecked. Use grad_sample_mode='hooks' or 'bk', or remove "
+            "the hooks."
+        )
+
+
 def _described(name: str, layer: nn.Module) -> str:
     """``name (Type: [own trainable parameters])``."""
     own = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
@@ -322,65 +339,26 @@ def _at_default(parameter: inspect.Parameter, value: Any) -> bool:
     return value is default or (plain and value == default)
 
 
-def _replay_as_it_is(name: str, layer: nn.Module) -> None:
-    """Make Opacus's ``torch.func`` re-run of ``layer`` (``ft_compute_sample_grad``, called in the backward pass) run
-    the layer as it is then, and name it when its forward pass draws random numbers.
+def _name_random_draws(name: str, layer: nn.Module) -> None:
+    """Make the ``torch.func`` re-run of ``layer`` (Opacus's ``ft_compute_sample_grad``) name it when its forward pass
+    draws random numbers in a way no module check sees (``F.dropout(x, p, training=self.training)``, ``torch.rand``):
+    torch's bare "vmap: called random operation" otherwise, in the first backward pass."""
+    replay, kind = layer.ft_compute_sample_grad, type(layer).__name__
 
-    Opacus re-ran a copy made when the engine was built: attributes set later (an annealed temperature, a batch's
-    conditioning), and training flags switched later (a Dropout inside, built in eval mode), were not seen, so the
-    per-example gradients were not those of the step. Each call now copies the layer's structure afresh (its tensors
-    as meta tensors, no hooks: no data is copied) and runs it with the parameters passed in. A draw of random numbers
-    (``F.dropout(x, p, training=self.training)``, ``torch.rand``, a Dropout switched on) can't be replayed there:
-    torch's bare "vmap: called random operation" becomes an error naming the layer and the fixes.
-    """
-    kind = type(layer).__name__
-    names = [parameter_name for parameter_name, _ in layer.named_parameters()]  # Opacus passes layer.parameters()
-
-    def explanation(error: RuntimeError) -> str:
+    def _random_draw_explanation(error: RuntimeError) -> str:
         return (
             f"Layer {name!r} ({kind}) draws random numbers in its forward pass (e.g. F.dropout(x, p, "
-            "training=self.training), torch.rand, a Dropout in training mode): Opacus forms its per-example gradients "
-            "by re-running that forward pass with torch.func, which can't replay the draws. Refused before any noise. "
-            "Draw outside the layer (dropout on its input or output, in the module that calls it), turn the draw off "
-            "(p=0), or freeze its trainable parameters (requires_grad_(False))."
+            "training=self.training), torch.rand): Opacus forms its per-example gradients by re-running that "
+            "forward pass with torch.func, which can't replay the draws. Refused before any noise. Draw outside "
+            "the layer (dropout on its input or output, in the module that calls it), turn the draw off (p=0), or "
+            "freeze its trainable parameters (requires_grad_(False))."
         )
 
-    def replay(parameters: list[Tensor], activations: Tensor, backprops: Tensor) -> tuple[Tensor, ...]:
-        copy_now = _structure_of(layer)
+    def naming(*args: Any) -> Any:
+        with explained_errors(lambda text: "vmap: called random operation" in text, _random_draw_explanation):
+            return replay(*args)
 
-        def example_loss(values: list[Tensor], example: Tensor, backprop: Tensor) -> Tensor:
-            mixed = example.dtype != values[0].dtype  # bf16 activations, fp32 weights: as the forward pass ran
-            autocast = torch.autocast(example.device.type, dtype=example.dtype) if mixed else nullcontext()
-            with autocast:
-                output = functional_call(copy_now, dict(zip(names, values)), (example.unsqueeze(0),))
-                return (output * backprop.unsqueeze(0)).sum()
-
-        with explained_errors(lambda text: "vmap: called random operation" in text, explanation):
-            return vmap(grad(example_loss), in_dims=(None, 0, 0))(parameters, activations, backprops)
-
-    layer.ft_compute_sample_grad = replay
-
-
-def _structure_of(layer: nn.Module) -> nn.Module:
-    """A copy of ``layer`` as it is now (attributes, training flags), its parameters and buffers as meta tensors and
-    without hooks: a module for ``functional_call`` that copies no data and runs none of the hooks."""
-    memo: dict[int, Any] = {}
-    for module in layer.modules():
-        for key, value in vars(module).items():
-            if key.endswith(("_hooks", "_hooks_with_kwargs", "_hooks_always_called")) and isinstance(value, dict):
-                memo[id(value)] = type(value)()
-            elif isinstance(value, Tensor) and value.grad_fn is not None:  # kept from this step's forward pass
-                memo[id(value)] = value.detach()
-        for tensor in module._parameters.values():
-            if tensor is not None:
-                memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
-        for tensor in module._buffers.values():
-            if tensor is not None:
-                memo[id(tensor)] = torch.empty_like(tensor, device="meta")
-    for attribute in ("activations", "ft_compute_sample_grad"):  # Opacus's: this step's inputs, this function
-        if attribute in vars(layer):
-            memo[id(vars(layer)[attribute])] = None
-    return copy.deepcopy(layer, memo)
+    layer.ft_compute_sample_grad = naming
 
 
 class _FirstInputOnly:
@@ -430,7 +408,10 @@ class OpacusHooksEngine(ClippingEngine):
                 "grad_sample_mode='hooks' (its update is the clipped sum of the re-run gradients themselves), or "
                 "freeze those parameters (requires_grad_(False))."
             )
+        if not self.releases_replayed_gradients:
+            _refuse_what_ghost_norms_cannot_see(module, mode)
         _refuse_what_torch_func_cannot_replay(replayed, mode)
+        self._replayed = replayed
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
@@ -442,7 +423,7 @@ class OpacusHooksEngine(ClippingEngine):
             if not aliases_only(layer)  # its submodules see the rows (DPLSTM over time steps)
         ]
         for name, layer in replayed:
-            _replay_as_it_is(name, layer)
+            _name_random_draws(name, layer)
             signature = inspect.signature(layer.forward)
             if not _takes_one_input(signature):  # forward(self, x) (nn.Linear's): nothing else to check
                 check = partial(self._rows.check_replayed_inputs, name, signature)  # every step: inputs may vary
@@ -452,6 +433,9 @@ class OpacusHooksEngine(ClippingEngine):
         return {"loss_reduction": "mean"}
 
     def _start(self) -> None:
+        # Opacus re-runs a copy of each such layer made when the engine was built: a dropout switched on since (built
+        # in eval mode), or a buffer registered since, would not be in it; refused, by name, before the forward pass
+        _refuse_what_torch_func_cannot_replay(self._replayed, self.mode)
         # Opacus's hooks read `p.grad_sample`, which Opacus sets once when attaching, `forget` removes after every
         # step and the DP optimizer puts back only for its own parameters: put the empty slot back on every one.
         for _, p in trainable_parameters(self.module):
