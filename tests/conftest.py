@@ -10,7 +10,8 @@ def pytest_configure(config):
     time in OpenMP's barriers. Tests that need a thread count set it themselves."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))  # the cores -n auto counts
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 

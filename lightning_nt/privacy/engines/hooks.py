@@ -434,8 +434,10 @@ class OpacusHooksEngine(ClippingEngine):
 
     def _start(self) -> None:
         # Opacus re-runs a copy of each such layer made when the engine was built: a dropout switched on since (built
-        # in eval mode), or a buffer registered since, would not be in it; refused, by name, before the forward pass
-        _refuse_what_torch_func_cannot_replay(self._replayed, self.mode)
+        # in eval mode) would not draw in it; refused, by name, before the forward pass
+        drawing = [(name, layer) for name, layer in self._replayed if _random_parts(layer)]
+        if drawing:
+            _refuse_what_torch_func_cannot_replay(drawing, self.mode)
         # Opacus's hooks read `p.grad_sample`, which Opacus sets once when attaching, `forget` removes after every
         # step and the DP optimizer puts back only for its own parameters: put the empty slot back on every one.
         for _, p in trainable_parameters(self.module):
