@@ -125,9 +125,9 @@ class PositionalNone(nn.Module):
 class Scaled(nn.Module):
     """A custom layer (no per-sample rule: Opacus re-runs it with ``torch.func``) with an optional second input."""
 
-    def __init__(self) -> None:
+    def __init__(self, outputs: int = 3) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(3, 4) / 2)
+        self.weight = nn.Parameter(torch.randn(outputs, 4) / 2)
 
     def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
         out = F.linear(x, self.weight)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers.engines import NoPrecision, noiseless_engine
+from tests.privacy import test_layer_matrix as layer_matrix
 from tests.privacy.test_weighted_bags import ParametersAtFailure, _fit
 
 REPLAYING_MODES = ["hooks", "functorch"]  # the engines that re-run layers with torch.func (ghost refuses them)
@@ -51,16 +52,11 @@ class FunctionalDropout(nn.Module):
         return F.dropout(x, 0.5, training=self.training) * self.scale
 
 
-class Scaled(nn.Module):
-    """A custom layer with an optional second input."""
+class Scaled(layer_matrix.Scaled):
+    """The layer matrix's custom layer with an optional second input, 4 outputs wide."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(4, 4) / 2)
-
-    def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
-        out = F.linear(x, self.weight)
-        return out if scale is None else out * scale
+        super().__init__(outputs=4)
 
 
 class WeightedBag(nn.Module):
