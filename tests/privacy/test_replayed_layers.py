@@ -334,3 +334,13 @@ def test_ghost_clipping_refuses_a_layer_whose_forward_was_changed(change):
     refusal = r"^grad_sample_mode='ghost' can't clip layers \['0 \(Linear\)'\]: .*'hooks'"
     with pytest.raises(RuntimeError, match=refusal):
         noiseless_engine("ghost", module, 1.0, 6)
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_parameter_registered_beside_a_layers_weight_is_refused_by_name(mode):
+    """An adapter registered on an nn.Linear and used by its parent: Opacus's Linear rule forms weight and bias only,
+    and the backward pass failed with "'Parameter' object has no attribute '_current_grad_sample'"."""
+    module = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    module[0].register_parameter("adapter", nn.Parameter(torch.ones(4)))
+    with pytest.raises(RuntimeError, match=r"^Parameters \['0\.adapter'\] are registered on layers whose per-sample "):
+        noiseless_engine(mode, module, 1.0, 6)

@@ -228,6 +228,27 @@ def _refuse_what_ghost_norms_cannot_see(module: nn.Module, mode: str) -> None:
         )
 
 
+def _refuse_parameters_the_rules_miss(module: nn.Module) -> None:
+    """Opacus's per-sample rules for PyTorch's and its own layers form ``weight`` and ``bias`` only: a trainable
+    parameter registered besides them (``fc.register_parameter("adapter", ...)``, used by a hook or by the parent)
+    never gets a per-example gradient, and Opacus failed in the backward pass with "'Parameter' object has no
+    attribute '_current_grad_sample'". Refused by name before anything runs (a user's own rule for a class of theirs
+    may form any parameter: not checked)."""
+    extra = [
+        f"{name}.{parameter_name}"
+        for name, layer in trainable_modules(module)
+        if type(layer) in GradSampleModule.GRAD_SAMPLERS and type(layer).__module__.startswith(("torch.", "opacus."))
+        for parameter_name, parameter in layer.named_parameters(recurse=False)
+        if parameter.requires_grad and parameter_name not in ("weight", "bias")
+    ]
+    if extra:
+        raise RuntimeError(
+            f"Parameters {extra} are registered on layers whose per-sample rule forms only their weight and bias, so "
+            "they would get no per-example gradient. Move each into a module of its own (e.g. an nn.Module holding "
+            "the adapter, called on the layer's output), or freeze it (requires_grad_(False))."
+        )
+
+
 def _described(name: str, layer: nn.Module) -> str:
     """``name (Type: [own trainable parameters])``."""
     own = [n for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
@@ -411,6 +432,7 @@ class OpacusHooksEngine(ClippingEngine):
         if not self.releases_replayed_gradients:
             _refuse_what_ghost_norms_cannot_see(module, mode)
         _refuse_what_torch_func_cannot_replay(replayed, mode)
+        _refuse_parameters_the_rules_miss(module)
         self._replayed = replayed
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
