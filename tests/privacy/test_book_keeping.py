@@ -372,6 +372,15 @@ def test_a_layer_with_parameters_its_rule_does_not_form_is_refused_by_name():
         BookKeepingClipper(net, max_grad_norm=1.0)
 
 
+def test_a_parameter_beside_the_weight_of_a_layer_under_opacus_rule_is_refused_by_name():
+    """An InstanceNorm (Opacus's rule inside the single backward) with an adapter registered on it: the rule forms
+    weight and bias only, so the adapter's update was zero, silently."""
+    net = nn.Sequential(nn.Linear(4, 12), nn.Unflatten(1, (3, 4)), nn.InstanceNorm1d(3, affine=True))
+    net[2].register_parameter("adapter", nn.Parameter(torch.ones(1)))
+    with pytest.raises(ValueError, match=r"Layer 2 \(InstanceNorm1d\) has trainable parameters \['adapter'\] "):
+        BookKeepingClipper(net, max_grad_norm=1.0)
+
+
 @pytest.mark.parametrize("entry", ["prelu_layernorm", "gpt_style"])
 def test_the_zoo_models_with_prelu_and_transformers_conv1d_are_clipped_by_book_keeping(entry):
     """The zoo's MLP with PReLU and its GPT-2 block as ``transformers`` writes it (its ``Conv1D`` stand-in under the

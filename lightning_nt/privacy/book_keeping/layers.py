@@ -31,6 +31,7 @@ __all__ = [
     "normalization_pieces",
     "opacus_pieces",
     "prelu_pieces",
+    "qualified_name",
     "transposed_linear_pieces",
 ]
 
@@ -43,6 +44,16 @@ def linear_pieces(
     return _affine_pieces(layer.weight, layer.bias, inputs, grads, clipper, weight_in_by_out=False)
 
 
+def qualified_name(kind: type) -> str:
+    """``module.QualifiedName`` of a class, as :func:`supported_layer_names` lists them.
+
+    Examples:
+        >>> qualified_name(nn.Linear)
+        'torch.nn.modules.linear.Linear'
+    """
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def transposed_linear_pieces(
     layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
@@ -52,7 +63,7 @@ def transposed_linear_pieces(
     features = (inputs[0].shape[-1], grads[0].shape[-1])
     if tuple(layer.weight.shape) != features:
         raise ValueError(
-            f"{type(layer).__module__}.{type(layer).__qualname__} has a weight of shape {tuple(layer.weight.shape)} "
+            f"{qualified_name(type(layer))} has a weight of shape {tuple(layer.weight.shape)} "
             f"for inputs of {features[0]} and outputs of {features[1]} features: book-keeping's rule for it assumes "
             "transformers' layout [in, out]. Use grad_sample_mode='hooks'."
         )

@@ -28,6 +28,7 @@ from lightning_nt.privacy.book_keeping.layers import (
     normalization_pieces,
     opacus_pieces,
     prelu_pieces,
+    qualified_name,
     transposed_linear_pieces,
 )
 from lightning_nt.privacy.book_keeping.pieces import Piece
@@ -38,7 +39,9 @@ if TYPE_CHECKING:
 __all__ = [
     "LayerRule",
     "aliases_only",
+    "formed_parameters",
     "layers_of",
+    "opacus_formed_parameters",
     "pieces_for",
     "qualified_name",
     "reregistered_parameters",
@@ -94,21 +97,28 @@ def supported_layer_names() -> tuple[str, ...]:
     return tuple(_NAMED_RULES)
 
 
-def qualified_name(kind: type) -> str:
-    """``module.QualifiedName`` of a class, as :func:`supported_layer_names` lists them.
-
-    Examples:
-        >>> qualified_name(nn.Linear)
-        'torch.nn.modules.linear.Linear'
-    """
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
 def rule_of(layer: nn.Module) -> LayerRule | None:
     """The book-keeping rule of ``layer``'s exact type (a subclass may compute something else), found by the type
     itself or, for another package's layer, by its qualified name; ``None`` if it has none here."""
     kind = type(layer)
     return _RULES.get(kind) or _NAMED_RULES.get(qualified_name(kind))
+
+
+def formed_parameters(layer: nn.Module) -> tuple[str, ...] | None:
+    """The names of the parameters ``layer``'s per-sample rule forms: its book-keeping rule's, else, for PyTorch's and
+    Opacus's layers under Opacus's rules, ``weight`` and ``bias``; ``None`` when not known here (a user's own Opacus
+    rule for a class of theirs may form any)."""
+    rule = rule_of(layer)
+    if rule is not None:
+        return rule.parameters
+    return opacus_formed_parameters(layer)
+
+
+def opacus_formed_parameters(layer: nn.Module) -> tuple[str, ...] | None:
+    """The names of the parameters Opacus's per-sample rule for ``layer`` forms, for PyTorch's and Opacus's own layers
+    (``weight`` and ``bias``); ``None`` for a layer without one of those rules."""
+    known = type(layer) in GradSampleModule.GRAD_SAMPLERS and type(layer).__module__.startswith(("torch.", "opacus."))
+    return ("weight", "bias") if known else None
 
 
 def pieces_for(
@@ -164,11 +174,12 @@ def layers_of(module: nn.Module) -> list[nn.Module]:
                 "a book-keeping nor an Opacus per-sample rule. Use grad_sample_mode='hooks' (Opacus falls back to "
                 "functorch for it), or freeze its parameters."
             )
-        unformed = [n for n, _ in own if rule is not None and n not in rule.parameters]
+        formed = formed_parameters(layer)
+        unformed = [n for n, _ in own if formed is not None and n not in formed]
         if unformed:
             raise ValueError(
                 f"Layer {name or type(layer).__name__} ({type(layer).__name__}) has trainable parameters {unformed} "
-                f"that its book-keeping rule doesn't form (it forms {list(rule.parameters)}): they would never train. "
+                f"that its per-sample rule doesn't form (it forms {list(formed)}): they would never train. "
                 "Use grad_sample_mode='hooks', or freeze them."
             )
         if rule is not None and rule.check is not None:

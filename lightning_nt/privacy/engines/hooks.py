@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_nt.common import loss_from_output
 from lightning_nt.common.errors import explained_errors
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
-from lightning_nt.privacy.book_keeping.rules import aliases_only
+from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
 
 __all__ = ["OpacusHooksEngine"]
@@ -208,12 +208,24 @@ def _refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], m
     )
 
 
-def _refuse_what_ghost_norms_cannot_see(module: nn.Module, mode: str) -> None:
-    """Ghost clipping takes a layer's per-example norms from its type's rule (its input and output gradient) and
-    releases the gradient of the real backward pass: a trainable layer that computes something else than its type's
-    forward (a ``forward`` set on the instance, forward hooks or pre-hooks of the user's, which may use its weight
-    again) could release more than ``max_grad_norm`` per example (measured: 2x). Refused by name, before the engine's
-    own hooks are registered."""
+def _refuse_what_ghost_norms_cannot_see(module: nn.Module, replayed: list[tuple[str, nn.Module]], mode: str) -> None:
+    """Ghost clipping takes a layer's per-example norms from its rule and releases the gradient of the real backward
+    pass, so every layer must compute exactly what its rule assumes. Refused by name, before the engine's own hooks
+    are registered: the ``replayed`` layers (:func:`_replayed_layers`), whose norms would come from Opacus's re-run of
+    a copy made now (an attribute or dropout switched later: measured 34x ``max_grad_norm``), and a trainable layer
+    with a ``forward`` set on the instance or forward hooks or pre-hooks of the user's, which may use its weight
+    again (measured: 2x)."""
+    if replayed:
+        described = [_described(name, layer) for name, layer in replayed]
+        raise RuntimeError(
+            f"grad_sample_mode={mode!r} can't clip layers {described}: they "
+            "hold trainable parameters of their own and have no per-sample rule, so their per-example norms would "
+            "come from Opacus re-running their forward pass with torch.func while the released gradient comes "
+            "from the real backward pass; wherever the two differ (an attribute or training flag the re-run "
+            "doesn't see), one example's contribution would not be bounded by max_grad_norm. Use "
+            "grad_sample_mode='hooks' (its update is the clipped sum of the re-run gradients themselves), or "
+            "freeze those parameters (requires_grad_(False))."
+        )
     changed = [
         f"{name or '<root>'} ({type(layer).__name__})"
         for name, layer in trainable_modules(module)
@@ -237,9 +249,9 @@ def _refuse_parameters_the_rules_miss(module: nn.Module) -> None:
     extra = [
         f"{name}.{parameter_name}"
         for name, layer in trainable_modules(module)
-        if type(layer) in GradSampleModule.GRAD_SAMPLERS and type(layer).__module__.startswith(("torch.", "opacus."))
+        if (formed := opacus_formed_parameters(layer)) is not None
         for parameter_name, parameter in layer.named_parameters(recurse=False)
-        if parameter.requires_grad and parameter_name not in ("weight", "bias")
+        if parameter.requires_grad and parameter_name not in formed
     ]
     if extra:
         raise RuntimeError(
@@ -419,18 +431,8 @@ class OpacusHooksEngine(ClippingEngine):
 
     def __init__(self, mode: str, module: nn.Module, optimizer: torch.optim.Optimizer, **options: Any) -> None:
         replayed = _replayed_layers(module, every=mode == "functorch")
-        if replayed and not self.releases_replayed_gradients:
-            raise RuntimeError(
-                f"grad_sample_mode={mode!r} can't clip layers {[_described(n, layer) for n, layer in replayed]}: they "
-                "hold trainable parameters of their own and have no per-sample rule, so their per-example norms would "
-                "come from Opacus re-running their forward pass with torch.func while the released gradient comes "
-                "from the real backward pass; wherever the two differ (an attribute or training flag the re-run "
-                "doesn't see), one example's contribution would not be bounded by max_grad_norm. Use "
-                "grad_sample_mode='hooks' (its update is the clipped sum of the re-run gradients themselves), or "
-                "freeze those parameters (requires_grad_(False))."
-            )
         if not self.releases_replayed_gradients:
-            _refuse_what_ghost_norms_cannot_see(module, mode)
+            _refuse_what_ghost_norms_cannot_see(module, replayed, mode)
         _refuse_what_torch_func_cannot_replay(replayed, mode)
         _refuse_parameters_the_rules_miss(module)
         self._replayed = replayed
