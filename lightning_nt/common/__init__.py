@@ -35,8 +35,9 @@ from lightning_nt.common.loss import (
     muted_logging,
     training_loss,
     training_step_output,
+    validation_step_output,
 )
-from lightning_nt.common.probe import ProbeSet, prepare_batch, preserved_loader_rng
+from lightning_nt.common.probe import ProbeLoader, ProbeSet, prepare_batch, preserved_loader_rng
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state, stable_name
 from lightning_nt.common.substitution import substituted
@@ -45,6 +46,7 @@ from lightning_nt.common.validation import check_choice
 __all__ = [
     "Callback",
     "LossFn",
+    "ProbeLoader",
     "ProbeSet",
     "RNGState",
     "StandardizedConv2d",
@@ -83,5 +85,6 @@ __all__ = [
     "training_loss",
     "training_step_output",
     "uncompiled_name",
+    "validation_step_output",
     "with_own_methods",
 ]

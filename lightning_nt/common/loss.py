@@ -34,6 +34,7 @@ __all__ = [
     "muted_logging",
     "training_loss",
     "training_step_output",
+    "validation_step_output",
 ]
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
@@ -75,10 +76,30 @@ def training_step_output(pl_module: pl.LightningModule, batch: Any, batch_idx: i
         >>> sorted(training_step_output(BoringModel(), torch.randn(4, 32)))
         ['loss']
     """
+    return _step_output(pl_module.training_step, pl_module, batch, batch_idx)
+
+
+def validation_step_output(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> Any:
+    """What ``pl_module.validation_step`` returns on ``batch`` of the first validation loader (``batch_idx`` passed
+    where its signature has it, ``dataloader_idx=0`` where it has no default), with logging muted and torchmetrics
+    states as they were: a forward pass computed as validation computes it.
+
+    Examples:
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> sorted(validation_step_output(BoringModel(), torch.randn(4, 32)))
+        ['x']
+    """
+    return _step_output(pl_module.validation_step, pl_module, batch, batch_idx)
+
+
+def _step_output(step: Callable[..., Any], pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
+    loader_index = inspect.signature(step).parameters.get("dataloader_idx")
     with muted_logging(pl_module), frozen_metrics(pl_module):
-        if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2):
-            return pl_module.training_step(batch, batch_idx)
-        return pl_module.training_step(batch)
+        if loader_index is not None and loader_index.default is inspect.Parameter.empty:
+            return step(batch, batch_idx, 0)
+        if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+            return step(batch, batch_idx)
+        return step(batch)
 
 
 def example_losses(pl_module: pl.LightningModule, batch: Any, loss_fn: LossFn | None) -> Tensor | None:

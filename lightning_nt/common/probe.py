@@ -15,7 +15,7 @@ import dataclasses
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -28,7 +28,10 @@ from lightning_nt.common.batches import batch_size, concatenate_batches, select_
 from lightning_nt.common.state import preserved_rng
 from lightning_nt.common.validation import at_least, checked_arguments, renamed_arguments
 
-__all__ = ["ProbeSet", "prepare_batch", "preserved_loader_rng"]
+__all__ = ["ProbeLoader", "ProbeSet", "prepare_batch", "preserved_loader_rng"]
+
+ProbeLoader = Literal["train", "val"]
+"""Which of the Trainer's loaders a probe set is read from: the train loader or the first validation loader."""
 
 
 class ProbeSet:
@@ -78,18 +81,17 @@ class ProbeSet:
 
     @classmethod
     @renamed_arguments(num_samples="num_examples")
-    def from_trainer(cls, trainer: pl.Trainer, num_examples: int) -> ProbeSet:
-        """Cache ``num_examples`` examples of the Trainer's train dataloader (available from ``on_train_start``)."""
-        dataloader = trainer.train_dataloader
-        if not isinstance(dataloader, DataLoader):
-            raise TypeError(
-                "A probe set is built from a single train DataLoader, but the Trainer has "
-                f"{type(dataloader).__name__}. Call this from `on_train_start` or later, with one train dataloader."
-            )
-        return cls.from_dataloader(dataloader, num_examples)
+    def from_trainer(cls, trainer: pl.Trainer, num_examples: int, loader: ProbeLoader = "train") -> ProbeSet:
+        """Cache ``num_examples`` examples of the Trainer's train dataloader (available from ``on_train_start``), or
+        with ``loader="val"`` of its first validation dataloader (set up here if validation has not run yet)."""
+        return cls.from_dataloader(_loader(trainer, loader), num_examples)
 
     def __len__(self) -> int:
         return self._num_examples
+
+    def examples(self, index: slice) -> Any:
+        """The examples ``index`` picks, as one batch on the CPU."""
+        return select_examples(self._batch, index)
 
     def tensors(self) -> list[Tensor]:
         """The probe set's tensors, in :func:`~lightning_nt.common.batches.tensors_of` order."""
@@ -110,13 +112,15 @@ class ProbeSet:
         return {"batch": _plain(self._batch)}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any] | list[Tensor], trainer: pl.Trainer) -> ProbeSet:
+    def from_state_dict(
+        cls, state: dict[str, Any] | list[Tensor], trainer: pl.Trainer, loader: ProbeLoader = "train"
+    ) -> ProbeSet:
         """The probe set saved by :meth:`state_dict`, its namedtuple and dataclass classes taken from one batch of
-        the Trainer's train loader (read with the random state untouched). A list of tensors, what checkpoints
-        written before :meth:`state_dict` existed hold, is read by :meth:`from_tensors`."""
+        the Trainer's ``loader`` it was read from (read with the random state untouched). A list of tensors, what
+        checkpoints written before :meth:`state_dict` existed hold, is read by :meth:`from_tensors`."""
         if isinstance(state, list):
             return cls.from_tensors(state, trainer)
-        return cls(_restored(_template(trainer), state["batch"]))
+        return cls(_restored(_template(trainer, loader), state["batch"]))
 
     @classmethod
     def from_tensors(cls, tensors: list[Tensor], trainer: pl.Trainer) -> ProbeSet:
@@ -143,9 +147,30 @@ class ProbeSet:
             )
 
 
-def _template(trainer: pl.Trainer) -> Any:
-    """A one-example batch of the Trainer's train loader: the structure (classes) of a saved probe batch."""
-    return next(ProbeSet.from_trainer(trainer, 1).chunks())[0]
+def _template(trainer: pl.Trainer, loader: ProbeLoader = "train") -> Any:
+    """A one-example batch of the Trainer's ``loader``: the structure (classes) of a saved probe batch."""
+    return next(ProbeSet.from_trainer(trainer, 1, loader).chunks())[0]
+
+
+def _loader(trainer: pl.Trainer, loader: ProbeLoader) -> DataLoader:
+    """The Trainer's train loader, or its first validation loader (set up by the fit's validation loop, as its
+    first run would, if it has not run yet: a fit without a sanity check)."""
+    if loader == "train":
+        dataloader = trainer.train_dataloader
+        where = "Call this from `on_train_start` or later, with one train dataloader."
+    else:
+        if trainer.val_dataloaders is None:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        dataloader = trainer.val_dataloaders
+        if isinstance(dataloader, (list, tuple)) and dataloader:
+            dataloader = dataloader[0]
+        where = "Give the Trainer a validation DataLoader (`val_dataloader`), or read the probe set from `train`."
+    if not isinstance(dataloader, DataLoader):
+        raise TypeError(
+            f"A probe set is built from a single {loader} DataLoader, but the Trainer has "
+            f"{type(dataloader).__name__}. {where}"
+        )
+    return dataloader
 
 
 _LOADABLE = (Tensor, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Size)
@@ -215,9 +240,13 @@ def _structure_error(template: Any, plain: Any) -> TypeError:
     )
 
 
-def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
-    """Move a batch to the module's device and convert it for the Trainer's precision, as Lightning's loops do."""
-    return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+def prepare_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0) -> Any:
+    """A loader's batch as Lightning's loops hand it to a step: converted for the Trainer's precision, through the
+    module's (and datamodule's) ``on_before_batch_transfer``, moved to the module's device by
+    ``transfer_batch_to_device`` and through ``on_after_batch_transfer``."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,8 +17,10 @@ from typing_extensions import override
 
 from lightning_nt.common import (
     LossFn,
+    ProbeLoader,
     ProbeSet,
     batch_size,
+    compiled_parts,
     log_figure,
     log_scalars,
     log_text,
@@ -25,8 +28,10 @@ from lightning_nt.common import (
     prepare_batch,
     preserved_state,
     select_examples,
+    tensors_of,
     training_loss,
     uncompiled_name,
+    validation_step_output,
 )
 from lightning_nt.common.callback import Callback
 from lightning_nt.common.compiled import renamed_state_dict
@@ -71,6 +76,15 @@ group depends on its bounds (:func:`~lightning_nt.similarity.activations.clamp_g
 computes, as activation classes written elsewhere are."""
 
 
+_NOT_READ_DURING_VALIDATION = {
+    "examples": "this validation did not run the probe set's examples first, in order (a shuffled or augmented "
+    "validation loader, or one shorter than num_examples)",
+    "compiled": "the module runs code compiled by torch.compile, inside which the forward hooks that read the "
+    "layers' outputs don't fire",
+}
+"""Why a validation's layer outputs can't be read (``probe_data="val"``), by the key its warning is given once under."""
+
+
 def _is_reference(value: Any) -> bool:
     return not isinstance(value, str) or value in ("init", "previous") or os.path.isfile(value)
 
@@ -79,11 +93,12 @@ class RepresentationSimilarity(Callback):
     """Per-layer similarity of the network's representations to a reference's: CKA, Procrustes, intertwiner.
 
     Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_examples`` training
-    examples (cached when training starts) are compared with the reference's outputs on the same examples by
-    linear CKA, orthogonal Procrustes similarity (both blind to rotations of a layer's units) and the
-    intertwiner similarity of the layer's nonlinearity (blind only to the maps the network itself can undo:
-    permutations and positive scalings for ReLU, Godfrey et al. 2022). A layer whose CKA is high but whose
-    intertwiner similarity is low matches the reference only up to a rotation the network can't make.
+    (or, with ``probe_data="val"``, validation) examples, cached when training starts, are compared with the
+    reference's outputs on the same examples by linear CKA, orthogonal Procrustes similarity (both blind to
+    rotations of a layer's units) and the intertwiner similarity of the layer's nonlinearity (blind only to the
+    maps the network itself can undo: permutations and positive scalings for ReLU, Godfrey et al. 2022). A layer
+    whose CKA is high but whose intertwiner similarity is low matches the reference only up to a rotation the
+    network can't make.
 
     Features are read by forward hooks during a forward pass over the probe set (``chunk_size`` examples at a
     time if given; ``loss_fn`` or the module's ``training_step`` with logging muted), in eval mode, under the
@@ -119,7 +134,7 @@ class RepresentationSimilarity(Callback):
             are matched without the ``_orig_mod.`` of compiled submodules: either side may be compiled.
         every_n_epochs: epochs between measurements, taken after the epoch's last training batch (before
             validation and before a checkpoint is saved, so a resumed run has every measurement).
-        num_examples: training examples in the probe set (per rank).
+        num_examples: examples in the probe set (per rank), the first ones ``probe_data``'s loader yields.
         metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
         unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
             convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
@@ -131,6 +146,15 @@ class RepresentationSimilarity(Callback):
         chunk_size: probe examples per forward pass (``None``: all at once), to bound the pass's memory on a
             large model; in eval mode an example's outputs don't depend on its chunk. The layers' outputs on the
             whole probe set are kept either way.
+        probe_data: ``"train"``: the probe set is read from the train loader and run through ``training_step``
+            (or ``loss_fn``) after the epoch's last batch. ``"val"``: it is read from the first validation loader,
+            and the layers' outputs are read during the validation that ends a measured epoch, as it runs the
+            probe set's examples (no forward pass of the callback's own: what makes ``every_n_epochs=1`` cheap).
+            Each validation batch is checked against the probe set, bit for bit; where they differ (a shuffled or
+            augmented validation loader, one shorter than ``num_examples``), and with ``loss_fn``, a forward pass
+            of ``validation_step`` (or ``loss_fn``) over the probe set gives the outputs instead, with one warning.
+            The measurement is of the network validation runs (with an averaging callback, the average); an epoch
+            that ends without validation is measured after it, with a forward pass.
 
     Examples:
         >>> from pytorch_lightning.demos.boring_classes import BoringModel
@@ -166,6 +190,7 @@ class RepresentationSimilarity(Callback):
         max_rows: int | None = 4096,
         loss_fn: LossFn | None = None,
         chunk_size: int | None = None,
+        probe_data: ProbeLoader = "train",
     ) -> None:
         if isinstance(layers, dict):
             for activation in layers.values():
@@ -176,7 +201,7 @@ class RepresentationSimilarity(Callback):
             raise ArgumentError(f"`metrics` must not repeat a metric, got {metrics!r}.")
         self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
         self.num_examples, self.metrics, self.unit_dim, self.loss_fn = num_examples, tuple(metrics), unit_dim, loss_fn
-        self.max_rows, self.chunk_size = max_rows, chunk_size
+        self.max_rows, self.chunk_size, self.probe_data = max_rows, chunk_size, probe_data
         self.history: list[dict[str, float]] = []
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
@@ -188,6 +213,10 @@ class RepresentationSimilarity(Callback):
         self._layer_names: list[str] = []
         self._restored = False
         self._warned: set[str] = set()
+        self._due = False  # probe_data="val": this epoch's measurement is owed
+        self._capture: _LayerOutputs | None = None  # probe_data="val": reading the outputs during validation
+        self._covered = self._taking = 0  # probe examples read so far, and taken from the current batch
+        self._local: dict[str, Tensor] | None = None  # this rank's outputs, read, not yet measured
 
     @property
     @override
@@ -204,6 +233,7 @@ class RepresentationSimilarity(Callback):
             unit_dim=self.unit_dim,
             max_rows=self.max_rows,
             loss_fn=loss_fn,
+            **({"probe_data": self.probe_data} if self.probe_data != "train" else {}),  # older keys stay
         )
 
     @override
@@ -213,13 +243,15 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_capture()
+        self._due, self._local, self._covered = False, None, 0
         restored, self._restored = self._restored, False
         if continues_run(trainer, restored) and self._reference_features is not None:
             if restored:  # resumed: the checkpoint's probe set and reference features
-                self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer)
+                self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer, self.probe_data)
             return  # another fit on the same Trainer goes on as a resume does: same probe set and reference
         self.history = []  # a new run (a new Trainer without a checkpoint): a new history, probe set and reference
-        self._probe = self._common_probe(trainer, ProbeSet.from_trainer(trainer, self.num_examples))
+        self._probe = self._common_probe(trainer, self._probe_set(trainer))
         with self._reference_weights(pl_module):
             self._set_reference(self._features(trainer, pl_module))
 
@@ -230,7 +262,69 @@ class RepresentationSimilarity(Callback):
         # the epoch's weights after its last step, before validation and before a checkpoint is saved
         last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
         if last and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._measure(trainer, pl_module)
+            if self.probe_data == "val":
+                self._due = True  # read during the validation that ends the epoch (or after the epoch, if none)
+            else:
+                self._measure(trainer, self._features(trainer, pl_module))
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self._due or trainer.sanity_checking or dataloader_idx != 0 or self._local is not None:
+            return
+        assert self._probe is not None
+        self._taking = min(batch_size(batch), len(self._probe) - self._covered)
+        if self.loss_fn is not None:  # the outputs are loss_fn's, which validation doesn't run
+            self._forward_instead(trainer, pl_module)
+        elif compiled_parts(pl_module):
+            self._forward_instead(trainer, pl_module, "compiled")
+        elif not self._same_examples(trainer, batch):
+            self._forward_instead(trainer, pl_module, "examples")
+        elif self._capture is None:
+            modules = named_modules(pl_module)
+            self._capture = _LayerOutputs({name: modules[name] for name in self._activations})
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._capture is None or dataloader_idx != 0 or self._local is not None:
+            return
+        assert self._probe is not None
+        self._capture.end_chunk(batch_size(batch), keep=self._taking)
+        self._covered += self._taking
+        if self._covered == len(self._probe):
+            self._capture.remove()
+            self._local, self._capture = self._assembled(self._capture, pl_module), None
+        elif batch_idx + 1 >= trainer.num_val_batches[0]:  # the loader ends short of the probe set
+            self._forward_instead(trainer, pl_module, "examples")
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due or trainer.sanity_checking:
+            return
+        if self._local is None:  # the first loader ran no batch, or ran out before its length said
+            self._forward_instead(trainer, pl_module, "examples")
+        assert self._local is not None
+        features, self._local, self._covered, self._due = self._local, None, 0, False
+        self._measure(trainer, self._gathered(trainer, features))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._due:  # no validation ended the epoch: a forward pass over the probe set now
+            self._due = False
+            self._measure(trainer, self._features(trainer, pl_module))
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop_capture()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -291,8 +385,8 @@ class RepresentationSimilarity(Callback):
         tagged = list(dict.fromkeys(tag.split("/", 2)[2] for tag in self.history[-1] if tag.startswith("similarity/")))
         return [name for name in self._layer_names if name in tagged] or tagged
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        features = self._features(trainer, pl_module)
+    def _measure(self, trainer: pl.Trainer, features: dict[str, Tensor]) -> None:
+        """Compare ``features`` (every rank's, gathered) with the reference's; log and record the values."""
         reference = self._reference_matrices(features)
         current = {name: PreparedFeatures(self._unit_matrix(output)) for name, output in features.items()}
         unmatched = [name for name in current if name not in reference]
@@ -357,34 +451,43 @@ class RepresentationSimilarity(Callback):
     @torch.no_grad()
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """Each layer's output on the probe set (of every rank, gathered), as float32 on the module's device."""
+        return self._gathered(trainer, self._forward_features(trainer, pl_module))
+
+    @torch.no_grad()
+    def _forward_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """This rank's layers' outputs from a forward pass over its probe set, in eval mode, state restored."""
         assert self._probe is not None
-        calls: dict[str, list[Tensor]] = {}  # every call of a layer, chunk after chunk
-        counts: list[dict[str, int]] = []  # calls of each layer after each chunk
-        with ExitStack() as stack:
-            stack.enter_context(preserved_state(pl_module, parameters=False, grads=False))
-            modules = named_modules(pl_module)
-            for name in self._activations:
-                handle = modules[name].register_forward_hook(self._recorder(name, calls))
-                stack.callback(handle.remove)
+        modules = named_modules(pl_module)
+        with (
+            preserved_state(pl_module, parameters=False, grads=False),
+            _LayerOutputs({name: modules[name] for name in self._activations}) as outputs,
+        ):
             pl_module.eval()
-            shared: set[str] = set()
             for chunk, _ in self._probe.chunks(self.chunk_size):
-                before = counts[-1] if counts else {}
-                with trainer.precision_plugin.forward_context():
-                    training_loss(pl_module, prepare_batch(trainer, chunk), 0, self.loss_fn)
-                counts.append({name: len(outputs) for name, outputs in calls.items()})
-                examples = batch_size(chunk)
-                shared.update(
-                    name
-                    for name, outputs in calls.items()
-                    if any(out.ndim == 0 or len(out) != examples for out in outputs[before.get(name, 0) :])
-                )
-        self._leave_out_shared_layers(sorted(shared), calls)
+                self._forward(trainer, pl_module, prepare_batch(trainer, chunk))
+                outputs.end_chunk(batch_size(chunk))
+        return self._assembled(outputs, pl_module)
+
+    def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """One forward pass as the probe set's loader is run: ``loss_fn`` if given, else ``training_step`` for the
+        train loader's examples, ``validation_step`` for the validation loader's (logging muted)."""
+        if self.probe_data == "val" and self.loss_fn is None:
+            with trainer.precision_plugin.val_step_context():
+                validation_step_output(pl_module, batch)
+        else:
+            with trainer.precision_plugin.forward_context():
+                training_loss(pl_module, batch, 0, self.loss_fn)
+
+    def _assembled(self, outputs: _LayerOutputs, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Each layer's outputs, chunk after chunk, as one tensor per layer call (``<name>#<call>`` for a layer
+        that runs several times in one forward pass)."""
+        calls, counts = outputs.calls, outputs.counts
+        self._leave_out_shared_layers(sorted(outputs.shared), calls)
         silent = [name for name in self._activations if name not in calls]
         if silent:
             raise ValueError(f"`layers`: {silent} did not run in {type(pl_module).__name__}'s forward pass.")
         features = {}
-        for name, outputs in calls.items():
+        for name, layer_calls in calls.items():
             per_pass = {after.get(name, 0) - before.get(name, 0) for before, after in zip([{}, *counts], counts)}
             if len(per_pass) != 1:
                 raise ValueError(
@@ -394,9 +497,52 @@ class RepresentationSimilarity(Callback):
             (runs,) = per_pass
             for index in range(runs):
                 key = name if runs == 1 else f"{name}#{index}"
-                features[key] = torch.cat(outputs[index::runs]) if len(counts) > 1 else outputs[index]
+                features[key] = torch.cat(layer_calls[index::runs]) if len(counts) > 1 else layer_calls[index]
         self._layer_names = list(features)
+        return features
+
+    @staticmethod
+    def _gathered(trainer: pl.Trainer, features: dict[str, Tensor]) -> dict[str, Tensor]:
         return {name: gather_across_ranks(trainer, output) for name, output in features.items()}
+
+    def _probe_set(self, trainer: pl.Trainer) -> ProbeSet:
+        try:
+            return ProbeSet.from_trainer(trainer, self.num_examples, self.probe_data)
+        except TypeError as error:
+            if self.probe_data == "val" and trainer.val_dataloaders is None:
+                raise ArgumentError(
+                    "`probe_data='val'` reads the probe set from the first validation DataLoader, but the Trainer has "
+                    "none (no `val_dataloader`, or `limit_val_batches=0`): give it one, or use probe_data='train'."
+                ) from error
+            raise
+
+    def _same_examples(self, trainer: pl.Trainer, batch: Any) -> bool:
+        """Whether the first ``_taking`` examples of a validation ``batch`` are the probe set's next ones, as the
+        validation loop hands them to its step (same tensors, bit for bit)."""
+        assert self._probe is not None
+        expected = prepare_batch(trainer, self._probe.examples(slice(self._covered, self._covered + self._taking)))
+        seen, wanted = tensors_of(select_examples(batch, slice(0, self._taking))), tensors_of(expected)
+        return len(seen) == len(wanted) and all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(seen, wanted)
+        )
+
+    def _forward_instead(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str | None = None) -> None:
+        """The outputs can't be read from this validation (``reason``): a forward pass over the probe set gives them,
+        with the weights validation runs with (one warning per reason)."""
+        self._stop_capture()
+        self._local = self._forward_features(trainer, pl_module)
+        if reason is not None:
+            self._warn(
+                reason,
+                f"RepresentationSimilarity(probe_data='val'): {_NOT_READ_DURING_VALIDATION[reason]}, so the layers' "
+                "outputs come from a forward pass of validation_step over the probe set instead (the same values, at "
+                "the cost of that pass).",
+            )
+
+    def _stop_capture(self) -> None:
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
 
     def _leave_out_shared_layers(self, shared: list[str], calls: dict[str, list[Tensor]]) -> None:
         """Layers whose output doesn't hold the examples along dimension 0 (one run on inputs the whole batch shares,
@@ -417,18 +563,6 @@ class RepresentationSimilarity(Callback):
         for name in shared:
             self._activations.pop(name, None)
             calls.pop(name, None)
-
-    @staticmethod
-    def _recorder(name: str, outputs: dict[str, list[Tensor]]) -> Any:
-        def record(module: nn.Module, inputs: Any, output: Any) -> None:
-            if not isinstance(output, Tensor):
-                raise ValueError(
-                    f"`layers`: module {name!r} returned a {type(output).__name__}, not a Tensor; "
-                    "name a module whose output is a Tensor."
-                )
-            outputs.setdefault(name, []).append(output.detach().float())
-
-        return record
 
     @staticmethod
     def _common_probe(trainer: pl.Trainer, probe: ProbeSet) -> ProbeSet:
@@ -502,3 +636,50 @@ class RepresentationSimilarity(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+class _LayerOutputs:
+    """The outputs of the compared layers, call after call, over chunks of examples, read by forward hooks until
+    :meth:`remove` (or the end of a ``with`` block)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.calls: dict[str, list[Tensor]] = {}
+        self.counts: list[dict[str, int]] = []  # calls of each layer after each chunk
+        self.shared: set[str] = set()  # layers whose outputs don't hold the examples along dimension 0
+        self._handles = [module.register_forward_hook(self._recorder(name)) for name, module in modules.items()]
+
+    def end_chunk(self, examples: int, keep: int | None = None) -> None:
+        """A chunk of ``examples`` examples has run; the outputs keep the rows of its first ``keep`` (all if None)."""
+        before = self.counts[-1] if self.counts else {}
+        for name, outputs in self.calls.items():
+            new = range(before.get(name, 0), len(outputs))
+            if any(outputs[index].ndim == 0 or len(outputs[index]) != examples for index in new):
+                self.shared.add(name)
+            elif keep is not None and keep < examples:
+                for index in new:
+                    outputs[index] = outputs[index][:keep]
+        self.counts.append({name: len(outputs) for name, outputs in self.calls.items()})
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> _LayerOutputs:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    def _recorder(self, name: str) -> Any:
+        def record(module: nn.Module, inputs: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"`layers`: module {name!r} returned a {type(output).__name__}, not a Tensor; "
+                    "name a module whose output is a Tensor."
+                )
+            self.calls.setdefault(name, []).append(output.detach().float())
+
+        return record

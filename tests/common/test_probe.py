@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_nt.common import ProbeSet, batch_size, tensors_of
+from lightning_nt.common import ProbeSet, batch_size, prepare_batch, tensors_of
 from lightning_nt.common.probe import _restored
 from lightning_nt.laziness import LazinessMonitor
 from lightning_nt.similarity import RepresentationSimilarity
@@ -280,3 +280,39 @@ def test_fields_a_weights_only_checkpoint_cannot_hold_come_from_the_loader_with_
     restored = _restored(template, state["batch"])
     assert torch.equal(restored["x"], torch.arange(4.0)[:, None])
     assert restored["raw"] is template["raw"] and restored["paths"] == [pathlib.Path("b")] * 4
+
+
+class BatchHooks(TinyClassifier):
+    """Inputs doubled before the batch moves to the device and shifted after it."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return batch[0] * 2, batch[1]
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return batch[0] + 1, batch[1]
+
+
+class StepBatches(pl.Callback):
+    """The first batch each loop hands its step, beside the probe's preparation of that batch from its loader."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[Tensor, ...]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._note("train", trainer, batch, batch_idx, ProbeSet.from_trainer(trainer, 16, "train"))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._note("val", trainer, batch, batch_idx, ProbeSet.from_trainer(trainer, 32, "val"))
+
+    def _note(self, loader, trainer, batch, batch_idx, probe):
+        if batch_idx == 0 and loader not in self.seen:
+            self.seen[loader] = (*batch, *prepare_batch(trainer, next(probe.chunks())[0]))
+
+
+def test_a_prepared_probe_batch_is_the_batch_the_loops_hand_their_steps():
+    seen = StepBatches()
+    tiny_trainer(callbacks=[seen], max_epochs=1, num_sanity_val_steps=0).fit(BatchHooks(shuffle=False))
+    for loader in ("train", "val"):
+        inputs, labels, prepared_inputs, prepared_labels = seen.seen[loader]
+        assert torch.equal(prepared_inputs, inputs) and torch.equal(prepared_labels, labels)
+    assert not torch.equal(seen.seen["val"][0], BatchHooks().val_dataloader().dataset.tensors[0])  # hooks ran
