@@ -3,8 +3,10 @@
 The digits demo's CNN (three ReLU layers, width 16, SGD, batches of 64) trains on the 1438 training digits with
 the demo's trainer (TensorBoard logger, here in a temporary folder, ``log_every_n_steps=5``), without and with
 the callback as ``examples/digits.py --similarity`` builds it: ``reference="init"``, ``every_n_epochs=1``,
-``num_examples=512``, CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer
-CKA matrix and the picture (``--no-logger``: no picture). The two fits alternate, plain then watched,
+``num_examples=512``, ``probe_data="val"`` (the 359 validation digits, whose layer outputs are read during
+validation itself; ``--probe-data train``: 512 training digits and a forward pass of the callback's own per
+measurement), CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer CKA matrix
+and the picture (``--no-logger``: no picture). The two fits alternate, plain then watched,
 ``--repeats`` times in one process on ``--threads`` threads, so that a change in the machine's load hits both
 alike, and the medians are compared. Inside the watched fits the callback's hooks are timed too, split into
 the measurements (after each epoch), the start (the reference's features) and the end (CKA matrix, picture),
@@ -17,6 +19,7 @@ counts the threads' spinning at barriers).
 
     python benchmarks/bench_similarity.py                   # 30 epochs (the demo's), 5 pairs, 2 threads
     python benchmarks/bench_similarity.py --epochs 10 --repeats 9 --every 5 --threads 1
+    python benchmarks/bench_similarity.py --probe-data train  # a forward pass over 512 training digits each epoch
 """
 
 from __future__ import annotations
@@ -77,28 +80,38 @@ def fit_seconds(epochs: int, callbacks: list[pl.Callback], logger: bool) -> Seco
 class TimedSimilarity(RepresentationSimilarity):
     """The callback as the digits demo builds it, with stopwatches around its hooks and its forward passes."""
 
-    def __init__(self, every_n_epochs: int = 1, num_examples: int = 512) -> None:
-        super().__init__(reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples)
+    _MEASURING = (
+        "on_train_batch_end",
+        "on_validation_batch_start",
+        "on_validation_batch_end",
+        "on_validation_epoch_end",
+        "on_train_epoch_end",
+    )
+
+    def __init__(self, every_n_epochs: int = 1, num_examples: int = 512, probe_data: str = "val") -> None:
+        super().__init__(
+            reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples, probe_data=probe_data
+        )
         self.seconds: dict[str, Seconds] = defaultdict(lambda: Seconds(0.0, 0.0))
+        self.forward_passes = 0
+        for hook in self._MEASURING:
+            setattr(self, hook, self._stopwatch("measurements", getattr(self, hook)))
+        self.on_train_start = self._stopwatch("start", self.on_train_start)  # type: ignore[method-assign]
+        self.on_train_end = self._stopwatch("end", self.on_train_end)  # type: ignore[method-assign]
 
-    def _timed(self, part: str, method: Any, *args: Any) -> Any:
-        started = Seconds.now()
-        result = method(*args)
-        spent, total = Seconds.since(started), self.seconds[part]
-        self.seconds[part] = Seconds(total.wall + spent.wall, total.cpu + spent.cpu)
-        return result
+    def _stopwatch(self, part: str, method: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = Seconds.now()
+            result = method(*args, **kwargs)
+            spent, total = Seconds.since(started), self.seconds[part]
+            self.seconds[part] = Seconds(total.wall + spent.wall, total.cpu + spent.cpu)
+            return result
 
-    def on_train_start(self, *args: Any) -> None:  # type: ignore[override]
-        self._timed("start", super().on_train_start, *args)
+        return timed
 
-    def on_train_batch_end(self, *args: Any) -> None:  # type: ignore[override]
-        self._timed("measurements", super().on_train_batch_end, *args)
-
-    def on_train_end(self, *args: Any) -> None:  # type: ignore[override]
-        self._timed("end", super().on_train_end, *args)
-
-    def _features(self, *args: Any) -> Any:  # type: ignore[override]
-        return self._timed("forward", super()._features, *args)
+    def _forward_features(self, *args: Any) -> Any:  # type: ignore[override]
+        self.forward_passes += 1
+        return self._stopwatch("forward", super()._forward_features)(*args)
 
 
 def main() -> None:
@@ -107,31 +120,38 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="pairs of fits (plain, watched)")
     parser.add_argument("--every", type=int, default=1, help="every_n_epochs")
     parser.add_argument("--num-examples", type=int, default=512, help="probe examples (the demo's: 512)")
+    parser.add_argument("--probe-data", choices=("val", "train"), default="val", help="probe_data (the demo's: val)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-logger", dest="logger", action="store_false", help="no logger, so no picture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fit_seconds(1, [TimedSimilarity()], args.logger)  # warm-up: imports, data, allocator, scipy, matplotlib
-    plain, watched, parts = [], [], defaultdict(list)
+    plain, watched, parts, passes = [], [], defaultdict(list), 0
     for _ in range(args.repeats):
         plain.append(fit_seconds(args.epochs, [], args.logger))
-        monitor = TimedSimilarity(args.every, args.num_examples)
+        monitor = TimedSimilarity(args.every, args.num_examples, args.probe_data)
         watched.append(fit_seconds(args.epochs, [monitor], args.logger))
         for part in PARTS:
             parts[part].append(monitor.seconds[part])
+        passes = monitor.forward_passes
     measurements = args.epochs // args.every
     logger = "TensorBoard logger (the picture drawn at the end)" if args.logger else "no logger"
     print(
         f"digits CNN, {args.epochs} epochs, every_n_epochs={args.every} ({measurements} measurements), "
-        f"num_examples={args.num_examples}, {logger}"
+        f"num_examples={args.num_examples}, probe_data={args.probe_data!r}, {logger}"
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved pairs, medians")
     for clock in Seconds._fields:
-        _report(clock, measurements, plain, watched, parts)
+        _report(clock, measurements, plain, watched, parts, passes)
 
 
 def _report(
-    clock: str, measurements: int, plain: list[Seconds], watched: list[Seconds], parts: dict[str, list[Seconds]]
+    clock: str,
+    measurements: int,
+    plain: list[Seconds],
+    watched: list[Seconds],
+    parts: dict[str, list[Seconds]],
+    passes: int,
 ) -> None:
     def median(values: list[Seconds]) -> float:
         return statistics.median(getattr(value, clock) for value in values)
@@ -151,7 +171,7 @@ def _report(
     each = measured / max(measurements, 1) * 1e3
     print(f"    measurements     {measured:6.2f} s = {measured / base:.1%} ({each:.1f} ms each)")
     print(f"    start, end       {start:6.2f} s + {end:.2f} s = {(start + end) / base:.1%}")
-    print(f"    of which forward {forward:6.2f} s = {forward / base:.1%} ({measurements + 2} passes)")
+    print(f"    of which forward {forward:6.2f} s = {forward / base:.1%} ({passes} passes of the callback's own)")
 
 
 if __name__ == "__main__":

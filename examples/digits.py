@@ -95,9 +95,12 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         flag="similarity",
-        help="every epoch, each ReLU layer's representation of 512 training images compared with its state at "
-        "initialisation: linear CKA, orthogonal Procrustes and the ReLU intertwiner similarity (Godfrey et al.)",
-        build=lambda args: RepresentationSimilarity(reference="init", every_n_epochs=1, num_examples=512),
+        help="every epoch, each ReLU layer's representation of the validation images (read during validation "
+        "itself) compared with its state at initialisation: linear CKA, orthogonal Procrustes and the ReLU "
+        "intertwiner similarity (Godfrey et al.)",
+        build=lambda args: RepresentationSimilarity(
+            reference="init", every_n_epochs=1, num_examples=512, probe_data="val"
+        ),
     ),
     Capability(
         flag="gradtest",
