@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from lightning_nt.similarity import PreparedFeatures, RepresentationSimilarity, cka_matrix, similarities
 from tests.helpers import TinyClassifier, tiny_trainer
 from tests.similarity.test_callback import CompiledNet
+from tests.similarity.test_validation_probe import Validated
 
 METRICS = ("cka", "cka_debiased", "intertwiner", "orthogonal_procrustes")
 
@@ -73,3 +75,23 @@ def test_relu6_and_hardtanh_layers_on_the_gpu(precision):
     trainer.fit(module)
     assert "| net.1 | gelu |" in monitor.table() and "| net.2 | tanh |" in monitor.table()
     assert all(math.isfinite(value) for value in monitor.history[-1].values())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_validation_probe_on_the_gpu_reads_validation_and_equals_a_forward_pass(precision):
+    """probe_data="val" on CUDA: read during validation (no warning: the batches compare equal on the device), and
+    the values those of a fit whose features come from the forward pass instead (loss_fn: validation's forward)."""
+    runs = []
+    for loss_fn in (None, lambda module, batch: module(batch[0]).sum()):
+        torch.manual_seed(0)
+        monitor = RepresentationSimilarity(num_examples=20, metrics=METRICS, probe_data="val", loss_fn=loss_fn)
+        trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*RepresentationSimilarity.*")
+            trainer.fit(Validated())
+        runs.append(monitor.history)
+    read, forward = runs
+    assert [entry["epoch"] for entry in read] == [0, 1]
+    for entry, expected in zip(read, forward):
+        assert entry == pytest.approx(expected, rel=1e-2 if precision == "bf16-mixed" else 1e-5)
