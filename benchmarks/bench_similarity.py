@@ -3,7 +3,7 @@
 The digits demo's CNN (three ReLU layers, width 16, SGD, batches of 64) trains on the 1438 training digits with
 the demo's trainer (TensorBoard logger, here in a temporary folder, ``log_every_n_steps=5``), without and with
 the callback as ``examples/digits.py --similarity`` builds it: ``reference="init"``, ``every_n_epochs=1``,
-``num_examples=512``, ``probe_data="val"`` (the 359 validation digits, whose layer outputs are read during
+``num_examples=512``, ``data="val"`` (the 359 validation digits, whose layer outputs are read during
 validation itself; ``--probe-data train``: 512 training digits and a forward pass of the callback's own per
 measurement), CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer CKA matrix
 and the picture (``--no-logger``: no picture). The two fits alternate, plain then watched,
@@ -88,9 +88,9 @@ class TimedSimilarity(RepresentationSimilarity):
         "on_train_epoch_end",
     )
 
-    def __init__(self, every_n_epochs: int = 1, num_examples: int = 512, probe_data: str = "val") -> None:
+    def __init__(self, every_n_epochs: int = 1, num_examples: int = 512, data: str = "val") -> None:
         super().__init__(
-            reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples, probe_data=probe_data
+            reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples, data=data
         )
         self.seconds: dict[str, Seconds] = defaultdict(lambda: Seconds(0.0, 0.0))
         self.forward_passes = 0
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="pairs of fits (plain, watched)")
     parser.add_argument("--every", type=int, default=1, help="every_n_epochs")
     parser.add_argument("--num-examples", type=int, default=512, help="probe examples (the demo's: 512)")
-    parser.add_argument("--probe-data", choices=("val", "train"), default="val", help="probe_data (the demo's: val)")
+    parser.add_argument("--probe-data", choices=("val", "train"), default="val", help="data (the demo's: val)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-logger", dest="logger", action="store_false", help="no logger, so no picture")
     args = parser.parse_args()
@@ -129,7 +129,7 @@ def main() -> None:
     plain, watched, parts, passes = [], [], defaultdict(list), 0
     for _ in range(args.repeats):
         plain.append(fit_seconds(args.epochs, [], args.logger))
-        monitor = TimedSimilarity(args.every, args.num_examples, args.probe_data)
+        monitor = TimedSimilarity(args.every, args.num_examples, args.data)
         watched.append(fit_seconds(args.epochs, [monitor], args.logger))
         for part in PARTS:
             parts[part].append(monitor.seconds[part])
@@ -138,7 +138,7 @@ def main() -> None:
     logger = "TensorBoard logger (the picture drawn at the end)" if args.logger else "no logger"
     print(
         f"digits CNN, {args.epochs} epochs, every_n_epochs={args.every} ({measurements} measurements), "
-        f"num_examples={args.num_examples}, probe_data={args.probe_data!r}, {logger}"
+        f"num_examples={args.num_examples}, data={args.data!r}, {logger}"
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved pairs, medians")
     for clock in Seconds._fields:

@@ -99,7 +99,7 @@ CAPABILITIES: list[Capability] = [
         "itself) compared with its state at initialisation: linear CKA, orthogonal Procrustes and the ReLU "
         "intertwiner similarity (Godfrey et al.)",
         build=lambda args: RepresentationSimilarity(
-            reference="init", every_n_epochs=1, num_examples=512, probe_data="val"
+            reference="init", every_n_epochs=1, num_examples=512, data="val"
         ),
     ),
     Capability(

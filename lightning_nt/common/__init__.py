@@ -30,6 +30,7 @@ from lightning_nt.common.loss import (
     LossFn,
     captured_logging,
     example_losses,
+    frozen_attributes,
     frozen_metrics,
     loss_from_output,
     muted_logging,
@@ -37,7 +38,14 @@ from lightning_nt.common.loss import (
     training_step_output,
     validation_step_output,
 )
-from lightning_nt.common.probe import ProbeLoader, ProbeSet, prepare_batch, preserved_loader_rng
+from lightning_nt.common.probe import (
+    ProbeLoader,
+    ProbeSet,
+    first_validation_loader,
+    prepare_batch,
+    preserved_loader_rng,
+    running_stage,
+)
 from lightning_nt.common.reporting import log_figure, log_scalars, log_text
 from lightning_nt.common.state import RNGState, preserved_modes, preserved_rng, preserved_state, stable_name
 from lightning_nt.common.substitution import substituted
@@ -61,6 +69,8 @@ __all__ = [
     "differentiable_kernels",
     "eager_execution",
     "example_losses",
+    "first_validation_loader",
+    "frozen_attributes",
     "frozen_metrics",
     "gather_across_ranks",
     "log_figure",
@@ -77,6 +87,7 @@ __all__ = [
     "preserved_modes",
     "preserved_rng",
     "preserved_state",
+    "running_stage",
     "select_examples",
     "stable_name",
     "substituted",

@@ -75,9 +75,7 @@ def validation_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Va
         for dataloader_idx, dataloader in enumerate(dataloaders):
             results.dataloader_idx = dataloader_idx if several else None
             limit = trainer.num_val_batches[dataloader_idx]
-            _run_loader(
-                trainer, pl_module, results, dataloader, limit, (dataloader_idx,) if pass_index and several else ()
-            )
+            _run_loader(trainer, pl_module, results, dataloader, limit, dataloader_idx, pass_index and several)
             # as Lightning does, a loader's values are computed when it ends (a metric shared by loaders is not reset)
             metrics = results.metrics(on_step=False)
             values.callback.update({name: float(value) for name, value in metrics["callback"].items()})
@@ -91,13 +89,15 @@ def _run_loader(
     results: _ResultCollection,
     dataloader: Any,
     limit: int | float,
-    extra: tuple[int, ...],
+    dataloader_idx: int,
+    pass_index: bool,
 ) -> None:
+    extra = (dataloader_idx,) if pass_index else ()
     with preserved_loader_rng(dataloader):
         for batch_idx, batch in enumerate(dataloader):
             if batch_idx >= limit:
                 break
-            batch = prepare_batch(trainer, batch)
+            batch = prepare_batch(trainer, batch, dataloader_idx)
             results.batch, results.batch_size = batch, None
             with trainer.precision_plugin.val_step_context():
                 pl_module.validation_step(batch, batch_idx, *extra)

@@ -9,8 +9,10 @@ example's loss asks :func:`example_losses` for the user's own ``[B]`` vector fir
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ __all__ = [
     "LossFn",
     "captured_logging",
     "example_losses",
+    "frozen_attributes",
     "frozen_metrics",
     "loss_from_output",
     "muted_logging",
@@ -94,7 +97,7 @@ def validation_step_output(pl_module: pl.LightningModule, batch: Any, batch_idx:
 
 def _step_output(step: Callable[..., Any], pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
     loader_index = inspect.signature(step).parameters.get("dataloader_idx")
-    with muted_logging(pl_module), frozen_metrics(pl_module):
+    with muted_logging(pl_module), frozen_metrics(pl_module), frozen_attributes(pl_module):
         if loader_index is not None and loader_index.default is inspect.Parameter.empty:
             return step(batch, batch_idx, 0)
         if is_param_in_hook_signature(step, "batch_idx", min_args=2):
@@ -193,6 +196,59 @@ def frozen_metrics(module: torch.nn.Module) -> Iterator[None]:
         for metric, state in saved:
             for name, value in state.items():
                 setattr(metric, name, value)
+
+
+@contextmanager
+def frozen_attributes(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Put the module's own attributes back as they were when the block ends: an attribute set or added inside it
+    is set back or removed, and the contents of a list, dict, set or deque it holds are restored in place. A step
+    run for a measurement then leaves no trace in the module (Lightning's ``self.validation_step_outputs.append``
+    pattern, a flag or tensor a step keeps); Lightning's and PyTorch's own attributes are left alone.
+
+    Examples:
+        >>> from pytorch_lightning.demos.boring_classes import BoringModel
+        >>> model = BoringModel()
+        >>> model.outputs = []
+        >>> with frozen_attributes(model):
+        ...     model.outputs.append(1)
+        ...     model.seen = True
+        >>> model.outputs, hasattr(model, "seen")
+        ([], False)
+    """
+    internals = _lightning_internals()
+    saved = {name: (value, _contents(value)) for name, value in vars(pl_module).items() if name not in internals}
+    try:
+        yield
+    finally:
+        for name in [name for name in vars(pl_module) if name not in internals and name not in saved]:
+            del pl_module.__dict__[name]
+        for name, (value, contents) in saved.items():
+            pl_module.__dict__[name] = value
+            if contents is not None:
+                _restore_contents(value, contents)
+
+
+@functools.cache
+def _lightning_internals() -> frozenset[str]:
+    return frozenset(vars(pl.LightningModule()))
+
+
+def _contents(value: Any) -> Any:
+    if isinstance(value, list | collections.deque):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, set):
+        return set(value)
+    return None
+
+
+def _restore_contents(value: Any, contents: Any) -> None:
+    if isinstance(value, list):
+        value[:] = contents
+    else:
+        value.clear()
+        value.update(contents) if isinstance(value, dict | set) else value.extend(contents)
 
 
 def _metric_state(metric: Metric) -> dict[str, Any]:

@@ -12,15 +12,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import random
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.apply_func import move_data_to_device
-from lightning_utilities.core.apply_func import is_dataclass_instance, is_namedtuple
+from lightning_utilities.core.apply_func import apply_to_collection, is_dataclass_instance, is_namedtuple
+from pytorch_lightning.trainer.states import RunningStage
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -28,7 +32,14 @@ from lightning_nt.common.batches import batch_size, concatenate_batches, select_
 from lightning_nt.common.state import preserved_rng
 from lightning_nt.common.validation import at_least, checked_arguments, renamed_arguments
 
-__all__ = ["ProbeLoader", "ProbeSet", "prepare_batch", "preserved_loader_rng"]
+__all__ = [
+    "ProbeLoader",
+    "ProbeSet",
+    "first_validation_loader",
+    "prepare_batch",
+    "preserved_loader_rng",
+    "running_stage",
+]
 
 ProbeLoader = Literal["train", "val"]
 """Which of the Trainer's loaders a probe set is read from: the train loader or the first validation loader."""
@@ -153,24 +164,33 @@ def _template(trainer: pl.Trainer, loader: ProbeLoader = "train") -> Any:
 
 
 def _loader(trainer: pl.Trainer, loader: ProbeLoader) -> DataLoader:
-    """The Trainer's train loader, or its first validation loader (set up by the fit's validation loop, as its
-    first run would, if it has not run yet: a fit without a sanity check)."""
+    """The Trainer's train loader, or its first validation loader."""
     if loader == "train":
         dataloader = trainer.train_dataloader
         where = "Call this from `on_train_start` or later, with one train dataloader."
     else:
-        if trainer.val_dataloaders is None:
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
-        dataloader = trainer.val_dataloaders
-        if isinstance(dataloader, (list, tuple)) and dataloader:
-            dataloader = dataloader[0]
-        where = "Give the Trainer a validation DataLoader (`val_dataloader`), or read the probe set from `train`."
+        dataloader = first_validation_loader(trainer)
+        where = "Give the module or datamodule a `val_dataloader`, or read the probe set from the train loader."
     if not isinstance(dataloader, DataLoader):
         raise TypeError(
             f"A probe set is built from a single {loader} DataLoader, but the Trainer has "
             f"{type(dataloader).__name__}. {where}"
         )
     return dataloader
+
+
+def first_validation_loader(trainer: pl.Trainer) -> Any:
+    """The first of the fit's validation loaders (of a list, or of a mapping, in its order), also before the first
+    validation (set up as the fit's validation loop would) and when ``limit_val_batches=0``; None without any."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    if trainer.val_dataloaders is None:
+        loop.setup_data()
+    loader = trainer.val_dataloaders
+    if loader is None and loop._data_source.is_defined():  # validation switched off: ask the source directly
+        loader = loop._data_source.dataloader()
+    if isinstance(loader, Mapping):
+        loader = list(loader.values())
+    return loader[0] if isinstance(loader, list | tuple) and loader else loader
 
 
 _LOADABLE = (Tensor, str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Size)
@@ -240,13 +260,56 @@ def _structure_error(template: Any, plain: Any) -> TypeError:
     )
 
 
-def prepare_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0) -> Any:
+def prepare_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0, *, probe: ProbeLoader | None = None) -> Any:
     """A loader's batch as Lightning's loops hand it to a step: converted for the Trainer's precision, through the
     module's (and datamodule's) ``on_before_batch_transfer``, moved to the module's device by
-    ``transfer_batch_to_device`` and through ``on_after_batch_transfer``."""
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+    ``transfer_batch_to_device`` and through ``on_after_batch_transfer``.
+
+    The user's hooks get a copy (a hook may write into the batch it is given: a cached probe set must not change),
+    and for a ``probe`` set (read from the ``"train"`` or ``"val"`` loader) they run under that loader's stage
+    (``trainer.training`` or ``trainer.validating``, as a hook that augments only training batches reads it) and
+    from a fixed random state: a random augmentation draws the same each time, so the probe set stays fixed.
+    The random state is put back afterwards.
+    """
+    if _has_batch_hooks(trainer):
+        batch = apply_to_collection(batch, Tensor, Tensor.clone)
+    with _probe_context(trainer, probe) if probe is not None else contextlib.nullcontext():
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+        return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+
+
+_BATCH_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
+
+
+def _has_batch_hooks(trainer: pl.Trainer) -> bool:
+    """Whether the module or the datamodule overrides a batch hook (which may write into the batch)."""
+    owners = [(trainer.lightning_module, pl.LightningModule), (trainer.datamodule, pl.LightningDataModule)]
+    return any(
+        owner is not None and is_overridden(hook, owner, parent) for owner, parent in owners for hook in _BATCH_HOOKS
+    )
+
+
+@contextlib.contextmanager
+def _probe_context(trainer: pl.Trainer, probe: ProbeLoader) -> Iterator[None]:
+    """The stage of the loader a probe set was read from, and one fixed random state, for the block."""
+    with running_stage(trainer, probe), preserved_rng():
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        yield
+
+
+@contextlib.contextmanager
+def running_stage(trainer: pl.Trainer, loader: ProbeLoader) -> Iterator[None]:
+    """``trainer.training`` (``"train"``) or ``trainer.validating`` (``"val"``) for the block, the stage restored
+    after: the user's hooks and steps that read the stage see the one of the loader whose examples they get."""
+    stage = trainer.state.stage
+    trainer.state.stage = RunningStage.TRAINING if loader == "train" else RunningStage.VALIDATING
+    try:
+        yield
+    finally:
+        trainer.state.stage = stage
 
 
 @contextlib.contextmanager

@@ -240,7 +240,7 @@ class LazinessMonitor(Callback):
         """The reference: the probe batch (cached now unless given), the trainable weights, patterns and kernel."""
         if batch is None:
             batch, _ = next(ProbeSet.from_trainer(trainer, self.num_examples).chunks())
-        prepared = prepare_batch(trainer, batch)
+        prepared = prepare_batch(trainer, batch, probe="train")
         if self.forward_fn is None:
             _check_default_forward(pl_module, prepared)
         patterns, kernel = self._observe(pl_module, prepared)
@@ -292,7 +292,7 @@ class LazinessMonitor(Callback):
         if self._params(pl_module).keys() != self._initial["weights"].keys():
             self._restart_reference(trainer, pl_module)
         initial = self._initial
-        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"]))
+        patterns, kernel = self._observe(pl_module, prepare_batch(trainer, initial["batch"], probe="train"))
         distance = relative_distance(self._params(pl_module), initial["weights"], by_layer=True)
         values = {f"{_TAG}/weight_distance": distance.overall}
         values.update({f"{_TAG}/weight_distance/{layer}": value for layer, value in distance.parts.items()})

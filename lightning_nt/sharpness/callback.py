@@ -599,7 +599,7 @@ class SharpnessMonitor(Callback):
         """The probe set in chunks, on the module's device and in the Trainer's input precision (e.g. fp64)."""
         assert self._probe is not None
         for chunk, share in self._probe.chunks(size):
-            yield prepare_batch(trainer, chunk), share
+            yield prepare_batch(trainer, chunk, probe="train"), share
 
     def _batch_sharpness(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor]) -> float:
         if self._probe is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -21,12 +23,14 @@ from lightning_nt.common import (
     ProbeSet,
     batch_size,
     compiled_parts,
+    first_validation_loader,
     log_figure,
     log_scalars,
     log_text,
     named_modules,
     prepare_batch,
     preserved_state,
+    running_stage,
     select_examples,
     tensors_of,
     training_loss,
@@ -81,8 +85,10 @@ _NOT_READ_DURING_VALIDATION = {
     "validation loader, or one shorter than num_examples)",
     "compiled": "the module runs code compiled by torch.compile, inside which the forward hooks that read the "
     "layers' outputs don't fire",
+    "calls": "validation_step ran a compared layer a different number of times on a validation batch than on the "
+    "probe set (an extra forward pass on some batches)",
 }
-"""Why a validation's layer outputs can't be read (``probe_data="val"``), by the key its warning is given once under."""
+"""Why a validation's layer outputs can't be read (``data="val"``), by the key its warning is given once under."""
 
 
 def _is_reference(value: Any) -> bool:
@@ -93,7 +99,7 @@ class RepresentationSimilarity(Callback):
     """Per-layer similarity of the network's representations to a reference's: CKA, Procrustes, intertwiner.
 
     Every ``every_n_epochs`` epochs the outputs of ``layers`` on a fixed probe set of ``num_examples`` training
-    (or, with ``probe_data="val"``, validation) examples, cached when training starts, are compared with the
+    (or, with ``data="val"``, validation) examples, cached when training starts, are compared with the
     reference's outputs on the same examples by linear CKA, orthogonal Procrustes similarity (both blind to
     rotations of a layer's units) and the intertwiner similarity of the layer's nonlinearity (blind only to the
     maps the network itself can undo: permutations and positive scalings for ReLU, Godfrey et al. 2022). A layer
@@ -134,7 +140,7 @@ class RepresentationSimilarity(Callback):
             are matched without the ``_orig_mod.`` of compiled submodules: either side may be compiled.
         every_n_epochs: epochs between measurements, taken after the epoch's last training batch (before
             validation and before a checkpoint is saved, so a resumed run has every measurement).
-        num_examples: examples in the probe set (per rank), the first ones ``probe_data``'s loader yields.
+        num_examples: examples in the probe set (per rank), the first ones ``data``'s loader yields.
         metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
         unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
             convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
@@ -146,7 +152,7 @@ class RepresentationSimilarity(Callback):
         chunk_size: probe examples per forward pass (``None``: all at once), to bound the pass's memory on a
             large model; in eval mode an example's outputs don't depend on its chunk. The layers' outputs on the
             whole probe set are kept either way.
-        probe_data: ``"train"``: the probe set is read from the train loader and run through ``training_step``
+        data: ``"train"``: the probe set is read from the train loader and run through ``training_step``
             (or ``loss_fn``) after the epoch's last batch. ``"val"``: it is read from the first validation loader,
             and the layers' outputs are read during the validation that ends a measured epoch, as it runs the
             probe set's examples (no forward pass of the callback's own: what makes ``every_n_epochs=1`` cheap).
@@ -190,7 +196,7 @@ class RepresentationSimilarity(Callback):
         max_rows: int | None = 4096,
         loss_fn: LossFn | None = None,
         chunk_size: int | None = None,
-        probe_data: ProbeLoader = "train",
+        data: ProbeLoader = "train",
     ) -> None:
         if isinstance(layers, dict):
             for activation in layers.values():
@@ -201,7 +207,7 @@ class RepresentationSimilarity(Callback):
             raise ArgumentError(f"`metrics` must not repeat a metric, got {metrics!r}.")
         self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
         self.num_examples, self.metrics, self.unit_dim, self.loss_fn = num_examples, tuple(metrics), unit_dim, loss_fn
-        self.max_rows, self.chunk_size, self.probe_data = max_rows, chunk_size, probe_data
+        self.max_rows, self.chunk_size, self.data = max_rows, chunk_size, data
         self.history: list[dict[str, float]] = []
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
@@ -213,10 +219,14 @@ class RepresentationSimilarity(Callback):
         self._layer_names: list[str] = []
         self._restored = False
         self._warned: set[str] = set()
-        self._due = False  # probe_data="val": this epoch's measurement is owed
-        self._capture: _LayerOutputs | None = None  # probe_data="val": reading the outputs during validation
+        # data="val": reading the layers' outputs during validation
+        self._due: int | None = None  # the epoch whose measurement is owed to the validation that ends it
+        self._saved_due: int | None = None  # the same, from a checkpoint
+        self._capture: _LayerOutputs | None = None  # the hooks reading the outputs
         self._covered = self._taking = 0  # probe examples read so far, and taken from the current batch
         self._local: dict[str, Tensor] | None = None  # this rank's outputs, read, not yet measured
+        self._trained_weights: list[float] = []  # a fingerprint of the weights after the epoch's last step
+        self._validation_swaps_weights = self._measured_without_validation = False
 
     @property
     @override
@@ -233,7 +243,7 @@ class RepresentationSimilarity(Callback):
             unit_dim=self.unit_dim,
             max_rows=self.max_rows,
             loss_fn=loss_fn,
-            **({"probe_data": self.probe_data} if self.probe_data != "train" else {}),  # older keys stay
+            **({"data": self.data} if self.data != "train" else {}),  # older keys stay
         )
 
     @override
@@ -243,12 +253,13 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_capture()
-        self._due, self._local, self._covered = False, None, 0
+        self._forget_validation_reading()
         restored, self._restored = self._restored, False
         if continues_run(trainer, restored) and self._reference_features is not None:
             if restored:  # resumed: the checkpoint's probe set and reference features
-                self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer, self.probe_data)
+                self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer, self.data)
+                if self._saved_due is not None:  # saved after an epoch's last batch, before its validation
+                    self._measure(trainer, self._features(trainer, pl_module), epoch=self._saved_due)
             return  # another fit on the same Trainer goes on as a resume does: same probe set and reference
         self.history = []  # a new run (a new Trainer without a checkpoint): a new history, probe set and reference
         self._probe = self._common_probe(trainer, self._probe_set(trainer))
@@ -262,8 +273,8 @@ class RepresentationSimilarity(Callback):
         # the epoch's weights after its last step, before validation and before a checkpoint is saved
         last = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
         if last and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            if self.probe_data == "val":
-                self._due = True  # read during the validation that ends the epoch (or after the epoch, if none)
+            if self.data == "val":  # read during the validation that ends the epoch (after the epoch, if none)
+                self._due, self._trained_weights = trainer.current_epoch, _identity(pl_module)
             else:
                 self._measure(trainer, self._features(trainer, pl_module))
 
@@ -271,9 +282,12 @@ class RepresentationSimilarity(Callback):
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if not self._due or trainer.sanity_checking or dataloader_idx != 0 or self._local is not None:
+        if not self._reading(trainer) or dataloader_idx != 0 or self._local is not None:
             return
         assert self._probe is not None
+        if self._covered == 0 and _identity(pl_module) != self._trained_weights:
+            self._validation_swaps_weights = True  # an averaging callback's weights, copied in for validation
+            self._warn_if_mixed()
         self._taking = min(batch_size(batch), len(self._probe) - self._covered)
         if self.loss_fn is not None:  # the outputs are loss_fn's, which validation doesn't run
             self._forward_instead(trainer, pl_module)
@@ -298,9 +312,11 @@ class RepresentationSimilarity(Callback):
         if self._capture is None or dataloader_idx != 0 or self._local is not None:
             return
         assert self._probe is not None
-        self._capture.end_chunk(batch_size(batch), keep=self._taking)
+        runs = self._capture.end_chunk(batch_size(batch), keep=self._taking)
         self._covered += self._taking
-        if self._covered == len(self._probe):
+        if runs != self._runs_per_pass():  # validation_step ran the layers otherwise on this batch
+            self._forward_instead(trainer, pl_module, "calls")
+        elif self._covered == len(self._probe):
             self._capture.remove()
             self._local, self._capture = self._assembled(self._capture, pl_module), None
         elif batch_idx + 1 >= trainer.num_val_batches[0]:  # the loader ends short of the probe set
@@ -308,23 +324,27 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._due or trainer.sanity_checking:
+        if not self._reading(trainer):
             return
         if self._local is None:  # the first loader ran no batch, or ran out before its length said
             self._forward_instead(trainer, pl_module, "examples")
-        assert self._local is not None
-        features, self._local, self._covered, self._due = self._local, None, 0, False
-        self._measure(trainer, self._gathered(trainer, features))
+        assert self._local is not None and self._due is not None
+        features, epoch = self._local, self._due
+        self._forget_validation_reading()
+        self._measure(trainer, self._gathered(trainer, features), epoch=epoch)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._due:  # no validation ended the epoch: a forward pass over the probe set now
-            self._due = False
-            self._measure(trainer, self._features(trainer, pl_module))
+        if self._due is not None:  # no validation ended the epoch: a forward pass over the probe set now
+            epoch = self._due
+            self._forget_validation_reading()
+            self._measured_without_validation = True
+            self._warn_if_mixed()
+            self._measure(trainer, self._features(trainer, pl_module), epoch=epoch)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop_capture()
+        self._forget_validation_reading()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -336,13 +356,19 @@ class RepresentationSimilarity(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         probe = None if self._probe is None else self._probe.state_dict()
-        return {"history": self.history, "probe": probe, "reference_features": self._reference_features}
+        return {
+            "history": self.history,
+            "probe": probe,
+            "reference_features": self._reference_features,
+            "due": self._due,  # data="val": an epoch's measurement owed to the validation after its last batch
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
         self._saved_probe = state_dict["probe"]
         self._reference_features, self._prepared_reference = state_dict["reference_features"], None
+        self._saved_due = state_dict.get("due")
         self._restored = self._saved_probe is not None and self._reference_features is not None
 
     def figure(self) -> Any:
@@ -385,8 +411,9 @@ class RepresentationSimilarity(Callback):
         tagged = list(dict.fromkeys(tag.split("/", 2)[2] for tag in self.history[-1] if tag.startswith("similarity/")))
         return [name for name in self._layer_names if name in tagged] or tagged
 
-    def _measure(self, trainer: pl.Trainer, features: dict[str, Tensor]) -> None:
-        """Compare ``features`` (every rank's, gathered) with the reference's; log and record the values."""
+    def _measure(self, trainer: pl.Trainer, features: dict[str, Tensor], epoch: int | None = None) -> None:
+        """Compare ``features`` (every rank's, gathered) with the reference's; log and record the values (as the
+        measurement of ``epoch``, by default the current one)."""
         reference = self._reference_matrices(features)
         current = {name: PreparedFeatures(self._unit_matrix(output)) for name, output in features.items()}
         unmatched = [name for name in current if name not in reference]
@@ -408,7 +435,8 @@ class RepresentationSimilarity(Callback):
             self._warn("nan", "RepresentationSimilarity: a measurement was not finite (NaN/inf); it is skipped.")
             return
         log_scalars(trainer, values)
-        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **values})
+        epoch = trainer.current_epoch if epoch is None else epoch
+        self.history.append({"step": trainer.global_step, "epoch": epoch, **values})
         if self.reference == "previous":
             self._set_reference(features, current)
 
@@ -460,18 +488,19 @@ class RepresentationSimilarity(Callback):
         modules = named_modules(pl_module)
         with (
             preserved_state(pl_module, parameters=False, grads=False),
+            running_stage(trainer, self.data),
             _LayerOutputs({name: modules[name] for name in self._activations}) as outputs,
         ):
             pl_module.eval()
             for chunk, _ in self._probe.chunks(self.chunk_size):
-                self._forward(trainer, pl_module, prepare_batch(trainer, chunk))
+                self._forward(trainer, pl_module, prepare_batch(trainer, chunk, probe=self.data))
                 outputs.end_chunk(batch_size(chunk))
         return self._assembled(outputs, pl_module)
 
     def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """One forward pass as the probe set's loader is run: ``loss_fn`` if given, else ``training_step`` for the
         train loader's examples, ``validation_step`` for the validation loader's (logging muted)."""
-        if self.probe_data == "val" and self.loss_fn is None:
+        if self.data == "val" and self.loss_fn is None:
             with trainer.precision_plugin.val_step_context():
                 validation_step_output(pl_module, batch)
         else:
@@ -483,6 +512,12 @@ class RepresentationSimilarity(Callback):
         that runs several times in one forward pass)."""
         calls, counts = outputs.calls, outputs.counts
         self._leave_out_shared_layers(sorted(outputs.shared), calls)
+        if not calls:
+            raise ValueError(
+                f"`layers`: no compared layer of {type(pl_module).__name__} returned an output holding the examples "
+                "along dimension 0, so there is no representation to compare; name layers whose output is "
+                "[examples, ...]."
+            )
         silent = [name for name in self._activations if name not in calls]
         if silent:
             raise ValueError(f"`layers`: {silent} did not run in {type(pl_module).__name__}'s forward pass.")
@@ -507,12 +542,12 @@ class RepresentationSimilarity(Callback):
 
     def _probe_set(self, trainer: pl.Trainer) -> ProbeSet:
         try:
-            return ProbeSet.from_trainer(trainer, self.num_examples, self.probe_data)
+            return ProbeSet.from_trainer(trainer, self.num_examples, self.data)
         except TypeError as error:
-            if self.probe_data == "val" and trainer.val_dataloaders is None:
+            if self.data == "val" and first_validation_loader(trainer) is None:
                 raise ArgumentError(
-                    "`probe_data='val'` reads the probe set from the first validation DataLoader, but the Trainer has "
-                    "none (no `val_dataloader`, or `limit_val_batches=0`): give it one, or use probe_data='train'."
+                    "`data='val'` reads the probe set from the first validation DataLoader, but the module and the "
+                    "datamodule have none: give them a `val_dataloader`, or use data='train'."
                 ) from error
             raise
 
@@ -520,11 +555,35 @@ class RepresentationSimilarity(Callback):
         """Whether the first ``_taking`` examples of a validation ``batch`` are the probe set's next ones, as the
         validation loop hands them to its step (same tensors, bit for bit)."""
         assert self._probe is not None
-        expected = prepare_batch(trainer, self._probe.examples(slice(self._covered, self._covered + self._taking)))
+        examples = self._probe.examples(slice(self._covered, self._covered + self._taking))
+        expected = prepare_batch(trainer, examples, probe="val")
         seen, wanted = tensors_of(select_examples(batch, slice(0, self._taking))), tensors_of(expected)
         return len(seen) == len(wanted) and all(
             a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(seen, wanted)
         )
+
+    def _reading(self, trainer: pl.Trainer) -> bool:
+        """Whether this validation is the one that ends an epoch owing a measurement (in a fit, not a sanity check)."""
+        return self._due is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+    def _forget_validation_reading(self) -> None:
+        self._stop_capture()
+        self._due, self._local, self._covered = None, None, 0
+
+    def _runs_per_pass(self) -> dict[str, int]:
+        """How many times each compared layer runs in one forward pass, as on the probe set for the reference."""
+        assert self._reference_features is not None
+        return dict(Counter(name.partition("#")[0] for name in self._reference_features))
+
+    def _warn_if_mixed(self) -> None:
+        if self._validation_swaps_weights and self._measured_without_validation:
+            self._warn(
+                "mixed",
+                "RepresentationSimilarity(data='val'): validation runs other weights than training leaves (a callback "
+                "such as IterateAveraging swaps them in), and an epoch without validation was measured with the "
+                "trained weights: the history mixes the two networks. Validate every measured epoch "
+                "(check_val_every_n_epoch=1), or use data='train'.",
+            )
 
     def _forward_instead(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str | None = None) -> None:
         """The outputs can't be read from this validation (``reason``): a forward pass over the probe set gives them,
@@ -534,7 +593,7 @@ class RepresentationSimilarity(Callback):
         if reason is not None:
             self._warn(
                 reason,
-                f"RepresentationSimilarity(probe_data='val'): {_NOT_READ_DURING_VALIDATION[reason]}, so the layers' "
+                f"RepresentationSimilarity(data='val'): {_NOT_READ_DURING_VALIDATION[reason]}, so the layers' "
                 "outputs come from a forward pass of validation_step over the probe set instead (the same values, at "
                 "the cost of that pass).",
             )
@@ -638,6 +697,14 @@ class RepresentationSimilarity(Callback):
             rank_zero_warn(message)
 
 
+@torch.no_grad()
+def _identity(module: nn.Module) -> list[float]:
+    """A fingerprint of the weights: each parameter's sum, in float64 (what swapping other weights in changes; a
+    version counter is not bumped by a copy through ``.data``, as averaging callbacks make)."""
+    sums = [parameter.detach().sum(dtype=torch.float64) for parameter in module.parameters()]
+    return torch.stack(sums).tolist() if sums else []
+
+
 class _LayerOutputs:
     """The outputs of the compared layers, call after call, over chunks of examples, read by forward hooks until
     :meth:`remove` (or the end of a ``with`` block)."""
@@ -648,17 +715,23 @@ class _LayerOutputs:
         self.shared: set[str] = set()  # layers whose outputs don't hold the examples along dimension 0
         self._handles = [module.register_forward_hook(self._recorder(name)) for name, module in modules.items()]
 
-    def end_chunk(self, examples: int, keep: int | None = None) -> None:
-        """A chunk of ``examples`` examples has run; the outputs keep the rows of its first ``keep`` (all if None)."""
+    def end_chunk(self, examples: int, keep: int | None = None) -> dict[str, int]:
+        """A chunk of ``examples`` examples has run: of each layer's calls in it, those whose output holds the
+        examples along dimension 0 are kept (the rows of the first ``keep`` examples, all if None), other calls (on a
+        few examples, or on inputs the batch shares) are dropped, and a layer left with none is ``shared``. Returns
+        the calls kept per layer that ran."""
         before = self.counts[-1] if self.counts else {}
+        runs = {}
         for name, outputs in self.calls.items():
-            new = range(before.get(name, 0), len(outputs))
-            if any(outputs[index].ndim == 0 or len(outputs[index]) != examples for index in new):
+            start = before.get(name, 0)
+            if start == len(outputs):
+                continue
+            kept = [out[:keep] for out in outputs[start:] if out.ndim > 0 and len(out) == examples]
+            if not kept:
                 self.shared.add(name)
-            elif keep is not None and keep < examples:
-                for index in new:
-                    outputs[index] = outputs[index][:keep]
+            outputs[start:], runs[name] = kept, len(kept)
         self.counts.append({name: len(outputs) for name, outputs in self.calls.items()})
+        return runs
 
     def remove(self) -> None:
         for handle in self._handles:

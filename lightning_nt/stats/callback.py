@@ -28,6 +28,7 @@ from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import sum_across_ranks
 from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.loss import example_losses
+from lightning_nt.common.probe import first_validation_loader
 from lightning_nt.common.state import continues_run
 from lightning_nt.common.validation import (
     above,
@@ -43,17 +44,6 @@ from lightning_nt.stats.gradient import directional_derivatives, per_example_los
 __all__ = ["GradientSignalTest"]
 
 TAGS = ("gradtest/statistic", "gradtest/p_value", "gradtest/reject", "gradtest/signal")
-
-
-def _validation_dataloader(trainer: pl.Trainer) -> Any:
-    """The (first) validation loader, also before the first validation and when ``limit_val_batches=0``."""
-    loop = trainer.fit_loop.epoch_loop.val_loop
-    if trainer.val_dataloaders is None:
-        loop.setup_data()
-    loader = trainer.val_dataloaders
-    if loader is None and loop._data_source.is_defined():  # validation switched off: ask the source directly
-        loader = loop._data_source.dataloader()
-    return loader[0] if isinstance(loader, list | tuple) and loader else loader
 
 
 class GradientSignalTest(Callback):
@@ -187,7 +177,7 @@ class GradientSignalTest(Callback):
         return figure
 
     def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
-        loader = trainer.train_dataloader if self.data == "train" else _validation_dataloader(trainer)
+        loader = trainer.train_dataloader if self.data == "train" else first_validation_loader(trainer)
         if not isinstance(loader, DataLoader):
             raise RuntimeError(
                 f"GradientSignalTest(data={self.data!r}) needs a {self.data} DataLoader, but the Trainer has "
@@ -199,7 +189,7 @@ class GradientSignalTest(Callback):
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
         assert self._probe is not None
-        batch = prepare_batch(trainer, next(iter(self._probe.chunks()))[0])
+        batch = prepare_batch(trainer, next(iter(self._probe.chunks()))[0], probe=self.data)
         with (
             preserved_state(pl_module, parameters=False),
             torch.enable_grad(),

@@ -443,12 +443,11 @@ CAPABILITIES: list[Capability] = [
     ),
     Capability(
         "RepresentationSimilarity-val",  # outputs read during validation itself (a forward pass where it can't)
-        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_examples=12, probe_data="val"),
+        lambda entry: RepresentationSimilarity(every_n_epochs=1, num_examples=12, data="val"),
         tags=_similarity_tags,
         state=lambda callback: callback.history,
         side_effect_free=True,
         refuses=lambda entry: None if _activation_layers(entry) else Refusal(r"`layers`"),  # validation_step runs
-        trainer_refusals={"no_logger_no_validation": Refusal(r"`probe_data='val'`.*limit_val_batches=0")},
     ),
     Capability(
         "LazinessMonitor",

@@ -80,12 +80,12 @@ def test_relu6_and_hardtanh_layers_on_the_gpu(precision):
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_the_validation_probe_on_the_gpu_reads_validation_and_equals_a_forward_pass(precision):
-    """probe_data="val" on CUDA: read during validation (no warning: the batches compare equal on the device), and
+    """data="val" on CUDA: read during validation (no warning: the batches compare equal on the device), and
     the values those of a fit whose features come from the forward pass instead (loss_fn: validation's forward)."""
     runs = []
     for loss_fn in (None, lambda module, batch: module(batch[0]).sum()):
         torch.manual_seed(0)
-        monitor = RepresentationSimilarity(num_examples=20, metrics=METRICS, probe_data="val", loss_fn=loss_fn)
+        monitor = RepresentationSimilarity(num_examples=20, metrics=METRICS, data="val", loss_fn=loss_fn)
         trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_epochs=2, callbacks=[monitor])
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*RepresentationSimilarity.*")

@@ -6,11 +6,11 @@ from tests.helpers import SaveHistory, TinyClassifier, assert_ranks_agree, rank_
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize(("probe_data", "num_examples"), [("train", 24), ("val", 12)])  # val: 16 examples a rank
-def test_all_ranks_report_the_same_similarities(tmp_path, probe_data, num_examples):
+@pytest.mark.parametrize(("data", "num_examples"), [("train", 24), ("val", 12)])  # val: 16 examples a rank
+def test_all_ranks_report_the_same_similarities(tmp_path, data, num_examples):
     pl.seed_everything(0)
     monitor = RepresentationSimilarity(
-        num_examples=num_examples, metrics=("cka", "intertwiner", "cka_debiased"), probe_data=probe_data
+        num_examples=num_examples, metrics=("cka", "intertwiner", "cka_debiased"), data=data
     )
     trainer = tiny_trainer(
         None, strategy="ddp_spawn", devices=2, max_epochs=2, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
