@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
 from lightning_nt.common.errors import explained_errors
+from lightning_nt.privacy.agreement import AgreedReduction
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
@@ -287,7 +288,7 @@ class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
     pass
 
 
-class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer):
+class _CarryingDistributedDPOptimizer(AgreedReduction, _CarryClippedSums, DistributedDPOptimizer):
     pass
 
 
