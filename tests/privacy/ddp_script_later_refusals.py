@@ -5,9 +5,10 @@ The test starts both processes itself (``LOCAL_RANK`` set, so Lightning launches
 does what a refusal of that case names (rank 0's never does), after the first step's agreed checks are over.
 
 ``python tests/privacy/ddp_script_later_refusals.py <folder> <process-group timeout, s> [case ...]``: after each case,
-this rank saves what it met (``rank<r>.pt`` in ``<folder>``, every case so far): the error, its optimizer steps, and
-whether every trainable weight is NaN. A case that did not end in the refusal agreed by every rank ends this process
-at once (the other's collectives then fail instead of matching the next case's).
+this rank saves what it met (``rank<r>.pt`` in ``<folder>``, every case so far): the error, its optimizer steps,
+whether every trainable weight is NaN, and the checkpoints written (under ``<folder>``, the working directory). A case
+that did not end in the refusal agreed by every rank ends this process at once (the other's collectives then fail
+instead of matching the next case's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -52,7 +54,7 @@ class LaterOnRankOne(pl.LightningModule):
 
     def __init__(self, case: str) -> None:
         super().__init__()
-        self.case, self.grad_sample_mode = case, CASES[case]
+        self.case, self.grad_sample_mode = REFUSAL_MET_IN.get(case, case), CASES[case]
         self.bag = nn.EmbeddingBag(TOKENS, DIM, mode="sum")
         self.fc, self.scaled, self.side = nn.Linear(DIM, DIM), Scaled(), nn.Linear(DIM, DIM)
         self.out = nn.Linear(DIM, CLASSES)
@@ -108,7 +110,10 @@ CASES = {  # case: the engine it runs under
     "unused": "hooks",  # a weight used outside its layer's call (the DP optimizer's step)
     "keyword": "bk",  # a layer called by keyword (book-keeping's forward hook)
     "twice": "ghost",  # a layer called twice (ghost clipping's forward hook)
+    "last_step": "hooks",  # the bag's, in the fit's last step: raised at the end of training
+    "checkpoint": "hooks",  # the bag's, with a checkpoint after every step: raised before it is written
 }
+REFUSAL_MET_IN = {"last_step": "bag", "checkpoint": "bag"}
 
 
 def _run(case: str, timeout: timedelta) -> dict[str, Any]:
@@ -120,14 +125,17 @@ def _run(case: str, timeout: timedelta) -> dict[str, Any]:
         strategy = DPDDPStrategy(
             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=CASES[case], seed=0, timeout=timeout
         )
+    checkpoints = Path(f"checkpoints_{case}")
+    every_step = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_top_k=-1)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=strategy,
-        max_steps=TRIGGER + 3,
+        max_steps=TRIGGER + (1 if case == "last_step" else 3),
         limit_val_batches=0,
         logger=False,
-        enable_checkpointing=False,
+        callbacks=[every_step] if case == "checkpoint" else [],
+        enable_checkpointing=case == "checkpoint",
         enable_progress_bar=False,
         enable_model_summary=False,
     )
@@ -136,10 +144,16 @@ def _run(case: str, timeout: timedelta) -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.fit(module)
-    except Exception as failure:  # noqa: BLE001  (what each rank met is the result)
+    except Exception as failure:  # what each rank met is the result
         error = f"{type(failure).__name__}: {failure}"
     trainable = [p for p in module.parameters() if p.requires_grad]
-    return {"error": error, "steps": trainer.global_step, "nan": all(bool(p.isnan().all()) for p in trainable)}
+    saved = sorted(path.name for path in checkpoints.glob("*.ckpt"))
+    return {
+        "error": error,
+        "steps": trainer.global_step,
+        "nan": all(bool(p.isnan().all()) for p in trainable),
+        "checkpoints": saved,
+    }
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ REFUSALS = {  # case: what its refusal says
     "unused": "got a gradient but no per-example gradient",
     "keyword": "was called without a tensor as its first positional input",
     "twice": "ran twice in one training step",
+    "last_step": "is pooled by an EmbeddingBag with per_sample_weights",  # raised at the end of training
+    "checkpoint": "is pooled by an EmbeddingBag with per_sample_weights",  # raised before the checkpoint is written
 }
 PROCESS_GROUP_TIMEOUT = 120  # s: a rank left waiting in a collective fails by then, not the test run
 LIMIT = 400  # s for the whole run of both processes (about 20 s on an idle 2-core machine)
@@ -95,3 +97,7 @@ def test_a_refusal_met_by_one_rank_on_a_later_step_stops_every_rank_with_it(late
         assert "(Found on rank 1 of 2 in a step after the first" in met["error"], (rank, met["error"])
         assert met["steps"] == TRIGGER + 1, (rank, met)
         assert met["nan"], f"rank {rank}: the refused step's update was not all-NaN"
+        # a checkpoint after every step: those of the steps before the refused one only (step=N: N steps taken)
+        assert met["checkpoints"] == (
+            [f"epoch=0-step={step}.ckpt" for step in range(1, TRIGGER + 1)] if case == "checkpoint" else []
+        )
