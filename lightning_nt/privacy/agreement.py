@@ -121,7 +121,8 @@ class LaterRefusals:
     def carried(self, total: torch.Tensor) -> None:
         """Keep the all-reduced flags' sum; from a CUDA device it is copied to (pinned) host memory without waiting."""
         if total.device.type == "cuda":
-            self._total = total.to("cpu", non_blocking=True)
+            self._total = torch.empty(total.shape, dtype=total.dtype, pin_memory=True)  # torch's cached host blocks
+            self._total.copy_(total, non_blocking=True)
             self._arrived = torch.cuda.Event()
             self._arrived.record()
         else:

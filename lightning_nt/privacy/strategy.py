@@ -333,7 +333,12 @@ class DPDDPStrategy(_PrivateOnManyDevices, DDPStrategy):
     each clips its examples' gradients, process 0 adds the one noise draw, and the sum is all-reduced.
     Every process keeps an identical accountant. The checks of a fit's first steps run on every process's own
     examples; a refusal found on one process is raised on every process (naming the rank that found it) before any
-    update, so rank 0's log says why the run stopped.
+    update, so rank 0's log says why the run stopped. A refusal that one process meets on a later step (a weighted
+    ``EmbeddingBag`` call, a dropout switched on, an input or a random draw first met on some batch) is raised on
+    every process at the start of the next step, before a checkpoint is written, or at the end of training: without
+    an extra collective or sync per step, the refused step's all-reduce carries it, and that step's update is all-NaN
+    on every process (nothing of it is released; the weights and the optimizer's state are NaN after the error, and
+    the ledger of every process but the refusing one counts the step: an overcount).
     """
 
     strategy_name = "dp_sgd_ddp"
