@@ -112,8 +112,16 @@ CASES = {  # case: the engine it runs under
     "twice": "ghost",  # a layer called twice (ghost clipping's forward hook)
     "last_step": "hooks",  # the bag's, in the fit's last step: raised at the end of training
     "checkpoint": "hooks",  # the bag's, with a checkpoint after every step: raised before it is written
+    "budget_stop": "hooks",  # the bag's, in the step the privacy budget skips (no all-reduce): raised in that step
 }
-REFUSAL_MET_IN = {"last_step": "bag", "checkpoint": "bag"}
+REFUSAL_MET_IN = {"last_step": "bag", "checkpoint": "bag", "budget_stop": "bag"}
+
+
+class SpentAtTrigger(DPDDPStrategy):
+    """Its privacy budget is spent at step :data:`TRIGGER`: that step is skipped and the fit stops."""
+
+    def _budget_exhausted(self) -> bool:
+        return self.lightning_module.trainer.global_step >= TRIGGER
 
 
 def _run(case: str, timeout: timedelta) -> dict[str, Any]:
@@ -122,7 +130,7 @@ def _run(case: str, timeout: timedelta) -> dict[str, Any]:
     module = LaterOnRankOne(case)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        strategy = DPDDPStrategy(
+        strategy = (SpentAtTrigger if case == "budget_stop" else DPDDPStrategy)(
             noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=CASES[case], seed=0, timeout=timeout
         )
     checkpoints = Path(f"checkpoints_{case}")
