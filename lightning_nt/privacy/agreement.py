@@ -23,12 +23,24 @@ is not zero, all meet in :func:`agree_across_ranks` and raise the refusal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["AgreedReduction", "LaterRefusals", "agree_across_ranks", "raised_by_lightning_nt"]
+__all__ = [
+    "AgreedReduction",
+    "LaterRefusals",
+    "Refuse",
+    "agree_across_ranks",
+    "raise_refusal",
+    "raised_by_lightning_nt",
+]
+
+Refuse = Callable[[Exception], None]
+"""What a check in a forward hook does with its refusal: raise it (:func:`raise_refusal`), or, where the strategy holds
+refusals (:meth:`~lightning_nt.privacy.engines.ClippingEngine.refuse`), hold it and return: the forward pass goes on."""
 
 _BEFORE_THE_UPDATE = "every rank stops with this error before the step's update."
 _AFTER_THE_UPDATE = (
@@ -65,6 +77,11 @@ def agree_across_ranks(strategy: Any, failure: Exception | None, pending: bool, 
     raise RuntimeError(
         f"{message}\n(Found on {where}; {_AFTER_THE_UPDATE if later else _BEFORE_THE_UPDATE})"
     ) from failure
+
+
+def raise_refusal(refusal: Exception) -> None:
+    """A check's :data:`Refuse` where no refusal is held: raise it."""
+    raise refusal
 
 
 def raised_by_lightning_nt(failure: BaseException) -> bool:
@@ -106,10 +123,11 @@ class LaterRefusals:
         self._total: torch.Tensor | None = None  # the flags' sum of the last all-reduce (on the host, or arriving)
         self._arrived: torch.cuda.Event | None = None  # when a CUDA sum has reached the host
 
-    def hold(self, failure: Exception) -> bool:
+    def hold(self, failure: Exception, *, refusal: bool = False) -> bool:
         """Hold ``failure`` as this rank's refusal, if lightning_nt raised it (:func:`raised_by_lightning_nt`; the
-        module's own errors end their rank at once, as on the first steps); whether it was held."""
-        if not raised_by_lightning_nt(failure):
+        module's own errors end their rank at once, as on the first steps) or it is a ``refusal`` of lightning_nt's
+        checks not raised (:data:`Refuse`); whether it was held."""
+        if not (refusal or raised_by_lightning_nt(failure)):
             return False
         self.failure = self.failure or failure
         return True

@@ -103,10 +103,7 @@ class _PrivateStep:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         engine = self._active_engine()
-        engine.check_trainable_parameters()
-        check_batch_norm_in_eval(self.lightning_module)
-        check_accumulation(self.lightning_module.trainer)
-        engine.start()
+        self._start_recording(engine)
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, batch_idx)
@@ -129,6 +126,24 @@ class _PrivateStep:
         check_state_unchanged(self.lightning_module, state)
         self._warn_about_logging_from_the_batch()
         return engine.take_output(output)
+
+    def _start_recording(self, engine: ClippingEngine) -> None:
+        """The checks before a step's forward pass, then the engine's recording; a refusal of theirs is raised, or,
+        where refusals are held (:meth:`~lightning_nt.privacy.engines.ClippingEngine.refuse`), held: the step's
+        ``training_step`` still runs, plainly, so that the module's own collectives in it meet the other ranks'."""
+        try:
+            engine.check_trainable_parameters()
+            check_batch_norm_in_eval(self.lightning_module)
+            check_accumulation(self.lightning_module.trainer)
+            engine.start()
+        except Exception as failure:
+            if not raised_by_lightning_nt(failure):
+                raise
+            engine.refuse(failure)
+
+    def _holds(self, refusal: Exception) -> bool:
+        """Whether a refusal met during this step is held (under DDP, after the first steps: see :meth:`_held`)."""
+        return self._later is not None and not self._agreeing and self._later.hold(refusal, refusal=True)
 
     def _watch_parameter_uses(self, engine: ClippingEngine) -> None:
         """Watch this step's forward passes for parameters used outside their layers' calls: on a fit's first
@@ -242,10 +257,13 @@ class _PrivateStep:
         assert refusals is not None, "held only under DDP"
         if refusals.failure is None:
             try:
-                return run()
+                result = run()
             except Exception as failure:
                 if not refusals.hold(failure):
                     raise
+            else:
+                if refusals.failure is None:  # else held by a check during the run, which went on plainly
+                    return result
         return held()
 
     def _check_later_refusals(self) -> None:

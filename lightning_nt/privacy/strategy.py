@@ -160,6 +160,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._engine.optimizer.attach_step_hook(self._after_noise)
         if self._later is not None:  # the distributed DP optimizer's all-reduce carries the ranks' refusals
             self._engine.optimizer.agree_on_refusals(self._later)
+            self._engine.holds = self._holds
 
     @override
     def process_dataloader(self, dataloader: object) -> object:

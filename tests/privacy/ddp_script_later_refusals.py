@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,7 +51,8 @@ class Scaled(nn.Module):
 
 
 class LaterOnRankOne(pl.LightningModule):
-    """A small classifier whose ``case`` changes, on rank 1 from step :data:`TRIGGER` on, in the way it names."""
+    """A small classifier whose ``case`` changes, on rank 1 from step :data:`TRIGGER` on, in the way it names; its
+    ``training_step`` logs with ``sync_dist=True`` after the forward pass (an all-reduce of its own, on every rank)."""
 
     def __init__(self, case: str) -> None:
         super().__init__()
@@ -90,7 +92,9 @@ class LaterOnRankOne(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch
         per_example = self.grad_sample_mode == "ghost"
-        return F.cross_entropy(self(inputs), labels, reduction="none" if per_example else "mean")
+        loss = F.cross_entropy(self(inputs), labels, reduction="none" if per_example else "mean")
+        self.log("synced_loss", loss.detach().mean(), on_step=True, sync_dist=True)  # a collective of the module's
+        return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -141,7 +145,7 @@ def _run(case: str, timeout: timedelta) -> dict[str, Any]:
         strategy=strategy,
         max_steps=TRIGGER + (1 if case == "last_step" else 3),
         limit_val_batches=0,
-        logger=False,
+        logger=CSVLogger(Path.cwd()),  # the module's synced log is a collective in its training_step
         callbacks=[every_step] if case == "checkpoint" else [],
         enable_checkpointing=case == "checkpoint",
         enable_progress_bar=False,

@@ -11,6 +11,7 @@ import torch
 
 from lightning_nt.common.validation import check_choice
 from lightning_nt.privacy.agreement import AgreedReduction, LaterRefusals, agree_across_ranks, raised_by_lightning_nt
+from lightning_nt.privacy.engines.uses import WeightedBagGuard
 
 
 class Ranks:
@@ -219,3 +220,23 @@ def test_without_refusals_attached_the_optimizer_is_opacus_own():
     optimizer = Reducing([torch.zeros(2)])
     with pytest.raises(AssertionError, match="replaced while"):
         optimizer.reduce_gradients()
+
+
+def test_a_check_in_a_forward_hook_that_holds_its_refusal_lets_the_forward_pass_go_on():
+    """Where refusals are held (DDP, later steps), a check met in a forward hook hands its refusal on and returns:
+    the call runs (the module's own collectives later in ``training_step`` still meet the other ranks'); by default
+    it raises, as on one process."""
+    bag = torch.nn.EmbeddingBag(5, 2, mode="sum")
+    tokens, weights = torch.tensor([[0, 1], [2, 3]]), torch.ones(2, 2)
+    held: list[Exception] = []
+    guard = WeightedBagGuard(bag, {id(bag.weight)}, held.append)
+    guard.watching = True
+    assert bag(tokens, per_sample_weights=weights).shape == (2, 2)
+    assert len(held) == 1 and "per_sample_weights" in str(held[0])
+    guard.remove()
+    guard = WeightedBagGuard(bag, {id(bag.weight)})
+    guard.watching = True
+    with pytest.raises(RuntimeError, match="per_sample_weights") as caught:
+        bag(tokens, per_sample_weights=weights)
+    assert raised_by_lightning_nt(caught.value)
+    guard.remove()

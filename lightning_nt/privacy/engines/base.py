@@ -70,7 +70,8 @@ class ClippingEngine(ABC):
     ) -> None:
         self.mode, self.module = mode, module
         self._trainable = _trainable_names(module)
-        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids)  # every step: weights may come late
+        self.holds: Callable[[Exception], bool] | None = None  # set by the strategy where refusals are held
+        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids, self.refuse)  # weights may come late
         self.parameter_names = {id(p): name for name, p in module.named_parameters()}  # to name them in results
         self.optimizer = self.optimizers[1 if distributed else 0](
             optimizer,
@@ -110,6 +111,16 @@ class ClippingEngine(ABC):
         """Stop recording (hooks off): other code may differentiate the module now."""
         self._weighted_bags.watching = False
         self._stop()
+
+    def refuse(self, refusal: Exception) -> None:
+        """A check's ``refusal`` met during a recorded step (a forward hook's, or before the forward pass): raised;
+        or, where the strategy holds refusals (:attr:`holds`: under DDP, after the first steps,
+        :class:`~lightning_nt.privacy.agreement.LaterRefusals`), held, and the recording stopped, so that the step's
+        forward pass goes on plainly and the module's own collectives in ``training_step`` (``self.log(...,
+        sync_dist=True)``) still meet the other ranks'. Nothing of a held step is released (its update is NaN)."""
+        if self.holds is None or not self.holds(refusal):
+            raise refusal
+        self.stop()
 
     def close(self) -> None:
         """Detach from the module for good (end of fit)."""
