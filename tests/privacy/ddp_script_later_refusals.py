@@ -117,8 +117,9 @@ CASES = {  # case: the engine it runs under
     "last_step": "hooks",  # the bag's, in the fit's last step: raised at the end of training
     "checkpoint": "hooks",  # the bag's, with a checkpoint after every step: raised before it is written
     "budget_stop": "hooks",  # the bag's, in the step the privacy budget skips (no all-reduce): raised in that step
+    "physical_parts": "hooks",  # the bag's, in the first of the batch's physical parts (max_physical_batch_size)
 }
-REFUSAL_MET_IN = {"last_step": "bag", "checkpoint": "bag", "budget_stop": "bag"}
+REFUSAL_MET_IN = {"last_step": "bag", "checkpoint": "bag", "budget_stop": "bag", "physical_parts": "bag"}
 
 
 class SpentAtTrigger(DPDDPStrategy):
@@ -135,7 +136,12 @@ def _run(case: str, timeout: timedelta) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strategy = (SpentAtTrigger if case == "budget_stop" else DPDDPStrategy)(
-            noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=CASES[case], seed=0, timeout=timeout
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=CASES[case],
+            seed=0,
+            timeout=timeout,
+            max_physical_batch_size=2 if case == "physical_parts" else None,
         )
     checkpoints = Path(f"checkpoints_{case}")
     every_step = ModelCheckpoint(dirpath=checkpoints, every_n_train_steps=1, save_top_k=-1)

@@ -34,6 +34,7 @@ REFUSALS = {  # case: what its refusal says
     "last_step": "is pooled by an EmbeddingBag with per_sample_weights",  # raised at the end of training
     "checkpoint": "is pooled by an EmbeddingBag with per_sample_weights",  # raised before the checkpoint is written
     "budget_stop": "is pooled by an EmbeddingBag with per_sample_weights",  # raised in the step the budget skips
+    "physical_parts": "is pooled by an EmbeddingBag with per_sample_weights",  # in the batch's first physical part
 }
 PROCESS_GROUP_TIMEOUT = 120  # s: a rank left waiting in a collective fails by then, not the test run
 LIMIT = 400  # s for the whole run of both processes (about 20 s on an idle 2-core machine)

@@ -71,6 +71,7 @@ class ClippingEngine(ABC):
         self.mode, self.module = mode, module
         self._trainable = _trainable_names(module)
         self.holds: Callable[[Exception], bool] | None = None  # set by the strategy where refusals are held
+        self.recording = False  # between start and stop (stopped early where a refusal is held: see refuse)
         self._weighted_bags = WeightedBagGuard(module, self.trainable_ids, self.refuse)  # weights may come late
         self.parameter_names = {id(p): name for name, p in module.named_parameters()}  # to name them in results
         self.optimizer = self.optimizers[1 if distributed else 0](
@@ -105,11 +106,11 @@ class ClippingEngine(ABC):
     def start(self) -> None:
         """Begin recording a training step (hooks on; an ``EmbeddingBag`` with ``per_sample_weights`` refused)."""
         self._start()
-        self._weighted_bags.watching = True
+        self._weighted_bags.watching = self.recording = True
 
     def stop(self) -> None:
         """Stop recording (hooks off): other code may differentiate the module now."""
-        self._weighted_bags.watching = False
+        self._weighted_bags.watching = self.recording = False
         self._stop()
 
     def refuse(self, refusal: Exception) -> None:
