@@ -32,6 +32,7 @@ import torch
 __all__ = [
     "AgreedReduction",
     "LaterRefusals",
+    "RefusalRoute",
     "Refuse",
     "agree_across_ranks",
     "raise_refusal",
@@ -82,6 +83,31 @@ def agree_across_ranks(strategy: Any, failure: Exception | None, pending: bool, 
 def raise_refusal(refusal: Exception) -> None:
     """A check's :data:`Refuse` where no refusal is held: raise it."""
     raise refusal
+
+
+class RefusalRoute:
+    """A :data:`Refuse` that the layers' hooks hold: it hands a refusal to :attr:`to` (the clipping engine's
+    ``refuse``; :func:`raise_refusal` until set). A copy of it (``copy.deepcopy`` or pickling of the module, as some
+    measurements make) is a fresh route that raises: it must not copy the engine and its DP optimizer.
+
+    Example::
+
+        route = RefusalRoute()
+        guard = WeightedBagGuard(module, trainable, route)
+        route.to = engine.refuse
+    """
+
+    def __init__(self) -> None:
+        self.to: Refuse = raise_refusal
+
+    def __call__(self, refusal: Exception) -> None:
+        self.to(refusal)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RefusalRoute:
+        return RefusalRoute()
+
+    def __reduce__(self) -> tuple[type[RefusalRoute], tuple[()]]:
+        return RefusalRoute, ()
 
 
 def raised_by_lightning_nt(failure: BaseException) -> bool:

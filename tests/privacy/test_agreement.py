@@ -6,11 +6,21 @@ The collectives are stood in for by a strategy that answers as the other ranks w
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
 from lightning_nt.common.validation import check_choice
-from lightning_nt.privacy.agreement import AgreedReduction, LaterRefusals, agree_across_ranks, raised_by_lightning_nt
+from lightning_nt.privacy.agreement import (
+    AgreedReduction,
+    LaterRefusals,
+    RefusalRoute,
+    agree_across_ranks,
+    raise_refusal,
+    raised_by_lightning_nt,
+)
 from lightning_nt.privacy.engines.uses import WeightedBagGuard
 
 
@@ -240,3 +250,17 @@ def test_a_check_in_a_forward_hook_that_holds_its_refusal_lets_the_forward_pass_
         bag(tokens, per_sample_weights=weights)
     assert raised_by_lightning_nt(caught.value)
     guard.remove()
+
+
+def test_a_copy_of_a_refusal_route_raises_and_holds_nothing_of_the_engine():
+    """The layers' hooks hold the route, so a copy of the module (``copy.deepcopy``, pickling) copies it: a fresh route
+    that raises, not the engine and its DP optimizer that the route hands refusals to."""
+    held: list[Exception] = []
+    route = RefusalRoute()
+    route.to = held.append
+    route(RuntimeError("held"))
+    assert [str(e) for e in held] == ["held"]
+    for copy_ in (copy.deepcopy(route), pickle.loads(pickle.dumps(route))):
+        assert copy_.to is raise_refusal
+        with pytest.raises(RuntimeError, match="raised"):
+            copy_(RuntimeError("raised"))

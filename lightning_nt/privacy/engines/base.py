@@ -18,6 +18,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from lightning_nt.privacy.agreement import RefusalRoute
 from lightning_nt.privacy.engines.uses import WeightedBagGuard
 
 __all__ = ["ClippingEngine"]
@@ -72,7 +73,9 @@ class ClippingEngine(ABC):
         self._trainable = _trainable_names(module)
         self.holds: Callable[[Exception], bool] | None = None  # set by the strategy where refusals are held
         self.recording = False  # between start and stop (stopped early where a refusal is held: see refuse)
-        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids, self.refuse)  # weights may come late
+        self.route = RefusalRoute()  # what the layers' hooks hold to refuse (not the engine: see RefusalRoute)
+        self.route.to = self.refuse
+        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids, self.route)  # weights may come late
         self.parameter_names = {id(p): name for name, p in module.named_parameters()}  # to name them in results
         self.optimizer = self.optimizers[1 if distributed else 0](
             optimizer,

@@ -445,7 +445,7 @@ class OpacusHooksEngine(ClippingEngine):
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
-        self._rows = _RowsSeen(once=self.calls_each_layer_once, refuse=self.refuse)
+        self._rows = _RowsSeen(once=self.calls_each_layer_once, refuse=self.route)
         self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly
             layer.register_forward_hook(partial(self._rows.note, name), prepend=True)
             for name, layer in trainable_modules(module)
