@@ -1,7 +1,10 @@
-"""The ranks' verdicts on the first-step checks agreed: a refusal found on one rank is every rank's error (issue 10).
+"""The ranks' verdicts on the first-step checks agreed: a refusal found on one rank is every rank's error (issue 10);
+on the later steps, a refusal held through its step and carried by the step's own all-reduce (``LaterRefusals``,
+``AgreedReduction``).
 
-The collectives are stood in for by a strategy that answers as the other ranks would; the 2-process runs are in
-``test_ddp.py`` (Lightning's script launcher: rank 0 raises rank 1's refusal).
+The collectives are stood in for by a strategy that answers as the other ranks would, and the all-reduce by a stand-in
+for the other process; the 2-process runs are in ``test_ddp.py`` (Lightning's script launcher: rank 0 raises rank 1's
+refusal) and ``test_ddp_later_refusals.py``.
 """
 
 from __future__ import annotations
