@@ -13,7 +13,9 @@
 
 Under DDP, while some rank still has a fit's first-step checks to run, the ranks agree on their verdicts after
 ``training_step`` and after ``backward`` (:mod:`~lightning_nt.privacy.agreement`): a refusal found on one rank is
-raised on every rank, before the noisy step.
+raised on every rank, before the noisy step. On the later steps a refusal met on one rank is held through the step
+(:class:`~lightning_nt.privacy.agreement.LaterRefusals`: its update is all-NaN on every rank) and raised on every rank
+at the start of the next one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from lightning_nt.privacy.accounting import (
     seeded_noise,
     steps_taken,
 )
-from lightning_nt.privacy.agreement import agree_across_ranks, raised_by_lightning_nt
+from lightning_nt.privacy.agreement import LaterRefusals, agree_across_ranks, raised_by_lightning_nt
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_accumulation, check_sensitivity
@@ -84,10 +86,12 @@ class _PrivateStep:
     _uses_checked: bool
     _warned_about_logging: bool
     _agreeing: bool  # under DDP: this step's checks are agreed across the ranks (the same on every rank)
+    _later: LaterRefusals | None  # under DDP: a refusal met on one rank after the first steps
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        return self._agreed(lambda: self._checked_training_step(*args, **kwargs), last=False)
+        self._check_later_refusals()  # the last step's, before this step releases anything
+        return self._agreed(lambda: self._checked_training_step(*args, **kwargs), last=False, held=self._empty_step)
 
     def _checked_training_step(self, *args: Any, **kwargs: Any) -> Any:
         with naming_in_place_changes_of_hooked_outputs():
@@ -99,10 +103,7 @@ class _PrivateStep:
         if batch is not None and batch_size(batch) == 0:
             return self._empty_step()
         engine = self._active_engine()
-        engine.check_trainable_parameters()
-        check_batch_norm_in_eval(self.lightning_module)
-        check_accumulation(self.lightning_module.trainer)
-        engine.start()
+        self._start_recording(engine)
         batch_idx = args[1] if len(args) > 1 else 0
         if batch is not None and self._probe_pending and batch_size(batch) >= 2:
             self._probe_sensitivity(batch, batch_idx)
@@ -125,6 +126,24 @@ class _PrivateStep:
         check_state_unchanged(self.lightning_module, state)
         self._warn_about_logging_from_the_batch()
         return engine.take_output(output)
+
+    def _start_recording(self, engine: ClippingEngine) -> None:
+        """The checks before a step's forward pass, then the engine's recording; a refusal of theirs is raised, or,
+        where refusals are held (:meth:`~lightning_nt.privacy.engines.ClippingEngine.refuse`), held: the step's
+        ``training_step`` still runs, plainly, so that the module's own collectives in it meet the other ranks'."""
+        try:
+            engine.check_trainable_parameters()
+            check_batch_norm_in_eval(self.lightning_module)
+            check_accumulation(self.lightning_module.trainer)
+            engine.start()
+        except Exception as failure:
+            if not raised_by_lightning_nt(failure):
+                raise
+            engine.refuse(failure)
+
+    def _holds(self, refusal: Exception) -> bool:
+        """Whether a refusal met during this step is held (under DDP, after the first steps: see :meth:`_held`)."""
+        return self._later is not None and not self._agreeing and self._later.hold(refusal, refusal=True)
 
     def _watch_parameter_uses(self, engine: ClippingEngine) -> None:
         """Watch this step's forward passes for parameters used outside their layers' calls: on a fit's first
@@ -207,15 +226,17 @@ class _PrivateStep:
                 self.precision_plugin,
             ),
             last=True,
+            held=lambda: closure_loss,
         )
 
-    def _agreed(self, run: Callable[[], Any], last: bool) -> Any:
+    def _agreed(self, run: Callable[[], Any], last: bool, held: Callable[[], Any]) -> Any:
         """``run()`` (a step's ``training_step`` or backward pass); under DDP, on a step whose checks run on some
         rank, every rank's verdict is agreed after it (:mod:`~lightning_nt.privacy.agreement`): a refusal found on
         one rank is raised on every rank, before anyone steps. The backward pass (``last``) decides whether the
-        next step's checks are agreed too: while some rank still has its first-step checks to run."""
+        next step's checks are agreed too: while some rank still has its first-step checks to run. On the later
+        steps, a refusal is held instead (:meth:`_held`), and ``held()`` stands for what ``run()`` would return."""
         if not self._agreeing:
-            return run()
+            return run() if self._later is None else self._held(run, held)
         try:
             result = run()
         except Exception as failure:
@@ -226,6 +247,30 @@ class _PrivateStep:
         if last:
             self._agreeing = pending
         return result
+
+    def _held(self, run: Callable[[], Any], held: Callable[[], Any]) -> Any:
+        """``run()``, unless this rank already holds a refusal of this step; a refusal it raises is held, not raised
+        (:class:`~lightning_nt.privacy.agreement.LaterRefusals`): the rank goes on to the step's all-reduce, whose
+        update its NaN gradients make all-NaN on every rank, and every rank raises it at the next step's start. The
+        module's own errors end their rank at once, as on the first steps."""
+        refusals = self._later
+        assert refusals is not None, "held only under DDP"
+        if refusals.failure is None:
+            try:
+                result = run()
+            except Exception as failure:
+                if not refusals.hold(failure):
+                    raise
+            else:
+                if refusals.failure is None:  # else held by a check during the run, which went on plainly
+                    return result
+        return held()
+
+    def _check_later_refusals(self) -> None:
+        """Under DDP: raise, on every rank, a refusal that some rank held through the last step (every rank calls
+        this at the same points: a step's start, a checkpoint, the end of training)."""
+        if self._later is not None:
+            self._later.check(self)
 
     def _first_checks_pending(self) -> bool:
         """Whether this rank still has checks of a fit's first steps to run (a batch too small to check, or empty)."""
@@ -269,6 +314,8 @@ class _PrivateStep:
         module = self.lightning_module
         with captured_logging(module), frozen_metrics(module):
             closure()
+        if self._later is not None:  # no all-reduce carries a refusal held in this step: agreed here, once
+            self._later.agree_now(self)
         optimizer.zero_grad()
         module.trainer.should_stop = True
         self._skipped_steps += 1

@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_nt.common.flavours import lightning_classes, lightning_packages
 from lightning_nt.common.validation import above, at_least, between, check_argument, checked_arguments
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
+from lightning_nt.privacy.agreement import LaterRefusals
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
 from lightning_nt.privacy.engines.uses import ParameterUses
 from lightning_nt.privacy.guards import check_callbacks, check_optimizer, check_trainer
@@ -108,6 +109,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         self._uses: ParameterUses | None = None  # made on the first step that watches
         self._uses_checked = False
         self._agreeing = False  # see step.py: under DDP, while some rank has first-step checks to run
+        self._later: LaterRefusals | None = None  # see step.py: under DDP, a refusal met after the first steps
 
     @property
     def epsilon(self) -> float:
@@ -137,6 +139,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             self._independence_tries = INDEPENDENCE_TRIES if self.max_physical_batch_size != 1 else 0
             self._uses_checked = False  # parameters used outside their layers: looked for on the first step
             self._agreeing = trainer.world_size > 1  # every rank raises a refusal found on one (agreement.py)
+            self._later = LaterRefusals() if trainer.world_size > 1 else None  # so do the later steps
         super().setup(trainer)  # type: ignore[misc]
 
     @override
@@ -155,6 +158,9 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
         )
         self.optimizers = [self._engine.optimizer]
         self._engine.optimizer.attach_step_hook(self._after_noise)
+        if self._later is not None:  # the distributed DP optimizer's all-reduce carries the ranks' refusals
+            self._engine.optimizer.agree_on_refusals(self._later)
+            self._engine.holds = self._holds
 
     @override
     def process_dataloader(self, dataloader: object) -> object:
@@ -199,7 +205,18 @@ class _PrivateOnManyDevices(_DifferentialPrivacy):
     """Over several processes. DDP's buffer broadcast at every forward pass is off: a process whose Poisson batch is
     empty runs no forward pass, so the others would wait for it there until the process group times out. A private
     step can't change a buffer (refused), so the buffers are broadcast from rank 0 once, when DDP has wrapped the
-    module, and stay equal on every rank."""
+    module, and stay equal on every rank. A refusal one rank held through the last step (see ``step.py``) is raised
+    on every rank before a checkpoint is written and at the end of training, as at the next step's start."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        self._check_later_refusals()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def on_train_end(self) -> None:
+        self._check_later_refusals()
+        super().on_train_end()
 
     def _lightning_strategy_arguments(self, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
         for name in _BUFFER_SYNC_ARGUMENTS:
@@ -317,7 +334,12 @@ class DPDDPStrategy(_PrivateOnManyDevices, DDPStrategy):
     each clips its examples' gradients, process 0 adds the one noise draw, and the sum is all-reduced.
     Every process keeps an identical accountant. The checks of a fit's first steps run on every process's own
     examples; a refusal found on one process is raised on every process (naming the rank that found it) before any
-    update, so rank 0's log says why the run stopped.
+    update, so rank 0's log says why the run stopped. A refusal that one process meets on a later step (a weighted
+    ``EmbeddingBag`` call, a dropout switched on, an input or a random draw first met on some batch) is raised on
+    every process at the start of the next step, before a checkpoint is written, or at the end of training: without
+    an extra collective or sync per step, the refused step's all-reduce carries it, and that step's update is all-NaN
+    on every process (nothing of it is released; the weights and the optimizer's state are NaN after the error, and
+    the ledger of every process but the refusing one counts the step: an overcount).
     """
 
     strategy_name = "dp_sgd_ddp"

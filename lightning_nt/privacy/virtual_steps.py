@@ -44,12 +44,14 @@ def run_earlier_parts(
     size = batch_size(batch)
     starts = list(range(0, size, limit))
     engine.discard_per_example_state()  # Lightning zeroes them only after training_step
+    module.zero_grad()  # and the gradients: the last step's noisy ones would be taken for the first part's
     for start in starts[:-1]:
         part = flat_views(select_examples(batch, slice(start, start + limit)), views)
         with context(), captured_logging(module):
             output = refuse_skipped_step(module.training_step(part, batch_idx))
         loss_from_output(output, "training_step").backward()
-        engine.carry(batch_size(part))
+        if engine.recording:  # else a refusal is held (ClippingEngine.refuse): the parts go on plainly, unclipped
+            engine.carry(batch_size(part))
     return select_examples(batch, slice(starts[-1], size))
 
 

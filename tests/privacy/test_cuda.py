@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_nt import DPStrategy
+from lightning_nt.privacy.agreement import LaterRefusals
 from tests.privacy.canary import Audited, assert_only_the_noisy_update_differs, first_batch_indices, releases_of
 from tests.privacy.test_canary import C, Poisoned, _strategy
 from tests.privacy.test_strategy import RecordUpdate, _clipped_sum, _fit
@@ -98,3 +99,25 @@ def test_the_example_independence_check_on_the_gpu(precision, mode, tokens):
             with pytest.raises(RuntimeError, match=MIXES):
                 trainer.fit(module)
             assert all(torch.equal(b, p.detach().cpu()) for b, p in zip(before, module.parameters()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_refusal_flag_carried_by_a_cuda_all_reduce_reaches_the_host_one_step_late(monkeypatch, dtype):
+    """Under DDP on CUDA the flags' sum is copied to pinned host memory without waiting and read at the next check:
+    the flag element is made on the gradient's device and dtype, and a rank's NaN gradients stay on the device."""
+    from tests.privacy.test_agreement import Ranks, Reducing, _a_refusal, _peer_sends
+
+    _peer_sends(monkeypatch, flag=1.0)
+    params = [torch.zeros(3, 2, device="cuda", dtype=dtype), torch.zeros(2, device="cuda", dtype=dtype)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer = Reducing(params, _a_refusal())
+    refusals = LaterRefusals()
+    optimizer.agree_on_refusals(refusals)
+    assert optimizer.pre_step() is True
+    optimizer.reduce_gradients()
+    assert all(p.grad.device.type == "cuda" and p.grad.isnan().all() for p in params)
+    assert refusals._total is not None and refusals._total.device.type == "cpu" and refusals._total.is_pinned()
+    with pytest.raises(RuntimeError, match=r"\(Found on rank 0 of 2 in a step after the first ones"):
+        refusals.check(Ranks(0, [(True, False), (True, False)], [None, "rank 1's"]))

@@ -236,6 +236,15 @@ def test_an_unused_parameter_has_a_zero_gradient(mode, module):
     assert record.update["net.0.weight"].abs().max() > 0
 
 
+def test_an_unused_parameter_goes_through_physical_parts_after_a_noisy_step():
+    """With ``max_physical_batch_size``, the earlier parts run inside ``training_step``, before Lightning zeroes the
+    gradients: the last step's noisy gradient of the unused layer was still there, taken for a gradient without
+    per-example gradients (activation checkpointing), and the second step was refused."""
+    strategy = _quiet(noise_multiplier=1.0, max_physical_batch_size=5, seed=7)
+    _, trainer = _fit(strategy, module=WithUnused, max_steps=3)
+    assert trainer.global_step == 3
+
+
 # -- issue 10.17: unsupported optimizers and SubspaceTraining ---------------------------------------------------
 
 

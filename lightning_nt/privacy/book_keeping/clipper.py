@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_nt.common.layers import StandardizedConv2d
 from lightning_nt.common.validation import Rule, above, at_least, checked_arguments
+from lightning_nt.privacy.agreement import Refuse, raise_refusal
 from lightning_nt.privacy.book_keeping.pieces import ClippedSum, Piece
 from lightning_nt.privacy.book_keeping.record import Record, positional_input_refusal
 from lightning_nt.privacy.book_keeping.rules import layers_of, pieces_for
@@ -57,6 +58,7 @@ class BookKeepingClipper:
         self._trainable = {id(p) for layer in self.layers for p in layer.parameters(recurse=False) if p.requires_grad}
         self._records: dict[nn.Module, Record] = {}
         self._recording = False
+        self.refuse: Refuse = raise_refusal  # what a refusal met while recording does (the DP engine may hold it)
         self._handles: list[Any] = []
         self._frozen: list[nn.Parameter] = []
         self._carried: dict[nn.Parameter, Tensor] = {}
@@ -109,7 +111,8 @@ class BookKeepingClipper:
         if not torch.is_grad_enabled():
             return None
         if not inputs or not isinstance(inputs[0], Tensor):
-            raise positional_input_refusal(self._names[layer], type(layer).__name__)
+            self.refuse(positional_input_refusal(self._names[layer], type(layer).__name__))
+            return None
         record = self._records[layer]
         source = inputs[0]
         record.inputs.append(source.detach())

@@ -18,6 +18,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from lightning_nt.privacy.agreement import RefusalRoute
 from lightning_nt.privacy.engines.uses import WeightedBagGuard
 
 __all__ = ["ClippingEngine"]
@@ -70,7 +71,11 @@ class ClippingEngine(ABC):
     ) -> None:
         self.mode, self.module = mode, module
         self._trainable = _trainable_names(module)
-        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids)  # every step: weights may come late
+        self.holds: Callable[[Exception], bool] | None = None  # set by the strategy where refusals are held
+        self.recording = False  # between start and stop (stopped early where a refusal is held: see refuse)
+        self.route = RefusalRoute()  # what the layers' hooks hold to refuse (not the engine: see RefusalRoute)
+        self.route.to = self.refuse
+        self._weighted_bags = WeightedBagGuard(module, self.trainable_ids, self.route)  # weights may come late
         self.parameter_names = {id(p): name for name, p in module.named_parameters()}  # to name them in results
         self.optimizer = self.optimizers[1 if distributed else 0](
             optimizer,
@@ -104,12 +109,22 @@ class ClippingEngine(ABC):
     def start(self) -> None:
         """Begin recording a training step (hooks on; an ``EmbeddingBag`` with ``per_sample_weights`` refused)."""
         self._start()
-        self._weighted_bags.watching = True
+        self._weighted_bags.watching = self.recording = True
 
     def stop(self) -> None:
         """Stop recording (hooks off): other code may differentiate the module now."""
-        self._weighted_bags.watching = False
+        self._weighted_bags.watching = self.recording = False
         self._stop()
+
+    def refuse(self, refusal: Exception) -> None:
+        """A check's ``refusal`` met during a recorded step (a forward hook's, or before the forward pass): raised;
+        or, where the strategy holds refusals (:attr:`holds`: under DDP, after the first steps,
+        :class:`~lightning_nt.privacy.agreement.LaterRefusals`), held, and the recording stopped, so that the step's
+        forward pass goes on plainly and the module's own collectives in ``training_step`` (``self.log(...,
+        sync_dist=True)``) still meet the other ranks'. Nothing of a held step is released (its update is NaN)."""
+        if self.holds is None or not self.holds(refusal):
+            raise refusal
+        self.stop()
 
     def close(self) -> None:
         """Detach from the module for good (end of fit)."""

@@ -34,6 +34,7 @@ class BookKeepingEngine(ClippingEngine):
         except ValueError as error:
             raise RuntimeError(f"grad_sample_mode='bk' can't clip this module: {error}") from error
         super().__init__(mode, module, optimizer, **options)
+        self.clipper.refuse = self.route
 
     def _start(self) -> None:
         self.clipper.start()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from opacus.optimizers import DistributedDPOptimizerFastGradientClipping, DPOptimizerFastGradientClipping
 
+from lightning_nt.privacy.agreement import AgreedReduction
 from lightning_nt.privacy.engines.hooks import OpacusHooksEngine, _GhostHooks
 from lightning_nt.privacy.module_guards import refusing_recomputation
 
@@ -36,7 +37,9 @@ class _GhostDPOptimizer(_ZeroForUnusedParameters, DPOptimizerFastGradientClippin
     pass
 
 
-class _GhostDistributedDPOptimizer(_ZeroForUnusedParameters, DistributedDPOptimizerFastGradientClipping):
+class _GhostDistributedDPOptimizer(
+    AgreedReduction, _ZeroForUnusedParameters, DistributedDPOptimizerFastGradientClipping
+):
     pass
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
 from lightning_nt.common.errors import explained_errors
+from lightning_nt.privacy.agreement import AgreedReduction, Refuse, raise_refusal
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
@@ -287,7 +288,7 @@ class _CarryingDPOptimizer(_CarryClippedSums, DPOptimizer):
     pass
 
 
-class _CarryingDistributedDPOptimizer(_CarryClippedSums, DistributedDPOptimizer):
+class _CarryingDistributedDPOptimizer(AgreedReduction, _CarryClippedSums, DistributedDPOptimizer):
     pass
 
 
@@ -301,23 +302,26 @@ class _RowsSeen:
     class's ``step`` for every later instance).
     """
 
-    def __init__(self, once: bool = False) -> None:
+    def __init__(self, once: bool = False, refuse: Refuse = raise_refusal) -> None:
         self.seen: list[tuple[str, int]] = []
-        self.watching = False
+        self.watching, self.refuse = False, refuse  # refuse: see lightning_nt.privacy.agreement.Refuse
         self.once = once  # a layer called twice in one step is refused (ghost clipping can't clip it)
 
     def note(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         if self.watching and torch.is_grad_enabled():
             if not inputs or not isinstance(inputs[0], Tensor):
-                raise positional_input_refusal(name, type(layer).__name__)
+                self.refuse(positional_input_refusal(name, type(layer).__name__))
+                return
             if self.once and any(seen == name for seen, _ in self.seen):
-                raise RuntimeError(
+                refusal = RuntimeError(
                     f"Layer {name!r} ran twice in one training step (a block shared between depths or positions, or "
                     "a layer also run on other inputs): grad_sample_mode='ghost' computes a layer's per-example "
                     "gradient norms from one call, and can't clip a parameter used twice (Opacus calls it parameter "
                     "tying). Refused before any noise. Use grad_sample_mode='hooks' or 'bk', which sum a shared "
                     "layer's per-example gradients over its calls."
                 )
+                self.refuse(refusal)
+                return
             self.seen.append((name, inputs[0].shape[0] if inputs[0].ndim else 0))
 
     def check_replayed_inputs(
@@ -329,7 +333,7 @@ class _RowsSeen:
         if self.watching and torch.is_grad_enabled():
             others = _inputs_besides_the_first(signature, args, kwargs)
             if others:
-                raise RuntimeError(
+                refusal = RuntimeError(
                     f"Layer {name!r} ({type(layer).__name__}) was called with inputs {others} that Opacus can't "
                     "replay: it forms the layer's per-example gradients by re-running its forward pass with "
                     "torch.func on its first positional input alone, a tensor (every layer's under "
@@ -339,6 +343,7 @@ class _RowsSeen:
                     "its trainable parameters into submodules called on one input (nn.Linear, nn.Embedding, ...), or "
                     "freeze them (requires_grad_(False))."
                 )
+                self.refuse(refusal)
 
 
 def _inputs_besides_the_first(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
@@ -440,7 +445,7 @@ class OpacusHooksEngine(ClippingEngine):
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
-        self._rows = _RowsSeen(once=self.calls_each_layer_once)
+        self._rows = _RowsSeen(once=self.calls_each_layer_once, refuse=self.route)
         self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly
             layer.register_forward_hook(partial(self._rows.note, name), prepend=True)
             for name, layer in trainable_modules(module)

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_nt.privacy.agreement import Refuse, raise_refusal
+
 __all__ = ["ParameterUses", "WeightedBagGuard"]
 
 
@@ -160,7 +162,8 @@ class ParameterUses(TorchFunctionMode):
 
 class WeightedBagGuard:
     """While :attr:`watching`: refuses a call of an ``nn.EmbeddingBag`` whose table is in ``trainable`` with
-    ``per_sample_weights`` (positional or keyword), before the call runs, with grad enabled.
+    ``per_sample_weights`` (positional or keyword), before the call runs, with grad enabled (``refuse``: raised by
+    default, see :data:`~lightning_nt.privacy.agreement.Refuse`).
 
     No engine's per-example rule sees the weights: Opacus's hooks record a layer's first input only, so under hooks and
     book-keeping every example's gradient is formed, and clipped, without them (the update stays bounded by the clip
@@ -176,8 +179,8 @@ class WeightedBagGuard:
         guard.remove()
     """
 
-    def __init__(self, module: nn.Module, trainable: Collection[int]) -> None:
-        self.watching = False
+    def __init__(self, module: nn.Module, trainable: Collection[int], refuse: Refuse = raise_refusal) -> None:
+        self.watching, self.refuse = False, refuse
         self.handles = [
             bag.register_forward_pre_hook(partial(self._check, f"{name}.weight".lstrip(".")), with_kwargs=True)
             for name, bag in module.named_modules()
@@ -188,7 +191,7 @@ class WeightedBagGuard:
         if self.watching and torch.is_grad_enabled():
             weights = args[2] if len(args) > 2 else kwargs.get("per_sample_weights")
             if weights is not None:
-                raise RuntimeError(
+                refusal = RuntimeError(
                     f"{name} is pooled by an EmbeddingBag with per_sample_weights, which no clipping engine's "
                     "per-example gradient rule takes into account: each example's gradient would be formed without "
                     "the weights (ghost clipping would then release a weighted gradient whose norm it never bounded; "
@@ -196,6 +199,7 @@ class WeightedBagGuard:
                     "the looked-up vectors yourself (an nn.Embedding, then a weighted sum over positions), or freeze "
                     "the table."
                 )
+                self.refuse(refusal)
 
     def remove(self) -> None:
         """Take the hooks off the module (the end of a fit)."""
