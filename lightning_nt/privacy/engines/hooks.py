@@ -23,10 +23,10 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
-from lightning_nt.common.errors import explained_errors
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
+from lightning_nt.privacy.engines.replay import checked_replay, record_call
 
 __all__ = ["OpacusHooksEngine"]
 
@@ -372,35 +372,17 @@ def _at_default(parameter: inspect.Parameter, value: Any) -> bool:
     return value is default or (plain and value == default)
 
 
-def _name_random_draws(name: str, layer: nn.Module) -> None:
-    """Make the ``torch.func`` re-run of ``layer`` (Opacus's ``ft_compute_sample_grad``) name it when its forward pass
-    draws random numbers in a way no module check sees (``F.dropout(x, p, training=self.training)``, ``torch.rand``):
-    torch's bare "vmap: called random operation" otherwise, in the first backward pass."""
-    replay, kind = layer.ft_compute_sample_grad, type(layer).__name__
-
-    def _random_draw_explanation(error: RuntimeError) -> str:
-        return (
-            f"Layer {name!r} ({kind}) draws random numbers in its forward pass (e.g. F.dropout(x, p, "
-            "training=self.training), torch.rand): Opacus forms its per-example gradients by re-running that "
-            "forward pass with torch.func, which can't replay the draws. Refused before any noise. Draw outside "
-            "the layer (dropout on its input or output, in the module that calls it), turn the draw off (p=0), or "
-            "freeze its trainable parameters (requires_grad_(False))."
-        )
-
-    def naming(*args: Any) -> Any:
-        with explained_errors(lambda text: "vmap: called random operation" in text, _random_draw_explanation):
-            return replay(*args)
-
-    layer.ft_compute_sample_grad = naming
-
-
 class _FirstInputOnly:
     """Opacus's hooks, keeping a layer's first positional input only: every per-sample rule, and the ``torch.func``
     re-run of a layer without one, reads that one alone. Opacus kept them all: it detached each (``bag(tokens, None)``
-    failed with an AttributeError on the ``None``) and took the rows of the mean reduction from the last one."""
+    failed with an AttributeError on the ``None``) and took the rows of the mean reduction from the last one. A
+    re-run layer's call also records its output, which the re-run must reproduce (:mod:`~.replay`)."""
 
     def capture_activations_hook(self, module: nn.Module, forward_input: tuple[Any, ...], output: Any) -> None:
+        recorded = len(vars(module).get("activations", ()))
         super().capture_activations_hook(module, forward_input[:1], output)  # type: ignore[misc]
+        if "ft_compute_sample_grad" in vars(module) and len(vars(module).get("activations", ())) > recorded:
+            record_call(module, output)
 
 
 class _Hooks(_FirstInputOnly, GradSampleHooks):
@@ -436,6 +418,7 @@ class OpacusHooksEngine(ClippingEngine):
         _refuse_what_torch_func_cannot_replay(replayed, mode)
         _refuse_parameters_the_rules_miss(module)
         self._replayed = replayed
+        replays = [checked_replay(name, layer) for name, layer in replayed]  # before any hook of the engine's
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
@@ -446,8 +429,8 @@ class OpacusHooksEngine(ClippingEngine):
             for name, layer in trainable_modules(module)
             if not aliases_only(layer)  # its submodules see the rows (DPLSTM over time steps)
         ]
-        for name, layer in replayed:
-            _name_random_draws(name, layer)
+        for (name, layer), replay in zip(replayed, replays):
+            layer.ft_compute_sample_grad = replay  # Opacus's re-run, checked against each call
             signature = inspect.signature(layer.forward)
             if not _takes_one_input(signature):  # forward(self, x) (nn.Linear's): nothing else to check
                 check = partial(self._rows.check_replayed_inputs, name, signature)  # every step: inputs may vary

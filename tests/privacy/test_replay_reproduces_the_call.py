@@ -1,0 +1,205 @@
+"""Opacus forms the per-example gradients of a layer without a per-sample rule (every layer under
+``grad_sample_mode="functorch"``) by re-running its forward pass on each example under ``vmap(grad)``. State the
+layer has at its call but the re-run doesn't see made the update the clipped sum of another computation's gradients,
+bounded but not the step's, and silent. Each re-run's output is now checked against its call's: a re-run that does
+not reproduce its call is refused by name before any noise, and one that does trains exactly (against a ``vmap(grad)``
+reference of the real model), in float64, float32 and bfloat16 autocast, on the CPU and the GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_nt.privacy.engines.replay import RECORDED_CALLS
+from tests.contract.test_zoo_structures import _reference_update
+from tests.helpers.engines import NoPrecision, noiseless_engine
+
+REPLAYING_MODES = ["hooks", "functorch"]
+
+
+class Gate(nn.Module):
+    """A conditioning gate: a Parameter of its own (no per-sample rule) times a ``factor`` and a ``cond`` its parent
+    may set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        self.factor, self.cond = 1.0, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale * self.factor * (1.0 if self.cond is None else self.cond)
+
+
+class Block(nn.Module):
+    """A layer scale (no per-sample rule) over an ``nn.Linear``: the block is re-run whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        self.inner = nn.Linear(4, 4, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x) * self.scale
+
+
+class Model(nn.Module):
+    """``gate`` (or a ``Block``) then a linear head; ``kind`` says how the parent uses the gate."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.gate = Block() if kind == "hook" else Gate()
+        self.head = nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "film":  # a per-example conditioning vector, [B, 4], set by the parent before the call
+            self.gate.cond = x.detach() ** 2
+        if self.kind == "twice":  # one layer, two calls, two factors
+            self.gate.factor = 1.0
+            x = torch.tanh(self.gate(x))
+            self.gate.factor = 3.0
+        if self.kind == "around":  # a factor set around the call and restored before the backward pass
+            self.gate.factor = 3.0
+            try:
+                return self.head(torch.tanh(self.gate(x)))
+            finally:
+                self.gate.factor = 1.0
+        return self.head(torch.tanh(self.gate(x)))
+
+
+def _set_after_build(module: Model) -> None:
+    module.gate.factor = 2.5  # an annealed temperature, set once the engine exists
+
+
+def _hook_added_after_build(module: Model) -> None:
+    module.gate.inner.register_forward_hook(lambda layer, inputs, output: torch.tanh(output) * 3)
+
+
+_AFTER_BUILD: dict[str, Callable[[Model], None]] = {"attribute": _set_after_build, "hook": _hook_added_after_build}
+
+
+def _problem(kind: str) -> tuple[Model, Tensor, Tensor]:
+    torch.manual_seed(0)
+    inputs, labels = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
+    return Model(kind), inputs, labels
+
+
+def _private_update(mode: str, module: nn.Module, inputs: Tensor, labels: Tensor, clip: float, kind: str) -> dict:
+    """One noiseless private step (the change of every trainable parameter), the engine built before the change
+    ``kind`` makes (if any)."""
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    engine = noiseless_engine(mode, module, clip, len(inputs))
+    try:
+        _AFTER_BUILD.get(kind, lambda module: None)(module)
+        engine.start()
+        engine.discard_per_example_state()
+        output = engine.take_output(F.cross_entropy(module(inputs), labels))
+        engine.backward(output, output.backward, len(inputs), NoPrecision())
+        engine.optimizer.step()
+    finally:
+        engine.stop()
+        engine.forget()  # as the strategy does when a step fails: the batch's records go
+        engine.close()
+    return {name: module.get_parameter(name).detach() - value for name, value in before.items()}
+
+
+@pytest.mark.parametrize("kind", ["attribute", "film", "around", "twice", "hook"])
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_re_run_that_does_not_reproduce_its_call_is_refused_before_any_noise(mode, kind):
+    """An attribute set after the engine was built (scalar; a FiLM ``[B, d]`` conditioning, whose whole batch the
+    re-run would apply to every example: each example's clipped gradient held every example's data, sensitivity
+    1.6-2.3x the bound), a factor set around the call and restored, a layer called twice with two factors, a forward
+    hook added inside the layer since: the update was another computation's, unrefused. Refused by name, nothing
+    released."""
+    module, inputs, labels = _problem(kind)
+    before = [p.detach().clone() for p in module.parameters()]
+    with pytest.raises(
+        RuntimeError,
+        match=rf"^Layer 'gate' \({type(module.gate).__name__}\): Opacus forms its per-example gradients by re-running "
+        r"its forward pass on one example at a time with torch\.func, and that re-run.*Refused before any noise.*"
+        r"compute any other state inside the layer's forward from that input.*per-sample rule.*'bk'",
+    ):
+        _private_update(mode, module, inputs, labels, 1.0, kind)
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+    assert all(RECORDED_CALLS not in vars(layer) for layer in module.modules())  # forgotten with the step
+
+
+class Residual(nn.Module):
+    """A pre-norm residual MLP block with a layer scale (no per-sample rule: re-run whole under hooks)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((width,), 0.5))
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.scale * self.down(F.gelu(self.up(self.norm(x))))
+
+
+def _fp32_problem(device: str) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(16, 64), Residual(64), Residual(64), nn.Linear(64, 5)).to(device)
+    return module, torch.randn(16, 16, device=device), torch.randint(5, (16,), device=device)
+
+
+def _trains_without_refusal(mode: str, device: str, precision: str) -> dict[str, Tensor]:
+    module, inputs, labels = _fp32_problem(device)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    engine = noiseless_engine(mode, module, 1.0, len(inputs))
+    for _ in range(2):
+        engine.start()
+        engine.discard_per_example_state()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = F.cross_entropy(module(inputs).float(), labels)
+        output = engine.take_output(loss)
+        engine.backward(output, output.backward, len(inputs), NoPrecision())
+        engine.optimizer.step()
+        engine.optimizer.zero_grad()
+        engine.stop()
+        engine.forget()
+    engine.close()
+    return {name: module.get_parameter(name).detach() - value for name, value in before.items()}
+
+
+@pytest.mark.parametrize(
+    ("device", "precision"),
+    [
+        ("cpu", "32-true"),
+        ("cpu", "bf16-mixed"),
+        *[pytest.param("cuda", precision, marks=pytest.mark.cuda) for precision in ("32-true", "bf16-mixed")],
+    ],
+)
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_re_run_reproducing_its_call_is_not_refused_in_float32_and_bfloat16(mode, device, precision):
+    """No false refusal where the re-run and the call round differently (one example against the batch; bfloat16
+    autocast: measured one unit of rounding, 8e-3, against the 3e-2 allowed; TF32 on the GPU): two steps train, and
+    in float32 the first moves every parameter as a float64 ``vmap(grad)`` reference does."""
+    update = _trains_without_refusal(mode, device, precision)
+    assert all(value.abs().sum() > 0 for value in update.values())
+    if precision == "32-true" and device == "cpu":
+        module, inputs, labels = _fp32_problem(device)
+        reference, clip = _reference_update(copy.deepcopy(module).double(), inputs.double(), labels)
+        engine_update = _one_step(mode, module, inputs, labels, clip)
+        for name, value in reference.items():
+            torch.testing.assert_close(engine_update[name], -value.float(), rtol=1e-4, atol=1e-7)
+
+
+def _one_step(mode: str, module: nn.Module, inputs: Tensor, labels: Tensor, clip: float) -> dict[str, Tensor]:
+    """One noiseless private step clipped at ``clip``, the update by name."""
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    engine = noiseless_engine(mode, module, clip, len(inputs))
+    engine.start()
+    engine.discard_per_example_state()
+    output = engine.take_output(F.cross_entropy(module(inputs), labels))
+    engine.backward(output, output.backward, len(inputs), NoPrecision())
+    engine.optimizer.step()
+    engine.stop()
+    engine.forget()
+    engine.close()
+    return {name: module.get_parameter(name).detach() - value for name, value in before.items()}
