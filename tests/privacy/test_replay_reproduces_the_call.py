@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_nt.privacy.engines.replay import RECORDED_CALLS
+from lightning_nt.privacy.engines.replay import RECORDED_CALLS, SNAPSHOTS
 from tests.contract.test_zoo_structures import _reference_update
 from tests.helpers.engines import NoPrecision, noiseless_engine
 
@@ -30,10 +30,13 @@ class Gate(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
-        self.factor, self.cond = 1.0, None
+        self.factor, self.cond, self.calls, self.settings = 1.0, None, 0, {"gain": 1.0}
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale * self.factor * (1.0 if self.cond is None else self.cond)
+        self.calls += 1
+        counted = self.calls if self.counting else 1
+        gain = self.settings["gain"]
+        return x * self.scale * self.factor * gain * counted * (1.0 if self.cond is None else self.cond)
 
 
 class Block(nn.Module):
@@ -55,11 +58,18 @@ class Model(nn.Module):
         super().__init__()
         self.kind = kind
         self.gate = Block() if kind == "hook" else Gate()
+        self.gate.counting = kind == "counting"  # a forward that counts its calls (and scales by the count)
         self.head = nn.Linear(4, 3, dtype=torch.float64)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "film":  # a per-example conditioning vector, [B, 4], set by the parent before the call
             self.gate.cond = x.detach() ** 2
+        if self.kind == "inplace":  # a setting in a dictionary the layer holds, changed in place after the call
+            self.gate.settings["gain"] = 2.0
+            try:
+                return self.head(torch.tanh(self.gate(x)))
+            finally:
+                self.gate.settings["gain"] = 6.0
         if self.kind == "twice":  # one layer, two calls, two factors
             self.gate.factor = 1.0
             x = torch.tanh(self.gate(x))
@@ -109,25 +119,58 @@ def _private_update(mode: str, module: nn.Module, inputs: Tensor, labels: Tensor
     return {name: module.get_parameter(name).detach() - value for name, value in before.items()}
 
 
-@pytest.mark.parametrize("kind", ["attribute", "film", "around", "twice", "hook"])
-@pytest.mark.parametrize("mode", REPLAYING_MODES)
-def test_a_re_run_that_does_not_reproduce_its_call_is_refused_before_any_noise(mode, kind):
-    """An attribute set after the engine was built (scalar; a FiLM ``[B, d]`` conditioning, whose whole batch the
-    re-run would apply to every example: each example's clipped gradient held every example's data, sensitivity
-    1.6-2.3x the bound), a factor set around the call and restored, a layer called twice with two factors, a forward
-    hook added inside the layer since: the update was another computation's, unrefused. Refused by name, nothing
-    released."""
+def _expected(kind: str) -> tuple[dict[str, Tensor], float]:
+    """The ``vmap(grad)`` reference update of the problem ``kind`` (changed as the step sees it), and its bound."""
     module, inputs, labels = _problem(kind)
+    _AFTER_BUILD.get(kind, lambda module: None)(module)
+    return _reference_update(module, inputs, labels)
+
+
+@pytest.mark.parametrize("kind", ["attribute", "around", "twice", "hook", "counting"])
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_layer_is_re_run_as_it_was_at_each_call(mode, kind):
+    """Opacus re-ran a copy made when the engine was built: an attribute set since (an annealed temperature), a
+    factor set around the call and restored before the backward pass, a layer called twice with two factors, a
+    forward hook added inside the layer since, a forward that counts its calls: each update was another
+    computation's, silently. Each call is re-run as the layer was when it began: exact against ``vmap(grad)``, and
+    the re-run's own writes stay out of the layer (``counting``: called once, it counts one)."""
+    expected, clip = _expected(kind)
+    module, inputs, labels = _problem(kind)
+    update = _private_update(mode, module, inputs, labels, clip, kind)
+    for name, value in expected.items():
+        torch.testing.assert_close(update[name], -value, rtol=1e-10, atol=1e-12)
+    assert kind != "counting" or module.gate.calls == 1
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_per_example_attribute_is_refused_before_any_noise(mode):
+    """A FiLM conditioning ``[B, d]`` set by the parent on the layer: a re-run of the layer as it was at the call
+    applies the whole batch's conditioning to each example (example i's gradient held every example's data: the
+    update moved 1.6-2.3x the bound when one example was replaced), and Opacus's copy made at build none (wrong).
+    Refused by name, naming the shapes; nothing released, nothing left on the layers."""
+    module, inputs, labels = _problem("film")
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(
         RuntimeError,
-        match=rf"^Layer 'gate' \({type(module.gate).__name__}\): Opacus forms its per-example gradients by re-running "
-        r"its forward pass on one example at a time with torch\.func, and that re-run.*Refused before any noise.*"
-        r"compute any other state inside the layer's forward from that input.*per-sample rule.*'bk'",
+        match=r"^Layer 'gate' \(Gate\): Opacus forms its per-example gradients by re-running its forward pass on one "
+        r"example at a time with torch\.func, and that re-run gave an output of shape \(8, 4\) per example where the "
+        r"call gave \(1, 4\).*Refused before any noise.*compute what differs per example inside the layer's "
+        r"forward from that input.*per-sample rule.*'bk'",
     ):
-        _private_update(mode, module, inputs, labels, 1.0, kind)
+        _private_update(mode, module, inputs, labels, 1.0, "film")
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
-    assert all(RECORDED_CALLS not in vars(layer) for layer in module.modules())  # forgotten with the step
+    assert all(not ({RECORDED_CALLS, SNAPSHOTS} & set(vars(layer))) for layer in module.modules())
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_an_attribute_changed_in_place_before_the_backward_pass_is_refused(mode):
+    """What a snapshot shares (an attribute's dictionary) changed in place between the call and the backward pass:
+    the re-run can't reproduce the call, and says so (the values, by how much); Opacus's copy made at build re-ran
+    the gain of then, silently."""
+    module, inputs, labels = _problem("inplace")
+    refusal = r"^Layer 'gate' \(Gate\): .*that re-run's output differs from the call's by up to 2 relative to the "
+    with pytest.raises(RuntimeError, match=refusal + r"example's largest output \(rounding in float64 allows 1e-09\)"):
+        _private_update(mode, module, inputs, labels, 1.0, "inplace")
 
 
 class Residual(nn.Module):

@@ -26,7 +26,7 @@ from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
-from lightning_nt.privacy.engines.replay import checked_replay, record_call
+from lightning_nt.privacy.engines.replay import checked_replay, record_call, snapshot_at_call
 
 __all__ = ["OpacusHooksEngine"]
 
@@ -381,8 +381,8 @@ class _FirstInputOnly:
     def capture_activations_hook(self, module: nn.Module, forward_input: tuple[Any, ...], output: Any) -> None:
         recorded = len(vars(module).get("activations", ()))
         super().capture_activations_hook(module, forward_input[:1], output)  # type: ignore[misc]
-        if "ft_compute_sample_grad" in vars(module) and len(vars(module).get("activations", ())) > recorded:
-            record_call(module, output)
+        if "ft_compute_sample_grad" in vars(module):  # a re-run layer: its snapshot and output go with its input
+            record_call(module, output, len(vars(module).get("activations", ())) > recorded)
 
 
 class _Hooks(_FirstInputOnly, GradSampleHooks):
@@ -418,7 +418,6 @@ class OpacusHooksEngine(ClippingEngine):
         _refuse_what_torch_func_cannot_replay(replayed, mode)
         _refuse_parameters_the_rules_miss(module)
         self._replayed = replayed
-        replays = [checked_replay(name, layer) for name, layer in replayed]  # before any hook of the engine's
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
         self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
@@ -429,8 +428,11 @@ class OpacusHooksEngine(ClippingEngine):
             for name, layer in trainable_modules(module)
             if not aliases_only(layer)  # its submodules see the rows (DPLSTM over time steps)
         ]
-        for (name, layer), replay in zip(replayed, replays):
-            layer.ft_compute_sample_grad = replay  # Opacus's re-run, checked against each call
+        snapshot = snapshot_at_call(lambda: self._rows.watching)
+        for name, layer in replayed:
+            layer.ft_compute_sample_grad = checked_replay(name, layer)  # re-runs each call's snapshot, checked
+            if type(layer) not in GradSampleModule.GRAD_SAMPLERS:  # a forward that may change the layer's state
+                self._row_watches.append(layer.register_forward_pre_hook(snapshot))  # after the user's pre-hooks
             signature = inspect.signature(layer.forward)
             if not _takes_one_input(signature):  # forward(self, x) (nn.Linear's): nothing else to check
                 check = partial(self._rows.check_replayed_inputs, name, signature)  # every step: inputs may vary

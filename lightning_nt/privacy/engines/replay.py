@@ -1,23 +1,29 @@
 """The ``torch.func`` re-run that forms the per-example gradients of a layer without a per-sample rule (every layer
-under ``grad_sample_mode="functorch"``), checked against the call it stands for.
+under ``grad_sample_mode="functorch"``), of the layer as it was at each call, checked against that call.
 
 Opacus forms such a layer's per-example gradients in the backward pass by re-running its forward pass on each
-example's recorded input under ``vmap(grad(...))``. The re-run sees only what it is given: state the layer had at the
-call but the re-run lacks (an attribute set by its parent, a factor set around the call, a forward hook) would make
-the update the clipped sum of another computation's gradients, bounded but not the step's, and silent. So every
-call's output is recorded beside Opacus's record of its input (:func:`record_call`), the re-run returns its output
-at no extra pass (``grad(..., has_aux=True)``), and a re-run that does not reproduce the recorded output (its shape,
-or its values beyond the rounding of the precision in play: :func:`tolerance`) is refused by name before any noise.
+example's recorded input under ``vmap(grad(...))``, on a copy of the layer made when the engine was built: state the
+layer had at the call but not the copy (an attribute its parent set since, a factor set around the call, a layer
+called twice with two factors, a forward hook added since) made the update the clipped sum of another computation's
+gradients, bounded but not the step's, and silent. Here each call of such a layer records a shallow snapshot of the
+layer as the call begins (:func:`snapshot_at_call`: its own attribute dictionaries, the attribute objects shared)
+and its output (:func:`record_call`), beside Opacus's record of its input; the backward pass re-runs that snapshot,
+which returns its output at no extra pass (``grad(..., has_aux=True)``); a re-run that does not reproduce the
+recorded output (its shape, or its values beyond the rounding of the precision in play: :func:`tolerance`) is refused
+by name before any noise. What no snapshot carries is refused so: a per-example tensor attribute (a FiLM conditioning
+``[B, d]`` would be applied whole to each example's re-run, mixing the examples' data), an attribute changed in place
+between the call and the backward pass.
 
 Example::
 
+    layer.register_forward_pre_hook(snapshot_at_call(lambda: engine_is_on))
     layer.ft_compute_sample_grad = checked_replay("net.0", layer)  # after Opacus's hooks are attached
-    # forward: record_call(layer, output) from the hook that records its input; backward: Opacus calls the re-run
+    # forward: record_call(layer, output, recorded) from the hook that records its input; backward: Opacus re-runs
 """
 
 from __future__ import annotations
 
-import copy
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -28,10 +34,16 @@ from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common.errors import explained_errors
 
-__all__ = ["RECORDED_CALLS", "checked_replay", "record_call", "tolerance"]
+__all__ = ["RECORDED_CALLS", "SNAPSHOTS", "checked_replay", "record_call", "snapshot_at_call", "tolerance"]
 
 RECORDED_CALLS = "replayed_calls"
 """The attribute of a re-run layer holding its calls' records (a stack, popped as Opacus pops ``activations``)."""
+
+SNAPSHOTS = "replay_snapshots"
+"""The attribute of a re-run layer holding the snapshots of its calls under way (taken as each begins)."""
+
+_ENGINE_PACKAGES = ("opacus.", "lightning_nt.privacy.")
+"""Where the hooks a snapshot leaves out are defined: the DP engines' own (they must not run in a re-run)."""
 
 _TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 """Largest relative difference between a re-run's output and its call's accepted as rounding, by the least precise
@@ -39,19 +51,88 @@ floating dtype in play (see :func:`tolerance`)."""
 
 
 class _Call(NamedTuple):
-    """What a re-run must reproduce: the call's output (``None``: not a tensor) and the precision it ran in."""
+    """What a re-run must reproduce: the layer as the call began, its output (``None``: not a tensor) and the least
+    precise dtype it computed in."""
 
+    layer: nn.Module
     output: Tensor | None
     precision: torch.dtype
 
 
-def record_call(layer: nn.Module, output: Any) -> None:
-    """Push one call's record on ``layer``'s stack, beside the input Opacus has just pushed on ``activations``."""
+def snapshot_at_call(watching: Callable[[], bool]) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+    """A forward pre-hook pushing a snapshot of the layer (:func:`_snapshot`) as each call begins, while
+    ``watching()`` and recording gradients (``None`` otherwise), for :func:`record_call` to take when it ends."""
+
+    def take(layer: nn.Module, inputs: tuple[Any, ...]) -> None:
+        recording = watching() and torch.is_grad_enabled()
+        vars(layer).setdefault(SNAPSHOTS, []).append(_snapshot(layer) if recording else None)
+
+    return take
+
+
+def record_call(layer: nn.Module, output: Any, recorded: bool) -> None:
+    """Take the snapshot of the call of ``layer`` that just ended; if Opacus ``recorded`` its input, push the call's
+    record (the snapshot, the output) beside it. A layer without :func:`snapshot_at_call` (one of PyTorch's or
+    Opacus's with a per-sample rule, re-run under ``grad_sample_mode="functorch"`` only: its forward changes no state
+    of its own) is snapshot as the call ends."""
+    snapshots = vars(layer).get(SNAPSHOTS)
+    snapshot = snapshots.pop() if snapshots else None
+    if not recorded:
+        return
+    if snapshot is None:
+        snapshot = _snapshot(layer)
     calls = vars(layer).setdefault(RECORDED_CALLS, [])
     if not isinstance(output, Tensor):
-        calls.append(_Call(None, torch.float64))
+        calls.append(_Call(snapshot, None, torch.float64))
         return
-    calls.append(_Call(output.detach(), _precision_at_call(output)))
+    calls.append(_Call(snapshot, output.detach(), _precision_at_call(output)))
+
+
+def _snapshot(layer: nn.Module) -> nn.Module:
+    """``layer`` and its submodules as they are now, for a re-run: each a new module of the same class with a copy of
+    its attribute dictionary (attribute objects, parameters and buffers shared: nothing is copied but dictionaries)
+    and of its parameter, buffer and submodule dictionaries, so the re-run's own writes stay in the snapshot.
+
+    Left out: the engines' hooks (Opacus's and this package's), every backward hook (they can't run under
+    ``torch.func``, and don't change an output), the records of the calls, and ``layer``'s own forward pre-hooks,
+    which have already made the input Opacus recorded. The user's forward hooks and their pre-hooks inside stay.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copy_of(module: nn.Module) -> nn.Module:
+        if id(module) in copies:  # a submodule reached twice (shared) is one copy
+            return copies[id(module)]
+        copies[id(module)] = copy = object.__new__(type(module))
+        vars(copy).update({key: value for key, value in vars(module).items() if key not in _LEFT_OUT})
+        vars(copy).update(
+            _parameters=dict(module._parameters),
+            _buffers=dict(module._buffers),
+            _modules={name: child if child is None else copy_of(child) for name, child in module._modules.items()},
+            _forward_hooks=_users_hooks(module._forward_hooks),
+            _forward_pre_hooks=_users_hooks(module._forward_pre_hooks),
+            _backward_hooks=OrderedDict(),
+            _backward_pre_hooks=OrderedDict(),
+        )
+        return copy
+
+    snapshot = copy_of(layer)
+    vars(snapshot)["_forward_pre_hooks"] = OrderedDict()
+    return snapshot
+
+
+_LEFT_OUT = frozenset({RECORDED_CALLS, SNAPSHOTS, "activations", "max_batch_len", "ft_compute_sample_grad"})
+
+
+def _users_hooks(hooks: dict[int, Callable[..., Any]]) -> OrderedDict[int, Callable[..., Any]]:
+    """``hooks`` but those a DP engine defined (a function, bound method or ``functools.partial`` of one)."""
+    return OrderedDict((key, hook) for key, hook in hooks.items() if not _engines(hook))
+
+
+def _engines(hook: Callable[..., Any]) -> bool:
+    while hasattr(hook, "func"):  # functools.partial
+        hook = hook.func
+    defined_in = getattr(getattr(hook, "__func__", hook), "__module__", None) or ""
+    return defined_in.startswith(_ENGINE_PACKAGES)
 
 
 def _precision_at_call(output: Tensor) -> torch.dtype:
@@ -76,23 +157,23 @@ def tolerance(precision: torch.dtype) -> float:
 
 def checked_replay(name: str, layer: nn.Module) -> Callable[[list[Tensor], Tensor, Tensor], tuple[Tensor, ...]]:
     """The per-example gradients of ``layer``'s parameters as Opacus's ``ft_compute_sample_grad`` forms them
-    (``(parameters, inputs, backprops)`` -> one ``[B, *p.shape]`` gradient per parameter), each example's output
-    checked against the recorded call (:func:`record_call`); a random draw in the layer is named."""
-    stateless = copy.deepcopy(layer).to("meta")  # as Opacus's: the layer as it is when the engine is built
+    (``(parameters, inputs, backprops)`` -> one ``[B, *p.shape]`` gradient per parameter), from a re-run of the
+    snapshot of the call (:func:`record_call`), each example's output checked against the call's; a random draw in
+    the layer is named."""
     kind = type(layer).__name__
+    random_draw = _random_draw_explanation(name, kind)
 
     def replay(parameters: list[Tensor], inputs: Tensor, backprops: Tensor) -> tuple[Tensor, ...]:
         call = vars(layer)[RECORDED_CALLS].pop()
         names = [parameter_name for parameter_name, _ in layer.named_parameters()]  # the order of `parameters`
-        mixed = inputs.is_floating_point() and inputs.dtype != parameters[0].dtype
+        mixed = inputs.is_floating_point() and inputs.dtype != parameters[0].dtype  # Opacus's autocast rule
 
         def example_loss(values: list[Tensor], example: Tensor, backprop: Tensor) -> tuple[Tensor, Tensor]:
             with torch.autocast(inputs.device.type, dtype=inputs.dtype) if mixed else nullcontext():
-                output = functional_call(stateless, dict(zip(names, values)), (example.unsqueeze(0),))
+                output = functional_call(call.layer, dict(zip(names, values)), (example.unsqueeze(0),))
                 _check_shape(name, kind, output, backprop.unsqueeze(0))
                 return (output * backprop.unsqueeze(0)).sum(), output.detach()
 
-        random_draw = _random_draw_explanation(name, kind)
         with explained_errors(lambda text: "vmap: called random operation" in text, random_draw):
             gradients, outputs = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0))(
                 parameters, inputs, backprops
@@ -121,10 +202,11 @@ def _random_draw_explanation(name: str, kind: str) -> Callable[[RuntimeError], s
 
 _FIX = (
     "so its per-example gradients would be those of another computation (bounded by max_grad_norm, but not the "
-    "step's gradient). Refused before any noise. The re-run sees the layer's parameters and its first input only: "
-    "compute any other state inside the layer's forward from that input (not as an attribute its parent sets, or "
-    "changes between calls, or per example), or give the layer a per-sample rule "
-    "(opacus.grad_sample.register_grad_sampler), or use grad_sample_mode='bk' if it has a rule there."
+    "step's gradient). Refused before any noise. The re-run sees the layer's parameters, its first input and its "
+    "state as the call began: compute what differs per example inside the layer's forward from that input (not as "
+    "an attribute holding the batch's values), and don't change an attribute's tensor, list or dictionary in place "
+    "before the backward pass; or give the layer a per-sample rule (opacus.grad_sample.register_grad_sampler), or use "
+    "grad_sample_mode='bk' if it has a rule there."
 )
 
 
@@ -156,6 +238,6 @@ def _check_values(name: str, kind: str, outputs: Tensor, call: _Call) -> None:
             f"example at a time with torch.func, and that re-run's output differs from the call's by up to "
             f"{worst:.2g} relative to the example's largest output (rounding in {str(call.precision)[6:]} allows "
             f"{tolerance(call.precision):.0e}): the layer's forward depends on state the re-run doesn't see (an "
-            "attribute set after the engine was built, a factor set around the call or changed between two calls, "
-            f"a forward hook added since), {_FIX}"
+            "attribute's tensor, list or dictionary changed in place since the call, a value read from outside the "
+            f"layer and changed since), {_FIX}"
         )
