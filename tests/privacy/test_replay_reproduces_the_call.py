@@ -36,7 +36,10 @@ class Gate(nn.Module):
         self.calls += 1
         counted = self.calls if self.counting else 1
         gain = self.settings["gain"]
-        return x * self.scale * self.factor * gain * counted * (1.0 if self.cond is None else self.cond)
+        output = x * self.scale * self.factor * gain * counted * (1.0 if self.cond is None else self.cond)
+        if self.caching:
+            self.last = output  # kept for inspection (a tensor of the step's graph)
+        return output
 
 
 class Block(nn.Module):
@@ -59,6 +62,8 @@ class Model(nn.Module):
         self.kind = kind
         self.gate = Block() if kind == "hook" else Gate()
         self.gate.counting = kind == "counting"  # a forward that counts its calls (and scales by the count)
+        self.gate.caching = kind == "caching"  # a forward that keeps its output; a tensor of a graph held at build
+        self.gate.last = self.gate.scale * 2 if kind == "caching" else None
         self.head = nn.Linear(4, 3, dtype=torch.float64)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -126,20 +131,23 @@ def _expected(kind: str) -> tuple[dict[str, Tensor], float]:
     return _reference_update(module, inputs, labels)
 
 
-@pytest.mark.parametrize("kind", ["attribute", "around", "twice", "hook", "counting"])
+@pytest.mark.parametrize("kind", ["attribute", "around", "twice", "hook", "counting", "caching"])
 @pytest.mark.parametrize("mode", REPLAYING_MODES)
 def test_a_layer_is_re_run_as_it_was_at_each_call(mode, kind):
     """Opacus re-ran a copy made when the engine was built: an attribute set since (an annealed temperature), a
     factor set around the call and restored before the backward pass, a layer called twice with two factors, a
     forward hook added inside the layer since, a forward that counts its calls: each update was another
-    computation's, silently. Each call is re-run as the layer was when it began: exact against ``vmap(grad)``, and
-    the re-run's own writes stay out of the layer (``counting``: called once, it counts one)."""
+    computation's, silently; a layer holding a tensor of an autograd graph failed when the engine was built (Opacus
+    deep-copied it). Each call is re-run as the layer was when it began: exact against ``vmap(grad)``, and the
+    re-run's own writes stay out of the layer (called once, it counts one; it keeps the call's output)."""
     expected, clip = _expected(kind)
     module, inputs, labels = _problem(kind)
     update = _private_update(mode, module, inputs, labels, clip, kind)
     for name, value in expected.items():
         torch.testing.assert_close(update[name], -value, rtol=1e-10, atol=1e-12)
-    assert kind != "counting" or module.gate.calls == 1
+    assert getattr(module.gate, "calls", 1) == (2 if kind == "twice" else 1)  # the calls of the step's forward
+    at_call = inputs * torch.linspace(0.5, 1.5, 4, dtype=torch.float64)  # the output of the call (scale before)
+    assert kind != "caching" or torch.equal(module.gate.last, at_call)
 
 
 @pytest.mark.parametrize("mode", REPLAYING_MODES)

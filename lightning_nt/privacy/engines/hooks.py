@@ -26,7 +26,7 @@ from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
-from lightning_nt.privacy.engines.replay import checked_replay, record_call, snapshot_at_call
+from lightning_nt.privacy.engines.replay import checked_replay, record_call, snapshot_at_call, without_opacus_copies
 
 __all__ = ["OpacusHooksEngine"]
 
@@ -420,7 +420,8 @@ class OpacusHooksEngine(ClippingEngine):
         self._replayed = replayed
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
-        self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
+        with without_opacus_copies():  # each re-run layer's re-run is set below
+            self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
         self._rows = _RowsSeen(once=self.calls_each_layer_once)
         self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly

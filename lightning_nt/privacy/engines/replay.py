@@ -24,17 +24,26 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
+from opacus.grad_sample import grad_sample_module
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_nt.common.errors import explained_errors
 
-__all__ = ["RECORDED_CALLS", "SNAPSHOTS", "checked_replay", "record_call", "snapshot_at_call", "tolerance"]
+__all__ = [
+    "RECORDED_CALLS",
+    "SNAPSHOTS",
+    "checked_replay",
+    "record_call",
+    "snapshot_at_call",
+    "tolerance",
+    "without_opacus_copies",
+]
 
 RECORDED_CALLS = "replayed_calls"
 """The attribute of a re-run layer holding its calls' records (a stack, popped as Opacus pops ``activations``)."""
@@ -183,6 +192,24 @@ def checked_replay(name: str, layer: nn.Module) -> Callable[[list[Tensor], Tenso
         return gradients
 
     return replay
+
+
+@contextmanager
+def without_opacus_copies() -> Iterator[None]:
+    """Skip, while Opacus's hooks are attached, its ``prepare_layer``: a deep copy of each layer it re-runs, made then
+    and never used here (:func:`checked_replay` re-runs each call's snapshot). It held the layer's memory again (a
+    whole LightningModule, whose own parameter makes it re-run) and failed on a tensor of an autograd graph held as
+    an attribute ("Only Tensors created explicitly by the user ... support the deepcopy protocol")."""
+    prepare_layer = grad_sample_module.prepare_layer
+    grad_sample_module.prepare_layer = _prepared_by_the_engine
+    try:
+        yield
+    finally:
+        grad_sample_module.prepare_layer = prepare_layer
+
+
+def _prepared_by_the_engine(layer: nn.Module, batch_first: bool = True) -> None:
+    """Opacus's ``prepare_layer`` while :func:`without_opacus_copies`: the engine sets ``ft_compute_sample_grad``."""
 
 
 def _random_draw_explanation(name: str, kind: str) -> Callable[[RuntimeError], str]:
