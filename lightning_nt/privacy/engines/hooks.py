@@ -211,10 +211,11 @@ def _refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], m
 def _refuse_what_ghost_norms_cannot_see(module: nn.Module, replayed: list[tuple[str, nn.Module]], mode: str) -> None:
     """Ghost clipping takes a layer's per-example norms from its rule and releases the gradient of the real backward
     pass, so every layer must compute exactly what its rule assumes. Refused by name, before the engine's own hooks
-    are registered: the ``replayed`` layers (:func:`_replayed_layers`), whose norms would come from Opacus's re-run of
-    a copy made now (an attribute or dropout switched later: measured 34x ``max_grad_norm``), and a trainable layer
-    with a ``forward`` set on the instance or forward hooks or pre-hooks of the user's, which may use its weight
-    again (measured: 2x)."""
+    are registered: the ``replayed`` layers (:func:`_replayed_layers`), whose norms would come from a ``torch.func``
+    re-run (with Opacus's copy made at build, an attribute or dropout switched later: measured 34x ``max_grad_norm``;
+    the check of each call's re-run, :mod:`~.replay`, compares outputs, not derivatives), and a trainable layer with
+    a ``forward`` set on the instance or forward hooks or pre-hooks of the user's, which may use its weight again
+    (measured: 2x)."""
     if replayed:
         described = [_described(name, layer) for name, layer in replayed]
         raise RuntimeError(
@@ -443,8 +444,8 @@ class OpacusHooksEngine(ClippingEngine):
         return {"loss_reduction": "mean"}
 
     def _start(self) -> None:
-        # Opacus re-runs a copy of each such layer made when the engine was built: a dropout switched on since (built
-        # in eval mode) would not draw in it; refused, by name, before the forward pass
+        # a dropout switched on since the engine was built (in eval mode) draws in the re-run of each call, which
+        # torch.func can't replay: refused, by name, before the forward pass rather than in the backward pass
         drawing = [(name, layer) for name, layer in self._replayed if _random_parts(layer)]
         if drawing:
             _refuse_what_torch_func_cannot_replay(drawing, self.mode)

@@ -187,8 +187,7 @@ def checked_replay(name: str, layer: nn.Module) -> Callable[[list[Tensor], Tenso
             gradients, outputs = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0))(
                 parameters, inputs, backprops
             )
-        if call.output is not None:
-            _check_values(name, kind, outputs.reshape(call.output.shape), call)
+        _check_values(name, kind, outputs, call)
         return gradients
 
     return replay
@@ -251,20 +250,28 @@ def _check_shape(name: str, kind: str, output: Any, expected: Tensor) -> None:
 
 def _check_values(name: str, kind: str, outputs: Tensor, call: _Call) -> None:
     """Refuse re-run ``outputs`` farther from the call's than its precision's rounding (:func:`tolerance`), by the
-    largest difference relative to the largest output of the same example; an example whose call output is not
-    finite is left out (its gradient is not finite either, and the optimizer drops it)."""
+    largest difference relative to the largest output of the same example (a few operations; the details only on a
+    refusal). An example whose call output is not finite is left out: its gradient is not finite either, and the
+    optimizer drops it."""
+    if call.output is None or call.output.ndim == 0 or not call.output.numel():
+        return
     wide = torch.promote_types(call.output.dtype, torch.float32)
-    recorded, replayed = call.output.to(wide).flatten(1), outputs.to(wide).flatten(1)
-    finite = recorded.isfinite().all(dim=1)
-    scale = recorded.abs().amax(dim=1).clamp(min=torch.finfo(wide).tiny)
-    relative = ((replayed - recorded).abs().amax(dim=1) / scale).nan_to_num(nan=torch.inf)
-    worst = float(relative[finite].max()) if bool(finite.any()) else 0.0
-    if worst > tolerance(call.precision):
-        raise RuntimeError(
-            f"Layer {name!r} ({kind}): Opacus forms its per-example gradients by re-running its forward pass on one "
-            f"example at a time with torch.func, and that re-run's output differs from the call's by up to "
-            f"{worst:.2g} relative to the example's largest output (rounding in {str(call.precision)[6:]} allows "
-            f"{tolerance(call.precision):.0e}): the layer's forward depends on state the re-run doesn't see (an "
-            "attribute's tensor, list or dictionary changed in place since the call, a value read from outside the "
-            f"layer and changed since), {_FIX}"
-        )
+    recorded = call.output.reshape(len(call.output), -1).to(wide)
+    replayed = outputs.reshape(recorded.shape).to(wide)
+    difference = (replayed - recorded).abs().amax(dim=1)
+    scale = recorded.abs().amax(dim=1)
+    departs = ~(difference <= tolerance(call.precision) * scale)  # a difference that is not finite departs too
+    if not bool(departs.any()):
+        return
+    departs &= recorded.isfinite().all(dim=1)
+    if not bool(departs.any()):
+        return
+    worst = float((difference[departs] / scale[departs]).nan_to_num(nan=torch.inf).max())
+    raise RuntimeError(
+        f"Layer {name!r} ({kind}): Opacus forms its per-example gradients by re-running its forward pass on one "
+        f"example at a time with torch.func, and that re-run's output differs from the call's by up to {worst:.2g} "
+        f"relative to the example's largest output (rounding in {str(call.precision)[6:]} allows "
+        f"{tolerance(call.precision):.0e}): the layer's forward depends on state the re-run doesn't see (an "
+        "attribute's tensor, list or dictionary changed in place since the call, a value read from outside the "
+        f"layer and changed since), {_FIX}"
+    )
