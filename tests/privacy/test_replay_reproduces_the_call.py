@@ -254,3 +254,25 @@ def _one_step(mode: str, module: nn.Module, inputs: Tensor, labels: Tensor, clip
     engine.forget()
     engine.close()
     return {name: module.get_parameter(name).detach() - value for name, value in before.items()}
+
+
+class Pair(nn.Module):
+    """A layer scale returning a pair (its scaled input and its input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * self.scale, x
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_re_run_layer_returning_a_tuple_is_refused_by_name(mode):
+    """Opacus's re-run multiplies a layer's output by its gradient: a tuple failed with a bare TypeError ("only
+    integer tensors of a single element can be converted to an index") in the backward pass."""
+    module = nn.Sequential(Pair(), nn.Linear(4, 3))
+    module.forward = lambda x: module[1](module[0](x)[0])
+    inputs, labels = torch.randn(8, 4), torch.randint(3, (8,))
+    with pytest.raises(RuntimeError, match=r"^Layer '0' \(Pair\) returns a tuple, not one tensor: .*Return one tensor"):
+        _private_update(mode, module, inputs, labels, 1.0, "tuple")

@@ -237,14 +237,21 @@ _FIX = (
 
 
 def _check_shape(name: str, kind: str, output: Any, expected: Tensor) -> None:
-    """Refuse an example's re-run output of another shape than its call's (inside ``vmap``: per-example shapes)."""
-    if not isinstance(output, Tensor) or output.shape != expected.shape:
-        found = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    """Refuse an example's re-run output of another shape than its call's (inside ``vmap``: per-example shapes), or
+    an output that is not one tensor (Opacus's re-run multiplies it by the gradient of the layer's output)."""
+    if not isinstance(output, Tensor):
+        raise RuntimeError(
+            f"Layer {name!r} ({kind}) returns a {type(output).__name__}, not one tensor: Opacus forms its per-example "
+            "gradients by re-running its forward pass with torch.func and takes its output to be one tensor. Return "
+            "one tensor (a layer per output), or give the layer a per-sample rule "
+            "(opacus.grad_sample.register_grad_sampler). Refused before any noise."
+        )
+    if output.shape != expected.shape:
         raise RuntimeError(
             f"Layer {name!r} ({kind}): Opacus forms its per-example gradients by re-running its forward pass on one "
-            f"example at a time with torch.func, and that re-run gave an output of shape {found} per example where "
-            f"the call gave {tuple(expected.shape)} (an attribute holding a whole batch, such as a conditioning "
-            f"tensor set by the parent, is applied to every example in the re-run), {_FIX}"
+            f"example at a time with torch.func, and that re-run gave an output of shape {tuple(output.shape)} per "
+            f"example where the call gave {tuple(expected.shape)} (an attribute holding a whole batch, such as a "
+            f"conditioning tensor set by the parent, is applied to every example in the re-run), {_FIX}"
         )
 
 
