@@ -9,6 +9,7 @@ reference of the real model), in float64, float32 and bfloat16 autocast, on the 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -276,3 +277,21 @@ def test_a_re_run_layer_returning_a_tuple_is_refused_by_name(mode):
     inputs, labels = torch.randn(8, 4), torch.randint(3, (8,))
     with pytest.raises(RuntimeError, match=r"^Layer '0' \(Pair\) returns a tuple, not one tensor: .*Return one tensor"):
         _private_update(mode, module, inputs, labels, 1.0, "tuple")
+
+
+class MyEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` subclass: no per-sample rule for a subclass, so it is re-run."""
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_re_run_layer_on_integer_input_trains_without_an_autocast_warning(mode):
+    """Opacus's re-run opened ``torch.autocast`` with the input's dtype whenever it differs from the parameters' (an
+    integer one here): "In CPU autocast, but the target dtype is not supported" on every backward pass."""
+    torch.manual_seed(0)
+    embedding = MyEmbedding(10, 4)
+    module = nn.Sequential(embedding, nn.Flatten(), nn.Linear(20, 3))
+    tokens, labels = torch.randint(10, (8, 5)), torch.randint(3, (8,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*autocast.*")
+        update = _private_update(mode, module, tokens, labels, 1.0, "tokens")
+    assert update["0.weight"].abs().sum() > 0
