@@ -26,7 +26,7 @@ from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
-from lightning_nt.privacy.engines.replay import checked_replay, record_call, snapshot_at_call, without_opacus_copies
+from lightning_nt.privacy.engines.replay import CheckedReplay, record_call, snapshot_at_call, without_opacus_copies
 
 __all__ = ["OpacusHooksEngine"]
 
@@ -432,7 +432,7 @@ class OpacusHooksEngine(ClippingEngine):
         ]
         snapshot = snapshot_at_call(lambda: self._rows.watching)
         for name, layer in replayed:
-            layer.ft_compute_sample_grad = checked_replay(name, layer)  # re-runs each call's snapshot, checked
+            layer.ft_compute_sample_grad = CheckedReplay(name, layer)  # re-runs each call's snapshot, checked
             if type(layer) not in GradSampleModule.GRAD_SAMPLERS:  # a forward that may change the layer's state
                 self._row_watches.append(layer.register_forward_pre_hook(snapshot))  # after the user's pre-hooks
             signature = inspect.signature(layer.forward)

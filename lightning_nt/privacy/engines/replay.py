@@ -17,7 +17,7 @@ between the call and the backward pass.
 Example::
 
     layer.register_forward_pre_hook(snapshot_at_call(lambda: engine_is_on))
-    layer.ft_compute_sample_grad = checked_replay("net.0", layer)  # after Opacus's hooks are attached
+    layer.ft_compute_sample_grad = CheckedReplay("net.0", layer)  # after Opacus's hooks are attached
     # forward: record_call(layer, output, recorded) from the hook that records its input; backward: Opacus re-runs
 """
 
@@ -38,7 +38,7 @@ from lightning_nt.common.errors import explained_errors
 __all__ = [
     "RECORDED_CALLS",
     "SNAPSHOTS",
-    "checked_replay",
+    "CheckedReplay",
     "record_call",
     "snapshot_at_call",
     "tolerance",
@@ -164,17 +164,20 @@ def tolerance(precision: torch.dtype) -> float:
     return _TOLERANCES.get(precision, 1e-5)
 
 
-def checked_replay(name: str, layer: nn.Module) -> Callable[[list[Tensor], Tensor, Tensor], tuple[Tensor, ...]]:
+class CheckedReplay:
     """The per-example gradients of ``layer``'s parameters as Opacus's ``ft_compute_sample_grad`` forms them
     (``(parameters, inputs, backprops)`` -> one ``[B, *p.shape]`` gradient per parameter), from a re-run of the
     snapshot of the call (:func:`record_call`), each example's output checked against the call's; a random draw in
-    the layer is named."""
-    kind = type(layer).__name__
-    random_draw = _random_draw_explanation(name, kind)
+    the layer is named. An object, not a closure, so that a copy of the module (``copy.deepcopy``) re-runs its own
+    layer's calls."""
 
-    def replay(parameters: list[Tensor], inputs: Tensor, backprops: Tensor) -> tuple[Tensor, ...]:
-        call = vars(layer)[RECORDED_CALLS].pop()
-        names = [parameter_name for parameter_name, _ in layer.named_parameters()]  # the order of `parameters`
+    def __init__(self, name: str, layer: nn.Module) -> None:
+        self.name, self.layer, self.kind = name, layer, type(layer).__name__
+
+    def __call__(self, parameters: list[Tensor], inputs: Tensor, backprops: Tensor) -> tuple[Tensor, ...]:
+        name, kind = self.name, self.kind
+        call = vars(self.layer)[RECORDED_CALLS].pop()
+        names = [parameter_name for parameter_name, _ in self.layer.named_parameters()]  # the order of `parameters`
         mixed = inputs.is_floating_point() and inputs.dtype != parameters[0].dtype  # Opacus's autocast rule
 
         def example_loss(values: list[Tensor], example: Tensor, backprop: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,6 +186,7 @@ def checked_replay(name: str, layer: nn.Module) -> Callable[[list[Tensor], Tenso
                 _check_shape(name, kind, output, backprop.unsqueeze(0))
                 return (output * backprop.unsqueeze(0)).sum(), output.detach()
 
+        random_draw = _random_draw_explanation(name, kind)
         with explained_errors(lambda text: "vmap: called random operation" in text, random_draw):
             gradients, outputs = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0))(
                 parameters, inputs, backprops
@@ -190,13 +194,11 @@ def checked_replay(name: str, layer: nn.Module) -> Callable[[list[Tensor], Tenso
         _check_values(name, kind, outputs, call)
         return gradients
 
-    return replay
-
 
 @contextmanager
 def without_opacus_copies() -> Iterator[None]:
     """Skip, while Opacus's hooks are attached, its ``prepare_layer``: a deep copy of each layer it re-runs, made then
-    and never used here (:func:`checked_replay` re-runs each call's snapshot). It held the layer's memory again (a
+    and never used here (:class:`CheckedReplay` re-runs each call's snapshot). It held the layer's memory again (a
     whole LightningModule, whose own parameter makes it re-run) and failed on a tensor of an autograd graph held as
     an attribute ("Only Tensors created explicitly by the user ... support the deepcopy protocol")."""
     prepare_layer = grad_sample_module.prepare_layer
