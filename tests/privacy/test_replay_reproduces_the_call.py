@@ -1,9 +1,11 @@
 """Opacus forms the per-example gradients of a layer without a per-sample rule (every layer under
 ``grad_sample_mode="functorch"``) by re-running its forward pass on each example under ``vmap(grad)``. State the
-layer has at its call but the re-run doesn't see made the update the clipped sum of another computation's gradients,
-bounded but not the step's, and silent. Each re-run's output is now checked against its call's: a re-run that does
-not reproduce its call is refused by name before any noise, and one that does trains exactly (against a ``vmap(grad)``
-reference of the real model), in float64, float32 and bfloat16 autocast, on the CPU and the GPU.
+layer has at its call but Opacus's copy made at build didn't made the update the clipped sum of another computation's
+gradients, bounded but not the step's, and silent. Each call is now re-run as the layer was when it began (a shallow
+snapshot), and each re-run's output is checked against its call's: where the re-run can't reproduce the call (a
+per-example attribute, an attribute changed in place since the call, an output that is not one tensor) it is refused
+by name before any noise, and where it does it trains exactly (against a ``vmap(grad)`` reference of the real model),
+without false refusals in float64, float32 and bfloat16 autocast, on the CPU and the GPU.
 """
 
 from __future__ import annotations
