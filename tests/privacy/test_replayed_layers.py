@@ -9,8 +9,8 @@ input alone: ``layer(x, scale)`` was silently clipped as ``layer(x)``; refused o
 only on some batches). A dropout switched on after the engine was built is refused when the next step starts. Each
 call is re-run as the layer was when it began, checked against it (``test_replay_reproduces_the_call.py``). Ghost
 clipping, whose norms would come from the re-run but whose release comes from the real backward pass, refuses every
-layer it would re-run. The exactness of what is replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer with its weights computed inside) is in
-``test_layer_matrix.py``.
+layer it would re-run. The exactness of what is replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer
+with its weights computed inside) is in ``test_layer_matrix.py``.
 """
 
 from __future__ import annotations
