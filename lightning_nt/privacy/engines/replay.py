@@ -11,8 +11,8 @@ and its output (:func:`record_call`), beside Opacus's record of its input; the b
 which returns its output at no extra pass (``grad(..., has_aux=True)``); a re-run that does not reproduce the
 recorded output (its shape, or its values beyond the rounding of the precision in play: :func:`tolerance`) is refused
 by name before any noise. What no snapshot carries is refused so: a per-example tensor attribute (a FiLM conditioning
-``[B, d]`` would be applied whole to each example's re-run, mixing the examples' data), an attribute changed in place
-between the call and the backward pass.
+``[B, d]`` would be applied whole to each example's re-run, mixing the examples' data), an attribute's tensor or
+object changed in place between the call and the backward pass.
 
 Example::
 
@@ -99,7 +99,7 @@ def record_call(layer: nn.Module, output: Any, recorded: bool) -> None:
 
 def _snapshot(layer: nn.Module) -> nn.Module:
     """``layer`` and its submodules as they are now, for a re-run: each a new module of the same class with a copy of
-    its attribute dictionary (attribute objects, parameters and buffers shared: nothing is copied but dictionaries)
+    its attribute dictionary (attribute objects, parameters and buffers shared; lists, dicts and sets copied, shallow)
     and of its parameter, buffer and submodule dictionaries, so the re-run's own writes stay in the snapshot.
 
     Left out: the engines' hooks (Opacus's and this package's), every backward hook (they can't run under
@@ -112,7 +112,7 @@ def _snapshot(layer: nn.Module) -> nn.Module:
         if id(module) in copies:  # a submodule reached twice (shared) is one copy
             return copies[id(module)]
         copies[id(module)] = copy = object.__new__(type(module))
-        vars(copy).update({key: value for key, value in vars(module).items() if key not in _LEFT_OUT})
+        vars(copy).update({key: _own(value) for key, value in vars(module).items() if key not in _LEFT_OUT})
         vars(copy).update(
             _parameters=dict(module._parameters),
             _buffers=dict(module._buffers),
@@ -127,6 +127,13 @@ def _snapshot(layer: nn.Module) -> nn.Module:
     snapshot = copy_of(layer)
     vars(snapshot)["_forward_pre_hooks"] = OrderedDict()
     return snapshot
+
+
+def _own(value: Any) -> Any:
+    """An attribute as a snapshot holds it: a list, dict or set copied (shallow: the forward's writes into it, such as
+    ``self.kept.append(out)``, would put tensors of the re-run's ``vmap`` into the user's container), anything else
+    shared."""
+    return value.copy() if type(value) in (list, dict, set) else value
 
 
 _LEFT_OUT = frozenset({RECORDED_CALLS, SNAPSHOTS, "activations", "max_batch_len", "ft_compute_sample_grad"})
@@ -232,8 +239,8 @@ _FIX = (
     "so its per-example gradients would be those of another computation (bounded by max_grad_norm, but not the "
     "step's gradient). Refused before any noise. The re-run sees the layer's parameters, its first input and its "
     "state as the call began: compute what differs per example inside the layer's forward from that input (not as "
-    "an attribute holding the batch's values), and don't change an attribute's tensor, list or dictionary in place "
-    "before the backward pass; or give the layer a per-sample rule (opacus.grad_sample.register_grad_sampler), or use "
+    "an attribute holding the batch's values), and don't change an attribute's tensor or object in place before the "
+    "backward pass; or give the layer a per-sample rule (opacus.grad_sample.register_grad_sampler), or use "
     "grad_sample_mode='bk' if it has a rule there."
 )
 
