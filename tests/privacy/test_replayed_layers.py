@@ -6,11 +6,11 @@ What the re-run can't replay: random draws (an ``nn.Dropout`` inside the layer, 
 functional draw, ``F.dropout(x, p, training=self.training)``, named when the first backward pass meets it, where
 torch said only "vmap: called random operation"), and inputs besides the first (the re-run sees the first positional
 input alone: ``layer(x, scale)`` was silently clipped as ``layer(x)``; refused on every step, as a model may pass them
-only on some batches). Opacus re-runs a copy made when the engine was built: a dropout switched on since is refused
-when the next step starts. Ghost clipping, whose norms would come from the re-run but whose release comes from the
-real backward pass, refuses every layer it would re-run. The exactness of what is
-replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer with its weights computed inside) is in
-``test_layer_matrix.py``.
+only on some batches). A dropout switched on after the engine was built is refused when the next step starts. Each
+call is re-run as the layer was when it began, checked against it (``test_replay_reproduces_the_call.py``). Ghost
+clipping, whose norms would come from the re-run but whose release comes from the real backward pass, refuses every
+layer it would re-run. The exactness of what is replayed (``layer(x, None)``, a custom ``F.embedding_bag`` layer
+with its weights computed inside) is in ``test_layer_matrix.py``.
 """
 
 from __future__ import annotations

@@ -19,13 +19,14 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from lightning_nt.privacy.agreement import RefusalRoute
+from lightning_nt.privacy.engines.replay import RECORDED_CALLS, SNAPSHOTS
 from lightning_nt.privacy.engines.uses import WeightedBagGuard
 
 __all__ = ["ClippingEngine"]
 
-# what Opacus leaves on a parameter, and on a layer, from a private batch
+# what Opacus leaves on a parameter, and on a layer (with the re-run layers' recorded calls), from a private batch
 _PER_EXAMPLE_ATTRIBUTES = ("grad_sample", "summed_grad", "_current_grad_sample", "_norm_sample")
-_LAYER_ATTRIBUTES = ("activations", "max_batch_len")
+_LAYER_ATTRIBUTES = ("activations", "max_batch_len", RECORDED_CALLS, SNAPSHOTS)
 
 
 class ClippingEngine(ABC):

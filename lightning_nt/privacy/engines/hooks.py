@@ -23,11 +23,11 @@ from opacus.utils.module_utils import trainable_modules, trainable_parameters
 from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
-from lightning_nt.common.errors import explained_errors
 from lightning_nt.privacy.agreement import AgreedReduction, Refuse, raise_refusal
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
+from lightning_nt.privacy.engines.replay import CheckedReplay, record_call, snapshot_at_call, without_opacus_copies
 
 __all__ = ["OpacusHooksEngine"]
 
@@ -212,10 +212,11 @@ def _refuse_what_torch_func_cannot_replay(layers: list[tuple[str, nn.Module]], m
 def _refuse_what_ghost_norms_cannot_see(module: nn.Module, replayed: list[tuple[str, nn.Module]], mode: str) -> None:
     """Ghost clipping takes a layer's per-example norms from its rule and releases the gradient of the real backward
     pass, so every layer must compute exactly what its rule assumes. Refused by name, before the engine's own hooks
-    are registered: the ``replayed`` layers (:func:`_replayed_layers`), whose norms would come from Opacus's re-run of
-    a copy made now (an attribute or dropout switched later: measured 34x ``max_grad_norm``), and a trainable layer
-    with a ``forward`` set on the instance or forward hooks or pre-hooks of the user's, which may use its weight
-    again (measured: 2x)."""
+    are registered: the ``replayed`` layers (:func:`_replayed_layers`), whose norms would come from a ``torch.func``
+    re-run (with Opacus's copy made at build, an attribute or dropout switched later: measured 34x ``max_grad_norm``;
+    the check of each call's re-run, :mod:`~.replay`, compares outputs, not derivatives), and a trainable layer with
+    a ``forward`` set on the instance or forward hooks or pre-hooks of the user's, which may use its weight again
+    (measured: 2x)."""
     if replayed:
         described = [_described(name, layer) for name, layer in replayed]
         raise RuntimeError(
@@ -377,35 +378,17 @@ def _at_default(parameter: inspect.Parameter, value: Any) -> bool:
     return value is default or (plain and value == default)
 
 
-def _name_random_draws(name: str, layer: nn.Module) -> None:
-    """Make the ``torch.func`` re-run of ``layer`` (Opacus's ``ft_compute_sample_grad``) name it when its forward pass
-    draws random numbers in a way no module check sees (``F.dropout(x, p, training=self.training)``, ``torch.rand``):
-    torch's bare "vmap: called random operation" otherwise, in the first backward pass."""
-    replay, kind = layer.ft_compute_sample_grad, type(layer).__name__
-
-    def _random_draw_explanation(error: RuntimeError) -> str:
-        return (
-            f"Layer {name!r} ({kind}) draws random numbers in its forward pass (e.g. F.dropout(x, p, "
-            "training=self.training), torch.rand): Opacus forms its per-example gradients by re-running that "
-            "forward pass with torch.func, which can't replay the draws. Refused before any noise. Draw outside "
-            "the layer (dropout on its input or output, in the module that calls it), turn the draw off (p=0), or "
-            "freeze its trainable parameters (requires_grad_(False))."
-        )
-
-    def naming(*args: Any) -> Any:
-        with explained_errors(lambda text: "vmap: called random operation" in text, _random_draw_explanation):
-            return replay(*args)
-
-    layer.ft_compute_sample_grad = naming
-
-
 class _FirstInputOnly:
     """Opacus's hooks, keeping a layer's first positional input only: every per-sample rule, and the ``torch.func``
     re-run of a layer without one, reads that one alone. Opacus kept them all: it detached each (``bag(tokens, None)``
-    failed with an AttributeError on the ``None``) and took the rows of the mean reduction from the last one."""
+    failed with an AttributeError on the ``None``) and took the rows of the mean reduction from the last one. A
+    re-run layer's call also records its output, which the re-run must reproduce (:mod:`~.replay`)."""
 
     def capture_activations_hook(self, module: nn.Module, forward_input: tuple[Any, ...], output: Any) -> None:
+        recorded = len(vars(module).get("activations", ()))
         super().capture_activations_hook(module, forward_input[:1], output)  # type: ignore[misc]
+        if "ft_compute_sample_grad" in vars(module):  # a re-run layer: its snapshot and output go with its input
+            record_call(module, output, len(vars(module).get("activations", ())) > recorded)
 
 
 class _Hooks(_FirstInputOnly, GradSampleHooks):
@@ -443,7 +426,8 @@ class OpacusHooksEngine(ClippingEngine):
         self._replayed = replayed
         super().__init__(mode, module, optimizer, **options)
         self.optimizer.parameter_names = self.parameter_names
-        self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
+        with without_opacus_copies():  # each re-run layer's re-run is set below
+            self.hooks = self.hooks_class(module, force_functorch=mode == "functorch", **self._hook_options(options))
         self.hooks.disable_hooks()  # on only from a training step to its optimizer step
         self._rows = _RowsSeen(once=self.calls_each_layer_once, refuse=self.route)
         self._row_watches = [  # before Opacus's own hooks, which refuse a second call less clearly
@@ -451,8 +435,11 @@ class OpacusHooksEngine(ClippingEngine):
             for name, layer in trainable_modules(module)
             if not aliases_only(layer)  # its submodules see the rows (DPLSTM over time steps)
         ]
+        snapshot = snapshot_at_call(lambda: self._rows.watching)
         for name, layer in replayed:
-            _name_random_draws(name, layer)
+            layer.ft_compute_sample_grad = CheckedReplay(name, layer)  # re-runs each call's snapshot, checked
+            if type(layer) not in GradSampleModule.GRAD_SAMPLERS:  # a forward that may change the layer's state
+                self._row_watches.append(layer.register_forward_pre_hook(snapshot))  # after the user's pre-hooks
             signature = inspect.signature(layer.forward)
             if not _takes_one_input(signature):  # forward(self, x) (nn.Linear's): nothing else to check
                 check = partial(self._rows.check_replayed_inputs, name, signature)  # every step: inputs may vary
@@ -462,8 +449,8 @@ class OpacusHooksEngine(ClippingEngine):
         return {"loss_reduction": "mean"}
 
     def _start(self) -> None:
-        # Opacus re-runs a copy of each such layer made when the engine was built: a dropout switched on since (built
-        # in eval mode) would not draw in it; refused, by name, before the forward pass
+        # a dropout switched on since the engine was built (in eval mode) draws in the re-run of each call, which
+        # torch.func can't replay: refused, by name, before the forward pass rather than in the backward pass
         drawing = [(name, layer) for name, layer in self._replayed if _random_parts(layer)]
         if drawing:
             _refuse_what_torch_func_cannot_replay(drawing, self.mode)
