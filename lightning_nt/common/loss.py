@@ -47,9 +47,16 @@ _METRIC_BOOKKEEPING = ("_update_count", "_computed", "_forward_cache")
 
 
 def training_loss(
-    pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0, loss_fn: LossFn | None = None
+    pl_module: pl.LightningModule,
+    batch: Any,
+    batch_idx: int = 0,
+    loss_fn: LossFn | None = None,
+    *,
+    restore_attributes: bool = True,
 ) -> Tensor:
-    """Return the scalar training loss of ``pl_module`` on ``batch``, with no side effect on logs or metrics.
+    """Return the scalar training loss of ``pl_module`` on ``batch``, with no side effect on logs, metrics or (with
+    ``restore_attributes``, :func:`frozen_attributes`) the module's own attributes. Turn that off where hooks keep
+    per-step state on the module for the backward pass that follows (Opacus's per-sample hooks).
 
     Examples:
         >>> from pytorch_lightning.demos.boring_classes import BoringModel
@@ -65,7 +72,8 @@ def training_loss(
             "itself and its loss can't be read from it. Pass `loss_fn=lambda pl_module, batch: <scalar loss>` "
             "to the callback."
         )
-    output = training_step_output(pl_module, batch, batch_idx)
+    with frozen_attributes(pl_module) if restore_attributes else contextlib.nullcontext():
+        output = training_step_output(pl_module, batch, batch_idx)
     return loss_from_output(output, source=f"{type(pl_module).__name__}.training_step")
 
 
@@ -85,19 +93,20 @@ def training_step_output(pl_module: pl.LightningModule, batch: Any, batch_idx: i
 def validation_step_output(pl_module: pl.LightningModule, batch: Any, batch_idx: int = 0) -> Any:
     """What ``pl_module.validation_step`` returns on ``batch`` of the first validation loader (``batch_idx`` passed
     where its signature has it, ``dataloader_idx=0`` where it has no default), with logging muted and torchmetrics
-    states as they were: a forward pass computed as validation computes it.
+    states and the module's own attributes as they were: a forward pass computed as validation computes it.
 
     Examples:
         >>> from pytorch_lightning.demos.boring_classes import BoringModel
         >>> sorted(validation_step_output(BoringModel(), torch.randn(4, 32)))
         ['x']
     """
-    return _step_output(pl_module.validation_step, pl_module, batch, batch_idx)
+    with frozen_attributes(pl_module):
+        return _step_output(pl_module.validation_step, pl_module, batch, batch_idx)
 
 
 def _step_output(step: Callable[..., Any], pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
     loader_index = inspect.signature(step).parameters.get("dataloader_idx")
-    with muted_logging(pl_module), frozen_metrics(pl_module), frozen_attributes(pl_module):
+    with muted_logging(pl_module), frozen_metrics(pl_module):
         if loader_index is not None and loader_index.default is inspect.Parameter.empty:
             return step(batch, batch_idx, 0)
         if is_param_in_hook_signature(step, "batch_idx", min_args=2):

@@ -205,7 +205,8 @@ def check_sensitivity(
     sums = []
     for probe in (canary, select_examples(canary, slice(1, None))):
         with torch.enable_grad():
-            training_loss(module, prepare(copied(probe)), batch_idx).backward()  # a step may change it in place
+            loss = training_loss(module, prepare(copied(probe)), batch_idx, restore_attributes=False)  # hooks' state
+            loss.backward()  # (a step may change its batch in place: a copy)
         sums.append(_clipped_sum(optimizer, max_grad_norm))
         optimizer.clear_per_example_state()
         for p in module.parameters():
