@@ -4,7 +4,7 @@ The digits demo's CNN (three ReLU layers, width 16, SGD, batches of 64) trains o
 the demo's trainer (TensorBoard logger, here in a temporary folder, ``log_every_n_steps=5``), without and with
 the callback as ``examples/digits.py --similarity`` builds it: ``reference="init"``, ``every_n_epochs=1``,
 ``num_examples=512``, ``data="val"`` (the 359 validation digits, whose layer outputs are read during
-validation itself; ``--probe-data train``: 512 training digits and a forward pass of the callback's own per
+validation itself; ``--data train``: 512 training digits and a forward pass of the callback's own per
 measurement), CKA, ReLU intertwiner and orthogonal Procrustes per layer, and at the end the layer x layer CKA matrix
 and the picture (``--no-logger``: no picture). The two fits alternate, plain then watched,
 ``--repeats`` times in one process on ``--threads`` threads, so that a change in the machine's load hits both
@@ -19,7 +19,7 @@ counts the threads' spinning at barriers).
 
     python benchmarks/bench_similarity.py                   # 30 epochs (the demo's), 5 pairs, 2 threads
     python benchmarks/bench_similarity.py --epochs 10 --repeats 9 --every 5 --threads 1
-    python benchmarks/bench_similarity.py --probe-data train  # a forward pass over 512 training digits each epoch
+    python benchmarks/bench_similarity.py --data train  # a forward pass over 512 training digits each epoch
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="pairs of fits (plain, watched)")
     parser.add_argument("--every", type=int, default=1, help="every_n_epochs")
     parser.add_argument("--num-examples", type=int, default=512, help="probe examples (the demo's: 512)")
-    parser.add_argument("--probe-data", choices=("val", "train"), default="val", help="data (the demo's: val)")
+    parser.add_argument("--data", choices=("val", "train"), default="val", help="data (the demo's: val)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--no-logger", dest="logger", action="store_false", help="no logger, so no picture")
     args = parser.parse_args()

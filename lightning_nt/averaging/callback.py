@@ -354,6 +354,7 @@ class IterateAveraging(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning binds the module's `log`/`log_dict` to every callback at each run (and binds them again at the
         # next): drop them, so a callback kept for its average does not keep the module and its weights alive
+        super().teardown(trainer, pl_module, stage)
         for name in ("log", "log_dict"):
             self.__dict__.pop(name, None)
         if stage != "fit":  # a checkpoint loaded to validate or test does not carry over to the next stage

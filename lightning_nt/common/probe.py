@@ -265,15 +265,17 @@ def prepare_batch(trainer: pl.Trainer, batch: Any, dataloader_idx: int = 0, *, p
     module's (and datamodule's) ``on_before_batch_transfer``, moved to the module's device by
     ``transfer_batch_to_device`` and through ``on_after_batch_transfer``.
 
-    The user's hooks get a copy (a hook may write into the batch it is given: a cached probe set must not change),
-    and for a ``probe`` set (read from the ``"train"`` or ``"val"`` loader) they run under that loader's stage
+    The user's hooks, where the module or datamodule has any, get a copy (a hook may write into the batch it is
+    given: a cached probe set must not change), and for a ``probe`` set (read from the ``"train"`` or ``"val"``
+    loader) they run under that loader's stage
     (``trainer.training`` or ``trainer.validating``, as a hook that augments only training batches reads it) and
     from a fixed random state: a random augmentation draws the same each time, so the probe set stays fixed.
     The random state is put back afterwards.
     """
-    if _has_batch_hooks(trainer):
+    hooks = _has_batch_hooks(trainer)
+    if hooks:
         batch = apply_to_collection(batch, Tensor, Tensor.clone)
-    with _probe_context(trainer, probe) if probe is not None else contextlib.nullcontext():
+    with _probe_context(trainer, probe) if hooks and probe is not None else contextlib.nullcontext():
         batch = trainer.precision_plugin.convert_input(batch)
         batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
         return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)

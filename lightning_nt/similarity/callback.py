@@ -258,8 +258,9 @@ class RepresentationSimilarity(Callback):
         if continues_run(trainer, restored) and self._reference_features is not None:
             if restored:  # resumed: the checkpoint's probe set and reference features
                 self._probe = ProbeSet.from_state_dict(self._saved_probe, trainer, self.data)
-                if self._saved_due is not None:  # saved after an epoch's last batch, before its validation
-                    self._measure(trainer, self._features(trainer, pl_module), epoch=self._saved_due)
+                due, self._saved_due = self._saved_due, None
+                if due is not None:  # saved after an epoch's last batch, before its validation
+                    self._measure(trainer, self._features(trainer, pl_module), epoch=due)
             return  # another fit on the same Trainer goes on as a resume does: same probe set and reference
         self.history = []  # a new run (a new Trainer without a checkpoint): a new history, probe set and reference
         self._probe = self._common_probe(trainer, self._probe_set(trainer))
