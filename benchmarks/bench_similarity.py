@@ -89,9 +89,7 @@ class TimedSimilarity(RepresentationSimilarity):
     )
 
     def __init__(self, every_n_epochs: int = 1, num_examples: int = 512, data: str = "val") -> None:
-        super().__init__(
-            reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples, data=data
-        )
+        super().__init__(reference="init", every_n_epochs=every_n_epochs, num_examples=num_examples, data=data)
         self.seconds: dict[str, Seconds] = defaultdict(lambda: Seconds(0.0, 0.0))
         self.forward_passes = 0
         for hook in self._MEASURING:

@@ -98,9 +98,7 @@ CAPABILITIES: list[Capability] = [
         help="every epoch, each ReLU layer's representation of the validation images (read during validation "
         "itself) compared with its state at initialisation: linear CKA, orthogonal Procrustes and the ReLU "
         "intertwiner similarity (Godfrey et al.)",
-        build=lambda args: RepresentationSimilarity(
-            reference="init", every_n_epochs=1, num_examples=512, data="val"
-        ),
+        build=lambda args: RepresentationSimilarity(reference="init", every_n_epochs=1, num_examples=512, data="val"),
     ),
     Capability(
         flag="gradtest",

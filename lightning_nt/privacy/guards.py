@@ -30,7 +30,7 @@ from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from lightning_nt.common import copied, map_examples, select_examples, training_loss
+from lightning_nt.common import copied, frozen_attributes, map_examples, select_examples, training_loss
 from lightning_nt.common.capabilities import reads_training_data_outside_step
 from lightning_nt.common.flavours import lightning_classes
 
@@ -204,8 +204,8 @@ def check_sensitivity(
     canary = map_examples(batch, lambda t: torch.cat([t[:1] * CANARY_SCALE, t[1:]]) if t.is_floating_point() else t)
     sums = []
     for probe in (canary, select_examples(canary, slice(1, None))):
-        with torch.enable_grad():
-            loss = training_loss(module, prepare(copied(probe)), batch_idx, restore_attributes=False)  # hooks' state
+        with torch.enable_grad(), frozen_attributes(module):  # the module's attributes kept until after the backward
+            loss = training_loss(module, prepare(copied(probe)), batch_idx, restore_attributes=False)
             loss.backward()  # (a step may change its batch in place: a copy)
         sums.append(_clipped_sum(optimizer, max_grad_norm))
         optimizer.clear_per_example_state()

@@ -27,7 +27,15 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_nt.common import batch_size, copied, map_examples, preserved_state, tensors_of, training_step_output
+from lightning_nt.common import (
+    batch_size,
+    copied,
+    frozen_attributes,
+    map_examples,
+    preserved_state,
+    tensors_of,
+    training_step_output,
+)
 from lightning_nt.privacy.engines import ClippingEngine
 from lightning_nt.privacy.virtual_steps import refuse_skipped_step
 
@@ -144,7 +152,7 @@ def _example_quantities(module: pl.LightningModule, engine: ClippingEngine, batc
     """One forward and backward pass of ``training_step`` on a copy of ``batch``, with nothing of it left behind."""
     engine.discard_per_example_state()
     batch = copied(batch)  # a step that changes its batch in place changes a copy
-    with preserved_state(module), torch.enable_grad():
+    with preserved_state(module), frozen_attributes(module), torch.enable_grad():  # attributes kept to the backward
         output = refuse_skipped_step(training_step_output(module, batch, batch_idx))
         return engine.example_quantities(output, batch_size(batch))
 

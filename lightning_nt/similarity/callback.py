@@ -720,7 +720,7 @@ class _LayerOutputs:
         """A chunk of ``examples`` examples has run: of each layer's calls in it, those whose output holds the
         examples along dimension 0 are kept (the rows of the first ``keep`` examples, all if None), other calls (on a
         few examples, or on inputs the batch shares) are dropped, and a layer left with none is ``shared``. Returns
-        the calls kept per layer that ran."""
+        the calls kept per layer that ran (shared layers left out)."""
         before = self.counts[-1] if self.counts else {}
         runs = {}
         for name, outputs in self.calls.items():
@@ -728,9 +728,11 @@ class _LayerOutputs:
             if start == len(outputs):
                 continue
             kept = [out[:keep] for out in outputs[start:] if out.ndim > 0 and len(out) == examples]
-            if not kept:
+            outputs[start:] = kept
+            if kept:
+                runs[name] = len(kept)
+            else:
                 self.shared.add(name)
-            outputs[start:], runs[name] = kept, len(kept)
         self.counts.append({name: len(outputs) for name, outputs in self.calls.items()})
         return runs
 

@@ -451,10 +451,10 @@ class RecordsAutocast(Plain):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.autocast = []
+        self.net.autocast = []  # on a submodule: the probe's own runs put the module's own attributes back
 
     def training_step(self, batch, batch_idx):
-        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        self.net.autocast.append(torch.is_autocast_enabled("cpu"))
         return super().training_step(batch, batch_idx)
 
 
@@ -463,7 +463,7 @@ def test_the_sensitivity_probe_runs_in_the_runs_precision():
     module = RecordsAutocast(num_samples=64, batch_size=16)
     strategy = _quiet(noise_multiplier=0.0, sensitivity_probe=True, seed=7)
     _fit(strategy, module=lambda: module, max_steps=1, precision="bf16-mixed")
-    assert len(module.autocast) > 1 and all(module.autocast)
+    assert len(module.net.autocast) > 1 and all(module.net.autocast)
 
 
 class ShiftsItsLabelsInPlace(Plain):

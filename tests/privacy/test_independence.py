@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import ClassVar
 
 import pytest
 import pytorch_lightning as pl
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_nt.privacy.step
 from lightning_nt import DPStrategy
-from tests.helpers import tiny_trainer
+from tests.helpers import classification_data, tiny_trainer
 from tests.privacy.test_audit import (
     BATCH,
     DIM,
@@ -309,24 +310,36 @@ def test_a_step_that_changes_its_batch_in_place_is_checked_on_copies(mode, monke
 
 
 class MixesWithACallCounter(Audited):
-    """Mixes the examples, and scales its inputs by a schedule advanced at every ``training_step`` call."""
+    """Mixes the examples, and scales its inputs by a schedule advanced at every ``training_step`` call: kept in the
+    module's own attribute (which the check's runs put back) or outside it (a counter shared by the class)."""
 
-    calls = 0
+    shared_calls: ClassVar[list[int]] = [0]
+
+    def __init__(self, ghost: bool, counter: str) -> None:
+        super().__init__(ghost)
+        self.counter, self.calls = counter, 0
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return super().forward(inputs - inputs.mean(0))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self.calls += 1
-        return super().training_step((batch[0] * (1 + 0.01 * self.calls), batch[1]), batch_idx)
+        if self.counter == "attribute":
+            self.calls += 1
+            calls = self.calls
+        else:
+            self.shared_calls[0] += 1
+            calls = self.shared_calls[0]
+        return super().training_step((batch[0] * (1 + 0.01 * calls), batch[1]), batch_idx)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_a_step_that_is_not_repeatable_on_a_batch_is_refused(mode):
     """Before: ten times the run-to-run difference of the same batch was allowed, however large: a step whose
-    result changes from call to call hid the mixing."""
+    result changes from call to call hid the mixing. A counter in the module's own attribute is put back after each
+    of the check's runs (``common.frozen_attributes``): that step is repeatable, and its mixing is found."""
     match = "not repeatable|Make training_step repeatable"
-    _refused_before_any_release(MixesWithACallCounter(mode == "ghost"), match, grad_sample_mode=mode)
+    _refused_before_any_release(MixesWithACallCounter(mode == "ghost", "shared"), match, grad_sample_mode=mode)
+    _refused_before_any_release(MixesWithACallCounter(mode == "ghost", "attribute"), MIXES, grad_sample_mode=mode)
 
 
 class LeavesOutUnlabelledThenMixes(Audited):
@@ -426,3 +439,34 @@ def test_one_example_per_physical_part_needs_no_independence_check_and_trains_on
         trainer = tiny_trainer(None, strategy=strategy, max_steps=24, max_epochs=-1, limit_val_batches=0)
         trainer.fit(Audited())
     assert trainer.global_step == 24
+
+
+class KeepsStepOutputs(pl.LightningModule):
+    """Lightning's documented ``self.training_step_outputs.append(loss)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.training_step_outputs = torch.nn.Linear(8, 3), []
+
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+        self.training_step_outputs.append(loss.detach())
+        return loss
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(classification_data(64), batch_size=16)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("sensitivity_probe", [False, True])
+def test_the_checks_extra_training_steps_leave_the_modules_attributes_alone(sensitivity_probe):
+    """The independence check's (and the canary's) own runs of ``training_step`` (on modified batches, one scaled by
+    100) used to land in the user's list, and in the epoch metric computed from it."""
+    module = KeepsStepOutputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = DPStrategy(noise_multiplier=1.0, max_grad_norm=1.0, sensitivity_probe=sensitivity_probe)
+        tiny_trainer(None, strategy=dp, max_steps=2, limit_val_batches=0).fit(module)
+    assert len(module.training_step_outputs) == 2

@@ -172,10 +172,8 @@ def test_a_per_example_attribute_is_refused_before_any_noise(mode):
     before = [p.detach().clone() for p in module.parameters()]
     with pytest.raises(
         RuntimeError,
-        match=r"^Layer 'gate' \(Gate\): Opacus forms its per-example gradients by re-running its forward pass on one "
-        r"example at a time with torch\.func, and that re-run gave an output of shape \(8, 4\) per example where the "
-        r"call gave \(1, 4\).*Refused before any noise.*compute what differs per example inside the layer's "
-        r"forward from that input.*per-sample rule.*'bk'",
+        match=r"^Layer 'gate' \(Gate\) holds cond: a tensor with a row per example of the batch \(8\), set from "
+        r"outside its forward pass.*Refused before any noise.*first input.*per-sample rule.*'bk'",
     ):
         _private_update(mode, module, inputs, labels, 1.0, "film")
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
@@ -308,3 +306,92 @@ def test_a_re_run_layer_on_integer_input_trains_without_an_autocast_warning(mode
         warnings.filterwarnings("error", message=".*autocast.*")
         update = _private_update(mode, module, tokens, labels, 1.0, "tokens")
     assert update["0.weight"].abs().sum() > 0
+
+
+class SlicedShift(nn.Module):
+    """FiLM shift whose conditioning the parent sets for the batch and the layer slices to it (``cond[:len(x)]``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale, self.cond = nn.Parameter(torch.ones(4)), None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.scale * self.cond[: len(x)]
+
+
+class MaskedScores(nn.Module):
+    """Attention scores with a bias of their own, masked with -inf at padded keys by a mask the parent sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias, self.pad = nn.Parameter(torch.randn(6, 6) * 0.5), None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ x.transpose(-1, -2) + self.bias).masked_fill(self.pad[: len(x)], float("-inf"))
+
+
+class Conditioned(nn.Module):
+    """Per-example conditioning set as an attribute and sliced by the layer: the real model keeps every example's
+    own row; a re-run of one example takes row 0. On a residual stream of 1e6 (sliced FiLM) or behind a -inf mask
+    (scores), the re-run's output is within the check's tolerance or left out, and one example moved the update by
+    2-12x the bound 2C/B before this was refused."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer = SlicedShift() if kind == "film" else MaskedScores()
+        self.head = nn.Linear(4 if kind == "film" else 8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "film":
+            self.layer.cond = torch.tanh(x.detach())
+            return self.head(self.layer(x + 1e6) - 1e6)
+        tokens = x.reshape(len(x), 6, 8)
+        lengths = 1 + (x[:, 0].abs() * 10).long() % 6
+        self.layer.pad = (torch.arange(6)[None, :] >= lengths[:, None])[:, None, :]
+        return self.head((torch.softmax(self.layer(tokens), -1) @ tokens)[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["film", "masked"])
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_per_example_attribute_sliced_to_the_batch_is_refused_whatever_the_output_shows(mode, kind):
+    torch.manual_seed(0)
+    module = Conditioned(kind)
+    inputs = torch.randn(8, 4 if kind == "film" else 48)
+    before = [p.detach().clone() for p in module.parameters()]
+    engine = noiseless_engine(mode, module, 1e-3, len(inputs))
+    engine.start()
+    engine.discard_per_example_state()
+    output = engine.take_output(F.cross_entropy(module(inputs), torch.randint(3, (8,))))
+    with pytest.raises(RuntimeError, match=r"^Layer 'layer' \(\w+\) holds (cond|pad): a tensor with a row per example"):
+        engine.backward(output, output.backward, len(inputs), NoPrecision())
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), before))
+
+
+class Cancels(nn.Module):
+    """``f(x) - x`` with ``f`` near the identity: the output is a small difference of large terms."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(width) + 1e-3 * torch.randn(width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight) - x
+
+
+def test_a_re_run_computes_under_the_autocast_of_its_call():
+    """A layer with cancellation under bf16 autocast: re-run in float32 (Opacus's rule: autocast only where the input's
+    dtype differs from the parameters': here the float32 data), its output differed from the bfloat16 call's by 7% and
+    it was refused."""
+    torch.manual_seed(0)
+    module = nn.Sequential(Cancels(512), nn.Linear(512, 3))
+    inputs, labels = torch.randn(16, 512), torch.randint(3, (16,))
+    engine = noiseless_engine("hooks", module, 1.0, len(inputs))
+    engine.start()
+    engine.discard_per_example_state()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(module(inputs).float(), labels)
+    output = engine.take_output(loss)
+    engine.backward(output, output.backward, len(inputs), NoPrecision())
+    engine.optimizer.step()
+    assert module[0].weight.grad is not None and bool(module[0].weight.grad.isfinite().all())

@@ -66,6 +66,7 @@ class _Call(NamedTuple):
     layer: nn.Module
     output: Tensor | None
     precision: torch.dtype
+    autocast: torch.dtype | None = None  # the autocast dtype in force at the call, re-entered by the re-run
 
 
 def snapshot_at_call(watching: Callable[[], bool]) -> Callable[[nn.Module, tuple[Any, ...]], None]:
@@ -94,7 +95,9 @@ def record_call(layer: nn.Module, output: Any, recorded: bool) -> None:
     if not isinstance(output, Tensor):
         calls.append(_Call(snapshot, None, torch.float64))
         return
-    calls.append(_Call(snapshot, output.detach(), _precision_at_call(output)))
+    device = output.device.type
+    autocast = torch.get_autocast_dtype(device) if _autocasting(device) else None
+    calls.append(_Call(snapshot, output.detach(), _precision_at_call(output), autocast))
 
 
 def _snapshot(layer: nn.Module) -> nn.Module:
@@ -156,11 +159,15 @@ def _precision_at_call(output: Tensor) -> torch.dtype:
     was on, and TF32 (rounded like float16) for float32 matrix products and convolutions on a GPU that allows it."""
     dtypes = [output.dtype if output.is_floating_point() else torch.float64]
     device = output.device.type
-    if device in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device):
+    if _autocasting(device):
         dtypes.append(torch.get_autocast_dtype(device))
     if device == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
         dtypes.append(torch.float16)
     return max(dtypes, key=lambda dtype: torch.finfo(dtype).eps)
+
+
+def _autocasting(device: str) -> bool:
+    return device in ("cuda", "cpu", "xpu") and torch.is_autocast_enabled(device)
 
 
 def tolerance(precision: torch.dtype) -> float:
@@ -184,11 +191,17 @@ class CheckedReplay:
     def __call__(self, parameters: list[Tensor], inputs: Tensor, backprops: Tensor) -> tuple[Tensor, ...]:
         name, kind = self.name, self.kind
         call = vars(self.layer)[RECORDED_CALLS].pop()
+        _refuse_batch_attributes(name, kind, call.layer, len(inputs))
         names = [parameter_name for parameter_name, _ in self.layer.named_parameters()]  # the order of `parameters`
         mixed = inputs.is_floating_point() and inputs.dtype != parameters[0].dtype  # Opacus's autocast rule
 
+        if call.autocast is not None:  # as the call computed: under its autocast
+            autocast = torch.autocast(inputs.device.type, dtype=call.autocast)
+        else:
+            autocast = torch.autocast(inputs.device.type, dtype=inputs.dtype) if mixed else nullcontext()
+
         def example_loss(values: list[Tensor], example: Tensor, backprop: Tensor) -> tuple[Tensor, Tensor]:
-            with torch.autocast(inputs.device.type, dtype=inputs.dtype) if mixed else nullcontext():
+            with autocast:
                 output = functional_call(call.layer, dict(zip(names, values)), (example.unsqueeze(0),))
                 _check_shape(name, kind, output, backprop.unsqueeze(0))
                 return (output * backprop.unsqueeze(0)).sum(), output.detach()
@@ -245,6 +258,50 @@ _FIX = (
 )
 
 
+def _refuse_batch_attributes(name: str, kind: str, snapshot: nn.Module, examples: int) -> None:
+    """Refuse a snapshot holding a tensor with a row per example of the batch (not a parameter or buffer; also in a
+    list, tuple or dict it holds): per-example state set from outside the layer (a conditioning ``[B, d]``, a mask
+    sliced to the batch, ``cond[:len(x)]``). The re-run of one example can't tell its own row: it would take another
+    example's (or all of them), and a difference in the output too small to see can carry a whole gradient, so no
+    check of the output could show it (a batch of one example has no other to mix with)."""
+    if examples < 2:
+        return
+    found = [
+        f"{module_name + '.' if module_name else ''}{attribute}"
+        for module_name, module in snapshot.named_modules()
+        for attribute, value in vars(module).items()
+        if attribute not in _MODULE_INTERNALS and any(_per_example(tensor, examples) for tensor in _tensors_in(value))
+    ]
+    if found:
+        raise RuntimeError(
+            f"Layer {name!r} ({kind}) holds {', '.join(found)}: a tensor with a row per example of the batch "
+            f"({examples}), set from outside its forward pass. Opacus forms its per-example gradients by re-running "
+            "that forward pass on one example at a time with torch.func, and the re-run can't tell which row is the "
+            "example's own: another example's data would enter its gradient, so one example could move the update "
+            f"by more than max_grad_norm. Refused before any noise. Pass per-example values to the layer as part of "
+            "its first input (or compute them inside its forward from that input), or give the layer a per-sample "
+            "rule (opacus.grad_sample.register_grad_sampler), or use grad_sample_mode='bk' if it has a rule there."
+        )
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+"""A module's own dictionaries (its parameters, buffers, submodules, hooks): not attributes set from outside."""
+
+
+def _tensors_in(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [item for item in value if isinstance(item, Tensor)]
+    if isinstance(value, dict):
+        return [item for item in value.values() if isinstance(item, Tensor)]
+    return []
+
+
+def _per_example(tensor: Tensor, examples: int) -> bool:
+    return not isinstance(tensor, nn.Parameter) and tensor.ndim > 0 and tensor.shape[0] == examples
+
+
 def _check_shape(name: str, kind: str, output: Any, expected: Tensor) -> None:
     """Refuse an example's re-run output of another shape than its call's (inside ``vmap``: per-example shapes), or
     an output that is not one tensor (Opacus's re-run multiplies it by the gradient of the layer's output)."""
@@ -266,20 +323,19 @@ def _check_shape(name: str, kind: str, output: Any, expected: Tensor) -> None:
 
 def _check_values(name: str, kind: str, outputs: Tensor, call: _Call) -> None:
     """Refuse re-run ``outputs`` farther from the call's than its precision's rounding (:func:`tolerance`), by the
-    largest difference relative to the largest output of the same example (a few operations; the details only on a
-    refusal). An example whose call output is not finite is left out: its gradient is not finite either, and the
-    optimizer drops it."""
+    largest difference relative to the largest finite output of the same example (a few operations; the details only
+    on a refusal). Entries that are not finite (scores masked with -inf) must be the call's exactly."""
     if call.output is None or call.output.ndim == 0 or not call.output.numel():
         return
     wide = torch.promote_types(call.output.dtype, torch.float32)
     recorded = call.output.reshape(len(call.output), -1).to(wide)
     replayed = outputs.reshape(recorded.shape).to(wide)
-    difference = (replayed - recorded).abs().amax(dim=1)
-    scale = recorded.abs().amax(dim=1)
+    finite = recorded.isfinite()
+    same = (replayed == recorded) | (replayed.isnan() & recorded.isnan())
+    difference = torch.where(finite, replayed - recorded, 0).abs().amax(dim=1)
+    difference = torch.where((finite | same).all(dim=1), difference, torch.inf)  # a non-finite entry moved
+    scale = torch.where(finite, recorded, 0).abs().amax(dim=1)
     departs = ~(difference <= tolerance(call.precision) * scale)  # a difference that is not finite departs too
-    if not bool(departs.any()):
-        return
-    departs &= recorded.isfinite().all(dim=1)
     if not bool(departs.any()):
         return
     worst = float((difference[departs] / scale[departs]).nan_to_num(nan=torch.inf).max())
