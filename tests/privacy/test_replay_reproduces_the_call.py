@@ -395,3 +395,36 @@ def test_a_re_run_computes_under_the_autocast_of_its_call():
     engine.backward(output, output.backward, len(inputs), NoPrecision())
     engine.optimizer.step()
     assert module[0].weight.grad is not None and bool(module[0].weight.grad.isfinite().all())
+
+
+class ThroughAList(nn.Module):
+    """A re-run layer reaching a trainable layer of the model through a plain list (not a submodule of its own)."""
+
+    def __init__(self, shared: nn.Linear) -> None:
+        super().__init__()
+        self.scale, self.helpers = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64)), [shared]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.helpers[0](x) * self.scale
+
+
+class SharesThroughAList(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=torch.float64)
+        self.gate, self.head = ThroughAList(self.lin), nn.Linear(4, 3, dtype=torch.float64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.gate(torch.tanh(self.lin(x))))
+
+
+@pytest.mark.parametrize("mode", REPLAYING_MODES)
+def test_a_layer_reached_through_a_list_is_not_recorded_again_inside_a_re_run(mode):
+    """The engines' hooks on the shared layer fired inside the re-run's vmap (bare vmap errors) before."""
+    torch.manual_seed(0)
+    module = SharesThroughAList()
+    inputs, labels = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
+    expected, clip = _reference_update(copy.deepcopy(module), inputs, labels)
+    update = _one_step(mode, module, inputs, labels, clip)
+    for name, value in expected.items():
+        torch.testing.assert_close(update[name], -value, rtol=1e-9, atol=1e-12)

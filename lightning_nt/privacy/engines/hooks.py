@@ -27,7 +27,13 @@ from lightning_nt.privacy.agreement import AgreedReduction, Refuse, raise_refusa
 from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
-from lightning_nt.privacy.engines.replay import CheckedReplay, record_call, snapshot_at_call, without_opacus_copies
+from lightning_nt.privacy.engines.replay import (
+    CheckedReplay,
+    record_call,
+    replaying,
+    snapshot_at_call,
+    without_opacus_copies,
+)
 
 __all__ = ["OpacusHooksEngine"]
 
@@ -309,7 +315,7 @@ class _RowsSeen:
         self.once = once  # a layer called twice in one step is refused (ghost clipping can't clip it)
 
     def note(self, name: str, layer: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if self.watching and torch.is_grad_enabled():
+        if self.watching and torch.is_grad_enabled() and not replaying():
             if not inputs or not isinstance(inputs[0], Tensor):
                 self.refuse(positional_input_refusal(name, type(layer).__name__))
                 return
@@ -331,7 +337,7 @@ class _RowsSeen:
         """Refuse a call of a replayed layer, before it runs, with inputs besides its first positional tensor that
         differ from their defaults: Opacus re-runs the layer on that first input alone (``layer(x, None)`` is
         replayed exactly as ``layer(x)``; ``layer(x, mask)`` or ``layer(x, scale=s)`` would not be)."""
-        if self.watching and torch.is_grad_enabled():
+        if self.watching and torch.is_grad_enabled() and not replaying():
             others = _inputs_besides_the_first(signature, args, kwargs)
             if others:
                 refusal = RuntimeError(
@@ -385,10 +391,16 @@ class _FirstInputOnly:
     re-run layer's call also records its output, which the re-run must reproduce (:mod:`~.replay`)."""
 
     def capture_activations_hook(self, module: nn.Module, forward_input: tuple[Any, ...], output: Any) -> None:
+        if replaying():  # a module reached by a re-run outside its snapshot: its own calls are recorded already
+            return
         recorded = len(vars(module).get("activations", ()))
         super().capture_activations_hook(module, forward_input[:1], output)  # type: ignore[misc]
         if "ft_compute_sample_grad" in vars(module):  # a re-run layer: its snapshot and output go with its input
             record_call(module, output, len(vars(module).get("activations", ())) > recorded)
+
+    def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        if not replaying():
+            super().capture_backprops_hook(module, *args, **kwargs)  # type: ignore[misc]
 
 
 class _Hooks(_FirstInputOnly, GradSampleHooks):

@@ -40,6 +40,7 @@ __all__ = [
     "SNAPSHOTS",
     "CheckedReplay",
     "record_call",
+    "replaying",
     "snapshot_at_call",
     "tolerance",
     "without_opacus_copies",
@@ -59,6 +60,15 @@ _TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, to
 floating dtype in play (see :func:`tolerance`)."""
 
 
+_UNDER_WAY = [0]  # re-runs under way
+
+
+def replaying() -> bool:
+    """Whether a re-run is under way: the engines' hooks on a module it reaches outside its snapshot (a trainable
+    layer held in a plain list, shared with the model) must not record or check that module's re-run calls."""
+    return _UNDER_WAY[0] > 0
+
+
 class _Call(NamedTuple):
     """What a re-run must reproduce: the layer as the call began, its output (``None``: not a tensor) and the least
     precise dtype it computed in."""
@@ -74,6 +84,8 @@ def snapshot_at_call(watching: Callable[[], bool]) -> Callable[[nn.Module, tuple
     ``watching()`` and recording gradients (``None`` otherwise), for :func:`record_call` to take when it ends."""
 
     def take(layer: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if replaying():
+            return
         recording = watching() and torch.is_grad_enabled()
         vars(layer).setdefault(SNAPSHOTS, []).append(_snapshot(layer) if recording else None)
 
@@ -207,10 +219,14 @@ class CheckedReplay:
                 return (output * backprop.unsqueeze(0)).sum(), output.detach()
 
         random_draw = _random_draw_explanation(name, kind)
-        with explained_errors(lambda text: "vmap: called random operation" in text, random_draw):
-            gradients, outputs = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0))(
-                parameters, inputs, backprops
-            )
+        _UNDER_WAY[0] += 1
+        try:
+            with explained_errors(lambda text: "vmap: called random operation" in text, random_draw):
+                gradients, outputs = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0))(
+                    parameters, inputs, backprops
+                )
+        finally:
+            _UNDER_WAY[0] -= 1
         _check_values(name, kind, outputs, call)
         return gradients
 
