@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_nt.privacy.engines.replay import RECORDED_CALLS, SNAPSHOTS
 from tests.contract.test_zoo_structures import _reference_update
-from tests.helpers.engines import NoPrecision, noiseless_engine
+from tests.helpers.engines import NoPrecision, noiseless_engine, noiseless_update
 
 REPLAYING_MODES = ["hooks", "functorch"]
 
@@ -248,24 +248,9 @@ def test_a_re_run_reproducing_its_call_is_not_refused_in_float32_and_bfloat16(mo
     if precision == "32-true" and device == "cpu":
         module, inputs, labels = _fp32_problem(device)
         reference, clip = _reference_update(copy.deepcopy(module).double(), inputs.double(), labels)
-        engine_update = _one_step(mode, module, inputs, labels, clip)
+        engine_update = noiseless_update(mode, module, inputs, labels, clip)
         for name, value in reference.items():
             torch.testing.assert_close(engine_update[name], -value.float(), rtol=1e-4, atol=1e-7)
-
-
-def _one_step(mode: str, module: nn.Module, inputs: Tensor, labels: Tensor, clip: float) -> dict[str, Tensor]:
-    """One noiseless private step clipped at ``clip``, the update by name."""
-    before = {name: p.detach().clone() for name, p in module.named_parameters()}
-    engine = noiseless_engine(mode, module, clip, len(inputs))
-    engine.start()
-    engine.discard_per_example_state()
-    output = engine.take_output(F.cross_entropy(module(inputs), labels))
-    engine.backward(output, output.backward, len(inputs), NoPrecision())
-    engine.optimizer.step()
-    engine.stop()
-    engine.forget()
-    engine.close()
-    return {name: module.get_parameter(name).detach() - value for name, value in before.items()}
 
 
 class Pair(nn.Module):
@@ -425,6 +410,6 @@ def test_a_layer_reached_through_a_list_is_not_recorded_again_inside_a_re_run(mo
     module = SharesThroughAList()
     inputs, labels = torch.randn(8, 4, dtype=torch.float64), torch.randint(3, (8,))
     expected, clip = _reference_update(copy.deepcopy(module), inputs, labels)
-    update = _one_step(mode, module, inputs, labels, clip)
+    update = noiseless_update(mode, module, inputs, labels, clip)
     for name, value in expected.items():
         torch.testing.assert_close(update[name], -value, rtol=1e-9, atol=1e-12)
