@@ -144,6 +144,7 @@ def noise_stability(
     ``.grad``, training flags and the global generators are left as found; ``generator`` drives all noise.
 
     Examples:
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
         >>> report = noise_stability(net, lambda: net(x), y, gamma=1.0)
@@ -439,9 +440,11 @@ def _noise_response(
 
 
 def _check_tangents(moved: list[Tensor], later: list[_Layer], depends: Tensor) -> None:
-    """Refuse a zero Jacobian where the noise does move a later layer: a derivative lost on the way, not a fact."""
+    """Refuse a zero Jacobian where the noise does move a later layer: a derivative lost on the way, not a fact. A lost
+    derivative is zero for every example; one example's alone is a fact (every ReLU unit of it off: finite noise can
+    switch one on, its derivative can't), so a later layer is refused only if it depends on no example at all."""
     moves = torch.stack([_norms(m - layer.output) > 1e-5 * _norms(layer.output) for m, layer in zip(moved, later)])
-    if bool((moves & ~depends).any()):
+    if bool((moves & ~depends.any(dim=1, keepdim=True)).any()):
         raise RuntimeError(
             "the forward-mode derivative is zero where the later layers' outputs move: an operation passes no "
             "tangent (torch.utils.checkpoint with use_reentrant=True, or an autograd.Function without a jvp); "
