@@ -98,6 +98,7 @@ def capacity_measures(
       R-norm that depends on how the function is written (formerly reported as ``r_norm``).
 
     Examples:
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
         >>> x = torch.randn(16, 2)
         >>> scalars, skipped = capacity_measures(net, lambda: net(x), net(x).argmax(1), inputs=x)

@@ -95,6 +95,7 @@ def layer_jvp(
     source gets zeros. In eval mode the examples don't mix, so row ``b`` is example ``b``'s own Jacobian product.
 
     Examples:
+        >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2, bias=False))
         >>> x = torch.randn(5, 3)
         >>> jvp = layer_jvp(net, lambda: net(x), "0", net[0](x), ["2"])["2"]   # J x_0 = x_2: ReLU is homogeneous
