@@ -255,9 +255,12 @@ def _contents(value: Any) -> Any:
 def _restore_contents(value: Any, contents: Any) -> None:
     if isinstance(value, list):
         value[:] = contents
-    else:
+    elif isinstance(value, dict | set):
         value.clear()
-        value.update(contents) if isinstance(value, dict | set) else value.extend(contents)
+        value.update(contents)
+    else:  # a deque
+        value.clear()
+        value.extend(contents)
 
 
 def _metric_state(metric: Metric) -> dict[str, Any]:

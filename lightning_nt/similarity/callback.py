@@ -297,8 +297,7 @@ class RepresentationSimilarity(Callback):
         elif not self._same_examples(trainer, batch):
             self._forward_instead(trainer, pl_module, "examples")
         elif self._capture is None:
-            modules = named_modules(pl_module)
-            self._capture = _LayerOutputs({name: modules[name] for name in self._activations})
+            self._capture = self._layer_outputs(pl_module)
 
     @override
     def on_validation_batch_end(
@@ -486,17 +485,21 @@ class RepresentationSimilarity(Callback):
     def _forward_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         """This rank's layers' outputs from a forward pass over its probe set, in eval mode, state restored."""
         assert self._probe is not None
-        modules = named_modules(pl_module)
         with (
             preserved_state(pl_module, parameters=False, grads=False),
             running_stage(trainer, self.data),
-            _LayerOutputs({name: modules[name] for name in self._activations}) as outputs,
+            self._layer_outputs(pl_module) as outputs,
         ):
             pl_module.eval()
             for chunk, _ in self._probe.chunks(self.chunk_size):
                 self._forward(trainer, pl_module, prepare_batch(trainer, chunk, probe=self.data))
                 outputs.end_chunk(batch_size(chunk))
         return self._assembled(outputs, pl_module)
+
+    def _layer_outputs(self, pl_module: pl.LightningModule) -> _LayerOutputs:
+        """Hooks reading the outputs of the compared layers from now on."""
+        modules = named_modules(pl_module)
+        return _LayerOutputs({name: modules[name] for name in self._activations})
 
     def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """One forward pass as the probe set's loader is run: ``loss_fn`` if given, else ``training_step`` for the
