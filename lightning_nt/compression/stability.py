@@ -169,10 +169,9 @@ def noise_stability(
         )
         if failed:
             report.skipped.append("effective_params: needs every layer's interlayer cushion")
-        elif left_out:  # Theorem 4.1 sums over every layer: a sum over some would understate it
-            report.skipped.append(
-                f"effective_params: sums over every layer, and {list(left_out)} could not be measured"
-            )
+        elif left_out or len(report.layer_cushion) < len(layers):  # Theorem 4.1 sums over every layer
+            unmeasured = [*left_out, *(layer.name for layer in layers if layer.name not in report.layer_cushion)]
+            report.skipped.append(f"effective_params: sums over every layer, and {unmeasured} could not be measured")
         else:
             report.effective_params = _effective_params(report, logits, labels, gamma)
     return report
@@ -180,13 +179,15 @@ def noise_stability(
 
 def _noiseless_report(layers: list[_Layer], skipped: list[str]) -> NoiseStability:
     """A report with the quantities that need no noise: layer cushions and the activation contraction."""
-    report = NoiseStability(
-        layers=[layer.name for layer in layers],
-        layer_cushion={layer.name: _layer_cushion(layer) for layer in layers},
-        skipped=skipped,
-    )
+    report = NoiseStability(layers=[layer.name for layer in layers], skipped=skipped)
+    for layer in layers:
+        cushion = _layer_cushion(layer)
+        if math.isnan(cushion):
+            report.skipped.append(f"layer_cushion/{layer.name}: its weight is zero or so is every example's input")
+        else:
+            report.layer_cushion[layer.name] = cushion
     if len(layers) > 1:
-        report.activation_contraction = _activation_contraction(layers)
+        report.activation_contraction = _activation_contraction(layers, report.skipped)
     else:
         report.skipped.append("activation_contraction, interlayer cushion and smoothness need two layers")
     return report
@@ -291,14 +292,33 @@ def _operator_frobenius(module: nn.Module, shape: torch.Size) -> float:
 
 @torch.no_grad()
 def _layer_cushion(layer: _Layer) -> float:
+    """``mu_i``, the largest ``mu`` with ``mu ||A_i|| ||phi|| <= ||A_i phi||`` on every example: an example whose
+    input is zero holds it for every ``mu``, so it is left out (``nan`` if no example is left, or ``A_i = 0``)."""
     inputs = layer.input.to(layer.module.weight.dtype)  # under autocast the recorded input may be half precision
-    image = _norms(_linear_part(layer.module, inputs))
-    return float((image / (_operator_frobenius(layer.module, inputs.shape[1:]) * _norms(inputs))).min())
+    image, norms = _norms(_linear_part(layer.module, inputs)), _norms(inputs)
+    ratios = (image / (_operator_frobenius(layer.module, inputs.shape[1:]) * norms))[norms > 0]
+    return float(ratios.min()) if len(ratios) else math.nan
 
 
-def _activation_contraction(layers: list[_Layer]) -> float:
-    ratios = [_norms(layer.output) / _norms(after.input) for layer, after in itertools.pairwise(layers)]
-    return float(torch.cat(ratios).max())
+def _activation_contraction(layers: list[_Layer], skipped: list[str]) -> float:
+    """``c``, the smallest with ``||x_i|| <= c ||phi(x_i)||`` on every example: infinite where an example's
+    ``phi(x_i)`` is zero but not ``x_i`` (every ReLU unit off), which ``skipped`` then explains."""
+    per_pair = []
+    for layer, after in itertools.pairwise(layers):
+        before, kept = _norms(layer.output), _norms(after.input)
+        holds = before > 0  # an example with x_i = 0 holds the inequality for every c
+        dead = int((holds & (kept == 0)).sum())
+        if dead:
+            skipped.append(
+                f"activation_contraction is infinite: {dead} example(s) have phi(x_i) = 0 but x_i != 0 after layer "
+                f"{layer.name!r} (every unit off), so effective_params is infinite too: the bound says nothing"
+            )
+        per_pair.append(before[holds] / kept[holds])
+    ratios = torch.cat(per_pair)
+    if not len(ratios):
+        skipped.append("activation_contraction: every layer's output is zero on every example")
+        return math.nan
+    return float(ratios.max())
 
 
 @contextmanager

@@ -430,5 +430,35 @@ def test_an_example_with_every_relu_unit_off_is_not_taken_for_a_lost_derivative(
     net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     report = noise_stability(net, lambda: net(x), y, gamma=1.0)
-    assert report.skipped == [] and report.layers == ["0", "2"]
-    assert all(map(math.isfinite, report.interlayer_cushion.values()))
+    assert [reason for reason in report.skipped if not reason.startswith("activation_contraction")] == []
+    assert report.layers == ["0", "2"] and all(map(math.isfinite, report.interlayer_cushion.values()))
+
+
+def test_an_example_with_every_relu_unit_off_makes_the_contraction_infinite_and_says_so():
+    """``||x_0|| <= c ||relu(x_0)||`` holds for no finite ``c`` on that example (before: ``nan`` effective_params,
+    nothing in ``skipped``); its zero input holds the next layer's cushion inequality for every ``mu``, so the
+    cushion is the minimum over the other examples."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    hidden = net[1](outputs_of(net, x, ["0"])["0"])
+    dead = hidden.norm(dim=1) == 0
+    assert int(dead.sum()) == 1  # the case under test
+    report = noise_stability(net, lambda: net(x), y, gamma=1.0)
+    assert report.activation_contraction == math.inf and report.effective_params == math.inf
+    assert any("activation_contraction is infinite: 1 example(s)" in reason for reason in report.skipped)
+    w = net[2].weight.detach()
+    alive = hidden[~dead]
+    expected = float(((alive @ w.T).norm(dim=1) / (w.norm() * alive.norm(dim=1))).min())
+    assert report.layer_cushion["2"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_layer_with_zero_weights_has_no_cushion_and_no_effective_params():
+    torch.manual_seed(0)
+    net, x = mlp([4, 6, 3]), torch.randn(8, 4)
+    nn.init.zeros_(net[2].weight)
+    report = noise_stability(net, lambda: net(x), torch.zeros(8, dtype=torch.long), gamma=1.0)
+    assert "2" not in report.layer_cushion and "0" in report.layer_cushion
+    assert "layer_cushion/2: its weight is zero or so is every example's input" in report.skipped
+    assert math.isnan(report.effective_params)
+    assert "effective_params: sums over every layer, and ['2'] could not be measured" in report.skipped
