@@ -112,6 +112,16 @@ class GradInit(Callback):
             rank_zero_info("GradInit: resuming a run, the initialisation search is skipped.")
             self._done = True
             return
+        if not any(bool(p.detach().any()) for p in pl_module.parameters() if p.requires_grad):
+            rank_zero_warn(
+                "GradInit has nothing to scale: every trainable parameter is zero (SubspaceTraining's subspace "
+                "coordinates start at 0, and the weights it trains around are fixed), so the search is skipped and "
+                "the weights are left as they are. To search an initialisation for a subspace model, rescale the "
+                "module with `lightning_nt.gradinit.gradinit` and `apply_scales` before attaching "
+                "SubspaceTraining, or leave GradInit out."
+            )
+            self._done = True
+            return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         schedules = [type(config.scheduler).__name__ for config in trainer.lr_scheduler_configs]
         algorithm, eta = self._simulated_optimizer(optimizer, schedules[0] if schedules else None)
@@ -149,6 +159,7 @@ class GradInit(Callback):
         self.scales = self.result.scales
         apply_scales(pl_module, self.scales)
         self._report(trainer)
+        self._warn_if_held_at_a_bound()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -202,7 +213,7 @@ class GradInit(Callback):
         """
         result = self.result
         if result is None:
-            return "GradInit: no search has run in this fit (skipped when resuming)."
+            return "GradInit: no search has run in this fit (skipped when resuming, or with nothing to scale)."
         if result.diverged:
             return "GradInit: the search diverged (NaN/inf); the original weights were kept."
         weights = [s for n, s in self.scales.items() if not n.split(".")[-1].startswith("bias")] or [1.0]
@@ -255,9 +266,28 @@ class GradInit(Callback):
     def _bar_color(self, name: str, value: float, unused: set[str]) -> str:
         if name in unused:
             return "tab:gray"
+        return "tab:red" if self._held_at_a_bound(name, value) else "tab:blue"
+
+    def _held_at_a_bound(self, name: str, value: float) -> bool:
+        """Whether a weight's scale ended at ``min_scale`` or ``max_scale``: the search wanted to go further."""
         limits = [self.min_scale] + ([self.max_scale] if self.max_scale is not None else [])
-        held = not name.endswith("bias") and any(math.isclose(value, limit, rel_tol=1e-6) for limit in limits)
-        return "tab:red" if held else "tab:blue"
+        return not name.endswith("bias") and any(math.isclose(value, limit, rel_tol=1e-6) for limit in limits)
+
+    def _warn_if_held_at_a_bound(self) -> None:
+        """A weight shrunk to ``min_scale`` carries 1% of its signal (at the default) and can stall training for
+        epochs: say which, and what to change, instead of leaving it to the scale table."""
+        assert self.result is not None
+        unused = set(self.result.unused)
+        held = {n: s for n, s in self.scales.items() if n not in unused and self._held_at_a_bound(n, s)}
+        if held:
+            start, end = self.result.lookahead_loss_start, self.result.lookahead_loss_end
+            rank_zero_warn(
+                f"GradInit: the scales of {sorted(held)} ended at a bound (min_scale={self.min_scale}, "
+                f"max_scale={self.max_scale}): the search would have moved them further (look-ahead loss "
+                f"{start:.4g} -> {end:.4g}). A weight shrunk to min_scale can stall training for several epochs. "
+                "Check that the network needs a new initialisation at all (one that trains from its own rarely "
+                "does), or search more gently: a smaller `lr`, fewer `iterations`, or a larger `min_scale`."
+            )
 
 
 def _base_learning_rate(optimizer: torch.optim.Optimizer, schedule: str | None) -> float:

@@ -26,7 +26,14 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nt.common.flavours import lightning_classes, lightning_packages
-from lightning_nt.common.validation import above, at_least, between, check_argument, checked_arguments
+from lightning_nt.common.validation import (
+    ArgumentError,
+    above,
+    at_least,
+    between,
+    check_argument,
+    checked_arguments,
+)
 from lightning_nt.privacy.accounting import AccountantName, _CalibratedNoise, epsilon_of, make_accountant
 from lightning_nt.privacy.agreement import LaterRefusals
 from lightning_nt.privacy.engines import ClippingEngine, GradSampleMode, clipping_engine, engine_class, resolved_mode
@@ -57,7 +64,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
     )
     def __init__(
         self,
-        noise_multiplier: float = 1.0,
+        noise_multiplier: float | None = None,
         target_epsilon: float | None = None,
         delta: float = 1e-5,
         max_grad_norm: float = 1.0,
@@ -85,7 +92,13 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             sensitivity_probe=sensitivity_probe,
         )
         warn_about_options(accountant, log_clip_fraction, seed)
-        self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, delta
+        if noise_multiplier is not None and target_epsilon is not None:
+            raise ArgumentError(
+                f"`noise_multiplier={noise_multiplier}` and `target_epsilon={target_epsilon}` were both given, but "
+                "`target_epsilon` calibrates the noise multiplier itself: pass one of them."
+            )
+        self.noise_multiplier = 1.0 if noise_multiplier is None else noise_multiplier
+        self.target_epsilon, self.delta = target_epsilon, delta
         self.max_grad_norm, self.accountant_name, self.grad_sample_mode = max_grad_norm, accountant, grad_sample_mode
         self.clipping_mode = grad_sample_mode  # the engine in use: "auto" resolved when the module is known
         self.sample_rate, self.poisson_sampling, self.stop_at_budget = sample_rate, poisson_sampling, stop_at_budget
@@ -264,7 +277,8 @@ class DPStrategy(_PrivateOnOneDevice, SingleDeviceStrategy):
     """DP-SGD on one device. ``Trainer(strategy="dp_sgd")`` gives the defaults.
 
     Args:
-        noise_multiplier: noise std over ``max_grad_norm`` (ignored when ``target_epsilon`` is given).
+        noise_multiplier: noise std over ``max_grad_norm`` (1.0 when neither it nor ``target_epsilon`` is given; not
+            with ``target_epsilon``, which calibrates it).
         target_epsilon: calibrate the noise so that the planned steps (``max_steps`` or ``max_epochs``) spend at
             most this epsilon, and stop before it would be exceeded (``stop_at_budget``).
         delta: the delta of the guarantee.

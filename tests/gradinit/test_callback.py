@@ -176,6 +176,25 @@ def test_the_scales_picture_names_its_values_and_marks_held_scales():
     assert held and colours.count(red) == len(held)
 
 
+def test_scales_held_at_a_bound_are_warned_naming_them():
+    """The README's DigitsCNN had a layer pushed to min_scale and trained at chance for 10 epochs, with only "weight
+    scales in [0.01, 2.09]" said; a held scale is now a warning naming the tensors and the knobs."""
+    gradinit = GradInit(iterations=20, lr=0.5, min_scale=0.9, max_scale=1.1)
+    with pytest.warns(UserWarning, match=r"GradInit: the scales of \[.*\] ended at a bound") as warned:
+        _fit([gradinit], max_steps=1)
+    message = next(str(w.message) for w in warned if "ended at a bound" in str(w.message))
+    held = [n for n, s in gradinit.scales.items() if not n.endswith("bias") and min(abs(s - 0.9), abs(s - 1.1)) < 1e-6]
+    assert held and all(repr(name) in message for name in held)
+    assert "`lr`" in message and "`min_scale`" in message
+
+
+def test_scales_inside_the_bounds_are_not_warned(recwarn):
+    gradinit = GradInit(iterations=5, lr=0.01)
+    _fit([gradinit], max_steps=1)
+    assert not [w for w in recwarn if "ended at a bound" in str(w.message)]
+    assert all(s > 0.01 for n, s in gradinit.scales.items() if not n.endswith("bias"))
+
+
 def _sharpness_history(callbacks):
     pl.seed_everything(0)
     trainer = tiny_trainer(None, callbacks=callbacks, max_steps=2)

@@ -86,6 +86,19 @@ def test_a_subspace_model_survives():
     assert trainer.global_step == 4 and subspace.weight.abs().sum() > 0  # w moved: the subspace trained
 
 
+def test_a_subspace_model_has_nothing_to_scale_and_says_so():
+    """Its only trainable tensor is the subspace coordinates, zero at the start: the search used to run and leave
+    every scale at 1 silently (the user believed the initialisation searched)."""
+    module = TinyClassifier(num_samples=64)
+    pl.seed_everything(0)
+    gradinit = GradInit(iterations=4)
+    trainer = tiny_trainer(None, callbacks=[SubspaceTraining(dimension=12), gradinit])
+    with pytest.warns(UserWarning, match=r"GradInit has nothing to scale: every trainable parameter is zero"):
+        trainer.fit(module)
+    assert gradinit.result is None and gradinit.scales == {}
+    assert trainer.global_step == 4 and find_subspace(module).weight.abs().sum() > 0
+
+
 def test_an_unused_parameter_keeps_scale_one_and_is_reported(caplog):
     module = UnusedParameterClassifier(num_samples=64)
     gradinit = GradInit(iterations=6, lr=0.05)

@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from lightning_nt import DPStrategy, IterateAveraging
+from lightning_nt.common.validation import ArgumentError
 from lightning_nt.privacy import AugmentedViews, PoissonBatchSampler
 from tests.helpers import TinyClassifier, classification_data, tiny_trainer
 
@@ -383,6 +384,14 @@ def test_fix_modules_swaps_batchnorm():
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=argument):
         DPStrategy(**kwargs)
+
+
+def test_a_noise_multiplier_beside_a_target_epsilon_is_refused_not_ignored():
+    """It was silently replaced by the calibrated one (a run asked for 2.0 trained at 1.19)."""
+    with pytest.raises(ArgumentError, match=r"`noise_multiplier=2.0` and `target_epsilon=1.0` were both given"):
+        DPStrategy(noise_multiplier=2.0, target_epsilon=1.0)
+    assert DPStrategy().noise_multiplier == 1.0 and DPStrategy(noise_multiplier=0.5).noise_multiplier == 0.5
+    assert DPStrategy(target_epsilon=1.0).noise_multiplier == 1.0  # until calibrated at fit start
 
 
 def test_resuming_with_another_sample_rate_still_never_exceeds_the_budget(tmp_path):
