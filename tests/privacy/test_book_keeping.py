@@ -303,10 +303,13 @@ def test_augmented_views_are_averaged_before_clipping():
     _assert_equals_reference(got, norms, expected, expected_norms)
 
 
-def test_wide_resnet_with_group_norm_and_weight_standardisation():
+@pytest.mark.parametrize("size", [16, 32])
+def test_wide_resnet_with_group_norm_and_weight_standardisation(size):
+    """WRN-16-1 (the issue's network): at 32x32 (CIFAR) every layer's norms are instantiated; at 16x16 the last
+    stage's standardised convolutions (4x4 positions, 64 channels) take the ghost path."""
     torch.manual_seed(0)
-    net = wide_resnet(depth=10, widen=1, norm="group").double()
-    inputs, labels = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(10, (4,))
+    net = wide_resnet(depth=16, widen=1, norm="group").double()
+    inputs, labels = torch.randn(4, 3, size, size, dtype=torch.float64), torch.randint(10, (4,))
     expected, expected_norms, bound = _reference(net, inputs, labels)
     got, norms = _book_keeping(net, inputs, labels, bound)
     _assert_equals_reference(got, norms, expected, expected_norms, rtol=1e-9)
@@ -456,6 +459,21 @@ def test_a_second_backward_pass_in_one_step_is_refused_by_name():
     assert all(p.requires_grad for p in net.parameters())
 
 
+@pytest.mark.parametrize("case", ["linear", "conv2d-ghost"])
+def test_an_input_changed_in_place_after_its_norms_were_taken_is_refused(case):
+    """The clipped sum is formed after the backward pass from the inputs the layer's norms were taken from: a hook
+    later in the backward pass that changes the batch in place (the first layer's input) would make the two disagree,
+    and release a clipped example above the bound."""
+    net, inputs, labels = _make(case)
+    clipper = BookKeepingClipper(net, max_grad_norm=1.0)
+    with clipper.recording():
+        batch = inputs.clone().requires_grad_(True)
+        batch.register_hook(lambda gradient: batch.detach().mul_(2.0))  # after the first layer's norms
+        F.cross_entropy(net(batch), labels).backward()
+    with pytest.raises(RuntimeError, match=r"The input or output gradient of layer 0 was modified in place in the "):
+        clipper.clip_and_sum(batch_size=8)
+
+
 def test_batch_not_in_dimension_zero_is_refused():
     net = nn.Linear(4, 2)
     clipper = BookKeepingClipper(net, max_grad_norm=1.0)
@@ -463,6 +481,58 @@ def test_batch_not_in_dimension_zero_is_refused():
         net(torch.randn(5, 3, 4)).sum().backward()  # sequence-first: [T, B, d]
     with pytest.raises(RuntimeError, match="batch in dimension 0"):
         clipper.clip_and_sum(batch_size=3)
+
+
+PATHS = {  # case: (the layer, the path its weight's norms take under the cost rule)
+    "conv2d-ghost": ("0", "ghost"),
+    "standardized-conv-ghost": ("0", "ghost"),
+    "standardized-conv-ghost-twice": ("layer", "ghost"),
+    "standardized-conv-ghost-shortcut-added-in-place": ("conv", "ghost"),
+    "standardized-conv-ghost-leaky-relu-in-place": ("conv", "ghost"),
+    "convtranspose2d-ghost": ("0", "ghost"),
+    "hf-conv1d-ghost": ("0", "ghost"),
+    "conv2d": ("0", "instantiated"),
+    "conv2d-twice": ("layer", "instantiated"),
+    "standardized-conv": ("0", "instantiated"),
+    "conv2d-kernel-larger-than-activations": ("0", "instantiated"),
+    "convtranspose2d": ("0", "instantiated"),
+    "convtranspose2d-kernel-larger-than-activations": ("0", "instantiated"),
+    "linear-sequence": ("0", "instantiated"),
+    "hf-conv1d": ("0", "instantiated"),
+}
+
+
+def test_every_ghost_case_is_pinned_to_the_ghost_path():
+    assert {case for case in CASES if "ghost" in case} == {c for c, (_, path) in PATHS.items() if path == "ghost"}
+
+
+@pytest.mark.parametrize("case", sorted(PATHS))
+def test_each_case_takes_the_path_it_is_named_for(case, monkeypatch):
+    """The ghost and instantiated rules are each checked against vmap only where a case takes them: a change of the
+    cost rule that moved a ``*-ghost`` case to the instantiated path would leave the ghost rules (convolution, weight
+    standardisation, transposed convolution, Linear) untested. Spies on the functions only one path calls, by the
+    weight they serve."""
+    from lightning_nt.privacy.book_keeping import conv, layers
+
+    taken: dict[int, set[str]] = {}
+
+    def spy(module, function, path, parameter_of):
+        real = getattr(module, function)
+
+        def spied(*args, **kwargs):
+            taken.setdefault(id(parameter_of(*args)), set()).add(path)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, function, spied)
+
+    spy(conv, "_ghost_norms", "ghost", lambda layer, *_: layer.weight)
+    spy(conv, "conv_per_example_grads", "instantiated", lambda layer, *_: layer.weight)
+    spy(layers, "Piece", "ghost", lambda parameter, *_: parameter)  # Linear's ghost branch builds its piece itself
+    spy(layers, "per_unit_piece", "instantiated", lambda clipper, parameter, *_: parameter)
+    net, inputs, labels = _make(case)
+    layer, path = PATHS[case]
+    _book_keeping(net, inputs, labels, 1.0)
+    assert taken.get(id(net.get_submodule(layer).weight)) == {path}
 
 
 @pytest.mark.parametrize("positions", [1, 3, 40])

@@ -7,6 +7,7 @@ The per-layer rules are chosen in ``rules.py``; what one layer's calls left behi
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -142,6 +143,7 @@ class BookKeepingClipper:
         record.rows = record.inputs[0].shape[0]
         with torch.autocast(record.inputs[0].device.type, enabled=False):  # in norm_dtype, whatever the backward's
             record.pieces = pieces_for(layer, inputs, grads, self)
+        record.held = [(weakref.ref(tensor), tensor._version) for tensor in (*inputs, *grads)]
         record.inputs, record.grads = [], []
 
     def clip_and_sum(self, batch_size: int, carry: bool = False) -> Tensor:

@@ -4,8 +4,9 @@
 Each rule takes a layer, its recorded calls (inputs and output gradients, never its outputs: a layer's output may be
 changed in place before the backward pass) and the clipper, and returns one
 :class:`~lightning_nt.privacy.book_keeping.pieces.Piece` per trained parameter. A ``Linear`` layer's positions are its
-leading dimensions after the batch; its weight's norms are ghost or instantiated, whichever costs less. An embedding's norms come from the ghost identity over token positions (equal
-tokens interact). Norm layers and layers with only an Opacus per-sample rule form per-example gradients outright.
+leading dimensions after the batch; its weight's norms are ghost or instantiated, whichever costs less. An embedding's
+norms come from the ghost identity over token positions (equal tokens interact). Norm layers and layers with only an
+Opacus per-sample rule form per-example gradients outright.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -16,12 +17,15 @@ class Record:
     """What one layer saw during the forward/backward passes: inputs and output gradients, one per call.
 
     Once every call's output gradient has arrived (in the backward pass) the layer's pieces are formed and the
-    tensors are let go, so the activations are freed as the backward pass proceeds, as in an ordinary one.
+    tensors are let go, so the activations are freed as the backward pass proceeds, as in an ordinary one. The
+    tensors a layer's pieces may keep for the clipped sum are ``held`` weakly with their versions: one changed in
+    place after the norms were taken (by a hook later in the backward pass) is refused, not summed.
     """
 
     inputs: list[Tensor] = field(default_factory=list)
     grads: list[Tensor | None] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    held: list[tuple[weakref.ref[Tensor], int]] = field(default_factory=list)  # what the pieces may keep, and versions
     rows: int = 0
     pieces: list[Piece] | None = None
 
@@ -51,6 +55,12 @@ class Record:
             return (
                 f"The input of layer {name} was modified in place after the layer used it, so its "
                 "per-example gradients can't be formed from it; avoid the in-place operation."
+            )
+        if any((tensor := held()) is not None and tensor._version != version for held, version in self.held):
+            return (
+                f"The input or output gradient of layer {name} was modified in place in the backward pass after its "
+                "per-example norms were taken (by a hook), so its clipped sum can't be formed from it; avoid the "
+                "in-place operation."
             )
         return None
 
