@@ -92,18 +92,20 @@ def test_augmentation_multiplicity_with_virtual_steps(physical):
         torch.testing.assert_close(update, -expected[name] / 16.0, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["bk", "hooks"])
+@pytest.mark.parametrize("mode", ["bk", "hooks", "ghost"])
 def test_an_input_gradient_penalty_is_refused_by_name(mode):
     """Double backprop in ``training_step`` (``torch.autograd.grad(..., create_graph=True)``) runs a backward pass
-    through the layers before the loss's own: both engines failed with an ``IndexError``."""
+    through the layers before the loss's own: every engine failed with an ``IndexError``. (Opacus's ghost clipping
+    takes the per-example losses.)"""
 
     class Penalised(Plain):
         def training_step(self, batch, batch_idx):
             inputs, labels = batch
             inputs = inputs.clone().requires_grad_(True)
-            loss = F.cross_entropy(self(inputs), labels)
-            (input_gradient,) = torch.autograd.grad(loss, inputs, create_graph=True)
-            return loss + input_gradient.square().sum()
+            losses = F.cross_entropy(self(inputs), labels, reduction="none")
+            (input_gradient,) = torch.autograd.grad(losses.sum(), inputs, create_graph=True)
+            penalised = losses + input_gradient.square().sum(1)
+            return penalised if mode == "ghost" else penalised.mean()
 
     with pytest.raises(RuntimeError, match=r"received an output gradient a second time in one step"):
         _fit(DPStrategy(grad_sample_mode=mode), module=lambda: Penalised(num_samples=64, batch_size=16), max_steps=1)
