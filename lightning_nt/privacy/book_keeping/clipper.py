@@ -7,17 +7,17 @@ The per-layer rules are chosen in ``rules.py``; what one layer's calls left behi
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_nt.common.layers import StandardizedConv2d
 from lightning_nt.common.validation import Rule, above, at_least, checked_arguments
 from lightning_nt.privacy.agreement import Refuse, raise_refusal
 from lightning_nt.privacy.book_keeping.pieces import ClippedSum, Piece
-from lightning_nt.privacy.book_keeping.record import Record, positional_input_refusal
+from lightning_nt.privacy.book_keeping.record import Record, positional_input_refusal, second_backward_refusal
 from lightning_nt.privacy.book_keeping.rules import layers_of, pieces_for
 
 __all__ = ["BookKeepingClipper"]
@@ -117,9 +117,6 @@ class BookKeepingClipper:
         source = inputs[0]
         record.inputs.append(source.detach())
         record.versions.append(source._version)
-        if type(layer) is StandardizedConv2d:
-            without_bias = output if layer.bias is None else output - layer.bias.view(1, -1, 1, 1)
-            record.outputs.append(without_bias.detach())
         index = len(record.grads)
         record.grads.append(None)
         replaced = None
@@ -128,6 +125,9 @@ class BookKeepingClipper:
             replaced = output.clone()  # a non-leaf, so in-place operations after this layer stay allowed
 
         def keep_gradient(gradient: Tensor) -> None:
+            if index >= len(record.grads) or record.grads[index] is not None:  # formed, or this call's G is in
+                self.refuse(second_backward_refusal(self._names[layer], type(layer).__name__))
+                return
             record.grads[index] = gradient.detach()
             if record.inputs[0].shape[0] and record.problem(self.group_size) is None:  # else clip_and_sum names it
                 self._form(layer, record)
@@ -142,8 +142,9 @@ class BookKeepingClipper:
         grads = [g.to(dtype) for g in record.grads if g is not None]
         record.rows = record.inputs[0].shape[0]
         with torch.autocast(record.inputs[0].device.type, enabled=False):  # in norm_dtype, whatever the backward's
-            record.pieces = pieces_for(layer, inputs, grads, [y.to(dtype) for y in record.outputs], self)
-        record.inputs, record.outputs, record.grads = [], [], []
+            record.pieces = pieces_for(layer, inputs, grads, self)
+        record.held = [(weakref.ref(tensor), tensor._version) for tensor in (*inputs, *grads)]
+        record.inputs, record.grads = [], []
 
     def clip_and_sum(self, batch_size: int, carry: bool = False) -> Tensor:
         """Set every trainable parameter's ``.grad`` to the sum over privacy units of their clipped gradients.

@@ -44,7 +44,6 @@ def conv_pieces(
     layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: list[Tensor],
     grads: list[Tensor],
-    outputs: list[Tensor],
     clipper: BookKeepingClipper,
 ) -> list[Piece]:
     """A convolution: its kernel (:func:`_weight_piece`) and its bias's per-example gradients. A padding other than
@@ -55,12 +54,12 @@ def conv_pieces(
     if padded:
         layer, inputs = padded[0][0], [a for _, a in padded]
     if clipper.trainable(layer.weight):
-        pieces.append(_weight_piece(layer, inputs, grads, outputs, clipper))
+        pieces.append(_weight_piece(layer, inputs, grads, clipper))
     return pieces + _bias_pieces(layer, grads, clipper)
 
 
 def transposed_conv_pieces(
-    layer: _Transposed, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: _Transposed, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """A transposed convolution (stride, padding, ``output_padding`` or ``output_size``, dilation, groups): it is the
     adjoint of the convolution with the same kernel from its output's channels to its input's,
@@ -84,7 +83,7 @@ def transposed_conv_pieces(
     if clipper.trainable(layer.weight):
         adjoint = _adjoint_convolution(layer)
         matched = [_matched(adjoint, a, g) for a, g in zip(inputs, grads)]
-        pieces.append(_weight_piece(adjoint, grads, matched, [], clipper))
+        pieces.append(_weight_piece(adjoint, grads, matched, clipper))
     return pieces + _bias_pieces(layer, grads, clipper)
 
 
@@ -137,7 +136,6 @@ def _weight_piece(
     layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: list[Tensor],
     grads: list[Tensor],
-    outputs: list[Tensor],
     clipper: BookKeepingClipper,
 ) -> Piece:
     """Norms from instantiated per-example kernels or from ghost Gram matrices, whichever costs less; the clipped sum
@@ -152,7 +150,7 @@ def _weight_piece(
             return per_unit_piece(clipper, layer.weight, per_row, standardization)
         squared_norms = kernel_squared_norms(clipper.unit_sum(per_row), standardization)
     else:
-        squared_norms = _ghost_norms(layer, inputs, grads, outputs, standardization, clipper)
+        squared_norms = _ghost_norms(layer, inputs, grads, standardization, clipper)
     weight_grad = _weight_gradient_of(layer)
 
     def weight_sum(row_weights: Tensor, keep: Tensor | None) -> Tensor:
@@ -178,7 +176,6 @@ def _ghost_norms(
     layer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
     inputs: list[Tensor],
     grads: list[Tensor],
-    outputs: list[Tensor],
     standardization: Standardization | None,
     clipper: BookKeepingClipper,
 ) -> Tensor:
@@ -191,22 +188,28 @@ def _ghost_norms(
         patches = join([u[:, group].transpose(1, 2) for u in unfolded])  # [N, T, d_g], a view for one call
         gradient = join([g[:, group].transpose(1, 2) for g in per_group])
         if standardization is not None:  # groups == 1 (checked when the clipper is built)
-            produced = join([y.flatten(2).transpose(1, 2) for y in outputs])
-            norms.append(_standardized_ghost_norms(clipper, standardization, patches, gradient, produced))
+            norms.append(_standardized_ghost_norms(clipper, standardization, patches, gradient))
         else:
             norms.append(outer_product_norms(clipper.units(patches), clipper.units(gradient)))
     return total(norms)
 
 
 def _standardized_ghost_norms(
-    clipper: BookKeepingClipper, standardization: Standardization, patches: Tensor, grads: Tensor, outputs: Tensor
+    clipper: BookKeepingClipper, standardization: Standardization, patches: Tensor, grads: Tensor
 ) -> Tensor:
     """The raw weight of a weight-standardised convolution: its per-example norm, exact from ghost quantities
     (:class:`Standardization`). ``sum |g|²/s²`` is the outer-product norm with ``G / s``; ``S1 = sum_t G_t (sum of
-    patch u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y`` the convolution's output without bias."""
+    patch u_t)`` and ``S2 = sum_t G_t Y_t``, ``Y_t = w_hat u_t`` the convolution's output without bias.
+
+    ``Y`` is recomputed here from the recorded patches, in the norms' dtype (one product, the cost of the layer's
+    forward convolution), never taken from the layer's output: an in-place operation after the layer (``out +=
+    shortcut``, ``LeakyReLU(inplace=True)``) changes that tensor before the backward pass, and under bf16 autocast or
+    TF32 it is rounded; either would make the norm disagree with the clipped sum, which is formed from the patches
+    and output gradients alone, and release a clipped example above the bound."""
     patches, grads = clipper.units(patches), clipper.units(grads)  # [B, T, d], [B, T, p] (w.r.t. w_hat)
+    produced = torch.matmul(patches, standardization.standardized.T)  # [B, T, p]
     s1 = torch.einsum("btp,bt->bp", grads, patches.sum(2))
-    s2 = (grads * clipper.units(outputs)).sum(1)
+    s2 = (grads * produced).sum(1)
     return outer_product_norms(patches, grads / standardization.s) + standardization.correction(s1, s2)
 
 

@@ -1,11 +1,12 @@
 """The book-keeping rules of ``Linear`` (and HuggingFace's transposed ``Conv1D``), ``Embedding``, ``LayerNorm``/
 ``GroupNorm`` (and torchvision's channels-first ``LayerNorm2d``), ``PReLU``, and Opacus's as the fallback.
 
-Each rule takes a layer, its recorded calls (inputs, output gradients, and outputs where a rule needs them) and the
-clipper, and returns one :class:`~lightning_nt.privacy.book_keeping.pieces.Piece` per trained parameter. A
-``Linear`` layer's positions are its leading dimensions after the batch; its weight's norms are ghost or
-instantiated, whichever costs less. An embedding's norms come from the ghost identity over token positions (equal
-tokens interact). Norm layers and layers with only an Opacus per-sample rule form per-example gradients outright.
+Each rule takes a layer, its recorded calls (inputs and output gradients, never its outputs: a layer's output may be
+changed in place before the backward pass) and the clipper, and returns one
+:class:`~lightning_nt.privacy.book_keeping.pieces.Piece` per trained parameter. A ``Linear`` layer's positions are its
+leading dimensions after the batch; its weight's norms are ghost or instantiated, whichever costs less. An embedding's
+norms come from the ghost identity over token positions (equal tokens interact). Norm layers and layers with only an
+Opacus per-sample rule form per-example gradients outright.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = [
 
 
 def linear_pieces(
-    layer: nn.Linear, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: nn.Linear, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """A linear layer ``y = a Wᵀ + b``: weight norms ghost or instantiated (the cheaper), the bias's per-example
     gradients outright."""
@@ -55,7 +56,7 @@ def qualified_name(kind: type) -> str:
 
 
 def transposed_linear_pieces(
-    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """HuggingFace's ``Conv1D`` (GPT-2's projections): ``y = a W + b`` with ``W`` of shape ``[in, out]``, a linear
     layer whose weight is stored transposed; the linear rule, each per-example gradient ``[in, out]``. A layer of that
@@ -105,7 +106,7 @@ def _affine_pieces(
 
 
 def embedding_pieces(
-    layer: nn.Embedding, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: nn.Embedding, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """An embedding table: per-unit norms by the ghost identity over token positions (equal tokens interact)."""
     if not clipper.trainable(layer.weight):
@@ -137,7 +138,6 @@ def normalization_pieces(
     layer: nn.LayerNorm | nn.GroupNorm,
     inputs: list[Tensor],
     grads: list[Tensor],
-    outputs: list[Tensor],
     clipper: BookKeepingClipper,
 ) -> list[Piece]:
     """A norm layer's affine parameters: per-example gradients outright (they are as small as a bias)."""
@@ -156,16 +156,16 @@ def normalization_pieces(
 
 
 def channels_first_layer_norm_pieces(
-    layer: nn.LayerNorm, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: nn.LayerNorm, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """torchvision's ``LayerNorm2d`` (ConvNeXt): ``[N, C, H, W]`` moved to ``[N, H, W, C]``, normalised over ``C``
     and moved back; the layer-norm rule on its inputs and output gradients with the channels last."""
     moved_inputs, moved_grads = [a.movedim(1, -1) for a in inputs], [g.movedim(1, -1) for g in grads]
-    return normalization_pieces(layer, moved_inputs, moved_grads, outputs, clipper)
+    return normalization_pieces(layer, moved_inputs, moved_grads, clipper)
 
 
 def prelu_pieces(
-    layer: nn.PReLU, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: nn.PReLU, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """``nn.PReLU``: each example's gradient of a slope is ``sum g * min(x, 0)`` over the positions it applies to
     (every element for one slope, dimension 1's channel for ``num_parameters`` of them)."""
@@ -179,7 +179,7 @@ def _sum_over(tensor: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 def opacus_pieces(
-    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
+    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper
 ) -> list[Piece]:
     """A layer without a rule here: Opacus's per-sample rule for its type, call by call, summed per row."""
     rule = GradSampleModule.GRAD_SAMPLERS[type(layer)]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from lightning_nt.privacy.book_keeping.pieces import Piece
 
-__all__ = ["Record"]
+__all__ = ["Record", "positional_input_refusal", "second_backward_refusal", "shared_input_advice"]
 
 
 @dataclass
@@ -16,13 +17,15 @@ class Record:
     """What one layer saw during the forward/backward passes: inputs and output gradients, one per call.
 
     Once every call's output gradient has arrived (in the backward pass) the layer's pieces are formed and the
-    tensors are let go, so the activations are freed as the backward pass proceeds, as in an ordinary one.
+    tensors are let go, so the activations are freed as the backward pass proceeds, as in an ordinary one. The
+    tensors a layer's pieces may keep for the clipped sum are ``held`` weakly with their versions: one changed in
+    place after the norms were taken (by a hook later in the backward pass) is refused, not summed.
     """
 
     inputs: list[Tensor] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)  # StandardizedConv2d only: Y = w_hat * A (bias removed)
     grads: list[Tensor | None] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
+    held: list[tuple[weakref.ref[Tensor], int]] = field(default_factory=list)  # what the pieces may keep, and versions
     rows: int = 0
     pieces: list[Piece] | None = None
 
@@ -53,6 +56,12 @@ class Record:
                 f"The input of layer {name} was modified in place after the layer used it, so its "
                 "per-example gradients can't be formed from it; avoid the in-place operation."
             )
+        if any((tensor := held()) is not None and tensor._version != version for held, version in self.held):
+            return (
+                f"The input or output gradient of layer {name} was modified in place in the backward pass after its "
+                "per-example norms were taken (by a hook), so its clipped sum can't be formed from it; avoid the "
+                "in-place operation."
+            )
         return None
 
 
@@ -76,4 +85,19 @@ def positional_input_refusal(name: str, kind: str) -> RuntimeError:
         "fc(input=x), or on another object): DP-SGD's per-example rules read a layer's first positional input, so "
         "its per-example gradients can't be formed. Refused before any noise. Call it on the tensor positionally: "
         "fc(x)."
+    )
+
+
+def second_backward_refusal(name: str, kind: str) -> RuntimeError:
+    """The refusal of a second backward pass through a layer's call in one step: an input-gradient penalty
+    (``torch.autograd.grad(..., create_graph=True)`` inside ``training_step``, double backprop) or ``backward`` twice
+    with ``retain_graph=True``. Per-example gradients are formed from the one backward pass of the loss; the first
+    pass would have been taken for it (book-keeping and Opacus's hooks failed with an ``IndexError``)."""
+    return RuntimeError(
+        f"Layer {name!r} ({kind}) received an output gradient a second time in one step: a backward pass through the "
+        "model ran before the loss's own, e.g. torch.autograd.grad(..., create_graph=True) for an input-gradient "
+        "penalty in training_step, or backward(retain_graph=True) twice. DP-SGD forms each example's clipped gradient "
+        "from the single backward pass of the returned loss, so a loss that differentiates through the model (double "
+        "backprop) is not supported. Refused before any noise. Remove that term from the loss training_step returns, "
+        "or train with it without DP."
     )

@@ -53,12 +53,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LayerRule:
-    """How a layer type's pieces are formed (``pieces(layer, inputs, grads, outputs, clipper)``), the check of its
+    """How a layer type's pieces are formed (``pieces(layer, inputs, grads, clipper)``), the check of its
     options when the clipper is built (``check(name, layer)``, raising a ``ValueError`` naming the layer), and the
     names of the parameters it forms pieces of (a layer holding others, such as ``weight_g``/``weight_v`` of the old
     ``torch.nn.utils.weight_norm``, is refused: their gradients would never be formed)."""
 
-    pieces: Callable[[Any, list[Tensor], list[Tensor], list[Tensor], BookKeepingClipper], list[Piece]]
+    pieces: Callable[[Any, list[Tensor], list[Tensor], BookKeepingClipper], list[Piece]]
     check: Callable[[str, Any], None] | None = None
     parameters: tuple[str, ...] = ("weight", "bias")
 
@@ -121,11 +121,9 @@ def opacus_formed_parameters(layer: nn.Module) -> tuple[str, ...] | None:
     return ("weight", "bias") if known else None
 
 
-def pieces_for(
-    layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], outputs: list[Tensor], clipper: BookKeepingClipper
-) -> list[Piece]:
+def pieces_for(layer: nn.Module, inputs: list[Tensor], grads: list[Tensor], clipper: BookKeepingClipper) -> list[Piece]:
     """The layer's pieces by its rule (:func:`rule_of`; Opacus's for a type without one here)."""
-    return (rule_of(layer) or _OPACUS).pieces(layer, inputs, grads, outputs, clipper)
+    return (rule_of(layer) or _OPACUS).pieces(layer, inputs, grads, clipper)
 
 
 def aliases_only(layer: nn.Module) -> bool:

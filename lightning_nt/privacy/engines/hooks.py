@@ -24,7 +24,11 @@ from torch import Tensor, nn
 
 from lightning_nt.common import loss_from_output
 from lightning_nt.privacy.agreement import AgreedReduction, Refuse, raise_refusal
-from lightning_nt.privacy.book_keeping.record import positional_input_refusal, shared_input_advice
+from lightning_nt.privacy.book_keeping.record import (
+    positional_input_refusal,
+    second_backward_refusal,
+    shared_input_advice,
+)
 from lightning_nt.privacy.book_keeping.rules import aliases_only, opacus_formed_parameters
 from lightning_nt.privacy.engines.base import ClippingEngine
 from lightning_nt.privacy.engines.replay import (
@@ -399,8 +403,12 @@ class _FirstInputOnly:
             record_call(module, output, len(vars(module).get("activations", ())) > recorded)
 
     def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
-        if not replaying():
-            super().capture_backprops_hook(module, *args, **kwargs)  # type: ignore[misc]
+        if replaying():
+            return
+        if self.hooks_enabled and vars(module).get("activations") == []:  # type: ignore[attr-defined]
+            name = next((n for n, m in self._module.named_modules() if m is module), "")  # type: ignore[attr-defined]
+            raise second_backward_refusal(name, type(module).__name__)  # a second backward (Opacus: an IndexError)
+        super().capture_backprops_hook(module, *args, **kwargs)  # type: ignore[misc]
 
 
 class _Hooks(_FirstInputOnly, GradSampleHooks):
