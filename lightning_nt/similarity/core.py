@@ -208,7 +208,8 @@ class PreparedFeatures:
 
 
 def cka_matrix(features: Sequence[Tensor]) -> Tensor:
-    """Linear CKA between every two representations ``[n, ...]`` (flattened per example) of the same examples.
+    """Linear CKA between every two representations ``[n, ...]`` (flattened per example; ``[n]`` is one feature) of
+    the same examples.
 
     Each centred Gram matrix is formed once, so ``k`` representations cost ``k`` Gram matrices rather than
     ``k²`` CKA computations; the result is a float64 ``[k, k]`` matrix on the first one's device. A
@@ -222,9 +223,9 @@ def cka_matrix(features: Sequence[Tensor]) -> Tensor:
     size, device = features[0].shape[0], features[0].device
     grams = []
     for index, value in enumerate(features):
-        if value.ndim < 2 or value.shape[0] != size:
+        if value.ndim < 1 or value.shape[0] != size:
             raise ValueError(f"`features[{index}]` must hold the {size} examples of `features[0]` (rows).")
-        centred = _prepared(value.flatten(1), device)
+        centred = _prepared(value.reshape(size, -1), device)
         nan = torch.full((size, size), math.nan, dtype=torch.float64, device=device)
         grams.append(centred @ centred.T if centred is not None else nan)
     stacked = torch.stack([gram.flatten() for gram in grams])
