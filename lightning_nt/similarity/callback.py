@@ -111,9 +111,12 @@ class RepresentationSimilarity(Callback):
     run's precision; parameters, buffers, RNG and modes are restored, so a run with the callback is bitwise the run
     without it. A layer's output ``[n, ...]`` is
     compared as a matrix ``[n * positions, units]`` (at most ``max_rows`` rows), the units along ``unit_dim``
-    (channels of a convolution, features of a linear layer) and every other position an example, because the
-    intertwiner group maps units the same way at every position. Under DDP the probe sets of all ranks are
-    gathered, so every rank compares the same features and logs the same numbers.
+    (channels of a convolution, features of a linear layer or a transformer's tokens) and every other position an
+    example, because the intertwiner group maps units the same way at every position (``[n]`` is one unit). The
+    hooks copy only those rows as each chunk's outputs arrive (so an in-place op after the layer, ``h += x`` or
+    ``nn.ReLU(inplace=True)``, doesn't change what was read), and only they are held and checkpointed for the
+    reference: per layer a float32 ``[min(rows, max_rows), units]``. Under DDP the rows of all ranks are gathered,
+    so every rank compares the same features and logs the same numbers.
 
     Logs ``similarity/<metric>/<layer>``; ``.history`` holds one dict per measurement (with ``"step"`` and
     ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
@@ -142,16 +145,22 @@ class RepresentationSimilarity(Callback):
             validation and before a checkpoint is saved, so a resumed run has every measurement).
         num_examples: examples in the probe set (per rank), the first ones ``data``'s loader yields.
         metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
-        unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
-            convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
+        unit_dim: dimension of a 3-D or larger output that holds its units, for every layer. ``None`` (default):
+            per layer, where the last ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding`` or
+            ``nn.MultiheadAttention`` (-1: ``[batch, tokens, features]``) or convolution, batch, instance or group
+            norm (1: ``[batch, channels, ...]``) that ran before it in the forward pass put them (the layer itself if
+            it is one); with none of these before it, 1 for 4-D or larger outputs and, for a 3-D one, a
+            ``ValueError`` naming ``unit_dim`` before training. A 1-D or 2-D output has its units along dimension 1.
         max_rows: most rows (example-position pairs) of a layer's matrix: a layer with more is compared on a
             fixed random subset of them (``torch.randperm(rows, generator=Generator().manual_seed(0))``), the
-            same rows for the network and the reference; ``None``: all. Bounds the cost for convolutions.
+            same rows for the network and the reference; ``None``: all. Bounds the cost and the memory (what is
+            held and checkpointed) for convolutions.
         loss_fn: ``loss_fn(pl_module, batch)`` for the forward pass; default: ``training_step`` with logging
             muted (needed for modules that optimize manually).
         chunk_size: probe examples per forward pass (``None``: all at once), to bound the pass's memory on a
-            large model; in eval mode an example's outputs don't depend on its chunk. The layers' outputs on the
-            whole probe set are kept either way.
+            large model; in eval mode an example's outputs don't depend on its chunk. Of each chunk's outputs only
+            the kept rows are held. The end-of-training layer x layer CKA matrix holds each layer's outputs
+            flattened per example, ``[examples, features]`` float32, while it is computed.
         data: ``"train"``: the probe set is read from the train loader and run through ``training_step``
             (or ``loss_fn``) after the epoch's last batch. ``"val"``: it is read from the first validation loader,
             and the layers' outputs are read during the validation that ends a measured epoch, as it runs the
