@@ -858,7 +858,7 @@ class _LayerOutputs:
         self._unit_dim, self._plan, self._flatten = unit_dim, plan, flatten
         self._chunk = (0, 0, None, 0)  # examples in the batch, offset among all ranks' examples, kept, total
         self._producer: int | None = None  # where the last linear / convolution / norm module put its units
-        producers = [module for module in every.modules() if _units_of(module) is not None]
+        producers = [] if unit_dim is not None else [m for m in every.modules() if _units_of(m) is not None]
         self._handles = [module.register_forward_hook(self._tracker) for module in producers]
         self._handles += [module.register_forward_hook(self._recorder(name)) for name, module in modules.items()]
 
