@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -111,9 +111,12 @@ class RepresentationSimilarity(Callback):
     run's precision; parameters, buffers, RNG and modes are restored, so a run with the callback is bitwise the run
     without it. A layer's output ``[n, ...]`` is
     compared as a matrix ``[n * positions, units]`` (at most ``max_rows`` rows), the units along ``unit_dim``
-    (channels of a convolution, features of a linear layer) and every other position an example, because the
-    intertwiner group maps units the same way at every position. Under DDP the probe sets of all ranks are
-    gathered, so every rank compares the same features and logs the same numbers.
+    (channels of a convolution, features of a linear layer or a transformer's tokens) and every other position an
+    example, because the intertwiner group maps units the same way at every position (``[n]`` is one unit). The
+    hooks copy only those rows as each chunk's outputs arrive (so an in-place op after the layer, ``h += x`` or
+    ``nn.ReLU(inplace=True)``, doesn't change what was read), and only they are held and checkpointed for the
+    reference: per layer a float32 ``[min(rows, max_rows), units]``. Under DDP the rows of all ranks are gathered,
+    so every rank compares the same features and logs the same numbers.
 
     Logs ``similarity/<metric>/<layer>``; ``.history`` holds one dict per measurement (with ``"step"`` and
     ``"epoch"``). When training ends, the picture ``similarity/layers`` shows the layer x layer CKA matrix of
@@ -142,16 +145,22 @@ class RepresentationSimilarity(Callback):
             validation and before a checkpoint is saved, so a resumed run has every measurement).
         num_examples: examples in the probe set (per rank), the first ones ``data``'s loader yields.
         metrics: any of ``"cka"``, ``"cka_debiased"``, ``"intertwiner"``, ``"orthogonal_procrustes"``.
-        unit_dim: dimension of a layer's output that holds its units: 1 for ``[batch, channels, ...]``
-            convolutions and linear layers, -1 for ``[batch, tokens, features]`` sequence models.
+        unit_dim: dimension of a 3-D or larger output that holds its units, for every layer. ``None`` (default):
+            per layer, where the last ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding`` or
+            ``nn.MultiheadAttention`` (-1: ``[batch, tokens, features]``) or convolution, batch, instance or group
+            norm (1: ``[batch, channels, ...]``) that ran before it in the forward pass put them (the layer itself if
+            it is one); with none of these before it, 1 for 4-D or larger outputs and, for a 3-D one, a
+            ``ValueError`` naming ``unit_dim`` before training. A 1-D or 2-D output has its units along dimension 1.
         max_rows: most rows (example-position pairs) of a layer's matrix: a layer with more is compared on a
             fixed random subset of them (``torch.randperm(rows, generator=Generator().manual_seed(0))``), the
-            same rows for the network and the reference; ``None``: all. Bounds the cost for convolutions.
+            same rows for the network and the reference; ``None``: all. Bounds the cost and the memory (what is
+            held and checkpointed) for convolutions.
         loss_fn: ``loss_fn(pl_module, batch)`` for the forward pass; default: ``training_step`` with logging
             muted (needed for modules that optimize manually).
         chunk_size: probe examples per forward pass (``None``: all at once), to bound the pass's memory on a
-            large model; in eval mode an example's outputs don't depend on its chunk. The layers' outputs on the
-            whole probe set are kept either way.
+            large model; in eval mode an example's outputs don't depend on its chunk. Of each chunk's outputs only
+            the kept rows are held. The end-of-training layer x layer CKA matrix holds each layer's outputs
+            flattened per example, ``[examples, features]`` float32, while it is computed.
         data: ``"train"``: the probe set is read from the train loader and run through ``training_step``
             (or ``loss_fn``) after the epoch's last batch. ``"val"``: it is read from the first validation loader,
             and the layers' outputs are read during the validation that ends a measured epoch, as it runs the
@@ -192,7 +201,7 @@ class RepresentationSimilarity(Callback):
         every_n_epochs: int = 1,
         num_examples: int = 512,
         metrics: Sequence[SimilarityMetric] = ("cka", "intertwiner", "orthogonal_procrustes"),
-        unit_dim: int = 1,
+        unit_dim: int | None = None,
         max_rows: int | None = 4096,
         loss_fn: LossFn | None = None,
         chunk_size: int | None = None,
@@ -208,15 +217,17 @@ class RepresentationSimilarity(Callback):
         self.layers, self.reference, self.every_n_epochs = layers, reference, every_n_epochs
         self.num_examples, self.metrics, self.unit_dim, self.loss_fn = num_examples, tuple(metrics), unit_dim, loss_fn
         self.max_rows, self.chunk_size, self.data = max_rows, chunk_size, data
+        self._plan = _RowPlan(max_rows)
         self.history: list[dict[str, float]] = []
         self.layer_cka: Tensor | None = None
         self._activations: dict[str, str] = {}
         self._probe: ProbeSet | None = None
         self._saved_probe: dict[str, Any] | list[Tensor] | None = None  # list: an older checkpoint
-        self._reference_features: dict[str, Tensor] | None = None
+        self._reference_features: dict[str, Tensor] | None = None  # each layer's kept rows [rows, units]
+        self._whole_reference = False  # an older checkpoint's reference: each layer's whole output [n, ...]
         self._prepared_reference: dict[str, PreparedFeatures] | None = None  # built once, on the features' device
-        self._row_subsets: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, ...]] = {}
         self._layer_names: list[str] = []
+        self._unit_dims: dict[str, int] = {}  # the dimension each layer's units were read from, last pass
         self._restored = False
         self._warned: set[str] = set()
         # data="val": reading the layers' outputs during validation
@@ -224,7 +235,7 @@ class RepresentationSimilarity(Callback):
         self._saved_due: int | None = None  # the same, from a checkpoint
         self._capture: _LayerOutputs | None = None  # the hooks reading the outputs
         self._covered = self._taking = 0  # probe examples read so far, and taken from the current batch
-        self._local: dict[str, Tensor] | None = None  # this rank's outputs, read, not yet measured
+        self._local: dict[str, _Rows] | None = None  # this rank's rows of the outputs, read, not yet measured
         self._trained_weights: list[float] = []  # a fingerprint of the weights after the epoch's last step
         self._validation_swaps_weights = self._measured_without_validation = False
 
@@ -240,7 +251,7 @@ class RepresentationSimilarity(Callback):
             every_n_epochs=self.every_n_epochs,
             num_samples=self.num_examples,  # old name kept in the key: older checkpoints load
             metrics=self.metrics,
-            unit_dim=self.unit_dim,
+            unit_dim=1 if self.unit_dim is None else self.unit_dim,  # the older default's key: its checkpoints load
             max_rows=self.max_rows,
             loss_fn=loss_fn,
             **({"data": self.data} if self.data != "train" else {}),  # older keys stay
@@ -296,8 +307,10 @@ class RepresentationSimilarity(Callback):
             self._forward_instead(trainer, pl_module, "compiled")
         elif not self._same_examples(trainer, batch):
             self._forward_instead(trainer, pl_module, "examples")
-        elif self._capture is None:
-            self._capture = self._layer_outputs(pl_module)
+        else:
+            if self._capture is None:
+                self._capture = self._layer_outputs(pl_module)
+            self._capture.start_chunk(batch_size(batch), *self._placed(trainer, self._covered), keep=self._taking)
 
     @override
     def on_validation_batch_end(
@@ -312,7 +325,7 @@ class RepresentationSimilarity(Callback):
         if self._capture is None or dataloader_idx != 0 or self._local is not None:
             return
         assert self._probe is not None
-        runs = self._capture.end_chunk(batch_size(batch), keep=self._taking)
+        runs = self._capture.end_chunk()
         self._covered += self._taking
         if runs != self._runs_per_pass():  # validation_step ran the layers otherwise on this batch
             self._forward_instead(trainer, pl_module, "calls")
@@ -348,8 +361,16 @@ class RepresentationSimilarity(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.layer_cka = cka_matrix(list(self._features(trainer, pl_module).values())).float().cpu()
-        if self.history and trainer.loggers and trainer.is_global_zero:
+        self.layer_cka = cka_matrix(list(self._flattened_features(trainer, pl_module).values())).float().cpu()
+        if not self.history:
+            self._warn(
+                "none",
+                "RepresentationSimilarity: no measurement was taken in this run "
+                f"(every_n_epochs={self.every_n_epochs}, training ended after epoch {trainer.current_epoch}), so there "
+                "is no history, picture or table; "
+                "set every_n_epochs to at most the number of epochs trained.",
+            )
+        elif trainer.loggers and trainer.is_global_zero:
             log_figure(trainer, "similarity/layers", self.figure())
             log_text(trainer, "similarity/table", self.table())
 
@@ -360,6 +381,7 @@ class RepresentationSimilarity(Callback):
             "history": self.history,
             "probe": probe,
             "reference_features": self._reference_features,
+            "reference_rows": not self._whole_reference,  # each layer's kept rows, not (as before) its whole output
             "due": self._due,  # data="val": an epoch's measurement owed to the validation after its last batch
         }
 
@@ -368,6 +390,7 @@ class RepresentationSimilarity(Callback):
         self.history = list(state_dict["history"])
         self._saved_probe = state_dict["probe"]
         self._reference_features, self._prepared_reference = state_dict["reference_features"], None
+        self._whole_reference = self._reference_features is not None and not state_dict.get("reference_rows", False)
         self._saved_due = state_dict.get("due")
         self._restored = self._saved_probe is not None and self._reference_features is not None
 
@@ -390,7 +413,9 @@ class RepresentationSimilarity(Callback):
             values = [last.get(f"similarity/{metric}/{name}", math.nan) for name in names]
             bar_axes.bar([i + index * width for i in range(len(names))], values, width, label=metric)
         bar_axes.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=90)
-        bar_axes.set_ylim(0, 1.05)
+        lowest = min([last.get(f"similarity/{metric}/{name}", 0.0) for metric in shown for name in names] + [0.0])
+        bar_axes.set_ylim(min(lowest * 1.05, 0.0), 1.05)  # the intertwiner similarity can be negative (down to -1)
+        bar_axes.axhline(0.0, color="black", linewidth=0.5)
         bar_axes.set_title(f"against the reference ({self._reference_name()}), epoch {int(last['epoch'])}")
         bar_axes.legend()
         figure.tight_layout()
@@ -415,7 +440,7 @@ class RepresentationSimilarity(Callback):
         """Compare ``features`` (every rank's, gathered) with the reference's; log and record the values (as the
         measurement of ``epoch``, by default the current one)."""
         reference = self._reference_matrices(features)
-        current = {name: PreparedFeatures(self._unit_matrix(output)) for name, output in features.items()}
+        current = {name: PreparedFeatures(rows) for name, rows in features.items()}
         unmatched = [name for name in current if name not in reference]
         if unmatched:  # a checkpoint's reference from before ReLU6, Hardtanh and hand-written LeakyReLUs were found
             self._warn(
@@ -441,65 +466,82 @@ class RepresentationSimilarity(Callback):
             self._set_reference(features, current)
 
     def _set_reference(self, features: dict[str, Tensor], prepared: dict[str, PreparedFeatures] | None = None) -> None:
-        """The reference's outputs (kept on the CPU, and checkpointed) and, if at hand, their prepared matrices."""
+        """The reference's kept rows (on the CPU, and checkpointed) and, if at hand, their prepared matrices."""
         self._reference_features, self._prepared_reference = self._cpu(features), prepared
+        self._whole_reference = False
 
     def _reference_matrices(self, features: dict[str, Tensor]) -> dict[str, PreparedFeatures]:
         """The reference's unit matrices, centred in float64 with their Gram matrices, once for every
-        measurement against it (on the device of ``features``, the current outputs)."""
+        measurement against it (on the device of ``features``, the current rows)."""
         assert self._reference_features is not None
+        if self._whole_reference:  # kept from now on as rows, as a new run keeps them
+            self._reference_features = {
+                name: self._reference_rows(name, output) for name, output in self._reference_features.items()
+            }
+            self._whole_reference = False
         if self._prepared_reference is None:
             self._prepared_reference = {
-                name: PreparedFeatures(self._unit_matrix(output.to(features[name].device)))
-                for name, output in self._reference_features.items()
+                name: PreparedFeatures(rows.to(features[name].device))
+                for name, rows in self._reference_features.items()
+                if name in features
             }
         return self._prepared_reference
 
-    def _unit_matrix(self, output: Tensor) -> Tensor:
-        """``[n, ...]`` as ``[rows, units]``: units along ``unit_dim``, every other position a row, at most
-        ``max_rows`` of them (the same fixed random subset for every tensor with as many rows), gathered without
-        first copying every row."""
-        if output.ndim > 2:
-            output = output.movedim(self.unit_dim, -1)  # a view [n, ..., units]: nothing copied yet
-        positions = output.shape[:-1] if output.ndim > 1 else output.shape
-        if self.max_rows is None or positions.numel() <= self.max_rows:
-            return output.reshape(-1, output.shape[-1]) if output.ndim > 2 else output
-        return output[self._row_subset(tuple(positions), output.device)]
-
-    def _row_subset(self, positions: tuple[int, ...], device: torch.device) -> tuple[Tensor, ...]:
-        """The ``max_rows`` rows ``torch.randperm(rows, generator=Generator().manual_seed(0))`` picks among the
-        rows of ``positions`` (row-major), as an index per dimension; drawn once per shape and device."""
-        key = (positions, device)
-        if key not in self._row_subsets:
-            rows = math.prod(positions)
-            subset = torch.randperm(rows, generator=torch.Generator().manual_seed(0))[: self.max_rows]
-            self._row_subsets[key] = tuple(index.to(device) for index in torch.unravel_index(subset, positions))
-        return self._row_subsets[key]
+    def _reference_rows(self, name: str, output: Tensor) -> Tensor:
+        """The kept rows of a reference layer from an older checkpoint's whole output ``[n, ...]``, with the units
+        where this run finds them: the rows that version compared."""
+        if output.ndim <= 2:
+            view = output.reshape(len(output), -1)
+        else:
+            view = output.movedim(self._unit_dims.get(name, 1 if self.unit_dim is None else self.unit_dim), -1)
+        rows = self._plan.rows(view, 0, len(output))
+        return _in_place([rows.values], [rows.slots], rows.total)
 
     @torch.no_grad()
     def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Each layer's output on the probe set (of every rank, gathered), as float32 on the module's device."""
+        """Each layer's kept rows ``[rows, units]`` on the probe set (of every rank, gathered), as float32 on the
+        module's device."""
         return self._gathered(trainer, self._forward_features(trainer, pl_module))
 
     @torch.no_grad()
-    def _forward_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """This rank's layers' outputs from a forward pass over its probe set, in eval mode, state restored."""
+    def _flattened_features(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Each layer's output on the probe set flattened per example, ``[examples, features]``, for the layer x
+        layer CKA matrix (held only while it is computed, at the end of training)."""
+        return self._gathered(trainer, self._forward_features(trainer, pl_module, flatten=True))
+
+    @torch.no_grad()
+    def _forward_features(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, flatten: bool = False
+    ) -> dict[str, _Rows]:
+        """This rank's rows of the layers' outputs from a forward pass over its probe set, in eval mode, state
+        restored."""
         assert self._probe is not None
         with (
             preserved_state(pl_module, parameters=False, grads=False),
             running_stage(trainer, self.data),
-            self._layer_outputs(pl_module) as outputs,
+            self._layer_outputs(pl_module, flatten) as outputs,
         ):
             pl_module.eval()
+            covered = 0
             for chunk, _ in self._probe.chunks(self.chunk_size):
+                examples = batch_size(chunk)
+                outputs.start_chunk(examples, *self._placed(trainer, covered))
                 self._forward(trainer, pl_module, prepare_batch(trainer, chunk, probe=self.data))
-                outputs.end_chunk(batch_size(chunk))
+                outputs.end_chunk()
+                covered += examples
         return self._assembled(outputs, pl_module)
 
-    def _layer_outputs(self, pl_module: pl.LightningModule) -> _LayerOutputs:
+    def _placed(self, trainer: pl.Trainer, covered: int) -> tuple[int, int]:
+        """Where this rank's probe example ``covered`` lies among every rank's (gathered in rank order), and how many
+        examples that makes."""
+        assert self._probe is not None
+        return trainer.global_rank * len(self._probe) + covered, trainer.world_size * len(self._probe)
+
+    def _layer_outputs(self, pl_module: pl.LightningModule, flatten: bool = False) -> _LayerOutputs:
         """Hooks reading the outputs of the compared layers from now on."""
         modules = named_modules(pl_module)
-        return _LayerOutputs({name: modules[name] for name in self._activations})
+        chosen = {name: modules[name] for name in self._activations}
+        return _LayerOutputs(chosen, pl_module, self.unit_dim, self._plan, flatten)
 
     def _forward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """One forward pass as the probe set's loader is run: ``loss_fn`` if given, else ``training_step`` for the
@@ -511,9 +553,9 @@ class RepresentationSimilarity(Callback):
             with trainer.precision_plugin.forward_context():
                 training_loss(pl_module, batch, 0, self.loss_fn)
 
-    def _assembled(self, outputs: _LayerOutputs, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        """Each layer's outputs, chunk after chunk, as one tensor per layer call (``<name>#<call>`` for a layer
-        that runs several times in one forward pass)."""
+    def _assembled(self, outputs: _LayerOutputs, pl_module: pl.LightningModule) -> dict[str, _Rows]:
+        """Each layer's rows, chunk after chunk, as one :class:`_Rows` per layer call (``<name>#<call>`` for a
+        layer that runs several times in one forward pass)."""
         calls, counts = outputs.calls, outputs.counts
         self._leave_out_shared_layers(sorted(outputs.shared), calls)
         if not calls:
@@ -536,13 +578,18 @@ class RepresentationSimilarity(Callback):
             (runs,) = per_pass
             for index in range(runs):
                 key = name if runs == 1 else f"{name}#{index}"
-                features[key] = torch.cat(layer_calls[index::runs]) if len(counts) > 1 else layer_calls[index]
+                pieces = [rows for rows in layer_calls[index::runs] if rows is not None]
+                values, slots = torch.cat([p.values for p in pieces]), torch.cat([p.slots for p in pieces])
+                features[key] = _Rows(values, slots, pieces[0].total)
+                if name in outputs.unit_dims:
+                    self._unit_dims[key] = outputs.unit_dims[name]
         self._layer_names = list(features)
         return features
 
     @staticmethod
-    def _gathered(trainer: pl.Trainer, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: gather_across_ranks(trainer, output) for name, output in features.items()}
+    def _gathered(trainer: pl.Trainer, features: dict[str, _Rows]) -> dict[str, Tensor]:
+        """Every rank's rows of each layer, in their places: the layer's matrix, the same on every rank."""
+        return {name: _placed_rows(trainer, rows) for name, rows in features.items()}
 
     def _probe_set(self, trainer: pl.Trainer) -> ProbeSet:
         try:
@@ -709,28 +756,128 @@ def _identity(module: nn.Module) -> list[float]:
     return torch.stack(sums).tolist() if sums else []
 
 
+def _placed_rows(trainer: pl.Trainer, rows: _Rows) -> Tensor:
+    """``[total, units]``: the rows of every rank (padded to the longest for the gather), each in its place."""
+    if trainer.world_size == 1:
+        return _in_place([rows.values], [rows.slots], rows.total)
+    values, slots = rows.values, rows.slots
+    counts = gather_across_ranks(trainer, torch.tensor([len(slots)], device=slots.device)).tolist()
+    longest = max(counts)
+    padded_values, padded_slots = values.new_zeros(longest, values.shape[1]), slots.new_zeros(longest)
+    padded_values[: len(values)], padded_slots[: len(slots)] = values, slots
+    every_value = gather_across_ranks(trainer, padded_values).view(len(counts), longest, -1)
+    every_slot = gather_across_ranks(trainer, padded_slots).view(len(counts), longest)
+    ranks = list(enumerate(counts))
+    return _in_place([every_value[r, :c] for r, c in ranks], [every_slot[r, :c] for r, c in ranks], rows.total)
+
+
+def _in_place(values: list[Tensor], slots: list[Tensor], total: int) -> Tensor:
+    """``[total, units]`` with row ``slots[i][j]`` set to ``values[i][j]``."""
+    every_value = torch.cat(values)
+    placed = every_value.new_empty(total, every_value.shape[1])
+    placed[torch.cat(slots)] = every_value
+    return placed
+
+
+class _Rows(NamedTuple):
+    """Rows of a layer's matrix held by this rank: ``values`` ``[m, units]`` (float32 copies), each row's place
+    ``slots`` among the layer's ``total`` rows over all ranks."""
+
+    values: Tensor
+    slots: Tensor
+    total: int
+
+
+class _RowPlan:
+    """Which rows of a layer's ``[examples, *positions, units]`` matrix are kept: all, or the ``max_rows`` that
+    ``torch.randperm(rows, generator=Generator().manual_seed(0))`` picks among the rows of every rank's examples
+    (row-major), drawn once per shape and device, the same for the network and the reference."""
+
+    def __init__(self, max_rows: int | None) -> None:
+        self.max_rows = max_rows
+        self._subsets: dict[tuple[tuple[int, ...], torch.device], tuple[Tensor, Tensor]] = {}
+
+    def rows(self, view: Tensor, offset: int, total: int) -> _Rows:
+        """The kept rows of ``view`` ``[c, *positions, units]``, examples ``offset`` to ``offset + c`` of
+        ``total``: gathered (not the whole output copied), as float32 copies (later in-place ops on the output
+        don't reach them)."""
+        positions, examples = tuple(view.shape[1:-1]), view.shape[0]
+        per_example = math.prod(positions)
+        first, stop = offset * per_example, (offset + examples) * per_example
+        if self.max_rows is None or total * per_example <= self.max_rows:
+            values = view.reshape(-1, view.shape[-1]).to(torch.float32, copy=True)
+            return _Rows(values, torch.arange(first, stop, device=view.device), total * per_example)
+        ids, slots = self._subset((total, *positions), view.device)
+        low, high = torch.searchsorted(ids, torch.tensor([first, stop], device=view.device)).tolist()
+        local = torch.unravel_index(ids[low:high] - first, (examples, *positions))
+        return _Rows(view[local].to(torch.float32), slots[low:high], len(ids))
+
+    def _subset(self, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+        """The kept rows' flat ids, ascending, and the place of each in the documented (random) order."""
+        key = (shape, device)
+        if key not in self._subsets:
+            assert self.max_rows is not None
+            subset = torch.randperm(math.prod(shape), generator=torch.Generator().manual_seed(0))[: self.max_rows]
+            ids, slots = subset.sort()
+            self._subsets[key] = (ids.to(device), slots.to(device))
+        return self._subsets[key]
+
+
+_RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+_UNITS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, *_RMS_NORM)
+_UNITS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+
+
+def _units_of(module: nn.Module) -> int | None:
+    """Where the units of ``module``'s output lie: last for linear maps, embeddings and layer norms, dimension 1 for
+    convolutions and batch, instance and group norms; None for any other module."""
+    if isinstance(module, _UNITS_LAST):
+        return -1
+    return 1 if isinstance(module, _UNITS_FIRST) else None
+
+
 class _LayerOutputs:
     """The outputs of the compared layers, call after call, over chunks of examples, read by forward hooks until
-    :meth:`remove` (or the end of a ``with`` block)."""
+    :meth:`remove` (or the end of a ``with`` block): each call's kept rows (:class:`_RowPlan`), or with
+    ``flatten`` each example's whole output flattened (for the layer x layer CKA matrix).
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.calls: dict[str, list[Tensor]] = {}
+    A ``[examples, ...]`` output of three or more dimensions has its units along ``unit_dim``, or, if None, where
+    the last linear, convolution or normalisation module that ran before it (in this forward pass; the layer
+    itself if it is one) puts them: the last dimension after ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding``,
+    ``nn.MultiheadAttention``, dimension 1 after a convolution or a batch, instance or group norm; with none, 1
+    for four or more dimensions (PyTorch's channels-first images) and a ``ValueError`` naming ``unit_dim`` for
+    three. A 1-D output ``[examples]`` is one unit."""
+
+    def __init__(
+        self, modules: dict[str, nn.Module], every: nn.Module, unit_dim: int | None, plan: _RowPlan, flatten: bool
+    ) -> None:
+        self.calls: dict[str, list[_Rows | None]] = {}
         self.counts: list[dict[str, int]] = []  # calls of each layer after each chunk
         self.shared: set[str] = set()  # layers whose outputs don't hold the examples along dimension 0
-        self._handles = [module.register_forward_hook(self._recorder(name)) for name, module in modules.items()]
+        self.unit_dims: dict[str, int] = {}  # the dimension each layer's units were read from
+        self._unit_dim, self._plan, self._flatten = unit_dim, plan, flatten
+        self._chunk = (0, 0, None, 0)  # examples in the batch, offset among all ranks' examples, kept, total
+        self._producer: int | None = None  # where the last linear / convolution / norm module put its units
+        producers = [] if unit_dim is not None else [m for m in every.modules() if _units_of(m) is not None]
+        self._handles = [module.register_forward_hook(self._tracker) for module in producers]
+        self._handles += [module.register_forward_hook(self._recorder(name)) for name, module in modules.items()]
 
-    def end_chunk(self, examples: int, keep: int | None = None) -> dict[str, int]:
-        """A chunk of ``examples`` examples has run: of each layer's calls in it, those whose output holds the
-        examples along dimension 0 are kept (the rows of the first ``keep`` examples, all if None), other calls (on a
-        few examples, or on inputs the batch shares) are dropped, and a layer left with none is ``shared``. Returns
-        the calls kept per layer that ran (shared layers left out)."""
+    def start_chunk(self, examples: int, offset: int, total: int, keep: int | None = None) -> None:
+        """A forward pass on a batch of ``examples`` examples starts; of each output the rows of the first ``keep``
+        (all if None) are read, examples ``offset`` onwards of the ``total`` of every rank."""
+        self._chunk, self._producer = (examples, offset, keep, total), None
+
+    def end_chunk(self) -> dict[str, int]:
+        """The chunk has run: of each layer's calls in it, those whose output holds the examples along dimension 0
+        are kept, other calls (on a few examples, or on inputs the batch shares) are dropped, and a layer left with
+        none is ``shared``. Returns the calls kept per layer that ran (shared layers left out)."""
         before = self.counts[-1] if self.counts else {}
         runs = {}
         for name, outputs in self.calls.items():
             start = before.get(name, 0)
             if start == len(outputs):
                 continue
-            kept = [out[:keep] for out in outputs[start:] if out.ndim > 0 and len(out) == examples]
+            kept = [rows for rows in outputs[start:] if rows is not None]
             outputs[start:] = kept
             if kept:
                 runs[name] = len(kept)
@@ -752,6 +899,9 @@ class _LayerOutputs:
     ) -> None:
         self.remove()
 
+    def _tracker(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self._producer = _units_of(module)
+
     def _recorder(self, name: str) -> Any:
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             if not isinstance(output, Tensor):
@@ -759,6 +909,32 @@ class _LayerOutputs:
                     f"`layers`: module {name!r} returned a {type(output).__name__}, not a Tensor; "
                     "name a module whose output is a Tensor."
                 )
-            self.calls.setdefault(name, []).append(output.detach().float())
+            examples, offset, keep, total = self._chunk
+            if output.ndim == 0 or len(output) != examples:
+                self.calls.setdefault(name, []).append(None)
+                return
+            output = output.detach()[:keep]
+            if self._flatten:
+                values = output.reshape(len(output), -1).to(torch.float32, copy=True)
+                rows = _Rows(values, torch.arange(offset, offset + len(output), device=output.device), total)
+            else:
+                rows = self._plan.rows(self._units_last(name, module, output), offset, total)
+            self.calls.setdefault(name, []).append(rows)
 
         return record
+
+    def _units_last(self, name: str, module: nn.Module, output: Tensor) -> Tensor:
+        """``output`` as a view ``[examples, *positions, units]``."""
+        if output.ndim <= 2:
+            return output.reshape(len(output), -1)
+        dim = self._unit_dim
+        if dim is None:
+            dim = _units_of(module) or self._producer or (1 if output.ndim > 3 else None)
+        if dim is None:
+            raise ValueError(
+                f"`unit_dim`: the output of {name!r} is {list(output.shape)}, and no linear, convolution or "
+                "normalisation module ran before it to say which dimension holds its units; give "
+                "unit_dim=-1 for [batch, tokens, features] or unit_dim=1 for [batch, channels, length]."
+            )
+        self.unit_dims[name] = dim
+        return output.movedim(dim, -1)

@@ -2,8 +2,10 @@
 
 Each measure takes feature matrices ``x: [n, p]`` and ``y: [n, q]`` whose rows are the same ``n`` examples
 in the same order, centres every feature (column), works in float64 on the inputs' device, and returns a
-Python float in ``[0, 1]`` (debiased CKA can dip slightly below 0) that is 1 exactly when ``y`` is ``x``
-transformed by an element of the measure's group:
+Python float that is 1 exactly when ``y`` is ``x`` transformed by an element of the measure's group. CKA and
+orthogonal Procrustes lie in ``[0, 1]`` (debiased CKA can dip slightly below 0); the intertwiner similarity in
+``[-1, 1]`` (for the ReLU, GELU and sigmoid groups, a sum of matched inner products that can all be negative:
+-1 for one unit and ``y = -x``):
 
 - :func:`linear_cka` and :func:`orthogonal_procrustes_similarity`: all rotations and reflections times a
   global scale (Kornblith et al. 2019; Williams et al. 2021; Ding et al. 2021).
@@ -105,7 +107,9 @@ def intertwiner_similarity(x: Tensor, y: Tensor, activation: Activation = "relu"
     - ``"identity"`` (every invertible map): the mean canonical correlation, the sum of the canonical
       correlations over the larger of the two ranks, so that 1 means equal column spaces.
 
-    1 means "equal up to the group"; it is at most :func:`orthogonal_procrustes_similarity` for the
+    1 means "equal up to the group". The value lies in ``[-1, 1]``: for ReLU, GELU and sigmoid it is negative
+    when the best matched units are anti-correlated (-1 for one unit and ``y = -x``); for tanh (signs are in the
+    group) and the identity it is in ``[0, 1]``. It is at most :func:`orthogonal_procrustes_similarity` for the
     permutation groups, and the gap is the part of the similarity that needs maps the network can't make.
     The permutation groups need ``p == q``. Symmetric in ``x`` and ``y``.
 
@@ -208,7 +212,8 @@ class PreparedFeatures:
 
 
 def cka_matrix(features: Sequence[Tensor]) -> Tensor:
-    """Linear CKA between every two representations ``[n, ...]`` (flattened per example) of the same examples.
+    """Linear CKA between every two representations ``[n, ...]`` (flattened per example; ``[n]`` is one feature) of
+    the same examples.
 
     Each centred Gram matrix is formed once, so ``k`` representations cost ``k`` Gram matrices rather than
     ``k²`` CKA computations; the result is a float64 ``[k, k]`` matrix on the first one's device. A
@@ -222,9 +227,9 @@ def cka_matrix(features: Sequence[Tensor]) -> Tensor:
     size, device = features[0].shape[0], features[0].device
     grams = []
     for index, value in enumerate(features):
-        if value.ndim < 2 or value.shape[0] != size:
+        if value.ndim < 1 or value.shape[0] != size:
             raise ValueError(f"`features[{index}]` must hold the {size} examples of `features[0]` (rows).")
-        centred = _prepared(value.flatten(1), device)
+        centred = _prepared(value.reshape(size, -1), device)
         nan = torch.full((size, size), math.nan, dtype=torch.float64, device=device)
         grams.append(centred @ centred.T if centred is not None else nan)
     stacked = torch.stack([gram.flatten() for gram in grams])

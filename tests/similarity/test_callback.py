@@ -375,6 +375,11 @@ class RecordedSimilarity(RepresentationSimilarity):
         self.outputs.append({name: value.clone() for name, value in features.items()})
         return features
 
+    def _flattened_features(self, trainer, pl_module):  # the pass at the end, for the layer x layer CKA matrix
+        features = super()._flattened_features(trainer, pl_module)
+        self.outputs.append({name: value.clone() for name, value in features.items()})
+        return features
+
 
 @pytest.mark.parametrize("reference", ["init", "previous"])
 def test_every_measurement_equals_the_core_on_the_documented_row_subset(reference):

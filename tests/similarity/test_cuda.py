@@ -95,3 +95,27 @@ def test_the_validation_probe_on_the_gpu_reads_validation_and_equals_a_forward_p
     assert [entry["epoch"] for entry in read] == [0, 1]
     for entry, expected in zip(read, forward):
         assert entry == pytest.approx(expected, rel=1e-2 if precision == "bf16-mixed" else 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_kept_rows_token_units_and_in_place_ops_on_the_gpu(precision):
+    """The rows picked on the GPU (chunk by chunk, copied in the hooks), the units of a token model placed by its
+    Linear, an in-place residual after a GELU: the values of the same run on the CPU (within TF32 or bf16 rounding),
+    the reference's rows held on the CPU."""
+    from tests.similarity.test_layer_outputs import ConvNet, ResidualGELU, TokenMLP, _seeded
+
+    for cls in (ConvNet, TokenMLP, ResidualGELU):
+        histories = []
+        for accelerator, run_precision in (("cpu", "32-true"), ("gpu", precision)):
+            monitor = RepresentationSimilarity(num_examples=64, max_rows=500, chunk_size=24, metrics=METRICS)
+            trainer = tiny_trainer(None, accelerator=accelerator, precision=run_precision, callbacks=[monitor])
+            trainer.fit(_seeded(cls, 0))
+            assert all(rows.device.type == "cpu" for rows in monitor._reference_features.values())
+            assert all(len(rows) <= 500 for rows in monitor._reference_features.values())
+            histories.append(monitor.history[-1])
+        on_cpu, on_gpu = histories
+        assert on_gpu.keys() == on_cpu.keys()
+        assert all(math.isfinite(value) and value <= 1 + 1e-9 for value in on_gpu.values())
+        if precision == "32-true":
+            assert on_gpu == pytest.approx(on_cpu, abs=5e-3), cls.__name__
