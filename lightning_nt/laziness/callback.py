@@ -23,11 +23,11 @@ from lightning_nt.common import (
     uncompiled_name,
 )
 from lightning_nt.common.callback import Callback
-from lightning_nt.common.distributed import mean_across_ranks
+from lightning_nt.common.distributed import mean_across_ranks, sum_across_ranks
 from lightning_nt.common.state import continues_run, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
-from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
+from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment, zero_centred_kernels
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
 
 __all__ = ["LazinessMonitor", "TargetFn"]
@@ -36,6 +36,13 @@ TargetFn = Callable[[Any], Tensor]
 """``target_fn(batch) -> targets``: integer labels ``[m]`` or float targets ``[m, C]`` for the kernel alignment."""
 
 _TAG = "laziness"
+
+_ZERO_KERNEL_REASONS = {
+    "label kernel": "every probe example has the same label (one class); use a larger or class-balanced probe set "
+    "(`num_examples`, a shuffled train loader) or targets of several classes with `target_fn`",
+    "NTK": "every probe example has the same output gradients, e.g. a network whose outputs don't depend on its "
+    "input yet",
+}
 
 
 def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
@@ -303,10 +310,23 @@ class LazinessMonitor(Callback):
             values.update({f"{_TAG}/activation_flips/{layer}": value for layer, value in flips.items()})
         if kernel is not None:
             values.update(self._kernel_values(kernel.cpu().double(), initial["kernel"].double(), initial["targets"]))
+        self._log(trainer, values, started)
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, float], started: float) -> None:
+        """Log the mean over ranks of every value some rank measured finite; name the others in one warning.
+
+        Each rank's values are reduced key by key over the union of the ranks' keys, NaN and inf left out of the
+        mean (:func:`~lightning_nt.common.distributed.mean_across_ranks`), so every rank logs the same keys."""
+        not_finite = sum_across_ranks(trainer, {key: 1.0 for key, value in values.items() if not math.isfinite(value)})
         values = mean_across_ranks(trainer, values)  # every rank logs the mean of the ranks' own probe sets
-        if not all(math.isfinite(value) for value in values.values()):
-            self._warn("nan", "LazinessMonitor: a measurement was not finite (NaN/inf); it is skipped.")
-            return
+        if not_finite:
+            self._warn(
+                "nan",
+                f"LazinessMonitor: {sorted(not_finite)} were not finite (NaN/inf) at step {trainer.global_step}; "
+                "they are left out of the mean over ranks (not logged where no rank measured them finite), the "
+                "other figures are logged.",
+            )
+        values = {key: value for key, value in values.items() if math.isfinite(value)}
         values[f"{_TAG}/seconds"] = time.perf_counter() - started
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
@@ -349,25 +369,28 @@ class LazinessMonitor(Callback):
         self._initial = self._capture(trainer, pl_module, self._initial["batch"])
 
     def _kernel_values(self, kernel: Tensor, initial: Tensor, targets: Tensor | None) -> dict[str, float]:
+        """The kernel's change, extreme eigenvalues and alignment: NaN where the kernel is not finite, and no
+        alignment where it is undefined (with a warning naming the centred kernel that is zero)."""
+        names = [f"{_TAG}/{name}" for name in ("ntk_change", "ntk_lambda_min", "ntk_lambda_max", "kernel_alignment")]
         if not bool(torch.isfinite(kernel).all()):
-            return {f"{_TAG}/ntk_change": math.nan}
+            return dict.fromkeys(names[: 3 if targets is None else 4], math.nan)
         eigenvalues = torch.linalg.eigvalsh(kernel)
-        values = {
-            f"{_TAG}/ntk_change": float((kernel - initial).norm() / initial.norm()),
-            f"{_TAG}/ntk_lambda_min": float(eigenvalues[0]),
-            f"{_TAG}/ntk_lambda_max": float(eigenvalues[-1]),
-        }
+        change = float((kernel - initial).norm() / initial.norm())
+        values = dict(zip(names, [change, float(eigenvalues[0]), float(eigenvalues[-1])]))
         alignment = kernel_alignment(kernel, targets) if targets is not None else math.nan
         if math.isfinite(alignment):
-            values[f"{_TAG}/kernel_alignment"] = alignment
-        elif targets is not None:  # the kernel is finite: its centred form is zero, every example's gradients alike
-            self._warn(
-                "alignment",
-                "LazinessMonitor: the kernel-target alignment is undefined (0/0) while the centred NTK is zero "
-                "(every probe example has the same output gradients, e.g. a network whose outputs don't depend on "
-                "its input yet); kernel_alignment is left out of those measurements, the other figures are logged.",
-            )
+            values[names[3]] = alignment
+        elif targets is not None:  # left out here; the mean over ranks still logs it where another rank has it
+            self._warn_undefined_alignment(zero_centred_kernels(kernel, targets))
         return values
+
+    def _warn_undefined_alignment(self, zero: list[str]) -> None:
+        reasons = "; ".join(f"the centred {name} is zero: {_ZERO_KERNEL_REASONS[name]}" for name in zero)
+        self._warn(
+            "alignment",
+            f"LazinessMonitor: the kernel-target alignment is undefined (0/0) on this probe set ({reasons}). "
+            "kernel_alignment is left out of those measurements, the other figures are logged.",
+        )
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -25,7 +25,14 @@ from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import at_least, checked_arguments
 
-__all__ = ["ForwardFn", "TwoLayerReLU", "empirical_ntk", "kernel_alignment", "two_layer_relu_ntk"]
+__all__ = [
+    "ForwardFn",
+    "TwoLayerReLU",
+    "empirical_ntk",
+    "kernel_alignment",
+    "two_layer_relu_ntk",
+    "zero_centred_kernels",
+]
 
 ForwardFn = Callable[[nn.Module, Any], Tensor]
 """``forward_fn(module, batch) -> outputs [B, ...]``: the network's outputs on a batch (default ``module(batch)``)."""
@@ -157,14 +164,31 @@ def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = 
         raise ValueError(f"`kernel` must be a square [m, m] matrix, got shape {tuple(kernel.shape)}.")
     if targets.shape[0] != kernel.shape[0]:
         raise ValueError(f"`targets` has {targets.shape[0]} rows for a kernel over {kernel.shape[0]} examples.")
+    centered_k, centered_l = _centered_kernels(kernel, targets, num_classes)
+    denominator = float(centered_k.norm() * centered_l.norm())
+    return float((centered_k * centered_l).sum()) / denominator if denominator > 0 else math.nan
+
+
+def zero_centred_kernels(kernel: Tensor, targets: Tensor, num_classes: int | None = None) -> list[str]:
+    """Which of the two centred kernels of :func:`kernel_alignment` is zero (``"label kernel"``, ``"NTK"``), making
+    the alignment undefined: the labels of one class only, or every example with the same output gradients.
+
+    Examples:
+        >>> zero_centred_kernels(torch.eye(3), torch.tensor([1, 1, 1]))
+        ['label kernel']
+    """
+    centered_k, centered_l = _centered_kernels(kernel, targets, num_classes)
+    return [name for name, matrix in (("label kernel", centered_l), ("NTK", centered_k)) if float(matrix.norm()) == 0]
+
+
+def _centered_kernels(kernel: Tensor, targets: Tensor, num_classes: int | None) -> tuple[Tensor, Tensor]:
+    """``H K H`` and ``H Y Y^T H`` in fp64: the centred NTK and the centred target kernel."""
     kernel = kernel.double()
     if targets.is_floating_point():
         rows = targets.reshape(targets.shape[0], -1).to(kernel)
     else:
         rows = nn.functional.one_hot(targets.long(), num_classes or -1).to(kernel)
-    centered_k, centered_l = _centered(kernel), _centered(rows @ rows.T)
-    denominator = float(centered_k.norm() * centered_l.norm())
-    return float((centered_k * centered_l).sum()) / denominator if denominator > 0 else math.nan
+    return _centered(kernel), _centered(rows @ rows.T)
 
 
 def _centered(matrix: Tensor) -> Tensor:

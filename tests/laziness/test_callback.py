@@ -199,13 +199,54 @@ class BlowsUp(ReLUClassifier):
                 self.net[6].weight.fill_(math.nan)
 
 
-def test_a_non_finite_measurement_is_skipped_with_one_warning():
+def test_only_the_non_finite_values_of_a_measurement_are_left_out_and_named_in_one_warning():
+    """Was: one non-finite value dropped the whole measurement (steps 4 to 6 were missing from the history)."""
     monitor = LazinessMonitor(every_n_steps=1, num_examples=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([monitor], module=lambda: BlowsUp(), max_steps=6)
-    assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]  # hooks: callbacks before the module
-    assert len([w for w in caught if "not finite" in str(w.message)]) == 1
+        _fit([monitor], module=lambda: BlowsUp(), max_steps=6, max_epochs=2)
+    assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3, 4, 5, 6]  # hooks: callbacks before the module
+    blown = {"weight_distance", "ntk_change", "ntk_lambda_min", "ntk_lambda_max", "kernel_alignment"}
+    blown = {f"laziness/{name}" for name in blown} | {f"laziness/weight_distance/net.{i}" for i in (0, 4, 6)}
+    assert all(blown <= entry.keys() for entry in monitor.history[:4])
+    for entry in monitor.history[4:]:
+        assert not blown & entry.keys()
+        assert all(math.isfinite(value) for value in entry.values())
+        assert {"laziness/activation_flips", "laziness/activation_flips/net.2", "laziness/seconds"} <= entry.keys()
+    warned = [str(w.message) for w in caught if "not finite" in str(w.message)]
+    assert len(warned) == 1 and all(name in warned[0] for name in blown)
+
+
+class ZeroInitialised(pl.LightningModule):
+    """A linear probe initialised at zero: the relative weight distance is 0/0, the kernel ``X X^T + 1`` is fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(8, 3)
+        torch.nn.init.zeros_(self.net.weight)
+        torch.nn.init.zeros_(self.net.bias)
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return ReLUClassifier().train_dataloader()
+
+
+def test_a_zero_initialised_model_logs_its_kernel_without_the_undefined_weight_distance():
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with pytest.warns(UserWarning, match=r"'laziness/weight_distance'.* not finite"):
+        _fit([monitor], module=ZeroInitialised, max_steps=4)
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
+    assert all("laziness/weight_distance" not in entry for entry in monitor.history)
+    assert monitor.history[0]["laziness/ntk_change"] == 0.0 and monitor.history[-1]["laziness/ntk_lambda_max"] > 0
+    assert -1 <= monitor.history[-1]["laziness/kernel_alignment"] <= 1
 
 
 class BlindToItsInput(ReLUClassifier):
@@ -226,6 +267,24 @@ def test_an_undefined_kernel_alignment_is_left_out_and_the_other_figures_logged(
     assert all(math.isfinite(entry["laziness/weight_distance"]) for entry in monitor.history)
     assert monitor.history[-1]["laziness/weight_distance"] > 0
     assert len([w for w in caught if "alignment is undefined" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize(
+    ("module", "target_fn", "zero"),
+    [
+        (ReLUClassifier, lambda batch: torch.zeros_like(batch[1]), "the centred label kernel is zero"),
+        (BlindToItsInput, None, "the centred NTK is zero"),
+    ],
+)
+def test_the_warning_for_an_undefined_alignment_names_the_centred_kernel_that_is_zero(module, target_fn, zero):
+    """Was: every undefined alignment blamed the NTK, also when the probe labels were of one class."""
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16, target_fn=target_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([monitor], module=module, max_steps=2)
+    warned = [str(w.message) for w in caught if "alignment is undefined" in str(w.message)]
+    assert len(warned) == 1 and zero in warned[0]
+    assert ("label" in zero) == ("same label" in warned[0]) and ("NTK" in zero) == ("output gradients" in warned[0])
 
 
 def test_fitting_twice_starts_from_the_new_initialisation():

@@ -19,6 +19,7 @@ from lightning_nt.laziness import (
     pattern_flips,
     relative_distance,
     two_layer_relu_ntk,
+    zero_centred_kernels,
 )
 
 
@@ -257,3 +258,12 @@ def test_relative_distance_leaves_zero_initialised_parts_out():
     assert distance.parts == {"w": 0.0} and distance.overall == pytest.approx(2.0)
     with pytest.raises(ValueError, match="different tensors"):
         relative_distance({"w": torch.ones(1)}, {"v": torch.ones(1)})
+
+
+def test_zero_centred_kernels_names_the_one_of_the_alignment_that_is_zero():
+    kernel, labels = torch.tensor([[2.0, 1.0], [1.0, 3.0]]), torch.tensor([0, 1])
+    assert zero_centred_kernels(kernel, labels) == []
+    assert zero_centred_kernels(kernel, torch.tensor([1, 1])) == ["label kernel"]
+    assert zero_centred_kernels(torch.full((2, 2), 4.0), labels) == ["NTK"]
+    assert zero_centred_kernels(torch.ones(2, 2), torch.tensor([0, 0])) == ["label kernel", "NTK"]
+    assert math.isnan(kernel_alignment(torch.ones(2, 2), labels))
