@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import is_dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -30,7 +31,7 @@ from lightning_nt.laziness.distance import relative_distance
 from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment, zero_centred_kernels
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
 
-__all__ = ["LazinessMonitor", "TargetFn"]
+__all__ = ["LABEL_NAMES", "LazinessMonitor", "TargetFn"]
 
 TargetFn = Callable[[Any], Tensor]
 """``target_fn(batch) -> targets``: integer labels ``[m]`` or float targets ``[m, C]`` for the kernel alignment."""
@@ -64,10 +65,28 @@ def _check_default_forward(module: torch.nn.Module, batch: Any) -> None:
             ) from error
 
 
-def _integer_labels(batch: Any) -> Tensor | None:
-    """The default targets: the batch's last one-dimensional integer tensor (the labels of ``(x, y)``), if any."""
-    labels = [t for t in tensors_of(batch) if t.ndim == 1 and not t.is_floating_point() and not t.is_complex()]
-    return labels[-1] if labels else None
+LABEL_NAMES = ("y", "label", "labels", "target", "targets")
+"""The keys (of a dict batch) or fields (of a dataclass or namedtuple batch) the default labels are looked up by."""
+
+
+def _default_labels(batch: Any) -> tuple[Tensor | None, str]:
+    """The labels where a batch conventionally holds them (the second item of a tuple or list, the first of
+    :data:`LABEL_NAMES` a dict, dataclass or namedtuple has), if a one-dimensional integer tensor; else the batch's
+    last one-dimensional integer tensor; None if there is none. With where they were found, in words."""
+    if isinstance(batch, Mapping):
+        conventional = next(((batch[name], f"{name!r}") for name in LABEL_NAMES if name in batch), None)
+    elif is_dataclass(batch) or hasattr(batch, "_fields"):  # a dataclass or a namedtuple: by field name
+        conventional = next(((getattr(batch, n), f"field {n!r}") for n in LABEL_NAMES if hasattr(batch, n)), None)
+    else:
+        conventional = (batch[1], "second item") if isinstance(batch, tuple | list) and len(batch) > 1 else None
+    if conventional is not None and _is_labels(conventional[0]):
+        return conventional
+    labels = [tensor for tensor in tensors_of(batch) if _is_labels(tensor)]
+    return (labels[-1], "last one-dimensional integer tensor") if labels else (None, "")
+
+
+def _is_labels(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 1 and not value.is_floating_point() and not value.is_complex()
 
 
 class LazinessMonitor(Callback):
@@ -120,8 +139,13 @@ class LazinessMonitor(Callback):
         hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
             chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
         forward_fn: ``forward_fn(pl_module, batch) -> outputs``; default ``pl_module(first tensor of the batch)``.
-        target_fn: ``target_fn(batch) -> labels or targets`` for the alignment; default the batch's last
-            one-dimensional integer tensor (no alignment when there is none).
+        target_fn: ``target_fn(batch) -> labels or targets`` for the alignment. Default: the labels where a batch
+            conventionally holds them, if a one-dimensional integer tensor: the second item of a tuple or list
+            (``(x, y, index)`` gives ``y``), or the first of :data:`LABEL_NAMES` (``y``, ``label``, ``labels``,
+            ``target``, ``targets``) a dict, dataclass or namedtuple has; else the batch's last one-dimensional integer
+            tensor (no alignment when there is none). A warning is given when the default labels hold a distinct
+            value for every probe example (an example index, likely); pass ``target_fn`` then, e.g.
+            ``lambda batch: batch["class_id"]``.
 
     Examples:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -257,9 +281,7 @@ class LazinessMonitor(Callback):
                 f"LazinessMonitor: {type(pl_module).__name__} has no ReLU-family activation module, so no "
                 "activation flips are logged; name the layers before a functional activation with `layers=`.",
             )
-        targets = (self.target_fn or _integer_labels)(batch)
-        if targets is None and self.ntk:
-            self._warn("targets", "LazinessMonitor: the probe set has no integer labels; pass `target_fn=`.")
+        targets = self._targets(batch)
         return {
             "batch": batch,
             "weights": {name: p.detach().cpu().clone() for name, p in self._params(pl_module).items()},
@@ -267,6 +289,24 @@ class LazinessMonitor(Callback):
             "kernel": None if kernel is None else kernel.cpu(),
             "targets": None if targets is None else targets.detach().cpu(),
         }
+
+    def _targets(self, batch: Any) -> Tensor | None:
+        """The probe set's targets for the alignment: ``target_fn``'s, or the default labels (:func:`_default_labels`)
+        with a warning when there are none, or when they look like an example index (a distinct value each)."""
+        if self.target_fn is not None:
+            return self.target_fn(batch)
+        targets, place = _default_labels(batch)
+        if targets is None and self.ntk:
+            self._warn("targets", "LazinessMonitor: the probe set has no integer labels; pass `target_fn=`.")
+        elif targets is not None and self.ntk and len(targets) > 2 and len(targets.unique()) == len(targets):
+            self._warn(
+                "index",
+                f"LazinessMonitor: the labels taken for the kernel alignment (the batch's {place}) "
+                f"hold a distinct value for every one of the {len(targets)} probe examples: an example index rather "
+                "than class labels? The alignment would be measured against it. Pass `target_fn(batch)` returning "
+                "the labels, e.g. `target_fn=lambda batch: batch[1]`.",
+            )
+        return targets
 
     @staticmethod
     def _params(pl_module: pl.LightningModule) -> dict[str, Tensor]:

@@ -436,3 +436,53 @@ def test_activation_checkpointing_is_refused_before_the_first_step_naming_forwar
     monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module.net(batch[0]))
     _, trainer = _fit([monitor], module=Checkpointed, max_steps=2)
     assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
+
+
+class Indexed(torch.utils.data.Dataset):
+    """``(x, y, index)`` examples, as datasets that return the example index give them."""
+
+    def __init__(self, num_samples: int = 64) -> None:
+        self.data = ReLUClassifier(num_samples=num_samples).train_dataloader().dataset.data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return (*self.data[index], index)
+
+
+class IndexedClassifier(ReLUClassifier):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(Indexed(), batch_size=16, shuffle=False)
+
+
+def test_the_default_labels_of_an_x_y_index_batch_are_y_not_the_index():
+    """Found: the default took the batch's last integer tensor, the index: the alignment with it was logged."""
+    default = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([default], module=IndexedClassifier, max_steps=2)
+    explicit = LazinessMonitor(every_n_steps=2, num_examples=16, target_fn=lambda batch: batch[1])
+    _fit([explicit], module=IndexedClassifier, max_steps=2)
+    assert torch.equal(default._initial["targets"], explicit._initial["targets"])
+    for mine, theirs in zip(default.history, explicit.history, strict=True):
+        assert mine["laziness/kernel_alignment"] == theirs["laziness/kernel_alignment"]
+    assert not [w for w in caught if "distinct value" in str(w.message)]
+
+
+def test_default_labels_that_look_like_an_example_index_are_warned_about():
+    class IndexOnly(IndexedClassifier):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(loader.dataset, batch_size=16, collate_fn=self._x_and_index)
+
+        @staticmethod
+        def _x_and_index(items):
+            return torch.stack([item[0] for item in items]), torch.tensor([item[2] for item in items])
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).square().mean()
+
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with pytest.warns(UserWarning, match=r"second item\) hold a distinct value for every one of the 16 probe examples"):
+        _fit([monitor], module=IndexOnly, max_steps=2)

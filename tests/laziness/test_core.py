@@ -1,5 +1,7 @@
 """The laziness core against independent references: autograd Jacobians, the arc-cosine NTK, brute force."""
 
+import collections
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from lightning_nt.laziness import (
     two_layer_relu_ntk,
     zero_centred_kernels,
 )
+from lightning_nt.laziness.callback import _default_labels
 
 
 def _mlp(dtype=torch.float64, seed=0):
@@ -267,3 +270,24 @@ def test_zero_centred_kernels_names_the_one_of_the_alignment_that_is_zero():
     assert zero_centred_kernels(torch.full((2, 2), 4.0), labels) == ["NTK"]
     assert zero_centred_kernels(torch.ones(2, 2), torch.tensor([0, 0])) == ["label kernel", "NTK"]
     assert math.isnan(kernel_alignment(torch.ones(2, 2), labels))
+
+
+def test_the_default_labels_are_where_a_batch_conventionally_holds_them():
+    x, y, index = torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.arange(4)
+    Pair = collections.namedtuple("Pair", ["index", "label", "x"])
+    Labelled = dataclasses.make_dataclass("Labelled", ["x", "targets", "index"])
+    cases = [
+        ((x, y, index), "second item"),
+        ([x, y], "second item"),
+        ({"index": index, "x": x, "label": y}, "'label'"),
+        ({"inputs": x, "y": y, "id": index}, "'y'"),
+        (Pair(index, y, x), "field 'label'"),
+        (Labelled(x, y, index), "field 'targets'"),
+    ]
+    for batch, place in cases:
+        labels, where = _default_labels(batch)
+        assert labels is y and where == place, batch
+    # no conventional labels: the last one-dimensional integer tensor, as before
+    assert _default_labels((x, torch.randn(4), y))[0] is y
+    assert _default_labels({"x": x, "token_ids": index, "cls": y}) == (y, "last one-dimensional integer tensor")
+    assert _default_labels((x,)) == (None, "")
