@@ -270,7 +270,7 @@ class LazinessMonitor(Callback):
     def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> dict[str, Any]:
         """The reference: the probe batch (cached now unless given), the trainable weights, patterns and kernel."""
         if batch is None:
-            batch, _ = next(ProbeSet.from_trainer(trainer, self.num_examples).chunks())
+            batch = self._probe_batch(trainer)
         prepared = prepare_batch(trainer, batch, probe="train")
         if self.forward_fn is None:
             _check_default_forward(pl_module, prepared)
@@ -289,6 +289,17 @@ class LazinessMonitor(Callback):
             "kernel": None if kernel is None else kernel.cpu(),
             "targets": None if targets is None else targets.detach().cpu(),
         }
+
+    def _probe_batch(self, trainer: pl.Trainer) -> Any:
+        """The first ``num_examples`` examples of the train loader; all it has, with a warning, when it has fewer."""
+        probe = ProbeSet.from_trainer(trainer, self.num_examples)
+        if len(probe) < self.num_examples:
+            self._warn(
+                "examples",
+                f"LazinessMonitor: the train loader holds {len(probe)} examples, fewer than num_examples="
+                f"{self.num_examples}: the probe set (and the kernel) is over those {len(probe)}.",
+            )
+        return next(probe.chunks())[0]
 
     def _targets(self, batch: Any) -> Tensor | None:
         """The probe set's targets for the alignment: ``target_fn``'s, or the default labels (:func:`_default_labels`)

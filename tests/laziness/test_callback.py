@@ -486,3 +486,12 @@ def test_default_labels_that_look_like_an_example_index_are_warned_about():
     monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
     with pytest.warns(UserWarning, match=r"second item\) hold a distinct value for every one of the 16 probe examples"):
         _fit([monitor], module=IndexOnly, max_steps=2)
+
+
+def test_a_train_loader_smaller_than_num_examples_gives_a_probe_set_of_all_it_has_with_one_warning():
+    """Was: silently fewer examples (40 for the default 128)."""
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=100)
+    with pytest.warns(UserWarning, match=r"holds 40 examples, fewer than num_examples=100") as caught:
+        _fit([monitor], module=lambda: ReLUClassifier(num_samples=40), max_steps=4)
+    assert len([w for w in caught if "fewer than num_examples" in str(w.message)]) == 1
+    assert monitor._initial["kernel"].shape == (40, 40)
