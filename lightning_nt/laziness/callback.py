@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import is_dataclass
@@ -24,11 +25,11 @@ from lightning_nt.common import (
     uncompiled_name,
 )
 from lightning_nt.common.callback import Callback
-from lightning_nt.common.distributed import mean_across_ranks, sum_across_ranks
+from lightning_nt.common.distributed import mean_across_ranks, min_across_ranks, sum_across_ranks
 from lightning_nt.common.state import continues_run, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
-from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment, zero_centred_kernels
+from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, jacobian_bytes, kernel_alignment, zero_centred_kernels
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
 
 __all__ = ["LABEL_NAMES", "LazinessMonitor", "TargetFn"]
@@ -49,6 +50,13 @@ _ZERO_KERNEL_REASONS = {
 def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
     """The default forward: the module applied to the batch's first tensor (the inputs of ``(x, y)`` batches)."""
     return module(tensors_of(batch)[0])
+
+
+def _free_memory(device: torch.device) -> int:
+    """The bytes free on a CUDA ``device``; the machine's physical memory for any other."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_default_forward(module: torch.nn.Module, batch: Any) -> None:
@@ -146,6 +154,12 @@ class LazinessMonitor(Callback):
             tensor (no alignment when there is none). A warning is given when the default labels hold a distinct
             value for every probe example (an example index, likely); pass ``target_fn`` then, e.g.
             ``lambda batch: batch["class_id"]``.
+        max_jacobian_bytes: the most bytes of Jacobians one kernel measurement may hold
+            (:func:`~lightning_nt.laziness.jacobian_bytes`: ``4 m C P``, or ``8 chunk_size C P`` without
+            ``hold_jacobians``); checked when the reference is taken, before any kernel is measured, and the fit
+            refused with a ``MemoryError`` naming ``ntk``, ``num_examples`` and ``hold_jacobians`` when it is more.
+            Default (None): half the memory free on the CUDA device, or half the machine's physical memory on the
+            CPU (the smallest over the ranks under DDP).
 
     Examples:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -165,7 +179,13 @@ class LazinessMonitor(Callback):
 
     reads_training_data_outside_step = True  # its probe set: declared for DPStrategy (common.capabilities)
 
-    @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
+    @checked_arguments(
+        every_n_steps=at_least(1),
+        num_examples=at_least(2),
+        layers=non_empty(),
+        chunk_size=at_least(1),
+        max_jacobian_bytes=at_least(1),
+    )
     @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
@@ -177,10 +197,11 @@ class LazinessMonitor(Callback):
         hold_jacobians: bool = True,
         forward_fn: ForwardFn | None = None,
         target_fn: TargetFn | None = None,
+        max_jacobian_bytes: int | None = None,
     ) -> None:
         self.every_n_steps, self.num_examples, self.ntk, self.chunk_size = every_n_steps, num_examples, ntk, chunk_size
         self.layers, self.hold_jacobians = None if layers is None else tuple(layers), hold_jacobians
-        self.forward_fn, self.target_fn = forward_fn, target_fn
+        self.forward_fn, self.target_fn, self.max_jacobian_bytes = forward_fn, target_fn, max_jacobian_bytes
         self.history: list[dict[str, float]] = []
         self._initial: dict[str, Any] | None = None  # probe batch, weights, patterns, kernel, targets (CPU)
         self._restored = False
@@ -274,6 +295,8 @@ class LazinessMonitor(Callback):
         prepared = prepare_batch(trainer, batch, probe="train")
         if self.forward_fn is None:
             _check_default_forward(pl_module, prepared)
+        if self.ntk:
+            self._check_kernel_memory(trainer, pl_module, prepared)
         patterns, kernel = self._observe(pl_module, prepared)
         if not patterns:
             self._warn(
@@ -289,6 +312,25 @@ class LazinessMonitor(Callback):
             "kernel": None if kernel is None else kernel.cpu(),
             "targets": None if targets is None else targets.detach().cpu(),
         }
+
+    def _check_kernel_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Refuse, before measuring it, a kernel whose Jacobians (:func:`~lightning_nt.laziness.jacobian_bytes`) need
+        more than ``max_jacobian_bytes`` (default: half the memory free on the device), naming what to change."""
+        with preserved_state(pl_module, parameters=False), torch.autocast(pl_module.device.type, enabled=False):
+            pl_module.eval()
+            forward = self.forward_fn or _first_tensor_forward
+            needed = jacobian_bytes(pl_module, batch, forward, self.chunk_size, self.hold_jacobians)
+        limit = min_across_ranks(trainer, self.max_jacobian_bytes or _free_memory(pl_module.device) // 2)
+        if needed > limit:
+            held = "all the probe examples' at once" if self.hold_jacobians else "two chunks' at a time"
+            raise MemoryError(
+                f"LazinessMonitor: one NTK measurement would hold {needed:,} bytes ({needed / 2**30:.3g} GiB) of "
+                f"Jacobians (examples x outputs x parameters x bytes per element; {held}, hold_jacobians="
+                f"{self.hold_jacobians}), more than the limit of {limit:,} bytes (max_jacobian_bytes="
+                f"{self.max_jacobian_bytes}; None: half the memory free on {pl_module.device}). "
+                "Pass `ntk=False` (weights and activation patterns only), a smaller `num_examples`, "
+                "`hold_jacobians=False` with a small `chunk_size`, or a larger `max_jacobian_bytes`."
+            )
 
     def _probe_batch(self, trainer: pl.Trainer) -> Any:
         """The first ``num_examples`` examples of the train loader; all it has, with a warning, when it has fewer."""

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import jacrev
 
 from lightning_nt.common.autodiff import vmap_or_loop, without_backward_hooks
-from lightning_nt.common.batches import batch_size, tensors_of
+from lightning_nt.common.batches import batch_size, select_examples, tensors_of
 from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import at_least, checked_arguments
@@ -29,6 +29,7 @@ __all__ = [
     "ForwardFn",
     "TwoLayerReLU",
     "empirical_ntk",
+    "jacobian_bytes",
     "kernel_alignment",
     "two_layer_relu_ntk",
     "zero_centred_kernels",
@@ -102,6 +103,34 @@ def empirical_ntk(
     starts = range(0, count, size)
     with _explained_transform_failures(), without_backward_hooks(module):
         return _kernel(jacobian, starts, count, size, hold_jacobians)
+
+
+@torch.no_grad()
+def jacobian_bytes(
+    module: nn.Module,
+    inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    hold_jacobians: bool = True,
+) -> int:
+    """The bytes of Jacobians one :func:`empirical_ntk` call with these arguments holds: ``m C P e`` with
+    ``hold_jacobians`` (all ``m`` examples'), else ``2 chunk_size C P e`` (two chunks'), for ``C`` outputs per
+    example (from one forward pass on the first example), ``P`` trainable parameters and ``e`` bytes per element
+    (4, or 8 when a parameter is fp64). What to compare with the memory at hand before measuring a kernel; the
+    kernel itself (``m^2 e``) and the autograd work space of one chunk come on top.
+
+    Examples:
+        >>> jacobian_bytes(nn.Linear(3, 2), torch.zeros(10, 3))  # 10 examples x 2 outputs x 8 parameters x 4 bytes
+        640
+        >>> jacobian_bytes(nn.Linear(3, 2), torch.zeros(10, 3), chunk_size=2, hold_jacobians=False)
+        256
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    count = batch_size(inputs)
+    outputs = _outputs_tensor((forward_fn or _call)(module, select_examples(inputs, slice(0, 1))), module)
+    element = 8 if any(p.dtype == torch.float64 for p in params) else 4
+    held = count if hold_jacobians else 2 * min(chunk_size or count, count)
+    return held * outputs.numel() * sum(p.numel() for p in params) * element
 
 
 def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: int, hold_jacobians: bool) -> Tensor:

@@ -21,6 +21,7 @@ BAD = {
     "hold_jacobians": ["no", 1, None],
     "forward_fn": ["forward", 3, True],
     "target_fn": ["labels", 3, False],
+    "max_jacobian_bytes": [*NOT_INTEGERS, 0, -1],
 }
 
 

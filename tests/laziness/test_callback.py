@@ -495,3 +495,39 @@ def test_a_train_loader_smaller_than_num_examples_gives_a_probe_set_of_all_it_ha
         _fit([monitor], module=lambda: ReLUClassifier(num_samples=40), max_steps=4)
     assert len([w for w in caught if "fewer than num_examples" in str(w.message)]) == 1
     assert monitor._initial["kernel"].shape == (40, 40)
+
+
+class ManyOutputs(ReLUClassifier):
+    """A head of 64 outputs (a small autoencoder's): 32 examples' Jacobians are 32 x 64 x P x 4 bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[6] = torch.nn.Linear(16, 64)
+
+    def training_step(self, batch, batch_idx):
+        raise AssertionError("the fit is refused before the first step")
+
+
+def test_a_kernel_whose_jacobians_exceed_max_jacobian_bytes_is_refused_before_the_first_step_naming_the_fixes():
+    """Found: nothing bounded the Jacobians (an MNIST autoencoder's default measurement would hold 301 GiB)."""
+    module = ManyOutputs()
+    parameters = sum(p.numel() for p in module.parameters())
+    needed = 32 * 64 * parameters * 4
+    monitor = LazinessMonitor(num_examples=32, max_jacobian_bytes=needed - 1)
+    with pytest.raises(MemoryError, match=r"hold_jacobians.*`ntk=False`.*`num_examples`.*`hold_jacobians=False`"):
+        _fit([monitor], module=lambda: module, max_steps=2)
+    fits = LazinessMonitor(num_examples=32, chunk_size=4, hold_jacobians=False, max_jacobian_bytes=needed - 1)
+    _fit([fits], module=lambda: ReLUClassifier(), max_steps=2)  # 8 examples' Jacobians of a 3-output head fit
+
+
+def test_the_default_jacobian_limit_is_half_the_free_memory(monkeypatch):
+    import lightning_nt.laziness.callback as callback
+
+    module = ManyOutputs()
+    needed = 32 * 64 * sum(p.numel() for p in module.parameters()) * 4
+    monkeypatch.setattr(callback, "_free_memory", lambda device: 2 * needed - 2)
+    with pytest.raises(MemoryError, match="None: half the memory free on cpu"):
+        _fit([LazinessMonitor(num_examples=32)], module=lambda: module, max_steps=2)
+    monkeypatch.setattr(callback, "_free_memory", lambda device: 2 * needed)
+    with pytest.raises(AssertionError, match="refused before the first step"):  # measured, then trained
+        _fit([LazinessMonitor(num_examples=32)], module=lambda: module, max_steps=2)

@@ -17,6 +17,7 @@ from lightning_nt.laziness import (
     activation_layers,
     activation_patterns,
     empirical_ntk,
+    jacobian_bytes,
     kernel_alignment,
     pattern_flips,
     relative_distance,
@@ -291,3 +292,23 @@ def test_the_default_labels_are_where_a_batch_conventionally_holds_them():
     assert _default_labels((x, torch.randn(4), y))[0] is y
     assert _default_labels({"x": x, "token_ids": index, "cls": y}) == (y, "last one-dimensional integer tensor")
     assert _default_labels((x,)) == (None, "")
+
+
+@pytest.mark.parametrize(("dtype", "element"), [(torch.float32, 4), (torch.float64, 8)])
+def test_jacobian_bytes_is_the_size_of_the_jacobians_empirical_ntk_holds(dtype, element):
+    """Against the autograd reference's Jacobian ``[m, C, P]`` (all examples', with hold_jacobians)."""
+    net, inputs = _mlp(dtype), torch.randn(9, 5, dtype=dtype)
+    net[4].weight.requires_grad_(False)  # frozen parameters are not differentiated
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    jacobian = torch.autograd.functional.jacobian(
+        lambda *ps: _with_params(net, trainable, ps, inputs), tuple(trainable)
+    )
+    held = sum(j.numel() for j in jacobian) * element
+    assert jacobian_bytes(net, inputs) == held
+    assert jacobian_bytes(net, inputs, chunk_size=2, hold_jacobians=False) == held * 4 // 9
+    assert jacobian_bytes(net, inputs, chunk_size=20, hold_jacobians=False) == held * 2
+
+
+def _with_params(net, trainable, values, inputs):
+    names = {id(p): name for name, p in net.named_parameters()}
+    return torch.func.functional_call(net, {names[id(p)]: v for p, v in zip(trainable, values)}, (inputs,))
