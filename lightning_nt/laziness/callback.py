@@ -133,7 +133,7 @@ class LazinessMonitor(Callback):
     unit) for the patterns and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples,
     ``4 m C P`` bytes for ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for
     more work); ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank measures its own probe
-    set and every rank logs the mean over ranks.
+    set and every rank logs, for each quantity, the mean over the ranks that measured it finite.
 
     Args:
         every_n_steps: optimizer steps between measurements.
