@@ -160,6 +160,9 @@ class LazinessMonitor(Callback):
             refused with a ``MemoryError`` naming ``ntk``, ``num_examples`` and ``hold_jacobians`` when it is more.
             Default (None): half the memory free on the CUDA device, or half the machine's physical memory on the
             CPU (the smallest over the ranks under DDP).
+        output_chunk_size: outputs per Jacobian (``None``: all ``C``); the kernel is summed over chunks of the
+            outputs, exactly, so the Jacobians held scale with it instead of ``C`` (for many outputs, an
+            autoencoder's), for one more forward pass per chunk.
 
     Examples:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -185,6 +188,7 @@ class LazinessMonitor(Callback):
         layers=non_empty(),
         chunk_size=at_least(1),
         max_jacobian_bytes=at_least(1),
+        output_chunk_size=at_least(1),
     )
     @renamed_arguments(num_samples="num_examples")
     def __init__(
@@ -198,10 +202,12 @@ class LazinessMonitor(Callback):
         forward_fn: ForwardFn | None = None,
         target_fn: TargetFn | None = None,
         max_jacobian_bytes: int | None = None,
+        output_chunk_size: int | None = None,
     ) -> None:
         self.every_n_steps, self.num_examples, self.ntk, self.chunk_size = every_n_steps, num_examples, ntk, chunk_size
         self.layers, self.hold_jacobians = None if layers is None else tuple(layers), hold_jacobians
         self.forward_fn, self.target_fn, self.max_jacobian_bytes = forward_fn, target_fn, max_jacobian_bytes
+        self.output_chunk_size = output_chunk_size
         self.history: list[dict[str, float]] = []
         self._initial: dict[str, Any] | None = None  # probe batch, weights, patterns, kernel, targets (CPU)
         self._restored = False
@@ -319,7 +325,9 @@ class LazinessMonitor(Callback):
         with preserved_state(pl_module, parameters=False), torch.autocast(pl_module.device.type, enabled=False):
             pl_module.eval()
             forward = self.forward_fn or _first_tensor_forward
-            needed = jacobian_bytes(pl_module, batch, forward, self.chunk_size, self.hold_jacobians)
+            needed = jacobian_bytes(
+                pl_module, batch, forward, self.chunk_size, self.hold_jacobians, self.output_chunk_size
+            )
         limit = min_across_ranks(trainer, self.max_jacobian_bytes or _free_memory(pl_module.device) // 2)
         if needed > limit:
             held = "all the probe examples' at once" if self.hold_jacobians else "two chunks' at a time"
@@ -329,7 +337,8 @@ class LazinessMonitor(Callback):
                 f"{self.hold_jacobians}), more than the limit of {limit:,} bytes (max_jacobian_bytes="
                 f"{self.max_jacobian_bytes}; None: half the memory free on {pl_module.device}). "
                 "Pass `ntk=False` (weights and activation patterns only), a smaller `num_examples`, "
-                "`hold_jacobians=False` with a small `chunk_size`, or a larger `max_jacobian_bytes`."
+                "`hold_jacobians=False` with a small `chunk_size`, a small `output_chunk_size`, or a larger "
+                "`max_jacobian_bytes`."
             )
 
     def _probe_batch(self, trainer: pl.Trainer) -> Any:
@@ -381,7 +390,9 @@ class LazinessMonitor(Callback):
             layers = self.layers if self.layers is not None else activation_layers(pl_module)
             patterns = activation_patterns(pl_module, batch, layers, forward) if layers else {}
             kernel = (
-                empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians) if self.ntk else None
+                empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians, self.output_chunk_size)
+                if self.ntk
+                else None
             )
         return patterns, kernel
 

@@ -22,6 +22,7 @@ BAD = {
     "forward_fn": ["forward", 3, True],
     "target_fn": ["labels", 3, False],
     "max_jacobian_bytes": [*NOT_INTEGERS, 0, -1],
+    "output_chunk_size": [*NOT_INTEGERS, 0, -1],
 }
 
 

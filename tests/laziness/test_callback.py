@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import BackboneFinetuning, ModelCheckpoint
 
 from lightning_nt.common.compiled import renamed_state_dict, uncompiled_name
-from lightning_nt.laziness import LazinessMonitor, relative_distance
+from lightning_nt.laziness import LazinessMonitor, empirical_ntk, relative_distance
 from tests.helpers import (
     BoringModel,
     TinyClassifier,
@@ -518,6 +518,11 @@ def test_a_kernel_whose_jacobians_exceed_max_jacobian_bytes_is_refused_before_th
         _fit([monitor], module=lambda: module, max_steps=2)
     fits = LazinessMonitor(num_examples=32, chunk_size=4, hold_jacobians=False, max_jacobian_bytes=needed - 1)
     _fit([fits], module=lambda: ReLUClassifier(), max_steps=2)  # 8 examples' Jacobians of a 3-output head fit
+    by_outputs = LazinessMonitor(num_examples=32, output_chunk_size=16, max_jacobian_bytes=needed // 4)
+    with pytest.raises(AssertionError, match="refused before the first step"):  # measured, then trained
+        _fit([by_outputs], module=lambda: module, max_steps=2)
+    kernel = empirical_ntk(copy.deepcopy(module.net).eval(), by_outputs._initial["batch"][0])
+    torch.testing.assert_close(by_outputs._initial["kernel"], kernel, rtol=1e-5, atol=1e-5 * float(kernel.max()))
 
 
 def test_the_default_jacobian_limit_is_half_the_free_memory(monkeypatch):

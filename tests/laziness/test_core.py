@@ -312,3 +312,26 @@ def test_jacobian_bytes_is_the_size_of_the_jacobians_empirical_ntk_holds(dtype, 
 def _with_params(net, trainable, values, inputs):
     names = {id(p): name for name, p in net.named_parameters()}
     return torch.func.functional_call(net, {names[id(p)]: v for p, v in zip(trainable, values)}, (inputs,))
+
+
+@pytest.mark.parametrize("hold_jacobians", [True, False])
+@pytest.mark.parametrize("output_chunk_size", [1, 2, 3, 7])
+def test_the_kernel_summed_over_chunks_of_outputs_equals_the_autograd_jacobian_reference(
+    output_chunk_size, hold_jacobians
+):
+    """Exact: the trace over outputs is a sum, so chunks of 1, 2 (uneven: 3 outputs) or all of them give one kernel."""
+    net = _mlp()
+    inputs = torch.randn(9, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kernel = empirical_ntk(
+        net, inputs, chunk_size=4, hold_jacobians=hold_jacobians, output_chunk_size=output_chunk_size
+    )
+    reference = _reference_ntk(net, inputs)
+    torch.testing.assert_close(kernel, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+    whole = jacobian_bytes(net, inputs, chunk_size=4, hold_jacobians=hold_jacobians)
+    held = jacobian_bytes(net, inputs, chunk_size=4, hold_jacobians=hold_jacobians, output_chunk_size=output_chunk_size)
+    assert held == whole * min(output_chunk_size, 3) // 3
+
+
+def test_an_output_chunk_size_below_one_is_refused_by_name():
+    with pytest.raises(ArgumentError, match="`output_chunk_size`"):
+        empirical_ntk(_mlp(), torch.randn(2, 5, dtype=torch.float64), output_chunk_size=0)
