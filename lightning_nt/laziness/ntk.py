@@ -2,10 +2,12 @@
 
 ``empirical_ntk`` is the trace-over-outputs kernel ``K_ij = sum_c <df_c(x_i)/dtheta, df_c(x_j)/dtheta>`` over the
 trainable parameters. Per-example Jacobians come from ``torch.func.jacrev`` vmapped over the examples (one reverse
-pass per output, cheap when the outputs are few against the parameters, as in classification), ``chunk_size``
-examples at a time. The Jacobians of all ``m`` examples are held together: ``4 m C P`` bytes for ``C`` outputs and
-``P`` parameters (fp32), plus the ``m x m`` kernel; ``output_chunk_size`` sums the kernel over chunks of the outputs
-(exact) to hold fewer, and :func:`jacobian_bytes` says how many before measuring.
+pass per output, cheap when the outputs are few against the parameters, as in classification), or from
+``torch.func.jacfwd`` (one forward-mode pass per parameter) when the parameters are fewer than the outputs (of a
+chunk of outputs), ``chunk_size`` examples at a time. The Jacobians of all ``m`` examples are held together:
+``4 m C P`` bytes for ``C`` outputs and ``P`` parameters (fp32), plus the ``m x m`` kernel; ``output_chunk_size``
+sums the kernel over chunks of the outputs (exact) to hold fewer, and :func:`jacobian_bytes` says how many before
+measuring.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.func import jacrev
+from torch.func import jacfwd, jacrev
 
 from lightning_nt.common.autodiff import vmap_or_loop, without_backward_hooks
 from lightning_nt.common.batches import batch_size, select_examples, tensors_of
@@ -99,11 +101,12 @@ def empirical_ntk(
 
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
 
-    def jacobians(outputs: slice) -> Callable[[int], Tensor]:
+    def jacobians(outputs: slice, forward_mode: bool) -> Callable[[int], Tensor]:
         """``jacobian(start)``: ``[b, C' * P]`` for the ``outputs`` of the examples from ``start`` (the trace over
         outputs is a sum over this axis too)."""
+        transform = jacfwd if forward_mode else jacrev
         per_example = vmap_or_loop(
-            jacrev(lambda weights, *example: single(weights, *example)[outputs]), (None, *in_dims)
+            transform(lambda weights, *example: single(weights, *example)[outputs]), (None, *in_dims)
         )
 
         def jacobian(start: int) -> Tensor:
@@ -113,14 +116,15 @@ def empirical_ntk(
 
         return jacobian
 
-    step = output_chunk_size
-    parts = (
-        [slice(None)]
-        if step is None
-        else [slice(c, c + step) for c in range(0, _outputs(module, inputs, forward), step)]
-    )
+    total, parameters = _outputs(module, inputs, forward), sum(p.numel() for p in params.values())
+    step = output_chunk_size or max(total, 1)
+    parts = [slice(first, first + step) for first in range(0, max(total, 1), step)]
     with _explained_transform_failures(), without_backward_hooks(module):
-        blocks = (_kernel(jacobians(part), range(0, count, size), count, size, hold_jacobians) for part in parts)
+        blocks = (
+            # forward mode (one pass per parameter) when the parameters are fewer than the outputs, else reverse
+            _kernel(jacobians(part, parameters < min(step, total)), range(0, count, size), count, size, hold_jacobians)
+            for part in parts
+        )
         kernel = next(blocks)
         for block in blocks:  # K = sum over output chunks of J_chunk J_chunk^T
             kernel += block

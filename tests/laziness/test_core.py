@@ -335,3 +335,42 @@ def test_the_kernel_summed_over_chunks_of_outputs_equals_the_autograd_jacobian_r
 def test_an_output_chunk_size_below_one_is_refused_by_name():
     with pytest.raises(ArgumentError, match="`output_chunk_size`"):
         empirical_ntk(_mlp(), torch.randn(2, 5, dtype=torch.float64), output_chunk_size=0)
+
+
+class FewParametersManyOutputs(nn.Module):
+    """6 parameters, 50 outputs (a fixed random read-out, a buffer): forward mode is the cheaper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(1, 3).double()
+        self.register_buffer("readout", torch.randn(50, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.hidden(x)) @ self.readout.T
+
+
+def _spy(transform, name, used):
+    def spied(function):
+        used.append(name)
+        return transform(function)
+
+    return spied
+
+
+@pytest.mark.parametrize("output_chunk_size", [None, 20, 4])
+def test_forward_mode_serves_fewer_parameters_than_outputs_and_equals_the_autograd_jacobian_reference(
+    output_chunk_size, monkeypatch
+):
+    """``jacfwd`` (one pass per parameter) when the parameters (6) are fewer than the outputs of a chunk, ``jacrev``
+    (one pass per output) otherwise; both equal to the reference."""
+    import lightning_nt.laziness.ntk as ntk
+
+    used = []
+    for name in ("jacfwd", "jacrev"):
+        monkeypatch.setattr(ntk, name, _spy(getattr(ntk, name), name, used))
+    torch.manual_seed(0)
+    net, inputs = FewParametersManyOutputs(), torch.randn(7, 1, dtype=torch.float64)
+    kernel = empirical_ntk(net, inputs, chunk_size=3, output_chunk_size=output_chunk_size)
+    reference = _reference_ntk(net, inputs)
+    torch.testing.assert_close(kernel, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+    assert set(used) == ({"jacrev"} if output_chunk_size == 4 else {"jacfwd"})
