@@ -164,5 +164,13 @@ def _concatenate(column: tuple[Tensor, ...]) -> Tensor:
                 "give it a batch dimension, or leave it equal in every batch."
             )
         return column[0].detach()
+    shapes = sorted({tuple(tensor.shape[1:]) for tensor in column})
+    if len(shapes) > 1:
+        raise ValueError(
+            f"A tensor field has per-example shapes {shapes} in different batches (as a collate that pads each "
+            "batch to its own longest sequence gives), so the batches can't be concatenated into one probe set. "
+            "Take the examples from one batch (`num_examples` at most the batch size), or pad to a fixed length "
+            "in the collate function."
+        )
     on_one_device = len({tensor.device for tensor in column}) == 1
     return torch.cat([tensor.detach() if on_one_device else tensor.detach().cpu() for tensor in column])

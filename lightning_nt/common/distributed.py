@@ -9,7 +9,10 @@ strategy Lightning supports works) and do nothing with one process: no tensor is
 Values may be tensors (reduced in place, as ``torch.distributed.all_reduce`` does, and returned), lists of
 tensors (one collective each), Python numbers (carried as a float64 or int64 tensor on
 ``trainer.strategy.root_device``, so NCCL gets a CUDA tensor, and handed back as a number), or dicts of
-Python floats (one collective for the whole dict).
+Python floats. A dict is reduced key by key over the union of the ranks' keys (agreed on with one
+``all_gather_object`` of the key lists, then one collective for the values): a key a rank lacks, or holds as NaN
+or inf, is left out of that key's sum or mean (the sum, or the mean, of the finite values), and a key no rank has
+a finite value for comes back NaN. So ranks whose measurements differ in which values they hold stay in lockstep.
 
 Examples:
     >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
@@ -19,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -138,8 +142,7 @@ def _reduce(trainer: pl.Trainer, value: Any, op: Literal["sum", "mean"]) -> Any:
     if isinstance(value, Tensor):
         return trainer.strategy.reduce(value, reduce_op=op)
     if isinstance(value, Mapping):
-        stacked = torch.tensor(list(value.values()), dtype=torch.float64, device=trainer.strategy.root_device)
-        return dict(zip(value, _reduce(trainer, stacked, op).tolist()))
+        return _reduce_finite_values(trainer, value, op)
     if isinstance(value, int | float):
         return float(_reduce(trainer, _number_tensor(trainer, float(value)), op))
     if isinstance(value, list | tuple):
@@ -148,6 +151,31 @@ def _reduce(trainer: pl.Trainer, value: Any, op: Literal["sum", "mean"]) -> Any:
         f"Can't reduce a {type(value).__name__} across ranks: pass a Tensor, a list of Tensors, a float or a dict "
         "of floats."
     )
+
+
+def _reduce_finite_values(trainer: pl.Trainer, values: Mapping[str, float], op: Literal["sum", "mean"]) -> dict:
+    """Key by key over the union of the ranks' keys: the sum, or mean, of the ranks' finite values (NaN if none)."""
+    keys = _union_of_keys(trainer, list(values))
+    if not keys:
+        return {}
+    local = torch.tensor([values.get(key, math.nan) for key in keys], dtype=torch.float64)
+    finite = local.isfinite()
+    stacked = torch.cat([torch.where(finite, local, 0.0), finite.double()]).to(trainer.strategy.root_device)
+    sums, counts = trainer.strategy.reduce(stacked, reduce_op="sum").cpu().split(len(keys))
+    reduced = torch.where(counts > 0, sums / counts.clamp_min(1) if op == "mean" else sums, math.nan)
+    return dict(zip(keys, reduced.tolist()))
+
+
+def _union_of_keys(trainer: pl.Trainer, keys: list[str]) -> list[str]:
+    """Every key any rank holds, in the same order on every rank (rank 0's first, then the others' new ones).
+
+    Through ``torch.distributed`` (every Lightning strategy for CPUs and GPUs); with processes that don't use it
+    the ranks must hold the same keys."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return keys
+    gathered: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, keys)
+    return list(dict.fromkeys(key for rank_keys in gathered for key in rank_keys))
 
 
 def _number_tensor(trainer: pl.Trainer, value: float) -> Tensor:

@@ -2,7 +2,15 @@
 
 from lightning_nt.laziness.callback import LazinessMonitor, TargetFn
 from lightning_nt.laziness.distance import RelativeDistance, relative_distance
-from lightning_nt.laziness.ntk import ForwardFn, TwoLayerReLU, empirical_ntk, kernel_alignment, two_layer_relu_ntk
+from lightning_nt.laziness.ntk import (
+    ForwardFn,
+    TwoLayerReLU,
+    empirical_ntk,
+    jacobian_bytes,
+    kernel_alignment,
+    two_layer_relu_ntk,
+    zero_centred_kernels,
+)
 from lightning_nt.laziness.patterns import (
     ACTIVATIONS,
     activation_layers,
@@ -22,8 +30,10 @@ __all__ = [
     "activation_patterns",
     "empirical_ntk",
     "is_activation",
+    "jacobian_bytes",
     "kernel_alignment",
     "pattern_flips",
     "relative_distance",
     "two_layer_relu_ntk",
+    "zero_centred_kernels",
 ]

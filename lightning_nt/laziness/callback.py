@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import is_dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,24 +25,38 @@ from lightning_nt.common import (
     uncompiled_name,
 )
 from lightning_nt.common.callback import Callback
-from lightning_nt.common.distributed import mean_across_ranks
+from lightning_nt.common.distributed import mean_across_ranks, min_across_ranks, sum_across_ranks
 from lightning_nt.common.state import continues_run, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
-from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, kernel_alignment
+from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, jacobian_bytes, kernel_alignment, zero_centred_kernels
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
 
-__all__ = ["LazinessMonitor", "TargetFn"]
+__all__ = ["LABEL_NAMES", "LazinessMonitor", "TargetFn"]
 
 TargetFn = Callable[[Any], Tensor]
 """``target_fn(batch) -> targets``: integer labels ``[m]`` or float targets ``[m, C]`` for the kernel alignment."""
 
 _TAG = "laziness"
 
+_ZERO_KERNEL_REASONS = {
+    "label kernel": "every probe example has the same label (one class); use a larger or class-balanced probe set "
+    "(`num_examples`, a shuffled train loader) or targets of several classes with `target_fn`",
+    "NTK": "every probe example has the same output gradients, e.g. a network whose outputs don't depend on its "
+    "input yet",
+}
+
 
 def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
     """The default forward: the module applied to the batch's first tensor (the inputs of ``(x, y)`` batches)."""
     return module(tensors_of(batch)[0])
+
+
+def _free_memory(device: torch.device) -> int:
+    """The bytes free on a CUDA ``device``; the machine's physical memory for any other."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _check_default_forward(module: torch.nn.Module, batch: Any) -> None:
@@ -57,10 +73,28 @@ def _check_default_forward(module: torch.nn.Module, batch: Any) -> None:
             ) from error
 
 
-def _integer_labels(batch: Any) -> Tensor | None:
-    """The default targets: the batch's last one-dimensional integer tensor (the labels of ``(x, y)``), if any."""
-    labels = [t for t in tensors_of(batch) if t.ndim == 1 and not t.is_floating_point() and not t.is_complex()]
-    return labels[-1] if labels else None
+LABEL_NAMES = ("y", "label", "labels", "target", "targets")
+"""The keys (of a dict batch) or fields (of a dataclass or namedtuple batch) the default labels are looked up by."""
+
+
+def _default_labels(batch: Any) -> tuple[Tensor | None, str]:
+    """The labels where a batch conventionally holds them (the second item of a tuple or list, the first of
+    :data:`LABEL_NAMES` a dict, dataclass or namedtuple has), if a one-dimensional integer tensor; else the batch's
+    last one-dimensional integer tensor; None if there is none. With where they were found, in words."""
+    if isinstance(batch, Mapping):
+        conventional = next(((batch[name], f"{name!r}") for name in LABEL_NAMES if name in batch), None)
+    elif is_dataclass(batch) or hasattr(batch, "_fields"):  # a dataclass or a namedtuple: by field name
+        conventional = next(((getattr(batch, n), f"field {n!r}") for n in LABEL_NAMES if hasattr(batch, n)), None)
+    else:
+        conventional = (batch[1], "second item") if isinstance(batch, tuple | list) and len(batch) > 1 else None
+    if conventional is not None and _is_labels(conventional[0]):
+        return conventional
+    labels = [tensor for tensor in tensors_of(batch) if _is_labels(tensor)]
+    return (labels[-1], "last one-dimensional integer tensor") if labels else (None, "")
+
+
+def _is_labels(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.ndim == 1 and not value.is_floating_point() and not value.is_complex()
 
 
 class LazinessMonitor(Callback):
@@ -99,7 +133,7 @@ class LazinessMonitor(Callback):
     unit) for the patterns and the ``m x m`` kernel. One NTK measurement holds the Jacobians of all ``m`` examples,
     ``4 m C P`` bytes for ``C`` outputs and ``P`` parameters (``hold_jacobians=False``: two chunks' at a time, for
     more work); ``ntk=False`` skips the kernel when even that is too dear. Under DDP each rank measures its own probe
-    set and every rank logs the mean over ranks.
+    set and every rank logs, for each quantity, the mean over the ranks that measured it finite.
 
     Args:
         every_n_steps: optimizer steps between measurements.
@@ -113,8 +147,22 @@ class LazinessMonitor(Callback):
         hold_jacobians: keep all ``m`` examples' Jacobians for one product (``4 m C P`` bytes); ``False`` keeps two
             chunks' (``8 chunk_size C P`` bytes) and recomputes them per kernel block (``(k + 1) / 2`` times the work).
         forward_fn: ``forward_fn(pl_module, batch) -> outputs``; default ``pl_module(first tensor of the batch)``.
-        target_fn: ``target_fn(batch) -> labels or targets`` for the alignment; default the batch's last
-            one-dimensional integer tensor (no alignment when there is none).
+        target_fn: ``target_fn(batch) -> labels or targets`` for the alignment. Default: the labels where a batch
+            conventionally holds them, if a one-dimensional integer tensor: the second item of a tuple or list
+            (``(x, y, index)`` gives ``y``), or the first of :data:`LABEL_NAMES` (``y``, ``label``, ``labels``,
+            ``target``, ``targets``) a dict, dataclass or namedtuple has; else the batch's last one-dimensional integer
+            tensor (no alignment when there is none). A warning is given when the default labels hold a distinct
+            value for every probe example (an example index, likely); pass ``target_fn`` then, e.g.
+            ``lambda batch: batch["class_id"]``.
+        max_jacobian_bytes: the most bytes of Jacobians one kernel measurement may hold
+            (:func:`~lightning_nt.laziness.jacobian_bytes`: ``4 m C P``, or ``8 chunk_size C P`` without
+            ``hold_jacobians``); checked when the reference is taken, before any kernel is measured, and the fit
+            refused with a ``MemoryError`` naming ``ntk``, ``num_examples`` and ``hold_jacobians`` when it is more.
+            Default (None): half the memory free on the CUDA device, or half the machine's physical memory on the
+            CPU (the smallest over the ranks under DDP).
+        output_chunk_size: outputs per Jacobian (``None``: all ``C``); the kernel is summed over chunks of the
+            outputs, exactly, so the Jacobians held scale with it instead of ``C`` (for many outputs, an
+            autoencoder's), for one more forward pass per chunk.
 
     Examples:
         >>> from torch.utils.data import DataLoader, TensorDataset
@@ -134,7 +182,14 @@ class LazinessMonitor(Callback):
 
     reads_training_data_outside_step = True  # its probe set: declared for DPStrategy (common.capabilities)
 
-    @checked_arguments(every_n_steps=at_least(1), num_examples=at_least(2), layers=non_empty(), chunk_size=at_least(1))
+    @checked_arguments(
+        every_n_steps=at_least(1),
+        num_examples=at_least(2),
+        layers=non_empty(),
+        chunk_size=at_least(1),
+        max_jacobian_bytes=at_least(1),
+        output_chunk_size=at_least(1),
+    )
     @renamed_arguments(num_samples="num_examples")
     def __init__(
         self,
@@ -146,10 +201,13 @@ class LazinessMonitor(Callback):
         hold_jacobians: bool = True,
         forward_fn: ForwardFn | None = None,
         target_fn: TargetFn | None = None,
+        max_jacobian_bytes: int | None = None,
+        output_chunk_size: int | None = None,
     ) -> None:
         self.every_n_steps, self.num_examples, self.ntk, self.chunk_size = every_n_steps, num_examples, ntk, chunk_size
         self.layers, self.hold_jacobians = None if layers is None else tuple(layers), hold_jacobians
-        self.forward_fn, self.target_fn = forward_fn, target_fn
+        self.forward_fn, self.target_fn, self.max_jacobian_bytes = forward_fn, target_fn, max_jacobian_bytes
+        self.output_chunk_size = output_chunk_size
         self.history: list[dict[str, float]] = []
         self._initial: dict[str, Any] | None = None  # probe batch, weights, patterns, kernel, targets (CPU)
         self._restored = False
@@ -239,10 +297,12 @@ class LazinessMonitor(Callback):
     def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any = None) -> dict[str, Any]:
         """The reference: the probe batch (cached now unless given), the trainable weights, patterns and kernel."""
         if batch is None:
-            batch, _ = next(ProbeSet.from_trainer(trainer, self.num_examples).chunks())
+            batch = self._probe_batch(trainer)
         prepared = prepare_batch(trainer, batch, probe="train")
         if self.forward_fn is None:
             _check_default_forward(pl_module, prepared)
+        if self.ntk:
+            self._check_kernel_memory(trainer, pl_module, prepared)
         patterns, kernel = self._observe(pl_module, prepared)
         if not patterns:
             self._warn(
@@ -250,9 +310,7 @@ class LazinessMonitor(Callback):
                 f"LazinessMonitor: {type(pl_module).__name__} has no ReLU-family activation module, so no "
                 "activation flips are logged; name the layers before a functional activation with `layers=`.",
             )
-        targets = (self.target_fn or _integer_labels)(batch)
-        if targets is None and self.ntk:
-            self._warn("targets", "LazinessMonitor: the probe set has no integer labels; pass `target_fn=`.")
+        targets = self._targets(batch)
         return {
             "batch": batch,
             "weights": {name: p.detach().cpu().clone() for name, p in self._params(pl_module).items()},
@@ -260,6 +318,57 @@ class LazinessMonitor(Callback):
             "kernel": None if kernel is None else kernel.cpu(),
             "targets": None if targets is None else targets.detach().cpu(),
         }
+
+    def _check_kernel_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Refuse, before measuring it, a kernel whose Jacobians (:func:`~lightning_nt.laziness.jacobian_bytes`) need
+        more than ``max_jacobian_bytes`` (default: half the memory free on the device), naming what to change."""
+        with preserved_state(pl_module, parameters=False), torch.autocast(pl_module.device.type, enabled=False):
+            pl_module.eval()
+            forward = self.forward_fn or _first_tensor_forward
+            needed = jacobian_bytes(
+                pl_module, batch, forward, self.chunk_size, self.hold_jacobians, self.output_chunk_size
+            )
+        limit = min_across_ranks(trainer, self.max_jacobian_bytes or _free_memory(pl_module.device) // 2)
+        if needed > limit:
+            held = "all the probe examples' at once" if self.hold_jacobians else "two chunks' at a time"
+            raise MemoryError(
+                f"LazinessMonitor: one NTK measurement would hold {needed:,} bytes ({needed / 2**30:.3g} GiB) of "
+                f"Jacobians (examples x outputs x parameters x bytes per element; {held}, hold_jacobians="
+                f"{self.hold_jacobians}), more than the limit of {limit:,} bytes (max_jacobian_bytes="
+                f"{self.max_jacobian_bytes}; None: half the memory free on {pl_module.device}). "
+                "Pass `ntk=False` (weights and activation patterns only), a smaller `num_examples`, "
+                "`hold_jacobians=False` with a small `chunk_size`, a small `output_chunk_size`, or a larger "
+                "`max_jacobian_bytes`."
+            )
+
+    def _probe_batch(self, trainer: pl.Trainer) -> Any:
+        """The first ``num_examples`` examples of the train loader; all it has, with a warning, when it has fewer."""
+        probe = ProbeSet.from_trainer(trainer, self.num_examples)
+        if len(probe) < self.num_examples:
+            self._warn(
+                "examples",
+                f"LazinessMonitor: the train loader holds {len(probe)} examples, fewer than num_examples="
+                f"{self.num_examples}: the probe set (and the kernel) is over those {len(probe)}.",
+            )
+        return next(probe.chunks())[0]
+
+    def _targets(self, batch: Any) -> Tensor | None:
+        """The probe set's targets for the alignment: ``target_fn``'s, or the default labels (:func:`_default_labels`)
+        with a warning when there are none, or when they look like an example index (a distinct value each)."""
+        if self.target_fn is not None:
+            return self.target_fn(batch)
+        targets, place = _default_labels(batch)
+        if targets is None and self.ntk:
+            self._warn("targets", "LazinessMonitor: the probe set has no integer labels; pass `target_fn=`.")
+        elif targets is not None and self.ntk and len(targets) > 2 and len(targets.unique()) == len(targets):
+            self._warn(
+                "index",
+                f"LazinessMonitor: the labels taken for the kernel alignment (the batch's {place}) "
+                f"hold a distinct value for every one of the {len(targets)} probe examples: an example index rather "
+                "than class labels? The alignment would be measured against it. Pass `target_fn(batch)` returning "
+                "the labels, e.g. `target_fn=lambda batch: batch[1]`.",
+            )
+        return targets
 
     @staticmethod
     def _params(pl_module: pl.LightningModule) -> dict[str, Tensor]:
@@ -281,7 +390,9 @@ class LazinessMonitor(Callback):
             layers = self.layers if self.layers is not None else activation_layers(pl_module)
             patterns = activation_patterns(pl_module, batch, layers, forward) if layers else {}
             kernel = (
-                empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians) if self.ntk else None
+                empirical_ntk(pl_module, batch, forward, self.chunk_size, self.hold_jacobians, self.output_chunk_size)
+                if self.ntk
+                else None
             )
         return patterns, kernel
 
@@ -303,10 +414,23 @@ class LazinessMonitor(Callback):
             values.update({f"{_TAG}/activation_flips/{layer}": value for layer, value in flips.items()})
         if kernel is not None:
             values.update(self._kernel_values(kernel.cpu().double(), initial["kernel"].double(), initial["targets"]))
+        self._log(trainer, values, started)
+
+    def _log(self, trainer: pl.Trainer, values: dict[str, float], started: float) -> None:
+        """Log the mean over ranks of every value some rank measured finite; name the others in one warning.
+
+        Each rank's values are reduced key by key over the union of the ranks' keys, NaN and inf left out of the
+        mean (:func:`~lightning_nt.common.distributed.mean_across_ranks`), so every rank logs the same keys."""
+        not_finite = sum_across_ranks(trainer, {key: 1.0 for key, value in values.items() if not math.isfinite(value)})
         values = mean_across_ranks(trainer, values)  # every rank logs the mean of the ranks' own probe sets
-        if not all(math.isfinite(value) for value in values.values()):
-            self._warn("nan", "LazinessMonitor: a measurement was not finite (NaN/inf); it is skipped.")
-            return
+        if not_finite:
+            self._warn(
+                "nan",
+                f"LazinessMonitor: {sorted(not_finite)} were not finite (NaN/inf) at step {trainer.global_step}; "
+                "they are left out of the mean over ranks (not logged where no rank measured them finite), the "
+                "other figures are logged.",
+            )
+        values = {key: value for key, value in values.items() if math.isfinite(value)}
         values[f"{_TAG}/seconds"] = time.perf_counter() - started
         log_scalars(trainer, values)
         self.history.append({"step": trainer.global_step, **values})
@@ -349,25 +473,28 @@ class LazinessMonitor(Callback):
         self._initial = self._capture(trainer, pl_module, self._initial["batch"])
 
     def _kernel_values(self, kernel: Tensor, initial: Tensor, targets: Tensor | None) -> dict[str, float]:
+        """The kernel's change, extreme eigenvalues and alignment: NaN where the kernel is not finite, and no
+        alignment where it is undefined (with a warning naming the centred kernel that is zero)."""
+        names = [f"{_TAG}/{name}" for name in ("ntk_change", "ntk_lambda_min", "ntk_lambda_max", "kernel_alignment")]
         if not bool(torch.isfinite(kernel).all()):
-            return {f"{_TAG}/ntk_change": math.nan}
+            return dict.fromkeys(names[: 3 if targets is None else 4], math.nan)
         eigenvalues = torch.linalg.eigvalsh(kernel)
-        values = {
-            f"{_TAG}/ntk_change": float((kernel - initial).norm() / initial.norm()),
-            f"{_TAG}/ntk_lambda_min": float(eigenvalues[0]),
-            f"{_TAG}/ntk_lambda_max": float(eigenvalues[-1]),
-        }
+        change = float((kernel - initial).norm() / initial.norm())
+        values = dict(zip(names, [change, float(eigenvalues[0]), float(eigenvalues[-1])]))
         alignment = kernel_alignment(kernel, targets) if targets is not None else math.nan
         if math.isfinite(alignment):
-            values[f"{_TAG}/kernel_alignment"] = alignment
-        elif targets is not None:  # the kernel is finite: its centred form is zero, every example's gradients alike
-            self._warn(
-                "alignment",
-                "LazinessMonitor: the kernel-target alignment is undefined (0/0) while the centred NTK is zero "
-                "(every probe example has the same output gradients, e.g. a network whose outputs don't depend on "
-                "its input yet); kernel_alignment is left out of those measurements, the other figures are logged.",
-            )
+            values[names[3]] = alignment
+        elif targets is not None:  # left out here; the mean over ranks still logs it where another rank has it
+            self._warn_undefined_alignment(zero_centred_kernels(kernel, targets))
         return values
+
+    def _warn_undefined_alignment(self, zero: list[str]) -> None:
+        reasons = "; ".join(f"the centred {name} is zero: {_ZERO_KERNEL_REASONS[name]}" for name in zero)
+        self._warn(
+            "alignment",
+            f"LazinessMonitor: the kernel-target alignment is undefined (0/0) on this probe set ({reasons}). "
+            "kernel_alignment is left out of those measurements, the other figures are logged.",
+        )
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -2,9 +2,12 @@
 
 ``empirical_ntk`` is the trace-over-outputs kernel ``K_ij = sum_c <df_c(x_i)/dtheta, df_c(x_j)/dtheta>`` over the
 trainable parameters. Per-example Jacobians come from ``torch.func.jacrev`` vmapped over the examples (one reverse
-pass per output, cheap when the outputs are few against the parameters, as in classification), ``chunk_size``
-examples at a time. The Jacobians of all ``m`` examples are held together: ``4 m C P`` bytes for ``C`` outputs and
-``P`` parameters (fp32), plus the ``m x m`` kernel.
+pass per output, cheap when the outputs are few against the parameters, as in classification), or from
+``torch.func.jacfwd`` (one forward-mode pass per parameter) when the parameters are fewer than the outputs (of a
+chunk of outputs), ``chunk_size`` examples at a time. The Jacobians of all ``m`` examples are held together:
+``4 m C P`` bytes for ``C`` outputs and ``P`` parameters (fp32), plus the ``m x m`` kernel; ``output_chunk_size``
+sums the kernel over chunks of the outputs (exact) to hold fewer, and :func:`jacobian_bytes` says how many before
+measuring.
 """
 
 from __future__ import annotations
@@ -17,15 +20,23 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
-from torch.func import jacrev
+from torch.func import jacfwd, jacrev
 
 from lightning_nt.common.autodiff import vmap_or_loop, without_backward_hooks
-from lightning_nt.common.batches import batch_size, tensors_of
+from lightning_nt.common.batches import batch_size, select_examples, tensors_of
 from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.substitution import substituted
 from lightning_nt.common.validation import at_least, checked_arguments
 
-__all__ = ["ForwardFn", "TwoLayerReLU", "empirical_ntk", "kernel_alignment", "two_layer_relu_ntk"]
+__all__ = [
+    "ForwardFn",
+    "TwoLayerReLU",
+    "empirical_ntk",
+    "jacobian_bytes",
+    "kernel_alignment",
+    "two_layer_relu_ntk",
+    "zero_centred_kernels",
+]
 
 ForwardFn = Callable[[nn.Module, Any], Tensor]
 """``forward_fn(module, batch) -> outputs [B, ...]``: the network's outputs on a batch (default ``module(batch)``)."""
@@ -35,13 +46,14 @@ def _call(module: nn.Module, batch: Any) -> Tensor:
     return module(batch)
 
 
-@checked_arguments(chunk_size=at_least(1))
+@checked_arguments(chunk_size=at_least(1), output_chunk_size=at_least(1))
 def empirical_ntk(
     module: nn.Module,
     inputs: Any,
     forward_fn: ForwardFn | None = None,
     chunk_size: int | None = None,
     hold_jacobians: bool = True,
+    output_chunk_size: int | None = None,
 ) -> Tensor:
     """The empirical NTK ``K[i, j] = sum_c <df_c(x_i)/dtheta, df_c(x_j)/dtheta>`` of ``module`` on ``inputs``.
 
@@ -60,6 +72,10 @@ def empirical_ntk(
         hold_jacobians: keep the Jacobians of all ``m`` examples (``4 m C P`` bytes in fp32) and form the kernel in
             one product; ``False`` keeps two chunks' at a time (``8 chunk_size C P`` bytes) and recomputes each
             chunk's Jacobian for every block of the kernel, ``(k + 1) / 2`` times the work for ``k`` chunks.
+        output_chunk_size: outputs per Jacobian (``None``: all ``C``): the kernel is summed over chunks of the
+            outputs, ``K = sum_chunks J_chunk J_chunk^T`` (exact: the trace over outputs is a sum), so the Jacobians
+            held scale with ``output_chunk_size`` instead of ``C``, for one more forward pass per chunk. For networks
+            with many outputs (an autoencoder's, a language model's).
 
     Examples:
         >>> net = nn.Linear(3, 1)  # f(x) = w.x + b, so K = X X^T + 1
@@ -83,18 +99,74 @@ def empirical_ntk(
         with substituted(module, weights):
             return _outputs_tensor(forward(module, batch), module).reshape(-1)
 
-    per_example = vmap_or_loop(jacrev(single), (None, *in_dims))
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
 
-    def jacobian(start: int) -> Tensor:
-        """``[b, C * P]`` for the examples from ``start``: the trace over outputs is a sum over this axis too."""
-        chunk = [tensor[start : start + size] if tensor.ndim > 0 else tensor for tensor in tensors]
-        rows = per_example(params, *chunk)
-        return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
+    def jacobians(outputs: slice, forward_mode: bool) -> Callable[[int], Tensor]:
+        """``jacobian(start)``: ``[b, C' * P]`` for the ``outputs`` of the examples from ``start`` (the trace over
+        outputs is a sum over this axis too)."""
+        transform = jacfwd if forward_mode else jacrev
+        per_example = vmap_or_loop(
+            transform(lambda weights, *example: single(weights, *example)[outputs]), (None, *in_dims)
+        )
 
-    starts = range(0, count, size)
+        def jacobian(start: int) -> Tensor:
+            chunk = [tensor[start : start + size] if tensor.ndim > 0 else tensor for tensor in tensors]
+            rows = per_example(params, *chunk)
+            return torch.cat([j.reshape(j.shape[0], j.shape[1], -1).to(dtype) for j in rows.values()], dim=2).flatten(1)
+
+        return jacobian
+
+    total, parameters = _outputs(module, inputs, forward), sum(p.numel() for p in params.values())
+    step = output_chunk_size or max(total, 1)
+    parts = [slice(first, first + step) for first in range(0, max(total, 1), step)]
     with _explained_transform_failures(), without_backward_hooks(module):
-        return _kernel(jacobian, starts, count, size, hold_jacobians)
+        blocks = (
+            # forward mode (one pass per parameter) when the parameters are fewer than the outputs, else reverse
+            _kernel(jacobians(part, parameters < min(step, total)), range(0, count, size), count, size, hold_jacobians)
+            for part in parts
+        )
+        kernel = next(blocks)
+        for block in blocks:  # K = sum over output chunks of J_chunk J_chunk^T
+            kernel += block
+    return kernel
+
+
+@torch.no_grad()
+def _outputs(module: nn.Module, inputs: Any, forward: ForwardFn) -> int:
+    """``C``: the number of outputs of one example, from a forward pass on the first."""
+    return _outputs_tensor(forward(module, select_examples(inputs, slice(0, 1))), module).numel()
+
+
+@torch.no_grad()
+def jacobian_bytes(
+    module: nn.Module,
+    inputs: Any,
+    forward_fn: ForwardFn | None = None,
+    chunk_size: int | None = None,
+    hold_jacobians: bool = True,
+    output_chunk_size: int | None = None,
+) -> int:
+    """The bytes of Jacobians one :func:`empirical_ntk` call with these arguments holds: ``m C P e`` with
+    ``hold_jacobians`` (all ``m`` examples'), else ``2 chunk_size C P e`` (two chunks'), for ``C`` outputs per
+    example (from one forward pass on the first example; at most ``output_chunk_size``), ``P`` trainable
+    parameters and ``e`` bytes per element (4, or 8 when a parameter is fp64). What to compare with the memory at
+    hand before measuring a kernel; the kernel itself (``m^2 e``) and the autograd work space of one chunk come on
+    top.
+
+    Examples:
+        >>> jacobian_bytes(nn.Linear(3, 2), torch.zeros(10, 3))  # 10 examples x 2 outputs x 8 parameters x 4 bytes
+        640
+        >>> jacobian_bytes(nn.Linear(3, 2), torch.zeros(10, 3), chunk_size=2, hold_jacobians=False)
+        256
+        >>> jacobian_bytes(nn.Linear(3, 2), torch.zeros(10, 3), output_chunk_size=1)
+        320
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    count = batch_size(inputs)
+    outputs = min(_outputs(module, inputs, forward_fn or _call), output_chunk_size or math.inf)
+    element = 8 if any(p.dtype == torch.float64 for p in params) else 4
+    held = count if hold_jacobians else 2 * min(chunk_size or count, count)
+    return int(held * outputs * sum(p.numel() for p in params) * element)
 
 
 def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: int, hold_jacobians: bool) -> Tensor:
@@ -157,14 +229,31 @@ def kernel_alignment(kernel: Tensor, targets: Tensor, num_classes: int | None = 
         raise ValueError(f"`kernel` must be a square [m, m] matrix, got shape {tuple(kernel.shape)}.")
     if targets.shape[0] != kernel.shape[0]:
         raise ValueError(f"`targets` has {targets.shape[0]} rows for a kernel over {kernel.shape[0]} examples.")
+    centered_k, centered_l = _centered_kernels(kernel, targets, num_classes)
+    denominator = float(centered_k.norm() * centered_l.norm())
+    return float((centered_k * centered_l).sum()) / denominator if denominator > 0 else math.nan
+
+
+def zero_centred_kernels(kernel: Tensor, targets: Tensor, num_classes: int | None = None) -> list[str]:
+    """Which of the two centred kernels of :func:`kernel_alignment` is zero (``"label kernel"``, ``"NTK"``), making
+    the alignment undefined: the labels of one class only, or every example with the same output gradients.
+
+    Examples:
+        >>> zero_centred_kernels(torch.eye(3), torch.tensor([1, 1, 1]))
+        ['label kernel']
+    """
+    centered_k, centered_l = _centered_kernels(kernel, targets, num_classes)
+    return [name for name, matrix in (("label kernel", centered_l), ("NTK", centered_k)) if float(matrix.norm()) == 0]
+
+
+def _centered_kernels(kernel: Tensor, targets: Tensor, num_classes: int | None) -> tuple[Tensor, Tensor]:
+    """``H K H`` and ``H Y Y^T H`` in fp64: the centred NTK and the centred target kernel."""
     kernel = kernel.double()
     if targets.is_floating_point():
         rows = targets.reshape(targets.shape[0], -1).to(kernel)
     else:
         rows = nn.functional.one_hot(targets.long(), num_classes or -1).to(kernel)
-    centered_k, centered_l = _centered(kernel), _centered(rows @ rows.T)
-    denominator = float(centered_k.norm() * centered_l.norm())
-    return float((centered_k * centered_l).sum()) / denominator if denominator > 0 else math.nan
+    return _centered(kernel), _centered(rows @ rows.T)
 
 
 def _centered(matrix: Tensor) -> Tensor:

@@ -9,12 +9,13 @@ ReLU6 or a Hardtanh, it is the index of the piece (below, between or above the c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from lightning_nt.common.activations import ElementwiseFunction, clamp_bounds, computed_function
 from lightning_nt.common.compiled import eager_execution, named_modules, uncompiled_name
@@ -178,7 +179,7 @@ def _call(module: nn.Module, batch: Any) -> Tensor:
 
 @contextmanager
 def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dict[str, list[Tensor]]) -> Iterator[None]:
-    handles = [modules[name].register_forward_hook(_recorder(name, modules[name], into)) for name in names]
+    handles = [_record_calls(name, modules[name], into) for name in names]
     try:
         yield
     finally:
@@ -186,14 +187,18 @@ def _recording(modules: Mapping[str, nn.Module], names: Sequence[str], into: dic
             handle.remove()
 
 
-def _recorder(name: str, layer: nn.Module, into: dict[str, list[Tensor]]) -> Callable[..., None]:
+def _record_calls(name: str, layer: nn.Module, into: dict[str, list[Tensor]]) -> RemovableHandle:
+    """Record each call's pattern: an activation's from its input, read before the call (a forward PRE-hook: an
+    in-place one, ``nn.ReLU6(inplace=True)`` or a model's ``x.clamp_(0, 6)``, overwrites its input with the clamped
+    values, hiding the units above the bound); any other layer's from its output, its sign."""
     boundaries = piece_boundaries(layer)
+    if boundaries:
+        return layer.register_forward_pre_hook(lambda _, args: into[name].append(_pattern(args[0], boundaries)))
+    return layer.register_forward_hook(lambda _, args, output: into[name].append(_pattern(output, (0.0,))))
 
-    def record(_: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        value = args[0] if boundaries else output
-        into[name].append(_pieces(value.detach().flatten(1), boundaries or (0.0,)))
 
-    return record
+def _pattern(value: Tensor, boundaries: tuple[float, ...]) -> Tensor:
+    return _pieces(value.detach().flatten(1), boundaries)
 
 
 def _pieces(value: Tensor, boundaries: tuple[float, ...]) -> Tensor:

@@ -79,3 +79,18 @@ def test_lists_that_are_not_one_item_per_example_are_kept_whole():
     assert select_examples(batch, slice(0, 1))["classes"] == ["cat", "dog"]
     assert select_examples(batch, slice(0, 1))["pair"] == Pair(1, 2)
     assert concatenate_batches([batch, batch])["classes"] == ["cat", "dog"]
+
+
+def test_batches_padded_to_different_lengths_are_refused_naming_the_fixes():
+    """Found: dynamic padding (each batch padded to its own longest sequence) crashed the probe set with torch.cat's
+    raw "Sizes of tensors must match" RuntimeError."""
+    batches = [
+        (torch.zeros(8, 11, dtype=torch.long), torch.zeros(8)),
+        (torch.zeros(8, 9, dtype=torch.long), torch.ones(8)),
+    ]
+    message = r"per-example shapes \[\(9,\), \(11,\)\].*`num_examples` at most the batch size.*fixed length"
+    with pytest.raises(ValueError, match=message):
+        concatenate_batches(batches)
+    with pytest.raises(ValueError, match=message):
+        ProbeSet.from_batches(batches, num_examples=12)
+    assert len(ProbeSet.from_batches(batches, num_examples=8)) == 8  # one batch's examples: nothing to concatenate

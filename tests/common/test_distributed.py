@@ -1,5 +1,6 @@
 """Cross-rank reductions: identity with one process, the right collectives (and device) with several."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -110,3 +111,47 @@ def test_two_processes_sum_average_gather_and_broadcast(tmp_path):
         assert results["gather"].tolist() == [[0.0] * 3] * 2 + [[1.0] * 3] * 2
         assert results["min"] == 5 and type(results["min"]) is int
         assert results["broadcast"] == (2**61, "rank 0")
+
+
+class CollectDifferentKeys(pl.Callback):
+    """Ranks whose dicts differ in their keys, and hold NaN or inf for some: reduced key by key, never positionally."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 0:
+            values = {"shared": 1.0, "only_rank_0": 3.0, "nan_on_0": float("nan"), "nowhere": float("inf")}
+        else:
+            values = {"nan_on_0": 5.0, "only_rank_1": -2.0, "nowhere": float("nan"), "shared": 2.0}
+        means, sums = mean_across_ranks(trainer, values), sum_across_ranks(trainer, values)
+        empty = sum_across_ranks(trainer, {})
+        save_rank_state(trainer, self.directory, {"mean": means, "sum": sums, "order": list(means), "empty": empty})
+
+
+@pytest.mark.ddp
+def test_dicts_with_different_keys_are_reduced_key_by_key_over_the_finite_values(tmp_path):
+    """The key-safe dict reduction: the union of keys on every rank, a missing or non-finite value left out of its
+    key's sum and mean, NaN where no rank has a finite value (was: gloo's size mismatch, an NCCL hang)."""
+    trainer = tiny_trainer(
+        None, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[CollectDifferentKeys(str(tmp_path))]
+    )
+    trainer.fit(BoringModel())
+    states = rank_states(tmp_path)
+    for results in states:
+        mean, total = results["mean"], results["sum"]
+        assert results["order"] == ["shared", "only_rank_0", "nan_on_0", "nowhere", "only_rank_1"]
+        assert {key: mean[key] for key in mean if key != "nowhere"} == {
+            "shared": 1.5,
+            "only_rank_0": 3.0,
+            "nan_on_0": 5.0,
+            "only_rank_1": -2.0,
+        }
+        assert {key: total[key] for key in total if key != "nowhere"} == {
+            "shared": 3.0,
+            "only_rank_0": 3.0,
+            "nan_on_0": 5.0,
+            "only_rank_1": -2.0,
+        }
+        assert math.isnan(mean["nowhere"]) and math.isnan(total["nowhere"])
+        assert results["empty"] == {}

@@ -206,6 +206,47 @@ def test_the_monitor_counts_the_relu6_flips_of_the_core() -> None:
     assert monitor.history[-1]["laziness/activation_flips"] == pytest.approx(flips) and flips > signs
 
 
+class MyReLU6InPlace(nn.Module):  # a model's own in-place clamp
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp_(0, 6)
+
+
+IN_PLACE_CLAMPS = {
+    "ReLU6": (functools.partial(nn.ReLU6, inplace=False), functools.partial(nn.ReLU6, inplace=True)),
+    "Hardtanh(-1, 2)": (
+        functools.partial(nn.Hardtanh, -1.0, 2.0, inplace=False),
+        functools.partial(nn.Hardtanh, -1.0, 2.0, inplace=True),
+    ),
+    "ReLU": (functools.partial(nn.ReLU, inplace=False), functools.partial(nn.ReLU, inplace=True)),
+    "clamp_": (MyReLU6, MyReLU6InPlace),
+}
+
+
+@pytest.mark.parametrize(("copying", "in_place"), IN_PLACE_CLAMPS.values(), ids=list(IN_PLACE_CLAMPS))
+def test_an_in_place_activation_has_the_patterns_and_flips_of_its_copying_form(copying, in_place) -> None:
+    """Found: an in-place clamp (torchvision MobileNetV2's ``ReLU6(inplace=True)``) overwrote its input before the
+    forward hook read it, so no unit was ever above the upper bound and saturations were not flips."""
+    torch.manual_seed(0)
+    reference = _with(copying)
+    with torch.no_grad():  # large weights, so that units saturate
+        reference.net[0].weight.mul_(20.0)
+    moved = copy.deepcopy(reference)
+    with torch.no_grad():
+        moved.net[0].weight.mul_(1.5)
+    inputs = torch.randn(16, 8)
+    patterns = {}
+    for kind, activation in (("copying", copying), ("in_place", in_place)):
+        for state, source in (("before", reference), ("after", moved)):
+            net = _with(activation)
+            net.load_state_dict(source.state_dict())
+            patterns[kind, state] = activation_patterns(net.eval(), inputs)
+    for state in ("before", "after"):
+        assert all(torch.equal(patterns["in_place", state][k], p) for k, p in patterns["copying", state].items())
+    flips = pattern_flips(patterns["copying", "before"], patterns["copying", "after"])
+    assert pattern_flips(patterns["in_place", "before"], patterns["in_place", "after"]) == flips
+    assert flips[""] > 0
+
+
 class _Clamped(ReLUClassifier):
     """``ReLUClassifier`` with a ReLU6 and a Hardtanh, whose patterns an older version recorded differently."""
 

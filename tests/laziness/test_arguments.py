@@ -21,6 +21,8 @@ BAD = {
     "hold_jacobians": ["no", 1, None],
     "forward_fn": ["forward", 3, True],
     "target_fn": ["labels", 3, False],
+    "max_jacobian_bytes": [*NOT_INTEGERS, 0, -1],
+    "output_chunk_size": [*NOT_INTEGERS, 0, -1],
 }
 
 

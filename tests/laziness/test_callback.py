@@ -11,7 +11,7 @@ import torch
 from pytorch_lightning.callbacks import BackboneFinetuning, ModelCheckpoint
 
 from lightning_nt.common.compiled import renamed_state_dict, uncompiled_name
-from lightning_nt.laziness import LazinessMonitor, relative_distance
+from lightning_nt.laziness import LazinessMonitor, empirical_ntk, relative_distance
 from tests.helpers import (
     BoringModel,
     TinyClassifier,
@@ -199,13 +199,54 @@ class BlowsUp(ReLUClassifier):
                 self.net[6].weight.fill_(math.nan)
 
 
-def test_a_non_finite_measurement_is_skipped_with_one_warning():
+def test_only_the_non_finite_values_of_a_measurement_are_left_out_and_named_in_one_warning():
+    """Was: one non-finite value dropped the whole measurement (steps 4 to 6 were missing from the history)."""
     monitor = LazinessMonitor(every_n_steps=1, num_examples=16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit([monitor], module=lambda: BlowsUp(), max_steps=6)
-    assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3]  # hooks: callbacks before the module
-    assert len([w for w in caught if "not finite" in str(w.message)]) == 1
+        _fit([monitor], module=lambda: BlowsUp(), max_steps=6, max_epochs=2)
+    assert [entry["step"] for entry in monitor.history] == [0, 1, 2, 3, 4, 5, 6]  # hooks: callbacks before the module
+    blown = {"weight_distance", "ntk_change", "ntk_lambda_min", "ntk_lambda_max", "kernel_alignment"}
+    blown = {f"laziness/{name}" for name in blown} | {f"laziness/weight_distance/net.{i}" for i in (0, 4, 6)}
+    assert all(blown <= entry.keys() for entry in monitor.history[:4])
+    for entry in monitor.history[4:]:
+        assert not blown & entry.keys()
+        assert all(math.isfinite(value) for value in entry.values())
+        assert {"laziness/activation_flips", "laziness/activation_flips/net.2", "laziness/seconds"} <= entry.keys()
+    warned = [str(w.message) for w in caught if "not finite" in str(w.message)]
+    assert len(warned) == 1 and all(name in warned[0] for name in blown)
+
+
+class ZeroInitialised(pl.LightningModule):
+    """A linear probe initialised at zero: the relative weight distance is 0/0, the kernel ``X X^T + 1`` is fine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(8, 3)
+        torch.nn.init.zeros_(self.net.weight)
+        torch.nn.init.zeros_(self.net.bias)
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return ReLUClassifier().train_dataloader()
+
+
+def test_a_zero_initialised_model_logs_its_kernel_without_the_undefined_weight_distance():
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with pytest.warns(UserWarning, match=r"'laziness/weight_distance'.* not finite"):
+        _fit([monitor], module=ZeroInitialised, max_steps=4)
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
+    assert all("laziness/weight_distance" not in entry for entry in monitor.history)
+    assert monitor.history[0]["laziness/ntk_change"] == 0.0 and monitor.history[-1]["laziness/ntk_lambda_max"] > 0
+    assert -1 <= monitor.history[-1]["laziness/kernel_alignment"] <= 1
 
 
 class BlindToItsInput(ReLUClassifier):
@@ -226,6 +267,24 @@ def test_an_undefined_kernel_alignment_is_left_out_and_the_other_figures_logged(
     assert all(math.isfinite(entry["laziness/weight_distance"]) for entry in monitor.history)
     assert monitor.history[-1]["laziness/weight_distance"] > 0
     assert len([w for w in caught if "alignment is undefined" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize(
+    ("module", "target_fn", "zero"),
+    [
+        (ReLUClassifier, lambda batch: torch.zeros_like(batch[1]), "the centred label kernel is zero"),
+        (BlindToItsInput, None, "the centred NTK is zero"),
+    ],
+)
+def test_the_warning_for_an_undefined_alignment_names_the_centred_kernel_that_is_zero(module, target_fn, zero):
+    """Was: every undefined alignment blamed the NTK, also when the probe labels were of one class."""
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16, target_fn=target_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([monitor], module=module, max_steps=2)
+    warned = [str(w.message) for w in caught if "alignment is undefined" in str(w.message)]
+    assert len(warned) == 1 and zero in warned[0]
+    assert ("label" in zero) == ("same label" in warned[0]) and ("NTK" in zero) == ("output gradients" in warned[0])
 
 
 def test_fitting_twice_starts_from_the_new_initialisation():
@@ -377,3 +436,103 @@ def test_activation_checkpointing_is_refused_before_the_first_step_naming_forwar
     monitor = LazinessMonitor(every_n_steps=2, num_examples=8, forward_fn=lambda module, batch: module.net(batch[0]))
     _, trainer = _fit([monitor], module=Checkpointed, max_steps=2)
     assert trainer.global_step == 2 and "laziness/ntk_change" in monitor.history[-1]
+
+
+class Indexed(torch.utils.data.Dataset):
+    """``(x, y, index)`` examples, as datasets that return the example index give them."""
+
+    def __init__(self, num_samples: int = 64) -> None:
+        self.data = ReLUClassifier(num_samples=num_samples).train_dataloader().dataset.data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        return (*self.data[index], index)
+
+
+class IndexedClassifier(ReLUClassifier):
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(Indexed(), batch_size=16, shuffle=False)
+
+
+def test_the_default_labels_of_an_x_y_index_batch_are_y_not_the_index():
+    """Found: the default took the batch's last integer tensor, the index: the alignment with it was logged."""
+    default = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([default], module=IndexedClassifier, max_steps=2)
+    explicit = LazinessMonitor(every_n_steps=2, num_examples=16, target_fn=lambda batch: batch[1])
+    _fit([explicit], module=IndexedClassifier, max_steps=2)
+    assert torch.equal(default._initial["targets"], explicit._initial["targets"])
+    for mine, theirs in zip(default.history, explicit.history, strict=True):
+        assert mine["laziness/kernel_alignment"] == theirs["laziness/kernel_alignment"]
+    assert not [w for w in caught if "distinct value" in str(w.message)]
+
+
+def test_default_labels_that_look_like_an_example_index_are_warned_about():
+    class IndexOnly(IndexedClassifier):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(loader.dataset, batch_size=16, collate_fn=self._x_and_index)
+
+        @staticmethod
+        def _x_and_index(items):
+            return torch.stack([item[0] for item in items]), torch.tensor([item[2] for item in items])
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).square().mean()
+
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with pytest.warns(UserWarning, match=r"second item\) hold a distinct value for every one of the 16 probe examples"):
+        _fit([monitor], module=IndexOnly, max_steps=2)
+
+
+def test_a_train_loader_smaller_than_num_examples_gives_a_probe_set_of_all_it_has_with_one_warning():
+    """Was: silently fewer examples (40 for the default 128)."""
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=100)
+    with pytest.warns(UserWarning, match=r"holds 40 examples, fewer than num_examples=100") as caught:
+        _fit([monitor], module=lambda: ReLUClassifier(num_samples=40), max_steps=4)
+    assert len([w for w in caught if "fewer than num_examples" in str(w.message)]) == 1
+    assert monitor._initial["kernel"].shape == (40, 40)
+
+
+class ManyOutputs(ReLUClassifier):
+    """A head of 64 outputs (a small autoencoder's): 32 examples' Jacobians are 32 x 64 x P x 4 bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[6] = torch.nn.Linear(16, 64)
+
+    def training_step(self, batch, batch_idx):
+        raise AssertionError("the fit is refused before the first step")
+
+
+def test_a_kernel_whose_jacobians_exceed_max_jacobian_bytes_is_refused_before_the_first_step_naming_the_fixes():
+    """Found: nothing bounded the Jacobians (an MNIST autoencoder's default measurement would hold 301 GiB)."""
+    module = ManyOutputs()
+    parameters = sum(p.numel() for p in module.parameters())
+    needed = 32 * 64 * parameters * 4
+    monitor = LazinessMonitor(num_examples=32, max_jacobian_bytes=needed - 1)
+    with pytest.raises(MemoryError, match=r"hold_jacobians.*`ntk=False`.*`num_examples`.*`hold_jacobians=False`"):
+        _fit([monitor], module=lambda: module, max_steps=2)
+    fits = LazinessMonitor(num_examples=32, chunk_size=4, hold_jacobians=False, max_jacobian_bytes=needed - 1)
+    _fit([fits], module=lambda: ReLUClassifier(), max_steps=2)  # 8 examples' Jacobians of a 3-output head fit
+    by_outputs = LazinessMonitor(num_examples=32, output_chunk_size=16, max_jacobian_bytes=needed // 4)
+    with pytest.raises(AssertionError, match="refused before the first step"):  # measured, then trained
+        _fit([by_outputs], module=lambda: module, max_steps=2)
+    kernel = empirical_ntk(copy.deepcopy(module.net).eval(), by_outputs._initial["batch"][0])
+    torch.testing.assert_close(by_outputs._initial["kernel"], kernel, rtol=1e-5, atol=1e-5 * float(kernel.max()))
+
+
+def test_the_default_jacobian_limit_is_half_the_free_memory(monkeypatch):
+    import lightning_nt.laziness.callback as callback
+
+    module = ManyOutputs()
+    needed = 32 * 64 * sum(p.numel() for p in module.parameters()) * 4
+    monkeypatch.setattr(callback, "_free_memory", lambda device: 2 * needed - 2)
+    with pytest.raises(MemoryError, match="None: half the memory free on cpu"):
+        _fit([LazinessMonitor(num_examples=32)], module=lambda: module, max_steps=2)
+    monkeypatch.setattr(callback, "_free_memory", lambda device: 2 * needed)
+    with pytest.raises(AssertionError, match="refused before the first step"):  # measured, then trained
+        _fit([LazinessMonitor(num_examples=32)], module=lambda: module, max_steps=2)

@@ -1,5 +1,7 @@
 """The laziness core against independent references: autograd Jacobians, the arc-cosine NTK, brute force."""
 
+import collections
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,11 +17,14 @@ from lightning_nt.laziness import (
     activation_layers,
     activation_patterns,
     empirical_ntk,
+    jacobian_bytes,
     kernel_alignment,
     pattern_flips,
     relative_distance,
     two_layer_relu_ntk,
+    zero_centred_kernels,
 )
+from lightning_nt.laziness.callback import _default_labels
 
 
 def _mlp(dtype=torch.float64, seed=0):
@@ -257,3 +262,115 @@ def test_relative_distance_leaves_zero_initialised_parts_out():
     assert distance.parts == {"w": 0.0} and distance.overall == pytest.approx(2.0)
     with pytest.raises(ValueError, match="different tensors"):
         relative_distance({"w": torch.ones(1)}, {"v": torch.ones(1)})
+
+
+def test_zero_centred_kernels_names_the_one_of_the_alignment_that_is_zero():
+    kernel, labels = torch.tensor([[2.0, 1.0], [1.0, 3.0]]), torch.tensor([0, 1])
+    assert zero_centred_kernels(kernel, labels) == []
+    assert zero_centred_kernels(kernel, torch.tensor([1, 1])) == ["label kernel"]
+    assert zero_centred_kernels(torch.full((2, 2), 4.0), labels) == ["NTK"]
+    assert zero_centred_kernels(torch.ones(2, 2), torch.tensor([0, 0])) == ["label kernel", "NTK"]
+    assert math.isnan(kernel_alignment(torch.ones(2, 2), labels))
+
+
+def test_the_default_labels_are_where_a_batch_conventionally_holds_them():
+    x, y, index = torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), torch.arange(4)
+    Pair = collections.namedtuple("Pair", ["index", "label", "x"])
+    Labelled = dataclasses.make_dataclass("Labelled", ["x", "targets", "index"])
+    cases = [
+        ((x, y, index), "second item"),
+        ([x, y], "second item"),
+        ({"index": index, "x": x, "label": y}, "'label'"),
+        ({"inputs": x, "y": y, "id": index}, "'y'"),
+        (Pair(index, y, x), "field 'label'"),
+        (Labelled(x, y, index), "field 'targets'"),
+    ]
+    for batch, place in cases:
+        labels, where = _default_labels(batch)
+        assert labels is y and where == place, batch
+    # no conventional labels: the last one-dimensional integer tensor, as before
+    assert _default_labels((x, torch.randn(4), y))[0] is y
+    assert _default_labels({"x": x, "token_ids": index, "cls": y}) == (y, "last one-dimensional integer tensor")
+    assert _default_labels((x,)) == (None, "")
+
+
+@pytest.mark.parametrize(("dtype", "element"), [(torch.float32, 4), (torch.float64, 8)])
+def test_jacobian_bytes_is_the_size_of_the_jacobians_empirical_ntk_holds(dtype, element):
+    """Against the autograd reference's Jacobian ``[m, C, P]`` (all examples', with hold_jacobians)."""
+    net, inputs = _mlp(dtype), torch.randn(9, 5, dtype=dtype)
+    net[4].weight.requires_grad_(False)  # frozen parameters are not differentiated
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    jacobian = torch.autograd.functional.jacobian(
+        lambda *ps: _with_params(net, trainable, ps, inputs), tuple(trainable)
+    )
+    held = sum(j.numel() for j in jacobian) * element
+    assert jacobian_bytes(net, inputs) == held
+    assert jacobian_bytes(net, inputs, chunk_size=2, hold_jacobians=False) == held * 4 // 9
+    assert jacobian_bytes(net, inputs, chunk_size=20, hold_jacobians=False) == held * 2
+
+
+def _with_params(net, trainable, values, inputs):
+    names = {id(p): name for name, p in net.named_parameters()}
+    return torch.func.functional_call(net, {names[id(p)]: v for p, v in zip(trainable, values)}, (inputs,))
+
+
+@pytest.mark.parametrize("hold_jacobians", [True, False])
+@pytest.mark.parametrize("output_chunk_size", [1, 2, 3, 7])
+def test_the_kernel_summed_over_chunks_of_outputs_equals_the_autograd_jacobian_reference(
+    output_chunk_size, hold_jacobians
+):
+    """Exact: the trace over outputs is a sum, so chunks of 1, 2 (uneven: 3 outputs) or all of them give one kernel."""
+    net = _mlp()
+    inputs = torch.randn(9, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kernel = empirical_ntk(
+        net, inputs, chunk_size=4, hold_jacobians=hold_jacobians, output_chunk_size=output_chunk_size
+    )
+    reference = _reference_ntk(net, inputs)
+    torch.testing.assert_close(kernel, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+    whole = jacobian_bytes(net, inputs, chunk_size=4, hold_jacobians=hold_jacobians)
+    held = jacobian_bytes(net, inputs, chunk_size=4, hold_jacobians=hold_jacobians, output_chunk_size=output_chunk_size)
+    assert held == whole * min(output_chunk_size, 3) // 3
+
+
+def test_an_output_chunk_size_below_one_is_refused_by_name():
+    with pytest.raises(ArgumentError, match="`output_chunk_size`"):
+        empirical_ntk(_mlp(), torch.randn(2, 5, dtype=torch.float64), output_chunk_size=0)
+
+
+class FewParametersManyOutputs(nn.Module):
+    """6 parameters, 50 outputs (a fixed random read-out, a buffer): forward mode is the cheaper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(1, 3).double()
+        self.register_buffer("readout", torch.randn(50, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.tanh(self.hidden(x)) @ self.readout.T
+
+
+def _spy(transform, name, used):
+    def spied(function):
+        used.append(name)
+        return transform(function)
+
+    return spied
+
+
+@pytest.mark.parametrize("output_chunk_size", [None, 20, 4])
+def test_forward_mode_serves_fewer_parameters_than_outputs_and_equals_the_autograd_jacobian_reference(
+    output_chunk_size, monkeypatch
+):
+    """``jacfwd`` (one pass per parameter) when the parameters (6) are fewer than the outputs of a chunk, ``jacrev``
+    (one pass per output) otherwise; both equal to the reference."""
+    import lightning_nt.laziness.ntk as ntk
+
+    used = []
+    for name in ("jacfwd", "jacrev"):
+        monkeypatch.setattr(ntk, name, _spy(getattr(ntk, name), name, used))
+    torch.manual_seed(0)
+    net, inputs = FewParametersManyOutputs(), torch.randn(7, 1, dtype=torch.float64)
+    kernel = empirical_ntk(net, inputs, chunk_size=3, output_chunk_size=output_chunk_size)
+    reference = _reference_ntk(net, inputs)
+    torch.testing.assert_close(kernel, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
+    assert set(used) == ({"jacrev"} if output_chunk_size == 4 else {"jacfwd"})

@@ -4,7 +4,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_nt.laziness import LazinessMonitor, activation_patterns, empirical_ntk, relative_distance
+from lightning_nt.laziness import (
+    LazinessMonitor,
+    activation_patterns,
+    empirical_ntk,
+    jacobian_bytes,
+    relative_distance,
+)
 from tests.helpers import tiny_trainer
 from tests.laziness.models import ReLUClassifier
 from tests.laziness.test_activations import MyHardtanh
@@ -73,3 +79,35 @@ def test_callback_with_clamps_on_the_gpu(tmp_path, precision):
     assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
     assert 0 <= monitor.history[-1]["laziness/activation_flips/net.2"] <= 1
     assert 0 <= monitor.history[-1]["laziness/activation_flips/net.5"] <= 1
+
+
+def _in_place_relu6_classifier(seed: int) -> ReLUClassifier:
+    module = _relu6_classifier(seed)
+    module.net[2] = torch.nn.ReLU6(inplace=True)
+    return module
+
+
+@pytest.mark.cuda
+def test_in_place_clamps_and_the_jacobian_size_on_the_gpu_equal_the_cpu():
+    copying, inputs = _relu6_classifier(0), torch.randn(16, 8)
+    in_place = _in_place_relu6_classifier(0)
+    expected = activation_patterns(copying, inputs)
+    on_gpu = activation_patterns(in_place.cuda(), inputs.cuda())
+    assert all(torch.equal(on_gpu[name].cpu(), pattern) for name, pattern in expected.items())
+    assert jacobian_bytes(in_place, inputs.cuda(), chunk_size=4) == jacobian_bytes(copying, inputs, chunk_size=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_the_jacobian_limit_on_the_gpu(tmp_path, precision):
+    """Default: half the free CUDA memory (measured); a tighter ``max_jacobian_bytes``: refused before step 0."""
+    pl.seed_everything(0)
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    trainer = tiny_trainer(tmp_path, accelerator="gpu", precision=precision, max_steps=4, callbacks=[monitor])
+    trainer.fit(_in_place_relu6_classifier(0))
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4]
+    assert 0 <= monitor.history[-1]["laziness/activation_flips/net.2"] <= 1
+    tight = LazinessMonitor(num_examples=16, max_jacobian_bytes=1000)
+    trainer = tiny_trainer(None, accelerator="gpu", precision=precision, max_steps=4, callbacks=[tight])
+    with pytest.raises(MemoryError, match="max_jacobian_bytes=1000; None: half the memory free on cuda"):
+        trainer.fit(_in_place_relu6_classifier(0))
