@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
@@ -276,13 +277,16 @@ _LOSS_FN_FIX = (
 @contextmanager
 def _explained_one_example_failures(training_step: bool) -> Iterator[None]:
     """Any failure of the loss on one-example batches (a ``.squeeze()`` that turns ``[1]`` into ``[]``, an operation
-    vmap can't batch) raised again as a ``RuntimeError`` naming the reason and ``loss_fn``, chained to it.
-    ``NotImplementedError`` (no forward-mode derivative) passes unchanged: the caller falls back on it."""
+    vmap can't batch) raised again as a ``RuntimeError`` naming the reason and ``loss_fn``, chained to it. A missing
+    derivative passes unchanged: the caller falls back on it (``NotImplementedError``) or explains it
+    (:func:`~lightning_nt.common.autodiff.differentiable_kernels`)."""
     try:
         yield
     except NotImplementedError:
         raise
     except Exception as error:
+        if re.search(r"derivative for .* is not implemented", str(error)):
+            raise
         source = "the module's training_step" if training_step else "`loss_fn`"
         raise RuntimeError(
             f"GradientSignalTest needs one loss per example; without a per-example `loss_fn` it calls {source} on "

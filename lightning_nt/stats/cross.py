@@ -363,9 +363,9 @@ def _result(
         )
     elif no_spread:
         warnings.warn(
-            f"Every term of the cross statistic equals {float(estimate):.6g} (no spread): the statistic is its "
-            f"infinite limit and p_value={float(p_value):g} that limit's, not a normal approximation. Constant or "
-            "duplicated data?",
+            f"The terms of the cross statistic have no spread (estimate {float(estimate):.6g}): the statistic is "
+            f"its infinite limit and p_value={float(p_value):g} that limit's, not a normal approximation. Constant "
+            "or duplicated data?",
             stacklevel=3,
         )
     return TestResult(statistic=float(statistic), p_value=float(p_value), n=n, d=d, estimate=float(estimate))
