@@ -182,6 +182,7 @@ def cross_mean_test(samples: Tensor, alternative: Alternative = "greater", seed:
     samples = samples.unsqueeze(-1) if samples.ndim == 1 else samples
     if samples.ndim != 2:
         raise ValueError(f"`samples` must have shape [n, d], got {tuple(samples.shape)}.")
+    _warn_if_not_finite(samples=samples)
     scores = _cross_scores(samples, seed)
     statistic, estimate = studentized_mean(scores)
     no_spread = bool(scores.std(correction=1) == 0)
@@ -302,6 +303,7 @@ def cross_mmd_test(
         raise ValueError(f"`bandwidth` must be 'median' or a positive finite number, got {bandwidth!r}.")
     if kernel not in ("gaussian", "laplace"):
         raise ValueError(f"`kernel` must be one of ('gaussian', 'laplace'), got {kernel!r}.")
+    _warn_if_not_finite(x=x, y=y)
     estimate, error = _cross_mmd(x, y, kernel, bandwidth, seed)
     statistic, no_spread = _ratio(estimate, error), bool(error == 0)
     why = "the witness function is zero on every first-half point, e.g. one constant row in both samples"
@@ -347,6 +349,16 @@ def _check_samples(name: str, samples: Tensor) -> None:
         raise ValueError(f"`{name}` must be a Tensor of shape [..., n, d].")
     if not samples.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point Tensor, got {samples.dtype}.")
+
+
+def _warn_if_not_finite(**tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            warnings.warn(
+                f"`{name}` holds NaN or infinite values: the test's result (NaN, or a point at infinity's limit) says "
+                "nothing reliable about the data.",
+                stacklevel=3,
+            )
 
 
 def _result(

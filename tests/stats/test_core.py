@@ -199,3 +199,13 @@ def test_batched_statistics_without_spread_are_the_limit_not_nan():
     samples = torch.zeros(2, 10, 3)
     samples[1] = 1.0
     assert cross_mean_statistics(samples)[0].tolist() == [0.0, math.inf]
+
+
+def test_nan_or_infinite_data_are_warned_about():
+    samples = _data(20, 3)
+    samples[3, 1] = math.nan
+    with pytest.warns(UserWarning, match="`samples` holds NaN or infinite"):
+        assert math.isnan(cross_mean_test(samples).p_value)
+    samples[3, 1] = math.inf  # a point at infinity: its kernel values are 0, the statistic is finite
+    with pytest.warns(UserWarning, match="`x` holds NaN or infinite"):
+        cross_mmd_test(samples, _data(20, 3, seed=1))
