@@ -10,7 +10,7 @@ itself is one pass): at d = 100,000 one repetition alone is 2e7 numbers, so ther
 carries most of the weight. The cross-MMD's cost is its kernel matrices, R * n² * d: R = 500 at d = 1000. At
 d = 100,000 its Gaussian null costs no more than at d = 400: a kernel of distances sees the data only through
 their Gram matrix, whose law for n i.i.d. N(0, I_d) points (Wishart) Bartlett's decomposition draws exactly from
-n² / 2 numbers, so R = 1000 there (40 s; i.i.d.-t3 coordinates have no such shortcut, and stay at d <= 1000).
+n² / 2 numbers, so R = 1000 there (20-40 s; i.i.d.-t3 coordinates have no such shortcut, and stay at d <= 1000).
 
 Heavy tails: t with 3 degrees of freedom (finite variance, infinite fourth moment), "t3" with i.i.d.
 coordinates, and "t3-elliptic" for the mean test at d >= 1000: multivariate t3 (Z / sqrt(chi2_3 / 3), one
