@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -127,6 +129,12 @@ class GradientSignalTest(Callback):
             raise ValueError(
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."
             )
+        if len(self._probe) < self.num_examples:
+            self._warn(
+                "few",
+                f"GradientSignalTest(num_examples={self.num_examples}): the {self.data} data hold only "
+                f"{len(self._probe)} examples; every measurement uses those {len(self._probe)}.",
+            )
         if not continues_run(trainer, self._restored):  # a new Trainer without a checkpoint: a new run
             self.history = []
         self._restored = False
@@ -239,7 +247,8 @@ class GradientSignalTest(Callback):
             self._loss_fn_gives_vector = values is not None
             if values is not None:
                 return values
-        return per_example_losses(lambda example: training_loss(module, example, 0, self.loss_fn), batch, module)
+        with _explained_one_example_failures(self.loss_fn is None):
+            return per_example_losses(lambda example: training_loss(module, example, 0, self.loss_fn), batch, module)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -250,11 +259,38 @@ class GradientSignalTest(Callback):
 def _explained_vmap_failures() -> AbstractContextManager[None]:
     """torch.func's failures to differentiate a vmapped loss, turned into the reason and the fix."""
     return explained_errors(
-        lambda text: "vmap" in text,
+        lambda text: "vmap" in text and not text.startswith("GradientSignalTest"),  # not one explained already
         lambda error: (
             "GradientSignalTest forms each example's loss with torch.func.vmap when `loss_fn` gives no per-example "
             f"vector, and PyTorch can't differentiate through that here ({error}). Activation checkpointing "
-            "(torch.utils.checkpoint) is one such case. Pass `loss_fn(pl_module, batch)` returning the per-example "
-            "losses [B], e.g. F.cross_entropy(logits, y, reduction='none')."
+            f"(torch.utils.checkpoint) is one such case. {_LOSS_FN_FIX}"
         ),
     )
+
+
+_LOSS_FN_FIX = (
+    "Pass `loss_fn(pl_module, batch)` returning the per-example losses [B], "
+    "e.g. F.cross_entropy(logits, y, reduction='none')."
+)
+
+
+@contextmanager
+def _explained_one_example_failures(training_step: bool) -> Iterator[None]:
+    """Any failure of the loss on one-example batches (a ``.squeeze()`` that turns ``[1]`` into ``[]``, an operation
+    vmap can't batch) raised again as a ``RuntimeError`` naming the reason and ``loss_fn``, chained to it. A missing
+    derivative passes unchanged: the caller falls back on it (``NotImplementedError``) or explains it
+    (:func:`~lightning_nt.common.autodiff.differentiable_kernels`)."""
+    try:
+        yield
+    except NotImplementedError:
+        raise
+    except Exception as error:
+        if re.search(r"derivative for .* is not implemented", str(error)):
+            raise
+        source = "the module's training_step" if training_step else "`loss_fn`"
+        raise RuntimeError(
+            f"GradientSignalTest needs one loss per example; without a per-example `loss_fn` it calls {source} on "
+            f"one-example batches under torch.func.vmap, and that failed ({type(error).__name__}: {error}). Code "
+            "that only works on larger batches (`.squeeze()` turning [1] into [], batch statistics) fails there. "
+            f"{_LOSS_FN_FIX}"
+        ) from error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -38,7 +39,7 @@ def compare_models(
     """Test ``H0: E[out_a(x) - out_b(x)] = 0`` over the examples ``x`` of ``dataloader`` (cross mean test).
 
     Both models see the same examples, in eval mode and without gradients; the per-example differences of
-    their outputs (softmax probabilities by default, flattened) are the samples of :func:`cross_mean_test`, so
+    their outputs (probabilities by default, flattened) are the samples of :func:`cross_mean_test`, so
     the test is valid whatever the number of output coordinates relative to the number of examples, and its
     ``estimate`` is an unbiased estimate of ``||E[out_a - out_b]||²``. It detects a systematic change of the
     mean output (a shift of the predicted class probabilities); changes that cancel on average (outputs that
@@ -49,9 +50,14 @@ def compare_models(
     Args:
         model_a: the first model; the batches go to the device of its first parameter (or buffer).
         model_b: the second model, on the same device.
-        dataloader: the examples; the first ``num_examples`` (all by default, at least 4) are used.
+        dataloader: the examples; the first ``num_examples`` (all by default, at least 4) are used (all of them,
+            with a warning, when it holds fewer).
         num_examples: how many examples, or ``None`` for the whole loader.
-        outputs: compare ``"softmax"`` probabilities (over the last dimension) or raw ``"logits"``.
+        outputs: compare ``"softmax"`` probabilities (over the last dimension) or raw ``"logits"``. Outputs of
+            shape ``[B]`` are read as ``[B, 1]``, and a last dimension of size 1 as a binary classifier's logit
+            ``z``: under ``"softmax"`` its probability ``sigmoid(z)``, which is what the softmax over the two
+            logits ``[0, z]`` gives (a softmax over one entry would be 1 whatever the model). For a regression
+            head compare the raw values with ``"logits"``.
         forward: ``forward(model, batch)``; default: the model applied to the batch's first tensor.
         alternative: as in :func:`cross_mean_test`; ``"greater"`` tests for any difference in the mean.
         seed: seed of the split.
@@ -97,12 +103,23 @@ def _differences(
             count += take
             if num_examples is not None and count >= num_examples:
                 break
+    if num_examples is not None and count < num_examples:
+        warnings.warn(
+            f"compare_models(num_examples={num_examples}): the dataloader holds only {count} examples; all {count} "
+            "are used.",
+            stacklevel=3,
+        )
     return torch.cat(rows)
 
 
 def _outputs(values: Tensor, kind: str) -> Tensor:
+    """``[B, ...]`` outputs as compared: ``[B]`` read as ``[B, 1]``; ``"softmax"`` over the last dimension, where
+    a single entry ``z`` is a binary logit, read as its probability ``sigmoid(z)`` (the softmax of ``[0, z]``)."""
     values = values.float()
-    return values.softmax(-1) if kind == "softmax" else values
+    values = values.unsqueeze(1) if values.ndim == 1 else values
+    if kind == "logits":
+        return values
+    return values.sigmoid() if values.shape[-1] == 1 else values.softmax(-1)
 
 
 def _first_tensor_forward(model: nn.Module, batch: Any) -> Tensor:

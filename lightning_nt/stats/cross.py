@@ -18,6 +18,7 @@ functions take leading batch dimensions (``[..., n, d]``), so many repetitions a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +104,8 @@ def studentized_mean(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     """``(sqrt(n1) * mean / sd, mean)`` of ``scores`` along ``dim``, ``sd`` with Bessel's correction (n1 - 1).
 
     For Gaussian scores this is exactly Student's t with ``n1 - 1`` degrees of freedom; it tends to ``N(0, 1)``.
+    Scores without spread (all equal, ``sd = 0``) have the ratio's limit: ``0`` when they are all zero, ``+inf``
+    or ``-inf`` (the sign of their common value) otherwise; never NaN from finite scores.
 
     Examples:
         >>> statistic, mean = studentized_mean(torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64))
@@ -112,7 +115,13 @@ def studentized_mean(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     count = scores.shape[dim]
     mean = scores.mean(dim)
     sd = scores.std(dim, correction=1)
-    return math.sqrt(count) * mean / sd, mean
+    return _ratio(math.sqrt(count) * mean, sd), mean
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator``, with ``0/0 = 0`` and ``c/0 = sign(c) inf`` (a zero spread's limit)."""
+    limit = torch.where(numerator == 0, 0.0, numerator.sign() * math.inf)
+    return torch.where(denominator == 0, limit, numerator / denominator)
 
 
 def cross_mean_statistics(samples: Tensor, seed: int | None = 0) -> tuple[Tensor, Tensor]:
@@ -132,12 +141,16 @@ def cross_mean_statistics(samples: Tensor, seed: int | None = 0) -> tuple[Tensor
         >>> statistic.shape, signal.dtype
         (torch.Size([3]), torch.float64)
     """
+    return studentized_mean(_cross_scores(samples, seed))
+
+
+def _cross_scores(samples: Tensor, seed: int | None) -> Tensor:
+    """The ``f_i`` of :func:`cross_mean_statistics`, in float64."""
     _check_samples("samples", samples)
     samples = samples.to(_working_dtype(samples))
     first, second = split_indices(samples.shape[-2], seed, samples.device)
     center = samples.index_select(-2, second).mean(-2)
-    scores = torch.einsum("...id,...d->...i", samples.index_select(-2, first), center)
-    return studentized_mean(scores.to(torch.float64))
+    return torch.einsum("...id,...d->...i", samples.index_select(-2, first), center).to(torch.float64)
 
 
 def cross_mean_test(samples: Tensor, alternative: Alternative = "greater", seed: int | None = 0) -> TestResult:
@@ -146,6 +159,13 @@ def cross_mean_test(samples: Tensor, alternative: Alternative = "greater", seed:
     ``alternative="greater"`` (the default) is the test of ``H0: E X = 0`` against ``E X != 0``: ``E f_i`` is
     ``||E X||² >= 0``, so only large ``T`` is evidence against the null. See :func:`cross_mean_statistics`
     for the split and the variance estimator.
+
+    Degenerate data, where the ``f_i`` have no spread, are answered with documented values and a warning, never
+    NaN. All ``f_i`` zero (all rows zero, or the nonzero rows all in one half of the split, e.g. differences
+    confined to a handful of examples): the data hold no evidence the test can use, ``statistic=0``,
+    ``p_value=1``. All ``f_i`` equal to ``c != 0``: under ``H0`` the ``f_i`` have mean zero given the second
+    half, so a constant nonzero value is evidence against it; ``T`` is the limit ``sign(c) inf`` and the
+    p-value that limit's (``0`` for ``"greater"`` when ``c > 0``), not a normal approximation.
 
     Args:
         samples: ``[n, d]`` (or ``[n]``, read as ``d = 1``), at least 4 rows.
@@ -162,8 +182,12 @@ def cross_mean_test(samples: Tensor, alternative: Alternative = "greater", seed:
     samples = samples.unsqueeze(-1) if samples.ndim == 1 else samples
     if samples.ndim != 2:
         raise ValueError(f"`samples` must have shape [n, d], got {tuple(samples.shape)}.")
-    statistic, estimate = cross_mean_statistics(samples, seed)
-    return _result(statistic, estimate, alternative, samples.shape[0], samples.shape[1])
+    _warn_if_not_finite(samples=samples)
+    scores = _cross_scores(samples, seed)
+    statistic, estimate = studentized_mean(scores)
+    no_spread = bool(scores.std(correction=1) == 0)
+    why = "all rows are zero, or the nonzero rows all fell in one half of the split (too few to test)"
+    return _result(statistic, estimate, alternative, samples.shape[0], samples.shape[1], no_spread, why)
 
 
 Kernel = Literal["gaussian", "laplace"]
@@ -198,13 +222,24 @@ def cross_mmd_statistics(
     ``exp(-||a - b||² / (2 s²))`` (gaussian) or ``exp(-||a - b|| / s)`` (laplace); ``bandwidth="median"``
     takes ``s`` as the median distance between distinct points of the *second halves* (``X2`` and ``Y2``
     pooled), so that the kernel, like the witness, is fixed given the second halves and the conditional
-    argument above holds exactly.
+    argument above holds exactly. "Distinct" means the median is over the pairs of rows that differ (identical
+    rows, as discrete or one-hot data have many, are left out: their distance 0 would otherwise make ``s = 0``
+    and the kernel 0/0); ``s = 1`` when all those rows coincide. Witness values without spread give ``T`` the
+    limit of :func:`studentized_mean` (``0`` when ``U = 0``, ``sign(U) inf`` otherwise).
 
     Examples:
         >>> statistic, mmd2 = cross_mmd_statistics(torch.randn(4, 60, 5), torch.randn(4, 50, 5))
         >>> statistic.shape, mmd2.shape
         (torch.Size([4]), torch.Size([4]))
     """
+    estimate, error = _cross_mmd(x, y, kernel, bandwidth, seed)
+    return _ratio(estimate, error), estimate
+
+
+def _cross_mmd(
+    x: Tensor, y: Tensor, kernel: Kernel, bandwidth: float | Literal["median"], seed: int | None
+) -> tuple[Tensor, Tensor]:
+    """``(U, standard error of U)`` of :func:`cross_mmd_statistics`, in float64."""
     _check_samples("x", x)
     _check_samples("y", y)
     if x.shape[-1] != y.shape[-1] or x.shape[:-2] != y.shape[:-2]:
@@ -230,10 +265,8 @@ def cross_mmd_statistics(
         return gram[..., : x2.shape[-2]].mean(-1) - gram[..., x2.shape[-2] :].mean(-1)
 
     on_x, on_y = witness(x1).to(torch.float64), witness(y1).to(torch.float64)
-    mean_x, mean_y = on_x.mean(-1), on_y.mean(-1)
     variance = on_x.var(-1, correction=0) / on_x.shape[-1] + on_y.var(-1, correction=0) / on_y.shape[-1]
-    estimate = mean_x - mean_y
-    return estimate / variance.sqrt(), estimate
+    return on_x.mean(-1) - on_y.mean(-1), variance.sqrt()
 
 
 def cross_mmd_test(
@@ -246,7 +279,9 @@ def cross_mmd_test(
     """Permutation-free kernel two-sample test of ``H0: P_X = P_Y`` (cross-MMD, Shekhar, Kim & Ramdas 2022).
 
     One-sided: ``MMD² >= 0``, so only large ``T`` is evidence against the null. See :func:`cross_mmd_statistics`
-    for the statistic, its studentisation and the bandwidth rule.
+    for the statistic, its studentisation and the bandwidth rule. Witness values without spread are answered
+    as in :func:`cross_mean_test`, with a warning: ``U = 0`` gives ``statistic=0, p_value=1``, ``U != 0`` the
+    infinite limit.
 
     Args:
         x: ``[n, d]`` examples of the first distribution (at least 4).
@@ -268,8 +303,11 @@ def cross_mmd_test(
         raise ValueError(f"`bandwidth` must be 'median' or a positive finite number, got {bandwidth!r}.")
     if kernel not in ("gaussian", "laplace"):
         raise ValueError(f"`kernel` must be one of ('gaussian', 'laplace'), got {kernel!r}.")
-    statistic, estimate = cross_mmd_statistics(x, y, kernel, bandwidth, seed)
-    return _result(statistic, estimate, "greater", x.shape[0] + y.shape[0], x.shape[1])
+    _warn_if_not_finite(x=x, y=y)
+    estimate, error = _cross_mmd(x, y, kernel, bandwidth, seed)
+    statistic, no_spread = _ratio(estimate, error), bool(error == 0)
+    why = "the witness function is zero on every first-half point, e.g. one constant row in both samples"
+    return _result(statistic, estimate, "greater", x.shape[0] + y.shape[0], x.shape[1], no_spread, why)
 
 
 def _kernel(distances: Tensor, scale: Tensor, kernel: Kernel) -> Tensor:
@@ -280,13 +318,26 @@ def _kernel(distances: Tensor, scale: Tensor, kernel: Kernel) -> Tensor:
 
 
 def _median_distance(points: Tensor) -> Tensor:
-    """Median of the distances between distinct rows of ``points[..., k, d]``, for every leading index."""
+    """Median distance over the pairs of distinct rows of ``points[..., k, d]`` (pairs of identical rows left
+    out), for every leading index; ``1`` where all rows coincide."""
     count = points.shape[-2]
     rows, columns = torch.triu_indices(count, count, offset=1, device=points.device)
-    distances = torch.cdist(points, points)[..., rows, columns].sort(-1).values
-    middle = distances.shape[-1]
-    median = (distances[..., (middle - 1) // 2] + distances[..., middle // 2]) / 2
-    return median.clamp_min(torch.finfo(median.dtype).tiny)
+    labels = _row_labels(points)
+    distinct = labels[..., rows] != labels[..., columns]
+    # identical rows are found exactly (cdist's matrix-product path gives them small nonzero distances)
+    distances = torch.where(distinct, torch.cdist(points, points)[..., rows, columns], -1.0).sort(-1).values
+    ties, pairs = (~distinct).sum(-1, keepdim=True), distinct.sum(-1, keepdim=True)
+    last = distances.shape[-1] - 1
+    lower = distances.gather(-1, (ties + (pairs - 1).clamp_min(0) // 2).clamp_max(last))
+    upper = distances.gather(-1, (ties + pairs // 2).clamp_max(last))
+    return torch.where(pairs > 0, (lower + upper) / 2, 1.0).squeeze(-1)
+
+
+def _row_labels(points: Tensor) -> Tensor:
+    """``labels[..., i] == labels[..., j]`` exactly when rows ``i`` and ``j`` of ``points[..., k, d]`` are equal."""
+    flat = points.reshape(-1, *points.shape[-2:])
+    labels = [torch.unique(matrix, dim=0, return_inverse=True)[1] for matrix in flat]
+    return torch.stack(labels).reshape(points.shape[:-1])
 
 
 def _working_dtype(samples: Tensor) -> torch.dtype:
@@ -300,11 +351,33 @@ def _check_samples(name: str, samples: Tensor) -> None:
         raise TypeError(f"`{name}` must be a floating-point Tensor, got {samples.dtype}.")
 
 
-def _result(statistic: Tensor, estimate: Tensor, alternative: Alternative, n: int, d: int) -> TestResult:
-    return TestResult(
-        statistic=float(statistic),
-        p_value=float(normal_p_value(statistic, alternative)),
-        n=n,
-        d=d,
-        estimate=float(estimate),
-    )
+def _warn_if_not_finite(**tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            warnings.warn(
+                f"`{name}` holds NaN or infinite values: the test's result (NaN, or a point at infinity's limit) says "
+                "nothing reliable about the data.",
+                stacklevel=3,
+            )
+
+
+def _result(
+    statistic: Tensor, estimate: Tensor, alternative: Alternative, n: int, d: int, no_spread: bool, why: str
+) -> TestResult:
+    """The record of a test; terms without spread get the documented values of :func:`cross_mean_test`, warned."""
+    p_value = normal_p_value(statistic, alternative)
+    if no_spread and float(estimate) == 0:
+        p_value = torch.ones_like(p_value)
+        warnings.warn(
+            f"Every term of the cross statistic is zero ({why}): the data hold no evidence the test can use, so "
+            "statistic=0 and p_value=1.",
+            stacklevel=3,
+        )
+    elif no_spread:
+        warnings.warn(
+            f"The terms of the cross statistic have no spread (estimate {float(estimate):.6g}): the statistic is "
+            f"its infinite limit and p_value={float(p_value):g} that limit's, not a normal approximation. Constant "
+            "or duplicated data?",
+            stacklevel=3,
+        )
+    return TestResult(statistic=float(statistic), p_value=float(p_value), n=n, d=d, estimate=float(estimate))

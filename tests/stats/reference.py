@@ -3,7 +3,8 @@
 It shares nothing with ``lightning_nt.stats`` but the convention of the split (first ``n // 2`` rows, in the
 given order), and computes each quantity by another route: the mean test from the Gram matrix of all pairs
 (i in D1, j in D2) instead of a mean vector, the cross-MMD from four kernel matrices as in the paper's eq. 2
-and 4, with the median bandwidth from ``scipy.spatial.distance.pdist``.
+and 4, with the median bandwidth from ``scipy.spatial.distance.pdist`` (the documented rule: the median over the
+pairs of distinct rows, whose distances are nonzero, or 1 when all rows coincide).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def cross_mmd(x: np.ndarray, y: np.ndarray, kernel: str = "gaussian", bandwidth:
     """``(T, p_value, xMMD²)`` of Shekhar, Kim & Ramdas (2022), eq. 2 and 4."""
     n1, m1 = x.shape[0] // 2, y.shape[0] // 2
     x1, x2, y1, y2 = x[:n1], x[n1:], y[:m1], y[m1:]
-    scale = float(np.median(pdist(np.vstack([x2, y2])))) if bandwidth is None else bandwidth
+    scale = median_bandwidth(np.vstack([x2, y2])) if bandwidth is None else bandwidth
 
     def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         distances = cdist(a, b)
@@ -41,3 +42,10 @@ def cross_mmd(x: np.ndarray, y: np.ndarray, kernel: str = "gaussian", bandwidth:
     sigma_y2 = ((kyx.mean(axis=1) - kyy.mean(axis=1) - uy) ** 2).mean()
     statistic = (ux - uy) / math.sqrt(sigma_x2 / n1 + sigma_y2 / m1)
     return statistic, norm.sf(statistic), ux - uy
+
+
+def median_bandwidth(points: np.ndarray) -> float:
+    """Median distance over the pairs of distinct rows (``pdist`` is exact: identical rows give exactly 0)."""
+    distances = pdist(points)
+    distances = distances[distances > 0]
+    return float(np.median(distances)) if distances.size else 1.0

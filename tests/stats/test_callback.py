@@ -351,3 +351,44 @@ def test_activation_checkpointing_under_a_vmapped_loss_is_refused_before_the_fir
     with pytest.raises(RuntimeError, match=r"torch.func.vmap .* Pass `loss_fn\(pl_module, batch\)`"):
         trainer.fit(Checkpointed(num_samples=64))
     assert trainer.global_step == 0
+
+
+class SqueezedBinary(pl.LightningModule):
+    """A binary classifier whose training_step squeezes its ``[B, 1]`` logits: fine for every batch but one of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 1)
+        inputs = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+        self.data = torch.utils.data.TensorDataset(inputs, (inputs[:, 0] > 0).float())
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return F.binary_cross_entropy_with_logits(self.linear(inputs).squeeze(), labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=16)
+
+
+def _binary_per_example(module, batch):
+    return F.binary_cross_entropy_with_logits(module.linear(batch[0])[:, 0], batch[1], reduction="none")
+
+
+def test_a_training_step_that_fails_on_one_example_is_refused_before_the_first_step_naming_loss_fn():
+    trainer = tiny_trainer(max_steps=2, callbacks=[GradientSignalTest(every_n_steps=1, num_examples=32, data="train")])
+    with pytest.raises(RuntimeError, match=r"one-example batches.*Target size.*Pass `loss_fn\(pl_module, batch\)`"):
+        trainer.fit(SqueezedBinary())
+    assert trainer.global_step == 0
+    monitor = GradientSignalTest(every_n_steps=1, num_examples=32, data="train", loss_fn=_binary_per_example)
+    seeded_fit([monitor], module=SqueezedBinary, max_steps=2)
+    assert [entry["step"] for entry in monitor.history] == [0, 1, 2]
+
+
+def test_more_examples_asked_than_the_data_hold_are_warned_once():
+    monitor = GradientSignalTest(every_n_steps=3, num_examples=512)
+    with pytest.warns(UserWarning, match=r"num_examples=512\): the val data hold only 32 examples") as caught:
+        seeded_fit([monitor])
+    assert sum("hold only" in str(w.message) for w in caught) == 1 and len(monitor.history) == 3

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from scipy.stats import kstest
@@ -73,3 +75,69 @@ def test_bad_arguments_are_named(kwargs, argument):
     arguments = {"model_a": _linear(0), "model_b": _linear(1), "dataloader": _loader(), **kwargs}
     with pytest.raises(ArgumentError, match=f"`{argument}`"):
         compare_models(**arguments)
+
+
+def _binary_pair(shift):
+    """Two binary classifiers ``nn.Linear(5, 1)`` (one logit), the second's bias moved by ``shift``."""
+    torch.manual_seed(0)
+    a = nn.Linear(5, 1)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.bias.add_(shift)
+    return a, b
+
+
+def _squeezed(model, batch):
+    return model(batch[0]).squeeze(1)
+
+
+def test_a_one_logit_model_is_compared_through_its_probability_sigmoid():
+    # a softmax over one entry is 1 whatever the logit: every change read as "identical" (p = 1)
+    a, b = _binary_pair(0.5)
+    inputs = _loader().dataset.tensors[0]
+    with torch.no_grad():
+        probabilities = torch.sigmoid(a(inputs)) - torch.sigmoid(b(inputs))
+        two_class = torch.stack([torch.zeros(400), a(inputs)[:, 0]], 1).softmax(1)[:, 1:]
+        two_class = two_class - torch.stack([torch.zeros(400), b(inputs)[:, 0]], 1).softmax(1)[:, 1:]
+    torch.testing.assert_close(probabilities, two_class)
+    result = compare_models(a, b, _loader())
+    assert result == cross_mean_test(probabilities.double()) and result.p_value < 1e-6 and result.d == 1
+    assert compare_models(a, b, _loader(), forward=_squeezed) == result  # [B] outputs are read as [B, 1]
+    with torch.no_grad():
+        logits = (a(inputs) - b(inputs)).double()
+    assert compare_models(a, b, _loader(), outputs="logits", forward=_squeezed) == cross_mean_test(logits)
+
+
+def test_one_logit_models_under_the_null_are_not_told_apart_at_the_nominal_rate():
+    # sigmoid(w.x) and sigmoid(-w.x) have the same mean (1/2) for symmetric x
+    a, b = _binary_pair(0.0)
+    with torch.no_grad():
+        b.weight.neg_()
+    p_values = [compare_models(a, b, _loader(n=200, seed=seed)).p_value for seed in range(200)]
+    assert 0.01 <= sum(p <= 0.05 for p in p_values) / 200 <= 0.10
+
+
+class Patched(nn.Module):
+    """``base``, with the first output raised by 5 on the rare inputs whose first coordinate exceeds 2.5."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, inputs):
+        return self.base(inputs) + (inputs[:, :1] > 2.5).float() * torch.tensor([5.0, 0.0, 0.0])
+
+
+def test_outputs_that_differ_on_too_few_examples_give_no_evidence_with_a_warning():
+    base = _linear(0)
+    assert int((_loader().dataset.tensors[0][:, 0] > 2.5).sum()) == 4  # these 4 fall in one half for seed 0
+    with pytest.warns(UserWarning, match="no evidence"):
+        result = compare_models(base, Patched(base), _loader())
+    assert (result.statistic, result.p_value) == (0.0, 1.0)
+
+
+def test_more_examples_asked_than_the_loader_holds_are_warned():
+    a, b = _linear(0), _linear(1)
+    with pytest.warns(UserWarning, match=r"num_examples=1000\): the dataloader holds only 400"):
+        result = compare_models(a, b, _loader(), num_examples=1000)
+    assert result == compare_models(a, b, _loader())

@@ -12,7 +12,9 @@ from lightning_nt.stats import (
     cross_mmd_test,
     normal_p_value,
     split_indices,
+    studentized_mean,
 )
+from lightning_nt.stats.cross import _median_distance
 from tests.stats import reference
 
 
@@ -135,3 +137,75 @@ def test_one_dimensional_samples_are_read_as_d_equal_one():
     values = _data(40, shift=0.5)
     assert cross_mean_test(values) == cross_mean_test(values[:, None])
     assert np.isfinite(cross_mean_test(values).p_value)
+
+
+def _one_hot(n, probabilities, seed):
+    draws = torch.multinomial(torch.tensor(probabilities), n, True, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.one_hot(draws, len(probabilities)).double()
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "laplace"])
+def test_the_median_bandwidth_leaves_out_identical_rows_so_tied_data_are_tested(kernel):
+    # one-hot rows: most pairwise distances are 0, whose median (0) made the kernel 0/0 and the result NaN
+    x, y = _one_hot(200, [0.85, 0.10, 0.05], seed=0), _one_hot(200, [0.5, 0.3, 0.2], seed=1)
+    result = cross_mmd_test(x, y, kernel=kernel, seed=None)
+    statistic, _, estimate = reference.cross_mmd(x.numpy(), y.numpy(), kernel)
+    assert result.statistic == pytest.approx(statistic, rel=1e-10)
+    assert result.estimate == pytest.approx(estimate, rel=1e-10)
+    assert result.p_value < 1e-6
+    same = cross_mmd_test(x, _one_hot(200, [0.85, 0.10, 0.05], seed=2), kernel=kernel)
+    assert math.isfinite(same.statistic) and same.p_value > 0.05
+    batched, _ = cross_mmd_statistics(torch.stack([x, x]), torch.stack([y, x.flip(0)]), kernel, seed=None)
+    assert batched[0].item() == pytest.approx(result.statistic, rel=1e-12) and math.isfinite(batched[1].item())
+
+
+def test_when_the_second_halves_coincide_the_bandwidth_is_one_and_the_answer_no_evidence():
+    x, y = _data(20, 3, seed=1), _data(20, 3, seed=2)
+    x[10:], y[10:] = 0.5, 0.5  # X2 and Y2: one point repeated, so the witness function is zero everywhere
+    second = torch.cat([x[10:], y[10:]])
+    assert reference.median_bandwidth(second.numpy()) == _median_distance(second).item() == 1.0
+    with pytest.warns(UserWarning, match="no evidence"):
+        result = cross_mmd_test(x, y, seed=None)
+    assert (result.statistic, result.p_value, result.estimate) == (0.0, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_terms_that_are_all_zero_give_no_evidence_p_one_with_a_warning(alternative):
+    one_row_in_the_second_half = torch.zeros(10, 3)
+    one_row_in_the_second_half[7] = 1.0
+    for samples in (torch.zeros(10, 3), one_row_in_the_second_half):
+        with pytest.warns(UserWarning, match="no evidence"):
+            result = cross_mean_test(samples, alternative=alternative, seed=None)
+        assert (result.statistic, result.p_value, result.estimate) == (0.0, 1.0, 0.0)
+    with pytest.warns(UserWarning, match="no evidence"):
+        result = cross_mmd_test(torch.ones(10, 3), torch.ones(12, 3))
+    assert (result.statistic, result.p_value, result.estimate) == (0.0, 1.0, 0.0)
+
+
+def test_equal_nonzero_terms_give_the_infinite_limit_with_a_warning():
+    with pytest.warns(UserWarning, match="infinite limit"):
+        result = cross_mean_test(torch.ones(10, 3))  # every f_i = 3
+    assert (result.statistic, result.p_value, result.estimate) == (math.inf, 0.0, 3.0)
+    with pytest.warns(UserWarning, match="infinite limit"):
+        assert cross_mean_test(torch.ones(10, 3), alternative="less").p_value == 1.0
+    with pytest.warns(UserWarning, match="infinite limit"):
+        result = cross_mmd_test(torch.ones(10, 3), torch.zeros(10, 3))
+    assert result.statistic == math.inf and result.p_value == 0.0 and result.estimate > 0
+
+
+def test_batched_statistics_without_spread_are_the_limit_not_nan():
+    statistics, means = studentized_mean(torch.tensor([[0.0, 0.0, 0.0], [2.0, 2.0, 2.0], [-1.0, -1.0, -1.0]]))
+    assert statistics.tolist() == [0.0, math.inf, -math.inf] and means.tolist() == [0.0, 2.0, -1.0]
+    samples = torch.zeros(2, 10, 3)
+    samples[1] = 1.0
+    assert cross_mean_statistics(samples)[0].tolist() == [0.0, math.inf]
+
+
+def test_nan_or_infinite_data_are_warned_about():
+    samples = _data(20, 3)
+    samples[3, 1] = math.nan
+    with pytest.warns(UserWarning, match="`samples` holds NaN or infinite"):
+        assert math.isnan(cross_mean_test(samples).p_value)
+    samples[3, 1] = math.inf  # a point at infinity: its kernel values are 0, the statistic is finite
+    with pytest.warns(UserWarning, match="`x` holds NaN or infinite"):
+        cross_mmd_test(samples, _data(20, 3, seed=1))
