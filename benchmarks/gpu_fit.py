@@ -192,6 +192,7 @@ def _timed_fit(setting: Setting, sizes: Sizes, precision: str, accelerator: str)
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=[timer, *arguments.pop("callbacks", [])],
+        benchmark="strategy" not in arguments,  # cuDNN's autotuner would tune again for every Poisson batch size
         **arguments,
     )
     start = time.perf_counter()
@@ -268,5 +269,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    torch.backends.cudnn.benchmark = True
     main()

@@ -212,6 +212,21 @@ def private_train_loader(
     return poisson_dataloader(dataloader, rate, rank, world_size, draw_seed()), rate, expected
 
 
+def warn_if_autotuning_every_batch_size(loader: DataLoader, device: torch.device) -> None:
+    """Once: cuDNN's autotuner (``torch.backends.cudnn.benchmark``, ``Trainer(benchmark=True)``) tunes every
+    convolution again for each new input shape, and Poisson batches have a new size at almost every step."""
+    if (
+        device.type == "cuda"
+        and torch.backends.cudnn.benchmark
+        and isinstance(loader.batch_sampler, PoissonBatchSampler)
+    ):
+        rank_zero_warn(
+            "torch.backends.cudnn.benchmark is on (Trainer(benchmark=True), or set by the script), and DP-SGD's "
+            "Poisson batches change size at almost every step: cuDNN then tunes every convolution again at almost "
+            "every step, which can make each step many times slower. Pass Trainer(benchmark=False)."
+        )
+
+
 def steps_per_epoch(dataloader: Any) -> int | None:
     """The batches of one epoch of ``dataloader``, or ``None`` if it has no length (an iterable dataset's)."""
     try:

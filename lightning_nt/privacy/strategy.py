@@ -42,7 +42,12 @@ from lightning_nt.privacy.guards import check_callbacks, check_optimizer, check_
 from lightning_nt.privacy.ledger import _CheckpointedLedger, warn_if_trained_privately_before
 from lightning_nt.privacy.module_guards import check_module
 from lightning_nt.privacy.reports import _PrivacyReports, warn_about_evaluation_on_training_data, warn_about_options
-from lightning_nt.privacy.sampling import private_train_loader, shared_seed, steps_per_epoch
+from lightning_nt.privacy.sampling import (
+    private_train_loader,
+    shared_seed,
+    steps_per_epoch,
+    warn_if_autotuning_every_batch_size,
+)
 from lightning_nt.privacy.step import INDEPENDENCE_TRIES, _PrivateStep
 
 __all__ = ["DPDDPStrategy", "DPStrategy"]
@@ -192,6 +197,7 @@ class _DifferentialPrivacy(_CalibratedNoise, _PrivacyReports, _CheckpointedLedge
             lambda: shared_seed(self, None if self.secure_mode else self.seed),
         )
         self.optimizers[0].expected_batch_size = expected
+        warn_if_autotuning_every_batch_size(sampled, self.root_device)
         self._calibrate(trainer, steps_per_epoch(sampled))
         return super().process_dataloader(sampled)  # type: ignore[misc]
 
