@@ -192,6 +192,7 @@ class RepresentationSimilarity(Callback):
         metrics=non_empty(),
         max_rows=at_least(4),
         chunk_size=at_least(1),
+        unit_dim=Rule(lambda dim: dim != 0, "a dimension other than 0 (the examples'), e.g. 1 or -1"),
     )
     @renamed_arguments(num_samples="num_examples")
     def __init__(
@@ -935,6 +936,12 @@ class _LayerOutputs:
                 f"`unit_dim`: the output of {name!r} is {list(output.shape)}, and no linear, convolution or "
                 "normalisation module ran before it to say which dimension holds its units; give "
                 "unit_dim=-1 for [batch, tokens, features] or unit_dim=1 for [batch, channels, length]."
+            )
+        if not (-output.ndim < dim < output.ndim and dim % output.ndim):
+            raise ValueError(
+                f"`unit_dim={dim}`: the output of {name!r} is {list(output.shape)}, which has no dimension {dim} "
+                "besides the examples' (dimension 0); give the dimension of its units, or None to read it from the "
+                "module that produced them."
             )
         self.unit_dims[name] = dim
         return output.movedim(dim, -1)

@@ -324,6 +324,7 @@ def _act(module, depth):
         ({"metrics": ("mse",)}, "metrics"),
         ({"metrics": "cka"}, "metrics"),
         ({"unit_dim": "1"}, "unit_dim"),
+        ({"unit_dim": 0}, "unit_dim"),  # the examples' dimension: it gave a meaningless CKA silently
         ({"max_rows": 3}, "max_rows"),
         ({"loss_fn": 3}, "loss_fn"),
         ({"chunk_size": 0}, "chunk_size"),
@@ -419,3 +420,15 @@ def test_the_reference_is_prepared_once_not_at_every_measurement(reference, monk
     _fit([monitor], max_epochs=4)
     assert len(monitor.history) == 4
     assert len(calls) == 4 + 1 + 1
+
+
+@pytest.mark.parametrize("unit_dim", [7, -5])
+def test_a_unit_dim_the_output_lacks_is_refused_before_training_naming_it(unit_dim):
+    """It crashed mid-fit with a bare IndexError."""
+    from tests.similarity.test_layer_outputs import ConvNet, _seeded
+
+    trainer = tiny_trainer(None, callbacks=[RepresentationSimilarity(num_examples=8, unit_dim=unit_dim)])
+    module = _seeded(ConvNet, 0)
+    with pytest.raises(ValueError, match=rf"`unit_dim={unit_dim}`: the output of 'net.1' is \[8, 8, 12, 12\]"):
+        trainer.fit(module)
+    assert trainer.global_step == 0
