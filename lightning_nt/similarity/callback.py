@@ -825,16 +825,44 @@ class _RowPlan:
 
 
 _RMS_NORM = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
-_UNITS_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding, nn.MultiheadAttention, *_RMS_NORM)
-_UNITS_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
-def _units_of(module: nn.Module) -> int | None:
-    """Where the units of ``module``'s output lie: last for linear maps, embeddings and layer norms, dimension 1 for
-    convolutions and batch, instance and group norms; None for any other module."""
-    if isinstance(module, _UNITS_LAST):
-        return -1
-    return 1 if isinstance(module, _UNITS_FIRST) else None
+def _units_of(module: nn.Module) -> tuple[int, int] | None:
+    """Where ``module`` puts the units of its output and how many there are: ``(-1, width)`` for linear maps,
+    embeddings, attention and layer norms over the last dimension, ``(1, channels)`` for convolutions, batch,
+    instance and group norms and a layer norm over ``[C, H, W]``; None for any other module."""
+    if isinstance(module, (nn.LayerNorm, *_RMS_NORM)):
+        shape = module.normalized_shape
+        return (1, shape[0]) if len(shape) > 1 else (-1, shape[-1])
+    if isinstance(module, nn.Linear | nn.Bilinear):
+        return -1, module.out_features
+    if isinstance(module, nn.Embedding):
+        return -1, module.embedding_dim
+    if isinstance(module, nn.MultiheadAttention):
+        return -1, module.embed_dim
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return 1, module.out_channels
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return 1, module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return 1, module.num_channels
+    return None
+
+
+def _unit_dim_of(output: Tensor, producer: tuple[int, int] | None) -> int | None:
+    """The dimension of a ``[examples, ...]`` output of three or more dimensions that holds its units, read from the
+    last linear, convolution or norm module that ran (its place for units and their count): of dimensions 1 and -1,
+    the one holding as many units as it made (a LayerNorm applied through a transpose, or a Linear on another
+    branch, leaves channels first); where both or neither do (a module it doesn't know came between, such as
+    ``transformers``' ``Conv1D``), dimension 1 for four or more dimensions (PyTorch's channels-first images) and the
+    module's own place for three. Without such a module: 1 for four or more dimensions, None (refused) for three."""
+    if producer is None:
+        return 1 if output.ndim > 3 else None
+    declared, width = producer
+    matching = [dim for dim in (1, -1) if output.shape[dim] == width]
+    if len(matching) == 1:
+        return matching[0]
+    return 1 if output.ndim > 3 else declared
 
 
 class _LayerOutputs:
@@ -858,7 +886,7 @@ class _LayerOutputs:
         self.unit_dims: dict[str, int] = {}  # the dimension each layer's units were read from
         self._unit_dim, self._plan, self._flatten = unit_dim, plan, flatten
         self._chunk = (0, 0, None, 0)  # examples in the batch, offset among all ranks' examples, kept, total
-        self._producer: int | None = None  # where the last linear / convolution / norm module put its units
+        self._producer: tuple[int, int] | None = None  # where the last linear / conv / norm put its units, how many
         producers = [] if unit_dim is not None else [m for m in every.modules() if _units_of(m) is not None]
         self._handles = [module.register_forward_hook(self._tracker) for module in producers]
         self._handles += [module.register_forward_hook(self._recorder(name)) for name, module in modules.items()]
@@ -930,12 +958,12 @@ class _LayerOutputs:
             return output.reshape(len(output), -1)
         dim = self._unit_dim
         if dim is None:
-            dim = _units_of(module) or self._producer or (1 if output.ndim > 3 else None)
+            dim = _unit_dim_of(output, _units_of(module) or self._producer)
         if dim is None:
             raise ValueError(
                 f"`unit_dim`: the output of {name!r} is {list(output.shape)}, and no linear, convolution or "
-                "normalisation module ran before it to say which dimension holds its units; give "
-                "unit_dim=-1 for [batch, tokens, features] or unit_dim=1 for [batch, channels, length]."
+                "normalisation module ran before it to say which dimension holds its units; give unit_dim=-1 for "
+                "[batch, tokens, features] or unit_dim=1 for [batch, channels, length]."
             )
         if not (-output.ndim < dim < output.ndim and dim % output.ndim):
             raise ValueError(

@@ -674,6 +674,39 @@ def test_under_bf16_autocast_a_clipped_example_stays_within_the_bound(case):
         assert total <= 1e-5 * (1 + 1e-5), float(total)
 
 
+@pytest.mark.parametrize("case", ["linear", "linear-sequence", "hf-conv1d-ghost"])
+def test_clipped_sums_taken_inside_the_users_autocast_stay_within_the_bound(case):
+    """The public API called inside the user's bf16 autocast block: the sums ran in bf16 beside fp32 norms and one
+    example's clipped gradient came out up to 1.001 C (found by review); TF32 flags set by the user are restored."""
+    net, inputs, labels = _make(case)
+    net = net.float()
+    clipper = BookKeepingClipper(net, max_grad_norm=1e-5)
+    matmul, convolution = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    for row in range(len(inputs)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with clipper.recording():
+                F.cross_entropy(net(inputs[row : row + 1].float()), labels[row : row + 1]).backward()
+            clipper.clip_and_sum(batch_size=1)
+        total = torch.sqrt(sum(p.grad.double().square().sum() for p in net.parameters()))
+        assert total <= 1e-5 * (1 + 1e-5), float(total)
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == (matmul, convolution)
+
+
+def test_full_precision_turns_tf32_and_autocast_off_and_restores_them():
+    from lightning_nt.privacy.book_keeping.clipper import full_precision
+
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high")  # what Lightning suggests on tensor-core GPUs
+    try:
+        with pytest.raises(RuntimeError, match="boom"), full_precision("cpu"):
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+            assert not torch.is_autocast_enabled("cpu")
+            raise RuntimeError("boom")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32 == before[1]
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [

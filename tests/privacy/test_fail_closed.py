@@ -38,7 +38,7 @@ def _quiet(**kwargs):
 # -- item 7 / issue 10.24: every constructor argument checked --------------------------------------------------
 
 _BAD_VALUES = {
-    "noise_multiplier": ["1", math.nan, math.inf, -1.0, True, None],
+    "noise_multiplier": ["1", math.nan, math.inf, -1.0, True],  # None: 1.0, or calibrated by target_epsilon
     "target_epsilon": ["8", math.nan, math.inf, 0.0, -1.0, True],
     "delta": ["1e-5", math.nan, math.inf, 0.0, 1.0, None],
     "max_grad_norm": ["1", math.nan, math.inf, 0.0, -1.0, None],

@@ -7,6 +7,7 @@ The per-layer rules are chosen in ``rules.py``; what one layer's calls left behi
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -21,6 +22,33 @@ from lightning_nt.privacy.book_keeping.record import Record, positional_input_re
 from lightning_nt.privacy.book_keeping.rules import layers_of, pieces_for
 
 __all__ = ["BookKeepingClipper"]
+
+
+@contextlib.contextmanager
+def full_precision(device_type: str) -> Iterator[None]:
+    """Autocast off, and TF32 off for cuDNN convolutions and CUDA matrix products (global flags, restored after):
+    per-example norms and clipped sums in full precision whatever the user's settings, so that no example is
+    released above the clip bound by rounding (operands rounded to TF32 released up to 1.00005 C, emulated)."""
+    matmul, convolution = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = convolution
+
+
+def _in_full_precision(method: Any) -> Any:
+    """Run a clipper's method under :func:`full_precision` on the device of its first layer."""
+
+    @functools.wraps(method)
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with full_precision(next(self.layers[0].parameters()).device.type if self.layers else "cpu"):
+            return method(self, *args, **kwargs)
+
+    return wrapped
 
 
 class BookKeepingClipper:
@@ -141,11 +169,12 @@ class BookKeepingClipper:
         inputs = [a.to(dtype) if a.is_floating_point() else a for a in record.inputs]  # embedding indices stay
         grads = [g.to(dtype) for g in record.grads if g is not None]
         record.rows = record.inputs[0].shape[0]
-        with torch.autocast(record.inputs[0].device.type, enabled=False):  # in norm_dtype, whatever the backward's
+        with full_precision(record.inputs[0].device.type):  # in norm_dtype, whatever the backward's
             record.pieces = pieces_for(layer, inputs, grads, self)
         record.held = [(weakref.ref(tensor), tensor._version) for tensor in (*inputs, *grads)]
         record.inputs, record.grads = [], []
 
+    @_in_full_precision
     def clip_and_sum(self, batch_size: int, carry: bool = False) -> Tensor:
         """Set every trainable parameter's ``.grad`` to the sum over privacy units of their clipped gradients.
 
@@ -180,6 +209,7 @@ class BookKeepingClipper:
         finally:
             self._records = {}
 
+    @_in_full_precision
     def squared_norms(self, batch_size: int) -> dict[nn.Parameter, Tensor]:
         """Each unit's squared gradient norm for every parameter of the layers that ran, after the backward pass of a
         :meth:`recording` block (up to the scale of the loss's reduction); the recorded activations are freed."""

@@ -99,5 +99,7 @@ def second_backward_refusal(name: str, kind: str) -> RuntimeError:
         "penalty in training_step, or backward(retain_graph=True) twice. DP-SGD forms each example's clipped gradient "
         "from the single backward pass of the returned loss, so a loss that differentiates through the model (double "
         "backprop) is not supported. Refused before any noise. Remove that term from the loss training_step returns, "
-        "or train with it without DP."
+        "or train with it without DP. A gradient taken only to log it (torch.autograd.grad of the loss with respect "
+        "to the logits) is a backward pass too: leave it out, or take it under grad_sample_mode='hooks', whose "
+        "hooks only see gradients that reach the parameters."
     )
