@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import is_dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -52,11 +55,23 @@ def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
     return module(tensors_of(batch)[0])
 
 
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _free_memory(device: torch.device) -> int:
-    """The bytes free on a CUDA ``device``; the machine's physical memory for any other."""
+    """The bytes free on a CUDA ``device`` (PyTorch's cached but unused blocks included); for any other, the
+    machine's physical memory or a container's (cgroup) limit, whichever is smaller; ``sys.maxsize`` (no default
+    limit) where neither can be read (``os.sysconf`` is POSIX only)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    limits = []
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for path in _CGROUP_LIMITS:
+        with contextlib.suppress(OSError, ValueError):
+            limits.append(int(Path(path).read_text().strip()))  # "max" (no limit) is not a number
+    return min(limits, default=sys.maxsize)
 
 
 def _check_default_forward(module: torch.nn.Module, batch: Any) -> None:
@@ -354,13 +369,22 @@ class LazinessMonitor(Callback):
 
     def _targets(self, batch: Any) -> Tensor | None:
         """The probe set's targets for the alignment: ``target_fn``'s, or the default labels (:func:`_default_labels`)
-        with a warning when there are none, or when they look like an example index (a distinct value each)."""
+        with a warning when there are none, when the batch holds several candidates by position (labels beside
+        sequence lengths or example indices), or when they look like an example index (a distinct value each)."""
         if self.target_fn is not None:
             return self.target_fn(batch)
         targets, place = _default_labels(batch)
+        candidates = sum(1 for tensor in tensors_of(batch) if _is_labels(tensor))
         if targets is None and self.ntk:
             self._warn("targets", "LazinessMonitor: the probe set has no integer labels; pass `target_fn=`.")
-        elif targets is not None and self.ntk and len(targets) > 2 and len(targets.unique()) == len(targets):
+        if self.ntk and candidates > 1 and place in ("second item", "last one-dimensional integer tensor"):
+            self._warn(
+                "ambiguous",
+                f"LazinessMonitor: the batch holds {candidates} one-dimensional integer tensors (labels, and sequence "
+                f"lengths or example indices?); the kernel alignment takes its {place} as the labels. If those are "
+                "not the labels, pass `target_fn(batch)` returning them, e.g. `target_fn=lambda batch: batch[2]`.",
+            )
+        if targets is not None and self.ntk and len(targets) > 2 and len(targets.unique()) == len(targets):
             self._warn(
                 "index",
                 f"LazinessMonitor: the labels taken for the kernel alignment (the batch's {place}) "

@@ -13,6 +13,7 @@ measuring.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -119,12 +120,25 @@ def empirical_ntk(
     total, parameters = _outputs(module, inputs, forward), sum(p.numel() for p in params.values())
     step = output_chunk_size or max(total, 1)
     parts = [slice(first, first + step) for first in range(0, max(total, 1), step)]
+
+    def output_chunk_kernel(part: slice) -> Tensor:
+        """One output chunk's kernel: by forward mode (one pass per parameter) when the parameters are fewer than
+        the outputs, falling back to reverse mode where an operation has no forward-mode rule (an RNN, a custom
+        autograd.Function), else by reverse mode."""
+        starts = range(0, count, size)
+        if parameters < min(step, total):
+            try:
+                return _kernel(jacobians(part, True), starts, count, size, hold_jacobians)
+            except (NotImplementedError, RuntimeError) as error:
+                warnings.warn(
+                    f"empirical_ntk: forward mode failed ({type(error).__name__}: {str(error)[:200]}); the "
+                    "Jacobians come from reverse mode instead (as many passes as outputs).",
+                    stacklevel=3,
+                )
+        return _kernel(jacobians(part, False), starts, count, size, hold_jacobians)
+
     with _explained_transform_failures(), without_backward_hooks(module):
-        blocks = (
-            # forward mode (one pass per parameter) when the parameters are fewer than the outputs, else reverse
-            _kernel(jacobians(part, parameters < min(step, total)), range(0, count, size), count, size, hold_jacobians)
-            for part in parts
-        )
+        blocks = (output_chunk_kernel(part) for part in parts)
         kernel = next(blocks)
         for block in blocks:  # K = sum over output chunks of J_chunk J_chunk^T
             kernel += block
@@ -171,8 +185,15 @@ def jacobian_bytes(
 
 def _kernel(jacobian: Callable[[int], Tensor], starts: range, count: int, size: int, hold_jacobians: bool) -> Tensor:
     """``J J^T`` from the chunks' Jacobians ``jacobian(start)``: all held at once, or two chunks at a time."""
-    if hold_jacobians:
-        flat = torch.cat([jacobian(start) for start in starts])
+    if hold_jacobians:  # filled chunk by chunk: a concatenation would hold every chunk twice at its peak
+        flat: Tensor | None = None
+        for start in starts:
+            rows = jacobian(start)
+            if flat is None:
+                flat = rows.new_empty(count, rows.shape[1])
+            flat[start : start + len(rows)] = rows
+            del rows
+        assert flat is not None
         return flat @ flat.T
     kernel: Tensor | None = None
     for index, first in enumerate(starts):

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -468,6 +469,33 @@ def test_the_default_labels_of_an_x_y_index_batch_are_y_not_the_index():
     for mine, theirs in zip(default.history, explicit.history, strict=True):
         assert mine["laziness/kernel_alignment"] == theirs["laziness/kernel_alignment"]
     assert not [w for w in caught if "distinct value" in str(w.message)]
+    assert len([w for w in caught if "holds 2 one-dimensional integer tensors" in str(w.message)]) == 1
+
+
+def test_several_integer_tensors_by_position_are_warned_about_naming_target_fn():
+    """(tokens, lengths, labels), an RNN classifier's batch: the second item is the lengths, and was taken silently
+    (found by review)."""
+
+    class WithLengths(IndexedClassifier):
+        def train_dataloader(self):
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(loader.dataset, batch_size=16, collate_fn=self._with_lengths)
+
+        @staticmethod
+        def _with_lengths(items):
+            x = torch.stack([item[0] for item in items])
+            return x, torch.full((len(items),), 7), torch.stack([item[1] for item in items])
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[2])
+
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with pytest.warns(
+        UserWarning,
+        match=r"holds 2 one-dimensional integer tensors .* takes its second item .*"
+        r"`target_fn",
+    ):
+        _fit([monitor], module=WithLengths, max_steps=2)
 
 
 def test_default_labels_that_look_like_an_example_index_are_warned_about():
@@ -536,3 +564,17 @@ def test_the_default_jacobian_limit_is_half_the_free_memory(monkeypatch):
     monkeypatch.setattr(callback, "_free_memory", lambda device: 2 * needed)
     with pytest.raises(AssertionError, match="refused before the first step"):  # measured, then trained
         _fit([LazinessMonitor(num_examples=32)], module=lambda: module, max_steps=2)
+
+
+def test_the_default_limit_reads_a_containers_memory_limit_and_needs_no_posix_call(tmp_path, monkeypatch):
+    """A container's limit is below the host's physical memory (which os.sysconf reads); os.sysconf is POSIX only:
+    without it the default limit crashed the fit with an AttributeError (found by review)."""
+    from lightning_nt.laziness import callback
+
+    limit = tmp_path / "memory.max"
+    limit.write_text("1073741824\n")
+    monkeypatch.setattr(callback, "_CGROUP_LIMITS", (str(limit), str(tmp_path / "absent")))
+    assert callback._free_memory(torch.device("cpu")) == 2**30
+    monkeypatch.delattr(callback.os, "sysconf")
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    assert callback._free_memory(torch.device("cpu")) == sys.maxsize

@@ -374,3 +374,42 @@ def test_forward_mode_serves_fewer_parameters_than_outputs_and_equals_the_autogr
     reference = _reference_ntk(net, inputs)
     torch.testing.assert_close(kernel, reference, rtol=1e-6, atol=1e-6 * float(reference.abs().max()))
     assert set(used) == ({"jacrev"} if output_chunk_size == 4 else {"jacfwd"})
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Rounding with the identity as its gradient (a quantised net's STE): a backward, no forward-mode rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.round()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _Quantised(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return (_StraightThrough.apply(self.fc(x) * 4) / 4).repeat(1, 8)  # 32 outputs from 16 parameters
+
+
+def test_forward_mode_falls_back_to_reverse_mode_where_an_operation_has_no_forward_rule():
+    """More outputs than parameters picks forward mode, which an STE (or an LSTM's kernel) lacks: the fit crashed
+    (found by review); now reverse mode gives the same kernel as the reverse-only chunking, with a warning."""
+    torch.manual_seed(0)
+    net, inputs = _Quantised(), torch.randn(6, 3)
+    assert sum(p.numel() for p in net.parameters()) < 32  # forward mode is the one chosen
+    with pytest.warns(UserWarning, match="forward mode failed .* reverse mode instead"):
+        kernel = empirical_ntk(net, inputs)
+    reverse = empirical_ntk(net, inputs, output_chunk_size=200)  # parameters >= outputs of a chunk: reverse mode
+    torch.testing.assert_close(kernel, reverse)
