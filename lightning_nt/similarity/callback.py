@@ -149,7 +149,9 @@ class RepresentationSimilarity(Callback):
             per layer, where the last ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding`` or
             ``nn.MultiheadAttention`` (-1: ``[batch, tokens, features]``) or convolution, batch, instance or group
             norm (1: ``[batch, channels, ...]``) that ran before it in the forward pass put them (the layer itself if
-            it is one); with none of these before it, 1 for 4-D or larger outputs and, for a 3-D one, a
+            it is one), checked against the number of units it makes (dimension 1 or -1, whichever holds as many;
+            both or neither: 1 for 4-D or larger outputs); with none of these before it, 1 for 4-D or larger
+            outputs and, for a 3-D one, a
             ``ValueError`` naming ``unit_dim`` before training. A 1-D or 2-D output has its units along dimension 1.
         max_rows: most rows (example-position pairs) of a layer's matrix: a layer with more is compared on a
             fixed random subset of them (``torch.randperm(rows, generator=Generator().manual_seed(0))``), the
