@@ -210,7 +210,7 @@ class RunningWeightAverage:
             self._start_on_device(module)
         groups, copies = self._plan_for(module)
         device = next(iter(self._state.values())).device
-        self._n_averaged, self._n_skipped = _on(device, self._n_averaged), _on(device, self._n_skipped)
+        self._n_averaged, self._n_skipped = _count_on(device, self._n_averaged), _count_on(device, self._n_skipped)
         finite = _all_finite_on(device, [iterate for _, group in groups for iterate in group])
         weight = torch.where(finite, self._weight_on_device(self._n_averaged), 0.0)
         for averages, group in groups:
@@ -329,7 +329,7 @@ def _finite_on_one_device(tensors: list[Tensor]) -> bool:
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
-def _on(device: torch.device, count: int | Tensor) -> Tensor:
+def _count_on(device: torch.device, count: int | Tensor) -> Tensor:
     """A count as a 0-dim int64 tensor on ``device``, made there by a fill (a copy from the host would wait)."""
     if isinstance(count, Tensor):
         return count
