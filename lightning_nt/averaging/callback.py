@@ -39,12 +39,13 @@ class IterateAveraging(Callback):
 
     Updates happen after optimizer steps (so gradient accumulation is respected), from ``start_step`` or
     ``start_epoch`` on, every ``every_n_steps`` steps, or once at the end of every ``every_n_epochs``-th epoch
-    with ``update_on="epoch"`` (Gadam's default, "less frequent averaging"). Averages are fp32, keyed by
-    parameter name, updated by fused multi-tensor kernels; the only host-device synchronisation is one read of a
-    finiteness flag per update: an iterate with a NaN or infinite weight is left out (one warning, counted in
-    ``<name>/skipped``). Validation and test use the average once there is one (never before the first update);
-    training always continues from the raw weights, bitwise unchanged, with the optimizer state untouched. The
-    raw weights come back also when validation raises or is interrupted.
+    with ``update_on="epoch"`` (Gadam's default, "less frequent averaging"). Averages are fp32, keyed by parameter
+    name, updated by fused multi-tensor kernels. An iterate with a NaN or infinite weight is left out (one warning,
+    counted in ``<name>/skipped``); on CUDA the update never waits for the GPU (the finiteness flag and the counts
+    stay on the device), so that warning comes when the count is read: at the end of the epoch, at validation or
+    when training ends. Validation and test use the average once there is one (never before the first update);
+    training always continues from the raw weights, bitwise unchanged, with the optimizer state untouched. The raw
+    weights come back also when validation raises or is interrupted.
 
     Checkpoints follow Lightning's ``WeightAveraging`` convention: while validation uses the average (and after
     ``apply_on_end``), a checkpoint's ``state_dict`` holds the evaluated weights, i.e. the average with the
@@ -150,6 +151,7 @@ class IterateAveraging(Callback):
         self._evaluated_buffers: tuple[int, dict[str, Tensor]] | None = None
         self._holds_checkpoint = False  # validate/test with a checkpoint: the module holds its evaluated weights
         self._warned_skip = False
+        self._skips_seen = (0, 0)  # (n_skipped, global step) when the skip count was last read
         self._training_modes: dict[str, bool] | None = None  # each submodule's `training` flag at the last update
         self._swap = ExitStack()
         self._swapped: dict[str, Tensor] | None = None  # while the average is swapped in: the raw tensors by name
@@ -264,6 +266,7 @@ class IterateAveraging(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._load_pending_state()  # strategies that restore checkpoints after setup restore after on_fit_start
         self._last_step = trainer.global_step
+        self._skips_seen = (self.n_skipped, trainer.global_step)
 
     @override
     def on_train_batch_end(
@@ -277,17 +280,31 @@ class IterateAveraging(Callback):
             return
         assert self._average is not None
         self._training_modes = {name: module.training for name, module in pl_module.named_modules()}
-        if not self._average.update(pl_module):
-            self._report_skip(trainer)
+        if self._average.update(pl_module) is False:  # on CUDA a flag on the device: read later, see `_check_skips`
+            self._report_skips(trainer, f"the weights at step {trainer.global_step} are")
 
-    def _report_skip(self, trainer: pl.Trainer) -> None:
+    def _check_skips(self, trainer: pl.Trainer) -> None:
+        """Warn about iterates skipped since the count was last read (on CUDA the update leaves the count on the
+        device, so it is read here: at epoch end, at validation and when training ends, never at every step)."""
+        seen, since = self._skips_seen
+        if self.n_skipped > seen:
+            self._report_skips(trainer, f"{self.n_skipped - seen} iterate(s) since step {since} were")
+        self._skips_seen = (self.n_skipped, trainer.global_step)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_skips(trainer)
+
+    def _report_skips(self, trainer: pl.Trainer, what: str) -> None:
         if not self._warned_skip:
             rank_zero_warn(
-                f"IterateAveraging: the weights at step {trainer.global_step} are not finite (NaN or inf); that "
-                f"iterate is left out of the average. Skipped iterates are counted in `{self._tag}/skipped`."
+                f"IterateAveraging: {what} not finite (NaN or inf) and left out of the average. Skipped "
+                f"iterates are counted in `{self._tag}/skipped`."
             )
             self._warned_skip = True
+        self._skips_seen = (self.n_skipped, trainer.global_step)
         log_scalars(trainer, {f"{self._tag}/skipped": self.n_skipped})
+        self._skips_seen = (self.n_skipped, trainer.global_step)
 
     def _should_update(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         if self.start_step is not None and trainer.global_step < self.start_step:
@@ -416,6 +433,7 @@ class IterateAveraging(Callback):
             self._pending_state = None
 
     def _log_counts(self, trainer: pl.Trainer) -> None:
+        self._check_skips(trainer)
         log_scalars(trainer, {f"{self._tag}/n_averaged": self.n_averaged, f"{self._tag}/skipped": self.n_skipped})
 
     def _in_use(self) -> bool:

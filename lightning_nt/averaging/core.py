@@ -1,10 +1,12 @@
 """Iterate averaging without Lightning: fp32 running means and EMAs of a module's weights.
 
-:class:`RunningWeightAverage` keeps, by name, an fp32 average of every floating parameter (and, if asked,
-every floating buffer), updated with one fused multi-tensor kernel per dtype group and no host-device
-synchronisation but one: a non-finite iterate (NaN or inf anywhere) is skipped and counted rather than folded
-in, which needs one device-to-host read of a flag per update. The update weight is computed on the host from
-a Python counter. Integer buffers (``num_batches_tracked``) are copied, never averaged.
+:class:`RunningWeightAverage` keeps, by name, an fp32 average of every floating parameter (and, if asked, every
+floating buffer). A non-finite iterate (NaN or inf anywhere) is skipped and counted rather than folded in. Off CUDA,
+an update is one fused multi-tensor kernel per dtype group after a finiteness check read on the host, with the
+update weight computed from a Python counter. On CUDA it never reads the device from the host (that read would make
+the CPU wait for every kernel the training step queued): the finiteness flag, the counts and the update weight are
+tensors on the device, and a non-finite iterate is replaced by the average tensor by tensor before the update, so
+the average stays bit for bit what it was. Integer buffers (``num_batches_tracked``) are copied, never averaged.
 :meth:`RunningWeightAverage.swapped_in` evaluates a module with the average and gives the raw weights back bitwise,
 also when the block raises, without a deep copy of the module.
 
@@ -91,8 +93,10 @@ class RunningWeightAverage:
         device: where the averages live (default: beside each parameter).
 
     :meth:`update` skips an iterate with a NaN or infinite weight (counted in :attr:`n_skipped`), so one bad step
-    never poisons a uniform average. The update plan caches references to the module's tensors: call
-    :meth:`release` when training ends so the average holds no reference to the module.
+    never poisons a uniform average. On CUDA it never reads the device from the host: the finiteness flag, the
+    update weight and the counts stay on the GPU, and only reading :attr:`n_averaged`, :attr:`n_skipped`,
+    :attr:`state` or :meth:`state_dict` waits for the queued updates. The update plan caches references to the
+    module's tensors: call :meth:`release` when training ends so the average holds no reference to the module.
 
     Examples:
         >>> net = nn.Linear(2, 1)
@@ -103,6 +107,8 @@ class RunningWeightAverage:
         >>> average.state["weight"]
         tensor([[3., 3.]])
     """
+
+    _device_path: bool | None = None  # None: counts on the device on CUDA only; the tests force either path on the CPU
 
     @checked_arguments(decay=between(0.0, 1.0, low_open=True, high_open=True), warmup=above(0.0), device=torch_device())
     def __init__(
@@ -117,9 +123,9 @@ class RunningWeightAverage:
         if mode == "ema" and decay is None:
             raise ValueError("`decay` is needed for mode='ema': a number in (0, 1), e.g. decay=0.999.")
         self.mode, self.decay, self.warmup, self.buffers, self.device = mode, decay, warmup, buffers, device
-        self.n_averaged = 0
-        self.n_skipped = 0
-        self.state: dict[str, Tensor] = {}
+        self._n_averaged: int | Tensor = 0  # a tensor on the device once updates run there (see `_on_device`)
+        self._n_skipped: int | Tensor = 0
+        self._state: dict[str, Tensor] = {}
         self._plan: (
             tuple[weakref.ref[nn.Module], list[tuple[list[Tensor], list[Tensor]]], list[tuple[Tensor, Tensor]]] | None
         ) = None
@@ -134,22 +140,44 @@ class RunningWeightAverage:
         decay = self.decay if self.warmup is None else min(self.decay, 1.0 - (1.0 + t) ** -self.warmup)
         return 1.0 - decay
 
+    @property
+    def n_averaged(self) -> int:
+        """Number of iterates folded into the average (on CUDA, reading it waits for the queued updates)."""
+        return int(self._n_averaged)
+
+    @property
+    def n_skipped(self) -> int:
+        """Number of iterates left out because a weight was NaN or infinite (read like :attr:`n_averaged`)."""
+        return int(self._n_skipped)
+
+    @property
+    def state(self) -> dict[str, Tensor]:
+        """The averages by name (fp32 for floating tensors); empty before the first finite iterate."""
+        return self._state if self.n_averaged else {}
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> bool:
-        """Fold the module's current weights into the average; return ``False`` (and count it) if one is not finite."""
-        if not self.state:
+    def update(self, module: nn.Module) -> bool | Tensor:
+        """Fold the module's current weights into the average, unless one of them is NaN or infinite.
+
+        Returns whether the iterate was folded in: a ``bool`` where the averages live off CUDA; on CUDA a 0-dim
+        boolean tensor on the device, so that the update never waits for the GPU (``bool()`` of it does). A
+        non-finite iterate leaves the average unchanged, bit for bit, and is counted in :attr:`n_skipped`.
+        """
+        if self._on_device(module):
+            return self._update_on_device(module)
+        if not self._state:
             tensors = dict(self._named_tensors(module))
             if not _all_finite([tensors[name] for name in self._averaged_names]):
-                self.n_skipped += 1
+                self._n_skipped += 1
                 return False
-            self.state = {
+            self._state = {
                 name: tensors[name].detach().to(self.device, torch.float32, copy=True) for name in self._averaged_names
             }
-            self.state.update({name: tensors[name].detach().to(self.device, copy=True) for name in self._copied_names})
+            self._state.update({name: tensors[name].detach().to(self.device, copy=True) for name in self._copied_names})
         else:
             groups, copies = self._plan_for(module)
             if not _all_finite([iterate for _, iterates in groups for iterate in iterates]):
-                self.n_skipped += 1
+                self._n_skipped += 1
                 return False
             weight = self.weight(self.n_averaged)
             for averages, iterates in groups:
@@ -158,8 +186,59 @@ class RunningWeightAverage:
                 _lerp_(averages, iterates, weight)
             for average, tensor in copies:
                 average.copy_(tensor)
-        self.n_averaged += 1
+        self._n_averaged += 1
         return True
+
+    def _on_device(self, module: nn.Module) -> bool:
+        """Whether updates keep the finiteness flag and the counts on the device: on CUDA (a host read would make the
+        CPU wait for every kernel the step queued), not on the CPU, where waiting costs nothing."""
+        if self._device_path is not None:
+            return self._device_path
+        if self.device is not None:
+            return torch.device(self.device).type == "cuda"
+        first = next(iter(self._named_tensors(module)), None)
+        return first is not None and first[1].is_cuda
+
+    def _update_on_device(self, module: nn.Module) -> Tensor:
+        """:meth:`update` without a host read: the count and the flag stay tensors on the averages' device.
+
+        The averages start at zero with weight 1 for the first iterate (an exact copy of it); a non-finite iterate
+        is replaced by the average tensor by tensor before the update (``NaN * 0`` is NaN), with the count left as
+        it is, so the average stays bit for bit what it was.
+        """
+        if not self._state:
+            self._start_on_device(module)
+        groups, copies = self._plan_for(module)
+        device = next(iter(self._state.values())).device
+        self._n_averaged, self._n_skipped = _count_on(device, self._n_averaged), _count_on(device, self._n_skipped)
+        finite = _all_finite_on(device, [iterate for _, group in groups for iterate in group])
+        weight = torch.where(finite, self._weight_on_device(self._n_averaged), 0.0)
+        for averages, group in groups:
+            _lerp_selected_(averages, group, weight, finite)
+        for average, tensor in copies:
+            average.copy_(torch.where(finite, tensor.to(device), average))
+        self._n_averaged = self._n_averaged + finite
+        self._n_skipped = self._n_skipped + ~finite
+        return finite
+
+    def _start_on_device(self, module: nn.Module) -> None:
+        tensors = dict(self._named_tensors(module))
+        self._state = {
+            name: torch.zeros_like(tensors[name], dtype=torch.float32, device=self.device or tensors[name].device)
+            for name in self._averaged_names
+        }
+        self._state.update({name: tensors[name].detach().to(self.device, copy=True) for name in self._copied_names})
+
+    def _weight_on_device(self, t: Tensor) -> Tensor:
+        """:meth:`weight` of update ``t`` computed on the device in float64, as the host computes it in Python."""
+        t = t.double()
+        if self.mode == "uniform":
+            return 1.0 / (t + 1.0)
+        assert self.decay is not None
+        decay = torch.full_like(t, self.decay)
+        if self.warmup is not None:
+            decay = torch.minimum(decay, 1.0 - (1.0 + t) ** -self.warmup)
+        return torch.where(t == 0, 1.0, 1.0 - decay)  # the first iterate is copied, as on the host
 
     def release(self) -> None:
         """Drop the cached update plan, the only reference the average keeps to the module's tensors."""
@@ -174,9 +253,9 @@ class RunningWeightAverage:
             groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
             for name in self._averaged_names:
                 group = groups.setdefault((tensors[name].device, tensors[name].dtype), ([], []))
-                group[0].append(self.state[name])
+                group[0].append(self._state[name])
                 group[1].append(tensors[name])
-            copies = [(self.state[name], tensors[name]) for name in self._copied_names]
+            copies = [(self._state[name], tensors[name]) for name in self._copied_names]
             self._plan = (weakref.ref(module), list(groups.values()), copies)
         return self._plan[1], self._plan[2]
 
@@ -210,16 +289,18 @@ class RunningWeightAverage:
         return {"n_averaged": self.n_averaged, "n_skipped": self.n_skipped, "average": dict(self.state)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n_averaged = int(state["n_averaged"])
-        self.n_skipped = int(state.get("n_skipped", 0))
+        self._n_averaged = int(state["n_averaged"])
+        self._n_skipped = int(state.get("n_skipped", 0))
         self._plan = None
-        self.state = {
+        self._state = {
             name: tensor.to(self.device) if self.device else tensor for name, tensor in state["average"].items()
         }
 
     def to(self, device: torch.device | str) -> None:
         """Move the averages (e.g. after loading a checkpoint on the CPU)."""
-        self.state = {name: tensor.to(device) for name, tensor in self.state.items()}
+        self._state = {name: tensor.to(device) for name, tensor in self._state.items()}
+        if isinstance(self._n_averaged, Tensor):
+            self._n_averaged, self._n_skipped = self.n_averaged, self.n_skipped
         self._plan = None
 
     def _named_tensors(self, module: nn.Module) -> Iterable[tuple[str, Tensor]]:
@@ -246,6 +327,43 @@ def _finite_on_one_device(tensors: list[Tensor]) -> bool:
     if bool(torch.stack([total.float() for total in totals]).isfinite().all()):
         return True
     return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
+
+
+def _count_on(device: torch.device, count: int | Tensor) -> Tensor:
+    """A count as a 0-dim int64 tensor on ``device``, made there by a fill (a copy from the host would wait)."""
+    if isinstance(count, Tensor):
+        return count
+    return torch.full((), count, dtype=torch.int64, device=device)
+
+
+def _all_finite_on(device: torch.device, tensors: list[Tensor]) -> Tensor:
+    """Whether every element of every tensor is finite, as a 0-dim boolean tensor on ``device`` (no host read).
+
+    One ``isfinite().all()`` per tensor: exact (no overflow of a norm or a sum to confirm element by element).
+    """
+    flags = [torch.isfinite(tensor).all().to(device, non_blocking=True) for tensor in tensors]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
+
+
+def _lerp_selected_(averages: list[Tensor], iterates: list[Tensor], weight: Tensor, finite: Tensor) -> None:
+    """:func:`_lerp_` with a device-side ``weight`` (0 for a non-finite iterate), tensor by tensor.
+
+    Each iterate is first replaced by its average where ``finite`` is false (``NaN * 0`` is NaN, so a zero weight
+    alone would not keep the average): one temporary the size of one tensor at a time, never a copy of the model.
+    Same arithmetic as :func:`_lerp_`: ``lerp_`` for equal dtypes, a scale and a scaled add for fp32 averages of
+    bf16/fp16 weights.
+    """
+    dtype = averages[0].dtype
+    same_dtype = iterates[0].dtype == dtype
+    if not same_dtype:
+        torch._foreach_mul_(averages, (1.0 - weight).to(dtype))
+    weight = weight.to(dtype)
+    for average, iterate in zip(averages, iterates):
+        selected = torch.where(finite, iterate.to(average.device, non_blocking=True), average)
+        if same_dtype:
+            average.lerp_(selected, weight)
+        else:
+            average.addcmul_(selected, weight)
 
 
 def _lerp_(averages: list[Tensor], iterates: list[Tensor], weight: float) -> None:
