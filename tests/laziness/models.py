@@ -46,6 +46,19 @@ def labels_of(batch):
     return batch.label if isinstance(batch, Example) else batch[1]
 
 
+class PlainClassifier(pl.LightningModule):
+    """``self.net`` (set by a subclass, with its data) trained with cross-entropy by plain SGD at lr 0.1."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net(inputs)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 class ReLUClassifier(pl.LightningModule):
     """``Linear -> [BatchNorm] -> ReLU -> [Dropout] -> Linear -> ReLU -> Linear`` trained by SGD with momentum."""
 

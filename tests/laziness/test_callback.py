@@ -22,7 +22,7 @@ from tests.helpers import (
     seeded_fit,
     tiny_trainer,
 )
-from tests.laziness.models import ReLUClassifier, inputs_of, labels_of
+from tests.laziness.models import PlainClassifier, ReLUClassifier, inputs_of, labels_of
 from tests.laziness.test_core import _numpy_alignment, _reference_ntk
 
 
@@ -218,7 +218,7 @@ def test_only_the_non_finite_values_of_a_measurement_are_left_out_and_named_in_o
     assert len(warned) == 1 and all(name in warned[0] for name in blown)
 
 
-class ZeroInitialised(pl.LightningModule):
+class ZeroInitialised(PlainClassifier):
     """A linear probe initialised at zero: the relative weight distance is 0/0, the kernel ``X X^T + 1`` is fine."""
 
     def __init__(self) -> None:
@@ -226,15 +226,6 @@ class ZeroInitialised(pl.LightningModule):
         self.net = torch.nn.Linear(8, 3)
         torch.nn.init.zeros_(self.net.weight)
         torch.nn.init.zeros_(self.net.bias)
-
-    def forward(self, inputs):
-        return self.net(inputs)
-
-    def training_step(self, batch, batch_idx):
-        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
         return ReLUClassifier().train_dataloader()

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_nt.laziness import LazinessMonitor
 from tests.helpers import SaveHistory, assert_ranks_agree, rank_states, save_rank_state, tiny_trainer
-from tests.laziness.models import ReLUClassifier
+from tests.laziness.models import PlainClassifier, ReLUClassifier
 from tests.laziness.test_core import _numpy_alignment, _reference_ntk
 
 
@@ -27,22 +27,13 @@ def test_every_rank_logs_the_mean_of_the_ranks_measurements(tmp_path):
     assert states[0][-1]["laziness/ntk_change"] > 0
 
 
-class OneClassOnRankZero(pl.LightningModule):
+class OneClassOnRankZero(PlainClassifier):
     """64 unshuffled examples, all of class 0 but examples 3 and 21: the DistributedSampler deals the even indices to
     rank 0, whose probe set (its first 8) holds one class, and the odd ones to rank 1 (3 and 21 among them)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-
-    def forward(self, inputs):
-        return self.net(inputs)
-
-    def training_step(self, batch, batch_idx):
-        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self):
         inputs = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
