@@ -19,6 +19,12 @@ Targets (issue 12): ``bk`` at most 0.75x the time of ``hooks`` on a 2-core CPU (
     python benchmarks/bench_dp.py --modes hooks,ghost,bk --repeats 5
     python benchmarks/bench_dp.py --model wrn16-4 --batch-size 256   # GPU default
     python benchmarks/bench_dp.py --smoke                            # anywhere, seconds: tiny sizes (a test runs it)
+    python benchmarks/bench_dp.py --modes bk --profile               # and what bounds each step (see below)
+
+``--profile`` then profiles ``--steps`` more steps of each Lightning fit and prints, per step, how many device
+operations ran (CUDA kernels and copies; operators on a CPU), how long the device was busy against the wall time
+(a GPU busy for a small part of the step waits for the host to launch work: launch-bound), and the operations that
+took the most time.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from timing import lightning_step_time, median_step
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,6 +86,64 @@ def step_peak(device: torch.device, into: list[int]) -> Iterator[None]:
         for event in profiler.events()
     )
     into.append(max(itertools.accumulate((change for _, change in changes), initial=0)))
+
+
+class ProfiledSteps(pl.Callback):
+    """Profiles ``count`` steps of a fit from step ``first`` on: the device's operations and the wall time."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.count = first, count
+        self.profiler: profile | None = None
+        self.wall = 0.0
+        self._started = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.first:
+            self.profiler = profile(activities=[_device_activity(pl_module.device)])
+            _synchronize(pl_module.device)
+            self.profiler.__enter__()
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if self.profiler is not None and trainer.global_step == self.first + self.count:
+            _synchronize(pl_module.device)
+            self.wall = time.perf_counter() - self._started
+            self.profiler.__exit__(None, None, None)
+
+    def summary(self, label: str, top: int = 6) -> list[str]:
+        """Per step: device operations, device busy time against wall time, and the ``top`` costliest operations."""
+        assert self.profiler is not None, "the fit ended before the profiled steps"
+        on_gpu = any(event.device_type == DeviceType.CUDA for event in self.profiler.events())
+        kind = DeviceType.CUDA if on_gpu else DeviceType.CPU
+        events = [event for event in self.profiler.key_averages() if event.device_type == kind]
+        busy = sum(_self_time(event) for event in events) / 1e6 / self.count
+        launched = sum(event.count for event in events) / self.count
+        wall = self.wall / self.count
+        unit = "kernels and copies" if on_gpu else "operators"
+        lines = [
+            f"  profile {label}: {launched:.0f} {unit} a step; device busy {busy * 1e3:.1f} ms of a "
+            f"{wall * 1e3:.1f} ms step ({busy / wall:.0%})"
+        ]
+        for event in sorted(events, key=_self_time, reverse=True)[:top]:
+            share, calls = _self_time(event) / 1e3 / self.count, event.count / self.count
+            lines.append(f"    {share:7.2f} ms  {calls:6.1f}x  {event.key[:90]}")
+        return lines
+
+
+def _self_time(event: Any) -> float:
+    """Microseconds an averaged event spent on its device, itself (not in its children)."""
+    if event.device_type == DeviceType.CPU:
+        return event.self_cpu_time_total
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def _device_activity(device: torch.device) -> ProfilerActivity:
+    return ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 class LastStepPeak(pl.Callback):
@@ -125,6 +190,26 @@ def lightning_step(setting: Setting, mode: str | None) -> tuple[float, int]:
         callbacks=[peak],
     )
     return seconds, peak.peaks[0]
+
+
+def profiled_fit(setting: Setting, mode: str | None) -> list[str]:
+    """A Lightning fit, non-private or DPStrategy(mode), with ``setting.steps`` steps after the warm-up profiled."""
+    strategy: Any = "auto"
+    if mode is not None:
+        strategy = DPStrategy(noise_multiplier=1.0, grad_sample_mode=mode, poisson_sampling=False)
+    profiled = ProfiledSteps(setting.warmup, setting.steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lightning_step_time(
+            Classifier(setting.make_net(), per_example=mode == "ghost"),
+            setting.loader,
+            setting.steps,
+            setting.warmup,
+            strategy=strategy,
+            precision=setting.precision,
+            callbacks=[profiled],
+        )
+    return profiled.summary(mode or "non-private")
 
 
 def raw_step(setting: Setting, mode: str | None) -> tuple[float, int]:
@@ -250,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-raw", action="store_true", help="skip the raw PyTorch/Opacus loops")
     parser.add_argument("--smoke", action="store_true", help="WRN-10-1 at batch 8 on 16x16 inputs, 2 steps, 1 round")
+    parser.add_argument(
+        "--profile", action="store_true", help="then profile the non-private step and each mode's: what bounds it"
+    )
     args = parser.parse_args(argv)
     modes = (args.modes or ("hooks,ghost,bk" if args.precision == "32-true" else "hooks,bk")).split(",")
     if args.precision != "32-true" and "ghost" in modes:
@@ -278,6 +366,9 @@ def main(argv: list[str] | None = None) -> None:
     medians, failures = interleaved(runs, repeats)
     for line in report(modes, medians, failures, on_gpu):
         print(line)
+    if args.profile:
+        for mode in [None, *modes]:
+            print("\n".join(profiled_fit(setting, mode)), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ The two modes are one recursion ``avg <- avg + w_t (x - avg)``:
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -211,7 +212,7 @@ class RunningWeightAverage:
         groups, copies = self._plan_for(module)
         device = next(iter(self._state.values())).device
         self._n_averaged, self._n_skipped = _count_on(device, self._n_averaged), _count_on(device, self._n_skipped)
-        finite = _all_finite_on(device, [iterate for _, group in groups for iterate in group])
+        finite = _all_finite_on(device, [group for _, group in groups])
         weight = torch.where(finite, self._weight_on_device(self._n_averaged), 0.0)
         for averages, group in groups:
             _lerp_selected_(averages, group, weight, finite)
@@ -336,12 +337,18 @@ def _count_on(device: torch.device, count: int | Tensor) -> Tensor:
     return torch.full((), count, dtype=torch.int64, device=device)
 
 
-def _all_finite_on(device: torch.device, tensors: list[Tensor]) -> Tensor:
+def _all_finite_on(device: torch.device, groups: list[list[Tensor]]) -> Tensor:
     """Whether every element of every tensor is finite, as a 0-dim boolean tensor on ``device`` (no host read).
 
-    One ``isfinite().all()`` per tensor: exact (no overflow of a norm or a sum to confirm element by element).
+    Per group of tensors sharing a device and dtype, one fused largest-magnitude reduction (``_foreach_norm`` with
+    ``ord=inf``): exact, since NaN and inf propagate through it and the largest magnitude of finite numbers is
+    finite (no overflow, unlike a norm or a sum, to confirm element by element).
     """
-    flags = [torch.isfinite(tensor).all().to(device, non_blocking=True) for tensor in tensors]
+    flags = [
+        torch.stack(torch._foreach_norm(group, ord=math.inf)).isfinite().all().to(device, non_blocking=True)
+        for group in groups
+        if group
+    ]
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 

@@ -118,6 +118,18 @@ def test_the_device_path_returns_the_flag_as_a_tensor_and_a_skipped_first_iterat
     assert host.update(host_net) is True  # the host path keeps returning a bool
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device_path", [False, True])
+def test_huge_finite_weights_are_averaged_not_taken_for_an_overflow(device_path, dtype):
+    """Weights whose squares (and sum) overflow are finite: the iterate is folded in, not skipped."""
+    average, net = _average(device_path, "uniform", None, None, dtype)
+    with torch.no_grad():
+        net[0].weight.fill_(3e38)
+        net[0].weight[0, 0] = -3e38
+    assert bool(average.update(net)) and (average.n_averaged, average.n_skipped) == (1, 0)
+    assert torch.equal(average.state["0.weight"], net[0].weight.float())
+
+
 @pytest.mark.parametrize("device_path", [False, True])
 def test_counts_and_averages_survive_a_checkpoint_round_trip(device_path, tmp_path):
     whole, net = _average(device_path, "ema", 0.99, 0.75, torch.bfloat16)
