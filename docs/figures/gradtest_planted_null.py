@@ -5,7 +5,7 @@ data (the population gradient is exactly zero), at learning rate 0, one measurem
 p-values are uniform: the histogram is flat and the QQ plot follows the diagonal, inside the pointwise 99% band of
 uniform order statistics. Weights moved away from the truth give p-values near 0.
 
-    python -m docs.figures.planted_null --out docs/figures/gradtest_planted_null.png [--seeds 400]
+    python -m docs.figures.gradtest_planted_null --out docs/figures/gradtest_planted_null.png [--seeds 400]
 """
 
 from __future__ import annotations
