@@ -193,12 +193,14 @@ class RunningWeightAverage:
     def _on_device(self, module: nn.Module) -> bool:
         """Whether updates keep the finiteness flag and the counts on the device: on CUDA (a host read would make the
         CPU wait for every kernel the step queued), not on the CPU, where waiting costs nothing."""
+        first = next(iter(self._named_tensors(module)), None)
+        if first is None:  # nothing to average, nothing to wait for
+            return False
         if self._device_path is not None:
             return self._device_path
         if self.device is not None:
             return torch.device(self.device).type == "cuda"
-        first = next(iter(self._named_tensors(module)), None)
-        return first is not None and first[1].is_cuda
+        return first[1].is_cuda
 
     def _update_on_device(self, module: nn.Module) -> Tensor:
         """:meth:`update` without a host read: the count and the flag stay tensors on the averages' device.

@@ -118,6 +118,17 @@ def test_the_device_path_returns_the_flag_as_a_tensor_and_a_skipped_first_iterat
     assert host.update(host_net) is True  # the host path keeps returning a bool
 
 
+@pytest.mark.parametrize("device_path", [False, True])
+def test_a_module_without_tensors_is_counted_on_either_path(device_path):
+    """Nothing to average (no parameter, buffers not averaged): the update is counted, the state is empty."""
+    module = nn.Module()
+    module.register_buffer("steps", torch.zeros(3, dtype=torch.long))
+    average = RunningWeightAverage(module)
+    average._device_path = device_path
+    assert bool(average.update(module)) and bool(average.update(module))
+    assert (average.n_averaged, average.n_skipped, average.state) == (2, 0, {})
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device_path", [False, True])
 def test_huge_finite_weights_are_averaged_not_taken_for_an_overflow(device_path, dtype):
