@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,14 @@ from lightning_nt.common.distributed import mean_across_ranks, min_across_ranks,
 from lightning_nt.common.state import continues_run, stable_name
 from lightning_nt.common.validation import at_least, checked_arguments, non_empty, renamed_arguments, renamed_property
 from lightning_nt.laziness.distance import relative_distance
-from lightning_nt.laziness.ntk import ForwardFn, empirical_ntk, jacobian_bytes, kernel_alignment, zero_centred_kernels
+from lightning_nt.laziness.ntk import (
+    ForwardFn,
+    empirical_ntk,
+    jacobian_bytes,
+    kernel_alignment,
+    outputs_per_example,
+    zero_centred_kernels,
+)
 from lightning_nt.laziness.patterns import activation_layers, activation_patterns, pattern_flips
 
 __all__ = ["LABEL_NAMES", "LazinessMonitor", "TargetFn"]
@@ -48,6 +55,15 @@ _ZERO_KERNEL_REASONS = {
     "NTK": "every probe example has the same output gradients, e.g. a network whose outputs don't depend on its "
     "input yet",
 }
+
+
+@contextlib.contextmanager
+def _evaluated(pl_module: pl.LightningModule) -> Iterator[None]:
+    """The module in eval mode (BatchNorm on its running statistics, no dropout), in fp32 outside autocast; its modes
+    and buffers restored after, so that a measurement leaves no trace."""
+    with preserved_state(pl_module, parameters=False), torch.autocast(pl_module.device.type, enabled=False):
+        pl_module.eval()
+        yield
 
 
 def _first_tensor_forward(module: torch.nn.Module, batch: Any) -> Tensor:
@@ -325,7 +341,7 @@ class LazinessMonitor(Callback):
                 f"LazinessMonitor: {type(pl_module).__name__} has no ReLU-family activation module, so no "
                 "activation flips are logged; name the layers before a functional activation with `layers=`.",
             )
-        targets = self._targets(batch)
+        targets = self._targets(batch, lambda: self._outputs_per_example(pl_module, prepared))
         return {
             "batch": batch,
             "weights": {name: p.detach().cpu().clone() for name, p in self._params(pl_module).items()},
@@ -334,11 +350,15 @@ class LazinessMonitor(Callback):
             "targets": None if targets is None else targets.detach().cpu(),
         }
 
+    def _outputs_per_example(self, pl_module: pl.LightningModule, batch: Any) -> int:
+        """``C``, the network's outputs for one example, from one forward pass as the kernel's, leaving no trace."""
+        with _evaluated(pl_module), torch.no_grad():
+            return outputs_per_example(pl_module, batch, self.forward_fn or _first_tensor_forward)
+
     def _check_kernel_memory(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Refuse, before measuring it, a kernel whose Jacobians (:func:`~lightning_nt.laziness.jacobian_bytes`) need
         more than ``max_jacobian_bytes`` (default: half the memory free on the device), naming what to change."""
-        with preserved_state(pl_module, parameters=False), torch.autocast(pl_module.device.type, enabled=False):
-            pl_module.eval()
+        with _evaluated(pl_module):
             forward = self.forward_fn or _first_tensor_forward
             needed = jacobian_bytes(
                 pl_module, batch, forward, self.chunk_size, self.hold_jacobians, self.output_chunk_size
@@ -367,10 +387,11 @@ class LazinessMonitor(Callback):
             )
         return next(probe.chunks())[0]
 
-    def _targets(self, batch: Any) -> Tensor | None:
+    def _targets(self, batch: Any, outputs: Callable[[], int]) -> Tensor | None:
         """The probe set's targets for the alignment: ``target_fn``'s, or the default labels (:func:`_default_labels`)
         with a warning when there are none, when the batch holds several candidates by position (labels beside
-        sequence lengths or example indices), or when they look like an example index (a distinct value each)."""
+        sequence lengths or example indices), or when they look like an example index: a distinct value each, and
+        values that cannot be class indices of the network's ``outputs()`` per example."""
         if self.target_fn is not None:
             return self.target_fn(batch)
         targets, place = _default_labels(batch)
@@ -385,13 +406,16 @@ class LazinessMonitor(Callback):
                 "not the labels, pass `target_fn(batch)` returning them, e.g. `target_fn=lambda batch: batch[2]`.",
             )
         if targets is not None and self.ntk and len(targets) > 2 and len(targets.unique()) == len(targets):
-            self._warn(
-                "index",
-                f"LazinessMonitor: the labels taken for the kernel alignment (the batch's {place}) "
-                f"hold a distinct value for every one of the {len(targets)} probe examples: an example index rather "
-                "than class labels? The alignment would be measured against it. Pass `target_fn(batch)` returning "
-                "the labels, e.g. `target_fn=lambda batch: batch[1]`.",
-            )
+            classes = max(outputs(), 2)  # one logit: binary labels
+            if int(targets.max()) >= classes:
+                self._warn(
+                    "index",
+                    f"LazinessMonitor: the labels taken for the kernel alignment (the batch's {place}) hold a "
+                    f"distinct value for every one of the {len(targets)} probe examples, up to {int(targets.max())}, "
+                    f"beyond the network's {classes} outputs: an example index rather than class labels? The "
+                    "alignment would be measured against it. Pass `target_fn(batch)` returning the labels, e.g. "
+                    "`target_fn=lambda batch: batch[1]`.",
+                )
         return targets
 
     @staticmethod
@@ -403,14 +427,7 @@ class LazinessMonitor(Callback):
     def _observe(self, pl_module: pl.LightningModule, batch: Any) -> tuple[dict[str, Tensor], Tensor | None]:
         """The activation patterns and (with ``ntk``) the empirical NTK of the probe batch, leaving no trace."""
         forward = self.forward_fn or _first_tensor_forward
-        device_type = pl_module.device.type
-        with (
-            preserved_state(pl_module, parameters=False),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            torch.autocast(device_type, enabled=False),
-        ):
-            pl_module.eval()
+        with _evaluated(pl_module), torch.inference_mode(False), torch.enable_grad():
             layers = self.layers if self.layers is not None else activation_layers(pl_module)
             patterns = activation_patterns(pl_module, batch, layers, forward) if layers else {}
             kernel = (

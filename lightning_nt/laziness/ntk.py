@@ -117,7 +117,7 @@ def empirical_ntk(
 
         return jacobian
 
-    total, parameters = _outputs(module, inputs, forward), sum(p.numel() for p in params.values())
+    total, parameters = outputs_per_example(module, inputs, forward), sum(p.numel() for p in params.values())
     step = output_chunk_size or max(total, 1)
     parts = [slice(first, first + step) for first in range(0, max(total, 1), step)]
 
@@ -146,7 +146,7 @@ def empirical_ntk(
 
 
 @torch.no_grad()
-def _outputs(module: nn.Module, inputs: Any, forward: ForwardFn) -> int:
+def outputs_per_example(module: nn.Module, inputs: Any, forward: ForwardFn) -> int:
     """``C``: the number of outputs of one example, from a forward pass on the first."""
     return _outputs_tensor(forward(module, select_examples(inputs, slice(0, 1))), module).numel()
 
@@ -177,7 +177,7 @@ def jacobian_bytes(
     """
     params = [p for p in module.parameters() if p.requires_grad]
     count = batch_size(inputs)
-    outputs = min(_outputs(module, inputs, forward_fn or _call), output_chunk_size or math.inf)
+    outputs = min(outputs_per_example(module, inputs, forward_fn or _call), output_chunk_size or math.inf)
     element = 8 if any(p.dtype == torch.float64 for p in params) else 4
     held = count if hold_jacobians else 2 * min(chunk_size or count, count)
     return int(held * outputs * sum(p.numel() for p in params) * element)

@@ -193,8 +193,16 @@ def _record_calls(name: str, layer: nn.Module, into: dict[str, list[Tensor]]) ->
     values, hiding the units above the bound); any other layer's from its output, its sign."""
     boundaries = piece_boundaries(layer)
     if boundaries:
-        return layer.register_forward_pre_hook(lambda _, args: into[name].append(_pattern(args[0], boundaries)))
+        return layer.register_forward_pre_hook(
+            lambda _, args, kwargs: into[name].append(_pattern(_first_input(args, kwargs), boundaries)),
+            with_kwargs=True,
+        )
     return layer.register_forward_hook(lambda _, args, output: into[name].append(_pattern(output, (0.0,))))
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """An activation's input, passed by position or by keyword (``self.act(input=x)``)."""
+    return args[0] if args else kwargs.get("input", next(iter(kwargs.values())))
 
 
 def _pattern(value: Tensor, boundaries: tuple[float, ...]) -> Tensor:

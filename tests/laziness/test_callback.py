@@ -507,6 +507,29 @@ def test_default_labels_that_look_like_an_example_index_are_warned_about():
         _fit([monitor], module=IndexOnly, max_steps=2)
 
 
+def test_distinct_labels_that_can_be_class_indices_are_not_taken_for_an_example_index():
+    """Found by review: 16 probe examples of a 64-class problem may well hold 16 distinct labels; that was warned about
+    as an example index. Now only labels beyond the network's outputs are."""
+
+    class ManyClasses(ReLUClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net[6] = torch.nn.Linear(16, 64)
+
+        def train_dataloader(self):
+            generator = torch.Generator().manual_seed(0)
+            inputs, labels = torch.randn(16, 8, generator=generator), torch.randperm(64, generator=generator)[:16]
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, labels), batch_size=16)
+
+    monitor = LazinessMonitor(every_n_steps=2, num_examples=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([monitor], module=ManyClasses, max_steps=2)
+    assert len(monitor._initial["targets"].unique()) == 16 and int(monitor._initial["targets"].max()) < 64
+    assert not [w for w in caught if "distinct value" in str(w.message)]
+    assert "laziness/kernel_alignment" in monitor.history[-1]
+
+
 def test_a_train_loader_smaller_than_num_examples_gives_a_probe_set_of_all_it_has_with_one_warning():
     """Was: silently fewer examples (40 for the default 128)."""
     monitor = LazinessMonitor(every_n_steps=2, num_examples=100)

@@ -183,6 +183,25 @@ def test_activation_patterns_are_the_signs_of_the_pre_activations():
     assert torch.equal(named["0"], net[0](inputs) > 0)  # a Linear: the sign of its output
 
 
+def test_an_activation_called_with_its_input_by_keyword_is_recorded_as_by_position():
+    """Found by review: ``self.act(input=h)`` reached the pre-hook with no positional argument: IndexError."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.act = nn.Linear(5, 4), nn.ReLU()
+
+        def forward(self, inputs: torch.Tensor, by_keyword: bool = True) -> torch.Tensor:
+            hidden = self.linear(inputs)
+            return self.act(input=hidden) if by_keyword else self.act(hidden)
+
+    net, inputs = Keyword(), torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    keyword = activation_patterns(net, inputs)
+    positional = activation_patterns(net, inputs, forward_fn=lambda module, batch: module(batch, by_keyword=False))
+    assert keyword.keys() == {"act"} and torch.equal(keyword["act"], positional["act"])
+    assert torch.equal(keyword["act"], net.linear(inputs) > 0)
+
+
 def test_activation_patterns_of_a_convolution_flatten_channels_and_positions():
     net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32, 2))
     inputs = torch.randn(3, 1, 4, 4)
