@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nt.common.batches import batch_size, concatenate_batches, select_examples, tensors_of, with_tensors
 from lightning_nt.common.state import preserved_rng
-from lightning_nt.common.validation import at_least, checked_arguments, renamed_arguments
+from lightning_nt.common.validation import ArgumentError, at_least, checked_arguments, renamed_arguments
 
 __all__ = [
     "ProbeLoader",
@@ -92,10 +92,14 @@ class ProbeSet:
 
     @classmethod
     @renamed_arguments(num_samples="num_examples")
-    def from_trainer(cls, trainer: pl.Trainer, num_examples: int, loader: ProbeLoader = "train") -> ProbeSet:
+    def from_trainer(
+        cls, trainer: pl.Trainer, num_examples: int, loader: ProbeLoader = "train", argument: str | None = None
+    ) -> ProbeSet:
         """Cache ``num_examples`` examples of the Trainer's train dataloader (available from ``on_train_start``), or
-        with ``loader="val"`` of its first validation dataloader (set up here if validation has not run yet)."""
-        return cls.from_dataloader(_loader(trainer, loader), num_examples)
+        with ``loader="val"`` of its first validation dataloader (set up here if validation has not run yet).
+        ``argument``: the caller's option that chose ``loader`` (e.g. ``"data"``), named in the error when there is
+        no validation dataloader."""
+        return cls.from_dataloader(_loader(trainer, loader, argument), num_examples)
 
     def __len__(self) -> int:
         return self._num_examples
@@ -163,13 +167,18 @@ def _template(trainer: pl.Trainer, loader: ProbeLoader = "train") -> Any:
     return next(ProbeSet.from_trainer(trainer, 1, loader).chunks())[0]
 
 
-def _loader(trainer: pl.Trainer, loader: ProbeLoader) -> DataLoader:
-    """The Trainer's train loader, or its first validation loader."""
+def _loader(trainer: pl.Trainer, loader: ProbeLoader, argument: str | None = None) -> DataLoader:
+    """The Trainer's train loader, or its first validation loader (refused naming ``argument`` when there is none)."""
     if loader == "train":
         dataloader = trainer.train_dataloader
         where = "Call this from `on_train_start` or later, with one train dataloader."
     else:
         dataloader = first_validation_loader(trainer)
+        if dataloader is None and argument is not None:
+            raise ArgumentError(
+                f"`{argument}='val'` reads the probe set from the first validation DataLoader, but the module and the "
+                f"datamodule have none: give them a `val_dataloader`, or use {argument}='train'."
+            )
         where = "Give the module or datamodule a `val_dataloader`, or read the probe set from the train loader."
     if not isinstance(dataloader, DataLoader):
         raise TypeError(

@@ -23,7 +23,6 @@ from lightning_nt.common import (
     ProbeSet,
     batch_size,
     compiled_parts,
-    first_validation_loader,
     log_figure,
     log_scalars,
     log_text,
@@ -595,15 +594,7 @@ class RepresentationSimilarity(Callback):
         return {name: _placed_rows(trainer, rows) for name, rows in features.items()}
 
     def _probe_set(self, trainer: pl.Trainer) -> ProbeSet:
-        try:
-            return ProbeSet.from_trainer(trainer, self.num_examples, self.data)
-        except TypeError as error:
-            if self.data == "val" and first_validation_loader(trainer) is None:
-                raise ArgumentError(
-                    "`data='val'` reads the probe set from the first validation DataLoader, but the module and the "
-                    "datamodule have none: give them a `val_dataloader`, or use data='train'."
-                ) from error
-            raise
+        return ProbeSet.from_trainer(trainer, self.num_examples, self.data, argument="data")
 
     def _same_examples(self, trainer: pl.Trainer, batch: Any) -> bool:
         """Whether the first ``_taking`` examples of a validation ``batch`` are the probe set's next ones, as the

@@ -12,7 +12,6 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_nt.common import (
@@ -30,7 +29,6 @@ from lightning_nt.common.callback import Callback
 from lightning_nt.common.distributed import sum_across_ranks
 from lightning_nt.common.errors import explained_errors
 from lightning_nt.common.loss import example_losses
-from lightning_nt.common.probe import first_validation_loader
 from lightning_nt.common.state import continues_run
 from lightning_nt.common.validation import (
     above,
@@ -124,7 +122,7 @@ class GradientSignalTest(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._probe = ProbeSet.from_dataloader(self._dataloader(trainer), self.num_examples)
+        self._probe = ProbeSet.from_trainer(trainer, self.num_examples, self.data, argument="data")
         if len(self._probe) < 4:
             raise ValueError(
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."
@@ -183,16 +181,6 @@ class GradientSignalTest(Callback):
         bottom.set_xlabel("optimizer step")
         figure.tight_layout()
         return figure
-
-    def _dataloader(self, trainer: pl.Trainer) -> DataLoader:
-        loader = trainer.train_dataloader if self.data == "train" else first_validation_loader(trainer)
-        if not isinstance(loader, DataLoader):
-            raise RuntimeError(
-                f"GradientSignalTest(data={self.data!r}) needs a {self.data} DataLoader, but the Trainer has "
-                f"{type(loader).__name__}. Give the module or datamodule a {self.data}_dataloader, or pass "
-                f"data={'train' if self.data == 'val' else 'val'!r}."
-            )
-        return loader
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step

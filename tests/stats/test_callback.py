@@ -208,7 +208,7 @@ def test_validation_data_is_required_for_data_val():
         val_dataloader = None
         validation_step = None
 
-    with pytest.raises(RuntimeError, match="data='train'"):
+    with pytest.raises(ValueError, match=r"`data='val'`.*val_dataloader.*data='train'"):  # as RepresentationSimilarity
         seeded_fit([GradientSignalTest(num_examples=16)], module=lambda: NoValidation(num_samples=48))
     monitor = GradientSignalTest(num_examples=16, data="train", every_n_steps=1)
     seeded_fit([monitor], module=lambda: NoValidation(num_samples=48))
