@@ -344,8 +344,9 @@ def _all_finite_on(device: torch.device, groups: list[list[Tensor]]) -> Tensor:
 
     Per group of tensors sharing a device and dtype, one fused largest-magnitude reduction (``_foreach_norm`` with
     ``ord=inf``): exact, since NaN and inf propagate through it and the largest magnitude of finite numbers is
-    finite (no overflow, unlike a norm or a sum, to confirm element by element).
+    finite (no overflow, unlike a norm or a sum, to confirm element by element). Empty tensors are finite.
     """
+    groups = [[tensor for tensor in group if tensor.numel()] for group in groups]  # no maximum of nothing
     flags = [
         torch.stack(torch._foreach_norm(group, ord=math.inf)).isfinite().all().to(device, non_blocking=True)
         for group in groups

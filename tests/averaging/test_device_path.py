@@ -129,6 +129,17 @@ def test_a_module_without_tensors_is_counted_on_either_path(device_path):
     assert (average.n_averaged, average.n_skipped, average.state) == (2, 0, {})
 
 
+@pytest.mark.parametrize("device_path", [False, True])
+def test_an_empty_parameter_is_averaged_beside_the_others(device_path):
+    """Found by review: the fused finiteness check (a maximum) refused a zero-size parameter, on CUDA too."""
+    net = nn.Linear(3, 2)
+    net.register_parameter("empty", nn.Parameter(torch.empty(0)))
+    average = RunningWeightAverage(net, mode="ema", decay=0.5)
+    average._device_path = device_path
+    assert bool(average.update(net)) and average.n_averaged == 1
+    assert average.state["empty"].shape == (0,) and torch.equal(average.state["weight"], net.weight)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device_path", [False, True])
 def test_huge_finite_weights_are_averaged_not_taken_for_an_overflow(device_path, dtype):
