@@ -25,13 +25,29 @@ def test_bench_dp_smoke_prints_time_and_memory_of_every_mode(tmp_path: Path) -> 
     assert "failed" not in ghost and "x hooks" in ghost, ghost
 
 
-@pytest.mark.slow
-def test_bench_dp_profile_says_how_busy_the_device_is_and_what_costs_most(tmp_path: Path) -> None:
-    result = run_script("benchmarks/bench_dp.py", "--smoke", "--modes", "bk", "--no-raw", "--profile", cwd=tmp_path)
+def _profile(steps: int, cwd: Path) -> dict[str, tuple[int, float, float]]:
+    """``--profile`` of ``steps`` steps: per label, operators a step, device-busy and wall milliseconds a step."""
+    arguments = ("--smoke", "--modes", "bk", "--no-raw", "--profile", "--steps", str(steps))
+    result = run_script("benchmarks/bench_dp.py", *arguments, cwd=cwd)
     lines = result.stdout.splitlines()
-    summary = re.compile(r"  profile (\S+): \d+ operators a step; device busy [\d.]+ ms of a [\d.]+ ms step \(\d+%\)$")
-    costliest = re.compile(r"    +[\d.]+ ms +[\d.]+x  \S")
-    found = [index for index, line in enumerate(lines) if summary.match(line)]
-    assert [summary.match(lines[index]).group(1) for index in found] == ["non-private", "bk"], result.stdout
-    for index in found:
-        assert all(costliest.match(line) for line in lines[index + 1 : index + 7]), lines[index : index + 7]
+    summary = re.compile(
+        r"  profile (\S+): (\d+) operators a step; device busy ([\d.]+) ms of a ([\d.]+) ms step \(\d+%\)$"
+    )
+    costliest = re.compile(r"    +[\d.]+ ms +[\d.]+x  aten::\S")
+    found = {}
+    for index, line in enumerate(lines):
+        if match := summary.match(line):
+            assert all(costliest.match(entry) for entry in lines[index + 1 : index + 7]), lines[index : index + 7]
+            found[match.group(1)] = (int(match.group(2)), float(match.group(3)), float(match.group(4)))
+    return found
+
+
+@pytest.mark.slow
+def test_bench_dp_profile_counts_the_same_operators_a_step_whatever_the_window(tmp_path: Path) -> None:
+    """Operators only (no annotation ranges, which would count work twice and make the CPU look always busy), divided
+    by the steps profiled: a window of 2 steps and one of 4 give the same count a step, and busy time below the wall."""
+    two, four = _profile(2, tmp_path), _profile(4, tmp_path)
+    assert list(two) == list(four) == ["non-private", "bk"], (two, four)
+    for label in two:
+        assert two[label][0] == four[label][0] > 0, (label, two[label], four[label])
+        assert all(0 < busy < wall for _, busy, wall in (two[label], four[label])), (label, two[label], four[label])
