@@ -26,7 +26,7 @@ from lightning_utilities.core.apply_func import apply_to_collection, is_dataclas
 from pytorch_lightning.trainer.states import RunningStage
 from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_nt.common.batches import batch_size, concatenate_batches, select_examples, tensors_of, with_tensors
 from lightning_nt.common.state import preserved_rng
@@ -35,6 +35,7 @@ from lightning_nt.common.validation import ArgumentError, at_least, checked_argu
 __all__ = [
     "ProbeLoader",
     "ProbeSet",
+    "examples_of_this_rank",
     "first_validation_loader",
     "prepare_batch",
     "preserved_loader_rng",
@@ -81,25 +82,36 @@ class ProbeSet:
 
     @classmethod
     @renamed_arguments(num_samples="num_examples")
-    def from_dataloader(cls, dataloader: DataLoader, num_examples: int) -> ProbeSet:
+    def from_dataloader(
+        cls, dataloader: DataLoader, num_examples: int, distinct_across_ranks: bool = False
+    ) -> ProbeSet:
         """Cache the first ``num_examples`` examples of ``dataloader`` without advancing any random generator.
 
         Starting a shuffled loader draws from torch's global generator (and the sampler's own, if it has
         one); both are restored, so the training run sees the same batches as without the probe set.
+        With ``distinct_across_ranks``, an example that a padding ``DistributedSampler`` (what Lightning gives a
+        loader under DDP) repeats from another rank's shard, to make the shards even, is left out: for statistics
+        pooled over ranks that need every example once.
         """
+        own = examples_of_this_rank(dataloader) if distinct_across_ranks else None
         with preserved_loader_rng(dataloader):
-            return cls.from_batches(dataloader, num_examples)
+            return cls.from_batches(dataloader, num_examples if own is None else min(num_examples, own))
 
     @classmethod
     @renamed_arguments(num_samples="num_examples")
     def from_trainer(
-        cls, trainer: pl.Trainer, num_examples: int, loader: ProbeLoader = "train", argument: str | None = None
+        cls,
+        trainer: pl.Trainer,
+        num_examples: int,
+        loader: ProbeLoader = "train",
+        argument: str | None = None,
+        distinct_across_ranks: bool = False,
     ) -> ProbeSet:
         """Cache ``num_examples`` examples of the Trainer's train dataloader (available from ``on_train_start``), or
         with ``loader="val"`` of its first validation dataloader (set up here if validation has not run yet).
         ``argument``: the caller's option that chose ``loader`` (e.g. ``"data"``), named in the error when there is
-        no validation dataloader."""
-        return cls.from_dataloader(_loader(trainer, loader, argument), num_examples)
+        no validation dataloader. ``distinct_across_ranks``: as in :meth:`from_dataloader`."""
+        return cls.from_dataloader(_loader(trainer, loader, argument), num_examples, distinct_across_ranks)
 
     def __len__(self) -> int:
         return self._num_examples
@@ -186,6 +198,18 @@ def _loader(trainer: pl.Trainer, loader: ProbeLoader, argument: str | None = Non
             f"{type(dataloader).__name__}. {where}"
         )
     return dataloader
+
+
+def examples_of_this_rank(dataloader: DataLoader) -> int | None:
+    """How many of this rank's examples no other rank holds too, where its ``DistributedSampler`` pads: the sampler
+    makes the shards even by repeating examples at the end of its index list, and each rank whose shard ends with
+    such a repeat holds one example twice over the ranks. None where nothing is repeated on this rank."""
+    sampler = getattr(dataloader.batch_sampler, "sampler", None) or dataloader.sampler
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    size, ranks = len(sampler.dataset), sampler.num_replicas  # type: ignore[arg-type]
+    repeated = {(size + k) % ranks for k in range(sampler.total_size - size)}  # the padded positions' ranks
+    return sampler.num_samples - 1 if sampler.rank in repeated else None
 
 
 def first_validation_loader(trainer: pl.Trainer) -> Any:

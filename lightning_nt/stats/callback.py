@@ -122,7 +122,9 @@ class GradientSignalTest(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._probe = ProbeSet.from_trainer(trainer, self.num_examples, self.data, argument="data")
+        self._probe = ProbeSet.from_trainer(  # each example once: in both halves it would break the null
+            trainer, self.num_examples, self.data, argument="data", distinct_across_ranks=True
+        )
         if len(self._probe) < 4:
             raise ValueError(
                 f"GradientSignalTest needs at least 4 examples, the {self.data} data gave {len(self._probe)}."

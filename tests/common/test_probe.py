@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_nt.common import ProbeSet, batch_size, prepare_batch, tensors_of
-from lightning_nt.common.probe import _restored
+from lightning_nt.common.probe import _restored, examples_of_this_rank
 from lightning_nt.laziness import LazinessMonitor
 from lightning_nt.similarity import RepresentationSimilarity
 from tests.helpers import TinyClassifier, classification_data, tiny_trainer
@@ -316,3 +316,25 @@ def test_a_prepared_probe_batch_is_the_batch_the_loops_hand_their_steps():
         inputs, labels, prepared_inputs, prepared_labels = seen.seen[loader]
         assert torch.equal(prepared_inputs, inputs) and torch.equal(prepared_labels, labels)
     assert not torch.equal(seen.seen["val"][0], BatchHooks().val_dataloader().dataset.tensors[0])  # hooks ran
+
+
+def test_a_padding_distributed_sampler_s_repeated_example_is_left_out_of_a_distinct_probe():
+    """33 examples on 2 ranks: the sampler pads rank 1's shard with example 0, which rank 0 holds too; 10 on 3 ranks:
+    ranks 1 and 2 end with repeats. Under DDP a pooled statistic would see those examples twice."""
+
+    def loader(size, ranks, rank, **options):
+        data = TensorDataset(torch.arange(size))
+        return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, ranks, rank, **options))
+
+    assert [examples_of_this_rank(loader(33, 2, rank)) for rank in (0, 1)] == [None, 16]
+    assert [examples_of_this_rank(loader(10, 3, rank)) for rank in (0, 1, 2)] == [None, 3, 3]
+    assert examples_of_this_rank(loader(32, 2, 1)) is None
+    assert examples_of_this_rank(loader(33, 2, 1, drop_last=True)) is None
+    for ranks, size in ((2, 33), (3, 10), (4, 13)):
+        for shuffle in (False, True):
+            probes = [
+                ProbeSet.from_dataloader(loader(size, ranks, rank, shuffle=shuffle), 100, distinct_across_ranks=True)
+                for rank in range(ranks)
+            ]
+            held = torch.cat([next(probe.chunks())[0][0] for probe in probes])
+            assert sorted(held.tolist()) == list(range(size)), (ranks, size, shuffle)

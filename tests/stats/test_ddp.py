@@ -33,10 +33,35 @@ def test_all_ranks_report_the_same_test_of_the_pooled_examples(tmp_path):
     assert rank0[0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial), rel=1e-5)
 
 
-def _pooled_statistic(module):
-    """The test at step 0 from explicit per-example gradients: each rank's 16 validation examples (the
-    DistributedSampler's shard r, r + 2, ...) split alike; direction from both second halves, f on both first."""
-    inputs, labels = classification_data(32, 8, 3, seed=1).tensors
+class OddValidation(TinyClassifier):
+    """33 validation examples: on 2 ranks the DistributedSampler pads rank 1's shard with example 0 (rank 0's)."""
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(classification_data(33, self.dim, self.classes, seed=1), batch_size=33)
+
+
+@pytest.mark.ddp
+def test_an_example_the_sampler_repeats_on_a_second_rank_is_tested_once(tmp_path):
+    """Found by audit: the padded shard put example 0 in the probe of both ranks, possibly in one rank's first half
+    and the other's second, which breaks the cross structure of the test's null."""
+    pl.seed_everything(0)
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=64)
+    trainer = tiny_trainer(
+        None, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
+    )
+    module = OddValidation(num_samples=96)
+    initial = copy.deepcopy(module)
+    trainer.fit(module)
+    states = rank_states(tmp_path)
+    assert_ranks_agree(states)
+    assert states[0][0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial, size=33), rel=1e-5)
+
+
+def _pooled_statistic(module, size=32):
+    """The test at step 0 from explicit per-example gradients: each rank's validation examples (the
+    DistributedSampler's shard r, r + 2, ..., each example once) split alike; direction from both second halves, f on
+    both first."""
+    inputs, labels = classification_data(size, 8, 3, seed=1).tensors
     module.eval()
     gradients = torch.stack(
         [
@@ -44,8 +69,8 @@ def _pooled_statistic(module):
             for loss in F.cross_entropy(module(inputs), labels, reduction="none")
         ]
     ).double()
-    first, second = split_indices(16, seed=0)
-    shards = [torch.arange(rank, 32, 2) for rank in (0, 1)]
-    direction = gradients[torch.cat([shard[second] for shard in shards])].mean(0)
-    scores = gradients[torch.cat([shard[first] for shard in shards])] @ direction
+    shards = [torch.arange(rank, size, 2) for rank in (0, 1)]
+    halves = [(shard[first], shard[second]) for shard in shards for first, second in [split_indices(len(shard), 0)]]
+    direction = gradients[torch.cat([second for _, second in halves])].mean(0)
+    scores = gradients[torch.cat([first for first, _ in halves])] @ direction
     return float(len(scores) ** 0.5 * scores.mean() / scores.std())
