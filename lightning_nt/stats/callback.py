@@ -38,7 +38,7 @@ from lightning_nt.common.validation import (
     renamed_arguments,
     renamed_property,
 )
-from lightning_nt.stats.cross import normal_p_value, split_indices
+from lightning_nt.stats.cross import p_value_or_no_evidence, ratio_or_limit, split_indices
 from lightning_nt.stats.gradient import directional_derivatives, per_example_losses
 
 __all__ = ["GradientSignalTest"]
@@ -197,11 +197,20 @@ class GradientSignalTest(Callback):
             pl_module.eval()
             moments = self._moments(trainer, pl_module, batch)
         count, mean, variance = moments[0], moments[1] / moments[0], moments[2]
-        statistic = math.sqrt(count) * mean / math.sqrt(variance) if variance > 0 else math.nan
-        if not math.isfinite(statistic) or not math.isfinite(mean):
-            self._warn("nan", "GradientSignalTest: a measurement was not finite (NaN/inf, or no spread); skipped.")
+        if not (math.isfinite(mean) and math.isfinite(variance)):
+            self._warn("nan", "GradientSignalTest: a measurement was not finite (NaN/inf); skipped.")
             return
-        p_value = float(normal_p_value(torch.tensor(statistic, dtype=torch.float64)))
+        if variance <= 0:
+            self._warn(
+                "spread",
+                "GradientSignalTest: the directional derivatives had no spread (all equal, e.g. every gradient zero); "
+                "the statistic is its limit, as in `cross_mean_test`: 0 (p = 1) when they are all zero, else +-inf.",
+            )
+        spread = torch.tensor(max(variance, 0.0), dtype=torch.float64).sqrt()
+        numerator = torch.tensor(math.sqrt(count) * mean, dtype=torch.float64)
+        statistic = ratio_or_limit(numerator, spread)
+        p_value = float(p_value_or_no_evidence(statistic, torch.tensor(mean), variance <= 0))
+        statistic = float(statistic)
         values = {
             "gradtest/statistic": statistic,
             "gradtest/p_value": p_value,

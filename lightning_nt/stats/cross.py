@@ -115,10 +115,10 @@ def studentized_mean(scores: Tensor, dim: int = -1) -> tuple[Tensor, Tensor]:
     count = scores.shape[dim]
     mean = scores.mean(dim)
     sd = scores.std(dim, correction=1)
-    return _ratio(math.sqrt(count) * mean, sd), mean
+    return ratio_or_limit(math.sqrt(count) * mean, sd), mean
 
 
-def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+def ratio_or_limit(numerator: Tensor, denominator: Tensor) -> Tensor:
     """``numerator / denominator``, with ``0/0 = 0`` and ``c/0 = sign(c) inf`` (a zero spread's limit)."""
     limit = torch.where(numerator == 0, 0.0, numerator.sign() * math.inf)
     return torch.where(denominator == 0, limit, numerator / denominator)
@@ -233,7 +233,7 @@ def cross_mmd_statistics(
         (torch.Size([4]), torch.Size([4]))
     """
     estimate, error = _cross_mmd(x, y, kernel, bandwidth, seed)
-    return _ratio(estimate, error), estimate
+    return ratio_or_limit(estimate, error), estimate
 
 
 def _cross_mmd(
@@ -305,7 +305,7 @@ def cross_mmd_test(
         raise ValueError(f"`kernel` must be one of ('gaussian', 'laplace'), got {kernel!r}.")
     _warn_if_not_finite(x=x, y=y)
     estimate, error = _cross_mmd(x, y, kernel, bandwidth, seed)
-    statistic, no_spread = _ratio(estimate, error), bool(error == 0)
+    statistic, no_spread = ratio_or_limit(estimate, error), bool(error == 0)
     why = "the witness function is zero on every first-half point, e.g. one constant row in both samples"
     return _result(statistic, estimate, "greater", x.shape[0] + y.shape[0], x.shape[1], no_spread, why)
 
@@ -361,13 +361,20 @@ def _warn_if_not_finite(**tensors: Tensor) -> None:
             )
 
 
+def p_value_or_no_evidence(
+    statistic: Tensor, estimate: Tensor, no_spread: bool, alternative: Alternative = "greater"
+) -> Tensor:
+    """:func:`normal_p_value`, except for terms all zero (no spread, estimate 0): no evidence, ``p = 1``."""
+    p_value = normal_p_value(statistic, alternative)
+    return torch.ones_like(p_value) if no_spread and float(estimate) == 0 else p_value
+
+
 def _result(
     statistic: Tensor, estimate: Tensor, alternative: Alternative, n: int, d: int, no_spread: bool, why: str
 ) -> TestResult:
     """The record of a test; terms without spread get the documented values of :func:`cross_mean_test`, warned."""
-    p_value = normal_p_value(statistic, alternative)
+    p_value = p_value_or_no_evidence(statistic, estimate, no_spread, alternative)
     if no_spread and float(estimate) == 0:
-        p_value = torch.ones_like(p_value)
         warnings.warn(
             f"Every term of the cross statistic is zero ({why}): the data hold no evidence the test can use, so "
             "statistic=0 and p_value=1.",

@@ -190,6 +190,26 @@ def test_dict_and_dataclass_batches_give_the_tuple_batch_numbers(kind):
             assert a[tag] == pytest.approx(b[tag], rel=1e-5)
 
 
+def test_no_gradient_at_all_is_logged_as_no_evidence_not_skipped():
+    """Found by audit: every f_i zero (a loss that does not depend on the weights, dead ReLUs) was skipped as "not
+    finite", so the clearest "no signal" case left no tag; it is logged with the core's limit, T = 0 and p = 1."""
+
+    def loss_fn(module, batch):
+        return _cross_entropy_per_example(module, batch) * 0.0
+
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=32, loss_fn=loss_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seeded_fit([monitor])
+    assert [entry["step"] for entry in monitor.history] == [0, 2, 4, 6]  # at the end of the fit too
+    assert all(
+        (entry["gradtest/statistic"], entry["gradtest/p_value"], entry["gradtest/reject"], entry["gradtest/signal"])
+        == (0.0, 1.0, 0.0, 0.0)
+        for entry in monitor.history
+    )
+    assert sum("no spread" in str(w.message) for w in caught) == 1
+
+
 def test_non_finite_measurements_are_skipped_with_one_warning():
     def loss_fn(module, batch):
         return _cross_entropy_per_example(module, batch) * float("nan")
