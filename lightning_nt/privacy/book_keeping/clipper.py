@@ -246,7 +246,7 @@ class BookKeepingClipper:
         return record.pieces or []
 
     def _name(self, layer: nn.Module) -> str:
-        return next((name for name, module in self.module.named_modules() if module is layer), type(layer).__name__)
+        return self._names.get(layer, type(layer).__name__)
 
     def units(self, tensor: Tensor) -> Tensor:
         """``[N, T, ...] -> [N / K, K * T, ...]``: the K rows of one privacy unit become more positions."""

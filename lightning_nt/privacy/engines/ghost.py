@@ -32,6 +32,14 @@ class _ZeroForUnusedParameters:
                 p.summed_grad = None
         return super().pre_step(closure)  # type: ignore[misc]
 
+    def accumulate(self) -> None:
+        """Opacus's, without its copy: the clipped sum moves from ``.grad`` to ``summed_grad`` (Opacus deep-copies it,
+        a slow Python copy per parameter and step), and ``.grad`` is left empty until the noise sets it, so a later
+        backward pass can't add into the sum."""
+        for p in self.params:  # type: ignore[attr-defined]
+            p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
+            p.grad = None
+
 
 class _GhostDPOptimizer(_ZeroForUnusedParameters, DPOptimizerFastGradientClipping):
     pass
