@@ -18,12 +18,15 @@ functions take leading batch dimensions (``[..., n, d]``), so many repetitions a
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_nt.common.validation import ArgumentError
 
 __all__ = [
     "Alternative",
@@ -95,7 +98,9 @@ def split_indices(n: int, seed: int | None, device: torch.device | str | None = 
     """
     if n < 4:
         raise ValueError(f"A cross U-statistic needs at least 4 examples (2 per half), got {n}.")
-    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ArgumentError(f"`seed` must be an integer or None, got {seed!r}.")
+    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
     order = order.to(device)
     return order[: n // 2], order[n // 2 :]
 
@@ -179,6 +184,7 @@ def cross_mean_test(samples: Tensor, alternative: Alternative = "greater", seed:
         >>> cross_mean_test(torch.randn(200, 10_000, generator=generator) + 0.05).p_value < 1e-6
         True
     """
+    _check_tensor("samples", samples)
     samples = samples.unsqueeze(-1) if samples.ndim == 1 else samples
     if samples.ndim != 2:
         raise ValueError(f"`samples` must have shape [n, d], got {tuple(samples.shape)}.")
@@ -297,9 +303,12 @@ def cross_mmd_test(
         (True, True)
     """
     for name, value in (("x", x), ("y", y)):
+        _check_tensor(name, value)
         if value.ndim != 2:
             raise ValueError(f"`{name}` must have shape [n, d], got {tuple(value.shape)}.")
-    if bandwidth != "median" and not (isinstance(bandwidth, int | float) and 0 < bandwidth < math.inf):
+    if bandwidth != "median" and (
+        isinstance(bandwidth, bool) or not (isinstance(bandwidth, int | float) and 0 < bandwidth < math.inf)
+    ):
         raise ValueError(f"`bandwidth` must be 'median' or a positive finite number, got {bandwidth!r}.")
     if kernel not in ("gaussian", "laplace"):
         raise ValueError(f"`kernel` must be one of ('gaussian', 'laplace'), got {kernel!r}.")
@@ -345,10 +354,20 @@ def _working_dtype(samples: Tensor) -> torch.dtype:
 
 
 def _check_samples(name: str, samples: Tensor) -> None:
-    if not isinstance(samples, Tensor) or samples.ndim < 2:
-        raise ValueError(f"`{name}` must be a Tensor of shape [..., n, d].")
+    _check_tensor(name, samples)
+    if samples.ndim < 2:
+        raise ValueError(f"`{name}` must be a Tensor of shape [..., n, d], got {tuple(samples.shape)}.")
     if not samples.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point Tensor, got {samples.dtype}.")
+    if samples.shape[-2] < 4:
+        raise ValueError(f"`{name}` needs at least 4 examples (2 per half of the split), got {samples.shape[-2]}.")
+
+
+def _check_tensor(name: str, value: object) -> None:
+    if not isinstance(value, Tensor):
+        raise ArgumentError(
+            f"`{name}` must be a torch.Tensor, got {type(value).__name__}: pass `torch.as_tensor({name})`."
+        )
 
 
 def _warn_if_not_finite(**tensors: Tensor) -> None:

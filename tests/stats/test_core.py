@@ -126,6 +126,13 @@ def test_result_is_a_plain_record():
         (lambda: cross_mmd_test(torch.randn(6, 2), torch.randn(6, 2), kernel="linear"), "kernel"),
         (lambda: cross_mmd_test(torch.randn(6, 2), torch.randn(6, 2), bandwidth=0.0), "bandwidth"),
         (lambda: cross_mmd_test(torch.randn(6, 2), torch.randn(6, 2), bandwidth="mean"), "bandwidth"),
+        # found by audit: torch's or Python's own errors, naming no argument
+        (lambda: cross_mmd_test(torch.randn(6, 2), torch.randn(6, 2), bandwidth=True), "`bandwidth`.*True"),
+        (lambda: cross_mean_test(torch.randn(6, 2), seed="a"), "`seed` must be an integer"),
+        (lambda: cross_mmd_test(torch.randn(6, 2), torch.randn(6, 2), seed=1.5), "`seed` must be an integer"),
+        (lambda: cross_mean_test(torch.randn(6, 2).numpy()), r"`samples` must be a torch.Tensor.*torch.as_tensor"),
+        (lambda: cross_mmd_test(torch.randn(6, 2), [[0.0, 1.0]] * 6), r"`y` must be a torch.Tensor"),
+        (lambda: cross_mmd_test(torch.randn(6, 2), torch.randn(3, 2)), "`y` needs at least 4 examples"),
     ],
 )
 def test_bad_inputs_are_named(call, message):
