@@ -210,6 +210,16 @@ def test_no_gradient_at_all_is_logged_as_no_evidence_not_skipped():
     assert sum("no spread" in str(w.message) for w in caught) == 1
 
 
+def test_a_small_probe_is_warned_about_once_a_large_one_not():
+    """Found by audit: N(0, 1) p-values are anti-conservative at small n1 (Student's t_15 puts 0.060 above 1.645)."""
+    for num_examples, warned in ((32, 1), (128, 0)):
+        monitor = GradientSignalTest(every_n_steps=2, num_examples=num_examples, data="train")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seeded_fit([monitor], module=lambda: TinyClassifier(num_samples=128))
+        assert sum("anti-conservative" in str(w.message) for w in caught) == warned, num_examples
+
+
 def test_non_finite_measurements_are_skipped_with_one_warning():
     def loss_fn(module, batch):
         return _cross_entropy_per_example(module, batch) * float("nan")
