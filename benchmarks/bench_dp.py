@@ -183,40 +183,34 @@ class Setting:
 
 def lightning_step(setting: Setting, mode: str | None) -> tuple[float, int]:
     """Median seconds per step and the peak bytes of one step: a Lightning fit, non-private or DPStrategy(mode)."""
+    peak = LastStepPeak()
+    seconds = lightning_fit(setting, mode, peak)
+    return seconds, peak.peaks[0]
+
+
+def lightning_fit(setting: Setting, mode: str | None, callback: pl.Callback) -> float:
+    """Median seconds per step of a Lightning fit, non-private or DPStrategy(mode), with ``callback`` attached."""
     strategy: Any = "auto"
     if mode is not None:
         strategy = DPStrategy(noise_multiplier=1.0, grad_sample_mode=mode, poisson_sampling=False)
     module = Classifier(setting.make_net(), per_example=mode == "ghost")
-    peak = LastStepPeak()
-    seconds = lightning_step_time(
+    return lightning_step_time(
         module,
         setting.loader,
         setting.steps,
         setting.warmup,
         strategy=strategy,
         precision=setting.precision,
-        callbacks=[peak],
+        callbacks=[callback],
     )
-    return seconds, peak.peaks[0]
 
 
 def profiled_fit(setting: Setting, mode: str | None) -> list[str]:
     """A Lightning fit, non-private or DPStrategy(mode), with ``setting.steps`` steps after the warm-up profiled."""
-    strategy: Any = "auto"
-    if mode is not None:
-        strategy = DPStrategy(noise_multiplier=1.0, grad_sample_mode=mode, poisson_sampling=False)
     profiled = ProfiledSteps(setting.warmup, setting.steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lightning_step_time(
-            Classifier(setting.make_net(), per_example=mode == "ghost"),
-            setting.loader,
-            setting.steps,
-            setting.warmup,
-            strategy=strategy,
-            precision=setting.precision,
-            callbacks=[profiled],
-        )
+        lightning_fit(setting, mode, profiled)
     return profiled.summary(mode or "non-private")
 
 

@@ -18,19 +18,22 @@ from tests.helpers import (
 
 @pytest.mark.ddp
 def test_all_ranks_report_the_same_test_of_the_pooled_examples(tmp_path):
-    pl.seed_everything(0)
-    monitor = GradientSignalTest(every_n_steps=2, num_examples=16)
-    trainer = tiny_trainer(
-        None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
-    )
-    module = TinyClassifier(num_samples=96)
-    initial = copy.deepcopy(module)
-    trainer.fit(module)
-    states = rank_states(tmp_path)
-    assert_ranks_agree(states)
-    rank0 = states[0]
+    rank0, initial = _history_on_two_ranks(TinyClassifier(num_samples=96), 16, tmp_path, max_epochs=1)
     assert [entry["step"] for entry in rank0] == [0, 2]
     assert rank0[0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial), rel=1e-5)
+
+
+def _history_on_two_ranks(module, num_examples, folder, **trainer_options):
+    """GradientSignalTest's history in a 2-process fit (checked the same on both ranks), and the module before it."""
+    pl.seed_everything(0)
+    monitor = GradientSignalTest(every_n_steps=2, num_examples=num_examples)
+    saved = SaveHistory(monitor, str(folder))
+    trainer = tiny_trainer(None, strategy="ddp_spawn", devices=2, callbacks=[monitor, saved], **trainer_options)
+    initial = copy.deepcopy(module)
+    trainer.fit(module)
+    states = rank_states(folder)
+    assert_ranks_agree(states)
+    return states[0], initial
 
 
 class OddValidation(TinyClassifier):
@@ -44,17 +47,8 @@ class OddValidation(TinyClassifier):
 def test_an_example_the_sampler_repeats_on_a_second_rank_is_tested_once(tmp_path):
     """Found by audit: the padded shard put example 0 in the probe of both ranks, possibly in one rank's first half
     and the other's second, which breaks the cross structure of the test's null."""
-    pl.seed_everything(0)
-    monitor = GradientSignalTest(every_n_steps=2, num_examples=64)
-    trainer = tiny_trainer(
-        None, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
-    )
-    module = OddValidation(num_samples=96)
-    initial = copy.deepcopy(module)
-    trainer.fit(module)
-    states = rank_states(tmp_path)
-    assert_ranks_agree(states)
-    assert states[0][0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial, size=33), rel=1e-5)
+    rank0, initial = _history_on_two_ranks(OddValidation(num_samples=96), 64, tmp_path, max_steps=1)
+    assert rank0[0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial, size=33), rel=1e-5)
 
 
 def _pooled_statistic(module, size=32):
