@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from lightning_nt import DPStrategy
 from lightning_nt.privacy import AugmentedViews
+from lightning_nt.privacy.engines.ghost import _GhostDPOptimizer
 from tests.helpers import classification_data
 from tests.helpers.third_party import Conv1D, LayerNorm2d
 from tests.privacy.test_strategy import PerExample, Plain, RecordUpdate, _clipped_sum, _fit
@@ -46,6 +47,25 @@ def test_the_clipped_sum_reaches_the_noise_without_a_copy(mode, monkeypatch):
     strategy = DPStrategy(noise_multiplier=1.0, max_grad_norm=0.5, grad_sample_mode=mode)
     _, trainer = _fit(strategy, module=PerExample if mode == "ghost" else Plain, max_steps=3)
     assert trainer.global_step == 3 and torch.Tensor not in copies and nn.Parameter not in copies
+
+
+def test_a_second_noisy_step_without_clearing_is_refused_as_opacus_refuses_it():
+    """Found by review: the copy-free `accumulate` built a new tensor for a sum already there, which dropped the mark
+    Opacus's noise step leaves on it, so a step not cleared would release the previous step's clipped sum again."""
+    layer = nn.Linear(2, 1, bias=False)
+    optimizer = _GhostDPOptimizer(
+        torch.optim.SGD(layer.parameters(), lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        expected_batch_size=1,
+        loss_reduction="sum",
+    )
+    layer.weight.grad = torch.tensor([[1.0, 0.0]])
+    optimizer.pre_step()
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[1.0, 0.0]]))
+    layer.weight.grad = torch.tensor([[0.0, 1.0]])  # the next clipped sum, with no zero_grad in between
+    with pytest.raises(ValueError, match="zero_grad"):
+        optimizer.pre_step()
 
 
 def test_virtual_steps_give_the_update_of_the_whole_logical_batch():

@@ -35,9 +35,10 @@ class _ZeroForUnusedParameters:
     def accumulate(self) -> None:
         """Opacus's, without its copy: the clipped sum moves from ``.grad`` to ``summed_grad`` (Opacus deep-copies it,
         a slow Python copy per parameter and step), and ``.grad`` is left empty until the noise sets it, so a later
-        backward pass can't add into the sum."""
+        backward pass can't add into the sum. A sum already there is added to in place, as Opacus does: the mark its
+        noise step leaves on it then refuses a second step that was not cleared (a sum released twice)."""
         for p in self.params:  # type: ignore[attr-defined]
-            p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad + p.grad
+            p.summed_grad = p.grad if p.summed_grad is None else p.summed_grad.add_(p.grad)
             p.grad = None
 
 
