@@ -302,7 +302,6 @@ class IterateAveraging(Callback):
                 f"iterates are counted in `{self._tag}/skipped`."
             )
             self._warned_skip = True
-        self._skips_seen = (self.n_skipped, trainer.global_step)
         log_scalars(trainer, {f"{self._tag}/skipped": self.n_skipped})
         self._skips_seen = (self.n_skipped, trainer.global_step)
 

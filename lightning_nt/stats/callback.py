@@ -209,16 +209,15 @@ class GradientSignalTest(Callback):
         if not (math.isfinite(mean) and math.isfinite(variance)):
             self._warn("nan", "GradientSignalTest: a measurement was not finite (NaN/inf); skipped.")
             return
-        if variance <= 0:
+        if variance == 0:  # a sum of squares: never negative
             self._warn(
                 "spread",
                 "GradientSignalTest: the directional derivatives had no spread (all equal, e.g. every gradient zero); "
                 "the statistic is its limit, as in `cross_mean_test`: 0 (p = 1) when they are all zero, else +-inf.",
             )
-        spread = torch.tensor(max(variance, 0.0), dtype=torch.float64).sqrt()
-        numerator = torch.tensor(math.sqrt(count) * mean, dtype=torch.float64)
+        numerator, spread = torch.tensor([math.sqrt(count) * mean, math.sqrt(variance)], dtype=torch.float64)
         statistic = ratio_or_limit(numerator, spread)
-        p_value = float(p_value_or_no_evidence(statistic, torch.tensor(mean), variance <= 0))
+        p_value = float(p_value_or_no_evidence(statistic, torch.tensor(mean), variance == 0))
         statistic = float(statistic)
         values = {
             "gradtest/statistic": statistic,
