@@ -9,6 +9,7 @@ whether it may still be taken, and draws a step's noise from :func:`secret_noise
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import secrets
@@ -57,7 +58,19 @@ def epsilon_of(accountant: IAccountant, delta: float) -> float:
         return 0.0
     if any(noise == 0 for noise, _, _ in accountant.history):
         return math.inf
+    if type(accountant) in _ACCOUNTANTS.values():
+        return _ledger_epsilon(type(accountant), tuple(tuple(entry) for entry in accountant.history), delta)
     with _quiet_rdp_order_warning(isinstance(accountant, PRVAccountant)):
+        return float(accountant.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=256)
+def _ledger_epsilon(kind: type[IAccountant], history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Epsilon of a ledger, computed once: Opacus's accountants are functions of their history, and the PRV one
+    takes about half a second a query on a 2-core CPU, asked at every epoch start and several times at the end."""
+    accountant = kind()
+    accountant.history = list(history)
+    with _quiet_rdp_order_warning(kind is PRVAccountant):
         return float(accountant.get_epsilon(delta=delta))
 
 
