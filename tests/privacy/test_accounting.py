@@ -1,7 +1,6 @@
 import warnings
 
 import pytest
-
 from opacus.accountants.utils import get_noise_multiplier
 
 from lightning_nt.privacy.accounting import calibrate_noise, epsilon_of, make_accountant
