@@ -99,7 +99,7 @@ class Collect(pl.Callback):
 
 @pytest.mark.ddp
 def test_two_processes_sum_average_gather_and_broadcast(tmp_path):
-    trainer = tiny_trainer(None, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[Collect(str(tmp_path))])
+    trainer = tiny_trainer(None, strategy="ddp_fork", devices=2, max_steps=1, callbacks=[Collect(str(tmp_path))])
     trainer.fit(BoringModel())
     for results in rank_states(tmp_path):
         assert results["sum_tensor"].tolist() == [3.0, 30.0]
@@ -134,7 +134,7 @@ def test_dicts_with_different_keys_are_reduced_key_by_key_over_the_finite_values
     """The key-safe dict reduction: the union of keys on every rank, a missing or non-finite value left out of its
     key's sum and mean, NaN where no rank has a finite value (was: gloo's size mismatch, an NCCL hang)."""
     trainer = tiny_trainer(
-        None, strategy="ddp_spawn", devices=2, max_steps=1, callbacks=[CollectDifferentKeys(str(tmp_path))]
+        None, strategy="ddp_fork", devices=2, max_steps=1, callbacks=[CollectDifferentKeys(str(tmp_path))]
     )
     trainer.fit(BoringModel())
     states = rank_states(tmp_path)

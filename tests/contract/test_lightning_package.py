@@ -106,9 +106,12 @@ def test_the_dp_strategy_of_the_lightning_package_trains_as_ours(mode: str, tmp_
 
 @pytest.mark.ddp
 def test_the_ddp_strategy_of_the_lightning_package_trains_as_ours(tmp_path: Path) -> None:
-    options = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "seed": 0, "start_method": "spawn"}
-    ours = _fit(L.pytorch, tmp_path / "lightning", strategy=unified.DPDDPStrategy(**options), devices=2)
-    theirs = _fit(pl, tmp_path / "pytorch_lightning", strategy=DPDDPStrategy(**options), devices=2)
+    """The ``lightning`` package's run spawns its ranks (it must pickle); the reference run forks (see ranks.py)."""
+    options = {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "seed": 0}
+    ours = _fit(
+        L.pytorch, tmp_path / "lightning", strategy=unified.DPDDPStrategy(start_method="spawn", **options), devices=2
+    )
+    theirs = _fit(pl, tmp_path / "pytorch_lightning", strategy=DPDDPStrategy(start_method="fork", **options), devices=2)
     _assert_same_run(ours, theirs)
 
 

@@ -60,7 +60,7 @@ def test_a_parameter_used_on_one_rank_only_gets_the_same_scale_everywhere(tmp_pa
     gradinit = GradInit(iterations=6, lr=0.05)
     trainer = tiny_trainer(
         None,
-        strategy="ddp_spawn_find_unused_parameters_true",
+        strategy="ddp_fork_find_unused_parameters_true",
         devices=2,
         max_steps=1,
         callbacks=[gradinit, SaveScales(gradinit, str(tmp_path))],

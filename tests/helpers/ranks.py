@@ -3,6 +3,11 @@
 ``ddp_spawn`` sends no callback state back to the parent process: a callback saves each rank's state with
 :func:`save_rank_state` (``rank{r}.pt`` in a folder), the test loads them with :func:`rank_states` and checks that
 the ranks agree with :func:`assert_ranks_agree`.
+
+Start methods: each capability keeps one 2-process test under ``ddp_spawn`` (``start_method="spawn"``), the way a
+user launches DDP on a CPU, which also proves that it pickles and works in a fresh interpreter. Its other 2-process
+tests fork the test process (``ddp_fork``): a forked rank inherits the imports, where a spawned one spends about 6 s
+of a 2-core CPU importing torch and Lightning again.
 """
 
 from __future__ import annotations

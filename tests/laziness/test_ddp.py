@@ -75,7 +75,7 @@ def test_a_rank_whose_probe_set_holds_one_class_logs_the_mean_of_the_ranks_that_
     ranks' own measurements (the alignment: rank 1's)."""
     monitor = LazinessMonitor(every_n_steps=2, num_examples=8)
     own = OwnMeasurement(monitor, str(tmp_path))
-    trainer = tiny_trainer(None, strategy="ddp_spawn", devices=2, max_steps=4, callbacks=[monitor, own])
+    trainer = tiny_trainer(None, strategy="ddp_fork", devices=2, max_steps=4, callbacks=[monitor, own])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(OneClassOnRankZero())

@@ -460,7 +460,7 @@ def test_the_noise_over_two_processes_is_one_draw_of_std_sigma_c(tmp_path):
     from lightning_nt import DPDDPStrategy
 
     pl.seed_everything(0)
-    strategy = DPDDPStrategy(start_method="spawn", noise_multiplier=1.5, max_grad_norm=2.0)
+    strategy = DPDDPStrategy(start_method="fork", noise_multiplier=1.5, max_grad_norm=2.0)
     trainer = tiny_trainer(None, strategy=strategy, devices=2, max_steps=1, callbacks=[SaveUpdate(str(tmp_path))])
     trainer.fit(WideZeroGradient())
     states = rank_states(tmp_path)

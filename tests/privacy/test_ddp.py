@@ -42,12 +42,13 @@ class SaveRankState(pl.Callback):
         save_rank_state(trainer, self.directory, state)
 
 
-def _fit_on_two_ranks(build, callback, folder, dp=None, **trainer_arguments):
-    """Seed, build the module, fit it on 2 processes under ``DPDDPStrategy(**dp)`` (default: noise 1) with
-    ``callback``, which saves each rank's state under ``folder``; the module and both ranks' saved states."""
+def _fit_on_two_ranks(build, callback, folder, dp=None, start_method="fork", **trainer_arguments):
+    """Seed, build the module, fit it on 2 processes (forked, unless ``start_method`` says otherwise) under
+    ``DPDDPStrategy(**dp)`` (default: noise 1) with ``callback``, which saves each rank's state under ``folder``; the
+    module and both ranks' saved states."""
     pl.seed_everything(0)
     module = build()
-    strategy = DPDDPStrategy(start_method="spawn", **(dp or {"noise_multiplier": 1.0}))
+    strategy = DPDDPStrategy(start_method=start_method, **(dp or {"noise_multiplier": 1.0}))
     trainer = tiny_trainer(
         None, strategy=strategy, devices=2, limit_val_batches=0, callbacks=[callback], **trainer_arguments
     )
@@ -62,6 +63,7 @@ def test_update_is_the_clipped_sum_over_both_ranks(tmp_path):
         SaveRankState(str(tmp_path)),
         tmp_path,
         dp={"noise_multiplier": 0.0, "max_grad_norm": 0.5},
+        start_method="spawn",
         max_steps=1,
     )
     assert_ranks_agree([rank0["after"], rank1["after"]])
@@ -174,7 +176,7 @@ def test_the_ranks_agree_on_the_checks_of_the_first_step_only(tmp_path):
     """The agreement of the ranks' verdicts is two small collectives (after ``training_step`` and after the backward
     pass) on the first step, where the checks run, and none on later steps."""
     pl.seed_everything(0)
-    strategy = CountingGathers(start_method="spawn", noise_multiplier=1.0)
+    strategy = CountingGathers(start_method="fork", noise_multiplier=1.0)
     callback = SaveGathersPerStep(str(tmp_path))
     trainer = tiny_trainer(None, strategy=strategy, devices=2, limit_val_batches=0, callbacks=[callback], max_steps=4)
     trainer.fit(Plain(num_samples=128, batch_size=16))

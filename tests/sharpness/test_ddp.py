@@ -73,7 +73,7 @@ def test_batch_sharpness_uses_the_mini_batch_of_a_step_across_ranks(tmp_path):
     pl.seed_everything(0)
     monitor = SharpnessMonitor(every_n_steps=2, num_examples=48, batch_sharpness=True, batch_sharpness_batches=2)
     trainer = tiny_trainer(
-        None, strategy="ddp_spawn", devices=2, max_epochs=1, callbacks=[monitor, SaveStep(monitor, tmp_path)]
+        None, strategy="ddp_fork", devices=2, max_epochs=1, callbacks=[monitor, SaveStep(monitor, tmp_path)]
     )
     trainer.fit(TinyClassifier(num_samples=96))
     saved = rank_states(tmp_path)

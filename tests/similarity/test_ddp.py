@@ -15,7 +15,7 @@ def test_all_ranks_report_the_same_similarities(tmp_path, data, num_examples):
         num_examples=num_examples, metrics=("cka", "intertwiner", "cka_debiased"), data=data
     )
     trainer = tiny_trainer(
-        None, strategy="ddp_spawn", devices=2, max_epochs=2, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
+        None, strategy="ddp_fork", devices=2, max_epochs=2, callbacks=[monitor, SaveHistory(monitor, str(tmp_path))]
     )
     trainer.fit(TinyClassifier(num_samples=96))
     states = rank_states(tmp_path)

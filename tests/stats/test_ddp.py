@@ -18,17 +18,17 @@ from tests.helpers import (
 
 @pytest.mark.ddp
 def test_all_ranks_report_the_same_test_of_the_pooled_examples(tmp_path):
-    rank0, initial = _history_on_two_ranks(TinyClassifier(num_samples=96), 16, tmp_path, max_epochs=1)
+    rank0, initial = _history_on_two_ranks(TinyClassifier(num_samples=96), 16, tmp_path, "ddp_spawn", max_epochs=1)
     assert [entry["step"] for entry in rank0] == [0, 2]
     assert rank0[0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial), rel=1e-5)
 
 
-def _history_on_two_ranks(module, num_examples, folder, **trainer_options):
+def _history_on_two_ranks(module, num_examples, folder, strategy="ddp_fork", **trainer_options):
     """GradientSignalTest's history in a 2-process fit (checked the same on both ranks), and the module before it."""
     pl.seed_everything(0)
     monitor = GradientSignalTest(every_n_steps=2, num_examples=num_examples)
     saved = SaveHistory(monitor, str(folder))
-    trainer = tiny_trainer(None, strategy="ddp_spawn", devices=2, callbacks=[monitor, saved], **trainer_options)
+    trainer = tiny_trainer(None, strategy=strategy, devices=2, callbacks=[monitor, saved], **trainer_options)
     initial = copy.deepcopy(module)
     trainer.fit(module)
     states = rank_states(folder)
