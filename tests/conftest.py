@@ -25,6 +25,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    """The slow tests and the 2-process ones first, each group in its order (pytest-xdist hands tests out in this
+    order: a minute-long test taken last keeps one worker busy while the others have finished); without a CUDA
+    device, the ``cuda``-marked ones skipped."""
+    items.sort(key=lambda item: not ("slow" in item.keywords or "ddp" in item.keywords))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
