@@ -7,7 +7,8 @@ the ranks agree with :func:`assert_ranks_agree`.
 Start methods: each capability keeps one 2-process test under ``ddp_spawn`` (``start_method="spawn"``), the way a
 user launches DDP on a CPU, which also proves that it pickles and works in a fresh interpreter. Its other 2-process
 tests fork the test process (``ddp_fork``): a forked rank inherits the imports, where a spawned one spends about 6 s
-of a 2-core CPU importing torch and Lightning again.
+of a 2-core CPU importing torch and Lightning again. The cross-rank helpers of ``lightning_nt.common`` have
+forked tests of their own and run spawned inside every capability's spawned test.
 """
 
 from __future__ import annotations

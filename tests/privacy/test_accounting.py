@@ -1,8 +1,12 @@
 import warnings
 
+import numpy
 import pytest
+import torch
+from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from lightning_nt.privacy import accounting
 from lightning_nt.privacy.accounting import calibrate_noise, epsilon_of, make_accountant
 
 
@@ -25,14 +29,9 @@ def test_calibration_and_prv_epsilon_do_not_repeat_opacus_alpha_warning():
 def test_epsilon_of_a_ledger_is_the_accountants_own_and_is_computed_once(name, monkeypatch):
     """Asked again of an unchanged ledger, epsilon is not recomputed (the PRV accountant takes about half a second a
     query); a ledger that took a step, changed its rate or is asked at another delta gets its own, exact figure."""
+    monkeypatch.setattr(accounting, "_EPSILONS", {}, raising=False)
     ledgers = [[(1.1, 0.01, 5)], [(1.1, 0.01, 6)], [(1.1, 0.02, 6)], [(1.1, 0.01, 5), (0.9, 0.01, 1)]]
-    expected = []
-    for history in ledgers:
-        reference = make_accountant(name)
-        reference.history = [*history]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            expected.append([reference.get_epsilon(delta=delta) for delta in (1e-5, 1e-6)])
+    expected = [[_own_epsilon(name, history, delta) for delta in (1e-5, 1e-6)] for history in ledgers]
     kind = type(make_accountant(name))
     original, queries = kind.get_epsilon, []
     monkeypatch.setattr(kind, "get_epsilon", lambda self, *a, **k: queries.append(1) or original(self, *a, **k))
@@ -44,4 +43,34 @@ def test_epsilon_of_a_ledger_is_the_accountants_own_and_is_computed_once(name, m
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 assert [epsilon_of(accountant, delta) for delta in (1e-5, 1e-6)] == figures
-    assert len(queries) <= 2 * len(ledgers)  # the second pass asked the accountant nothing
+    assert len(queries) == 2 * len(ledgers)  # each (ledger, delta) once: the second pass asked the accountant nothing
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_epsilon_is_never_a_stale_figure_of_a_ledger_that_changed_in_place(monkeypatch):
+    """Found by review: a tensor in the ledger (a tensor ``noise_multiplier``) changed in place keeps its hash, and
+    RDP's orders are a class attribute a user may change; the figure follows both, and arrays are accepted."""
+    monkeypatch.setattr(accounting, "_EPSILONS", {}, raising=False)
+    noise = torch.tensor(4.0)
+    accountant = make_accountant("rdp")
+    accountant.history = [(noise, 0.01, 100)]
+    first = epsilon_of(accountant, 1e-5)
+    noise.fill_(0.75)
+    assert epsilon_of(accountant, 1e-5) == _own_epsilon("rdp", [(noise, 0.01, 100)], 1e-5) > first
+    accountant.history = [(1.1, 0.01, 100)]
+    assert epsilon_of(accountant, numpy.array(1e-5)) == _own_epsilon("rdp", [(1.1, 0.01, 100)], 1e-5)
+    before = epsilon_of(accountant, 1e-5)
+    monkeypatch.setattr(RDPAccountant, "DEFAULT_ALPHAS", [2, 4, 8])
+    coarse = epsilon_of(accountant, 1e-5)
+    assert coarse == _own_epsilon("rdp", [(1.1, 0.01, 100)], 1e-5) and coarse != before
+    own_orders = make_accountant("rdp")
+    own_orders.history, own_orders.DEFAULT_ALPHAS = [(1.1, 0.01, 100)], [3, 5]
+    assert epsilon_of(own_orders, 1e-5) == float(own_orders.get_epsilon(delta=1e-5))
+
+
+def _own_epsilon(name: str, history: list, delta: float) -> float:
+    reference = make_accountant(name)
+    reference.history = [*history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(reference.get_epsilon(delta=delta))
