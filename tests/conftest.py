@@ -25,11 +25,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow tests and the 2-process ones first, each group in its order: pytest-xdist hands tests out in this
-    order, four at a time to whichever worker has run out (``--maxschedchunk=4`` in ``pyproject.toml``; by default
-    it gives each worker a first block of a quarter of its share, which would put all of them on one worker), so a
-    minute-long test is never left for the end while the other workers have finished. Without a CUDA device, the
-    ``cuda``-marked tests are skipped."""
+    """The slow tests and the 2-process ones first, each group in its order, so that a minute-long test is never
+    left for the end while the other workers have finished: pytest-xdist (``--dist worksteal`` in ``pyproject.toml``)
+    gives each worker a consecutive share, and a worker that has run out takes half of the tests another has not
+    started, from the end of its share, down to those slow ones. Without a CUDA device, the ``cuda``-marked tests
+    are skipped."""
     items.sort(key=lambda item: not ("slow" in item.keywords or "ddp" in item.keywords))
     if torch.cuda.is_available():
         return
