@@ -18,7 +18,9 @@ from tests.helpers import (
 
 @pytest.mark.ddp
 def test_all_ranks_report_the_same_test_of_the_pooled_examples(tmp_path):
-    rank0, initial = _history_on_two_ranks(TinyClassifier(num_samples=96), 16, tmp_path, "ddp_spawn", max_epochs=1)
+    rank0, initial = _history_on_two_ranks(
+        TinyClassifier(num_samples=96), 16, tmp_path, strategy="ddp_spawn", max_epochs=1
+    )
     assert [entry["step"] for entry in rank0] == [0, 2]
     assert rank0[0]["gradtest/statistic"] == pytest.approx(_pooled_statistic(initial), rel=1e-5)
 
